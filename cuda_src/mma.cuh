@@ -1,0 +1,79 @@
+// Tensor-core and asynchronous-copy primitives (sm_80+): ldmatrix, mma.sync m16n8k16 with
+// float32 accumulation, cp.async with zero fill.
+#pragma once
+#include "common.cuh"
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// c += a b for a 16x16 (row-major) by 16x8 (column-major) tile.
+template <typename T> __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+template <> __device__ __forceinline__ void mma_16816<half_t>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma_16816<bfloat16_t>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to nearest into one 32-bit register, `lo` in the low half.
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<half_t>(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ unsigned pack2<bfloat16_t>(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// 16-byte asynchronous copy; when !valid nothing is read and the destination is zeroed.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// Copies rows [0, ROWS) x columns [0, D_TILE) of a 16-bit tile into shared memory (row stride
+// LD), zero-filling rows past `nrows` and columns past `headdim`. ALIGNED (headdim, strides
+// and base pointer multiples of 8 elements) moves 16-byte chunks with cp.async; otherwise
+// elements are copied one by one.
+template <int ROWS, int D_TILE, int LD, int THREADS, bool ALIGNED, typename T>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* src, i64 row_stride, int nrows, int headdim) {
+    if (ALIGNED) {
+        constexpr int CHUNKS = D_TILE / 8;
+        for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
+            const int r = idx / CHUNKS, d = (idx % CHUNKS) * 8;
+            const bool valid = r < nrows && d < headdim;
+            cp_async_16(dst + r * LD + d, valid ? src + (i64)r * row_stride + d : src, valid);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < ROWS * D_TILE; idx += THREADS) {
+            const int r = idx / D_TILE, d = idx % D_TILE;
+            T x;
+            x.bits = 0;
+            if (r < nrows && d < headdim) x = src[(i64)r * row_stride + d];
+            dst[r * LD + d] = x;
+        }
+    }
+}

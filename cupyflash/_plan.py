@@ -1,0 +1,129 @@
+"""The tile table: which kernel instantiation, tile sizes and launch shape serve each case.
+
+Every choice of block size, thread count and shared memory lives here, so the launch code
+(`_cuda_backend`) and the CI compile test (`tests/test_compile.py`) ask the same questions.
+"""
+from dataclasses import dataclass
+
+# Head dimensions are padded to the next tile width; the kernels mask the padded columns.
+HEADDIM_TILES = (16, 32, 64, 96, 128, 160, 192, 224, 256)
+
+# Shared memory one block may use, by compute capability (the opt-in maximum).
+SMEM_LIMITS = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024,
+               (9, 0): 227 * 1024}
+DEFAULT_SMEM_LIMIT = 99 * 1024  # newer or unknown parts: the smallest of the supported ones
+
+C_TYPES = {"float16": "half_t", "bfloat16": "bfloat16_t", "float32": "float", "float64": "double"}
+TENSOR_CORE_DTYPES = ("float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Launch:
+    source: str       # file in cuda_src/
+    name: str         # template instantiation, used as the NVRTC name expression
+    block_rows: int   # rows of the tiled sequence axis that one block covers
+    threads: int
+    smem_bytes: int
+
+
+def headdim_tile(headdim):
+    for tile in HEADDIM_TILES:
+        if headdim <= tile:
+            return tile
+    raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")
+
+
+def smem_limit(compute_capability):
+    return SMEM_LIMITS.get(tuple(compute_capability), DEFAULT_SMEM_LIMIT)
+
+
+def _acc_bytes(dtype):
+    return 8 if dtype == "float64" else 4
+
+
+def _cbool(flag):
+    return "true" if flag else "false"
+
+
+def forward(dtype, headdim, causal, aligned, limit):
+    """Forward kernel for `dtype` (a NumPy dtype name) at this head dimension."""
+    d = headdim_tile(headdim)
+    if dtype in TENSOR_CORE_DTYPES:
+        warps, block_n = 4, (64 if d <= 128 else 32)
+        smem = lambda bn: 2 * (16 * warps + 4 * bn) * (d + 8)  # q + double-buffered k, v
+        block_n = _shrink(block_n, 16, smem, limit)
+        name = (f"flash_fwd_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {_cbool(causal)}, "
+                f"{_cbool(aligned)}>")
+        return Launch("forward_mma.cu", name, 16 * warps, 32 * warps, smem(block_n))
+    acc = _acc_bytes(dtype)
+    block_m, threads = (32, 128) if acc == 4 else (32, 256)
+    block_n = (64 if d <= 128 else 32) if acc == 4 else (32 if d <= 128 else 16)
+    smem = lambda bn: acc * ((block_m + 2 * bn) * (d + 1) + block_m * (bn + 1))
+    block_n = _shrink(block_n, threads // block_m, smem, limit)
+    name = f"flash_fwd_simt<{C_TYPES[dtype]}, {d}, {block_m}, {block_n}, {threads}, {_cbool(causal)}>"
+    return Launch("forward.cu", name, block_m, threads, smem(block_n))
+
+
+def backward(dtype, headdim, causal, limit):
+    """(delta, dK/dV, dQ) kernels of the backward pass."""
+    d = headdim_tile(headdim)
+    acc = _acc_bytes(dtype)
+    ctype = C_TYPES[dtype]
+    tile = 32 if acc == 4 else 16
+    tpr = (4 if acc == 4 else 8) * (1 if d <= 128 else 2)  # threads sharing one row
+    delta = Launch("backward.cu", f"flash_bwd_delta<{ctype}>", 4, 128, 0)
+
+    # dK/dV: `rows` key rows per block, query tiles of `streamed` rows pass through.
+    rows, streamed = _fit(tile, tile, tpr, limit, lambda rows, bm: _dkdv_smem(acc, d, rows, bm))
+    dkdv = Launch("backward.cu",
+                  f"flash_bwd_dkdv_simt<{ctype}, {d}, {streamed}, {rows}, {rows * tpr}, {_cbool(causal)}>",
+                  rows, rows * tpr, _dkdv_smem(acc, d, rows, streamed))
+
+    # dQ: `rows` query rows per block, key tiles of `streamed` rows pass through.
+    rows, streamed = _fit(tile, tile, tpr, limit, lambda rows, bn: _dq_smem(acc, d, rows, bn))
+    dq = Launch("backward.cu",
+                f"flash_bwd_dq_simt<{ctype}, {d}, {rows}, {streamed}, {rows * tpr}, {_cbool(causal)}>",
+                rows, rows * tpr, _dq_smem(acc, d, rows, streamed))
+    return delta, dkdv, dq
+
+
+def _dkdv_smem(acc, d, rows, block_m):
+    return acc * ((2 * rows + 2 * block_m) * (d + 1) + 2 * rows * (block_m + 1) + 2 * block_m)
+
+
+def _dq_smem(acc, d, rows, block_n):
+    return acc * ((2 * rows + 2 * block_n) * (d + 1) + rows * (block_n + 1))
+
+
+def _fit(rows, streamed, tpr, limit, smem):
+    """Shrinks the streamed tile (down to tpr rows), then the block's own rows (down to 8),
+    until the block fits in `limit` bytes of shared memory."""
+    try:
+        return rows, _shrink(streamed, tpr, lambda b: smem(rows, b), limit)
+    except RuntimeError:
+        rows = _shrink(rows, 8, lambda r: smem(r, tpr), limit)
+        return rows, tpr
+
+
+def _shrink(block, smallest, smem, limit):
+    """Halves a tile until the block fits in `limit` bytes of shared memory."""
+    while smem(block) > limit and block // 2 >= smallest:
+        block //= 2
+    if smem(block) > limit:
+        raise RuntimeError(f"no tile fits in {limit} bytes of shared memory (needs {smem(block)})")
+    return block
+
+
+def all_launches():
+    """Every distinct launch the dispatcher can ask for, on every supported GPU."""
+    seen = {}
+    for limit in sorted(set(SMEM_LIMITS.values()) | {DEFAULT_SMEM_LIMIT}):
+        for dtype in C_TYPES:
+            for d in HEADDIM_TILES:
+                for causal in (False, True):
+                    launches = list(backward(dtype, d, causal, limit))
+                    aligned_cases = (False, True) if dtype in TENSOR_CORE_DTYPES else (False,)
+                    launches += [forward(dtype, d, causal, aligned, limit) for aligned in aligned_cases]
+                    for launch in launches:
+                        seen[(launch.source, launch.name)] = launch
+    return list(seen.values())

@@ -1,0 +1,242 @@
+"""The CUDA kernels against the float64 reference, on a GPU (marker `gpu`; skipped without one).
+
+Accuracy follows flash-attn's rule: max|out - ref| <= 2 x max|naive - ref| + a rounding floor
+(3x for dq, dk, dv), naive being plain attention in the input dtype; at unit-scale inputs also
+||err|| / ||ref|| <= 1e-5 for float32 and 1e-12 for float64. Every output buffer is poisoned
+with NaN before the kernels run, so an element they never write fails.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cupyflash
+from helpers import (DTYPES, Problem, assert_close_flash_rule, error_scales, flash_floor, naive_attention,
+                     naive_attention_backward, relative_error)
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+SEQLENS = (1, 2, 5, 17, 113, 128, 129, 1023, 1024, 2049)
+HEADDIMS = (8, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256)
+HEADS = ((4, 4), (4, 2), (4, 1))  # MHA, GQA, MQA as (nheads, nheads_kv)
+# One (seqlen_q, seqlen_k, causal) per head dimension: every listed seqlen on both axes,
+# seqlen_q > seqlen_k under causal (rows that see no key), and 1 x 1.
+SHAPES = ((1, 1, False), (2, 17, True), (5, 2, True), (17, 113, False), (113, 17, True), (128, 128, True),
+          (129, 1023, False), (1023, 129, True), (1024, 1024, False), (2049, 1024, True), (128, 2049, False),
+          (1024, 5, True), (2049, 2049, True))
+ULPS = 8  # the floor's ulps; see helpers.flash_floor
+UNIT_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _uint(x):
+    return x.view(_UINT[x.dtype.itemsize])
+
+
+def to_device(x):
+    """Host array to the current device, bit for bit (bfloat16 included)."""
+    return cp.asarray(_uint(np.ascontiguousarray(x))).view(x.dtype)
+
+
+def contiguous(x):
+    return cp.ascontiguousarray(_uint(x)).view(x.dtype)
+
+
+def bitwise_equal(a, b):
+    return a.shape == b.shape and bool(cp.all(_uint(a) == _uint(b)))
+
+
+def as_float32(x):
+    if x.dtype.itemsize == 2 and x.dtype != np.float16:  # bfloat16: the high half of a float32
+        return (_uint(x).astype(cp.uint32) << 16).view(cp.float32)
+    return x.astype(cp.float32)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN (all bits set)."""
+    from cupyflash import _cuda_backend
+
+    def empty(shape, dtype):
+        x = cp.empty(shape, dtype)
+        _uint(x).fill(np.iinfo(_UINT[x.dtype.itemsize]).max)
+        return x
+
+    monkeypatch.setattr(_cuda_backend, "_empty", empty)
+
+
+def run(problem):
+    """(inputs on the host, outputs on the host) of forward + backward on the GPU."""
+    host = problem.arrays()
+    q, k, v, dout = (to_device(x) for x in host)
+    out, lse = cupyflash.attention(q, k, v, causal=problem.causal, scale=problem.scale, return_lse=True)
+    dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=problem.causal, scale=problem.scale)
+    cp.cuda.get_current_stream().synchronize()
+    return host, {name: x.get() for name, x in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()}
+
+
+def check(problem):
+    (q, k, v, dout), got = run(problem)
+    causal, scale = problem.causal, problem.scale_value
+    ref_out, ref_lse = cupyflash.reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    ref = dict(out=ref_out, lse=ref_lse)
+    ref.update(zip(("dq", "dk", "dv"), cupyflash.reference.attention_backward(
+        dout, q, k, v, ref_out, ref_lse, causal=causal, scale=scale)))
+    naive = dict(zip(("out", "lse"), naive_attention(q, k, v, causal, scale)))
+    naive.update(zip(("dq", "dk", "dv"), naive_attention_backward(dout, q, k, v, causal, scale)))
+    scales = error_scales(q, k, v, dout, causal, scale)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert not np.isnan(got[name].astype(np.float64)).any(), f"{name} has NaN: {problem}"
+        factor = 2 if name in ("out", "lse") else 3
+        assert_close_flash_rule(got[name], ref[name], naive[name], factor,
+                                flash_floor(name, problem.dtype, scales, ULPS), name=f"{name} of {problem}")
+        if problem.unit and problem.dtype in UNIT_RTOL:
+            rel = relative_error(got[name], ref[name])
+            assert rel <= UNIT_RTOL[problem.dtype], f"{name}: relative error {rel:.3g} of {problem}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("case", range(len(HEADDIMS)), ids=lambda i: f"d{HEADDIMS[i]}-{SHAPES[i][0]}x{SHAPES[i][1]}")
+def test_sweep_against_reference(dtype, case):
+    seqlen_q, seqlen_k, causal = SHAPES[case]
+    nheads, nheads_kv = HEADS[case % 3]
+    logit_std = None if case % 2 == 0 else 25.0  # 25: inputs scaled x5, far past exp's range
+    check(Problem(batch=2 if seqlen_q * seqlen_k < 1 << 20 else 1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                  nheads=nheads, nheads_kv=nheads_kv, headdim=HEADDIMS[case], dtype=dtype, causal=causal,
+                  scale=None, logit_std=logit_std, seed=case))
+
+
+@st.composite
+def gpu_problems(draw):
+    seqlen_q, seqlen_k = draw(st.sampled_from(SEQLENS)), draw(st.sampled_from(SEQLENS))
+    nheads, nheads_kv = draw(st.sampled_from(HEADS))
+    batch = draw(st.integers(1, 3 if seqlen_q * seqlen_k <= 1 << 18 else 1))
+    return Problem(batch, seqlen_q, seqlen_k, nheads, nheads_kv, draw(st.sampled_from(HEADDIMS)),
+                   draw(st.sampled_from(DTYPES)), draw(st.booleans()),
+                   draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
+                   draw(st.one_of(st.none(), st.sampled_from([25.0, 1e4]))), draw(st.integers(0, 2**32 - 1)))
+
+
+@settings(max_examples=60)
+@given(problem=gpu_problems())
+def test_random_against_reference(problem):
+    check(problem)
+
+
+def test_fully_masked_rows():
+    """Causal with seqlen_q > seqlen_k: the first rows see no key."""
+    problem = Problem(2, 40, 7, 4, 2, 64, np.float32, True, None, None, 1)
+    _, got = run(problem)
+    dead = slice(0, 40 - 7)
+    assert (got["out"][:, dead] == 0).all() and np.isneginf(got["lse"][:, :, dead]).all()
+    assert all(np.isfinite(got[n]).all() for n in ("out", "dq", "dk", "dv"))
+    assert (got["dq"][:, dead] == 0).all()
+
+
+def _inputs(dtype=np.float16, batch=2, seqlen_q=300, seqlen_k=200, nheads=4, nheads_kv=2, headdim=64, seed=0):
+    return [to_device(x) for x in Problem(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, True,
+                                          None, None, seed).arrays()]
+
+
+def _forward_backward(q, k, v, dout, causal=True, deterministic=False):
+    out, lse = cupyflash.attention(q, k, v, causal=causal, return_lse=True)
+    return (out, lse, *cupyflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                                    deterministic=deterministic))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_deterministic(dtype):
+    q, k, v, dout = _inputs(dtype, seqlen_q=700, seqlen_k=900)
+    first = _forward_backward(q, k, v, dout, deterministic=True)
+    for _ in range(20):
+        again = _forward_backward(q, k, v, dout, deterministic=True)
+        assert all(bitwise_equal(a, b) for a, b in zip(first, again))
+
+
+def test_vjp_matches_forward_and_backward():
+    q, k, v, dout = _inputs(np.float32)
+    out, vjp = cupyflash.attention_vjp(q, k, v, causal=True)
+    expected = _forward_backward(q, k, v, dout)
+    assert bitwise_equal(out, expected[0])
+    assert all(bitwise_equal(a, b) for a, b in zip(vjp(dout), expected[2:]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("headdim", [64, 59])
+def test_strided_inputs_match_contiguous(dtype, headdim):
+    batch, seqlen, nheads = 2, 333, 4
+    rng = np.random.default_rng(headdim)
+    packed = to_device(rng.standard_normal((batch, seqlen, 3, nheads, headdim)).astype(dtype))
+    q, k, v = packed[:, :, 0], packed[:, :, 1], packed[:, :, 2]  # slices of a packed qkv
+    # (batch, nheads, seqlen, headdim) seen through a transpose; and an odd element offset,
+    # which rules out 16-byte vector loads; and a non-unit last stride, which is copied.
+    dout = to_device(rng.standard_normal((batch, nheads, seqlen, headdim)).astype(dtype)).swapaxes(1, 2)
+    shifted = to_device(rng.standard_normal(batch * seqlen * nheads * headdim + 1).astype(dtype))
+    q_shifted = shifted[1:].reshape(batch, seqlen, nheads, headdim)
+    k_every_other = to_device(rng.standard_normal((batch, seqlen, nheads, 2 * headdim)).astype(dtype))[..., ::2]
+    contiguous = [contiguous(x) for x in (q, k, v, dout)]
+    expected = _forward_backward(*contiguous)
+    assert all(bitwise_equal(a, b) for a, b in zip(_forward_backward(q, k, v, dout), expected))
+
+    got = _forward_backward(q_shifted, k_every_other, v, dout)
+    want = _forward_backward(contiguous(q_shifted), contiguous(k_every_other),
+                             contiguous[2], contiguous[3])
+    assert all(bitwise_equal(a, b) for a, b in zip(got, want))
+
+
+def test_runs_on_the_current_stream():
+    q, k, v, dout = _inputs(np.float16)
+    expected = _forward_backward(q, k, v, dout)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        got = _forward_backward(q, k, v, dout)
+    stream.synchronize()
+    assert all(bitwise_equal(a, b) for a, b in zip(got, expected))
+
+
+def _device_count():
+    try:
+        return cp.cuda.runtime.getDeviceCount()
+    except cp.cuda.runtime.CUDARuntimeError:
+        return 0
+
+
+@pytest.mark.skipif(_device_count() < 2, reason="needs a second GPU")
+def test_second_device():
+    host = Problem(1, 100, 100, 2, 2, 64, np.float32, False, None, None, 3).arrays()
+    expected = _forward_backward(*(to_device(x) for x in host))
+    with cp.cuda.Device(1):
+        inputs = [to_device(x) for x in host]
+    got = _forward_backward(*inputs)
+    assert all(x.device.id == 1 for x in got)
+    assert all(np.array_equal(a.get(), b.get()) for a, b in zip(got, expected))
+    with pytest.raises(ValueError, match="device"):
+        cupyflash.attention(inputs[0], to_device(host[1]), inputs[2])
+
+
+def test_memory_is_linear_in_seqlen():
+    """Forward + backward at seqlen 65,536 keeps the pool's peak under twice the bytes of
+    q, k, v, out, dout and the three gradients; naive attention would need > 60 GB."""
+    batch, seqlen, nheads, headdim = 1, 65536, 8, 128
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    assert pool.total_bytes() == 0
+    shape = (batch, seqlen, nheads, headdim)
+    q, k, v, dout = (_random_bf16(shape) for _ in range(4))
+    out, lse = cupyflash.attention(q, k, v, causal=False, return_lse=True)
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse)
+    cp.cuda.get_current_stream().synchronize()
+    tensor_bytes = q.nbytes * 8
+    assert all(bool(cp.isfinite(as_float32(g)).all()) for g in (out, *grads))
+    assert pool.total_bytes() < 2 * tensor_bytes, (pool.total_bytes(), tensor_bytes)
+    assert nheads * seqlen * seqlen * 4 * 2 > 60e9  # naive's scores and probabilities, float32
+
+
+def _random_bf16(shape):
+    """Random bfloat16 on the device: float32 normals rounded to nearest even in integer arithmetic."""
+    import ml_dtypes
+
+    bits = cp.random.standard_normal(shape, dtype=cp.float32).view(cp.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(cp.uint16).view(ml_dtypes.bfloat16)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU validation, in one command from the repository root on a machine with a GPU:
+# the GPU test suite, then compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over
+# tools/sanitize_cases.py. Prints a summary table last; exits non-zero if anything failed.
+# Logs go to $LOG_DIR (default: a temporary directory).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+log_dir=${LOG_DIR:-$(mktemp -d)}
+mkdir -p "$log_dir"
+python=${PYTHON:-python3}
+
+parallel=()
+if "$python" -c "import xdist" 2>/dev/null; then parallel=(-n "${JOBS:-8}"); fi
+"$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests >"$log_dir/gpu_suite.log" 2>&1
+suite_rc=$?
+suite=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite.log" | tail -n 1)
+tail -n 40 "$log_dir/gpu_suite.log"
+
+declare -A errors
+status=$suite_rc
+"$python" tools/sanitize_cases.py >/dev/null  # compile outside the sanitizer
+for tool in memcheck racecheck synccheck initcheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$python" tools/sanitize_cases.py \
+        >"$log_dir/sanitizer_$tool.log" 2>&1
+    rc=$?
+    errors[$tool]=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$log_dir/sanitizer_$tool.log" | grep -Eo "[0-9]+" | tail -n 1)
+    [ -n "${errors[$tool]}" ] || errors[$tool]="did not run (rc $rc)"
+    [ "$rc" -eq 0 ] || status=1
+done
+
+echo
+echo "| check | result |"
+echo "| --- | --- |"
+echo "| GPU suite | ${suite:-no summary (rc $suite_rc)} |"
+for tool in memcheck racecheck synccheck initcheck; do echo "| compute-sanitizer $tool | ${errors[$tool]} errors |"; done
+echo "logs: $log_dir"
+exit "$status"
