@@ -1,11 +1,10 @@
 // Forward pass for float16 / bfloat16 on tensor cores (FlashAttention-2 partitioning).
 //
 // One block per (query tile, head, batch); each warp owns 16 query rows. Per key tile:
-//   s = q k^T              mma.sync m16n8k16, q and k fragments through ldmatrix
+//   s = q k^T              gemm_nt (mma.sync m16n8k16, fragments through ldmatrix)
 //   online softmax         in registers, on the s accumulators (rows g and g + 8 of the warp's
 //                          16, each row split over the 4 lanes of a quad)
-//   o = o * alpha + p v    p reused straight from the s accumulators as the A operand,
-//                          v fragments through ldmatrix.trans
+//   o = o * alpha + p v    gemm_rn: p straight from the s accumulators as the A operand
 // K and V tiles are double-buffered in shared memory: the copy of tile t + 1 (cp.async)
 // overlaps the arithmetic on tile t. Rows are padded by 16 bytes so ldmatrix is conflict-free.
 #include "common.cuh"
@@ -43,8 +42,7 @@ flash_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
     }
 
     float o[DT][4];
-#pragma unroll
-    for (int j = 0; j < DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    zero(o);
     OnlineSoftmax<float> stats[2];  // rows g and g + 8 of this warp
     const int row0 = m0 + warp * 16 + g;
 
@@ -66,20 +64,8 @@ flash_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
         float s[NT][4];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D_TILE / 16; ++kk) {
-            unsigned a[4];
-            ldmatrix_x4(a, sQ + (warp * 16 + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-            for (int nn = 0; nn < NT / 2; ++nn) {
-                unsigned bk[4];
-                ldmatrix_x4(bk, cK + (nn * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
-                mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
-                mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
-            }
-        }
+        zero(s);
+        gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * 16 * LD, cK, lane);
 
         // Only tiles crossing the end of the keys or the causal diagonal need the mask.
         const bool edge = n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + seqlen_k - seqlen_q);
@@ -107,38 +93,17 @@ flash_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
                 stats[e / 2].l += s[j][e];
             }
 
-#pragma unroll
-        for (int kk = 0; kk < NT / 2; ++kk) {
-            // The accumulators of two adjacent 8-key tiles form the A fragment of a 16-key step.
-            const unsigned pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                    pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dd = 0; dd < DT / 2; ++dd) {
-                unsigned bv[4];
-                ldmatrix_x4_trans(bv, cV + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + dd * 16 + (lane / 16) * 8);
-                mma_16816<T>(o[2 * dd], pa, bv[0], bv[1]);
-                mma_16816<T>(o[2 * dd + 1], pa, bv[2], bv[3]);
-            }
-        }
+        gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
+    float inv_l[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int row = row0 + 8 * r;
         const float l = reduce_sum<4>(stats[r].l);
-        if (row < seqlen_q) {
-            const float inv_l = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives 0
-            T* o_row = out + b * o_sb + (i64)row * o_ss + h * o_sh;
-#pragma unroll
-            for (int j = 0; j < DT; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int d = j * 8 + 2 * tq + e;
-                    if (d < headdim) o_row[d] = from_acc<T>(o[j][2 * r + e] * inv_l);
-                }
-            if (tq == 0) lse[((i64)b * nheads + h) * seqlen_q + row] = stats[r].lse(l);
-        }
+        inv_l[r] = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives 0
+        const int row = row0 + 8 * r;
+        if (tq == 0 && row < seqlen_q) lse[((i64)b * nheads + h) * seqlen_q + row] = stats[r].lse(l);
     }
+    store_slab(out + b * o_sb + h * o_sh + (i64)m0 * o_ss, o_ss, o, inv_l, warp * 16, seqlen_q - m0, headdim, lane);
 }

@@ -141,7 +141,8 @@ def backward(dout, q, k, v, out, lse, causal, scale, deterministic):
         batch, seqlen_q, nheads, headdim = q.shape
         seqlen_k, nheads_kv = k.shape[1], k.shape[2]
         acc = _acc_dtype(q.dtype)
-        delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, headdim, causal, limit)
+        delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, headdim, causal,
+                                                              _aligned(q, k, v, dout), limit)
 
         delta = _empty((batch, nheads, seqlen_q), acc)
         rows = batch * nheads * seqlen_q

@@ -64,27 +64,63 @@ def forward(dtype, headdim, causal, aligned, limit):
     return Launch("forward.cu", name, block_m, threads, smem(block_n))
 
 
-def backward(dtype, headdim, causal, limit):
+def backward(dtype, headdim, causal, aligned, limit):
     """(delta, dK/dV, dQ) kernels of the backward pass."""
     d = headdim_tile(headdim)
-    acc = _acc_bytes(dtype)
-    ctype = C_TYPES[dtype]
-    tile = 32 if acc == 4 else 16
-    tpr = (4 if acc == 4 else 8) * (1 if d <= 128 else 2)  # threads sharing one row
-    delta = Launch("backward.cu", f"flash_bwd_delta<{ctype}>", 4, 128, 0)
+    delta = Launch("backward.cu", f"flash_bwd_delta<{C_TYPES[dtype]}>", 4, 128, 0)
+    if dtype not in TENSOR_CORE_DTYPES:
+        return delta, _dkdv_simt(dtype, d, causal, limit), _dq_simt(dtype, d, causal, limit)
+    # Tensor cores hold dK and dV for 16 key rows per warp in registers up to headdim 128;
+    # wider heads, and parts whose shared memory is too small, take the CUDA-core kernels.
+    dkdv = _dkdv_mma(dtype, d, causal, aligned, limit) if d <= 128 else None
+    try:
+        dq = _dq_mma(dtype, d, causal, aligned, limit)
+    except RuntimeError:
+        dq = None
+    return (delta, dkdv or _dkdv_simt(dtype, d, causal, limit), dq or _dq_simt(dtype, d, causal, limit))
 
-    # dK/dV: `rows` key rows per block, query tiles of `streamed` rows pass through.
+
+def _dkdv_mma(dtype, d, causal, aligned, limit):
+    warps = 4
+    smem = lambda bm: 2 * (32 * warps + 4 * bm) * (d + 8) + 16 * bm  # k, v + double-buffered q, dout, stats
+    block_m = _shrink(64 if d <= 64 else 32, 16, smem, limit)
+    name = (f"flash_bwd_dkdv_mma<{C_TYPES[dtype]}, {d}, {block_m}, {warps}, {_cbool(causal)}, "
+            f"{_cbool(aligned)}>")
+    return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_m))
+
+
+def _dq_mma(dtype, d, causal, aligned, limit):
+    warps = 4
+    smem = lambda bn: 2 * (32 * warps + 4 * bn) * (d + 8)  # q, dout + double-buffered k, v
+    block_n = _shrink(64 if d <= 128 else 32, 16, smem, limit)
+    name = f"flash_bwd_dq_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {_cbool(causal)}, {_cbool(aligned)}>"
+    return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_n))
+
+
+def _simt_rows(dtype, d):
+    """(rows per block, threads sharing a row) of the CUDA-core backward kernels."""
+    acc = _acc_bytes(dtype)
+    return (32 if acc == 4 else 16), (4 if acc == 4 else 8) * (1 if d <= 128 else 2)
+
+
+def _dkdv_simt(dtype, d, causal, limit):
+    """`rows` key rows per block; query tiles of `streamed` rows pass through."""
+    acc = _acc_bytes(dtype)
+    tile, tpr = _simt_rows(dtype, d)
     rows, streamed = _fit(tile, tile, tpr, limit, lambda rows, bm: _dkdv_smem(acc, d, rows, bm))
-    dkdv = Launch("backward.cu",
-                  f"flash_bwd_dkdv_simt<{ctype}, {d}, {streamed}, {rows}, {rows * tpr}, {_cbool(causal)}>",
+    return Launch("backward.cu",
+                  f"flash_bwd_dkdv_simt<{C_TYPES[dtype]}, {d}, {streamed}, {rows}, {rows * tpr}, {_cbool(causal)}>",
                   rows, rows * tpr, _dkdv_smem(acc, d, rows, streamed))
 
-    # dQ: `rows` query rows per block, key tiles of `streamed` rows pass through.
+
+def _dq_simt(dtype, d, causal, limit):
+    """`rows` query rows per block; key tiles of `streamed` rows pass through."""
+    acc = _acc_bytes(dtype)
+    tile, tpr = _simt_rows(dtype, d)
     rows, streamed = _fit(tile, tile, tpr, limit, lambda rows, bn: _dq_smem(acc, d, rows, bn))
-    dq = Launch("backward.cu",
-                f"flash_bwd_dq_simt<{ctype}, {d}, {rows}, {streamed}, {rows * tpr}, {_cbool(causal)}>",
-                rows, rows * tpr, _dq_smem(acc, d, rows, streamed))
-    return delta, dkdv, dq
+    return Launch("backward.cu",
+                  f"flash_bwd_dq_simt<{C_TYPES[dtype]}, {d}, {rows}, {streamed}, {rows * tpr}, {_cbool(causal)}>",
+                  rows, rows * tpr, _dq_smem(acc, d, rows, streamed))
 
 
 def _dkdv_smem(acc, d, rows, block_m):
@@ -121,9 +157,8 @@ def all_launches():
         for dtype in C_TYPES:
             for d in HEADDIM_TILES:
                 for causal in (False, True):
-                    launches = list(backward(dtype, d, causal, limit))
-                    aligned_cases = (False, True) if dtype in TENSOR_CORE_DTYPES else (False,)
-                    launches += [forward(dtype, d, causal, aligned, limit) for aligned in aligned_cases]
-                    for launch in launches:
-                        seen[(launch.source, launch.name)] = launch
+                    for aligned in (False, True):
+                        for launch in (forward(dtype, d, causal, aligned, limit),
+                                       *backward(dtype, d, causal, aligned, limit)):
+                            seen[(launch.source, launch.name)] = launch
     return list(seen.values())

@@ -15,10 +15,12 @@ for launch in _plan.all_launches():
 
 
 def test_table_covers_every_kernel_family():
-    assert set(LAUNCHES) == {"forward.cu", "forward_mma.cu", "backward.cu"}
+    assert set(LAUNCHES) == {"forward.cu", "forward_mma.cu", "backward.cu", "backward_mma.cu"}
     names = [n for names in LAUNCHES.values() for n in names]
     for family in ("flash_fwd_mma<half_t", "flash_fwd_mma<bfloat16_t", "flash_fwd_simt<float,",
-                   "flash_fwd_simt<double,", "flash_bwd_delta<", "flash_bwd_dkdv_simt<", "flash_bwd_dq_simt<"):
+                   "flash_fwd_simt<double,", "flash_bwd_delta<", "flash_bwd_dkdv_simt<", "flash_bwd_dq_simt<",
+                   "flash_bwd_dkdv_mma<half_t", "flash_bwd_dkdv_mma<bfloat16_t", "flash_bwd_dq_mma<half_t",
+                   "flash_bwd_dq_mma<bfloat16_t"):
         assert any(n.startswith(family) for n in names), family
 
 

@@ -175,13 +175,13 @@ def test_strided_inputs_match_contiguous(dtype, headdim):
     shifted = to_device(rng.standard_normal(batch * seqlen * nheads * headdim + 1).astype(dtype))
     q_shifted = shifted[1:].reshape(batch, seqlen, nheads, headdim)
     k_every_other = to_device(rng.standard_normal((batch, seqlen, nheads, 2 * headdim)).astype(dtype))[..., ::2]
-    contiguous = [contiguous(x) for x in (q, k, v, dout)]
-    expected = _forward_backward(*contiguous)
+    copies = [contiguous(x) for x in (q, k, v, dout)]
+    expected = _forward_backward(*copies)
     assert all(bitwise_equal(a, b) for a, b in zip(_forward_backward(q, k, v, dout), expected))
 
     got = _forward_backward(q_shifted, k_every_other, v, dout)
     want = _forward_backward(contiguous(q_shifted), contiguous(k_every_other),
-                             contiguous[2], contiguous[3])
+                             copies[2], copies[3])
     assert all(bitwise_equal(a, b) for a, b in zip(got, want))
 
 

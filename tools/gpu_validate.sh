@@ -24,7 +24,9 @@ for tool in memcheck racecheck synccheck initcheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 1 "$python" tools/sanitize_cases.py \
         >"$log_dir/sanitizer_$tool.log" 2>&1
     rc=$?
-    errors[$tool]=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$log_dir/sanitizer_$tool.log" | grep -Eo "[0-9]+" | tail -n 1)
+    # memcheck, synccheck, initcheck: "ERROR SUMMARY: N errors"; racecheck: "(N errors, M warnings)"
+    errors[$tool]=$(grep -Eo "(ERROR SUMMARY: [0-9]+ error|\([0-9]+ error)" "$log_dir/sanitizer_$tool.log" \
+        | grep -Eo "[0-9]+" | tail -n 1)
     [ -n "${errors[$tool]}" ] || errors[$tool]="did not run (rc $rc)"
     [ "$rc" -eq 0 ] || status=1
 done
