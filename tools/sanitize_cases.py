@@ -11,7 +11,7 @@ import cupyflash
 
 rng = np.random.default_rng(0)
 for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
-    for headdim in (64, 59):  # 64: 16-byte vector loads; 59: element loads
+    for headdim in (64, 59, 160):  # vector loads; element loads; CUDA-core dK/dV for 16-bit
         for causal in (False, True):
             q, k, v, dout = (cp.asarray(rng.standard_normal(shape).astype(dtype).view(f"u{np.dtype(dtype).itemsize}"))
                              .view(dtype) for shape in [(1, 70, 4, headdim), (1, 90, 2, headdim),
