@@ -49,7 +49,8 @@ def forward(dtype, headdim, causal, aligned, limit):
     """Forward kernel for `dtype` (a NumPy dtype name) at this head dimension."""
     d = headdim_tile(headdim)
     if dtype in TENSOR_CORE_DTYPES:
-        warps, block_n = 4, (64 if d <= 128 else 32)
+        # (warps, key tile) measured best on an H200 at batch 4, seqlen 4096, 16 heads (docs/performance.md).
+        warps, block_n = (8, 64) if d <= 64 else (8, 128) if d <= 128 else (4, 32)
         smem = lambda bn: 2 * (16 * warps + 4 * bn) * (d + 8)  # q + double-buffered k, v
         block_n = _shrink(block_n, 16, smem, limit)
         name = (f"flash_fwd_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {_cbool(causal)}, "
@@ -81,18 +82,18 @@ def backward(dtype, headdim, causal, aligned, limit):
 
 
 def _dkdv_mma(dtype, d, causal, aligned, limit):
-    warps = 4
+    warps = 4 if d <= 64 else 8
     smem = lambda bm: 2 * (32 * warps + 4 * bm) * (d + 8) + 16 * bm  # k, v + double-buffered q, dout, stats
-    block_m = _shrink(64 if d <= 64 else 32, 16, smem, limit)
+    block_m = _shrink(64, 16, smem, limit)
     name = (f"flash_bwd_dkdv_mma<{C_TYPES[dtype]}, {d}, {block_m}, {warps}, {_cbool(causal)}, "
             f"{_cbool(aligned)}>")
     return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_m))
 
 
 def _dq_mma(dtype, d, causal, aligned, limit):
-    warps = 4
+    warps = 8 if d <= 64 else 4
     smem = lambda bn: 2 * (32 * warps + 4 * bn) * (d + 8)  # q, dout + double-buffered k, v
-    block_n = _shrink(64 if d <= 128 else 32, 16, smem, limit)
+    block_n = _shrink(32, 16, smem, limit)
     name = f"flash_bwd_dq_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {_cbool(causal)}, {_cbool(aligned)}>"
     return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_n))
 
