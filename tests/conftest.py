@@ -1,0 +1,70 @@
+"""Shared pytest configuration.
+
+* Marker ``gpu``: tests that need a CUDA device; skipped, with the reason,
+  when cupy is missing or sees no device.
+* Hypothesis profiles: ``ci`` (200 examples, no deadline) and ``dev``
+  (fewer), picked by the environment variable HYPOTHESIS_PROFILE, default
+  ``ci``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))  # so test modules can `import helpers`
+
+settings.register_profile(
+    "ci",
+    max_examples=200,
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "dev",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU visible to cupy (skipped otherwise)")
+
+
+_GPU_STATUS = None
+
+
+def gpu_status():
+    """(available, reason) for the gpu marker, computed once."""
+    global _GPU_STATUS
+    if _GPU_STATUS is None:
+        try:
+            import cupy
+
+            n = cupy.cuda.runtime.getDeviceCount()
+            _GPU_STATUS = (n > 0, "cupy sees no CUDA device" if n == 0 else "")
+        except ImportError as exc:
+            _GPU_STATUS = (False, f"cupy is not installed ({exc})")
+        except Exception as exc:  # no driver, no device, ...
+            _GPU_STATUS = (False, f"no usable CUDA device: {type(exc).__name__}: {exc}")
+    return _GPU_STATUS
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    ok, reason = gpu_status()
+    if ok:
+        return
+    skip = pytest.mark.skip(reason=f"gpu test: {reason}")
+    for item in gpu_items:
+        item.add_marker(skip)

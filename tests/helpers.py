@@ -1,0 +1,348 @@
+"""Reusable test helpers (CPU and GPU suites import these).
+
+* :func:`naive_attention` / :func:`naive_attention_backward`: the textbook
+  full-matrix computation done *in the input dtype*, every intermediate
+  rounded to it (16-bit matmuls accumulate in float32 and round the result,
+  as tensor cores and PyTorch do). Their error against the float64
+  reference is the yardstick of FlashAttention's accuracy rule.
+* :func:`assert_close_flash_rule`: max|out - ref| <= factor * max|naive - ref|
+  + floor.
+* :func:`rounding_floor`: a floor of a few ulps of a tensor's magnitude.
+
+Everything accepts NumPy or CuPy arrays (CuPy is moved to the host with
+``.get()``) and works in NumPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import ml_dtypes
+
+from cupyflash.reference import causal_mask
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
+
+
+def to_numpy(x):
+    """NumPy view/copy of a NumPy or CuPy array."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "get"):
+        return x.get()
+    return np.asarray(x)
+
+
+def eps(dtype):
+    """Machine epsilon (spacing of 1.0) of ``dtype``, bfloat16 included."""
+    return float(ml_dtypes.finfo(np.dtype(dtype)).eps)
+
+
+def _wide(dtype):
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _split_heads(x):
+    """(b, s, h, d) -> (b, h, s, d)."""
+    return np.swapaxes(x, 1, 2)
+
+
+def _expand(x, nheads):
+    return np.repeat(x, nheads // x.shape[2], axis=2)
+
+
+class _Rounder:
+    """R(x): round to the input dtype; W(x): widen to the compute dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.wide = _wide(dtype)
+
+    def R(self, x):
+        return np.asarray(x, dtype=self.wide).astype(self.dtype).astype(self.wide)
+
+    def mm(self, a, b):
+        """Matmul accumulated in the compute dtype, result rounded."""
+        return self.R(np.matmul(a.astype(self.wide), b.astype(self.wide)))
+
+
+def _naive_probs(q, k, causal, scale, r):
+    """Rounded scaled scores' softmax, like flash-attn's attention_ref."""
+    nheads = q.shape[2]
+    qs = r.R(_split_heads(q).astype(r.wide) * scale)  # scale applied to q first
+    kh = _split_heads(_expand(k, nheads)).astype(r.wide)
+    s = r.mm(qs, np.swapaxes(kh, -1, -2))
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    mask = causal_mask(seqlen_q, seqlen_k) if causal else np.zeros((seqlen_q, seqlen_k), bool)
+    s = np.where(mask, -np.inf, s)
+    dead = mask.all(axis=1)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), 0.0, m).astype(r.wide)
+    e = np.exp(s - m)
+    l = e.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = r.R(np.where(dead[:, None], 0.0, e / np.where(l == 0, 1, l)))
+        lse = np.where(dead[:, None], -np.inf, m + np.log(l))[..., 0]
+    return qs, kh, p, r.R(lse)
+
+
+def _quiet(fn):
+    """The naive same-dtype computation may overflow (that is its error)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
+def naive_attention(q, k, v, causal, scale):
+    """Full-matrix attention in the input dtype; returns ``(out, lse)``.
+
+    out has q's dtype; lse is (batch, nheads, seqlen_q) in the input dtype
+    (rounded, like everything else). ``scale`` must be a float.
+    """
+    q, k, v = to_numpy(q), to_numpy(k), to_numpy(v)
+    r = _Rounder(q.dtype)
+    _, _, p, lse = _naive_probs(q, k, causal, scale, r)
+    vh = _split_heads(_expand(v, q.shape[2]))
+    out = r.mm(p, vh)
+    return _split_heads(out).astype(q.dtype), lse.astype(q.dtype)
+
+
+@_quiet
+def naive_attention_backward(dout, q, k, v, causal, scale):
+    """Full-matrix gradients in the input dtype, rounding as autograd would.
+
+    Returns ``(dq, dk, dv)`` in the input dtype. Every product is rounded to
+    the input dtype, the softmax backward ``P * (dP - rowsum(P * dP))`` is
+    done in the compute dtype and rounded once, GQA sums over heads in the
+    compute dtype and rounds once.
+    """
+    dout, q, k, v = to_numpy(dout), to_numpy(q), to_numpy(k), to_numpy(v)
+    r = _Rounder(q.dtype)
+    nheads, nheads_kv = q.shape[2], k.shape[2]
+    qs, kh, p, _ = _naive_probs(q, k, causal, scale, r)
+    vh = _split_heads(_expand(v, nheads)).astype(r.wide)
+    do = _split_heads(dout).astype(r.wide)
+    dv_rep = r.mm(np.swapaxes(p, -1, -2), do)
+    dp = r.mm(do, np.swapaxes(vh, -1, -2))
+    ds = r.R(p * (dp - np.sum(p * dp, axis=-1, keepdims=True)))
+    dqs = r.mm(ds, kh)
+    dk_rep = r.mm(np.swapaxes(ds, -1, -2), qs)
+    dq = r.R(dqs * scale)
+
+    def group_sum(x):  # (b, h, s, d) -> (b, s, h_kv, d)
+        b, h, s, d = x.shape
+        return r.R(x.reshape(b, nheads_kv, h // nheads_kv, s, d).sum(axis=2)).swapaxes(1, 2)
+
+    return (
+        _split_heads(dq).astype(q.dtype),
+        group_sum(dk_rep).astype(k.dtype),
+        group_sum(dv_rep).astype(v.dtype),
+    )
+
+
+def max_abs(x):
+    x = to_numpy(x).astype(np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.abs(x).max()) if x.size else 0.0
+
+
+def rounding_floor(ref, dtype, ulps):
+    """``ulps`` units of ``dtype``'s epsilon times max|ref| (finite entries)."""
+    return ulps * eps(dtype) * max_abs(ref)
+
+
+def assert_close_flash_rule(out, ref, naive, factor, floor, name="out"):
+    """FlashAttention's accuracy rule, elementwise max over the tensor.
+
+    max|out - ref| <= factor * max|naive - ref| + floor.
+
+    Entries where ``ref`` is not finite (lse = -inf on a fully masked row)
+    must be identical in ``out``; the rest are compared. A NaN in ``out``
+    where ``ref`` is finite always fails. A non-finite naive error (the
+    same-dtype computation overflowed) makes the bound infinite.
+    """
+    out = to_numpy(out).astype(np.float64)
+    ref = to_numpy(ref).astype(np.float64)
+    naive = to_numpy(naive).astype(np.float64)
+    assert out.shape == ref.shape == naive.shape, (name, out.shape, ref.shape, naive.shape)
+    finite = np.isfinite(ref)
+    if not finite.all():
+        bad = ~finite & ~((out == ref) | (np.isnan(out) & np.isnan(ref)))
+        assert not bad.any(), (
+            f"{name}: {int(bad.sum())} entries where the reference is not finite differ, "
+            f"e.g. out={out[bad][:4]} ref={ref[bad][:4]}"
+        )
+    if not finite.any():
+        return
+    err = np.abs(out[finite] - ref[finite])
+    nerr = np.abs(naive[finite] - ref[finite])
+    max_err = float(err.max()) if not np.isnan(err).any() else float("nan")
+    naive_err = float(nerr.max()) if np.isfinite(nerr).all() else float("inf")
+    bound = factor * naive_err + floor
+    if not (max_err <= bound):
+        worst = np.unravel_index(int(np.nanargmax(np.abs(out - ref) * finite)), ref.shape) if finite.all() else None
+        raise AssertionError(
+            f"{name}: max|out-ref| = {max_err:.6g} exceeds {factor} x max|naive-ref| "
+            f"({naive_err:.6g}) + floor ({floor:.6g}) = {bound:.6g}"
+            + (f"; worst at index {worst}: out={out[worst]!r} ref={ref[worst]!r}" if worst else "")
+        )
+
+
+def relative_error(out, ref):
+    """‖out - ref‖ / ‖ref‖ over the whole tensor (Frobenius), finite entries."""
+    out = to_numpy(out).astype(np.float64)
+    ref = to_numpy(ref).astype(np.float64)
+    finite = np.isfinite(ref)
+    num = np.linalg.norm(out[finite] - ref[finite])
+    den = np.linalg.norm(ref[finite])
+    return float(num / den) if den > 0 else float(num)
+
+
+# ---------------------------------------------------------------------------
+# Hypothesis strategy for attention problems (shared by CPU and GPU suites).
+
+#: Cap on batch * nheads * seqlen_q * seqlen_k * headdim so each example is cheap.
+COST_CAP = 8_000_000
+
+
+class Problem:
+    """One drawn attention problem; :meth:`arrays` makes its data."""
+
+    def __init__(self, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, causal, scale, logit_std, seed):
+        self.batch, self.seqlen_q, self.seqlen_k = batch, seqlen_q, seqlen_k
+        self.nheads, self.nheads_kv, self.headdim = nheads, nheads_kv, headdim
+        self.dtype, self.causal, self.scale = np.dtype(dtype), causal, scale
+        self.logit_std, self.seed = logit_std, seed
+
+    @property
+    def scale_value(self):
+        return self.scale if self.scale is not None else 1.0 / np.sqrt(self.headdim)
+
+    @property
+    def unit(self):
+        """True when q, k, v and dout are all standard normal."""
+        return self.logit_std is None
+
+    def arrays(self, xp=np):
+        """(q, k, v, dout): fresh random data in ``self.dtype``.
+
+        q and k are scaled so the scaled logits have standard deviation
+        ``logit_std`` (up to 1e4: a missing max subtraction overflows);
+        v and dout are standard normal.
+        """
+        rng = np.random.default_rng(self.seed)
+        if self.unit:
+            sigma = 1.0
+        else:
+            sigma = float(np.sqrt(self.logit_std / (self.scale_value * np.sqrt(self.headdim))))
+        qshape = (self.batch, self.seqlen_q, self.nheads, self.headdim)
+        kshape = (self.batch, self.seqlen_k, self.nheads_kv, self.headdim)
+        q = rng.standard_normal(qshape) * sigma
+        k = rng.standard_normal(kshape) * sigma
+        v = rng.standard_normal(kshape)
+        dout = rng.standard_normal(qshape)
+        return tuple(xp.asarray(x.astype(self.dtype)) for x in (q, k, v, dout))
+
+    def __repr__(self):
+        return (
+            f"Problem(batch={self.batch}, seqlen_q={self.seqlen_q}, seqlen_k={self.seqlen_k}, "
+            f"nheads={self.nheads}, nheads_kv={self.nheads_kv}, headdim={self.headdim}, "
+            f"dtype={self.dtype.name}, causal={self.causal}, scale={self.scale}, "
+            f"logit_std={self.logit_std}, seed={self.seed})"
+        )
+
+
+def problems(dtypes=DTYPES, max_batch=3, max_seqlen=300, max_nheads=4, max_headdim=256, cost_cap=COST_CAP, unit=None):
+    """Hypothesis strategy of :class:`Problem`.
+
+    ``unit=True`` forces standard-normal data, ``False`` forbids it.
+    """
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw_problem(draw):
+        batch = draw(st.integers(1, max_batch))
+        nheads = draw(st.integers(1, max_nheads))
+        nheads_kv = draw(st.sampled_from([d for d in range(1, nheads + 1) if nheads % d == 0]))
+        seqlen_q = draw(st.integers(1, max_seqlen))
+        seqlen_k = draw(st.integers(1, max_seqlen))
+        headdim = draw(st.integers(1, max_headdim))
+        # Keep each example cheap: shrink headdim until the cost is capped.
+        headdim = max(1, min(headdim, cost_cap // (batch * nheads * seqlen_q * seqlen_k)))
+        dtype = draw(st.sampled_from([np.dtype(d) for d in dtypes]))
+        causal = draw(st.booleans())
+        scale = draw(st.one_of(st.none(), st.floats(0.05, 2.0)))
+        if unit is True:
+            logit_std = None
+        elif unit is False:
+            logit_std = draw(st.floats(0.1, 1e4))
+        else:
+            logit_std = draw(st.one_of(st.none(), st.floats(0.1, 1e4)))
+        seed = draw(st.integers(0, 2**32 - 1))
+        return Problem(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, causal, scale, logit_std, seed)
+
+    return draw_problem()
+
+
+# ---------------------------------------------------------------------------
+# Rounding floors.
+#
+# Any finite-precision attention computes the scaled logits s = scale * q.k
+# with an absolute error of about eps_c * L, where eps_c is the compute
+# dtype's epsilon and L = scale * max_ij sum_d |q_id k_jd| (+ log seqlen_k
+# for lse); storing lse = m + log(l) for the backward adds the same amount.
+# So every probability carries a relative error of about eps_c * L, on top
+# of the eps of the input dtype from rounding inputs/outputs (the backward's
+# delta = rowsum(dout * out) uses the *rounded* out). The naive same-dtype
+# computation is sometimes luckier than that (a one-hot softmax row is exact
+# in it, while FlashAttention's exp(s - lse) is not), so the rule
+# "<= factor x naive error" needs a floor of a few units of
+#     (eps_dtype + eps_c * L) x (the tensor's magnitude without cancellation)
+# where that magnitude is computed from the float64 P and absolute values:
+#     out: P |v|     dv: P^T |dout|     ds_abs = P * (|dout| |v|^T + rowsum(|dout| |out|))
+#     dq: scale ds_abs |k|               dk: scale ds_abs^T |q|
+# and for lse (compute dtype, absolute): eps_c * L.
+
+
+def error_scales(q, k, v, dout, causal, scale):
+    """Dict of the magnitudes that set the rounding floors (see above)."""
+    from cupyflash.reference import _probabilities, _expand_kv
+
+    q, k, v, dout = (to_numpy(x).astype(np.float64) for x in (q, k, v, dout))
+    nheads = q.shape[2]
+    p, _ = _probabilities(q, k, bool(causal), scale)
+    aq, ak = np.abs(q), np.abs(_expand_kv(k, nheads))
+    av, ado = np.abs(_expand_kv(v, nheads)), np.abs(dout)
+    logits = scale * np.einsum("bqhd,bkhd->bhqk", aq, ak, optimize=True)
+    L = float(logits.max()) + float(np.log(k.shape[1]))
+    out_abs = np.einsum("bhqk,bkhd->bqhd", p, av, optimize=True)
+    dv_abs = np.einsum("bhqk,bqhd->bkhd", p, ado, optimize=True)
+    dp_abs = np.einsum("bqhd,bkhd->bhqk", ado, av, optimize=True)
+    delta_abs = np.einsum("bqhd,bqhd->bhq", ado, out_abs)[..., None]
+    ds_abs = p * (dp_abs + delta_abs)
+    dq_abs = scale * np.einsum("bhqk,bkhd->bqhd", ds_abs, ak, optimize=True)
+    dk_abs = scale * np.einsum("bhqk,bqhd->bkhd", ds_abs, aq, optimize=True)
+    return {
+        "L": L,
+        "out": float(out_abs.max()),
+        "lse": 1.0,
+        "dq": float(dq_abs.max()),
+        "dk": float(dk_abs.max()),
+        "dv": float(dv_abs.max()),
+    }
+
+
+def flash_floor(name, dtype, scales, ulps):
+    """``ulps`` x (eps_dtype + eps_c * L) x magnitude of tensor ``name``.
+
+    For ``lse`` (always in the compute dtype): ``ulps x eps_c x (L + 1)``.
+    """
+    eps_c = eps(_wide(dtype))
+    if name == "lse":
+        return ulps * eps_c * (scales["L"] + 1.0)
+    return ulps * (eps(dtype) + eps_c * scales["L"]) * scales[name]

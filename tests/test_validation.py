@@ -1,0 +1,262 @@
+"""Bad arguments raise TypeError/ValueError naming the argument."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import numpy as np
+import pytest
+
+import cupyflash
+from cupyflash import _api
+
+B, SQ, SK, H, HKV, D = 2, 5, 7, 4, 2, 8
+
+
+def arrays(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, SQ, H, D)).astype(dtype)
+    k = rng.standard_normal((B, SK, HKV, D)).astype(dtype)
+    v = rng.standard_normal((B, SK, HKV, D)).astype(dtype)
+    return q, k, v
+
+
+def backward_args(dtype=np.float32):
+    q, k, v = arrays(dtype)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True)
+    dout = np.ones_like(out) * 0.5
+    return dout, q, k, v, out, lse
+
+
+class FakeCupyArray:
+    """Looks like a cupy.ndarray to the dispatcher (no GPU needed)."""
+
+    __module__ = "cupy._fake"
+
+    def __init__(self, x, device_id=0):
+        self._x = x
+        self.shape, self.ndim, self.dtype = x.shape, x.ndim, x.dtype
+        self.device = type("Device", (), {"id": device_id})()
+
+
+def test_valid_call_works():
+    q, k, v = arrays()
+    assert cupyflash.attention(q, k, v).shape == q.shape
+
+
+@pytest.mark.parametrize("fn", ["attention", "attention_vjp"])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_non_array(fn, which):
+    args = list(arrays())
+    args[which] = args[which].tolist()
+    name = "qkv"[which]
+    with pytest.raises(TypeError, match=rf"{fn}: {name} must be a numpy.ndarray or cupy.ndarray, got list"):
+        getattr(cupyflash, fn)(*args)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_wrong_rank(which):
+    args = list(arrays())
+    args[which] = args[which][0]
+    name = "qkv"[which]
+    with pytest.raises(ValueError, match=rf"attention: {name} must have 4 dimensions .* got 3 dimensions"):
+        cupyflash.attention(*args)
+
+
+def test_batch_mismatch():
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=re.escape(f"k.shape[0] (batch) must equal q.shape[0]={B}, got 1")):
+        cupyflash.attention(q, k[:1], v[:1])
+
+
+def test_headdim_mismatch():
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=re.escape(f"attention: k.shape[3] (headdim) must equal q.shape[3]={D}, got 4")):
+        cupyflash.attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match=re.escape("v.shape[3] (headdim)")):
+        cupyflash.attention(q, k, v[..., :4])
+
+
+def test_seqlen_mismatch_between_k_and_v():
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=re.escape(f"v.shape[1] (seqlen_k) must equal k.shape[1]={SK}, got 3")):
+        cupyflash.attention(q, k, v[:, :3])
+
+
+def test_nheads_kv_mismatch_between_k_and_v():
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=re.escape(f"v.shape[2] (nheads_kv) must equal k.shape[2]={HKV}, got 1")):
+        cupyflash.attention(q, k, v[:, :, :1])
+
+
+def test_nheads_not_multiple_of_nheads_kv():
+    q, k, v = arrays()
+    k3 = np.concatenate([k, k[:, :, :1]], axis=2)
+    v3 = np.concatenate([v, v[:, :, :1]], axis=2)
+    with pytest.raises(ValueError, match=re.escape(f"k.shape[2] (nheads_kv) must divide q.shape[2] (nheads)={H}, got 3")):
+        cupyflash.attention(q, k3, v3)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_dtype_mismatch(which):
+    args = list(arrays())
+    args[which] = args[which].astype(np.float64)
+    name = "qkv"[which]
+    with pytest.raises(TypeError, match=rf"{name}.dtype must equal q.dtype=float32, got float64"):
+        cupyflash.attention(*args)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex64, np.complex128, np.longdouble, np.uint8])
+def test_unsupported_dtype(dtype):
+    q, k, v = (x.astype(dtype) for x in arrays(np.float64))
+    if np.dtype(dtype) == np.float64:  # longdouble is float64 on some platforms
+        pytest.skip("longdouble is float64 here")
+    with pytest.raises(TypeError, match=r"attention: q.dtype must be float16, bfloat16, float32 or float64, got"):
+        cupyflash.attention(q, k, v)
+
+
+@pytest.mark.parametrize("headdim", [0, 257, 512])
+def test_bad_headdim(headdim):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 3, 1, headdim)).astype(np.float32)
+    with pytest.raises(ValueError, match=rf"q.shape\[3\] \(headdim\) must be between 1 and 256, got {headdim}"):
+        cupyflash.attention(q, q, q)
+
+
+def test_seqlen_q_zero():
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=re.escape("q.shape[1] (seqlen_q) must be at least 1, got 0")):
+        cupyflash.attention(q[:, :0], k, v)
+
+
+def test_seqlen_k_zero():
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=re.escape("k.shape[1] (seqlen_k) must be at least 1, got 0")):
+        cupyflash.attention(q, k[:, :0], v[:, :0])
+
+
+def test_batch_zero():
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=re.escape("q.shape[0] (batch) must be at least 1, got 0")):
+        cupyflash.attention(q[:0], k[:0], v[:0])
+
+
+def test_nheads_zero():
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=re.escape("q.shape[2] (nheads) must be at least 1, got 0")):
+        cupyflash.attention(q[:, :, :0], k, v)
+
+
+@pytest.mark.parametrize("scale", [0, 0.0, -1.0, float("nan"), float("inf"), -float("inf"), 10**400])
+def test_bad_scale_value(scale):
+    q, k, v = arrays()
+    with pytest.raises(ValueError, match=r"attention: scale must be a finite positive real number, got"):
+        cupyflash.attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [True, False, np.bool_(True), "0.5", b"1", [0.5], 1 + 0j, np.array([0.5])])
+def test_bad_scale_type(scale):
+    q, k, v = arrays()
+    with pytest.raises(TypeError, match=r"attention: scale must be a finite positive real number or None, got"):
+        cupyflash.attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [1, 0.25, np.float32(0.5), np.float64(0.1), np.int64(2)])
+def test_good_scale(scale):
+    q, k, v = arrays()
+    out = cupyflash.attention(q, k, v, scale=scale)
+    np.testing.assert_array_equal(out, cupyflash.attention(q, k, v, scale=float(scale)))
+
+
+def test_backward_dout_shape_and_dtype():
+    dout, q, k, v, out, lse = backward_args()
+    with pytest.raises(ValueError, match=re.escape(f"attention_backward: dout.shape must equal q.shape={q.shape}")):
+        cupyflash.attention_backward(dout[:, :2], q, k, v, out, lse)
+    with pytest.raises(TypeError, match=r"attention_backward: dout.dtype must equal q.dtype=float32, got float64"):
+        cupyflash.attention_backward(dout.astype(np.float64), q, k, v, out, lse)
+
+
+def test_backward_out_shape_and_dtype():
+    dout, q, k, v, out, lse = backward_args()
+    with pytest.raises(ValueError, match=re.escape("attention_backward: out.shape must equal q.shape")):
+        cupyflash.attention_backward(dout, q, k, v, out[:, :2], lse)
+    with pytest.raises(TypeError, match=r"attention_backward: out.dtype must equal q.dtype=float32, got float16"):
+        cupyflash.attention_backward(dout, q, k, v, out.astype(np.float16), lse)
+
+
+def test_backward_lse_shape():
+    dout, q, k, v, out, lse = backward_args()
+    with pytest.raises(ValueError, match=re.escape(f"lse.shape must be (batch, nheads, seqlen_q)={(B, H, SQ)}, got {(B, SQ, H)}")):
+        cupyflash.attention_backward(dout, q, k, v, out, lse.transpose(0, 2, 1))
+
+
+def test_backward_lse_dtype():
+    dout, q, k, v, out, lse = backward_args()
+    with pytest.raises(TypeError, match=r"lse.dtype must be float32 for float32 inputs, got float64"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse.astype(np.float64))
+    dout, q, k, v, out, lse = backward_args(np.float64)
+    with pytest.raises(TypeError, match=r"lse.dtype must be float64 for float64 inputs, got float32"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse.astype(np.float32))
+
+
+def test_backward_non_array_arguments():
+    dout, q, k, v, out, lse = backward_args()
+    with pytest.raises(TypeError, match=r"attention_backward: lse must be a numpy.ndarray or cupy.ndarray, got list"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse.tolist())
+    with pytest.raises(TypeError, match=r"attention_backward: dout must be"):
+        cupyflash.attention_backward(None, q, k, v, out, lse)
+
+
+def test_vjp_checks_dout():
+    q, k, v = arrays()
+    _, vjp = cupyflash.attention_vjp(q, k, v)
+    with pytest.raises(ValueError, match=r"attention_vjp.vjp: dout.shape must equal q.shape"):
+        vjp(q[:, :1])
+
+
+def test_error_writes_nothing():
+    dout, q, k, v, out, lse = backward_args()
+    before = [x.copy() for x in (dout, q, k, v, out, lse)]
+    with pytest.raises(TypeError):
+        cupyflash.attention_backward(dout, q, k, v, out, lse.astype(np.float64))
+    for x, y in zip(before, (dout, q, k, v, out, lse)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_mixed_numpy_and_cupy(which):
+    args = list(arrays())
+    args[which] = FakeCupyArray(args[which])
+    name = "qkv"[which]
+    with pytest.raises(TypeError, match=rf"attention: {name} must be a numpy array like q .* got a cupy array"):
+        cupyflash.attention(*args)
+
+
+def test_mixed_in_backward_names_argument():
+    dout, q, k, v, out, lse = backward_args()
+    with pytest.raises(TypeError, match=r"attention_backward: dout must be a numpy array like q"):
+        cupyflash.attention_backward(FakeCupyArray(dout), q, k, v, out, lse)
+
+
+def test_cupy_arrays_on_different_devices():
+    q, k, v = (FakeCupyArray(x) for x in arrays())
+    v.device = type("Device", (), {"id": 1})()
+    with pytest.raises(ValueError, match=r"attention: v and q must be on the same device \(q is on device 0\), got v on device 1"):
+        cupyflash.attention(q, k, v)
+
+
+def test_missing_cupy_gives_install_hint(monkeypatch):
+    """If the CUDA backend cannot import cupy, the error says what to install."""
+
+    class NoCupy:
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == "cupyflash._cuda_backend":
+                raise ModuleNotFoundError("No module named 'cupy'", name="cupy")
+            return None
+
+    monkeypatch.delitem(sys.modules, "cupyflash._cuda_backend", raising=False)
+    monkeypatch.delattr(cupyflash, "_cuda_backend", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [NoCupy()] + sys.meta_path)
+    with pytest.raises(ImportError, match=r"install cupyflash\[cuda12\] or cupyflash\[cuda13\]"):
+        _api._backend("cupy")
