@@ -74,9 +74,15 @@ def _device_info(device_id):
     return _plan.smem_limit((major, minor))
 
 
+def _check_grid(q):
+    """Heads and batches index the grid's y and z axes."""
+    batch, nheads = q.shape[0], q.shape[2]
+    if batch > _MAX_GRID_YZ or nheads > _MAX_GRID_YZ:
+        raise ValueError(f"cupyflash: the CUDA kernels take batch and nheads up to {_MAX_GRID_YZ}, "
+                         f"got batch={batch}, nheads={nheads}")
+
+
 def _launch(launch, grid, args, device_id):
-    if grid[1] > _MAX_GRID_YZ or grid[2] > _MAX_GRID_YZ:
-        raise ValueError(f"cupyflash: nheads and batch must be at most {_MAX_GRID_YZ}, got grid {grid}")
     _kernel(launch, device_id)(grid, (launch.threads,), args, shared_mem=launch.smem_bytes)
 
 
@@ -112,6 +118,7 @@ def _acc_dtype(dtype):
 
 
 def forward(q, k, v, causal, scale):
+    _check_grid(q)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
         limit = _device_info(device_id)
@@ -133,6 +140,7 @@ def forward(q, k, v, causal, scale):
 def backward(dout, q, k, v, out, lse, causal, scale, deterministic):
     # Always deterministic: dQ has its own pass, so no gradient is summed with atomics.
     del deterministic
+    _check_grid(q)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
         limit = _device_info(device_id)

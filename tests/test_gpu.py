@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cupyflash
-from helpers import (DTYPES, Problem, assert_close_flash_rule, error_scales, flash_floor, naive_attention,
-                     naive_attention_backward, relative_error)
+from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, check_relative,
+                     error_scales, flash_floor, naive_attention, naive_attention_backward)
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -25,8 +25,6 @@ HEADS = ((4, 4), (4, 2), (4, 1))  # MHA, GQA, MQA as (nheads, nheads_kv)
 SHAPES = ((1, 1, False), (2, 17, True), (5, 2, True), (17, 113, False), (113, 17, True), (128, 128, True),
           (129, 1023, False), (1023, 129, True), (1024, 1024, False), (2049, 1024, True), (128, 2049, False),
           (1024, 5, True), (2049, 2049, True))
-ULPS = 8  # the floor's ulps; see helpers.flash_floor
-UNIT_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -88,12 +86,11 @@ def check(problem):
     scales = error_scales(q, k, v, dout, causal, scale)
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert not np.isnan(got[name].astype(np.float64)).any(), f"{name} has NaN: {problem}"
-        factor = 2 if name in ("out", "lse") else 3
-        assert_close_flash_rule(got[name], ref[name], naive[name], factor,
-                                flash_floor(name, problem.dtype, scales, ULPS), name=f"{name} of {problem}")
-        if problem.unit and problem.dtype in UNIT_RTOL:
-            rel = relative_error(got[name], ref[name])
-            assert rel <= UNIT_RTOL[problem.dtype], f"{name}: relative error {rel:.3g} of {problem}"
+        forward = name in ("out", "lse")
+        floor = flash_floor(name, problem.dtype, scales, FWD_FLOOR_ULPS if forward else BWD_FLOOR_ULPS)
+        assert_close_flash_rule(got[name], ref[name], naive[name], 2 if forward else 3, floor,
+                                name=f"{name} of {problem}")
+        check_relative(name, got[name], ref[name], problem)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)

@@ -17,9 +17,13 @@ from helpers import (
     eps,
     error_scales,
     flash_floor,
+    FWD_FLOOR_ULPS,
+    BWD_FLOOR_ULPS,
     naive_attention,
     naive_attention_backward,
     problems,
+    check_relative,
+    REL_BOUND,
     relative_error,
 )
 
@@ -33,31 +37,8 @@ BWD_FACTOR = 3  # dq, dk, dv
 # escapes by luck (one-hot softmax rows are exact in it). Sweeps of several
 # thousand examples needed at most ~0.7 of a unit; 4 and 8 leave headroom
 # without letting a real bug (errors of order 1 in P) through.
-FWD_FLOOR_ULPS = 4
-BWD_FLOOR_ULPS = 8
-# Norm-wise relative bound at unit scale (N(0,1) data, default scale).
-REL_BOUND = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
-# The norm-wise bound is meaningless on a handful of entries where one
-# cancelling sum decides it (e.g. seqlen_q=1, headdim=1); ask it of tensors
-# with at least this many entries.
-REL_MIN_SIZE = 256
-
 BIG_FP32 = Problem(1, 300, 300, 2, 1, 256, np.float32, True, None, None, 7)
 BIG_FP32_NC = Problem(1, 300, 300, 2, 2, 256, np.float32, False, None, None, 8)
-
-
-def _unit(p):
-    return p.unit and p.scale is None
-
-
-def _check_relative(name, ours, ref, p):
-    bound = REL_BOUND.get(p.dtype)
-    if bound is None or not _unit(p) or np.size(ref) < REL_MIN_SIZE:
-        return
-    if name in ("dq", "dk") and p.seqlen_k < 2:
-        return  # one key: dq = dk = 0 exactly, a relative error is undefined
-    rel = relative_error(ours, ref)
-    assert rel <= bound, f"{name}: ||err||/||ref|| = {rel:.3g} > {bound:g} for {p}"
 
 
 def _forward_all(p):
@@ -80,8 +61,8 @@ def test_forward_matches_reference(p):
     assert not np.isnan(out).any()
     assert_close_flash_rule(out, ref_out, naive_out, FWD_FACTOR, flash_floor("out", p.dtype, scales, FWD_FLOOR_ULPS), "out")
     assert_close_flash_rule(lse, ref_lse, naive_lse, FWD_FACTOR, flash_floor("lse", p.dtype, scales, FWD_FLOOR_ULPS), "lse")
-    _check_relative("out", out, ref_out, p)
-    _check_relative("lse", lse, ref_lse, p)
+    check_relative("out", out, ref_out, p)
+    check_relative("lse", lse, ref_lse, p)
 
 
 @given(problems())
@@ -98,7 +79,7 @@ def test_backward_matches_reference(p):
         assert not np.isnan(g).any(), name
         floor = flash_floor(name, p.dtype, scales, BWD_FLOOR_ULPS)
         assert_close_flash_rule(g, r, n, BWD_FACTOR, floor, name)
-        _check_relative(name, g, r, p)
+        check_relative(name, g, r, p)
 
 
 @pytest.mark.parametrize("causal", [False, True])
