@@ -6,7 +6,7 @@ position embeddings, pre-LN blocks (causal multi-head self-attention through
 tied to the token embedding, softmax cross-entropy, and Adam.  It trains on
 ``examples/data/*.txt``.
 
-    python examples/train_transformer.py                  # GPU preset (~1-2 min on an H100)
+    python examples/train_transformer.py                  # GPU preset (~10 s on an H200)
     python examples/train_transformer.py --tiny --numpy   # a few CPU steps (CI smoke test)
     python examples/train_transformer.py --gradcheck      # hand-written gradients vs finite differences
     python examples/train_transformer.py --attn-dtype bfloat16   # bfloat16 attention, float32 elsewhere
@@ -29,7 +29,9 @@ import cupyflash
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
 PRESETS = {
-    "default": dict(n_layer=4, n_embd=128, n_head=2, block=128, batch=32, steps=2000, lr=2e-3, log_every=100),
+    # The corpus is 17 KB: past a few hundred steps this model memorizes it (on an H200 the
+    # validation loss bottomed out near step 300 of a 2000-step run, then climbed).
+    "default": dict(n_layer=4, n_embd=128, n_head=2, block=128, batch=32, steps=400, lr=2e-3, log_every=50),
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, block=32, batch=16, steps=60, lr=3e-3, log_every=20),
 }
 GELU_C = math.sqrt(2.0 / math.pi)
