@@ -163,18 +163,7 @@ flash_bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
     for (int t = 0; t < n_tiles; ++t) {
         const int n0 = t * BLOCK_N;
-        if (t + 1 < n_tiles) {
-            const int nb = (t + 1) & 1, n1 = n0 + BLOCK_N;
-            load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK + nb * BLOCK_N * LD, k + (i64)n1 * k_ss, k_ss,
-                                                                   seqlen_k - n1, headdim);
-            load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV + nb * BLOCK_N * LD, v + (i64)n1 * v_ss, v_ss,
-                                                                   seqlen_k - n1, headdim);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, k_ss, v_ss, t, n_tiles, seqlen_k, headdim);
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 

@@ -78,6 +78,26 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, i64 row_st
     }
 }
 
+// One step of a double-buffered stream of key/value tiles: starts copying tile t + 1 into
+// the other buffer, then waits for tile t and synchronizes the block. The caller reads
+// buffer t & 1 and ends the step with __syncthreads() before that buffer is refilled.
+template <int BLOCK_N, int D_TILE, int LD, int THREADS, bool ALIGNED, typename T>
+__device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* k, const T* v, i64 k_ss, i64 v_ss, int t,
+                                             int n_tiles, int seqlen_k, int headdim) {
+    if (t + 1 < n_tiles) {
+        const int buf = (t + 1) & 1, n1 = (t + 1) * BLOCK_N;
+        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK + buf * BLOCK_N * LD, k + (i64)n1 * k_ss, k_ss,
+                                                               seqlen_k - n1, headdim);
+        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV + buf * BLOCK_N * LD, v + (i64)n1 * v_ss, v_ss,
+                                                               seqlen_k - n1, headdim);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
 // Warp-level products on 16-row slabs, the building blocks of every tensor-core pass.
 // Accumulators use the mma C layout: acc[j][0..1] is row g, columns 8j + 2tq + {0, 1};
 // acc[j][2..3] is row g + 8 (g = lane / 4, tq = lane % 4).
