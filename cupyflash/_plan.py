@@ -70,7 +70,7 @@ def backward(dtype, headdim, causal, aligned, limit):
     d = headdim_tile(headdim)
     delta = Launch("backward.cu", f"flash_bwd_delta<{C_TYPES[dtype]}>", 4, 128, 0)
     if dtype not in TENSOR_CORE_DTYPES:
-        return delta, _dkdv_simt(dtype, d, causal, limit), _dq_simt(dtype, d, causal, limit)
+        return delta, _simt_backward("dkdv", dtype, d, causal, limit), _simt_backward("dq", dtype, d, causal, limit)
     # Tensor cores hold dK and dV for 16 key rows per warp in registers up to headdim 128;
     # wider heads, and parts whose shared memory is too small, take the CUDA-core kernels.
     dkdv = _dkdv_mma(dtype, d, causal, aligned, limit) if d <= 128 else None
@@ -78,7 +78,8 @@ def backward(dtype, headdim, causal, aligned, limit):
         dq = _dq_mma(dtype, d, causal, aligned, limit)
     except RuntimeError:
         dq = None
-    return (delta, dkdv or _dkdv_simt(dtype, d, causal, limit), dq or _dq_simt(dtype, d, causal, limit))
+    return (delta, dkdv or _simt_backward("dkdv", dtype, d, causal, limit),
+            dq or _simt_backward("dq", dtype, d, causal, limit))
 
 
 def _dkdv_mma(dtype, d, causal, aligned, limit):
@@ -104,24 +105,16 @@ def _simt_rows(dtype, d):
     return (32 if acc == 4 else 16), (4 if acc == 4 else 8) * (1 if d <= 128 else 2)
 
 
-def _dkdv_simt(dtype, d, causal, limit):
-    """`rows` key rows per block; query tiles of `streamed` rows pass through."""
+def _simt_backward(kernel, dtype, d, causal, limit):
+    """CUDA-core "dkdv" (a block owns key rows, query tiles stream through) or "dq" (a block
+    owns query rows, key tiles stream through)."""
     acc = _acc_bytes(dtype)
     tile, tpr = _simt_rows(dtype, d)
-    rows, streamed = _fit(tile, tile, tpr, limit, lambda rows, bm: _dkdv_smem(acc, d, rows, bm))
-    return Launch("backward.cu",
-                  f"flash_bwd_dkdv_simt<{C_TYPES[dtype]}, {d}, {streamed}, {rows}, {rows * tpr}, {_cbool(causal)}>",
-                  rows, rows * tpr, _dkdv_smem(acc, d, rows, streamed))
-
-
-def _dq_simt(dtype, d, causal, limit):
-    """`rows` query rows per block; key tiles of `streamed` rows pass through."""
-    acc = _acc_bytes(dtype)
-    tile, tpr = _simt_rows(dtype, d)
-    rows, streamed = _fit(tile, tile, tpr, limit, lambda rows, bn: _dq_smem(acc, d, rows, bn))
-    return Launch("backward.cu",
-                  f"flash_bwd_dq_simt<{C_TYPES[dtype]}, {d}, {rows}, {streamed}, {rows * tpr}, {_cbool(causal)}>",
-                  rows, rows * tpr, _dq_smem(acc, d, rows, streamed))
+    smem = _dkdv_smem if kernel == "dkdv" else _dq_smem
+    rows, streamed = _fit(tile, tile, tpr, limit, lambda r, s: smem(acc, d, r, s))
+    block_m, block_n = (streamed, rows) if kernel == "dkdv" else (rows, streamed)
+    name = f"flash_bwd_{kernel}_simt<{C_TYPES[dtype]}, {d}, {block_m}, {block_n}, {rows * tpr}, {_cbool(causal)}>"
+    return Launch("backward.cu", name, rows, rows * tpr, smem(acc, d, rows, streamed))
 
 
 def _dkdv_smem(acc, d, rows, block_m):
