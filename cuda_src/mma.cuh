@@ -98,69 +98,105 @@ __device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* k, const T* 
     __syncthreads();
 }
 
-// Warp-level products on 16-row slabs, the building blocks of every tensor-core pass.
-// Accumulators use the mma C layout: acc[j][0..1] is row g, columns 8j + 2tq + {0, 1};
-// acc[j][2..3] is row g + 8 (g = lane / 4, tq = lane % 4).
+// Warp-level products on MT slabs of 16 rows each, the building blocks of every tensor-core
+// pass; every B fragment loaded from shared memory feeds all MT slabs. Accumulators use the
+// mma C layout: acc[mt][j][0..1] is row 16 mt + g, columns 8j + 2tq + {0, 1}; acc[mt][j][2..3]
+// is row 16 mt + g + 8 (g = lane / 4, tq = lane % 4). The two-dimensional overloads are one slab.
 
-// acc[N/8] += A (16 x K) * B (N x K)^T, both row-major in shared memory with row stride LD.
-template <typename T, int K, int N, int LD>
-__device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
+// acc[MT][N/8] += A (16 MT x K) * B (N x K)^T, both row-major in shared memory, row stride LD.
+template <typename T, int K, int N, int LD, int MT>
+__device__ __forceinline__ void gemm_nt(float (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
-        unsigned a[4];
-        ldmatrix_x4(a, sA + (lane % 16) * LD + kk * 16 + (lane / 16) * 8);
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sA + (mt * 16 + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
 #pragma unroll
         for (int nn = 0; nn < N / 16; ++nn) {
             unsigned b[4];
             ldmatrix_x4(b, sB + (nn * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
-            mma_16816<T>(acc[2 * nn], a, b[0], b[1]);
-            mma_16816<T>(acc[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(acc[mt][2 * nn], a[mt], b[0], b[1]);
+                mma_16816<T>(acc[mt][2 * nn + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
-
-// acc[N/8] += P (16 x K) * B (K x N): P is a float accumulator tile in registers (rounded to T
-// here: the C fragments of two adjacent 8-column tiles form the A fragment of a 16-deep step),
-// B row-major in shared memory with row stride LD.
 template <typename T, int K, int N, int LD>
-__device__ __forceinline__ void gemm_rn(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* sB, int lane) {
+__device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
+    gemm_nt<T, K, N, LD>(reinterpret_cast<float (&)[1][N / 8][4]>(acc), sA, sB, lane);
+}
+
+// acc[MT][N/8] += P (16 MT x K) * B (K x N): P is a float accumulator tile in registers (rounded
+// to T here: the C fragments of two adjacent 8-column tiles form the A fragment of a 16-deep
+// step), B row-major in shared memory with row stride LD.
+template <typename T, int K, int N, int LD, int MT>
+__device__ __forceinline__ void gemm_rn(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4], const T* sB,
+                                        int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
-        const unsigned a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-                               pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                               pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = pack2<T>(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+            a[mt][1] = pack2<T>(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+            a[mt][2] = pack2<T>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+            a[mt][3] = pack2<T>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int nn = 0; nn < N / 16; ++nn) {
             unsigned b[4];
             ldmatrix_x4_trans(b, sB + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + nn * 16 + (lane / 16) * 8);
-            mma_16816<T>(acc[2 * nn], a, b[0], b[1]);
-            mma_16816<T>(acc[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(acc[mt][2 * nn], a[mt], b[0], b[1]);
+                mma_16816<T>(acc[mt][2 * nn + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
-
-template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+template <typename T, int K, int N, int LD>
+__device__ __forceinline__ void gemm_rn(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* sB, int lane) {
+    gemm_rn<T, K, N, LD>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
+                         reinterpret_cast<const float (&)[1][K / 8][4]>(p), sB, lane);
 }
 
-// Writes a 16 x (8 N) accumulator slab to rows row0 + g and row0 + g + 8 of a row-major
-// output (row stride `stride`), each row times its own factor `scale[0]` / `scale[1]`,
+template <int MT, int N> __device__ __forceinline__ void zero(float (&acc)[MT][N][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+}
+template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
+    zero(reinterpret_cast<float (&)[1][N][4]>(acc));
+}
+
+// Writes MT accumulator slabs of 16 x (8 N) to rows row0 + 16 mt + g (+ 8) of a row-major
+// output (row stride `stride`), each row times its own factor scale[mt][0] / scale[mt][1],
 // skipping rows >= nrows and columns >= ncols.
+template <typename T, int MT, int N>
+__device__ __forceinline__ void store_slab(T* dst, i64 stride, const float (&acc)[MT][N][4],
+                                           const float (&scale)[MT][2], int row0, int nrows, int ncols, int lane) {
+    const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = row0 + 16 * mt + g + 8 * r;
+            if (row >= nrows) continue;
+#pragma unroll
+            for (int j = 0; j < N; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = j * 8 + 2 * tq + e;
+                    if (col < ncols) dst[(i64)row * stride + col] = from_acc<T>(acc[mt][j][2 * r + e] * scale[mt][r]);
+                }
+        }
+}
 template <typename T, int N>
 __device__ __forceinline__ void store_slab(T* dst, i64 stride, const float (&acc)[N][4], const float (&scale)[2],
                                            int row0, int nrows, int ncols, int lane) {
-    const int g = lane / 4, tq = lane % 4;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + g + 8 * r;
-        if (row >= nrows) continue;
-#pragma unroll
-        for (int j = 0; j < N; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int col = j * 8 + 2 * tq + e;
-                if (col < ncols) dst[(i64)row * stride + col] = from_acc<T>(acc[j][2 * r + e] * scale[r]);
-            }
-    }
+    store_slab(dst, stride, reinterpret_cast<const float (&)[1][N][4]>(acc),
+               reinterpret_cast<const float (&)[1][2]>(scale), row0, nrows, ncols, lane);
 }

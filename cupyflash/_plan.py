@@ -49,13 +49,14 @@ def forward(dtype, headdim, causal, aligned, limit):
     """Forward kernel for `dtype` (a NumPy dtype name) at this head dimension."""
     d = headdim_tile(headdim)
     if dtype in TENSOR_CORE_DTYPES:
-        # (warps, key tile) measured best on an H200 at batch 4, seqlen 4096, 16 heads (docs/performance.md).
-        warps, block_n = (8, 64) if d <= 64 else (8, 128) if d <= 128 else (4, 32)
-        smem = lambda bn: 2 * (16 * warps + 4 * bn) * (d + 8)  # q + double-buffered k, v
+        # (warps, 16-row slabs per warp, key tile): see docs/performance.md.
+        warps, slabs, block_n = (4, 2, 64) if d <= 64 else (4, 2, 32) if d <= 128 else (4, 1, 32)
+        block_m = 16 * slabs * warps
+        smem = lambda bn: 2 * (block_m + 4 * bn) * (d + 8)  # q + double-buffered k, v
         block_n = _shrink(block_n, 16, smem, limit)
-        name = (f"flash_fwd_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {_cbool(causal)}, "
+        name = (f"flash_fwd_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {slabs}, {_cbool(causal)}, "
                 f"{_cbool(aligned)}>")
-        return Launch("forward_mma.cu", name, 16 * warps, 32 * warps, smem(block_n))
+        return Launch("forward_mma.cu", name, block_m, 32 * warps, smem(block_n))
     acc = _acc_bytes(dtype)
     block_m, threads = (32, 128) if acc == 4 else (32, 256)
     block_n = (64 if d <= 128 else 32) if acc == 4 else (32 if d <= 128 else 16)
