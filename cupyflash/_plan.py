@@ -50,7 +50,7 @@ def forward(dtype, headdim, causal, aligned, limit):
     d = headdim_tile(headdim)
     if dtype in TENSOR_CORE_DTYPES:
         # (warps, 16-row slabs per warp, key tile): see docs/performance.md.
-        warps, slabs, block_n = (4, 2, 64) if d <= 64 else (4, 2, 32) if d <= 128 else (4, 1, 32)
+        warps, slabs, block_n = (4, 2, 128) if d <= 64 else (8, 2, 64) if d <= 128 else (4, 1, 32)
         block_m = 16 * slabs * warps
         smem = lambda bn: 2 * (block_m + 4 * bn) * (d + 8)  # q + double-buffered k, v
         block_n = _shrink(block_n, 16, smem, limit)
