@@ -7,7 +7,7 @@
   reference is the yardstick of FlashAttention's accuracy rule.
 * :func:`assert_close_flash_rule`: max|out - ref| <= factor * max|naive - ref|
   + floor.
-* :func:`rounding_floor`: a floor of a few ulps of a tensor's magnitude.
+* :func:`flash_floor`: the rounding floor of the rule (see the notes above it).
 
 Everything accepts NumPy or CuPy arrays (CuPy is moved to the host with
 ``.get()``) and works in NumPy.
@@ -143,17 +143,6 @@ def naive_attention_backward(dout, q, k, v, causal, scale):
         group_sum(dk_rep).astype(k.dtype),
         group_sum(dv_rep).astype(v.dtype),
     )
-
-
-def max_abs(x):
-    x = to_numpy(x).astype(np.float64)
-    x = x[np.isfinite(x)]
-    return float(np.abs(x).max()) if x.size else 0.0
-
-
-def rounding_floor(ref, dtype, ulps):
-    """``ulps`` units of ``dtype``'s epsilon times max|ref| (finite entries)."""
-    return ulps * eps(dtype) * max_abs(ref)
 
 
 def assert_close_flash_rule(out, ref, naive, factor, floor, name="out"):
