@@ -1,28 +1,24 @@
 // Backward pass for float16 / bfloat16 on tensor cores: the dK/dV and dQ kernels of
-// backward.cu (same algorithm, same deterministic order, delta from flash_bwd_delta), with
-// every product a warp-level mma on 16-row slabs.
+// backward.cu (same algorithm, same deterministic order, delta from flash_bwd_delta, the same
+// per-pair step pair_backward), with every product a warp-level mma on 16-row slabs.
 //
-// dK/dV: one block per (key tile, kv head, batch), each warp owns 16 key rows; query tiles of
-// every head of the GQA group stream through shared memory (double-buffered, cp.async):
+// dK/dV: one block per (key tile, kv head, batch), each warp owns 16 key rows; the query tiles of
+// the band, of every head of the GQA group, stream through shared memory (double-buffered, cp.async):
 //   s^T = k q^T, dp^T = v dout^T                 gemm_nt
-//   p^T = exp2(s^T scale log2(e) - lse log2(e)),  ds^T = p^T (dp^T - delta)
-//   dv += p^T dout, dk += ds^T q                 gemm_rn, p^T and ds^T straight from registers
+//   pd^T, dx^T                                    pair_backward, in registers
+//   dv += pd^T dout, dk += dx^T q                 gemm_rn, straight from registers
 // dQ: one block per (query tile, head, batch), each warp owns 16 query rows; key tiles stream:
-//   s = q k^T, dp = dout v^T, ds = p (dp - delta), dq += ds k
+//   s = q k^T, dp = dout v^T, dx (and dbias += ds), dq += dx k
 #include "common.cuh"
+#include "mask.cuh"
 #include "mma.cuh"
 
-template <typename T, int D_TILE, int BLOCK_M, int WARPS, bool CAUSAL, bool ALIGNED>
-__global__ void __launch_bounds__(WARPS * 32)
-flash_bwd_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                   const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                   T* __restrict__ dk, T* __restrict__ dv, int seqlen_q, int seqlen_k, int headdim, int nheads,
-                   int group, i64 q_sb, i64 q_ss, i64 q_sh, i64 k_sb, i64 k_ss, i64 k_sh, i64 v_sb, i64 v_ss,
-                   i64 v_sh, i64 do_sb, i64 do_ss, i64 do_sh, i64 dk_sb, i64 dk_ss, i64 dk_sh, i64 dv_sb,
-                   i64 dv_ss, i64 dv_sh, float scale) {
+template <typename T, int D_TILE, int BLOCK_M, int WARPS, typename Var, bool ALIGNED>
+__global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_constant__ BwdParams p) {
     constexpr int BLOCK_N = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8;
     constexpr int MT = BLOCK_M / 8, DT = D_TILE / 8;
     static_assert(D_TILE % 16 == 0 && BLOCK_M % 16 == 0, "tile shape");
+    const FwdParams& f = p.fwd;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sK = reinterpret_cast<T*>(smem_raw);
@@ -34,31 +30,38 @@ flash_bwd_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int n0 = blockIdx.x * BLOCK_N, hk = blockIdx.y, b = blockIdx.z;
-    const float scale_log2 = scale * float(LOG2E);
+    const float scale_log2 = float(f.scale) * float(LOG2E);
 
-    // The stream: query tiles m_first.. of head hk * group, then of the next head of the group.
-    const int m_first = first_query_tile<CAUSAL>(n0, BLOCK_M, seqlen_q, seqlen_k);
-    const int per_head = (seqlen_q + BLOCK_M - 1) / BLOCK_M - m_first;
-    const int n_tiles = group * per_head;
+    // The stream: the band's query tiles of head hk * group, then of the next head of the group (the
+    // band depends on the head only through ALiBi and masks, never through its bounds).
+    int m_first, m_last;
+    Var(f, b, hk * f.group).template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_last);
+    const int per_head = m_last - m_first;
+    const int n_tiles = f.group * per_head;
     auto load_query_tile = [&](int t, int buf) {
-        const int h = hk * group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
+        const int h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
-            sQ + buf * BLOCK_M * LD, q + b * q_sb + h * q_sh + (i64)m0 * q_ss, q_ss, seqlen_q - m0, headdim);
+            sQ + buf * BLOCK_M * LD, static_cast<const T*>(f.q) + b * f.q_st.b + h * f.q_st.h + (i64)m0 * f.q_st.s,
+            f.q_st.s, f.seqlen_q - m0, f.headdim);
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
-            sdO + buf * BLOCK_M * LD, dout + b * do_sb + h * do_sh + (i64)m0 * do_ss, do_ss, seqlen_q - m0, headdim);
-        const i64 stats = ((i64)b * nheads + h) * seqlen_q + m0;
+            sdO + buf * BLOCK_M * LD,
+            static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + (i64)m0 * p.do_st.s, p.do_st.s,
+            f.seqlen_q - m0, f.headdim);
+        const i64 stats = ((i64)b * f.nheads + h) * f.seqlen_q + m0;
         for (int r = threadIdx.x; r < BLOCK_M; r += THREADS) {
-            const bool valid = m0 + r < seqlen_q;
-            sLse[buf * BLOCK_M + r] = valid ? lse[stats + r] * float(LOG2E) : 0.f;
-            sDelta[buf * BLOCK_M + r] = valid ? delta[stats + r] : 0.f;
+            const bool valid = m0 + r < f.seqlen_q;
+            sLse[buf * BLOCK_M + r] = valid ? lse_log2(static_cast<const float*>(f.lse)[stats + r]) : 0.f;
+            sDelta[buf * BLOCK_M + r] = valid ? static_cast<const float*>(p.delta)[stats + r] : 0.f;
         }
     };
 
     if (n_tiles > 0) {  // else no query sees these keys: dk = dv = 0
-        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, k + b * k_sb + hk * k_sh + (i64)n0 * k_ss, k_ss,
-                                                               seqlen_k - n0, headdim);
-        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV, v + b * v_sb + hk * v_sh + (i64)n0 * v_ss, v_ss,
-                                                               seqlen_k - n0, headdim);
+        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(
+            sK, static_cast<const T*>(f.k) + b * f.k_st.b + hk * f.k_st.h + (i64)n0 * f.k_st.s, f.k_st.s,
+            f.seqlen_k - n0, f.headdim);
+        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(
+            sV, static_cast<const T*>(f.v) + b * f.v_st.b + hk * f.v_st.h + (i64)n0 * f.v_st.s, f.v_st.s,
+            f.seqlen_k - n0, f.headdim);
         load_query_tile(0, 0);
         cp_async_commit();
     }
@@ -69,7 +72,7 @@ flash_bwd_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __
     const int key0 = n0 + warp * 16 + g;
 
     for (int t = 0; t < n_tiles; ++t) {
-        const int buf = t & 1, m0 = (m_first + t % per_head) * BLOCK_M;
+        const int buf = t & 1, h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
         if (t + 1 < n_tiles) {
             load_query_tile(t + 1, buf ^ 1);
             cp_async_commit();
@@ -82,6 +85,7 @@ flash_bwd_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __
         const T* cdO = sdO + buf * BLOCK_M * LD;
         const float* cLse = sLse + buf * BLOCK_M;
         const float* cDelta = sDelta + buf * BLOCK_M;
+        const Var var(f, b, h);
 
         float st[MT][4], dpt[MT][4];
         zero(st);
@@ -89,42 +93,58 @@ flash_bwd_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __
         gemm_nt<T, D_TILE, BLOCK_M, LD>(st, sK + warp * 16 * LD, cQ, lane);
         gemm_nt<T, D_TILE, BLOCK_M, LD>(dpt, sV + warp * 16 * LD, cdO, lane);
 
-        // Only tiles crossing the end of the queries or keys, or the causal diagonal, need the mask.
-        const bool edge = m0 + BLOCK_M > seqlen_q || n0 + BLOCK_N > seqlen_k ||
-                          (CAUSAL && n0 + BLOCK_N - 1 > m0 + seqlen_k - seqlen_q);
+        // st becomes pd^T, dpt becomes dx^T (rows: keys key0, key0 + 8; columns: queries).
+        auto pairs = [&](auto check) {
+            constexpr bool CHECK = decltype(check)::value;
 #pragma unroll
-        for (int j = 0; j < MT; ++j)
+            for (int j = 0; j < MT; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = key0 + (e / 2) * 8, im = j * 8 + 2 * tq + (e % 2);
-                const float p = edge && masked<CAUSAL>(m0 + im, key, seqlen_q, seqlen_k)
-                                    ? 0.f
-                                    : fast_exp2(st[j][e] * scale_log2 - cLse[im]);
-                st[j][e] = p;
-                dpt[j][e] = p * (dpt[j][e] - cDelta[im]);
-            }
-        gemm_rn<T, BLOCK_M, D_TILE, LD>(dv_acc, st, cdO, lane);
-        gemm_rn<T, BLOCK_M, D_TILE, LD>(dk_acc, dpt, cQ, lane);
+                for (int ec = 0; ec < 2; ++ec) {
+                    const int im = j * 8 + 2 * tq + ec;
+                    unsigned words[4];
+                    if (Var::dropout) var.random_words(m0 + im, key0, words);  // keys key0 and key0 + 8 share it
+#pragma unroll
+                    for (int er = 0; er < 2; ++er) {
+                        const int e = 2 * er + ec, key = key0 + 8 * er;
+                        float pd, ds, dx;
+                        pair_backward<CHECK>(var, st[j][e], dpt[j][e], scale_log2, cLse[im], cDelta[im], m0 + im, key,
+                                             Var::dropout && var.keep(words, key), pd, ds, dx);
+                        st[j][e] = pd;
+                        dpt[j][e] = dx;
+                    }
+                }
+        };
+        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        if (needs_mask) {
+            pairs(Bool<true>());
+        } else {
+            pairs(Bool<false>());
+        }
+        if (Var::hides_keys && needs_mask && (tile_has_nonfinite<BLOCK_M, D_TILE, LD, THREADS>(cdO) ||
+                                              tile_has_nonfinite<BLOCK_M, D_TILE, LD, THREADS>(cQ))) {
+            gemm_rn_guarded<T, BLOCK_M, D_TILE, LD>(dv_acc, st, cdO, lane);
+            gemm_rn_guarded<T, BLOCK_M, D_TILE, LD>(dk_acc, dpt, cQ, lane);
+        } else {
+            gemm_rn<T, BLOCK_M, D_TILE, LD>(dv_acc, st, cdO, lane);
+            gemm_rn<T, BLOCK_M, D_TILE, LD>(dk_acc, dpt, cQ, lane);
+        }
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
-    const float dk_scale[2] = {scale, scale}, dv_scale[2] = {1.f, 1.f};
-    store_slab(dk + b * dk_sb + hk * dk_sh + (i64)n0 * dk_ss, dk_ss, dk_acc, dk_scale, warp * 16, seqlen_k - n0,
-               headdim, lane);
-    store_slab(dv + b * dv_sb + hk * dv_sh + (i64)n0 * dv_ss, dv_ss, dv_acc, dv_scale, warp * 16, seqlen_k - n0,
-               headdim, lane);
+    const float dk_scale[2] = {float(f.scale), float(f.scale)}, dv_scale[2] = {1.f, 1.f};
+    store_slab(static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h + (i64)n0 * p.dk_st.s, p.dk_st.s, dk_acc,
+               dk_scale, warp * 16, f.seqlen_k - n0, f.headdim, lane);
+    store_slab(static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h + (i64)n0 * p.dv_st.s, p.dv_st.s, dv_acc,
+               dv_scale, warp * 16, f.seqlen_k - n0, f.headdim, lane);
 }
 
-template <typename T, int D_TILE, int BLOCK_N, int WARPS, bool CAUSAL, bool ALIGNED>
-__global__ void __launch_bounds__(WARPS * 32)
-flash_bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                 const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                 T* __restrict__ dq, int seqlen_q, int seqlen_k, int headdim, int nheads, int group, i64 q_sb,
-                 i64 q_ss, i64 q_sh, i64 k_sb, i64 k_ss, i64 k_sh, i64 v_sb, i64 v_ss, i64 v_sh, i64 do_sb,
-                 i64 do_ss, i64 do_sh, i64 dq_sb, i64 dq_ss, i64 dq_sh, float scale) {
+template <typename T, int D_TILE, int BLOCK_N, int WARPS, typename Var, bool ALIGNED>
+__global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_constant__ BwdParams p) {
     constexpr int BLOCK_M = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8;
     constexpr int NT = BLOCK_N / 8, DT = D_TILE / 8;
+    constexpr int NG = NT < 4 ? NT : 4;  // 8-wide tiles per 32-column dropout group
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0, "tile shape");
+    const FwdParams& f = p.fwd;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -133,19 +153,24 @@ flash_bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     T* sV = sK + 2 * BLOCK_N * LD;  // [2][BLOCK_N][LD]
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / group;
-    k += b * k_sb + hk * k_sh;
-    v += b * v_sb + hk * v_sh;
-    const float scale_log2 = scale * float(LOG2E);
+    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / f.group;
+    const Var var(f, b, h);
+    int t_first, t_last;
+    var.template key_tiles<BLOCK_M, BLOCK_N>(m0, t_first, t_last);
+    const int n_tiles = t_last - t_first, kv_rows = f.seqlen_k - t_first * BLOCK_N;
+    const T* k = static_cast<const T*>(f.k) + b * f.k_st.b + hk * f.k_st.h + (i64)t_first * BLOCK_N * f.k_st.s;
+    const T* v = static_cast<const T*>(f.v) + b * f.v_st.b + hk * f.v_st.h + (i64)t_first * BLOCK_N * f.v_st.s;
+    const float scale_log2 = float(f.scale) * float(LOG2E);
 
-    const int n_tiles = key_tiles_for<CAUSAL>(m0, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k);
     if (n_tiles > 0) {
-        load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(sQ, q + b * q_sb + h * q_sh + (i64)m0 * q_ss, q_ss,
-                                                               seqlen_q - m0, headdim);
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
-            sdO, dout + b * do_sb + h * do_sh + (i64)m0 * do_ss, do_ss, seqlen_q - m0, headdim);
-        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, k, k_ss, seqlen_k, headdim);
-        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV, v, v_ss, seqlen_k, headdim);
+            sQ, static_cast<const T*>(f.q) + b * f.q_st.b + h * f.q_st.h + (i64)m0 * f.q_st.s, f.q_st.s,
+            f.seqlen_q - m0, f.headdim);
+        load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
+            sdO, static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + (i64)m0 * p.do_st.s, p.do_st.s,
+            f.seqlen_q - m0, f.headdim);
+        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, k, f.k_st.s, kv_rows, f.headdim);
+        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV, v, f.v_st.s, kv_rows, f.headdim);
         cp_async_commit();
     }
 
@@ -154,16 +179,18 @@ flash_bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = row0 + 8 * r;
-        const i64 stat = ((i64)b * nheads + h) * seqlen_q + row;
-        lse2[r] = row < seqlen_q ? lse[stat] * float(LOG2E) : 0.f;
-        delta_row[r] = row < seqlen_q ? delta[stat] : 0.f;
+        const i64 stat = ((i64)b * f.nheads + h) * f.seqlen_q + row;
+        lse2[r] = row < f.seqlen_q ? lse_log2(static_cast<const float*>(f.lse)[stat]) : 0.f;
+        delta_row[r] = row < f.seqlen_q ? static_cast<const float*>(p.delta)[stat] : 0.f;
     }
+    float* dbias = Var::bias && f.var.dbias ? static_cast<float*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh : nullptr;
     float dq_acc[DT][4];
     zero(dq_acc);
 
     for (int t = 0; t < n_tiles; ++t) {
-        const int n0 = t * BLOCK_N;
-        next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, k_ss, v_ss, t, n_tiles, seqlen_k, headdim);
+        const int n0 = (t_first + t) * BLOCK_N;
+        next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, f.k_st.s, f.v_st.s, t, n_tiles, kv_rows,
+                                                            f.headdim);
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
@@ -173,22 +200,44 @@ flash_bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __re
         gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * 16 * LD, cK, lane);
         gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + warp * 16 * LD, cV, lane);
 
-        const bool edge = n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + seqlen_k - seqlen_q);
+        auto pairs = [&](auto check) {  // s becomes dx
+            constexpr bool CHECK = decltype(check)::value;
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+            for (int r = 0; r < 2; ++r)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = row0 + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
-                const float p = edge && masked<CAUSAL>(row, col, seqlen_q, seqlen_k)
-                                    ? 0.f
-                                    : fast_exp2(s[j][e] * scale_log2 - lse2[e / 2]);
-                s[j][e] = p * (dp[j][e] - delta_row[e / 2]);  // ds
-            }
-        gemm_rn<T, BLOCK_N, D_TILE, LD>(dq_acc, s, cK, lane);
+                for (int j0 = 0; j0 < NT; j0 += NG) {
+                    const int row = row0 + 8 * r;
+                    unsigned words[4];
+                    if (Var::dropout) var.random_words(row, n0 + j0 * 8 + 2 * tq, words);
+#pragma unroll
+                    for (int j = j0; j < j0 + NG; ++j)
+#pragma unroll
+                        for (int ec = 0; ec < 2; ++ec) {
+                            const int e = 2 * r + ec, col = n0 + j * 8 + 2 * tq + ec;
+                            float pd, ds, dx;
+                            pair_backward<CHECK>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta_row[r], row, col,
+                                                 Var::dropout && var.keep(words, col), pd, ds, dx);
+                            s[j][e] = dx;
+                            if (Var::bias && dbias && row < f.seqlen_q && col < f.seqlen_k && !is_masked_zero(ds))
+                                atomicAdd(dbias + row * f.var.dbias_sq + col * f.var.dbias_sk, ds);
+                        }
+                }
+        };
+        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        if (needs_mask) {
+            pairs(Bool<true>());
+        } else {
+            pairs(Bool<false>());
+        }
+        if (Var::hides_keys && needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, THREADS>(cK)) {
+            gemm_rn_guarded<T, BLOCK_N, D_TILE, LD>(dq_acc, s, cK, lane);
+        } else {
+            gemm_rn<T, BLOCK_N, D_TILE, LD>(dq_acc, s, cK, lane);
+        }
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
-    const float dq_scale[2] = {scale, scale};
-    store_slab(dq + b * dq_sb + h * dq_sh + (i64)m0 * dq_ss, dq_ss, dq_acc, dq_scale, warp * 16, seqlen_q - m0,
-               headdim, lane);
+    const float dq_scale[2] = {float(f.scale), float(f.scale)};
+    store_slab(static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h + (i64)m0 * p.dq_st.s, p.dq_st.s, dq_acc,
+               dq_scale, warp * 16, f.seqlen_q - m0, f.headdim, lane);
 }

@@ -46,28 +46,15 @@ template <> __device__ __forceinline__ double neg_inf<double>() { return -__long
 #define LOG2E 1.4426950408889634
 #define LN2 0.6931471805599453
 
-// Query i sees key j unless j is past the end or, when causal, j > i + seqlen_k - seqlen_q
-// (bottom-right alignment, as flash-attn >= 2.1).
-template <bool CAUSAL>
-__device__ __forceinline__ bool masked(int i, int j, int seqlen_q, int seqlen_k) {
-    return j >= seqlen_k || i >= seqlen_q || (CAUSAL && j > i + seqlen_k - seqlen_q);
-}
+// Compile-time bool for generic lambdas that instantiate a masked and an unmasked tile step.
+template <bool B> struct Bool {
+    static constexpr bool value = B;
+};
 
-// Number of key tiles a query tile [m0, m0 + block_m) needs: causal tiles entirely
-// above the diagonal are skipped.
-template <bool CAUSAL>
-__device__ __forceinline__ int key_tiles_for(int m0, int block_m, int block_n, int seqlen_q, int seqlen_k) {
-    int n_end = seqlen_k;
-    if (CAUSAL) n_end = min(n_end, m0 + block_m + seqlen_k - seqlen_q);
-    return n_end <= 0 ? 0 : (n_end + block_n - 1) / block_n;
-}
-
-// First query tile that sees any key of key tile [n0, ...) under causal masking.
-template <bool CAUSAL>
-__device__ __forceinline__ int first_query_tile(int n0, int block_m, int seqlen_q, int seqlen_k) {
-    if (!CAUSAL) return 0;
-    int i = n0 - (seqlen_k - seqlen_q);
-    return i <= 0 ? 0 : i / block_m;
+// lse in log2 units for recomputing probabilities; a row that saw no key (lse = -inf) gets +inf, so
+// every p = exp2(s - lse) of it is 0.
+template <typename A> __device__ __forceinline__ A lse_log2(A lse) {
+    return lse == neg_inf<A>() ? -neg_inf<A>() : lse * A(LOG2E);
 }
 
 // Copies rows [row0, row0 + ROWS) x columns [0, D_TILE) of one head into shared memory in
@@ -81,6 +68,20 @@ __device__ __forceinline__ void load_tile_acc(A* dst, const T* src, i64 row_stri
         int row = row0 + r;
         dst[r * LD + d] = (row < nrows && d < headdim) ? to_acc(src[(i64)row * row_stride + d]) : A(0);
     }
+}
+
+__device__ __forceinline__ bool is_finite(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
+__device__ __forceinline__ bool is_finite(double x) {
+    return (__double_as_longlong(x) & 0x7ff0000000000000LL) != 0x7ff0000000000000LL;
+}
+
+// Whether any element of a [ROWS][D_TILE] tile in shared memory (row stride LD) is NaN or inf. Every
+// thread of the block calls it (it ends with a block-wide vote).
+template <int ROWS, int D_TILE, int LD, int THREADS, typename A>
+__device__ __forceinline__ bool tile_has_nonfinite_acc(const A* tile) {
+    bool bad = false;
+    for (int idx = threadIdx.x; idx < ROWS * D_TILE; idx += THREADS) bad |= !is_finite(tile[(idx / D_TILE) * LD + idx % D_TILE]);
+    return __syncthreads_or(bad);
 }
 
 // Loads ROWS per-row statistics (lse or delta) of one (batch, head), `fill` past the end.

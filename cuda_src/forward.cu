@@ -3,17 +3,14 @@
 // One block per (query tile, head, batch). Thread (r, c) of the block owns query row r and
 // the columns c, c + TPR, c + 2 TPR, ... of that row, where TPR = THREADS / BLOCK_M threads
 // share a row; they are consecutive lanes of one warp, so row statistics reduce by shuffles.
-// K and V tiles stream through shared memory; m (running max, log2 units), l (running sum)
-// and the output accumulator o live in registers.
+// K and V tiles of the band the variant allows stream through shared memory; m (running max, log2
+// units), l (running sum) and the output accumulator o live in registers.
 #include "common.cuh"
+#include "mask.cuh"
 #include "softmax.cuh"
 
-template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int THREADS, bool CAUSAL>
-__global__ void __launch_bounds__(THREADS)
-flash_fwd_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
-               typename Acc<T>::type* __restrict__ lse, int seqlen_q, int seqlen_k, int headdim, int nheads,
-               int group, i64 q_sb, i64 q_ss, i64 q_sh, i64 k_sb, i64 k_ss, i64 k_sh, i64 v_sb, i64 v_ss,
-               i64 v_sh, i64 o_sb, i64 o_ss, i64 o_sh, typename Acc<T>::type scale) {
+template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int THREADS, typename Var>
+__global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant__ FwdParams p) {
     typedef typename Acc<T>::type A;
     constexpr int TPR = THREADS / BLOCK_M;
     constexpr int LD = D_TILE + 1;  // odd row stride: column walks hit distinct banks
@@ -26,29 +23,31 @@ flash_fwd_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     A* sV = sK + BLOCK_N * LD;
     A* sP = sV + BLOCK_N * LD;  // [BLOCK_M][BLOCK_N + 1]
 
-    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / group;
+    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
     const int r = threadIdx.x / TPR, c = threadIdx.x % TPR, i = m0 + r;
-    q += b * q_sb + h * q_sh;
-    k += b * k_sb + hk * k_sh;
-    v += b * v_sb + hk * v_sh;
-    const A scale_log2 = scale * A(LOG2E);
+    const Var var(p, b, h);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+    const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+    const A scale_log2 = A(p.scale) * A(LOG2E);
 
-    load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, q + (i64)m0 * q_ss, q_ss, 0, seqlen_q - m0, headdim);
+    load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, q + (i64)m0 * p.q_st.s, p.q_st.s, 0, p.seqlen_q - m0, p.headdim);
 
     A o[COLS_D];
 #pragma unroll
     for (int j = 0; j < COLS_D; ++j) o[j] = A(0);
     OnlineSoftmax<A> stats;
 
-    const int n_tiles = key_tiles_for<CAUSAL>(m0, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k);
-    for (int t = 0; t < n_tiles; ++t) {
+    int t_first, t_last;
+    var.template key_tiles<BLOCK_M, BLOCK_N>(m0, t_first, t_last);
+    for (int t = t_first; t < t_last; ++t) {
         const int n0 = t * BLOCK_N;
         __syncthreads();  // previous tile fully consumed
-        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * k_ss, k_ss, 0, seqlen_k - n0, headdim);
-        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * v_ss, v_ss, 0, seqlen_k - n0, headdim);
+        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * p.k_st.s, p.k_st.s, 0, p.seqlen_k - n0, p.headdim);
+        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * p.v_st.s, p.v_st.s, 0, p.seqlen_k - n0, p.headdim);
         __syncthreads();
 
-        // s = (q_i . k_j) * scale * log2(e) for this thread's keys j = n0 + c + TPR * jj.
+        // s = q_i . k_j for this thread's keys j = n0 + c + TPR * jj.
         A s[COLS_N];
 #pragma unroll
         for (int jj = 0; jj < COLS_N; ++jj) s[jj] = A(0);
@@ -58,40 +57,59 @@ flash_fwd_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 #pragma unroll
             for (int jj = 0; jj < COLS_N; ++jj) s[jj] += qd * sK[(c + TPR * jj) * LD + d];
         }
-#pragma unroll
-        for (int jj = 0; jj < COLS_N; ++jj)
-            s[jj] = masked<CAUSAL>(i, n0 + c + TPR * jj, seqlen_q, seqlen_k) ? neg_inf<A>() : s[jj] * scale_log2;
 
-        A tile_max = neg_inf<A>();
+        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        auto softmax_step = [&](auto check) {
+            constexpr bool CHECK = decltype(check)::value;
+            A tile_max = neg_inf<A>();
 #pragma unroll
-        for (int jj = 0; jj < COLS_N; ++jj) tile_max = fmax(tile_max, s[jj]);
-        const A alpha = stats.rescale(reduce_max<TPR>(tile_max));
+            for (int jj = 0; jj < COLS_N; ++jj) {
+                s[jj] = var.template score<CHECK>(s[jj], scale_log2, i, n0 + c + TPR * jj);
+                tile_max = fmax(tile_max, s[jj]);
+            }
+            const A alpha = stats.rescale(reduce_max<TPR>(tile_max));
 #pragma unroll
-        for (int j = 0; j < COLS_D; ++j) o[j] *= alpha;
+            for (int j = 0; j < COLS_D; ++j) o[j] *= alpha;
 #pragma unroll
-        for (int jj = 0; jj < COLS_N; ++jj) {
-            const A p = stats.prob(s[jj]);
-            stats.l += p;
-            sP[r * (BLOCK_N + 1) + c + TPR * jj] = p;
+            for (int jj = 0; jj < COLS_N; ++jj) {
+                A pr = stats.template prob<CHECK>(s[jj]);
+                stats.l += pr;
+                if (Var::dropout) pr *= var.keep(i, n0 + c + TPR * jj) ? A(var.dropout_scale) : A(0);
+                sP[r * (BLOCK_N + 1) + c + TPR * jj] = pr;
+            }
+        };
+        if (needs_mask) {
+            softmax_step(Bool<true>());
+        } else {
+            softmax_step(Bool<false>());
         }
         __syncwarp();  // the TPR threads of a row share its p through shared memory
 
-        for (int n = 0; n < BLOCK_N; ++n) {
-            const A p = sP[r * (BLOCK_N + 1) + n];
+        if (needs_mask && tile_has_nonfinite_acc<BLOCK_N, D_TILE, LD, THREADS>(sV)) {
+            for (int n = 0; n < BLOCK_N; ++n) {  // masked keys' values must not reach this row
+                const A pr = sP[r * (BLOCK_N + 1) + n];
+                if (is_masked_zero(pr)) continue;
 #pragma unroll
-            for (int j = 0; j < COLS_D; ++j) o[j] += p * sV[n * LD + c + TPR * j];
+                for (int j = 0; j < COLS_D; ++j) o[j] += pr * sV[n * LD + c + TPR * j];
+            }
+        } else {
+            for (int n = 0; n < BLOCK_N; ++n) {
+                const A pr = sP[r * (BLOCK_N + 1) + n];
+#pragma unroll
+                for (int j = 0; j < COLS_D; ++j) o[j] += pr * sV[n * LD + c + TPR * j];
+            }
         }
     }
 
     const A l = reduce_sum<TPR>(stats.l);
-    if (i < seqlen_q) {
-        const A inv_l = l > A(0) ? A(1) / l : A(0);  // a row that sees no key gives 0
-        T* o_row = out + b * o_sb + (i64)i * o_ss + h * o_sh;
+    if (i < p.seqlen_q) {
+        const A inv_l = l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l);  // no key seen: 0; NaN stays NaN
+        T* o_row = static_cast<T*>(p.out) + b * p.o_st.b + (i64)i * p.o_st.s + h * p.o_st.h;
 #pragma unroll
         for (int j = 0; j < COLS_D; ++j) {
             const int d = c + TPR * j;
-            if (d < headdim) o_row[d] = from_acc<T>(o[j] * inv_l);
+            if (d < p.headdim) o_row[d] = from_acc<T>(o[j] * inv_l);
         }
-        if (c == 0) lse[((i64)b * nheads + h) * seqlen_q + i] = stats.lse(l);
+        if (c == 0) static_cast<A*>(p.lse)[((i64)b * p.nheads + h) * p.seqlen_q + i] = stats.lse(l);
     }
 }

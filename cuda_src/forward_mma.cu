@@ -1,25 +1,25 @@
 // Forward pass for float16 / bfloat16 on tensor cores (FlashAttention-2 partitioning).
 //
 // One block per (query tile, head, batch); each warp owns MT slabs of 16 query rows (every K/V
-// fragment read from shared memory feeds all of them). Per key tile:
+// fragment read from shared memory feeds all of them). Per key tile of the band the variant allows:
 //   s = q k^T              gemm_nt (mma.sync m16n8k16, fragments through ldmatrix)
-//   online softmax         in registers, on the s accumulators (rows g and g + 8 of each slab,
-//                          each row split over the 4 lanes of a quad)
+//   score, online softmax  in registers, on the s accumulators (rows g and g + 8 of each slab,
+//                          each row split over the 4 lanes of a quad); element masks only on tiles
+//                          the variant says need them
+//   dropout                on p, after l has summed it (lse is of the softmax before dropout)
 //   o = o * alpha + p v    gemm_rn: p straight from the s accumulators as the A operand
 // K and V tiles are double-buffered in shared memory: the copy of tile t + 1 (cp.async)
 // overlaps the arithmetic on tile t. Rows are padded by 16 bytes so ldmatrix is conflict-free.
 #include "common.cuh"
+#include "mask.cuh"
 #include "softmax.cuh"
 #include "mma.cuh"
 
-template <typename T, int D_TILE, int BLOCK_N, int WARPS, int MT, bool CAUSAL, bool ALIGNED>
-__global__ void __launch_bounds__(WARPS * 32)
-flash_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
-              float* __restrict__ lse, int seqlen_q, int seqlen_k, int headdim, int nheads, int group, i64 q_sb,
-              i64 q_ss, i64 q_sh, i64 k_sb, i64 k_ss, i64 k_sh, i64 v_sb, i64 v_ss, i64 v_sh, i64 o_sb, i64 o_ss,
-              i64 o_sh, float scale) {
+template <typename T, int D_TILE, int BLOCK_N, int WARPS, int MT, typename Var, bool ALIGNED>
+__global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constant__ FwdParams p) {
     constexpr int WARP_ROWS = 16 * MT, BLOCK_M = WARP_ROWS * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8;
     constexpr int NT = BLOCK_N / 8, DT = D_TILE / 8;  // 8-wide column tiles of s and of o
+    constexpr int NG = NT < 4 ? NT : 4;               // 8-wide tiles per 32-column dropout group
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0, "tile shape");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -28,17 +28,20 @@ flash_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
     T* sV = sK + 2 * BLOCK_N * LD;  // [2][BLOCK_N][LD]
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / group;
-    q += b * q_sb + h * q_sh + (i64)m0 * q_ss;
-    k += b * k_sb + hk * k_sh;
-    v += b * v_sb + hk * v_sh;
-    const float scale_log2 = scale * float(LOG2E);
+    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+    const Var var(p, b, h);
+    int t_first, t_last;
+    var.template key_tiles<BLOCK_M, BLOCK_N>(m0, t_first, t_last);
+    const int n_tiles = t_last - t_first, kv_rows = p.seqlen_k - t_first * BLOCK_N;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + (i64)m0 * p.q_st.s;
+    const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + (i64)t_first * BLOCK_N * p.k_st.s;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + (i64)t_first * BLOCK_N * p.v_st.s;
+    const float scale_log2 = float(p.scale) * float(LOG2E);
 
-    const int n_tiles = key_tiles_for<CAUSAL>(m0, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k);
     if (n_tiles > 0) {
-        load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(sQ, q, q_ss, seqlen_q - m0, headdim);
-        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, k, k_ss, seqlen_k, headdim);
-        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV, v, v_ss, seqlen_k, headdim);
+        load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(sQ, q, p.q_st.s, p.seqlen_q - m0, p.headdim);
+        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, k, p.k_st.s, kv_rows, p.headdim);
+        load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV, v, p.v_st.s, kv_rows, p.headdim);
         cp_async_commit();
     }
 
@@ -48,8 +51,9 @@ flash_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
     const int row0 = m0 + warp * WARP_ROWS + g;
 
     for (int t = 0; t < n_tiles; ++t) {
-        const int n0 = t * BLOCK_N;
-        next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, k_ss, v_ss, t, n_tiles, seqlen_k, headdim);
+        const int n0 = (t_first + t) * BLOCK_N;
+        next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, p.k_st.s, p.v_st.s, t, n_tiles, kv_rows,
+                                                            p.headdim);
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
@@ -57,50 +61,82 @@ flash_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
         zero(s);
         gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * WARP_ROWS * LD, cK, lane);
 
-        // Only tiles crossing the end of the keys or the causal diagonal need the mask.
-        const bool edge = n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + seqlen_k - seqlen_q);
+        // scores -> probabilities; the masked version only where the variant says a tile needs it
+        auto softmax_step = [&](auto check) {
+            constexpr bool CHECK = decltype(check)::value;
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
+            for (int mt = 0; mt < MT; ++mt) {
+                float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
+                for (int j = 0; j < NT; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
-                    s[mt][j][e] = edge && masked<CAUSAL>(row, col, seqlen_q, seqlen_k) ? neg_inf<float>()
-                                                                                      : s[mt][j][e] * scale_log2;
-                    tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
+                        s[mt][j][e] = var.template score<CHECK>(s[mt][j][e], scale_log2, row, col);
+                        tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
+                    }
+                float alpha[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) alpha[r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]));
+#pragma unroll
+                for (int j = 0; j < DT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[e / 2];
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[mt][j][e] = stats[mt][e / 2].template prob<CHECK>(s[mt][j][e]);
+                        stats[mt][e / 2].l += s[mt][j][e];
+                    }
+                if (Var::dropout) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+#pragma unroll
+                        for (int j0 = 0; j0 < NT; j0 += NG) {  // one Philox call per row and 32 columns
+                            unsigned words[4];
+                            var.random_words(row0 + 16 * mt + 8 * r, n0 + j0 * 8 + 2 * tq, words);
+#pragma unroll
+                            for (int j = j0; j < j0 + NG; ++j)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e) {
+                                    float& x = s[mt][j][2 * r + e];
+                                    x *= var.keep(words, n0 + j * 8 + 2 * tq + e) ? float(var.dropout_scale) : 0.f;
+                                }
+                        }
                 }
-            float alpha[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) alpha[r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]));
-#pragma unroll
-            for (int j = 0; j < DT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[e / 2];
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[mt][j][e] = stats[mt][e / 2].prob(s[mt][j][e]);
-                    stats[mt][e / 2].l += s[mt][j][e];
-                }
+            }
+        };
+        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        if (needs_mask) {
+            softmax_step(Bool<true>());
+        } else {
+            softmax_step(Bool<false>());
         }
 
-        gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
+        if constexpr (Var::hides_keys) {
+            if (needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, THREADS>(cV)) {
+                gemm_rn_guarded<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
+            } else {
+                gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
+            }
+        } else {
+            gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
+        }
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
     float inv_l[MT][2];
+    float* lse = static_cast<float*>(p.lse) + ((i64)b * p.nheads + h) * p.seqlen_q;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l = reduce_sum<4>(stats[mt][r].l);
-            inv_l[mt][r] = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives 0
+            inv_l[mt][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
             const int row = row0 + 16 * mt + 8 * r;
-            if (tq == 0 && row < seqlen_q) lse[((i64)b * nheads + h) * seqlen_q + row] = stats[mt][r].lse(l);
+            if (tq == 0 && row < p.seqlen_q) lse[row] = stats[mt][r].lse(l);
         }
-    store_slab(out + b * o_sb + h * o_sh + (i64)m0 * o_ss, o_ss, o, inv_l, warp * WARP_ROWS, seqlen_q - m0, headdim,
-               lane);
+    store_slab(static_cast<T*>(p.out) + b * p.o_st.b + h * p.o_st.h + (i64)m0 * p.o_st.s, p.o_st.s, o, inv_l,
+               warp * WARP_ROWS, p.seqlen_q - m0, p.headdim, lane);
 }

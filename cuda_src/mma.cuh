@@ -2,6 +2,7 @@
 // float32 accumulation, cp.async with zero fill.
 #pragma once
 #include "common.cuh"
+#include "mask.cuh"
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
@@ -160,6 +161,102 @@ template <typename T, int K, int N, int LD>
 __device__ __forceinline__ void gemm_rn(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* sB, int lane) {
     gemm_rn<T, K, N, LD>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
                          reinterpret_cast<const float (&)[1][K / 8][4]>(p), sB, lane);
+}
+
+// ---- Guarded products, for tiles where some rows must not see some keys (masked probabilities are
+// -0.0, mask.cuh) and the streamed tile holds NaN or inf. The finite part of B runs through the usual
+// product; each non-finite entry reaches exactly the rows whose A entry is not -0.0, through two
+// bfloat16 products of 2^100 x 2^100 that overflow float32 to +inf / -inf (NaN reaches both, and
+// inf - inf = NaN).
+
+template <typename T> struct Half16;
+template <> struct Half16<half_t> { static constexpr unsigned EXP = 0x7c00u; };
+template <> struct Half16<bfloat16_t> { static constexpr unsigned EXP = 0x7f80u; };
+
+template <typename T> __device__ __forceinline__ bool nonfinite16(unsigned h) {
+    return (h & Half16<T>::EXP) == Half16<T>::EXP;
+}
+
+// Whether any element of a 16-bit [ROWS][D_TILE] tile in shared memory (row stride LD) is NaN or inf.
+// Every thread of the block calls it (it ends with a block-wide vote).
+template <int ROWS, int D_TILE, int LD, int THREADS, typename T>
+__device__ __forceinline__ bool tile_has_nonfinite(const T* tile) {
+    bool bad = false;
+    constexpr int PAIRS = D_TILE / 2;
+    for (int idx = threadIdx.x; idx < ROWS * PAIRS; idx += THREADS) {
+        const unsigned x = *reinterpret_cast<const unsigned*>(tile + (idx / PAIRS) * LD + (idx % PAIRS) * 2);
+        bad |= nonfinite16<T>(x & 0xffffu) || nonfinite16<T>(x >> 16);
+    }
+    return __syncthreads_or(bad);
+}
+
+// Per 16-bit half of a B fragment register: the value if finite, else 0; and the bfloat16 codes
+// +2^100 (for NaN and +inf) and -2^100 (for NaN and -inf).
+template <typename T> __device__ __forceinline__ unsigned finite_part(unsigned x) {
+    const unsigned lo = x & 0xffffu, hi = x >> 16;
+    return (nonfinite16<T>(lo) ? 0u : lo) | ((nonfinite16<T>(hi) ? 0u : hi) << 16);
+}
+template <typename T> __device__ __forceinline__ unsigned inf_code(unsigned h, bool negative) {
+    const unsigned EXP = Half16<T>::EXP, SIGN = 0x8000u;
+    if (!nonfinite16<T>(h)) return 0u;
+    const bool nan = (h & ~(EXP | SIGN)) != 0u;
+    return nan || ((h & SIGN) != 0u) == negative ? (negative ? 0xf180u : 0x7180u) : 0u;
+}
+template <typename T> __device__ __forceinline__ unsigned inf_codes(unsigned x, bool negative) {
+    return inf_code<T>(x & 0xffffu, negative) | (inf_code<T>(x >> 16, negative) << 16);
+}
+// bfloat16 pair of 2^100 where the A entry is not a masked zero.
+__device__ __forceinline__ unsigned seen_pair(float lo, float hi) {
+    return (is_masked_zero(lo) ? 0u : 0x7180u) | ((is_masked_zero(hi) ? 0u : 0x7180u) << 16);
+}
+
+// gemm_rn where non-finite entries of B reach only the rows that see them.
+template <typename T, int K, int N, int LD, int MT>
+__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+                                             const T* sB, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned a[MT][4], seen[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const float* pr = p[mt][2 * kk + r / 2] + 2 * (r % 2);
+                a[mt][r] = pack2<T>(pr[0], pr[1]);
+                seen[mt][r] = seen_pair(pr[0], pr[1]);
+            }
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) {
+            unsigned b[4], fin[4], pos[4], neg[4];
+            ldmatrix_x4_trans(b, sB + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + nn * 16 + (lane / 16) * 8);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                fin[r] = finite_part<T>(b[r]);
+                pos[r] = inf_codes<T>(b[r], false);
+                neg[r] = inf_codes<T>(b[r], true);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    // The infinities land in fresh accumulators and meet in float32 adds: an mma adds
+                    // its products to c before rounding, so it would never see inf - inf.
+                    float(&c)[4] = acc[mt][2 * nn + half];
+                    float up[4] = {0.f, 0.f, 0.f, 0.f}, down[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma_16816<T>(c, a[mt], fin[2 * half], fin[2 * half + 1]);
+                    mma_16816<bfloat16_t>(up, seen[mt], pos[2 * half], pos[2 * half + 1]);
+                    mma_16816<bfloat16_t>(down, seen[mt], neg[2 * half], neg[2 * half + 1]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) c[e] = c[e] + up[e] + down[e];
+                }
+        }
+    }
+}
+template <typename T, int K, int N, int LD>
+__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* sB,
+                                                int lane) {
+    gemm_rn_guarded<T, K, N, LD>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
+                                 reinterpret_cast<const float (&)[1][K / 8][4]>(p), sB, lane);
 }
 
 template <int MT, int N> __device__ __forceinline__ void zero(float (&acc)[MT][N][4]) {

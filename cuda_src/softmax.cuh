@@ -2,6 +2,7 @@
 // scale times log2(e) folded in), so every exponential is one exp2.
 #pragma once
 #include "common.cuh"
+#include "mask.cuh"
 
 // Reductions over the TPR consecutive lanes that share a row.
 template <int TPR, typename A> __device__ __forceinline__ A reduce_max(A x) {
@@ -34,10 +35,16 @@ template <typename A> struct OnlineSoftmax {
         return alpha;
     }
 
-    __device__ __forceinline__ A prob(A s) const { return fast_exp2(s - m_use); }
+    // CHECK (tiles where elements may be masked): a -inf score gives -0.0, see mask.cuh.
+    template <bool CHECK> __device__ __forceinline__ A prob(A s) const {
+        return CHECK ? ::prob(s, m_use) : fast_exp2(s - m_use);
+    }
 
-    // Natural-log log-sum-exp of the row from its total sum; -inf for a row that saw no key.
+    // Natural-log log-sum-exp of the row from its total sum: -inf for a row that saw no key (or only
+    // -inf scores), +inf for a row with a +inf score, NaN for a row with a NaN score.
     __device__ __forceinline__ A lse(A l_row) const {
-        return l_row > A(0) ? (m + fast_log2(l_row)) * A(LN2) : neg_inf<A>();
+        if (m == -neg_inf<A>()) return m;
+        if (l_row > A(0)) return (m + fast_log2(l_row)) * A(LN2);
+        return l_row == A(0) ? neg_inf<A>() : l_row;
     }
 };

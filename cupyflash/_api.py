@@ -1,20 +1,28 @@
-"""Public entry points: validate, then dispatch on the array type.
+"""Public entry points: validate into one :class:`~cupyflash._spec.Spec`, then dispatch on the array type.
 
-All-NumPy arguments run :mod:`cupyflash._numpy_backend`; all-CuPy arguments
-run :mod:`cupyflash._cuda_backend`, imported only when first needed so that
-``import cupyflash`` works without cupy or a GPU. Both backends expose::
+All-NumPy arguments run :mod:`cupyflash._numpy_backend`; all-CuPy arguments run
+:mod:`cupyflash._cuda_backend`, imported only when first needed so that ``import cupyflash`` works
+without cupy or a GPU. Both backends expose::
 
-    forward(q, k, v, causal, scale) -> (out, lse)
-    backward(dout, q, k, v, out, lse, causal, scale, deterministic) -> (dq, dk, dv)
+    forward(q, k, v, spec) -> (out, lse)
+    backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias) -> (dq, dk, dv, dbias or None)
 
-and receive validated arguments with ``scale`` already a Python float.
+and receive q, k, v, dout and out as (batch, seqlen, heads, headdim) views whatever the caller's
+layout; they allocate outputs in the caller's layout (``Spec.empty``).
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional, Tuple, Union
+
+import numpy as np
+
 from . import _validate
 
 __all__ = ["attention", "attention_backward", "attention_vjp"]
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+Window = Tuple[int, int]
 
 
 def _backend(kind):
@@ -27,53 +35,101 @@ def _backend(kind):
     except ModuleNotFoundError as exc:
         if exc.name is not None and (exc.name == "cupy" or exc.name.startswith("cupy.") or exc.name.startswith("cupy_backends")):
             raise ImportError(
-                "cupyflash: CuPy arrays need cupy; install cupyflash[cuda12] or cupyflash[cuda13] "
-                f"({exc})"
+                "cupyflash: CuPy arrays need cupy; from the cupyflash checkout run "
+                f"pip install \".[cuda12]\" (or \".[cuda13]\") ({exc})"
             ) from exc
         raise
     return _cuda_backend
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
-    """Exact softmax attention, ``softmax(scale * q k^T) v``, tile by tile.
+def _forward(spec, q, k, v):
+    out, lse = _backend(spec.kind).forward(spec.swap_layout(q), spec.swap_layout(k), spec.swap_layout(v), spec)
+    return spec.swap_layout(out), lse
 
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k,
-    nheads_kv, headdim) with ``nheads % nheads_kv == 0`` (query head h reads
-    kv head ``h // (nheads // nheads_kv)``). ``scale`` defaults to
-    ``1/sqrt(headdim)``. ``causal=True`` hides key j from query i when
-    ``j > i + seqlen_k - seqlen_q`` (bottom-right aligned).
 
-    Returns ``out`` (q's shape and dtype), or ``(out, lse)`` with
-    ``return_lse=True``; lse is (batch, nheads, seqlen_q), float32 (float64
-    for float64 inputs), the natural-log logsumexp of each row of scaled
-    scores. A row that sees no key gives out 0 and lse -inf.
+def _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias):
+    dq, dk, dv, dbias = _backend(spec.kind).backward(
+        *(spec.swap_layout(x) for x in (dout, q, k, v, out)), lse, spec, deterministic, return_dbias)
+    grads = tuple(spec.swap_layout(x) for x in (dq, dk, dv))
+    return grads + (dbias,) if return_dbias else grads
+
+
+def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
+              window_size: Window = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
+              attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+              return_lse: bool = False, layout: str = "bshd") -> Union[Array, Tuple[Array, Array]]:
+    """Exact attention ``Dropout(Softmax(Mask(scale · q kᵀ))) v``, tile by tile.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim) with
+    ``nheads % nheads_kv == 0`` (query head h reads kv head ``h // (nheads // nheads_kv)``);
+    ``layout="bhsd"`` takes (batch, nheads, seqlen, headdim) instead, as torch SDPA does.
+    ``scale`` defaults to ``1/sqrt(headdim)``. ``causal=True`` hides key j from query i when
+    ``j > i + seqlen_k - seqlen_q`` (bottom-right aligned). ``window_size=(left, right)`` lets
+    query i see keys ``i + seqlen_k - seqlen_q - left … + right`` (-1: unbounded). ``softcap > 0``
+    caps scores at ``softcap · tanh(score / softcap)``. ``alibi_slopes`` (float32, (nheads,) or
+    (batch, nheads)) subtracts ``slope · |i + seqlen_k - seqlen_q - j|``. ``attn_mask``: bool
+    (True = takes part) or float (added to the score), broadcastable to (batch, nheads, seqlen_q,
+    seqlen_k). ``dropout_p > 0`` drops probabilities with a counter-based generator seeded by
+    ``dropout_seed`` (required). Exact rules: docs/variants.md.
+
+    Returns ``out`` (q's shape, layout and dtype), or ``(out, lse)`` with ``return_lse=True``; lse
+    is (batch, nheads, seqlen_q), float32 (float64 for float64 inputs), the natural-log
+    log-sum-exp of each row's scores before dropout. A row that sees no key gives out 0, lse -inf.
     """
-    kind, scale = _validate.check_forward("attention", q, k, v, scale)
-    out, lse = _backend(kind).forward(q, k, v, bool(causal), scale)
+    spec = _validate.check_call("attention", q, k, v, causal=causal, scale=scale, window_size=window_size,
+                                softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
+                                dropout_seed=dropout_seed, layout=layout)
+    return_lse = _validate.check_flag("attention", "return_lse", return_lse)
+    out, lse = _forward(spec, q, k, v)
     return (out, lse) if return_lse else out
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, deterministic=False):
-    """Gradients ``(dq, dk, dv)`` of ``sum(dout * attention(q, k, v))``.
+def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *, causal: bool = False,
+                       scale: Optional[float] = None, window_size: Window = (-1, -1), softcap: float = 0.0,
+                       alibi_slopes: Optional[Array] = None, attn_mask: Optional[Array] = None,
+                       dropout_p: float = 0.0, dropout_seed: Optional[int] = None, deterministic: bool = False,
+                       return_dbias: bool = False, layout: str = "bshd") -> Tuple[Array, ...]:
+    """Gradients ``(dq, dk, dv)`` of ``sum(dout * attention(q, k, v, ...))``.
 
-    ``out`` and ``lse`` are what :func:`attention` returned (with
-    ``return_lse=True``) for the same q, k, v, causal and scale. P is
-    recomputed from lse; ``delta = rowsum(dout * out)``. Each gradient has
-    its input's shape and dtype.
+    ``out`` and ``lse`` are what :func:`attention` returned (with ``return_lse=True``) for the same
+    arrays and keywords (the same ``dropout_seed`` replays the same dropout). P is recomputed from
+    lse; ``delta = rowsum(dout * out)``. Each gradient has its input's shape, layout and dtype.
+    ``return_dbias=True`` (with a float ``attn_mask``) also returns ``dbias``, the gradient of the
+    mask, in its shape and dtype (summed over its broadcast dimensions).
     """
-    kind, scale = _validate.check_backward("attention_backward", dout, q, k, v, out, lse, scale)
-    return _backend(kind).backward(dout, q, k, v, out, lse, bool(causal), scale, bool(deterministic))
+    fn = "attention_backward"
+    spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                                alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
+                                dropout_seed=dropout_seed, layout=layout)
+    return_dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, return_dbias=return_dbias, q=q)
+    deterministic = _validate.check_flag(fn, "deterministic", deterministic)
+    return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias)
 
 
-def attention_vjp(q, k, v, *, causal=False, scale=None, deterministic=False):
-    """Run the forward pass; return ``(out, vjp)`` with ``vjp(dout) -> (dq, dk, dv)``."""
-    kind, scale = _validate.check_forward("attention_vjp", q, k, v, scale)
-    causal, deterministic = bool(causal), bool(deterministic)
-    backend = _backend(kind)
-    out, lse = backend.forward(q, k, v, causal, scale)
+def attention_vjp(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
+                  window_size: Window = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
+                  attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+                  deterministic: bool = False, return_dbias: bool = False,
+                  layout: str = "bshd") -> Tuple[Array, Callable[[Array], Tuple[Array, ...]]]:
+    """Run the forward pass; return ``(out, vjp)`` with ``vjp(dout) -> (dq, dk, dv[, dbias])``.
+
+    With ``dropout_p > 0`` and no ``dropout_seed``, one is drawn and kept for ``vjp``.
+    """
+    fn = "attention_vjp"
+    spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                                alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
+                                dropout_seed=dropout_seed, layout=layout, seed_required=False)
+    deterministic = _validate.check_flag(fn, "deterministic", deterministic)
+    return_dbias = _validate.check_return_dbias(fn, return_dbias, spec)
+    if spec.dropout and spec.dropout_seed is None:
+        seed = int(np.random.default_rng().integers(0, 2**64, dtype=np.uint64))
+        spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size,
+                                    softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
+                                    dropout_p=dropout_p, dropout_seed=seed, layout=layout)
+    out, lse = _forward(spec, q, k, v)
 
     def vjp(dout):
-        _validate.check_backward("attention_vjp.vjp", dout, q, k, v, out, lse, scale)
-        return backend.backward(dout, q, k, v, out, lse, causal, scale, deterministic)
+        _validate.check_backward_arrays(f"{fn}.vjp", dout, out, lse, spec, return_dbias=return_dbias, q=q)
+        return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias)
 
     return out, vjp

@@ -2,7 +2,8 @@
 
 Sources in `cuda_src/` are compiled at first use with NVRTC through `cupy.RawModule`, one
 template instantiation per module (so a process only compiles what it runs), kept per process
-here and on disk by CuPy's kernel cache. Launches go to CuPy's current stream on the arrays'
+here and on disk by CuPy's kernel cache. Each pass takes one parameter struct (`cuda_src/params.cuh`)
+built here as a NumPy structured scalar. Launches go to CuPy's current stream on the arrays'
 device, outputs come from CuPy's memory pool, and nothing synchronizes the device.
 """
 import functools
@@ -13,7 +14,8 @@ import re
 import cupy
 import numpy as np
 
-from . import _plan
+from . import _philox, _plan
+from ._validate import compute_dtype
 
 _SOURCE_DIRS = (
     os.path.join(os.path.dirname(__file__), "cuda_src"),                  # installed package
@@ -47,20 +49,22 @@ def source(filename):
     return expand(filename)
 
 
-OPTIONS = ("-std=c++17",)
-
-
 @functools.lru_cache(maxsize=None)
-def _module(filename, name):
-    return cupy.RawModule(code=source(filename), options=OPTIONS, name_expressions=(name,))
+def _module(filename, name, options):
+    return cupy.RawModule(code=source(filename), options=options, name_expressions=(name,))
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(launch, device_id):
-    kernel = _module(launch.source, launch.name).get_function(launch.name)
+    kernel = _module(launch.source, launch.name, launch.options).get_function(launch.name)
     if launch.smem_bytes > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
     return kernel
+
+
+def compiled_kernel(filename, name, options=_plan.OPTIONS):
+    """A kernel of `cuda_src/filename` (the name expression `name`), compiled at first use."""
+    return _module(filename, name, tuple(options)).get_function(name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,16 +78,15 @@ def _device_info(device_id):
     return _plan.smem_limit((major, minor))
 
 
-def _check_grid(q):
+def _check_grid(spec):
     """Heads and batches index the grid's y and z axes."""
-    batch, nheads = q.shape[0], q.shape[2]
-    if batch > _MAX_GRID_YZ or nheads > _MAX_GRID_YZ:
+    if spec.batch > _MAX_GRID_YZ or spec.nheads > _MAX_GRID_YZ:
         raise ValueError(f"cupyflash: the CUDA kernels take batch and nheads up to {_MAX_GRID_YZ}, "
-                         f"got batch={batch}, nheads={nheads}")
+                         f"got batch={spec.batch}, nheads={spec.nheads}")
 
 
-def _launch(launch, grid, args, device_id):
-    _kernel(launch, device_id)(grid, (launch.threads,), args, shared_mem=launch.smem_bytes)
+def _launch(launch, grid, params, device_id):
+    _kernel(launch, device_id)(grid, (launch.threads,), (params,), shared_mem=launch.smem_bytes)
 
 
 def _empty(shape, dtype):
@@ -102,69 +105,132 @@ def _rows_contiguous(x):
     return cupy.ascontiguousarray(x.view(_UINT[x.itemsize])).view(x.dtype)
 
 
-def _strides(x):
-    """(batch, sequence, head) strides in elements."""
-    return [np.int64(s // x.itemsize) for s in x.strides[:3]]
-
-
 def _aligned(*arrays):
     """16-byte vector loads are possible: base pointers and row strides multiples of 16 bytes."""
-    return all(x.data.ptr % 16 == 0 and all(int(s) % 8 == 0 for s in _strides(x)) and x.shape[3] % 8 == 0
+    return all(x.data.ptr % 16 == 0 and all(s % 16 == 0 for s in x.strides[:3]) and x.shape[3] % 8 == 0
                for x in arrays)
 
 
-def _acc_dtype(dtype):
-    return np.float64 if dtype == np.float64 else np.float32
+# ---- parameter structs: NumPy mirrors of cuda_src/params.cuh (C alignment; tests/test_params.py
+# checks every offset against NVRTC's layout).
+_STRIDES = np.dtype([("b", "i8"), ("s", "i8"), ("h", "i8")], align=True)
+VARIANT_PARAMS = np.dtype([
+    ("window_left", "i4"), ("window_right", "i4"), ("softcap", "f8"), ("dropout_scale", "f8"),
+    ("dropout_threshold", "u4"), ("seed_lo", "u4"), ("seed_hi", "u4"),
+    ("alibi", "u8"), ("alibi_sb", "i8"), ("alibi_sh", "i8"),
+    ("mask", "u8"), ("mask_sb", "i8"), ("mask_sh", "i8"), ("mask_sq", "i8"), ("mask_sk", "i8"),
+    ("dbias", "u8"), ("dbias_sb", "i8"), ("dbias_sh", "i8"), ("dbias_sq", "i8"), ("dbias_sk", "i8"),
+], align=True)
+FWD_PARAMS = np.dtype([
+    ("q", "u8"), ("k", "u8"), ("v", "u8"), ("out", "u8"), ("lse", "u8"),
+    ("q_st", _STRIDES), ("k_st", _STRIDES), ("v_st", _STRIDES), ("o_st", _STRIDES),
+    ("seqlen_q", "i4"), ("seqlen_k", "i4"), ("headdim", "i4"), ("nheads", "i4"), ("group", "i4"),
+    ("scale", "f8"), ("var", VARIANT_PARAMS),
+], align=True)
+BWD_PARAMS = np.dtype([
+    ("fwd", FWD_PARAMS), ("dout", "u8"), ("delta", "u8"), ("dq", "u8"), ("dk", "u8"), ("dv", "u8"),
+    ("do_st", _STRIDES), ("dq_st", _STRIDES), ("dk_st", _STRIDES), ("dv_st", _STRIDES), ("batch", "i4"),
+], align=True)
 
 
-def forward(q, k, v, causal, scale):
-    _check_grid(q)
+def _strides(x):
+    """(batch, sequence, head) strides in elements."""
+    return tuple(s // x.itemsize for s in x.strides[:3])
+
+
+def _elements(x):
+    return tuple(s // x.itemsize for s in x.strides)
+
+
+def _variant(spec):
+    """The kernel's Variant type and the filled VariantParams of a spec."""
+    var = np.zeros((), VARIANT_PARAMS)
+    features = 0
+    left, right = spec.window
+    var["window_left"], var["window_right"] = left, right
+    if spec.has_window:
+        features |= _plan.WINDOW
+    if spec.softcap > 0:
+        features |= _plan.SOFTCAP
+        var["softcap"] = spec.softcap
+    if spec.alibi_slopes is not None:
+        features |= _plan.ALIBI
+        var["alibi"] = spec.alibi_slopes.data.ptr
+        var["alibi_sb"], var["alibi_sh"] = _elements(spec.alibi_slopes)
+    mask_dtype = "bool"
+    if spec.attn_mask is not None:
+        features |= _plan.BOOL_MASK if spec.mask_kind == "bool" else _plan.BIAS
+        mask_dtype = np.dtype(spec.attn_mask.dtype).name
+        var["mask"] = spec.attn_mask.data.ptr
+        var["mask_sb"], var["mask_sh"], var["mask_sq"], var["mask_sk"] = _elements(spec.attn_mask)
+    if spec.dropout:
+        features |= _plan.DROPOUT
+        var["dropout_scale"] = 1.0 / (1.0 - spec.dropout_p)
+        var["dropout_threshold"] = _philox.threshold(spec.dropout_p)
+        var["seed_lo"], var["seed_hi"] = _philox.split_seed(spec.dropout_seed)
+    return _plan.variant(features, mask_dtype), var
+
+
+def _fwd_params(spec, q, k, v, out, lse, var):
+    p = np.zeros(1, FWD_PARAMS)
+    p["q"], p["k"], p["v"], p["out"], p["lse"] = (x.data.ptr for x in (q, k, v, out, lse))
+    for name, x in (("q_st", q), ("k_st", k), ("v_st", v), ("o_st", out)):
+        p[name] = _strides(x)
+    p["seqlen_q"], p["seqlen_k"], p["headdim"] = spec.seqlen_q, spec.seqlen_k, spec.headdim
+    p["nheads"], p["group"], p["scale"], p["var"] = spec.nheads, spec.group, spec.scale, var
+    return p
+
+
+def forward(q, k, v, spec):
+    _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
         limit = _device_info(device_id)
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
-        batch, seqlen_q, nheads, headdim = q.shape
-        seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-        acc = _acc_dtype(q.dtype)
-        out = _empty(q.shape, q.dtype)
-        lse = _empty((batch, nheads, seqlen_q), acc)
-        launch = _plan.forward(q.dtype.name, headdim, causal, _aligned(q, k, v), limit)
-        grid = (math.ceil(seqlen_q / launch.block_rows), nheads, batch)
-        args = (q, k, v, out, lse, np.int32(seqlen_q), np.int32(seqlen_k), np.int32(headdim), np.int32(nheads),
-                np.int32(nheads // nheads_kv), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                acc(scale))
-        _launch(launch, grid, args, device_id)
+        out = spec.empty(_empty, q.shape, q.dtype)
+        lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), compute_dtype(q.dtype))
+        var_type, var = _variant(spec)
+        launch = _plan.forward(q.dtype.name, spec.headdim, var_type, _aligned(q, k, v), limit)
+        grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
+        _launch(launch, grid, _fwd_params(spec, q, k, v, out, lse, var), device_id)
         return out, lse
 
 
-def backward(dout, q, k, v, out, lse, causal, scale, deterministic):
-    # Always deterministic: dQ has its own pass, so no gradient is summed with atomics.
+def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
+    # dq, dk and dv are always deterministic: dQ has its own pass, so no gradient is summed with
+    # atomics. dbias sums over the mask's broadcast dimensions with atomics.
     del deterministic
-    _check_grid(q)
+    _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
         limit = _device_info(device_id)
         dout, q, k, v, out = (_rows_contiguous(x) for x in (dout, q, k, v, out))
         lse = cupy.ascontiguousarray(lse)
-        batch, seqlen_q, nheads, headdim = q.shape
-        seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-        acc = _acc_dtype(q.dtype)
-        delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, headdim, causal,
+        acc = compute_dtype(q.dtype)
+        var_type, var = _variant(spec)
+        delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, spec.headdim, var_type,
                                                               _aligned(q, k, v, dout), limit)
+        delta = _empty((spec.batch, spec.nheads, spec.seqlen_q), acc)
+        dq, dk, dv = (spec.empty(_empty, x.shape, x.dtype) for x in (q, k, v))
+        dbias = None
+        if want_dbias:
+            # Accumulated in the compute dtype in the mask's own (broadcast) shape: a stride-0
+            # dimension of the view sums its contributions.
+            dbias = cupy.zeros(spec.mask_shape, acc)
+            view = cupy.broadcast_to(dbias.reshape((1,) * (4 - dbias.ndim) + dbias.shape), spec.attn_mask.shape)
+            var["dbias"] = view.data.ptr
+            var["dbias_sb"], var["dbias_sh"], var["dbias_sq"], var["dbias_sk"] = _elements(view)
 
-        delta = _empty((batch, nheads, seqlen_q), acc)
-        rows = batch * nheads * seqlen_q
-        _launch(delta_launch, (math.ceil(rows / delta_launch.block_rows), 1, 1),
-                (dout, out, delta, np.int32(batch), np.int32(seqlen_q), np.int32(headdim), np.int32(nheads),
-                 *_strides(dout), *_strides(out)), device_id)
+        p = np.zeros(1, BWD_PARAMS)
+        p["fwd"] = _fwd_params(spec, q, k, v, out, lse, var)
+        p["dout"], p["delta"], p["dq"], p["dk"], p["dv"] = (x.data.ptr for x in (dout, delta, dq, dk, dv))
+        for name, x in (("do_st", dout), ("dq_st", dq), ("dk_st", dk), ("dv_st", dv)):
+            p[name] = _strides(x)
+        p["batch"] = spec.batch
 
-        dq, dk, dv = _empty(q.shape, q.dtype), _empty(k.shape, k.dtype), _empty(v.shape, v.dtype)
-        sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(headdim), np.int32(nheads),
-                 np.int32(nheads // nheads_kv))
-        inputs = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
-        _launch(dkdv_launch, (math.ceil(seqlen_k / dkdv_launch.block_rows), nheads_kv, batch),
-                (q, k, v, dout, lse, delta, dk, dv, *sizes, *inputs, *_strides(dk), *_strides(dv), acc(scale)),
+        rows = spec.batch * spec.nheads * spec.seqlen_q
+        _launch(delta_launch, (math.ceil(rows / delta_launch.block_rows), 1, 1), p, device_id)
+        _launch(dkdv_launch, (math.ceil(spec.seqlen_k / dkdv_launch.block_rows), spec.nheads_kv, spec.batch), p,
                 device_id)
-        _launch(dq_launch, (math.ceil(seqlen_q / dq_launch.block_rows), nheads, batch),
-                (q, k, v, dout, lse, delta, dq, *sizes, *inputs, *_strides(dq), acc(scale)), device_id)
-        return dq, dk, dv
+        _launch(dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch), p, device_id)
+        return dq, dk, dv, None if dbias is None else dbias.astype(spec.attn_mask.dtype)

@@ -2,6 +2,8 @@
 
 Every choice of block size, thread count and shared memory lives here, so the launch code
 (`_cuda_backend`) and the CI compile test (`tests/test_compile.py`) ask the same questions.
+A case is (dtype, head dimension, variant, load path, shared-memory limit); the variant is the
+`Variant<FEATURES, MaskT>` type of `cuda_src/mask.cuh`, named by :func:`variant`.
 """
 from dataclasses import dataclass
 
@@ -17,6 +19,16 @@ C_TYPES = {"float16": "half_t", "bfloat16": "bfloat16_t", "float32": "float", "f
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
 
 
+# Feature bits of cuda_src/mask.cuh.
+WINDOW, SOFTCAP, ALIBI, BOOL_MASK, BIAS, DROPOUT = 1, 2, 4, 8, 16, 32
+FEATURES = {"window": WINDOW, "softcap": SOFTCAP, "alibi": ALIBI, "bool_mask": BOOL_MASK, "bias": BIAS,
+            "dropout": DROPOUT}
+MASK_C_TYPES = {"bool": "unsigned char", **C_TYPES}
+
+#: NVRTC options of every kernel (the architecture is added at compile time, from the device).
+OPTIONS = ("-std=c++17", "-default-device")  # -default-device: generic lambdas in kernels
+
+
 @dataclass(frozen=True)
 class Launch:
     source: str       # file in cuda_src/
@@ -24,6 +36,12 @@ class Launch:
     block_rows: int   # rows of the tiled sequence axis that one block covers
     threads: int
     smem_bytes: int
+    options: tuple = OPTIONS  # NVRTC options; part of the module cache key
+
+
+def variant(features=0, mask_dtype="bool"):
+    """The `Variant<FEATURES, MaskT>` type naming a kernel's variant (mask_dtype: 'bool' or a float name)."""
+    return f"Variant<{features}, {MASK_C_TYPES[mask_dtype]}>"
 
 
 def headdim_tile(headdim):
@@ -45,7 +63,7 @@ def _cbool(flag):
     return "true" if flag else "false"
 
 
-def forward(dtype, headdim, causal, aligned, limit):
+def forward(dtype, headdim, var, aligned, limit):
     """Forward kernel for `dtype` (a NumPy dtype name) at this head dimension."""
     d = headdim_tile(headdim)
     if dtype in TENSOR_CORE_DTYPES:
@@ -54,49 +72,47 @@ def forward(dtype, headdim, causal, aligned, limit):
         block_m = 16 * slabs * warps
         smem = lambda bn: 2 * (block_m + 4 * bn) * (d + 8)  # q + double-buffered k, v
         block_n = _shrink(block_n, 16, smem, limit)
-        name = (f"flash_fwd_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {slabs}, {_cbool(causal)}, "
-                f"{_cbool(aligned)}>")
+        name = f"flash_fwd_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {slabs}, {var}, {_cbool(aligned)}>"
         return Launch("forward_mma.cu", name, block_m, 32 * warps, smem(block_n))
     acc = _acc_bytes(dtype)
     block_m, threads = (32, 128) if acc == 4 else (32, 256)
     block_n = (64 if d <= 128 else 32) if acc == 4 else (32 if d <= 128 else 16)
     smem = lambda bn: acc * ((block_m + 2 * bn) * (d + 1) + block_m * (bn + 1))
     block_n = _shrink(block_n, threads // block_m, smem, limit)
-    name = f"flash_fwd_simt<{C_TYPES[dtype]}, {d}, {block_m}, {block_n}, {threads}, {_cbool(causal)}>"
+    name = f"flash_fwd_simt<{C_TYPES[dtype]}, {d}, {block_m}, {block_n}, {threads}, {var}>"
     return Launch("forward.cu", name, block_m, threads, smem(block_n))
 
 
-def backward(dtype, headdim, causal, aligned, limit):
+def backward(dtype, headdim, var, aligned, limit):
     """(delta, dK/dV, dQ) kernels of the backward pass."""
     d = headdim_tile(headdim)
     delta = Launch("backward.cu", f"flash_bwd_delta<{C_TYPES[dtype]}>", 4, 128, 0)
     if dtype not in TENSOR_CORE_DTYPES:
-        return delta, _simt_backward("dkdv", dtype, d, causal, limit), _simt_backward("dq", dtype, d, causal, limit)
+        return delta, _simt_backward("dkdv", dtype, d, var, limit), _simt_backward("dq", dtype, d, var, limit)
     # Tensor cores hold dK and dV for 16 key rows per warp in registers up to headdim 128;
     # wider heads, and parts whose shared memory is too small, take the CUDA-core kernels.
-    dkdv = _dkdv_mma(dtype, d, causal, aligned, limit) if d <= 128 else None
+    dkdv = _dkdv_mma(dtype, d, var, aligned, limit) if d <= 128 else None
     try:
-        dq = _dq_mma(dtype, d, causal, aligned, limit)
+        dq = _dq_mma(dtype, d, var, aligned, limit)
     except RuntimeError:
         dq = None
-    return (delta, dkdv or _simt_backward("dkdv", dtype, d, causal, limit),
-            dq or _simt_backward("dq", dtype, d, causal, limit))
+    return (delta, dkdv or _simt_backward("dkdv", dtype, d, var, limit),
+            dq or _simt_backward("dq", dtype, d, var, limit))
 
 
-def _dkdv_mma(dtype, d, causal, aligned, limit):
+def _dkdv_mma(dtype, d, var, aligned, limit):
     warps = 4 if d <= 64 else 8
     smem = lambda bm: 2 * (32 * warps + 4 * bm) * (d + 8) + 16 * bm  # k, v + double-buffered q, dout, stats
     block_m = _shrink(64, 16, smem, limit)
-    name = (f"flash_bwd_dkdv_mma<{C_TYPES[dtype]}, {d}, {block_m}, {warps}, {_cbool(causal)}, "
-            f"{_cbool(aligned)}>")
+    name = f"flash_bwd_dkdv_mma<{C_TYPES[dtype]}, {d}, {block_m}, {warps}, {var}, {_cbool(aligned)}>"
     return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_m))
 
 
-def _dq_mma(dtype, d, causal, aligned, limit):
+def _dq_mma(dtype, d, var, aligned, limit):
     warps = 8 if d <= 64 else 4
     smem = lambda bn: 2 * (32 * warps + 4 * bn) * (d + 8)  # q, dout + double-buffered k, v
     block_n = _shrink(32, 16, smem, limit)
-    name = f"flash_bwd_dq_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {_cbool(causal)}, {_cbool(aligned)}>"
+    name = f"flash_bwd_dq_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {var}, {_cbool(aligned)}>"
     return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_n))
 
 
@@ -106,7 +122,7 @@ def _simt_rows(dtype, d):
     return (32 if acc == 4 else 16), (4 if acc == 4 else 8) * (1 if d <= 128 else 2)
 
 
-def _simt_backward(kernel, dtype, d, causal, limit):
+def _simt_backward(kernel, dtype, d, var, limit):
     """CUDA-core "dkdv" (a block owns key rows, query tiles stream through) or "dq" (a block
     owns query rows, key tiles stream through)."""
     acc = _acc_bytes(dtype)
@@ -114,7 +130,7 @@ def _simt_backward(kernel, dtype, d, causal, limit):
     smem = _dkdv_smem if kernel == "dkdv" else _dq_smem
     rows, streamed = _fit(tile, tile, tpr, limit, lambda r, s: smem(acc, d, r, s))
     block_m, block_n = (streamed, rows) if kernel == "dkdv" else (rows, streamed)
-    name = f"flash_bwd_{kernel}_simt<{C_TYPES[dtype]}, {d}, {block_m}, {block_n}, {rows * tpr}, {_cbool(causal)}>"
+    name = f"flash_bwd_{kernel}_simt<{C_TYPES[dtype]}, {d}, {block_m}, {block_n}, {rows * tpr}, {var}>"
     return Launch("backward.cu", name, rows, rows * tpr, smem(acc, d, rows, streamed))
 
 
@@ -145,15 +161,28 @@ def _shrink(block, smallest, smem, limit):
     return block
 
 
-def all_launches():
-    """Every distinct launch the dispatcher can ask for, on every supported GPU."""
+def _launches(dtype, d, var, aligned, limit):
+    return (forward(dtype, d, var, aligned, limit), *backward(dtype, d, var, aligned, limit))
+
+
+def covering_launches():
+    """A set of instantiations that covers every kernel family, both load paths, both shared-memory
+    tables and every feature at least once, for the CI compile test (the full product is far too
+    large to compile on every change).
+    """
+    big, small = SMEM_LIMITS[(9, 0)], DEFAULT_SMEM_LIMIT
+    plain = variant()
+    cases = [(dtype, d, plain, True, big) for dtype in C_TYPES for d in (64, 256)]
+    cases += [("float16", 96, plain, False, big), ("bfloat16", 128, plain, True, big)]
+    cases += [("bfloat16", d, plain, True, small) for d in (128, 256)] + [("float32", 256, plain, True, small)]
+    cases += [(dtype, 64, variant(bit), True, big) for dtype in ("float16", "float32") for bit in FEATURES.values()]
+    every = sum(FEATURES.values())
+    cases += [(dtype, 64, variant(every - BIAS, "bool"), True, big) for dtype in C_TYPES]
+    cases += [(dtype, 64, variant(every - BOOL_MASK, mask), True, big)
+              for dtype, mask in zip(C_TYPES, C_TYPES)]
+    cases += [("float16", 128, variant(every - BOOL_MASK, "float32"), True, big)]
     seen = {}
-    for limit in sorted(set(SMEM_LIMITS.values()) | {DEFAULT_SMEM_LIMIT}):
-        for dtype in C_TYPES:
-            for d in HEADDIM_TILES:
-                for causal in (False, True):
-                    for aligned in (False, True):
-                        for launch in (forward(dtype, d, causal, aligned, limit),
-                                       *backward(dtype, d, causal, aligned, limit)):
-                            seen[(launch.source, launch.name)] = launch
+    for case in cases:
+        for launch in _launches(*case):
+            seen[(launch.source, launch.name)] = launch
     return list(seen.values())

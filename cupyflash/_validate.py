@@ -1,4 +1,4 @@
-"""Argument checking shared by every public entry point.
+"""Argument checking shared by every public entry point; it builds the call's :class:`Spec`.
 
 Everything here runs before any work is done, so a bad call writes nothing.
 Every message comes from :func:`_fail`, so they all read alike::
@@ -18,15 +18,19 @@ import numpy as np
 
 import ml_dtypes
 
+from ._spec import LAYOUTS, Spec
+
 __all__ = [
     "MAX_HEADDIM",
     "SUPPORTED_DTYPES",
     "array_kind",
     "compute_dtype",
     "lse_dtype",
-    "check_forward",
-    "check_backward",
-    "check_dout",
+    "check_call",
+    "check_backward_arrays",
+    "check_flag",
+    "check_return_dbias",
+    "check_seed",
 ]
 
 #: Largest head dimension the kernels handle.
@@ -114,42 +118,158 @@ def _check_arrays(fn, named):
 def _check_dtype(fn, name, x):
     dt = np.dtype(x.dtype)
     if dt not in SUPPORTED_DTYPES:
+        native = dt.newbyteorder("=")
+        if not dt.isnative and native in SUPPORTED_DTYPES:
+            _fail(TypeError, fn, f"{name}.dtype", "must be in the machine's byte order",
+                  f"{dt.str} (byte-swapped {native.name})")
         _fail(TypeError, fn, f"{name}.dtype", f"must be {_DTYPE_NAMES}", _dtype_name(dt))
 
 
-def _check_rank(fn, name, x):
+# Axis of each dimension in the two layouts, for shapes and messages.
+_AXES = {"bshd": {"batch": 0, "seqlen": 1, "heads": 2, "headdim": 3},
+         "bhsd": {"batch": 0, "heads": 1, "seqlen": 2, "headdim": 3}}
+_LAYOUT_WORDS = {"bshd": "(batch, seqlen, nheads, headdim)", "bhsd": "(batch, nheads, seqlen, headdim)"}
+
+
+def _check_rank(fn, name, x, layout):
     if x.ndim != 4:
-        _fail(
-            ValueError,
-            fn,
-            f"{name}",
-            "must have 4 dimensions (batch, seqlen, nheads, headdim)",
-            f"{x.ndim} dimensions with shape {tuple(x.shape)}",
-        )
+        _fail(ValueError, fn, name, f"must have 4 dimensions {_LAYOUT_WORDS[layout]}",
+              f"{x.ndim} dimensions with shape {tuple(x.shape)}")
 
 
-def check_scale(fn, scale, headdim):
-    """Return ``scale`` as a Python float (default ``1/sqrt(headdim)``)."""
+def check_flag(fn, name, value):
+    """Flags take bools (or NumPy bool scalars) and nothing else."""
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(TypeError, fn, name, "must be a bool", repr(value))
+    return bool(value)
+
+
+def _real(fn, name, value, what):
+    """A real scalar (Python, NumPy or ml_dtypes) as a Python float."""
+    if isinstance(value, (bool, np.bool_)):
+        _fail(TypeError, fn, name, f"must be {what}", repr(value))
+    if not isinstance(value, numbers.Real):
+        kind = getattr(getattr(value, "dtype", None), "kind", None)
+        if kind not in ("f", "i", "u", "V") or getattr(value, "ndim", 1) != 0:
+            _fail(TypeError, fn, name, f"must be {what}", repr(value))
+    try:
+        return float(value)
+    except (OverflowError, TypeError, ValueError):
+        _fail(ValueError, fn, name, f"must be {what}", repr(value))
+
+
+def _check_scale(fn, scale, headdim, dtype):
+    """``scale`` as a Python float (default ``1/sqrt(headdim)``), finite in the compute dtype."""
     if scale is None:
         return 1.0 / math.sqrt(headdim)
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        _fail(TypeError, fn, "scale", "must be a finite positive real number or None", repr(scale))
-    try:
-        value = float(scale)
-    except (OverflowError, TypeError, ValueError):
-        _fail(ValueError, fn, "scale", "must be a finite positive real number", repr(scale))
-    if not math.isfinite(value) or value <= 0.0:
-        _fail(ValueError, fn, "scale", "must be a finite positive real number", repr(scale))
+    value = _real(fn, "scale", scale, "a finite positive real number or None")
+    limit = float(np.finfo(compute_dtype(dtype)).max)
+    if not math.isfinite(value) or value <= 0.0 or value > limit:
+        _fail(ValueError, fn, "scale", f"must be a finite positive real number (at most {limit:.4g} for "
+              f"{_dtype_name(dtype)} inputs)", repr(scale))
     return value
 
 
-def check_forward(fn, q, k, v, scale, mixed_ok=False):
-    """Validate the inputs of a forward pass.
+def _check_int(fn, name, value, what):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        _fail(TypeError, fn, name, f"must be {what}", repr(value))
+    return int(value)
 
-    Returns ``(kind, scale)`` with ``kind`` in {'numpy', 'cupy'} (the kind of
-    ``q``) and ``scale`` a Python float. ``mixed_ok`` (for the reference)
-    allows NumPy and CuPy arrays together.
+
+def _check_window(fn, window_size, causal):
+    """The effective (left, right): -1 = unbounded; causal means right = 0."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        _fail(TypeError, fn, "window_size", "must be a pair (left, right) of ints", repr(window_size))
+    left, right = (_check_int(fn, f"window_size[{i}]", w, "an int >= -1") for i, w in enumerate(window_size))
+    for i, w in enumerate((left, right)):
+        if w < -1:
+            _fail(ValueError, fn, f"window_size[{i}]", "must be >= -1 (-1 = unbounded)", w)
+    return left, 0 if causal else right
+
+
+def _check_softcap(fn, softcap):
+    value = _real(fn, "softcap", softcap, "a finite real number >= 0")
+    if not math.isfinite(value) or value < 0.0:
+        _fail(ValueError, fn, "softcap", "must be a finite real number >= 0 (0 = off)", repr(softcap))
+    return value
+
+
+def _check_same_kind(fn, name, x, kind, q, mixed_ok):
+    got = array_kind(x)
+    if got is None:
+        _fail(TypeError, fn, name, "must be a numpy.ndarray or cupy.ndarray", _type_name(x))
+    if mixed_ok:
+        return
+    if got != kind:
+        _fail(TypeError, fn, name, f"must be a {kind} array like q (NumPy and CuPy arrays cannot be mixed)",
+              f"a {got} array")
+    if kind == "cupy" and x.device.id != q.device.id:
+        _fail(ValueError, fn, f"{name} and q", f"must be on the same device (q is on device {q.device.id})",
+              f"{name} on device {x.device.id}")
+
+
+def _broadcast(x, shape):
+    """A stride-0 view of ``x`` broadcast to ``shape`` (NumPy or CuPy)."""
+    if array_kind(x) == "cupy":
+        import cupy
+
+        return cupy.broadcast_to(x, shape)
+    return np.broadcast_to(x, shape)
+
+
+def _check_alibi(fn, slopes, batch, nheads, kind, q, mixed_ok):
+    """float32 slopes of shape (nheads,) or (batch, nheads), seen as (batch, nheads)."""
+    _check_same_kind(fn, "alibi_slopes", slopes, kind, q, mixed_ok)
+    if np.dtype(slopes.dtype) != np.float32:
+        _fail(TypeError, fn, "alibi_slopes.dtype", "must be float32", _dtype_name(slopes.dtype))
+    if tuple(slopes.shape) not in ((nheads,), (batch, nheads)):
+        _fail(ValueError, fn, "alibi_slopes.shape", f"must be (nheads,)=({nheads},) or (batch, nheads)="
+              f"({batch}, {nheads})", tuple(slopes.shape))
+    return _broadcast(slopes, (batch, nheads))
+
+
+def _check_mask(fn, mask, target, kind, q, mixed_ok):
+    """A bool or float mask broadcastable to (batch, nheads, seqlen_q, seqlen_k), seen as that shape."""
+    _check_same_kind(fn, "attn_mask", mask, kind, q, mixed_ok)
+    dt = np.dtype(mask.dtype)
+    if dt != np.bool_ and dt not in SUPPORTED_DTYPES:
+        _fail(TypeError, fn, "attn_mask.dtype", f"must be bool or {_DTYPE_NAMES}", _dtype_name(dt))
+    shape = tuple(mask.shape)
+    if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+        _fail(ValueError, fn, "attn_mask.shape", f"must broadcast to (batch, nheads, seqlen_q, seqlen_k)={target}",
+              shape)
+    return _broadcast(mask.reshape((1,) * (4 - len(shape)) + shape), target)
+
+
+def check_seed(fn, seed):
+    """A dropout seed: an int in [0, 2**64)."""
+    value = _check_int(fn, "dropout_seed", seed, "an int in [0, 2**64)")
+    if not 0 <= value < 2**64:
+        _fail(ValueError, fn, "dropout_seed", "must be an int in [0, 2**64)", value)
+    return value
+
+
+def _check_dropout(fn, dropout_p, dropout_seed, seed_required):
+    p = _real(fn, "dropout_p", dropout_p, "a real number in [0, 1)")
+    if not 0.0 <= p < 1.0:
+        _fail(ValueError, fn, "dropout_p", "must be in [0, 1)", repr(dropout_p))
+    if dropout_seed is None:
+        if p > 0.0 and seed_required:
+            _fail(ValueError, fn, "dropout_seed", "must be given (an int in [0, 2**64)) when dropout_p > 0", None)
+        return p, None
+    return p, check_seed(fn, dropout_seed)
+
+
+def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+               attn_mask=None, dropout_p=0.0, dropout_seed=None, layout="bshd", mixed_ok=False,
+               seed_required=True):
+    """Validate q, k, v and every variant keyword; return the call's :class:`Spec`.
+
+    ``mixed_ok`` (for the reference) allows NumPy and CuPy arrays together. ``seed_required=False``
+    (for ``attention_vjp``, which draws one) allows dropout without a seed.
     """
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        _fail(ValueError, fn, "layout", f"must be one of {', '.join(map(repr, LAYOUTS))}", repr(layout))
     if mixed_ok:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if array_kind(x) is None:
@@ -158,94 +278,96 @@ def check_forward(fn, q, k, v, scale, mixed_ok=False):
     else:
         kind = _check_arrays(fn, [("q", q), ("k", k), ("v", v)])
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_rank(fn, name, x)
+        _check_rank(fn, name, x, layout)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_dtype(fn, name, x)
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             _fail(TypeError, fn, f"{name}.dtype", f"must equal q.dtype={_dtype_name(q.dtype)}", _dtype_name(x.dtype))
 
-    batch, seqlen_q, nheads, headdim = q.shape
-    if batch == 0:
-        _fail(ValueError, fn, "q.shape[0] (batch)", "must be at least 1", 0)
-    if seqlen_q == 0:
-        _fail(ValueError, fn, "q.shape[1] (seqlen_q)", "must be at least 1", 0)
-    if nheads == 0:
-        _fail(ValueError, fn, "q.shape[2] (nheads)", "must be at least 1", 0)
+    ax = _AXES[layout]
+    b_, s_, h_, d_ = ax["batch"], ax["seqlen"], ax["heads"], ax["headdim"]
+    batch, seqlen_q, nheads, headdim = q.shape[b_], q.shape[s_], q.shape[h_], q.shape[d_]
+    for what, size, axis in (("batch", batch, b_), ("seqlen_q", seqlen_q, s_), ("nheads", nheads, h_)):
+        if size == 0:
+            _fail(ValueError, fn, f"q.shape[{axis}] ({what})", "must be at least 1", 0)
     if headdim == 0 or headdim > MAX_HEADDIM:
-        _fail(ValueError, fn, "q.shape[3] (headdim)", f"must be between 1 and {MAX_HEADDIM}", headdim)
-
+        _fail(ValueError, fn, f"q.shape[{d_}] (headdim)", f"must be between 1 and {MAX_HEADDIM}", headdim)
     for name, x in (("k", k), ("v", v)):
-        if x.shape[0] != batch:
-            _fail(ValueError, fn, f"{name}.shape[0] (batch)", f"must equal q.shape[0]={batch}", x.shape[0])
-        if x.shape[3] != headdim:
-            _fail(ValueError, fn, f"{name}.shape[3] (headdim)", f"must equal q.shape[3]={headdim}", x.shape[3])
-    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    if v.shape[1] != seqlen_k:
-        _fail(ValueError, fn, "v.shape[1] (seqlen_k)", f"must equal k.shape[1]={seqlen_k}", v.shape[1])
-    if v.shape[2] != nheads_kv:
-        _fail(ValueError, fn, "v.shape[2] (nheads_kv)", f"must equal k.shape[2]={nheads_kv}", v.shape[2])
+        if x.shape[b_] != batch:
+            _fail(ValueError, fn, f"{name}.shape[{b_}] (batch)", f"must equal q.shape[{b_}]={batch}", x.shape[b_])
+        if x.shape[d_] != headdim:
+            _fail(ValueError, fn, f"{name}.shape[{d_}] (headdim)", f"must equal q.shape[{d_}]={headdim}", x.shape[d_])
+    seqlen_k, nheads_kv = k.shape[s_], k.shape[h_]
+    if v.shape[s_] != seqlen_k:
+        _fail(ValueError, fn, f"v.shape[{s_}] (seqlen_k)", f"must equal k.shape[{s_}]={seqlen_k}", v.shape[s_])
+    if v.shape[h_] != nheads_kv:
+        _fail(ValueError, fn, f"v.shape[{h_}] (nheads_kv)", f"must equal k.shape[{h_}]={nheads_kv}", v.shape[h_])
     if seqlen_k == 0:
-        _fail(ValueError, fn, "k.shape[1] (seqlen_k)", "must be at least 1", 0)
+        _fail(ValueError, fn, f"k.shape[{s_}] (seqlen_k)", "must be at least 1", 0)
     if nheads_kv == 0:
-        _fail(ValueError, fn, "k.shape[2] (nheads_kv)", "must be at least 1", 0)
+        _fail(ValueError, fn, f"k.shape[{h_}] (nheads_kv)", "must be at least 1", 0)
     if nheads % nheads_kv != 0:
-        _fail(
-            ValueError,
-            fn,
-            "k.shape[2] (nheads_kv)",
-            f"must divide q.shape[2] (nheads)={nheads}",
-            nheads_kv,
-        )
-    return kind, check_scale(fn, scale, headdim)
+        _fail(ValueError, fn, f"k.shape[{h_}] (nheads_kv)", f"must divide q.shape[{h_}] (nheads)={nheads}", nheads_kv)
+
+    causal = check_flag(fn, "causal", causal)
+    scale = _check_scale(fn, scale, headdim, q.dtype)
+    window = _check_window(fn, window_size, causal)
+    softcap = _check_softcap(fn, softcap)
+    slopes = None if alibi_slopes is None else _check_alibi(fn, alibi_slopes, batch, nheads, kind, q, mixed_ok)
+    mask, mask_shape = None, None
+    if attn_mask is not None:
+        mask = _check_mask(fn, attn_mask, (batch, nheads, seqlen_q, seqlen_k), kind, q, mixed_ok)
+        mask_shape = tuple(attn_mask.shape)
+    dropout_p, dropout_seed = _check_dropout(fn, dropout_p, dropout_seed, seed_required)
+    return Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
+                nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
+                alibi_slopes=slopes, attn_mask=mask, mask_shape=mask_shape, dropout_p=dropout_p,
+                dropout_seed=dropout_seed, layout=layout)
 
 
-def check_dout(fn, dout, q, name="dout"):
-    """``dout`` (or ``out``) must be an array with q's shape and dtype."""
-    if array_kind(dout) is None:
-        _fail(TypeError, fn, name, "must be a numpy.ndarray or cupy.ndarray", _type_name(dout))
-    if tuple(dout.shape) != tuple(q.shape):
-        _fail(ValueError, fn, f"{name}.shape", f"must equal q.shape={tuple(q.shape)}", tuple(dout.shape))
-    if dout.dtype != q.dtype:
-        _fail(TypeError, fn, f"{name}.dtype", f"must equal q.dtype={_dtype_name(q.dtype)}", _dtype_name(dout.dtype))
+def _caller_shape(spec):
+    """q's shape in the caller's layout."""
+    b, s, h, d = spec.batch, spec.seqlen_q, spec.nheads, spec.headdim
+    return (b, h, s, d) if spec.layout == "bhsd" else (b, s, h, d)
 
 
-def check_lse(fn, lse, q, strict_dtype=True):
-    if array_kind(lse) is None:
-        _fail(TypeError, fn, "lse", "must be a numpy.ndarray or cupy.ndarray", _type_name(lse))
-    batch, seqlen_q, nheads, _ = q.shape
-    want = (batch, nheads, seqlen_q)
-    if tuple(lse.shape) != want:
-        _fail(ValueError, fn, "lse.shape", f"must be (batch, nheads, seqlen_q)={want}", tuple(lse.shape))
-    if strict_dtype:
-        dt = lse_dtype(q.dtype)
-        if lse.dtype != dt:
-            _fail(
-                TypeError,
-                fn,
-                "lse.dtype",
-                f"must be {dt.name} for {_dtype_name(q.dtype)} inputs",
-                _dtype_name(lse.dtype),
-            )
+def _check_like_q(fn, name, x, spec, q_dtype, strict):
+    if array_kind(x) is None:
+        _fail(TypeError, fn, name, "must be a numpy.ndarray or cupy.ndarray", _type_name(x))
+    want = _caller_shape(spec)
+    if tuple(x.shape) != want:
+        _fail(ValueError, fn, f"{name}.shape", f"must equal q.shape={want}", tuple(x.shape))
+    if strict and x.dtype != q_dtype:
+        _fail(TypeError, fn, f"{name}.dtype", f"must equal q.dtype={_dtype_name(q_dtype)}", _dtype_name(x.dtype))
 
 
-def check_backward(fn, dout, q, k, v, out, lse, scale, strict=True):
-    """Validate the arguments of a backward pass; returns ``(kind, scale)``.
+def check_backward_arrays(fn, dout, out, lse, spec, *, strict=True, return_dbias=False, q=None):
+    """Validate what a backward pass takes besides q, k, v and the keywords.
 
-    ``strict=False`` (used by the float64 reference) only checks that ``out``
-    and ``lse`` have the right shapes, not their dtypes, and allows NumPy and
-    CuPy arrays to be mixed.
+    ``strict=False`` (the float64 reference) checks ``out`` and ``lse`` for shape only and allows
+    NumPy and CuPy arrays to be mixed. ``q`` (strict mode) is the kind and device every array must
+    share.
     """
     if strict:
-        _check_arrays(fn, [("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out), ("lse", lse)])
-    kind, scale = check_forward(fn, q, k, v, scale, mixed_ok=not strict)
-    check_dout(fn, dout, q, "dout")
-    if strict:
-        check_dout(fn, out, q, "out")
-    else:
-        if array_kind(out) is None:
-            _fail(TypeError, fn, "out", "must be a numpy.ndarray or cupy.ndarray", _type_name(out))
-        if tuple(out.shape) != tuple(q.shape):
-            _fail(ValueError, fn, "out.shape", f"must equal q.shape={tuple(q.shape)}", tuple(out.shape))
-    check_lse(fn, lse, q, strict_dtype=strict)
-    return kind, scale
+        for name, x in (("dout", dout), ("out", out), ("lse", lse)):
+            _check_same_kind(fn, name, x, spec.kind, q, False)
+    _check_like_q(fn, "dout", dout, spec, spec.dtype, True)
+    _check_like_q(fn, "out", out, spec, spec.dtype, strict)
+    if array_kind(lse) is None:
+        _fail(TypeError, fn, "lse", "must be a numpy.ndarray or cupy.ndarray", _type_name(lse))
+    want = (spec.batch, spec.nheads, spec.seqlen_q)
+    if tuple(lse.shape) != want:
+        _fail(ValueError, fn, "lse.shape", f"must be (batch, nheads, seqlen_q)={want}", tuple(lse.shape))
+    if strict and lse.dtype != lse_dtype(spec.dtype):
+        _fail(TypeError, fn, "lse.dtype", f"must be {lse_dtype(spec.dtype).name} for {_dtype_name(spec.dtype)} inputs",
+              _dtype_name(lse.dtype))
+    return check_return_dbias(fn, return_dbias, spec)
+
+
+def check_return_dbias(fn, return_dbias, spec):
+    return_dbias = check_flag(fn, "return_dbias", return_dbias)
+    if return_dbias and spec.mask_kind != "bias":
+        _fail(ValueError, fn, "return_dbias", "needs a float attn_mask (the bias whose gradient it returns)",
+              f"attn_mask={'None' if spec.attn_mask is None else 'a bool mask'}")
+    return return_dbias

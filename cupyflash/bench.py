@@ -2,6 +2,7 @@
 
     python -m cupyflash.bench                      # FlashAttention-2 paper sweep
     python -m cupyflash.bench --quick --json r.json --plot docs/img/
+    python -m cupyflash.bench --variants           # each variant's cost over plain attention
 
 The default sweep follows the FlashAttention-2 paper: 16k tokens per batch
 (batch = 16384 / seqlen), hidden size 2048 (nheads = 2048 / headdim),
@@ -16,16 +17,25 @@ same random inputs:
   when asked for): ``torch.nn.functional.scaled_dot_product_attention``
   pinned to one backend, fed the same CuPy arrays through DLPack (no copy).
 
+Variant flags (--window, --softcap, --alibi, --mask, --dropout) run each
+variant next to ``cupyflash-plain``, cupyflash without it at the same shape,
+and the peers that can express it; --variants runs the set the variant
+kernels are held to.
+
 FLOPs: 4 * batch * nheads * seqlen_q * seqlen_k * headdim for the forward,
-halved when causal; backward = 2.5x and fwd+bwd = 3.5x the forward.  Times
-are the median of CUDA-event timings after warm-up.  Without a GPU the
-NumPy backend is compared with naive NumPy attention at small sizes.
+halved when causal, only the visible band for a sliding window; backward =
+2.5x and fwd+bwd = 3.5x the forward.  Times are the median of CUDA-event
+timings after warm-up.  Without a GPU the NumPy backend is compared with
+naive NumPy attention at small sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -51,6 +61,7 @@ TORCH_BACKENDS = {
 }
 PEERS = ("naive", *TORCH_BACKENDS)
 ALL_PEERS = ("naive", "torch-flash", "torch-efficient", "torch-cudnn")  # 'all': MATH only on request
+PLAIN = "cupyflash-plain"
 DTYPES = {
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -60,12 +71,45 @@ DTYPES = {
 TOKENS_PER_BATCH = 16384
 HIDDEN = 2048
 MiB = 2**20
+GiB = 2**30
+INSTALL = 'pip install ".[bench]" from the repository root'
 
 # Defaults per backend: (seqlens, headdims, repeats, warmup); the --quick variant second.
 GPU_SWEEP = ((512, 1024, 2048, 4096, 8192, 16384), (64, 128), 30, 5)
 GPU_QUICK = ((512, 2048), (64, 128), 10, 3)
 CPU_SWEEP = ((128, 256, 512), (64,), 5, 1)
 CPU_QUICK = ((128, 256), (64,), 3, 1)
+
+DROPOUT_SEED = 1234
+PADDING_FRACTION = 0.1  # --mask padding hides this share of each sequence's last keys
+DENSE_MASK_LIMIT = 4 * GiB  # largest attn_mask built for a torch peer to express a variant
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An attention variant, timed against plain attention at the same shape."""
+
+    kind: str  # window, softcap, alibi, mask or dropout
+    value: Any = None  # window: left size; softcap: cap; mask: 'padding' or 'bias'; dropout: p
+
+    @property
+    def label(self) -> str:
+        if self.value is None:
+            return self.kind
+        return f"{self.kind} {self.value:g}" if isinstance(self.value, (int, float)) else f"{self.kind} {self.value}"
+
+
+# --variants: (variant, target: the largest variant/plain time ratio on a GPU).  The window runs
+# at the longer seqlen and is compared with full causal attention: at most 0.25 is 4x faster.
+VARIANT_PRESET = (
+    (Variant("softcap", 50.0), 1.15),
+    (Variant("alibi"), 1.15),
+    (Variant("mask", "padding"), 1.15),
+    (Variant("dropout", 0.1), 1.25),
+    (Variant("window", 256), 0.25),
+)
+# --variants shapes per backend: (seqlen, window seqlen, headdim)
+PRESET_SHAPES = {"cuda": (4096, 8192, 128), "numpy": (256, 1024, 64)}
 
 
 @dataclass(frozen=True)
@@ -78,15 +122,33 @@ class Case:
     nheads: int
     nheads_kv: int
     dtype: str
+    variant: Variant | None = None
+
+    @property
+    def pairs(self) -> float:
+        """(query, key) pairs credited per batch and head: the visible band for a window
+        (query i sees keys i - L ... i), half the square when causal."""
+        s = self.seqlen
+        if self.variant is not None and self.variant.kind == "window":
+            left = min(self.variant.value, s - 1)
+            return (left + 1) * s - left * (left + 1) / 2
+        return s * s * (0.5 if self.causal else 1.0)
 
     @property
     def flops(self) -> float:
-        forward = 4 * self.batch * self.nheads * self.seqlen**2 * self.headdim
-        return forward * (0.5 if self.causal else 1.0) * FLOP_FACTOR[self.mode]
+        return 4 * self.batch * self.nheads * self.pairs * self.headdim * FLOP_FACTOR[self.mode]
 
     @property
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.headdim)
+
+    @property
+    def plain(self) -> Case:
+        return dataclasses.replace(self, variant=None)
+
+    @property
+    def kind(self) -> str | None:
+        return None if self.variant is None else self.variant.kind
 
 
 @dataclass
@@ -96,6 +158,10 @@ class Result:
     tflops: float | None = None
     peak_bytes: int | None = None
     error: str = ""
+
+
+class Unsupported(Exception):
+    """An implementation that cannot express the case; the message says why."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -116,6 +182,11 @@ def random_array(shape, dtype, xp=np, seed=0):
     return x.astype(dtype)
 
 
+def alibi_slopes(nheads: int) -> np.ndarray:
+    """BLOOM's slopes 2^(-8 (h + 1) / nheads), float32."""
+    return (2.0 ** (-8.0 * np.arange(1, nheads + 1) / nheads)).astype(np.float32)
+
+
 def make_inputs(case: Case, xp) -> dict:
     dtype = DTYPES[case.dtype]
     q_shape = (case.batch, case.seqlen, case.nheads, case.headdim)
@@ -126,6 +197,68 @@ def make_inputs(case: Case, xp) -> dict:
         "v": random_array(kv_shape, dtype, xp, seed=3),
         "dout": random_array(q_shape, dtype, xp, seed=4),
     }
+
+
+def variant_inputs(case: Case, xp) -> dict:
+    """The arrays the case's variant adds to :func:`make_inputs`."""
+    if case.kind == "alibi":
+        return {"alibi_slopes": xp.asarray(alibi_slopes(case.nheads))}
+    if case.variant == Variant("mask", "padding"):  # a key-padding mask: True = a real token
+        mask = xp.ones((case.batch, 1, 1, case.seqlen), dtype=bool)
+        mask[..., case.seqlen - int(case.seqlen * PADDING_FRACTION):] = False
+        return {"attn_mask": mask}
+    if case.variant == Variant("mask", "bias"):  # a per-head position bias shared by the batch, as T5's
+        return {"attn_mask": random_array((1, case.nheads, case.seqlen, case.seqlen), DTYPES[case.dtype], xp, seed=5)}
+    return {}
+
+
+def variant_kwargs(case: Case, x: dict) -> dict:
+    """cupyflash's keywords for the case's variant."""
+    v = case.variant
+    if v is None:
+        return {}
+    if v.kind == "window":  # Mistral's sliding window: causal, query i sees keys i - L ... i
+        return {"window_size": (v.value, 0)}
+    if v.kind == "softcap":
+        return {"softcap": v.value}
+    if v.kind == "alibi":
+        return {"alibi_slopes": x["alibi_slopes"]}
+    if v.kind == "mask":
+        return {"attn_mask": x["attn_mask"]}
+    return {"dropout_p": v.value, "dropout_seed": DROPOUT_SEED}
+
+
+def dense_mask_bytes(case: Case) -> int:
+    """Size of :func:`dense_mask`'s result."""
+    if case.variant == Variant("mask", "padding"):
+        return case.batch * case.seqlen * (case.seqlen if case.causal else 1)
+    if case.kind == "alibi" or case.variant == Variant("mask", "bias"):
+        return case.nheads * case.seqlen**2 * DTYPES[case.dtype].itemsize
+    return case.seqlen**2
+
+
+def dense_mask(case: Case, x: dict, xp, dtype):
+    """Causality and the variant's keys and biases as one SDPA ``attn_mask``, broadcastable to
+    (batch, nheads, seqlen, seqlen): bool (True = attends) when it only hides keys, else an
+    additive bias in ``dtype`` with -inf where hidden; None when plain attention needs none."""
+    s, v = case.seqlen, case.variant
+    i = xp.arange(s, dtype=np.int32)[:, None]
+    j = xp.arange(s, dtype=np.int32)[None, :]
+    visible = (j <= i)[None, None] if case.causal else None  # seqlen_q == seqlen_k: no offset
+    if case.kind == "window":
+        visible &= j >= i - v.value
+    elif v == Variant("mask", "padding"):
+        visible = x["attn_mask"] if visible is None else visible & x["attn_mask"]
+    ct = _compute_dtype(np.dtype(dtype))
+    if case.kind == "alibi":
+        bias = -x["alibi_slopes"][None, :, None, None].astype(ct) * xp.abs(i - j).astype(ct)
+    elif v == Variant("mask", "bias"):
+        bias = x["attn_mask"].astype(ct)
+    else:
+        return visible
+    if visible is not None:
+        bias = xp.where(visible, bias, ct(-np.inf))
+    return bias.astype(dtype)
 
 
 # --------------------------------------------------------------------------- naive attention
@@ -152,24 +285,33 @@ def _compute_dtype(dtype):
     return np.float64 if dtype == np.float64 else np.float32
 
 
-def naive_forward(q, k, v, causal, scale):
-    """Standard attention; returns (out, P) with P = softmax(Q Kᵀ scale) materialised."""
+def naive_forward(q, k, v, scale, bias=None, softcap=0.0):
+    """Standard attention; returns (out, P, dcap) with P = softmax of the scores materialised.
+
+    ``bias`` (compute dtype, -inf hides a key) is added to the scores after the softcap;
+    ``dcap`` is the softcap's derivative for the backward, None without one.
+    """
     xp = _array_module(q)
     ct = _compute_dtype(q.dtype)
     groups = q.shape[2] // k.shape[2]
-    sq, sk = q.shape[1], k.shape[1]
     s = _heads_first(q, ct) @ _heads_first(k, ct, groups).swapaxes(-1, -2)
     s *= scale
-    if causal:  # bottom-right aligned: query i sees keys j <= i + sk - sq
-        s += xp.triu(xp.full((sq, sk), -xp.inf, dtype=ct), k=sk - sq + 1)
+    dcap = None
+    if softcap:
+        s /= softcap
+        xp.tanh(s, out=s)
+        dcap = 1 - s * s
+        s *= softcap
+    if bias is not None:
+        s += bias
     s -= s.max(axis=-1, keepdims=True)
     xp.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
     out = s @ _heads_first(v, ct, groups)
-    return out.transpose(0, 2, 1, 3).astype(q.dtype), s
+    return out.transpose(0, 2, 1, 3).astype(q.dtype), s, dcap
 
 
-def naive_backward(dout, q, k, v, out, p, scale):
+def naive_backward(dout, q, k, v, out, p, dcap, scale):
     """Explicit backward of standard attention given the saved probabilities P."""
     ct = _compute_dtype(q.dtype)
     groups = q.shape[2] // k.shape[2]
@@ -178,6 +320,8 @@ def naive_backward(dout, q, k, v, out, p, scale):
     ds = do @ _heads_first(v, ct, groups).swapaxes(-1, -2)  # dP
     ds -= (do * _heads_first(out, ct)).sum(axis=-1, keepdims=True)
     ds *= p  # dS = P * (dP - rowsum(dO * O))
+    if dcap is not None:
+        ds *= dcap
     dq = ds @ _heads_first(k, ct, groups)
     dk = ds.swapaxes(-1, -2) @ _heads_first(q, ct)
     dq *= scale
@@ -197,33 +341,57 @@ def naive_backward(dout, q, k, v, out, p, scale):
 def build_cupyflash(case: Case, x: dict) -> Callable:
     import cupyflash
 
-    q, k, v, dout, causal = x["q"], x["k"], x["v"], x["dout"], case.causal
+    q, k, v, dout = x["q"], x["k"], x["v"], x["dout"]
+    kwargs = {"causal": case.causal, **variant_kwargs(case, x)}
     if case.mode == "fwd":
-        return lambda: cupyflash.attention(q, k, v, causal=causal)
+        return lambda: cupyflash.attention(q, k, v, **kwargs)
+
+    def backward(out, lse):
+        return cupyflash.attention_backward(dout, q, k, v, out, lse, **kwargs)
+
     if case.mode == "bwd":
-        out, lse = cupyflash.attention(q, k, v, causal=causal, return_lse=True)
-        return lambda: cupyflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
-
-    def fwd_bwd():
-        _, vjp = cupyflash.attention_vjp(q, k, v, causal=causal)
-        return vjp(dout)
-
-    return fwd_bwd
+        out, lse = cupyflash.attention(q, k, v, return_lse=True, **kwargs)
+        return lambda: backward(out, lse)
+    return lambda: backward(*cupyflash.attention(q, k, v, return_lse=True, **kwargs))
 
 
 def build_naive(case: Case, x: dict) -> Callable:
-    q, k, v, dout, causal, scale = x["q"], x["k"], x["v"], x["dout"], case.causal, case.scale
+    if case.kind == "dropout":
+        raise Unsupported("the naive peer has no dropout")
+    q, k, v, dout, scale = x["q"], x["k"], x["v"], x["dout"], case.scale
+    xp, ct = _array_module(q), _compute_dtype(q.dtype)
+    bias = dense_mask(case, x, xp, ct)
+    if bias is not None and bias.dtype == bool:
+        bias = xp.where(bias, ct(0), ct(-np.inf))
+    softcap = case.variant.value if case.kind == "softcap" else 0.0
     if case.mode == "fwd":
-        return lambda: naive_forward(q, k, v, causal, scale)[0]
+        return lambda: naive_forward(q, k, v, scale, bias, softcap)[0]
     if case.mode == "bwd":
-        out, p = naive_forward(q, k, v, causal, scale)
-        return lambda: naive_backward(dout, q, k, v, out, p, scale)
+        out, p, dcap = naive_forward(q, k, v, scale, bias, softcap)
+        return lambda: naive_backward(dout, q, k, v, out, p, dcap, scale)
 
     def fwd_bwd():
-        out, p = naive_forward(q, k, v, causal, scale)
-        return naive_backward(dout, q, k, v, out, p, scale)
+        out, p, dcap = naive_forward(q, k, v, scale, bias, softcap)
+        return naive_backward(dout, q, k, v, out, p, dcap, scale)
 
     return fwd_bwd
+
+
+def sdpa_kwargs(backend_name: str, case: Case, x: dict, torch) -> dict:
+    """SDPA's keywords for the case, or Unsupported when this backend cannot express it."""
+    if case.kind == "softcap":
+        raise Unsupported("SDPA has no softcap (a function of each score, which no additive mask expresses)")
+    if case.kind == "dropout":
+        return {"is_causal": case.causal, "dropout_p": case.variant.value}
+    if case.kind is None:
+        return {"is_causal": case.causal}  # seqlen_q == seqlen_k: top-left == bottom-right
+    if backend_name == "FLASH_ATTENTION":
+        raise Unsupported(f"torch's flash backend takes no attn_mask, which {case.variant.label} needs")
+    if dense_mask_bytes(case) > DENSE_MASK_LIMIT:
+        raise Unsupported(f"{case.variant.label} as a dense attn_mask would take "
+                          f"{dense_mask_bytes(case) / GiB:.1f} GiB (limit {DENSE_MASK_LIMIT / GiB:g})")
+    # is_causal cannot go with attn_mask: the mask carries causality too.
+    return {"attn_mask": torch.from_dlpack(dense_mask(case, x, _array_module(x["q"]), DTYPES[case.dtype]))}
 
 
 def build_torch(backend_name: str, case: Case, x: dict) -> Callable:
@@ -232,9 +400,9 @@ def build_torch(backend_name: str, case: Case, x: dict) -> Callable:
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     backend = getattr(SDPBackend, backend_name)
+    kwargs = sdpa_kwargs(backend_name, case, x, torch)
     # Zero-copy DLPack views, transposed to SDPA's (batch, heads, seq, dim) layout.
     q, k, v, dout = (torch.from_dlpack(x[n]).transpose(1, 2) for n in ("q", "k", "v", "dout"))
-    kwargs = {"is_causal": case.causal}  # seqlen_q == seqlen_k: top-left == bottom-right
     if case.nheads != case.nheads_kv:
         kwargs["enable_gqa"] = True
 
@@ -252,7 +420,7 @@ def build_torch(backend_name: str, case: Case, x: dict) -> Callable:
 
 
 def builder(impl: str) -> Callable[[Case, dict], Callable]:
-    if impl == "cupyflash":
+    if impl in ("cupyflash", PLAIN):
         return build_cupyflash
     if impl == "naive":
         return build_naive
@@ -334,25 +502,55 @@ class CpuBackend:
         return isinstance(exc, MemoryError)
 
 
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
 def gpu_unavailable_reason() -> str | None:
-    """None when CuPy sees a CUDA device, else why not."""
+    """None when CuPy sees a CUDA device, else what is missing."""
+    if importlib.util.find_spec("cupy") is None:
+        return 'cupy is not installed: pip install ".[cuda12]" or ".[cuda13]" from the repository root'
     try:
         import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return None
-        return "no CUDA device"
-    except Exception as exc:  # ImportError, CUDARuntimeError (no driver), ...
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    except Exception as exc:
+        return f"cupy does not import: {exc}".splitlines()[0]
+    runtime = cupy.cuda.runtime
+    try:
+        driver = runtime.driverGetVersion()  # 0 when no driver is installed
+        if driver == 0:
+            return "no NVIDIA driver found (libcuda is not installed or not on the library path)"
+        count = runtime.getDeviceCount()
+    except runtime.CUDARuntimeError as exc:
+        if exc.status == 35:  # cudaErrorInsufficientDriver, with a driver present: an old one
+            return (f"the NVIDIA driver supports CUDA {_cuda_version(driver)}, older than the CUDA "
+                    f"{_cuda_version(runtime.runtimeGetVersion())} that cupy {cupy.__version__} is built for: "
+                    f"update the driver, or install cupy-cuda{driver // 1000}x")
+        if exc.status != 100:  # cudaErrorNoDevice
+            return f"CUDA error: {exc}".splitlines()[0]
+        count = 0
+    except Exception as exc:  # cupy without a loadable CUDA runtime, ...
+        return f"cupy cannot use CUDA: {type(exc).__name__}: {exc}".splitlines()[0]
+    if count == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hidden = "" if visible is None else f"; CUDA_VISIBLE_DEVICES={visible!r}"
+        return f"the NVIDIA driver (CUDA {_cuda_version(driver)}) sees no CUDA device{hidden}"
+    return None
 
 
 def load_torch():
-    """torch if importable with CUDA, else None.  Never imported at package import."""
+    """(torch, None) when torch can run on the GPU, else (None, what is missing).
+    Never imported at package import."""
+    if importlib.util.find_spec("torch") is None:
+        return None, "torch is not installed (a CUDA build of torch runs them)"
     try:
         import torch
-    except ImportError:
-        return None
-    return torch if torch.cuda.is_available() else None
+    except Exception as exc:
+        return None, f"torch does not import: {exc}".splitlines()[0]
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return None, f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable GPU"
+    return torch, None
 
 
 # --------------------------------------------------------------------------- sweep
@@ -364,6 +562,8 @@ def run_case(impl: str, case: Case, inputs: dict, backend, repeats: int, warmup:
             warnings.simplefilter("ignore")  # torch explains every backend it rejects
             ms, peak = backend.measure(builder(impl)(case, inputs), repeats, warmup)
         result = Result("ok", ms, case.flops / (ms * 1e-3) / 1e12, peak)
+    except Unsupported as exc:
+        result = Result("n/a", error=str(exc))
     except Exception as exc:
         status = "OOM" if backend.is_oom(exc) else "n/a"
         result = Result(status, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
@@ -371,60 +571,73 @@ def run_case(impl: str, case: Case, inputs: dict, backend, repeats: int, warmup:
     return result
 
 
-def build_cases(modes, causals, headdims, seqlens, dtype, batch, nheads, nheads_kv) -> list[Case]:
+def build_cases(modes, causals, headdims, seqlens, dtype, batch, nheads, nheads_kv, variants=(None,)) -> list[Case]:
     cases = []
-    for mode in modes:
-        for causal in causals:
-            for hd in headdims:
-                for s in seqlens:
-                    h = nheads or max(1, HIDDEN // hd)
-                    cases.append(Case(mode, causal, hd, s, batch or max(1, TOKENS_PER_BATCH // s),
-                                      h, nheads_kv or h, dtype))
+    for variant in variants:
+        for mode in modes:
+            # A sliding window is causal (window_size=(L, 0)).
+            for causal in (True,) if variant is not None and variant.kind == "window" else causals:
+                for hd in headdims:
+                    for s in seqlens:
+                        h = nheads or max(1, HIDDEN // hd)
+                        cases.append(Case(mode, causal, hd, s, batch or max(1, TOKENS_PER_BATCH // s),
+                                          h, nheads_kv or h, dtype, variant))
     return cases
 
 
-class _Counter:
-    """Minimal stand-in for tqdm: one status line rewritten in place."""
-
-    def __init__(self, total):
-        self.total, self.n, self.text = total, 0, ""
-
-    def set_description(self, text):
-        self.text = text
-
-    def update(self, n=1):
-        self.n += n
-        print(f"\r[{self.n}/{self.total}] {self.text:<48}", end="", file=sys.stderr, flush=True)
-
-    def close(self):
-        print(file=sys.stderr)
-
-
+@contextlib.contextmanager
 def progress(total):
+    """A progress bar on stderr (rich, else tqdm, else none); yields ``step(text)``, called as
+    each run starts."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        pass
+    else:
+        columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("", total=total)
+            yield lambda text: bar.update(task, description=text, advance=1)
+        return
     try:
         from tqdm import tqdm
     except ImportError:
-        return _Counter(total)
-    return tqdm(total=total, file=sys.stderr, leave=False, unit="run")
+        yield lambda text: None
+        return
+    with tqdm(total=total, file=sys.stderr, leave=False, unit="run") as bar:
+        def step(text):
+            bar.set_description(text, refresh=False)
+            bar.update()
+
+        yield step
+
+
+def describe(case: Case) -> str:
+    variant = f"{case.variant.label} " if case.variant else ""
+    return f"{variant}{case.mode} {'causal ' if case.causal else ''}d{case.headdim} n{case.seqlen}"
 
 
 def sweep(cases, impls, backend, repeats, warmup) -> list[dict[str, Result]]:
     rows = []
-    bar = progress(len(cases) * len(impls))
-    try:
+    plain = {}  # one plain measurement per shape, shared by the variants run at it
+    with progress(len(cases) * len(impls)) as step:
         for case in cases:
             inputs = make_inputs(case, backend.xp)
             row = {}
+            if PLAIN in impls:  # first, so that its peak memory leaves out the variant's arrays
+                step(f"{PLAIN} {describe(case)}")
+                if case.plain not in plain:
+                    plain[case.plain] = run_case(PLAIN, case.plain, inputs, backend, repeats, warmup)
+                row[PLAIN] = plain[case.plain]
+            inputs.update(variant_inputs(case, backend.xp))
             for impl in impls:
-                bar.set_description(f"{impl} {case.mode} {'causal ' if case.causal else ''}"
-                                    f"d{case.headdim} n{case.seqlen}")
-                row[impl] = run_case(impl, case, inputs, backend, repeats, warmup)
-                bar.update()
+                if impl != PLAIN:
+                    step(f"{impl} {describe(case)}")
+                    row[impl] = run_case(impl, case, inputs, backend, repeats, warmup)
             rows.append(row)
             del inputs
             backend.cleanup()
-    finally:
-        bar.close()
     return rows
 
 
@@ -437,43 +650,85 @@ def ratio(peer: Result, ours: Result) -> float | None:
     return None
 
 
+def variant_ratio(row: dict[str, Result]) -> float | None:
+    """Variant time / plain time (< 1: the variant is faster)."""
+    return ratio(row["cupyflash"], row[PLAIN]) if PLAIN in row else None
+
+
+def render_table(columns, rows, left: int) -> str:
+    """``columns``: (group, name) pairs, each group's title written above its first column;
+    the first ``left`` columns are left-aligned.  Drawn by rich when importable."""
+    heads = [(g if i == 0 or columns[i - 1][0] != g else "", n) for i, (g, n) in enumerate(columns)]
+    try:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+    except ImportError:
+        widths = [max(len(g), len(n), *(len(r[i]) for r in rows)) for i, (g, n) in enumerate(heads)]
+
+        def line(cells):
+            return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        lines = [line([g for g, _ in heads]), line([n for _, n in heads])]
+        return "\n".join(lines + ["-" * len(lines[1])] + [line(r) for r in rows])
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, (g, n) in enumerate(heads):
+        table.add_column(Text(f"{g}\n{n}"), justify="left" if i < left else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*(Text(c) for c in r))
+    # Wide enough that a narrow terminal or a pipe does not squeeze the columns.
+    console = Console(width=10**4, force_terminal=False)
+    with console.capture() as out:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in out.get().splitlines())
+
+
+def _cells(r: Result) -> list[str]:
+    if r.status == "ok":
+        return [f"{r.ms:.3f}", f"{r.tflops:.4g}", f"{r.peak_bytes / MiB:.1f}"]
+    return [r.status, "-", "-"]
+
+
 def format_table(cases, rows, impls) -> str:
-    peers = impls[1:]
-    header = ["mode", "causal", "hdim", "seqlen"]
+    peers = [i for i in impls if i not in ("cupyflash", PLAIN)]
+    variants = any(c.variant for c in cases)
+    columns = [("", "variant")] if variants else []
+    columns += [("", "mode"), ("", "causal"), ("", "hdim"), ("", "seqlen")]
     for impl in impls:
-        header += ["ms", "TFLOP/s", "MiB"]
-    header += [f"vs {p}" for p in peers]
+        columns += [(impl, "ms"), (impl, "TFLOP/s"), (impl, "MiB")]
+    columns += [("cupyflash speed-up", f"vs {p}") for p in peers]
     body = []
     for case, row in zip(cases, rows):
-        cells = [case.mode, "yes" if case.causal else "no", str(case.headdim), str(case.seqlen)]
+        cells = [case.variant.label] if variants else []
+        cells += [case.mode, "yes" if case.causal else "no", str(case.headdim), str(case.seqlen)]
         for impl in impls:
-            r = row[impl]
-            if r.status == "ok":
-                cells += [f"{r.ms:.3f}", f"{r.tflops:.4g}", f"{r.peak_bytes / MiB:.1f}"]
-            else:
-                cells += [r.status, "-", "-"]
+            cells += _cells(row[impl])
         for p in peers:
             x = ratio(row[p], row["cupyflash"])
             cells.append("-" if x is None else f"{x:.2f}x")
         body.append(cells)
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    # Group titles over the columns: (first column, number of columns, title).
-    groups = [(4 + 3 * i, 3, impl) for i, impl in enumerate(impls)]
-    if peers:
-        groups.append((4 + 3 * len(impls), len(peers), "cupyflash speed-up"))
-    for first, span, title in groups:  # widen a group's last column to fit its title
-        extra = len(title) - (sum(widths[first:first + span]) + 2 * (span - 1))
-        widths[first + span - 1] += max(0, extra)
-    titles = [" " * (sum(widths[:4]) + 6)]
-    titles += [title.ljust(sum(widths[f:f + s]) + 2 * (s - 1)) for f, s, title in groups]
+    return render_table(columns, body, left=5 if variants else 4)
 
-    def fmt(cells):
-        return "  ".join(c.ljust(w) if j < 4 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
 
-    lines = ["  ".join(titles).rstrip(), fmt(header)]
-    lines.append("-" * len(lines[1]))
-    lines += [fmt(cells) for cells in body]
-    return "\n".join(lines)
+def format_variant_table(cases, rows, targets) -> str:
+    """Variant time / plain time per case, and the target where one is set."""
+    columns = [("", "variant"), ("", "mode"), ("", "causal"), ("", "hdim"), ("", "seqlen"),
+               ("ms", "plain"), ("ms", "variant"), ("", "variant/plain")]
+    if targets:
+        columns += [("", "target"), ("", "met")]
+    body = []
+    for case, row in zip(cases, rows):
+        x = variant_ratio(row)
+        cells = [case.variant.label, case.mode, "yes" if case.causal else "no", str(case.headdim), str(case.seqlen),
+                 _cells(row[PLAIN])[0], _cells(row["cupyflash"])[0], "-" if x is None else f"{x:.3f}"]
+        if targets:
+            target = targets.get(case.variant)
+            cells += ["-", "-"] if target is None else [f"<= {target:g}", "-" if x is None else
+                                                        "yes" if x <= target else "NO"]
+        body.append(cells)
+    return render_table(columns, body, left=5)
 
 
 def git_commit() -> str:
@@ -483,10 +738,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
-
-
-def _cuda_version(v: int) -> str:
-    return f"{v // 1000}.{v % 1000 // 10}"
 
 
 def environment(backend, torch_module) -> dict[str, Any]:
@@ -518,11 +769,23 @@ def environment(backend, torch_module) -> dict[str, Any]:
     return env
 
 
-def to_json(cases, rows, impls, env, settings) -> dict:
+def to_json(cases, rows, impls, env, settings, targets=None) -> dict:
+    """The plain sweep's records are unchanged; variant cases add ``variant``, ``plain_flops``,
+    ``variant_ratio`` (variant time / plain time) and, for --variants, ``target``."""
+    peers = [i for i in impls if i not in ("cupyflash", PLAIN)]
     records = []
     for case, row in zip(cases, rows):
-        record = {**asdict(case), "flops": case.flops, "results": {i: asdict(row[i]) for i in impls}}
-        record["speedup"] = {p: ratio(row[p], row["cupyflash"]) for p in impls[1:]}
+        record = asdict(case)
+        del record["variant"]
+        record.update({"flops": case.flops, "results": {i: asdict(row[i]) for i in impls},
+                       "speedup": {p: ratio(row[p], row["cupyflash"]) for p in peers}})
+        if case.variant is not None:
+            x = variant_ratio(row)
+            record.update({"variant": {**asdict(case.variant), "label": case.variant.label},
+                           "plain_flops": case.plain.flops, "variant_ratio": x})
+            target = (targets or {}).get(case.variant)
+            if target is not None:
+                record["target"] = {"max_variant_ratio": target, "met": None if x is None else x <= target}
         records.append(record)
     return {"environment": env, "settings": settings, "cases": records}
 
@@ -543,7 +806,10 @@ def plot(cases, rows, impls, path: str) -> tuple[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((c.mode, c.causal, c.headdim) for c in cases))
+    def panel(c):
+        return c.mode, c.variant, c.causal, c.headdim
+
+    panels = list(dict.fromkeys(panel(c) for c in cases))
     columns = list(dict.fromkeys(p[1:] for p in panels))
     modes = list(dict.fromkeys(p[0] for p in panels))
     seqlens = sorted({c.seqlen for c in cases})
@@ -551,11 +817,12 @@ def plot(cases, rows, impls, path: str) -> tuple[str, str]:
     for filename, metric, label in zip(outputs, ("tflops", "peak_bytes"), ("TFLOP/s", "peak memory (MiB)")):
         fig, axes = plt.subplots(len(modes), len(columns), squeeze=False, sharex=True,
                                  figsize=(3.6 * len(columns), 2.8 * len(modes)))
-        for (mode, causal, hd) in panels:
-            ax = axes[modes.index(mode)][columns.index((causal, hd))]
+        for key in panels:
+            mode, variant, causal, hd = key
+            ax = axes[modes.index(mode)][columns.index(key[1:])]
             for impl in impls:
                 pts = [(c.seqlen, getattr(row[impl], metric)) for c, row in zip(cases, rows)
-                       if (c.mode, c.causal, c.headdim) == (mode, causal, hd) and row[impl].status == "ok"]
+                       if panel(c) == key and row[impl].status == "ok"]
                 if pts:
                     xs, ys = zip(*pts)
                     ys = [y / MiB for y in ys] if metric == "peak_bytes" else ys
@@ -565,7 +832,8 @@ def plot(cases, rows, impls, path: str) -> tuple[str, str]:
             ax.minorticks_off()
             if metric == "peak_bytes":
                 ax.set_yscale("log")
-            ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}, hdim {hd}", fontsize=9)
+            title = f"{mode}, {'causal' if causal else 'non-causal'}, hdim {hd}"
+            ax.set_title(f"{variant.label}: {title}" if variant else title, fontsize=9)
             ax.grid(alpha=0.3)
         for ax in axes[-1]:
             ax.set_xlabel("seqlen")
@@ -608,6 +876,17 @@ def _mode_list(text: str) -> list[str]:
     return modes
 
 
+def _number(kind, low, high, closed_low):
+    def parse(text: str):
+        value = kind(text)
+        if not ((value >= low if closed_low else value > low) and (high is None or value < high)):
+            bounds = f"{'[' if closed_low else '('}{low}, {'inf' if high is None else high})"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cupyflash-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -619,7 +898,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nheads", type=int, help="override nheads (default 2048 // headdim on GPU)")
     p.add_argument("--nheads-kv", type=int, help="key/value heads for GQA (default nheads)")
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
-    p.add_argument("--modes", type=_mode_list, default=list(MODES), help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--modes", type=_mode_list, help="comma list of fwd,bwd,fwd+bwd (default all three)")
     p.add_argument("--peers", type=_peer_list, default=list(ALL_PEERS),
                    help="comma list of naive,torch-flash,torch-efficient,torch-cudnn,torch-math, "
                         "or 'all' (everything but torch-math) or 'none'")
@@ -630,36 +909,83 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write every figure and the environment as JSON")
     p.add_argument("--plot", metavar="PATH",
                    help="directory or file prefix for tflops.png and memory.png (needs matplotlib)")
-    return p.parse_args(argv)
+    v = p.add_argument_group("variants", "each flag is one variant, timed next to cupyflash-plain at the same shape")
+    v.add_argument("--window", type=_number(int, 0, None, True), metavar="L",
+                   help="sliding window as Mistral: causal, window_size=(L, 0), query i sees keys i-L..i")
+    v.add_argument("--softcap", type=_number(float, 0, None, False), metavar="C",
+                   help="score soft-capping C*tanh(score/C), e.g. 50 as Gemma-2")
+    v.add_argument("--alibi", action="store_true", help="ALiBi with BLOOM's slopes 2^(-8(h+1)/nheads)")
+    v.add_argument("--mask", choices=("padding", "bias"),
+                   help="padding: bool (batch, 1, 1, seqlen) mask hiding each sequence's last 10%% of keys; "
+                        "bias: float (1, nheads, seqlen, seqlen) additive bias in the input dtype")
+    v.add_argument("--dropout", type=_number(float, 0, 1, False), metavar="P",
+                   help=f"dropout probability (dropout_seed={DROPOUT_SEED})")
+    v.add_argument("--variants", action="store_true",
+                   help="the targets: softcap 50, ALiBi, padding mask and dropout 0.1 at seqlen 4096, window 256 at "
+                        "8192 against full causal; bf16, hdim 128, 16 heads, 16k tokens, fwd and bwd")
+    args = p.parse_args(argv)
+    if args.variants and variants_from_args(args):
+        p.error("--variants runs its own set: leave out --window, --softcap, --alibi, --mask and --dropout")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p.error(f"--plot needs matplotlib: {INSTALL}")
+    return args
+
+
+def variants_from_args(args) -> list[Variant]:
+    variants = []
+    if args.window is not None:
+        variants.append(Variant("window", args.window))
+    if args.softcap is not None:
+        variants.append(Variant("softcap", args.softcap))
+    if args.alibi:
+        variants.append(Variant("alibi"))
+    if args.mask is not None:
+        variants.append(Variant("mask", args.mask))
+    if args.dropout is not None:
+        variants.append(Variant("dropout", args.dropout))
+    return variants
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    reason = "--cpu given" if args.cpu else gpu_unavailable_reason()
+    reason = None if args.cpu else gpu_unavailable_reason()
     peers = list(args.peers)
     torch_module = None
-    if reason is None:
+    if not args.cpu and reason is None:
         if any(p in TORCH_BACKENDS for p in peers):
-            torch_module = load_torch()
+            torch_module, why = load_torch()
             if torch_module is None:
-                print("torch with CUDA not importable: skipping the torch peers")
+                print(f"Skipping the torch peers: {why}.")
                 peers = [p for p in peers if p not in TORCH_BACKENDS]
         backend = GpuBackend(torch_module)
-        seqlens, headdims, repeats, warmup = GPU_QUICK if args.quick else GPU_SWEEP
+        seqlens, headdims, repeats, warmup = GPU_QUICK if args.quick or args.variants else GPU_SWEEP
         dtype, batch, nheads = args.dtype or "bfloat16", args.batch, args.nheads
     else:
-        print(f"No GPU ({reason}): benchmarking the NumPy backend against naive NumPy at small sizes.")
+        print(f"{'--cpu' if args.cpu else f'No GPU: {reason}.'} "
+              "Benchmarking the NumPy backend against naive NumPy at small sizes.")
         peers = [p for p in peers if p == "naive"]
         backend = CpuBackend()
-        seqlens, headdims, repeats, warmup = CPU_QUICK if args.quick else CPU_SWEEP
+        seqlens, headdims, repeats, warmup = CPU_QUICK if args.quick or args.variants else CPU_SWEEP
         dtype, batch, nheads = args.dtype or "float32", args.batch or 1, args.nheads or 2
-    seqlens = args.seqlens or seqlens
-    headdims = args.headdims or headdims
     repeats = args.repeats or repeats
     warmup = warmup if args.warmup is None else args.warmup
     causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
-    impls = ["cupyflash", *peers]
-    cases = build_cases(args.modes, causals, headdims, seqlens, dtype, batch, nheads, args.nheads_kv)
+    shape = (dtype, batch, nheads, args.nheads_kv)
+    targets = {}
+    if args.variants:
+        seqlen, window_seqlen, headdim = PRESET_SHAPES[backend.name]
+        headdims, modes = args.headdims or [headdim], args.modes or ["fwd", "bwd"]
+        cases = []
+        for variant, target in VARIANT_PRESET:
+            lengths = args.seqlens or [window_seqlen if variant.kind == "window" else seqlen]
+            cases += build_cases(modes, causals, headdims, lengths, *shape, variants=[variant])
+            if backend.name == "cuda":  # the targets are for the CUDA kernels
+                targets[variant] = target
+    else:
+        variants = variants_from_args(args) or [None]
+        cases = build_cases(args.modes or MODES, causals, args.headdims or headdims, args.seqlens or seqlens,
+                            *shape, variants=variants)
+    impls = ["cupyflash", *([PLAIN] if cases[0].variant else []), *peers]
 
     if backend.name == "numpy":
         tracemalloc.start()
@@ -676,10 +1002,17 @@ def main(argv=None) -> int:
     errors = sorted({f"{impl}: {r.error}" for row in rows for impl, r in row.items() if r.status == "n/a"})
     for line in errors:
         print(f"n/a  {line}")
+    if cases[0].variant:
+        print("\nVariant cost: cupyflash time with the variant / without it at the same shape"
+              " (a window's plain case is full causal attention)")
+        print(format_variant_table(cases, rows, targets))
     if args.json:
         settings = {"dtype": dtype, "repeats": repeats, "warmup": warmup, "impls": impls}
+        if cases[0].variant:
+            settings["variants"] = list(dict.fromkeys(c.variant.label for c in cases))
+            settings["preset"] = "variants" if args.variants else None
         with open(args.json, "w") as f:
-            json.dump(to_json(cases, rows, impls, env, settings), f, indent=2)
+            json.dump(to_json(cases, rows, impls, env, settings, targets), f, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
         print("wrote " + " and ".join(plot(cases, rows, impls, args.plot)))

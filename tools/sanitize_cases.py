@@ -1,7 +1,10 @@
-"""A small case of every kernel family and dtype, for compute-sanitizer (tools/gpu_validate.sh).
+"""A small case of every kernel family, dtype and variant feature, for compute-sanitizer
+(tools/gpu_validate.sh).
 
-Covers the tensor-core forward (16-bit; vector and element loads), the CUDA-core forward
-(float32, float64) and the three backward kernels, causal and not, with GQA and ragged tiles.
+Covers the tensor-core forward (16-bit; vector and element loads), the CUDA-core forward (float32,
+float64) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
+variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
+together, with NaN in masked keys so the guarded products run too.
 """
 import cupy as cp
 import ml_dtypes
@@ -10,13 +13,35 @@ import numpy as np
 import cupyflash
 
 rng = np.random.default_rng(0)
+
+
+def device(x):
+    return cp.asarray(x.view(f"u{x.dtype.itemsize}")).view(x.dtype)
+
+
+def run(dtype, headdim, sq=70, sk=90, poison=False, **variant):
+    q, k, v, dout = (rng.standard_normal(shape).astype(dtype) for shape in
+                     [(1, sq, 4, headdim), (1, sk, 2, headdim), (1, sk, 2, headdim), (1, sq, 4, headdim)])
+    if poison:  # data only rows that cannot see it would meet: the guarded products run
+        k[:, -1], v[:, -1], q[:, 0], dout[:, 0] = np.nan, np.inf, np.nan, np.nan
+    q, k, v, dout = (device(x) for x in (q, k, v, dout))
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **variant)
+    want_dbias = variant.get("attn_mask") is not None and variant["attn_mask"].dtype != cp.bool_
+    cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **variant)
+
+
 for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
     for headdim in (64, 59, 160):  # vector loads; element loads; CUDA-core dK/dV for 16-bit
         for causal in (False, True):
-            q, k, v, dout = (cp.asarray(rng.standard_normal(shape).astype(dtype).view(f"u{np.dtype(dtype).itemsize}"))
-                             .view(dtype) for shape in [(1, 70, 4, headdim), (1, 90, 2, headdim),
-                                                        (1, 90, 2, headdim), (1, 70, 4, headdim)])
-            out, lse = cupyflash.attention(q, k, v, causal=causal, return_lse=True)
-            cupyflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+            run(dtype, headdim, causal=causal)
+        run(dtype, headdim, poison=True, causal=True)
+    slopes = cp.asarray(rng.uniform(0.01, 0.5, 4).astype(np.float32))
+    padding = cp.asarray(rng.random((1, 1, 1, 90)) > 0.2)
+    bias = device(rng.standard_normal((1, 4, 70, 90)).astype(dtype))
+    for variant in (dict(window_size=(20, 5)), dict(softcap=3.0), dict(alibi_slopes=slopes),
+                    dict(attn_mask=padding), dict(attn_mask=bias), dict(dropout_p=0.3, dropout_seed=7),
+                    dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
+                         dropout_p=0.1, dropout_seed=3)):
+        run(dtype, 64, **variant)
 cp.cuda.Device().synchronize()
 print("sanitize cases: done")

@@ -1,0 +1,157 @@
+// The variants of the score, for every kernel: which tiles a row needs (tile ranges), whether a tile
+// needs element-wise visibility at all, and per element the visibility, the transformed score (with
+// its derivative for the backward) and the dropout bits. Its NumPy twin is cupyflash/_variants.py;
+// the rules are docs/variants.md.
+//
+// A kernel takes one Variant type as a template argument; FEATURES is a bit set of the features
+// compiled in, so the plain kernel (FEATURES = 0) contains none of this code.
+#pragma once
+#include "common.cuh"
+#include "params.cuh"
+#include "philox.cuh"
+
+enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32 };
+
+template <int FEATURES, typename MaskT = unsigned char>
+struct Variant {
+    static constexpr bool window = FEATURES & WINDOW, softcap = FEATURES & SOFTCAP, alibi = FEATURES & ALIBI,
+                          bool_mask = FEATURES & BOOL_MASK, bias = FEATURES & BIAS, dropout = FEATURES & DROPOUT;
+    // A bool mask or a bias (whose -inf entries mask too) can hide any element of any tile.
+    static constexpr bool masks_everywhere = bool_mask || bias;
+    // Whether some row may not see a key whose data it multiplies (beyond the ends, which loads zero).
+    static constexpr bool hides_keys = window || masks_everywhere;
+
+    int seqlen_q, seqlen_k, offset, left, right, b, h;
+    double cap, dropout_scale;  // converted to the accumulation type where used
+    float slope;
+    const MaskT* mask;  // row i, column j at mask[i * mask_sq + j * mask_sk]
+    i64 mask_sq, mask_sk;
+    unsigned seed_lo, seed_hi, threshold;
+
+    __device__ Variant(const FwdParams& p, int b_, int h_)
+        : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), offset(p.seqlen_k - p.seqlen_q),
+          left(window ? p.var.window_left : -1), right(window ? p.var.window_right : -1), b(b_), h(h_),
+          cap(p.var.softcap), dropout_scale(p.var.dropout_scale),
+          slope(alibi ? p.var.alibi[b_ * p.var.alibi_sb + h_ * p.var.alibi_sh] : 0.f),
+          mask(masks_everywhere ? static_cast<const MaskT*>(p.var.mask) + b_ * p.var.mask_sb + h_ * p.var.mask_sh
+                                : nullptr),
+          mask_sq(p.var.mask_sq), mask_sk(p.var.mask_sk), seed_lo(p.var.seed_lo), seed_hi(p.var.seed_hi),
+          threshold(p.var.dropout_threshold) {}
+
+    // ---- tile ranges (bounds and window): [begin, end) of keys that rows [m0, m1) may see, and of
+    // queries that may see keys [n0, n1). Tiles outside are skipped, not masked.
+    __device__ __forceinline__ int key_begin(int m0) const { return left >= 0 ? max(0, m0 + offset - left) : 0; }
+    __device__ __forceinline__ int key_end(int m1) const {
+        return right >= 0 ? max(0, min(seqlen_k, m1 + offset + right)) : seqlen_k;
+    }
+    __device__ __forceinline__ int query_begin(int n0) const { return right >= 0 ? max(0, n0 - offset - right) : 0; }
+    __device__ __forceinline__ int query_end(int n1) const {
+        return left >= 0 ? max(0, min(seqlen_q, n1 - offset + left)) : seqlen_q;
+    }
+    // Key tiles [first, last) of width BLOCK_N for the query tile at m0 of BLOCK_M rows.
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ void key_tiles(int m0, int& first, int& last) const {
+        const int begin = key_begin(m0), end = key_end(min(m0 + BLOCK_M, seqlen_q));
+        first = begin / BLOCK_N;
+        last = end > begin ? (end + BLOCK_N - 1) / BLOCK_N : first;
+    }
+    // Query tiles [first, last) of height BLOCK_M for the key tile at n0 of BLOCK_N keys.
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ void query_tiles(int n0, int& first, int& last) const {
+        const int begin = query_begin(n0), end = query_end(min(n0 + BLOCK_N, seqlen_k));
+        first = begin / BLOCK_M;
+        last = end > begin ? (end + BLOCK_M - 1) / BLOCK_M : first;
+    }
+
+    // Whether the tile [m0, m0 + bm) x [n0, n0 + bn) needs element-wise visibility: it crosses the
+    // end of the queries or keys, or a window edge, or a mask can hide any element.
+    __device__ __forceinline__ bool tile_needs_mask(int m0, int bm, int n0, int bn) const {
+        return masks_everywhere || m0 + bm > seqlen_q || n0 + bn > seqlen_k ||
+               (left >= 0 && n0 < m0 + bm - 1 + offset - left) || (right >= 0 && n0 + bn - 1 > m0 + offset + right);
+    }
+
+    // ---- elements
+    __device__ __forceinline__ bool visible(int i, int j) const {
+        bool vis = i < seqlen_q && j < seqlen_k;
+        if (left >= 0) vis = vis && j >= i + offset - left;
+        if (right >= 0) vis = vis && j <= i + offset + right;
+        if constexpr (bool_mask) vis = vis && mask[i * mask_sq + j * mask_sk] != 0;
+        return vis;
+    }
+
+    // Score of the raw product s = q.k of (i, j) in log2 units (times log2 e), -inf where masked when
+    // CHECK; dcap receives d(capped)/d(uncapped) for the softcap backward.
+    template <bool CHECK, typename A>
+    __device__ __forceinline__ A score(A s, A scale_log2, int i, int j, A& dcap) const {
+        if (CHECK && !visible(i, j)) return neg_inf<A>();
+        A x;
+        if constexpr (softcap) {
+            const A t = tanh(s * (scale_log2 * A(LN2) / A(cap)));
+            dcap = A(1) - t * t;
+            x = A(cap) * A(LOG2E) * t;
+        } else {
+            x = s * scale_log2;
+        }
+        if constexpr (alibi) x -= A(slope) * A(LOG2E) * A(abs(i + offset - j));
+        if constexpr (bias) x += to_acc(mask[i * mask_sq + j * mask_sk]) * A(LOG2E);
+        return x;
+    }
+    template <bool CHECK, typename A> __device__ __forceinline__ A score(A s, A scale_log2, int i, int j) const {
+        A dcap;
+        return score<CHECK>(s, scale_log2, i, j, dcap);
+    }
+
+    // ---- dropout: the Philox words of row i for the 32-column group holding column j; one call serves
+    // every column 8w + 2q + {0, 1} of the group with q = (j % 8) / 2.
+    __device__ __forceinline__ void random_words(int i, int j, unsigned (&r)[4]) const {
+        philox4x32_10(seed_lo, seed_hi, unsigned((j >> 5) * 4 + ((j & 7) >> 1)), unsigned(i), unsigned(h), unsigned(b),
+                      r);
+    }
+    __device__ __forceinline__ bool keep(const unsigned (&r)[4], int j) const {
+        return dropout_keep_bit(r, j, threshold);
+    }
+    __device__ __forceinline__ bool keep(int i, int j) const {
+        unsigned r[4];
+        random_words(i, j, r);
+        return keep(r, j);
+    }
+};
+
+// A masked probability is stored as -0.0: it weighs nothing in any product, and the guarded products
+// (mma.cuh, gemm_rn_guarded) read it as "this row must not see that key" when the key's data is not
+// finite.
+template <typename A> __device__ __forceinline__ A masked_zero();
+template <> __device__ __forceinline__ float masked_zero<float>() { return -0.f; }
+template <> __device__ __forceinline__ double masked_zero<double>() { return -0.0; }
+__device__ __forceinline__ bool is_masked_zero(float x) { return __float_as_uint(x) == 0x80000000u; }
+__device__ __forceinline__ bool is_masked_zero(double x) {
+    return __double_as_longlong(x) == (long long)0x8000000000000000ULL;
+}
+
+// Probability of a score s (log2 units) under the row maximum m: -0.0 when the score is -inf.
+template <typename A> __device__ __forceinline__ A prob(A s, A m) {
+    return s == neg_inf<A>() ? masked_zero<A>() : fast_exp2(s - m);
+}
+
+// The per-element backward of one (query i, key j) pair: from the raw products s = q.k and
+// dp = dout.v, the dropped probability pd (for dv) and the score gradients ds (for dbias) and
+// dx = ds dcap (for dq, dk). Masked pairs give -0.0 everywhere (mask.cuh).
+template <bool CHECK, typename Var, typename A>
+__device__ __forceinline__ void pair_backward(const Var& var, A s, A dp, A scale_log2, A lse2, A delta, int i, int j,
+                                              bool keep, A& pd, A& ds, A& dx) {
+    A dcap = A(1);
+    const A x = var.template score<CHECK>(s, scale_log2, i, j, dcap);
+    const A pr = CHECK ? prob(x, lse2) : fast_exp2(x - lse2);
+    if (CHECK && is_masked_zero(pr)) {
+        pd = ds = dx = pr;
+        return;
+    }
+    pd = pr;
+    if constexpr (Var::dropout) {
+        const A kept = keep ? A(var.dropout_scale) : A(0);
+        pd *= kept;
+        dp *= kept;
+    }
+    ds = pr * (dp - delta);
+    dx = Var::softcap ? ds * dcap : ds;
+}

@@ -1,0 +1,47 @@
+// One parameter struct per pass, passed by value. cupyflash/_cuda_backend.py mirrors each as a
+// NumPy structured dtype with C alignment; tests/test_params.py checks every offset with NVRTC.
+#pragma once
+#include "common.cuh"
+
+// What the variants of the score read (cuda_src/mask.cuh interprets it).
+struct VariantParams {
+    int window_left, window_right;  // -1: unbounded on that side (causal: right = 0)
+    double softcap;                 // > 0 with the SOFTCAP feature
+    double dropout_scale;           // 1 / (1 - dropout_p)
+    unsigned dropout_threshold;     // keep a probability when its 16-bit random value is >= this
+    unsigned seed_lo, seed_hi;      // Philox key
+    const float* alibi;             // slope of (b, h) at alibi[b * alibi_sb + h * alibi_sh]
+    i64 alibi_sb, alibi_sh;
+    const void* mask;               // bool (1 byte) or float mask, broadcast by zero strides
+    i64 mask_sb, mask_sh, mask_sq, mask_sk;
+    void* dbias;                    // backward: accumulation buffer of the bias gradient (zero strides where
+    i64 dbias_sb, dbias_sh, dbias_sq, dbias_sk;  // the mask broadcasts), in the accumulation type
+};
+
+// Element strides of a (batch, seqlen, heads, headdim) tensor whose last axis is contiguous.
+struct Strides {
+    i64 b, s, h;
+};
+
+struct FwdParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    void* lse;  // (batch, nheads, seqlen_q), accumulation type
+    Strides q_st, k_st, v_st, o_st;
+    int seqlen_q, seqlen_k, headdim, nheads, group;  // group: query heads per kv head
+    double scale;
+    VariantParams var;
+};
+
+struct BwdParams {
+    FwdParams fwd;  // q, k, v, out (read), lse, sizes, scale and the variant
+    const void* dout;
+    void* delta;  // (batch, nheads, seqlen_q) = rowsum(dout * out), accumulation type
+    void* dq;
+    void* dk;
+    void* dv;
+    Strides do_st, dq_st, dk_st, dv_st;
+    int batch;
+};

@@ -1,0 +1,39 @@
+// Philox-4x32-10 and the dropout keep bit: the CUDA twin of cupyflash/_philox.py.
+// keep[b, h, i, j] is a pure function of (seed, b, h, i, j) (docs/variants.md, "Dropout bits"):
+// counter ((j / 32) * 4 + (j % 8) / 2, i, h, b), key (seed low, seed high). One call gives the
+// 8 values of the columns 8w + 2q + {0, 1} (w = 0..3) of a 32-column group, q = (j % 8) / 2: the
+// columns one thread holds in a tensor-core accumulator.
+#pragma once
+
+#include "common.cuh"
+
+__device__ __forceinline__ void philox4x32_10(unsigned k0, unsigned k1, unsigned c0, unsigned c1, unsigned c2,
+                                              unsigned c3, unsigned (&r)[4]) {
+    const unsigned M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        if (round) {
+            k0 += W0;
+            k1 += W1;
+        }
+        const unsigned hi0 = __umulhi(M0, c0), lo0 = M0 * c0;
+        const unsigned hi1 = __umulhi(M1, c2), lo1 = M1 * c2;
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+    }
+    r[0] = c0;
+    r[1] = c1;
+    r[2] = c2;
+    r[3] = c3;
+}
+
+// Column j keeps its probability iff its 16-bit value u[((j % 32) / 8) * 2 + j % 2] >= threshold.
+// Selects rather than r[(j >> 3) & 3], so that r stays in registers when j is not a constant.
+__device__ __forceinline__ bool dropout_keep_bit(const unsigned (&r)[4], int j, unsigned threshold) {
+    const int w = (j >> 3) & 3;
+    const unsigned word = w == 0 ? r[0] : w == 1 ? r[1] : w == 2 ? r[2] : r[3];
+    const unsigned u = (j & 1) ? (word >> 16) : (word & 0xFFFFu);
+    return u >= threshold;
+}

@@ -1,0 +1,77 @@
+"""One frozen description of an attention call: what every backend receives.
+
+Validation (:mod:`cupyflash._validate`) builds it from the public keywords before any work is done;
+the backends take ``(q, k, v, spec)`` with q, k, v already seen as ``(batch, seqlen, heads,
+headdim)`` whatever the caller's layout. A new variant adds a field here, a rule to
+``cuda_src/mask.cuh`` and its NumPy twin ``cupyflash/_variants.py``, and its formula to
+``cupyflash.reference``. The exact semantics are in ``docs/variants.md``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["Spec", "LAYOUTS"]
+
+#: Accepted ``layout`` names: (batch, seqlen, heads, headdim) and (batch, heads, seqlen, headdim).
+LAYOUTS = ("bshd", "bhsd")
+
+
+@dataclass(frozen=True, eq=False)
+class Spec:
+    kind: str                    # 'numpy' or 'cupy'
+    dtype: np.dtype              # of q, k, v
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_kv: int
+    headdim: int
+    scale: float
+    causal: bool
+    window: Tuple[int, int]      # (left, right), -1 = unbounded; causal has right = 0
+    softcap: float               # 0.0 = off
+    alibi_slopes: Any = None     # None or a float32 (batch, nheads) view (stride 0 where broadcast)
+    attn_mask: Any = None        # None or a (batch, nheads, seqlen_q, seqlen_k) view (stride 0 where broadcast)
+    mask_shape: Optional[Tuple[int, ...]] = None  # the caller's mask shape (dbias comes back in it)
+    dropout_p: float = 0.0
+    dropout_seed: Optional[int] = None  # an unsigned 64-bit integer when dropout_p > 0
+    layout: str = "bshd"
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return self.nheads // self.nheads_kv
+
+    @property
+    def offset(self) -> int:
+        """Bottom-right alignment: query i lines up with key i + offset."""
+        return self.seqlen_k - self.seqlen_q
+
+    @property
+    def has_window(self) -> bool:
+        return self.window != (-1, -1)
+
+    @property
+    def mask_kind(self) -> Optional[str]:
+        """'bool' (True = takes part), 'bias' (added to the score) or None."""
+        if self.attn_mask is None:
+            return None
+        return "bool" if np.dtype(self.attn_mask.dtype) == np.bool_ else "bias"
+
+    @property
+    def dropout(self) -> bool:
+        return self.dropout_p > 0.0
+
+    def swap_layout(self, x):
+        """A (batch, seqlen, heads, headdim) view of a caller's array, or back: a zero-copy swap
+        of axes 1 and 2 for layout 'bhsd', the array itself for 'bshd'."""
+        return x.swapaxes(1, 2) if self.layout == "bhsd" else x
+
+    def empty(self, empty, shape, dtype):
+        """An output of (batch, seqlen, heads, headdim) ``shape``, contiguous in the caller's layout,
+        seen as (batch, seqlen, heads, headdim); ``empty`` is the backend's allocator."""
+        b, s, h, d = shape
+        return self.swap_layout(empty((b, h, s, d) if self.layout == "bhsd" else (b, s, h, d), dtype))

@@ -1,0 +1,222 @@
+"""Every variant of the formula on the CUDA kernels (marker `gpu`): window, softcap, ALiBi, bool
+masks, float biases with their gradient, dropout — alone and combined, on every dtype and kernel
+family — against the float64 reference by flash-attn's rule (2x out, 3x gradients of the same-dtype
+naive error, plus a rounding floor), with every output poisoned before the kernels run. Then the
+equivalences no tolerance can be tuned to, the dropout bits, and NaN containment."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cupyflash
+from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, error_scales,
+                     flash_floor, naive_attention, naive_attention_backward)
+from test_gpu import bitwise_equal, poisoned_outputs, to_device  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+RNG = np.random.default_rng(2026)
+
+
+def slopes(nheads, batch=None):
+    shape = (nheads,) if batch is None else (batch, nheads)
+    return RNG.uniform(0.01, 0.5, shape).astype(np.float32)
+
+
+def variant(name, p, dtype=None):
+    """Keywords of one named variant for problem ``p`` (host arrays)."""
+    b, h, sq, sk = p.batch, p.nheads, p.seqlen_q, p.seqlen_k
+    dtype = dtype or p.dtype
+    return {
+        "window": dict(window_size=(int(RNG.integers(0, sk)), int(RNG.integers(-1, 8)))),
+        "sliding": dict(causal=True, window_size=(int(RNG.integers(0, 64)), -1)),
+        "softcap": dict(softcap=float(RNG.uniform(1.0, 30.0))),
+        "alibi": dict(alibi_slopes=slopes(h)),
+        "alibi_batch": dict(alibi_slopes=slopes(h, b), causal=True),
+        "padding": dict(attn_mask=RNG.random((b, 1, 1, sk)) > 0.25),
+        "bool_mask": dict(attn_mask=RNG.random((b, h, sq, sk)) > 0.5),
+        "bias": dict(attn_mask=RNG.standard_normal((1, h, sq, sk)).astype(dtype)),
+        "bias_2d": dict(attn_mask=(RNG.standard_normal((sq, sk)) * 3).astype(np.float32)),
+        "dropout": dict(dropout_p=float(RNG.uniform(0.05, 0.5)), dropout_seed=int(RNG.integers(0, 2**63))),
+        "all": dict(causal=True, window_size=(int(RNG.integers(0, 100)), -1), softcap=5.0, alibi_slopes=slopes(h),
+                    attn_mask=RNG.standard_normal((b, 1, sq, sk)).astype(dtype), dropout_p=0.2,
+                    dropout_seed=int(RNG.integers(0, 2**63))),
+    }[name]
+
+
+def _device(kw):
+    return {k: (to_device(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+
+
+def check(problem, **kw):
+    q, k, v, dout = problem.arrays()
+    scale = problem.scale_value
+    kw.setdefault("causal", problem.causal)
+    bias = kw.get("attn_mask") is not None and kw["attn_mask"].dtype != np.bool_
+    dev = _device(kw)
+    out, lse = cupyflash.attention(*(to_device(x) for x in (q, k, v)), scale=problem.scale, return_lse=True, **dev)
+    grads = cupyflash.attention_backward(*(to_device(x) for x in (dout, q, k, v)), out, lse, scale=problem.scale,
+                                         return_dbias=bias, **dev)
+    names = ("out", "lse", "dq", "dk", "dv", "dbias")[:5 + bias]
+    got = dict(zip(names, (x.get() for x in (out, lse, *grads))))
+
+    ref_kw = dict(kw)
+    if kw.get("dropout_p", 0) > 0:
+        ref_kw["dropout_mask"] = cupyflash.dropout_mask((problem.batch, problem.nheads, problem.seqlen_q,
+                                                         problem.seqlen_k), kw["dropout_p"], kw["dropout_seed"])
+        del ref_kw["dropout_seed"]
+    ref_out, ref_lse = cupyflash.reference.attention(q, k, v, scale=scale, return_lse=True, **ref_kw)
+    ref = dict(zip(names, (ref_out, ref_lse, *cupyflash.reference.attention_backward(
+        dout, q, k, v, ref_out, ref_lse, scale=scale, return_dbias=bias, **ref_kw))))
+    causal = kw.pop("causal")
+    naive = dict(zip(("out", "lse"), naive_attention(q, k, v, causal, scale, **kw)))
+    naive.update(zip(names[2:], naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=bias, **kw)))
+    scales = error_scales(q, k, v, dout, causal, scale, **kw)
+    for name in names:
+        forward = name in ("out", "lse")
+        floor = flash_floor(name, problem.dtype, scales, FWD_FLOOR_ULPS if forward else BWD_FLOOR_ULPS)
+        assert_close_flash_rule(got[name], ref[name], naive[name], 2 if forward else 3, floor,
+                                name=f"{name} of {problem} with {sorted(kw)}")
+
+
+VARIANTS = ("window", "sliding", "softcap", "alibi", "alibi_batch", "padding", "bool_mask", "bias", "bias_2d",
+            "dropout", "all")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_variant(dtype, name):
+    p = Problem(2, 150, 203, 4, 2, 64, dtype, False, None, None, VARIANTS.index(name))
+    check(p, **variant(name, p))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("headdim", [59, 256])  # element loads; the CUDA-core dK/dV of 16-bit
+def test_all_variants_at_other_head_dims(dtype, headdim):
+    p = Problem(1, 130, 97, 4, 1, headdim, dtype, True, None, 25.0, headdim)
+    check(p, **variant("all", p))
+
+
+@settings(max_examples=30)
+@given(dtype=st.sampled_from(DTYPES), names=st.sets(st.sampled_from(VARIANTS[:-1]), min_size=1, max_size=3),
+       seqlen_q=st.sampled_from([1, 17, 128, 300]), seqlen_k=st.sampled_from([1, 5, 129, 257]),
+       heads=st.sampled_from([(4, 4), (4, 2), (2, 1)]), seed=st.integers(0, 2**32 - 1))
+def test_random_combinations(dtype, names, seqlen_q, seqlen_k, heads, seed):
+    p = Problem(2, seqlen_q, seqlen_k, heads[0], heads[1], 64, dtype, False, None, None, seed)
+    kw = {}
+    for name in sorted(names):  # later keys win where two variants set the same keyword
+        kw.update(variant(name, p))
+    check(p, **kw)
+
+
+def _run(q, k, v, **kw):
+    return cupyflash.attention(to_device(q), to_device(k), to_device(v), return_lse=True, **_device(kw))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_equivalences(dtype):
+    """window == bool mask; ALiBi == float mask; window (-1, 0) == causal; zero bias == none."""
+    p = Problem(2, 97, 130, 4, 2, 64, dtype, False, None, None, 5)
+    q, k, v, _ = p.arrays()
+    i = np.arange(97)[:, None] + 130 - 97
+    j = np.arange(130)[None, :]
+    tol = dict(rtol=0, atol=1e-5 if dtype == np.float32 else 2e-3)
+
+    def close(a, b):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.get().astype(np.float64), y.get().astype(np.float64), **tol)
+
+    close(_run(q, k, v, window_size=(20, 3)), _run(q, k, v, attn_mask=(j >= i - 20) & (j <= i + 3)))
+    s = slopes(4)
+    alibi_bias = (-s[:, None, None] * np.abs(i - j)).astype(np.float32)
+    close(_run(q, k, v, alibi_slopes=s), _run(q, k, v, attn_mask=alibi_bias))
+    close(_run(q, k, v, window_size=(-1, 0)), _run(q, k, v, causal=True))
+    close(_run(q, k, v, attn_mask=np.zeros((97, 130), dtype)), _run(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_dropout_bits_match_dropout_mask(dtype):
+    """q = 0 gives uniform P; v = identity puts keep_ij / (seqlen_k (1 - p)) at out[i, j]."""
+    sk, p_drop, seed = 48, 0.3, 12345
+    q = np.zeros((2, 70, 4, 64), dtype)
+    k = RNG.standard_normal((2, sk, 2, 64)).astype(dtype)
+    v = np.zeros((2, sk, 2, 64), dtype)
+    v[:, np.arange(sk), :, np.arange(sk)] = 1
+    out = cupyflash.attention(to_device(q), to_device(k), to_device(v), dropout_p=p_drop, dropout_seed=seed)
+    keep = out.get()[..., :sk].astype(np.float64).transpose(0, 2, 1, 3) > 0
+    assert np.array_equal(keep, cupyflash.dropout_mask((2, 4, 70, sk), p_drop, seed))
+    assert np.array_equal(keep, cupyflash.dropout_mask((2, 4, 70, sk), p_drop, seed, xp=cp).get())
+    n = keep.size
+    assert abs((~keep).sum() - n * p_drop) < 5 * np.sqrt(n * p_drop * (1 - p_drop))
+
+
+def test_dropout_seeds():
+    p = Problem(1, 200, 200, 2, 2, 64, np.float16, True, None, None, 1)
+    q, k, v, dout = (to_device(x) for x in p.arrays())
+    a = cupyflash.attention(q, k, v, dropout_p=0.2, dropout_seed=1)
+    assert bitwise_equal(a, cupyflash.attention(q, k, v, dropout_p=0.2, dropout_seed=1))
+    assert not bitwise_equal(a, cupyflash.attention(q, k, v, dropout_p=0.2, dropout_seed=2))
+    out, vjp = cupyflash.attention_vjp(q, k, v, dropout_p=0.2)  # draws a seed and keeps it
+    first = vjp(dout)
+    assert all(bitwise_equal(x, y) for x, y in zip(first, vjp(dout)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_masked_values_never_reach_a_row(dtype):
+    """NaN and inf in keys, values, queries or output gradients a row cannot see stay out of it."""
+    q = k = np.ones((1, 3, 1, 1), dtype)
+    v = np.array([1, 2, np.nan], dtype).reshape(1, 3, 1, 1)
+    out = cupyflash.attention(to_device(q), to_device(k), to_device(v), causal=True).get().astype(np.float64)
+    assert out[0, :2, 0, 0].tolist() == [1.0, 1.5] and np.isnan(out[0, 2, 0, 0])
+
+    p = Problem(1, 150, 200, 2, 2, 64, dtype, True, None, None, 3)
+    q, k, v, dout = p.arrays()
+    late_v, late_k = v.copy(), k.copy()
+    late_v[:, 190:] = np.inf  # keys 190.. are seen only by queries 140.. (offset 50)
+    late_k[:, 195:] = np.nan
+    out = cupyflash.attention(*(to_device(x) for x in (q, late_k, late_v)), causal=True).get().astype(np.float64)
+    assert np.isfinite(out[:, :140]).all() and np.isnan(out[:, 145:]).all()
+
+    dout[:, :3] = np.nan  # queries 0..2 see keys 0..52 only
+    q[:, 5] = np.nan  # query 5 sees keys 0..55
+    dq, dk, dv = _gradients(q, k, v, dout, causal=True)
+    assert np.isfinite(dk[:, 56:]).all() and np.isfinite(dv[:, 56:]).all() and np.isfinite(dq[:, 6:]).all()
+
+    # a key-padding mask over garbage keys
+    k[:, 150:], v[:, 150:] = np.nan, np.nan
+    pad = np.zeros((1, 1, 1, 200), bool)
+    pad[..., :150] = True
+    out = cupyflash.attention(*(to_device(x) for x in (q[:, 6:], k, v)), attn_mask=to_device(pad)).get()
+    assert np.isfinite(out.astype(np.float64)).all()
+
+
+def _gradients(q, k, v, dout, **kw):
+    q, k, v, dout = (to_device(x) for x in (q, k, v, dout))
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **kw)
+    return [x.get().astype(np.float64) for x in cupyflash.attention_backward(dout, q, k, v, out, lse, **kw)]
+
+
+def test_fully_masked_rows_by_mask():
+    """A row whose keys are all masked gives out 0, lse -inf, zero gradients, never NaN."""
+    p = Problem(2, 64, 80, 2, 2, 64, np.float16, False, None, None, 4)
+    q, k, v, dout = p.arrays()
+    mask = RNG.random((2, 1, 64, 80)) > 0.5
+    mask[:, :, 10] = False
+    bias = np.where(mask, 0.0, -np.inf).astype(np.float32)
+    for kw in (dict(attn_mask=mask), dict(attn_mask=bias)):
+        out, lse = _run(q, k, v, **kw)
+        assert (out.get()[:, 10] == 0).all() and np.isneginf(lse.get()[:, :, 10]).all()
+        assert all(np.isfinite(g).all() for g in _gradients(q, k, v, dout, **kw))
+
+
+def test_layout_bhsd_is_a_view_of_bshd():
+    p = Problem(2, 70, 90, 4, 2, 64, np.float16, True, None, None, 8)
+    q, k, v, dout = (to_device(x) for x in p.arrays())
+    out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    t = [x.swapaxes(1, 2).copy() for x in (q, k, v, dout)]
+    out_t, lse_t = cupyflash.attention(*t[:3], causal=True, return_lse=True, layout="bhsd")
+    assert out_t.flags.c_contiguous and bitwise_equal(out_t.swapaxes(1, 2), out) and bitwise_equal(lse_t, lse)
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    grads_t = cupyflash.attention_backward(t[3], *t[:3], out_t, lse_t, causal=True, layout="bhsd")
+    assert all(bitwise_equal(a.swapaxes(1, 2), b) for a, b in zip(grads_t, grads))

@@ -1,0 +1,61 @@
+"""Compile kernel instantiations in parallel into CuPy's on-disk cache, so that a later test or
+benchmark run (one process, or several that would each compile the same kernels) starts warm.
+
+    python tools/precompile.py            # every instantiation of the CI covering set
+    python tools/precompile.py --all-features --dtypes float16 bfloat16 --headdims 64 128
+
+Needs a GPU (CuPy compiles for the current device's architecture).
+"""
+import argparse
+import concurrent.futures
+import itertools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cupyflash import _plan  # noqa: E402
+
+
+def _compile(launch):
+    from cupyflash import _cuda_backend
+
+    _cuda_backend._module(launch.source, launch.name, launch.options).get_function(launch.name)
+    return launch.name
+
+
+def launches(dtypes, headdims, variants, limit):
+    seen = {}
+    for dtype, d, var, aligned in itertools.product(dtypes, headdims, variants, (True, False)):
+        for launch in (_plan.forward(dtype, d, var, aligned, limit), *_plan.backward(dtype, d, var, aligned, limit)):
+            seen[(launch.source, launch.name)] = launch
+    return list(seen.values())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=None)
+    parser.add_argument("--headdims", nargs="+", type=int, default=None)
+    parser.add_argument("--features", nargs="+", type=int, default=[0], help="Variant feature bit sets")
+    parser.add_argument("--mask-dtypes", nargs="+", default=["bool"])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    import cupy
+
+    cc = cupy.cuda.Device().compute_capability
+    limit = _plan.smem_limit((int(cc[:-1]), int(cc[-1])))
+    if args.dtypes is None and args.headdims is None:
+        todo = _plan.covering_launches()
+    else:
+        variants = [_plan.variant(f, m) for f in args.features for m in args.mask_dtypes]
+        todo = launches(args.dtypes or list(_plan.C_TYPES), args.headdims or [64], variants, limit)
+    start = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        for _ in pool.map(_compile, todo):
+            pass
+    print(f"precompiled {len(todo)} instantiations in {time.perf_counter() - start:.1f} s with {args.jobs} jobs")
+
+
+if __name__ == "__main__":
+    main()
