@@ -11,12 +11,18 @@ from hypothesis import strategies as st
 import cupyflash
 from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, error_scales,
                      flash_floor, naive_attention, naive_attention_backward)
-from test_gpu import bitwise_equal, poisoned_outputs, to_device  # noqa: F401  (fixture)
+from test_gpu import bitwise_equal, poisoned_outputs  # noqa: F401  (fixture)
+from test_gpu import to_device as _to_device
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
 
 RNG = np.random.default_rng(2026)
+
+
+def to_device(x):
+    """Host array to the device bit for bit (bool masks as they are)."""
+    return cp.asarray(x) if x.dtype == np.bool_ else _to_device(x)
 
 
 def slopes(nheads, batch=None):
@@ -193,6 +199,7 @@ def test_masked_values_never_reach_a_row(dtype):
 
 def _gradients(q, k, v, dout, **kw):
     q, k, v, dout = (to_device(x) for x in (q, k, v, dout))
+    kw = _device(kw)
     out, lse = cupyflash.attention(q, k, v, return_lse=True, **kw)
     return [x.get().astype(np.float64) for x in cupyflash.attention_backward(dout, q, k, v, out, lse, **kw)]
 
