@@ -75,6 +75,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
         for (int mt = t_first; mt < t_last; ++mt) {
             const int m0 = mt * BLOCK_M;
             __syncthreads();  // previous query tile fully consumed
+            const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+            if (kind == SKIP) continue;
             load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, qh + (i64)m0 * f.q_st.s, f.q_st.s, 0, f.seqlen_q - m0,
                                                         f.headdim);
             load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sdO, doh + (i64)m0 * p.do_st.s, p.do_st.s, 0, f.seqlen_q - m0,
@@ -98,14 +100,14 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
                     dp[mm] += vd * sdO[(c + TPR * mm) * LD + d];
                 }
             }
-            const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+            const bool needs_mask = kind == EDGE;
             auto pairs = [&](auto check) {
                 constexpr bool CHECK = decltype(check)::value;
 #pragma unroll
                 for (int mm = 0; mm < COLS_M; ++mm) {
                     const int im = c + TPR * mm;
                     A pd, ds, dx;
-                    pair_backward<CHECK>(var, s[mm], dp[mm], scale_log2, sLse[im], sDelta[im], m0 + im, j,
+                    pair_backward<CHECK, sizeof(T) == 2>(var, s[mm], dp[mm], scale_log2, sLse[im], sDelta[im], m0 + im, j,
                                          Var::dropout && var.keep(m0 + im, j), pd, ds, dx);
                     sP[r * LDP + im] = pd;
                     sdX[r * LDP + im] = dx;
@@ -187,6 +189,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
     for (int t = t_first; t < t_last; ++t) {
         const int n0 = t * BLOCK_N;
         __syncthreads();  // previous key tile fully consumed
+        const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+        if (kind == SKIP) continue;
         load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * f.k_st.s, f.k_st.s, 0, f.seqlen_k - n0, f.headdim);
         load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * f.v_st.s, f.v_st.s, 0, f.seqlen_k - n0, f.headdim);
         __syncthreads();
@@ -203,14 +207,14 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
                 dp[jj] += dod * sV[(c + TPR * jj) * LD + d];
             }
         }
-        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        const bool needs_mask = kind == EDGE;
         auto pairs = [&](auto check) {
             constexpr bool CHECK = decltype(check)::value;
 #pragma unroll
             for (int jj = 0; jj < COLS_N; ++jj) {
                 const int jn = c + TPR * jj;
                 A pd, ds, dx;
-                pair_backward<CHECK>(var, s[jj], dp[jj], scale_log2, lse2, delta_i, i, n0 + jn,
+                pair_backward<CHECK, sizeof(T) == 2>(var, s[jj], dp[jj], scale_log2, lse2, delta_i, i, n0 + jn,
                                      Var::dropout && var.keep(i, n0 + jn), pd, ds, dx);
                 sdX[r * LDS + jn] = dx;
                 if (Var::bias && dbias && i < f.seqlen_q && n0 + jn < f.seqlen_k && !is_masked_zero(ds))

@@ -86,6 +86,11 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         const float* cLse = sLse + buf * BLOCK_M;
         const float* cDelta = sDelta + buf * BLOCK_M;
         const Var var(f, b, h);
+        const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+        if (kind == SKIP) {
+            __syncthreads();  // this buffer is refilled two tiles from now
+            continue;
+        }
 
         float st[MT][4], dpt[MT][4];
         zero(st);
@@ -97,24 +102,40 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         auto pairs = [&](auto check) {
             constexpr bool CHECK = decltype(check)::value;
 #pragma unroll
-            for (int j = 0; j < MT; ++j)
+            for (int j = 0; j < MT; ++j) {
+                // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane
+                // and of its neighbour lane ^ 4 (key0 ^ 1): each of the pair draws one column, and they swap.
+                unsigned mine[4], theirs[4];
+                if (Var::dropout) {
+                    var.random_words(m0 + j * 8 + 2 * tq + (g & 1), key0, mine);
+#pragma unroll
+                    for (int w = 0; w < 4; ++w) theirs[w] = __shfl_xor_sync(0xffffffffu, mine[w], 4);
+                }
 #pragma unroll
                 for (int ec = 0; ec < 2; ++ec) {
                     const int im = j * 8 + 2 * tq + ec;
-                    unsigned words[4];
-                    if (Var::dropout) var.random_words(m0 + im, key0, words);  // keys key0 and key0 + 8 share it
+                    const bool own = ec == (g & 1);
 #pragma unroll
                     for (int er = 0; er < 2; ++er) {
                         const int e = 2 * er + ec, key = key0 + 8 * er;
+                        bool kept = false;
+                        if (Var::dropout) {  // key % 32 = 16 (warp % 2) + 8 er + g
+                            const int w = 2 * (warp & 1) + er;
+                            const unsigned word = own ? (w == 0 ? mine[0] : w == 1 ? mine[1] : w == 2 ? mine[2] : mine[3])
+                                                      : (w == 0 ? theirs[0] : w == 1 ? theirs[1] : w == 2 ? theirs[2]
+                                                                                                          : theirs[3]);
+                            kept = ((g & 1) ? word >> 16 : word & 0xFFFFu) >= var.threshold;
+                        }
                         float pd, ds, dx;
-                        pair_backward<CHECK>(var, st[j][e], dpt[j][e], scale_log2, cLse[im], cDelta[im], m0 + im, key,
-                                             Var::dropout && var.keep(words, key), pd, ds, dx);
+                        pair_backward<CHECK, true>(var, st[j][e], dpt[j][e], scale_log2, cLse[im], cDelta[im], m0 + im, key,
+                                                   kept, pd, ds, dx);
                         st[j][e] = pd;
                         dpt[j][e] = dx;
                     }
                 }
+            }
         };
-        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        const bool needs_mask = kind == EDGE;
         if (needs_mask) {
             pairs(Bool<true>());
         } else {
@@ -191,6 +212,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         const int n0 = (t_first + t) * BLOCK_N;
         next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, f.k_st.s, f.v_st.s, t, n_tiles, kv_rows,
                                                             f.headdim);
+        const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+        if (kind == SKIP) continue;  // nothing of it is seen; its buffer is not read
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
@@ -214,16 +237,18 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
 #pragma unroll
                         for (int ec = 0; ec < 2; ++ec) {
                             const int e = 2 * r + ec, col = n0 + j * 8 + 2 * tq + ec;
+                            const bool kept = Var::dropout && (BLOCK_N % 32 == 0 ? var.keep_at(words, j - j0, ec)
+                                                                                  : var.keep(words, col));
                             float pd, ds, dx;
-                            pair_backward<CHECK>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta_row[r], row, col,
-                                                 Var::dropout && var.keep(words, col), pd, ds, dx);
+                            pair_backward<CHECK, true>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta_row[r], row, col,
+                                                       kept, pd, ds, dx);
                             s[j][e] = dx;
                             if (Var::bias && dbias && row < f.seqlen_q && col < f.seqlen_k && !is_masked_zero(ds))
                                 atomicAdd(dbias + row * f.var.dbias_sq + col * f.var.dbias_sk, ds);
                         }
                 }
         };
-        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        const bool needs_mask = kind == EDGE;
         if (needs_mask) {
             pairs(Bool<true>());
         } else {

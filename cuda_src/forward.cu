@@ -43,6 +43,8 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
     for (int t = t_first; t < t_last; ++t) {
         const int n0 = t * BLOCK_N;
         __syncthreads();  // previous tile fully consumed
+        const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+        if (kind == SKIP) continue;
         load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * p.k_st.s, p.k_st.s, 0, p.seqlen_k - n0, p.headdim);
         load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * p.v_st.s, p.v_st.s, 0, p.seqlen_k - n0, p.headdim);
         __syncthreads();
@@ -58,13 +60,13 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
             for (int jj = 0; jj < COLS_N; ++jj) s[jj] += qd * sK[(c + TPR * jj) * LD + d];
         }
 
-        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        const bool needs_mask = kind == EDGE;
         auto softmax_step = [&](auto check) {
             constexpr bool CHECK = decltype(check)::value;
             A tile_max = neg_inf<A>();
 #pragma unroll
             for (int jj = 0; jj < COLS_N; ++jj) {
-                s[jj] = var.template score<CHECK>(s[jj], scale_log2, i, n0 + c + TPR * jj);
+                s[jj] = var.template score<CHECK, sizeof(T) == 2>(s[jj], scale_log2, i, n0 + c + TPR * jj);
                 tile_max = fmax(tile_max, s[jj]);
             }
             const A alpha = stats.rescale(reduce_max<TPR>(tile_max));

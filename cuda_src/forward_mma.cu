@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
     const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + (i64)m0 * p.q_st.s;
     const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + (i64)t_first * BLOCK_N * p.k_st.s;
     const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + (i64)t_first * BLOCK_N * p.v_st.s;
-    const float scale_log2 = float(p.scale) * float(LOG2E);
+    const float scale_log2 = float(p.scale) * float(LOG2E), dropout_scale = float(var.dropout_scale);
 
     if (n_tiles > 0) {
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(sQ, q, p.q_st.s, p.seqlen_q - m0, p.headdim);
@@ -54,6 +54,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         const int n0 = (t_first + t) * BLOCK_N;
         next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, p.k_st.s, p.v_st.s, t, n_tiles, kv_rows,
                                                             p.headdim);
+        const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+        if (kind == SKIP) continue;  // nothing of it is seen; its buffer is not read
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
@@ -72,7 +74,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
-                        s[mt][j][e] = var.template score<CHECK>(s[mt][j][e], scale_log2, row, col);
+                        s[mt][j][e] = var.template score<CHECK, true>(s[mt][j][e], scale_log2, row, col);
                         tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
                     }
                 float alpha[2];
@@ -95,19 +97,22 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
 #pragma unroll
                         for (int j0 = 0; j0 < NT; j0 += NG) {  // one Philox call per row and 32 columns
                             unsigned words[4];
-                            var.random_words(row0 + 16 * mt + 8 * r, n0 + j0 * 8 + 2 * tq, words);
+                            const int col0 = n0 + j0 * 8 + 2 * tq;
+                            var.random_words(row0 + 16 * mt + 8 * r, col0, words);
 #pragma unroll
                             for (int j = j0; j < j0 + NG; ++j)
 #pragma unroll
                                 for (int e = 0; e < 2; ++e) {
-                                    float& x = s[mt][j][2 * r + e];
-                                    x *= var.keep(words, n0 + j * 8 + 2 * tq + e) ? float(var.dropout_scale) : 0.f;
+                                    // tiles start at multiples of 32 columns unless BLOCK_N is 16
+                                    const bool kept = BLOCK_N % 32 == 0 ? var.keep_at(words, j - j0, e)
+                                                                        : var.keep(words, col0 + (j - j0) * 8 + e);
+                                    s[mt][j][2 * r + e] *= kept ? dropout_scale : 0.f;
                                 }
                         }
                 }
             }
         };
-        const bool needs_mask = var.tile_needs_mask(m0, BLOCK_M, n0, BLOCK_N);
+        const bool needs_mask = kind == EDGE;
         if (needs_mask) {
             softmax_step(Bool<true>());
         } else {

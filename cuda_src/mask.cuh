@@ -11,6 +11,14 @@
 #include "philox.cuh"
 
 enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32 };
+enum TileKind : int { SKIP, INTERIOR, EDGE };
+
+__device__ __forceinline__ float tanh_approx(float x) {
+    float t;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(x));
+    return t;
+}
+__device__ __forceinline__ double tanh_approx(double x) { return tanh(x); }
 
 template <int FEATURES, typename MaskT = unsigned char>
 struct Variant {
@@ -63,11 +71,42 @@ struct Variant {
         last = end > begin ? (end + BLOCK_M - 1) / BLOCK_M : first;
     }
 
-    // Whether the tile [m0, m0 + bm) x [n0, n0 + bn) needs element-wise visibility: it crosses the
-    // end of the queries or keys, or a window edge, or a mask can hide any element.
-    __device__ __forceinline__ bool tile_needs_mask(int m0, int bm, int n0, int bn) const {
-        return masks_everywhere || m0 + bm > seqlen_q || n0 + bn > seqlen_k ||
-               (left >= 0 && n0 < m0 + bm - 1 + offset - left) || (right >= 0 && n0 + bn - 1 > m0 + offset + right);
+    // What the tile [m0, m0 + bm) x [n0, n0 + bn) of the band needs: SKIP (a bool mask hides all of it),
+    // INTERIOR (every element visible: no element masks) or EDGE (element-wise visibility: it crosses
+    // the end of the queries or keys, a window edge or a bool mask's edge, or a bias may hide any
+    // element). Every thread of the block calls it: a bool mask is classified by a vote over the
+    // tile's entries (one row of them for a key mask, one column for a query mask: few enough for
+    // each warp to read them all and reach the same answer without a block barrier).
+    template <int THREADS>
+    __device__ __forceinline__ TileKind tile_kind(int m0, int bm, int n0, int bn) const {
+        const bool edge = bias || m0 + bm > seqlen_q || n0 + bn > seqlen_k ||
+                          (left >= 0 && n0 < m0 + bm - 1 + offset - left) ||
+                          (right >= 0 && n0 + bn - 1 > m0 + offset + right);
+        if constexpr (bool_mask) {
+            const int rows = mask_sq == 0 ? 1 : min(bm, seqlen_q - m0), cols = mask_sk == 0 ? 1 : min(bn, seqlen_k - n0);
+            auto entry = [&](int idx) { return mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0; };
+            bool on = false, off = false;
+            if (rows * cols <= 256) {  // a key or query mask: every warp reads it all and votes alone
+                for (int idx = threadIdx.x % 32; idx < rows * cols; idx += 32) {
+                    const bool x = entry(idx);
+                    on |= x;
+                    off |= !x;
+                }
+                on = __any_sync(0xffffffffu, on);
+                off = __any_sync(0xffffffffu, off);
+            } else {
+                for (int idx = threadIdx.x; idx < rows * cols; idx += THREADS) {
+                    const bool x = entry(idx);
+                    on |= x;
+                    off |= !x;
+                }
+                on = __syncthreads_or(on);
+                off = __syncthreads_or(off);
+            }
+            if (!on) return SKIP;
+            return edge || off ? EDGE : INTERIOR;
+        }
+        return edge ? EDGE : INTERIOR;
     }
 
     // ---- elements
@@ -80,13 +119,15 @@ struct Variant {
     }
 
     // Score of the raw product s = q.k of (i, j) in log2 units (times log2 e), -inf where masked when
-    // CHECK; dcap receives d(capped)/d(uncapped) for the softcap backward.
-    template <bool CHECK, typename A>
+    // CHECK; dcap receives d(capped)/d(uncapped) for the softcap backward. APPROX (16-bit inputs)
+    // takes tanh from the hardware approximation, whose 2^-11 relative error is below the rounding
+    // of a 16-bit score.
+    template <bool CHECK, bool APPROX, typename A>
     __device__ __forceinline__ A score(A s, A scale_log2, int i, int j, A& dcap) const {
         if (CHECK && !visible(i, j)) return neg_inf<A>();
         A x;
         if constexpr (softcap) {
-            const A t = tanh(s * (scale_log2 * A(LN2) / A(cap)));
+            const A t = APPROX ? tanh_approx(s * (scale_log2 * A(LN2) / A(cap))) : tanh(s * (scale_log2 * A(LN2) / A(cap)));
             dcap = A(1) - t * t;
             x = A(cap) * A(LOG2E) * t;
         } else {
@@ -96,9 +137,10 @@ struct Variant {
         if constexpr (bias) x += to_acc(mask[i * mask_sq + j * mask_sk]) * A(LOG2E);
         return x;
     }
-    template <bool CHECK, typename A> __device__ __forceinline__ A score(A s, A scale_log2, int i, int j) const {
+    template <bool CHECK, bool APPROX, typename A>
+    __device__ __forceinline__ A score(A s, A scale_log2, int i, int j) const {
         A dcap;
-        return score<CHECK>(s, scale_log2, i, j, dcap);
+        return score<CHECK, APPROX>(s, scale_log2, i, j, dcap);
     }
 
     // ---- dropout: the Philox words of row i for the 32-column group holding column j; one call serves
@@ -109,6 +151,10 @@ struct Variant {
     }
     __device__ __forceinline__ bool keep(const unsigned (&r)[4], int j) const {
         return dropout_keep_bit(r, j, threshold);
+    }
+    // Column 8 w + 2 q + odd of the group (w, odd known at compile time).
+    __device__ __forceinline__ bool keep_at(const unsigned (&r)[4], int w, int odd) const {
+        return dropout_keep_at(r, w, odd, threshold);
     }
     __device__ __forceinline__ bool keep(int i, int j) const {
         unsigned r[4];
@@ -136,11 +182,11 @@ template <typename A> __device__ __forceinline__ A prob(A s, A m) {
 // The per-element backward of one (query i, key j) pair: from the raw products s = q.k and
 // dp = dout.v, the dropped probability pd (for dv) and the score gradients ds (for dbias) and
 // dx = ds dcap (for dq, dk). Masked pairs give -0.0 everywhere (mask.cuh).
-template <bool CHECK, typename Var, typename A>
+template <bool CHECK, bool APPROX, typename Var, typename A>
 __device__ __forceinline__ void pair_backward(const Var& var, A s, A dp, A scale_log2, A lse2, A delta, int i, int j,
                                               bool keep, A& pd, A& ds, A& dx) {
     A dcap = A(1);
-    const A x = var.template score<CHECK>(s, scale_log2, i, j, dcap);
+    const A x = var.template score<CHECK, APPROX>(s, scale_log2, i, j, dcap);
     const A pr = CHECK ? prob(x, lse2) : fast_exp2(x - lse2);
     if (CHECK && is_masked_zero(pr)) {
         pd = ds = dx = pr;

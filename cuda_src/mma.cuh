@@ -210,10 +210,11 @@ __device__ __forceinline__ unsigned seen_pair(float lo, float hi) {
     return (is_masked_zero(lo) ? 0u : 0x7180u) | ((is_masked_zero(hi) ? 0u : 0x7180u) << 16);
 }
 
-// gemm_rn where non-finite entries of B reach only the rows that see them.
+// gemm_rn where non-finite entries of B reach only the rows that see them. Out of line, so that its
+// registers do not burden the common path; gemm_rn_guarded passes it copies.
 template <typename T, int K, int N, int LD, int MT>
-__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
-                                             const T* sB, int lane) {
+__device__ __noinline__ void gemm_rn_guarded_body(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+                                                  const T* sB, int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         unsigned a[MT][4], seen[MT][4];
@@ -251,6 +252,30 @@ __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], cons
                 }
         }
     }
+}
+// The operands go through local memory on this rare path only: acc and p stay in registers elsewhere.
+template <typename T, int K, int N, int LD, int MT>
+__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+                                                const T* sB, int lane) {
+    float acc_copy[MT][N / 8][4], p_copy[MT][K / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_copy[mt][j][e] = acc[mt][j][e];
+#pragma unroll
+        for (int j = 0; j < K / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p_copy[mt][j][e] = p[mt][j][e];
+    }
+    gemm_rn_guarded_body<T, K, N, LD, MT>(acc_copy, p_copy, sB, lane);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][j][e] = acc_copy[mt][j][e];
 }
 template <typename T, int K, int N, int LD>
 __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* sB,

@@ -16,17 +16,23 @@ __device__ __forceinline__ void philox4x32_10(unsigned k0, unsigned k1, unsigned
             k0 += W0;
             k1 += W1;
         }
-        const unsigned hi0 = __umulhi(M0, c0), lo0 = M0 * c0;
-        const unsigned hi1 = __umulhi(M1, c2), lo1 = M1 * c2;
-        c0 = hi1 ^ c1 ^ k0;
-        c1 = lo1;
-        c2 = hi0 ^ c3 ^ k1;
-        c3 = lo0;
+        // One 32 x 32 -> 64-bit multiply gives both halves (hi, lo) of each product.
+        const unsigned long long p0 = (unsigned long long)M0 * c0, p1 = (unsigned long long)M1 * c2;
+        c0 = unsigned(p1 >> 32) ^ c1 ^ k0;
+        c1 = unsigned(p1);
+        c2 = unsigned(p0 >> 32) ^ c3 ^ k1;
+        c3 = unsigned(p0);
     }
     r[0] = c0;
     r[1] = c1;
     r[2] = c2;
     r[3] = c3;
+}
+
+// The keep bit of the column at word w (= (j % 32) / 8) and half odd (= j % 2) of a call: for callers
+// that know both at compile time.
+__device__ __forceinline__ bool dropout_keep_at(const unsigned (&r)[4], int w, int odd, unsigned threshold) {
+    return (odd ? r[w] >> 16 : r[w] & 0xFFFFu) >= threshold;
 }
 
 // Column j keeps its probability iff its 16-bit value u[((j % 32) / 8) * 2 + j % 2] >= threshold.

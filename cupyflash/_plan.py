@@ -68,7 +68,7 @@ def forward(dtype, headdim, var, aligned, limit):
     d = headdim_tile(headdim)
     if dtype in TENSOR_CORE_DTYPES:
         # (warps, 16-row slabs per warp, key tile): see docs/performance.md.
-        warps, slabs, block_n = (4, 2, 128) if d <= 64 else (8, 2, 64) if d <= 128 else (4, 1, 32)
+        warps, slabs, block_n = (4, 2, 128) if d <= 64 else (4, 2, 64) if d <= 128 else (4, 1, 32)
         block_m = 16 * slabs * warps
         smem = lambda bn: 2 * (block_m + 4 * bn) * (d + 8)  # q + double-buffered k, v
         block_n = _shrink(block_n, 16, smem, limit)
@@ -161,6 +161,11 @@ def _shrink(block, smallest, smem, limit):
     return block
 
 
+def dropout_mask():
+    """The kernel of `cupyflash.dropout_mask(..., xp=cupy)`: one thread per Philox call."""
+    return Launch("dropout_mask.cu", "dropout_mask_kernel", 1, 256, 0)
+
+
 def _launches(dtype, d, var, aligned, limit):
     return (forward(dtype, d, var, aligned, limit), *backward(dtype, d, var, aligned, limit))
 
@@ -185,4 +190,4 @@ def covering_launches():
     for case in cases:
         for launch in _launches(*case):
             seen[(launch.source, launch.name)] = launch
-    return list(seen.values())
+    return [*seen.values(), dropout_mask()]
