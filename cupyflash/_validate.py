@@ -144,14 +144,16 @@ def check_flag(fn, name, value):
     return bool(value)
 
 
-def _real(fn, name, value, what):
-    """A real scalar (Python, NumPy or ml_dtypes) as a Python float."""
+def _real(fn, name, value, what, type_what=None):
+    """A real scalar (Python, NumPy or ml_dtypes) as a Python float; ``type_what`` (default
+    ``what``) is what a value of the wrong type is told."""
+    type_what = type_what or what
     if isinstance(value, (bool, np.bool_)):
-        _fail(TypeError, fn, name, f"must be {what}", repr(value))
+        _fail(TypeError, fn, name, f"must be {type_what}", repr(value))
     if not isinstance(value, numbers.Real):
         kind = getattr(getattr(value, "dtype", None), "kind", None)
         if kind not in ("f", "i", "u", "V") or getattr(value, "ndim", 1) != 0:
-            _fail(TypeError, fn, name, f"must be {what}", repr(value))
+            _fail(TypeError, fn, name, f"must be {type_what}", repr(value))
     try:
         return float(value)
     except (OverflowError, TypeError, ValueError):
@@ -162,11 +164,13 @@ def _check_scale(fn, scale, headdim, dtype):
     """``scale`` as a Python float (default ``1/sqrt(headdim)``), finite in the compute dtype."""
     if scale is None:
         return 1.0 / math.sqrt(headdim)
-    value = _real(fn, "scale", scale, "a finite positive real number or None")
+    value = _real(fn, "scale", scale, "a finite positive real number", "a finite positive real number or None")
+    if not math.isfinite(value) or value <= 0.0:
+        _fail(ValueError, fn, "scale", "must be a finite positive real number", repr(scale))
     limit = float(np.finfo(compute_dtype(dtype)).max)
-    if not math.isfinite(value) or value <= 0.0 or value > limit:
-        _fail(ValueError, fn, "scale", f"must be a finite positive real number (at most {limit:.4g} for "
-              f"{_dtype_name(dtype)} inputs)", repr(scale))
+    if value > limit:
+        _fail(ValueError, fn, "scale", f"must be finite in the compute dtype {compute_dtype(dtype).name} "
+              f"(at most {limit:.4g}) for {_dtype_name(dtype)} inputs", repr(scale))
     return value
 
 

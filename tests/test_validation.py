@@ -258,5 +258,117 @@ def test_missing_cupy_gives_install_hint(monkeypatch):
     monkeypatch.delitem(sys.modules, "cupyflash._cuda_backend", raising=False)
     monkeypatch.delattr(cupyflash, "_cuda_backend", raising=False)
     monkeypatch.setattr(sys, "meta_path", [NoCupy()] + sys.meta_path)
-    with pytest.raises(ImportError, match=r"install cupyflash\[cuda12\] or cupyflash\[cuda13\]"):
+    with pytest.raises(ImportError, match=re.escape("pip install \".[cuda12]\" (or \".[cuda13]\")")):
         _api._backend("cupy")
+
+
+# ---- the variant keywords, layout and flags
+
+
+def _bad(exc, pattern, fn="attention", **kw):
+    q, k, v = arrays()
+    with pytest.raises(exc, match=pattern):
+        getattr(cupyflash, fn)(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("flag", ["causal", "return_lse"])
+@pytest.mark.parametrize("value", ["no", 1, None, np.array([True, False])], ids=["str", "int", "None", "array"])
+def test_flags_take_bools_only(flag, value):
+    _bad(TypeError, rf"attention: {flag} must be a bool, got", **{flag: value})
+
+
+def test_numpy_bool_flag_is_accepted():
+    q, k, v = arrays()
+    assert np.array_equal(cupyflash.attention(q, k, v, causal=np.bool_(True)), cupyflash.attention(q, k, v, causal=True))
+
+
+def test_scale_of_any_real_scalar_type():
+    import ml_dtypes
+
+    q, k, v = arrays()
+    ref = cupyflash.attention(q, k, v, scale=0.5)
+    for scale in (np.float16(0.5), ml_dtypes.bfloat16(0.5), np.float32(0.5), 0.5):
+        assert np.array_equal(cupyflash.attention(q, k, v, scale=scale), ref)
+
+
+def test_scale_beyond_the_compute_dtype():
+    _bad(ValueError, r"attention: scale must be finite in the compute dtype float32 .* got 1e\+39", scale=1e39)
+    q, k, v = arrays(np.float64)
+    assert np.isfinite(cupyflash.attention(q * 1e-40, k, v, scale=1e39)).all()
+
+
+def test_byte_swapped_dtype_names_the_byte_order():
+    q, k, v = arrays()
+    with pytest.raises(TypeError, match=r"q.dtype must be in the machine's byte order, got >f4 \(byte-swapped float32\)"):
+        cupyflash.attention(q.astype(">f4"), k, v)
+
+
+def test_layout():
+    _bad(ValueError, r"attention: layout must be one of 'bshd', 'bhsd', got 'bsdh'", layout="bsdh")
+    q, k, v = arrays()
+    t = [x.swapaxes(1, 2).copy() for x in (q, k, v)]
+    out = cupyflash.attention(*t, layout="bhsd")
+    assert out.shape == t[0].shape and out.flags.c_contiguous
+    np.testing.assert_array_equal(out.swapaxes(1, 2), cupyflash.attention(q, k, v))
+    with pytest.raises(ValueError, match=re.escape("k.shape[1] (nheads_kv) must divide q.shape[1] (nheads)=4, got 3")):
+        cupyflash.attention(t[0], t[1][:, :1].repeat(3, 1), t[2][:, :1].repeat(3, 1), layout="bhsd")
+
+
+@pytest.mark.parametrize("window, exc, pattern", [
+    ((-2, 0), ValueError, r"window_size\[0\] must be >= -1 \(-1 = unbounded\), got -2"),
+    ((3, -5), ValueError, r"window_size\[1\] must be >= -1"),
+    ((1.5, 0), TypeError, r"window_size\[0\] must be an int >= -1, got 1.5"),
+    (3, TypeError, r"window_size must be a pair \(left, right\) of ints, got 3"),
+    ((1, 2, 3), TypeError, r"window_size must be a pair"),
+])
+def test_bad_window(window, exc, pattern):
+    _bad(exc, pattern, window_size=window)
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("inf"), float("nan")])
+def test_bad_softcap(softcap):
+    _bad(ValueError, r"attention: softcap must be a finite real number >= 0 \(0 = off\), got", softcap=softcap)
+
+
+def test_bad_alibi():
+    _bad(TypeError, r"alibi_slopes.dtype must be float32, got float64", alibi_slopes=np.ones(H))
+    _bad(ValueError, rf"alibi_slopes.shape must be \(nheads,\)=\({H},\) or \(batch, nheads\)=\({B}, {H}\), got \(3,\)",
+         alibi_slopes=np.ones(3, np.float32))
+    _bad(TypeError, r"alibi_slopes must be a numpy.ndarray or cupy.ndarray, got list", alibi_slopes=[1.0] * H)
+
+
+def test_bad_mask():
+    _bad(TypeError, r"attn_mask.dtype must be bool or float16, bfloat16, float32 or float64, got int32",
+         attn_mask=np.ones((SQ, SK), np.int32))
+    _bad(ValueError, rf"attn_mask.shape must broadcast to \(batch, nheads, seqlen_q, seqlen_k\)=\({B}, {H}, {SQ}, {SK}\), "
+                     rf"got \({SQ}, {SK + 1}\)", attn_mask=np.ones((SQ, SK + 1), bool))
+    _bad(ValueError, r"attn_mask.shape must broadcast", attn_mask=np.ones((1, 1, 1, SQ, SK), bool))
+
+
+@pytest.mark.parametrize("kw, exc, pattern", [
+    (dict(dropout_p=1.0, dropout_seed=0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+    (dict(dropout_p=-0.1, dropout_seed=0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=0.1), ValueError, r"dropout_seed must be given \(an int in \[0, 2\*\*64\)\) when dropout_p > 0"),
+    (dict(dropout_p=0.1, dropout_seed=1.5), TypeError, r"dropout_seed must be an int in \[0, 2\*\*64\), got 1.5"),
+    (dict(dropout_p=0.1, dropout_seed=True), TypeError, r"dropout_seed must be an int"),
+    (dict(dropout_p=0.1, dropout_seed=2**64), ValueError, r"dropout_seed must be an int in \[0, 2\*\*64\)"),
+])
+def test_bad_dropout(kw, exc, pattern):
+    _bad(exc, pattern, **kw)
+
+
+def test_return_dbias_needs_a_float_mask():
+    dout, q, k, v, out, lse = backward_args()
+    with pytest.raises(ValueError, match=r"attention_backward: return_dbias needs a float attn_mask .* got attn_mask=None"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=True)
+    with pytest.raises(ValueError, match=r"return_dbias needs a float attn_mask .* got attn_mask=a bool mask"):
+        cupyflash.attention_vjp(q, k, v, attn_mask=np.ones((SQ, SK), bool), return_dbias=True)
+
+
+def test_a_rejected_call_writes_nothing():
+    """Validation runs before any work: even out-of-place errors leave the inputs untouched."""
+    q, k, v = arrays()
+    before = [x.copy() for x in (q, k, v)]
+    with pytest.raises(ValueError):
+        cupyflash.attention(q, k, v, dropout_p=0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(before, (q, k, v)))
