@@ -227,3 +227,16 @@ def test_layout_bhsd_is_a_view_of_bshd():
     grads = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True)
     grads_t = cupyflash.attention_backward(t[3], *t[:3], out_t, lse_t, causal=True, layout="bhsd")
     assert all(bitwise_equal(a.swapaxes(1, 2), b) for a, b in zip(grads_t, grads))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_lse_of_nan_and_inf_rows(dtype):
+    """A NaN score makes its row's lse NaN; a +inf score makes it +inf (never -inf, which means 'saw no key')."""
+    q = np.ones((1, 3, 1, 8), dtype)
+    k = np.ones((1, 4, 1, 8), dtype)
+    v = np.ones((1, 4, 1, 8), dtype)
+    q[0, 1, 0, 0] = np.nan
+    q[0, 2, 0, 0] = np.inf
+    _, lse = _run(q, k, v)
+    lse = lse.get()[0, 0]
+    assert np.isfinite(lse[0]) and np.isnan(lse[1]) and lse[2] == np.inf
