@@ -1,29 +1,33 @@
-"""Float64 reference attention on the full score matrix.
+"""Float64 reference attention on the full score matrix, with every variant of docs/variants.md.
 
-The ground truth every test compares to: plain NumPy/SciPy, the whole
-``(batch, nheads, seqlen_q, seqlen_k)`` score matrix in float64. Accepts
-NumPy or CuPy inputs (CuPy arrays are copied to the host with ``.get()``)
-and always returns float64 NumPy arrays.
+The ground truth every test compares to: plain NumPy, the whole ``(batch, nheads, seqlen_q,
+seqlen_k)`` score matrix in float64, written from the formulas of docs/variants.md and sharing
+nothing with the tiled backends but argument checking and the dropout bits. Accepts NumPy or CuPy
+inputs (CuPy arrays are copied to the host) and returns float64 NumPy arrays in the caller's layout.
 
-Fully masked query rows (causal with ``seqlen_q > seqlen_k``) give out 0,
-lse -inf and zero gradients, without NaN. NaN or inf inside the data
-propagate as the arithmetic makes them.
+A masked pair (score -inf: invisible, or made -inf by a float mask or by the data) adds exactly
+nothing to any result, even where the q, k, v or dout rows involved hold NaN or inf. A row whose
+every score is -inf gives out 0, lse -inf and zero gradients. Elsewhere NaN and inf propagate as
+the arithmetic makes them.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp, softmax
 
-from . import _validate
+from . import _philox, _validate
 
-__all__ = ["attention", "attention_backward", "causal_mask"]
+__all__ = ["attention", "attention_backward", "causal_mask", "visibility"]
+
+
+def _host(x):
+    if _validate.array_kind(x) == "cupy":
+        x = x.get()
+    return np.asarray(x)
 
 
 def _host64(x):
-    if _validate.array_kind(x) == "cupy":
-        x = x.get()
-    return np.asarray(x).astype(np.float64)
+    return _host(x).astype(np.float64)
 
 
 def causal_mask(seqlen_q, seqlen_k):
@@ -36,71 +40,185 @@ def causal_mask(seqlen_q, seqlen_k):
     return j > i + (seqlen_k - seqlen_q)
 
 
+def visibility(spec):
+    """Bool, broadcastable to (batch, nheads, seqlen_q, seqlen_k): True where query i sees key j
+    through the window (causal folded in) and a bool ``attn_mask``."""
+    i = np.arange(spec.seqlen_q)[:, None] + spec.offset
+    j = np.arange(spec.seqlen_k)[None, :]
+    left, right = spec.window
+    seen = np.ones((spec.seqlen_q, spec.seqlen_k), dtype=bool)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    seen = seen[None, None]
+    if spec.mask_kind == "bool":
+        seen = seen & _host(spec.attn_mask)
+    return seen
+
+
 def _expand_kv(x, nheads):
     """(b, s, nheads_kv, d) -> (b, s, nheads, d): query head h reads kv head h // group."""
     group = nheads // x.shape[2]
     return np.repeat(x, group, axis=2)
 
 
-def _probabilities(q, k, causal, scale):
-    """Scaled scores' softmax P, lse and the fully-masked-row flags, float64."""
-    nheads = q.shape[2]
-    kr = _expand_kv(k, nheads)
-    s = np.einsum("bqhd,bkhd->bhqk", q, kr, optimize=True) * scale
-    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-    if causal:
-        mask = causal_mask(seqlen_q, seqlen_k)
-        s = np.where(mask, -np.inf, s)
-        dead = mask.all(axis=1)  # rows that see no key
-    else:
-        dead = np.zeros(seqlen_q, dtype=bool)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lse = logsumexp(s, axis=-1)
-        p = softmax(s, axis=-1)
-    if dead.any():
-        p[:, :, dead, :] = 0.0
-        lse[:, :, dead] = -np.inf
-    return p, lse
+def _heads_first(x):
+    """(b, s, h, d) -> (b, h, s, d)."""
+    return x.transpose(0, 2, 1, 3)
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
-    """softmax(scale * q k^T [+ causal mask]) v in float64 on the full matrix.
+def _to_caller(spec, xh):
+    """A contiguous array in the caller's layout from a (b, h, s, d) one."""
+    return np.ascontiguousarray(spec.swap_layout(_heads_first(xh)))
 
-    Same signature as :func:`cupyflash.attention`. Returns float64 NumPy
-    ``out`` (batch, seqlen_q, nheads, headdim) and, with ``return_lse``,
-    ``lse`` (batch, nheads, seqlen_q).
+
+def _softmax(spec, q, k):
+    """The scaled scores before softcap ``x``, the live (unmasked) pairs, P and lse.
+
+    q, k: float64 (b, s, h, d) and (b, s, h_kv, d); x and P are (b, h, seqlen_q, seqlen_k), ``live``
+    broadcasts to that, lse is (b, h, seqlen_q).
     """
-    _, scale = _validate.check_forward("reference.attention", q, k, v, scale, mixed_ok=True)
-    q, k, v = _host64(q), _host64(k), _host64(v)
-    p, lse = _probabilities(q, k, bool(causal), scale)
-    vr = _expand_kv(v, q.shape[2])
-    out = np.einsum("bhqk,bkhd->bqhd", p, vr, optimize=True)
+    qh, kh = _heads_first(q), _heads_first(_expand_kv(k, spec.nheads))
+    with np.errstate(invalid="ignore", over="ignore"):
+        # Entry (i, j) of a matmul reads row i of q and row j of k only: NaN stays in its pairs.
+        x = spec.scale * (qh @ kh.swapaxes(-1, -2))
+        s = spec.softcap * np.tanh(x / spec.softcap) if spec.softcap else x
+        if spec.alibi_slopes is not None:
+            i = np.arange(spec.seqlen_q)[:, None] + spec.offset
+            j = np.arange(spec.seqlen_k)[None, :]
+            s = s - _host64(spec.alibi_slopes)[:, :, None, None] * np.abs(i - j)
+        live = visibility(spec)
+        if spec.mask_kind == "bias":
+            bias = _host64(spec.attn_mask)
+            live = live & (bias != -np.inf)  # masked whatever the data: inf + -inf would be NaN
+            s = s + bias
+    s = np.where(live, s, -np.inf)
+    live = live & (s != -np.inf)
+    m = s.max(axis=-1, keepdims=True)  # NaN if the row holds one
+    m = np.where(np.isfinite(m), m, 0.0)  # all -inf: l = 0, lse = -inf; +inf: l = lse = +inf
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lse = m + np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True))
+        p = np.where(live, np.exp(s - lse), 0.0)
+    return x, live, p, lse[..., 0]
+
+
+def _live_matmul(a, live, b):
+    """``a @ b`` over the live pairs only: sum_n a[..., m, n] b[..., n, :] where ``live[..., m, n]``.
+
+    A masked pair adds exactly nothing even where b's row n holds NaN or inf (0 * inf is NaN), so
+    the rows of b that hold one are summed apart, pair by pair; the clean rows make one product of
+    their own (zeroing the dirty rows instead would turn an infinite live a[m, n] into NaN).
+    """
+    live = np.broadcast_to(live, a.shape)
+    a = np.where(live, a, 0.0)
+    dirty = ~np.isfinite(b).all(axis=(0, 1, 3))
+    with np.errstate(invalid="ignore", over="ignore"):
+        if not dirty.any():
+            return a @ b
+        out = a[..., ~dirty] @ b[..., ~dirty, :]
+        terms = a[..., dirty, None] * b[..., None, dirty, :]  # (b, h, m, dirty rows, d)
+        return out + np.where(live[..., dirty, None], terms, 0.0).sum(axis=-2)
+
+
+def _dropout_scale(fn, spec, dropout_mask):
+    """keep / (1 - dropout_p), broadcastable to (batch, nheads, seqlen_q, seqlen_k); None without
+    dropout. An explicit ``dropout_mask`` wins over ``dropout_seed``."""
+    shape = (spec.batch, spec.nheads, spec.seqlen_q, spec.seqlen_k)
+    if not spec.dropout:
+        if dropout_mask is not None:
+            _fail_mask(fn, "must be None when dropout_p is 0", "an array")
+        return None
+    if dropout_mask is None:
+        if spec.dropout_seed is None:
+            _fail_mask(fn, "must be given (a bool keep-mask), or dropout_seed, when dropout_p > 0", "neither")
+        keep = _philox.dropout_mask(shape, spec.dropout_p, spec.dropout_seed)
+    else:
+        if _validate.array_kind(dropout_mask) is None:
+            _fail_mask(fn, "must be a bool numpy.ndarray or cupy.ndarray", type(dropout_mask).__name__, TypeError)
+        if np.dtype(dropout_mask.dtype) != np.bool_:
+            _fail_mask(fn, "must have dtype bool (True = kept)", np.dtype(dropout_mask.dtype).name, TypeError)
+        try:
+            keep = np.broadcast_to(_host(dropout_mask), shape)
+        except ValueError:
+            _fail_mask(fn, f"must broadcast to (batch, nheads, seqlen_q, seqlen_k)={shape}", tuple(dropout_mask.shape))
+    return keep / (1.0 - spec.dropout_p)
+
+
+def _fail_mask(fn, expected, got, exc=ValueError):
+    _validate._fail(exc, fn, "dropout_mask", expected, got)
+
+
+def _unbroadcast(g, shape):
+    """Sum a (batch, nheads, seqlen_q, seqlen_k) gradient down to a mask's broadcast ``shape``."""
+    g = g.sum(axis=tuple(range(g.ndim - len(shape))))
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and g.shape[a] != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+              attn_mask=None, dropout_p=0.0, dropout_seed=None, dropout_mask=None, return_lse=False, layout="bshd"):
+    """softmax(scores) v in float64 on the full matrix, every variant of docs/variants.md.
+
+    Same keywords as :func:`cupyflash.attention`, plus ``dropout_mask``: an explicit bool
+    keep-mask broadcastable to (batch, nheads, seqlen_q, seqlen_k), used instead of the bits of
+    ``dropout_seed``. Returns float64 NumPy ``out`` in the caller's layout and, with
+    ``return_lse``, ``lse`` (batch, nheads, seqlen_q) of the softmax before dropout.
+    """
+    fn = "reference.attention"
+    spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                                alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
+                                dropout_seed=dropout_seed, layout=layout, mixed_ok=True, seed_required=False)
+    return_lse = _validate.check_flag(fn, "return_lse", return_lse)
+    scale_keep = _dropout_scale(fn, spec, dropout_mask)
+    q, k, v = (_host64(spec.swap_layout(x)) for x in (q, k, v))
+    _, live, p, lse = _softmax(spec, q, k)
+    vh = _heads_first(_expand_kv(v, spec.nheads))
+    out = _live_matmul(p if scale_keep is None else p * scale_keep, live, vh)
+    out = _to_caller(spec, out)
     return (out, lse) if return_lse else out
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, deterministic=False):
-    """Exact float64 gradients (dq, dk, dv) of ``sum(dout * attention(q, k, v))``.
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0,
+                       alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_seed=None, dropout_mask=None,
+                       deterministic=False, return_dbias=False, layout="bshd"):
+    """Exact float64 gradients (dq, dk, dv) of ``sum(dout * attention(q, k, v, ...))``.
 
-    Same signature as :func:`cupyflash.attention_backward`. ``out`` and
-    ``lse`` are checked for shape only and otherwise ignored: P is recomputed
-    in float64 from q and k, so a low-precision ``out`` cannot leak into the
-    ground truth. ``deterministic`` is accepted and ignored.
+    Same keywords as :func:`reference.attention`. ``out`` and ``lse`` are checked for shape only
+    and otherwise ignored: P and out are recomputed in float64, so a low-precision ``out`` cannot
+    leak into the ground truth. ``deterministic`` is accepted and ignored. ``return_dbias`` (with a
+    float ``attn_mask``) also returns dbias, in the mask's own shape and dtype.
     """
-    _, scale = _validate.check_backward(
-        "reference.attention_backward", dout, q, k, v, out, lse, scale, strict=False
-    )
-    q, k, v, dout = _host64(q), _host64(k), _host64(v), _host64(dout)
-    nheads, nheads_kv = q.shape[2], k.shape[2]
-    group = nheads // nheads_kv
-    p, _ = _probabilities(q, k, bool(causal), scale)
-    kr, vr = _expand_kv(k, nheads), _expand_kv(v, nheads)
-    dp = np.einsum("bqhd,bkhd->bhqk", dout, vr, optimize=True)
-    delta = np.sum(p * dp, axis=-1, keepdims=True)  # = rowsum(dout * out)
-    ds = p * (dp - delta)
-    dq = scale * np.einsum("bhqk,bkhd->bqhd", ds, kr, optimize=True)
-    dk_rep = scale * np.einsum("bhqk,bqhd->bkhd", ds, q, optimize=True)
-    dv_rep = np.einsum("bhqk,bqhd->bkhd", p, dout, optimize=True)
-    b, sk, _, d = k.shape
-    dk = dk_rep.reshape(b, sk, nheads_kv, group, d).sum(axis=3)
-    dv = dv_rep.reshape(b, sk, nheads_kv, group, d).sum(axis=3)
-    return dq, dk, dv
+    fn = "reference.attention_backward"
+    spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                                alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
+                                dropout_seed=dropout_seed, layout=layout, mixed_ok=True, seed_required=False)
+    return_dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, strict=False, return_dbias=return_dbias)
+    _validate.check_flag(fn, "deterministic", deterministic)
+    scale_keep = _dropout_scale(fn, spec, dropout_mask)
+    dout, q, k, v = (_host64(spec.swap_layout(x)) for x in (dout, q, k, v))
+    x, live, p, _ = _softmax(spec, q, k)
+    qh, doh = _heads_first(q), _heads_first(dout)
+    kh, vh = (_heads_first(_expand_kv(y, spec.nheads)) for y in (k, v))
+    pd = p if scale_keep is None else p * scale_keep  # the weights out actually used
+    out = _live_matmul(pd, live, vh)
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = np.sum(doh * out, axis=-1, keepdims=True)  # = sum_j P_ij dP'_ij
+        dp = doh @ vh.swapaxes(-1, -2)
+        if scale_keep is not None:
+            dp = dp * scale_keep
+        ds = np.where(live, p * (dp - delta), 0.0)
+        dx = ds * (1.0 - np.tanh(x / spec.softcap) ** 2) if spec.softcap else ds
+    dq = spec.scale * _live_matmul(dx, live, kh)
+    live_t = live.swapaxes(-1, -2)
+    dk = spec.scale * _live_matmul(dx.swapaxes(-1, -2), live_t, qh)
+    dv = _live_matmul(pd.swapaxes(-1, -2), live_t, doh)
+
+    def group_sum(g):  # (b, h, seqlen_k, d) -> (b, h_kv, seqlen_k, d): GQA sums a group's heads
+        b, h, s, d = g.shape
+        return g.reshape(b, spec.nheads_kv, h // spec.nheads_kv, s, d).sum(axis=2)
+
+    grads = (_to_caller(spec, dq), _to_caller(spec, group_sum(dk)), _to_caller(spec, group_sum(dv)))
+    if return_dbias:
+        grads += (_unbroadcast(ds, spec.mask_shape).astype(spec.attn_mask.dtype),)
+    return grads
