@@ -84,25 +84,15 @@ struct Variant {
                           (right >= 0 && n0 + bn - 1 > m0 + offset + right);
         if constexpr (bool_mask) {
             const int rows = mask_sq == 0 ? 1 : min(bm, seqlen_q - m0), cols = mask_sk == 0 ? 1 : min(bn, seqlen_k - n0);
-            auto entry = [&](int idx) { return mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0; };
+            const bool warp_wide = rows * cols <= 256;
             bool on = false, off = false;
-            if (rows * cols <= 256) {  // a key or query mask: every warp reads it all and votes alone
-                for (int idx = threadIdx.x % 32; idx < rows * cols; idx += 32) {
-                    const bool x = entry(idx);
-                    on |= x;
-                    off |= !x;
-                }
-                on = __any_sync(0xffffffffu, on);
-                off = __any_sync(0xffffffffu, off);
-            } else {
-                for (int idx = threadIdx.x; idx < rows * cols; idx += THREADS) {
-                    const bool x = entry(idx);
-                    on |= x;
-                    off |= !x;
-                }
-                on = __syncthreads_or(on);
-                off = __syncthreads_or(off);
+            for (int idx = warp_wide ? threadIdx.x % 32 : threadIdx.x; idx < rows * cols; idx += warp_wide ? 32 : THREADS) {
+                const bool x = mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0;
+                on |= x;
+                off |= !x;
             }
+            on = warp_wide ? __any_sync(0xffffffffu, on) : __syncthreads_or(on);
+            off = warp_wide ? __any_sync(0xffffffffu, off) : __syncthreads_or(off);
             if (!on) return SKIP;
             return edge || off ? EDGE : INTERIOR;
         }

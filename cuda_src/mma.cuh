@@ -215,8 +215,8 @@ __device__ __forceinline__ unsigned seen_pair(float lo, float hi) {
 template <typename T, int K, int N, int LD, int MT>
 __device__ __noinline__ void gemm_rn_guarded_body(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
                                                   const T* sB, int lane) {
-#pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll 1
+    for (int kk = 0; kk < K / 16; ++kk) {  // rolled loops: acc and p stay in local memory, few registers
         unsigned a[MT][4], seen[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -226,7 +226,7 @@ __device__ __noinline__ void gemm_rn_guarded_body(float (&acc)[MT][N / 8][4], co
                 a[mt][r] = pack2<T>(pr[0], pr[1]);
                 seen[mt][r] = seen_pair(pr[0], pr[1]);
             }
-#pragma unroll
+#pragma unroll 1
         for (int nn = 0; nn < N / 16; ++nn) {
             unsigned b[4], fin[4], pos[4], neg[4];
             ldmatrix_x4_trans(b, sB + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + nn * 16 + (lane / 16) * 8);
