@@ -1,46 +1,56 @@
-"""Tiled NumPy backend: FlashAttention-2, block by block.
+"""Tiled NumPy backend: FlashAttention-2, block by block, with every variant of docs/variants.md.
 
-The readable mirror of the CUDA kernels. The seqlen_q x seqlen_k score
-matrix never exists: only one (block_q x block_k) tile of it at a time, for
-all batches and heads at once (every tile op is vectorised over batch and
-heads).
+The readable mirror of the CUDA kernels. The seqlen_q x seqlen_k score matrix never exists: only
+one (block_q x block_k) tile of it at a time, for all batches and heads at once (every tile op is
+vectorised over batch and heads). What the variants (window, softcap, ALiBi, bool mask or bias,
+dropout) ask of a tile comes from :mod:`cupyflash._variants`, the twin of ``cuda_src/mask.cuh``.
 
 Layout inside the backend: heads are split as ``(nheads_kv, group)`` with
-``group = nheads // nheads_kv``; query head ``h = h_kv * group + g`` reads kv
-head ``h_kv = h // group``. q-side arrays are ``(batch, nheads_kv, group,
-seqlen_q, headdim)`` and k/v are ``(batch, nheads_kv, 1, seqlen_k, headdim)``,
-so GQA/MQA is a broadcast over the group axis, never a repeat of k/v.
+``group = nheads // nheads_kv``; query head ``h = h_kv * group + g`` reads kv head
+``h_kv = h // group``. q-side arrays are ``(batch, nheads_kv, group, seqlen_q, headdim)`` and k/v
+are ``(batch, nheads_kv, 1, seqlen_k, headdim)``, so GQA/MQA is a broadcast over the group axis,
+never a repeat of k/v.
 
-Forward (per query tile, outer loop; key/value tiles, inner loop)::
+Forward (per query tile, outer loop; the key tiles of its causal/window band, inner loop)::
 
-    s      = (q_i @ k_j^T) * scale          causal: -inf above the diagonal
-    m_new  = max(m, rowmax(s))
-    p      = exp(s - m_new)
+    s      = (q_i @ k_j^T) * scale
+    x      = score(s)                       softcap, ALiBi, bias; -inf where masked
+    m_new  = max(m, rowmax(x))
+    p      = exp(x - m_new)
     alpha  = exp(m - m_new)                 rescales what was accumulated
-    l      = alpha * l + rowsum(p)
-    acc    = alpha * acc + p @ v_j
+    l      = alpha * l + rowsum(p)          before dropout: lse is the softmax's
+    acc    = alpha * acc + (p * keep / (1 - dropout_p)) @ v_j
     m      = m_new
     out    = acc / l,   lse = m + log(l)
 
-Backward (per key tile, outer loop; query tiles, inner loop)::
+Backward (per key tile, outer loop; the query tiles of its band, inner loop)::
 
     delta  = rowsum(dout * out)             once, before the loops
-    p      = exp(s - lse)                   recomputed, never stored
-    dv_j  += p^T @ dout_i
-    dp     = dout_i @ v_j^T
-    ds     = p * (dp - delta_i)
-    dk_j  += scale * ds^T @ q_i
-    dq_i  += scale * ds @ k_j               dq accumulates in compute dtype
+    p      = exp(x - lse)                   recomputed, never stored
+    pd     = keep * p / (1 - dropout_p)     the weights out used (pd = p without dropout)
+    dv_j  += pd^T @ dout_i
+    dp     = keep * (dout_i @ v_j^T) / (1 - dropout_p)
+    ds     = p * (dp - delta_i)             the score's gradient = dbias
+    dx     = ds * (1 - tanh(s / softcap)^2) softcap (dx = ds otherwise)
+    dk_j  += scale * dx^T @ q_i
+    dq_i  += scale * dx @ k_j               dq accumulates in compute dtype
+
+A masked pair (score -inf) adds exactly nothing, even against NaN or inf data: p and ds are 0
+there, and a product whose right operand has a non-finite row sums that row apart, leaving out the
+masked pairs (0 * nan is nan). Tiles whose rows are all finite pay nothing for this. A row with no
+unmasked pair has l = 0: out 0, lse -inf, and p = 0 in the backward. A NaN score makes m and lse
+NaN; a +inf score (and no NaN) makes lse +inf.
 
 Extra memory: O(block_q * block_k * batch * nheads) for a tile plus
-O(seqlen * headdim * batch * nheads) for the compute-dtype copies and
-accumulators; never seqlen_q * seqlen_k.
+O(seqlen * headdim * batch * nheads) for the compute-dtype copies and accumulators (and a dbias
+accumulator of the mask's shape); never seqlen_q * seqlen_k.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import _variants
 from ._validate import compute_dtype
 
 __all__ = ["forward", "backward", "BLOCK_Q", "BLOCK_K"]
@@ -61,34 +71,52 @@ def _split_kv(x, dtype):
     return np.ascontiguousarray(x.transpose(0, 2, 1, 3), dtype=dtype)[:, :, None]
 
 
-def _merge_q(x, dtype):
-    """(b, nheads_kv, group, s, d) -> (b, s, nheads, d) in ``dtype``."""
+def _merge_q(x):
+    """(b, nheads_kv, group, s, d) -> (b, s, nheads, d) (a view)."""
     b, hkv, g, s, d = x.shape
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2, 4).reshape(b, s, hkv * g, d), dtype=dtype)
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, s, hkv * g, d)
 
 
-def _tile_mask(q_start, q_end, k_start, k_end, offset):
-    """True where key j is hidden from query i: j > i + offset."""
-    i = np.arange(q_start, q_end)[:, None]
-    j = np.arange(k_start, k_end)[None, :]
-    return j > i + offset
+def _finite_rows(x):
+    """Per sequence position of a split array (..., s, d): all of its values are finite."""
+    return np.isfinite(x).all(axis=tuple(range(x.ndim - 2)) + (-1,))
 
 
-def forward(q, k, v, causal, scale, *, block_q=BLOCK_Q, block_k=BLOCK_K):
-    """Return ``(out, lse)``: out like q, lse (batch, nheads, seqlen_q) float32/64."""
+def _tiles(begin, end, block):
+    """Starts of the block-aligned tiles covering [begin, end)."""
+    return range(begin - begin % block, end, block) if end > begin else range(0)
+
+
+def _matmul(a, b, masked, b_rows_ok):
+    """``a @ b`` where the masked pairs ``masked[..., m, n]`` (a is 0 there) take nothing from row n
+    of b even when it is not finite (0 * nan is nan). ``b_rows_ok`` flags the rows of b that are
+    finite in every batch and head: the others are summed apart, pair by pair; ``masked`` None says
+    there is nothing to leave out."""
+    if masked is None or b_rows_ok.all():
+        return np.matmul(a, b)
+    bad = ~b_rows_ok
+    out = np.matmul(a[..., b_rows_ok], b[..., b_rows_ok, :])
+    terms = a[..., bad, None] * b[..., bad, :][..., None, :, :]  # (..., m, bad rows, d)
+    return out + np.where(masked[..., bad, None], a.dtype.type(0), terms).sum(axis=-2)
+
+
+@np.errstate(invalid="ignore", over="ignore")  # NaN and inf in the data propagate as the rules say
+def forward(q, k, v, spec, *, block_q=BLOCK_Q, block_k=BLOCK_K):
+    """Return ``(out, lse)``: out like q in the caller's layout, lse (batch, nheads, seqlen_q) in
+    the compute dtype."""
     batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    cdt = compute_dtype(q.dtype)
-    offset = seqlen_k - seqlen_q  # causal: key j visible to query i iff j <= i + offset
+    cdt = compute_dtype(spec.dtype)
     neg_inf = cdt.type(-np.inf)
 
-    qc = _split_q(q, nheads_kv, cdt)
+    qc = _split_q(q, spec.nheads_kv, cdt)
     kc = _split_kv(k, cdt)
     vc = _split_kv(v, cdt)
+    v_ok = _finite_rows(vc)
     lead = qc.shape[:3]  # (batch, nheads_kv, group)
 
-    out = np.empty(qc.shape, dtype=cdt)
+    out = spec.empty(np.empty, q.shape, q.dtype)
     lse = np.empty(lead + (seqlen_q,), dtype=cdt)
+    rdrop = cdt.type(1 / (1 - spec.dropout_p))
 
     for q_start in range(0, seqlen_q, block_q):
         q_end = min(q_start + block_q, seqlen_q)
@@ -99,66 +127,77 @@ def forward(q, k, v, causal, scale, *, block_q=BLOCK_Q, block_k=BLOCK_K):
         l = np.zeros(lead + (n_q,), dtype=cdt)
         acc = np.zeros(lead + (n_q, headdim), dtype=cdt)
 
-        # Causal: the last row of this tile sees keys < q_end + offset; tiles
-        # past that are entirely above the diagonal and skipped.
-        k_stop = min(seqlen_k, q_end + offset) if causal else seqlen_k
-        for k_start in range(0, max(k_stop, 0), block_k):
-            k_end = min(k_start + block_k, seqlen_k)
+        for k_start in _tiles(*_variants.key_range(spec, q_start, q_end), block_k):
+            k_end = min(k_start + block_k, spec.seqlen_k)
             s = np.matmul(q_i, kc[..., k_start:k_end, :].swapaxes(-1, -2))
-            s *= scale
-            # Only tiles crossing the diagonal need a mask: the first row of
-            # the tile sees keys <= q_start + offset.
-            if causal and k_end - 1 > q_start + offset:
-                s[..., _tile_mask(q_start, q_end, k_start, k_end, offset)] = neg_inf
+            s *= spec.scale
+            x, _ = _variants.scores(spec, s, q_start, k_start)
 
-            m_new = np.maximum(m, s.max(axis=-1))
+            m_new = np.maximum(m, x.max(axis=-1))  # NaN once the row holds one
             # A row that has seen only masked keys has m_new = -inf; subtract 0
             # instead so exp(-inf - (-inf)) never happens (p and alpha are 0).
             m_safe = np.where(m_new == neg_inf, cdt.type(0), m_new)
-            p = np.exp(s - m_safe[..., None])
+            p = np.exp(x - m_safe[..., None])
             alpha = np.exp(m - m_safe)
             l = alpha * l + p.sum(axis=-1)
+            if spec.dropout:
+                p = p * np.where(_variants.keep(spec, q_start, q_end, k_start, k_end), rdrop, cdt.type(0))
             acc *= alpha[..., None]
-            acc += np.matmul(p, vc[..., k_start:k_end, :])
+            v_rows_ok = v_ok[k_start:k_end]
+            masked = None if v_rows_ok.all() else x == neg_inf
+            acc += _matmul(p, vc[..., k_start:k_end, :], masked, v_rows_ok)
             m = m_new
 
-        # Rows that saw no key: l == 0 -> out 0, lse -inf.
-        seen = l > 0
-        l_safe = np.where(seen, l, cdt.type(1))
-        out[..., q_start:q_end, :] = acc / l_safe[..., None]
-        lse[..., q_start:q_end] = np.where(seen, m + np.log(l_safe), neg_inf)
+        # Rows that saw no unmasked key: l == 0 -> out 0, lse -inf. With a +inf score
+        # exp(inf - inf) made l NaN, but lse is +inf.
+        dead = l == 0
+        l_safe = np.where(dead, cdt.type(1), l)
+        out[:, q_start:q_end] = _merge_q(acc / l_safe[..., None])
+        lse[..., q_start:q_end] = np.where(dead, neg_inf, np.where(m == np.inf, m, m + np.log(l_safe)))
 
-    return _merge_q(out, q.dtype), lse.reshape(batch, nheads, seqlen_q)
+    return out, lse.reshape(batch, nheads, seqlen_q)
 
 
-def backward(dout, q, k, v, out, lse, causal, scale, deterministic=False, *, block_q=BLOCK_Q, block_k=BLOCK_K):
-    """Return ``(dq, dk, dv)`` with q's, k's and v's shapes and dtypes.
+@np.errstate(invalid="ignore", over="ignore")
+def backward(dout, q, k, v, out, lse, spec, deterministic=False, want_dbias=False, *,
+             block_q=BLOCK_Q, block_k=BLOCK_K):
+    """Return ``(dq, dk, dv, dbias)``: the gradients with q's, k's and v's shapes and dtypes in the
+    caller's layout, and dbias in the mask's shape and dtype (None unless ``want_dbias``).
 
     NumPy is deterministic whatever ``deterministic`` says.
     """
     batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    group = nheads // nheads_kv
-    cdt = compute_dtype(q.dtype)
-    offset = seqlen_k - seqlen_q
+    seqlen_k = spec.seqlen_k
+    cdt = compute_dtype(spec.dtype)
     neg_inf = cdt.type(-np.inf)
+    rdrop = cdt.type(1 / (1 - spec.dropout_p))
 
-    qc = _split_q(q, nheads_kv, cdt)
-    doc = _split_q(dout, nheads_kv, cdt)
+    qc = _split_q(q, spec.nheads_kv, cdt)
+    doc = _split_q(dout, spec.nheads_kv, cdt)
     kc = _split_kv(k, cdt)
     vc = _split_kv(v, cdt)
     lead = qc.shape[:3]
 
     # delta = rowsum(dout * out), in compute dtype, once.
     delta = np.einsum("bsnd,bsnd->bns", dout.astype(cdt), out.astype(cdt))
-    delta = np.ascontiguousarray(delta.reshape(batch, nheads_kv, group, seqlen_q))
-    # Fully masked rows have lse = -inf; use +inf there so p = exp(s - inf) = 0.
+    delta = np.ascontiguousarray(delta.reshape(lead + (seqlen_q,)))
+    # Fully masked rows have lse = -inf; use +inf there so p = exp(x - inf) = 0.
     lse_c = lse.astype(cdt).reshape(lead + (seqlen_q,))
     lse_safe = np.where(lse_c == neg_inf, cdt.type(np.inf), lse_c)
 
+    # Rows whose data is all finite: a tile of such rows needs no care for its masked pairs.
+    q_ok, do_ok, k_ok, v_ok = (_finite_rows(x) for x in (qc, doc, kc, vc))
+    q_side_ok = q_ok & do_ok & np.isfinite(delta).all(axis=(0, 1, 2)) & ~np.isnan(lse_c).any(axis=(0, 1, 2))
+    k_side_ok = k_ok & v_ok
+
     dq = np.zeros(qc.shape, dtype=cdt)
-    dk = np.empty((batch, nheads_kv, seqlen_k, headdim), dtype=cdt)
-    dv = np.empty((batch, nheads_kv, seqlen_k, headdim), dtype=cdt)
+    dk = spec.empty(np.empty, k.shape, k.dtype)
+    dv = spec.empty(np.empty, v.shape, v.dtype)
+    if want_dbias:
+        # Accumulated in the 4-D shape the mask broadcast from; its size-1 axes sum.
+        mask4 = (1,) * (4 - len(spec.mask_shape)) + tuple(spec.mask_shape)
+        dbias = np.zeros(mask4, dtype=cdt)
+        summed = tuple(a for a in range(4) if mask4[a] == 1)
 
     for k_start in range(0, seqlen_k, block_k):
         k_end = min(k_start + block_k, seqlen_k)
@@ -168,31 +207,48 @@ def backward(dout, q, k, v, out, lse, causal, scale, deterministic=False, *, blo
         dk_acc = np.zeros(lead + (n_k, headdim), dtype=cdt)
         dv_acc = np.zeros(lead + (n_k, headdim), dtype=cdt)
 
-        # Causal: key k_start is first seen by query k_start - offset; query
-        # tiles wholly before that are above the diagonal and skipped.
-        first_q = max(0, k_start - offset) if causal else 0
-        for q_start in range((first_q // block_q) * block_q, seqlen_q, block_q):
+        for q_start in _tiles(*_variants.query_range(spec, k_start, k_end), block_q):
             q_end = min(q_start + block_q, seqlen_q)
             q_i = qc[..., q_start:q_end, :]
             do_i = doc[..., q_start:q_end, :]
 
             s = np.matmul(q_i, k_j.swapaxes(-1, -2))
-            s *= scale
-            if causal and k_end - 1 > q_start + offset:
-                s[..., _tile_mask(q_start, q_end, k_start, k_end, offset)] = neg_inf
-            p = np.exp(s - lse_safe[..., q_start:q_end, None])
-
-            dv_acc += np.matmul(p.swapaxes(-1, -2), do_i)
+            s *= spec.scale
+            x, dcap = _variants.scores(spec, s, q_start, k_start)
+            clean = q_side_ok[q_start:q_end].all() and k_side_ok[k_start:k_end].all()
+            masked = None if clean else x == neg_inf
+            masked_t = None if clean else masked.swapaxes(-1, -2)
+            p = np.exp(x - lse_safe[..., q_start:q_end, None])
             dp = np.matmul(do_i, v_j.swapaxes(-1, -2))
+            if masked is not None:
+                p = np.where(masked, cdt.type(0), p)  # exp(-inf - nan) is nan
+            pd = p
+            if spec.dropout:  # multiplied, not selected: a dropped inf or nan still gives nan
+                drop = np.where(_variants.keep(spec, q_start, q_end, k_start, k_end), rdrop, cdt.type(0))
+                pd, dp = p * drop, dp * drop
+
+            dv_acc += _matmul(pd.swapaxes(-1, -2), do_i, masked_t, do_ok[q_start:q_end])
             ds = p * (dp - delta[..., q_start:q_end, None])
-            dk_acc += scale * np.matmul(ds.swapaxes(-1, -2), q_i)
-            dq[..., q_start:q_end, :] += scale * np.matmul(ds, k_j)
+            if masked is not None:
+                ds = np.where(masked, cdt.type(0), ds)  # 0 * nan from dout, v or delta
+            if want_dbias:
+                rows = slice(q_start, q_end) if mask4[2] != 1 else slice(None)
+                cols = slice(k_start, k_end) if mask4[3] != 1 else slice(None)
+                dbias[:, :, rows, cols] += ds.reshape(batch, nheads, q_end - q_start, n_k).sum(summed, keepdims=True)
+            dx = ds
+            if dcap is not None:
+                dx = ds * dcap
+                if masked is not None:
+                    dx = np.where(masked, cdt.type(0), dx)  # dcap is nan where s is
+            dk_acc += spec.scale * _matmul(dx.swapaxes(-1, -2), q_i, masked_t, q_ok[q_start:q_end])
+            dq[..., q_start:q_end, :] += spec.scale * _matmul(dx, k_j, masked, k_ok[k_start:k_end])
 
         # GQA: a kv head's gradient is the sum over the query heads reading it.
-        dk[:, :, k_start:k_end] = dk_acc.sum(axis=2)
-        dv[:, :, k_start:k_end] = dv_acc.sum(axis=2)
+        dk[:, k_start:k_end] = dk_acc.sum(axis=2).transpose(0, 2, 1, 3)
+        dv[:, k_start:k_end] = dv_acc.sum(axis=2).transpose(0, 2, 1, 3)
 
-    dq = _merge_q(dq, q.dtype)
-    dk = np.ascontiguousarray(dk.transpose(0, 2, 1, 3), dtype=k.dtype)
-    dv = np.ascontiguousarray(dv.transpose(0, 2, 1, 3), dtype=v.dtype)
-    return dq, dk, dv
+    dq_out = spec.empty(np.empty, q.shape, q.dtype)
+    dq_out[...] = _merge_q(dq)
+    if not want_dbias:
+        return dq_out, dk, dv, None
+    return dq_out, dk, dv, dbias.reshape(spec.mask_shape).astype(spec.attn_mask.dtype)

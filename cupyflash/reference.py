@@ -216,7 +216,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, win
 
     def group_sum(g):  # (b, h, seqlen_k, d) -> (b, h_kv, seqlen_k, d): GQA sums a group's heads
         b, h, s, d = g.shape
-        return g.reshape(b, spec.nheads_kv, h // spec.nheads_kv, s, d).sum(axis=2)
+        with np.errstate(invalid="ignore"):  # inf - inf across heads is NaN, as the arithmetic says
+            return g.reshape(b, spec.nheads_kv, h // spec.nheads_kv, s, d).sum(axis=2)
 
     grads = (_to_caller(spec, dq), _to_caller(spec, group_sum(dk)), _to_caller(spec, group_sum(dv)))
     if return_dbias:

@@ -42,7 +42,8 @@ def main(argv=None):
 
         cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        print(f"long_context.py needs a CUDA GPU ({type(exc).__name__}); nothing to do.")
+        print(f"long_context.py needs a CUDA GPU ({type(exc).__name__}); nothing to do. "
+              "python -m cupyflash says what is missing.")
         return 0
 
     b, s, h, d, causal = args.batch, args.seqlen, args.nheads, args.headdim, args.causal

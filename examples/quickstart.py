@@ -25,6 +25,8 @@ def main(argv=None):
     parser.add_argument("--numpy", action="store_true", help="use NumPy arrays (CPU backend)")
     args = parser.parse_args(argv)
     if args.numpy or not gpu_available():
+        if not args.numpy:
+            print("no GPU visible to cupy, NumPy arrays instead (python -m cupyflash says what is missing)")
         xp, dtype, seqlen = np, np.float32, 256
     else:
         import cupy as xp

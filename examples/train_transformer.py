@@ -6,8 +6,9 @@ position embeddings, pre-LN blocks (causal multi-head self-attention through
 tied to the token embedding, softmax cross-entropy, and Adam.  It trains on
 ``examples/data/*.txt``.
 
-    python examples/train_transformer.py                  # GPU preset (~10 s on an H200)
-    python examples/train_transformer.py --tiny --numpy   # a few CPU steps (CI smoke test)
+    python examples/train_transformer.py                  # full preset on a GPU (~10 s on an H200); tiny on NumPy
+    python examples/train_transformer.py --numpy          # the tiny preset on NumPy (a few seconds)
+    python examples/train_transformer.py --preset full --numpy   # the full preset on NumPy (~20 min on 2 cores)
     python examples/train_transformer.py --gradcheck      # hand-written gradients vs finite differences
     python examples/train_transformer.py --attn-dtype bfloat16   # bfloat16 attention, float32 elsewhere
 """
@@ -31,7 +32,7 @@ DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.f
 PRESETS = {
     # The corpus is 17 KB: past a few hundred steps this model memorizes it (on an H200 the
     # validation loss bottomed out near step 300 of a 2000-step run, then climbed).
-    "default": dict(n_layer=4, n_embd=128, n_head=2, block=128, batch=32, steps=400, lr=2e-3, log_every=50),
+    "full": dict(n_layer=4, n_embd=128, n_head=2, block=128, batch=32, steps=400, lr=2e-3, log_every=50),
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, block=32, batch=16, steps=60, lr=3e-3, log_every=20),
 }
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -280,6 +281,15 @@ def gradcheck(seed=0, per_param=4, tol=1e-5):
 
 # --------------------------------------------------------------------------- main
 
+def progress_bar(steps):
+    """A tqdm bar when tqdm is installed and stderr is a terminal, else None."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=steps, unit="step", leave=False) if sys.stderr.isatty() else None
+
+
 def gpu_available():
     try:
         import cupy
@@ -292,7 +302,7 @@ def gpu_available():
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2])
-    p.add_argument("--tiny", action="store_true", help="small preset for a CPU smoke test")
+    p.add_argument("--preset", choices=list(PRESETS), help="model and schedule (default: full on a GPU, tiny on NumPy)")
     p.add_argument("--numpy", action="store_true", help="run on NumPy (default when no GPU)")
     p.add_argument("--gradcheck", action="store_true", help="check the gradients and exit")
     for name in ("steps", "n_layer", "n_embd", "n_head", "block", "batch", "log_every"):
@@ -309,16 +319,20 @@ def main(argv=None):
     args = parse_args(argv)
     if args.gradcheck:
         return 0 if gradcheck(args.seed) else 1
-    cfg = dict(PRESETS["tiny" if args.tiny else "default"])
+    if args.numpy or not gpu_available():
+        xp = np
+    else:
+        import cupy as xp
+    preset = args.preset or ("full" if xp is not np else "tiny")
+    if args.preset is None and xp is np:
+        why = "--numpy" if args.numpy else "no GPU visible to cupy (python -m cupyflash says what is missing)"
+        print(f"{why}: the tiny preset on NumPy (--preset full trains the full model, ~20 min on 2 cores)")
+    cfg = dict(PRESETS[preset])
     for key in cfg:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     if cfg["n_embd"] % cfg["n_head"]:
         sys.exit("--n-embd must be a multiple of --n-head")
-    if args.numpy or not gpu_available():
-        xp = np
-    else:
-        import cupy as xp
     dtype = DTYPES[args.dtype]
     attn_dtype = DTYPES[args.attn_dtype or args.dtype]
 
@@ -337,19 +351,34 @@ def main(argv=None):
         return np.mean([float(cross_entropy(forward(params, x, cfg, attn_dtype, xp)[0], y, xp)[0])
                         for x, y in val_batches])
 
+    steps = cfg["steps"]
+    bar = progress_bar(steps + 1)  # steps + 1 passes: the last one only logs
     running, start = [], time.perf_counter()
-    for step in range(cfg["steps"] + 1):
+    last_line = start
+    for step in range(steps + 1):
         x, y = get_batch(train, cfg["batch"], cfg["block"], rng, xp)
         loss, grads = loss_and_grads(params, x, y, cfg, attn_dtype, xp)
         running.append(float(loss))
-        if step % cfg["log_every"] == 0 or step == cfg["steps"]:
-            elapsed = time.perf_counter() - start
-            print(f"step {step:5d} | loss {np.mean(running):.4f} | val {val_loss():.4f} | "
-                  f"{1e3 * elapsed / max(1, step):.1f} ms/step", flush=True)
-            running = []
-        if step < cfg["steps"]:
-            opt.step(params, grads, learning_rate(step, cfg["steps"], cfg["lr"]))
-    n = args.sample if args.sample is not None else (40 if args.tiny else 300)
+        now = time.perf_counter()
+        per_step = (now - start) / max(1, step)
+        if step % cfg["log_every"] == 0 or step == steps:
+            line = (f"step {step:5d} | loss {np.mean(running):.4f} | val {val_loss():.4f} | "
+                    f"{1e3 * per_step:.1f} ms/step")
+            if bar:
+                bar.write(line)  # above the bar
+            else:
+                print(line, flush=True)
+            running, last_line = [], now
+        elif bar is None and now - last_line >= 10:  # without a bar, a progress line at most every 10 s
+            print(f"  step {step}/{steps}, about {per_step * (steps - step):.0f} s left", flush=True)
+            last_line = now
+        if bar:
+            bar.update()
+        if step < steps:
+            opt.step(params, grads, learning_rate(step, steps, cfg["lr"]))
+    if bar:
+        bar.close()
+    n = args.sample if args.sample is not None else (40 if preset == "tiny" else 300)
     print("sample:", sample(params, cfg, chars, "The ", n, attn_dtype, xp, rng), sep="\n")
     return 0
 

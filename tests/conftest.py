@@ -1,21 +1,22 @@
 """Shared pytest configuration.
 
-* Marker ``gpu``: tests that need a CUDA device; skipped, with the reason,
-  when cupy is missing or sees no device.
-* Hypothesis profiles: ``ci`` (200 examples, no deadline) and ``dev``
-  (fewer), picked by the environment variable HYPOTHESIS_PROFILE, default
-  ``ci``.
+* Marker ``gpu`` (declared in setup.cfg): tests that need a CUDA device;
+  skipped, with the reason, when cupy is missing or sees no device.
+* Hypothesis profiles: ``dev`` (25 examples, the default: the README's
+  command) and ``ci`` (200 examples, what .ci/run sets), picked by the
+  environment variable HYPOTHESIS_PROFILE.
+* The report header names the cupyflash the tests import (the installed one,
+  see tests/test_install.py).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, os.path.dirname(__file__))  # so test modules can `import helpers`
+import cupyflash
 
 settings.register_profile(
     "ci",
@@ -32,11 +33,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
     print_blob=True,
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU visible to cupy (skipped otherwise)")
+def pytest_report_header(config):
+    return f"cupyflash {cupyflash.__version__} from {os.path.dirname(cupyflash.__file__)}"
 
 
 _GPU_STATUS = None

@@ -4,7 +4,9 @@
   full-matrix computation done *in the input dtype*, every intermediate
   rounded to it (16-bit matmuls accumulate in float32 and round the result,
   as tensor cores and PyTorch do). Their error against the float64
-  reference is the yardstick of FlashAttention's accuracy rule.
+  reference is the yardstick of FlashAttention's accuracy rule. They, and
+  :func:`error_scales`, take the variant keywords of ``cupyflash.attention``
+  (window_size, softcap, alibi_slopes, attn_mask, dropout_p, dropout_seed).
 * :func:`assert_close_flash_rule`: max|out - ref| <= factor * max|naive - ref|
   + floor.
 * :func:`flash_floor`: the rounding floor of the rule (see the notes above it).
@@ -19,7 +21,7 @@ import numpy as np
 
 import ml_dtypes
 
-from cupyflash.reference import causal_mask
+from cupyflash import dropout_mask
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
@@ -65,24 +67,71 @@ class _Rounder:
         return self.R(np.matmul(a.astype(self.wide), b.astype(self.wide)))
 
 
-def _naive_probs(q, k, causal, scale, r):
-    """Rounded scaled scores' softmax, like flash-attn's attention_ref."""
+class _Variants:
+    """The variant keywords of one call, as float64/bool arrays broadcastable to (b, h, sq, sk).
+
+    ``visible``: window (causal folded in) and bool mask; ``alibi``: slope * distance (or None);
+    ``bias``: a float mask (or None); ``keep_scale``: keep / (1 - dropout_p) (or None).
+    """
+
+    def __init__(self, q, k, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                 attn_mask=None, dropout_p=0.0, dropout_seed=None):
+        b, sq, h, _ = q.shape
+        sk = k.shape[1]
+        i = np.arange(sq)[:, None] + (sk - sq)  # the key aligned with query i
+        j = np.arange(sk)[None, :]
+        left, right = window_size
+        right = 0 if causal else right
+        self.visible = ((left < 0) | (j >= i - left)) & ((right < 0) | (j <= i + right))
+        self.softcap = float(softcap)
+        self.alibi = None
+        if alibi_slopes is not None:
+            slopes = np.broadcast_to(to_numpy(alibi_slopes).astype(np.float64), (b, h))
+            self.alibi = slopes[:, :, None, None] * np.abs(i - j)
+        self.bias = self.mask_shape = self.mask_dtype = None
+        if attn_mask is not None:
+            mask = to_numpy(attn_mask)
+            if mask.dtype == np.bool_:
+                self.visible = self.visible & mask
+            else:
+                self.bias = mask.astype(np.float64)
+                self.mask_shape, self.mask_dtype = mask.shape, mask.dtype
+        self.keep_scale = None
+        if dropout_p > 0:
+            self.keep_scale = dropout_mask((b, h, sq, sk), dropout_p, dropout_seed) / (1.0 - dropout_p)
+
+    def unbroadcast(self, g):
+        """A (b, h, sq, sk) gradient summed down to the mask's shape."""
+        g = g.sum(axis=tuple(range(4 - len(self.mask_shape))))
+        axes = tuple(a for a, n in enumerate(self.mask_shape) if n == 1 and g.shape[a] != 1)
+        return g.sum(axis=axes, keepdims=True).reshape(self.mask_shape)
+
+
+def _naive_probs(q, k, scale, r, var):
+    """Rounded scores' softmax, like flash-attn's attention_ref: ``(qs, kh, p, lse, tanh)`` with
+    tanh = tanh(s / softcap) (None without softcap)."""
     nheads = q.shape[2]
     qs = r.R(_split_heads(q).astype(r.wide) * scale)  # scale applied to q first
     kh = _split_heads(_expand(k, nheads)).astype(r.wide)
     s = r.mm(qs, np.swapaxes(kh, -1, -2))
-    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-    mask = causal_mask(seqlen_q, seqlen_k) if causal else np.zeros((seqlen_q, seqlen_k), bool)
-    s = np.where(mask, -np.inf, s)
-    dead = mask.all(axis=1)
+    th = None
+    if var.softcap:
+        th = r.R(np.tanh(r.R(s / var.softcap)))
+        s = r.R(var.softcap * th)
+    if var.alibi is not None:
+        s = r.R(s - r.R(var.alibi))
+    if var.bias is not None:
+        s = r.R(s + r.R(var.bias))
+    s = np.where(var.visible, s, -np.inf)
+    dead = np.isneginf(s).all(axis=-1, keepdims=True)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isneginf(m), 0.0, m).astype(r.wide)
     e = np.exp(s - m)
     l = e.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = r.R(np.where(dead[:, None], 0.0, e / np.where(l == 0, 1, l)))
-        lse = np.where(dead[:, None], -np.inf, m + np.log(l))[..., 0]
-    return qs, kh, p, r.R(lse)
+        p = r.R(np.where(dead, 0.0, e / np.where(l == 0, 1, l)))
+        lse = np.where(dead, -np.inf, m + np.log(l))[..., 0]
+    return qs, kh, p, r.R(lse), th
 
 
 def _quiet(fn):
@@ -98,7 +147,7 @@ def _quiet(fn):
 
 
 @_quiet
-def naive_attention(q, k, v, causal, scale):
+def naive_attention(q, k, v, causal, scale, **variants):
     """Full-matrix attention in the input dtype; returns ``(out, lse)``.
 
     out has q's dtype; lse is (batch, nheads, seqlen_q) in the input dtype
@@ -106,43 +155,55 @@ def naive_attention(q, k, v, causal, scale):
     """
     q, k, v = to_numpy(q), to_numpy(k), to_numpy(v)
     r = _Rounder(q.dtype)
-    _, _, p, lse = _naive_probs(q, k, causal, scale, r)
+    var = _Variants(q, k, causal, **variants)
+    _, _, p, lse, _ = _naive_probs(q, k, scale, r, var)
+    if var.keep_scale is not None:
+        p = r.R(p * var.keep_scale)
     vh = _split_heads(_expand(v, q.shape[2]))
     out = r.mm(p, vh)
     return _split_heads(out).astype(q.dtype), lse.astype(q.dtype)
 
 
 @_quiet
-def naive_attention_backward(dout, q, k, v, causal, scale):
+def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, **variants):
     """Full-matrix gradients in the input dtype, rounding as autograd would.
 
-    Returns ``(dq, dk, dv)`` in the input dtype. Every product is rounded to
-    the input dtype, the softmax backward ``P * (dP - rowsum(P * dP))`` is
-    done in the compute dtype and rounded once, GQA sums over heads in the
+    Returns ``(dq, dk, dv)`` in the input dtype (and dbias in the mask's
+    shape and dtype with ``return_dbias``). Every product is rounded to the
+    input dtype, the softmax backward ``P * (dP - rowsum(P * dP))`` is done
+    in the compute dtype and rounded once, GQA sums over heads in the
     compute dtype and rounds once.
     """
     dout, q, k, v = to_numpy(dout), to_numpy(q), to_numpy(k), to_numpy(v)
     r = _Rounder(q.dtype)
     nheads, nheads_kv = q.shape[2], k.shape[2]
-    qs, kh, p, _ = _naive_probs(q, k, causal, scale, r)
+    var = _Variants(q, k, causal, **variants)
+    qs, kh, p, _, th = _naive_probs(q, k, scale, r, var)
     vh = _split_heads(_expand(v, nheads)).astype(r.wide)
     do = _split_heads(dout).astype(r.wide)
-    dv_rep = r.mm(np.swapaxes(p, -1, -2), do)
     dp = r.mm(do, np.swapaxes(vh, -1, -2))
+    pd = p
+    if var.keep_scale is not None:
+        pd, dp = r.R(p * var.keep_scale), r.R(dp * var.keep_scale)
+    dv_rep = r.mm(np.swapaxes(pd, -1, -2), do)
     ds = r.R(p * (dp - np.sum(p * dp, axis=-1, keepdims=True)))
-    dqs = r.mm(ds, kh)
-    dk_rep = r.mm(np.swapaxes(ds, -1, -2), qs)
+    dx = ds if th is None else r.R(ds * r.R(1.0 - th * th))
+    dqs = r.mm(dx, kh)
+    dk_rep = r.mm(np.swapaxes(dx, -1, -2), qs)
     dq = r.R(dqs * scale)
 
     def group_sum(x):  # (b, h, s, d) -> (b, s, h_kv, d)
         b, h, s, d = x.shape
         return r.R(x.reshape(b, nheads_kv, h // nheads_kv, s, d).sum(axis=2)).swapaxes(1, 2)
 
-    return (
+    grads = (
         _split_heads(dq).astype(q.dtype),
         group_sum(dk_rep).astype(k.dtype),
         group_sum(dv_rep).astype(v.dtype),
     )
+    if return_dbias:
+        grads += (r.R(var.unbroadcast(ds)).astype(var.mask_dtype),)
+    return grads
 
 
 def assert_close_flash_rule(out, ref, naive, factor, floor, name="out"):
@@ -298,25 +359,36 @@ def problems(dtypes=DTYPES, max_batch=3, max_seqlen=300, max_nheads=4, max_headd
 # and for lse (compute dtype, absolute): eps_c * L.
 
 
-def error_scales(q, k, v, dout, causal, scale):
-    """Dict of the magnitudes that set the rounding floors (see above)."""
-    from cupyflash.reference import _probabilities, _expand_kv
+def error_scales(q, k, v, dout, causal, scale, **variants):
+    """Dict of the magnitudes that set the rounding floors (see above).
 
+    With variants, L also counts |ALiBi| and |bias| (the score's rounding
+    grows with every term added to it), the magnitudes use P as dropout
+    weighs it, and ``dbias`` is the magnitude of the bias gradient.
+    """
     q, k, v, dout = (to_numpy(x).astype(np.float64) for x in (q, k, v, dout))
     nheads = q.shape[2]
-    p, _ = _probabilities(q, k, bool(causal), scale)
-    aq, ak = np.abs(q), np.abs(_expand_kv(k, nheads))
-    av, ado = np.abs(_expand_kv(v, nheads)), np.abs(dout)
-    logits = scale * np.einsum("bqhd,bkhd->bhqk", aq, ak, optimize=True)
+    var = _Variants(q, k, causal, **variants)
+    _, _, p, _, th = _naive_probs(q, k, scale, _Rounder(np.float64), var)
+    aq, ak = np.abs(q), np.abs(_expand(k, nheads))
+    av, ado = np.abs(_expand(v, nheads)), np.abs(dout)
+    terms = scale * np.einsum("bqhd,bkhd->bhqk", aq, ak, optimize=True)
+    for extra in (var.alibi, var.bias):
+        if extra is not None:
+            terms = terms + np.where(np.isfinite(extra), np.abs(extra), 0.0)
+    logits = np.where(var.visible, terms, 0.0)
     L = float(logits.max()) + float(np.log(k.shape[1]))
-    out_abs = np.einsum("bhqk,bkhd->bqhd", p, av, optimize=True)
-    dv_abs = np.einsum("bhqk,bqhd->bkhd", p, ado, optimize=True)
-    dp_abs = np.einsum("bqhd,bkhd->bhqk", ado, av, optimize=True)
+    keep = 1.0 if var.keep_scale is None else var.keep_scale
+    pd = p * keep
+    out_abs = np.einsum("bhqk,bkhd->bqhd", pd, av, optimize=True)
+    dv_abs = np.einsum("bhqk,bqhd->bkhd", pd, ado, optimize=True)
+    dp_abs = np.einsum("bqhd,bkhd->bhqk", ado, av, optimize=True) * keep
     delta_abs = np.einsum("bqhd,bqhd->bhq", ado, out_abs)[..., None]
     ds_abs = p * (dp_abs + delta_abs)
-    dq_abs = scale * np.einsum("bhqk,bkhd->bqhd", ds_abs, ak, optimize=True)
-    dk_abs = scale * np.einsum("bhqk,bqhd->bkhd", ds_abs, aq, optimize=True)
-    return {
+    dx_abs = ds_abs if th is None else ds_abs * (1.0 - th * th)
+    dq_abs = scale * np.einsum("bhqk,bkhd->bqhd", dx_abs, ak, optimize=True)
+    dk_abs = scale * np.einsum("bhqk,bqhd->bkhd", dx_abs, aq, optimize=True)
+    scales = {
         "L": L,
         "out": float(out_abs.max()),
         "lse": 1.0,
@@ -324,6 +396,9 @@ def error_scales(q, k, v, dout, causal, scale):
         "dk": float(dk_abs.max()),
         "dv": float(dv_abs.max()),
     }
+    if var.bias is not None:
+        scales["dbias"] = float(var.unbroadcast(ds_abs).max())
+    return scales
 
 
 #: Floors of the accuracy rule, in units of flash_floor, for the forward (out, lse) and the

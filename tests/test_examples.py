@@ -1,43 +1,61 @@
-"""CPU smoke tests of the examples and of ``python -m cupyflash.bench`` (NumPy paths)."""
+"""CPU smoke tests of the examples and of ``python -m cupyflash.bench`` (NumPy paths).
+
+They run in a temporary directory, so that ``-m`` and the scripts import the installed
+cupyflash rather than the checkout."""
 import os
 import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
+import numpy as np
+
+import cupyflash
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-def run(*args, timeout=120):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(*args, cwd, timeout=120):
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc.stdout
 
 
-def test_quickstart_numpy():
-    out = run(os.path.join(EXAMPLES, "quickstart.py"), "--numpy")
+def test_quickstart_numpy(tmp_path):
+    out = run(os.path.join(EXAMPLES, "quickstart.py"), "--numpy", cwd=tmp_path)
     errors = [float(e) for e in re.findall(r"max \|error\| vs float64 reference = (\S+)", out)]
     assert len(errors) == 4 and max(errors) < 1e-4, out
 
 
-def test_train_transformer_tiny_loss_decreases():
-    out = run(os.path.join(EXAMPLES, "train_transformer.py"), "--tiny", "--numpy", timeout=180)
-    losses = [float(x) for x in re.findall(r"\| loss (\S+) \|", out)]
+def test_train_transformer_on_numpy_picks_tiny_preset_and_loss_decreases(tmp_path):
+    out = run(os.path.join(EXAMPLES, "train_transformer.py"), "--numpy", cwd=tmp_path, timeout=180)
+    assert "the tiny preset on NumPy" in out, out
+    losses = [float(x) for x in re.findall(r"\| loss (\S+) \| val", out)]
     assert len(losses) >= 3, out
     assert losses[-1] < losses[0] - 0.5, out
     assert "sample:" in out
 
 
-def test_train_transformer_gradcheck():
-    out = run(os.path.join(EXAMPLES, "train_transformer.py"), "--gradcheck")
+def test_train_transformer_gradcheck(tmp_path):
+    out = run(os.path.join(EXAMPLES, "train_transformer.py"), "--gradcheck", cwd=tmp_path)
     assert "gradcheck PASSED" in out, out
+
+
+def test_self_check_fails_a_wrong_result(monkeypatch, capsys):
+    import cupyflash.__main__ as self_check
+
+    def off_by_a_tenth(q, k, v, **kwargs):
+        out, lse = cupyflash.attention(q, k, v, **kwargs)
+        return out + out.dtype.type(0.1), lse
+
+    monkeypatch.setattr(self_check, "attention", off_by_a_tenth)
+    failed = self_check.check_errors(np, shape=(1, 64, 64, 2, 1, 32))
+    out = capsys.readouterr().out
+    assert len(failed) == 2 * len(self_check.DTYPES) == out.count("FAIL"), out
 
 
 def test_bench_cpu_quick(tmp_path):
     path = tmp_path / "bench.json"
-    out = run("-m", "cupyflash.bench", "--cpu", "--quick", "--modes", "fwd,bwd", "--json", str(path))
+    out = run("-m", "cupyflash.bench", "--cpu", "--quick", "--modes", "fwd,bwd", "--json", str(path), cwd=tmp_path)
     assert "cupyflash" in out and "naive" in out
     import json
 
@@ -46,6 +64,7 @@ def test_bench_cpu_quick(tmp_path):
     assert all(case["results"]["cupyflash"]["status"] == "ok" for case in data["cases"]), data["cases"]
 
 
-def test_gpu_examples_skip_cleanly_or_run():
+def test_gpu_examples_skip_cleanly_or_run(tmp_path):
     # Without a GPU these print a one-line skip and exit 0; with one they run their checks.
-    run(os.path.join(EXAMPLES, "interop.py"), timeout=300)
+    run(os.path.join(EXAMPLES, "interop.py"), cwd=tmp_path, timeout=300)
+    run(os.path.join(EXAMPLES, "long_context.py"), "--seqlen", "16384", cwd=tmp_path, timeout=300)

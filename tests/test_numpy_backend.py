@@ -1,16 +1,17 @@
-"""Tiled NumPy backend against the float64 reference (Hypothesis)."""
+"""Tiled NumPy backend against the float64 reference (Hypothesis), every variant of docs/variants.md."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import cupyflash
-from cupyflash import _numpy_backend, reference
+from cupyflash import _numpy_backend, _validate, reference
 from helpers import (
     Problem,
     assert_close_flash_rule,
@@ -30,7 +31,7 @@ from helpers import (
 # Accuracy rule (flash-attn's): max|ours - ref| <= FACTOR x max|naive - ref|
 # + floor, naive = same computation on the full matrix in the input dtype.
 FWD_FACTOR = 2  # out, lse
-BWD_FACTOR = 3  # dq, dk, dv
+BWD_FACTOR = 3  # dq, dk, dv, dbias
 # Floors, in units of (eps_dtype + eps_compute * L) x magnitude-without-
 # cancellation (see helpers.error_scales): the rounding every finite-
 # precision attention must make, which the naive computation sometimes
@@ -40,46 +41,124 @@ BWD_FACTOR = 3  # dq, dk, dv
 BIG_FP32 = Problem(1, 300, 300, 2, 1, 256, np.float32, True, None, None, 7)
 BIG_FP32_NC = Problem(1, 300, 300, 2, 2, 256, np.float32, False, None, None, 8)
 
+# Each Hypothesis example is capped (batch * nheads * seqlen_q * seqlen_k * headdim) so the file
+# stays well under a minute and a half on two cores.
+SMALL = dict(max_seqlen=256, cost_cap=4_000_000)
+TINY = dict(max_batch=2, max_seqlen=150, max_headdim=16, cost_cap=300_000)
 
-def _forward_all(p):
+VARIANTS = ("window", "softcap", "alibi", "bool_mask", "bias", "dropout")
+
+
+def _mask_shape(draw, full):
+    """A shape that broadcasts to ``full``: each axis full or 1, leading axes maybe dropped."""
+    shape = tuple(n if draw(st.booleans()) else 1 for n in full)
+    return shape[draw(st.integers(0, 2)):]
+
+
+def draw_variants(draw, p, names, gentle=False):
+    """Keywords of cupyflash.attention (besides causal and scale) for the variants ``names``.
+
+    ``gentle``: no probability underflows to 0 and no softcap saturates (1 - tanh^2 = 0) in
+    float32 at unit scale, where float64 keeps them nonzero: then inf * 0 would be NaN in float32
+    alone.
+    """
+    rng = np.random.default_rng(p.seed + 17)
+    kw = {}
+    if "window" in names:
+        reach = max(p.seqlen_q, p.seqlen_k)
+        kw["window_size"] = (draw(st.integers(-1, reach), label="left"), draw(st.integers(-1, reach), label="right"))
+    if "softcap" in names:
+        kw["softcap"] = draw(st.floats(10.0 if gentle else 0.5, 30.0), label="softcap")
+    if "alibi" in names:
+        shape = draw(st.sampled_from([(p.nheads,), (p.batch, p.nheads)]), label="slopes shape")
+        kw["alibi_slopes"] = rng.uniform(0.0, 0.25 if gentle else 1.0, shape).astype(np.float32)
+    full = (p.batch, p.nheads, p.seqlen_q, p.seqlen_k)
+    if "bool_mask" in names and "bias" not in names:
+        density = draw(st.floats(0.2, 1.0), label="density")
+        kw["attn_mask"] = rng.random(_mask_shape(draw, full)) < density
+    if "bias" in names:
+        shape = _mask_shape(draw, full)
+        dtype = draw(st.sampled_from([p.dtype, np.dtype(np.float32)]), label="bias dtype")
+        bias = rng.standard_normal(shape) * draw(st.floats(0.0, 5.0), label="bias std")
+        bias[rng.random(shape) < draw(st.sampled_from([0.0, 0.2]), label="-inf fraction")] = -np.inf
+        kw["attn_mask"] = bias.astype(dtype)
+    if "dropout" in names:
+        kw["dropout_p"] = draw(st.floats(0.05, 0.9), label="dropout_p")
+        kw["dropout_seed"] = draw(st.integers(0, 2**64 - 1), label="dropout_seed")
+    return kw
+
+
+def cases(variants=None, gentle=False, **problem_kw):
+    """Strategy of ``(problem, keywords)``: the given variants, or a random combination."""
+
+    @st.composite
+    def draw_case(draw):
+        p = draw(problems(**problem_kw))
+        names = draw(st.sets(st.sampled_from(VARIANTS)), label="variants") if variants is None else variants
+        return p, draw_variants(draw, p, names, gentle)
+
+    return draw_case()
+
+
+def _has_bias(kw):
+    mask = kw.get("attn_mask")
+    return mask is not None and mask.dtype != np.bool_
+
+
+def _spec(q, k, v, **kw):
+    return _validate.check_call("test", q, k, v, **kw)
+
+
+def check_against_reference(p, kw):
+    """Forward and backward (with dbias) obey the accuracy rule against the float64 reference."""
     q, k, v, dout = p.arrays()
-    out, lse = cupyflash.attention(q, k, v, causal=p.causal, scale=p.scale, return_lse=True)
-    return (q, k, v, dout), out, lse
-
-
-@given(problems())
-@example(BIG_FP32)
-@example(BIG_FP32_NC)
-def test_forward_matches_reference(p):
-    (q, k, v, dout), out, lse = _forward_all(p)
+    args = dict(causal=p.causal, scale=p.scale, **kw)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **args)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (p.batch, p.nheads, p.seqlen_q)
     assert lse.dtype == (np.float64 if p.dtype == np.float64 else np.float32)
-    ref_out, ref_lse = reference.attention(q, k, v, causal=p.causal, scale=p.scale, return_lse=True)
-    naive_out, naive_lse = naive_attention(q, k, v, p.causal, p.scale_value)
-    scales = error_scales(q, k, v, dout, p.causal, p.scale_value)
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **args)
+    naive_out, naive_lse = naive_attention(q, k, v, p.causal, p.scale_value, **kw)
+    scales = error_scales(q, k, v, dout, p.causal, p.scale_value, **kw)
     assert not np.isnan(out).any()
     assert_close_flash_rule(out, ref_out, naive_out, FWD_FACTOR, flash_floor("out", p.dtype, scales, FWD_FLOOR_ULPS), "out")
     assert_close_flash_rule(lse, ref_lse, naive_lse, FWD_FACTOR, flash_floor("lse", p.dtype, scales, FWD_FLOOR_ULPS), "lse")
-    check_relative("out", out, ref_out, p)
-    check_relative("lse", lse, ref_lse, p)
+    # The norm-wise bound presumes plain attention: a window or mask can leave a row one key, whose
+    # dq and dk are 0 up to the reference's rounding.
+    plain = not kw
+    if plain:
+        check_relative("out", out, ref_out, p)
+        check_relative("lse", lse, ref_lse, p)
 
-
-@given(problems())
-@example(BIG_FP32)
-@example(BIG_FP32_NC)
-def test_backward_matches_reference(p):
-    (q, k, v, dout), out, lse = _forward_all(p)
-    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=p.causal, scale=p.scale)
-    refs = reference.attention_backward(dout, q, k, v, out, lse, causal=p.causal, scale=p.scale)
-    naives = naive_attention_backward(dout, q, k, v, p.causal, p.scale_value)
-    scales = error_scales(q, k, v, dout, p.causal, p.scale_value)
-    for name, g, x, r, n in zip(("dq", "dk", "dv"), grads, (q, k, v), refs, naives):
+    want_dbias = _has_bias(kw)
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **args)
+    refs = reference.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **args)
+    naives = naive_attention_backward(dout, q, k, v, p.causal, p.scale_value, return_dbias=want_dbias, **kw)
+    names, inputs = ("dq", "dk", "dv"), (q, k, v)
+    if want_dbias:
+        names, inputs = names + ("dbias",), inputs + (kw["attn_mask"],)
+    for name, g, x, r, n in zip(names, grads, inputs, refs, naives):
         assert g.shape == x.shape and g.dtype == x.dtype, name
         assert not np.isnan(g).any(), name
         floor = flash_floor(name, p.dtype, scales, BWD_FLOOR_ULPS)
         assert_close_flash_rule(g, r, n, BWD_FACTOR, floor, name)
-        check_relative(name, g, r, p)
+        if plain:
+            check_relative(name, g, r, p)
+
+
+@given(cases())
+@example((BIG_FP32, {}))
+@example((BIG_FP32_NC, {}))
+def test_matches_reference(case):
+    """Random combinations of the variants (none included), forward and backward."""
+    check_against_reference(*case)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@settings(max_examples=40)
+@given(data=st.data())
+def test_each_variant_matches_reference(name, data):
+    check_against_reference(*data.draw(cases((name,), **SMALL)))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -87,7 +166,8 @@ def test_backward_matches_reference(p):
 def test_relative_bound_headdim256_seqlen300(dtype, causal):
     """The norm-wise bounds hold at the largest drawn shape."""
     p = Problem(1, 300, 300, 2, 1, 256, dtype, causal, None, None, 11)
-    (q, k, v, dout), out, lse = _forward_all(p)
+    q, k, v, dout = p.arrays()
+    out, lse = cupyflash.attention(q, k, v, causal=causal, return_lse=True)
     ref_out, ref_lse = reference.attention(q, k, v, causal=causal, return_lse=True)
     grads = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
     refs = reference.attention_backward(dout, q, k, v, out, lse, causal=causal)
@@ -96,18 +176,22 @@ def test_relative_bound_headdim256_seqlen300(dtype, causal):
         assert relative_error(ours, ref) <= bound, name
 
 
-@given(problems(), st.data())
-def test_gqa_equals_repeated_kv(p, data):
-    """Query head h reads kv head h // group: same as repeating k/v heads."""
+@settings(max_examples=100)
+@given(cases(**SMALL))
+def test_gqa_equals_repeated_kv(case):
+    """Query head h reads kv head h // group: same as repeating k/v heads, variants included
+    (ALiBi, masks and dropout bits are per query head)."""
+    p, kw = case
     q, k, v, dout = p.arrays()
+    args = dict(causal=p.causal, scale=p.scale, **kw)
     group = p.nheads // p.nheads_kv
     kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    out, lse = cupyflash.attention(q, k, v, causal=p.causal, scale=p.scale, return_lse=True)
-    out_r, lse_r = cupyflash.attention(q, kr, vr, causal=p.causal, scale=p.scale, return_lse=True)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **args)
+    out_r, lse_r = cupyflash.attention(q, kr, vr, return_lse=True, **args)
     np.testing.assert_array_equal(out, out_r)
     np.testing.assert_array_equal(lse, lse_r)
-    dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=p.causal, scale=p.scale)
-    dq_r, dk_r, dv_r = cupyflash.attention_backward(dout, q, kr, vr, out_r, lse_r, causal=p.causal, scale=p.scale)
+    dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, **args)
+    dq_r, dk_r, dv_r = cupyflash.attention_backward(dout, q, kr, vr, out_r, lse_r, **args)
     np.testing.assert_array_equal(dq, dq_r)
     b, s, _, d = k.shape
     cdt = np.float64 if p.dtype == np.float64 else np.float32
@@ -122,8 +206,9 @@ def test_gqa_equals_repeated_kv(p, data):
         assert err <= (group + 1) * (eps(p.dtype) * np.abs(parts).sum(axis=3).max() + tiny)
 
 
-@given(problems(), st.data())
-def test_noncausal_key_permutation_invariance(p, data):
+@settings(max_examples=50)
+@given(problems(**SMALL))
+def test_noncausal_key_permutation_invariance(p):
     q, k, v, dout = p.arrays()
     perm = np.random.default_rng(p.seed + 1).permutation(p.seqlen_k)
     out = cupyflash.attention(q, k, v, scale=p.scale)
@@ -138,82 +223,345 @@ def test_noncausal_key_permutation_invariance(p, data):
     assert_close_flash_rule(out_p, out, naive, 2 * FWD_FACTOR, 2 * floor, "out(permuted) vs out")
 
 
-@given(problems(), st.data())
-def test_causal_rows_ignore_future_keys(p, data):
-    """Perturbing keys/values past a row's diagonal changes nothing in that row."""
-    q, k, v, dout = p.arrays()
+def _hidden(p, kw, row):
+    """Bool (batch, nheads, seqlen_k): the keys that query ``row`` does not see (window, causal,
+    bool mask, -inf bias)."""
+    left, right = kw.get("window_size", (-1, -1))
+    right = 0 if p.causal else right
+    j = np.arange(p.seqlen_k)
+    i = row + p.seqlen_k - p.seqlen_q
+    hidden = ((left >= 0) & (j < i - left)) | ((right >= 0) & (j > i + right))
+    hidden = np.broadcast_to(hidden, (p.batch, p.nheads, p.seqlen_k))
+    mask = kw.get("attn_mask")
+    if mask is not None:
+        mask = np.broadcast_to(mask, (p.batch, p.nheads, p.seqlen_q, p.seqlen_k))[:, :, row]
+        hidden = hidden | (~mask if mask.dtype == np.bool_ else mask == -np.inf)
+    return hidden
+
+
+def _assert_same(ours, expected, dtype):
+    """Equal but for the summation order: a non-finite row is summed apart from the others."""
+    ours, expected = np.asarray(ours, np.float64), np.asarray(expected, np.float64)
+    assert np.isfinite(expected).all()
+    size = float(np.abs(expected).max(initial=1.0))
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=64 * eps(dtype) * size)
+
+
+@given(cases(dtypes=[np.float32, np.float64], **TINY), st.data())
+def test_masked_pairs_take_nothing_from_nan(case, data):
+    """NaN in the k/v rows a query does not see leaves its out, lse and dq unchanged, and NaN in
+    its q and dout rows leaves the dk, dv (and dbias) of those keys unchanged."""
+    p, kw = case
     row = data.draw(st.integers(0, p.seqlen_q - 1), label="row")
-    first_hidden = row + p.seqlen_k - p.seqlen_q + 1  # first key hidden from `row`
-    if first_hidden >= p.seqlen_k:
-        first_hidden = p.seqlen_k  # nothing hidden: perturb nothing
-    k2, v2 = k.copy(), v.copy()
-    rng = np.random.default_rng(p.seed + 2)
-    start = max(first_hidden, 0)
-    k2[:, start:] = (rng.standard_normal(k2[:, start:].shape) * 50).astype(p.dtype)
-    v2[:, start:] = (rng.standard_normal(v2[:, start:].shape) * 50).astype(p.dtype)
-    out, lse = cupyflash.attention(q, k, v, causal=True, scale=p.scale, return_lse=True)
-    out2, lse2 = cupyflash.attention(q, k2, v2, causal=True, scale=p.scale, return_lse=True)
-    np.testing.assert_array_equal(out[:, : row + 1], out2[:, : row + 1])
-    np.testing.assert_array_equal(lse[:, :, : row + 1], lse2[:, :, : row + 1])
-    dq, _, _ = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True, scale=p.scale)
-    dq2, _, _ = cupyflash.attention_backward(dout, q, k2, v2, out2, lse2, causal=True, scale=p.scale)
-    np.testing.assert_array_equal(dq[:, : row + 1], dq2[:, : row + 1])
-
-
-@given(problems(), st.integers(1, 64))
-def test_fully_masked_rows(p, extra):
-    """causal with seqlen_q > seqlen_k: the first rows see no key."""
-    seqlen_q = p.seqlen_k + extra
-    p = Problem(p.batch, seqlen_q, p.seqlen_k, p.nheads, p.nheads_kv, min(p.headdim, 64), p.dtype, True, p.scale, p.logit_std, p.seed)
+    hidden = _hidden(p, kw, row)
+    # Keys hidden from the row in every head it shares a kv head with, in every batch.
+    group = p.nheads // p.nheads_kv
+    hidden_kv = hidden.reshape(p.batch, p.nheads_kv, group, p.seqlen_k).all(axis=(0, 2))  # (nheads_kv, seqlen_k)
     q, k, v, dout = p.arrays()
+    args = dict(causal=p.causal, scale=p.scale, return_dbias=_has_bias(kw), **kw)
+    fwd = {a: b for a, b in args.items() if a != "return_dbias"}
+
+    k2, v2 = k.copy(), v.copy()
+    k2[:, hidden_kv.T] = np.nan
+    v2[:, hidden_kv.T] = np.inf
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **fwd)
+    out2, lse2 = cupyflash.attention(q, k2, v2, return_lse=True, **fwd)
+    _assert_same(out2[:, row], out[:, row], p.dtype)
+    # lse never reads v, and a hidden key's score is -inf whatever k holds: exactly the same.
+    np.testing.assert_array_equal(lse2[:, :, row], lse[:, :, row])
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, **args)
+    grads2 = cupyflash.attention_backward(dout, q, k2, v2, out2, lse2, **args)
+    _assert_same(grads2[0][:, row], grads[0][:, row], p.dtype)
+
+    q3, dout3 = q.copy(), dout.copy()
+    q3[:, row], dout3[:, row] = np.nan, np.nan
+    out3, lse3 = cupyflash.attention(q3, k, v, return_lse=True, **fwd)
+    grads3 = cupyflash.attention_backward(dout3, q3, k, v, out3, lse3, **args)
+    for g, g3 in zip(grads[1:3], grads3[1:3]):
+        _assert_same(g3[:, hidden_kv.T], g[:, hidden_kv.T], p.dtype)
+    if args["return_dbias"]:
+        db, db3 = (x.reshape((1,) * (4 - x.ndim) + x.shape) for x in (grads[3], grads3[3]))
+        if db.shape[2:] == (p.seqlen_q, p.seqlen_k):
+            # Entry (b, h, row, j) sums the mask's broadcast batches and heads: hidden in all of them.
+            hid = hidden
+            for axis in (0, 1):
+                hid = hid.all(axis=axis, keepdims=True) if db.shape[axis] == 1 else hid
+            _assert_same(db3[:, :, row][hid], db[:, :, row][hid], p.dtype)
+
+
+@given(cases(gentle=True, dtypes=[np.float32, np.float64], unit=True, **TINY), st.data())
+def test_nan_and_inf_follow_the_reference(case, data):
+    """Non-finite entries in q, k, v, dout and the bias: NaN, ±inf and finite values land where the
+    reference puts them (masked pairs take nothing, dead rows give zeros)."""
+    p, kw = case
+    q, k, v, dout = p.arrays()
+    want_dbias = _has_bias(kw)
+    poisoned = (q, k, v, dout) + ((kw["attn_mask"],) if want_dbias else ())
+    rng = np.random.default_rng(p.seed + 5)
+    for x in poisoned:
+        for _ in range(data.draw(st.integers(0, 2), label="poisoned entries")):
+            x[tuple(rng.integers(n) for n in x.shape)] = rng.choice([np.nan, np.inf, -np.inf])
+    args = dict(causal=p.causal, scale=p.scale, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no RuntimeWarning either
-        out, lse = cupyflash.attention(q, k, v, causal=True, scale=p.scale, return_lse=True)
-        dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True, scale=p.scale)
-        ref_out, ref_lse = reference.attention(q, k, v, causal=True, scale=p.scale, return_lse=True)
-        ref_dq, _, _ = reference.attention_backward(dout, q, k, v, out, lse, causal=True, scale=p.scale)
-    for x in (out, lse, dq, dk, dv, ref_out, ref_lse, ref_dq):
+        out, lse = cupyflash.attention(q, k, v, return_lse=True, **args)
+        grads = cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **args)
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **args)
+    refs = reference.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **args)
+    tol = 1e-9 if p.dtype == np.float64 else 2e-4
+    names = ("out", "lse", "dq", "dk", "dv", "dbias")
+    for name, ours, ref in zip(names, (out, lse) + grads, (ref_out, ref_lse) + refs):
+        ours = ours.astype(np.float64)
+        for special in (np.isnan, np.isposinf, np.isneginf):
+            np.testing.assert_array_equal(special(ours), special(ref), err_msg=f"{name}: {special.__name__}")
+        fin = np.isfinite(ref)
+        if fin.any():
+            size = max(1.0, float(np.abs(ref[fin]).max()))
+            assert np.abs(ours[fin] - ref[fin]).max() <= tol * size, name
+
+
+def test_nan_value_row_reaches_only_rows_that_see_it():
+    """The docs' example: causal, v = [1, 2, nan] -> out [1, 1.5, nan]."""
+    q = k = np.ones((1, 3, 1, 1), np.float32)
+    v = np.array([1, 2, np.nan], np.float32).reshape(1, 3, 1, 1)
+    out = cupyflash.attention(q, k, v, causal=True)
+    np.testing.assert_array_equal(out.ravel(), [1, 1.5, np.nan])
+    # Row 0 (NaN dout) sees key 0 only: keys 1 and 2 and the other rows take nothing from it.
+    v = np.array([1, 2, 3], np.float32).reshape(1, 3, 1, 1)
+    dout = np.array([np.nan, 1, 1], np.float32).reshape(1, 3, 1, 1)
+    out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    assert np.isnan(dv.ravel()[0]) and np.isfinite(dv.ravel()[1:]).all()
+    assert np.isnan(dk.ravel()[0]) and np.isfinite(dk.ravel()[1:]).all()
+    assert np.isnan(dq.ravel()[0]) and np.isfinite(dq.ravel()[1:]).all()
+
+
+@pytest.mark.parametrize("value, expected", [(np.nan, np.nan), (np.inf, np.inf)])
+def test_special_scores_make_lse(value, expected):
+    """A NaN score makes its row's lse NaN; a +inf score (and no NaN) makes it +inf."""
+    p = Problem(1, 5, 7, 2, 1, 4, np.float32, False, None, None, 3)
+    q, k, v, _ = p.arrays()
+    bias = np.zeros((5, 7), np.float32)
+    bias[2, 3] = value
+    _, lse = cupyflash.attention(q, k, v, attn_mask=bias, return_lse=True)
+    np.testing.assert_array_equal(lse[:, :, 2], expected)
+    assert np.isfinite(np.delete(lse, 2, axis=2)).all()
+
+
+def _dead_rows(p, how, extra):
+    """Keywords that leave the first ``extra`` rows seeing no key, ``how`` decides by what."""
+    rows = np.arange(p.seqlen_q)[:, None] < extra
+    if how == "causal":  # seqlen_q > seqlen_k
+        return dict(causal=True)
+    if how == "window":  # the window of the first rows ends before key 0
+        return dict(window_size=(0, 0))
+    if how == "bool_mask":
+        return dict(attn_mask=np.broadcast_to(~rows, (p.seqlen_q, p.seqlen_k)))
+    return dict(attn_mask=np.broadcast_to(np.where(rows, -np.inf, 0.0), (p.seqlen_q, p.seqlen_k)).astype(np.float32))
+
+
+@pytest.mark.parametrize("how", ["causal", "window", "bool_mask", "bias"])
+@settings(max_examples=30)
+@given(problems(**SMALL), st.integers(1, 64))
+def test_fully_masked_rows(how, p, extra):
+    """Rows that see no key: out 0, lse -inf, zero gradients, no NaN and no warning, even with NaN
+    in their dout."""
+    seqlen_q = p.seqlen_k + extra
+    p = Problem(p.batch, seqlen_q, p.seqlen_k, p.nheads, p.nheads_kv, min(p.headdim, 32), p.dtype, False, p.scale,
+                p.logit_std, p.seed)
+    q, k, v, dout = p.arrays()
+    dout[:, :extra] = np.nan
+    kw = _dead_rows(p, how, extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning either
+        out, lse = cupyflash.attention(q, k, v, scale=p.scale, return_lse=True, **kw)
+        dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, scale=p.scale, **kw)
+        ref_out, ref_lse = reference.attention(q, k, v, scale=p.scale, return_lse=True, **kw)
+    for x in (out, lse, dq, dk, dv):
         assert not np.isnan(np.asarray(x, dtype=np.float64)).any()
     dead = slice(0, extra)
     assert (out[:, dead] == 0).all() and (ref_out[:, dead] == 0).all()
     assert np.isneginf(lse[:, :, dead]).all() and np.isneginf(ref_lse[:, :, dead]).all()
-    assert np.isfinite(lse[:, :, extra:]).all()
-    assert (dq[:, dead] == 0).all() and (ref_dq[:, dead] == 0).all()
+    assert (dq[:, dead] == 0).all()
 
 
-@given(problems())
-def test_vjp_matches_attention_and_backward(p):
+@settings(max_examples=50)
+@given(cases(**TINY))
+def test_vjp_matches_attention_and_backward(case):
+    p, kw = case
     q, k, v, dout = p.arrays()
-    out, vjp = cupyflash.attention_vjp(q, k, v, causal=p.causal, scale=p.scale)
-    out2, lse2 = cupyflash.attention(q, k, v, causal=p.causal, scale=p.scale, return_lse=True)
+    args = dict(causal=p.causal, scale=p.scale, **kw)
+    out, vjp = cupyflash.attention_vjp(q, k, v, **args)
+    out2, lse2 = cupyflash.attention(q, k, v, return_lse=True, **args)
     np.testing.assert_array_equal(out, out2)
-    for g, g2 in zip(vjp(dout), cupyflash.attention_backward(dout, q, k, v, out2, lse2, causal=p.causal, scale=p.scale)):
+    for g, g2 in zip(vjp(dout), cupyflash.attention_backward(dout, q, k, v, out2, lse2, **args)):
         np.testing.assert_array_equal(g, g2)
 
 
-@pytest.mark.parametrize("block_q,block_k", [(16, 16), (16, 64), (64, 16), (128, 32), (1, 7)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_block_sizes_agree(block_q, block_k, causal):
-    """Any tiling gives the reference (tiles are an implementation detail)."""
-    p = Problem(2, 77, 93, 4, 2, 24, np.float64, causal, None, 30.0, 3)
+def _swap(x):
+    """(b, s, h, d) <-> (b, h, s, d), contiguous."""
+    return np.ascontiguousarray(x.swapaxes(1, 2))
+
+
+@settings(max_examples=30)
+@given(cases(**TINY))
+def test_bhsd_layout_is_bshd_transposed(case):
+    """layout='bhsd' gives the bshd results with axes 1 and 2 swapped, contiguous in that layout."""
+    p, kw = case
     q, k, v, dout = p.arrays()
-    out, lse = _numpy_backend.forward(q, k, v, causal, p.scale_value, block_q=block_q, block_k=block_k)
-    grads = _numpy_backend.backward(dout, q, k, v, out, lse, causal, p.scale_value, block_q=block_q, block_k=block_k)
-    ref_out, ref_lse = reference.attention(q, k, v, causal=causal, return_lse=True)
-    refs = reference.attention_backward(dout, q, k, v, out, lse, causal=causal)
+    args = dict(causal=p.causal, scale=p.scale, **kw)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **args)
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, **args)
+    out_t, lse_t = cupyflash.attention(_swap(q), _swap(k), _swap(v), return_lse=True, layout="bhsd", **args)
+    grads_t = cupyflash.attention_backward(_swap(dout), _swap(q), _swap(k), _swap(v), out_t, lse_t, layout="bhsd", **args)
+    np.testing.assert_array_equal(lse, lse_t)
+    for x, x_t in zip((out,) + grads, (out_t,) + grads_t):
+        assert x_t.flags.c_contiguous
+        np.testing.assert_array_equal(_swap(x), x_t)
+
+
+ALL_VARIANTS = dict(window_size=(40, 7), softcap=5.0, alibi_slopes=np.array([0.3, 0.1, 0.05, 0.02], np.float32),
+                    dropout_p=0.25, dropout_seed=2**63 + 12345)
+
+
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (16, 64), (64, 16), (128, 32), (1, 7), (33, 200)])
+@pytest.mark.parametrize("variants", ["plain", "causal", "all+bias", "all+bool"])
+def test_block_sizes_agree(block_q, block_k, variants):
+    """Any tiling gives the reference, dropout bits included (tiles are an implementation detail)."""
+    p = Problem(2, 77, 93, 4, 2, 24, np.float64, variants == "causal", None, 30.0, 3)
+    q, k, v, dout = p.arrays()
+    rng = np.random.default_rng(4)
+    kw = dict(causal=p.causal)
+    if variants.startswith("all"):
+        kw.update(ALL_VARIANTS)
+        kw["attn_mask"] = (rng.standard_normal((2, 1, 77, 93)) if variants == "all+bias"
+                           else rng.random((4, 77, 1)) < 0.8)
+    want_dbias = _has_bias(kw)
+    spec = _spec(q, k, v, **kw)
+    out, lse = _numpy_backend.forward(q, k, v, spec, block_q=block_q, block_k=block_k)
+    grads = _numpy_backend.backward(dout, q, k, v, out, lse, spec, False, want_dbias, block_q=block_q, block_k=block_k)
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
+    refs = reference.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **kw)
     np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-12)
+    assert (grads[3] is None) == (not want_dbias)
     for g, r in zip(grads, refs):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-10)
 
 
-def test_nan_propagates_without_error():
-    p = Problem(1, 20, 20, 1, 1, 8, np.float32, False, None, None, 5)
-    q, k, v, _ = p.arrays()
-    v[0, 3, 0, 2] = np.nan
-    out = cupyflash.attention(q, k, v)
-    assert np.isnan(out[0, :, 0, 2]).all()
-    assert not np.isnan(out[0, :, 0, :2]).any()
+# ---------------------------------------------------------------------------
+# Dropout
+
+
+def _revealed_keep(batch, nheads, seqlen_q, seqlen_k, dropout_p, seed, dtype=np.float32):
+    """The keep bits as the backend applied them: with q = 0 every score is equal, and v = the
+    identity makes out[b, i, h, j] = keep[b, h, i, j] / (seqlen_k * (1 - dropout_p))."""
+    q = np.zeros((batch, seqlen_q, nheads, seqlen_k), dtype)
+    k = np.zeros((batch, seqlen_k, 1, seqlen_k), dtype)
+    v = np.broadcast_to(np.eye(seqlen_k, dtype=dtype)[None, :, None], k.shape).copy()
+    out = cupyflash.attention(q, k, v, dropout_p=dropout_p, dropout_seed=seed)
+    return out.transpose(0, 2, 1, 3) > 0, out
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**64 - 1))
+def test_dropout_keeps_a_binomial_fraction_with_the_specified_bits(dropout_p, seed):
+    shape = (2, 3, 70, 130)
+    kept, out = _revealed_keep(*shape, dropout_p, seed)
+    np.testing.assert_array_equal(kept, cupyflash.dropout_mask(shape, dropout_p, seed))
+    # Kept values are scaled by 1 / (1 - p) exactly where the rows' weights are equal.
+    np.testing.assert_allclose(out[out > 0], 1 / (shape[3] * (1 - dropout_p)), rtol=1e-6)
+    n = kept.size
+    keep_prob = 1 - min(math.floor(dropout_p * 65536 + 0.5), 65535) / 65536
+    sigma = math.sqrt(n * keep_prob * (1 - keep_prob))
+    assert abs(int(kept.sum()) - n * keep_prob) <= 6 * sigma
+
+
+@settings(max_examples=30)
+@given(cases(("dropout",), dtypes=[np.float32, np.float64], unit=True, **TINY), st.integers(0, 2**64 - 1))
+def test_dropout_seed_decides_the_output(case, other_seed):
+    """The same seed gives bitwise the same out and gradients, another seed another out; lse is the
+    softmax's before dropout, the same as without it."""
+    p, kw = case
+    q, k, v, dout = p.arrays()
+    args = dict(causal=p.causal, scale=p.scale, **kw)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **args)
+    out2, lse2 = cupyflash.attention(q, k, v, return_lse=True, **args)
+    np.testing.assert_array_equal(out, out2)
+    np.testing.assert_array_equal(lse, lse2)
+    for g, g2 in zip(cupyflash.attention_backward(dout, q, k, v, out, lse, **args),
+                     cupyflash.attention_backward(dout, q, k, v, out2, lse2, **args)):
+        np.testing.assert_array_equal(g, g2)
+    _, lse_plain = cupyflash.attention(q, k, v, causal=p.causal, scale=p.scale, return_lse=True)
+    np.testing.assert_array_equal(lse, lse_plain)
+    shape = (p.batch, p.nheads, p.seqlen_q, p.seqlen_k)
+    seen = ~reference.causal_mask(p.seqlen_q, p.seqlen_k) if p.causal else np.ones(shape[2:], bool)
+    if other_seed != kw["dropout_seed"] and p.batch * p.nheads * seen.sum() >= 200:
+        # Two seeds agree on 200 bits with probability below 0.91^200 < 1e-8 (dropout_p >= 0.05);
+        # where they differ on a visible pair, a weight of unit-scale data moves out.
+        kept = cupyflash.dropout_mask(shape, kw["dropout_p"], kw["dropout_seed"])
+        assert ((kept != cupyflash.dropout_mask(shape, kw["dropout_p"], other_seed)) & seen).any()
+        out3 = cupyflash.attention(q, k, v, **{**args, "dropout_seed": other_seed})
+        assert not np.array_equal(out, out3)
+
+
+@settings(max_examples=40)
+@given(cases(("dropout",), **SMALL), st.sets(st.sampled_from(VARIANTS[:-1])), st.data())
+def test_dropout_backward_matches_reference_given_the_mask(case, others, data):
+    """The reference given dropout_mask=cupyflash.dropout_mask(...) (not the seed) is the backend's
+    dropout, forward and backward, with other variants on top."""
+    p, kw = case
+    kw = {**draw_variants(data.draw, p, others), **kw}
+    q, k, v, dout = p.arrays()
+    args = dict(causal=p.causal, scale=p.scale, **kw)
+    mask = cupyflash.dropout_mask((p.batch, p.nheads, p.seqlen_q, p.seqlen_k), kw["dropout_p"], kw["dropout_seed"])
+    ref_args = {**args, "dropout_seed": None, "dropout_mask": mask}
+    want_dbias = _has_bias(kw)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **args)
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **args)
+    ref_out = reference.attention(q, k, v, **ref_args)
+    refs = reference.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **ref_args)
+    naive_out, _ = naive_attention(q, k, v, p.causal, p.scale_value, **kw)
+    naives = naive_attention_backward(dout, q, k, v, p.causal, p.scale_value, return_dbias=want_dbias, **kw)
+    scales = error_scales(q, k, v, dout, p.causal, p.scale_value, **kw)
+    assert_close_flash_rule(out, ref_out, naive_out, FWD_FACTOR, flash_floor("out", p.dtype, scales, FWD_FLOOR_ULPS))
+    for name, g, r, n in zip(("dq", "dk", "dv", "dbias"), grads, refs, naives):
+        assert_close_flash_rule(g, r, n, BWD_FACTOR, flash_floor(name, p.dtype, scales, BWD_FLOOR_ULPS), name)
+
+
+# ---------------------------------------------------------------------------
+# The tile plan of cupyflash._variants against brute force
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(-1, 45), st.integers(-1, 45), st.data())
+def test_tile_ranges_and_interior_tiles(seqlen_q, seqlen_k, left, right, data):
+    """key_range / query_range cover every visible pair of a tile and nothing outside the band's
+    rows; tile_is_interior means no pair of the tile is hidden."""
+    from cupyflash import _variants
+
+    q = np.zeros((1, seqlen_q, 1, 1))
+    k = np.zeros((1, seqlen_k, 1, 1))
+    spec = _spec(q, k, k, window_size=(left, right))
+    i = np.arange(seqlen_q)[:, None] + seqlen_k - seqlen_q
+    j = np.arange(seqlen_k)
+    vis = ((left < 0) | (j >= i - left)) & ((right < 0) | (j <= i + right))
+    q0 = data.draw(st.integers(0, seqlen_q - 1), label="q_start")
+    q1 = data.draw(st.integers(q0 + 1, seqlen_q), label="q_end")
+    k0 = data.draw(st.integers(0, seqlen_k - 1), label="k_start")
+    k1 = data.draw(st.integers(k0 + 1, seqlen_k), label="k_end")
+    seen = np.flatnonzero(vis[q0:q1].any(axis=0))
+    lo, hi = _variants.key_range(spec, q0, q1)
+    assert lo <= hi and (not seen.size or (lo <= seen[0] and seen[-1] < hi))
+    if seen.size:  # tight: the band's ends are seen by its first or last row
+        assert (lo, hi) == (seen[0], seen[-1] + 1)
+    seers = np.flatnonzero(vis[:, k0:k1].any(axis=1))
+    lo, hi = _variants.query_range(spec, k0, k1)
+    assert lo <= hi and (not seers.size or (lo <= seers[0] and seers[-1] < hi))
+    assert _variants.tile_is_interior(spec, q0, q1, k0, k1) == bool(vis[q0:q1, k0:k1].all())
+    np.testing.assert_array_equal(np.broadcast_to(_variants.visible(spec, q0, q1, k0, k1), (1, 1, 1, q1 - q0, k1 - k0)),
+                                  vis[None, None, None, q0:q1, k0:k1])
 
 
 def test_import_does_not_import_cupy():

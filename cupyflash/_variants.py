@@ -1,0 +1,106 @@
+"""The variants of the score, tile by tile: the NumPy twin of ``cuda_src/mask.cuh``.
+
+The rules are docs/variants.md. Everything here is a function of the call's
+:class:`~cupyflash._spec.Spec` and of tile coordinates, never of q, k or v. A tile is the query
+rows ``[q_start, q_end)`` by the keys ``[k_start, k_end)``; tile arrays have the backend's head
+layout ``(batch, nheads_kv, group, tq, tk)`` (query head ``h = h_kv * group + g``) or broadcast
+to it.
+
+* :func:`key_range`, :func:`query_range`: the band of keys a query tile needs, and of queries a
+  key tile needs; tiles outside the causal/window band are skipped, not masked.
+* :func:`tile_is_interior`: no element of the tile is hidden by the window, so a tile without a
+  bool mask needs no element-wise visibility.
+* :func:`visible`, :func:`scores`, :func:`keep`: per element, the visibility, the transformed score
+  with the softcap derivative, and the dropout keep bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _philox
+
+__all__ = ["key_range", "query_range", "tile_is_interior", "visible", "scores", "keep"]
+
+
+def _by_group(spec, x):
+    """(batch, nheads, ...) -> (batch, nheads_kv, group, ...)."""
+    return x.reshape(x.shape[0], spec.nheads_kv, spec.group, *x.shape[2:])
+
+
+def key_range(spec, q_start, q_end):
+    """``(k_start, k_end)``: the keys that some query of ``[q_start, q_end)`` may see (empty when
+    ``k_start == k_end``). Query i sees keys ``i + offset - left ... i + offset + right``."""
+    left, right = spec.window
+    k_start = max(0, q_start + spec.offset - left) if left >= 0 else 0
+    k_end = min(spec.seqlen_k, q_end + spec.offset + right) if right >= 0 else spec.seqlen_k
+    return k_start, max(k_start, k_end)
+
+
+def query_range(spec, k_start, k_end):
+    """``(q_start, q_end)``: the queries that may see some key of ``[k_start, k_end)``."""
+    left, right = spec.window
+    q_start = max(0, k_start - spec.offset - right) if right >= 0 else 0
+    q_end = min(spec.seqlen_q, k_end - spec.offset + left) if left >= 0 else spec.seqlen_q
+    return q_start, max(q_start, q_end)
+
+
+def tile_is_interior(spec, q_start, q_end, k_start, k_end):
+    """True when the window hides no element of the tile (a bool mask or a bias still applies)."""
+    left, right = spec.window
+    # The right edge binds hardest on the tile's first row and last key, the left edge on its last
+    # row and first key.
+    return ((right < 0 or k_end - 1 <= q_start + spec.offset + right)
+            and (left < 0 or k_start >= q_end - 1 + spec.offset - left))
+
+
+def visible(spec, q_start, q_end, k_start, k_end):
+    """Bool, broadcastable to (batch, nheads_kv, group, tq, tk): query i sees key j through the
+    window (causal folded in) and a bool ``attn_mask``."""
+    left, right = spec.window
+    i = np.arange(q_start, q_end)[:, None] + spec.offset  # the key aligned with query i
+    j = np.arange(k_start, k_end)
+    vis = np.ones((q_end - q_start, k_end - k_start), dtype=bool)
+    if left >= 0:
+        vis &= j >= i - left
+    if right >= 0:
+        vis &= j <= i + right
+    if spec.mask_kind == "bool":
+        vis = vis & _by_group(spec, spec.attn_mask[:, :, q_start:q_end, k_start:k_end])
+    return vis
+
+
+def scores(spec, s, q_start, k_start):
+    """``(x, dcap)`` for the tile of ``s = scale * q k^T`` (batch, nheads_kv, group, tq, tk) whose
+    first element is (q_start, k_start).
+
+    x is the score in natural units: softcap, then ALiBi, then the bias, in s's dtype, and -inf
+    where the pair is invisible or the bias is -inf (masked whatever the data: inf + -inf would be
+    NaN). ``dcap = 1 - tanh(s / softcap)^2`` is d(x)/d(s) for the backward, None without softcap.
+    """
+    dt = s.dtype
+    q_end, k_end = q_start + s.shape[-2], k_start + s.shape[-1]
+    x, dcap = s, None
+    if spec.softcap:
+        t = np.tanh(s / dt.type(spec.softcap))
+        x, dcap = dt.type(spec.softcap) * t, 1 - t * t
+    if spec.alibi_slopes is not None:
+        slopes = _by_group(spec, spec.alibi_slopes).astype(dt)[..., None, None]
+        distance = np.abs(np.arange(q_start, q_end)[:, None] + spec.offset - np.arange(k_start, k_end))
+        x = x - slopes * distance.astype(dt)
+    if spec.mask_kind == "bias":
+        bias = _by_group(spec, spec.attn_mask[:, :, q_start:q_end, k_start:k_end]).astype(dt)
+        x = np.where(bias == -np.inf, bias, x + bias)
+    if spec.mask_kind == "bool" or not tile_is_interior(spec, q_start, q_end, k_start, k_end):
+        x = np.where(visible(spec, q_start, q_end, k_start, k_end), x, dt.type(-np.inf))
+    return x, dcap
+
+
+def keep(spec, q_start, q_end, k_start, k_end):
+    """Dropout keep bits of the tile, bool (batch, nheads_kv, group, tq, tk): the same for any
+    tiling, a pure function of (seed, b, h, i, j)."""
+    b = np.arange(spec.batch)[:, None, None, None]
+    h = np.arange(spec.nheads)[:, None, None]
+    i = np.arange(q_start, q_end)[:, None]
+    j = np.arange(k_start, k_end)
+    return _by_group(spec, _philox.keep(spec.dropout_seed, spec.dropout_p, b, h, i, j))
