@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU validation, in one command from the repository root on a machine with a GPU:
-# the GPU test suite, then compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over
-# tools/sanitize_cases.py. Prints a summary table last; exits non-zero if anything failed.
+# the GPU test suite (its kernels compiled first, in parallel), then compute-sanitizer (memcheck,
+# racecheck, synccheck, initcheck, side by side) over tools/sanitize_cases.py. Prints a summary
+# table last; exits non-zero if anything failed.
 # Logs go to $LOG_DIR (default: a temporary directory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log_dir=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$log_dir"
 python=${PYTHON:-python3}
+
+# Compile what the suite runs in parallel first (CuPy's disk cache), so the suite's workers find it.
+"$python" tools/precompile.py --dtypes float16 bfloat16 float32 float64 --headdims 16 32 64 96 128 160 192 224 256 \
+    --features 0 1 >"$log_dir/precompile.log" 2>&1
 
 parallel=()
 if "$python" -c "import xdist" 2>/dev/null; then parallel=(-n "${JOBS:-8}"); fi
@@ -20,9 +25,15 @@ tail -n 40 "$log_dir/gpu_suite.log"
 declare -A errors
 status=$suite_rc
 "$python" tools/sanitize_cases.py >/dev/null  # compile outside the sanitizer
-for tool in memcheck racecheck synccheck initcheck; do
+tools=(memcheck racecheck synccheck initcheck)
+declare -A pids
+for tool in "${tools[@]}"; do  # one process each, side by side on the GPU
     compute-sanitizer --tool "$tool" --error-exitcode 1 "$python" tools/sanitize_cases.py \
-        >"$log_dir/sanitizer_$tool.log" 2>&1
+        >"$log_dir/sanitizer_$tool.log" 2>&1 &
+    pids[$tool]=$!
+done
+for tool in "${tools[@]}"; do
+    wait "${pids[$tool]}"
     rc=$?
     # memcheck, synccheck, initcheck: "ERROR SUMMARY: N errors"; racecheck: "(N errors, M warnings)"
     errors[$tool]=$(grep -Eo "(ERROR SUMMARY: [0-9]+ error|\([0-9]+ error)" "$log_dir/sanitizer_$tool.log" \
@@ -35,6 +46,6 @@ echo
 echo "| check | result |"
 echo "| --- | --- |"
 echo "| GPU suite | ${suite:-no summary (rc $suite_rc)} |"
-for tool in memcheck racecheck synccheck initcheck; do echo "| compute-sanitizer $tool | ${errors[$tool]} errors |"; done
+for tool in "${tools[@]}"; do echo "| compute-sanitizer $tool | ${errors[$tool]} errors |"; done
 echo "logs: $log_dir"
 exit "$status"
