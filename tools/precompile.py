@@ -9,6 +9,7 @@ Needs a GPU (CuPy compiles for the current device's architecture).
 import argparse
 import concurrent.futures
 import itertools
+import multiprocessing
 import os
 import sys
 import time
@@ -51,7 +52,8 @@ def main(argv=None):
         variants = [_plan.variant(f, m) for f in args.features for m in args.mask_dtypes]
         todo = launches(args.dtypes or list(_plan.C_TYPES), args.headdims or [64], variants, limit)
     start = time.perf_counter()
-    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+    # spawn, not fork: this process has initialised CUDA, which a forked child cannot use
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for _ in pool.map(_compile, todo):
             pass
     print(f"precompiled {len(todo)} instantiations in {time.perf_counter() - start:.1f} s with {args.jobs} jobs")
