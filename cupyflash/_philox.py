@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 
+from typing import Any, Tuple
+
 import numpy as np
 
 from . import _plan
@@ -89,7 +91,7 @@ def _check_mask_args(fn, shape, dropout_p, seed, xp):
     return tuple(int(n) for n in shape), p, seed
 
 
-def dropout_mask(shape, dropout_p, seed, *, xp=np):
+def dropout_mask(shape: Tuple[int, int, int, int], dropout_p: float, seed: int, *, xp: Any = np) -> Any:
     """Bool keep-mask of ``shape = (batch, nheads, seqlen_q, seqlen_k)``: True where a
     probability survives dropout with ``dropout_p`` and ``seed``, as every backend draws it.
 

@@ -13,9 +13,13 @@ the arithmetic makes them.
 
 from __future__ import annotations
 
+from typing import Any, Optional, Tuple, Union
+
 import numpy as np
 
 from . import _philox, _validate
+
+Array = Any  # numpy.ndarray or cupy.ndarray
 
 __all__ = ["attention", "attention_backward", "causal_mask", "visibility"]
 
@@ -156,8 +160,11 @@ def _unbroadcast(g, shape):
     return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
-def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-              attn_mask=None, dropout_p=0.0, dropout_seed=None, dropout_mask=None, return_lse=False, layout="bshd"):
+def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
+              window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
+              attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+              dropout_mask: Optional[Array] = None, return_lse: bool = False,
+              layout: str = "bshd") -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """softmax(scores) v in float64 on the full matrix, every variant of docs/variants.md.
 
     Same keywords as :func:`cupyflash.attention`, plus ``dropout_mask``: an explicit bool
@@ -179,9 +186,12 @@ def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softca
     return (out, lse) if return_lse else out
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0,
-                       alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_seed=None, dropout_mask=None,
-                       deterministic=False, return_dbias=False, layout="bshd"):
+def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *, causal: bool = False,
+                       scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                       alibi_slopes: Optional[Array] = None, attn_mask: Optional[Array] = None,
+                       dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+                       dropout_mask: Optional[Array] = None, deterministic: bool = False, return_dbias: bool = False,
+                       layout: str = "bshd") -> Tuple[np.ndarray, ...]:
     """Exact float64 gradients (dq, dk, dv) of ``sum(dout * attention(q, k, v, ...))``.
 
     Same keywords as :func:`reference.attention`. ``out`` and ``lse`` are checked for shape only
