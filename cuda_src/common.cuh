@@ -83,9 +83,3 @@ __device__ __forceinline__ bool tile_has_nonfinite_acc(const A* tile) {
     for (int idx = threadIdx.x; idx < ROWS * D_TILE; idx += THREADS) bad |= !is_finite(tile[(idx / D_TILE) * LD + idx % D_TILE]);
     return __syncthreads_or(bad);
 }
-
-// Loads ROWS per-row statistics (lse or delta) of one (batch, head), `fill` past the end.
-template <int ROWS, int THREADS, typename A>
-__device__ __forceinline__ void load_rows(A* dst, const A* src, int row0, int nrows, A fill) {
-    for (int r = threadIdx.x; r < ROWS; r += THREADS) dst[r] = (row0 + r < nrows) ? src[row0 + r] : fill;
-}
