@@ -155,9 +155,10 @@ def _fail_mask(fn, expected, got, exc=ValueError):
 
 def _unbroadcast(g, shape):
     """Sum a (batch, nheads, seqlen_q, seqlen_k) gradient down to a mask's broadcast ``shape``."""
-    g = g.sum(axis=tuple(range(g.ndim - len(shape))))
-    axes = tuple(a for a, n in enumerate(shape) if n == 1 and g.shape[a] != 1)
-    return g.sum(axis=axes, keepdims=True).reshape(shape)
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, as the arithmetic says
+        g = g.sum(axis=tuple(range(g.ndim - len(shape))))
+        axes = tuple(a for a, n in enumerate(shape) if n == 1 and g.shape[a] != 1)
+        return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
