@@ -13,7 +13,7 @@ the arithmetic makes them.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from . import _philox, _validate
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
-__all__ = ["attention", "attention_backward", "causal_mask", "visibility"]
+__all__ = ["attention", "attention_backward", "merge_attention", "causal_mask", "visibility"]
 
 
 def _host(x):
@@ -234,3 +234,22 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     if return_dbias:
         grads += (_unbroadcast(ds, spec.mask_shape).astype(spec.attn_mask.dtype),)
     return grads
+
+
+def merge_attention(outs: Sequence[Array], lses: Sequence[Array], *,
+                    layout: str = "bshd") -> Tuple[np.ndarray, np.ndarray]:
+    """``(out, lse)`` of attention over the union of disjoint key sets, from each set's
+    ``(out_i, lse_i)``, in float64: ``lse = logsumexp_i lse_i``, ``out = sum_i exp(lse_i - lse) out_i``;
+    a row no part saw gives out 0 and lse -inf. Same arguments as :func:`cupyflash.merge_attention`."""
+    from scipy.special import logsumexp
+
+    from ._merge import _check
+
+    _check("reference.merge_attention", outs, lses, layout)
+    outs = [_host64(x) for x in outs]
+    lse_parts = np.stack([_host64(x) for x in lses])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = logsumexp(lse_parts, axis=0)
+        weights = np.where(np.isneginf(lse), 0.0, np.exp(lse_parts - lse))
+    w = weights.transpose(0, 1, 3, 2) if layout == "bshd" else weights
+    return sum(w[i][..., None] * x for i, x in enumerate(outs)), lse
