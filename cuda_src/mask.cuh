@@ -35,6 +35,7 @@ struct Variant {
     const MaskT* mask;  // row i, column j at mask[i * mask_sq + j * mask_sk]
     i64 mask_sq, mask_sk;
     unsigned seed_lo, seed_hi, threshold;
+    int batch_offset;
 
     __device__ Variant(const FwdParams& p, int b_, int h_)
         : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), offset(p.seqlen_k - p.seqlen_q),
@@ -44,7 +45,7 @@ struct Variant {
           mask(masks_everywhere ? static_cast<const MaskT*>(p.var.mask) + b_ * p.var.mask_sb + h_ * p.var.mask_sh
                                 : nullptr),
           mask_sq(p.var.mask_sq), mask_sk(p.var.mask_sk), seed_lo(p.var.seed_lo), seed_hi(p.var.seed_hi),
-          threshold(p.var.dropout_threshold) {}
+          threshold(p.var.dropout_threshold), batch_offset(p.var.batch_offset) {}
 
     // ---- tile ranges (bounds and window): [begin, end) of keys that rows [m0, m1) may see, and of
     // queries that may see keys [n0, n1). Tiles outside are skipped, not masked.
@@ -136,8 +137,8 @@ struct Variant {
     // ---- dropout: the Philox words of row i for the 32-column group holding column j; one call serves
     // every column 8w + 2q + {0, 1} of the group with q = (j % 8) / 2.
     __device__ __forceinline__ void random_words(int i, int j, unsigned (&r)[4]) const {
-        philox4x32_10(seed_lo, seed_hi, unsigned((j >> 5) * 4 + ((j & 7) >> 1)), unsigned(i), unsigned(h), unsigned(b),
-                      r);
+        philox4x32_10(seed_lo, seed_hi, unsigned((j >> 5) * 4 + ((j & 7) >> 1)), unsigned(i), unsigned(h),
+                      unsigned(b + batch_offset), r);
     }
     __device__ __forceinline__ bool keep(const unsigned (&r)[4], int j) const {
         return dropout_keep_bit(r, j, threshold);

@@ -10,6 +10,7 @@ struct VariantParams {
     double dropout_scale;           // 1 / (1 - dropout_p)
     unsigned dropout_threshold;     // keep a probability when its 16-bit random value is >= this
     unsigned seed_lo, seed_hi;      // Philox key
+    int batch_offset;               // dropout draws the bits of batch index batch_offset + b
     const float* alibi;             // slope of (b, h) at alibi[b * alibi_sb + h * alibi_sh]
     i64 alibi_sb, alibi_sh;
     const void* mask;               // bool (1 byte) or float mask, broadcast by zero strides

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _validate
+from . import _validate, _varlen
 
 __all__ = ["attention", "attention_backward", "attention_vjp"]
 
@@ -42,12 +42,22 @@ def _backend(kind):
     return _cuda_backend
 
 
+def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The keywords of a packed variable-length batch, for the validation."""
+    return dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                max_seqlen_k=max_seqlen_k)
+
+
 def _forward(spec, q, k, v):
+    if spec.varlen:
+        return _varlen.forward(_backend(spec.kind), q, k, v, spec)
     out, lse = _backend(spec.kind).forward(spec.swap_layout(q), spec.swap_layout(k), spec.swap_layout(v), spec)
     return spec.swap_layout(out), lse
 
 
 def _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias):
+    if spec.varlen:  # return_dbias needs a mask, which a packed batch cannot have
+        return _varlen.backward(_backend(spec.kind), dout, q, k, v, out, lse, spec, deterministic)
     dq, dk, dv, dbias = _backend(spec.kind).backward(
         *(spec.swap_layout(x) for x in (dout, q, k, v, out)), lse, spec, deterministic, return_dbias)
     grads = tuple(spec.swap_layout(x) for x in (dq, dk, dv))
@@ -57,7 +67,9 @@ def _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias):
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
               window_size: Window = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
               attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
-              return_lse: bool = False, layout: str = "bshd") -> Union[Array, Tuple[Array, Array]]:
+              return_lse: bool = False, layout: str = "bshd", cu_seqlens_q: Optional[Array] = None,
+              cu_seqlens_k: Optional[Array] = None, max_seqlen_q: Optional[int] = None,
+              max_seqlen_k: Optional[int] = None) -> Union[Array, Tuple[Array, Array]]:
     """Exact attention ``Dropout(Softmax(Mask(scale · q kᵀ))) v``, tile by tile.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim) with
@@ -72,13 +84,19 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     seqlen_k). ``dropout_p > 0`` drops probabilities with a counter-based generator seeded by
     ``dropout_seed`` (required). Exact rules: docs/variants.md.
 
+    Packed variable-length batches (flash-attn's varlen): with ``cu_seqlens_q`` and
+    ``cu_seqlens_k`` (int32, (batch + 1,), from 0), q is (total_q, nheads, headdim), k and v are
+    (total_k, nheads_kv, headdim), sequence b owning rows ``cu_seqlens[b]:cu_seqlens[b + 1]``, and
+    lse is (nheads, total_q); every keyword applies per sequence (no ``attn_mask``).
+
     Returns ``out`` (q's shape, layout and dtype), or ``(out, lse)`` with ``return_lse=True``; lse
     is (batch, nheads, seqlen_q), float32 (float64 for float64 inputs), the natural-log
     log-sum-exp of each row's scores before dropout. A row that sees no key gives out 0, lse -inf.
     """
     spec = _validate.check_call("attention", q, k, v, causal=causal, scale=scale, window_size=window_size,
                                 softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout)
+                                dropout_seed=dropout_seed, layout=layout,
+                                **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return_lse = _validate.check_flag("attention", "return_lse", return_lse)
     out, lse = _forward(spec, q, k, v)
     return (out, lse) if return_lse else out
@@ -88,7 +106,9 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        scale: Optional[float] = None, window_size: Window = (-1, -1), softcap: float = 0.0,
                        alibi_slopes: Optional[Array] = None, attn_mask: Optional[Array] = None,
                        dropout_p: float = 0.0, dropout_seed: Optional[int] = None, deterministic: bool = False,
-                       return_dbias: bool = False, layout: str = "bshd") -> Tuple[Array, ...]:
+                       return_dbias: bool = False, layout: str = "bshd", cu_seqlens_q: Optional[Array] = None,
+                       cu_seqlens_k: Optional[Array] = None, max_seqlen_q: Optional[int] = None,
+                       max_seqlen_k: Optional[int] = None) -> Tuple[Array, ...]:
     """Gradients ``(dq, dk, dv)`` of ``sum(dout * attention(q, k, v, ...))``.
 
     ``out`` and ``lse`` are what :func:`attention` returned (with ``return_lse=True``) for the same
@@ -100,7 +120,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     fn = "attention_backward"
     spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout)
+                                dropout_seed=dropout_seed, layout=layout,
+                                **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return_dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, return_dbias=return_dbias, q=q)
     deterministic = _validate.check_flag(fn, "deterministic", deterministic)
     return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias)
@@ -110,7 +131,9 @@ def attention_vjp(q: Array, k: Array, v: Array, *, causal: bool = False, scale: 
                   window_size: Window = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
                   attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
                   deterministic: bool = False, return_dbias: bool = False,
-                  layout: str = "bshd") -> Tuple[Array, Callable[[Array], Tuple[Array, ...]]]:
+                  layout: str = "bshd", cu_seqlens_q: Optional[Array] = None, cu_seqlens_k: Optional[Array] = None,
+                  max_seqlen_q: Optional[int] = None,
+                  max_seqlen_k: Optional[int] = None) -> Tuple[Array, Callable[[Array], Tuple[Array, ...]]]:
     """Run the forward pass; return ``(out, vjp)`` with ``vjp(dout) -> (dq, dk, dv[, dbias])``.
 
     With ``dropout_p > 0`` and no ``dropout_seed``, one is drawn and kept for ``vjp``.
@@ -118,14 +141,16 @@ def attention_vjp(q: Array, k: Array, v: Array, *, causal: bool = False, scale: 
     fn = "attention_vjp"
     spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout, seed_required=False)
+                                dropout_seed=dropout_seed, layout=layout, seed_required=False,
+                                **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     deterministic = _validate.check_flag(fn, "deterministic", deterministic)
     return_dbias = _validate.check_return_dbias(fn, return_dbias, spec)
     if spec.dropout and spec.dropout_seed is None:
         seed = int(np.random.default_rng().integers(0, 2**64, dtype=np.uint64))
         spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size,
                                     softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
-                                    dropout_p=dropout_p, dropout_seed=seed, layout=layout)
+                                    dropout_p=dropout_p, dropout_seed=seed, layout=layout,
+                                    **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     out, lse = _forward(spec, q, k, v)
 
     def vjp(dout):

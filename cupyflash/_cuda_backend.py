@@ -116,7 +116,7 @@ def _aligned(*arrays):
 _STRIDES = np.dtype([("b", "i8"), ("s", "i8"), ("h", "i8")], align=True)
 VARIANT_PARAMS = np.dtype([
     ("window_left", "i4"), ("window_right", "i4"), ("softcap", "f8"), ("dropout_scale", "f8"),
-    ("dropout_threshold", "u4"), ("seed_lo", "u4"), ("seed_hi", "u4"),
+    ("dropout_threshold", "u4"), ("seed_lo", "u4"), ("seed_hi", "u4"), ("batch_offset", "i4"),
     ("alibi", "u8"), ("alibi_sb", "i8"), ("alibi_sh", "i8"),
     ("mask", "u8"), ("mask_sb", "i8"), ("mask_sh", "i8"), ("mask_sq", "i8"), ("mask_sk", "i8"),
     ("dbias", "u8"), ("dbias_sb", "i8"), ("dbias_sh", "i8"), ("dbias_sq", "i8"), ("dbias_sk", "i8"),
@@ -168,6 +168,7 @@ def _variant(spec):
         var["dropout_scale"] = 1.0 / (1.0 - spec.dropout_p)
         var["dropout_threshold"] = _philox.threshold(spec.dropout_p)
         var["seed_lo"], var["seed_hi"] = _philox.split_seed(spec.dropout_seed)
+        var["batch_offset"] = spec.batch_offset
     return _plan.variant(features, mask_dtype), var
 
 

@@ -100,11 +100,17 @@ def dropout_mask(shape: Tuple[int, int, int, int], dropout_p: float, seed: int, 
     shape, dropout_p, seed = _check_mask_args("dropout_mask", shape, dropout_p, seed, xp)
     if xp.__name__ == "cupy":
         return _dropout_mask_cupy(shape, dropout_p, seed)
+    return keep_mask(shape, dropout_p, seed)
+
+
+def keep_mask(shape, dropout_p, seed, batch_offset=0):
+    """NumPy keep-mask of (batch, nheads, seqlen_q, seqlen_k) whose batch entry b draws the bits of
+    batch index ``batch_offset + b`` (a sequence of a packed batch, run alone)."""
     batch, nheads, seqlen_q, seqlen_k = shape
     if 0 in shape:
         return np.zeros(shape, dtype=bool)
     # One Philox call per (b, h, i, counter) rather than per element: each serves 8 columns.
-    b = np.arange(batch).reshape(-1, 1, 1, 1)
+    b = batch_offset + np.arange(batch).reshape(-1, 1, 1, 1)
     h = np.arange(nheads).reshape(1, -1, 1, 1)
     i = np.arange(seqlen_q).reshape(1, 1, -1, 1)
     c0 = np.arange(-(-seqlen_k // 32) * 4).reshape(1, 1, 1, -1)

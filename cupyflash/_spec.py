@@ -39,6 +39,11 @@ class Spec:
     dropout_p: float = 0.0
     dropout_seed: Optional[int] = None  # an unsigned 64-bit integer when dropout_p > 0
     layout: str = "bshd"
+    batch_offset: int = 0        # the dropout counter's batch index of this call's first batch entry
+    # Packed variable-length batches: (batch + 1,) host int64 offsets of each sequence's rows in the
+    # (total, heads, headdim) q and k, v; seqlen_q and seqlen_k are then the longest lengths.
+    cu_seqlens_q: Optional[np.ndarray] = None
+    cu_seqlens_k: Optional[np.ndarray] = None
 
     @property
     def group(self) -> int:
@@ -60,6 +65,10 @@ class Spec:
         if self.attn_mask is None:
             return None
         return "bool" if np.dtype(self.attn_mask.dtype) == np.bool_ else "bias"
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
 
     @property
     def dropout(self) -> bool:

@@ -264,9 +264,66 @@ def _check_dropout(fn, dropout_p, dropout_seed, seed_required):
     return p, check_seed(fn, dropout_seed)
 
 
+def _host_offsets(fn, name, cu, kind, q, mixed_ok):
+    """cu_seqlens as a host int64 array: int32, (batch + 1,), from 0, non-decreasing. A CuPy array
+    is read to the host once (a device synchronisation)."""
+    _check_same_kind(fn, name, cu, kind, q, mixed_ok)
+    if np.dtype(cu.dtype) != np.int32:
+        _fail(TypeError, fn, f"{name}.dtype", "must be int32", _dtype_name(cu.dtype))
+    if cu.ndim != 1 or cu.shape[0] < 2:
+        _fail(ValueError, fn, f"{name}.shape", "must be (batch + 1,) with batch >= 1", tuple(cu.shape))
+    host = np.asarray(cu.get() if array_kind(cu) == "cupy" else cu).astype(np.int64)
+    if host[0] != 0:
+        _fail(ValueError, fn, f"{name}[0]", "must be 0", int(host[0]))
+    steps = np.diff(host)
+    if (steps < 0).any():
+        at = int(np.argmax(steps < 0))
+        _fail(ValueError, fn, name, "must be non-decreasing",
+              f"{name}[{at + 1}]={int(host[at + 1])} < {name}[{at}]={int(host[at])}")
+    return host
+
+
+def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, attn_mask, kind,
+                  mixed_ok):
+    """Shapes of a packed call: q (total_q, nheads, headdim), k and v (total_k, nheads_kv, headdim).
+    Returns (cu_q, cu_k, batch, seqlen_q, seqlen_k) with the longest lengths."""
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
+        _fail(ValueError, fn, missing, "must be given with the other cu_seqlens", None)
+    if layout != "bshd":
+        _fail(ValueError, fn, "layout", "must be 'bshd' with cu_seqlens (packed (total, nheads, headdim) arrays)",
+              repr(layout))
+    if attn_mask is not None:
+        _fail(ValueError, fn, "attn_mask", "must be None with cu_seqlens (a packed batch has no dense mask)",
+              "an array")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 3:
+            _fail(ValueError, fn, name, "must have 3 dimensions (total, nheads, headdim) with cu_seqlens",
+                  f"{x.ndim} dimensions with shape {tuple(x.shape)}")
+    cu_q = _host_offsets(fn, "cu_seqlens_q", cu_seqlens_q, kind, q, mixed_ok)
+    cu_k = _host_offsets(fn, "cu_seqlens_k", cu_seqlens_k, kind, q, mixed_ok)
+    if cu_q.shape != cu_k.shape:
+        _fail(ValueError, fn, "cu_seqlens_k.shape", f"must equal cu_seqlens_q.shape={cu_q.shape}", cu_k.shape)
+    for name, cu, x, axis_name in (("cu_seqlens_q", cu_q, q, "q"), ("cu_seqlens_k", cu_k, k, "k")):
+        if cu[-1] != x.shape[0]:
+            _fail(ValueError, fn, f"{name}[-1]", f"must equal {axis_name}.shape[0] (total)={x.shape[0]}",
+                  int(cu[-1]))
+    if v.shape[0] != k.shape[0]:
+        _fail(ValueError, fn, "v.shape[0] (total_k)", f"must equal k.shape[0]={k.shape[0]}", v.shape[0])
+    longest = []
+    for name, cu, given in (("max_seqlen_q", cu_q, max_seqlen_q), ("max_seqlen_k", cu_k, max_seqlen_k)):
+        actual = int(np.diff(cu).max())
+        if given is not None:
+            given = _check_int(fn, name, given, "an int")
+            if given < actual:
+                _fail(ValueError, fn, name, f"must be at least the longest sequence, {actual}", given)
+        longest.append(actual)
+    return cu_q, cu_k, cu_q.shape[0] - 1, longest[0], longest[1]
+
+
 def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-               attn_mask=None, dropout_p=0.0, dropout_seed=None, layout="bshd", mixed_ok=False,
-               seed_required=True):
+               attn_mask=None, dropout_p=0.0, dropout_seed=None, layout="bshd", cu_seqlens_q=None,
+               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, mixed_ok=False, seed_required=True):
     """Validate q, k, v and every variant keyword; return the call's :class:`Spec`.
 
     ``mixed_ok`` (for the reference) allows NumPy and CuPy arrays together. ``seed_required=False``
@@ -274,6 +331,7 @@ def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), s
     """
     if not isinstance(layout, str) or layout not in LAYOUTS:
         _fail(ValueError, fn, "layout", f"must be one of {', '.join(map(repr, LAYOUTS))}", repr(layout))
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if mixed_ok:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if array_kind(x) is None:
@@ -281,6 +339,12 @@ def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), s
         kind = array_kind(q)
     else:
         kind = _check_arrays(fn, [("q", q), ("k", k), ("v", v)])
+    cu_q = cu_k = None
+    if varlen:
+        cu_q, cu_k, batch, seqlen_q, seqlen_k = _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                              max_seqlen_k, layout, attn_mask, kind, mixed_ok)
+        # a packed batch is checked below as one (1, total, heads, headdim) batch, then takes its lengths
+        q, k, v = q[None], k[None], v[None]
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_rank(fn, name, x, layout)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -291,24 +355,32 @@ def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), s
 
     ax = _AXES[layout]
     b_, s_, h_, d_ = ax["batch"], ax["seqlen"], ax["heads"], ax["headdim"]
-    batch, seqlen_q, nheads, headdim = q.shape[b_], q.shape[s_], q.shape[h_], q.shape[d_]
+    if varlen:  # messages name the packed arrays' axes; lengths may be 0
+        b_, s_, h_, d_ = None, 0, 1, 2
+        q_, k_, v_ = q[0], k[0], v[0]
+    else:
+        batch, seqlen_q = q.shape[b_], q.shape[s_]
+        q_, k_, v_ = q, k, v
+    nheads, headdim = q_.shape[h_], q_.shape[d_]
     for what, size, axis in (("batch", batch, b_), ("seqlen_q", seqlen_q, s_), ("nheads", nheads, h_)):
-        if size == 0:
+        if size == 0 and not (varlen and what == "seqlen_q"):
             _fail(ValueError, fn, f"q.shape[{axis}] ({what})", "must be at least 1", 0)
     if headdim == 0 or headdim > MAX_HEADDIM:
         _fail(ValueError, fn, f"q.shape[{d_}] (headdim)", f"must be between 1 and {MAX_HEADDIM}", headdim)
-    for name, x in (("k", k), ("v", v)):
-        if x.shape[b_] != batch:
+    for name, x in (("k", k_), ("v", v_)):
+        if not varlen and x.shape[b_] != batch:
             _fail(ValueError, fn, f"{name}.shape[{b_}] (batch)", f"must equal q.shape[{b_}]={batch}", x.shape[b_])
         if x.shape[d_] != headdim:
             _fail(ValueError, fn, f"{name}.shape[{d_}] (headdim)", f"must equal q.shape[{d_}]={headdim}", x.shape[d_])
-    seqlen_k, nheads_kv = k.shape[s_], k.shape[h_]
-    if v.shape[s_] != seqlen_k:
-        _fail(ValueError, fn, f"v.shape[{s_}] (seqlen_k)", f"must equal k.shape[{s_}]={seqlen_k}", v.shape[s_])
-    if v.shape[h_] != nheads_kv:
-        _fail(ValueError, fn, f"v.shape[{h_}] (nheads_kv)", f"must equal k.shape[{h_}]={nheads_kv}", v.shape[h_])
-    if seqlen_k == 0:
-        _fail(ValueError, fn, f"k.shape[{s_}] (seqlen_k)", "must be at least 1", 0)
+    nheads_kv = k_.shape[h_]
+    if not varlen:
+        seqlen_k = k.shape[s_]
+        if v.shape[s_] != seqlen_k:
+            _fail(ValueError, fn, f"v.shape[{s_}] (seqlen_k)", f"must equal k.shape[{s_}]={seqlen_k}", v.shape[s_])
+        if seqlen_k == 0:
+            _fail(ValueError, fn, f"k.shape[{s_}] (seqlen_k)", "must be at least 1", 0)
+    if v_.shape[h_] != nheads_kv:
+        _fail(ValueError, fn, f"v.shape[{h_}] (nheads_kv)", f"must equal k.shape[{h_}]={nheads_kv}", v_.shape[h_])
     if nheads_kv == 0:
         _fail(ValueError, fn, f"k.shape[{h_}] (nheads_kv)", "must be at least 1", 0)
     if nheads % nheads_kv != 0:
@@ -327,13 +399,22 @@ def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), s
     return Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=slopes, attn_mask=mask, mask_shape=mask_shape, dropout_p=dropout_p,
-                dropout_seed=dropout_seed, layout=layout)
+                dropout_seed=dropout_seed, layout=layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
 def _caller_shape(spec):
-    """q's shape in the caller's layout."""
+    """q's shape in the caller's layout (packed: (total_q, nheads, headdim))."""
     b, s, h, d = spec.batch, spec.seqlen_q, spec.nheads, spec.headdim
+    if spec.varlen:
+        return (int(spec.cu_seqlens_q[-1]), h, d)
     return (b, h, s, d) if spec.layout == "bhsd" else (b, s, h, d)
+
+
+def lse_shape(spec):
+    """(batch, nheads, seqlen_q); packed: (nheads, total_q)."""
+    if spec.varlen:
+        return (spec.nheads, int(spec.cu_seqlens_q[-1]))
+    return (spec.batch, spec.nheads, spec.seqlen_q)
 
 
 def _check_like_q(fn, name, x, spec, q_dtype, strict):
@@ -360,9 +441,10 @@ def check_backward_arrays(fn, dout, out, lse, spec, *, strict=True, return_dbias
     _check_like_q(fn, "out", out, spec, spec.dtype, strict)
     if array_kind(lse) is None:
         _fail(TypeError, fn, "lse", "must be a numpy.ndarray or cupy.ndarray", _type_name(lse))
-    want = (spec.batch, spec.nheads, spec.seqlen_q)
+    want = lse_shape(spec)
     if tuple(lse.shape) != want:
-        _fail(ValueError, fn, "lse.shape", f"must be (batch, nheads, seqlen_q)={want}", tuple(lse.shape))
+        _fail(ValueError, fn, "lse.shape", f"must be {'(nheads, total_q)' if spec.varlen else '(batch, nheads, seqlen_q)'}"
+              f"={want}", tuple(lse.shape))
     if strict and lse.dtype != lse_dtype(spec.dtype):
         _fail(TypeError, fn, "lse.dtype", f"must be {lse_dtype(spec.dtype).name} for {_dtype_name(spec.dtype)} inputs",
               _dtype_name(lse.dtype))

@@ -99,7 +99,7 @@ def scores(spec, s, q_start, k_start):
 def keep(spec, q_start, q_end, k_start, k_end):
     """Dropout keep bits of the tile, bool (batch, nheads_kv, group, tq, tk): the same for any
     tiling, a pure function of (seed, b, h, i, j)."""
-    b = np.arange(spec.batch)[:, None, None, None]
+    b = spec.batch_offset + np.arange(spec.batch)[:, None, None, None]
     h = np.arange(spec.nheads)[:, None, None]
     i = np.arange(q_start, q_end)[:, None]
     j = np.arange(k_start, k_end)

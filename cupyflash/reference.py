@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _philox, _validate
+from . import _philox, _validate, _varlen
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -72,9 +72,9 @@ def _heads_first(x):
     return x.transpose(0, 2, 1, 3)
 
 
-def _to_caller(spec, xh):
-    """A contiguous array in the caller's layout from a (b, h, s, d) one."""
-    return np.ascontiguousarray(spec.swap_layout(_heads_first(xh)))
+def _to_caller(spec, x):
+    """A contiguous array in the caller's layout from a (b, s, h, d) one."""
+    return np.ascontiguousarray(spec.swap_layout(x))
 
 
 def _softmax(spec, q, k):
@@ -136,7 +136,7 @@ def _dropout_scale(fn, spec, dropout_mask):
     if dropout_mask is None:
         if spec.dropout_seed is None:
             _fail_mask(fn, "must be given (a bool keep-mask), or dropout_seed, when dropout_p > 0", "neither")
-        keep = _philox.dropout_mask(shape, spec.dropout_p, spec.dropout_seed)
+        keep = _philox.keep_mask(shape, spec.dropout_p, spec.dropout_seed, spec.batch_offset)
     else:
         if _validate.array_kind(dropout_mask) is None:
             _fail_mask(fn, "must be a bool numpy.ndarray or cupy.ndarray", type(dropout_mask).__name__, TypeError)
@@ -164,8 +164,10 @@ def _unbroadcast(g, shape):
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
               window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
               attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
-              dropout_mask: Optional[Array] = None, return_lse: bool = False,
-              layout: str = "bshd") -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+              dropout_mask: Optional[Array] = None, return_lse: bool = False, layout: str = "bshd",
+              cu_seqlens_q: Optional[Array] = None, cu_seqlens_k: Optional[Array] = None,
+              max_seqlen_q: Optional[int] = None,
+              max_seqlen_k: Optional[int] = None) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """softmax(scores) v in float64 on the full matrix, every variant of docs/variants.md.
 
     Same keywords as :func:`cupyflash.attention`, plus ``dropout_mask``: an explicit bool
@@ -176,15 +178,38 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     fn = "reference.attention"
     spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout, mixed_ok=True, seed_required=False)
+                                dropout_seed=dropout_seed, layout=layout, mixed_ok=True, seed_required=False,
+                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                max_seqlen_k=max_seqlen_k)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
-    scale_keep = _dropout_scale(fn, spec, dropout_mask)
-    q, k, v = (_host64(spec.swap_layout(x)) for x in (q, k, v))
+    if spec.varlen:
+        _no_mask_with_varlen(fn, dropout_mask)
+        q, k, v = (_host64(x) for x in (q, k, v))
+        out = np.zeros(q.shape)
+        lse = np.full((spec.nheads, q.shape[0]), -np.inf)
+        for _, rows_q, rows_k, one in _varlen._sequences(spec):
+            if one.seqlen_k:
+                out_b, lse_b = _forward(one, q[None, rows_q], k[None, rows_k], v[None, rows_k],
+                                        _dropout_scale(fn, one, None))
+                out[rows_q], lse[:, rows_q] = out_b[0], lse_b[0]
+    else:
+        scale_keep = _dropout_scale(fn, spec, dropout_mask)
+        out, lse = _forward(spec, *(_host64(spec.swap_layout(x)) for x in (q, k, v)), scale_keep)
+        out = _to_caller(spec, out)
+    return (out, lse) if return_lse else out
+
+
+def _no_mask_with_varlen(fn, dropout_mask):
+    if dropout_mask is not None:
+        _fail_mask(fn, "must be None with cu_seqlens (each sequence draws the bits of dropout_seed)", "an array")
+
+
+def _forward(spec, q, k, v, scale_keep):
+    """Dense float64 (out (batch, seqlen_q, nheads, headdim), lse) of (batch, seqlen, heads, headdim) arrays."""
     _, live, p, lse = _softmax(spec, q, k)
     vh = _heads_first(_expand_kv(v, spec.nheads))
     out = _live_matmul(p if scale_keep is None else p * scale_keep, live, vh)
-    out = _to_caller(spec, out)
-    return (out, lse) if return_lse else out
+    return out.transpose(0, 2, 1, 3), lse
 
 
 def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *, causal: bool = False,
@@ -192,7 +217,9 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        alibi_slopes: Optional[Array] = None, attn_mask: Optional[Array] = None,
                        dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
                        dropout_mask: Optional[Array] = None, deterministic: bool = False, return_dbias: bool = False,
-                       layout: str = "bshd") -> Tuple[np.ndarray, ...]:
+                       layout: str = "bshd", cu_seqlens_q: Optional[Array] = None,
+                       cu_seqlens_k: Optional[Array] = None, max_seqlen_q: Optional[int] = None,
+                       max_seqlen_k: Optional[int] = None) -> Tuple[np.ndarray, ...]:
     """Exact float64 gradients (dq, dk, dv) of ``sum(dout * attention(q, k, v, ...))``.
 
     Same keywords as :func:`reference.attention`. ``out`` and ``lse`` are checked for shape only
@@ -203,11 +230,31 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     fn = "reference.attention_backward"
     spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout, mixed_ok=True, seed_required=False)
+                                dropout_seed=dropout_seed, layout=layout, mixed_ok=True, seed_required=False,
+                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                max_seqlen_k=max_seqlen_k)
     return_dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, strict=False, return_dbias=return_dbias)
     _validate.check_flag(fn, "deterministic", deterministic)
-    scale_keep = _dropout_scale(fn, spec, dropout_mask)
-    dout, q, k, v = (_host64(spec.swap_layout(x)) for x in (dout, q, k, v))
+    if spec.varlen:
+        _no_mask_with_varlen(fn, dropout_mask)
+        dout, q, k, v = (_host64(x) for x in (dout, q, k, v))
+        dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+        for _, rows_q, rows_k, one in _varlen._sequences(spec):
+            if one.seqlen_k:
+                grads = _backward(one, dout[None, rows_q], q[None, rows_q], k[None, rows_k], v[None, rows_k],
+                                  _dropout_scale(fn, one, None))
+                dq[rows_q], dk[rows_k], dv[rows_k] = (g[0] for g in grads[:3])
+        return dq, dk, dv
+    grads = _backward(spec, *(_host64(spec.swap_layout(x)) for x in (dout, q, k, v)),
+                      _dropout_scale(fn, spec, dropout_mask))
+    dq, dk, dv = (_to_caller(spec, g) for g in grads[:3])
+    return (dq, dk, dv, _unbroadcast(grads[3], spec.mask_shape).astype(spec.attn_mask.dtype)) if return_dbias \
+        else (dq, dk, dv)
+
+
+def _backward(spec, dout, q, k, v, scale_keep):
+    """Dense float64 (dq, dk, dv, ds) of (batch, seqlen, heads, headdim) arrays; ds is
+    (batch, nheads, seqlen_q, seqlen_k)."""
     x, live, p, _ = _softmax(spec, q, k)
     qh, doh = _heads_first(q), _heads_first(dout)
     kh, vh = (_heads_first(_expand_kv(y, spec.nheads)) for y in (k, v))
@@ -225,15 +272,12 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     dk = spec.scale * _live_matmul(dx.swapaxes(-1, -2), live_t, qh)
     dv = _live_matmul(pd.swapaxes(-1, -2), live_t, doh)
 
-    def group_sum(g):  # (b, h, seqlen_k, d) -> (b, h_kv, seqlen_k, d): GQA sums a group's heads
+    def group_sum(g):  # (b, h, seqlen_k, d) -> (b, seqlen_k, h_kv, d): GQA sums a group's heads
         b, h, s, d = g.shape
         with np.errstate(invalid="ignore"):  # inf - inf across heads is NaN, as the arithmetic says
-            return g.reshape(b, spec.nheads_kv, h // spec.nheads_kv, s, d).sum(axis=2)
+            return g.reshape(b, spec.nheads_kv, h // spec.nheads_kv, s, d).sum(axis=2).transpose(0, 2, 1, 3)
 
-    grads = (_to_caller(spec, dq), _to_caller(spec, group_sum(dk)), _to_caller(spec, group_sum(dv)))
-    if return_dbias:
-        grads += (_unbroadcast(ds, spec.mask_shape).astype(spec.attn_mask.dtype),)
-    return grads
+    return dq.transpose(0, 2, 1, 3), group_sum(dk), group_sum(dv), ds
 
 
 def merge_attention(outs: Sequence[Array], lses: Sequence[Array], *,

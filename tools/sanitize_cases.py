@@ -43,5 +43,12 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
                     dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
                          dropout_p=0.1, dropout_seed=3)):
         run(dtype, 64, **variant)
+# a packed batch with empty sequences; dropout draws each sequence's batch index
+cu = cp.asarray(np.array([0, 40, 40, 41, 120], np.int32))
+q, k, v, dout = (device(rng.standard_normal((120, h, 64)).astype(np.float16)) for h in (4, 2, 2, 4))
+out, lse = cupyflash.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, dropout_p=0.2, dropout_seed=1,
+                               return_lse=True)
+cupyflash.attention_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, dropout_p=0.2,
+                             dropout_seed=1)
 cp.cuda.Device().synchronize()
 print("sanitize cases: done")

@@ -1,0 +1,66 @@
+"""Packed variable-length batches, one sequence at a time through a backend's dense passes.
+
+q is (total_q, nheads, headdim) and k, v are (total_k, nheads_kv, headdim), sequence b owning
+rows ``cu_seqlens[b]:cu_seqlens[b + 1]``; lse is (nheads, total_q). Every variant applies per
+sequence: causal and windows align each sequence bottom-right, ALiBi takes the sequence's row of
+slopes, and dropout draws the bits of batch index b (``Spec.batch_offset``), so a sequence run
+alone with that offset gives the same result. A sequence with no query rows is skipped; one with
+no keys gives out 0 and lse -inf. The offsets are read on the host (see ``_validate``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ._validate import compute_dtype
+
+__all__ = ["forward", "backward"]
+
+
+def _xp(spec):
+    if spec.kind == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _sequences(spec):
+    """(b, query rows, key rows, the sequence's own dense Spec) of every sequence with query rows."""
+    cu_q, cu_k = spec.cu_seqlens_q, spec.cu_seqlens_k
+    for b in range(spec.batch):
+        rows_q, rows_k = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        seqlen_q, seqlen_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start
+        if seqlen_q == 0:
+            continue
+        slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1]
+        yield b, rows_q, rows_k, dataclasses.replace(spec, batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                                                     alibi_slopes=slopes, batch_offset=spec.batch_offset + b,
+                                                     cu_seqlens_q=None, cu_seqlens_k=None)
+
+
+def forward(backend, q, k, v, spec):
+    xp = _xp(spec)
+    out = xp.zeros(q.shape, q.dtype)
+    lse = xp.full((spec.nheads, q.shape[0]), -np.inf, compute_dtype(q.dtype))
+    for _, rows_q, rows_k, one in _sequences(spec):
+        if one.seqlen_k == 0:
+            continue  # no key: out 0, lse -inf
+        out_b, lse_b = backend.forward(q[None, rows_q], k[None, rows_k], v[None, rows_k], one)
+        out[rows_q] = out_b[0]
+        lse[:, rows_q] = lse_b[0]
+    return out, lse
+
+
+def backward(backend, dout, q, k, v, out, lse, spec, deterministic):
+    xp = _xp(spec)
+    dq, dk, dv = (xp.zeros(x.shape, x.dtype) for x in (q, k, v))
+    for _, rows_q, rows_k, one in _sequences(spec):
+        if one.seqlen_k == 0:
+            continue
+        grads = backend.backward(dout[None, rows_q], q[None, rows_q], k[None, rows_k], v[None, rows_k],
+                                 out[None, rows_q], xp.ascontiguousarray(lse[None, :, rows_q]), one, deterministic,
+                                 False)
+        dq[rows_q], dk[rows_k], dv[rows_k] = (g[0] for g in grads[:3])
+    return dq, dk, dv
