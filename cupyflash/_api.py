@@ -13,6 +13,7 @@ layout; they allocate outputs in the caller's layout (``Spec.empty``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -147,10 +148,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, causal: bool = False, scale: 
     return_dbias = _validate.check_return_dbias(fn, return_dbias, spec)
     if spec.dropout and spec.dropout_seed is None:
         seed = int(np.random.default_rng().integers(0, 2**64, dtype=np.uint64))
-        spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size,
-                                    softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
-                                    dropout_p=dropout_p, dropout_seed=seed, layout=layout,
-                                    **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+        spec = dataclasses.replace(spec, dropout_seed=seed)
     out, lse = _forward(spec, q, k, v)
 
     def vjp(dout):
