@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         const float* cLse = sLse + buf * BLOCK_M;
         const float* cDelta = sDelta + buf * BLOCK_M;
         const Var var(f, b, h);
-        const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+        const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) {
             __syncthreads();  // this buffer is refilled two tiles from now
             continue;
@@ -141,10 +141,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         } else {
             pairs(Bool<false>());
         }
-        if (Var::hides_keys && needs_mask && (tile_has_nonfinite<BLOCK_M, D_TILE, LD, THREADS>(cdO) ||
-                                              tile_has_nonfinite<BLOCK_M, D_TILE, LD, THREADS>(cQ))) {
-            gemm_rn_guarded<T, BLOCK_M, D_TILE, LD>(dv_acc, st, cdO, lane);
-            gemm_rn_guarded<T, BLOCK_M, D_TILE, LD>(dk_acc, dpt, cQ, lane);
+        if (Var::hides_keys && needs_mask && (tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cdO) ||
+                                              tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cQ))) {
+            gemm_rn_guarded<T, BLOCK_M, D_TILE>(dv_acc, st, PaddedTile<T, LD>{cdO}, lane);
+            gemm_rn_guarded<T, BLOCK_M, D_TILE>(dk_acc, dpt, PaddedTile<T, LD>{cQ}, lane);
         } else {
             gemm_rn<T, BLOCK_M, D_TILE, LD>(dv_acc, st, cdO, lane);
             gemm_rn<T, BLOCK_M, D_TILE, LD>(dk_acc, dpt, cQ, lane);
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         const int n0 = (t_first + t) * BLOCK_N;
         next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, f.k_st.s, f.v_st.s, t, n_tiles, kv_rows,
                                                             f.headdim);
-        const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+        const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;  // nothing of it is seen; its buffer is not read
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
@@ -254,8 +254,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         } else {
             pairs(Bool<false>());
         }
-        if (Var::hides_keys && needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, THREADS>(cK)) {
-            gemm_rn_guarded<T, BLOCK_N, D_TILE, LD>(dq_acc, s, cK, lane);
+        if (Var::hides_keys && needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, BlockVote<THREADS>>(cK)) {
+            gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, s, PaddedTile<T, LD>{cK}, lane);
         } else {
             gemm_rn<T, BLOCK_N, D_TILE, LD>(dq_acc, s, cK, lane);
         }

@@ -19,7 +19,6 @@ template <typename T, int D_TILE, int BLOCK_N, int WARPS, int MT, typename Var, 
 __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constant__ FwdParams p) {
     constexpr int WARP_ROWS = 16 * MT, BLOCK_M = WARP_ROWS * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8;
     constexpr int NT = BLOCK_N / 8, DT = D_TILE / 8;  // 8-wide column tiles of s and of o
-    constexpr int NG = NT < 4 ? NT : 4;               // 8-wide tiles per 32-column dropout group
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0, "tile shape");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -54,7 +53,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         const int n0 = (t_first + t) * BLOCK_N;
         next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, p.k_st.s, p.v_st.s, t, n_tiles, kv_rows,
                                                             p.headdim);
-        const TileKind kind = var.template tile_kind<THREADS>(m0, BLOCK_M, n0, BLOCK_N);
+        const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;  // nothing of it is seen; its buffer is not read
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
@@ -64,64 +63,16 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * WARP_ROWS * LD, cK, lane);
 
         // scores -> probabilities; the masked version only where the variant says a tile needs it
-        auto softmax_step = [&](auto check) {
-            constexpr bool CHECK = decltype(check)::value;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
-                        s[mt][j][e] = var.template score<CHECK, true>(s[mt][j][e], scale_log2, row, col);
-                        tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
-                    }
-                float alpha[2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) alpha[r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]));
-#pragma unroll
-                for (int j = 0; j < DT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[e / 2];
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        s[mt][j][e] = stats[mt][e / 2].template prob<CHECK>(s[mt][j][e]);
-                        stats[mt][e / 2].l += s[mt][j][e];
-                    }
-                if (Var::dropout) {
-#pragma unroll
-                    for (int r = 0; r < 2; ++r)
-#pragma unroll
-                        for (int j0 = 0; j0 < NT; j0 += NG) {  // one Philox call per row and 32 columns
-                            unsigned words[4];
-                            const int col0 = n0 + j0 * 8 + 2 * tq;
-                            var.random_words(row0 + 16 * mt + 8 * r, col0, words);
-#pragma unroll
-                            for (int j = j0; j < j0 + NG; ++j)
-#pragma unroll
-                                for (int e = 0; e < 2; ++e) {
-                                    // tiles start at multiples of 32 columns unless BLOCK_N is 16
-                                    const bool kept = BLOCK_N % 32 == 0 ? var.keep_at(words, j - j0, e)
-                                                                        : var.keep(words, col0 + (j - j0) * 8 + e);
-                                    s[mt][j][2 * r + e] *= kept ? dropout_scale : 0.f;
-                                }
-                        }
-                }
-            }
-        };
         const bool needs_mask = kind == EDGE;
         if (needs_mask) {
-            softmax_step(Bool<true>());
+            softmax_tile<true>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
         } else {
-            softmax_step(Bool<false>());
+            softmax_tile<false>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
         }
 
         if constexpr (Var::hides_keys) {
-            if (needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, THREADS>(cV)) {
-                gemm_rn_guarded<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
+            if (needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, BlockVote<THREADS>>(cV)) {
+                gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, PaddedTile<T, LD>{cV}, lane);
             } else {
                 gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
             }

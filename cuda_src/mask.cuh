@@ -13,6 +13,13 @@
 enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32 };
 enum TileKind : int { SKIP, INTERIOR, EDGE };
 
+// A vote among the THREADS threads of a block (every thread takes part).
+template <int THREADS> struct BlockVote {
+    static constexpr int threads = THREADS;
+    __device__ static int rank() { return threadIdx.x; }
+    __device__ static bool any(bool x) { return __syncthreads_or(x); }
+};
+
 __device__ __forceinline__ float tanh_approx(float x) {
     float t;
     asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(x));
@@ -75,10 +82,10 @@ struct Variant {
     // What the tile [m0, m0 + bm) x [n0, n0 + bn) of the band needs: SKIP (a bool mask hides all of it),
     // INTERIOR (every element visible: no element masks) or EDGE (element-wise visibility: it crosses
     // the end of the queries or keys, a window edge or a bool mask's edge, or a bias may hide any
-    // element). Every thread of the block calls it: a bool mask is classified by a vote over the
-    // tile's entries (one row of them for a key mask, one column for a query mask: few enough for
-    // each warp to read them all and reach the same answer without a block barrier).
-    template <int THREADS>
+    // element). Every thread of the Vote's group calls it: a bool mask is classified by a vote over
+    // the tile's entries (one row of them for a key mask, one column for a query mask: few enough for
+    // each warp to read them all and reach the same answer without a barrier).
+    template <typename Vote>
     __device__ __forceinline__ TileKind tile_kind(int m0, int bm, int n0, int bn) const {
         const bool edge = bias || m0 + bm > seqlen_q || n0 + bn > seqlen_k ||
                           (left >= 0 && n0 < m0 + bm - 1 + offset - left) ||
@@ -87,13 +94,13 @@ struct Variant {
             const int rows = mask_sq == 0 ? 1 : min(bm, seqlen_q - m0), cols = mask_sk == 0 ? 1 : min(bn, seqlen_k - n0);
             const bool warp_wide = rows * cols <= 256;
             bool on = false, off = false;
-            for (int idx = warp_wide ? threadIdx.x % 32 : threadIdx.x; idx < rows * cols; idx += warp_wide ? 32 : THREADS) {
+            for (int idx = warp_wide ? threadIdx.x % 32 : Vote::rank(); idx < rows * cols; idx += warp_wide ? 32 : Vote::threads) {
                 const bool x = mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0;
                 on |= x;
                 off |= !x;
             }
-            on = warp_wide ? __any_sync(0xffffffffu, on) : __syncthreads_or(on);
-            off = warp_wide ? __any_sync(0xffffffffu, off) : __syncthreads_or(off);
+            on = warp_wide ? __any_sync(0xffffffffu, on) : Vote::any(on);
+            off = warp_wide ? __any_sync(0xffffffffu, off) : Vote::any(off);
             if (!on) return SKIP;
             return edge || off ? EDGE : INTERIOR;
         }

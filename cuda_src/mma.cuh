@@ -178,16 +178,16 @@ template <typename T> __device__ __forceinline__ bool nonfinite16(unsigned h) {
 }
 
 // Whether any element of a 16-bit [ROWS][D_TILE] tile in shared memory (row stride LD) is NaN or inf.
-// Every thread of the block calls it (it ends with a block-wide vote).
-template <int ROWS, int D_TILE, int LD, int THREADS, typename T>
+// Every thread of the Vote's group calls it (it ends with a vote).
+template <int ROWS, int D_TILE, int LD, typename Vote, typename T>
 __device__ __forceinline__ bool tile_has_nonfinite(const T* tile) {
     bool bad = false;
     constexpr int PAIRS = D_TILE / 2;
-    for (int idx = threadIdx.x; idx < ROWS * PAIRS; idx += THREADS) {
+    for (int idx = Vote::rank(); idx < ROWS * PAIRS; idx += Vote::threads) {
         const unsigned x = *reinterpret_cast<const unsigned*>(tile + (idx / PAIRS) * LD + (idx % PAIRS) * 2);
         bad |= nonfinite16<T>(x & 0xffffu) || nonfinite16<T>(x >> 16);
     }
-    return __syncthreads_or(bad);
+    return Vote::any(bad);
 }
 
 // Per 16-bit half of a B fragment register: the value if finite, else 0; and the bfloat16 codes
@@ -210,11 +210,18 @@ __device__ __forceinline__ unsigned seen_pair(float lo, float hi) {
     return (is_masked_zero(lo) ? 0u : 0x7180u) | ((is_masked_zero(hi) ? 0u : 0x7180u) << 16);
 }
 
-// gemm_rn where non-finite entries of B reach only the rows that see them. Out of line, so that its
-// registers do not burden the common path; gemm_rn_guarded passes it copies.
-template <typename T, int K, int N, int LD, int MT>
+// A B operand in shared memory with rows padded to LD elements.
+template <typename T, int LD> struct PaddedTile {
+    const T* base;
+    __device__ __forceinline__ const T* at(int row, int col) const { return base + row * LD + col; }
+};
+
+// gemm_rn where non-finite entries of B (a tile type with at(row, col), 8 columns contiguous from
+// each multiple of 8) reach only the rows that see them. Out of line, so that its registers do not
+// burden the common path; gemm_rn_guarded passes it copies.
+template <typename T, int K, int N, int MT, typename Tile>
 __device__ __noinline__ void gemm_rn_guarded_body(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
-                                                  const T* sB, int lane) {
+                                                  const Tile b_tile, int lane) {
 #pragma unroll 1
     for (int kk = 0; kk < K / 16; ++kk) {  // rolled loops: acc and p stay in local memory, few registers
         unsigned a[MT][4], seen[MT][4];
@@ -229,7 +236,7 @@ __device__ __noinline__ void gemm_rn_guarded_body(float (&acc)[MT][N / 8][4], co
 #pragma unroll 1
         for (int nn = 0; nn < N / 16; ++nn) {
             unsigned b[4], fin[4], pos[4], neg[4];
-            ldmatrix_x4_trans(b, sB + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + nn * 16 + (lane / 16) * 8);
+            ldmatrix_x4_trans(b, b_tile.at(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, nn * 16 + (lane / 16) * 8));
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 fin[r] = finite_part<T>(b[r]);
@@ -254,9 +261,9 @@ __device__ __noinline__ void gemm_rn_guarded_body(float (&acc)[MT][N / 8][4], co
     }
 }
 // The operands go through local memory on this rare path only: acc and p stay in registers elsewhere.
-template <typename T, int K, int N, int LD, int MT>
+template <typename T, int K, int N, int MT, typename Tile>
 __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
-                                                const T* sB, int lane) {
+                                                const Tile& b_tile, int lane) {
     float acc_copy[MT][N / 8][4], p_copy[MT][K / 8][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -269,7 +276,7 @@ __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], cons
 #pragma unroll
             for (int e = 0; e < 4; ++e) p_copy[mt][j][e] = p[mt][j][e];
     }
-    gemm_rn_guarded_body<T, K, N, LD, MT>(acc_copy, p_copy, sB, lane);
+    gemm_rn_guarded_body<T, K, N, MT, Tile>(acc_copy, p_copy, b_tile, lane);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -277,11 +284,11 @@ __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], cons
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][j][e] = acc_copy[mt][j][e];
 }
-template <typename T, int K, int N, int LD>
-__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* sB,
+template <typename T, int K, int N, typename Tile>
+__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const Tile& b_tile,
                                                 int lane) {
-    gemm_rn_guarded<T, K, N, LD>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
-                                 reinterpret_cast<const float (&)[1][K / 8][4]>(p), sB, lane);
+    gemm_rn_guarded<T, K, N, 1, Tile>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
+                                      reinterpret_cast<const float (&)[1][K / 8][4]>(p), b_tile, lane);
 }
 
 template <int MT, int N> __device__ __forceinline__ void zero(float (&acc)[MT][N][4]) {

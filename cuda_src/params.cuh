@@ -36,6 +36,17 @@ struct FwdParams {
     VariantParams var;
 };
 
+// A tensor map (CUtensorMap) built on the host by cuTensorMapEncodeTiled (cupyflash/_tma.py).
+struct __align__(64) TensorMap {
+    unsigned long long words[16];
+};
+
+// The Hopper forward reads q, k and v through tensor maps of (headdim, seqlen, heads, batch) tensors.
+struct FwdParamsSm90 {
+    TensorMap tma_q, tma_k, tma_v;
+    FwdParams fwd;
+};
+
 struct BwdParams {
     FwdParams fwd;  // q, k, v, out (read), lse, sizes, scale and the variant
     const void* dout;

@@ -48,3 +48,60 @@ template <typename A> struct OnlineSoftmax {
         return l_row == A(0) ? neg_inf<A>() : l_row;
     }
 };
+
+// One key tile of the tensor-core forward kernels, on mma / wgmma accumulator fragments: MT slabs of
+// 16 rows (rows row0 + 16 mt + g and + 8), NT 8-column tiles of scores starting at column n0 (element e
+// of tile j is column n0 + 8 j + 2 tq + e % 2), DT 8-column tiles of o. Scores become probabilities in
+// place (dropped ones zero, kept ones scaled), o is rescaled, the row statistics absorb the tile.
+// CHECK: element masks (tiles the variant classifies as EDGE).
+template <bool CHECK, int MT, int NT, int DT, typename Var>
+__device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][4], float (&o)[MT][DT][4],
+                                             OnlineSoftmax<float> (&stats)[MT][2], int row0, int n0, int tq,
+                                             float scale_log2, float dropout_scale) {
+    constexpr int NG = NT < 4 ? NT : 4;  // 8-wide tiles per 32-column dropout group
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
+                s[mt][j][e] = var.template score<CHECK, true>(s[mt][j][e], scale_log2, row, col);
+                tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) alpha[r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]));
+#pragma unroll
+        for (int j = 0; j < DT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[e / 2];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[mt][j][e] = stats[mt][e / 2].template prob<CHECK>(s[mt][j][e]);
+                stats[mt][e / 2].l += s[mt][j][e];
+            }
+        if (Var::dropout) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int j0 = 0; j0 < NT; j0 += NG) {  // one Philox call per row and 32 columns
+                    unsigned words[4];
+                    const int col0 = n0 + j0 * 8 + 2 * tq;
+                    var.random_words(row0 + 16 * mt + 8 * r, col0, words);
+#pragma unroll
+                    for (int j = j0; j < j0 + NG; ++j)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            // tiles start at multiples of 32 columns unless they are 16 wide
+                            const bool kept = NT % 4 == 0 ? var.keep_at(words, j - j0, e)
+                                                          : var.keep(words, col0 + (j - j0) * 8 + e);
+                            s[mt][j][2 * r + e] *= kept ? dropout_scale : 0.f;
+                        }
+                }
+        }
+    }
+}

@@ -14,7 +14,7 @@ import re
 import cupy
 import numpy as np
 
-from . import _philox, _plan
+from . import _philox, _plan, _tma
 from ._validate import compute_dtype
 
 _SOURCE_DIRS = (
@@ -69,13 +69,24 @@ def compiled_kernel(filename, name, options=_plan.OPTIONS):
 
 @functools.lru_cache(maxsize=None)
 def _device_info(device_id):
+    """(shared-memory limit, whether the device takes the Hopper family)."""
     cc = cupy.cuda.Device(device_id).compute_capability
     major, minor = int(cc[:-1]), int(cc[-1])
     if major < 8:
         raise RuntimeError(
             f"cupyflash: the CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper); "
             f"device {device_id} has {major}.{minor}. Use NumPy arrays for the CPU backend.")
-    return _plan.smem_limit((major, minor))
+    return _plan.smem_limit((major, minor)), major == 9
+
+
+#: Set to "sm80" to run the mma.sync family on a Hopper GPU too (the tests validate both families there).
+FAMILY_VARIABLE = "CUPYFLASH_KERNELS"
+
+
+def _hopper(hopper_device, *arrays):
+    """Whether a 16-bit call takes the Hopper family: a 9.x device, TMA-readable inputs, not forced off."""
+    return (hopper_device and os.environ.get(FAMILY_VARIABLE, "") != "sm80"
+            and all(_tma.supported(x) for x in arrays))
 
 
 def _check_grid(spec):
@@ -127,6 +138,12 @@ FWD_PARAMS = np.dtype([
     ("seqlen_q", "i4"), ("seqlen_k", "i4"), ("headdim", "i4"), ("nheads", "i4"), ("group", "i4"),
     ("scale", "f8"), ("var", VARIANT_PARAMS),
 ], align=True)
+FWD_PARAMS_SM90 = np.dtype({
+    "names": ["tma_q", "tma_k", "tma_v", "fwd"],
+    "formats": [_tma.TENSOR_MAP] * 3 + [FWD_PARAMS],
+    "offsets": [0, 128, 256, 384],
+    "itemsize": -(-(384 + FWD_PARAMS.itemsize) // 64) * 64,  # TensorMap is 64-byte aligned
+})
 BWD_PARAMS = np.dtype([
     ("fwd", FWD_PARAMS), ("dout", "u8"), ("delta", "u8"), ("dq", "u8"), ("dk", "u8"), ("dv", "u8"),
     ("do_st", _STRIDES), ("dq_st", _STRIDES), ("dk_st", _STRIDES), ("dv_st", _STRIDES), ("batch", "i4"),
@@ -186,14 +203,24 @@ def forward(q, k, v, spec):
     _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
-        limit = _device_info(device_id)
+        limit, hopper_device = _device_info(device_id)
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
         out = spec.empty(_empty, q.shape, q.dtype)
         lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), compute_dtype(q.dtype))
         var_type, var = _variant(spec)
-        launch = _plan.forward(q.dtype.name, spec.headdim, var_type, _aligned(q, k, v), limit)
+        params = _fwd_params(spec, q, k, v, out, lse, var)
+        if q.dtype.name in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
+            launch = _plan.forward_sm90(q.dtype.name, spec.headdim, var_type)
+            _, block_m, block_n = _plan.sm90_tiles(spec.headdim)
+            fwd = params
+            params = np.zeros(1, FWD_PARAMS_SM90)
+            params["tma_q"] = _tma.tensor_map(q, block_m)
+            params["tma_k"], params["tma_v"] = _tma.tensor_map(k, block_n), _tma.tensor_map(v, block_n)
+            params["fwd"] = fwd
+        else:
+            launch = _plan.forward(q.dtype.name, spec.headdim, var_type, _aligned(q, k, v), limit)
         grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
-        _launch(launch, grid, _fwd_params(spec, q, k, v, out, lse, var), device_id)
+        _launch(launch, grid, params, device_id)
         return out, lse
 
 
@@ -204,7 +231,7 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
     _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
-        limit = _device_info(device_id)
+        limit, _ = _device_info(device_id)
         dout, q, k, v, out = (_rows_contiguous(x) for x in (dout, q, k, v, out))
         lse = cupy.ascontiguousarray(lse)
         acc = compute_dtype(q.dtype)

@@ -83,6 +83,33 @@ def forward(dtype, headdim, var, aligned, limit):
     return Launch("forward.cu", name, block_m, threads, smem(block_n))
 
 
+#: The Hopper family: sm_90a code (wgmma, setmaxnreg) for compute capability 9.x.
+SM90_OPTIONS = (*OPTIONS, "-arch=sm_90a")
+SM90_STAGES = 2
+
+
+def sm90_tiles(headdim):
+    """(head tile, query rows, keys) of a Hopper forward block: the head dimension padded to 64-column
+    chunks (the TMA box width), 128 query rows in two consumer warpgroups, key tiles as wide as
+    shared memory holds SM90_STAGES of (see docs/performance.md)."""
+    d = -(-headdim // 64) * 64
+    if d > HEADDIM_TILES[-1]:
+        raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")
+    return d, 128, (128 if d <= 128 else 64)
+
+
+def forward_sm90(dtype, headdim, var):
+    """Hopper forward (forward_sm90.cu): a producer warpgroup streams K/V tiles through SM90_STAGES
+    buffers to two consumer warpgroups."""
+    if dtype not in TENSOR_CORE_DTYPES:
+        raise ValueError(f"the Hopper kernels take float16 and bfloat16, got {dtype}")
+    d, block_m, block_n = sm90_tiles(headdim)
+    barriers = 8 * (1 + 3 * SM90_STAGES)
+    smem = 2 * (block_m + 2 * SM90_STAGES * block_n) * d + barriers + 1024  # + alignment of the swizzle atoms
+    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {SM90_STAGES}, {var}>"
+    return Launch("forward_sm90.cu", name, block_m, 384, smem, SM90_OPTIONS)
+
+
 def backward(dtype, headdim, var, aligned, limit):
     """(delta, dK/dV, dQ) kernels of the backward pass."""
     d = headdim_tile(headdim)
@@ -191,4 +218,8 @@ def covering_launches():
     for case in cases:
         for launch in _launches(*case):
             seen[(launch.source, launch.name)] = launch
-    return [*seen.values(), dropout_mask()]
+    sm90 = [("bfloat16", d, plain) for d in (64, 128, 192, 256)] + [("float16", 128, plain)]
+    sm90 += [(dtype, 64, variant(every - BIAS, "bool")) for dtype in TENSOR_CORE_DTYPES]
+    sm90 += [("float16", 128, variant(every - BOOL_MASK, "float32")), ("bfloat16", 256, variant(every - BOOL_MASK, "bfloat16"))]
+    sm90_launches = [forward_sm90(*case) for case in sm90]
+    return [*seen.values(), *sm90_launches, dropout_mask()]

@@ -78,3 +78,15 @@ def test_compiles_without_warnings(compiled, key):
     assert error is None, f"{key[0]} {' '.join(key[1])}: {error}\n{log}"
     assert "warning" not in log.lower(), log
     assert cubin_bytes > 0
+
+
+def test_wgmma_header_is_current():
+    """cuda_src/wgmma.cuh is what tools/gen_wgmma.py writes."""
+    import importlib.util
+
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gen_wgmma", os.path.join(checkout, "tools", "gen_wgmma.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    with open(os.path.join(checkout, "cuda_src", "wgmma.cuh")) as f:
+        assert f.read() == gen.text()

@@ -16,6 +16,7 @@ from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_clo
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
+from cupyflash import _cuda_backend  # noqa: E402
 
 SEQLENS = (1, 2, 5, 17, 113, 128, 129, 1023, 1024, 2049)
 HEADDIMS = (8, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256)
@@ -54,8 +55,6 @@ def as_float32(x):
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN (all bits set)."""
-    from cupyflash import _cuda_backend
-
     def empty(shape, dtype):
         x = cp.empty(shape, dtype)
         _uint(x).fill(np.iinfo(_UINT[x.dtype.itemsize]).max)
@@ -161,7 +160,7 @@ def test_vjp_matches_forward_and_backward():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("headdim", [64, 59])
-def test_strided_inputs_match_contiguous(dtype, headdim):
+def test_strided_inputs_match_contiguous(dtype, headdim, monkeypatch):
     batch, seqlen, nheads = 2, 333, 4
     rng = np.random.default_rng(headdim)
     packed = to_device(rng.standard_normal((batch, seqlen, 3, nheads, headdim)).astype(dtype))
@@ -177,9 +176,38 @@ def test_strided_inputs_match_contiguous(dtype, headdim):
     assert all(bitwise_equal(a, b) for a, b in zip(_forward_backward(q, k, v, dout), expected))
 
     got = _forward_backward(q_shifted, k_every_other, v, dout)
+    # TMA cannot read q_shifted, so a Hopper GPU runs the mma.sync family for it: compare with that family.
+    monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "sm80")
     want = _forward_backward(contiguous(q_shifted), contiguous(k_every_other),
                              copies[2], copies[3])
     assert all(bitwise_equal(a, b) for a, b in zip(got, want))
+
+
+def _forward_sources(monkeypatch, *args, **kwargs):
+    """The source files of the kernels a forward call launches."""
+    sources = []
+    launch = _cuda_backend._launch
+    monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (sources.append(lc.source), launch(lc, *a)))
+    cupyflash.attention(*args, **kwargs)
+    monkeypatch.setattr(_cuda_backend, "_launch", launch)
+    return sources
+
+
+def test_family_on_hopper(monkeypatch):
+    """16-bit forwards take the sm_90a family where TMA can read the inputs; CUPYFLASH_KERNELS=sm80 forces
+    the mma.sync family; float32 stays on CUDA cores."""
+    if not cp.cuda.Device().compute_capability.startswith("9"):
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
+    rng = np.random.default_rng(5)
+    q, k, v = (to_device(rng.standard_normal((1, 100, 2, 64)).astype(np.float16)) for _ in range(3))
+    assert _forward_sources(monkeypatch, q, k, v) == ["forward_sm90.cu"]
+    assert _forward_sources(monkeypatch, q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)) == [
+        "forward.cu"]
+    odd = to_device(rng.standard_normal((1, 100, 2, 60)).astype(np.float16))  # 240-byte rows: not for TMA
+    assert _forward_sources(monkeypatch, odd, odd, odd) == ["forward_mma.cu"]
+    monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "sm80")
+    assert _forward_sources(monkeypatch, q, k, v) == ["forward_mma.cu"]
 
 
 def test_runs_on_the_current_stream():

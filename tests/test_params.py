@@ -12,7 +12,7 @@ nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 from cupyflash import _cuda_backend  # noqa: E402
 
 STRUCTS = {"VariantParams": _cuda_backend.VARIANT_PARAMS, "FwdParams": _cuda_backend.FWD_PARAMS,
-           "BwdParams": _cuda_backend.BWD_PARAMS}
+           "BwdParams": _cuda_backend.BWD_PARAMS, "FwdParamsSm90": _cuda_backend.FWD_PARAMS_SM90}
 
 
 @pytest.mark.gpu

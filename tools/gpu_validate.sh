@@ -21,9 +21,15 @@ if "$python" -c "import xdist" 2>/dev/null; then parallel=(-n "${JOBS:-8}"); fi
 suite_rc=$?
 suite=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite.log" | tail -n 1)
 tail -n 40 "$log_dir/gpu_suite.log"
+# On Hopper the 16-bit forward takes the sm_90a family; the kernel suites run again on the mma.sync family.
+CUPYFLASH_KERNELS=sm80 "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py \
+    tests/test_gpu_variants.py >"$log_dir/gpu_suite_sm80.log" 2>&1
+sm80_rc=$?
+suite_sm80=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite_sm80.log" | tail -n 1)
+tail -n 20 "$log_dir/gpu_suite_sm80.log"
 
 declare -A errors
-status=$suite_rc
+status=$(( suite_rc || sm80_rc ))
 "$python" tools/sanitize_cases.py >/dev/null  # compile outside the sanitizer
 tools=(memcheck racecheck synccheck initcheck)
 declare -A pids
@@ -46,6 +52,7 @@ echo
 echo "| check | result |"
 echo "| --- | --- |"
 echo "| GPU suite | ${suite:-no summary (rc $suite_rc)} |"
+echo "| GPU kernel suites, CUPYFLASH_KERNELS=sm80 | ${suite_sm80:-no summary (rc $sm80_rc)} |"
 for tool in "${tools[@]}"; do echo "| compute-sanitizer $tool | ${errors[$tool]} errors |"; done
 echo "logs: $log_dir"
 exit "$status"

@@ -26,10 +26,14 @@ def _compile(launch):
     return launch.name
 
 
-def launches(dtypes, headdims, variants, limit):
+def launches(dtypes, headdims, variants, limit, hopper=False):
+    """Every kernel these cases can launch; `hopper` adds the Hopper family."""
     seen = {}
     for dtype, d, var, aligned in itertools.product(dtypes, headdims, variants, (True, False)):
-        for launch in (_plan.forward(dtype, d, var, aligned, limit), *_plan.backward(dtype, d, var, aligned, limit)):
+        todo = [_plan.forward(dtype, d, var, aligned, limit), *_plan.backward(dtype, d, var, aligned, limit)]
+        if hopper and dtype in _plan.TENSOR_CORE_DTYPES:
+            todo.append(_plan.forward_sm90(dtype, d, var))
+        for launch in todo:
             seen[(launch.source, launch.name)] = launch
     return list(seen.values())
 
@@ -50,7 +54,7 @@ def main(argv=None):
         todo = _plan.covering_launches()
     else:
         variants = [_plan.variant(f, m) for f in args.features for m in args.mask_dtypes]
-        todo = launches(args.dtypes or list(_plan.C_TYPES), args.headdims or [64], variants, limit)
+        todo = launches(args.dtypes or list(_plan.C_TYPES), args.headdims or [64], variants, limit, cc.startswith("9"))
     start = time.perf_counter()
     # spawn, not fork: this process has initialised CUDA, which a forked child cannot use
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

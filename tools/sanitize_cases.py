@@ -1,16 +1,19 @@
 """A small case of every kernel family, dtype and variant feature, for compute-sanitizer
 (tools/gpu_validate.sh).
 
-Covers the tensor-core forward (16-bit; vector and element loads), the CUDA-core forward (float32,
-float64) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
+Covers the tensor-core forward (16-bit: the Hopper family on a Hopper GPU, the mma.sync family with
+vector and element loads), the CUDA-core forward (float32, float64) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
 variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
 together, with NaN in masked keys so the guarded products run too.
 """
+import os
+
 import cupy as cp
 import ml_dtypes
 import numpy as np
 
 import cupyflash
+from cupyflash import _cuda_backend
 
 rng = np.random.default_rng(0)
 
@@ -37,9 +40,10 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         run(dtype, headdim, poison=True, causal=True)
     slopes = cp.asarray(rng.uniform(0.01, 0.5, 4).astype(np.float32))
     padding = cp.asarray(rng.random((1, 1, 1, 90)) > 0.2)
+    blocks = cp.asarray(rng.random((1, 4, 70, 90)) > 0.5)  # classified by a vote of the whole block
     bias = device(rng.standard_normal((1, 4, 70, 90)).astype(dtype))
     for variant in (dict(window_size=(20, 5)), dict(softcap=3.0), dict(alibi_slopes=slopes),
-                    dict(attn_mask=padding), dict(attn_mask=bias), dict(dropout_p=0.3, dropout_seed=7),
+                    dict(attn_mask=padding), dict(attn_mask=blocks), dict(attn_mask=bias), dict(dropout_p=0.3, dropout_seed=7),
                     dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
                          dropout_p=0.1, dropout_seed=3)):
         run(dtype, 64, **variant)
@@ -50,5 +54,11 @@ out, lse = cupyflash.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal
                                return_lse=True)
 cupyflash.attention_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, dropout_p=0.2,
                              dropout_seed=1)
+# On Hopper the 16-bit forward takes the sm_90a family; the mma.sync family runs when forced.
+os.environ[_cuda_backend.FAMILY_VARIABLE] = "sm80"
+for dtype in (np.float16, ml_dtypes.bfloat16):
+    for causal in (False, True):
+        run(dtype, 64, causal=causal)
+    run(dtype, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
 cp.cuda.Device().synchronize()
 print("sanitize cases: done")

@@ -1,0 +1,114 @@
+// Hopper (sm_90a) primitives: mbarriers, TMA tensor copies, wgmma descriptors and fences, register
+// reallocation and a vote among the consumer warpgroups. Every shared-memory tile the tensor cores read
+// is stored as TMA writes it with 128-byte swizzle: chunks of 64 columns (128 bytes per row), 8-row
+// atoms of 1024 bytes in which the 16-byte piece c of row r sits at c ^ (r % 8).
+#pragma once
+#include "common.cuh"
+#include "params.cuh"
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarriers
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+// Waits until the phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
+    asm volatile(
+        "{\n .reg .pred done;\n"
+        "wait_%=:\n"
+        " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        " @!done bra wait_%=;\n}" ::"r"(smem_u32(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+// ---- TMA: box (64 columns, rows, 1, 1) of a (headdim, seqlen, heads, batch) tensor at the given
+// coordinates; out-of-range elements arrive as zeros and still count toward the barrier's bytes.
+__device__ __forceinline__ void tma_load(void* dst, const TensorMap& map, int col, int row, int head, int batch,
+                                         unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];" ::"r"(smem_u32(dst)),
+        "l"(&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(smem_u32(bar))
+        : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const TensorMap& map) {
+    asm volatile("prefetch.tensormap [%0];" ::"l"(&map) : "memory");
+}
+
+// ---- register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__(n, 1))
+template <int REGS> __device__ __forceinline__ void regs_release() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));
+}
+template <int REGS> __device__ __forceinline__ void regs_claim() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(REGS));
+}
+
+// ---- wgmma
+// Descriptor of a 128-byte-swizzled operand: start address, leading and stride byte offsets (16-byte units).
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* start, unsigned lead_bytes, unsigned stride_bytes) {
+    return (unsigned long long)((smem_u32(start) & 0x3ffffu) >> 4) | ((unsigned long long)(lead_bytes >> 4) << 16) |
+           ((unsigned long long)(stride_bytes >> 4) << 32) | (1ull << 62);
+}
+// K-major tile (rows of 64 contiguous k in each chunk): 8-row atoms 1024 bytes apart; k16 step kk of the
+// chunk kk / 4 starts 32 bytes further per step inside the atom (the swizzle is applied on the address).
+__device__ __forceinline__ unsigned long long desc_k_major(const void* chunk, int kk) {
+    return wgmma_desc(static_cast<const char*>(chunk) + (kk % 4) * 32, 16, 1024);
+}
+// N-major tile (k rows of 64 contiguous n per chunk, chunks `chunk_bytes` apart): two 8-row atoms per k16 step.
+__device__ __forceinline__ unsigned long long desc_n_major(const void* tile, int kk, unsigned chunk_bytes) {
+    return wgmma_desc(static_cast<const char*>(tile) + kk * 2048, chunk_bytes, 1024);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across an asynchronous product.
+template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// Shared-memory address of element (row, col) of a 128-byte-swizzled tile of `rows` rows per chunk.
+template <typename T> __device__ __forceinline__ const T* swizzled(const T* tile, int rows, int row, int col) {
+    const char* chunk = reinterpret_cast<const char*>(tile) + (col / 64) * rows * 128 + row * 128;
+    return reinterpret_cast<const T*>(chunk + ((((col % 64) / 8) ^ (row % 8)) * 16) + (col % 8) * sizeof(T));
+}
+
+// A B operand for mma.cuh's guarded product: a swizzled tile of ROWS rows per 64-column chunk.
+template <typename T, int ROWS> struct SwizzledTile {
+    const T* base;
+    __device__ __forceinline__ const T* at(int row, int col) const { return swizzled(base, ROWS, row, col); }
+};
+
+// ---- votes among the consumer warpgroups (threads [128, 128 + THREADS) of the block) on named barrier 1,
+// which the producer warpgroup never joins.
+template <int THREADS> struct ConsumerVote {
+    static constexpr int threads = THREADS;
+    __device__ static int rank() { return threadIdx.x - 128; }
+    __device__ static bool any(bool x) {
+        unsigned r;
+        asm volatile(
+            "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n barrier.cta.red.or.pred q, 1, %2, p;\n selp.u32 %0, 1, 0, q;\n}"
+            : "=r"(r)
+            : "r"((unsigned)x), "n"(THREADS)
+            : "memory");
+        return r != 0;
+    }
+};

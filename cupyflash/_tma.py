@@ -1,0 +1,58 @@
+"""Tensor maps for the Hopper kernels' TMA loads, encoded by the CUDA driver's
+`cuTensorMapEncodeTiled` (called through ctypes: CuPy does not expose it, and the driver
+library is present wherever a GPU is).
+
+A (batch, seqlen, heads, headdim) array with a unit last stride is described as the 4-D tensor
+(headdim, seqlen, heads, batch) with its byte strides; a load copies a box of 64 columns x
+`box_rows` rows of one head into shared memory with 128-byte swizzle, zero-filling what lies
+past the tensor's ends.
+"""
+import ctypes
+import functools
+
+import numpy as np
+
+_DATA_TYPES = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
+_SWIZZLE_128B = 3
+_L2_PROMOTION_128B = 2
+BOX_COLUMNS = 64  # 128 bytes of 16-bit values: the widest box a 128-byte swizzle takes
+TENSOR_MAP = np.dtype((np.void, 128))
+
+
+@functools.lru_cache(maxsize=None)
+def _encode():
+    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _strides(x):
+    """Byte strides of the seqlen, heads and batch axes; an axis of length 1 is never stepped along,
+    so any valid stride describes it."""
+    order = (1, 2, 0)
+    return [x.strides[axis] if x.shape[axis] > 1 else 16 for axis in order]
+
+
+def supported(x):
+    """Whether TMA can read the array: 16-byte aligned base and strides, positive strides."""
+    return (x.dtype.name in _DATA_TYPES and x.strides[-1] == x.itemsize and x.data.ptr % 16 == 0
+            and all(s > 0 and s % 16 == 0 and s < 2 ** 40 for s in _strides(x)))
+
+
+def tensor_map(x, box_rows):
+    """The 128-byte CUtensorMap of `x` (see the module docstring) as a NumPy void scalar."""
+    batch, seqlen, heads, headdim = x.shape
+    out = np.zeros((), TENSOR_MAP)
+    dims = (ctypes.c_uint64 * 4)(headdim, seqlen, heads, batch)
+    strides = (ctypes.c_uint64 * 3)(*_strides(x))
+    box = (ctypes.c_uint32 * 4)(BOX_COLUMNS, box_rows, 1, 1)
+    unit = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+    status = _encode()(out.ctypes.data, _DATA_TYPES[x.dtype.name], 4, x.data.ptr, dims, strides, box, unit, 0,
+                       _SWIZZLE_128B, _L2_PROMOTION_128B, 0)
+    if status != 0:
+        raise RuntimeError(f"cupyflash: cuTensorMapEncodeTiled failed with CUresult {status} for an array of "
+                           f"shape {x.shape}, strides {x.strides}, dtype {x.dtype}")
+    return out
