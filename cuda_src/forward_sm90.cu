@@ -1,6 +1,7 @@
 // Forward pass for float16 / bfloat16 on Hopper (sm_90a): TMA, wgmma and warp specialisation.
 //
-// One block per (128-row query tile, head, batch), three warpgroups:
+// A persistent grid (a block per multiprocessor) walks the (128-row query tile, head, batch) work tiles;
+// each block has three warpgroups:
 //   producer   (warpgroup 0; one thread issues)  q once, then the K and V tiles of the band into a ring
 //              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier)
 //   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile:
@@ -18,6 +19,15 @@
 #include "sm90.cuh"
 #include "wgmma.cuh"
 
+// Work tile `tile` of a persistent block: (query tile, head, batch), the query tile slowest and the last
+// ones first. Under a causal mask or a window the last query tiles have the most keys to visit: the
+// blocks, which take tiles in turn, meet tiles of nearly equal work in each round.
+struct WorkTile {
+    int m0, h, b;
+    __device__ WorkTile(int tile, int query_tiles, int block_m, int nheads, int batch)
+        : m0((query_tiles - 1 - tile / (nheads * batch)) * block_m), h(tile % nheads), b(tile / nheads % batch) {}
+};
+
 template <typename T, int D_TILE, int BLOCK_N, int STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
     constexpr int BLOCK_M = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64, NT = BLOCK_N / 8, DT = D_TILE / 8;
@@ -31,19 +41,17 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     T* sK = sQ + Q_ELEMS;                // [STAGES][CHUNKS][BLOCK_N][64]
     T* sV = sK + STAGES * KV_ELEMS;      // [STAGES][CHUNKS][BLOCK_N][64]
     unsigned long long* q_full = reinterpret_cast<unsigned long long*>(sV + STAGES * KV_ELEMS);
-    unsigned long long* k_full = q_full + 1;       // [STAGES]
+    unsigned long long* q_free = q_full + 1;       // every consumer thread arrives
+    unsigned long long* k_full = q_free + 1;       // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
     unsigned long long* kv_free = v_full + STAGES; // [STAGES]: every consumer thread arrives
 
     const FwdParams& f = p.fwd;
-    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z;
-    const Var var(f, b, h);
-    int t_first, t_last;
-    var.template key_tiles<BLOCK_M, BLOCK_N>(m0, t_first, t_last);
-    const int n_tiles = t_last - t_first;
+    const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M, tiles = query_tiles * f.nheads * p.batch;
 
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
+        mbar_init(q_free, CONSUMERS);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
@@ -53,101 +61,124 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     }
     __syncthreads();
 
+    // Producer and consumers walk the same work tiles and count the same key tiles (kv_step, across work
+    // tiles) and loaded query tiles (q_step), from which each barrier's phase follows.
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<40>();
-        if (threadIdx.x == 0 && n_tiles > 0) {
-            const int hk = h / f.group;
-            mbar_expect_tx(q_full, Q_ELEMS * sizeof(T));
-            for (int c = 0; c < CHUNKS; ++c) tma_load(sQ + c * BLOCK_M * 64, p.tma_q, c * 64, m0, h, b, q_full);
-            for (int t = 0; t < n_tiles; ++t) {
-                const int stage = t % STAGES, n0 = (t_first + t) * BLOCK_N;
-                if (t >= STAGES) mbar_wait(kv_free + stage, (t / STAGES - 1) & 1);
-                T* k_buf = sK + stage * KV_ELEMS;
-                T* v_buf = sV + stage * KV_ELEMS;
-                mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
+        if (threadIdx.x == 0) {
+            int kv_step = 0, q_step = 0;
+            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+                const Var var(f, w.b, w.h);
+                int t_first, t_last;
+                var.template key_tiles<BLOCK_M, BLOCK_N>(w.m0, t_first, t_last);
+                if (t_last == t_first) continue;
+                const int hk = w.h / f.group;
+                if (q_step > 0) mbar_wait(q_free, (q_step - 1) & 1);
+                mbar_expect_tx(q_full, Q_ELEMS * sizeof(T));
                 for (int c = 0; c < CHUNKS; ++c)
-                    tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, n0, hk, b, k_full + stage);
-                mbar_expect_tx(v_full + stage, KV_ELEMS * sizeof(T));
-                for (int c = 0; c < CHUNKS; ++c)
-                    tma_load(v_buf + c * BLOCK_N * 64, p.tma_v, c * 64, n0, hk, b, v_full + stage);
+                    tma_load(sQ + c * BLOCK_M * 64, p.tma_q, c * 64, w.m0, w.h, w.b, q_full);
+                ++q_step;
+                for (int t = t_first; t < t_last; ++t, ++kv_step) {
+                    const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
+                    if (kv_step >= STAGES) mbar_wait(kv_free + stage, (kv_step / STAGES - 1) & 1);
+                    T* k_buf = sK + stage * KV_ELEMS;
+                    T* v_buf = sV + stage * KV_ELEMS;
+                    mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
+                    for (int c = 0; c < CHUNKS; ++c)
+                        tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, n0, hk, w.b, k_full + stage);
+                    mbar_expect_tx(v_full + stage, KV_ELEMS * sizeof(T));
+                    for (int c = 0; c < CHUNKS; ++c)
+                        tma_load(v_buf + c * BLOCK_N * 64, p.tma_v, c * 64, n0, hk, w.b, v_full + stage);
+                }
             }
         }
     } else {
         // ---- consumers
         regs_claim<232>();
         const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
-        const int row0 = m0 + 64 * wg + 16 * warp + lane / 4;
-        const float scale_log2 = float(f.scale) * float(LOG2E), dropout_scale = float(var.dropout_scale);
         const T* q_rows = sQ + 64 * wg * 64;  // this warpgroup's rows of each chunk
+        int kv_step = 0, q_step = 0;
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+            const Var var(f, w.b, w.h);
+            int t_first, t_last;
+            var.template key_tiles<BLOCK_M, BLOCK_N>(w.m0, t_first, t_last);
+            const int m0 = w.m0, row0 = m0 + 64 * wg + 16 * warp + lane / 4;
+            const float scale_log2 = float(f.scale) * float(LOG2E), dropout_scale = float(var.dropout_scale);
 
-        float o[1][DT][4];
-        zero(o);
-        float(&o_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
-        OnlineSoftmax<float> stats[1][2];
+            float o[1][DT][4];
+            zero(o);
+            float(&o_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+            OnlineSoftmax<float> stats[1][2];
 
-        if (n_tiles > 0) mbar_wait(q_full, 0);
-        for (int t = 0; t < n_tiles; ++t) {
-            const int stage = t % STAGES, parity = (t / STAGES) & 1, n0 = (t_first + t) * BLOCK_N;
-            const T* k_buf = sK + stage * KV_ELEMS;
-            const T* v_buf = sV + stage * KV_ELEMS;
-            const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
-            // Every phase is waited for, skipped tiles too, so that no copy into a buffer is in flight when
-            // the producer reuses it.
-            mbar_wait(k_full + stage, parity);
-            if (kind != SKIP) {
-                float s[1][NT][4];
-                float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < D_TILE / 16; ++kk)
-                    wgmma_ss<T, BLOCK_N>(s_regs, desc_k_major(q_rows + (kk / 4) * BLOCK_M * 64, kk),
-                                         desc_k_major(k_buf + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(s_regs);
-
-                const bool needs_mask = kind == EDGE;
-                if (needs_mask) {
-                    softmax_tile<true>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
-                } else {
-                    softmax_tile<false>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
-                }
-
-                mbar_wait(v_full + stage, parity);
-                if (Var::hides_keys && needs_mask &&
-                    tile_has_nonfinite<BLOCK_N * CHUNKS, 64, 64, Vote>(v_buf)) {
-                    gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{v_buf}, lane);
-                } else {
-                    unsigned p_regs[NT * 2];  // p in the A layout of wgmma: consecutive pairs of s
-#pragma unroll
-                    for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<T>(s_regs[2 * i], s_regs[2 * i + 1]);
-                    fence_regs(o_regs);
+            if (t_last > t_first) mbar_wait(q_full, q_step & 1);
+            for (int t = t_first; t < t_last; ++t, ++kv_step) {
+                const int stage = kv_step % STAGES, parity = (kv_step / STAGES) & 1, n0 = t * BLOCK_N;
+                const T* k_buf = sK + stage * KV_ELEMS;
+                const T* v_buf = sV + stage * KV_ELEMS;
+                const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
+                // Every phase is waited for, skipped tiles too, so that no copy into a buffer is in flight
+                // when the producer reuses it.
+                mbar_wait(k_full + stage, parity);
+                if (kind != SKIP) {
+                    float s[1][NT][4];
+                    float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
                     wgmma_fence();
 #pragma unroll
-                    for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-                        wgmma_rs<T, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
-                                            desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
+                    for (int kk = 0; kk < D_TILE / 16; ++kk)
+                        wgmma_ss<T, BLOCK_N>(s_regs, desc_k_major(q_rows + (kk / 4) * BLOCK_M * 64, kk),
+                                             desc_k_major(k_buf + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
                     wgmma_commit();
                     wgmma_wait<0>();
-                    fence_regs(o_regs);
-                }
-            } else {
-                mbar_wait(v_full + stage, parity);
-            }
-            mbar_arrive(kv_free + stage);
-        }
+                    fence_regs(s_regs);
 
-        float inv_l[1][2];
-        float* lse = static_cast<float*>(f.lse) + ((i64)b * f.nheads + h) * f.seqlen_q;
+                    const bool needs_mask = kind == EDGE;
+                    if (needs_mask) {
+                        softmax_tile<true>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
+                    } else {
+                        softmax_tile<false>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
+                    }
+
+                    mbar_wait(v_full + stage, parity);
+                    if (Var::hides_keys && needs_mask &&
+                        tile_has_nonfinite<BLOCK_N * CHUNKS, 64, 64, Vote>(v_buf)) {
+                        gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{v_buf}, lane);
+                    } else {
+                        unsigned p_regs[NT * 2];  // p in the A layout of wgmma: consecutive pairs of s
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float l = reduce_sum<4>(stats[0][r].l);
-            inv_l[0][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
-            const int row = row0 + 8 * r;
-            if (tq == 0 && row < f.seqlen_q) lse[row] = stats[0][r].lse(l);
+                        for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<T>(s_regs[2 * i], s_regs[2 * i + 1]);
+                        fence_regs(o_regs);
+                        wgmma_fence();
+#pragma unroll
+                        for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+                            wgmma_rs<T, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
+                                                desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
+                        wgmma_commit();
+                        wgmma_wait<0>();
+                        fence_regs(o_regs);
+                    }
+                } else {
+                    mbar_wait(v_full + stage, parity);
+                }
+                if (t == t_last - 1) mbar_arrive(q_free);  // the producer may load the next query tile
+                mbar_arrive(kv_free + stage);
+            }
+            if (t_last > t_first) ++q_step;
+
+            // The epilogue overlaps the producer's loads for the next work tile.
+            float inv_l[1][2];
+            float* lse = static_cast<float*>(f.lse) + ((i64)w.b * f.nheads + w.h) * f.seqlen_q;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float l = reduce_sum<4>(stats[0][r].l);
+                inv_l[0][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
+                const int row = row0 + 8 * r;
+                if (tq == 0 && row < f.seqlen_q) lse[row] = stats[0][r].lse(l);
+            }
+            store_slab(static_cast<T*>(f.out) + w.b * f.o_st.b + w.h * f.o_st.h + (i64)m0 * f.o_st.s, f.o_st.s, o,
+                       inv_l, 64 * wg + 16 * warp, f.seqlen_q - m0, f.headdim, lane);
         }
-        store_slab(static_cast<T*>(f.out) + b * f.o_st.b + h * f.o_st.h + (i64)m0 * f.o_st.s, f.o_st.s, o, inv_l,
-                   64 * wg + 16 * warp, f.seqlen_q - m0, f.headdim, lane);
     }
 }

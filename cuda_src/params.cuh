@@ -45,6 +45,7 @@ struct __align__(64) TensorMap {
 struct FwdParamsSm90 {
     TensorMap tma_q, tma_k, tma_v;
     FwdParams fwd;
+    int batch;
 };
 
 struct BwdParams {

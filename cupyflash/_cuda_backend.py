@@ -79,6 +79,11 @@ def _device_info(device_id):
     return _plan.smem_limit((major, minor)), major == 9
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_id):
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
 #: Set to "sm80" to run the mma.sync family on a Hopper GPU too (the tests validate both families there).
 FAMILY_VARIABLE = "CUPYFLASH_KERNELS"
 
@@ -97,7 +102,9 @@ def _check_grid(spec):
 
 
 def _launch(launch, grid, params, device_id):
-    _kernel(launch, device_id)(grid, (launch.threads,), (params,), shared_mem=launch.smem_bytes)
+    # The struct goes as its raw bytes: CuPy would walk a structured dtype's fields on every launch.
+    raw = params.view(np.dtype((np.void, params.dtype.itemsize)))[0]
+    _kernel(launch, device_id)(grid, (launch.threads,), (raw,), shared_mem=launch.smem_bytes)
 
 
 def _empty(shape, dtype):
@@ -139,10 +146,10 @@ FWD_PARAMS = np.dtype([
     ("scale", "f8"), ("var", VARIANT_PARAMS),
 ], align=True)
 FWD_PARAMS_SM90 = np.dtype({
-    "names": ["tma_q", "tma_k", "tma_v", "fwd"],
-    "formats": [_tma.TENSOR_MAP] * 3 + [FWD_PARAMS],
-    "offsets": [0, 128, 256, 384],
-    "itemsize": -(-(384 + FWD_PARAMS.itemsize) // 64) * 64,  # TensorMap is 64-byte aligned
+    "names": ["tma_q", "tma_k", "tma_v", "fwd", "batch"],
+    "formats": [_tma.TENSOR_MAP] * 3 + [FWD_PARAMS, "i4"],
+    "offsets": [0, 128, 256, 384, 384 + FWD_PARAMS.itemsize],
+    "itemsize": -(-(388 + FWD_PARAMS.itemsize) // 64) * 64,  # TensorMap is 64-byte aligned
 })
 BWD_PARAMS = np.dtype([
     ("fwd", FWD_PARAMS), ("dout", "u8"), ("delta", "u8"), ("dq", "u8"), ("dk", "u8"), ("dv", "u8"),
@@ -209,17 +216,21 @@ def forward(q, k, v, spec):
         lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), compute_dtype(q.dtype))
         var_type, var = _variant(spec)
         params = _fwd_params(spec, q, k, v, out, lse, var)
-        if q.dtype.name in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
-            launch = _plan.forward_sm90(q.dtype.name, spec.headdim, var_type)
+        dtype = q.dtype.name
+        if dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
+            launch = _plan.forward_sm90(dtype, spec.headdim, var_type)
             _, block_m, block_n = _plan.sm90_tiles(spec.headdim)
             fwd = params
             params = np.zeros(1, FWD_PARAMS_SM90)
-            params["tma_q"] = _tma.tensor_map(q, block_m)
-            params["tma_k"], params["tma_v"] = _tma.tensor_map(k, block_n), _tma.tensor_map(v, block_n)
-            params["fwd"] = fwd
+            params["tma_q"] = _tma.tensor_map(q, dtype, block_m)
+            params["tma_k"], params["tma_v"] = _tma.tensor_map(k, dtype, block_n), _tma.tensor_map(v, dtype, block_n)
+            params["fwd"], params["batch"] = fwd, spec.batch
+            # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
+            work = math.ceil(spec.seqlen_q / launch.block_rows) * spec.nheads * spec.batch
+            grid = (min(work, _multiprocessors(device_id)), 1, 1)
         else:
-            launch = _plan.forward(q.dtype.name, spec.headdim, var_type, _aligned(q, k, v), limit)
-        grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
+            launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit)
+            grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
         _launch(launch, grid, params, device_id)
         return out, lse
 

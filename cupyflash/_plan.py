@@ -104,7 +104,7 @@ def forward_sm90(dtype, headdim, var):
     if dtype not in TENSOR_CORE_DTYPES:
         raise ValueError(f"the Hopper kernels take float16 and bfloat16, got {dtype}")
     d, block_m, block_n = sm90_tiles(headdim)
-    barriers = 8 * (1 + 3 * SM90_STAGES)
+    barriers = 8 * (2 + 3 * SM90_STAGES)
     smem = 2 * (block_m + 2 * SM90_STAGES * block_n) * d + barriers + 1024  # + alignment of the swizzle atoms
     name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {SM90_STAGES}, {var}>"
     return Launch("forward_sm90.cu", name, block_m, 384, smem, SM90_OPTIONS)

@@ -13,6 +13,7 @@ import functools
 import numpy as np
 
 _DATA_TYPES = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
+_CACHE_SIZE = 256  # maps of recent arrays: CuPy's pool hands the same buffers out again
 _SWIZZLE_128B = 3
 _L2_PROMOTION_128B = 2
 BOX_COLUMNS = 64  # 128 bytes of 16-bit values: the widest box a 128-byte swizzle takes
@@ -29,30 +30,35 @@ def _encode():
     return fn
 
 
-def _strides(x):
+def _strides(shape, strides):
     """Byte strides of the seqlen, heads and batch axes; an axis of length 1 is never stepped along,
     so any valid stride describes it."""
-    order = (1, 2, 0)
-    return [x.strides[axis] if x.shape[axis] > 1 else 16 for axis in order]
+    return tuple(strides[axis] if shape[axis] > 1 else 16 for axis in (1, 2, 0))
 
 
 def supported(x):
-    """Whether TMA can read the array: 16-byte aligned base and strides, positive strides."""
-    return (x.dtype.name in _DATA_TYPES and x.strides[-1] == x.itemsize and x.data.ptr % 16 == 0
-            and all(s > 0 and s % 16 == 0 and s < 2 ** 40 for s in _strides(x)))
+    """Whether TMA can read the 16-bit array: 16-byte aligned base and strides, positive strides."""
+    return (x.strides[-1] == x.itemsize and x.data.ptr % 16 == 0
+            and all(s > 0 and s % 16 == 0 and s < 2 ** 40 for s in _strides(x.shape, x.strides)))
 
 
-def tensor_map(x, box_rows):
-    """The 128-byte CUtensorMap of `x` (see the module docstring) as a NumPy void scalar."""
-    batch, seqlen, heads, headdim = x.shape
+def tensor_map(x, dtype, box_rows):
+    """The 128-byte CUtensorMap of `x`, whose dtype is named `dtype` ("float16" or "bfloat16"; see the
+    module docstring), as a NumPy void scalar."""
+    return _tensor_map(dtype, x.data.ptr, x.shape, x.strides, box_rows)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _tensor_map(dtype, ptr, shape, strides, box_rows):
+    batch, seqlen, heads, headdim = shape
     out = np.zeros((), TENSOR_MAP)
     dims = (ctypes.c_uint64 * 4)(headdim, seqlen, heads, batch)
-    strides = (ctypes.c_uint64 * 3)(*_strides(x))
+    steps = (ctypes.c_uint64 * 3)(*_strides(shape, strides))
     box = (ctypes.c_uint32 * 4)(BOX_COLUMNS, box_rows, 1, 1)
     unit = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-    status = _encode()(out.ctypes.data, _DATA_TYPES[x.dtype.name], 4, x.data.ptr, dims, strides, box, unit, 0,
-                       _SWIZZLE_128B, _L2_PROMOTION_128B, 0)
+    status = _encode()(out.ctypes.data, _DATA_TYPES[dtype], 4, ptr, dims, steps, box, unit, 0, _SWIZZLE_128B,
+                       _L2_PROMOTION_128B, 0)
     if status != 0:
         raise RuntimeError(f"cupyflash: cuTensorMapEncodeTiled failed with CUresult {status} for an array of "
-                           f"shape {x.shape}, strides {x.strides}, dtype {x.dtype}")
+                           f"shape {shape}, strides {strides}, dtype {dtype}")
     return out
