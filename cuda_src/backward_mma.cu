@@ -2,22 +2,26 @@
 // backward.cu (same algorithm, same deterministic order, delta from flash_bwd_delta, the same
 // per-pair step pair_backward), with every product a warp-level mma on 16-row slabs.
 //
-// dK/dV: one block per (key tile, kv head, batch), each warp owns 16 key rows; the query tiles of
-// the band, of every head of the GQA group, stream through shared memory (double-buffered, cp.async):
-//   s^T = k q^T, dp^T = v dout^T                 gemm_nt
+// dK/dV: one block per (key tile, column slice, kv head, batch), each warp owns 16 key rows; the
+// query tiles of the band, of every head of the GQA group, stream through shared memory
+// (double-buffered, cp.async):
+//   s^T = k q^T, dp^T = v dout^T                 gemm_nt, over the whole head
 //   pd^T, dx^T                                    pair_backward, in registers
-//   dv += pd^T dout, dk += dx^T q                 gemm_rn, straight from registers
+//   dv += pd^T dout, dk += dx^T q                 gemm_rn, straight from registers, for the D_OUT columns
+//                                                 of the block's slice
+// Wide heads split dK and dV into column slices (D_OUT < D_TILE), each block recomputing s^T and dp^T,
+// so that the accumulators stay in registers.
 // dQ: one block per (query tile, head, batch), each warp owns 16 query rows; key tiles stream:
 //   s = q k^T, dp = dout v^T, dx (and dbias += ds), dq += dx k
 #include "common.cuh"
 #include "mask.cuh"
 #include "mma.cuh"
 
-template <typename T, int D_TILE, int BLOCK_M, int WARPS, typename Var, bool ALIGNED>
+template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, typename Var, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_constant__ BwdParams p) {
-    constexpr int BLOCK_N = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8;
-    constexpr int MT = BLOCK_M / 8, DT = D_TILE / 8;
-    static_assert(D_TILE % 16 == 0 && BLOCK_M % 16 == 0, "tile shape");
+    constexpr int BLOCK_N = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8, SLICES = D_TILE / D_OUT;
+    constexpr int MT = BLOCK_M / 8, DT = D_OUT / 8;
+    static_assert(D_TILE % 16 == 0 && D_OUT % 16 == 0 && D_TILE % D_OUT == 0 && BLOCK_M % 16 == 0, "tile shape");
     const FwdParams& f = p.fwd;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -29,7 +33,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     float* sDelta = sLse + 2 * BLOCK_M;                              // [2][BLOCK_M]
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-    const int n0 = blockIdx.x * BLOCK_N, hk = blockIdx.y, b = blockIdx.z;
+    const int n0 = blockIdx.x / SLICES * BLOCK_N, col0 = blockIdx.x % SLICES * D_OUT, hk = blockIdx.y, b = blockIdx.z;
     const float scale_log2 = float(f.scale) * float(LOG2E);
 
     // The stream: the band's query tiles of head hk * group, then of the next head of the group (the
@@ -143,20 +147,20 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         }
         if (Var::hides_keys && needs_mask && (tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cdO) ||
                                               tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cQ))) {
-            gemm_rn_guarded<T, BLOCK_M, D_TILE>(dv_acc, st, PaddedTile<T, LD>{cdO}, lane);
-            gemm_rn_guarded<T, BLOCK_M, D_TILE>(dk_acc, dpt, PaddedTile<T, LD>{cQ}, lane);
+            gemm_rn_guarded<T, BLOCK_M, D_OUT>(dv_acc, st, PaddedTile<T, LD>{cdO + col0}, lane);
+            gemm_rn_guarded<T, BLOCK_M, D_OUT>(dk_acc, dpt, PaddedTile<T, LD>{cQ + col0}, lane);
         } else {
-            gemm_rn<T, BLOCK_M, D_TILE, LD>(dv_acc, st, cdO, lane);
-            gemm_rn<T, BLOCK_M, D_TILE, LD>(dk_acc, dpt, cQ, lane);
+            gemm_rn<T, BLOCK_M, D_OUT, LD>(dv_acc, st, cdO + col0, lane);
+            gemm_rn<T, BLOCK_M, D_OUT, LD>(dk_acc, dpt, cQ + col0, lane);
         }
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
     const float dk_scale[2] = {float(f.scale), float(f.scale)}, dv_scale[2] = {1.f, 1.f};
-    store_slab(static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h + (i64)n0 * p.dk_st.s, p.dk_st.s, dk_acc,
-               dk_scale, warp * 16, f.seqlen_k - n0, f.headdim, lane);
-    store_slab(static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h + (i64)n0 * p.dv_st.s, p.dv_st.s, dv_acc,
-               dv_scale, warp * 16, f.seqlen_k - n0, f.headdim, lane);
+    store_slab(static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h + (i64)n0 * p.dk_st.s + col0, p.dk_st.s,
+               dk_acc, dk_scale, warp * 16, f.seqlen_k - n0, f.headdim - col0, lane);
+    store_slab(static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h + (i64)n0 * p.dv_st.s + col0, p.dv_st.s,
+               dv_acc, dv_scale, warp * 16, f.seqlen_k - n0, f.headdim - col0, lane);
 }
 
 template <typename T, int D_TILE, int BLOCK_N, int WARPS, typename Var, bool ALIGNED>

@@ -28,7 +28,7 @@ struct WorkTile {
         : m0((query_tiles - 1 - tile / (nheads * batch)) * block_m), h(tile % nheads), b(tile / nheads % batch) {}
 };
 
-template <typename T, int D_TILE, int BLOCK_N, int STAGES, typename Var>
+template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
     constexpr int BLOCK_M = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64, NT = BLOCK_N / 8, DT = D_TILE / 8;
     constexpr int Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;
@@ -37,12 +37,12 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
 
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;  // swizzle atoms: 1024-aligned
-    T* sQ = reinterpret_cast<T*>(smem);  // [CHUNKS][BLOCK_M][64]
-    T* sK = sQ + Q_ELEMS;                // [STAGES][CHUNKS][BLOCK_N][64]
-    T* sV = sK + STAGES * KV_ELEMS;      // [STAGES][CHUNKS][BLOCK_N][64]
-    unsigned long long* q_full = reinterpret_cast<unsigned long long*>(sV + STAGES * KV_ELEMS);
-    unsigned long long* q_free = q_full + 1;       // every consumer thread arrives
-    unsigned long long* k_full = q_free + 1;       // [STAGES]
+    T* sQ = reinterpret_cast<T*>(smem);      // [Q_STAGES][CHUNKS][BLOCK_M][64]
+    T* sK = sQ + Q_STAGES * Q_ELEMS;         // [STAGES][CHUNKS][BLOCK_N][64]
+    T* sV = sK + STAGES * KV_ELEMS;          // [STAGES][CHUNKS][BLOCK_N][64]
+    unsigned long long* q_full = reinterpret_cast<unsigned long long*>(sV + STAGES * KV_ELEMS);  // [Q_STAGES]
+    unsigned long long* q_free = q_full + Q_STAGES;  // [Q_STAGES]: every consumer thread arrives
+    unsigned long long* k_full = q_free + Q_STAGES;  // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
     unsigned long long* kv_free = v_full + STAGES; // [STAGES]: every consumer thread arrives
 
@@ -50,8 +50,10 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M, tiles = query_tiles * f.nheads * p.batch;
 
     if (threadIdx.x == 0) {
-        mbar_init(q_full, 1);
-        mbar_init(q_free, CONSUMERS);
+        for (int s = 0; s < Q_STAGES; ++s) {
+            mbar_init(q_full + s, 1);
+            mbar_init(q_free + s, CONSUMERS);
+        }
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
@@ -62,7 +64,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     __syncthreads();
 
     // Producer and consumers walk the same work tiles and count the same key tiles (kv_step, across work
-    // tiles) and loaded query tiles (q_step), from which each barrier's phase follows.
+    // tiles) and loaded query tiles (q_step), from which each buffer and barrier phase follows. With two
+    // query buffers the next work tile's q arrives while this one runs.
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<40>();
@@ -75,10 +78,12 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 var.template key_tiles<BLOCK_M, BLOCK_N>(w.m0, t_first, t_last);
                 if (t_last == t_first) continue;
                 const int hk = w.h / f.group;
-                if (q_step > 0) mbar_wait(q_free, (q_step - 1) & 1);
-                mbar_expect_tx(q_full, Q_ELEMS * sizeof(T));
+                const int q_slot = q_step % Q_STAGES;
+                if (q_step >= Q_STAGES) mbar_wait(q_free + q_slot, (q_step / Q_STAGES - 1) & 1);
+                mbar_expect_tx(q_full + q_slot, Q_ELEMS * sizeof(T));
                 for (int c = 0; c < CHUNKS; ++c)
-                    tma_load(sQ + c * BLOCK_M * 64, p.tma_q, c * 64, w.m0, w.h, w.b, q_full);
+                    tma_load(sQ + q_slot * Q_ELEMS + c * BLOCK_M * 64, p.tma_q, c * 64, w.m0, w.h, w.b,
+                             q_full + q_slot);
                 ++q_step;
                 for (int t = t_first; t < t_last; ++t, ++kv_step) {
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
@@ -98,7 +103,6 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         // ---- consumers
         regs_claim<232>();
         const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
-        const T* q_rows = sQ + 64 * wg * 64;  // this warpgroup's rows of each chunk
         int kv_step = 0, q_step = 0;
         for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
@@ -113,7 +117,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             float(&o_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
             OnlineSoftmax<float> stats[1][2];
 
-            if (t_last > t_first) mbar_wait(q_full, q_step & 1);
+            const int q_slot = q_step % Q_STAGES;
+            const T* q_rows = sQ + q_slot * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
+            if (t_last > t_first) mbar_wait(q_full + q_slot, (q_step / Q_STAGES) & 1);
             for (int t = t_first; t < t_last; ++t, ++kv_step) {
                 const int stage = kv_step % STAGES, parity = (kv_step / STAGES) & 1, n0 = t * BLOCK_N;
                 const T* k_buf = sK + stage * KV_ELEMS;
@@ -162,7 +168,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 } else {
                     mbar_wait(v_full + stage, parity);
                 }
-                if (t == t_last - 1) mbar_arrive(q_free);  // the producer may load the next query tile
+                if (t == t_last - 1) mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
                 mbar_arrive(kv_free + stage);
             }
             if (t_last > t_first) ++q_step;

@@ -269,7 +269,7 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
 
         rows = spec.batch * spec.nheads * spec.seqlen_q
         _launch(delta_launch, (math.ceil(rows / delta_launch.block_rows), 1, 1), p, device_id)
-        _launch(dkdv_launch, (math.ceil(spec.seqlen_k / dkdv_launch.block_rows), spec.nheads_kv, spec.batch), p,
-                device_id)
+        key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
+        _launch(dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch), p, device_id)
         _launch(dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch), p, device_id)
         return dq, dk, dv, None if dbias is None else dbias.astype(spec.attn_mask.dtype)

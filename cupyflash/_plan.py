@@ -37,6 +37,7 @@ class Launch:
     threads: int
     smem_bytes: int
     options: tuple = OPTIONS  # NVRTC options; part of the module cache key
+    column_slices: int = 1    # blocks per row tile, each computing a slice of the head dimension
 
 
 def variant(features=0, mask_dtype="bool"):
@@ -100,14 +101,16 @@ def sm90_tiles(headdim):
 
 def forward_sm90(dtype, headdim, var):
     """Hopper forward (forward_sm90.cu): a producer warpgroup streams K/V tiles through SM90_STAGES
-    buffers to two consumer warpgroups."""
+    buffers to two consumer warpgroups; two query buffers where shared memory holds them."""
     if dtype not in TENSOR_CORE_DTYPES:
         raise ValueError(f"the Hopper kernels take float16 and bfloat16, got {dtype}")
     d, block_m, block_n = sm90_tiles(headdim)
-    barriers = 8 * (2 + 3 * SM90_STAGES)
-    smem = 2 * (block_m + 2 * SM90_STAGES * block_n) * d + barriers + 1024  # + alignment of the swizzle atoms
-    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {SM90_STAGES}, {var}>"
-    return Launch("forward_sm90.cu", name, block_m, 384, smem, SM90_OPTIONS)
+    limit = SMEM_LIMITS[(9, 0)]
+    smem = lambda q_stages: (2 * (q_stages * block_m + 2 * SM90_STAGES * block_n) * d
+                             + 8 * (2 * q_stages + 3 * SM90_STAGES) + 1024)  # barriers; swizzle-atom alignment
+    q_stages = 2 if smem(2) <= limit else 1
+    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {SM90_STAGES}, {q_stages}, {var}>"
+    return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages), SM90_OPTIONS)
 
 
 def backward(dtype, headdim, var, aligned, limit):
@@ -116,9 +119,11 @@ def backward(dtype, headdim, var, aligned, limit):
     delta = Launch("backward.cu", f"flash_bwd_delta<{C_TYPES[dtype]}>", 4, 128, 0)
     if dtype not in TENSOR_CORE_DTYPES:
         return delta, _simt_backward("dkdv", dtype, d, var, limit), _simt_backward("dq", dtype, d, var, limit)
-    # Tensor cores hold dK and dV for 16 key rows per warp in registers up to headdim 128;
-    # wider heads, and parts whose shared memory is too small, take the CUDA-core kernels.
-    dkdv = _dkdv_mma(dtype, d, var, aligned, limit) if d <= 128 else None
+    # Parts whose shared memory is too small for a tensor-core tile take the CUDA-core kernels.
+    try:
+        dkdv = _dkdv_mma(dtype, d, var, aligned, limit)
+    except RuntimeError:
+        dkdv = None
     try:
         dq = _dq_mma(dtype, d, var, aligned, limit)
     except RuntimeError:
@@ -128,11 +133,14 @@ def backward(dtype, headdim, var, aligned, limit):
 
 
 def _dkdv_mma(dtype, d, var, aligned, limit):
+    # Registers hold dK and dV for 16 key rows per warp, at most 128 columns of each: wider heads are
+    # split into two column slices.
     warps = 4 if d <= 64 else 8
+    slices = 1 if d <= 128 else 2
     smem = lambda bm: 2 * (32 * warps + 4 * bm) * (d + 8) + 16 * bm  # k, v + double-buffered q, dout, stats
     block_m = _shrink(64, 16, smem, limit)
-    name = f"flash_bwd_dkdv_mma<{C_TYPES[dtype]}, {d}, {block_m}, {warps}, {var}, {_cbool(aligned)}>"
-    return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_m))
+    name = f"flash_bwd_dkdv_mma<{C_TYPES[dtype]}, {d}, {d // slices}, {block_m}, {warps}, {var}, {_cbool(aligned)}>"
+    return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_m), column_slices=slices)
 
 
 def _dq_mma(dtype, d, var, aligned, limit):

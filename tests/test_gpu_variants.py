@@ -98,7 +98,7 @@ def test_each_variant(dtype, name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
-@pytest.mark.parametrize("headdim", [59, 256])  # element loads; the CUDA-core dK/dV of 16-bit
+@pytest.mark.parametrize("headdim", [59, 256])  # element loads; the column-sliced dK/dV of wide heads
 def test_all_variants_at_other_head_dims(dtype, headdim):
     p = Problem(1, 130, 97, 4, 1, headdim, dtype, True, None, 25.0, headdim)
     check(p, **variant("all", p))
