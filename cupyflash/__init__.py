@@ -7,11 +7,12 @@ GPU.
 """
 
 from ._api import attention, attention_backward, attention_vjp
+from ._kvcache import attention_with_kvcache
 from ._merge import merge_attention
 from ._philox import dropout_mask
 from . import reference
 
 __version__ = "0.2.0"
 
-__all__ = ["attention", "attention_backward", "attention_vjp", "dropout_mask", "merge_attention", "reference",
-           "__version__"]
+__all__ = ["attention", "attention_backward", "attention_vjp", "attention_with_kvcache", "dropout_mask",
+           "merge_attention", "reference", "__version__"]

@@ -17,11 +17,12 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _philox, _validate, _varlen
+from . import _kvcache, _philox, _validate, _varlen
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
-__all__ = ["attention", "attention_backward", "merge_attention", "causal_mask", "visibility"]
+__all__ = ["attention", "attention_backward", "attention_with_kvcache", "merge_attention", "causal_mask",
+           "visibility"]
 
 
 def _host(x):
@@ -297,3 +298,42 @@ def merge_attention(outs: Sequence[Array], lses: Sequence[Array], *,
         weights = np.where(np.isneginf(lse), 0.0, np.exp(lse_parts - lse))
     w = weights.transpose(0, 1, 3, 2) if layout == "bshd" else weights
     return sum(w[i][..., None] * x for i, x in enumerate(outs)), lse
+
+
+def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
+                           v: Optional[Array] = None, *, cache_seqlens: Union[None, int, Array] = None,
+                           block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
+                           window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[Array] = None, return_lse: bool = False,
+                           num_splits: int = 0) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """Float64 ``out`` (and ``lse``) of :func:`cupyflash.attention_with_kvcache`'s call: sequence b's
+    queries attend, through :func:`attention`, to its cache rows ``[0, cache_seqlens[b])`` (read
+    through ``block_table`` when paged) followed by its new ``k``, ``v``.
+
+    It writes nothing: the caches are only read, and the result is that of attending to cache plus
+    new keys, which is what the real call returns after appending them. The arguments are checked
+    as the real call checks them (NumPy and CuPy arrays may be mixed); ``num_splits`` is checked
+    and otherwise ignored.
+    """
+    fn = "reference.attention_with_kvcache"
+    call = _kvcache.check_call(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                               causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                               alibi_slopes=alibi_slopes, num_splits=num_splits, writes=False, mixed_ok=True)
+    return_lse = _validate.check_flag(fn, "return_lse", return_lse)
+    spec = call.spec
+    q, k_cache, v_cache = (_host(x) for x in (q, k_cache, v_cache))
+    k, v = (None if x is None else _host(x) for x in (k, v))
+    slopes = None if spec.alibi_slopes is None else _host(spec.alibi_slopes)
+    out = np.zeros(q.shape)
+    lse = np.full((spec.batch, spec.nheads, spec.seqlen_q), -np.inf)
+    for b in range(spec.batch):
+        positions = np.arange(call.cache_seqlens[b])
+        pages, rows = call.pages[b, positions // call.page_size], positions % call.page_size
+        keys, values = (np.concatenate([cache[pages, rows]] + ([] if new is None else [new[b]]))[None]
+                        for cache, new in ((k_cache, k), (v_cache, v)))
+        if keys.shape[1] == 0:
+            continue
+        out[b], lse[b] = (x[0] for x in attention(
+            q[b:b + 1], keys, values, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+            alibi_slopes=None if slopes is None else slopes[b], return_lse=True))
+    return (out, lse) if return_lse else out

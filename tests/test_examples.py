@@ -40,6 +40,12 @@ def test_train_transformer_gradcheck(tmp_path):
     assert "gradcheck PASSED" in out, out
 
 
+def test_generate_with_and_without_kv_cache_agree(tmp_path):
+    out = run(os.path.join(EXAMPLES, "generate.py"), "--numpy", cwd=tmp_path)
+    assert "same tokens: yes" in out, out
+    assert len(re.findall(r"\d tokens/s", out)) == 2, out
+
+
 def test_self_check_fails_a_wrong_result(monkeypatch, capsys):
     import cupyflash.__main__ as self_check
 

@@ -1,0 +1,347 @@
+"""Attention of new queries over a KV cache, the new keys and values appended to it in place.
+
+The cache is contiguous, ``(batch, seqlen_cache, nheads_kv, headdim)``, or paged,
+``(num_blocks, page_size, nheads_kv, headdim)`` with a ``block_table`` (batch, max_blocks_per_seq)
+whose row b lists the pages of sequence b in order. Inside, a contiguous cache is a paged one
+whose page b is all of sequence b, so appending and reading have one code path.
+
+Sequence b holds ``L_b = cache_seqlens[b] + seqlen_new`` keys once k, v are appended. Each
+sequence runs alone through the backend's dense forward (as :mod:`cupyflash._varlen` does) over
+its keys: a view of the cache when they lie on one page, its pages gathered in order otherwise.
+``num_splits`` chunks of those keys run one after another and combine with
+:func:`~cupyflash.merge_attention`. A split-KV decode kernel is future work.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import numbers
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _validate
+from ._api import _backend
+from ._merge import merge_attention
+from ._spec import Spec
+from ._validate import _fail, array_kind, compute_dtype
+
+__all__ = ["attention_with_kvcache", "check_call"]
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+_Q_WORDS = "(batch, seqlen_q, nheads, headdim)"
+_NEW_WORDS = "(batch, seqlen_new, nheads_kv, headdim)"
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_CACHE_WORDS = {False: "(batch, seqlen_cache, nheads_kv, headdim)",
+                True: "(num_blocks, page_size, nheads_kv, headdim) with block_table"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Call:
+    """A validated call. ``spec`` holds what every sequence shares (its seqlen_k is the longest
+    L_b); ``pages`` (host int64, (batch, pages per sequence)) lists each sequence's cache pages
+    of ``page_size`` rows; ``cache_seqlens`` (host int64, (batch,)) the rows cached before the append."""
+    spec: Spec
+    seqlen_new: int
+    page_size: int
+    pages: np.ndarray
+    cache_seqlens: np.ndarray
+    num_splits: int
+
+    def seqlen_k(self, b):
+        """L_b: the keys sequence b attends to."""
+        return int(self.cache_seqlens[b]) + self.seqlen_new
+
+    def sequence_spec(self, b):
+        """The dense Spec of sequence b alone: batch 1 over its L_b keys, its row of ALiBi slopes."""
+        slopes = self.spec.alibi_slopes
+        return dataclasses.replace(self.spec, batch=1, seqlen_k=self.seqlen_k(b),
+                                   alibi_slopes=None if slopes is None else slopes[b:b + 1])
+
+
+def _check_rank(fn, name, x, words):
+    if x.ndim != 4:
+        _fail(ValueError, fn, name, f"must have 4 dimensions {words}",
+              f"{x.ndim} dimensions with shape {tuple(x.shape)}")
+
+
+def _check_int_array(fn, name, x, ndim, batch, words):
+    """An int32 array of ``ndim`` dimensions whose first is ``batch``."""
+    if np.dtype(x.dtype) != np.int32:
+        _fail(TypeError, fn, f"{name}.dtype", "must be int32", _validate._dtype_name(x.dtype))
+    if x.ndim != ndim or x.shape[0] != batch:
+        _fail(ValueError, fn, f"{name}.shape", f"must be {words}", tuple(x.shape))
+
+
+def _host_ints(arrays, one_copy):
+    """Host int64 copies of int32 arrays (None stays None). With ``one_copy``, CuPy arrays (all on
+    one device) come back in a single device-to-host copy: one synchronisation, not one each."""
+    given = [x for x in arrays if x is not None]
+    on_device = [x for x in given if array_kind(x) == "cupy"]
+    if one_copy and len(on_device) > 1:
+        import cupy
+
+        with on_device[0].device:
+            flat = cupy.concatenate([x.ravel() for x in on_device]).get()
+        parts = np.split(flat, np.cumsum([x.size for x in on_device])[:-1])
+        read = {id(x): part.reshape(x.shape) for x, part in zip(on_device, parts)}
+    else:
+        read = {id(x): x.get() for x in on_device}
+    return [None if x is None else np.asarray(read.get(id(x), x)).astype(np.int64) for x in arrays]
+
+
+def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None, causal=False,
+               scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, num_splits=0, writes=True,
+               mixed_ok=False):
+    """Validate a call of :func:`attention_with_kvcache`; return its :class:`Call`.
+
+    Everything is checked before anything is written. ``cache_seqlens`` and ``block_table`` are
+    read to the host (CuPy ones in one copy, a device synchronisation). ``writes=False`` (the
+    reference, which writes nothing) does not ask for writeable caches; ``mixed_ok`` allows NumPy
+    and CuPy arrays together.
+    """
+    if (k is None) != (v is None):
+        given, missing = ("k", "v") if v is None else ("v", "k")
+        _fail(ValueError, fn, missing, f"must be given with {given} (both or neither)", None)
+    seqlens_is_int = isinstance(cache_seqlens, (numbers.Integral, np.integer)) and not isinstance(
+        cache_seqlens, (bool, np.bool_))
+    if cache_seqlens is not None and not seqlens_is_int and array_kind(cache_seqlens) is None:
+        _fail(TypeError, fn, "cache_seqlens", "must be None, an int or an int32 array (batch,)",
+              _validate._type_name(cache_seqlens))
+    named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
+    named += [("k", k), ("v", v)] if k is not None else []
+    named += [("cache_seqlens", cache_seqlens)] if cache_seqlens is not None and not seqlens_is_int else []
+    named += [("block_table", block_table)] if block_table is not None else []
+    if mixed_ok:
+        for name, x in named:
+            if array_kind(x) is None:
+                _fail(TypeError, fn, name, "must be a numpy.ndarray or cupy.ndarray", _validate._type_name(x))
+        kind = array_kind(q)
+    else:
+        kind = _validate._check_arrays(fn, named)
+
+    paged = block_table is not None
+    arrays = [("q", q, _Q_WORDS), ("k_cache", k_cache, _CACHE_WORDS[paged]),
+              ("v_cache", v_cache, _CACHE_WORDS[paged])]
+    arrays += [("k", k, _NEW_WORDS), ("v", v, _NEW_WORDS)] if k is not None else []
+    for name, x, words in arrays:
+        _check_rank(fn, name, x, words)
+    for name, x, _ in arrays:
+        _validate._check_dtype(fn, name, x)
+    for name, x, _ in arrays[1:]:
+        if x.dtype != q.dtype:
+            _fail(TypeError, fn, f"{name}.dtype", f"must equal q.dtype={_validate._dtype_name(q.dtype)}",
+                  _validate._dtype_name(x.dtype))
+
+    batch, seqlen_q, nheads, headdim = q.shape
+    for axis, what, size in ((0, "batch", batch), (1, "seqlen_q", seqlen_q), (2, "nheads", nheads)):
+        if size == 0:
+            _fail(ValueError, fn, f"q.shape[{axis}] ({what})", "must be at least 1", 0)
+    if headdim == 0 or headdim > _validate.MAX_HEADDIM:
+        _fail(ValueError, fn, "q.shape[3] (headdim)", f"must be between 1 and {_validate.MAX_HEADDIM}", headdim)
+    if k_cache.shape[3] != headdim:
+        _fail(ValueError, fn, "k_cache.shape[3] (headdim)", f"must equal q.shape[3]={headdim}", k_cache.shape[3])
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        _fail(ValueError, fn, "v_cache.shape", f"must equal k_cache.shape={tuple(k_cache.shape)}",
+              tuple(v_cache.shape))
+    nheads_kv = k_cache.shape[2]
+    if nheads_kv == 0:
+        _fail(ValueError, fn, "k_cache.shape[2] (nheads_kv)", "must be at least 1", 0)
+    if nheads % nheads_kv != 0:
+        _fail(ValueError, fn, "k_cache.shape[2] (nheads_kv)", f"must divide q.shape[2] (nheads)={nheads}", nheads_kv)
+    if paged:
+        num_blocks, page_size = k_cache.shape[:2]
+        if page_size == 0:
+            _fail(ValueError, fn, "k_cache.shape[1] (page_size)", "must be at least 1", 0)
+        _check_int_array(fn, "block_table", block_table, 2, batch, f"(batch={batch}, max_blocks_per_seq)")
+        capacity = block_table.shape[1] * page_size
+        capacity_words = f"max_blocks_per_seq * page_size = {block_table.shape[1]} * {page_size}"
+    else:
+        if k_cache.shape[0] != batch:
+            _fail(ValueError, fn, "k_cache.shape[0] (batch)", f"must equal q.shape[0]={batch}", k_cache.shape[0])
+        page_size = capacity = k_cache.shape[1]
+        capacity_words = "seqlen_cache"
+    seqlen_new = 0
+    if k is not None:
+        seqlen_new = k.shape[1]
+        for name, x in (("k", k), ("v", v)):
+            for axis, what, want, source in ((0, "batch", batch, "q.shape[0]"),
+                                             (1, "seqlen_new", seqlen_new, "k.shape[1]"),
+                                             (2, "nheads_kv", nheads_kv, "k_cache.shape[2]"),
+                                             (3, "headdim", headdim, "q.shape[3]")):
+                if x.shape[axis] != want:
+                    _fail(ValueError, fn, f"{name}.shape[{axis}] ({what})", f"must equal {source}={want}",
+                          x.shape[axis])
+        if writes:
+            for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+                if array_kind(x) == "numpy" and not x.flags.writeable:
+                    _fail(ValueError, fn, name, "must be writeable (k and v are appended to it in place)",
+                          "a read-only array")
+    if cache_seqlens is not None and not seqlens_is_int:
+        _check_int_array(fn, "cache_seqlens", cache_seqlens, 1, batch, f"(batch,)=({batch},)")
+
+    causal = _validate.check_flag(fn, "causal", causal)
+    scale = _validate._check_scale(fn, scale, headdim, q.dtype)
+    window = _validate._check_window(fn, window_size, causal)
+    softcap = _validate._check_softcap(fn, softcap)
+    slopes = None if alibi_slopes is None else _validate._check_alibi(fn, alibi_slopes, batch, nheads, kind, q,
+                                                                      mixed_ok)
+    num_splits = _validate._check_int(fn, "num_splits", num_splits, "an int >= 0 (0 = automatic)")
+    if num_splits < 0:
+        _fail(ValueError, fn, "num_splits", "must be >= 0 (0 = automatic)", num_splits)
+
+    # The values: read to the host only now that everything else holds.
+    lengths, table = _host_ints([None if seqlens_is_int else cache_seqlens, block_table], one_copy=not mixed_ok)
+    if cache_seqlens is None:
+        if seqlen_new:
+            _fail(ValueError, fn, "cache_seqlens", f"must be given with k and v (None means every cache is full, "
+                  f"{capacity} keys, leaving no room for seqlen_new={seqlen_new})", None)
+        lengths = np.full(batch, capacity, np.int64)
+    elif seqlens_is_int:
+        lengths = np.full(batch, int(cache_seqlens), np.int64)
+    for b in np.flatnonzero((lengths < 0) | (lengths + seqlen_new > capacity))[:1]:  # the first wrong one
+        name, length = "cache_seqlens" if seqlens_is_int else f"cache_seqlens[{b}]", int(lengths[b])
+        if length < 0:
+            _fail(ValueError, fn, name, "must be >= 0", length)
+        _fail(ValueError, fn, f"{name} + seqlen_new", f"must be at most the cache's capacity per sequence, "
+              f"{capacity_words} = {capacity}", f"{length} + {seqlen_new} = {length + seqlen_new}")
+    if paged:
+        needed = -(-(lengths + seqlen_new) // page_size)  # pages holding positions < L_b
+        bad = (np.arange(table.shape[1]) < needed[:, None]) & ((table < 0) | (table >= num_blocks))
+        if bad.any():
+            b, j = np.argwhere(bad)[0]
+            _fail(ValueError, fn, f"block_table[{b}, {j}]", f"must be a page id in [0, num_blocks={num_blocks}) "
+                  f"(sequence {b} uses {needed[b]} pages)", int(table[b, j]))
+    else:
+        table = np.arange(batch, dtype=np.int64)[:, None]
+    spec = Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q,
+                seqlen_k=int((lengths + seqlen_new).max()), nheads=nheads, nheads_kv=nheads_kv, headdim=headdim,
+                scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=slopes)
+    return Call(spec=spec, seqlen_new=seqlen_new, page_size=page_size, pages=table, cache_seqlens=lengths,
+                num_splits=num_splits)
+
+
+def _xp(kind):
+    if kind == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _bits(x):
+    """The raw bits of x (an unsigned view of its itemsize): copies through them move every dtype,
+    bfloat16 included, unchanged."""
+    return x.view(_UINT[x.dtype.itemsize])
+
+
+def _append(call, cache, new, xp):
+    """Write ``new`` (batch, seqlen_new, nheads_kv, headdim) at each sequence's positions
+    ``cache_seqlens[b] ...``, in one scatter."""
+    positions = call.cache_seqlens[:, None] + np.arange(call.seqlen_new)
+    pages = np.take_along_axis(call.pages, positions // call.page_size, axis=1)
+    rows = _bits(new).reshape(-1, *new.shape[2:])
+    _bits(cache)[xp.asarray(pages.ravel()), xp.asarray((positions % call.page_size).ravel())] = rows
+
+
+def _gather(call, cache, b, length, xp):
+    """Sequence b's first ``length`` cache rows as (1, length, nheads_kv, headdim): a view when they
+    lie on one page, its pages copied in order otherwise."""
+    n = -(-length // call.page_size)
+    if n == 1:
+        page = int(call.pages[b, 0])
+        return cache[page:page + 1, :length]
+    rows = _bits(cache)[xp.asarray(call.pages[b, :n])].view(cache.dtype)
+    return rows.reshape(1, n * call.page_size, *cache.shape[2:])[:, :length]
+
+
+def _chunk_spec(one, start, end, xp):
+    """The dense Spec of keys [start, end) of a sequence whose Spec is ``one``.
+
+    Causal, window and ALiBi align query i with key ``i + seqlen_k - seqlen_q``: a chunk that ends
+    with the sequence keeps that alignment; an earlier one gets its visibility and ALiBi spelled
+    out as a mask (bool, or a bias in the compute dtype with ALiBi), built from the true positions.
+    """
+    if end == one.seqlen_k or not (one.has_window or one.alibi_slopes is not None):
+        return dataclasses.replace(one, seqlen_k=end - start)
+    i = xp.arange(one.seqlen_q)[:, None] + one.offset  # the key aligned with query i
+    j = xp.arange(start, end)[None, :]
+    left, right = one.window
+    seen = xp.ones((one.seqlen_q, end - start), dtype=bool)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    if one.alibi_slopes is None:
+        mask = xp.broadcast_to(seen, (1, one.nheads) + seen.shape)
+    else:
+        cdt = compute_dtype(one.dtype)
+        slopes = one.alibi_slopes[0].astype(cdt)[:, None, None]
+        mask = xp.where(seen, -(slopes * xp.abs(i - j).astype(cdt)), cdt.type(-np.inf))[None]
+    return dataclasses.replace(one, seqlen_k=end - start, causal=False, window=(-1, -1), alibi_slopes=None,
+                               attn_mask=mask, mask_shape=tuple(mask.shape))
+
+
+def _attend(backend, call, q_b, keys, values, one, xp):
+    """(out, lse) of one sequence over its keys, in ``num_splits`` chunks merged by their lse."""
+    splits = min(call.num_splits or 1, one.seqlen_k)  # 0: one chunk, the gathered keys gain nothing from more
+    edges = [one.seqlen_k * c // splits for c in range(splits + 1)]
+    parts = [backend.forward(q_b, keys[:, start:end], values[:, start:end], _chunk_spec(one, start, end, xp))
+             for start, end in zip(edges, edges[1:])]
+    if len(parts) == 1:
+        return parts[0]
+    return merge_attention([out for out, _ in parts], [lse for _, lse in parts])
+
+
+def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
+                           v: Optional[Array] = None, *, cache_seqlens: Union[None, int, Array] = None,
+                           block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
+                           window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[Array] = None, return_lse: bool = False,
+                           num_splits: int = 0) -> Union[Array, Tuple[Array, Array]]:
+    """Attention of q over each sequence's cached keys and values plus the new ``k``, ``v``, which
+    are first written into the cache in place (flash-attn's ``flash_attn_with_kvcache``, forward only).
+
+    q: (batch, seqlen_q, nheads, headdim). The cache is contiguous, k_cache and v_cache
+    (batch, seqlen_cache, nheads_kv, headdim), or paged, (num_blocks, page_size, nheads_kv,
+    headdim) with ``block_table`` (int32, (batch, max_blocks_per_seq)): sequence b's position j
+    lives at page ``block_table[b, j // page_size]``, row ``j % page_size``. ``cache_seqlens``
+    (None: the full capacity; an int; or int32 (batch,)) is each sequence's cached length before
+    the append. k, v (batch, seqlen_new, nheads_kv, headdim), both or neither, are written at
+    positions ``cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1``, and sequence b attends to
+    its first ``L_b = cache_seqlens[b] + seqlen_new`` positions. causal, window_size, softcap and
+    alibi_slopes are those of :func:`cupyflash.attention`, bottom-right aligned over the L_b keys.
+    ``num_splits``: 0 (automatic, currently 1), or the number of key chunks whose attentions
+    are merged by their lse.
+
+    Returns ``out`` (q's shape and dtype), or ``(out, lse)`` with ``return_lse=True``, lse
+    (batch, nheads, seqlen_q) float32 (float64 for float64). A row that sees no key gives out 0,
+    lse -inf. Bad arguments raise before anything is written. CuPy arrays: ``cache_seqlens`` and
+    ``block_table`` are read to the host in one copy (a device synchronisation).
+    """
+    fn = "attention_with_kvcache"
+    call = check_call(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                      causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                      alibi_slopes=alibi_slopes, num_splits=num_splits)
+    return_lse = _validate.check_flag(fn, "return_lse", return_lse)
+    spec = call.spec
+    backend = _backend(spec.kind)
+    xp = _xp(spec.kind)
+    with q.device if spec.kind == "cupy" else contextlib.nullcontext():
+        if spec.kind == "cupy":  # the kernels' own refusals, before anything is written
+            backend._device_info(q.device.id)
+            backend._check_grid(dataclasses.replace(spec, batch=1))
+        if call.seqlen_new:
+            _append(call, k_cache, k, xp)
+            _append(call, v_cache, v, xp)
+        out = xp.zeros(q.shape, _UINT[q.dtype.itemsize]).view(q.dtype)  # all bits zero: 0.0 in every dtype
+        lse = xp.full((spec.batch, spec.nheads, spec.seqlen_q), -np.inf, compute_dtype(q.dtype))
+        for b in range(spec.batch):
+            one = call.sequence_spec(b)
+            if one.seqlen_k == 0:
+                continue  # no key: out 0, lse -inf
+            keys, values = (_gather(call, cache, b, one.seqlen_k, xp) for cache in (k_cache, v_cache))
+            out_b, lse_b = _attend(backend, call, q[b:b + 1], keys, values, one, xp)
+            _bits(out)[b], lse[b] = _bits(out_b)[0], lse_b[0]
+    return (out, lse) if return_lse else out

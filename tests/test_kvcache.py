@@ -1,0 +1,413 @@
+"""attention_with_kvcache: attention over a contiguous or paged KV cache plus new keys appended in
+place, against the float64 reference over each sequence's concatenated keys; what the append
+writes (exactly the new rows), what is never read (rows past the valid length, unused pages),
+num_splits, and the argument errors (raised before anything is written)."""
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cupyflash
+from helpers import BFLOAT16, eps
+
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def bits(x):
+    """The raw bits of a float array, so that comparisons see NaN payloads and signed zeros."""
+    return np.ascontiguousarray(x).view(_UINT[x.dtype.itemsize])
+
+
+def problem(seed, cache_seqlens, seqlen_new, seqlen_q=3, nheads=4, nheads_kv=2, headdim=16, dtype=np.float32,
+            spare_rows=2):
+    """q, a contiguous cache whose rows past cache_seqlens are NaN, and new k, v (or None when
+    seqlen_new is None)."""
+    rng = np.random.default_rng(seed)
+    batch = len(cache_seqlens)
+    capacity = max(cache_seqlens) + (seqlen_new or 0) + spare_rows
+    q = rng.standard_normal((batch, seqlen_q, nheads, headdim)).astype(dtype)
+    k_cache, v_cache = (rng.standard_normal((batch, capacity, nheads_kv, headdim)).astype(dtype) for _ in range(2))
+    for b, n in enumerate(cache_seqlens):
+        k_cache[b, n:] = v_cache[b, n:] = np.nan
+    k, v = (None, None) if seqlen_new is None else (
+        rng.standard_normal((batch, seqlen_new, nheads_kv, headdim)).astype(dtype) for _ in range(2))
+    return q, k_cache, v_cache, k, v, np.array(cache_seqlens, np.int32)
+
+
+def paged(k_cache, v_cache, page_size, seed, spare_pages=3):
+    """The same cache in pages of ``page_size`` rows at a random permutation of page ids; the
+    padding of the last pages past the capacity and ``spare_pages`` unused pages hold NaN."""
+    batch, capacity, nheads_kv, headdim = k_cache.shape
+    per_seq = -(-capacity // page_size)
+    num_blocks = batch * per_seq + spare_pages
+    rng = np.random.default_rng(seed)
+    block_table = rng.permutation(num_blocks)[:batch * per_seq].reshape(batch, per_seq).astype(np.int32)
+    out = []
+    for cache in (k_cache, v_cache):
+        pages = np.full((num_blocks, page_size, nheads_kv, headdim), np.nan, cache.dtype)
+        padded = np.full((batch, per_seq * page_size, nheads_kv, headdim), np.nan, cache.dtype)
+        padded[:, :capacity] = cache
+        pages[block_table] = padded.reshape(batch, per_seq, page_size, nheads_kv, headdim)
+        out.append(pages)
+    return out[0], out[1], block_table
+
+
+def concatenated_reference(q, k_cache, v_cache, k, v, cache_seqlens, **kw):
+    """reference.attention of each sequence over its cache rows [0, cache_seqlens[b]) then its new k, v."""
+    batch, seqlen_q, nheads, _ = q.shape
+    out, lse = np.zeros(q.shape), np.full((batch, nheads, seqlen_q), -np.inf)
+    slopes = kw.pop("alibi_slopes", None)
+    for b, n in enumerate(cache_seqlens):
+        keys, values = k_cache[b, :n], v_cache[b, :n]
+        if k is not None:
+            keys, values = np.concatenate([keys, k[b]]), np.concatenate([values, v[b]])
+        if len(keys) == 0:
+            continue
+        row = None if slopes is None else np.broadcast_to(slopes, (batch, nheads))[b]
+        o, l = cupyflash.reference.attention(q[b:b + 1], keys[None], values[None], alibi_slopes=row, return_lse=True,
+                                             **kw)
+        out[b], lse[b] = o[0], l[0]
+    return out, lse
+
+
+def assert_matches(out, lse, want_out, want_lse, tol):
+    np.testing.assert_allclose(out.astype(np.float64), want_out, rtol=0, atol=tol)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    finite = np.isfinite(want_lse)
+    np.testing.assert_allclose(lse[finite], want_lse[finite], rtol=0, atol=tol)
+
+
+SLOPES = np.array([0.3, 0.05, 0.5, 0.2], np.float32)
+VARIANTS = [dict(), dict(causal=True), dict(window_size=(2, 1)), dict(causal=True, window_size=(3, -1)),
+            dict(softcap=2.0), dict(alibi_slopes=SLOPES), dict(causal=True, alibi_slopes=SLOPES, softcap=5.0)]
+
+
+@settings(max_examples=60)
+@given(cache_seqlens=st.lists(st.integers(0, 20), min_size=1, max_size=4), seqlen_new=st.integers(0, 5),
+       seqlen_q=st.integers(1, 6), heads=st.sampled_from([(4, 4), (4, 2), (4, 1)]),
+       variant=st.sampled_from(range(len(VARIANTS) + 1)), dtype=st.sampled_from([np.float32, np.float64]),
+       page_size=st.sampled_from([None, 1, 3, 8]), num_splits=st.sampled_from([0, 1, 2, 5]),
+       seed=st.integers(0, 2**32 - 1))
+def test_matches_the_reference_over_the_concatenated_keys(cache_seqlens, seqlen_new, seqlen_q, heads, variant, dtype,
+                                                          page_size, num_splits, seed):
+    nheads, nheads_kv = heads
+    q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new, seqlen_q, nheads, nheads_kv,
+                                                 dtype=dtype)
+    kw = VARIANTS[variant] if variant < len(VARIANTS) else dict(  # a row of slopes per sequence
+        causal=True, alibi_slopes=np.random.default_rng(seed).uniform(0.05, 0.5, (len(cache_seqlens), nheads)).astype(
+            np.float32))
+    want_out, want_lse = concatenated_reference(q, k_cache, v_cache, k, v, lengths, **kw)
+    cache = dict(block_table=None)
+    if page_size is not None:
+        k_cache, v_cache, cache["block_table"] = paged(k_cache, v_cache, page_size, seed)
+    ref_out, ref_lse = cupyflash.reference.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
+                                                                   return_lse=True, **cache, **kw)
+    out, lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, return_lse=True,
+                                                num_splits=num_splits, **cache, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (len(cache_seqlens), nheads, seqlen_q) and lse.dtype == q.dtype
+    assert np.isfinite(out).all()  # the NaN rows past each sequence's keys are never read
+    assert_matches(out, lse, want_out, want_lse, 2e-5 if dtype == np.float32 else 1e-12)
+    assert_matches(ref_out, ref_lse, want_out, want_lse, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
+@pytest.mark.parametrize("page_size", [None, 1, 4])
+def test_the_append_writes_exactly_the_new_rows(dtype, page_size):
+    cache_seqlens, seqlen_new = [0, 5, 9], 3
+    q, k_cache, v_cache, k, v, lengths = problem(1, cache_seqlens, seqlen_new, dtype=dtype)
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, 1)
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    for b, n in enumerate(cache_seqlens):
+        for t in range(seqlen_new):
+            if block_table is None:
+                want_k[b, n + t], want_v[b, n + t] = k[b, t], v[b, t]
+            else:
+                page, row = block_table[b, (n + t) // page_size], (n + t) % page_size
+                want_k[page, row], want_v[page, row] = k[b, t], v[b, t]
+    new_before = bits(k).copy()
+    cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=block_table)
+    assert np.array_equal(bits(k_cache), bits(want_k)) and np.array_equal(bits(v_cache), bits(want_v))
+    assert np.array_equal(bits(k), new_before)
+
+
+def test_the_reference_writes_nothing():
+    q, k_cache, v_cache, k, v, lengths = problem(2, [3, 0], 2)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, 2, 2)
+    for caches, table in (((k_cache, v_cache), None), ((k_paged, v_paged), block_table)):
+        before = [bits(c).copy() for c in caches]
+        cupyflash.reference.attention_with_kvcache(q, *caches, k, v, cache_seqlens=lengths, block_table=table)
+        assert all(np.array_equal(bits(c), b) for c, b in zip(caches, before))
+
+
+@settings(max_examples=30)
+@given(cache_seqlens=st.lists(st.integers(0, 30), min_size=1, max_size=4), seqlen_new=st.integers(0, 4),
+       page_size=st.sampled_from([1, 2, 5, 16, 64]), variant=st.sampled_from(range(len(VARIANTS))),
+       num_splits=st.sampled_from([1, 3]), seed=st.integers(0, 2**32 - 1))
+def test_paged_equals_contiguous(cache_seqlens, seqlen_new, page_size, variant, num_splits, seed):
+    q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new, spare_rows=3)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, page_size, seed)
+    kw = dict(cache_seqlens=lengths, return_lse=True, num_splits=num_splits, **VARIANTS[variant])
+    out, lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, **kw)
+    out_paged, lse_paged = cupyflash.attention_with_kvcache(q, k_paged, v_paged, k, v, block_table=block_table, **kw)
+    # the same keys reach the same dense passes: bit for bit
+    assert np.array_equal(bits(out_paged), bits(out)) and np.array_equal(bits(lse_paged), bits(lse))
+    # and both caches now hold the same rows where each sequence's positions live
+    per_seq = block_table.shape[1]
+    for cache, pages in ((k_cache, k_paged), (v_cache, v_paged)):
+        unpaged = pages[block_table].reshape(len(cache_seqlens), per_seq * page_size, *pages.shape[2:])
+        assert np.array_equal(bits(unpaged[:, :cache.shape[1]]), bits(cache))
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True, window_size=(4, -1), alibi_slopes=SLOPES)])
+def test_rows_past_the_keys_and_unused_pages_never_reach_the_output(page_size, kw):
+    clean = problem(3, [6, 1, 0], 2, spare_rows=5)
+    q, k_cache, v_cache, k, v, lengths = clean
+    zeroed = [np.nan_to_num(c, nan=0.0) for c in (k_cache, v_cache)]
+    block_table = table_zeroed = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, 3)  # NaN tails and NaN spare pages
+        zeroed[0], zeroed[1], table_zeroed = paged(*zeroed, page_size, 3)
+    out = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=block_table,
+                                           num_splits=2, **kw)
+    want = cupyflash.attention_with_kvcache(q, *zeroed, k, v, cache_seqlens=lengths, block_table=table_zeroed,
+                                            num_splits=2, **kw)
+    assert np.isfinite(out).all()
+    assert np.array_equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(5, 2), softcap=3.0),
+                                dict(causal=True, window_size=(6, -1), alibi_slopes=SLOPES)])
+def test_num_splits_agree_within_rounding(dtype, kw):
+    # lengths 1 and 5 are shorter than 7 chunks; 40 keys split unevenly
+    q, k_cache, v_cache, k, v, lengths = problem(4, [0, 4, 37], 1, seqlen_q=4, dtype=dtype)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, 3, 4)
+    want_out, want_lse = concatenated_reference(q, k_cache, v_cache, k, v, lengths, **kw)
+    results = {}
+    for num_splits in (0, 1, 2, 3, 7):
+        caches = [c.copy() for c in (k_paged, v_paged)]
+        results[num_splits] = cupyflash.attention_with_kvcache(q, *caches, k, v, cache_seqlens=lengths,
+                                                               block_table=block_table, num_splits=num_splits,
+                                                               return_lse=True, **kw)
+    # each chunk rounds its out to the input dtype once before the merge
+    tol = 8 * eps(dtype) * float(np.abs(v).max()) if dtype == np.float32 else 1e-12
+    for num_splits, (out, lse) in results.items():
+        assert_matches(out, lse, results[1][0].astype(np.float64), results[1][1], tol)
+        assert_matches(out, lse, want_out, want_lse, 2e-5 if dtype == np.float32 else 1e-12)
+    assert np.array_equal(results[0][0], results[1][0])
+
+
+def test_keys_none_of_the_queries_see():
+    q, k_cache, v_cache, _, _, _ = problem(5, [0, 3], None, seqlen_q=5)
+    out, lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=np.array([0, 3], np.int32),
+                                                causal=True, return_lse=True)
+    # sequence 0 has no key at all; sequence 1's first two queries line up before its first key
+    assert (out[0] == 0).all() and np.isneginf(lse[0]).all()
+    assert (out[1, :2] == 0).all() and np.isneginf(lse[1, :, :2]).all() and np.isfinite(lse[1, :, 2:]).all()
+
+
+def test_cache_seqlens_none_int_and_array_agree():
+    q, k_cache, v_cache, _, _, full = problem(6, [9, 9], None, spare_rows=0)  # every cache full
+    k, v = (x[:, :2] for x in problem(7, [9, 9], None)[1:3])
+    want = cupyflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=full)
+    assert np.array_equal(cupyflash.attention_with_kvcache(q, k_cache, v_cache), want)
+    assert np.array_equal(cupyflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=int(full[0])), want)
+    caches = [c.copy() for c in (k_cache, v_cache)]
+    want = cupyflash.attention_with_kvcache(q, *caches, k, v, cache_seqlens=np.array([5, 5], np.int32))
+    assert np.array_equal(cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=np.int64(5)), want)
+
+
+def test_a_read_only_cache_serves_calls_without_new_keys():
+    q, k_cache, v_cache, _, _, lengths = problem(7, [4, 2], None)
+    for cache in (k_cache, v_cache):
+        cache.flags.writeable = False
+    out = cupyflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    want, _ = concatenated_reference(q, k_cache, v_cache, None, None, lengths)
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
+
+
+def test_only_the_pages_a_sequence_uses_need_valid_ids():
+    q, k_cache, v_cache, k, v, lengths = problem(8, [2, 5], 1, spare_rows=6)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, 4, 8)
+    want = cupyflash.attention_with_kvcache(q, k_paged.copy(), v_paged.copy(), k, v, cache_seqlens=lengths,
+                                            block_table=block_table)
+    block_table[0, 1:] = -7  # sequence 0 holds 3 keys: page 0 only
+    block_table[1, 2:] = 10**6  # sequence 1 holds 6 keys: pages 0 and 1
+    got = cupyflash.attention_with_kvcache(q, k_paged, v_paged, k, v, cache_seqlens=lengths, block_table=block_table)
+    assert np.array_equal(got, want)
+
+
+class FakeCupyArray:
+    """Looks like a cupy.ndarray to the dispatcher (no GPU needed)."""
+
+    __module__ = "cupy._fake"
+
+    def __init__(self, x):
+        self.shape, self.ndim, self.dtype = x.shape, x.ndim, x.dtype
+        self.device = type("Device", (), {"id": 0})()
+
+
+def bad_call_args(paged_cache, changes):
+    """The arguments of a valid call (contiguous or paged cache), with ``changes`` applied (a
+    callable change gets the arguments)."""
+    q, k_cache, v_cache, k, v, lengths = problem(9, [3, 6], 2, spare_rows=1)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=lengths, block_table=None)
+    if paged_cache:
+        args["k_cache"], args["v_cache"], args["block_table"] = paged(k_cache, v_cache, 4, 9)
+    args.update({name: change(args) if callable(change) else change for name, change in changes.items()})
+    return args
+
+
+def _readonly(x):
+    x = x.copy()
+    x.flags.writeable = False
+    return x
+
+
+BAD = [  # (paged, changes, exception, message)
+    (False, dict(v=None), ValueError, "v must be given with k (both or neither), got None"),
+    (False, dict(k=None), ValueError, "k must be given with v (both or neither), got None"),
+    (False, dict(q=lambda a: a["q"][0]), ValueError,
+     "q must have 4 dimensions (batch, seqlen_q, nheads, headdim), got 3 dimensions"),
+    (False, dict(k_cache=lambda a: a["k_cache"][0]), ValueError,
+     "k_cache must have 4 dimensions (batch, seqlen_cache, nheads_kv, headdim), got 3"),
+    (True, dict(k_cache=lambda a: a["k_cache"][0], v_cache=lambda a: a["v_cache"][0]), ValueError,
+     "k_cache must have 4 dimensions (num_blocks, page_size, nheads_kv, headdim) with block_table, got 3"),
+    (False, dict(k=lambda a: a["k"][0]), ValueError,
+     "k must have 4 dimensions (batch, seqlen_new, nheads_kv, headdim)"),
+    (False, dict(q=lambda a: a["q"].astype(np.int32)), TypeError,
+     "q.dtype must be float16, bfloat16, float32 or float64, got int32"),
+    (False, dict(k_cache=lambda a: a["k_cache"].astype(np.float64)), TypeError,
+     "k_cache.dtype must equal q.dtype=float32, got float64"),
+    (True, dict(v_cache=lambda a: a["v_cache"].astype(np.float16)), TypeError,
+     "v_cache.dtype must equal q.dtype=float32, got float16"),
+    (False, dict(k=lambda a: a["k"].astype(BFLOAT16)), TypeError, "k.dtype must equal q.dtype=float32, got bfloat16"),
+    (False, dict(v=lambda a: a["v"].astype(np.float64)), TypeError, "v.dtype must equal q.dtype=float32, got float64"),
+    (False, dict(v=lambda a: a["v"][:, :1]), ValueError, "v.shape[1] (seqlen_new) must equal k.shape[1]=2, got 1"),
+    (False, dict(k=lambda a: a["k"][:1], v=lambda a: a["v"][:1]), ValueError,
+     "k.shape[0] (batch) must equal q.shape[0]=2, got 1"),
+    (False, dict(k=lambda a: a["k"][:, :, :1]), ValueError,
+     "k.shape[2] (nheads_kv) must equal k_cache.shape[2]=2, got 1"),
+    (False, dict(v=lambda a: a["v"][..., :8]), ValueError, "v.shape[3] (headdim) must equal q.shape[3]=16, got 8"),
+    (False, dict(k_cache=lambda a: a["k_cache"][:, :, :, :8]), ValueError,
+     "k_cache.shape[3] (headdim) must equal q.shape[3]=16, got 8"),
+    (False, dict(v_cache=lambda a: a["v_cache"][:, :5]), ValueError,
+     "v_cache.shape must equal k_cache.shape=(2, 9, 2, 16), got (2, 5, 2, 16)"),
+    (False, dict(k_cache=lambda a: np.repeat(a["k_cache"][:, :, :1], 3, 2),
+                 v_cache=lambda a: np.repeat(a["v_cache"][:, :, :1], 3, 2), k=None, v=None), ValueError,
+     "k_cache.shape[2] (nheads_kv) must divide q.shape[2] (nheads)=4, got 3"),
+    (False, dict(k_cache=lambda a: a["k_cache"][:1], v_cache=lambda a: a["v_cache"][:1]), ValueError,
+     "k_cache.shape[0] (batch) must equal q.shape[0]=2, got 1"),
+    (True, dict(block_table=lambda a: a["block_table"].astype(np.int64)), TypeError,
+     "block_table.dtype must be int32, got int64"),
+    (True, dict(block_table=lambda a: a["block_table"][:1]), ValueError,
+     "block_table.shape must be (batch=2, max_blocks_per_seq), got (1, 3)"),
+    (True, dict(block_table=lambda a: a["block_table"][0]), ValueError,
+     "block_table.shape must be (batch=2, max_blocks_per_seq), got (3,)"),
+    (True, dict(block_table=lambda a: np.where(np.arange(3) == 1, 9, a["block_table"]).astype(np.int32)), ValueError,
+     "block_table[0, 1] must be a page id in [0, num_blocks=9) (sequence 0 uses 2 pages), got 9"),
+    (True, dict(block_table=lambda a: np.where(np.arange(3) == 0, -1, a["block_table"]).astype(np.int32)), ValueError,
+     "block_table[0, 0] must be a page id in [0, num_blocks=9) (sequence 0 uses 2 pages), got -1"),
+    (True, dict(block_table=lambda a: a["block_table"][:, :1]), ValueError,
+     "cache_seqlens[0] + seqlen_new must be at most the cache's capacity per sequence, "
+     "max_blocks_per_seq * page_size = 1 * 4 = 4, got 3 + 2 = 5"),
+    (False, dict(cache_seqlens=np.array([3, 8], np.int32)), ValueError,
+     "cache_seqlens[1] + seqlen_new must be at most the cache's capacity per sequence, seqlen_cache = 9, "
+     "got 8 + 2 = 10"),
+    (False, dict(cache_seqlens=8), ValueError,
+     "cache_seqlens + seqlen_new must be at most the cache's capacity per sequence, seqlen_cache = 9, got 8 + 2 = 10"),
+    (False, dict(cache_seqlens=None), ValueError, "cache_seqlens must be given with k and v (None means every cache "
+     "is full, 9 keys, leaving no room for seqlen_new=2), got None"),
+    (False, dict(cache_seqlens=np.array([3, -1], np.int32)), ValueError, "cache_seqlens[1] must be >= 0, got -1"),
+    (False, dict(cache_seqlens=-2), ValueError, "cache_seqlens must be >= 0, got -2"),
+    (False, dict(cache_seqlens=np.array([3, 6])), TypeError, "cache_seqlens.dtype must be int32, got int64"),
+    (False, dict(cache_seqlens=np.array([3, 6, 1], np.int32)), ValueError,
+     "cache_seqlens.shape must be (batch,)=(2,), got (3,)"),
+    (False, dict(cache_seqlens=np.array(3, np.int32)), ValueError, "cache_seqlens.shape must be (batch,)=(2,), got ()"),
+    (False, dict(cache_seqlens=[3, 6]), TypeError, "cache_seqlens must be None, an int or an int32 array (batch,), "
+     "got list"),
+    (False, dict(cache_seqlens=3.0), TypeError, "cache_seqlens must be None, an int or an int32 array"),
+    (False, dict(cache_seqlens=True), TypeError, "cache_seqlens must be None, an int or an int32 array"),
+    (False, dict(num_splits=-1), ValueError, "num_splits must be >= 0 (0 = automatic), got -1"),
+    (False, dict(num_splits=2.0), TypeError, "num_splits must be an int >= 0 (0 = automatic), got 2.0"),
+    (False, dict(num_splits=True), TypeError, "num_splits must be an int >= 0"),
+    (False, dict(causal=1), TypeError, "causal must be a bool, got 1"),
+    (False, dict(return_lse="yes"), TypeError, "return_lse must be a bool"),
+    (False, dict(scale=0.0), ValueError, "scale must be a finite positive real number"),
+    (False, dict(window_size=(-2, 0)), ValueError, "window_size[0] must be >= -1"),
+    (False, dict(softcap=-1.0), ValueError, "softcap must be a finite real number >= 0"),
+    (False, dict(alibi_slopes=SLOPES.astype(np.float64)), TypeError, "alibi_slopes.dtype must be float32"),
+    (False, dict(alibi_slopes=SLOPES[:3]), ValueError, "alibi_slopes.shape must be (nheads,)=(4,) or (batch, nheads)"),
+    (False, dict(k=lambda a: FakeCupyArray(a["k"])), TypeError,
+     "k must be a numpy array like q (NumPy and CuPy arrays cannot be mixed), got a cupy array"),
+    (False, dict(cache_seqlens=lambda a: FakeCupyArray(a["cache_seqlens"])), TypeError,
+     "cache_seqlens must be a numpy array like q (NumPy and CuPy arrays cannot be mixed), got a cupy array"),
+    (True, dict(block_table=lambda a: FakeCupyArray(a["block_table"])), TypeError,
+     "block_table must be a numpy array like q (NumPy and CuPy arrays cannot be mixed), got a cupy array"),
+    (False, dict(alibi_slopes=FakeCupyArray(SLOPES)), TypeError,
+     "alibi_slopes must be a numpy array like q (NumPy and CuPy arrays cannot be mixed)"),
+    (False, dict(block_table=[[0]]), TypeError, "block_table must be a numpy.ndarray or cupy.ndarray, got list"),
+    (False, dict(k_cache=lambda a: _readonly(a["k_cache"])), ValueError,
+     "k_cache must be writeable (k and v are appended to it in place), got a read-only array"),
+    (True, dict(v_cache=lambda a: _readonly(a["v_cache"])), ValueError, "v_cache must be writeable"),
+]
+
+
+@pytest.mark.parametrize("paged_cache, changes, exc, message", BAD)
+def test_bad_arguments_raise_before_anything_is_written(paged_cache, changes, exc, message):
+    args = bad_call_args(paged_cache, changes)
+    caches = [args[name] for name in ("k_cache", "v_cache") if isinstance(args[name], np.ndarray)]
+    before = [bits(cache).copy() for cache in caches]
+    with pytest.raises(exc, match=re.escape(f"attention_with_kvcache: {message}")):
+        cupyflash.attention_with_kvcache(**args)
+    assert all(np.array_equal(bits(cache), b) for cache, b in zip(caches, before))
+
+
+@pytest.mark.parametrize("paged_cache, changes, exc, message",
+                         [bad for bad in BAD if "writeable" not in bad[3] and "mixed" not in bad[3]])
+def test_the_reference_refuses_the_same_calls(paged_cache, changes, exc, message):
+    with pytest.raises(exc, match=re.escape(f"reference.attention_with_kvcache: {message}")):
+        cupyflash.reference.attention_with_kvcache(**bad_call_args(paged_cache, changes))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cupy_matches_numpy(dtype, page_size, num_splits):
+    cp = pytest.importorskip("cupy")
+
+    def to_device(x):  # bit for bit, bfloat16 included
+        return cp.asarray(bits(x)).view(x.dtype)
+
+    def to_host(x):
+        return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
+
+    q, k_cache, v_cache, k, v, lengths = problem(10, [0, 70, 129, 5], 2, seqlen_q=2, headdim=64, dtype=dtype)
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, 10)
+    kw = dict(causal=True, num_splits=num_splits, return_lse=True)
+    dev_caches = [to_device(c) for c in (k_cache, v_cache)]
+    out, lse = cupyflash.attention_with_kvcache(
+        to_device(q), *dev_caches, to_device(k), to_device(v), cache_seqlens=cp.asarray(lengths),
+        block_table=None if block_table is None else cp.asarray(block_table), alibi_slopes=cp.asarray(SLOPES), **kw)
+    want_out, want_lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
+                                                          block_table=block_table, alibi_slopes=SLOPES, **kw)
+    for got, want in zip(dev_caches, (k_cache, v_cache)):  # the same rows appended, nothing else touched
+        assert np.array_equal(bits(to_host(got)), bits(want))
+    assert out.dtype == q.dtype and lse.dtype == np.float32
+    tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
+    got_out = to_host(out).astype(np.float64)
+    assert np.isfinite(got_out).all()
+    np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=tol)
+    got_lse = lse.get()
+    assert np.array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
+    finite = np.isfinite(want_lse)
+    np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=0, atol=1e-4)
