@@ -44,8 +44,10 @@ struct Variant {
     unsigned seed_lo, seed_hi, threshold;
     int batch_offset;
 
-    __device__ Variant(const FwdParams& p, int b_, int h_)
-        : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), offset(p.seqlen_k - p.seqlen_q),
+    __device__ Variant(const FwdParams& p, int b_, int h_) : Variant(p, b_, h_, p.seqlen_k) {}
+    // Sequence b has seqlen_k_ keys of its own (a KV cache's sequences differ in length).
+    __device__ Variant(const FwdParams& p, int b_, int h_, int seqlen_k_)
+        : seqlen_q(p.seqlen_q), seqlen_k(seqlen_k_), offset(seqlen_k_ - p.seqlen_q),
           left(window ? p.var.window_left : -1), right(window ? p.var.window_right : -1), b(b_), h(h_),
           cap(p.var.softcap), dropout_scale(p.var.dropout_scale),
           slope(alibi ? p.var.alibi[b_ * p.var.alibi_sb + h_ * p.var.alibi_sh] : 0.f),

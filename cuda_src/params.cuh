@@ -48,6 +48,19 @@ struct FwdParamsSm90 {
     int batch;
 };
 
+// Split-KV decoding over a KV cache (decode.cu). fwd.k and fwd.v are the caches, their batch stride the
+// page stride; fwd.seqlen_k is unused (each sequence has its own length).
+struct DecodeParams {
+    FwdParams fwd;
+    const int* seqlens_k;    // (batch,): keys of each sequence
+    const int* block_table;  // (batch, table_stride) page ids; nullptr: sequence b is page b
+    i64 table_stride;
+    int page_size;           // rows per page (a contiguous cache: its length)
+    int batch, num_splits, keys_per_split;  // split s of a sequence: keys [s * keys_per_split, ...)
+    float* part_out;         // (num_splits, batch, nheads, seqlen_q, headdim) per-split outputs, normalised
+    float* part_lse;         // (num_splits, batch, nheads, seqlen_q), natural log
+};
+
 struct BwdParams {
     FwdParams fwd;  // q, k, v, out (read), lse, sizes, scale and the variant
     const void* dout;

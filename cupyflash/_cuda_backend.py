@@ -151,6 +151,10 @@ FWD_PARAMS_SM90 = np.dtype({
     "offsets": [0, 128, 256, 384, 384 + FWD_PARAMS.itemsize],
     "itemsize": -(-(388 + FWD_PARAMS.itemsize) // 64) * 64,  # TensorMap is 64-byte aligned
 })
+DECODE_PARAMS = np.dtype([
+    ("fwd", FWD_PARAMS), ("seqlens_k", "u8"), ("block_table", "u8"), ("table_stride", "i8"), ("page_size", "i4"),
+    ("batch", "i4"), ("num_splits", "i4"), ("keys_per_split", "i4"), ("part_out", "u8"), ("part_lse", "u8"),
+], align=True)
 BWD_PARAMS = np.dtype([
     ("fwd", FWD_PARAMS), ("dout", "u8"), ("delta", "u8"), ("dq", "u8"), ("dk", "u8"), ("dv", "u8"),
     ("do_st", _STRIDES), ("dq_st", _STRIDES), ("dk_st", _STRIDES), ("dv_st", _STRIDES), ("batch", "i4"),
@@ -273,3 +277,44 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
         _launch(dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch), p, device_id)
         _launch(dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch), p, device_id)
         return dq, dk, dv, None if dbias is None else dbias.astype(spec.attn_mask.dtype)
+
+
+DECODE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def can_decode(spec, k_cache, v_cache):
+    """Whether the split-KV decode kernel takes a KV-cache call: at most DECODE_ROWS[-1] query rows
+    per kv head, a head dimension that is a multiple of 8, 16-byte aligned cache rows."""
+    return (spec.dtype.name in DECODE_DTYPES and spec.group * spec.seqlen_q <= _plan.DECODE_ROWS[-1]
+            and spec.headdim % 8 == 0
+            and all(x.data.ptr % 16 == 0 and x.strides[-1] == x.itemsize and all(st % 16 == 0 for st in x.strides[:3])
+                    for x in (k_cache, v_cache)))
+
+
+def decode(q, k_cache, v_cache, spec, seqlens_k, block_table, page_size, num_splits):
+    """(out, lse) of q over each sequence's first seqlens_k[b] cache rows (device int32 (batch,)), paged
+    through block_table (device int32 (batch, pages)) or, when it is None, sequence b on page b, with
+    splits of the keys chosen by _plan.decode_splits (`num_splits` 0: automatic)."""
+    device_id = q.device.id
+    with cupy.cuda.Device(device_id):
+        _device_info(device_id)
+        q = _rows_contiguous(q)
+        out = spec.empty(_empty, q.shape, q.dtype)
+        lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), np.float32)
+        splits, per_split = _plan.decode_splits(spec.seqlen_k, spec.batch * spec.nheads_kv,
+                                                _multiprocessors(device_id), num_splits)
+        rows = (splits, spec.batch, spec.nheads, spec.seqlen_q)
+        part_out, part_lse = _empty((*rows, spec.headdim), np.float32), _empty(rows, np.float32)
+        var_type, var = _variant(spec)
+        p = np.zeros(1, DECODE_PARAMS)
+        p["fwd"] = _fwd_params(spec, q, k_cache, v_cache, out, lse, var)
+        p["seqlens_k"] = seqlens_k.data.ptr
+        if block_table is not None:
+            block_table = cupy.ascontiguousarray(block_table)
+            p["block_table"], p["table_stride"] = block_table.data.ptr, block_table.shape[1]
+        p["page_size"], p["batch"], p["num_splits"], p["keys_per_split"] = page_size, spec.batch, splits, per_split
+        p["part_out"], p["part_lse"] = part_out.data.ptr, part_lse.data.ptr
+        main, combine = _plan.decode(spec.dtype.name, spec.headdim, spec.group * spec.seqlen_q, var_type)
+        _launch(main, (splits, spec.nheads_kv, spec.batch), p, device_id)
+        _launch(combine, (spec.batch * spec.nheads * spec.seqlen_q, 1, 1), p, device_id)
+        return out, lse

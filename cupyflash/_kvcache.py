@@ -9,7 +9,9 @@ Sequence b holds ``L_b = cache_seqlens[b] + seqlen_new`` keys once k, v are appe
 sequence runs alone through the backend's dense forward (as :mod:`cupyflash._varlen` does) over
 its keys: a view of the cache when they lie on one page, its pages gathered in order otherwise.
 ``num_splits`` chunks of those keys run one after another and combine with
-:func:`~cupyflash.merge_attention`. A split-KV decode kernel is future work.
+:func:`~cupyflash.merge_attention`. On the GPU, calls with at most 16 query rows per kv head (the
+group's heads times seqlen_q) take the split-KV decode kernel instead (``cuda_src/decode.cu``), which
+reads the pages in place and runs every sequence and split in one launch.
 """
 from __future__ import annotations
 
@@ -335,6 +337,11 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
         if call.seqlen_new:
             _append(call, k_cache, k, xp)
             _append(call, v_cache, v, xp)
+        if spec.kind == "cupy" and backend.can_decode(spec, k_cache, v_cache):
+            lengths = xp.asarray((call.cache_seqlens + call.seqlen_new).astype(np.int32))
+            out, lse = backend.decode(q, k_cache, v_cache, spec, lengths, block_table, call.page_size,
+                                      call.num_splits)
+            return (out, lse) if return_lse else out
         out = xp.zeros(q.shape, _UINT[q.dtype.itemsize]).view(q.dtype)  # all bits zero: 0.0 in every dtype
         lse = xp.full((spec.batch, spec.nheads, spec.seqlen_q), -np.inf, compute_dtype(q.dtype))
         for b in range(spec.batch):

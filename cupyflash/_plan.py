@@ -196,6 +196,31 @@ def _shrink(block, smallest, smem, limit):
     return block
 
 
+#: Query rows per kv head the decode kernel is compiled for (the group's heads times seqlen_q).
+DECODE_ROWS = (1, 2, 4, 8, 16)
+DECODE_TILE = 128  # keys per tile of flash_decode: one per thread
+DECODE_MAX_SPLITS = 128
+
+
+def decode(dtype, headdim, rows, var):
+    """The split-KV decode kernel and its combine (decode.cu) for `rows` query rows per kv head."""
+    block_rows = next(r for r in DECODE_ROWS if r >= rows)
+    return (Launch("decode.cu", f"flash_decode<{C_TYPES[dtype]}, {headdim_tile(headdim)}, {block_rows}, {var}>", 1,
+                   128, 0),
+            Launch("decode.cu", f"flash_decode_combine<{C_TYPES[dtype]}>", 1, 128, 0))
+
+
+def decode_splits(longest, blocks, multiprocessors, requested=0):
+    """(splits, keys per split) for a decode over sequences of at most `longest` keys with `blocks`
+    (batch x kv heads) blocks per split: `requested` splits at most, or (0) enough for two blocks per
+    multiprocessor; whole tiles per split."""
+    tiles = max(1, -(-longest // DECODE_TILE))
+    wanted = requested or -(-2 * multiprocessors // blocks)
+    splits = max(1, min(wanted, tiles, DECODE_MAX_SPLITS))
+    per_split = -(-tiles // splits) * DECODE_TILE
+    return max(1, -(-longest // per_split)), per_split
+
+
 def dropout_mask():
     """The kernel of `cupyflash.dropout_mask(..., xp=cupy)`: one thread per Philox call."""
     return Launch("dropout_mask.cu", "dropout_mask_kernel", 1, 256, 0)
@@ -230,4 +255,8 @@ def covering_launches():
     sm90 += [(dtype, 64, variant(every - BIAS, "bool")) for dtype in TENSOR_CORE_DTYPES]
     sm90 += [("float16", 128, variant(every - BOOL_MASK, "float32")), ("bfloat16", 256, variant(every - BOOL_MASK, "bfloat16"))]
     sm90_launches = [forward_sm90(*case) for case in sm90]
-    return [*seen.values(), *sm90_launches, dropout_mask()]
+    decode_features = variant(WINDOW + SOFTCAP + ALIBI)
+    decodes = [launch for dtype in ("float16", "bfloat16", "float32") for rows, var in ((1, plain), (16, decode_features))
+               for launch in decode(dtype, 128 if rows == 1 else 256, rows, var)]
+    decodes = list({launch.name: launch for launch in decodes}.values())
+    return [*seen.values(), *sm90_launches, *decodes, dropout_mask()]

@@ -3,6 +3,7 @@
     python -m cupyflash.bench                      # FlashAttention-2 paper sweep
     python -m cupyflash.bench --quick --json r.json --plot docs/img/
     python -m cupyflash.bench --variants           # each variant's cost over plain attention
+    python -m cupyflash.bench --decode             # one token against a KV cache, GB/s
 
 The default sweep follows the FlashAttention-2 paper: 16k tokens per batch
 (batch = 16384 / seqlen), hidden size 2048 (nheads = 2048 / headdim),
@@ -26,7 +27,9 @@ FLOPs: 4 * batch * nheads * seqlen_q * seqlen_k * headdim for the forward,
 halved when causal, only the visible band for a sliding window; backward =
 2.5x and fwd+bwd = 3.5x the forward.  Times are the median of CUDA-event
 timings after warm-up.  Without a GPU the NumPy backend is compared with
-naive NumPy attention at small sizes.
+naive NumPy attention at small sizes.  --decode times attention_with_kvcache with
+one query token per sequence against a full cache (the peers attend the same
+keys), in GB/s of keys and values read.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import ml_dtypes
 import numpy as np
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, "decode": 1.0}
 TORCH_BACKENDS = {
     "torch-flash": "FLASH_ATTENTION",
     "torch-efficient": "EFFICIENT_ATTENTION",
@@ -110,6 +113,8 @@ VARIANT_PRESET = (
 )
 # --variants shapes per backend: (seqlen, window seqlen, headdim)
 PRESET_SHAPES = {"cuda": (4096, 8192, 128), "numpy": (256, 1024, 64)}
+# --decode per backend: (batches, cache lengths, nheads, nheads_kv, headdim); one query token per sequence
+DECODE_PRESET = {"cuda": ((1, 8, 32), (8192, 32768, 131072), 32, 8, 128), "numpy": ((1, 4), (256, 1024), 8, 2, 64)}
 
 
 @dataclass(frozen=True)
@@ -125,10 +130,22 @@ class Case:
     variant: Variant | None = None
 
     @property
+    def seqlen_q(self) -> int:
+        """Decoding attends one new query per sequence to a cache of ``seqlen`` keys."""
+        return 1 if self.mode == "decode" else self.seqlen
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values read once."""
+        return 2 * self.batch * self.seqlen * self.nheads_kv * self.headdim * DTYPES[self.dtype].itemsize
+
+    @property
     def pairs(self) -> float:
         """(query, key) pairs credited per batch and head: the visible band for a window
         (query i sees keys i - L ... i), half the square when causal."""
         s = self.seqlen
+        if self.mode == "decode":
+            return s
         if self.variant is not None and self.variant.kind == "window":
             left = min(self.variant.value, s - 1)
             return (left + 1) * s - left * (left + 1) / 2
@@ -158,6 +175,7 @@ class Result:
     tflops: float | None = None
     peak_bytes: int | None = None
     error: str = ""
+    gbps: float | None = None  # decode: keys and values read per second
 
 
 class Unsupported(Exception):
@@ -189,7 +207,7 @@ def alibi_slopes(nheads: int) -> np.ndarray:
 
 def make_inputs(case: Case, xp) -> dict:
     dtype = DTYPES[case.dtype]
-    q_shape = (case.batch, case.seqlen, case.nheads, case.headdim)
+    q_shape = (case.batch, case.seqlen_q, case.nheads, case.headdim)
     kv_shape = (case.batch, case.seqlen, case.nheads_kv, case.headdim)
     return {
         "q": random_array(q_shape, dtype, xp, seed=1),
@@ -343,6 +361,8 @@ def build_cupyflash(case: Case, x: dict) -> Callable:
 
     q, k, v, dout = x["q"], x["k"], x["v"], x["dout"]
     kwargs = {"causal": case.causal, **variant_kwargs(case, x)}
+    if case.mode == "decode":  # k and v are the cache, full
+        return lambda: cupyflash.attention_with_kvcache(q, k, v, cache_seqlens=case.seqlen, **kwargs)
     if case.mode == "fwd":
         return lambda: cupyflash.attention(q, k, v, **kwargs)
 
@@ -364,7 +384,7 @@ def build_naive(case: Case, x: dict) -> Callable:
     if bias is not None and bias.dtype == bool:
         bias = xp.where(bias, ct(0), ct(-np.inf))
     softcap = case.variant.value if case.kind == "softcap" else 0.0
-    if case.mode == "fwd":
+    if case.mode in ("fwd", "decode"):
         return lambda: naive_forward(q, k, v, scale, bias, softcap)[0]
     if case.mode == "bwd":
         out, p, dcap = naive_forward(q, k, v, scale, bias, softcap)
@@ -410,7 +430,7 @@ def build_torch(backend_name: str, case: Case, x: dict) -> Callable:
         with sdpa_kernel(backend):
             return sdpa(q, k, v, **kwargs)
 
-    if case.mode == "fwd":
+    if case.mode in ("fwd", "decode"):
         return torch.no_grad()(forward)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     if case.mode == "bwd":
@@ -561,7 +581,8 @@ def run_case(impl: str, case: Case, inputs: dict, backend, repeats: int, warmup:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch explains every backend it rejects
             ms, peak = backend.measure(builder(impl)(case, inputs), repeats, warmup)
-        result = Result("ok", ms, case.flops / (ms * 1e-3) / 1e12, peak)
+        result = Result("ok", ms, case.flops / (ms * 1e-3) / 1e12, peak,
+                        gbps=case.kv_bytes / (ms * 1e-3) / 1e9 if case.mode == "decode" else None)
     except Unsupported as exc:
         result = Result("n/a", error=str(exc))
     except Exception as exc:
@@ -687,29 +708,33 @@ def render_table(columns, rows, left: int) -> str:
 
 def _cells(r: Result) -> list[str]:
     if r.status == "ok":
-        return [f"{r.ms:.3f}", f"{r.tflops:.4g}", f"{r.peak_bytes / MiB:.1f}"]
+        rate = f"{r.gbps:.4g}" if r.gbps is not None else f"{r.tflops:.4g}"
+        return [f"{r.ms:.3f}", rate, f"{r.peak_bytes / MiB:.1f}"]
     return [r.status, "-", "-"]
 
 
 def format_table(cases, rows, impls) -> str:
     peers = [i for i in impls if i not in ("cupyflash", PLAIN)]
     variants = any(c.variant for c in cases)
+    decode = any(c.mode == "decode" for c in cases)
     columns = [("", "variant")] if variants else []
-    columns += [("", "mode"), ("", "causal"), ("", "hdim"), ("", "seqlen")]
+    columns += [("", "mode"), ("", "causal"), ("", "hdim"), ("", "batch" if decode else "seqlen")]
+    columns += [("", "cache")] if decode else []
     for impl in impls:
-        columns += [(impl, "ms"), (impl, "TFLOP/s"), (impl, "MiB")]
+        columns += [(impl, "ms"), (impl, "GB/s" if decode else "TFLOP/s"), (impl, "MiB")]
     columns += [("cupyflash speed-up", f"vs {p}") for p in peers]
     body = []
     for case, row in zip(cases, rows):
         cells = [case.variant.label] if variants else []
-        cells += [case.mode, "yes" if case.causal else "no", str(case.headdim), str(case.seqlen)]
+        cells += [case.mode, "yes" if case.causal else "no", str(case.headdim)]
+        cells += [str(case.batch), str(case.seqlen)] if decode else [str(case.seqlen)]
         for impl in impls:
             cells += _cells(row[impl])
         for p in peers:
             x = ratio(row[p], row["cupyflash"])
             cells.append("-" if x is None else f"{x:.2f}x")
         body.append(cells)
-    return render_table(columns, body, left=5 if variants else 4)
+    return render_table(columns, body, left=(5 if variants else 4) + decode)
 
 
 def format_variant_table(cases, rows, targets) -> str:
@@ -920,12 +945,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bias: float (1, nheads, seqlen, seqlen) additive bias in the input dtype")
     v.add_argument("--dropout", type=_number(float, 0, 1, False), metavar="P",
                    help=f"dropout probability (dropout_seed={DROPOUT_SEED})")
+    p.add_argument("--decode", action="store_true",
+                   help="decoding against a KV cache (attention_with_kvcache; GB/s of keys and values read): one "
+                        "query token, GQA 32/8, hdim 128, batch 1,8,32 x cache 8k,32k,128k; --batch, --seqlens, "
+                        "--headdims, --nheads, --nheads-kv override")
     v.add_argument("--variants", action="store_true",
                    help="the targets: softcap 50, ALiBi, padding mask and dropout 0.1 at seqlen 4096, window 256 at "
                         "8192 against full causal; bf16, hdim 128, 16 heads, 16k tokens, fwd and bwd")
     args = p.parse_args(argv)
     if args.variants and variants_from_args(args):
         p.error("--variants runs its own set: leave out --window, --softcap, --alibi, --mask and --dropout")
+    if args.decode and (args.variants or variants_from_args(args) or args.modes):
+        p.error("--decode runs one forward mode without variants: leave out --variants, the variant flags and --modes")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error(f"--plot needs matplotlib: {INSTALL}")
     return args
@@ -972,7 +1003,13 @@ def main(argv=None) -> int:
     causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
     shape = (dtype, batch, nheads, args.nheads_kv)
     targets = {}
-    if args.variants:
+    if args.decode:
+        batches, caches, decode_heads, decode_heads_kv, headdim = DECODE_PRESET[backend.name]
+        cases = [Case("decode", False, hd, cache, b, args.nheads or decode_heads,
+                      args.nheads_kv or args.nheads or decode_heads_kv, dtype)
+                 for hd in args.headdims or [headdim] for b in ([args.batch] if args.batch else batches)
+                 for cache in args.seqlens or caches]
+    elif args.variants:
         seqlen, window_seqlen, headdim = PRESET_SHAPES[backend.name]
         headdims, modes = args.headdims or [headdim], args.modes or ["fwd", "bwd"]
         cases = []

@@ -70,6 +70,20 @@ def test_bench_cpu_quick(tmp_path):
     assert all(case["results"]["cupyflash"]["status"] == "ok" for case in data["cases"]), data["cases"]
 
 
+def test_bench_cpu_decode(tmp_path):
+    path = tmp_path / "decode.json"
+    out = run("-m", "cupyflash.bench", "--cpu", "--decode", "--seqlens", "128,256", "--repeats", "2", "--json",
+              str(path), cwd=tmp_path)
+    assert "GB/s" in out and "cache" in out, out
+    import json
+
+    cases = json.loads(path.read_text())["cases"]
+    assert {(c["mode"], c["batch"], c["seqlen"]) for c in cases} == {("decode", b, s) for b in (1, 4) for s in (128, 256)}
+    for case in cases:
+        ours = case["results"]["cupyflash"]
+        assert ours["status"] == "ok" and ours["gbps"] > 0, case
+
+
 def test_gpu_examples_skip_cleanly_or_run(tmp_path):
     # Without a GPU these print a one-line skip and exit 0; with one they run their checks.
     run(os.path.join(EXAMPLES, "interop.py"), cwd=tmp_path, timeout=300)

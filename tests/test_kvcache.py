@@ -411,3 +411,42 @@ def test_cupy_matches_numpy(dtype, page_size, num_splits):
     assert np.array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
     finite = np.isfinite(want_lse)
     np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
+    """Decoding shapes (GQA group x seqlen_q <= 16 rows per kv head) take the split-KV kernel, paged or
+    not, over sequences of several tiles (one empty), with NaN past every length and in unused pages,
+    for split counts from one to many."""
+    cp = pytest.importorskip("cupy")
+    from cupyflash import _cuda_backend
+
+    sources = []
+    launch = _cuda_backend._launch
+    monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (sources.append(lc.source), launch(lc, *a)))
+    kw = VARIANTS[variant]
+    for page_size, num_splits, seqlen_q in ((None, 0, 1), (64, 1, 2), (48, 7, 1), (None, 100, 4)):
+        q, k_cache, v_cache, k, v, lengths = problem(variant, [300, 0, 520, 129], 1, seqlen_q=seqlen_q, headdim=64,
+                                                     dtype=dtype)
+        block_table = None
+        if page_size is not None:
+            k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, variant)
+        want_out, want_lse = cupyflash.reference.attention_with_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=block_table, return_lse=True, **kw)
+        device = [cp.asarray(bits(x)).view(x.dtype) for x in (q, k_cache, v_cache, k, v)]
+        sources.clear()
+        out, lse = cupyflash.attention_with_kvcache(
+            *device, cache_seqlens=cp.asarray(lengths), num_splits=num_splits, return_lse=True,
+            block_table=None if block_table is None else cp.asarray(block_table),
+            **{key: cp.asarray(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()})
+        assert sources == ["decode.cu", "decode.cu"]
+        got = out.view(_UINT[out.dtype.itemsize]).get().view(out.dtype).astype(np.float64)
+        tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
+        assert np.array_equal(np.isnan(got), np.isnan(want_out))
+        np.testing.assert_allclose(got, want_out, rtol=0, atol=tol)
+        got_lse = lse.get()
+        assert np.array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
+        finite = np.isfinite(want_lse)
+        np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=0, atol=1e-4)

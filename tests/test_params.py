@@ -12,7 +12,8 @@ nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 from cupyflash import _cuda_backend  # noqa: E402
 
 STRUCTS = {"VariantParams": _cuda_backend.VARIANT_PARAMS, "FwdParams": _cuda_backend.FWD_PARAMS,
-           "BwdParams": _cuda_backend.BWD_PARAMS, "FwdParamsSm90": _cuda_backend.FWD_PARAMS_SM90}
+           "BwdParams": _cuda_backend.BWD_PARAMS, "FwdParamsSm90": _cuda_backend.FWD_PARAMS_SM90,
+           "DecodeParams": _cuda_backend.DECODE_PARAMS}
 
 
 @pytest.mark.gpu

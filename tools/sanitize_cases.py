@@ -4,7 +4,8 @@
 Covers the tensor-core forward (16-bit: the Hopper family on a Hopper GPU, the mma.sync family with
 vector and element loads), the CUDA-core forward (float32, float64) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
 variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
-together, with NaN in masked keys so the guarded products run too.
+together, with NaN in masked keys so the guarded products run too; and the split-KV decode kernel
+of attention_with_kvcache on paged and contiguous caches.
 """
 import os
 
@@ -54,6 +55,19 @@ out, lse = cupyflash.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal
                                return_lse=True)
 cupyflash.attention_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, dropout_p=0.2,
                              dropout_seed=1)
+# the split-KV decode kernel: paged and contiguous caches with NaN past every length and in unused pages
+decode_slopes = cp.asarray(rng.uniform(0.01, 0.5, 8).astype(np.float32))
+for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
+    pages = rng.standard_normal((12, 32, 2, 64)).astype(dtype)
+    pages[[0, 5]] = np.nan
+    k_pages, v_pages = device(pages), device(pages[::-1].copy())
+    table = cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
+    q, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((1, 8), (1, 2)))
+    for variant in (dict(), dict(causal=True, window_size=(40, -1), softcap=5.0, alibi_slopes=decode_slopes)):
+        cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
+            np.array([100, 0], np.int32)), block_table=table, num_splits=3, **variant)
+    contiguous = device(rng.standard_normal((2, 300, 2, 64)).astype(dtype))
+    cupyflash.attention_with_kvcache(q, contiguous, contiguous.copy(), cache_seqlens=250)
 # On Hopper the 16-bit forward takes the sm_90a family; the mma.sync family runs when forced.
 os.environ[_cuda_backend.FAMILY_VARIABLE] = "sm80"
 for dtype in (np.float16, ml_dtypes.bfloat16):

@@ -1,0 +1,214 @@
+// Split-KV decoding (flash-decoding) for attention_with_kvcache: a few query rows against a long cache.
+//
+// flash_decode: one block per (split, kv head, sequence). Its rows are the GQA group's query heads
+// times seqlen_q (at most ROWS), so each key and value row read from the cache serves all of them.
+// Per tile of 128 keys of the split:
+//   scores    thread j: key j's dot products with every row (16-byte loads of its row, found through
+//             the page table), score and visibility from mask.cuh
+//   softmax   warp w: the running max and sum of rows w, w + 4, ... (OnlineSoftmax); probabilities in place
+//   o += p v  thread t: 8-column chunks of o over the tile's keys; a masked probability (-0.0) skips its
+//             value, so data a row cannot see never reaches it
+// Each split writes its normalised o and its lse in float32; flash_decode_combine merges the splits by
+// their lse with cupyflash.merge_attention's rule.
+#include "common.cuh"
+#include "mask.cuh"
+#include "softmax.cuh"
+
+__device__ __forceinline__ void load16(const void* p, unsigned (&w)[4]) {
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+
+// Eight consecutive elements from a 16-byte aligned address, in float.
+template <typename T> __device__ __forceinline__ void load8(const T* src, float (&x)[8]) {
+    if constexpr (sizeof(T) == 2) {
+        unsigned w[4];
+        load16(src, w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            T lo, hi;
+            lo.bits = w[i] & 0xffffu;
+            hi.bits = w[i] >> 16;
+            x[2 * i] = to_acc(lo);
+            x[2 * i + 1] = to_acc(hi);
+        }
+    } else {
+        unsigned a[4], b[4];
+        load16(src, a);
+        load16(src + 4, b);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            x[i] = __uint_as_float(a[i]);
+            x[4 + i] = __uint_as_float(b[i]);
+        }
+    }
+}
+
+template <typename T, int D_TILE, int ROWS, typename Var>
+__global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ DecodeParams p) {
+    constexpr int THREADS = 128, BLOCK_N = 128, WARPS = THREADS / 32, CHUNKS = D_TILE / 8;
+    constexpr int PAIRS = (ROWS * CHUNKS + THREADS - 1) / THREADS;  // (row, chunk) pieces of o per thread
+    static_assert(D_TILE % 8 == 0, "tile shape");
+    const FwdParams& f = p.fwd;
+
+    __shared__ float sq[ROWS][D_TILE];
+    __shared__ float sp[ROWS][BLOCK_N + 1];  // scores, then probabilities; padded against bank conflicts
+    __shared__ i64 s_vrow[BLOCK_N];          // offset of each key's value row
+    __shared__ float s_m[ROWS], s_l[ROWS], s_alpha[ROWS];  // running max and sum of each row, this tile's factor
+
+    const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid % 32;
+    const int seqlen_k = p.seqlens_k[b], rows = f.group * f.seqlen_q;
+    const int begin = split * p.keys_per_split, end = min(seqlen_k, begin + p.keys_per_split);
+    const float scale_log2 = float(f.scale) * float(LOG2E);
+    // Row r is query position r % seqlen_q of query head hk * group + r / seqlen_q.
+    auto head = [&](int r) { return hk * f.group + r / f.seqlen_q; };
+
+    for (int idx = tid; idx < ROWS * D_TILE; idx += THREADS) {
+        const int r = idx / D_TILE, d = idx % D_TILE;
+        sq[r][d] = r < rows && d < f.headdim
+                       ? to_acc(static_cast<const T*>(f.q)[b * f.q_st.b + (i64)(r % f.seqlen_q) * f.q_st.s +
+                                                           head(r) * f.q_st.h + d])
+                       : 0.f;
+    }
+    if (tid < ROWS) {
+        s_m[tid] = neg_inf<float>();
+        s_l[tid] = 0.f;
+    }
+    __syncthreads();
+    auto row_stats = [&](int r) {
+        OnlineSoftmax<float> stats;
+        stats.m = s_m[r];
+        stats.l = s_l[r];
+        return stats;
+    };
+
+    float o[PAIRS][8];
+#pragma unroll
+    for (int q = 0; q < PAIRS; ++q)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[q][e] = 0.f;
+
+    for (int n0 = begin; n0 < end; n0 += BLOCK_N) {
+        // ---- scores: thread tid takes key n0 + tid
+        const int key = n0 + tid;
+        if (key < end) {
+            const int page = p.block_table ? p.block_table[b * p.table_stride + key / p.page_size] : b;
+            const i64 row = key % p.page_size;
+            const T* k_row = static_cast<const T*>(f.k) + page * f.k_st.b + row * f.k_st.s + hk * f.k_st.h;
+            s_vrow[tid] = page * f.v_st.b + row * f.v_st.s + hk * f.v_st.h;
+            float dot[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) dot[r] = 0.f;
+#pragma unroll 8  // eight 16-byte loads in flight per thread; many blocks per multiprocessor do the rest
+            for (int c = 0; c < CHUNKS; ++c) {
+                if (c * 8 < f.headdim) {  // the head dimension is a multiple of 8
+                    float x[8];
+                    load8(k_row + c * 8, x);
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) dot[r] += sq[r][c * 8 + e] * x[e];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                if (r < rows) {
+                    const Var var(f, b, head(r), seqlen_k);
+                    sp[r][tid] = var.template score<true, sizeof(T) == 2>(dot[r], scale_log2, r % f.seqlen_q, key);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) sp[r][tid] = neg_inf<float>();
+        }
+        __syncthreads();
+
+        // ---- online softmax, a warp per row
+        for (int r = tid / 32; r < rows; r += WARPS) {
+            float s[BLOCK_N / 32], tile_max = neg_inf<float>();
+#pragma unroll
+            for (int i = 0; i < BLOCK_N / 32; ++i) {
+                s[i] = sp[r][lane + 32 * i];
+                tile_max = fmax(tile_max, s[i]);
+            }
+            OnlineSoftmax<float> stats = row_stats(r);
+            const float alpha = stats.rescale(reduce_max<32>(tile_max));
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < BLOCK_N / 32; ++i) {
+                const float pr = stats.template prob<true>(s[i]);
+                sp[r][lane + 32 * i] = pr;
+                sum += pr;
+            }
+            stats.l += reduce_sum<32>(sum);  // here l is the whole row's sum
+            __syncwarp();
+            if (lane == 0) {
+                s_m[r] = stats.m;
+                s_l[r] = stats.l;
+                s_alpha[r] = alpha;
+            }
+        }
+        __syncthreads();
+
+        // ---- o = o * alpha + p v
+        const int n_keys = min(BLOCK_N, end - n0);
+#pragma unroll
+        for (int q = 0; q < PAIRS; ++q) {
+            const int idx = tid + q * THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
+            if (r < rows && c * 8 < f.headdim) {
+                const float alpha = s_alpha[r];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) o[q][e] *= alpha;
+                const T* v_col = static_cast<const T*>(f.v) + c * 8;
+#pragma unroll 4
+                for (int j = 0; j < n_keys; ++j) {
+                    const float pr = sp[r][j];
+                    float x[8];
+                    load8(v_col + s_vrow[j], x);
+                    const bool masked = is_masked_zero(pr);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) o[q][e] = masked ? o[q][e] : fmaf(pr, x[e], o[q][e]);
+                }
+            }
+        }
+        __syncthreads();  // sp and s_vrow are refilled by the next tile
+    }
+
+    const i64 split_row0 = (i64)split * p.batch * f.nheads * f.seqlen_q;  // (split, b, h, i) rows
+#pragma unroll
+    for (int q = 0; q < PAIRS; ++q) {
+        const int idx = tid + q * THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
+        if (r < rows && c * 8 < f.headdim) {
+            const float l = s_l[r], inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // NaN stays NaN
+            float* dst = p.part_out +
+                         (split_row0 + ((i64)b * f.nheads + head(r)) * f.seqlen_q + r % f.seqlen_q) * f.headdim + c * 8;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dst[e] = o[q][e] * inv_l;
+        }
+    }
+    if (tid < rows)
+        p.part_lse[split_row0 + ((i64)b * f.nheads + head(tid)) * f.seqlen_q + tid % f.seqlen_q] =
+            row_stats(tid).lse(s_l[tid]);
+}
+
+// One block per (b, h, i) query row: out and lse from the splits' normalised outputs and lses.
+template <typename T> __global__ void __launch_bounds__(128) flash_decode_combine(const __grid_constant__ DecodeParams p) {
+    const FwdParams& f = p.fwd;
+    const int row = blockIdx.x, i = row % f.seqlen_q, h = row / f.seqlen_q % f.nheads, b = row / f.seqlen_q / f.nheads;
+    const i64 split_rows = (i64)p.batch * f.nheads * f.seqlen_q;
+    float m = neg_inf<float>();
+    for (int s = 0; s < p.num_splits; ++s) m = fmax(m, p.part_lse[s * split_rows + row]);
+    const float m_safe = is_finite(m) ? m : 0.f;  // every split -inf (or +inf): no m - m = NaN
+    float total = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) total += expf(p.part_lse[s * split_rows + row] - m_safe);
+    T* out = static_cast<T*>(f.out) + b * f.o_st.b + (i64)i * f.o_st.s + h * f.o_st.h;
+    for (int d = threadIdx.x; d < f.headdim; d += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < p.num_splits; ++s) {
+            // no split saw the row: weight 0 (out 0); NaN and inf carry through the arithmetic
+            const float w = total == 0.f ? 0.f : expf(p.part_lse[s * split_rows + row] - m_safe) / total;
+            acc += w * p.part_out[(s * split_rows + row) * f.headdim + d];
+        }
+        out[d] = from_acc<T>(acc);
+    }
+    if (threadIdx.x == 0) static_cast<float*>(f.lse)[row] = total == 0.f ? m : m_safe + logf(total);
+}
