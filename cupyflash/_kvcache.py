@@ -314,8 +314,8 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     positions ``cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1``, and sequence b attends to
     its first ``L_b = cache_seqlens[b] + seqlen_new`` positions. causal, window_size, softcap and
     alibi_slopes are those of :func:`cupyflash.attention`, bottom-right aligned over the L_b keys.
-    ``num_splits``: 0 (automatic, currently 1), or the number of key chunks whose attentions
-    are merged by their lse.
+    ``num_splits``: 0 (automatic), or the number of key chunks (at most) whose attentions are merged
+    by their lse.
 
     Returns ``out`` (q's shape and dtype), or ``(out, lse)`` with ``return_lse=True``, lse
     (batch, nheads, seqlen_q) float32 (float64 for float64). A row that sees no key gives out 0,
