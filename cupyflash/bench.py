@@ -4,6 +4,7 @@
     python -m cupyflash.bench --quick --json r.json --plot docs/img/
     python -m cupyflash.bench --variants           # each variant's cost over plain attention
     python -m cupyflash.bench --decode             # one token against a KV cache, GB/s
+    python -m cupyflash.bench --varlen             # a packed batch of mixed lengths against padding it
 
 The default sweep follows the FlashAttention-2 paper: 16k tokens per batch
 (batch = 16384 / seqlen), hidden size 2048 (nheads = 2048 / headdim),
@@ -65,6 +66,7 @@ TORCH_BACKENDS = {
 PEERS = ("naive", *TORCH_BACKENDS)
 ALL_PEERS = ("naive", "torch-flash", "torch-efficient", "torch-cudnn")  # 'all': MATH only on request
 PLAIN = "cupyflash-plain"
+PADDED = "cupyflash-padded"  # --varlen: the packed batch padded to its longest sequence, the padding masked
 DTYPES = {
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -113,6 +115,10 @@ VARIANT_PRESET = (
 )
 # --variants shapes per backend: (seqlen, window seqlen, headdim)
 PRESET_SHAPES = {"cuda": (4096, 8192, 128), "numpy": (256, 1024, 64)}
+# --varlen per backend: (sequences, shortest, longest, nheads, headdim); lengths uniform in
+# [shortest, longest], drawn once from VARLEN_SEED
+VARLEN_PRESET = {"cuda": (64, 128, 4096, 16, 128), "numpy": (8, 16, 256, 4, 64)}
+VARLEN_SEED = 7
 # --decode per backend: (batches, cache lengths, nheads, nheads_kv, headdim); one query token per sequence
 DECODE_PRESET = {"cuda": ((1, 8, 32), (8192, 32768, 131072), 32, 8, 128), "numpy": ((1, 4), (256, 1024), 8, 2, 64)}
 
@@ -128,6 +134,7 @@ class Case:
     nheads_kv: int
     dtype: str
     variant: Variant | None = None
+    lengths: tuple = ()  # a packed batch (cu_seqlens): its sequence lengths; seqlen is the longest
 
     @property
     def seqlen_q(self) -> int:
@@ -153,7 +160,10 @@ class Case:
 
     @property
     def flops(self) -> float:
-        return 4 * self.batch * self.nheads * self.pairs * self.headdim * FLOP_FACTOR[self.mode]
+        """A packed batch is credited each sequence's own pairs; so is its padded peer."""
+        pairs = (sum(n * n for n in self.lengths) * (0.5 if self.causal else 1.0) if self.lengths
+                 else self.batch * self.pairs)
+        return 4 * self.nheads * pairs * self.headdim * FLOP_FACTOR[self.mode]
 
     @property
     def scale(self) -> float:
@@ -207,6 +217,16 @@ def alibi_slopes(nheads: int) -> np.ndarray:
 
 def make_inputs(case: Case, xp) -> dict:
     dtype = DTYPES[case.dtype]
+    if case.lengths:  # packed: (total, heads, headdim) and the offsets of each sequence
+        total = sum(case.lengths)
+        q_shape, kv_shape = (total, case.nheads, case.headdim), (total, case.nheads_kv, case.headdim)
+        return {
+            "q": random_array(q_shape, dtype, xp, seed=1),
+            "k": random_array(kv_shape, dtype, xp, seed=2),
+            "v": random_array(kv_shape, dtype, xp, seed=3),
+            "dout": random_array(q_shape, dtype, xp, seed=4),
+            "cu_seqlens": xp.asarray(np.concatenate([[0], np.cumsum(case.lengths)]).astype(np.int32)),
+        }
     q_shape = (case.batch, case.seqlen_q, case.nheads, case.headdim)
     kv_shape = (case.batch, case.seqlen, case.nheads_kv, case.headdim)
     return {
@@ -361,6 +381,12 @@ def build_cupyflash(case: Case, x: dict) -> Callable:
 
     q, k, v, dout = x["q"], x["k"], x["v"], x["dout"]
     kwargs = {"causal": case.causal, **variant_kwargs(case, x)}
+    if "key_padding" in x:  # the padded peer of a packed batch
+        kwargs["attn_mask"] = x["key_padding"]
+    if case.lengths:
+        longest = max(case.lengths)
+        kwargs.update(cu_seqlens_q=x["cu_seqlens"], cu_seqlens_k=x["cu_seqlens"], max_seqlen_q=longest,
+                      max_seqlen_k=longest)
     if case.mode == "decode":  # k and v are the cache, full
         return lambda: cupyflash.attention_with_kvcache(q, k, v, cache_seqlens=case.seqlen, **kwargs)
     if case.mode == "fwd":
@@ -373,6 +399,25 @@ def build_cupyflash(case: Case, x: dict) -> Callable:
         out, lse = cupyflash.attention(q, k, v, return_lse=True, **kwargs)
         return lambda: backward(out, lse)
     return lambda: backward(*cupyflash.attention(q, k, v, return_lse=True, **kwargs))
+
+
+def build_padded(case: Case, x: dict) -> Callable:
+    """cupyflash on the packed batch padded to its longest sequence (zeros), a key-padding mask
+    hiding the padding: the work a dense call does for a batch of mixed lengths."""
+    xp = _array_module(x["q"])
+    batch, longest = len(case.lengths), max(case.lengths)
+    starts = np.concatenate([[0], np.cumsum(case.lengths)[:-1]])
+
+    def pad(a):
+        bits = f"u{a.dtype.itemsize}"
+        out = xp.zeros((batch, longest, *a.shape[1:]), bits)
+        for b, (start, n) in enumerate(zip(starts, case.lengths)):
+            out[b, :n] = a.view(bits)[start:start + n]
+        return out.view(a.dtype)
+
+    padded = {name: pad(x[name]) for name in ("q", "k", "v", "dout")}
+    mask = xp.asarray(np.arange(longest)[None, :] < np.asarray(case.lengths)[:, None])[:, None, None, :]
+    return build_cupyflash(dataclasses.replace(case, lengths=()), {**padded, "key_padding": mask})
 
 
 def build_naive(case: Case, x: dict) -> Callable:
@@ -442,6 +487,8 @@ def build_torch(backend_name: str, case: Case, x: dict) -> Callable:
 def builder(impl: str) -> Callable[[Case, dict], Callable]:
     if impl in ("cupyflash", PLAIN):
         return build_cupyflash
+    if impl == PADDED:
+        return build_padded
     if impl == "naive":
         return build_naive
     return lambda case, x: build_torch(TORCH_BACKENDS[impl], case, x)
@@ -717,9 +764,10 @@ def format_table(cases, rows, impls) -> str:
     peers = [i for i in impls if i not in ("cupyflash", PLAIN)]
     variants = any(c.variant for c in cases)
     decode = any(c.mode == "decode" for c in cases)
+    packed = any(c.lengths for c in cases)
     columns = [("", "variant")] if variants else []
-    columns += [("", "mode"), ("", "causal"), ("", "hdim"), ("", "batch" if decode else "seqlen")]
-    columns += [("", "cache")] if decode else []
+    columns += [("", "mode"), ("", "causal"), ("", "hdim"), ("", "batch" if decode or packed else "seqlen")]
+    columns += [("", "cache")] if decode else [("", "lengths")] if packed else []
     for impl in impls:
         columns += [(impl, "ms"), (impl, "GB/s" if decode else "TFLOP/s"), (impl, "MiB")]
     columns += [("cupyflash speed-up", f"vs {p}") for p in peers]
@@ -727,14 +775,19 @@ def format_table(cases, rows, impls) -> str:
     for case, row in zip(cases, rows):
         cells = [case.variant.label] if variants else []
         cells += [case.mode, "yes" if case.causal else "no", str(case.headdim)]
-        cells += [str(case.batch), str(case.seqlen)] if decode else [str(case.seqlen)]
+        if decode:
+            cells += [str(case.batch), str(case.seqlen)]
+        elif packed:
+            cells += [str(case.batch), f"{min(case.lengths)}-{max(case.lengths)}"]
+        else:
+            cells.append(str(case.seqlen))
         for impl in impls:
             cells += _cells(row[impl])
         for p in peers:
             x = ratio(row[p], row["cupyflash"])
             cells.append("-" if x is None else f"{x:.2f}x")
         body.append(cells)
-    return render_table(columns, body, left=(5 if variants else 4) + decode)
+    return render_table(columns, body, left=(5 if variants else 4) + (decode or packed))
 
 
 def format_variant_table(cases, rows, targets) -> str:
@@ -802,6 +855,8 @@ def to_json(cases, rows, impls, env, settings, targets=None) -> dict:
     for case, row in zip(cases, rows):
         record = asdict(case)
         del record["variant"]
+        if not case.lengths:
+            del record["lengths"]
         record.update({"flops": case.flops, "results": {i: asdict(row[i]) for i in impls},
                        "speedup": {p: ratio(row[p], row["cupyflash"]) for p in peers}})
         if case.variant is not None:
@@ -945,6 +1000,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bias: float (1, nheads, seqlen, seqlen) additive bias in the input dtype")
     v.add_argument("--dropout", type=_number(float, 0, 1, False), metavar="P",
                    help=f"dropout probability (dropout_seed={DROPOUT_SEED})")
+    p.add_argument("--varlen", action="store_true",
+                   help="a packed batch of mixed lengths (cu_seqlens) against the same batch padded to its longest "
+                        "sequence: 64 sequences of 128-4096 tokens, 16 heads, hdim 128; TFLOP/s count real pairs "
+                        "only; --modes, --causal, --headdims, --nheads, --nheads-kv override")
     p.add_argument("--decode", action="store_true",
                    help="decoding against a KV cache (attention_with_kvcache; GB/s of keys and values read): one "
                         "query token, GQA 32/8, hdim 128, batch 1,8,32 x cache 8k,32k,128k; --batch, --seqlens, "
@@ -957,6 +1016,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--variants runs its own set: leave out --window, --softcap, --alibi, --mask and --dropout")
     if args.decode and (args.variants or variants_from_args(args) or args.modes):
         p.error("--decode runs one forward mode without variants: leave out --variants, the variant flags and --modes")
+    if args.varlen and (args.decode or args.variants or variants_from_args(args)):
+        p.error("--varlen runs without variants and is not --decode: leave out --decode, --variants and the variant "
+                "flags")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error(f"--plot needs matplotlib: {INSTALL}")
     return args
@@ -1003,7 +1065,14 @@ def main(argv=None) -> int:
     causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
     shape = (dtype, batch, nheads, args.nheads_kv)
     targets = {}
-    if args.decode:
+    if args.varlen:
+        count, shortest, longest, varlen_heads, headdim = VARLEN_PRESET[backend.name]
+        lengths = tuple(int(n) for n in np.random.default_rng(VARLEN_SEED).integers(shortest, longest + 1, count))
+        heads = args.nheads or varlen_heads
+        cases = [Case(mode, causal, hd, max(lengths), count, heads, args.nheads_kv or heads, dtype, lengths=lengths)
+                 for mode in args.modes or MODES for causal in causals for hd in args.headdims or [headdim]]
+        peers = [PADDED]
+    elif args.decode:
         batches, caches, decode_heads, decode_heads_kv, headdim = DECODE_PRESET[backend.name]
         cases = [Case("decode", False, hd, cache, b, args.nheads or decode_heads,
                       args.nheads_kv or args.nheads or decode_heads_kv, dtype)

@@ -84,6 +84,21 @@ def test_bench_cpu_decode(tmp_path):
         assert ours["status"] == "ok" and ours["gbps"] > 0, case
 
 
+def test_bench_cpu_varlen(tmp_path):
+    path = tmp_path / "varlen.json"
+    out = run("-m", "cupyflash.bench", "--cpu", "--varlen", "--modes", "fwd", "--causal", "true", "--repeats", "1",
+              "--json", str(path), cwd=tmp_path)
+    assert "cupyflash-padded" in out, out
+    import json
+
+    (case,) = json.loads(path.read_text())["cases"]
+    lengths = case["lengths"]
+    assert len(lengths) == case["batch"] == 8 and case["seqlen"] == max(lengths)
+    # credited the real pairs only: 4 * nheads * headdim * sum(L^2) / 2
+    assert case["flops"] == 4 * case["nheads"] * case["headdim"] * sum(n * n for n in lengths) / 2
+    assert all(case["results"][impl]["status"] == "ok" for impl in ("cupyflash", "cupyflash-padded")), case
+
+
 def test_gpu_examples_skip_cleanly_or_run(tmp_path):
     # Without a GPU these print a one-line skip and exit 0; with one they run their checks.
     run(os.path.join(EXAMPLES, "interop.py"), cwd=tmp_path, timeout=300)
