@@ -42,9 +42,6 @@ __device__ __forceinline__ void tma_load(void* dst, const TensorMap& map, int co
         "l"(&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(smem_u32(bar))
         : "memory");
 }
-__device__ __forceinline__ void tma_prefetch_map(const TensorMap& map) {
-    asm volatile("prefetch.tensormap [%0];" ::"l"(&map) : "memory");
-}
 
 // ---- register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__(n, 1))
 template <int REGS> __device__ __forceinline__ void regs_release() {
@@ -79,10 +76,6 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N> __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 // Shared-memory address of element (row, col) of a 128-byte-swizzled tile of `rows` rows per chunk.
