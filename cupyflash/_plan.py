@@ -91,8 +91,8 @@ SM90_STAGES = 2
 
 def sm90_tiles(headdim):
     """(head tile, query rows, keys) of a Hopper forward block: the head dimension padded to 64-column
-    chunks (the TMA box width), 128 query rows in two consumer warpgroups, key tiles as wide as
-    shared memory holds SM90_STAGES of (see docs/performance.md)."""
+    chunks (the TMA box width), 128 query rows in two consumer warpgroups, key tiles of 128 keys (64
+    above headdim 128, so that SM90_STAGES K and V buffers fit in shared memory)."""
     d = -(-headdim // 64) * 64
     if d > HEADDIM_TILES[-1]:
         raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")
