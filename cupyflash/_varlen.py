@@ -9,6 +9,7 @@ no keys gives out 0 and lse -inf. The offsets are read on the host (see ``_valid
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -40,27 +41,34 @@ def _sequences(spec):
                                                      cu_seqlens_q=None, cu_seqlens_k=None)
 
 
+def _device(spec, x):
+    """The device of CuPy inputs, made current so that the outputs are allocated there."""
+    return x.device if spec.kind == "cupy" else contextlib.nullcontext()
+
+
 def forward(backend, q, k, v, spec):
     xp = _xp(spec)
-    out = xp.zeros(q.shape, q.dtype)
-    lse = xp.full((spec.nheads, q.shape[0]), -np.inf, compute_dtype(q.dtype))
-    for _, rows_q, rows_k, one in _sequences(spec):
-        if one.seqlen_k == 0:
-            continue  # no key: out 0, lse -inf
-        out_b, lse_b = backend.forward(q[None, rows_q], k[None, rows_k], v[None, rows_k], one)
-        out[rows_q] = out_b[0]
-        lse[:, rows_q] = lse_b[0]
+    with _device(spec, q):
+        out = xp.zeros(q.shape, q.dtype)
+        lse = xp.full((spec.nheads, q.shape[0]), -np.inf, compute_dtype(q.dtype))
+        for _, rows_q, rows_k, one in _sequences(spec):
+            if one.seqlen_k == 0:
+                continue  # no key: out 0, lse -inf
+            out_b, lse_b = backend.forward(q[None, rows_q], k[None, rows_k], v[None, rows_k], one)
+            out[rows_q] = out_b[0]
+            lse[:, rows_q] = lse_b[0]
     return out, lse
 
 
 def backward(backend, dout, q, k, v, out, lse, spec, deterministic):
     xp = _xp(spec)
-    dq, dk, dv = (xp.zeros(x.shape, x.dtype) for x in (q, k, v))
-    for _, rows_q, rows_k, one in _sequences(spec):
-        if one.seqlen_k == 0:
-            continue
-        grads = backend.backward(dout[None, rows_q], q[None, rows_q], k[None, rows_k], v[None, rows_k],
-                                 out[None, rows_q], xp.ascontiguousarray(lse[None, :, rows_q]), one, deterministic,
-                                 False)
-        dq[rows_q], dk[rows_k], dv[rows_k] = (g[0] for g in grads[:3])
+    with _device(spec, q):
+        dq, dk, dv = (xp.zeros(x.shape, x.dtype) for x in (q, k, v))
+        for _, rows_q, rows_k, one in _sequences(spec):
+            if one.seqlen_k == 0:
+                continue
+            grads = backend.backward(dout[None, rows_q], q[None, rows_q], k[None, rows_k], v[None, rows_k],
+                                     out[None, rows_q], xp.ascontiguousarray(lse[None, :, rows_q]), one,
+                                     deterministic, False)
+            dq[rows_q], dk[rows_k], dv[rows_k] = (g[0] for g in grads[:3])
     return dq, dk, dv

@@ -135,3 +135,21 @@ def test_packed_on_the_gpu_matches_numpy(dtype):
     finite = np.isfinite(host[1])
     assert np.array_equal(np.isfinite(lse.get()), finite)
     np.testing.assert_allclose(lse.get()[finite], host[1][finite], rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_packed_outputs_on_the_inputs_device():
+    """With the inputs on a second GPU while the first is current, every output is allocated beside them."""
+    cp = pytest.importorskip("cupy")
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs a second GPU")
+    rng = np.random.default_rng(3)
+    cu = np.array([0, 5, 5, 19], np.int32)
+    with cp.cuda.Device(1):
+        q, k, v, dout = (cp.asarray(rng.standard_normal((19, 2, 32)).astype(np.float32)) for _ in range(4))
+        cu_d = cp.asarray(cu)
+    out, lse = cupyflash.attention(q, k, v, cu_seqlens_q=cu_d, cu_seqlens_k=cu_d, causal=True, return_lse=True)
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu_d, cu_seqlens_k=cu_d, causal=True)
+    assert all(x.device.id == 1 for x in (out, lse, *grads))
+    want = cupyflash.attention(*(x.get() for x in (q, k, v)), cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    np.testing.assert_allclose(out.get(), want, rtol=0, atol=1e-5)
