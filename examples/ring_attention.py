@@ -1,16 +1,23 @@
 """Ring attention forward + backward over N ranks, timed per rank against one device.
 
-    python -m cupyflash.distributed.launch --nproc 4 examples/ring_attention.py   # 4 GPUs over NCCL
+    python -m cupyflash.distributed.launch --nproc 2 examples/ring_attention.py   # 2 GPUs over NCCL
+    python -m cupyflash.distributed.launch --nproc 2 examples/ring_attention.py \\
+        --seqlen-local 131072 --nheads 32 --headdim 128 --repeats 2              # 256k tokens in all
     python examples/ring_attention.py --world 4          # 4 LocalRing threads sharing one GPU
     python examples/ring_attention.py --numpy            # LocalRing threads on the CPU, small sizes
 
 Each rank holds ``seqlen_local`` tokens of one sequence (zigzag layout) and runs
 ``ring_attention`` then ``ring_attention_backward``; its shards of out, dq, dk and dv are checked
-against one device's attention on the gathered sequence. Per rank it prints the time of forward +
-backward and the memory held at the peak. Scaling efficiency = (one device's time on the gathered
-sequence / devices) / the slowest rank's time: 100 % is the work split perfectly, nothing lost to
-imbalance or transfers. Under LocalRing every rank shares one device, so "devices" is 1 there, and
-the memory is that of all ranks together.
+against one device's attention on the gathered sequence (every rank computes that baseline on its
+own device, after the ring). Per rank it prints the time of forward and backward and the memory
+held at the peak. Scaling efficiency = (one device's time on the gathered sequence / devices) / the
+slowest rank's time: 100 % is the work split perfectly, nothing lost to imbalance or transfers.
+Under LocalRing every rank shares one device, so "devices" is 1 there, and the memory is that of
+all ranks together.
+
+On GPUs the data are drawn on the device from a seeded generator (the same on every rank, checked
+by a checksum), and the kernels are compiled by one warm-up call on a small problem of the same
+dtype, heads and layout, so the timed calls are the long ones alone.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ DEFAULTS = {  # (seqlen_local, nheads, headdim, dtype, repeats)
     "gpu": (4096, 16, 128, "bfloat16", 5),
     "numpy": (128, 4, 32, "float32", 1),
 }
+WARMUP_SEQLEN_LOCAL = 1024  # tokens per rank of the warm-up call (GPU)
 
 
 def human(nbytes):
@@ -75,57 +83,170 @@ class Device:
         return tracemalloc.get_traced_memory()[1]
 
 
-def global_problem(args, dtype, world):
-    """The whole sequence, the same on every rank: q, k, v, dout on the host."""
-    rng = np.random.default_rng(0)
-    seqlen = world * args.seqlen_local
-    q, dout = (rng.standard_normal((args.batch, seqlen, args.nheads, args.headdim)).astype(dtype) for _ in range(2))
-    k, v = (rng.standard_normal((args.batch, seqlen, args.nheads_kv, args.headdim)).astype(dtype) for _ in range(2))
-    return q, k, v, dout
+# CuPy's bfloat16 (ml_dtypes) is young: on the GPU this example moves and converts it by its bits.
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def timed(device, fn, repeats):
-    """(result, median seconds) of ``fn`` after one warm-up call (kernel compilation)."""
-    result = fn()
-    times = []
+def raw(x):
+    """The same memory as unsigned ints of x's width (copies, slices and concatenations by bits)."""
+    return x.view(_UINT[x.dtype.itemsize])
+
+
+def is_gpu_bf16(device, dtype):
+    return device.gpu and np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16)
+
+
+def narrow(device, x32, dtype):
+    """float32 -> dtype, rounding to nearest even."""
+    if not is_gpu_bf16(device, dtype):
+        return x32.astype(dtype)
+    bits = x32.view(device.xp.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(device.xp.uint16).view(dtype)
+
+
+def widen(device, x):
+    """x as float32 (exact from 16-bit floats)."""
+    if is_gpu_bf16(device, x.dtype):
+        return (raw(x).astype(device.xp.uint32) << 16).view(device.xp.float32)
+    return x.astype(np.float32)
+
+
+def shard(x, rank, world):
+    """zigzag_shard along the sequence, moved by bits."""
+    return zigzag_shard(raw(x), rank, world).view(x.dtype)
+
+
+def global_problem(device, args, dtype, world, seqlen_local=None, seed=0):
+    """The whole sequence, the same on every rank: q, k, v, dout (on the device)."""
+    seqlen = world * (seqlen_local or args.seqlen_local)
+    heads = (args.nheads, args.nheads_kv, args.nheads_kv, args.nheads)
+    shapes = [(args.batch, seqlen, h, args.headdim) for h in heads]
+    if not device.gpu:
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    cp = device.xp
+    arrays = []
+    for i, shape in enumerate(shapes):
+        x = cp.empty(shape, dtype)
+        rs = cp.random.RandomState(seed * 16 + i)
+        rows = max(1, 2**27 // (shape[0] * shape[2] * shape[3]))  # pieces of 128 Mi float32 draws
+        for a in range(0, seqlen, rows):
+            b = min(seqlen, a + rows)
+            piece = narrow(device, rs.standard_normal((shape[0], b - a, *shape[2:]), dtype=cp.float32), x.dtype)
+            raw(x)[:, a:b] = raw(piece)
+        arrays.append(x)
+    return arrays
+
+
+def checksum(device, arrays):
+    """A float that differs if the arrays do (a sparse sample, summed in float64)."""
+    total = 0.0
+    for x in arrays:
+        total += float(widen(device, x.reshape(-1)[::4099]).astype(np.float64).sum())
+    return total
+
+
+def timed(device, fn, repeats, warmup):
+    """(result, median forward seconds, median forward + backward seconds): ``warmup()`` once
+    (kernel compilation), then ``fn(sync)`` ``repeats`` times; fn returns (result, the
+    perf_counter() after its forward)."""
+    warmup()
+    fwd, total = [], []
+    result = None
+    for _ in range(repeats):
+        result = None  # the last call's arrays go back to the pool first
+        device.sync()
+        start = time.perf_counter()
+        result, mid = fn(device.sync)
+        device.sync()
+        end = time.perf_counter()
+        fwd.append(mid - start)
+        total.append(end - start)
+    return result, float(np.median(fwd)), float(np.median(total))
+
+
+def single_device_fn(q, k, v, dout, causal):
+    def fwd_bwd(sync):
+        out, lse = cupyflash.attention(q, k, v, causal=causal, return_lse=True)
+        sync()
+        mid = time.perf_counter()
+        return (out, *cupyflash.attention_backward(dout, q, k, v, out, lse, causal=causal)), mid
+
+    return fwd_bwd
+
+
+def ring_fn(comm, q, k, v, dout, causal):
+    def fwd_bwd(sync):
+        out, lse = ring_attention(q, k, v, comm=comm, causal=causal, return_lse=True)
+        sync()
+        mid = time.perf_counter()
+        return (out, *ring_attention_backward(dout, q, k, v, out, lse, comm=comm, causal=causal)), mid
+
+    return fwd_bwd
+
+
+def breakdown(device, comm, q, k, v, dout, causal, repeats):
+    """Where a rank's ring time goes: (forward, backward) seconds of the same attention pieces that
+    the ring computes on this rank, alone (no transfers, no merges; data of its own block), and the
+    seconds of one K/V hop and of one float32 dK/dV hop around the ring. Uses the ring's private
+    schedule (cupyflash.distributed._ring), so it is a diagnostic, not an API."""
+    from cupyflash import _validate
+    from cupyflash.distributed import _ring
+
+    xp, rank, world, n = device.xp, comm.rank, comm.size, q.shape[1]
+    base = _validate.check_call("breakdown", q, k, v, causal=causal)
+    q_rows = _ring._segments("zigzag", rank, world, n)
+    pieces = [(qs, ks, spec) for step in range(world)
+              for qs, ks, spec in _ring._calls(base, q_rows, _ring._segments("zigzag", (rank - step) % world, world, n),
+                                                xp)]
+
+    def kw(spec):
+        return dict(causal=spec.causal, window_size=spec.window, softcap=spec.softcap, scale=spec.scale,
+                    attn_mask=spec.attn_mask)
+
+    fwd, bwd = [], []
     for _ in range(repeats):
         device.sync()
         start = time.perf_counter()
-        result = fn()
+        outs = [cupyflash.attention(q[:, qs], k[:, ks], v[:, ks], return_lse=True, **kw(spec))
+                for qs, ks, spec in pieces]
         device.sync()
-        times.append(time.perf_counter() - start)
-    return result, float(np.median(times))
+        mid = time.perf_counter()
+        for (qs, ks, spec), (out, lse) in zip(pieces, outs):
+            cupyflash.attention_backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out, lse, **kw(spec))
+        device.sync()
+        fwd.append(mid - start)
+        bwd.append(time.perf_counter() - mid)
+        del outs
+    hops = []
+    for arrays in ([k, v], [xp.zeros(k.shape, xp.float32), xp.zeros(v.shape, xp.float32)]):
+        comm.sendrecv(arrays, (rank + 1) % world, (rank - 1) % world)  # the connection's first use
+        device.sync()
+        start = time.perf_counter()
+        comm.sendrecv(arrays, (rank + 1) % world, (rank - 1) % world)
+        device.sync()
+        hops.append(time.perf_counter() - start)
+    return float(np.median(fwd)), float(np.median(bwd)), hops[0], hops[1], len(pieces)
 
 
-def single_device(device, problem, args):
-    """One device's forward + backward on the gathered sequence: (out, dq, dk, dv), seconds, peak."""
-    q, k, v, dout = (device.xp.asarray(x) for x in problem)
+def errors(device, got, want):
+    """(max |got - want| / max(1, max |want|), worst ||got - want|| / ||want||) over the tensors,
+    in float32 on the arrays' device."""
+    xp = device.xp
+    worst_max = worst_norm = 0.0
+    for g, w in zip(got, want):
+        g, w = widen(device, g), widen(device, w)
+        d = g - w
+        worst_max = max(worst_max, float(abs(d).max()) / max(1.0, float(abs(w).max())))
+        worst_norm = max(worst_norm, float(xp.linalg.norm(d.ravel())) / max(1e-30, float(xp.linalg.norm(w.ravel()))))
+    return worst_max, worst_norm
 
-    def fwd_bwd():
-        out, lse = cupyflash.attention(q, k, v, causal=args.causal, return_lse=True)
-        return (out, *cupyflash.attention_backward(dout, q, k, v, out, lse, causal=args.causal))
 
-    device.reset_peak()
-    result, seconds = timed(device, fwd_bwd, args.repeats)
-    return result, seconds, device.peak()
-
-
-def ring_rank(comm, device, problem, reference, args):
-    """This rank's forward + backward: (seconds, max error of its shards vs the single device)."""
-    world = comm.size
-    q, k, v, dout = (device.xp.asarray(zigzag_shard(x, comm.rank, world)) for x in problem)
-
-    def fwd_bwd():
-        out, lse = ring_attention(q, k, v, comm=comm, causal=args.causal, return_lse=True)
-        return (out, *ring_attention_backward(dout, q, k, v, out, lse, comm=comm, causal=args.causal))
-
-    result, seconds = timed(device, fwd_bwd, args.repeats)
-    error = 0.0
-    for got, want in zip(result, reference):
-        want = zigzag_shard(want, comm.rank, world).astype(np.float64)
-        got = (got.get() if device.gpu else got).astype(np.float64)
-        error = max(error, float(abs(got - want).max()) / max(1.0, float(abs(want).max())))
-    return seconds, error
+def flops(args, world):
+    """Matrix-product flops of forward and of backward on the gathered sequence (causal: half)."""
+    seqlen = world * args.seqlen_local
+    fwd = 4 * args.batch * args.nheads * args.headdim * seqlen * seqlen * (0.5 if args.causal else 1.0)
+    return fwd, 2.5 * fwd
 
 
 def ring_allgather(comm, value):
@@ -138,14 +259,22 @@ def ring_allgather(comm, value):
     return [values[r] for r in range(comm.size)]
 
 
-def summary(args, world, devices, single_seconds, single_peak, ring_seconds):
+def summary(args, world, devices, single, single_peak, ring):
+    """``single``: (fwd, total) seconds of one device; ``ring``: every rank's (fwd, total)."""
     seqlen = world * args.seqlen_local
-    slowest = max(ring_seconds)
-    print(f"one device, gathered sequence of {seqlen} tokens: {single_seconds * 1e3:.1f} ms, "
-          f"memory peak {human(single_peak)}")
-    print(f"ring over {world} ranks on {devices} device(s): slowest rank {slowest * 1e3:.1f} ms, "
-          f"ideal {single_seconds / devices * 1e3:.1f} ms, scaling efficiency "
-          f"{100 * single_seconds / devices / slowest:.0f} %")
+    fwd_flops, bwd_flops = flops(args, world)
+    s_fwd, s_total = single
+    r_fwd, r_total = max(f for f, _ in ring), max(t for _, t in ring)
+    r_bwd = max(t - f for f, t in ring)
+    print(f"one device, gathered sequence of {seqlen} tokens: forward {s_fwd * 1e3:.1f} ms + backward "
+          f"{(s_total - s_fwd) * 1e3:.1f} ms = {s_total * 1e3:.1f} ms "
+          f"({(fwd_flops + bwd_flops) / s_total / 1e12:.1f} TFLOP/s), memory peak {human(single_peak)}")
+    print(f"ring over {world} ranks on {devices} device(s), slowest rank: forward {r_fwd * 1e3:.1f} ms "
+          f"(efficiency {100 * s_fwd / devices / r_fwd:.0f} %), backward {r_bwd * 1e3:.1f} ms "
+          f"(efficiency {100 * (s_total - s_fwd) / devices / r_bwd:.0f} %), per-device "
+          f"{(fwd_flops + bwd_flops) / devices / r_total / 1e12:.1f} TFLOP/s")
+    print(f"forward + backward: slowest rank {r_total * 1e3:.1f} ms, ideal {s_total / devices * 1e3:.1f} ms, "
+          f"scaling efficiency {100 * s_total / devices / r_total:.0f} %")
 
 
 def main(argv=None):
@@ -160,6 +289,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES))
     p.add_argument("--no-causal", dest="causal", action="store_false")
     p.add_argument("--repeats", type=int, help="timed runs after one warm-up (the median is printed)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="under the launcher, also time the ring's attention pieces alone and one hop of K/V and "
+                        "of dK/dV")
     args = p.parse_args(argv)
     launched = "WORLD_SIZE" in os.environ and "CUPYFLASH_RENDEZVOUS" in os.environ
     if not launched and not args.numpy and not gpu_available():
@@ -178,37 +310,74 @@ def main(argv=None):
         import cupy
 
         device = Device(cupy)
+    # the warm-up: the full size on the CPU (nothing to compile), a small problem on GPUs
+    warm_local = args.seqlen_local if args.numpy else min(args.seqlen_local, WARMUP_SEQLEN_LOCAL)
 
     if launched:  # one process per GPU, NCCL between them
         comm = NcclComm.from_env()
-        problem = global_problem(args, dtype, comm.size)
-        reference, single_seconds, single_peak = single_device(device, problem, args)
-        reference = [x.get() for x in reference]
+        rank, world = comm.rank, comm.size
+        problem = global_problem(device, args, dtype, world)
+        sums = ring_allgather(comm, checksum(device, problem))
+        if max(sums) - min(sums) > 1e-9 * max(1.0, max(abs(x) for x in sums)):
+            raise RuntimeError(f"rank {rank}: the ranks drew different data (checksums {sums})")
+        shards = [shard(x, rank, world) for x in problem]
+        del problem
+        warm = [shard(x, rank, world) for x in global_problem(device, args, dtype, world, warm_local, seed=1)]
         device.reset_peak()
-        seconds, error = ring_rank(comm, device, problem, reference, args)
-        print(f"rank {comm.rank}: forward + backward {seconds * 1e3:.1f} ms, memory peak {human(device.peak())}, "
-              f"max error vs one device {error:.1e}", flush=True)
-        ring_seconds = ring_allgather(comm, seconds)
-        if comm.rank == 0:
-            summary(args, comm.size, comm.size, single_seconds, single_peak, ring_seconds)
+        got, fwd, total = timed(device, ring_fn(comm, *shards, args.causal), args.repeats,
+                                lambda: ring_fn(comm, *warm, args.causal)(device.sync))
+        ring_peak = device.peak()
+        if args.breakdown:
+            p_fwd, p_bwd, kv_hop, grad_hop, n_pieces = breakdown(device, comm, *shards, args.causal, args.repeats)
+            print(f"rank {rank}: its {n_pieces} attention pieces alone: forward {p_fwd * 1e3:.1f} ms + backward "
+                  f"{p_bwd * 1e3:.1f} ms = {(p_fwd + p_bwd) * 1e3:.1f} ms; one K/V hop {kv_hop * 1e3:.1f} ms, "
+                  f"one float32 dK/dV hop {grad_hop * 1e3:.1f} ms", flush=True)
+        del shards, warm
+
+        problem = global_problem(device, args, dtype, world)  # the same draws again, for one device
+        warm = global_problem(device, args, dtype, world, warm_local, seed=1)
+        device.reset_peak()
+        want, s_fwd, s_total = timed(device, single_device_fn(*problem, args.causal), args.repeats,
+                                     lambda: single_device_fn(*warm, args.causal)(device.sync))
+        single_peak = device.peak()
+        del problem, warm
+        want = [shard(x, rank, world) for x in want]
+        error, norm_error = errors(device, got, want)
+        print(f"rank {rank}: forward {fwd * 1e3:.1f} ms + backward {(total - fwd) * 1e3:.1f} ms = "
+              f"{total * 1e3:.1f} ms, memory peak {human(ring_peak)}, max error vs one device {error:.1e} "
+              f"(norm-wise {norm_error:.1e}); one device: {s_total * 1e3:.1f} ms", flush=True)
+        ring = list(zip(ring_allgather(comm, fwd), ring_allgather(comm, total)))
+        single_fwd, single_total = ring_allgather(comm, s_fwd), ring_allgather(comm, s_total)
+        if rank == 0:
+            # the one-device baseline ran on every rank's GPU: their mean
+            summary(args, world, world, (float(np.mean(single_fwd)), float(np.mean(single_total))), single_peak,
+                    ring)
         return 0
 
     world = args.world
-    problem = global_problem(args, dtype, world)
-    reference, single_seconds, single_peak = single_device(device, problem, args)
-    reference = [x.get() if device.gpu else x for x in reference]
+    problem = global_problem(device, args, dtype, world)
+    warm = global_problem(device, args, dtype, world, warm_local, seed=1)
+    device.reset_peak()
+    want, s_fwd, s_total = timed(device, single_device_fn(*problem, args.causal), args.repeats,
+                                 lambda: single_device_fn(*warm, args.causal)(device.sync))
+    single_peak = device.peak()
     device.reset_peak()
 
     def rank_main(comm):
         if device.gpu:
             device.xp.cuda.Device(0).use()
-        return ring_rank(comm, device, problem, reference, args)
+        shards = [shard(x, comm.rank, world) for x in problem]
+        warm_shards = [shard(x, comm.rank, world) for x in warm]
+        got, fwd, total = timed(device, ring_fn(comm, *shards, args.causal), args.repeats,
+                                lambda: ring_fn(comm, *warm_shards, args.causal)(device.sync))
+        return (fwd, total), errors(device, got, [shard(x, comm.rank, world) for x in want])
 
     results = LocalRing(world, timeout=600).run(rank_main)
-    for rank, (seconds, error) in enumerate(results):
-        print(f"rank {rank}: forward + backward {seconds * 1e3:.1f} ms, max error vs one device {error:.1e}")
+    for rank, ((fwd, total), (error, norm_error)) in enumerate(results):
+        print(f"rank {rank}: forward {fwd * 1e3:.1f} ms + backward {(total - fwd) * 1e3:.1f} ms = "
+              f"{total * 1e3:.1f} ms, max error vs one device {error:.1e} (norm-wise {norm_error:.1e})")
     print(f"memory peak of all {world} ranks together (LocalRing shares one device): {human(device.peak())}")
-    summary(args, world, 1, single_seconds, single_peak, [s for s, _ in results])
+    summary(args, world, 1, (s_fwd, s_total), single_peak, [times for times, _ in results])
     return 0
 
 

@@ -323,33 +323,73 @@ def test_launcher_stops_the_others_when_a_rank_fails(tmp_path):
     assert elapsed < 30
 
 
+@pytest.mark.parametrize("unique_id", [bytes(range(256))[::2], tuple(range(-64, 64))], ids=["bytes", "tuple"])
+def test_the_nccl_unique_id_crosses_the_rendezvous_as_made(unique_id):
+    # CuPy 14's get_unique_id gives bytes and NcclCommunicator takes only bytes; older CuPy, a tuple
+    from cupyflash.distributed import _comm
+
+    back = _comm._decode_unique_id(_comm._encode_unique_id(unique_id))
+    assert type(back) is type(unique_id) and back == unique_id
+
+
+def test_launcher_stopped_by_sigterm_stops_every_rank(tmp_path):
+    # what `timeout` sends: the ranks must not outlive the launcher (they would hold the GPUs)
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        open(f"rank{os.environ['RANK']}.pid", "w").write(str(os.getpid()))
+        time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, "-m", "cupyflash.distributed.launch", "--nproc", "2", str(script)],
+                            cwd=tmp_path)
+    pid_files = [tmp_path / f"rank{r}.pid" for r in range(2)]
+    deadline = time.monotonic() + 30
+    while not all(f.exists() and f.read_text() for f in pid_files):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + 15
+    for f in pid_files:
+        pid = int(f.read_text())
+        with pytest.raises(ProcessLookupError):  # stopped and reaped by the launcher
+            os.kill(pid, 0)
+
+
 # ---- GPUs
 
 
+def _to_device(cp, x):
+    """Host array to the current device, bit for bit (CuPy's bfloat16 is young)."""
+    return cp.asarray(x.view(np.uint16 if x.dtype.itemsize == 2 else x.dtype)).view(x.dtype)
+
+
+def _to_host(x):
+    return x.view("uint16").get().view(x.dtype) if x.dtype.itemsize == 2 else x.get()
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("layout", _ring.LAYOUTS)
-def test_local_ring_on_cupy_matches_attention_on_the_gathered_sequence(layout):
+def test_local_ring_on_cupy_matches_attention_on_the_gathered_sequence(layout, dtype):
     cp = pytest.importorskip("cupy")
     world, kw = 4, dict(causal=True, window_size=(100, -1), softcap=10.0)
-    q, k, v, dout = (cp.asarray(x) for x in global_inputs(world * 96, np.float16, 1, nheads=6, nheads_kv=2,
-                                                         headdim=64))
+    host = global_inputs(world * 96, dtype, 1, nheads=6, nheads_kv=2, headdim=64)
+    q, k, v, dout = (_to_device(cp, x) for x in host)
     out, lse = cupyflash.attention(q, k, v, return_lse=True, **kw)
     want = (out, lse, *cupyflash.attention_backward(dout, q, k, v, out, lse, **kw))
 
     def rank_main(comm):
         with cp.cuda.Device(0):
-            args = [zigzag_shard(x, comm.rank, world) if layout == "zigzag" else cp.split(x, world, 1)[comm.rank]
-                    for x in (q, k, v, dout)]
+            args = [_to_device(cp, shard(x, comm.rank, world, layout)) for x in host]
             out, lse = ring_attention(*args[:3], comm=comm, return_lse=True, layout=layout, **kw)
             return out, lse, *ring_attention_backward(args[3], *args[:3], out, lse, comm=comm, layout=layout, **kw)
 
     results = LocalRing(world).run(rank_main)
     for i, w in enumerate(want):
-        shards = [r[i] for r in results]
-        got = zigzag_unshard(shards, 2 if i == 1 else 1) if layout == "zigzag" else cp.concatenate(shards, 2 if i == 1
-                                                                                                     else 1)
-        w = w.get().astype(np.float64)
-        np.testing.assert_allclose(got.get(), w, rtol=0, atol=1e-2 * max(1.0, float(np.abs(w).max())))
+        got = unshard([_to_host(r[i]) for r in results], layout, axis=2 if i == 1 else 1)
+        assert got.dtype == w.dtype
+        w = _to_host(w).astype(np.float64)
+        np.testing.assert_allclose(got.astype(np.float64), w, rtol=0, atol=1e-2 * max(1.0, float(np.abs(w).max())))
 
 
 def _nccl():
@@ -380,29 +420,74 @@ def test_nccl_comm_of_one_gpu_runs_the_ring():
 
 
 TWO_GPU_WORKER = """
-    import sys
+    import sys, time
     import cupy
+    import ml_dtypes
     import numpy as np
     import cupyflash
     from cupyflash.distributed import NcclComm, ring_attention, ring_attention_backward, zigzag_shard
 
     comm = NcclComm.from_env()
     rank, world = comm.rank, comm.size
-    rng = np.random.default_rng(0)  # the same global sequence on every rank
-    q, k, v, dout = (cupy.asarray(rng.standard_normal((2, world * 512, h, 64)).astype(np.float16))
-                     for h in (8, 2, 2, 8))
+    print(f"rank {rank} on device {cupy.cuda.Device().id}", flush=True)
+
+    def up(x):  # host -> this device, bit for bit (bfloat16 included)
+        return cupy.asarray(x.view(np.uint16) if x.dtype.itemsize == 2 else x).view(x.dtype)
+
+    def down(x):
+        return x.view(cupy.uint16).get().view(x.dtype) if x.dtype.itemsize == 2 else x.get()
+
+    def split(x, layout, axis=1):
+        return zigzag_shard(x, rank, world, axis) if layout == "zigzag" else np.split(x, world, axis)[rank]
+
+    # flash-attn's rule against the float64 reference on the gathered sequence: the ring's error at
+    # most twice one GPU's (same kernels, whole sequence) plus a floor of a few roundings
     kw = dict(causal=True, window_size=(700, -1), softcap=20.0)
-    out, lse = cupyflash.attention(q, k, v, return_lse=True, **kw)
-    want = (out, lse, *cupyflash.attention_backward(dout, q, k, v, out, lse, **kw))
-    mine = [zigzag_shard(x, rank, world) for x in (q, k, v, dout)]
-    out, lse = ring_attention(*mine[:3], comm=comm, return_lse=True, **kw)
-    got = (out, lse, *ring_attention_backward(mine[3], *mine[:3], out, lse, comm=comm, **kw))
-    error = 0.0
-    for i, (g, w) in enumerate(zip(got, want)):
-        w = zigzag_shard(w, rank, world, 2 if i == 1 else 1).astype(cupy.float32)
-        error = max(error, float(cupy.abs(g.astype(cupy.float32) - w).max()) / max(1.0, float(cupy.abs(w).max())))
-    print(f"rank {rank} on device {cupy.cuda.Device().id}: max error {error:.2e}", flush=True)
-    sys.exit(0 if error < 1e-2 else 1)
+    ok = True
+    for dtype, layout, seqlen_local in [(np.float16, "zigzag", 512), (ml_dtypes.bfloat16, "zigzag", 512),
+                                        (np.float32, "zigzag", 512), (ml_dtypes.bfloat16, "contiguous", 509)]:
+        rng = np.random.default_rng(0)  # the same global sequence on every rank
+        q, k, v, dout = (rng.standard_normal((2, world * seqlen_local, h, 64)).astype(dtype) for h in (8, 2, 2, 8))
+        wide = [x.astype(np.float64) for x in (q, k, v, dout)]
+        out, lse = cupyflash.reference.attention(*wide[:3], return_lse=True, **kw)
+        ref = (out, lse, *cupyflash.reference.attention_backward(wide[3], *wide[:3], out, lse, **kw))
+        dev = [up(x) for x in (q, k, v, dout)]
+        out, lse = cupyflash.attention(*dev[:3], return_lse=True, **kw)
+        single = [down(x) for x in (out, lse, *cupyflash.attention_backward(dev[3], *dev[:3], out, lse, **kw))]
+        mine = [up(split(x, layout)) for x in (q, k, v, dout)]
+        out, lse = ring_attention(*mine[:3], comm=comm, return_lse=True, layout=layout, **kw)
+        got = [down(x) for x in (out, lse, *ring_attention_backward(mine[3], *mine[:3], out, lse, comm=comm,
+                                                                     layout=layout, **kw))]
+        for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+            axis = 2 if name == "lse" else 1
+            want = split(ref[i], layout, axis)
+            one = split(single[i], layout, axis).astype(np.float64)
+            mine_i = got[i].astype(np.float64)
+            wide_out = name == "lse" or dtype == np.float32  # float32 results: exp/log rounding, not storage
+            floor = (16 * float(np.finfo(np.float32).eps) if wide_out else 2 * float(ml_dtypes.finfo(dtype).eps))
+            ring_err, one_err = float(np.abs(mine_i - want).max()), float(np.abs(one - want).max())
+            bound = 2 * one_err + floor * max(1.0, float(np.abs(want).max()))
+            passed = bool(np.isfinite(mine_i).all()) and got[i].dtype == single[i].dtype and ring_err <= bound
+            ok &= passed
+            print(f"rank {rank} {np.dtype(dtype).name} {layout} seqlen_local {seqlen_local} {name}: ring error "
+                  f"{ring_err:.2e}, one GPU {one_err:.2e}, bound {bound:.2e}{'' if passed else ' FAIL'}", flush=True)
+
+    # shapes that differ across ranks: an error on every rank, not a hang; the ring stays usable
+    q = up(np.random.default_rng(1).standard_normal((1, 6 if rank == 1 else 8, 2, 64)).astype(np.float32))
+    start = time.monotonic()
+    try:
+        ring_attention(q, q, q, comm=comm)
+        print(f"rank {rank} mismatched shapes: no error FAIL", flush=True)
+        ok = False
+    except ValueError as exc:
+        print(f"rank {rank} mismatched shapes: ValueError after {time.monotonic() - start:.2f} s: {exc}", flush=True)
+    q = up(np.random.default_rng(1).standard_normal((1, 8, 2, 64)).astype(np.float32))
+    want = cupyflash.attention(up(np.concatenate([q.get()] * world, 1)), up(np.concatenate([q.get()] * world, 1)),
+                               up(np.concatenate([q.get()] * world, 1)))[:, rank * 8:(rank + 1) * 8]
+    after = ring_attention(q, q, q, comm=comm, layout="contiguous")
+    ok &= bool(abs(after - want).max() < 1e-4)
+    print(f"rank {rank} after the error: ring call max error {float(abs(after - want).max()):.1e}", flush=True)
+    sys.exit(0 if ok else 1)
 """
 
 
@@ -412,8 +497,11 @@ def test_two_gpus_through_the_launcher_match_one_gpu_on_the_gathered_sequence(tm
     if cp.cuda.runtime.getDeviceCount() < 2:
         pytest.skip("needs 2 GPUs")
     proc, _ = launch(tmp_path, 2, TWO_GPU_WORKER, timeout=600)
+    print(proc.stdout)  # the errors of every case (pytest -rA shows them)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(re.findall(r"rank (\d) on device (\d)", proc.stdout)) == [("0", "0"), ("1", "1")], proc.stdout
+    assert len(re.findall(r"ring error", proc.stdout)) == 2 * 4 * 5 and "FAIL" not in proc.stdout, proc.stdout
+    assert len(re.findall(r"mismatched shapes: ValueError", proc.stdout)) == 2, proc.stdout
 
 
 def test_example_runs_on_numpy(tmp_path):

@@ -134,6 +134,19 @@ class _NcclTransfer:
 _communicator_ids = itertools.count()
 
 
+def _encode_unique_id(unique_id) -> bytes:
+    """``nccl.get_unique_id()`` as text for the rendezvous. CuPy 14 gives bytes (and its
+    NcclCommunicator takes only bytes); older CuPy gave a tuple of C chars as ints, signed or not
+    by platform. The kind travels along, so the other ranks rebuild exactly what rank 0 made."""
+    kind = "bytes" if isinstance(unique_id, (bytes, bytearray)) else "tuple"
+    return json.dumps({"kind": kind, "id": list(unique_id)}).encode()
+
+
+def _decode_unique_id(data: bytes):
+    message = json.loads(data)
+    return bytes(message["id"]) if message["kind"] == "bytes" else tuple(message["id"])
+
+
 class NcclComm:
     """A ring communicator over NCCL: one process per GPU, point-to-point sends and receives on a
     stream of its own.
@@ -193,10 +206,9 @@ class NcclComm:
         address = env[_rendezvous.ENV]
         if rank == 0:
             unique_id = nccl.get_unique_id()
-            # a tuple of C chars as ints, signed or not by platform: sent as text, exactly as made
-            _rendezvous.publish(address, key, json.dumps(list(unique_id)).encode())
+            _rendezvous.publish(address, key, _encode_unique_id(unique_id))
         else:
-            unique_id = tuple(json.loads(_rendezvous.fetch(address, key)))
+            unique_id = _decode_unique_id(_rendezvous.fetch(address, key))
         return cls(nccl.NcclCommunicator(world, unique_id, rank))
 
     def start_sendrecv(self, send_arrays: Sequence[Array], dst: int, src: int) -> _NcclTransfer:

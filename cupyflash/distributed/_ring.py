@@ -218,6 +218,16 @@ def _start(comm, arrays):
 # ---- the schedule
 
 
+def _widen(x, cdt, xp):
+    """``x`` in the compute dtype ``cdt``. CuPy bfloat16 widens by its bits (the high half of a
+    float32, exactly), which asks no bfloat16 arithmetic of CuPy, whose support of it is young."""
+    if x.dtype == cdt:
+        return x
+    if xp is not np and x.dtype == _validate.BFLOAT16:
+        return (x.view(xp.uint16).astype(xp.uint32) << 16).view(xp.float32).astype(cdt, copy=False)
+    return x.astype(cdt)
+
+
 def _merge_into(out, lse, part_out, part_lse, xp):
     """``(out, lse)`` (views of the accumulators) becomes the attention over the union of its keys
     and the part's, as :func:`cupyflash.merge_attention` merges (a row no part saw: 0 and -inf)."""
@@ -231,7 +241,7 @@ def _merge_into(out, lse, part_out, part_lse, xp):
         weight, part_weight = (xp.where(total == 0, cdt.type(0), w / total) for w in (weight, part_weight))
     # (batch, nheads, rows) weights -> the (batch, rows, nheads, headdim) outputs
     out *= weight.transpose(0, 2, 1)[..., None]
-    out += part_weight.transpose(0, 2, 1)[..., None] * part_out.astype(cdt)
+    out += part_weight.transpose(0, 2, 1)[..., None] * _widen(part_out, cdt, xp)
 
 
 def _forward(comm, q, k, v, base, layout):
@@ -268,9 +278,9 @@ def _backward(comm, dout, q, k, v, out, lse, base, layout):
             part_dq, part_dk, part_dv, _ = backend.backward(
                 dout[:, qs], q[:, qs], block[0][:, ks], block[1][:, ks], out[:, qs],
                 xp.ascontiguousarray(lse[..., qs]), spec, False, False)
-            dq[:, qs] += part_dq
-            dk[:, ks] += part_dk
-            dv[:, ks] += part_dv
+            dq[:, qs] += _widen(part_dq, cdt, xp)
+            dk[:, ks] += _widen(part_dk, cdt, xp)
+            dv[:, ks] += _widen(part_dv, cdt, xp)
         # the held block's accumulator arrives from the rank that held the block last step
         if grads_in is not None:
             for grad, arrived in zip((dk, dv), grads_in.wait()):

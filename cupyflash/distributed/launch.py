@@ -6,7 +6,7 @@ Process r runs ``python script.py args...`` with ``RANK=r``, ``LOCAL_RANK=r``, `
 and ``CUPYFLASH_RENDEZVOUS`` (the ``host:port`` of a key-value server this launcher holds for the
 job on 127.0.0.1), and shares this terminal. When a process fails, the others are stopped (they
 would wait for it for ever inside NCCL); the exit status is that of the first failure, 0 when all
-succeed.
+succeed. Stopping the launcher (Ctrl-C, SIGTERM as from ``timeout``) stops every process first.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from . import _rendezvous
@@ -50,6 +51,14 @@ def _supervise(procs):
         time.sleep(0.05)
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cupyflash.distributed.launch",
                                      description="Start one process per GPU for a script using NcclComm.from_env().")
@@ -61,6 +70,9 @@ def main(argv=None) -> int:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     server = _rendezvous.Server()
     procs = []
+    # SIGTERM would end this process without the cleanup below and leave the ranks running
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers go
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         for rank in range(args.nproc):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc))
@@ -69,9 +81,13 @@ def main(argv=None) -> int:
         return _supervise(procs)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+    except _Terminated:
+        return 128 + signal.SIGTERM
     finally:
         _stop(procs)
         server.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
