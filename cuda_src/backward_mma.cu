@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     float* sLse = reinterpret_cast<float*>(sdO + 2 * BLOCK_M * LD);  // [2][BLOCK_M], log2 units
     float* sDelta = sLse + 2 * BLOCK_M;                              // [2][BLOCK_M]
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
     const int n0 = blockIdx.x / SLICES * BLOCK_N, col0 = blockIdx.x % SLICES * D_OUT, hk = blockIdx.y, b = blockIdx.z;
     const float scale_log2 = float(f.scale) * float(LOG2E);
 
@@ -103,47 +103,11 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         gemm_nt<T, D_TILE, BLOCK_M, LD>(dpt, sV + warp * 16 * LD, cdO, lane);
 
         // st becomes pd^T, dpt becomes dx^T (rows: keys key0, key0 + 8; columns: queries).
-        auto pairs = [&](auto check) {
-            constexpr bool CHECK = decltype(check)::value;
-#pragma unroll
-            for (int j = 0; j < MT; ++j) {
-                // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane
-                // and of its neighbour lane ^ 4 (key0 ^ 1): each of the pair draws one column, and they swap.
-                unsigned mine[4], theirs[4];
-                if (Var::dropout) {
-                    var.random_words(m0 + j * 8 + 2 * tq + (g & 1), key0, mine);
-#pragma unroll
-                    for (int w = 0; w < 4; ++w) theirs[w] = __shfl_xor_sync(0xffffffffu, mine[w], 4);
-                }
-#pragma unroll
-                for (int ec = 0; ec < 2; ++ec) {
-                    const int im = j * 8 + 2 * tq + ec;
-                    const bool own = ec == (g & 1);
-#pragma unroll
-                    for (int er = 0; er < 2; ++er) {
-                        const int e = 2 * er + ec, key = key0 + 8 * er;
-                        bool kept = false;
-                        if (Var::dropout) {  // key % 32 = 16 (warp % 2) + 8 er + g
-                            const int w = 2 * (warp & 1) + er;
-                            const unsigned word = own ? (w == 0 ? mine[0] : w == 1 ? mine[1] : w == 2 ? mine[2] : mine[3])
-                                                      : (w == 0 ? theirs[0] : w == 1 ? theirs[1] : w == 2 ? theirs[2]
-                                                                                                          : theirs[3]);
-                            kept = ((g & 1) ? word >> 16 : word & 0xFFFFu) >= var.threshold;
-                        }
-                        float pd, ds, dx;
-                        pair_backward<CHECK, true>(var, st[j][e], dpt[j][e], scale_log2, cLse[im], cDelta[im], m0 + im, key,
-                                                   kept, pd, ds, dx);
-                        st[j][e] = pd;
-                        dpt[j][e] = dx;
-                    }
-                }
-            }
-        };
         const bool needs_mask = kind == EDGE;
         if (needs_mask) {
-            pairs(Bool<true>());
+            key_rows_backward<true>(var, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
         } else {
-            pairs(Bool<false>());
+            key_rows_backward<false>(var, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
         }
         if (Var::hides_keys && needs_mask && (tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cdO) ||
                                               tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cQ))) {

@@ -201,3 +201,47 @@ __device__ __forceinline__ void pair_backward(const Var& var, A s, A dp, A scale
     ds = pr * (dp - delta);
     dx = Var::softcap ? ds * dcap : ds;
 }
+
+// pair_backward on a tile whose rows are keys and columns queries (the kernels that hold dK and dV):
+// st = s^T becomes pd^T, dpt = dp^T becomes dx^T. This lane holds keys key0 and key0 + 8, where
+// key0 % 32 = 16 (warp % 2) + lane / 4, and queries m0 + 8 j + 2 (lane % 4) + {0, 1}, whose lse (log2
+// units) and delta are lse2[q - m0] and delta[q - m0].
+template <bool CHECK, int MT, typename Var>
+__device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT][4], float (&dpt)[MT][4], int m0,
+                                                  int key0, int warp, int lane, float scale_log2, const float* lse2,
+                                                  const float* delta) {
+    const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+        // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane and
+        // of its neighbour lane ^ 4 (key0 ^ 1): each of the pair draws one column, and they swap.
+        unsigned mine[4], theirs[4];
+        if (Var::dropout) {
+            var.random_words(m0 + j * 8 + 2 * tq + (g & 1), key0, mine);
+#pragma unroll
+            for (int w = 0; w < 4; ++w) theirs[w] = __shfl_xor_sync(0xffffffffu, mine[w], 4);
+        }
+#pragma unroll
+        for (int ec = 0; ec < 2; ++ec) {
+            const int im = j * 8 + 2 * tq + ec;
+            const bool own = ec == (g & 1);
+#pragma unroll
+            for (int er = 0; er < 2; ++er) {
+                const int e = 2 * er + ec, key = key0 + 8 * er;
+                bool kept = false;
+                if (Var::dropout) {  // key % 32 = 16 (warp % 2) + 8 er + g
+                    const int w = 2 * (warp & 1) + er;
+                    const unsigned word = own ? (w == 0 ? mine[0] : w == 1 ? mine[1] : w == 2 ? mine[2] : mine[3])
+                                              : (w == 0 ? theirs[0] : w == 1 ? theirs[1] : w == 2 ? theirs[2]
+                                                                                                  : theirs[3]);
+                    kept = ((g & 1) ? word >> 16 : word & 0xFFFFu) >= var.threshold;
+                }
+                float pd, ds, dx;
+                pair_backward<CHECK, true>(var, st[j][e], dpt[j][e], scale_log2, lse2[im], delta[im], m0 + im, key,
+                                           kept, pd, ds, dx);
+                st[j][e] = pd;
+                dpt[j][e] = dx;
+            }
+        }
+    }
+}

@@ -291,6 +291,23 @@ __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const fl
                                       reinterpret_cast<const float (&)[1][K / 8][4]>(p), b_tile, lane);
 }
 
+// gemm_rn_guarded with A as packed 16-bit pairs (a[i] holds accumulator elements 2 i and 2 i + 1: the A
+// registers of wgmma_rs), for callers whose float tile is no longer live.
+template <typename T, int K, int N, typename Tile>
+__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const unsigned (&a)[K / 4], const Tile& b_tile,
+                                                int lane) {
+    float p[K / 8][4];
+#pragma unroll
+    for (int i = 0; i < K / 4; ++i) {
+        T lo, hi;
+        lo.bits = a[i] & 0xffffu;
+        hi.bits = a[i] >> 16;
+        p[i / 2][2 * (i % 2)] = to_acc(lo);
+        p[i / 2][2 * (i % 2) + 1] = to_acc(hi);
+    }
+    gemm_rn_guarded<T, K, N>(acc, p, b_tile, lane);
+}
+
 template <int MT, int N> __device__ __forceinline__ void zero(float (&acc)[MT][N][4]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

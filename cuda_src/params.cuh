@@ -71,3 +71,13 @@ struct BwdParams {
     Strides do_st, dq_st, dk_st, dv_st;
     int batch;
 };
+
+// The Hopper backward (backward_sm90.cu) reads q, k, v and dout through tensor maps and pads each head's
+// rows to whole query tiles in its own buffers.
+struct BwdParamsSm90 {
+    TensorMap tma_q, tma_k, tma_v, tma_do;
+    BwdParams bwd;       // bwd.delta: (batch, nheads, rows)
+    float* lse_log2;     // (batch, nheads, rows): lse in log2 units
+    float* dq_accum;     // (batch, nheads, rows, head_tile): dq / scale, summed in float32
+    int rows, head_tile; // rows: seqlen_q rounded up to the query tile
+};

@@ -43,6 +43,33 @@ __device__ __forceinline__ void tma_load(void* dst, const TensorMap& map, int co
         : "memory");
 }
 
+// 1-D bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) completing on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_u32(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_u32(bar))
+                 : "memory");
+}
+
+// Adds `bytes` of float32 from shared memory to global memory (a bulk reduction), and waits until the
+// reductions this thread issued have read their source / completed.
+__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
+                 "r"(smem_u32(src)), "r"(bytes)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// Makes this thread's ordinary shared-memory stores visible to the tensor cores' (async proxy) reads.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Waits for THREADS threads at named barrier `id` (0 is __syncthreads').
+template <int THREADS> __device__ __forceinline__ void named_barrier(int id) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(THREADS) : "memory");
+}
+
 // ---- register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__(n, 1))
 template <int REGS> __device__ __forceinline__ void regs_release() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));
@@ -63,6 +90,7 @@ __device__ __forceinline__ unsigned long long desc_k_major(const void* chunk, in
     return wgmma_desc(static_cast<const char*>(chunk) + (kk % 4) * 32, 16, 1024);
 }
 // N-major tile (k rows of 64 contiguous n per chunk, chunks `chunk_bytes` apart): two 8-row atoms per k16 step.
+// An M-major A operand (k rows of 64 contiguous m) has the same descriptor.
 __device__ __forceinline__ unsigned long long desc_n_major(const void* tile, int kk, unsigned chunk_bytes) {
     return wgmma_desc(static_cast<const char*>(tile) + kk * 2048, chunk_bytes, 1024);
 }

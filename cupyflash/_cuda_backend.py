@@ -159,6 +159,13 @@ BWD_PARAMS = np.dtype([
     ("fwd", FWD_PARAMS), ("dout", "u8"), ("delta", "u8"), ("dq", "u8"), ("dk", "u8"), ("dv", "u8"),
     ("do_st", _STRIDES), ("dq_st", _STRIDES), ("dk_st", _STRIDES), ("dv_st", _STRIDES), ("batch", "i4"),
 ], align=True)
+_BWD_SM90_TAIL = 512 + BWD_PARAMS.itemsize  # after four tensor maps and the BwdParams
+BWD_PARAMS_SM90 = np.dtype({
+    "names": ["tma_q", "tma_k", "tma_v", "tma_do", "bwd", "lse_log2", "dq_accum", "rows", "head_tile"],
+    "formats": [_tma.TENSOR_MAP] * 4 + [BWD_PARAMS, "u8", "u8", "i4", "i4"],
+    "offsets": [0, 128, 256, 384, 512, _BWD_SM90_TAIL, _BWD_SM90_TAIL + 8, _BWD_SM90_TAIL + 16, _BWD_SM90_TAIL + 20],
+    "itemsize": -(-(_BWD_SM90_TAIL + 24) // 64) * 64,  # TensorMap is 64-byte aligned
+})
 
 
 def _strides(x):
@@ -239,21 +246,25 @@ def forward(q, k, v, spec):
         return out, lse
 
 
+def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arrays):
+    """The Hopper backward sums dq with float atomics: `deterministic` takes the mma.sync family, whose dq
+    has its own pass; so does a bias gradient, and a head wider than the Hopper backward's tiles."""
+    return (spec.dtype.name in _plan.TENSOR_CORE_DTYPES and not deterministic and not want_dbias
+            and -(-spec.headdim // 64) * 64 in _plan.sm90_backward_headdims() and _hopper(hopper_device, *arrays))
+
+
 def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
-    # dq, dk and dv are always deterministic: dQ has its own pass, so no gradient is summed with
-    # atomics. dbias sums over the mask's broadcast dimensions with atomics.
-    del deterministic
+    # On the Hopper family dq is summed with float atomics (its last bits vary from run to run);
+    # elsewhere, and with `deterministic`, dQ has its own pass and dq, dk and dv are bitwise
+    # deterministic. dbias sums over the mask's broadcast dimensions with atomics.
     _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
-        limit, _ = _device_info(device_id)
+        limit, hopper_device = _device_info(device_id)
         dout, q, k, v, out = (_rows_contiguous(x) for x in (dout, q, k, v, out))
         lse = cupy.ascontiguousarray(lse)
         acc = compute_dtype(q.dtype)
         var_type, var = _variant(spec)
-        delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, spec.headdim, var_type,
-                                                              _aligned(q, k, v, dout), limit)
-        delta = _empty((spec.batch, spec.nheads, spec.seqlen_q), acc)
         dq, dk, dv = (spec.empty(_empty, x.shape, x.dtype) for x in (q, k, v))
         dbias = None
         if want_dbias:
@@ -266,17 +277,46 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
 
         p = np.zeros(1, BWD_PARAMS)
         p["fwd"] = _fwd_params(spec, q, k, v, out, lse, var)
-        p["dout"], p["delta"], p["dq"], p["dk"], p["dv"] = (x.data.ptr for x in (dout, delta, dq, dk, dv))
+        p["dout"], p["dq"], p["dk"], p["dv"] = (x.data.ptr for x in (dout, dq, dk, dv))
         for name, x in (("do_st", dout), ("dq_st", dq), ("dk_st", dk), ("dv_st", dv)):
             p[name] = _strides(x)
         p["batch"] = spec.batch
 
-        rows = spec.batch * spec.nheads * spec.seqlen_q
-        _launch(delta_launch, (math.ceil(rows / delta_launch.block_rows), 1, 1), p, device_id)
-        key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
-        _launch(dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch), p, device_id)
-        _launch(dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch), p, device_id)
+        if _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, q, k, v, dout):
+            _backward_sm90(p, dout, q, k, v, spec, var_type, device_id)
+        else:
+            delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, spec.headdim, var_type,
+                                                                  _aligned(q, k, v, dout), limit)
+            delta = _empty((spec.batch, spec.nheads, spec.seqlen_q), acc)
+            p["delta"] = delta.data.ptr
+            rows = spec.batch * spec.nheads * spec.seqlen_q
+            _launch(delta_launch, (math.ceil(rows / delta_launch.block_rows), 1, 1), p, device_id)
+            key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
+            _launch(dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch), p, device_id)
+            _launch(dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch), p,
+                    device_id)
         return dq, dk, dv, None if dbias is None else dbias.astype(spec.attn_mask.dtype)
+
+
+def _backward_sm90(bwd, dout, q, k, v, spec, var_type, device_id):
+    """The Hopper backward's three launches: prepare (delta, lse in log2 units, a zeroed float32 dq
+    accumulator), the main kernel over (key tile, kv head, batch), and dq's conversion."""
+    dtype = q.dtype.name
+    prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type)
+    head_tile = -(-spec.headdim // 64) * 64
+    rows = -(-spec.seqlen_q // _plan.SM90_BWD_BLOCK_M) * _plan.SM90_BWD_BLOCK_M
+    delta, lse_log2 = (_empty((spec.batch, spec.nheads, rows), np.float32) for _ in range(2))
+    dq_accum = _empty((spec.batch, spec.nheads, rows, head_tile), np.float32)
+    bwd["delta"] = delta.data.ptr
+    p = np.zeros(1, BWD_PARAMS_SM90)
+    p["tma_q"], p["tma_do"] = (_tma.tensor_map(x, dtype, _plan.SM90_BWD_BLOCK_M) for x in (q, dout))
+    p["tma_k"], p["tma_v"] = (_tma.tensor_map(x, dtype, _plan.SM90_BWD_BLOCK_N) for x in (k, v))
+    p["bwd"], p["lse_log2"], p["dq_accum"], p["rows"], p["head_tile"] = bwd, lse_log2.data.ptr, dq_accum.data.ptr, \
+        rows, head_tile
+    padded_rows = spec.batch * spec.nheads * rows
+    _launch(prepare, (math.ceil(padded_rows / prepare.block_rows), 1, 1), p, device_id)
+    _launch(main, (math.ceil(spec.seqlen_k / main.block_rows), spec.nheads_kv, spec.batch), p, device_id)
+    _launch(convert, (math.ceil(spec.batch * spec.nheads * spec.seqlen_q / convert.block_rows), 1, 1), p, device_id)
 
 
 DECODE_DTYPES = ("float16", "bfloat16", "float32")

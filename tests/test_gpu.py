@@ -183,14 +183,23 @@ def test_strided_inputs_match_contiguous(dtype, headdim, monkeypatch):
     assert all(bitwise_equal(a, b) for a, b in zip(got, want))
 
 
-def _forward_sources(monkeypatch, *args, **kwargs):
-    """The source files of the kernels a forward call launches."""
+def _sources(monkeypatch, fn, *args, **kwargs):
+    """The source files of the kernels a call launches."""
     sources = []
     launch = _cuda_backend._launch
     monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (sources.append(lc.source), launch(lc, *a)))
-    cupyflash.attention(*args, **kwargs)
+    fn(*args, **kwargs)
     monkeypatch.setattr(_cuda_backend, "_launch", launch)
     return sources
+
+
+def _forward_sources(monkeypatch, *args, **kwargs):
+    return _sources(monkeypatch, cupyflash.attention, *args, **kwargs)
+
+
+def _backward_sources(monkeypatch, q, k, v, **kwargs):
+    out, lse = cupyflash.attention(q, k, v, return_lse=True)
+    return sorted(set(_sources(monkeypatch, cupyflash.attention_backward, out, q, k, v, out, lse, **kwargs)))
 
 
 def test_family_on_hopper(monkeypatch):
@@ -206,8 +215,32 @@ def test_family_on_hopper(monkeypatch):
         "forward.cu"]
     odd = to_device(rng.standard_normal((1, 100, 2, 60)).astype(np.float16))  # 240-byte rows: not for TMA
     assert _forward_sources(monkeypatch, odd, odd, odd) == ["forward_mma.cu"]
+    # The backward: the sm_90a family up to headdim 128; `deterministic` and wider heads take mma.sync.
+    assert _backward_sources(monkeypatch, q, k, v) == ["backward_sm90.cu"]
+    assert _backward_sources(monkeypatch, q, k, v, deterministic=True) == ["backward.cu", "backward_mma.cu"]
+    wide = to_device(rng.standard_normal((1, 100, 2, 192)).astype(np.float16))
+    assert _backward_sources(monkeypatch, wide, wide, wide) == ["backward.cu", "backward_mma.cu"]
     monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "sm80")
     assert _forward_sources(monkeypatch, q, k, v) == ["forward_mma.cu"]
+    assert _backward_sources(monkeypatch, q, k, v) == ["backward.cu", "backward_mma.cu"]
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=lambda d: d.name)
+def test_default_backward_differs_from_deterministic_by_rounding_only(dtype):
+    """On Hopper the default backward sums dq with float atomics: dk and dv repeat bitwise, dq varies in its
+    last bits only; with `deterministic=True` everything repeats bitwise (test_deterministic)."""
+    q, k, v, dout = _inputs(dtype, seqlen_q=700, seqlen_k=900, headdim=128)
+    first = _forward_backward(q, k, v, dout)
+    exact = _forward_backward(q, k, v, dout, deterministic=True)
+    scale = float(cp.abs(exact[2].astype(cp.float32)).max())
+    for _ in range(20):
+        again = _forward_backward(q, k, v, dout)
+        assert all(bitwise_equal(a, b) for a, b in zip(first[:2] + first[3:], again[:2] + again[3:]))
+        # a few units in the last place of dq's largest entries (2^-7 of bfloat16)
+        assert float(cp.abs(again[2].astype(cp.float32) - first[2].astype(cp.float32)).max()) <= scale * 2 ** -6
+    for got, want in zip(first[2:], exact[2:]):
+        ref = float(cp.abs(want.astype(cp.float32)).max())
+        assert float(cp.abs(got.astype(cp.float32) - want.astype(cp.float32)).max()) <= ref * 2 ** -5
 
 
 def test_runs_on_the_current_stream():

@@ -13,7 +13,7 @@ from cupyflash import _cuda_backend  # noqa: E402
 
 STRUCTS = {"VariantParams": _cuda_backend.VARIANT_PARAMS, "FwdParams": _cuda_backend.FWD_PARAMS,
            "BwdParams": _cuda_backend.BWD_PARAMS, "FwdParamsSm90": _cuda_backend.FWD_PARAMS_SM90,
-           "DecodeParams": _cuda_backend.DECODE_PARAMS}
+           "DecodeParams": _cuda_backend.DECODE_PARAMS, "BwdParamsSm90": _cuda_backend.BWD_PARAMS_SM90}
 
 
 @pytest.mark.gpu
