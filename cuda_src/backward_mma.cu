@@ -131,7 +131,6 @@ template <typename T, int D_TILE, int BLOCK_N, int WARPS, typename Var, bool ALI
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_constant__ BwdParams p) {
     constexpr int BLOCK_M = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8;
     constexpr int NT = BLOCK_N / 8, DT = D_TILE / 8;
-    constexpr int NG = NT < 4 ? NT : 4;  // 8-wide tiles per 32-column dropout group
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0, "tile shape");
     const FwdParams& f = p.fwd;
 
@@ -191,41 +190,19 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * 16 * LD, cK, lane);
         gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + warp * 16 * LD, cV, lane);
 
-        auto pairs = [&](auto check) {  // s becomes dx
-            constexpr bool CHECK = decltype(check)::value;
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-#pragma unroll
-                for (int j0 = 0; j0 < NT; j0 += NG) {
-                    const int row = row0 + 8 * r;
-                    unsigned words[4];
-                    if (Var::dropout) var.random_words(row, n0 + j0 * 8 + 2 * tq, words);
-#pragma unroll
-                    for (int j = j0; j < j0 + NG; ++j)
-#pragma unroll
-                        for (int ec = 0; ec < 2; ++ec) {
-                            const int e = 2 * r + ec, col = n0 + j * 8 + 2 * tq + ec;
-                            const bool kept = Var::dropout && (BLOCK_N % 32 == 0 ? var.keep_at(words, j - j0, ec)
-                                                                                  : var.keep(words, col));
-                            float pd, ds, dx;
-                            pair_backward<CHECK, true>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta_row[r], row, col,
-                                                       kept, pd, ds, dx);
-                            s[j][e] = dx;
-                            if (Var::bias && dbias && row < f.seqlen_q && col < f.seqlen_k && !is_masked_zero(ds))
-                                atomicAdd(dbias + row * f.var.dbias_sq + col * f.var.dbias_sk, ds);
-                        }
-                }
-        };
+        // s becomes pd, dp becomes dx (rows: queries row0, row0 + 8; columns: keys)
         const bool needs_mask = kind == EDGE;
         if (needs_mask) {
-            pairs(Bool<true>());
+            query_rows_backward<true>(var, s, dp, row0, n0, tq, scale_log2, lse2, delta_row, dbias, f.var.dbias_sq,
+                                      f.var.dbias_sk);
         } else {
-            pairs(Bool<false>());
+            query_rows_backward<false>(var, s, dp, row0, n0, tq, scale_log2, lse2, delta_row, dbias, f.var.dbias_sq,
+                                       f.var.dbias_sk);
         }
         if (Var::hides_keys && needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, BlockVote<THREADS>>(cK)) {
-            gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, s, PaddedTile<T, LD>{cK}, lane);
+            gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, dp, PaddedTile<T, LD>{cK}, lane);
         } else {
-            gemm_rn<T, BLOCK_N, D_TILE, LD>(dq_acc, s, cK, lane);
+            gemm_rn<T, BLOCK_N, D_TILE, LD>(dq_acc, dp, cK, lane);
         }
         __syncthreads();  // this buffer is refilled two tiles from now
     }

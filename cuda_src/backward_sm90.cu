@@ -1,22 +1,23 @@
 // Backward pass for float16 / bfloat16 on Hopper (sm_90a): TMA, wgmma and warp specialisation, with
-// FlashAttention-3's structure. Three kernels:
+// FlashAttention-3's structure. A block holds one key tile's k, v, dk and dv while the band's query tiles
+// of every head of the GQA group stream through; dq is summed in float32 across blocks.
 //   flash_bwd_prepare_sm90  delta = rowsum(dout * out), lse in log2 units, and a zeroed float32 dq
 //                           accumulator, each head's rows padded to whole query tiles
-//   flash_bwd_sm90          one block per (128-key tile, kv head, batch); it holds k, v, dk and dv, and
-//                           the band's query tiles of every head of the GQA group stream through:
-//     producer   (warpgroup 0) one thread loads k and v once, then q, dout, lse and delta of each query
-//                tile into a ring of STAGES buffers (TMA; each arrival completes an mbarrier); another adds
-//                each tile's dq to the float32 accumulator with one bulk reduction (cp.reduce.async.bulk)
-//     consumers  (warpgroups 1 and 2, 64 keys each), per query tile:
-//       s^T = k q^T, dp^T = v dout^T     wgmma, both operands in shared memory
-//       pd^T, dx^T                       key_rows_backward (mask.cuh); element masks on EDGE tiles only
-//       dv += pd^T dout, dk += dx^T q    wgmma, pd^T and dx^T from registers
-//       dq = dx k                        dx^T through shared memory to both warpgroups, each taking half
-//                                        of the head's columns; dq through shared memory to the reduction
-//                                        (the order of the additions varies from run to run)
+//   flash_bwd_sm90          headdim up to 128: 128-key tiles, 64 keys per consumer warpgroup
+//   flash_bwd_sm90_wide     headdim up to 256: 64-key tiles, each consumer warpgroup taking half of the
+//                           keys for s and dp and half of the head's columns for dk, dv and dq
 //   flash_bwd_dq_convert    dq = accumulator * scale in the input dtype
+// In both main kernels
+//   producer   (warpgroup 0) thread 0 loads k and v once, then q, dout, lse and delta of each query tile
+//              into a ring of STAGES buffers (TMA and bulk copies, each stage completing an mbarrier);
+//              thread 32 adds each tile's dq, which the consumers stage in the buffers of its q and dout,
+//              to the accumulator with one bulk reduction (cp.reduce.async.bulk), then frees the stage
+//   consumers  (warpgroups 1 and 2), per query tile: s = q k^T and dp = dout v^T (wgmma), pd and dx
+//              (mask.cuh; element masks on EDGE tiles only), dv += pd^T dout, dk += dx^T q, dq = dx k
+//              (wgmma); the order of dq's additions varies from run to run.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
-// ends of the tensors arrive as zeros.
+// ends of the tensors arrive as zeros. Tiles whose hidden pairs meet data that is not finite take the
+// guarded products (mma.cuh) instead.
 #include "common.cuh"
 #include "mask.cuh"
 #include "softmax.cuh"
@@ -50,100 +51,194 @@ __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_const
     for (int d = lane; d < p.head_tile; d += 32) p.dq_accum[row * p.head_tile + d] = 0.f;
 }
 
+// The query tiles a block streams: the band's tiles of head hk * group, then of the next head of the
+// group (the band depends on the head only through ALiBi and masks, never through its bounds). Without a
+// causal or window bound every key tile starts at another query tile, so that the blocks running side by
+// side add their dq to different tiles of the accumulator (with one, the bands start apart already, and
+// keeping the order measured faster).
+template <int BLOCK_M, int BLOCK_N> struct QueryStream {
+    int n0, hk, b, group, m_first, per_head, tiles, start;
+    template <typename Var>
+    __device__ QueryStream(const FwdParams& f, const Var& var, int n0_, int hk_, int b_)
+        : n0(n0_), hk(hk_), b(b_), group(f.group) {
+        int m_last;
+        var.template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_last);
+        per_head = m_last - m_first;
+        tiles = group * per_head;
+        start = !Var::window && per_head > 0 ? n0 / BLOCK_N % per_head : 0;
+    }
+    __device__ int head(int t) const { return hk * group + t / per_head; }
+    __device__ int m0(int t) const { return (m_first + (t % per_head + start) % per_head) * BLOCK_M; }
+};
+
+// Shared memory of both main kernels: k and v ([CHUNKS][BLOCK_N][64] each), STAGES stages of q and dout
+// ([CHUNKS][BLOCK_M][64] each, dout after q: 2 BLOCK_M D_TILE 16-bit values, the size of a float32 dq
+// tile, which is staged there), the kernel's own OWN bytes, then lse and delta per stage and the barriers.
+// Every tile the tensor cores read starts on a 1024-byte swizzle atom.
+template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN> struct BwdSmem {
+    static constexpr int Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;
+    static_assert(OWN % 1024 == 0 && Q_ELEMS * sizeof(T) % 1024 == 0, "swizzle atoms");
+    T *k, *v, *stages;
+    unsigned char *own, *barriers;
+    float *lse2, *delta;
+    __device__ explicit BwdSmem(unsigned char* smem_raw) {
+        unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;
+        k = reinterpret_cast<T*>(smem);
+        v = k + KV_ELEMS;
+        stages = v + KV_ELEMS;
+        own = reinterpret_cast<unsigned char*>(stages + STAGES * 2 * Q_ELEMS);
+        lse2 = reinterpret_cast<float*>(own + OWN);
+        delta = lse2 + STAGES * BLOCK_M;
+        barriers = reinterpret_cast<unsigned char*>(delta + STAGES * BLOCK_M);
+    }
+    __device__ T* q(int stage) const { return stages + stage * 2 * Q_ELEMS; }
+    __device__ T* dout(int stage) const { return q(stage) + Q_ELEMS; }
+    __device__ float* dq(int stage) const { return reinterpret_cast<float*>(q(stage)); }
+};
+
+// The barriers of both main kernels.
+template <int STAGES> struct BwdBarriers {
+    unsigned long long* kv_full;  // k and v arrived
+    unsigned long long* q_full;   // [STAGES]: q, dout, lse and delta of a query tile arrived
+    unsigned long long* dq_full;  // [STAGES]: the tile's dq staged (or nothing to add): every consumer thread
+    unsigned long long* q_free;   // [STAGES]: the staged dq read by the reduction; the stage may be refilled
+    int* dq_staged;               // [STAGES]: whether the tile's dq was staged (a skipped tile has none)
+    __device__ explicit BwdBarriers(unsigned char* at) {
+        kv_full = reinterpret_cast<unsigned long long*>(at);
+        q_full = kv_full + 1;
+        dq_full = q_full + STAGES;
+        q_free = dq_full + STAGES;
+        dq_staged = reinterpret_cast<int*>(q_free + STAGES);
+    }
+    __device__ void init(int consumers) const {
+        mbar_init(kv_full, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(q_full + s, 1);
+            mbar_init(dq_full + s, consumers);
+            mbar_init(q_free + s, 1);
+        }
+        mbar_fence_init();
+    }
+};
+
+// Producer thread 0: k and v once, then query tile t into stage t % STAGES once the reduction has freed it.
+template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+__device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
+                                           const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                           const BwdBarriers<STAGES>& bar) {
+    constexpr int CHUNKS = D_TILE / 64;
+    const FwdParams& f = p.bwd.fwd;
+    mbar_expect_tx(bar.kv_full, 2 * BLOCK_N * D_TILE * sizeof(T));
+    for (int c = 0; c < CHUNKS; ++c) {
+        tma_load(sm.k + c * BLOCK_N * 64, p.tma_k, c * 64, qs.n0, qs.hk, qs.b, bar.kv_full);
+        tma_load(sm.v + c * BLOCK_N * 64, p.tma_v, c * 64, qs.n0, qs.hk, qs.b, bar.kv_full);
+    }
+    for (int t = 0; t < qs.tiles; ++t) {
+        const int stage = t % STAGES, h = qs.head(t), m0 = qs.m0(t);
+        unsigned long long* full = bar.q_full + stage;
+        if (t >= STAGES) mbar_wait(bar.q_free + stage, (t / STAGES - 1) & 1);
+        mbar_expect_tx(full, 2 * BLOCK_M * D_TILE * sizeof(T) + 2 * BLOCK_M * sizeof(float));
+        for (int c = 0; c < CHUNKS; ++c) {
+            tma_load(sm.q(stage) + c * BLOCK_M * 64, p.tma_q, c * 64, m0, h, qs.b, full);
+            tma_load(sm.dout(stage) + c * BLOCK_M * 64, p.tma_do, c * 64, m0, h, qs.b, full);
+        }
+        const i64 stats = ((i64)qs.b * f.nheads + h) * p.rows + m0;
+        bulk_load(sm.lse2 + stage * BLOCK_M, p.lse_log2 + stats, BLOCK_M * sizeof(float), full);
+        bulk_load(sm.delta + stage * BLOCK_M, static_cast<const float*>(p.bwd.delta) + stats, BLOCK_M * sizeof(float),
+                  full);
+    }
+}
+
+// Producer thread 32: each tile's staged dq into the accumulator (one bulk reduction; the accumulator keeps
+// each tile in the consumers' register order, flash_bwd_dq_convert reads it back), then frees the stage.
+template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+__device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
+                                          const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                          const BwdBarriers<STAGES>& bar) {
+    for (int t = 0; t < qs.tiles; ++t) {
+        const int stage = t % STAGES;
+        mbar_wait(bar.dq_full + stage, (t / STAGES) & 1);
+        if (bar.dq_staged[stage]) {
+            bulk_reduce_add(p.dq_accum + (((i64)qs.b * p.bwd.fwd.nheads + qs.head(t)) * p.rows + qs.m0(t)) * D_TILE,
+                            sm.dq(stage), BLOCK_M * D_TILE * sizeof(float));
+            bulk_wait_read();
+        }
+        mbar_arrive(bar.q_free + stage);
+    }
+    bulk_wait_all();
+}
+
+// Consumers: a computed tile's dq (this warpgroup's N columns) into its stage, once no consumer reads the
+// stage's q or dout any more; or, for a skipped tile, nothing.
+template <int N, int STAGES>
+__device__ __forceinline__ void stage_dq(const BwdBarriers<STAGES>& bar, float* staged, int stage, int wg,
+                                         const float (&dq)[N / 8][4]) {
+    named_barrier<256>(3);
+    if (threadIdx.x == 128) bar.dq_staged[stage] = 1;
+    float* mine = staged + (wg * (N / 8) * 128 + threadIdx.x % 128) * 4;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+        *reinterpret_cast<float4*>(mine + j * 128 * 4) = make_float4(dq[j][0], dq[j][1], dq[j][2], dq[j][3]);
+    fence_async_shared();
+    mbar_arrive(bar.dq_full + stage);
+}
+template <int STAGES> __device__ __forceinline__ void stage_no_dq(const BwdBarriers<STAGES>& bar, int stage) {
+    if (threadIdx.x == 128) bar.dq_staged[stage] = 0;
+    mbar_arrive(bar.dq_full + stage);
+}
+
+// dk (times the softmax scale) and dv of this warp's rows of the key tile at n0, columns from col0.
+template <typename T, int N>
+__device__ __forceinline__ void store_dk_dv(const BwdParams& bp, int n0, int hk, int b, int row0, int col0,
+                                            const float (&dk)[N / 8][4], const float (&dv)[N / 8][4], int lane) {
+    const FwdParams& f = bp.fwd;
+    const float dk_scale[2] = {float(f.scale), float(f.scale)}, dv_scale[2] = {1.f, 1.f};
+    store_slab(static_cast<T*>(bp.dk) + b * bp.dk_st.b + hk * bp.dk_st.h + (i64)n0 * bp.dk_st.s + col0, bp.dk_st.s,
+               dk, dk_scale, row0, f.seqlen_k - n0, f.headdim - col0, lane);
+    store_slab(static_cast<T*>(bp.dv) + b * bp.dv_st.b + hk * bp.dv_st.h + (i64)n0 * bp.dv_st.s + col0, bp.dv_st.s,
+               dv, dv_scale, row0, f.seqlen_k - n0, f.headdim - col0, lane);
+}
+
+// Headdim up to 128. Each consumer warpgroup owns 64 of the 128 keys: s^T = k q^T and dp^T = v dout^T with
+// keys as rows, so that pd^T and dx^T feed dv and dk from registers; dx^T goes through shared memory to
+// both warpgroups, each computing half of dq's columns.
 template <typename T, int D_TILE, int STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__ BwdParamsSm90 p) {
     constexpr int BLOCK_M = SM90_BWD_BLOCK_M, BLOCK_N = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64;
-    constexpr int MT = BLOCK_M / 8, DT = D_TILE / 8, DQ_COLS = D_TILE / 2;
-    constexpr int Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE, DS_ELEMS = BLOCK_N * BLOCK_M;
+    constexpr int MT = BLOCK_M / 8, DT = D_TILE / 8, DQ_COLS = D_TILE / 2, DS_ELEMS = BLOCK_N * BLOCK_M;
     static_assert(D_TILE % 64 == 0 && DQ_COLS % 32 == 0, "tile shape");
     using Vote = ConsumerVote<CONSUMERS>;
 
     extern __shared__ unsigned char smem_raw[];
-    unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;  // swizzle atoms: 1024-aligned
-    T* sK = reinterpret_cast<T*>(smem);  // [CHUNKS][BLOCK_N][64]
-    T* sV = sK + KV_ELEMS;               // [CHUNKS][BLOCK_N][64]
-    T* sQ = sV + KV_ELEMS;               // [STAGES][CHUNKS][BLOCK_M][64]
-    T* sdO = sQ + STAGES * Q_ELEMS;      // [STAGES][CHUNKS][BLOCK_M][64]
-    T* sdS = sdO + STAGES * Q_ELEMS;     // [2][BLOCK_N][BLOCK_M]: dx^T, keys by queries
-    float* sLse = reinterpret_cast<float*>(sdS + 2 * DS_ELEMS);  // [STAGES][BLOCK_M], log2 units
-    float* sDelta = sLse + STAGES * BLOCK_M;                     // [STAGES][BLOCK_M]
-    float* sdQ = sDelta + STAGES * BLOCK_M;  // [BLOCK_M * D_TILE]: this tile's dq in the accumulator's order
-    unsigned long long* kv_full = reinterpret_cast<unsigned long long*>(sdQ + Q_ELEMS);
-    unsigned long long* q_full = kv_full + 1;    // [STAGES]: q, dout, lse and delta of a query tile
-    unsigned long long* q_free = q_full + STAGES;  // [STAGES]: every consumer thread arrives
-    unsigned long long* dq_full = q_free + STAGES;  // sdQ written (or nothing to add): every consumer thread
-    unsigned long long* dq_free = dq_full + 1;      // sdQ read by the reduction
-    int* dq_written = reinterpret_cast<int*>(dq_free + 1);
+    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, 2 * DS_ELEMS * sizeof(T)> sm(smem_raw);
+    T* sdS = reinterpret_cast<T*>(sm.own);  // [2][BLOCK_N][BLOCK_M]: dx^T, keys by queries
+    const BwdBarriers<STAGES> bar(sm.barriers);
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const int n0 = blockIdx.x * BLOCK_N, hk = blockIdx.y, b = blockIdx.z;
+    // Blocks start in the order of their linear index: the key tile is the slowest axis, so under a causal
+    // mask the first key tiles, which the most query tiles see, start first.
+    const int n0 = blockIdx.z * BLOCK_N, hk = blockIdx.x, b = blockIdx.y;
+    const QueryStream<BLOCK_M, BLOCK_N> qs(f, Var(f, b, hk * f.group), n0, hk, b);
 
-    // The stream: the band's query tiles of head hk * group, then of the next head of the group (the
-    // band depends on the head only through ALiBi and masks, never through its bounds).
-    int m_first, m_last;
-    Var(f, b, hk * f.group).template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_last);
-    const int per_head = m_last - m_first, n_tiles = f.group * per_head;
-
-    if (threadIdx.x == 0) {
-        mbar_init(kv_full, 1);
-        mbar_init(dq_full, CONSUMERS);
-        mbar_init(dq_free, 1);
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(q_full + s, 1);
-            mbar_init(q_free + s, CONSUMERS);
-        }
-        mbar_fence_init();
-    }
+    if (threadIdx.x == 0) bar.init(CONSUMERS);
     __syncthreads();
 
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<24>();
-        if (threadIdx.x == 0 && n_tiles > 0) {
-            mbar_expect_tx(kv_full, 2 * KV_ELEMS * sizeof(T));
-            for (int c = 0; c < CHUNKS; ++c) {
-                tma_load(sK + c * BLOCK_N * 64, p.tma_k, c * 64, n0, hk, b, kv_full);
-                tma_load(sV + c * BLOCK_N * 64, p.tma_v, c * 64, n0, hk, b, kv_full);
-            }
-            for (int t = 0; t < n_tiles; ++t) {
-                const int stage = t % STAGES, h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
-                if (t >= STAGES) mbar_wait(q_free + stage, (t / STAGES - 1) & 1);
-                mbar_expect_tx(q_full + stage, 2 * Q_ELEMS * sizeof(T) + 2 * BLOCK_M * sizeof(float));
-                for (int c = 0; c < CHUNKS; ++c) {
-                    tma_load(sQ + stage * Q_ELEMS + c * BLOCK_M * 64, p.tma_q, c * 64, m0, h, b, q_full + stage);
-                    tma_load(sdO + stage * Q_ELEMS + c * BLOCK_M * 64, p.tma_do, c * 64, m0, h, b, q_full + stage);
-                }
-                const i64 stats = ((i64)b * f.nheads + h) * p.rows + m0;
-                bulk_load(sLse + stage * BLOCK_M, p.lse_log2 + stats, BLOCK_M * sizeof(float), q_full + stage);
-                bulk_load(sDelta + stage * BLOCK_M, static_cast<const float*>(bp.delta) + stats,
-                          BLOCK_M * sizeof(float), q_full + stage);
-            }
-        } else if (threadIdx.x == 32) {
-            // dq of each computed tile: one bulk reduction of sdQ into the float32 accumulator, whose tiles
-            // are stored in the consumers' register order (flash_bwd_dq_convert reads them back).
-            for (int t = 0; t < n_tiles; ++t) {
-                const int h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
-                mbar_wait(dq_full, t & 1);
-                if (*dq_written) {
-                    bulk_reduce_add(p.dq_accum + (((i64)b * f.nheads + h) * p.rows + m0) * D_TILE, sdQ,
-                                    Q_ELEMS * sizeof(float));
-                    bulk_wait_read();
-                }
-                mbar_arrive(dq_free);
-            }
-            bulk_wait_all();
-        }
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles(p, qs, sm, bar);
+        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
     } else {
         // ---- consumers
         regs_claim<240>();
         const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
         const int g = lane / 4, tq = lane % 4, key0 = n0 + 64 * wg + 16 * warp + g;
         const float scale_log2 = float(f.scale) * float(LOG2E);
-        const T* k_rows = sK + 64 * wg * 64;  // this warpgroup's keys of each chunk
-        const T* v_rows = sV + 64 * wg * 64;
-        const int dq_col0 = wg * DQ_COLS;    // this warpgroup's columns of dq
-        const T* k_cols = sK + (dq_col0 / 64) * BLOCK_N * 64 + dq_col0 % 64;
+        const T* k_rows = sm.k + 64 * wg * 64;  // this warpgroup's keys of each chunk
+        const T* v_rows = sm.v + 64 * wg * 64;
+        const int dq_col0 = wg * DQ_COLS;       // this warpgroup's columns of dq
+        const T* k_cols = sm.k + (dq_col0 / 64) * BLOCK_N * 64 + dq_col0 % 64;
 
         float dk[DT][4], dv[DT][4];
         zero(dk);
@@ -151,140 +246,269 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         float(&dk_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dk);
         float(&dv_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dv);
 
-        if (n_tiles > 0) mbar_wait(kv_full, 0);
+        if (qs.tiles > 0) mbar_wait(bar.kv_full, 0);
         // Keys whose data is not finite may reach dq only through the guarded path (Var::hides_keys).
-        const bool k_nonfinite = Var::hides_keys && n_tiles > 0 && tile_has_nonfinite<BLOCK_N * CHUNKS, 64, 64, Vote>(sK);
+        const bool k_nonfinite =
+            Var::hides_keys && qs.tiles > 0 && tile_has_nonfinite<BLOCK_N * CHUNKS, 64, 64, Vote>(sm.k);
 
-        for (int t = 0, computed = 0; t < n_tiles; ++t) {
-            const int stage = t % STAGES, parity = (t / STAGES) & 1;
-            const int h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
-            const Var var(f, b, h);
+        for (int t = 0, computed = 0; t < qs.tiles; ++t) {
+            const int stage = t % STAGES, m0 = qs.m0(t);
+            const Var var(f, b, qs.head(t));
             const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
-            // Every phase is waited for, skipped tiles too, so that no copy into a buffer is in flight
+            // Every phase is waited for, skipped tiles too, so that no copy into a stage is in flight
             // when the producer reuses it.
-            mbar_wait(q_full + stage, parity);
-            if (kind != SKIP) {
-                const T* q_buf = sQ + stage * Q_ELEMS;
-                const T* do_buf = sdO + stage * Q_ELEMS;
-                float st[MT][4], dpt[MT][4];
-                float(&st_regs)[MT * 4] = reinterpret_cast<float(&)[MT * 4]>(st);
-                float(&dpt_regs)[MT * 4] = reinterpret_cast<float(&)[MT * 4]>(dpt);
+            mbar_wait(bar.q_full + stage, (t / STAGES) & 1);
+            if (kind == SKIP) {
+                stage_no_dq(bar, stage);
+                continue;
+            }
+            const T* q_buf = sm.q(stage);
+            const T* do_buf = sm.dout(stage);
+            float st[MT][4], dpt[MT][4];
+            float(&st_regs)[MT * 4] = reinterpret_cast<float(&)[MT * 4]>(st);
+            float(&dpt_regs)[MT * 4] = reinterpret_cast<float(&)[MT * 4]>(dpt);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < D_TILE / 16; ++kk)
+                wgmma_ss<T, BLOCK_M>(st_regs, desc_k_major(k_rows + (kk / 4) * BLOCK_N * 64, kk),
+                                     desc_k_major(q_buf + (kk / 4) * BLOCK_M * 64, kk), kk > 0);
+#pragma unroll
+            for (int kk = 0; kk < D_TILE / 16; ++kk)
+                wgmma_ss<T, BLOCK_M>(dpt_regs, desc_k_major(v_rows + (kk / 4) * BLOCK_N * 64, kk),
+                                     desc_k_major(do_buf + (kk / 4) * BLOCK_M * 64, kk), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(st_regs);
+            fence_regs(dpt_regs);
+
+            const bool needs_mask = kind == EDGE;
+            const float* lse2 = sm.lse2 + stage * BLOCK_M;
+            const float* delta = sm.delta + stage * BLOCK_M;
+            if (needs_mask) {
+                key_rows_backward<true>(var, st, dpt, m0, key0, warp, lane, scale_log2, lse2, delta);
+            } else {
+                key_rows_backward<false>(var, st, dpt, m0, key0, warp, lane, scale_log2, lse2, delta);
+            }
+            // pd^T and dx^T in the A layout of wgmma: consecutive pairs of the accumulators
+            unsigned p_regs[MT * 2], ds_regs[MT * 2];
+#pragma unroll
+            for (int i = 0; i < MT * 2; ++i) {
+                p_regs[i] = pack2<T>(st_regs[2 * i], st_regs[2 * i + 1]);
+                ds_regs[i] = pack2<T>(dpt_regs[2 * i], dpt_regs[2 * i + 1]);
+            }
+
+            // A tile where hidden queries' q or dout is not finite takes the guarded products, after
+            // the dq product (no wgmma in flight then).
+            const bool guarded = Var::hides_keys && needs_mask &&
+                                 (tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(do_buf) ||
+                                  tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(q_buf));
+            if (!guarded) {
+                fence_regs(dv_regs);
+                fence_regs(dk_regs);
                 wgmma_fence();
 #pragma unroll
-                for (int kk = 0; kk < D_TILE / 16; ++kk)
-                    wgmma_ss<T, BLOCK_M>(st_regs, desc_k_major(k_rows + (kk / 4) * BLOCK_N * 64, kk),
-                                         desc_k_major(q_buf + (kk / 4) * BLOCK_M * 64, kk), kk > 0);
+                for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+                    wgmma_rs<T, D_TILE>(dv_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
+                                        desc_n_major(do_buf, kk, BLOCK_M * 128), 1);
 #pragma unroll
-                for (int kk = 0; kk < D_TILE / 16; ++kk)
-                    wgmma_ss<T, BLOCK_M>(dpt_regs, desc_k_major(v_rows + (kk / 4) * BLOCK_N * 64, kk),
-                                         desc_k_major(do_buf + (kk / 4) * BLOCK_M * 64, kk), kk > 0);
+                for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+                    wgmma_rs<T, D_TILE>(dk_regs, reinterpret_cast<const unsigned(&)[4]>(ds_regs[4 * kk]),
+                                        desc_n_major(q_buf, kk, BLOCK_M * 128), 1);
                 wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(st_regs);
-                fence_regs(dpt_regs);
+            }
 
-                const bool needs_mask = kind == EDGE;
-                const float* lse2 = sLse + stage * BLOCK_M;
-                const float* delta = sDelta + stage * BLOCK_M;
-                if (needs_mask) {
-                    key_rows_backward<true>(var, st, dpt, m0, key0, warp, lane, scale_log2, lse2, delta);
-                } else {
-                    key_rows_backward<false>(var, st, dpt, m0, key0, warp, lane, scale_log2, lse2, delta);
+            // dx^T to shared memory for both warpgroups' dq (buffers alternate: the barrier below of the
+            // next computed tile is passed only once every dq product of this one has finished).
+            T* ds_buf = sdS + (computed++ % 2) * DS_ELEMS;
+#pragma unroll
+            for (int j = 0; j < MT; ++j)
+#pragma unroll
+                for (int er = 0; er < 2; ++er)
+                    *reinterpret_cast<unsigned*>(const_cast<T*>(
+                        swizzled(ds_buf, BLOCK_N, 64 * wg + 16 * warp + g + 8 * er, 8 * j + 2 * tq))) =
+                        ds_regs[2 * j + er];
+            fence_async_shared();
+            named_barrier<CONSUMERS>(2);
+
+            float dq[DQ_COLS / 8][4];
+            float(&dq_regs)[DQ_COLS / 2] = reinterpret_cast<float(&)[DQ_COLS / 2]>(dq);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+                wgmma_ss_tt<T, DQ_COLS>(dq_regs, desc_n_major(ds_buf, kk, BLOCK_N * 128),
+                                        desc_n_major(k_cols, kk, BLOCK_N * 128), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(dq_regs);
+            fence_regs(dv_regs);
+            fence_regs(dk_regs);
+            if (guarded) {
+                gemm_rn_guarded<T, BLOCK_M, D_TILE>(dv, p_regs, SwizzledTile<T, BLOCK_M>{do_buf}, lane);
+                gemm_rn_guarded<T, BLOCK_M, D_TILE>(dk, ds_regs, SwizzledTile<T, BLOCK_M>{q_buf}, lane);
+            }
+            if (Var::hides_keys && needs_mask && k_nonfinite) {
+                // Non-finite keys reach only the queries that see them: dq again, on CUDA cores.
+                zero(dq);
+                gemm_guarded_smem<BLOCK_N, DQ_COLS>(dq, Transposed<SwizzledTile<T, BLOCK_N>>{{ds_buf}},
+                                                    Shifted<SwizzledTile<T, BLOCK_N>>{{sm.k}, dq_col0}, 16 * warp,
+                                                    lane);
+            }
+            stage_dq<DQ_COLS>(bar, sm.dq(stage), stage, wg, dq);
+        }
+        store_dk_dv<T, D_TILE>(bp, n0, hk, b, 64 * wg + 16 * warp, 0, dk, dv, lane);
+    }
+}
+
+// Headdim up to 256: 64-key tiles, the products split between the consumer warpgroups as
+//   s, dp (queries by keys)    each warpgroup 32 of the keys, all of the head
+//   pd, dx                     to shared memory, for both warpgroups
+//   dv, dk (keys by head)      each warpgroup half of the head's columns, pd^T and dx^T from shared memory
+//   dq (queries by head)       each warpgroup half of the head's columns
+// so that dk, dv and dq of 128 columns each stay in registers.
+template <typename T, int D_TILE, int STAGES, typename Var>
+__global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_constant__ BwdParamsSm90 p) {
+    constexpr int BLOCK_M = SM90_BWD_BLOCK_M, BLOCK_N = 64, CONSUMERS = 256, CHUNKS = D_TILE / 64;
+    constexpr int KEYS = BLOCK_N / 2, NT = KEYS / 8, HALF = D_TILE / 2, HT = HALF / 8, PS_ELEMS = BLOCK_M * BLOCK_N;
+    static_assert(D_TILE % 128 == 0, "tile shape: each warpgroup's half of the head is whole 64-column chunks");
+    using Vote = ConsumerVote<CONSUMERS>;
+
+    extern __shared__ unsigned char smem_raw[];
+    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, 4 * PS_ELEMS * sizeof(T)> sm(smem_raw);
+    T* sP = reinterpret_cast<T*>(sm.own);  // [2][BLOCK_M][BLOCK_N]: pd, queries by keys
+    T* sdS = sP + 2 * PS_ELEMS;             // [2][BLOCK_M][BLOCK_N]: dx
+    const BwdBarriers<STAGES> bar(sm.barriers);
+
+    const BwdParams& bp = p.bwd;
+    const FwdParams& f = bp.fwd;
+    const int n0 = blockIdx.z * BLOCK_N, hk = blockIdx.x, b = blockIdx.y;  // key tiles slowest, as above
+    const QueryStream<BLOCK_M, BLOCK_N> qs(f, Var(f, b, hk * f.group), n0, hk, b);
+
+    if (threadIdx.x == 0) bar.init(CONSUMERS);
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        // ---- producer
+        regs_release<24>();
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles(p, qs, sm, bar);
+        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
+    } else {
+        // ---- consumers
+        regs_claim<240>();
+        const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+        const int g = lane / 4, tq = lane % 4, row_in = 16 * warp + g;  // rows row_in and + 8 of a query tile
+        const float scale_log2 = float(f.scale) * float(LOG2E);
+        const int key_col0 = KEYS * wg;  // this warpgroup's keys of the tile, for s and dp
+        const T* k_keys = sm.k + key_col0 * 64;
+        const T* v_keys = sm.v + key_col0 * 64;
+        const int chunk0 = wg * HALF / 64;  // this warpgroup's columns of the head, for dk, dv and dq
+
+        float dk[HT][4], dv[HT][4];
+        zero(dk);
+        zero(dv);
+        float(&dk_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dk);
+        float(&dv_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dv);
+
+        if (qs.tiles > 0) mbar_wait(bar.kv_full, 0);
+        const bool k_nonfinite =
+            Var::hides_keys && qs.tiles > 0 && tile_has_nonfinite<BLOCK_N * CHUNKS, 64, 64, Vote>(sm.k);
+
+        for (int t = 0, computed = 0; t < qs.tiles; ++t) {
+            const int stage = t % STAGES, m0 = qs.m0(t);
+            const Var var(f, b, qs.head(t));
+            const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
+            mbar_wait(bar.q_full + stage, (t / STAGES) & 1);
+            if (kind == SKIP) {
+                stage_no_dq(bar, stage);
+                continue;
+            }
+            const T* q_buf = sm.q(stage);
+            const T* do_buf = sm.dout(stage);
+            float s[NT][4], dp[NT][4];
+            float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
+            float(&dp_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(dp);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < D_TILE / 16; ++kk)
+                wgmma_ss<T, KEYS>(s_regs, desc_k_major(q_buf + (kk / 4) * BLOCK_M * 64, kk),
+                                  desc_k_major(k_keys + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
+#pragma unroll
+            for (int kk = 0; kk < D_TILE / 16; ++kk)
+                wgmma_ss<T, KEYS>(dp_regs, desc_k_major(do_buf + (kk / 4) * BLOCK_M * 64, kk),
+                                  desc_k_major(v_keys + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(s_regs);
+            fence_regs(dp_regs);
+
+            const float* lse_tile = sm.lse2 + stage * BLOCK_M;
+            const float* delta_tile = sm.delta + stage * BLOCK_M;
+            const float lse2[2] = {lse_tile[row_in], lse_tile[row_in + 8]};
+            const float delta[2] = {delta_tile[row_in], delta_tile[row_in + 8]};
+            const bool needs_mask = kind == EDGE;
+            if (needs_mask) {
+                query_rows_backward<true>(var, s, dp, m0 + row_in, n0 + key_col0, tq, scale_log2, lse2, delta,
+                                          nullptr, 0, 0);
+            } else {
+                query_rows_backward<false>(var, s, dp, m0 + row_in, n0 + key_col0, tq, scale_log2, lse2, delta,
+                                           nullptr, 0, 0);
+            }
+            // pd and dx to shared memory for both warpgroups (buffers alternate, as in flash_bwd_sm90)
+            T* p_buf = sP + (computed % 2) * PS_ELEMS;
+            T* ds_buf = sdS + (computed++ % 2) * PS_ELEMS;
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int row = row_in + 8 * r, col = key_col0 + 8 * j + 2 * tq;
+                    *reinterpret_cast<unsigned*>(const_cast<T*>(swizzled(p_buf, BLOCK_M, row, col))) =
+                        pack2<T>(s[j][2 * r], s[j][2 * r + 1]);
+                    *reinterpret_cast<unsigned*>(const_cast<T*>(swizzled(ds_buf, BLOCK_M, row, col))) =
+                        pack2<T>(dp[j][2 * r], dp[j][2 * r + 1]);
                 }
-                // pd^T and dx^T in the A layout of wgmma: consecutive pairs of the accumulators
-                unsigned p_regs[MT * 2], ds_regs[MT * 2];
-#pragma unroll
-                for (int i = 0; i < MT * 2; ++i) {
-                    p_regs[i] = pack2<T>(st_regs[2 * i], st_regs[2 * i + 1]);
-                    ds_regs[i] = pack2<T>(dpt_regs[2 * i], dpt_regs[2 * i + 1]);
-                }
+            fence_async_shared();
+            named_barrier<CONSUMERS>(2);
 
-                // A tile where hidden queries' q or dout is not finite takes the guarded products, after
-                // the dq product (no wgmma in flight then).
-                const bool guarded = Var::hides_keys && needs_mask &&
-                                     (tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(do_buf) ||
-                                      tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(q_buf));
-                if (!guarded) {
-                    fence_regs(dv_regs);
-                    fence_regs(dk_regs);
-                    wgmma_fence();
-#pragma unroll
-                    for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-                        wgmma_rs<T, D_TILE>(dv_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
-                                            desc_n_major(do_buf, kk, BLOCK_M * 128), 1);
-#pragma unroll
-                    for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-                        wgmma_rs<T, D_TILE>(dk_regs, reinterpret_cast<const unsigned(&)[4]>(ds_regs[4 * kk]),
-                                            desc_n_major(q_buf, kk, BLOCK_M * 128), 1);
-                    wgmma_commit();
-                }
-
-                // dx^T to shared memory for both warpgroups' dq (buffers alternate: the barrier below of
-                // the next computed tile is passed only once every dq product of this one has finished).
-                T* ds_buf = sdS + (computed % 2) * DS_ELEMS;
-#pragma unroll
-                for (int j = 0; j < MT; ++j)
-#pragma unroll
-                    for (int er = 0; er < 2; ++er)
-                        *reinterpret_cast<unsigned*>(const_cast<T*>(
-                            swizzled(ds_buf, BLOCK_N, 64 * wg + 16 * warp + g + 8 * er, 8 * j + 2 * tq))) =
-                            ds_regs[2 * j + er];
-                fence_async_shared();
-                named_barrier<CONSUMERS>(2);
-
-                float dq[DQ_COLS / 8][4];
-                float(&dq_regs)[DQ_COLS / 2] = reinterpret_cast<float(&)[DQ_COLS / 2]>(dq);
+            const T* do_half = do_buf + chunk0 * BLOCK_M * 64;
+            const T* q_half = q_buf + chunk0 * BLOCK_M * 64;
+            const T* k_half = sm.k + chunk0 * BLOCK_N * 64;
+            float dq[HT][4];
+            if (!(Var::hides_keys && needs_mask &&
+                  (k_nonfinite || tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(do_buf) ||
+                   tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(q_buf)))) {
+                float(&dq_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dq);
+                fence_regs(dv_regs);
+                fence_regs(dk_regs);
                 wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+                    wgmma_ss_tt<T, HALF>(dv_regs, desc_n_major(p_buf, kk, BLOCK_M * 128),
+                                         desc_n_major(do_half, kk, BLOCK_M * 128), 1);
+#pragma unroll
+                for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+                    wgmma_ss_tt<T, HALF>(dk_regs, desc_n_major(ds_buf, kk, BLOCK_M * 128),
+                                         desc_n_major(q_half, kk, BLOCK_M * 128), 1);
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-                    wgmma_ss_tt<T, DQ_COLS>(dq_regs, desc_n_major(ds_buf, kk, BLOCK_N * 128),
-                                            desc_n_major(k_cols, kk, BLOCK_N * 128), kk > 0);
+                    wgmma_ss_bt<T, HALF>(dq_regs, desc_k_major(ds_buf, kk), desc_n_major(k_half, kk, BLOCK_N * 128),
+                                         kk > 0);
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_regs(dq_regs);
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
-                if (guarded) {
-                    gemm_rn_guarded<T, BLOCK_M, D_TILE>(dv, p_regs, SwizzledTile<T, BLOCK_M>{do_buf}, lane);
-                    gemm_rn_guarded<T, BLOCK_M, D_TILE>(dk, ds_regs, SwizzledTile<T, BLOCK_M>{q_buf}, lane);
-                }
-                if (Var::hides_keys && needs_mask && k_nonfinite) {
-                    // Non-finite keys reach only the queries that see them: the sums again, on CUDA cores.
-#pragma unroll 1
-                    for (int j = 0; j < DQ_COLS / 8; ++j)
-#pragma unroll 1
-                        for (int e = 0; e < 4; ++e) {
-                            const int row = 16 * warp + g + 8 * (e / 2), col = dq_col0 + 8 * j + 2 * tq + e % 2;
-                            float sum = 0.f;
-                            for (int key = 0; key < BLOCK_N; ++key) {
-                                const float dx = to_acc(*swizzled(ds_buf, BLOCK_N, key, row));
-                                if (!is_masked_zero(dx)) sum += dx * to_acc(*swizzled(sK, BLOCK_N, key, col));
-                            }
-                            dq[j][e] = sum;
-                        }
-                }
-                mbar_wait(dq_free, (t & 1) ^ 1);
-                if (threadIdx.x == 128) *dq_written = 1;
-                float* dq_out = sdQ + (wg * (DQ_COLS / 8) * 128 + threadIdx.x % 128) * 4;
-#pragma unroll
-                for (int j = 0; j < DQ_COLS / 8; ++j)
-                    *reinterpret_cast<float4*>(dq_out + j * 128 * 4) = make_float4(dq[j][0], dq[j][1], dq[j][2], dq[j][3]);
-                fence_async_shared();
-                mbar_arrive(dq_full);
-                ++computed;
             } else {
-                mbar_wait(dq_free, (t & 1) ^ 1);
-                if (threadIdx.x == 128) *dq_written = 0;
-                mbar_arrive(dq_full);
+                // Data hidden from some pair is not finite: every product on CUDA cores, masked pairs kept out.
+                zero(dq);
+                gemm_guarded_smem<BLOCK_M, HALF>(dv, Transposed<SwizzledTile<T, BLOCK_M>>{{p_buf}},
+                                                 SwizzledTile<T, BLOCK_M>{do_half}, 16 * warp, lane);
+                gemm_guarded_smem<BLOCK_M, HALF>(dk, Transposed<SwizzledTile<T, BLOCK_M>>{{ds_buf}},
+                                                 SwizzledTile<T, BLOCK_M>{q_half}, 16 * warp, lane);
+                gemm_guarded_smem<BLOCK_N, HALF>(dq, SwizzledTile<T, BLOCK_M>{ds_buf},
+                                                 SwizzledTile<T, BLOCK_N>{k_half}, 16 * warp, lane);
             }
-            mbar_arrive(q_free + stage);  // the producer may refill this stage
+            stage_dq<HALF>(bar, sm.dq(stage), stage, wg, dq);
         }
-
-        const float dk_scale[2] = {float(f.scale), float(f.scale)}, dv_scale[2] = {1.f, 1.f};
-        store_slab(static_cast<T*>(bp.dk) + b * bp.dk_st.b + hk * bp.dk_st.h + (i64)n0 * bp.dk_st.s, bp.dk_st.s, dk,
-                   dk_scale, 64 * wg + 16 * warp, f.seqlen_k - n0, f.headdim, lane);
-        store_slab(static_cast<T*>(bp.dv) + b * bp.dv_st.b + hk * bp.dv_st.h + (i64)n0 * bp.dv_st.s, bp.dv_st.s, dv,
-                   dv_scale, 64 * wg + 16 * warp, f.seqlen_k - n0, f.headdim, lane);
+        store_dk_dv<T, HALF>(bp, n0, hk, b, 16 * warp, wg * HALF, dk, dv, lane);
     }
 }
 

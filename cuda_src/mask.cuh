@@ -245,3 +245,37 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT
         }
     }
 }
+
+// pair_backward on a tile whose rows are queries and columns keys (the kernels that hold dq): s becomes
+// pd, dp becomes dx. This lane holds rows row0 and row0 + 8 (lse2[r] in log2 units, delta[r]) and keys
+// n0 + 8 j + 2 tq + {0, 1}; n0 is a multiple of 32 when NT is. With a bias gradient (dbias not null:
+// row i, key j at dbias[i * dbias_sq + j * dbias_sk]) each visible ds is added to it.
+template <bool CHECK, int NT, typename Var>
+__device__ __forceinline__ void query_rows_backward(const Var& var, float (&s)[NT][4], float (&dp)[NT][4], int row0,
+                                                    int n0, int tq, float scale_log2, const float (&lse2)[2],
+                                                    const float (&delta)[2], float* dbias, i64 dbias_sq,
+                                                    i64 dbias_sk) {
+    constexpr int NG = NT < 4 ? NT : 4;  // 8-wide tiles per 32-column dropout group
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int j0 = 0; j0 < NT; j0 += NG) {
+            const int row = row0 + 8 * r;
+            unsigned words[4];
+            if (Var::dropout) var.random_words(row, n0 + j0 * 8 + 2 * tq, words);
+#pragma unroll
+            for (int j = j0; j < j0 + NG; ++j)
+#pragma unroll
+                for (int ec = 0; ec < 2; ++ec) {
+                    const int e = 2 * r + ec, col = n0 + j * 8 + 2 * tq + ec;
+                    const bool kept = Var::dropout && (NT % 4 == 0 ? var.keep_at(words, j - j0, ec) : var.keep(words, col));
+                    float pd, ds, dx;
+                    pair_backward<CHECK, true>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta[r], row, col, kept,
+                                               pd, ds, dx);
+                    s[j][e] = pd;
+                    dp[j][e] = dx;
+                    if (Var::bias && dbias && row < var.seqlen_q && col < var.seqlen_k && !is_masked_zero(ds))
+                        atomicAdd(dbias + row * dbias_sq + col * dbias_sk, ds);
+                }
+        }
+}

@@ -308,6 +308,42 @@ __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const un
     gemm_rn_guarded<T, K, N>(acc, p, b_tile, lane);
 }
 
+// The guarded product on CUDA cores, for operands that are both in shared memory (tile types with
+// at(row, col)): acc (this warp's 16 rows row0 + g and + 8 of N columns, the mma C layout) += A B over K,
+// where an A entry that is a masked zero keeps its B row out of the sum even when that row holds NaN or
+// inf. Out of line and rolled: only tiles where hidden data is not finite take it.
+template <int K, int N, typename ATile, typename BTile>
+__device__ __noinline__ void gemm_guarded_smem_body(float (&acc)[N / 8][4], const ATile a, const BTile b, int row0,
+                                                    int lane) {
+#pragma unroll 1
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll 1
+        for (int e = 0; e < 4; ++e) {
+            const int row = row0 + lane / 4 + 8 * (e / 2), col = 8 * j + 2 * (lane % 4) + e % 2;
+            float sum = 0.f;
+#pragma unroll 1
+            for (int k = 0; k < K; ++k) {
+                const float x = to_acc(*a.at(row, k));
+                if (!is_masked_zero(x)) sum += x * to_acc(*b.at(k, col));
+            }
+            acc[j][e] += sum;
+        }
+}
+template <int K, int N, typename ATile, typename BTile>
+__device__ __forceinline__ void gemm_guarded_smem(float (&acc)[N / 8][4], const ATile& a, const BTile& b, int row0,
+                                                  int lane) {
+    float copy[N / 8][4];  // through local memory on this rare path only
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) copy[j][e] = acc[j][e];
+    gemm_guarded_smem_body<K, N>(copy, a, b, row0, lane);
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = copy[j][e];
+}
+
 template <int MT, int N> __device__ __forceinline__ void zero(float (&acc)[MT][N][4]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

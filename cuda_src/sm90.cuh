@@ -118,6 +118,17 @@ template <typename T, int ROWS> struct SwizzledTile {
     __device__ __forceinline__ const T* at(int row, int col) const { return swizzled(base, ROWS, row, col); }
 };
 
+// A tile read with rows and columns exchanged, and one read from column col0 on.
+template <typename Tile> struct Transposed {
+    Tile tile;
+    __device__ __forceinline__ auto at(int row, int col) const { return tile.at(col, row); }
+};
+template <typename Tile> struct Shifted {
+    Tile tile;
+    int col0;
+    __device__ __forceinline__ auto at(int row, int col) const { return tile.at(row, col0 + col); }
+};
+
 // ---- votes among the consumer warpgroups (threads [128, 128 + THREADS) of the block) on named barrier 1,
 // which the producer warpgroup never joins.
 template <int THREADS> struct ConsumerVote {

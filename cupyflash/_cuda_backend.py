@@ -248,9 +248,10 @@ def forward(q, k, v, spec):
 
 def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arrays):
     """The Hopper backward sums dq with float atomics: `deterministic` takes the mma.sync family, whose dq
-    has its own pass; so does a bias gradient, and a head wider than the Hopper backward's tiles."""
+    has its own pass; so does a bias gradient. Key tiles index the grid's z axis."""
     return (spec.dtype.name in _plan.TENSOR_CORE_DTYPES and not deterministic and not want_dbias
-            and -(-spec.headdim // 64) * 64 in _plan.sm90_backward_headdims() and _hopper(hopper_device, *arrays))
+            and math.ceil(spec.seqlen_k / _plan.sm90_backward_tiles(spec.headdim)[2]) <= _MAX_GRID_YZ
+            and _hopper(hopper_device, *arrays))
 
 
 def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
@@ -300,22 +301,22 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
 
 def _backward_sm90(bwd, dout, q, k, v, spec, var_type, device_id):
     """The Hopper backward's three launches: prepare (delta, lse in log2 units, a zeroed float32 dq
-    accumulator), the main kernel over (key tile, kv head, batch), and dq's conversion."""
+    accumulator), the main kernel over (kv head, batch, key tile), and dq's conversion."""
     dtype = q.dtype.name
     prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type)
-    head_tile = -(-spec.headdim // 64) * 64
+    head_tile = _plan.sm90_backward_tiles(spec.headdim)[1]
     rows = -(-spec.seqlen_q // _plan.SM90_BWD_BLOCK_M) * _plan.SM90_BWD_BLOCK_M
     delta, lse_log2 = (_empty((spec.batch, spec.nheads, rows), np.float32) for _ in range(2))
     dq_accum = _empty((spec.batch, spec.nheads, rows, head_tile), np.float32)
     bwd["delta"] = delta.data.ptr
     p = np.zeros(1, BWD_PARAMS_SM90)
     p["tma_q"], p["tma_do"] = (_tma.tensor_map(x, dtype, _plan.SM90_BWD_BLOCK_M) for x in (q, dout))
-    p["tma_k"], p["tma_v"] = (_tma.tensor_map(x, dtype, _plan.SM90_BWD_BLOCK_N) for x in (k, v))
+    p["tma_k"], p["tma_v"] = (_tma.tensor_map(x, dtype, main.block_rows) for x in (k, v))
     p["bwd"], p["lse_log2"], p["dq_accum"], p["rows"], p["head_tile"] = bwd, lse_log2.data.ptr, dq_accum.data.ptr, \
         rows, head_tile
     padded_rows = spec.batch * spec.nheads * rows
     _launch(prepare, (math.ceil(padded_rows / prepare.block_rows), 1, 1), p, device_id)
-    _launch(main, (math.ceil(spec.seqlen_k / main.block_rows), spec.nheads_kv, spec.batch), p, device_id)
+    _launch(main, (spec.nheads_kv, spec.batch, math.ceil(spec.seqlen_k / main.block_rows)), p, device_id)
     _launch(convert, (math.ceil(spec.batch * spec.nheads * spec.seqlen_q / convert.block_rows), 1, 1), p, device_id)
 
 

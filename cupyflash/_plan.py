@@ -113,31 +113,35 @@ def forward_sm90(dtype, headdim, var):
     return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages), SM90_OPTIONS)
 
 
-SM90_BWD_BLOCK_M = 64   # query rows per streamed tile (backward_sm90.cu)
-SM90_BWD_BLOCK_N = 128  # keys per block, 64 per consumer warpgroup
-SM90_BWD_STAGES = 2
+SM90_BWD_BLOCK_M = 64  # query rows per streamed tile (backward_sm90.cu)
 
 
-def sm90_backward_headdims():
-    """Head tiles the Hopper backward takes: dK and dV of 64 keys per warpgroup stay in registers up to 128
-    columns; wider heads take the mma.sync family."""
-    return (64, 128)
+def sm90_backward_tiles(headdim):
+    """(kernel, head tile, keys per block, stages) of the Hopper backward: up to headdim 128 a block owns
+    128 keys, 64 per consumer warpgroup, with dK and dV in registers, and three stages of query tiles fit;
+    wider heads take 64-key blocks whose warpgroups split the head's columns (flash_bwd_sm90_wide, head
+    tile 256), with two stages."""
+    d = -(-headdim // 64) * 64
+    if d <= 128:
+        return "flash_bwd_sm90", d, 128, 3
+    if d <= HEADDIM_TILES[-1]:
+        return "flash_bwd_sm90_wide", 256, 64, 2
+    raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")
 
 
 def backward_sm90(dtype, headdim, var):
     """(prepare, main, dq convert) kernels of the Hopper backward (backward_sm90.cu)."""
     if dtype not in TENSOR_CORE_DTYPES:
         raise ValueError(f"the Hopper kernels take float16 and bfloat16, got {dtype}")
-    d = -(-headdim // 64) * 64
-    if d not in sm90_backward_headdims():
-        raise ValueError(f"the Hopper backward takes headdim up to {sm90_backward_headdims()[-1]}, got {headdim}")
-    bm, bn, stages = SM90_BWD_BLOCK_M, SM90_BWD_BLOCK_N, SM90_BWD_STAGES
-    smem = (2 * (2 * bn * d + 2 * stages * bm * d + 2 * bn * bm)  # k, v; q, dout stages; two dx^T buffers
-            + 4 * (2 * stages * bm + bm * d)  # lse, delta; dq
-            + 8 * (3 + 2 * stages) + 8 + 1024)  # barriers, a flag; swizzle-atom alignment
+    kernel, d, bn, stages = sm90_backward_tiles(headdim)
+    bm = SM90_BWD_BLOCK_M
+    own = 2 * 2 * bn * bm if kernel == "flash_bwd_sm90" else 2 * 2 * 2 * bm * bn  # dx^T / pd and dx, two each
+    smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
+            + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
+            + 8 * (1 + 3 * stages) + 4 * stages + 1024)  # barriers, flags; swizzle-atom alignment
     c = C_TYPES[dtype]
     return (Launch("backward_sm90.cu", f"flash_bwd_prepare_sm90<{c}>", 4, 128, 0, SM90_OPTIONS),
-            Launch("backward_sm90.cu", f"flash_bwd_sm90<{c}, {d}, {stages}, {var}>", bn, 384, smem, SM90_OPTIONS),
+            Launch("backward_sm90.cu", f"{kernel}<{c}, {d}, {stages}, {var}>", bn, 384, smem, SM90_OPTIONS),
             Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}>", 4, 128, 0, SM90_OPTIONS))
 
 
@@ -283,8 +287,7 @@ def covering_launches():
     sm90 += [(dtype, 64, variant(every - BIAS, "bool")) for dtype in TENSOR_CORE_DTYPES]
     sm90 += [("float16", 128, variant(every - BOOL_MASK, "float32")), ("bfloat16", 256, variant(every - BOOL_MASK, "bfloat16"))]
     sm90_launches = [forward_sm90(*case) for case in sm90]
-    sm90_launches += [launch for dtype, d, var in sm90 if -(-d // 64) * 64 in sm90_backward_headdims()
-                      for launch in backward_sm90(dtype, d, var)]
+    sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
     decode_features = variant(WINDOW + SOFTCAP + ALIBI)
     decodes = [launch for dtype in ("float16", "bfloat16", "float32") for rows, var in ((1, plain), (16, decode_features))
                for launch in decode(dtype, 128 if rows == 1 else 256, rows, var)]

@@ -215,11 +215,11 @@ def test_family_on_hopper(monkeypatch):
         "forward.cu"]
     odd = to_device(rng.standard_normal((1, 100, 2, 60)).astype(np.float16))  # 240-byte rows: not for TMA
     assert _forward_sources(monkeypatch, odd, odd, odd) == ["forward_mma.cu"]
-    # The backward: the sm_90a family up to headdim 128; `deterministic` and wider heads take mma.sync.
+    # The backward: the sm_90a family (wide heads too); `deterministic` takes mma.sync.
     assert _backward_sources(monkeypatch, q, k, v) == ["backward_sm90.cu"]
-    assert _backward_sources(monkeypatch, q, k, v, deterministic=True) == ["backward.cu", "backward_mma.cu"]
     wide = to_device(rng.standard_normal((1, 100, 2, 192)).astype(np.float16))
-    assert _backward_sources(monkeypatch, wide, wide, wide) == ["backward.cu", "backward_mma.cu"]
+    assert _backward_sources(monkeypatch, wide, wide, wide) == ["backward_sm90.cu"]
+    assert _backward_sources(monkeypatch, q, k, v, deterministic=True) == ["backward.cu", "backward_mma.cu"]
     monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "sm80")
     assert _forward_sources(monkeypatch, q, k, v) == ["forward_mma.cu"]
     assert _backward_sources(monkeypatch, q, k, v) == ["backward.cu", "backward_mma.cu"]
