@@ -512,24 +512,29 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     }
 }
 
-// One warp per (batch, head, row < seqlen_q). The accumulator holds each 64-row tile in the consumers'
-// register order: [warpgroup][8-column group j][thread][4], thread = 32 warp + 4 g + tq, element 2 er + ec
-// of row 16 warp + 8 er + g, column 8 j + 2 tq + ec of the warpgroup's half of the head.
+// One thread per four accumulator values: each 64-row tile of the accumulator is stored in the consumers'
+// register order, [warpgroup][8-column group j][thread][4] with thread = 32 warp + 4 g + tq, values 2 er + ec
+// at row 16 warp + 8 er + g, column 8 j + 2 tq + ec of the warpgroup's half of the head.
 template <typename T>
-__global__ void __launch_bounds__(128) flash_bwd_dq_convert(const __grid_constant__ BwdParamsSm90 p) {
+__global__ void __launch_bounds__(256) flash_bwd_dq_convert(const __grid_constant__ BwdParamsSm90 p) {
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const i64 row = (i64)blockIdx.x * 4 + threadIdx.x / 32;
-    if (row >= (i64)bp.batch * f.nheads * f.seqlen_q) return;
-    const int i = (int)(row % f.seqlen_q), h = (int)((row / f.seqlen_q) % f.nheads), b = (int)(row / f.seqlen_q / f.nheads);
-    const int r = i % SM90_BWD_BLOCK_M, half = p.head_tile / 2;
-    const float* tile = p.dq_accum + (((i64)b * f.nheads + h) * p.rows + (i - r)) * p.head_tile;
-    const int thread_row = (r / 16) * 32 + (r % 8) * 4, e_row = 2 * ((r % 16) / 8);
-    T* dq = static_cast<T*>(bp.dq) + b * bp.dq_st.b + (i64)i * bp.dq_st.s + h * bp.dq_st.h;
+    const int tile_quads = SM90_BWD_BLOCK_M * p.head_tile / 4, half = p.head_tile / 2;
+    const i64 quad = (i64)blockIdx.x * 256 + threadIdx.x;
+    if (quad >= (i64)bp.batch * f.nheads * (p.rows / SM90_BWD_BLOCK_M) * tile_quads) return;
+    const float4 x = reinterpret_cast<const float4*>(p.dq_accum)[quad];
+    const i64 tile = quad / tile_quads;
+    const int at = (int)(quad % tile_quads), thread = at % 128, j = at / 128 % (half / 8), wg = at / 128 / (half / 8);
+    const int tiles = p.rows / SM90_BWD_BLOCK_M, bh = (int)(tile / tiles), h = bh % f.nheads, b = bh / f.nheads;
+    const int row = (int)(tile % tiles) * SM90_BWD_BLOCK_M + (thread / 32) * 16 + (thread % 32) / 4;
+    const int col = wg * half + 8 * j + 2 * (thread % 4);
     const float scale = float(f.scale);
-    for (int d = threadIdx.x % 32; d < f.headdim; d += 32) {
-        const int wg = d / half, c = d % half;
-        const int idx = ((wg * (half / 8) + c / 8) * 128 + thread_row + (c % 8) / 2) * 4 + e_row + c % 2;
-        dq[d] = from_acc<T>(tile[idx] * scale);
-    }
+    T* dq = static_cast<T*>(bp.dq) + b * bp.dq_st.b + h * bp.dq_st.h;
+    const bool aligned = reinterpret_cast<unsigned long long>(dq) % 4 == 0 && bp.dq_st.s % 2 == 0;
+    const float v[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int er = 0; er < 2; ++er)
+        if (row + 8 * er < f.seqlen_q && col < f.headdim)
+            store_pair(dq + (i64)(row + 8 * er) * bp.dq_st.s + col, v[2 * er] * scale, v[2 * er + 1] * scale, aligned,
+                       f.headdim - col);
 }

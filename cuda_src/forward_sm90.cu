@@ -124,22 +124,23 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 const int stage = kv_step % STAGES, parity = (kv_step / STAGES) & 1, n0 = t * BLOCK_N;
                 const T* k_buf = sK + stage * KV_ELEMS;
                 const T* v_buf = sV + stage * KV_ELEMS;
-                const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
                 // Every phase is waited for, skipped tiles too, so that no copy into a buffer is in flight
                 // when the producer reuses it.
                 mbar_wait(k_full + stage, parity);
-                if (kind != SKIP) {
-                    float s[1][NT][4];
-                    float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-                    wgmma_fence();
+                float s[1][NT][4];
+                float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
+                wgmma_fence();
 #pragma unroll
-                    for (int kk = 0; kk < D_TILE / 16; ++kk)
-                        wgmma_ss<T, BLOCK_N>(s_regs, desc_k_major(q_rows + (kk / 4) * BLOCK_M * 64, kk),
-                                             desc_k_major(k_buf + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
-                    wgmma_commit();
-                    wgmma_wait<0>();
-                    fence_regs(s_regs);
-
+                for (int kk = 0; kk < D_TILE / 16; ++kk)
+                    wgmma_ss<T, BLOCK_N>(s_regs, desc_k_major(q_rows + (kk / 4) * BLOCK_M * 64, kk),
+                                         desc_k_major(k_buf + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
+                wgmma_commit();
+                // The classification (which loads a bool mask's entries) overlaps the product; a skipped
+                // tile's scores are dropped.
+                const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
+                wgmma_wait<0>();
+                fence_regs(s_regs);
+                if (kind != SKIP) {
                     const bool needs_mask = kind == EDGE;
                     if (needs_mask) {
                         softmax_tile<true>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);

@@ -354,6 +354,20 @@ template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
     zero(reinterpret_cast<float (&)[1][N][4]>(acc));
 }
 
+// Two adjacent output values at `at`, of which `room` (at least 1) lie inside the row: one 4-byte store
+// for 16-bit outputs where `aligned` says the address allows it.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* at, float lo, float hi, bool aligned, int room) {
+    if constexpr (sizeof(T) == 2) {
+        if (aligned && room > 1) {
+            *reinterpret_cast<unsigned*>(at) = pack2<T>(lo, hi);
+            return;
+        }
+    }
+    at[0] = from_acc<T>(lo);
+    if (room > 1) at[1] = from_acc<T>(hi);
+}
+
 // Writes MT accumulator slabs of 16 x (8 N) to rows row0 + 16 mt + g (+ 8) of a row-major
 // output (row stride `stride`), each row times its own factor scale[mt][0] / scale[mt][1],
 // skipping rows >= nrows and columns >= ncols.
@@ -361,6 +375,7 @@ template <typename T, int MT, int N>
 __device__ __forceinline__ void store_slab(T* dst, i64 stride, const float (&acc)[MT][N][4],
                                            const float (&scale)[MT][2], int row0, int nrows, int ncols, int lane) {
     const int g = lane / 4, tq = lane % 4;
+    const bool aligned = reinterpret_cast<unsigned long long>(dst) % 4 == 0 && stride % 2 == 0;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -368,12 +383,12 @@ __device__ __forceinline__ void store_slab(T* dst, i64 stride, const float (&acc
             const int row = row0 + 16 * mt + g + 8 * r;
             if (row >= nrows) continue;
 #pragma unroll
-            for (int j = 0; j < N; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = j * 8 + 2 * tq + e;
-                    if (col < ncols) dst[(i64)row * stride + col] = from_acc<T>(acc[mt][j][2 * r + e] * scale[mt][r]);
-                }
+            for (int j = 0; j < N; ++j) {
+                const int col = j * 8 + 2 * tq;
+                if (col < ncols)
+                    store_pair(dst + (i64)row * stride + col, acc[mt][j][2 * r] * scale[mt][r],
+                               acc[mt][j][2 * r + 1] * scale[mt][r], aligned, ncols - col);
+            }
         }
 }
 template <typename T, int N>

@@ -317,7 +317,8 @@ def _backward_sm90(bwd, dout, q, k, v, spec, var_type, device_id):
     padded_rows = spec.batch * spec.nheads * rows
     _launch(prepare, (math.ceil(padded_rows / prepare.block_rows), 1, 1), p, device_id)
     _launch(main, (spec.nheads_kv, spec.batch, math.ceil(spec.seqlen_k / main.block_rows)), p, device_id)
-    _launch(convert, (math.ceil(spec.batch * spec.nheads * spec.seqlen_q / convert.block_rows), 1, 1), p, device_id)
+    quads = dq_accum.size // 4  # the convert kernel takes four accumulator values per thread
+    _launch(convert, (math.ceil(quads / convert.block_rows), 1, 1), p, device_id)
 
 
 DECODE_DTYPES = ("float16", "bfloat16", "float32")

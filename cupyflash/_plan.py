@@ -142,7 +142,7 @@ def backward_sm90(dtype, headdim, var):
     c = C_TYPES[dtype]
     return (Launch("backward_sm90.cu", f"flash_bwd_prepare_sm90<{c}>", 4, 128, 0, SM90_OPTIONS),
             Launch("backward_sm90.cu", f"{kernel}<{c}, {d}, {stages}, {var}>", bn, 384, smem, SM90_OPTIONS),
-            Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}>", 4, 128, 0, SM90_OPTIONS))
+            Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}>", 256, 256, 0, SM90_OPTIONS))
 
 
 def backward(dtype, headdim, var, aligned, limit):
