@@ -94,15 +94,28 @@ struct Variant {
                           (right >= 0 && n0 + bn - 1 > m0 + offset + right);
         if constexpr (bool_mask) {
             const int rows = mask_sq == 0 ? 1 : min(bm, seqlen_q - m0), cols = mask_sk == 0 ? 1 : min(bn, seqlen_k - n0);
-            const bool warp_wide = rows * cols <= 256;
             bool on = false, off = false;
-            for (int idx = warp_wide ? threadIdx.x % 32 : Vote::rank(); idx < rows * cols; idx += warp_wide ? 32 : Vote::threads) {
-                const bool x = mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0;
-                on |= x;
-                off |= !x;
+            if (rows * cols <= 256) {
+#pragma unroll
+                for (int it = 0; it < 8; ++it) {  // unrolled: the loads are in flight together
+                    const int idx = threadIdx.x % 32 + 32 * it;
+                    if (idx < rows * cols) {
+                        const bool x = mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0;
+                        on |= x;
+                        off |= !x;
+                    }
+                }
+                on = __any_sync(0xffffffffu, on);
+                off = __any_sync(0xffffffffu, off);
+            } else {
+                for (int idx = Vote::rank(); idx < rows * cols; idx += Vote::threads) {
+                    const bool x = mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0;
+                    on |= x;
+                    off |= !x;
+                }
+                on = Vote::any(on);
+                off = Vote::any(off);
             }
-            on = warp_wide ? __any_sync(0xffffffffu, on) : Vote::any(on);
-            off = warp_wide ? __any_sync(0xffffffffu, off) : Vote::any(off);
             if (!on) return SKIP;
             return edge || off ? EDGE : INTERIOR;
         }
