@@ -268,14 +268,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             float(&st_regs)[MT * 4] = reinterpret_cast<float(&)[MT * 4]>(st);
             float(&dpt_regs)[MT * 4] = reinterpret_cast<float(&)[MT * 4]>(dpt);
             wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < D_TILE / 16; ++kk)
-                wgmma_ss<T, BLOCK_M>(st_regs, desc_k_major(k_rows + (kk / 4) * BLOCK_N * 64, kk),
-                                     desc_k_major(q_buf + (kk / 4) * BLOCK_M * 64, kk), kk > 0);
-#pragma unroll
-            for (int kk = 0; kk < D_TILE / 16; ++kk)
-                wgmma_ss<T, BLOCK_M>(dpt_regs, desc_k_major(v_rows + (kk / 4) * BLOCK_N * 64, kk),
-                                     desc_k_major(do_buf + (kk / 4) * BLOCK_M * 64, kk), kk > 0);
+            wgmma_nt<T, BLOCK_M, D_TILE, BLOCK_N, BLOCK_M>(st_regs, k_rows, q_buf);
+            wgmma_nt<T, BLOCK_M, D_TILE, BLOCK_N, BLOCK_M>(dpt_regs, v_rows, do_buf);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(st_regs);
@@ -427,14 +421,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
             float(&dp_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(dp);
             wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < D_TILE / 16; ++kk)
-                wgmma_ss<T, KEYS>(s_regs, desc_k_major(q_buf + (kk / 4) * BLOCK_M * 64, kk),
-                                  desc_k_major(k_keys + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
-#pragma unroll
-            for (int kk = 0; kk < D_TILE / 16; ++kk)
-                wgmma_ss<T, KEYS>(dp_regs, desc_k_major(do_buf + (kk / 4) * BLOCK_M * 64, kk),
-                                  desc_k_major(v_keys + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
+            wgmma_nt<T, KEYS, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_buf, k_keys);
+            wgmma_nt<T, KEYS, D_TILE, BLOCK_M, BLOCK_N>(dp_regs, do_buf, v_keys);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(s_regs);

@@ -130,10 +130,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
                 wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < D_TILE / 16; ++kk)
-                    wgmma_ss<T, BLOCK_N>(s_regs, desc_k_major(q_rows + (kk / 4) * BLOCK_M * 64, kk),
-                                         desc_k_major(k_buf + (kk / 4) * BLOCK_N * 64, kk), kk > 0);
+                wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, k_buf);
                 wgmma_commit();
                 // The classification (which loads a bool mask's entries) overlaps the product; a skipped
                 // tile's scores are dropped.

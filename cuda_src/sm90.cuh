@@ -5,6 +5,7 @@
 #pragma once
 #include "common.cuh"
 #include "params.cuh"
+#include "wgmma.cuh"
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -100,6 +101,16 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// Issues acc = A B^T over D_TILE columns (not waited for): A and B K-major, in chunks of 64 columns
+// holding A_ROWS and B_ROWS rows; a and b point at the first row taken from chunk 0. N: B's rows taken.
+template <typename T, int N, int D_TILE, int A_ROWS, int B_ROWS>
+__device__ __forceinline__ void wgmma_nt(float (&acc)[N / 2], const T* a, const T* b) {
+#pragma unroll
+    for (int kk = 0; kk < D_TILE / 16; ++kk)
+        wgmma_ss<T, N>(acc, desc_k_major(a + (kk / 4) * A_ROWS * 64, kk), desc_k_major(b + (kk / 4) * B_ROWS * 64, kk),
+                       kk > 0);
+}
+
 // Keeps the compiler from moving accesses of accumulator registers across an asynchronous product.
 template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
