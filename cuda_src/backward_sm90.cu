@@ -4,6 +4,7 @@
 //   flash_bwd_prepare_sm90  delta = rowsum(dout * out), lse in log2 units, and a zeroed float32 dq
 //                           accumulator, each head's rows padded to whole query tiles
 //   flash_bwd_sm90          headdim up to 128: 128-key tiles, 64 keys per consumer warpgroup
+//                           (a block per key tile, kv head and batch, in the order of key_block)
 //   flash_bwd_sm90_wide     headdim up to 256: 64-key tiles, each consumer warpgroup taking half of the
 //                           keys for s and dp and half of the head's columns for dk, dv and dq
 //   flash_bwd_dq_convert    dq = accumulator * scale in the input dtype
@@ -49,6 +50,18 @@ __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_const
         p.lse_log2[row] = lse2;
     }
     for (int d = lane; d < p.head_tile; d += 32) p.dq_accum[row * p.head_tile + d] = 0.f;
+}
+
+// The first key n0, kv head and batch of this block. Blocks start in the order of their linear index.
+// Without a causal or window bound the key tiles of one head are the fastest axis: their blocks run
+// side by side and read the same q and dout tiles, from L2. With one, the key tile is the slowest axis:
+// the first key tiles, which the most query tiles see, start first.
+struct KeyBlock {
+    int n0, hk, b;
+};
+template <typename Var, int BLOCK_N> __device__ __forceinline__ KeyBlock key_block() {
+    if constexpr (Var::window) return {int(blockIdx.z) * BLOCK_N, int(blockIdx.x), int(blockIdx.y)};
+    return {int(blockIdx.x) * BLOCK_N, int(blockIdx.y), int(blockIdx.z)};
 }
 
 // The query tiles a block streams: the band's tiles of head hk * group, then of the next head of the
@@ -216,9 +229,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    // Blocks start in the order of their linear index: the key tile is the slowest axis, so under a causal
-    // mask the first key tiles, which the most query tiles see, start first.
-    const int n0 = blockIdx.z * BLOCK_N, hk = blockIdx.x, b = blockIdx.y;
+    const KeyBlock kb = key_block<Var, BLOCK_N>();
+    const int n0 = kb.n0, hk = kb.hk, b = kb.b;
     const QueryStream<BLOCK_M, BLOCK_N> qs(f, Var(f, b, hk * f.group), n0, hk, b);
 
     if (threadIdx.x == 0) bar.init(CONSUMERS);
@@ -374,7 +386,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const int n0 = blockIdx.z * BLOCK_N, hk = blockIdx.x, b = blockIdx.y;  // key tiles slowest, as above
+    const KeyBlock kb = key_block<Var, BLOCK_N>();
+    const int n0 = kb.n0, hk = kb.hk, b = kb.b;
     const QueryStream<BLOCK_M, BLOCK_N> qs(f, Var(f, b, hk * f.group), n0, hk, b);
 
     if (threadIdx.x == 0) bar.init(CONSUMERS);

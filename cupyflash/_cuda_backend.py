@@ -248,7 +248,7 @@ def forward(q, k, v, spec):
 
 def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arrays):
     """The Hopper backward sums dq with float atomics: `deterministic` takes the mma.sync family, whose dq
-    has its own pass; so does a bias gradient. Key tiles index the grid's z axis."""
+    has its own pass; so does a bias gradient. Key tiles may index the grid's z axis."""
     return (spec.dtype.name in _plan.TENSOR_CORE_DTYPES and not deterministic and not want_dbias
             and math.ceil(spec.seqlen_k / _plan.sm90_backward_tiles(spec.headdim)[2]) <= _MAX_GRID_YZ
             and _hopper(hopper_device, *arrays))
@@ -301,7 +301,7 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
 
 def _backward_sm90(bwd, dout, q, k, v, spec, var_type, device_id):
     """The Hopper backward's three launches: prepare (delta, lse in log2 units, a zeroed float32 dq
-    accumulator), the main kernel over (kv head, batch, key tile), and dq's conversion."""
+    accumulator), the main kernel over key tiles, kv heads and batches, and dq's conversion."""
     dtype = q.dtype.name
     prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type)
     head_tile = _plan.sm90_backward_tiles(spec.headdim)[1]
@@ -316,7 +316,10 @@ def _backward_sm90(bwd, dout, q, k, v, spec, var_type, device_id):
         rows, head_tile
     padded_rows = spec.batch * spec.nheads * rows
     _launch(prepare, (math.ceil(padded_rows / prepare.block_rows), 1, 1), p, device_id)
-    _launch(main, (spec.nheads_kv, spec.batch, math.ceil(spec.seqlen_k / main.block_rows)), p, device_id)
+    key_tiles = math.ceil(spec.seqlen_k / main.block_rows)
+    # the axes' order of backward_sm90.cu's key_block: key tiles slowest under a causal or window bound
+    grid = (spec.nheads_kv, spec.batch, key_tiles) if spec.has_window else (key_tiles, spec.nheads_kv, spec.batch)
+    _launch(main, grid, p, device_id)
     quads = dq_accum.size // 4  # the convert kernel takes four accumulator values per thread
     _launch(convert, (math.ceil(quads / convert.block_rows), 1, 1), p, device_id)
 
