@@ -1,0 +1,34 @@
+"""The tile table's Hopper entries fit sm_90 for every head dimension: shared memory within the opt-in
+limit, a head tile that covers the head, and the backward kernel each width takes. No GPU needed."""
+import pytest
+
+from cupyflash import _plan
+
+HEADDIMS = range(1, _plan.HEADDIM_TILES[-1] + 1)
+
+
+@pytest.mark.parametrize("dtype", _plan.TENSOR_CORE_DTYPES)
+def test_hopper_blocks_fit_in_shared_memory(dtype):
+    limit = _plan.SMEM_LIMITS[(9, 0)]
+    every = sum(_plan.FEATURES.values()) - _plan.BIAS
+    for headdim in HEADDIMS:
+        for var in (_plan.variant(), _plan.variant(every, "bool")):
+            for launch in (_plan.forward_sm90(dtype, headdim, var), *_plan.backward_sm90(dtype, headdim, var)):
+                assert launch.smem_bytes <= limit, (headdim, launch.name, launch.smem_bytes)
+                assert launch.threads <= 1024 and launch.options == _plan.SM90_OPTIONS
+
+
+def test_hopper_backward_tiles_cover_the_head():
+    for headdim in HEADDIMS:
+        kernel, tile, keys, stages = _plan.sm90_backward_tiles(headdim)
+        assert tile >= headdim and tile % 64 == 0  # whole TMA boxes of 64 columns
+        assert kernel == ("flash_bwd_sm90" if headdim <= 128 else "flash_bwd_sm90_wide")
+        assert keys % 64 == 0 and stages >= 2
+    with pytest.raises(ValueError, match="headdim must be at most 256"):
+        _plan.sm90_backward_tiles(257)
+
+
+def test_hopper_kernels_take_16_bit_inputs_only():
+    for plan in (_plan.forward_sm90, _plan.backward_sm90):
+        with pytest.raises(ValueError, match="float16 and bfloat16"):
+            plan("float32", 64, _plan.variant())
