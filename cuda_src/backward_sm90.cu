@@ -200,6 +200,26 @@ template <int STAGES> __device__ __forceinline__ void stage_no_dq(const BwdBarri
     mbar_arrive(bar.dq_full + stage);
 }
 
+// Consumers, before the stream: k and v arrived; and whether any key's data is not finite (asked only by
+// the variants that hide keys from some rows: such keys then reach dq through the guarded products).
+template <typename Var, int ROWS, typename T, int STAGES>
+__device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const T* k, int tiles) {
+    if (tiles > 0) mbar_wait(bar.kv_full, 0);
+    return Var::hides_keys && tiles > 0 && tile_has_nonfinite<ROWS, 64, 64, ConsumerVote<256>>(k);
+}
+
+// Consumers, per query tile t: its classification, once its stage has arrived (every phase is waited for,
+// skipped tiles too, so that no copy into a stage is in flight when the producer reuses it). A skipped
+// tile stages no dq.
+template <int BLOCK_M, int BLOCK_N, int STAGES, typename Var>
+__device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar, int t, int m0,
+                                                    int n0) {
+    const TileKind kind = var.template tile_kind<ConsumerVote<256>>(m0, BLOCK_M, n0, BLOCK_N);
+    mbar_wait(bar.q_full + t % STAGES, (t / STAGES) & 1);
+    if (kind == SKIP) stage_no_dq(bar, t % STAGES);
+    return kind;
+}
+
 // dk (times the softmax scale) and dv of this warp's rows of the key tile at n0, columns from col0.
 template <typename T, int N>
 __device__ __forceinline__ void store_dk_dv(const BwdParams& bp, int n0, int hk, int b, int row0, int col0,
@@ -258,22 +278,13 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         float(&dk_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dk);
         float(&dv_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dv);
 
-        if (qs.tiles > 0) mbar_wait(bar.kv_full, 0);
-        // Keys whose data is not finite may reach dq only through the guarded path (Var::hides_keys).
-        const bool k_nonfinite =
-            Var::hides_keys && qs.tiles > 0 && tile_has_nonfinite<BLOCK_N * CHUNKS, 64, 64, Vote>(sm.k);
+        const bool k_nonfinite = wait_keys<Var, BLOCK_N * CHUNKS>(bar, sm.k, qs.tiles);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
             const Var var(f, b, qs.head(t));
-            const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
-            // Every phase is waited for, skipped tiles too, so that no copy into a stage is in flight
-            // when the producer reuses it.
-            mbar_wait(bar.q_full + stage, (t / STAGES) & 1);
-            if (kind == SKIP) {
-                stage_no_dq(bar, stage);
-                continue;
-            }
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N>(var, bar, t, m0, n0);
+            if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
             float st[MT][4], dpt[MT][4];
@@ -415,19 +426,13 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
         float(&dk_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dk);
         float(&dv_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dv);
 
-        if (qs.tiles > 0) mbar_wait(bar.kv_full, 0);
-        const bool k_nonfinite =
-            Var::hides_keys && qs.tiles > 0 && tile_has_nonfinite<BLOCK_N * CHUNKS, 64, 64, Vote>(sm.k);
+        const bool k_nonfinite = wait_keys<Var, BLOCK_N * CHUNKS>(bar, sm.k, qs.tiles);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
             const Var var(f, b, qs.head(t));
-            const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
-            mbar_wait(bar.q_full + stage, (t / STAGES) & 1);
-            if (kind == SKIP) {
-                stage_no_dq(bar, stage);
-                continue;
-            }
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N>(var, bar, t, m0, n0);
+            if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
             float s[NT][4], dp[NT][4];
