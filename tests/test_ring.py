@@ -402,9 +402,13 @@ def _nccl():
 
 
 @pytest.mark.gpu
-def test_nccl_comm_of_one_gpu_runs_the_ring():
+@pytest.mark.parametrize("chunk", [None, 1001])  # dK/dV exchanged whole, or in pieces of an odd size
+def test_nccl_comm_of_one_gpu_runs_the_ring(chunk, monkeypatch):
     cp, nccl = _nccl()
-    from cupyflash.distributed import NcclComm
+    from cupyflash.distributed import NcclComm, _comm
+
+    if chunk is not None:
+        monkeypatch.setattr(_comm, "EXCHANGE_CHUNK_BYTES", chunk)
 
     with cp.cuda.Device(0):
         comm = NcclComm(nccl.NcclCommunicator(1, nccl.get_unique_id(), 0))
@@ -425,7 +429,7 @@ TWO_GPU_WORKER = """
     import ml_dtypes
     import numpy as np
     import cupyflash
-    from cupyflash.distributed import NcclComm, ring_attention, ring_attention_backward, zigzag_shard
+    from cupyflash.distributed import NcclComm, _comm, ring_attention, ring_attention_backward, zigzag_shard
 
     comm = NcclComm.from_env()
     rank, world = comm.rank, comm.size
@@ -442,10 +446,15 @@ TWO_GPU_WORKER = """
 
     # flash-attn's rule against the float64 reference on the gathered sequence: the ring's error at
     # most twice one GPU's (same kernels, whole sequence) plus a floor of a few roundings
+    # (the last case moves dK/dV through the in-place exchange in pieces of an odd number of bytes)
     kw = dict(causal=True, window_size=(700, -1), softcap=20.0)
     ok = True
-    for dtype, layout, seqlen_local in [(np.float16, "zigzag", 512), (ml_dtypes.bfloat16, "zigzag", 512),
-                                        (np.float32, "zigzag", 512), (ml_dtypes.bfloat16, "contiguous", 509)]:
+    default_chunk = _comm.EXCHANGE_CHUNK_BYTES
+    for dtype, layout, seqlen_local, chunk in [(np.float16, "zigzag", 512, default_chunk),
+                                               (ml_dtypes.bfloat16, "zigzag", 512, default_chunk),
+                                               (np.float32, "zigzag", 512, default_chunk),
+                                               (ml_dtypes.bfloat16, "contiguous", 509, 1001)]:
+        _comm.EXCHANGE_CHUNK_BYTES = chunk
         rng = np.random.default_rng(0)  # the same global sequence on every rank
         q, k, v, dout = (rng.standard_normal((2, world * seqlen_local, h, 64)).astype(dtype) for h in (8, 2, 2, 8))
         wide = [x.astype(np.float64) for x in (q, k, v, dout)]

@@ -9,7 +9,9 @@ A communicator is any object with
 
 and optionally ``start_sendrecv(send_arrays, dst, src)``, the same transfer returned as a handle
 whose ``wait()`` gives the received arrays: the ring starts the next block's transfer, computes
-with the current block, and waits only when it needs the next one.
+with the current block, and waits only when it needs the next one; and ``start_exchange(arrays,
+dst, src)``, a started transfer that overwrites ``arrays`` in place with ``src``'s (the ring's
+float32 dK/dV accumulators travel this way, without a second copy of them in memory).
 
 :class:`LocalRing` runs every rank as a thread of one process (NumPy or CuPy arrays; for tests and
 for checking a schedule anywhere). :class:`NcclComm` is one process per GPU over NCCL. Nothing
@@ -147,6 +149,10 @@ def _decode_unique_id(data: bytes):
     return bytes(message["id"]) if message["kind"] == "bytes" else tuple(message["id"])
 
 
+#: The largest piece an in-place exchange moves at once (its bounce buffer).
+EXCHANGE_CHUNK_BYTES = 256 << 20
+
+
 class NcclComm:
     """A ring communicator over NCCL: one process per GPU, point-to-point sends and receives on a
     stream of its own.
@@ -236,6 +242,38 @@ class NcclComm:
             finally:
                 nccl.groupEnd()
             return _NcclTransfer(self.device, self._stream.record(), sent, received, to_host)
+
+    def start_exchange(self, arrays: Sequence[Array], dst: int, src: int) -> _NcclTransfer:
+        """Send ``arrays`` (C-contiguous CuPy arrays on this device) to ``dst`` and overwrite them
+        with ``src``'s, in place; ``wait()`` gives an empty list. The arrays move in pieces of at
+        most :data:`EXCHANGE_CHUNK_BYTES` through one bounce buffer, so the transfer costs that
+        buffer instead of a second copy of the arrays. Neither side may touch the arrays until
+        ``wait()``."""
+        import cupy
+        from cupy.cuda import nccl
+
+        _check_peer("dst", dst, self.size)
+        _check_peer("src", src, self.size)
+        for i, x in enumerate(arrays):
+            if array_kind(x) != "cupy" or x.device.id != self.device or not x.flags.c_contiguous:
+                raise ValueError(f"start_exchange: arrays[{i}] must be a C-contiguous cupy.ndarray on the "
+                                 f"communicator's device {self.device}")
+        with cupy.cuda.Device(self.device):
+            largest = max((x.nbytes for x in arrays), default=0)
+            bounce = cupy.empty(min(largest, EXCHANGE_CHUNK_BYTES), cupy.uint8)  # on the caller's stream
+            self._stream.wait_event(cupy.cuda.get_current_stream().record())
+            for x in arrays:
+                for start in range(0, x.nbytes, EXCHANGE_CHUNK_BYTES):
+                    size = min(EXCHANGE_CHUNK_BYTES, x.nbytes - start)
+                    nccl.groupStart()
+                    try:
+                        self._nccl.send(x.data.ptr + start, size, nccl.NCCL_UINT8, dst, self._stream.ptr)
+                        self._nccl.recv(bounce.data.ptr, size, nccl.NCCL_UINT8, src, self._stream.ptr)
+                    finally:
+                        nccl.groupEnd()
+                    cupy.cuda.runtime.memcpyAsync(x.data.ptr + start, bounce.data.ptr, size,
+                                                  cupy.cuda.runtime.memcpyDeviceToDevice, self._stream.ptr)
+            return _NcclTransfer(self.device, self._stream.record(), (list(arrays), bounce), [], [])
 
     def sendrecv(self, send_arrays: Sequence[Array], dst: int, src: int) -> List[Array]:
         return self.start_sendrecv(send_arrays, dst, src).wait()

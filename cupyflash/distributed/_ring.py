@@ -7,11 +7,10 @@ q, k and v. ``zigzag`` cuts it into ``2 * world`` chunks and gives rank r chunks
 
 Forward, ``world`` steps: at step s rank r holds the K/V block of rank ``(r - s) % world``, starts
 passing it to rank r+1 (receiving the next from rank r-1), and attends its queries to the block,
-one dense backend call per piece of the (query chunk, key chunk) grid: hidden pairs are skipped,
-fully visible ones run unmasked (merged into one call where a whole row or column of the grid
-is visible), a pair of a chunk with itself runs with the call's own causal/window, and any other
-partly visible pair gets an explicit bool mask from the global positions. The partial results
-merge into float32 (float64) accumulators by their log-sum-exps.
+one dense backend call per pair of a query chunk and a key chunk: hidden pairs are skipped, fully
+visible ones run unmasked, a pair of a chunk with itself runs with the call's own causal/window,
+and any other partly visible pair gets an explicit bool mask from the global positions. The
+partial results merge into float32 (float64) accumulators by their log-sum-exps.
 
 Backward: with this rank's shard of the global out and lse, the backend's backward of one (query
 rows, key block) piece gives exactly that piece's share of dq, dk and dv. dq accumulates here;
@@ -26,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -144,15 +144,11 @@ def _visibility(q_rows, k_rows, window):
     return _DIAGONAL if q_rows == k_rows else _PARTIAL
 
 
-def _unmasked(base, seqlen_q, seqlen_k):
-    return dataclasses.replace(base, seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=False, window=(-1, -1))
-
-
 def _pair_spec(base, how, q_rows, k_rows, xp):
     """The dense Spec of one (query chunk, key chunk) pair that some query sees."""
     nq, nk = q_rows[1] - q_rows[0], k_rows[1] - k_rows[0]
     if how == _FULL:
-        return _unmasked(base, nq, nk)
+        return dataclasses.replace(base, seqlen_q=nq, seqlen_k=nk, causal=False, window=(-1, -1))
     if how == _DIAGONAL:  # a chunk with itself: local positions are global ones shifted alike
         return dataclasses.replace(base, seqlen_q=nq, seqlen_k=nk)
     i = xp.arange(*q_rows)[:, None]
@@ -169,28 +165,15 @@ def _pair_spec(base, how, q_rows, k_rows, xp):
 
 
 def _calls(base, q_rows, k_rows, xp):
-    """The backend calls of one step, ``(query slice, key slice, Spec)``, for this rank's query
-    segments ``q_rows`` and the held block's key segments ``k_rows`` (global rows)."""
-    q_local, k_local = _local_slices(q_rows), _local_slices(k_rows)
-    grid = {(i, j): _visibility(qr, kr, base.window) for i, qr in enumerate(q_rows) for j, kr in enumerate(k_rows)}
-    rows, cols = range(len(q_rows)), range(len(k_rows))
-    all_q, all_k = slice(0, base.seqlen_q), slice(0, base.seqlen_k)
-    # Fully visible cells run unmasked, as one call where a whole column (a key chunk every query
-    # sees: zigzag causal, an earlier block) or a whole row (a query chunk that sees the whole block)
-    # allows; the grid is at most 2 x 2.
-    if all(how == _FULL for how in grid.values()):
-        whole = [(all_q, all_k, set(grid))]
-    else:
-        whole = [(all_q, k_local[j], {(i, j) for i in rows}) for j in cols if all(grid[i, j] == _FULL for i in rows)]
-        if not whole:
-            whole = [(q_local[i], all_k, {(i, j) for j in cols}) for i in rows if all(grid[i, j] == _FULL for j in cols)]
-    covered = set()
-    for qs, ks, cells in whole:
-        covered |= cells
-        yield qs, ks, _unmasked(base, qs.stop - qs.start, ks.stop - ks.start)
-    for (i, j), how in grid.items():
-        if how != _HIDDEN and (i, j) not in covered:
-            yield q_local[i], k_local[j], _pair_spec(base, how, q_rows[i], k_rows[j], xp)
+    """The backend calls of one step, ``(query slice, key slice, Spec)``, one per pair of this
+    rank's query segments ``q_rows`` and the held block's key segments ``k_rows`` (global rows)
+    that some query sees. Pairs are not merged into larger calls: the backward holds one call's
+    gradients at a time, and a smaller call holds less."""
+    for qs, q_seg in zip(_local_slices(q_rows), q_rows):
+        for ks, k_seg in zip(_local_slices(k_rows), k_rows):
+            how = _visibility(q_seg, k_seg, base.window)
+            if how != _HIDDEN:
+                yield qs, ks, _pair_spec(base, how, q_seg, k_seg, xp)
 
 
 # ---- communication
@@ -206,6 +189,18 @@ class _Arrived:
         return self._arrays
 
 
+class _CopiedBack:
+    """An exchange through ``sendrecv``: the received arrays are copied into the sent ones."""
+
+    def __init__(self, arrays, transfer):
+        self._arrays, self._transfer = arrays, transfer
+
+    def wait(self):
+        for x, received in zip(self._arrays, self._transfer.wait()):
+            x[...] = received
+        return []
+
+
 def _start(comm, arrays):
     """Start passing ``arrays`` to the next rank and receiving the previous rank's."""
     dst, src = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
@@ -215,17 +210,49 @@ def _start(comm, arrays):
     return _Arrived(comm.sendrecv(list(arrays), dst, src))
 
 
-# ---- the schedule
+def _start_exchange(comm, arrays):
+    """Start passing ``arrays`` to the next rank and overwriting them with the previous rank's."""
+    start = getattr(comm, "start_exchange", None)
+    if start is not None:
+        return start(list(arrays), (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size)
+    return _CopiedBack(arrays, _start(comm, arrays))
 
 
-def _widen(x, cdt, xp):
-    """``x`` in the compute dtype ``cdt``. CuPy bfloat16 widens by its bits (the high half of a
-    float32, exactly), which asks no bfloat16 arithmetic of CuPy, whose support of it is young."""
-    if x.dtype == cdt:
-        return x
-    if xp is not np and x.dtype == _validate.BFLOAT16:
-        return (x.view(xp.uint16).astype(xp.uint32) << 16).view(xp.float32).astype(cdt, copy=False)
-    return x.astype(cdt)
+# ---- accumulation in the compute dtype, in place
+#
+# On CuPy each is one elementwise kernel, so no widened temporary of a piece exists: the ring's
+# memory per token bounds the longest sequence it runs. CuPy bfloat16 is read by its bits (the high
+# half of a float32, exactly), which asks no bfloat16 arithmetic of CuPy.
+
+_WIDEN = {"bits": ("uint16", "__uint_as_float((unsigned int)part << 16)"), "cast": ("T", "(C)part")}
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_kernel(what, how):
+    import cupy
+
+    part_type, part = _WIDEN[how]
+    if what == "accumulate":
+        return cupy.ElementwiseKernel(f"{part_type} part", "C acc", f"acc += {part}",
+                                      f"cupyflash_ring_accumulate_{how}")
+    return cupy.ElementwiseKernel(f"C weight, C part_weight, {part_type} part", "C out",
+                                  f"out = out * weight + part_weight * {part}", f"cupyflash_ring_merge_{how}")
+
+
+def _kernel_input(part, xp):
+    if part.dtype == _validate.BFLOAT16:
+        return "bits", part.view(xp.uint16)
+    return "cast", part
+
+
+def _accumulate(acc, part, xp):
+    """``acc += part``: ``acc`` a view of an accumulator in the compute dtype, ``part`` of the
+    inputs' dtype."""
+    if xp is np:
+        acc += part.astype(acc.dtype, copy=False)
+        return
+    how, part = _kernel_input(part, xp)
+    _cupy_kernel("accumulate", how)(part, acc)
 
 
 def _merge_into(out, lse, part_out, part_lse, xp):
@@ -238,10 +265,18 @@ def _merge_into(out, lse, part_out, part_lse, xp):
     total = weight + part_weight
     with np.errstate(divide="ignore", invalid="ignore"):
         lse[...] = xp.where(total == 0, m, m_safe + xp.log(total))
-        weight, part_weight = (xp.where(total == 0, cdt.type(0), w / total) for w in (weight, part_weight))
-    # (batch, nheads, rows) weights -> the (batch, rows, nheads, headdim) outputs
-    out *= weight.transpose(0, 2, 1)[..., None]
-    out += part_weight.transpose(0, 2, 1)[..., None] * _widen(part_out, cdt, xp)
+        # (batch, nheads, rows) weights -> the (batch, rows, nheads, headdim) outputs
+        weight, part_weight = (xp.where(total == 0, cdt.type(0), w / total).transpose(0, 2, 1)[..., None]
+                               for w in (weight, part_weight))
+    if xp is np:
+        out *= weight
+        out += part_weight * part_out.astype(cdt, copy=False)
+        return
+    how, part_out = _kernel_input(part_out, xp)
+    _cupy_kernel("merge", how)(weight, part_weight, part_out, out)
+
+
+# ---- the schedule
 
 
 def _forward(comm, q, k, v, base, layout):
@@ -269,27 +304,34 @@ def _backward(comm, dout, q, k, v, out, lse, base, layout):
     cdt = compute_dtype(base.dtype)
     q_rows = _segments(layout, rank, world, n)
     dq = xp.zeros(q.shape, cdt)
-    block, grads_in = [k, v], None
+    # The accumulators of the held block's dk and dv: this rank's own block's at step 0; each later
+    # one arrives in their place from the rank that held the block the step before.
+    dk, dv = xp.zeros(k.shape, cdt), xp.zeros(v.shape, cdt)
+    block, hop = [k, v], None
     for step in range(world):
         incoming = _start(comm, block) if step < world - 1 else None
         k_rows = _segments(layout, (rank - step) % world, world, n)
-        dk, dv = xp.zeros(k.shape, cdt), xp.zeros(v.shape, cdt)
         for qs, ks, spec in _calls(base, q_rows, k_rows, xp):
             part_dq, part_dk, part_dv, _ = backend.backward(
                 dout[:, qs], q[:, qs], block[0][:, ks], block[1][:, ks], out[:, qs],
                 xp.ascontiguousarray(lse[..., qs]), spec, False, False)
-            dq[:, qs] += _widen(part_dq, cdt, xp)
-            dk[:, ks] += _widen(part_dk, cdt, xp)
-            dv[:, ks] += _widen(part_dv, cdt, xp)
-        # the held block's accumulator arrives from the rank that held the block last step
-        if grads_in is not None:
-            for grad, arrived in zip((dk, dv), grads_in.wait()):
-                grad += arrived
-        grads_in = _start(comm, (dk, dv))
+            _accumulate(dq[:, qs], part_dq, xp)
+            if hop is not None:  # the held block's accumulators arrive, under the first call's work
+                hop.wait()
+                hop = None
+            _accumulate(dk[:, ks], part_dk, xp)
+            _accumulate(dv[:, ks], part_dv, xp)
+            del part_dq, part_dk, part_dv  # before the next call allocates its own
+        if hop is not None:  # no query of this rank sees the block
+            hop.wait()
+        hop = _start_exchange(comm, (dk, dv))
         if incoming is not None:
             block = incoming.wait()
-    dk, dv = grads_in.wait()  # after world hops, this rank's own block with every rank's share
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    hop.wait()  # after world hops: this rank's own block, with every rank's share
+    del block  # and each accumulator goes as soon as its result is cast
+    dq = dq.astype(q.dtype)
+    dk = dk.astype(k.dtype)
+    return dq, dk, dv.astype(v.dtype)
 
 
 # ---- validation: on this rank, then across the ring
