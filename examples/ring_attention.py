@@ -15,6 +15,12 @@ slowest rank's time: 100 % is the work split perfectly, nothing lost to imbalanc
 Under LocalRing every rank shares one device, so "devices" is 1 there, and the memory is that of
 all ranks together.
 
+``--beyond-one-device`` (under the launcher) is for sequences one device cannot hold: it skips the
+one-device run and prints instead what one device would hold at once for the gathered sequence
+against the device's memory. Every run also checks two identities of exact attention gradients
+over the whole sequence, summed over the ranks: <dv, v> = <dout, out> and <dq, q> = <dk, k> (without
+softcap), which any wrong block of the gradients breaks.
+
 On GPUs the data are drawn on the device from a seeded generator (the same on every rank, checked
 by a checksum), and the kernels are compiled by one warm-up call on a small problem of the same
 dtype, heads and layout, so the timed calls are the long ones alone.
@@ -242,6 +248,35 @@ def errors(device, got, want):
     return worst_max, worst_norm
 
 
+def dot(device, a, b):
+    """sum(a * b) in float64, in slices along the sequence (no full-size temporary)."""
+    total = 0.0
+    for start in range(0, a.shape[1], 16384):
+        piece = slice(start, start + 16384)
+        total += float((widen(device, a[:, piece]).astype(np.float64) * widen(device, b[:, piece])).sum())
+    return total
+
+
+def identities(device, comm, shards, grads):
+    """The relative misfit of <dv, v> = <dout, out> and of <dq, q> = <dk, k>, summed over the ranks."""
+    q, k, v, dout = shards
+    out, dq, dk, dv = grads
+    sums = [sum(ring_allgather(comm, dot(device, a, b))) for a, b in ((dv, v), (dout, out), (dq, q), (dk, k))]
+    return [abs(x - y) / max(abs(x), abs(y), 1e-30) for x, y in (sums[:2], sums[2:])]
+
+
+def one_device_need(args, world, dtype):
+    """Bytes one device holds at once in a forward + backward on the gathered sequence, at least:
+    q, k, v, out, dout and the three gradients in the inputs' dtype, the float32 (float64) dq
+    accumulator of the backward, lse and its row statistics."""
+    tokens = args.batch * world * args.seqlen_local
+    itemsize = np.dtype(dtype).itemsize
+    wide = max(4, itemsize)
+    per_token = (4 * args.nheads + 4 * args.nheads_kv) * args.headdim * itemsize \
+        + args.nheads * (args.headdim * wide + 3 * wide)
+    return tokens * per_token
+
+
 def flops(args, world):
     """Matrix-product flops of forward and of backward on the gathered sequence (causal: half)."""
     seqlen = world * args.seqlen_local
@@ -289,6 +324,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES))
     p.add_argument("--no-causal", dest="causal", action="store_false")
     p.add_argument("--repeats", type=int, help="timed runs after one warm-up (the median is printed)")
+    p.add_argument("--beyond-one-device", action="store_true",
+                   help="under the launcher, skip the one-device run (for sequences one device cannot hold)")
     p.add_argument("--breakdown", action="store_true",
                    help="under the launcher, also time the ring's attention pieces alone and one hop of K/V and "
                         "of dK/dV")
@@ -332,7 +369,22 @@ def main(argv=None):
             print(f"rank {rank}: its {n_pieces} attention pieces alone: forward {p_fwd * 1e3:.1f} ms + backward "
                   f"{p_bwd * 1e3:.1f} ms = {(p_fwd + p_bwd) * 1e3:.1f} ms; one K/V hop {kv_hop * 1e3:.1f} ms, "
                   f"one float32 dK/dV hop {grad_hop * 1e3:.1f} ms", flush=True)
-        del shards, warm
+        del warm
+        misfit = identities(device, comm, shards, got)
+        del shards
+        if rank == 0:
+            print(f"gradient identities over the whole sequence: <dv, v> = <dout, out> to {misfit[0]:.1e}, "
+                  f"<dq, q> = <dk, k> to {misfit[1]:.1e} (relative)", flush=True)
+        if args.beyond_one_device:
+            fwd_flops, bwd_flops = flops(args, world)
+            print(f"rank {rank}: forward {fwd * 1e3:.1f} ms + backward {(total - fwd) * 1e3:.1f} ms = "
+                  f"{total * 1e3:.1f} ms ({(fwd_flops + bwd_flops) / world / total / 1e12:.1f} TFLOP/s per "
+                  f"device), memory peak {human(ring_peak)}", flush=True)
+            if rank == 0:
+                need, have = one_device_need(args, world, dtype), device.xp.cuda.runtime.memGetInfo()[1]
+                print(f"one device would hold at least {human(need)} at once for the {world * args.seqlen_local} "
+                      f"tokens; it has {human(have)}: {'more' if need > have else 'less'} than it has", flush=True)
+            return 0
 
         problem = global_problem(device, args, dtype, world)  # the same draws again, for one device
         warm = global_problem(device, args, dtype, world, warm_local, seed=1)
