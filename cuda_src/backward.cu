@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
         for (int mt = t_first; mt < t_last; ++mt) {
             const int m0 = mt * BLOCK_M;
             __syncthreads();  // previous query tile fully consumed
-            const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
+            const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
             if (kind == SKIP) continue;
             load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, qh + (i64)m0 * f.q_st.s, f.q_st.s, 0, f.seqlen_q - m0,
                                                         f.headdim);
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
     for (int t = t_first; t < t_last; ++t) {
         const int n0 = t * BLOCK_N;
         __syncthreads();  // previous key tile fully consumed
-        const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
+        const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;
         load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * f.k_st.s, f.k_st.s, 0, f.seqlen_k - n0, f.headdim);
         load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * f.v_st.s, f.v_st.s, 0, f.seqlen_k - n0, f.headdim);

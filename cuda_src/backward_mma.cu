@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         const float* cLse = sLse + buf * BLOCK_M;
         const float* cDelta = sDelta + buf * BLOCK_M;
         const Var var(f, b, h);
-        const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
+        const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) {
             __syncthreads();  // this buffer is refilled two tiles from now
             continue;
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         const int n0 = (t_first + t) * BLOCK_N;
         next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, f.k_st.s, f.v_st.s, t, n_tiles, kv_rows,
                                                             f.headdim);
-        const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
+        const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;  // nothing of it is seen; its buffer is not read
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;

@@ -214,7 +214,7 @@ __device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const 
 template <int BLOCK_M, int BLOCK_N, int STAGES, typename Var>
 __device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar, int t, int m0,
                                                     int n0) {
-    const TileKind kind = var.template tile_kind<ConsumerVote<256>>(m0, BLOCK_M, n0, BLOCK_N);
+    const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
     mbar_wait(bar.q_full + t % STAGES, (t / STAGES) & 1);
     if (kind == SKIP) stage_no_dq(bar, t % STAGES);
     return kind;

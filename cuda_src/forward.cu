@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
     for (int t = t_first; t < t_last; ++t) {
         const int n0 = t * BLOCK_N;
         __syncthreads();  // previous tile fully consumed
-        const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
+        const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;
         load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * p.k_st.s, p.k_st.s, 0, p.seqlen_k - n0, p.headdim);
         load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * p.v_st.s, p.v_st.s, 0, p.seqlen_k - n0, p.headdim);

@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         const int n0 = (t_first + t) * BLOCK_N;
         next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, p.k_st.s, p.v_st.s, t, n_tiles, kv_rows,
                                                             p.headdim);
-        const TileKind kind = var.template tile_kind<BlockVote<THREADS>>(m0, BLOCK_M, n0, BLOCK_N);
+        const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;  // nothing of it is seen; its buffer is not read
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;

@@ -132,9 +132,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 wgmma_fence();
                 wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, k_buf);
                 wgmma_commit();
-                // The classification (which loads a bool mask's entries) overlaps the product; a skipped
+                // The classification (which reads a bool mask's cells) overlaps the product; a skipped
                 // tile's scores are dropped.
-                const TileKind kind = var.template tile_kind<Vote>(m0, BLOCK_M, n0, BLOCK_N);
+                const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
                 wgmma_wait<0>();
                 fence_regs(s_regs);
                 if (kind != SKIP) {

@@ -12,6 +12,8 @@
 
 enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32 };
 enum TileKind : int { SKIP, INTERIOR, EDGE };
+// A bool mask's cell: every entry false, every entry true, or both (mask_cells.cu classifies them).
+enum CellKind : unsigned char { CELL_HIDDEN, CELL_VISIBLE, CELL_MIXED };
 
 // A vote among the THREADS threads of a block (every thread takes part).
 template <int THREADS> struct BlockVote {
@@ -41,6 +43,9 @@ struct Variant {
     float slope;
     const MaskT* mask;  // row i, column j at mask[i * mask_sq + j * mask_sk]
     i64 mask_sq, mask_sk;
+    const unsigned char* cells;  // a bool mask's cell (i >> cell_log2, j >> cell_log2) at cells[.. * cells_sq + .. * cells_sk]
+    i64 cells_sq, cells_sk;
+    int cell_log2;
     unsigned seed_lo, seed_hi, threshold;
     int batch_offset;
 
@@ -53,7 +58,9 @@ struct Variant {
           slope(alibi ? p.var.alibi[b_ * p.var.alibi_sb + h_ * p.var.alibi_sh] : 0.f),
           mask(masks_everywhere ? static_cast<const MaskT*>(p.var.mask) + b_ * p.var.mask_sb + h_ * p.var.mask_sh
                                 : nullptr),
-          mask_sq(p.var.mask_sq), mask_sk(p.var.mask_sk), seed_lo(p.var.seed_lo), seed_hi(p.var.seed_hi),
+          mask_sq(p.var.mask_sq), mask_sk(p.var.mask_sk),
+          cells(bool_mask ? p.var.mask_cells + b_ * p.var.cells_sb + h_ * p.var.cells_sh : nullptr),
+          cells_sq(p.var.cells_sq), cells_sk(p.var.cells_sk), cell_log2(p.var.cell_log2), seed_lo(p.var.seed_lo), seed_hi(p.var.seed_hi),
           threshold(p.var.dropout_threshold), batch_offset(p.var.batch_offset) {}
 
     // ---- tile ranges (bounds and window): [begin, end) of keys that rows [m0, m1) may see, and of
@@ -84,38 +91,24 @@ struct Variant {
     // What the tile [m0, m0 + bm) x [n0, n0 + bn) of the band needs: SKIP (a bool mask hides all of it),
     // INTERIOR (every element visible: no element masks) or EDGE (element-wise visibility: it crosses
     // the end of the queries or keys, a window edge or a bool mask's edge, or a bias may hide any
-    // element). Every thread of the Vote's group calls it: a bool mask is classified by a vote over
-    // the tile's entries (one row of them for a key mask, one column for a query mask: few enough for
-    // each warp to read them all and reach the same answer without a barrier).
-    template <typename Vote>
+    // element). A bool mask is read through its cells, classified before the launch: a few bytes per
+    // tile, the same for every thread, instead of the tile's entries.
     __device__ __forceinline__ TileKind tile_kind(int m0, int bm, int n0, int bn) const {
         const bool edge = bias || m0 + bm > seqlen_q || n0 + bn > seqlen_k ||
                           (left >= 0 && n0 < m0 + bm - 1 + offset - left) ||
                           (right >= 0 && n0 + bn - 1 > m0 + offset + right);
         if constexpr (bool_mask) {
-            const int rows = mask_sq == 0 ? 1 : min(bm, seqlen_q - m0), cols = mask_sk == 0 ? 1 : min(bn, seqlen_k - n0);
+            // the cells the tile's rows and keys touch (one along an axis the mask broadcasts)
+            const int q0 = cells_sq == 0 ? 0 : m0 >> cell_log2, k0 = cells_sk == 0 ? 0 : n0 >> cell_log2;
+            const int q1 = cells_sq == 0 ? 0 : (min(m0 + bm, seqlen_q) - 1) >> cell_log2;
+            const int k1 = cells_sk == 0 ? 0 : (min(n0 + bn, seqlen_k) - 1) >> cell_log2;
             bool on = false, off = false;
-            if (rows * cols <= 256) {
-#pragma unroll
-                for (int it = 0; it < 8; ++it) {  // unrolled: the loads are in flight together
-                    const int idx = threadIdx.x % 32 + 32 * it;
-                    if (idx < rows * cols) {
-                        const bool x = mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0;
-                        on |= x;
-                        off |= !x;
-                    }
+            for (int cq = q0; cq <= q1; ++cq)
+                for (int ck = k0; ck <= k1; ++ck) {
+                    const unsigned char cell = cells[cq * cells_sq + ck * cells_sk];
+                    on |= cell != CELL_HIDDEN;
+                    off |= cell != CELL_VISIBLE;
                 }
-                on = __any_sync(0xffffffffu, on);
-                off = __any_sync(0xffffffffu, off);
-            } else {
-                for (int idx = Vote::rank(); idx < rows * cols; idx += Vote::threads) {
-                    const bool x = mask[(m0 + idx / cols) * mask_sq + (n0 + idx % cols) * mask_sk] != 0;
-                    on |= x;
-                    off |= !x;
-                }
-                on = Vote::any(on);
-                off = Vote::any(off);
-            }
             if (!on) return SKIP;
             return edge || off ? EDGE : INTERIOR;
         }

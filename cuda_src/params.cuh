@@ -15,6 +15,9 @@ struct VariantParams {
     i64 alibi_sb, alibi_sh;
     const void* mask;               // bool (1 byte) or float mask, broadcast by zero strides
     i64 mask_sb, mask_sh, mask_sq, mask_sk;
+    unsigned char* mask_cells;      // a bool mask's CellKind per cell of 2^cell_log2 queries x keys (mask_cells.cu),
+    i64 cells_sb, cells_sh, cells_sq, cells_sk;  // zero strides where the mask broadcasts
+    int cell_log2;
     void* dbias;                    // backward: accumulation buffer of the bias gradient (zero strides where
     i64 dbias_sb, dbias_sh, dbias_sq, dbias_sk;  // the mask broadcasts), in the accumulation type
 };

@@ -137,6 +137,8 @@ VARIANT_PARAMS = np.dtype([
     ("dropout_threshold", "u4"), ("seed_lo", "u4"), ("seed_hi", "u4"), ("batch_offset", "i4"),
     ("alibi", "u8"), ("alibi_sb", "i8"), ("alibi_sh", "i8"),
     ("mask", "u8"), ("mask_sb", "i8"), ("mask_sh", "i8"), ("mask_sq", "i8"), ("mask_sk", "i8"),
+    ("mask_cells", "u8"), ("cells_sb", "i8"), ("cells_sh", "i8"), ("cells_sq", "i8"), ("cells_sk", "i8"),
+    ("cell_log2", "i4"),
     ("dbias", "u8"), ("dbias_sb", "i8"), ("dbias_sh", "i8"), ("dbias_sq", "i8"), ("dbias_sk", "i8"),
 ], align=True)
 FWD_PARAMS = np.dtype([
@@ -177,8 +179,9 @@ def _elements(x):
     return tuple(s // x.itemsize for s in x.strides)
 
 
-def _variant(spec):
-    """The kernel's Variant type and the filled VariantParams of a spec."""
+def _variant(spec, device_id):
+    """The kernel's Variant type, the filled VariantParams of a spec, and the cells of a bool mask
+    (classified on the device; they must stay referenced until the call's launches are queued)."""
     var = np.zeros((), VARIANT_PARAMS)
     features = 0
     left, right = spec.window
@@ -204,7 +207,26 @@ def _variant(spec):
         var["dropout_threshold"] = _philox.threshold(spec.dropout_p)
         var["seed_lo"], var["seed_hi"] = _philox.split_seed(spec.dropout_seed)
         var["batch_offset"] = spec.batch_offset
-    return _plan.variant(features, mask_dtype), var
+    return _plan.variant(features, mask_dtype), var, _classify_mask(spec, var, device_id)
+
+
+def _classify_mask(spec, var, device_id):
+    """For a bool mask: its cells (mask_cells.cu), one uint8 CellKind each, shape (batches, heads,
+    query cells, key cells) with a length of 1 along each axis the mask broadcasts, written into
+    ``var`` for the kernels' tile classification. None for any other call."""
+    if spec.attn_mask is None or spec.mask_kind != "bool" or spec.seqlen_q == 0 or spec.seqlen_k == 0:
+        return None
+    cell = 1 << _plan.MASK_CELL_LOG2
+    strides = _elements(spec.attn_mask)
+    sizes = (spec.batch, spec.nheads, -(-spec.seqlen_q // cell), -(-spec.seqlen_k // cell))
+    cells = _empty(tuple(n if stride else 1 for n, stride in zip(sizes, strides)), np.uint8)
+    var["mask_cells"], var["cell_log2"] = cells.data.ptr, _plan.MASK_CELL_LOG2
+    var["cells_sb"], var["cells_sh"], var["cells_sq"], var["cells_sk"] = (
+        stride if n > 1 else 0 for n, stride in zip(cells.shape, cells.strides))
+    p = np.zeros(1, FWD_PARAMS)
+    p["seqlen_q"], p["seqlen_k"], p["var"] = spec.seqlen_q, spec.seqlen_k, var
+    _launch(_plan.mask_cells(), (cells.shape[2] * cells.shape[3], cells.shape[1], cells.shape[0]), p, device_id)
+    return cells
 
 
 def _fwd_params(spec, q, k, v, out, lse, var):
@@ -225,7 +247,7 @@ def forward(q, k, v, spec):
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
         out = spec.empty(_empty, q.shape, q.dtype)
         lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), compute_dtype(q.dtype))
-        var_type, var = _variant(spec)
+        var_type, var, _mask_cells = _variant(spec, device_id)
         params = _fwd_params(spec, q, k, v, out, lse, var)
         dtype = q.dtype.name
         if dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
@@ -265,7 +287,7 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
         dout, q, k, v, out = (_rows_contiguous(x) for x in (dout, q, k, v, out))
         lse = cupy.ascontiguousarray(lse)
         acc = compute_dtype(q.dtype)
-        var_type, var = _variant(spec)
+        var_type, var, _mask_cells = _variant(spec, device_id)
         dq, dk, dv = (spec.empty(_empty, x.shape, x.dtype) for x in (q, k, v))
         dbias = None
         if want_dbias:
@@ -350,7 +372,7 @@ def decode(q, k_cache, v_cache, spec, seqlens_k, block_table, page_size, num_spl
                                                 _multiprocessors(device_id), num_splits)
         rows = (splits, spec.batch, spec.nheads, spec.seqlen_q)
         part_out, part_lse = _empty((*rows, spec.headdim), np.float32), _empty(rows, np.float32)
-        var_type, var = _variant(spec)
+        var_type, var, _ = _variant(spec, device_id)
         p = np.zeros(1, DECODE_PARAMS)
         p["fwd"] = _fwd_params(spec, q, k_cache, v_cache, out, lse, var)
         p["seqlens_k"] = seqlens_k.data.ptr

@@ -253,6 +253,15 @@ def decode_splits(longest, blocks, multiprocessors, requested=0):
     return max(1, -(-longest // per_split)), per_split
 
 
+#: A bool mask is classified in cells of 2**MASK_CELL_LOG2 queries x keys before a call's kernels run.
+MASK_CELL_LOG2 = 6
+
+
+def mask_cells():
+    """The kernel that classifies a bool mask's cells (mask_cells.cu): a block per cell."""
+    return Launch("mask_cells.cu", "classify_mask_cells", 1, 128, 0)
+
+
 def dropout_mask():
     """The kernel of `cupyflash.dropout_mask(..., xp=cupy)`: one thread per Philox call."""
     return Launch("dropout_mask.cu", "dropout_mask_kernel", 1, 256, 0)
@@ -292,4 +301,4 @@ def covering_launches():
     decodes = [launch for dtype in ("float16", "bfloat16", "float32") for rows, var in ((1, plain), (16, decode_features))
                for launch in decode(dtype, 128 if rows == 1 else 256, rows, var)]
     decodes = list({launch.name: launch for launch in decodes}.values())
-    return [*seen.values(), *sm90_launches, *decodes, dropout_mask()]
+    return [*seen.values(), *sm90_launches, *decodes, mask_cells(), dropout_mask()]

@@ -26,7 +26,7 @@ HEADS = ((4, 4), (4, 2), (4, 1))  # MHA, GQA, MQA as (nheads, nheads_kv)
 SHAPES = ((1, 1, False), (2, 17, True), (5, 2, True), (17, 113, False), (113, 17, True), (128, 128, True),
           (129, 1023, False), (1023, 129, True), (1024, 1024, False), (2049, 1024, True), (128, 2049, False),
           (1024, 5, True), (2049, 2049, True))
-_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _uint(x):

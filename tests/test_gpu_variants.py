@@ -204,6 +204,41 @@ def _gradients(q, k, v, dout, **kw):
     return [x.get().astype(np.float64) for x in cupyflash.attention_backward(dout, q, k, v, out, lse, **kw)]
 
 
+def cell_mask(shape, cell=64):
+    """A bool mask made of cells that are all False, all True or random, so tiles of every kind occur."""
+    b, h, sq, sk = shape
+    kinds = RNG.integers(0, 3, (b, h, -(-sq // cell), -(-sk // cell)))
+    kinds = kinds.repeat(cell, axis=2).repeat(cell, axis=3)[:, :, :sq, :sk]
+    return np.where(kinds == 2, RNG.random(shape) > 0.5, kinds == 1)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 300), (1, 3, 200, 1), (2, 3, 200, 300), (1, 1, 200, 300), (2, 3, 1, 1)])
+def test_bool_mask_cells(shape):
+    """The cells of a bool mask (mask_cells.cu: 0 hidden, 1 visible, 2 mixed) against NumPy, for masks
+    broadcast along every axis; then attention with such a mask, whose tiles are skipped, interior
+    and masked, against the reference."""
+    from cupyflash import _cuda_backend, _plan, _validate
+
+    cell = 1 << _plan.MASK_CELL_LOG2
+    sq, sk = 200, 300
+    mask = cell_mask(shape, cell)
+    q = cp.zeros((2, sq, 3, 8), cp.float16)
+    k = cp.zeros((2, sk, 3, 8), cp.float16)
+    spec = _validate.check_call("test", q, k, k, attn_mask=to_device(mask))
+    got = _cuda_backend._variant(spec, 0)[2].get()
+    want = np.empty(got.shape, np.uint8)
+    rows = 1 if shape[2] == 1 else cell
+    cols = 1 if shape[3] == 1 else cell
+    for index in np.ndindex(*want.shape):
+        b, h, cq, ck = index
+        entries = mask[b, h, cq * rows:(cq + 1) * rows, ck * cols:(ck + 1) * cols]
+        want[index] = 2 if entries.any() and not entries.all() else int(entries.all())
+    assert got.shape == tuple(1 if n == 1 else m for n, m in zip(shape, (2, 3, -(-sq // cell), -(-sk // cell))))
+    np.testing.assert_array_equal(got, want)
+    problem = Problem(2, sq, sk, 3, 1, 64, np.float16, False, None, None, 5)
+    check(problem, attn_mask=mask)
+
+
 def test_fully_masked_rows_by_mask():
     """A row whose keys are all masked gives out 0, lse -inf, zero gradients, never NaN."""
     p = Problem(2, 64, 80, 2, 2, 64, np.float16, False, None, None, 4)
