@@ -1,0 +1,52 @@
+"""Host time per call of attention, attention_backward and attention_with_kvcache, with a profile of each.
+
+    python tools/host_cost.py            # on a machine with a GPU, from the repository root
+
+The problems are small enough that the GPU never limits: the time per call is what the host spends
+(checks, parameter structs, allocations, launches), which the events around a timed call include.
+"""
+import cProfile
+import io
+import pstats
+import time
+
+import cupy as cp
+import ml_dtypes
+
+import cupyflash
+
+
+def draw(shape):
+    return cp.random.standard_normal(shape, dtype=cp.float32).astype(ml_dtypes.bfloat16)
+
+
+def main(calls_per_case=1000, rows=14):
+    q, k, v, dout = (draw((1, 128, 2, 64)) for _ in range(4))
+    out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    cache, query = draw((1, 1024, 2, 128)), draw((1, 1, 8, 128))
+    cases = {
+        "attention": lambda: cupyflash.attention(q, k, v, causal=True),
+        "attention_backward": lambda: cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True),
+        "attention_with_kvcache": lambda: cupyflash.attention_with_kvcache(query, cache, cache, cache_seqlens=1000),
+    }
+    for name, call in cases.items():
+        for _ in range(20):  # compile and warm
+            call()
+        cp.cuda.Device().synchronize()
+        start = time.perf_counter()
+        for _ in range(calls_per_case):
+            call()
+        cp.cuda.Device().synchronize()
+        print(f"== {name}: {(time.perf_counter() - start) / calls_per_case * 1e6:.1f} us of host time per call")
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(calls_per_case):
+            call()
+        profile.disable()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(rows)
+        print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
