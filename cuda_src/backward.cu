@@ -100,24 +100,20 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
                     dp[mm] += vd * sdO[(c + TPR * mm) * LD + d];
                 }
             }
-            const bool needs_mask = kind == EDGE;
-            auto pairs = [&](auto check) {
+            const bool needs_mask = kind != INTERIOR;
+            auto pairs = [&](auto check, const Var& v) {
                 constexpr bool CHECK = decltype(check)::value;
 #pragma unroll
                 for (int mm = 0; mm < COLS_M; ++mm) {
                     const int im = c + TPR * mm;
                     A pd, ds, dx;
-                    pair_backward<CHECK, sizeof(T) == 2>(var, s[mm], dp[mm], scale_log2, sLse[im], sDelta[im], m0 + im, j,
-                                         Var::dropout && var.keep(m0 + im, j), pd, ds, dx);
+                    pair_backward<CHECK, sizeof(T) == 2>(v, s[mm], dp[mm], scale_log2, sLse[im], sDelta[im], m0 + im, j,
+                                         Var::dropout && v.keep(m0 + im, j), pd, ds, dx);
                     sP[r * LDP + im] = pd;
                     sdX[r * LDP + im] = dx;
                 }
             };
-            if (needs_mask) {
-                pairs(Bool<true>());
-            } else {
-                pairs(Bool<false>());
-            }
+            check_tile(kind, var, pairs);
             __syncwarp();  // the TPR threads of a key row share its pd and dx
 
             const bool guard = needs_mask && (tile_has_nonfinite_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ) ||
@@ -207,25 +203,21 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
                 dp[jj] += dod * sV[(c + TPR * jj) * LD + d];
             }
         }
-        const bool needs_mask = kind == EDGE;
-        auto pairs = [&](auto check) {
+        const bool needs_mask = kind != INTERIOR;
+        auto pairs = [&](auto check, const Var& v) {
             constexpr bool CHECK = decltype(check)::value;
 #pragma unroll
             for (int jj = 0; jj < COLS_N; ++jj) {
                 const int jn = c + TPR * jj;
                 A pd, ds, dx;
-                pair_backward<CHECK, sizeof(T) == 2>(var, s[jj], dp[jj], scale_log2, lse2, delta_i, i, n0 + jn,
-                                     Var::dropout && var.keep(i, n0 + jn), pd, ds, dx);
+                pair_backward<CHECK, sizeof(T) == 2>(v, s[jj], dp[jj], scale_log2, lse2, delta_i, i, n0 + jn,
+                                     Var::dropout && v.keep(i, n0 + jn), pd, ds, dx);
                 sdX[r * LDS + jn] = dx;
                 if (Var::bias && dbias && i < f.seqlen_q && n0 + jn < f.seqlen_k && !is_masked_zero(ds))
                     atomicAdd(dbias + i * f.var.dbias_sq + (n0 + jn) * f.var.dbias_sk, ds);
             }
         };
-        if (needs_mask) {
-            pairs(Bool<true>());
-        } else {
-            pairs(Bool<false>());
-        }
+        check_tile(kind, var, pairs);
         __syncwarp();  // the TPR threads of a query row share its dx
 
         const bool guard = needs_mask && tile_has_nonfinite_acc<BLOCK_N, D_TILE, LD, THREADS>(sK);

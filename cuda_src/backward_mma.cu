@@ -103,12 +103,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         gemm_nt<T, D_TILE, BLOCK_M, LD>(dpt, sV + warp * 16 * LD, cdO, lane);
 
         // st becomes pd^T, dpt becomes dx^T (rows: keys key0, key0 + 8; columns: queries).
-        const bool needs_mask = kind == EDGE;
-        if (needs_mask) {
-            key_rows_backward<true>(var, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
-        } else {
-            key_rows_backward<false>(var, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
-        }
+        const bool needs_mask = kind != INTERIOR;
+        check_tile(kind, var, [&](auto check, const Var& v) {
+            key_rows_backward<decltype(check)::value>(v, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
+        });
         if (Var::hides_keys && needs_mask && (tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cdO) ||
                                               tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cQ))) {
             gemm_rn_guarded<T, BLOCK_M, D_OUT>(dv_acc, st, PaddedTile<T, LD>{cdO + col0}, lane);
@@ -191,14 +189,11 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + warp * 16 * LD, cV, lane);
 
         // s becomes pd, dp becomes dx (rows: queries row0, row0 + 8; columns: keys)
-        const bool needs_mask = kind == EDGE;
-        if (needs_mask) {
-            query_rows_backward<true>(var, s, dp, row0, n0, tq, scale_log2, lse2, delta_row, dbias, f.var.dbias_sq,
-                                      f.var.dbias_sk);
-        } else {
-            query_rows_backward<false>(var, s, dp, row0, n0, tq, scale_log2, lse2, delta_row, dbias, f.var.dbias_sq,
-                                       f.var.dbias_sk);
-        }
+        const bool needs_mask = kind != INTERIOR;
+        check_tile(kind, var, [&](auto check, const Var& v) {
+            query_rows_backward<decltype(check)::value>(v, s, dp, row0, n0, tq, scale_log2, lse2, delta_row, dbias,
+                                                        f.var.dbias_sq, f.var.dbias_sk);
+        });
         if (Var::hides_keys && needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, BlockVote<THREADS>>(cK)) {
             gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, dp, PaddedTile<T, LD>{cK}, lane);
         } else {

@@ -298,14 +298,12 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             fence_regs(st_regs);
             fence_regs(dpt_regs);
 
-            const bool needs_mask = kind == EDGE;
+            const bool needs_mask = kind != INTERIOR;
             const float* lse2 = sm.lse2 + stage * BLOCK_M;
             const float* delta = sm.delta + stage * BLOCK_M;
-            if (needs_mask) {
-                key_rows_backward<true>(var, st, dpt, m0, key0, warp, lane, scale_log2, lse2, delta);
-            } else {
-                key_rows_backward<false>(var, st, dpt, m0, key0, warp, lane, scale_log2, lse2, delta);
-            }
+            check_tile(kind, var, [&](auto check, const Var& v) {
+                key_rows_backward<decltype(check)::value>(v, st, dpt, m0, key0, warp, lane, scale_log2, lse2, delta);
+            });
             // pd^T and dx^T in the A layout of wgmma: consecutive pairs of the accumulators
             unsigned p_regs[MT * 2], ds_regs[MT * 2];
 #pragma unroll
@@ -450,14 +448,11 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const float* delta_tile = sm.delta + stage * BLOCK_M;
             const float lse2[2] = {lse_tile[row_in], lse_tile[row_in + 8]};
             const float delta[2] = {delta_tile[row_in], delta_tile[row_in + 8]};
-            const bool needs_mask = kind == EDGE;
-            if (needs_mask) {
-                query_rows_backward<true>(var, s, dp, m0 + row_in, n0 + key_col0, tq, scale_log2, lse2, delta,
-                                          nullptr, 0, 0);
-            } else {
-                query_rows_backward<false>(var, s, dp, m0 + row_in, n0 + key_col0, tq, scale_log2, lse2, delta,
-                                           nullptr, 0, 0);
-            }
+            const bool needs_mask = kind != INTERIOR;
+            check_tile(kind, var, [&](auto check, const Var& v) {
+                query_rows_backward<decltype(check)::value>(v, s, dp, m0 + row_in, n0 + key_col0, tq, scale_log2, lse2,
+                                                            delta, nullptr, 0, 0);
+            });
             // pd and dx to shared memory for both warpgroups (buffers alternate, as in flash_bwd_sm90)
             T* p_buf = sP + (computed % 2) * PS_ELEMS;
             T* ds_buf = sdS + (computed++ % 2) * PS_ELEMS;

@@ -60,13 +60,13 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
             for (int jj = 0; jj < COLS_N; ++jj) s[jj] += qd * sK[(c + TPR * jj) * LD + d];
         }
 
-        const bool needs_mask = kind == EDGE;
-        auto softmax_step = [&](auto check) {
+        const bool needs_mask = kind != INTERIOR;
+        auto softmax_step = [&](auto check, const Var& v) {
             constexpr bool CHECK = decltype(check)::value;
             A tile_max = neg_inf<A>();
 #pragma unroll
             for (int jj = 0; jj < COLS_N; ++jj) {
-                s[jj] = var.template score<CHECK, sizeof(T) == 2>(s[jj], scale_log2, i, n0 + c + TPR * jj);
+                s[jj] = v.template score<CHECK, sizeof(T) == 2>(s[jj], scale_log2, i, n0 + c + TPR * jj);
                 tile_max = fmax(tile_max, s[jj]);
             }
             const A alpha = stats.rescale(reduce_max<TPR>(tile_max));
@@ -76,15 +76,11 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
             for (int jj = 0; jj < COLS_N; ++jj) {
                 A pr = stats.template prob<CHECK>(s[jj]);
                 stats.l += pr;
-                if (Var::dropout) pr *= var.keep(i, n0 + c + TPR * jj) ? A(var.dropout_scale) : A(0);
+                if (Var::dropout) pr *= v.keep(i, n0 + c + TPR * jj) ? A(v.dropout_scale) : A(0);
                 sP[r * (BLOCK_N + 1) + c + TPR * jj] = pr;
             }
         };
-        if (needs_mask) {
-            softmax_step(Bool<true>());
-        } else {
-            softmax_step(Bool<false>());
-        }
+        check_tile(kind, var, softmax_step);
         __syncwarp();  // the TPR threads of a row share its p through shared memory
 
         if (needs_mask && tile_has_nonfinite_acc<BLOCK_N, D_TILE, LD, THREADS>(sV)) {

@@ -63,12 +63,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * WARP_ROWS * LD, cK, lane);
 
         // scores -> probabilities; the masked version only where the variant says a tile needs it
-        const bool needs_mask = kind == EDGE;
-        if (needs_mask) {
-            softmax_tile<true>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
-        } else {
-            softmax_tile<false>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
-        }
+        const bool needs_mask = kind != INTERIOR;
+        check_tile(kind, var, [&](auto check, const Var& v) {
+            softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
+        });
 
         if constexpr (Var::hides_keys) {
             if (needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, BlockVote<THREADS>>(cV)) {

@@ -138,12 +138,10 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 wgmma_wait<0>();
                 fence_regs(s_regs);
                 if (kind != SKIP) {
-                    const bool needs_mask = kind == EDGE;
-                    if (needs_mask) {
-                        softmax_tile<true>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
-                    } else {
-                        softmax_tile<false>(var, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
-                    }
+                    const bool needs_mask = kind != INTERIOR;
+                    check_tile(kind, var, [&](auto check, const Var& v) {
+                        softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
+                    });
 
                     mbar_wait(v_full + stage, parity);
                     if (Var::hides_keys && needs_mask &&

@@ -11,7 +11,9 @@
 #include "philox.cuh"
 
 enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32 };
-enum TileKind : int { SKIP, INTERIOR, EDGE };
+// What a tile needs: nothing (SKIP), no element checks (INTERIOR), element checks (EDGE), or element checks
+// of the bounds and the window alone (EDGE_UNMASKED: a bool mask shows every element of it).
+enum TileKind : int { SKIP, INTERIOR, EDGE, EDGE_UNMASKED };
 // A bool mask's cell: every entry false, every entry true, or both (mask_cells.cu classifies them).
 enum CellKind : unsigned char { CELL_HIDDEN, CELL_VISIBLE, CELL_MIXED };
 
@@ -41,7 +43,7 @@ struct Variant {
     int seqlen_q, seqlen_k, offset, left, right, b, h;
     double cap, dropout_scale;  // converted to the accumulation type where used
     float slope;
-    const MaskT* mask;  // row i, column j at mask[i * mask_sq + j * mask_sk]
+    const MaskT* mask;  // row i, column j at mask[i * mask_sq + j * mask_sk]; a null bool mask shows everything
     i64 mask_sq, mask_sk;
     const unsigned char* cells;  // a bool mask's cell (i >> cell_log2, j >> cell_log2) at cells[.. * cells_sq + .. * cells_sk]
     i64 cells_sq, cells_sk;
@@ -91,8 +93,9 @@ struct Variant {
     // What the tile [m0, m0 + bm) x [n0, n0 + bn) of the band needs: SKIP (a bool mask hides all of it),
     // INTERIOR (every element visible: no element masks) or EDGE (element-wise visibility: it crosses
     // the end of the queries or keys, a window edge or a bool mask's edge, or a bias may hide any
-    // element). A bool mask is read through its cells, classified before the launch: a few bytes per
-    // tile, the same for every thread, instead of the tile's entries.
+    // element); EDGE_UNMASKED where a bool mask shows all of it and only the rest needs element checks.
+    // A bool mask is read through its cells, classified before the launch: a few bytes per tile, the
+    // same for every thread, instead of the tile's entries.
     __device__ __forceinline__ TileKind tile_kind(int m0, int bm, int n0, int bn) const {
         const bool edge = bias || m0 + bm > seqlen_q || n0 + bn > seqlen_k ||
                           (left >= 0 && n0 < m0 + bm - 1 + offset - left) ||
@@ -110,7 +113,8 @@ struct Variant {
                     off |= cell != CELL_VISIBLE;
                 }
             if (!on) return SKIP;
-            return edge || off ? EDGE : INTERIOR;
+            if (off) return EDGE;
+            return edge ? EDGE_UNMASKED : INTERIOR;
         }
         return edge ? EDGE : INTERIOR;
     }
@@ -120,7 +124,7 @@ struct Variant {
         bool vis = i < seqlen_q && j < seqlen_k;
         if (left >= 0) vis = vis && j >= i + offset - left;
         if (right >= 0) vis = vis && j <= i + offset + right;
-        if constexpr (bool_mask) vis = vis && mask[i * mask_sq + j * mask_sk] != 0;
+        if constexpr (bool_mask) vis = vis && (mask == nullptr || mask[i * mask_sq + j * mask_sk] != 0);
         return vis;
     }
 
@@ -168,6 +172,20 @@ struct Variant {
         return keep(r, j);
     }
 };
+
+// Runs f(Bool<CHECK>(), v) for a tile of kind `kind` that is not skipped: CHECK false for an INTERIOR tile;
+// otherwise true, with v the variant itself or, for an EDGE_UNMASKED tile, a copy that reads no bool-mask
+// entry.
+template <typename Var, typename F>
+__device__ __forceinline__ void check_tile(TileKind kind, const Var& var, F&& f) {
+    if (kind == INTERIOR) {
+        f(Bool<false>(), var);
+        return;
+    }
+    Var checked = var;
+    if (Var::bool_mask && kind == EDGE_UNMASKED) checked.mask = nullptr;
+    f(Bool<true>(), checked);
+}
 
 // A masked probability is stored as -0.0: it weighs nothing in any product, and the guarded products
 // (mma.cuh, gemm_rn_guarded) read it as "this row must not see that key" when the key's data is not

@@ -215,8 +215,8 @@ def cell_mask(shape, cell=64):
 @pytest.mark.parametrize("shape", [(2, 1, 1, 300), (1, 3, 200, 1), (2, 3, 200, 300), (1, 1, 200, 300), (2, 3, 1, 1)])
 def test_bool_mask_cells(shape):
     """The cells of a bool mask (mask_cells.cu: 0 hidden, 1 visible, 2 mixed) against NumPy, for masks
-    broadcast along every axis; then attention with such a mask, whose tiles are skipped, interior
-    and masked, against the reference."""
+    broadcast along every axis; then attention with such a mask, whose tiles are skipped, interior,
+    masked, and checked for bounds and the diagonal alone, against the reference."""
     from cupyflash import _cuda_backend, _plan, _validate
 
     cell = 1 << _plan.MASK_CELL_LOG2
@@ -235,8 +235,8 @@ def test_bool_mask_cells(shape):
         want[index] = 2 if entries.any() and not entries.all() else int(entries.all())
     assert got.shape == tuple(1 if n == 1 else m for n, m in zip(shape, (2, 3, -(-sq // cell), -(-sk // cell))))
     np.testing.assert_array_equal(got, want)
-    problem = Problem(2, sq, sk, 3, 1, 64, np.float16, False, None, None, 5)
-    check(problem, attn_mask=mask)
+    for causal in (False, True):  # causal: tiles whose cells are all visible but that the diagonal crosses
+        check(Problem(2, sq, sk, 3, 1, 64, np.float16, causal, None, None, 5), attn_mask=mask)
 
 
 def test_fully_masked_rows_by_mask():
