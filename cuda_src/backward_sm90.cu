@@ -239,11 +239,13 @@ template <typename T, int D_TILE, int STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__ BwdParamsSm90 p) {
     constexpr int BLOCK_M = SM90_BWD_BLOCK_M, BLOCK_N = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64;
     constexpr int MT = BLOCK_M / 8, DT = D_TILE / 8, DQ_COLS = D_TILE / 2, DS_ELEMS = BLOCK_N * BLOCK_M;
+    // dropout: each pair of consumer warps' Philox words of a tile, [MT][32 lanes][4] (draw_pair_words)
+    constexpr int PAIR_WORDS = MT * 32 * 4, WORDS_BYTES = Var::dropout ? 4 * PAIR_WORDS * 4 : 0;
     static_assert(D_TILE % 64 == 0 && DQ_COLS % 32 == 0, "tile shape");
     using Vote = ConsumerVote<CONSUMERS>;
 
     extern __shared__ unsigned char smem_raw[];
-    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, 2 * DS_ELEMS * sizeof(T)> sm(smem_raw);
+    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, 2 * DS_ELEMS * sizeof(T) + WORDS_BYTES> sm(smem_raw);
     T* sdS = reinterpret_cast<T*>(sm.own);  // [2][BLOCK_N][BLOCK_M]: dx^T, keys by queries
     const BwdBarriers<STAGES> bar(sm.barriers);
 
@@ -271,6 +273,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         const T* v_rows = sm.v + 64 * wg * 64;
         const int dq_col0 = wg * DQ_COLS;       // this warpgroup's columns of dq
         const T* k_cols = sm.k + (dq_col0 / 64) * BLOCK_N * 64 + dq_col0 % 64;
+        const int pair = 2 * wg + warp / 2;  // the warps of keys 32k ... 32k + 31 share dropout words
+        unsigned* pair_words = reinterpret_cast<unsigned*>(sm.own + 2 * DS_ELEMS * sizeof(T)) + pair * PAIR_WORDS;
 
         float dk[DT][4], dv[DT][4];
         zero(dk);
@@ -294,6 +298,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             wgmma_nt<T, BLOCK_M, D_TILE, BLOCK_N, BLOCK_M>(st_regs, k_rows, q_buf);
             wgmma_nt<T, BLOCK_M, D_TILE, BLOCK_N, BLOCK_M>(dpt_regs, v_rows, do_buf);
             wgmma_commit();
+            if constexpr (Var::dropout)  // under the products; the last tile's words were read before barrier 2
+                draw_pair_words<MT>(var, pair_words, m0, key0, warp, lane, [&] { named_barrier<64>(4 + pair); });
             wgmma_wait<0>();
             fence_regs(st_regs);
             fence_regs(dpt_regs);
@@ -302,7 +308,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             const float* lse2 = sm.lse2 + stage * BLOCK_M;
             const float* delta = sm.delta + stage * BLOCK_M;
             check_tile(kind, var, [&](auto check, const Var& v) {
-                key_rows_backward<decltype(check)::value>(v, st, dpt, m0, key0, warp, lane, scale_log2, lse2, delta);
+                key_rows_backward<decltype(check)::value, true>(v, st, dpt, m0, key0, warp, lane, scale_log2, lse2,
+                                                                delta, pair_words);
             });
             // pd^T and dx^T in the A layout of wgmma: consecutive pairs of the accumulators
             unsigned p_regs[MT * 2], ds_regs[MT * 2];

@@ -226,24 +226,53 @@ __device__ __forceinline__ void pair_backward(const Var& var, A s, A dp, A scale
     dx = Var::softcap ? ds * dcap : ds;
 }
 
+// Dropout in the key-row layout, drawn once per pair of warps: warps 2k and 2k + 1 hold keys 32k ... 32k + 31
+// of the tile, whose bits come from the same Philox calls (a call gives 8 values of a 32-key group). Each warp
+// draws the calls of half of the query column blocks j and stores each call's four words at
+// words[(j * 32 + lane) * 4], where lane is the lane that would draw it in key_rows_backward; sync() then makes
+// them visible to both warps.
+template <int MT, typename Var, typename Sync>
+__device__ __forceinline__ void draw_pair_words(const Var& var, unsigned* words, int m0, int key0, int warp, int lane,
+                                                Sync&& sync) {
+    const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int j = warp & 1; j < MT; j += 2) {
+        unsigned r[4];
+        var.random_words(m0 + j * 8 + 2 * tq + (g & 1), key0, r);
+        *reinterpret_cast<uint4*>(words + (j * 32 + lane) * 4) = make_uint4(r[0], r[1], r[2], r[3]);
+    }
+    sync();
+}
+
 // pair_backward on a tile whose rows are keys and columns queries (the kernels that hold dK and dV):
 // st = s^T becomes pd^T, dpt = dp^T becomes dx^T. This lane holds keys key0 and key0 + 8, where
 // key0 % 32 = 16 (warp % 2) + lane / 4, and queries m0 + 8 j + 2 (lane % 4) + {0, 1}, whose lse (log2
-// units) and delta are lse2[q - m0] and delta[q - m0].
-template <bool CHECK, int MT, typename Var>
+// units) and delta are lse2[q - m0] and delta[q - m0]. With dropout the Philox words are drawn here or,
+// with PAIRED, read from pair_words (draw_pair_words).
+template <bool CHECK, bool PAIRED = false, int MT, typename Var>
 __device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT][4], float (&dpt)[MT][4], int m0,
                                                   int key0, int warp, int lane, float scale_log2, const float* lse2,
-                                                  const float* delta) {
+                                                  const float* delta, const unsigned* pair_words = nullptr) {
     const int g = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
         // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane and
-        // of its neighbour lane ^ 4 (key0 ^ 1): each of the pair draws one column, and they swap.
-        unsigned mine[4], theirs[4];
+        // of its neighbour lane ^ 4 (key0 ^ 1): each of the pair draws one column, and they swap. Of the
+        // call's four words this warp's keys use words 2 (warp % 2) + er.
+        unsigned mine[2], theirs[2];
         if (Var::dropout) {
-            var.random_words(m0 + j * 8 + 2 * tq + (g & 1), key0, mine);
+            if constexpr (PAIRED) {
+                const uint2 w = *reinterpret_cast<const uint2*>(pair_words + (j * 32 + lane) * 4 + 2 * (warp & 1));
+                mine[0] = w.x;
+                mine[1] = w.y;
+            } else {
+                unsigned r[4];
+                var.random_words(m0 + j * 8 + 2 * tq + (g & 1), key0, r);
+                mine[0] = (warp & 1) ? r[2] : r[0];
+                mine[1] = (warp & 1) ? r[3] : r[1];
+            }
 #pragma unroll
-            for (int w = 0; w < 4; ++w) theirs[w] = __shfl_xor_sync(0xffffffffu, mine[w], 4);
+            for (int er = 0; er < 2; ++er) theirs[er] = __shfl_xor_sync(0xffffffffu, mine[er], 4);
         }
 #pragma unroll
         for (int ec = 0; ec < 2; ++ec) {
@@ -254,10 +283,7 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT
                 const int e = 2 * er + ec, key = key0 + 8 * er;
                 bool kept = false;
                 if (Var::dropout) {  // key % 32 = 16 (warp % 2) + 8 er + g
-                    const int w = 2 * (warp & 1) + er;
-                    const unsigned word = own ? (w == 0 ? mine[0] : w == 1 ? mine[1] : w == 2 ? mine[2] : mine[3])
-                                              : (w == 0 ? theirs[0] : w == 1 ? theirs[1] : w == 2 ? theirs[2]
-                                                                                                  : theirs[3]);
+                    const unsigned word = own ? mine[er] : theirs[er];
                     kept = ((g & 1) ? word >> 16 : word & 0xFFFFu) >= var.threshold;
                 }
                 float pd, ds, dx;

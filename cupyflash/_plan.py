@@ -45,6 +45,11 @@ def variant(features=0, mask_dtype="bool"):
     return f"Variant<{features}, {MASK_C_TYPES[mask_dtype]}>"
 
 
+def _features(var):
+    """The FEATURES of a `variant()` type."""
+    return int(var[len("Variant<"):var.index(",")])
+
+
 def headdim_tile(headdim):
     for tile in HEADDIM_TILES:
         if headdim <= tile:
@@ -136,6 +141,8 @@ def backward_sm90(dtype, headdim, var):
     kernel, d, bn, stages = sm90_backward_tiles(headdim)
     bm = SM90_BWD_BLOCK_M
     own = 2 * 2 * bn * bm if kernel == "flash_bwd_sm90" else 2 * 2 * 2 * bm * bn  # dx^T / pd and dx, two each
+    if kernel == "flash_bwd_sm90" and _features(var) & DROPOUT:
+        own += 4 * (bm // 8) * 32 * 4 * 4  # each pair of consumer warps' Philox words of a tile
     smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
             + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
             + 8 * (1 + 3 * stages) + 4 * stages + 1024)  # barriers, flags; swizzle-atom alignment
