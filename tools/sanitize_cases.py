@@ -41,10 +41,12 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         run(dtype, headdim, poison=True, causal=True)
     slopes = cp.asarray(rng.uniform(0.01, 0.5, 4).astype(np.float32))
     padding = cp.asarray(rng.random((1, 1, 1, 90)) > 0.2)
-    blocks = cp.asarray(rng.random((1, 4, 70, 90)) > 0.5)  # classified by a vote of the whole block
+    blocks = cp.asarray(rng.random((1, 4, 70, 90)) > 0.5)  # every cell mixed
+    tail = cp.asarray(np.arange(90) < 70).reshape(1, 1, 1, 90)  # visible, mixed and hidden cells
     bias = device(rng.standard_normal((1, 4, 70, 90)).astype(dtype))
     for variant in (dict(window_size=(20, 5)), dict(softcap=3.0), dict(alibi_slopes=slopes),
-                    dict(attn_mask=padding), dict(attn_mask=blocks), dict(attn_mask=bias), dict(dropout_p=0.3, dropout_seed=7),
+                    dict(attn_mask=padding), dict(attn_mask=blocks), dict(attn_mask=tail, causal=True),
+                    dict(attn_mask=bias), dict(dropout_p=0.3, dropout_seed=7),
                     dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
                          dropout_p=0.1, dropout_seed=3)):
         run(dtype, 64, **variant)
