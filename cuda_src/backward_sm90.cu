@@ -239,8 +239,8 @@ template <typename T, int D_TILE, int STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__ BwdParamsSm90 p) {
     constexpr int BLOCK_M = SM90_BWD_BLOCK_M, BLOCK_N = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64;
     constexpr int MT = BLOCK_M / 8, DT = D_TILE / 8, DQ_COLS = D_TILE / 2, DS_ELEMS = BLOCK_N * BLOCK_M;
-    // dropout: each pair of consumer warps' Philox words of a tile, [MT][32 lanes][4] (draw_pair_words)
-    constexpr int PAIR_WORDS = MT * 32 * 4, WORDS_BYTES = Var::dropout ? 4 * PAIR_WORDS * 4 : 0;
+    // dropout: each consumer warpgroup's Philox words of a tile, [MT][32 lanes][4] (draw_group_words)
+    constexpr int GROUP_WORDS = MT * 32 * 4, WORDS_BYTES = Var::dropout ? 2 * GROUP_WORDS * 4 : 0;
     static_assert(D_TILE % 64 == 0 && DQ_COLS % 32 == 0, "tile shape");
     using Vote = ConsumerVote<CONSUMERS>;
 
@@ -273,8 +273,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         const T* v_rows = sm.v + 64 * wg * 64;
         const int dq_col0 = wg * DQ_COLS;       // this warpgroup's columns of dq
         const T* k_cols = sm.k + (dq_col0 / 64) * BLOCK_N * 64 + dq_col0 % 64;
-        const int pair = 2 * wg + warp / 2;  // the warps of keys 32k ... 32k + 31 share dropout words
-        unsigned* pair_words = reinterpret_cast<unsigned*>(sm.own + 2 * DS_ELEMS * sizeof(T)) + pair * PAIR_WORDS;
+        unsigned* group_words = reinterpret_cast<unsigned*>(sm.own + 2 * DS_ELEMS * sizeof(T)) + wg * GROUP_WORDS;
 
         float dk[DT][4], dv[DT][4];
         zero(dk);
@@ -299,7 +298,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             wgmma_nt<T, BLOCK_M, D_TILE, BLOCK_N, BLOCK_M>(dpt_regs, v_rows, do_buf);
             wgmma_commit();
             if constexpr (Var::dropout)  // under the products; the last tile's words were read before barrier 2
-                draw_pair_words<MT>(var, pair_words, m0, key0, warp, lane, [&] { named_barrier<64>(4 + pair); });
+                draw_group_words<MT>(var, group_words, m0, key0, warp, lane, [&] { named_barrier<128>(4 + wg); });
             wgmma_wait<0>();
             fence_regs(st_regs);
             fence_regs(dpt_regs);
@@ -309,7 +308,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             const float* delta = sm.delta + stage * BLOCK_M;
             check_tile(kind, var, [&](auto check, const Var& v) {
                 key_rows_backward<decltype(check)::value, true>(v, st, dpt, m0, key0, warp, lane, scale_log2, lse2,
-                                                                delta, pair_words);
+                                                                delta, group_words);
             });
             // pd^T and dx^T in the A layout of wgmma: consecutive pairs of the accumulators
             unsigned p_regs[MT * 2], ds_regs[MT * 2];

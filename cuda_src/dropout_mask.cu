@@ -2,11 +2,11 @@
 // cupyflash._philox.dropout_mask(..., xp=cupy), the bits every kernel draws.
 #include "philox.cuh"
 
-// One thread per Philox call, i.e. per (b, h, i, c0) with c0 = (j / 32) * 4 + (j % 8) / 2; it writes
-// the 8 columns 32 * (c0 / 4) + 8w + 2 * (c0 % 4) + {0, 1}. A grid-stride loop covers any size.
+// One thread per Philox call, i.e. per (b, h, i, c0) with c0 = (j / 64) * 4 + (j % 8) / 2; it writes
+// the 16 columns 64 * (c0 / 4) + 8w + 2 * (c0 % 4) + {0, 1}. A grid-stride loop covers any size.
 __global__ void dropout_mask_kernel(unsigned char* __restrict__ out, int batch, int nheads, int seqlen_q,
                                     int seqlen_k, unsigned k0, unsigned k1, unsigned threshold) {
-    const i64 counters = (i64)((seqlen_k + 31) / 32) * 4;
+    const i64 counters = (i64)((seqlen_k + 63) / 64) * 4;
     const i64 n = (i64)batch * nheads * seqlen_q * counters;
     for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (i64)gridDim.x * blockDim.x) {
         const unsigned c0 = (unsigned)(t % counters);
@@ -17,13 +17,13 @@ __global__ void dropout_mask_kernel(unsigned char* __restrict__ out, int batch, 
         unsigned r[4];
         philox4x32_10(k0, k1, c0, i, h, b, r);
         unsigned char* out_row = out + row * seqlen_k;
-        const int j0 = (int)(c0 / 4) * 32 + (int)(c0 % 4) * 2;
+        const int j0 = (int)(c0 / 4) * 64 + (int)(c0 % 4) * 2;
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
+        for (int w = 0; w < 8; ++w) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int j = j0 + 8 * w + e;
-                if (j < seqlen_k) out_row[j] = dropout_keep_bit(r, j, threshold);
+                if (j < seqlen_k) out_row[j] = dropout_keep_at(r, w, e, threshold);
             }
         }
     }

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
     const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + (i64)m0 * p.q_st.s;
     const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + (i64)t_first * BLOCK_N * p.k_st.s;
     const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + (i64)t_first * BLOCK_N * p.v_st.s;
-    const float scale_log2 = float(p.scale) * float(LOG2E), dropout_scale = float(var.dropout_scale);
+    const float scale_log2 = float(p.scale) * float(LOG2E);
 
     if (n_tiles > 0) {
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(sQ, q, p.q_st.s, p.seqlen_q - m0, p.headdim);
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         // scores -> probabilities; the masked version only where the variant says a tile needs it
         const bool needs_mask = kind != INTERIOR;
         check_tile(kind, var, [&](auto check, const Var& v) {
-            softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
+            softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, WordsOnDemand{});
         });
 
         if constexpr (Var::hides_keys) {
@@ -88,6 +88,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         for (int r = 0; r < 2; ++r) {
             const float l = reduce_sum<4>(stats[mt][r].l);
             inv_l[mt][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
+            if (Var::dropout) inv_l[mt][r] *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
             const int row = row0 + 16 * mt + 8 * r;
             if (tq == 0 && row < p.seqlen_q) lse[row] = stats[mt][r].lse(l);
         }

@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             int t_first, t_last;
             var.template key_tiles<BLOCK_M, BLOCK_N>(w.m0, t_first, t_last);
             const int m0 = w.m0, row0 = m0 + 64 * wg + 16 * warp + lane / 4;
-            const float scale_log2 = float(f.scale) * float(LOG2E), dropout_scale = float(var.dropout_scale);
+            const float scale_log2 = float(f.scale) * float(LOG2E);
 
             float o[1][DT][4];
             zero(o);
@@ -132,15 +132,20 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 wgmma_fence();
                 wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, k_buf);
                 wgmma_commit();
-                // The classification (which reads a bool mask's cells) overlaps the product; a skipped
-                // tile's scores are dropped.
+                // The classification (which reads a bool mask's cells) and the dropout words overlap the
+                // product; a skipped tile's scores are dropped.
                 const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
+                TileWords<1, NT> words;
+                if constexpr (Var::dropout) {
+                    words.draw(var, row0, n0, tq);
+                    fence_regs(reinterpret_cast<unsigned(&)[sizeof(words) / 4]>(words));  // drawn before the wait
+                }
                 wgmma_wait<0>();
                 fence_regs(s_regs);
                 if (kind != SKIP) {
                     const bool needs_mask = kind != INTERIOR;
                     check_tile(kind, var, [&](auto check, const Var& v) {
-                        softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, dropout_scale);
+                        softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, words);
                     });
 
                     mbar_wait(v_full + stage, parity);
@@ -176,6 +181,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             for (int r = 0; r < 2; ++r) {
                 const float l = reduce_sum<4>(stats[0][r].l);
                 inv_l[0][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
+                if (Var::dropout) inv_l[0][r] *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
                 const int row = row0 + 8 * r;
                 if (tq == 0 && row < f.seqlen_q) lse[row] = stats[0][r].lse(l);
             }

@@ -153,10 +153,10 @@ struct Variant {
         return score<CHECK, APPROX>(s, scale_log2, i, j, dcap);
     }
 
-    // ---- dropout: the Philox words of row i for the 32-column group holding column j; one call serves
+    // ---- dropout: the Philox words of row i for the 64-column group holding column j; one call serves
     // every column 8w + 2q + {0, 1} of the group with q = (j % 8) / 2.
     __device__ __forceinline__ void random_words(int i, int j, unsigned (&r)[4]) const {
-        philox4x32_10(seed_lo, seed_hi, unsigned((j >> 5) * 4 + ((j & 7) >> 1)), unsigned(i), unsigned(h),
+        philox4x32_10(seed_lo, seed_hi, unsigned((j >> 6) * 4 + ((j & 7) >> 1)), unsigned(i), unsigned(h),
                       unsigned(b + batch_offset), r);
     }
     __device__ __forceinline__ bool keep(const unsigned (&r)[4], int j) const {
@@ -226,66 +226,62 @@ __device__ __forceinline__ void pair_backward(const Var& var, A s, A dp, A scale
     dx = Var::softcap ? ds * dcap : ds;
 }
 
-// Dropout in the key-row layout, drawn once per pair of warps: warps 2k and 2k + 1 hold keys 32k ... 32k + 31
-// of the tile, whose bits come from the same Philox calls (a call gives 8 values of a 32-key group). Each warp
-// draws the calls of half of the query column blocks j and stores each call's four words at
-// words[(j * 32 + lane) * 4], where lane is the lane that would draw it in key_rows_backward; sync() then makes
-// them visible to both warps.
+// Dropout in the key-row layout, drawn once per warpgroup: its four warps hold the keys 64k ... 64k + 63 of
+// the tile, whose bits come from the same Philox calls (a call gives 16 values of a 64-key group, four to
+// each warp). Warp w draws the calls of the query column blocks j = w mod 4 and stores word k of each at
+// words[(j * 4 + k) * 32 + lane], where lane is the lane that would draw it in key_rows_backward (each
+// warp then reads 16 distinct words from distinct banks); sync() makes them visible to the warpgroup.
 template <int MT, typename Var, typename Sync>
-__device__ __forceinline__ void draw_pair_words(const Var& var, unsigned* words, int m0, int key0, int warp, int lane,
-                                                Sync&& sync) {
+__device__ __forceinline__ void draw_group_words(const Var& var, unsigned* words, int m0, int key0, int warp, int lane,
+                                                 Sync&& sync) {
     const int g = lane / 4, tq = lane % 4;
 #pragma unroll
-    for (int j = warp & 1; j < MT; j += 2) {
+    for (int j = warp; j < MT; j += 4) {
         unsigned r[4];
         var.random_words(m0 + j * 8 + 2 * tq + (g & 1), key0, r);
-        *reinterpret_cast<uint4*>(words + (j * 32 + lane) * 4) = make_uint4(r[0], r[1], r[2], r[3]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) words[(j * 4 + k) * 32 + lane] = r[k];
     }
     sync();
 }
 
 // pair_backward on a tile whose rows are keys and columns queries (the kernels that hold dK and dV):
 // st = s^T becomes pd^T, dpt = dp^T becomes dx^T. This lane holds keys key0 and key0 + 8, where
-// key0 % 32 = 16 (warp % 2) + lane / 4, and queries m0 + 8 j + 2 (lane % 4) + {0, 1}, whose lse (log2
-// units) and delta are lse2[q - m0] and delta[q - m0]. With dropout the Philox words are drawn here or,
-// with PAIRED, read from pair_words (draw_pair_words).
-template <bool CHECK, bool PAIRED = false, int MT, typename Var>
+// key0 % 16 = lane / 4, and queries m0 + 8 j + 2 (lane % 4) + {0, 1}, whose lse (log2 units) and delta are
+// lse2[q - m0] and delta[q - m0]. With dropout the Philox words are drawn here or, with GROUPED, read
+// from group_words (draw_group_words).
+template <bool CHECK, bool GROUPED = false, int MT, typename Var>
 __device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT][4], float (&dpt)[MT][4], int m0,
                                                   int key0, int warp, int lane, float scale_log2, const float* lse2,
-                                                  const float* delta, const unsigned* pair_words = nullptr) {
+                                                  const float* delta, const unsigned* group_words = nullptr) {
     const int g = lane / 4, tq = lane % 4;
+    // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane and of
+    // its neighbour lane ^ 4 (key0 ^ 1), in bytes 2 er + key0 % 2 of its word (key0 % 64) / 16.
+    const int word_index = (key0 & 63) >> 4;
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
-        // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane and
-        // of its neighbour lane ^ 4 (key0 ^ 1): each of the pair draws one column, and they swap. Of the
-        // call's four words this warp's keys use words 2 (warp % 2) + er.
-        unsigned mine[2], theirs[2];
+        unsigned words[2];  // of query columns ec = 0, 1
         if (Var::dropout) {
-            if constexpr (PAIRED) {
-                const uint2 w = *reinterpret_cast<const uint2*>(pair_words + (j * 32 + lane) * 4 + 2 * (warp & 1));
-                mine[0] = w.x;
-                mine[1] = w.y;
-            } else {
+            if constexpr (GROUPED) {
+#pragma unroll
+                for (int ec = 0; ec < 2; ++ec)
+                    words[ec] = group_words[(j * 4 + word_index) * 32 + ((lane & ~4) | (ec << 2))];
+            } else {  // each of the pair draws one column, and they swap
                 unsigned r[4];
                 var.random_words(m0 + j * 8 + 2 * tq + (g & 1), key0, r);
-                mine[0] = (warp & 1) ? r[2] : r[0];
-                mine[1] = (warp & 1) ? r[3] : r[1];
+                const unsigned mine = word_index == 0 ? r[0] : word_index == 1 ? r[1] : word_index == 2 ? r[2] : r[3];
+                const unsigned theirs = __shfl_xor_sync(0xffffffffu, mine, 4);
+                words[g & 1] = mine;
+                words[(g & 1) ^ 1] = theirs;
             }
-#pragma unroll
-            for (int er = 0; er < 2; ++er) theirs[er] = __shfl_xor_sync(0xffffffffu, mine[er], 4);
         }
 #pragma unroll
         for (int ec = 0; ec < 2; ++ec) {
             const int im = j * 8 + 2 * tq + ec;
-            const bool own = ec == (g & 1);
 #pragma unroll
             for (int er = 0; er < 2; ++er) {
                 const int e = 2 * er + ec, key = key0 + 8 * er;
-                bool kept = false;
-                if (Var::dropout) {  // key % 32 = 16 (warp % 2) + 8 er + g
-                    const unsigned word = own ? mine[er] : theirs[er];
-                    kept = ((g & 1) ? word >> 16 : word & 0xFFFFu) >= var.threshold;
-                }
+                const bool kept = Var::dropout && dropout_byte(words[ec], er, g & 1) >= var.threshold;
                 float pd, ds, dx;
                 pair_backward<CHECK, true>(var, st[j][e], dpt[j][e], scale_log2, lse2[im], delta[im], m0 + im, key,
                                            kept, pd, ds, dx);
@@ -298,14 +294,14 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT
 
 // pair_backward on a tile whose rows are queries and columns keys (the kernels that hold dq): s becomes
 // pd, dp becomes dx. This lane holds rows row0 and row0 + 8 (lse2[r] in log2 units, delta[r]) and keys
-// n0 + 8 j + 2 tq + {0, 1}; n0 is a multiple of 32 when NT is. With a bias gradient (dbias not null:
+// n0 + 8 j + 2 tq + {0, 1}; n0 is a multiple of 64 when NT * 8 is. With a bias gradient (dbias not null:
 // row i, key j at dbias[i * dbias_sq + j * dbias_sk]) each visible ds is added to it.
 template <bool CHECK, int NT, typename Var>
 __device__ __forceinline__ void query_rows_backward(const Var& var, float (&s)[NT][4], float (&dp)[NT][4], int row0,
                                                     int n0, int tq, float scale_log2, const float (&lse2)[2],
                                                     const float (&delta)[2], float* dbias, i64 dbias_sq,
                                                     i64 dbias_sk) {
-    constexpr int NG = NT < 4 ? NT : 4;  // 8-wide tiles per 32-column dropout group
+    constexpr int NG = NT < 8 ? NT : 8;  // 8-wide tiles per 64-column dropout group
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -318,7 +314,7 @@ __device__ __forceinline__ void query_rows_backward(const Var& var, float (&s)[N
 #pragma unroll
                 for (int ec = 0; ec < 2; ++ec) {
                     const int e = 2 * r + ec, col = n0 + j * 8 + 2 * tq + ec;
-                    const bool kept = Var::dropout && (NT % 4 == 0 ? var.keep_at(words, j - j0, ec) : var.keep(words, col));
+                    const bool kept = Var::dropout && (NT % 8 == 0 ? var.keep_at(words, j - j0, ec) : var.keep(words, col));
                     float pd, ds, dx;
                     pair_backward<CHECK, true>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta[r], row, col, kept,
                                                pd, ds, dx);

@@ -8,7 +8,7 @@ struct VariantParams {
     int window_left, window_right;  // -1: unbounded on that side (causal: right = 0)
     double softcap;                 // > 0 with the SOFTCAP feature
     double dropout_scale;           // 1 / (1 - dropout_p)
-    unsigned dropout_threshold;     // keep a probability when its 16-bit random value is >= this
+    unsigned dropout_threshold;     // keep a probability when its 8-bit random value is >= this
     unsigned seed_lo, seed_hi;      // Philox key
     int batch_offset;               // dropout draws the bits of batch index batch_offset + b
     const float* alibi;             // slope of (b, h) at alibi[b * alibi_sb + h * alibi_sh]

@@ -1,8 +1,8 @@
 // Philox-4x32-10 and the dropout keep bit: the CUDA twin of cupyflash/_philox.py.
 // keep[b, h, i, j] is a pure function of (seed, b, h, i, j) (docs/variants.md, "Dropout bits"):
-// counter ((j / 32) * 4 + (j % 8) / 2, i, h, b), key (seed low, seed high). One call gives the
-// 8 values of the columns 8w + 2q + {0, 1} (w = 0..3) of a 32-column group, q = (j % 8) / 2: the
-// columns one thread holds in a tensor-core accumulator.
+// counter ((j / 64) * 4 + (j % 8) / 2, i, h, b), key (seed low, seed high). One call gives the
+// 16 byte values of the columns 8w + 2q + {0, 1} (w = 0..7) of a 64-column group, q = (j % 8) / 2:
+// the columns one thread holds of a 64-key tensor-core accumulator.
 #pragma once
 
 #include "common.cuh"
@@ -29,17 +29,21 @@ __device__ __forceinline__ void philox4x32_10(unsigned k0, unsigned k1, unsigned
     r[3] = c3;
 }
 
-// The keep bit of the column at word w (= (j % 32) / 8) and half odd (= j % 2) of a call: for callers
-// that know both at compile time.
-__device__ __forceinline__ bool dropout_keep_at(const unsigned (&r)[4], int w, int odd, unsigned threshold) {
-    return (odd ? r[w] >> 16 : r[w] & 0xFFFFu) >= threshold;
+// Column j of a group takes byte 2 w + j % 2 of the call, w = (j % 64) / 8: byte (w % 2) * 2 + j % 2 of
+// word w / 2.
+__device__ __forceinline__ unsigned dropout_byte(unsigned word, int w, int odd) {
+    return (word >> (16 * (w & 1) + 8 * odd)) & 0xFFu;
 }
 
-// Column j keeps its probability iff its 16-bit value u[((j % 32) / 8) * 2 + j % 2] >= threshold.
-// Selects rather than r[(j >> 3) & 3], so that r stays in registers when j is not a constant.
+// The keep bit of the column 8 w + 2 q + odd of a group: for callers that know w and odd at compile time.
+__device__ __forceinline__ bool dropout_keep_at(const unsigned (&r)[4], int w, int odd, unsigned threshold) {
+    return dropout_byte(r[w >> 1], w, odd) >= threshold;
+}
+
+// Column j keeps its probability iff its byte value is >= threshold. Selects rather than indexing r by
+// a variable, so that r stays in registers when j is not a constant.
 __device__ __forceinline__ bool dropout_keep_bit(const unsigned (&r)[4], int j, unsigned threshold) {
-    const int w = (j >> 3) & 3;
-    const unsigned word = w == 0 ? r[0] : w == 1 ? r[1] : w == 2 ? r[2] : r[3];
-    const unsigned u = (j & 1) ? (word >> 16) : (word & 0xFFFFu);
-    return u >= threshold;
+    const int w = (j >> 3) & 7, half = w >> 1;
+    const unsigned word = half == 0 ? r[0] : half == 1 ? r[1] : half == 2 ? r[2] : r[3];
+    return dropout_byte(word, w, j & 1) >= threshold;
 }

@@ -116,6 +116,11 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+// And of values that must be computed before such a point (work placed under a product).
+template <int N> __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
 
 // Shared-memory address of element (row, col) of a 128-byte-swizzled tile of `rows` rows per chunk.
 template <typename T> __device__ __forceinline__ const T* swizzled(const T* tile, int rows, int row, int col) {

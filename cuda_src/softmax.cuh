@@ -49,16 +49,46 @@ template <typename A> struct OnlineSoftmax {
     }
 };
 
+// The dropout words of softmax_tile: one Philox call per row and 64-column group of the key tile (row
+// row0 + 16 mt + 8 r, column n0 + 64 gi + 2 tq). TileWords draws them all at once, under the product of
+// the tile (the Hopper kernel); WordsOnDemand draws each where softmax_tile needs it, which keeps fewer
+// registers live (the mma.sync kernel).
+template <int MT, int NT> struct TileWords {
+    static constexpr int GROUPS = (NT + 7) / 8;
+    unsigned w[MT][2][GROUPS][4];
+
+    template <typename Var> __device__ __forceinline__ void draw(const Var& var, int row0, int n0, int tq) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int gi = 0; gi < GROUPS; ++gi) var.random_words(row0 + 16 * mt + 8 * r, n0 + 64 * gi + 2 * tq, w[mt][r][gi]);
+    }
+    template <typename Var>
+    __device__ __forceinline__ void get(const Var&, int mt, int r, int gi, int, int, unsigned (&out)[4]) const {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) out[k] = w[mt][r][gi][k];
+    }
+};
+
+struct WordsOnDemand {
+    template <typename Var>
+    __device__ __forceinline__ void get(const Var& var, int, int, int, int row, int col, unsigned (&out)[4]) const {
+        var.random_words(row, col, out);
+    }
+};
+
 // One key tile of the tensor-core forward kernels, on mma / wgmma accumulator fragments: MT slabs of
 // 16 rows (rows row0 + 16 mt + g and + 8), NT 8-column tiles of scores starting at column n0 (element e
 // of tile j is column n0 + 8 j + 2 tq + e % 2), DT 8-column tiles of o. Scores become probabilities in
-// place (dropped ones zero, kept ones scaled), o is rescaled, the row statistics absorb the tile.
+// place, o is rescaled, the row statistics absorb the tile. With dropout the probabilities that `words`
+// (TileWords or WordsOnDemand) drop become zero; the kept ones are scaled by 1 / (1 - p) at the end, with 1 / l.
 // CHECK: element masks (tiles the variant classifies as EDGE).
-template <bool CHECK, int MT, int NT, int DT, typename Var>
+template <bool CHECK, int MT, int NT, int DT, typename Var, typename Words>
 __device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][4], float (&o)[MT][DT][4],
                                              OnlineSoftmax<float> (&stats)[MT][2], int row0, int n0, int tq,
-                                             float scale_log2, float dropout_scale) {
-    constexpr int NG = NT < 4 ? NT : 4;  // 8-wide tiles per 32-column dropout group
+                                             float scale_log2, const Words& words) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
@@ -88,18 +118,17 @@ __device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][
 #pragma unroll
             for (int r = 0; r < 2; ++r)
 #pragma unroll
-                for (int j0 = 0; j0 < NT; j0 += NG) {  // one Philox call per row and 32 columns
-                    unsigned words[4];
-                    const int col0 = n0 + j0 * 8 + 2 * tq;
-                    var.random_words(row0 + 16 * mt + 8 * r, col0, words);
+                for (int gi = 0; gi < (NT + 7) / 8; ++gi) {
+                    unsigned w[4];
+                    words.get(var, mt, r, gi, row0 + 16 * mt + 8 * r, n0 + 64 * gi + 2 * tq, w);
 #pragma unroll
-                    for (int j = j0; j < j0 + NG; ++j)
+                    for (int j = 8 * gi; j < NT && j < 8 * gi + 8; ++j)
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            // tiles start at multiples of 32 columns unless they are 16 wide
-                            const bool kept = NT % 4 == 0 ? var.keep_at(words, j - j0, e)
-                                                          : var.keep(words, col0 + (j - j0) * 8 + e);
-                            s[mt][j][2 * r + e] *= kept ? dropout_scale : 0.f;
+                        for (int ec = 0; ec < 2; ++ec) {
+                            // tiles start at multiples of 64 columns unless they are narrower
+                            const bool kept = NT % 8 == 0 ? var.keep_at(w, j % 8, ec)
+                                                          : var.keep(w, n0 + 8 * j + 2 * tq + ec);
+                            if (!kept) s[mt][j][2 * r + ec] = 0.f;
                         }
                 }
         }

@@ -50,21 +50,22 @@ def split_seed(seed):
 
 
 def threshold(dropout_p):
-    """16-bit drop threshold: a value u is kept iff u >= threshold (p quantised to 1/65536)."""
-    return min(math.floor(float(dropout_p) * 65536.0 + 0.5), 65535)
+    """8-bit drop threshold: a value u is kept iff u >= threshold (p quantised to 1/256)."""
+    return min(math.floor(float(dropout_p) * 256.0 + 0.5), 255)
 
 
 def _counter0(j):
-    """First counter word of column j: 4 Philox calls per 32-column group, one per column pair
-    position (j % 8) // 2, each serving the 8 columns 8w + 2q + {0, 1} of the group."""
-    return (j // 32) * 4 + (j % 8) // 2
+    """First counter word of column j: 4 Philox calls per 64-column group, one per column pair
+    position (j % 8) // 2, each serving the 16 columns 8w + 2q + {0, 1} of the group."""
+    return (j // 64) * 4 + (j % 8) // 2
 
 
 def _select(words, j):
-    """16-bit value u[((j % 32) // 8) * 2 + j % 2] of the 8 held in the 4 words."""
-    w = (j % 32) // 8
+    """Byte u[((j % 64) // 8) * 2 + j % 2] of the 16 held in the 4 words (little-endian within a word)."""
+    byte = ((j % 64) // 8) * 2 + j % 2
+    w = byte // 4
     r = np.where(w == 0, words[0], np.where(w == 1, words[1], np.where(w == 2, words[2], words[3])))
-    return np.where(j % 2 == 0, r & np.uint32(0xFFFF), r >> np.uint32(16))
+    return (r >> (8 * (byte % 4)).astype(np.uint32)) & np.uint32(0xFF)
 
 
 def keep(seed, dropout_p, b, h, i, j):
@@ -109,11 +110,11 @@ def keep_mask(shape, dropout_p, seed, batch_offset=0):
     batch, nheads, seqlen_q, seqlen_k = shape
     if 0 in shape:
         return np.zeros(shape, dtype=bool)
-    # One Philox call per (b, h, i, counter) rather than per element: each serves 8 columns.
+    # One Philox call per (b, h, i, counter) rather than per element: each serves 16 columns.
     b = batch_offset + np.arange(batch).reshape(-1, 1, 1, 1)
     h = np.arange(nheads).reshape(1, -1, 1, 1)
     i = np.arange(seqlen_q).reshape(1, 1, -1, 1)
-    c0 = np.arange(-(-seqlen_k // 32) * 4).reshape(1, 1, 1, -1)
+    c0 = np.arange(-(-seqlen_k // 64) * 4).reshape(1, 1, 1, -1)
     k0, k1 = split_seed(seed)
     words = philox4x32_10(k0, k1, c0, i, h, b)  # each (batch, nheads, seqlen_q, counters)
     j = np.arange(seqlen_k)
@@ -127,7 +128,7 @@ def _dropout_mask_cupy(shape, dropout_p, seed):
 
     out = cupy.empty(shape, dtype=cupy.bool_)
     batch, nheads, seqlen_q, seqlen_k = shape
-    n = batch * nheads * seqlen_q * (-(-seqlen_k // 32) * 4)  # one thread per Philox call
+    n = batch * nheads * seqlen_q * (-(-seqlen_k // 64) * 4)  # one thread per Philox call
     if n == 0:
         return out
     launch = _plan.dropout_mask()

@@ -142,7 +142,7 @@ def backward_sm90(dtype, headdim, var):
     bm = SM90_BWD_BLOCK_M
     own = 2 * 2 * bn * bm if kernel == "flash_bwd_sm90" else 2 * 2 * 2 * bm * bn  # dx^T / pd and dx, two each
     if kernel == "flash_bwd_sm90" and _features(var) & DROPOUT:
-        own += 4 * (bm // 8) * 32 * 4 * 4  # each pair of consumer warps' Philox words of a tile
+        own += 2 * (bm // 8) * 32 * 4 * 4  # each consumer warpgroup's Philox words of a tile
     smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
             + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
             + 8 * (1 + 3 * stages) + 4 * stages + 1024)  # barriers, flags; swizzle-atom alignment

@@ -473,7 +473,7 @@ def test_dropout_keeps_a_binomial_fraction_with_the_specified_bits(dropout_p, se
     # Kept values are scaled by 1 / (1 - p) exactly where the rows' weights are equal.
     np.testing.assert_allclose(out[out > 0], 1 / (shape[3] * (1 - dropout_p)), rtol=1e-6)
     n = kept.size
-    keep_prob = 1 - min(math.floor(dropout_p * 65536 + 0.5), 65535) / 65536
+    keep_prob = 1 - min(math.floor(dropout_p * 256 + 0.5), 255) / 256
     sigma = math.sqrt(n * keep_prob * (1 - keep_prob))
     assert abs(int(kept.sum()) - n * keep_prob) <= 6 * sigma
 

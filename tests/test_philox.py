@@ -36,9 +36,9 @@ def philox_one(k0, k1, c0, c1, c2, c3):
 
 def keep_one(seed, p, b, h, i, j):
     """keep[b, h, i, j] of docs/variants.md on Python ints."""
-    r = philox_one(seed % 2**32, seed >> 32, (j // 32) * 4 + (j % 8) // 2, i, h, b)
-    u = [half for w in r for half in (w & 0xFFFF, w >> 16)]
-    return u[((j % 32) // 8) * 2 + j % 2] >= min(math.floor(p * 65536 + 0.5), 65535)
+    r = philox_one(seed % 2**32, seed >> 32, (j // 64) * 4 + (j % 8) // 2, i, h, b)
+    u = [(w >> (8 * k)) & 0xFF for w in r for k in range(4)]
+    return u[((j % 64) // 8) * 2 + j % 2] >= min(math.floor(p * 256 + 0.5), 255)
 
 
 @pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
@@ -85,11 +85,11 @@ def test_dropout_mask_is_the_same_for_any_tile(seed, p, data):
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 1 / 3, 0.5, 0.9])
 def test_dropped_fraction_is_binomial(p):
-    """Overall and at each of the 32 column positions of a group (each 16-bit half of each word)."""
+    """Overall and at each of the 64 column positions of a group (each byte of each word)."""
     mask = dropout_mask((2, 4, 64, 256), p, 20240601)
-    q = threshold(p) / 65536
+    q = threshold(p) / 256
     for dropped, n in ((1 - mask.mean(), mask.size),
-                       *((1 - mask[..., c::32].mean(), mask[..., c::32].size) for c in range(32))):
+                       *((1 - mask[..., c::64].mean(), mask[..., c::64].size) for c in range(64))):
         assert abs(dropped - q) <= 5 * math.sqrt(q * (1 - q) / n), (p, dropped, q)
 
 
@@ -100,21 +100,21 @@ def test_p_zero_keeps_everything():
 
 
 @pytest.mark.parametrize("p, t", [
-    (0.0, 0), (0.49 / 65536, 0), (0.5 / 65536, 1), (1.49 / 65536, 1), (1.5 / 65536, 2), (0.25, 16384),
-    (0.5, 32768), (65534.5 / 65536, 65535), (65535.4 / 65536, 65535), (65535.6 / 65536, 65535),
-    (np.nextafter(1.0, 0.0), 65535), (np.float32(0.5), 32768),
+    (0.0, 0), (0.49 / 256, 0), (0.5 / 256, 1), (1.49 / 256, 1), (1.5 / 256, 2), (0.25, 64),
+    (0.5, 128), (254.5 / 256, 255), (255.4 / 256, 255), (255.6 / 256, 255),
+    (np.nextafter(1.0, 0.0), 255), (np.float32(0.5), 128),
 ])
-def test_threshold_rounds_to_nearest_and_stays_below_65536(p, t):
+def test_threshold_rounds_to_nearest_and_stays_below_256(p, t):
     assert threshold(p) == t
 
 
 def test_threshold_decides_the_bit():
-    """p = 1.5/65536 drops u in {0, 1}: the mask differs from p = 0.5/65536 exactly where u == 1."""
-    shape = (4, 8, 64, 512)
-    low, high = dropout_mask(shape, 0.5 / 65536, 7), dropout_mask(shape, 1.5 / 65536, 7)
+    """p = 1.5/256 drops u in {0, 1}: the mask differs from p = 0.5/256 exactly where u == 1."""
+    shape = (2, 4, 64, 256)
+    low, high = dropout_mask(shape, 0.5 / 256, 7), dropout_mask(shape, 1.5 / 256, 7)
     assert not (high & ~low).any()
     b, h, i, j = (int(x[0]) for x in np.nonzero(low & ~high))
-    assert keep_one(7, 0.5 / 65536, b, h, i, j) and not keep_one(7, 1.5 / 65536, b, h, i, j)
+    assert keep_one(7, 0.5 / 256, b, h, i, j) and not keep_one(7, 1.5 / 256, b, h, i, j)
 
 
 def test_seed_is_split_low_then_high():
@@ -177,7 +177,7 @@ __global__ void philox_probe(const unsigned* in, unsigned* words, unsigned char*
     unsigned r[4];
     philox4x32_10(a[0], a[1], a[2], a[3], a[4], a[5], r);
     for (int w = 0; w < 4; ++w) words[4 * t + w] = r[w];
-    for (int j = 0; j < 32; ++j) bits[32 * t + j] = dropout_keep_bit(r, j, threshold);
+    for (int j = 0; j < 64; ++j) bits[64 * t + j] = dropout_keep_bit(r, j, threshold);
 }
 """
 
@@ -213,7 +213,7 @@ def test_cuda_sources_compile_without_warnings(source, name, arch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(2, 3, 37, 70), (1, 1, 1, 1), (1, 2, 5, 33), (3, 1, 17, 32), (1, 1, 2, 257)])
-@pytest.mark.parametrize("p, seed", [(0.1, 0), (0.5, 2**64 - 1), (0.9, 0x0123456789ABCDEF), (1.5 / 65536, 42)])
+@pytest.mark.parametrize("p, seed", [(0.1, 0), (0.5, 2**64 - 1), (0.9, 0x0123456789ABCDEF), (1.5 / 256, 42)])
 def test_gpu_mask_equals_numpy_bit_for_bit(shape, p, seed):
     import cupy
 
@@ -243,11 +243,11 @@ def test_gpu_philox_words_and_keep_bits_equal_numpy():
 
     kernel = cupy.RawModule(code=_probe_source(), options=_plan.OPTIONS,
                             name_expressions=("philox_probe",)).get_function("philox_probe")
-    words, bits = cupy.empty((n, 4), cupy.uint32), cupy.empty((n, 32), cupy.bool_)
+    words, bits = cupy.empty((n, 4), cupy.uint32), cupy.empty((n, 64), cupy.bool_)
     kernel(((n + 127) // 128,), (128,), (cupy.asarray(args), words, bits, np.int32(n), np.uint32(t)))
     want = np.stack(philox4x32_10(*args.T), axis=-1)
     np.testing.assert_array_equal(words.get(), want)
-    j = np.arange(32)
-    u = np.where(j % 2 == 0, want[:, (j % 32) // 8] & 0xFFFF, want[:, (j % 32) // 8] >> 16)
+    byte = (np.arange(64) // 8) * 2 + np.arange(64) % 2
+    u = (want[:, byte // 4] >> (8 * (byte % 4)).astype(np.uint32)) & 0xFF
     np.testing.assert_array_equal(bits.get(), u >= t)
     assert [tuple(int(w) for w in row) for row in want[:3]] == [expected for *_, expected in KNOWN_ANSWERS]
