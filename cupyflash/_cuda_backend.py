@@ -102,9 +102,8 @@ def _check_grid(spec):
 
 
 def _launch(launch, grid, params, device_id):
-    # The struct goes as its raw bytes: CuPy would walk a structured dtype's fields on every launch.
-    raw = params.view(np.dtype((np.void, params.dtype.itemsize)))[0]
-    _kernel(launch, device_id)(grid, (launch.threads,), (raw,), shared_mem=launch.smem_bytes)
+    """One launch on the current stream; ``params`` is a struct from _struct."""
+    _kernel(launch, device_id)(grid, (launch.threads,), (params,), shared_mem=launch.smem_bytes)
 
 
 def _empty(shape, dtype):
@@ -170,6 +169,23 @@ BWD_PARAMS_SM90 = np.dtype({
 })
 
 
+@functools.lru_cache(maxsize=None)
+def _raw(dtype):
+    return np.dtype((np.void, dtype.itemsize))
+
+
+def _struct(dtype, values):
+    """A parameter struct from its values in field order (nested structs as tuples), as raw bytes:
+    one construction instead of a field at a time, and CuPy passes the bytes without walking the
+    structured dtype's fields."""
+    return np.array([values], dtype).view(_raw(dtype))[0]
+
+
+def _values(dtype, fields):
+    """The values of a flat struct in field order from a {field: value} dict; absent fields are 0."""
+    return tuple(fields.get(name, 0) for name in dtype.names)
+
+
 def _strides(x):
     """(batch, sequence, head) strides in elements."""
     return tuple(s // x.itemsize for s in x.strides[:3])
@@ -180,12 +196,12 @@ def _elements(x):
 
 
 def _variant(spec, device_id):
-    """The kernel's Variant type, the filled VariantParams of a spec, and the cells of a bool mask
-    (classified on the device; they must stay referenced until the call's launches are queued)."""
-    var = np.zeros((), VARIANT_PARAMS)
+    """The kernel's Variant type, the VariantParams fields of a spec ({name: value}), and the cells of
+    a bool mask (classified on the device; they must stay referenced until the call's launches are
+    queued)."""
     features = 0
     left, right = spec.window
-    var["window_left"], var["window_right"] = left, right
+    var = {"window_left": left, "window_right": right}
     if spec.has_window:
         features |= _plan.WINDOW
     if spec.softcap > 0:
@@ -223,20 +239,17 @@ def _classify_mask(spec, var, device_id):
     var["mask_cells"], var["cell_log2"] = cells.data.ptr, _plan.MASK_CELL_LOG2
     var["cells_sb"], var["cells_sh"], var["cells_sq"], var["cells_sk"] = (
         stride if n > 1 else 0 for n, stride in zip(cells.shape, cells.strides))
-    p = np.zeros(1, FWD_PARAMS)
-    p["seqlen_q"], p["seqlen_k"], p["var"] = spec.seqlen_q, spec.seqlen_k, var
+    p = _struct(FWD_PARAMS, _fwd_values(spec, var))
     _launch(_plan.mask_cells(), (cells.shape[2] * cells.shape[3], cells.shape[1], cells.shape[0]), p, device_id)
     return cells
 
 
-def _fwd_params(spec, q, k, v, out, lse, var):
-    p = np.zeros(1, FWD_PARAMS)
-    p["q"], p["k"], p["v"], p["out"], p["lse"] = (x.data.ptr for x in (q, k, v, out, lse))
-    for name, x in (("q_st", q), ("k_st", k), ("v_st", v), ("o_st", out)):
-        p[name] = _strides(x)
-    p["seqlen_q"], p["seqlen_k"], p["headdim"] = spec.seqlen_q, spec.seqlen_k, spec.headdim
-    p["nheads"], p["group"], p["scale"], p["var"] = spec.nheads, spec.group, spec.scale, var
-    return p
+def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None):
+    """FwdParams' values; without arrays (the mask classifier) only the sizes and the variant."""
+    ptrs = tuple(0 if x is None else x.data.ptr for x in (q, k, v, out, lse))
+    strides = tuple((0, 0, 0) if x is None else _strides(x) for x in (q, k, v, out))
+    return (*ptrs, *strides, spec.seqlen_q, spec.seqlen_k, spec.headdim, spec.nheads, spec.group, spec.scale,
+            _values(VARIANT_PARAMS, var))
 
 
 def forward(q, k, v, spec):
@@ -248,21 +261,20 @@ def forward(q, k, v, spec):
         out = spec.empty(_empty, q.shape, q.dtype)
         lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), compute_dtype(q.dtype))
         var_type, var, _mask_cells = _variant(spec, device_id)
-        params = _fwd_params(spec, q, k, v, out, lse, var)
+        fwd = _fwd_values(spec, var, q, k, v, out, lse)
         dtype = q.dtype.name
         if dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
             launch = _plan.forward_sm90(dtype, spec.headdim, var_type)
             _, block_m, block_n = _plan.sm90_tiles(spec.headdim)
-            fwd = params
-            params = np.zeros(1, FWD_PARAMS_SM90)
-            params["tma_q"] = _tma.tensor_map(q, dtype, block_m)
-            params["tma_k"], params["tma_v"] = _tma.tensor_map(k, dtype, block_n), _tma.tensor_map(v, dtype, block_n)
-            params["fwd"], params["batch"] = fwd, spec.batch
+            maps = (_tma.tensor_map(q, dtype, block_m), _tma.tensor_map(k, dtype, block_n),
+                    _tma.tensor_map(v, dtype, block_n))
+            params = _struct(FWD_PARAMS_SM90, (*maps, fwd, spec.batch))
             # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
             work = math.ceil(spec.seqlen_q / launch.block_rows) * spec.nheads * spec.batch
             grid = (min(work, _multiprocessors(device_id)), 1, 1)
         else:
             launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit)
+            params = _struct(FWD_PARAMS, fwd)
             grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
         _launch(launch, grid, params, device_id)
         return out, lse
@@ -298,20 +310,19 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
             var["dbias"] = view.data.ptr
             var["dbias_sb"], var["dbias_sh"], var["dbias_sq"], var["dbias_sk"] = _elements(view)
 
-        p = np.zeros(1, BWD_PARAMS)
-        p["fwd"] = _fwd_params(spec, q, k, v, out, lse, var)
-        p["dout"], p["dq"], p["dk"], p["dv"] = (x.data.ptr for x in (dout, dq, dk, dv))
-        for name, x in (("do_st", dout), ("dq_st", dq), ("dk_st", dk), ("dv_st", dv)):
-            p[name] = _strides(x)
-        p["batch"] = spec.batch
+        fwd = _fwd_values(spec, var, q, k, v, out, lse)
+
+        def bwd_values(delta):
+            return (fwd, dout.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr, dv.data.ptr,
+                    *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
 
         if _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, q, k, v, dout):
-            _backward_sm90(p, dout, q, k, v, spec, var_type, device_id)
+            _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id)
         else:
             delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, spec.headdim, var_type,
                                                                   _aligned(q, k, v, dout), limit)
             delta = _empty((spec.batch, spec.nheads, spec.seqlen_q), acc)
-            p["delta"] = delta.data.ptr
+            p = _struct(BWD_PARAMS, bwd_values(delta))
             rows = spec.batch * spec.nheads * spec.seqlen_q
             _launch(delta_launch, (math.ceil(rows / delta_launch.block_rows), 1, 1), p, device_id)
             key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
@@ -321,21 +332,19 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
         return dq, dk, dv, None if dbias is None else dbias.astype(spec.attn_mask.dtype)
 
 
-def _backward_sm90(bwd, dout, q, k, v, spec, var_type, device_id):
+def _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id):
     """The Hopper backward's three launches: prepare (delta, lse in log2 units, a zeroed float32 dq
-    accumulator), the main kernel over key tiles, kv heads and batches, and dq's conversion."""
+    accumulator), the main kernel over key tiles, kv heads and batches, and dq's conversion.
+    bwd_values(delta) gives the BwdParams."""
     dtype = q.dtype.name
     prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type)
     head_tile = _plan.sm90_backward_tiles(spec.headdim)[1]
     rows = -(-spec.seqlen_q // _plan.SM90_BWD_BLOCK_M) * _plan.SM90_BWD_BLOCK_M
     delta, lse_log2 = (_empty((spec.batch, spec.nheads, rows), np.float32) for _ in range(2))
     dq_accum = _empty((spec.batch, spec.nheads, rows, head_tile), np.float32)
-    bwd["delta"] = delta.data.ptr
-    p = np.zeros(1, BWD_PARAMS_SM90)
-    p["tma_q"], p["tma_do"] = (_tma.tensor_map(x, dtype, _plan.SM90_BWD_BLOCK_M) for x in (q, dout))
-    p["tma_k"], p["tma_v"] = (_tma.tensor_map(x, dtype, main.block_rows) for x in (k, v))
-    p["bwd"], p["lse_log2"], p["dq_accum"], p["rows"], p["head_tile"] = bwd, lse_log2.data.ptr, dq_accum.data.ptr, \
-        rows, head_tile
+    maps = (_tma.tensor_map(q, dtype, _plan.SM90_BWD_BLOCK_M), _tma.tensor_map(k, dtype, main.block_rows),
+            _tma.tensor_map(v, dtype, main.block_rows), _tma.tensor_map(dout, dtype, _plan.SM90_BWD_BLOCK_M))
+    p = _struct(BWD_PARAMS_SM90, (*maps, bwd_values(delta), lse_log2.data.ptr, dq_accum.data.ptr, rows, head_tile))
     padded_rows = spec.batch * spec.nheads * rows
     _launch(prepare, (math.ceil(padded_rows / prepare.block_rows), 1, 1), p, device_id)
     key_tiles = math.ceil(spec.seqlen_k / main.block_rows)
@@ -373,14 +382,13 @@ def decode(q, k_cache, v_cache, spec, seqlens_k, block_table, page_size, num_spl
         rows = (splits, spec.batch, spec.nheads, spec.seqlen_q)
         part_out, part_lse = _empty((*rows, spec.headdim), np.float32), _empty(rows, np.float32)
         var_type, var, _ = _variant(spec, device_id)
-        p = np.zeros(1, DECODE_PARAMS)
-        p["fwd"] = _fwd_params(spec, q, k_cache, v_cache, out, lse, var)
-        p["seqlens_k"] = seqlens_k.data.ptr
+        table, table_stride = 0, 0
         if block_table is not None:
             block_table = cupy.ascontiguousarray(block_table)
-            p["block_table"], p["table_stride"] = block_table.data.ptr, block_table.shape[1]
-        p["page_size"], p["batch"], p["num_splits"], p["keys_per_split"] = page_size, spec.batch, splits, per_split
-        p["part_out"], p["part_lse"] = part_out.data.ptr, part_lse.data.ptr
+            table, table_stride = block_table.data.ptr, block_table.shape[1]
+        p = _struct(DECODE_PARAMS, (_fwd_values(spec, var, q, k_cache, v_cache, out, lse), seqlens_k.data.ptr, table,
+                                    table_stride, page_size, spec.batch, splits, per_split, part_out.data.ptr,
+                                    part_lse.data.ptr))
         main, combine = _plan.decode(spec.dtype.name, spec.headdim, spec.group * spec.seqlen_q, var_type)
         _launch(main, (splits, spec.nheads_kv, spec.batch), p, device_id)
         _launch(combine, (spec.batch * spec.nheads * spec.seqlen_q, 1, 1), p, device_id)

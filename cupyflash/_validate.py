@@ -147,6 +147,8 @@ def check_flag(fn, name, value):
 def _real(fn, name, value, what, type_what=None):
     """A real scalar (Python, NumPy or ml_dtypes) as a Python float; ``type_what`` (default
     ``what``) is what a value of the wrong type is told."""
+    if type(value) is float:  # the common case, without the ABC checks below
+        return value
     type_what = type_what or what
     if isinstance(value, (bool, np.bool_)):
         _fail(TypeError, fn, name, f"must be {type_what}", repr(value))
@@ -175,6 +177,8 @@ def _check_scale(fn, scale, headdim, dtype):
 
 
 def _check_int(fn, name, value, what):
+    if type(value) is int:
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
         _fail(TypeError, fn, name, f"must be {what}", repr(value))
     return int(value)
