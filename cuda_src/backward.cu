@@ -116,8 +116,9 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
             check_tile(kind, var, pairs);
             __syncwarp();  // the TPR threads of a key row share its pd and dx
 
-            const bool guard = needs_mask && (tile_has_nonfinite_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ) ||
-                                              tile_has_nonfinite_acc<BLOCK_M, D_TILE, LD, THREADS>(sdO));
+            const bool guard = Var::hides_keys && needs_mask &&
+                               (rows_nonfinite(p.q_nonfinite, f.seqlen_q, f.nheads, b, h, m0, BLOCK_M) ||
+                                rows_nonfinite(p.do_nonfinite, f.seqlen_q, f.nheads, b, h, m0, BLOCK_M));
             for (int im = 0; im < BLOCK_M; ++im) {
                 const A pd = sP[r * LDP + im], dx = sdX[r * LDP + im];
                 if (guard && is_masked_zero(pd)) continue;  // masked queries' data must not reach this key
@@ -220,7 +221,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
         check_tile(kind, var, pairs);
         __syncwarp();  // the TPR threads of a query row share its dx
 
-        const bool guard = needs_mask && tile_has_nonfinite_acc<BLOCK_N, D_TILE, LD, THREADS>(sK);
+        const bool guard = Var::hides_keys && needs_mask &&
+                           rows_nonfinite(p.k_nonfinite, f.seqlen_k, f.nheads / f.group, b, hk, n0, BLOCK_N);
         for (int n = 0; n < BLOCK_N; ++n) {
             const A dx = sdX[r * LDS + n];
             if (guard && is_masked_zero(dx)) continue;  // masked keys must not reach this row

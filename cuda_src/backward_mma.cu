@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         check_tile(kind, var, [&](auto check, const Var& v) {
             key_rows_backward<decltype(check)::value>(v, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
         });
-        if (Var::hides_keys && needs_mask && (tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cdO) ||
-                                              tile_has_nonfinite<BLOCK_M, D_TILE, LD, BlockVote<THREADS>>(cQ))) {
+        if (Var::hides_keys && needs_mask && (rows_nonfinite(p.do_nonfinite, f.seqlen_q, f.nheads, b, h, m0, BLOCK_M) ||
+                                              rows_nonfinite(p.q_nonfinite, f.seqlen_q, f.nheads, b, h, m0, BLOCK_M))) {
             gemm_rn_guarded<T, BLOCK_M, D_OUT>(dv_acc, st, PaddedTile<T, LD>{cdO + col0}, lane);
             gemm_rn_guarded<T, BLOCK_M, D_OUT>(dk_acc, dpt, PaddedTile<T, LD>{cQ + col0}, lane);
         } else {
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
             query_rows_backward<decltype(check)::value>(v, s, dp, row0, n0, tq, scale_log2, lse2, delta_row, dbias,
                                                         f.var.dbias_sq, f.var.dbias_sk);
         });
-        if (Var::hides_keys && needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, BlockVote<THREADS>>(cK)) {
+        if (Var::hides_keys && needs_mask && rows_nonfinite(p.k_nonfinite, f.seqlen_k, f.nheads / f.group, b, hk, n0, BLOCK_N)) {
             gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, dp, PaddedTile<T, LD>{cK}, lane);
         } else {
             gemm_rn<T, BLOCK_N, D_TILE, LD>(dq_acc, dp, cK, lane);

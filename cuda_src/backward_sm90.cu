@@ -202,10 +202,20 @@ template <int STAGES> __device__ __forceinline__ void stage_no_dq(const BwdBarri
 
 // Consumers, before the stream: k and v arrived; and whether any key's data is not finite (asked only by
 // the variants that hide keys from some rows: such keys then reach dq through the guarded products).
-template <typename Var, int ROWS, typename T, int STAGES>
-__device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const T* k, int tiles) {
+template <typename Var, int BLOCK_N, int STAGES>
+__device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const BwdParams& p, const KeyBlock& kb,
+                                          int tiles) {
     if (tiles > 0) mbar_wait(bar.kv_full, 0);
-    return Var::hides_keys && tiles > 0 && tile_has_nonfinite<ROWS, 64, 64, ConsumerVote<256>>(k);
+    const FwdParams& f = p.fwd;
+    return Var::hides_keys && tiles > 0 &&
+           rows_nonfinite(p.k_nonfinite, f.seqlen_k, f.nheads / f.group, kb.b, kb.hk, kb.n0, BLOCK_N);
+}
+
+// Whether query tile m0 of head h holds NaN or inf in q or dout (asked by the tiles that hide keys).
+__device__ __forceinline__ bool queries_nonfinite(const BwdParams& p, int b, int h, int m0) {
+    const FwdParams& f = p.fwd;
+    return rows_nonfinite(p.q_nonfinite, f.seqlen_q, f.nheads, b, h, m0, SM90_BWD_BLOCK_M) ||
+           rows_nonfinite(p.do_nonfinite, f.seqlen_q, f.nheads, b, h, m0, SM90_BWD_BLOCK_M);
 }
 
 // Consumers, per query tile t: its classification, once its stage has arrived (every phase is waited for,
@@ -237,12 +247,11 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& bp, int n0, int hk,
 // both warpgroups, each computing half of dq's columns.
 template <typename T, int D_TILE, int STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__ BwdParamsSm90 p) {
-    constexpr int BLOCK_M = SM90_BWD_BLOCK_M, BLOCK_N = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64;
+    constexpr int BLOCK_M = SM90_BWD_BLOCK_M, BLOCK_N = 128, CONSUMERS = 256;
     constexpr int MT = BLOCK_M / 8, DT = D_TILE / 8, DQ_COLS = D_TILE / 2, DS_ELEMS = BLOCK_N * BLOCK_M;
     // dropout: each consumer warpgroup's Philox words of a tile, [MT][32 lanes][4] (draw_group_words)
     constexpr int GROUP_WORDS = MT * 32 * 4, WORDS_BYTES = Var::dropout ? 2 * GROUP_WORDS * 4 : 0;
     static_assert(D_TILE % 64 == 0 && DQ_COLS % 32 == 0, "tile shape");
-    using Vote = ConsumerVote<CONSUMERS>;
 
     extern __shared__ unsigned char smem_raw[];
     const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, 2 * DS_ELEMS * sizeof(T) + WORDS_BYTES> sm(smem_raw);
@@ -281,7 +290,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         float(&dk_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dk);
         float(&dv_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dv);
 
-        const bool k_nonfinite = wait_keys<Var, BLOCK_N * CHUNKS>(bar, sm.k, qs.tiles);
+        const bool k_nonfinite = wait_keys<Var, BLOCK_N>(bar, bp, kb, qs.tiles);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
@@ -320,9 +329,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
             // A tile where hidden queries' q or dout is not finite takes the guarded products, after
             // the dq product (no wgmma in flight then).
-            const bool guarded = Var::hides_keys && needs_mask &&
-                                 (tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(do_buf) ||
-                                  tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(q_buf));
+            const bool guarded = Var::hides_keys && needs_mask && queries_nonfinite(bp, b, qs.head(t), m0);
             if (!guarded) {
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
@@ -388,10 +395,9 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 // so that dk, dv and dq of 128 columns each stay in registers.
 template <typename T, int D_TILE, int STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_constant__ BwdParamsSm90 p) {
-    constexpr int BLOCK_M = SM90_BWD_BLOCK_M, BLOCK_N = 64, CONSUMERS = 256, CHUNKS = D_TILE / 64;
+    constexpr int BLOCK_M = SM90_BWD_BLOCK_M, BLOCK_N = 64, CONSUMERS = 256;
     constexpr int KEYS = BLOCK_N / 2, NT = KEYS / 8, HALF = D_TILE / 2, HT = HALF / 8, PS_ELEMS = BLOCK_M * BLOCK_N;
     static_assert(D_TILE % 128 == 0, "tile shape: each warpgroup's half of the head is whole 64-column chunks");
-    using Vote = ConsumerVote<CONSUMERS>;
 
     extern __shared__ unsigned char smem_raw[];
     const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, 4 * PS_ELEMS * sizeof(T)> sm(smem_raw);
@@ -430,7 +436,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
         float(&dk_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dk);
         float(&dv_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dv);
 
-        const bool k_nonfinite = wait_keys<Var, BLOCK_N * CHUNKS>(bar, sm.k, qs.tiles);
+        const bool k_nonfinite = wait_keys<Var, BLOCK_N>(bar, bp, kb, qs.tiles);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
@@ -480,8 +486,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const T* k_half = sm.k + chunk0 * BLOCK_N * 64;
             float dq[HT][4];
             if (!(Var::hides_keys && needs_mask &&
-                  (k_nonfinite || tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(do_buf) ||
-                   tile_has_nonfinite<BLOCK_M * CHUNKS, 64, 64, Vote>(q_buf)))) {
+                  (k_nonfinite || queries_nonfinite(bp, b, qs.head(t), m0)))) {
                 float(&dq_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dq);
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);

@@ -70,16 +70,14 @@ __device__ __forceinline__ void load_tile_acc(A* dst, const T* src, i64 row_stri
     }
 }
 
+// The exponent bits of the 16-bit types: all set for NaN and inf.
+template <typename T> struct Half16;
+template <> struct Half16<half_t> { static constexpr unsigned EXP = 0x7c00u; };
+template <> struct Half16<bfloat16_t> { static constexpr unsigned EXP = 0x7f80u; };
+
+template <typename T> __device__ __forceinline__ bool is_finite(T x) { return (x.bits & Half16<T>::EXP) != Half16<T>::EXP; }
 __device__ __forceinline__ bool is_finite(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
 __device__ __forceinline__ bool is_finite(double x) {
     return (__double_as_longlong(x) & 0x7ff0000000000000LL) != 0x7ff0000000000000LL;
 }
 
-// Whether any element of a [ROWS][D_TILE] tile in shared memory (row stride LD) is NaN or inf. Every
-// thread of the block calls it (it ends with a block-wide vote).
-template <int ROWS, int D_TILE, int LD, int THREADS, typename A>
-__device__ __forceinline__ bool tile_has_nonfinite_acc(const A* tile) {
-    bool bad = false;
-    for (int idx = threadIdx.x; idx < ROWS * D_TILE; idx += THREADS) bad |= !is_finite(tile[(idx / D_TILE) * LD + idx % D_TILE]);
-    return __syncthreads_or(bad);
-}

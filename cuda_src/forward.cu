@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
         check_tile(kind, var, softmax_step);
         __syncwarp();  // the TPR threads of a row share its p through shared memory
 
-        if (needs_mask && tile_has_nonfinite_acc<BLOCK_N, D_TILE, LD, THREADS>(sV)) {
+        if (Var::hides_keys && needs_mask && rows_nonfinite(p.v_nonfinite, p.seqlen_k, p.nheads / p.group, b, hk, n0, BLOCK_N)) {
             for (int n = 0; n < BLOCK_N; ++n) {  // masked keys' values must not reach this row
                 const A pr = sP[r * (BLOCK_N + 1) + n];
                 if (is_masked_zero(pr)) continue;

@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         });
 
         if constexpr (Var::hides_keys) {
-            if (needs_mask && tile_has_nonfinite<BLOCK_N, D_TILE, LD, BlockVote<THREADS>>(cV)) {
+            if (needs_mask && rows_nonfinite(p.v_nonfinite, p.seqlen_k, p.nheads / p.group, b, hk, n0, BLOCK_N)) {
                 gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, PaddedTile<T, LD>{cV}, lane);
             } else {
                 gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);

@@ -33,7 +33,6 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     constexpr int BLOCK_M = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64, NT = BLOCK_N / 8, DT = D_TILE / 8;
     constexpr int Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;
     static_assert(D_TILE % 64 == 0 && BLOCK_N % 16 == 0, "tile shape");
-    using Vote = ConsumerVote<CONSUMERS>;
 
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;  // swizzle atoms: 1024-aligned
@@ -150,7 +149,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
 
                     mbar_wait(v_full + stage, parity);
                     if (Var::hides_keys && needs_mask &&
-                        tile_has_nonfinite<BLOCK_N * CHUNKS, 64, 64, Vote>(v_buf)) {
+                        rows_nonfinite(f.v_nonfinite, f.seqlen_k, f.nheads / f.group, w.b, w.h / f.group, n0, BLOCK_N)) {
                         gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{v_buf}, lane);
                     } else {
                         unsigned p_regs[NT * 2];  // p in the A layout of wgmma: consecutive pairs of s

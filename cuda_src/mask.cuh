@@ -17,12 +17,17 @@ enum TileKind : int { SKIP, INTERIOR, EDGE, EDGE_UNMASKED };
 // A bool mask's cell: every entry false, every entry true, or both (mask_cells.cu classifies them).
 enum CellKind : unsigned char { CELL_HIDDEN, CELL_VISIBLE, CELL_MIXED };
 
-// A vote among the THREADS threads of a block (every thread takes part).
-template <int THREADS> struct BlockVote {
-    static constexpr int threads = THREADS;
-    __device__ static int rank() { return threadIdx.x; }
-    __device__ static bool any(bool x) { return __syncthreads_or(x); }
-};
+// Whether rows [row0, row0 + rows) of head h of sequence b hold NaN or inf, by the RowFlags of
+// nonfinite.cu (a byte per 16 rows). Asked only by the tiles that hide some keys from some rows: the
+// guarded products then keep masked pairs out (mma.cuh).
+__device__ __forceinline__ bool rows_nonfinite(const unsigned char* flags, int seqlen, int heads, int b, int h,
+                                               int row0, int rows) {
+    const int chunks = (seqlen + 15) / 16, last = min(chunks, (row0 + rows + 15) / 16);
+    const unsigned char* f = flags + ((i64)b * heads + h) * chunks;
+    bool bad = false;
+    for (int c = row0 / 16; c < last; ++c) bad |= f[c] != 0;
+    return bad;
+}
 
 __device__ __forceinline__ float tanh_approx(float x) {
     float t;

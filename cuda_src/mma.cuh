@@ -169,25 +169,8 @@ __device__ __forceinline__ void gemm_rn(float (&acc)[N / 8][4], const float (&p)
 // bfloat16 products of 2^100 x 2^100 that overflow float32 to +inf / -inf (NaN reaches both, and
 // inf - inf = NaN).
 
-template <typename T> struct Half16;
-template <> struct Half16<half_t> { static constexpr unsigned EXP = 0x7c00u; };
-template <> struct Half16<bfloat16_t> { static constexpr unsigned EXP = 0x7f80u; };
-
 template <typename T> __device__ __forceinline__ bool nonfinite16(unsigned h) {
     return (h & Half16<T>::EXP) == Half16<T>::EXP;
-}
-
-// Whether any element of a 16-bit [ROWS][D_TILE] tile in shared memory (row stride LD) is NaN or inf.
-// Every thread of the Vote's group calls it (it ends with a vote).
-template <int ROWS, int D_TILE, int LD, typename Vote, typename T>
-__device__ __forceinline__ bool tile_has_nonfinite(const T* tile) {
-    bool bad = false;
-    constexpr int PAIRS = D_TILE / 2;
-    for (int idx = Vote::rank(); idx < ROWS * PAIRS; idx += Vote::threads) {
-        const unsigned x = *reinterpret_cast<const unsigned*>(tile + (idx / PAIRS) * LD + (idx % PAIRS) * 2);
-        bad |= nonfinite16<T>(x & 0xffffu) || nonfinite16<T>(x >> 16);
-    }
-    return Vote::any(bad);
 }
 
 // Per 16-bit half of a B fragment register: the value if finite, else 0; and the bfloat16 codes

@@ -27,12 +27,28 @@ struct Strides {
     i64 b, s, h;
 };
 
+// Which rows of a (batch, seqlen, heads, headdim) tensor hold NaN or inf: a byte per 16 rows of each head
+// (nonfinite.cu), read by the tiles that hide some keys from some rows (mask.cuh, rows_nonfinite).
+struct RowFlags {
+    const void* x;
+    Strides st;
+    int seqlen, heads;
+    unsigned char* flags;  // (batch, heads, ceil(seqlen / 16))
+};
+
+// One launch of nonfinite.cu flags up to three tensors of one dtype and head dimension.
+struct NonfiniteParams {
+    RowFlags tensors[3];
+    int count, batch, headdim;
+};
+
 struct FwdParams {
     const void* q;
     const void* k;
     const void* v;
     void* out;
     void* lse;  // (batch, nheads, seqlen_q), accumulation type
+    const unsigned char* v_nonfinite;  // rows of v holding NaN or inf (RowFlags), for variants that hide keys
     Strides q_st, k_st, v_st, o_st;
     int seqlen_q, seqlen_k, headdim, nheads, group;  // group: query heads per kv head
     double scale;
@@ -67,6 +83,7 @@ struct DecodeParams {
 struct BwdParams {
     FwdParams fwd;  // q, k, v, out (read), lse, sizes, scale and the variant
     const void* dout;
+    const unsigned char *q_nonfinite, *k_nonfinite, *do_nonfinite;  // RowFlags, for variants that hide keys
     void* delta;  // (batch, nheads, seqlen_q) = rowsum(dout * out), accumulation type
     void* dq;
     void* dk;

@@ -144,19 +144,3 @@ template <typename Tile> struct Shifted {
     int col0;
     __device__ __forceinline__ auto at(int row, int col) const { return tile.at(row, col0 + col); }
 };
-
-// ---- votes among the consumer warpgroups (threads [128, 128 + THREADS) of the block) on named barrier 1,
-// which the producer warpgroup never joins.
-template <int THREADS> struct ConsumerVote {
-    static constexpr int threads = THREADS;
-    __device__ static int rank() { return threadIdx.x - 128; }
-    __device__ static bool any(bool x) {
-        unsigned r;
-        asm volatile(
-            "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n barrier.cta.red.or.pred q, 1, %2, p;\n selp.u32 %0, 1, 0, q;\n}"
-            : "=r"(r)
-            : "r"((unsigned)x), "n"(THREADS)
-            : "memory");
-        return r != 0;
-    }
-};

@@ -140,8 +140,12 @@ VARIANT_PARAMS = np.dtype([
     ("cell_log2", "i4"),
     ("dbias", "u8"), ("dbias_sb", "i8"), ("dbias_sh", "i8"), ("dbias_sq", "i8"), ("dbias_sk", "i8"),
 ], align=True)
+ROW_FLAGS = np.dtype([("x", "u8"), ("st", _STRIDES), ("seqlen", "i4"), ("heads", "i4"), ("flags", "u8")],
+                     align=True)
+NONFINITE_PARAMS = np.dtype([("tensors", ROW_FLAGS, (3,)), ("count", "i4"), ("batch", "i4"), ("headdim", "i4")],
+                            align=True)
 FWD_PARAMS = np.dtype([
-    ("q", "u8"), ("k", "u8"), ("v", "u8"), ("out", "u8"), ("lse", "u8"),
+    ("q", "u8"), ("k", "u8"), ("v", "u8"), ("out", "u8"), ("lse", "u8"), ("v_nonfinite", "u8"),
     ("q_st", _STRIDES), ("k_st", _STRIDES), ("v_st", _STRIDES), ("o_st", _STRIDES),
     ("seqlen_q", "i4"), ("seqlen_k", "i4"), ("headdim", "i4"), ("nheads", "i4"), ("group", "i4"),
     ("scale", "f8"), ("var", VARIANT_PARAMS),
@@ -157,7 +161,8 @@ DECODE_PARAMS = np.dtype([
     ("batch", "i4"), ("num_splits", "i4"), ("keys_per_split", "i4"), ("part_out", "u8"), ("part_lse", "u8"),
 ], align=True)
 BWD_PARAMS = np.dtype([
-    ("fwd", FWD_PARAMS), ("dout", "u8"), ("delta", "u8"), ("dq", "u8"), ("dk", "u8"), ("dv", "u8"),
+    ("fwd", FWD_PARAMS), ("dout", "u8"), ("q_nonfinite", "u8"), ("k_nonfinite", "u8"), ("do_nonfinite", "u8"),
+    ("delta", "u8"), ("dq", "u8"), ("dk", "u8"), ("dv", "u8"),
     ("do_st", _STRIDES), ("dq_st", _STRIDES), ("dk_st", _STRIDES), ("dv_st", _STRIDES), ("batch", "i4"),
 ], align=True)
 _BWD_SM90_TAIL = 512 + BWD_PARAMS.itemsize  # after four tensor maps and the BwdParams
@@ -244,9 +249,29 @@ def _classify_mask(spec, var, device_id):
     return cells
 
 
-def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None):
+def _flag_nonfinite(var_type, spec, device_id, *tensors):
+    """For a variant that hides keys: the RowFlags (a uint8 array) of each (array, seqlen, heads) of
+    `tensors` (at most three, of one dtype), flagged in one launch (nonfinite.cu); else Nones."""
+    if not _plan.hides_keys(var_type):
+        return (None,) * len(tensors)
+    flags = [_empty((spec.batch, heads, -(-seqlen // _plan.NONFINITE_ROWS)), np.uint8) for _, seqlen, heads in tensors]
+    chunks = max(f.size for f in flags)
+    if chunks:
+        launch = _plan.nonfinite_rows(spec.dtype.name, _aligned(*(x for x, _, _ in tensors)))
+        rows = [(x.data.ptr, _strides(x), seqlen, heads, f.data.ptr) for (x, seqlen, heads), f in zip(tensors, flags)]
+        rows += [(0, (0, 0, 0), 0, 0, 0)] * (3 - len(rows))
+        p = _struct(NONFINITE_PARAMS, (rows, len(tensors), spec.batch, spec.headdim))
+        _launch(launch, (math.ceil(chunks / launch.block_rows), len(tensors), 1), p, device_id)
+    return flags
+
+
+def _ptr(x):
+    return 0 if x is None else x.data.ptr
+
+
+def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None, v_nonfinite=None):
     """FwdParams' values; without arrays (the mask classifier) only the sizes and the variant."""
-    ptrs = tuple(0 if x is None else x.data.ptr for x in (q, k, v, out, lse))
+    ptrs = tuple(_ptr(x) for x in (q, k, v, out, lse, v_nonfinite))
     strides = tuple((0, 0, 0) if x is None else _strides(x) for x in (q, k, v, out))
     return (*ptrs, *strides, spec.seqlen_q, spec.seqlen_k, spec.headdim, spec.nheads, spec.group, spec.scale,
             _values(VARIANT_PARAMS, var))
@@ -261,7 +286,8 @@ def forward(q, k, v, spec):
         out = spec.empty(_empty, q.shape, q.dtype)
         lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), compute_dtype(q.dtype))
         var_type, var, _mask_cells = _variant(spec, device_id)
-        fwd = _fwd_values(spec, var, q, k, v, out, lse)
+        v_nonfinite, = _flag_nonfinite(var_type, spec, device_id, (v, spec.seqlen_k, spec.nheads_kv))
+        fwd = _fwd_values(spec, var, q, k, v, out, lse, v_nonfinite)
         dtype = q.dtype.name
         if dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
             launch = _plan.forward_sm90(dtype, spec.headdim, var_type)
@@ -311,9 +337,11 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
             var["dbias_sb"], var["dbias_sh"], var["dbias_sq"], var["dbias_sk"] = _elements(view)
 
         fwd = _fwd_values(spec, var, q, k, v, out, lse)
+        flags = _flag_nonfinite(var_type, spec, device_id, (q, spec.seqlen_q, spec.nheads),
+                                (k, spec.seqlen_k, spec.nheads_kv), (dout, spec.seqlen_q, spec.nheads))
 
         def bwd_values(delta):
-            return (fwd, dout.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr, dv.data.ptr,
+            return (fwd, dout.data.ptr, *(_ptr(f) for f in flags), delta.data.ptr, dq.data.ptr, dk.data.ptr, dv.data.ptr,
                     *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
 
         if _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, q, k, v, dout):

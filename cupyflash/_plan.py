@@ -16,6 +16,7 @@ SMEM_LIMITS = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9)
 DEFAULT_SMEM_LIMIT = 99 * 1024  # newer or unknown parts: the smallest of the supported ones
 
 C_TYPES = {"float16": "half_t", "bfloat16": "bfloat16_t", "float32": "float", "float64": "double"}
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
 
 
@@ -48,6 +49,12 @@ def variant(features=0, mask_dtype="bool"):
 def _features(var):
     """The FEATURES of a `variant()` type."""
     return int(var[len("Variant<"):var.index(",")])
+
+
+def hides_keys(var):
+    """Whether a variant may hide a key from a row that multiplies its data (Variant::hides_keys): its
+    kernels then read which rows hold NaN or inf (nonfinite_rows)."""
+    return bool(_features(var) & (WINDOW | BOOL_MASK | BIAS))
 
 
 def headdim_tile(headdim):
@@ -269,6 +276,17 @@ def mask_cells():
     return Launch("mask_cells.cu", "classify_mask_cells", 1, 128, 0)
 
 
+#: Rows per flag of nonfinite.cu (RowFlags in params.cuh).
+NONFINITE_ROWS = 16
+
+
+def nonfinite_rows(dtype, vector):
+    """The kernel that flags rows holding NaN or inf (nonfinite.cu) for variants that hide keys: a warp per
+    NONFINITE_ROWS rows of a head, 16-byte loads when `vector`."""
+    vec = 16 // _ITEMSIZE[dtype] if vector else 1
+    return Launch("nonfinite.cu", f"flag_nonfinite_rows<{C_TYPES[dtype]}, {vec}>", 8, 256, 0)  # 8 flags a block
+
+
 def dropout_mask():
     """The kernel of `cupyflash.dropout_mask(..., xp=cupy)`: one thread per Philox call."""
     return Launch("dropout_mask.cu", "dropout_mask_kernel", 1, 256, 0)
@@ -308,4 +326,5 @@ def covering_launches():
     decodes = [launch for dtype in ("float16", "bfloat16", "float32") for rows, var in ((1, plain), (16, decode_features))
                for launch in decode(dtype, 128 if rows == 1 else 256, rows, var)]
     decodes = list({launch.name: launch for launch in decodes}.values())
-    return [*seen.values(), *sm90_launches, *decodes, mask_cells(), dropout_mask()]
+    flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]
+    return [*seen.values(), *sm90_launches, *decodes, *flags, mask_cells(), dropout_mask()]

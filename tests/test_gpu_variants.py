@@ -197,6 +197,31 @@ def test_masked_values_never_reach_a_row(dtype):
     assert np.isfinite(out.astype(np.float64)).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("headdim", [64, 5])  # 16-byte loads; one element at a time
+def test_nonfinite_row_flags(dtype, headdim):
+    """nonfinite.cu flags exactly the 16-row groups of each head that hold NaN or inf, in strided tensors too."""
+    from types import SimpleNamespace
+
+    from cupyflash import _cuda_backend, _plan
+
+    batch, seqlen, heads = 2, 75, 3
+    x = RNG.standard_normal((batch, seqlen, heads, headdim)).astype(dtype)
+    for value in (np.nan, np.inf, -np.inf):
+        for _ in range(4):
+            x[tuple(RNG.integers(0, n) for n in x.shape)] = value
+    spec = SimpleNamespace(batch=batch, headdim=headdim, dtype=np.dtype(dtype))
+    device_x = to_device(np.ascontiguousarray(x.transpose(2, 0, 1, 3))).transpose(1, 2, 0, 3)  # heads slowest
+    flags, = _cuda_backend._flag_nonfinite(_plan.variant(_plan.WINDOW), spec, 0, (device_x, seqlen, heads))
+    bad = ~np.isfinite(x.astype(np.float64)).all(axis=3)  # (batch, seqlen, heads)
+    chunks = -(-seqlen // 16)
+    padded = np.zeros((batch, 16 * chunks, heads), bool)
+    padded[:, :seqlen] = bad
+    want = padded.reshape(batch, chunks, 16, heads).any(axis=2).transpose(0, 2, 1)
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(flags.get().astype(bool), want)
+
+
 def _gradients(q, k, v, dout, **kw):
     q, k, v, dout = (to_device(x) for x in (q, k, v, dout))
     kw = _device(kw)

@@ -13,7 +13,8 @@ from cupyflash import _cuda_backend  # noqa: E402
 
 STRUCTS = {"VariantParams": _cuda_backend.VARIANT_PARAMS, "FwdParams": _cuda_backend.FWD_PARAMS,
            "BwdParams": _cuda_backend.BWD_PARAMS, "FwdParamsSm90": _cuda_backend.FWD_PARAMS_SM90,
-           "DecodeParams": _cuda_backend.DECODE_PARAMS, "BwdParamsSm90": _cuda_backend.BWD_PARAMS_SM90}
+           "DecodeParams": _cuda_backend.DECODE_PARAMS, "BwdParamsSm90": _cuda_backend.BWD_PARAMS_SM90,
+           "RowFlags": _cuda_backend.ROW_FLAGS, "NonfiniteParams": _cuda_backend.NONFINITE_PARAMS}
 
 
 @pytest.mark.gpu
@@ -39,7 +40,7 @@ def test_every_c_field_is_mirrored():
     """Each struct field in params.cuh has a NumPy field of the same name, in the same order."""
     text = _cuda_backend.source("params.cuh")
     for struct, dtype in STRUCTS.items():
-        body = re.sub(r"//[^\n]*", "", re.search(r"struct %s \{(.*?)\n\};" % struct, text, re.S).group(1))
+        body = re.sub(r"//[^\n]*|\[\w*\]", "", re.search(r"struct %s \{(.*?)\n\};" % struct, text, re.S).group(1))
         names = []
         for decl in filter(None, (" ".join(d.split()) for d in body.split(";"))):
             first, *rest = decl.split(",")  # "type name1, name2"
