@@ -507,14 +507,22 @@ class GpuBackend:
         self.torch = torch_module
 
     def measure(self, fn: Callable, repeats: int, warmup: int) -> tuple[float, int]:
-        # Peak memory.  After free_all_blocks() the CuPy pool holds exactly the
-        # live arrays (the case's inputs plus this implementation's setup), so
-        # total_bytes() == used_bytes().  The pool reuses its cached blocks
-        # before asking the device for more and never hands memory back on its
-        # own, so after one call total_bytes() is the call's high-water mark of
-        # simultaneously live bytes (rounded up to the pool's 512-byte unit).
-        # Torch allocates through its own caching allocator: its peak
-        # (max_memory_allocated, reset here) is added.
+        return self.measure_pair([fn], repeats, warmup)[0]
+
+    def measure_pair(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, int]]:
+        """(ms per call, peak bytes) of each function, their timed batches interleaved (a batch of
+        each in turn, `repeats` rounds), so that the clock's drift over the run weighs on all alike."""
+        peaks = [self.peak_bytes(fn) for fn in fns]
+        return list(zip(self.times_per_call(fns, repeats, warmup), peaks))
+
+    def peak_bytes(self, fn: Callable) -> int:
+        # After free_all_blocks() the CuPy pool holds exactly the live arrays (the
+        # case's inputs plus this implementation's setup), so total_bytes() ==
+        # used_bytes().  The pool reuses its cached blocks before asking the device
+        # for more and never hands memory back on its own, so after one call
+        # total_bytes() is the call's high-water mark of simultaneously live bytes
+        # (rounded up to the pool's 512-byte unit).  Torch allocates through its own
+        # caching allocator: its peak (max_memory_allocated, reset here) is added.
         self.cleanup()
         if self.torch is not None:
             self.torch.cuda.reset_peak_memory_stats()
@@ -523,22 +531,22 @@ class GpuBackend:
         peak = self.pool.total_bytes()
         if self.torch is not None:
             peak += self.torch.cuda.max_memory_allocated()
-        return self.time_per_call(fn, repeats, warmup), peak
+        return peak
 
     #: Each timed batch of back-to-back calls lasts at least this long on the GPU.
     BATCH_SECONDS = 5e-3
 
-    def time_per_call(self, fn: Callable, repeats: int, warmup: int) -> float:
-        """Milliseconds per call, the median over `repeats` batches of back-to-back calls after
-        `warmup` calls: within a batch the host prepares a call while the GPU runs the one
-        before, as in a training or serving loop and in the FA2 protocol's timer
-        (torch.utils.benchmark), so a call costs max(host, GPU) time. Torch runs on the legacy
-        default stream, which is also CuPy's current stream, so the events bracket its kernels
-        too."""
+    def times_per_call(self, fns: list[Callable], repeats: int, warmup: int) -> list[float]:
+        """Milliseconds per call of each function, the median over `repeats` batches of
+        back-to-back calls after `warmup` calls: within a batch the host prepares a call while
+        the GPU runs the one before, as in a training or serving loop and in the FA2 protocol's
+        timer (torch.utils.benchmark), so a call costs max(host, GPU) time. Torch runs on the
+        legacy default stream, which is also CuPy's current stream, so the events bracket its
+        kernels too."""
         stream = self.xp.cuda.get_current_stream()
         start, end = self.xp.cuda.Event(), self.xp.cuda.Event()
 
-        def batch(calls):
+        def batch(fn, calls):
             start.record(stream)
             for _ in range(calls):
                 fn()
@@ -546,10 +554,12 @@ class GpuBackend:
             end.synchronize()
             return self.xp.cuda.get_elapsed_time(start, end) * 1e-3 / calls
 
-        for _ in range(warmup):
-            fn()
-        calls = max(1, min(50, math.ceil(self.BATCH_SECONDS / batch(1))))
-        return float(np.median([batch(calls) for _ in range(repeats)])) * 1e3
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        calls = [max(1, min(50, math.ceil(self.BATCH_SECONDS / batch(fn, 1)))) for fn in fns]
+        times = [[batch(fn, n) for fn, n in zip(fns, calls)] for _ in range(repeats)]
+        return [float(np.median(column)) * 1e3 for column in zip(*times)]
 
     def cleanup(self):
         self.pool.free_all_blocks()
@@ -569,19 +579,30 @@ class CpuBackend:
     xp = np
 
     def measure(self, fn: Callable, repeats: int, warmup: int) -> tuple[float, int]:
-        for _ in range(warmup):
-            fn()
+        return self.measure_pair([fn], repeats, warmup)[0]
+
+    def measure_pair(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, int]]:
+        """(ms per call, peak bytes) of each function, their timed calls interleaved."""
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        peaks = [self.peak_bytes(fn) for fn in fns]
+        times = [[self._seconds(fn) for fn in fns] for _ in range(repeats)]
+        return [(float(np.median(column)) * 1e3, peak) for column, peak in zip(zip(*times), peaks)]
+
+    @staticmethod
+    def peak_bytes(fn: Callable) -> int:
         # tracemalloc is tracing since before the inputs were created and NumPy
         # reports its buffers to it, so the peak includes inputs and setup.
         tracemalloc.reset_peak()
         fn()
-        peak = tracemalloc.get_traced_memory()[1]
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times)) * 1e3, peak
+        return tracemalloc.get_traced_memory()[1]
+
+    @staticmethod
+    def _seconds(fn: Callable) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
 
     def cleanup(self):
         pass
@@ -645,19 +666,26 @@ def load_torch():
 
 def run_case(impl: str, case: Case, inputs: dict, backend, repeats: int, warmup: int) -> Result:
     """Time one implementation on one case; OOM and unsupported cases become a status."""
+    return run_cases([(impl, case)], inputs, backend, repeats, warmup)[0]
+
+
+def run_cases(runs: list[tuple[str, Case]], inputs: dict, backend, repeats: int, warmup: int) -> list[Result]:
+    """Time (implementation, case) runs on the same inputs with their batches interleaved; an OOM
+    or unsupported run makes every result of the group that status."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch explains every backend it rejects
-            ms, peak = backend.measure(builder(impl)(case, inputs), repeats, warmup)
-        result = Result("ok", ms, case.flops / (ms * 1e-3) / 1e12, peak,
-                        gbps=case.kv_bytes / (ms * 1e-3) / 1e9 if case.mode == "decode" else None)
+            measured = backend.measure_pair([builder(impl)(case, inputs) for impl, case in runs], repeats, warmup)
+        results = [Result("ok", ms, case.flops / (ms * 1e-3) / 1e12, peak,
+                          gbps=case.kv_bytes / (ms * 1e-3) / 1e9 if case.mode == "decode" else None)
+                   for (_, case), (ms, peak) in zip(runs, measured)]
     except Unsupported as exc:
-        result = Result("n/a", error=str(exc))
+        results = [Result("n/a", error=str(exc))] * len(runs)
     except Exception as exc:
         status = "OOM" if backend.is_oom(exc) else "n/a"
-        result = Result(status, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        results = [Result(status, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])] * len(runs)
     backend.cleanup()  # after the except block, so the traceback's arrays are gone
-    return result
+    return results
 
 
 def build_cases(modes, causals, headdims, seqlens, dtype, batch, nheads, nheads_kv, variants=(None,)) -> list[Case]:
@@ -709,19 +737,24 @@ def describe(case: Case) -> str:
 
 def sweep(cases, impls, backend, repeats, warmup) -> list[dict[str, Result]]:
     rows = []
-    plain = {}  # one plain measurement per shape, shared by the variants run at it
     with progress(len(cases) * len(impls)) as step:
         for case in cases:
             inputs = make_inputs(case, backend.xp)
             row = {}
-            if PLAIN in impls:  # first, so that its peak memory leaves out the variant's arrays
+            if PLAIN in impls:
+                # The variant against plain attention at its shape, their batches interleaved: the
+                # ratio is the target. Plain's peak memory is taken before the variant's arrays exist.
                 step(f"{PLAIN} {describe(case)}")
-                if case.plain not in plain:
-                    plain[case.plain] = run_case(PLAIN, case.plain, inputs, backend, repeats, warmup)
-                row[PLAIN] = plain[case.plain]
-            inputs.update(variant_inputs(case, backend.xp))
+                plain_peak = backend.peak_bytes(builder(PLAIN)(case.plain, inputs))
+                backend.cleanup()
+                inputs.update(variant_inputs(case, backend.xp))
+                step(f"cupyflash {describe(case)}")
+                row[PLAIN], row["cupyflash"] = run_cases([(PLAIN, case.plain), ("cupyflash", case)], inputs, backend,
+                                                         repeats, warmup)
+                if row[PLAIN].status == "ok":
+                    row[PLAIN].peak_bytes = plain_peak
             for impl in impls:
-                if impl != PLAIN:
+                if impl not in row:
                     step(f"{impl} {describe(case)}")
                     row[impl] = run_case(impl, case, inputs, backend, repeats, warmup)
             rows.append(row)
