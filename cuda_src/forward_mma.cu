@@ -64,11 +64,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
 
         // scores -> probabilities; the masked version only where the variant says a tile needs it
         const bool needs_mask = kind != INTERIOR;
-        float alpha[MT][2];
         check_tile(kind, var, [&](auto check, const Var& v) {
-            softmax_tile<decltype(check)::value>(v, s, alpha, stats, row0, n0, tq, scale_log2);
+            softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, WordsOnDemand{});
         });
-        rescale_o(o, alpha);
 
         if constexpr (Var::hides_keys) {
             if (needs_mask && rows_nonfinite(p.v_nonfinite, p.seqlen_k, p.nheads / p.group, b, hk, n0, BLOCK_N)) {

@@ -4,15 +4,12 @@
 // each block has three warpgroups:
 //   producer   (warpgroup 0; one thread issues)  q once, then the K and V tiles of the band into a ring
 //              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier)
-//   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile t:
-//       in its turn:  s = q k^T             of tile t         wgmma, both operands in shared memory
-//                     o = o + p v           of tile t - 1     wgmma, p from registers
-//       under p v:    score, online softmax, dropout of t     softmax_tile (softmax.cuh) on the s fragments;
-//                                                            element masks only on EDGE tiles
-//       then:         o = o * alpha
-//     The warpgroups take turns to issue their products (named barriers, ping-pong), so that one's
-//     softmax runs while the other's products keep the tensor cores busy. A K buffer goes back to the
-//     producer once its s is computed, a V buffer once its p v is.
+//   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile:
+//       s = q k^T                    wgmma, both operands in shared memory
+//       score, online softmax        softmax_tile (softmax.cuh) on the s fragments; element masks only on
+//       and dropout                  the tiles the variant classifies as EDGE
+//       o = o * alpha + p v          wgmma, p from registers
+//     then hand the buffer back to the producer.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
 // ends of the tensors arrive as zeros.
 #include "common.cuh"
@@ -31,22 +28,6 @@ struct WorkTile {
         : m0((query_tiles - 1 - tile / (nheads * batch)) * block_m), h(tile % nheads), b(tile / nheads % batch) {}
 };
 
-// Ping-pong between the two consumer warpgroups on named barriers 2 and 3 (both warpgroups count): a
-// warpgroup waits for its turn, issues its products and hands the turn over.
-struct Turns {
-    int wg;
-    __device__ __forceinline__ void begin() const { named_barrier<256>(2 + wg); }
-    __device__ __forceinline__ void end() const { named_barrier_arrive<256>(3 - wg); }
-};
-
-// o += p v for a key tile: p (the probabilities, in the A layout of wgmma) from registers, v in shared memory.
-template <typename T, int BLOCK_N, int D_TILE>
-__device__ __forceinline__ void issue_pv(float (&o)[D_TILE / 2], const unsigned (&p)[BLOCK_N / 4], const T* v) {
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-        wgmma_rs<T, D_TILE>(o, reinterpret_cast<const unsigned(&)[4]>(p[4 * kk]), desc_n_major(v, kk, BLOCK_N * 128), 1);
-}
-
 template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
     constexpr int BLOCK_M = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64, NT = BLOCK_N / 8, DT = D_TILE / 8;
@@ -62,8 +43,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* q_free = q_full + Q_STAGES;  // [Q_STAGES]: every consumer thread arrives
     unsigned long long* k_full = q_free + Q_STAGES;  // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
-    unsigned long long* k_free = v_full + STAGES;  // [STAGES]: every consumer thread arrives
-    unsigned long long* v_free = k_free + STAGES;  // [STAGES]
+    unsigned long long* kv_free = v_full + STAGES; // [STAGES]: every consumer thread arrives
 
     const FwdParams& f = p.fwd;
     const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M, tiles = query_tiles * f.nheads * p.batch;
@@ -76,8 +56,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
-            mbar_init(k_free + s, CONSUMERS);
-            mbar_init(v_free + s, CONSUMERS);
+            mbar_init(kv_free + s, CONSUMERS);
         }
         mbar_fence_init();
     }
@@ -106,14 +85,13 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                              q_full + q_slot);
                 ++q_step;
                 for (int t = t_first; t < t_last; ++t, ++kv_step) {
-                    const int stage = kv_step % STAGES, n0 = t * BLOCK_N, free_parity = (kv_step / STAGES - 1) & 1;
+                    const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
+                    if (kv_step >= STAGES) mbar_wait(kv_free + stage, (kv_step / STAGES - 1) & 1);
                     T* k_buf = sK + stage * KV_ELEMS;
                     T* v_buf = sV + stage * KV_ELEMS;
-                    if (kv_step >= STAGES) mbar_wait(k_free + stage, free_parity);
                     mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, n0, hk, w.b, k_full + stage);
-                    if (kv_step >= STAGES) mbar_wait(v_free + stage, free_parity);
                     mbar_expect_tx(v_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(v_buf + c * BLOCK_N * 64, p.tma_v, c * 64, n0, hk, w.b, v_full + stage);
@@ -124,8 +102,6 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         // ---- consumers
         regs_claim<232>();
         const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
-        const Turns turns{wg};
-        if (wg == 1) turns.end();  // warpgroup 0 takes the first turn
         int kv_step = 0, q_step = 0;
         for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
@@ -143,11 +119,6 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             const int q_slot = q_step % Q_STAGES;
             const T* q_rows = sQ + q_slot * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
             if (t_last > t_first) mbar_wait(q_full + q_slot, (q_step / Q_STAGES) & 1);
-            // A tile's p v waits for the next tile's turn (or the flush after the last tile): p_regs holds
-            // its probabilities, pending_step its kv_step (-1: none). Control flow is the same in both
-            // warpgroups (tile kinds and flags are the block's), so their turns pair up.
-            unsigned p_regs[NT * 2];
-            int pending_step = -1;
             for (int t = t_first; t < t_last; ++t, ++kv_step) {
                 const int stage = kv_step % STAGES, parity = (kv_step / STAGES) & 1, n0 = t * BLOCK_N;
                 const T* k_buf = sK + stage * KV_ELEMS;
@@ -157,77 +128,48 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 mbar_wait(k_full + stage, parity);
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-                TileKind kind;
-                float alpha[1][2];
-                // In its turn the warpgroup issues s = q k^T, then the pending p v; the softmax of s runs
-                // while p v (and the other warpgroup's products) are in flight, and o is rescaled after.
-                // Each instance waits for all of its products: no accumulator is in flight where the two
-                // control paths meet.
-                auto step = [&](auto with_pv) {
-                    constexpr bool PV = decltype(with_pv)::value;
-                    const int pv_stage = pending_step % STAGES;
-                    if (PV) mbar_wait(v_full + pv_stage, (pending_step / STAGES) & 1);
-                    turns.begin();
-                    if (PV) fence_regs(o_regs);
-                    wgmma_fence();
-                    wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, k_buf);
-                    wgmma_commit();
-                    if constexpr (PV) {
-                        issue_pv<T, BLOCK_N, D_TILE>(o_regs, p_regs, sV + pv_stage * KV_ELEMS);
-                        wgmma_commit();
-                    }
-                    turns.end();
-                    // The classification (which reads a bool mask's cells) overlaps the products; a skipped
-                    // tile's scores are dropped. The dropout words are drawn where the softmax needs them.
-                    kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
-                    wgmma_wait<PV ? 1 : 0>();
-                    fence_regs(s_regs);
-                    mbar_arrive(k_free + stage);
-                    if (t == t_last - 1) mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
-                    if (kind != SKIP)
-                        check_tile(kind, var, [&](auto check, const Var& v) {
-                            softmax_tile<decltype(check)::value>(v, s, alpha, stats, row0, n0, tq, scale_log2);
-                        });
-                    if constexpr (PV) {
-                        wgmma_wait<0>();
-                        fence_regs(o_regs);
-                        mbar_arrive(v_free + pv_stage);
-                    }
-                };
-                if (pending_step >= 0)
-                    step(Bool<true>());
-                else
-                    step(Bool<false>());
-                pending_step = -1;
+                wgmma_fence();
+                wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, k_buf);
+                wgmma_commit();
+                // The classification (which reads a bool mask's cells) and the dropout words overlap the
+                // product; a skipped tile's scores are dropped.
+                const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
+                TileWords<1, NT> words;
+                if constexpr (Var::dropout) {
+                    words.draw(var, row0, n0, tq);
+                    fence_regs(reinterpret_cast<unsigned(&)[sizeof(words) / 4]>(words));  // drawn before the wait
+                }
+                wgmma_wait<0>();
+                fence_regs(s_regs);
                 if (kind != SKIP) {
-                    rescale_o(o, alpha);
-                    if (Var::hides_keys && kind != INTERIOR &&
+                    const bool needs_mask = kind != INTERIOR;
+                    check_tile(kind, var, [&](auto check, const Var& v) {
+                        softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, words);
+                    });
+
+                    mbar_wait(v_full + stage, parity);
+                    if (Var::hides_keys && needs_mask &&
                         rows_nonfinite(f.v_nonfinite, f.seqlen_k, f.nheads / f.group, w.b, w.h / f.group, n0, BLOCK_N)) {
-                        mbar_wait(v_full + stage, parity);
                         gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{v_buf}, lane);
-                        mbar_arrive(v_free + stage);
                     } else {
+                        unsigned p_regs[NT * 2];  // p in the A layout of wgmma: consecutive pairs of s
 #pragma unroll
                         for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<T>(s_regs[2 * i], s_regs[2 * i + 1]);
-                        pending_step = kv_step;
+                        fence_regs(o_regs);
+                        wgmma_fence();
+#pragma unroll
+                        for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+                            wgmma_rs<T, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
+                                                desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
+                        wgmma_commit();
+                        wgmma_wait<0>();
+                        fence_regs(o_regs);
                     }
                 } else {
                     mbar_wait(v_full + stage, parity);
-                    mbar_arrive(v_free + stage);
                 }
-            }
-            if (pending_step >= 0) {  // the last tile's p v
-                const int stage = pending_step % STAGES;
-                mbar_wait(v_full + stage, (pending_step / STAGES) & 1);
-                turns.begin();
-                fence_regs(o_regs);
-                wgmma_fence();
-                issue_pv<T, BLOCK_N, D_TILE>(o_regs, p_regs, sV + stage * KV_ELEMS);
-                wgmma_commit();
-                turns.end();
-                wgmma_wait<0>();
-                fence_regs(o_regs);
-                mbar_arrive(v_free + stage);
+                if (t == t_last - 1) mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
+                mbar_arrive(kv_free + stage);
             }
             if (t_last > t_first) ++q_step;
 

@@ -70,10 +70,6 @@ __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy
 template <int THREADS> __device__ __forceinline__ void named_barrier(int id) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(THREADS) : "memory");
 }
-// Arrives at a named barrier without waiting: other threads' bar.sync on it counts these THREADS.
-template <int THREADS> __device__ __forceinline__ void named_barrier_arrive(int id) {
-    asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(THREADS) : "memory");
-}
 
 // ---- register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__(n, 1))
 template <int REGS> __device__ __forceinline__ void regs_release() {
@@ -119,6 +115,11 @@ __device__ __forceinline__ void wgmma_nt(float (&acc)[N / 2], const T* a, const 
 template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// And of values that must be computed before such a point (work placed under a product).
+template <int N> __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 // Shared-memory address of element (row, col) of a 128-byte-swizzled tile of `rows` rows per chunk.

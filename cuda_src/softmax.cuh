@@ -49,18 +49,46 @@ template <typename A> struct OnlineSoftmax {
     }
 };
 
+// The dropout words of softmax_tile: one Philox call per row and 64-column group of the key tile (row
+// row0 + 16 mt + 8 r, column n0 + 64 gi + 2 tq). TileWords draws them all at once, under the product of
+// the tile (the Hopper kernel); WordsOnDemand draws each where softmax_tile needs it, which keeps fewer
+// registers live (the mma.sync kernel).
+template <int MT, int NT> struct TileWords {
+    static constexpr int GROUPS = (NT + 7) / 8;
+    unsigned w[MT][2][GROUPS][4];
+
+    template <typename Var> __device__ __forceinline__ void draw(const Var& var, int row0, int n0, int tq) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int gi = 0; gi < GROUPS; ++gi) var.random_words(row0 + 16 * mt + 8 * r, n0 + 64 * gi + 2 * tq, w[mt][r][gi]);
+    }
+    template <typename Var>
+    __device__ __forceinline__ void get(const Var&, int mt, int r, int gi, int, int, unsigned (&out)[4]) const {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) out[k] = w[mt][r][gi][k];
+    }
+};
+
+struct WordsOnDemand {
+    template <typename Var>
+    __device__ __forceinline__ void get(const Var& var, int, int, int, int row, int col, unsigned (&out)[4]) const {
+        var.random_words(row, col, out);
+    }
+};
+
 // One key tile of the tensor-core forward kernels, on mma / wgmma accumulator fragments: MT slabs of
 // 16 rows (rows row0 + 16 mt + g and + 8), NT 8-column tiles of scores starting at column n0 (element e
-// of tile j is column n0 + 8 j + 2 tq + e % 2). Scores become probabilities in place, the row statistics
-// absorb the tile, and alpha is the factor by which o must be rescaled (rescale_o; it does not touch o,
-// which may still be the target of a product in flight). With dropout the dropped probabilities become
-// zero, by one Philox call per row and 64-column group of the tile, drawn where they are used (fewer live
-// registers); the kept ones are scaled by 1 / (1 - p) at the end, with 1 / l.
+// of tile j is column n0 + 8 j + 2 tq + e % 2), DT 8-column tiles of o. Scores become probabilities in
+// place, o is rescaled, the row statistics absorb the tile. With dropout the probabilities that `words`
+// (TileWords or WordsOnDemand) drop become zero; the kept ones are scaled by 1 / (1 - p) at the end, with 1 / l.
 // CHECK: element masks (tiles the variant classifies as EDGE).
-template <bool CHECK, int MT, int NT, typename Var>
-__device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][4], float (&alpha)[MT][2],
+template <bool CHECK, int MT, int NT, int DT, typename Var, typename Words>
+__device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][4], float (&o)[MT][DT][4],
                                              OnlineSoftmax<float> (&stats)[MT][2], int row0, int n0, int tq,
-                                             float scale_log2) {
+                                             float scale_log2, const Words& words) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
@@ -72,8 +100,13 @@ __device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][
                 s[mt][j][e] = var.template score<CHECK, true>(s[mt][j][e], scale_log2, row, col);
                 tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
             }
+        float alpha[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) alpha[mt][r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]));
+        for (int r = 0; r < 2; ++r) alpha[r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]));
+#pragma unroll
+        for (int j = 0; j < DT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[e / 2];
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -87,7 +120,7 @@ __device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][
 #pragma unroll
                 for (int gi = 0; gi < (NT + 7) / 8; ++gi) {
                     unsigned w[4];
-                    var.random_words(row0 + 16 * mt + 8 * r, n0 + 64 * gi + 2 * tq, w);
+                    words.get(var, mt, r, gi, row0 + 16 * mt + 8 * r, n0 + 64 * gi + 2 * tq, w);
 #pragma unroll
                     for (int j = 8 * gi; j < NT && j < 8 * gi + 8; ++j)
 #pragma unroll
@@ -100,15 +133,4 @@ __device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][
                 }
         }
     }
-}
-
-// o *= alpha, row by row (alpha from softmax_tile).
-template <int MT, int DT>
-__device__ __forceinline__ void rescale_o(float (&o)[MT][DT][4], const float (&alpha)[MT][2]) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < DT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[mt][e / 2];
 }
