@@ -866,12 +866,17 @@ def format_variant_table(cases, rows, targets) -> str:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout the bench runs from, with "-dirty" when tracked files differ from it (the
+    figures then belong to no commit)."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here, capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.returncode != 0 else "")
 
 
 def environment(backend, torch_module) -> dict[str, Any]:
