@@ -26,8 +26,9 @@ kernels are held to.
 
 FLOPs: 4 * batch * nheads * seqlen_q * seqlen_k * headdim for the forward,
 halved when causal, only the visible band for a sliding window; backward =
-2.5x and fwd+bwd = 3.5x the forward.  Times are the median of CUDA-event
-timings after warm-up.  Without a GPU the NumPy backend is compared with
+2.5x and fwd+bwd = 3.5x the forward.  Times per call are the median over
+batches of back-to-back calls timed with CUDA events after warm-up (a variant
+and its plain case in interleaved batches).  Without a GPU the NumPy backend is compared with
 naive NumPy attention at small sizes.  --decode times attention_with_kvcache with
 one query token per sequence against a full cache (the peers attend the same
 keys), in GB/s of keys and values read.
