@@ -13,6 +13,7 @@
 // the block's own tile (key rows in dK/dV, query rows in dQ).
 #include "common.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "softmax.cuh"
 
 // One warp per (batch, head, query row).

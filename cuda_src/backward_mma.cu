@@ -15,6 +15,7 @@
 //   s = q k^T, dp = dout v^T, dx (and dbias += ds), dq += dx k
 #include "common.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "mma.cuh"
 
 template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, typename Var, bool ALIGNED>

@@ -21,6 +21,7 @@
 // guarded products (mma.cuh) instead.
 #include "common.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "softmax.cuh"
 #include "mma.cuh"
 #include "sm90.cuh"

@@ -1,6 +1,8 @@
-// Split-KV decoding (flash-decoding) for attention_with_kvcache: a few query rows against a long cache.
+// Split-KV decoding (flash-decoding) for attention_with_kvcache on CUDA cores, for float32 caches (16-bit
+// caches take decode_mma.cu): a few query rows against a long cache.
 //
-// flash_decode: one block per (split, kv head, sequence). Its rows are the GQA group's query heads
+// flash_decode: one block per (split, kv head, sequence); a split is a share of the band of keys that some
+// row may see (key_begin, key_end in mask.cuh). Its rows are the GQA group's query heads
 // times seqlen_q (at most ROWS), so each key and value row read from the cache serves all of them.
 // Per tile of 128 keys of the split:
 //   scores    thread j: key j's dot products with every row (16-byte loads of its row, found through
@@ -8,11 +10,27 @@
 //   softmax   warp w: the running max and sum of rows w, w + 4, ... (OnlineSoftmax); probabilities in place
 //   o += p v  thread t: 8-column chunks of o over the tile's keys; a masked probability (-0.0) skips its
 //             value, so data a row cannot see never reaches it
-// Each split writes its normalised o and its lse in float32; flash_decode_combine merges the splits by
-// their lse with cupyflash.merge_attention's rule.
-#include "common.cuh"
-#include "mask.cuh"
+// With one split the block writes out and lse; otherwise each split writes its normalised o and its lse in
+// float32, and the last split of a (sequence, kv head) to finish merges them (decode.cuh). kvcache_append
+// writes a call's new rows into the cache before.
+#include "decode.cuh"
 #include "softmax.cuh"
+
+// The in-place append: one block per (new row, kv head, sequence) copies that row of k_new and of v_new to
+// position cache_seqlens[b] + row of the caches, moving raw bits (U: the unsigned type of the dtype's size).
+template <typename U> __global__ void __launch_bounds__(128) kvcache_append(const __grid_constant__ DecodeParams p) {
+    const FwdParams& f = p.fwd;
+    const int i = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int key = (p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen) + i;
+    U* k = static_cast<U*>(const_cast<void*>(f.k)) + cache_row(p, f.k_st, b, key) + hk * f.k_st.h;
+    U* v = static_cast<U*>(const_cast<void*>(f.v)) + cache_row(p, f.v_st, b, key) + hk * f.v_st.h;
+    const U* kn = static_cast<const U*>(p.k_new) + b * p.kn_st.b + (i64)i * p.kn_st.s + hk * p.kn_st.h;
+    const U* vn = static_cast<const U*>(p.v_new) + b * p.vn_st.b + (i64)i * p.vn_st.s + hk * p.vn_st.h;
+    for (int d = threadIdx.x; d < f.headdim; d += blockDim.x) {
+        k[d] = kn[d];
+        v[d] = vn[d];
+    }
+}
 
 __device__ __forceinline__ void load16(const void* p, unsigned (&w)[4]) {
     asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
@@ -56,8 +74,9 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
     __shared__ float s_m[ROWS], s_l[ROWS], s_alpha[ROWS];  // running max and sum of each row, this tile's factor
 
     const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid % 32;
-    const int seqlen_k = p.seqlens_k[b], rows = f.group * f.seqlen_q;
-    const int begin = split * p.keys_per_split, end = min(seqlen_k, begin + p.keys_per_split);
+    const int seqlen_k = decode_seqlen(p, b), rows = f.group * f.seqlen_q;
+    const int begin = Var(f, b, hk * f.group, seqlen_k).key_begin(0) + split * p.keys_per_split;
+    const int end = min(seqlen_k, begin + p.keys_per_split);
     const float scale_log2 = float(f.scale) * float(LOG2E);
     // Row r is query position r % seqlen_q of query head hk * group + r / seqlen_q.
     auto head = [&](int r) { return hk * f.group + r / f.seqlen_q; };
@@ -91,10 +110,8 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
         // ---- scores: thread tid takes key n0 + tid
         const int key = n0 + tid;
         if (key < end) {
-            const int page = p.block_table ? p.block_table[b * p.table_stride + key / p.page_size] : b;
-            const i64 row = key % p.page_size;
-            const T* k_row = static_cast<const T*>(f.k) + page * f.k_st.b + row * f.k_st.s + hk * f.k_st.h;
-            s_vrow[tid] = page * f.v_st.b + row * f.v_st.s + hk * f.v_st.h;
+            const T* k_row = static_cast<const T*>(f.k) + cache_row(p, f.k_st, b, key) + hk * f.k_st.h;
+            s_vrow[tid] = cache_row(p, f.v_st, b, key) + hk * f.v_st.h;
             float dot[ROWS];
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) dot[r] = 0.f;
@@ -173,42 +190,32 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
         __syncthreads();  // sp and s_vrow are refilled by the next tile
     }
 
+    const bool direct = p.num_splits == 1;
     const i64 split_row0 = (i64)split * p.batch * f.nheads * f.seqlen_q;  // (split, b, h, i) rows
 #pragma unroll
     for (int q = 0; q < PAIRS; ++q) {
         const int idx = tid + q * THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
         if (r < rows && c * 8 < f.headdim) {
             const float l = s_l[r], inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // NaN stays NaN
-            float* dst = p.part_out +
-                         (split_row0 + ((i64)b * f.nheads + head(r)) * f.seqlen_q + r % f.seqlen_q) * f.headdim + c * 8;
+            const i64 out_row = ((i64)b * f.nheads + head(r)) * f.seqlen_q + r % f.seqlen_q;  // (b, h, i)
+            if (direct) {
+                T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)(r % f.seqlen_q) * f.o_st.s + head(r) * f.o_st.h + c * 8;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) dst[e] = o[q][e] * inv_l;
+                for (int e = 0; e < 8; ++e) dst[e] = from_acc<T>(o[q][e] * inv_l);
+            } else {
+                float* dst = p.part_out + (split_row0 + out_row) * f.headdim + c * 8;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) dst[e] = o[q][e] * inv_l;
+            }
         }
     }
-    if (tid < rows)
-        p.part_lse[split_row0 + ((i64)b * f.nheads + head(tid)) * f.seqlen_q + tid % f.seqlen_q] =
-            row_stats(tid).lse(s_l[tid]);
-}
-
-// One block per (b, h, i) query row: out and lse from the splits' normalised outputs and lses.
-template <typename T> __global__ void __launch_bounds__(128) flash_decode_combine(const __grid_constant__ DecodeParams p) {
-    const FwdParams& f = p.fwd;
-    const int row = blockIdx.x, i = row % f.seqlen_q, h = row / f.seqlen_q % f.nheads, b = row / f.seqlen_q / f.nheads;
-    const i64 split_rows = (i64)p.batch * f.nheads * f.seqlen_q;
-    float m = neg_inf<float>();
-    for (int s = 0; s < p.num_splits; ++s) m = fmax(m, p.part_lse[s * split_rows + row]);
-    const float m_safe = is_finite(m) ? m : 0.f;  // every split -inf (or +inf): no m - m = NaN
-    float total = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) total += expf(p.part_lse[s * split_rows + row] - m_safe);
-    T* out = static_cast<T*>(f.out) + b * f.o_st.b + (i64)i * f.o_st.s + h * f.o_st.h;
-    for (int d = threadIdx.x; d < f.headdim; d += blockDim.x) {
-        float acc = 0.f;
-        for (int s = 0; s < p.num_splits; ++s) {
-            // no split saw the row: weight 0 (out 0); NaN and inf carry through the arithmetic
-            const float w = total == 0.f ? 0.f : expf(p.part_lse[s * split_rows + row] - m_safe) / total;
-            acc += w * p.part_out[(s * split_rows + row) * f.headdim + d];
-        }
-        out[d] = from_acc<T>(acc);
+    if (tid < rows) {
+        const float lse = row_stats(tid).lse(s_l[tid]);
+        const i64 out_row = ((i64)b * f.nheads + head(tid)) * f.seqlen_q + tid % f.seqlen_q;
+        if (direct)
+            static_cast<float*>(f.lse)[out_row] = lse;
+        else
+            p.part_lse[split_row0 + out_row] = lse;
     }
-    if (threadIdx.x == 0) static_cast<float*>(f.lse)[row] = total == 0.f ? m : m_safe + logf(total);
+    if (!direct) merge_splits_if_last<T, THREADS / 32>(p, b, hk);
 }

@@ -7,6 +7,7 @@
 // units), l (running sum) and the output accumulator o live in registers.
 #include "common.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "softmax.cuh"
 
 template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int THREADS, typename Var>

@@ -12,6 +12,7 @@
 // overlaps the arithmetic on tile t. Rows are padded by 16 bytes so ldmatrix is conflict-free.
 #include "common.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "softmax.cuh"
 #include "mma.cuh"
 

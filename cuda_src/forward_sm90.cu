@@ -14,6 +14,7 @@
 // ends of the tensors arrive as zeros.
 #include "common.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "softmax.cuh"
 #include "mma.cuh"
 #include "sm90.cuh"

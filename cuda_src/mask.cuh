@@ -1,31 +1,57 @@
-// The variants of the score, for every kernel: which tiles a row needs (tile ranges), whether a tile
-// needs element-wise visibility at all, and per element the visibility, the transformed score (with
-// its derivative for the backward) and the dropout bits. Its NumPy twin is cupyflash/_variants.py;
-// the rules are docs/variants.md.
+// The variants of the score, for every kernel: what they read (VariantParams), which tiles a row needs
+// (tile ranges), whether a tile needs element-wise visibility at all, and per element the visibility, the
+// transformed score (with its derivative for the backward) and the dropout bits. Its NumPy twin is
+// cupyflash/_variants.py, which also maps a call to its Feature bits and VariantParams members; the host
+// reads enum Feature, VariantParams and NONFINITE_ROWS from this file (cupyflash/_csource.py), so a new
+// variant is a change here and there (docs/variants.md, "Adding a variant", with the rules).
 //
 // A kernel takes one Variant type as a template argument; FEATURES is a bit set of the features
 // compiled in, so the plain kernel (FEATURES = 0) contains none of this code.
 #pragma once
 #include "common.cuh"
-#include "params.cuh"
 #include "philox.cuh"
 
 enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32 };
+
+// What the variants read, a member of every pass's parameters (params.cuh). A tensor at pointer x has its
+// element strides along (batch, heads, queries, keys) in x_sb, x_sh, x_sq, x_sk, zero where it broadcasts.
+struct VariantParams {
+    int window_left, window_right;  // -1: unbounded on that side (causal: right = 0)
+    double softcap;                 // > 0 with the SOFTCAP feature
+    double dropout_scale;           // 1 / (1 - dropout_p)
+    unsigned dropout_threshold;     // keep a probability when its 8-bit random value is >= this
+    unsigned seed_lo, seed_hi;      // Philox key
+    int batch_offset;               // dropout draws the bits of batch index batch_offset + b
+    const float* alibi;             // slope of (b, h) at alibi[b * alibi_sb + h * alibi_sh]
+    i64 alibi_sb, alibi_sh;
+    const void* mask;               // bool (1 byte) or float mask
+    i64 mask_sb, mask_sh, mask_sq, mask_sk;
+    unsigned char* mask_cells;      // a bool mask's CellKind per cell of 2^cell_log2 queries x keys (mask_cells.cu),
+    i64 cells_sb, cells_sh, cells_sq, cells_sk;  // zero strides where the mask broadcasts
+    int cell_log2;
+    void* dbias;                    // backward: accumulation buffer of the bias gradient (zero strides where
+    i64 dbias_sb, dbias_sh, dbias_sq, dbias_sk;  // the mask broadcasts), in the accumulation type
+};
+
 // What a tile needs: nothing (SKIP), no element checks (INTERIOR), element checks (EDGE), or element checks
 // of the bounds and the window alone (EDGE_UNMASKED: a bool mask shows every element of it).
 enum TileKind : int { SKIP, INTERIOR, EDGE, EDGE_UNMASKED };
 // A bool mask's cell: every entry false, every entry true, or both (mask_cells.cu classifies them).
 enum CellKind : unsigned char { CELL_HIDDEN, CELL_VISIBLE, CELL_MIXED };
 
+// Rows per NaN/inf flag of RowFlags (params.cuh), written by nonfinite.cu.
+constexpr int NONFINITE_ROWS = 16;
+
 // Whether rows [row0, row0 + rows) of head h of sequence b hold NaN or inf, by the RowFlags of
-// nonfinite.cu (a byte per 16 rows). Asked only by the tiles that hide some keys from some rows: the
-// guarded products then keep masked pairs out (mma.cuh).
+// nonfinite.cu. Asked only by the tiles that hide some keys from some rows: the guarded products then
+// keep masked pairs out (mma.cuh).
 __device__ __forceinline__ bool rows_nonfinite(const unsigned char* flags, int seqlen, int heads, int b, int h,
                                                int row0, int rows) {
-    const int chunks = (seqlen + 15) / 16, last = min(chunks, (row0 + rows + 15) / 16);
+    const int chunks = (seqlen + NONFINITE_ROWS - 1) / NONFINITE_ROWS,
+              last = min(chunks, (row0 + rows + NONFINITE_ROWS - 1) / NONFINITE_ROWS);
     const unsigned char* f = flags + ((i64)b * heads + h) * chunks;
     bool bad = false;
-    for (int c = row0 / 16; c < last; ++c) bad |= f[c] != 0;
+    for (int c = row0 / NONFINITE_ROWS; c < last; ++c) bad |= f[c] != 0;
     return bad;
 }
 
@@ -56,19 +82,23 @@ struct Variant {
     unsigned seed_lo, seed_hi, threshold;
     int batch_offset;
 
-    __device__ Variant(const FwdParams& p, int b_, int h_) : Variant(p, b_, h_, p.seqlen_k) {}
-    // Sequence b has seqlen_k_ keys of its own (a KV cache's sequences differ in length).
-    __device__ Variant(const FwdParams& p, int b_, int h_, int seqlen_k_)
-        : seqlen_q(p.seqlen_q), seqlen_k(seqlen_k_), offset(seqlen_k_ - p.seqlen_q),
-          left(window ? p.var.window_left : -1), right(window ? p.var.window_right : -1), b(b_), h(h_),
-          cap(p.var.softcap), dropout_scale(p.var.dropout_scale),
-          slope(alibi ? p.var.alibi[b_ * p.var.alibi_sb + h_ * p.var.alibi_sh] : 0.f),
-          mask(masks_everywhere ? static_cast<const MaskT*>(p.var.mask) + b_ * p.var.mask_sb + h_ * p.var.mask_sh
-                                : nullptr),
-          mask_sq(p.var.mask_sq), mask_sk(p.var.mask_sk),
-          cells(bool_mask ? p.var.mask_cells + b_ * p.var.cells_sb + h_ * p.var.cells_sh : nullptr),
-          cells_sq(p.var.cells_sq), cells_sk(p.var.cells_sk), cell_log2(p.var.cell_log2), seed_lo(p.var.seed_lo), seed_hi(p.var.seed_hi),
-          threshold(p.var.dropout_threshold), batch_offset(p.var.batch_offset) {}
+    // Sequence b has seqlen_k_ keys (a KV cache's sequences differ in length).
+    __device__ Variant(const VariantParams& v, int seqlen_q_, int seqlen_k_, int b_, int h_)
+        : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), offset(seqlen_k_ - seqlen_q_),
+          left(window ? v.window_left : -1), right(window ? v.window_right : -1), b(b_), h(h_),
+          cap(v.softcap), dropout_scale(v.dropout_scale),
+          slope(alibi ? v.alibi[b_ * v.alibi_sb + h_ * v.alibi_sh] : 0.f),
+          mask(masks_everywhere ? static_cast<const MaskT*>(v.mask) + b_ * v.mask_sb + h_ * v.mask_sh : nullptr),
+          mask_sq(v.mask_sq), mask_sk(v.mask_sk),
+          cells(bool_mask ? v.mask_cells + b_ * v.cells_sb + h_ * v.cells_sh : nullptr),
+          cells_sq(v.cells_sq), cells_sk(v.cells_sk), cell_log2(v.cell_log2), seed_lo(v.seed_lo), seed_hi(v.seed_hi),
+          threshold(v.dropout_threshold), batch_offset(v.batch_offset) {}
+    // From a pass's parameters (params.cuh): their variant and sequence lengths, or seqlen_k_ keys of its own.
+    template <typename Params>
+    __device__ Variant(const Params& p, int b_, int h_) : Variant(p.var, p.seqlen_q, p.seqlen_k, b_, h_) {}
+    template <typename Params>
+    __device__ Variant(const Params& p, int b_, int h_, int seqlen_k_)
+        : Variant(p.var, p.seqlen_q, seqlen_k_, b_, h_) {}
 
     // ---- tile ranges (bounds and window): [begin, end) of keys that rows [m0, m1) may see, and of
     // queries that may see keys [n0, n1). Tiles outside are skipped, not masked.

@@ -4,6 +4,7 @@
 // (Variant::tile_kind) then reads a few of these bytes per tile instead of the tile's entries. Along an
 // axis the mask broadcasts (stride 0) there is one cell, of one entry.
 #include "mask.cuh"
+#include "params.cuh"
 
 // Grid: (cells of one slice, the mask's heads, the mask's batches); p.var holds the mask and the cells.
 __global__ void __launch_bounds__(128) classify_mask_cells(const __grid_constant__ FwdParams p) {

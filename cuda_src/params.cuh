@@ -1,45 +1,29 @@
-// One parameter struct per pass, passed by value. cupyflash/_cuda_backend.py mirrors each as a
-// NumPy structured dtype with C alignment; tests/test_params.py checks every offset with NVRTC.
+// One parameter struct per pass, passed by value. The host reads these declarations (and VariantParams of
+// mask.cuh) into NumPy structured dtypes with the C layout (cupyflash/_csource.py), so members are declared
+// only here, within what that reader takes: scalars, pointers, fixed arrays and structs of these files.
+// tests/test_params.py checks every offset against the compilers' layout.
 #pragma once
 #include "common.cuh"
-
-// What the variants of the score read (cuda_src/mask.cuh interprets it).
-struct VariantParams {
-    int window_left, window_right;  // -1: unbounded on that side (causal: right = 0)
-    double softcap;                 // > 0 with the SOFTCAP feature
-    double dropout_scale;           // 1 / (1 - dropout_p)
-    unsigned dropout_threshold;     // keep a probability when its 8-bit random value is >= this
-    unsigned seed_lo, seed_hi;      // Philox key
-    int batch_offset;               // dropout draws the bits of batch index batch_offset + b
-    const float* alibi;             // slope of (b, h) at alibi[b * alibi_sb + h * alibi_sh]
-    i64 alibi_sb, alibi_sh;
-    const void* mask;               // bool (1 byte) or float mask, broadcast by zero strides
-    i64 mask_sb, mask_sh, mask_sq, mask_sk;
-    unsigned char* mask_cells;      // a bool mask's CellKind per cell of 2^cell_log2 queries x keys (mask_cells.cu),
-    i64 cells_sb, cells_sh, cells_sq, cells_sk;  // zero strides where the mask broadcasts
-    int cell_log2;
-    void* dbias;                    // backward: accumulation buffer of the bias gradient (zero strides where
-    i64 dbias_sb, dbias_sh, dbias_sq, dbias_sk;  // the mask broadcasts), in the accumulation type
-};
+#include "mask.cuh"
 
 // Element strides of a (batch, seqlen, heads, headdim) tensor whose last axis is contiguous.
 struct Strides {
     i64 b, s, h;
 };
 
-// Which rows of a (batch, seqlen, heads, headdim) tensor hold NaN or inf: a byte per 16 rows of each head
-// (nonfinite.cu), read by the tiles that hide some keys from some rows (mask.cuh, rows_nonfinite).
+// Which rows of a (batch, seqlen, heads, headdim) tensor hold NaN or inf: a byte per NONFINITE_ROWS rows of
+// each head (nonfinite.cu), read by the tiles that hide some keys from some rows (mask.cuh, rows_nonfinite).
 struct RowFlags {
     const void* x;
     Strides st;
     int seqlen, heads;
-    unsigned char* flags;  // (batch, heads, ceil(seqlen / 16))
+    unsigned char* flags;  // (batch, heads, ceil(seqlen / NONFINITE_ROWS))
 };
 
-// One launch of nonfinite.cu flags up to three tensors of one dtype and head dimension.
+// One launch of nonfinite.cu flags up to three tensors of one dtype and head dimension, one per grid row.
 struct NonfiniteParams {
     RowFlags tensors[3];
-    int count, batch, headdim;
+    int batch, headdim;
 };
 
 struct FwdParams {
@@ -67,17 +51,24 @@ struct FwdParamsSm90 {
     int batch;
 };
 
-// Split-KV decoding over a KV cache (decode.cu). fwd.k and fwd.v are the caches, their batch stride the
-// page stride; fwd.seqlen_k is unused (each sequence has its own length).
+// Split-KV decoding over a KV cache (decode.cu, decode_mma.cu) and its in-place append (decode.cu). fwd.k and
+// fwd.v are the caches, their batch stride the page stride; fwd.seqlen_k is unused (each sequence has its own
+// length). Sequence b holds (cache_seqlens ? cache_seqlens[b] : cache_seqlen) + seqlen_new keys once the new rows
+// k_new, v_new (batch, seqlen_new, nheads_kv, headdim) are appended after its cached ones.
 struct DecodeParams {
     FwdParams fwd;
-    const int* seqlens_k;    // (batch,): keys of each sequence
+    const int* cache_seqlens;  // (batch,) rows cached before the append, or nullptr: cache_seqlen for each
+    int cache_seqlen, seqlen_new;
+    const void* k_new;
+    const void* v_new;
+    Strides kn_st, vn_st;
     const int* block_table;  // (batch, table_stride) page ids; nullptr: sequence b is page b
     i64 table_stride;
     int page_size;           // rows per page (a contiguous cache: its length)
-    int batch, num_splits, keys_per_split;  // split s of a sequence: keys [s * keys_per_split, ...)
+    int batch, num_splits, keys_per_split;  // split s of a sequence: keys [s * keys_per_split, ...) of its band
     float* part_out;         // (num_splits, batch, nheads, seqlen_q, headdim) per-split outputs, normalised
     float* part_lse;         // (num_splits, batch, nheads, seqlen_q), natural log
+    unsigned* split_counters;  // (batch, nheads_kv), zeroed: splits of a (sequence, kv head) done so far
 };
 
 struct BwdParams {

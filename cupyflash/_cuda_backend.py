@@ -1,52 +1,27 @@
 """Kernel cache and launch for CuPy arrays.
 
-Sources in `cuda_src/` are compiled at first use with NVRTC through `cupy.RawModule`, one
-template instantiation per module (so a process only compiles what it runs), kept per process
-here and on disk by CuPy's kernel cache. Each pass takes one parameter struct (`cuda_src/params.cuh`)
-built here as a NumPy structured scalar. Launches go to CuPy's current stream on the arrays'
-device, outputs come from CuPy's memory pool, and nothing synchronizes the device.
+Sources in `cuda_src/` (`_csource.source`) are compiled at first use with NVRTC through
+`cupy.RawModule`, one template instantiation per module (so a process only compiles what it runs),
+kept per process here and on disk by CuPy's kernel cache. Each pass takes one parameter struct
+(`cuda_src/params.cuh`), built here as a NumPy structured scalar of the dtype read from its C
+declaration; a call's variant fills its VariantParams from `_variants.kernel_variant`. Launches go
+to CuPy's current stream on the arrays' device, outputs come from CuPy's memory pool, and nothing
+synchronizes the device.
 """
 import functools
 import math
 import os
-import re
+import typing
+import weakref
 
 import cupy
 import numpy as np
 
-from . import _philox, _plan, _tma
+from . import _csource, _plan, _tma, _variants
+from ._csource import source
 from ._validate import compute_dtype
 
-_SOURCE_DIRS = (
-    os.path.join(os.path.dirname(__file__), "cuda_src"),                  # installed package
-    os.path.join(os.path.dirname(os.path.dirname(__file__)), "cuda_src"),  # source checkout
-)
-_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
 _MAX_GRID_YZ = 65535
-
-
-def _source_dir():
-    for path in _SOURCE_DIRS:
-        if os.path.isdir(path):
-            return path
-    raise RuntimeError(f"cupyflash: CUDA sources not found in {' or '.join(_SOURCE_DIRS)}")
-
-
-@functools.lru_cache(maxsize=None)
-def source(filename):
-    """The file with its local includes inlined (each once), so CuPy's disk cache, which
-    hashes the code it is given, sees every line the kernel depends on."""
-    seen = set()
-
-    def expand(name):
-        if name in seen:
-            return ""
-        seen.add(name)
-        with open(os.path.join(_source_dir(), name)) as f:
-            text = f.read().replace("#pragma once\n", "")
-        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
-
-    return expand(filename)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,50 +103,19 @@ def _aligned(*arrays):
                for x in arrays)
 
 
-# ---- parameter structs: NumPy mirrors of cuda_src/params.cuh (C alignment; tests/test_params.py
-# checks every offset against NVRTC's layout).
-_STRIDES = np.dtype([("b", "i8"), ("s", "i8"), ("h", "i8")], align=True)
-VARIANT_PARAMS = np.dtype([
-    ("window_left", "i4"), ("window_right", "i4"), ("softcap", "f8"), ("dropout_scale", "f8"),
-    ("dropout_threshold", "u4"), ("seed_lo", "u4"), ("seed_hi", "u4"), ("batch_offset", "i4"),
-    ("alibi", "u8"), ("alibi_sb", "i8"), ("alibi_sh", "i8"),
-    ("mask", "u8"), ("mask_sb", "i8"), ("mask_sh", "i8"), ("mask_sq", "i8"), ("mask_sk", "i8"),
-    ("mask_cells", "u8"), ("cells_sb", "i8"), ("cells_sh", "i8"), ("cells_sq", "i8"), ("cells_sk", "i8"),
-    ("cell_log2", "i4"),
-    ("dbias", "u8"), ("dbias_sb", "i8"), ("dbias_sh", "i8"), ("dbias_sq", "i8"), ("dbias_sk", "i8"),
-], align=True)
-ROW_FLAGS = np.dtype([("x", "u8"), ("st", _STRIDES), ("seqlen", "i4"), ("heads", "i4"), ("flags", "u8")],
-                     align=True)
-NONFINITE_PARAMS = np.dtype([("tensors", ROW_FLAGS, (3,)), ("count", "i4"), ("batch", "i4"), ("headdim", "i4")],
-                            align=True)
-FWD_PARAMS = np.dtype([
-    ("q", "u8"), ("k", "u8"), ("v", "u8"), ("out", "u8"), ("lse", "u8"), ("v_nonfinite", "u8"),
-    ("q_st", _STRIDES), ("k_st", _STRIDES), ("v_st", _STRIDES), ("o_st", _STRIDES),
-    ("seqlen_q", "i4"), ("seqlen_k", "i4"), ("headdim", "i4"), ("nheads", "i4"), ("group", "i4"),
-    ("scale", "f8"), ("var", VARIANT_PARAMS),
-], align=True)
-FWD_PARAMS_SM90 = np.dtype({
-    "names": ["tma_q", "tma_k", "tma_v", "fwd", "batch"],
-    "formats": [_tma.TENSOR_MAP] * 3 + [FWD_PARAMS, "i4"],
-    "offsets": [0, 128, 256, 384, 384 + FWD_PARAMS.itemsize],
-    "itemsize": -(-(388 + FWD_PARAMS.itemsize) // 64) * 64,  # TensorMap is 64-byte aligned
-})
-DECODE_PARAMS = np.dtype([
-    ("fwd", FWD_PARAMS), ("seqlens_k", "u8"), ("block_table", "u8"), ("table_stride", "i8"), ("page_size", "i4"),
-    ("batch", "i4"), ("num_splits", "i4"), ("keys_per_split", "i4"), ("part_out", "u8"), ("part_lse", "u8"),
-], align=True)
-BWD_PARAMS = np.dtype([
-    ("fwd", FWD_PARAMS), ("dout", "u8"), ("q_nonfinite", "u8"), ("k_nonfinite", "u8"), ("do_nonfinite", "u8"),
-    ("delta", "u8"), ("dq", "u8"), ("dk", "u8"), ("dv", "u8"),
-    ("do_st", _STRIDES), ("dq_st", _STRIDES), ("dk_st", _STRIDES), ("dv_st", _STRIDES), ("batch", "i4"),
-], align=True)
-_BWD_SM90_TAIL = 512 + BWD_PARAMS.itemsize  # after four tensor maps and the BwdParams
-BWD_PARAMS_SM90 = np.dtype({
-    "names": ["tma_q", "tma_k", "tma_v", "tma_do", "bwd", "lse_log2", "dq_accum", "rows", "head_tile"],
-    "formats": [_tma.TENSOR_MAP] * 4 + [BWD_PARAMS, "u8", "u8", "i4", "i4"],
-    "offsets": [0, 128, 256, 384, 512, _BWD_SM90_TAIL, _BWD_SM90_TAIL + 8, _BWD_SM90_TAIL + 16, _BWD_SM90_TAIL + 20],
-    "itemsize": -(-(_BWD_SM90_TAIL + 24) // 64) * 64,  # TensorMap is 64-byte aligned
-})
+# ---- parameter structs: NumPy dtypes read from their declarations in cuda_src/params.cuh
+def _params_dtype(name):
+    return _csource.struct_dtype(source("params.cuh"), name)
+
+
+VARIANT_PARAMS = _params_dtype("VariantParams")
+ROW_FLAGS = _params_dtype("RowFlags")
+NONFINITE_PARAMS = _params_dtype("NonfiniteParams")
+FWD_PARAMS = _params_dtype("FwdParams")
+FWD_PARAMS_SM90 = _params_dtype("FwdParamsSm90")
+DECODE_PARAMS = _params_dtype("DecodeParams")
+BWD_PARAMS = _params_dtype("BwdParams")
+BWD_PARAMS_SM90 = _params_dtype("BwdParamsSm90")
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,7 +131,10 @@ def _struct(dtype, values):
 
 
 def _values(dtype, fields):
-    """The values of a flat struct in field order from a {field: value} dict; absent fields are 0."""
+    """The values of a flat struct in field order from a {field: value} dict; absent fields are 0, and a
+    name the struct lacks is an error (a misspelt member would otherwise be dropped)."""
+    if not fields.keys() <= dtype.fields.keys():
+        raise KeyError(f"cupyflash: no parameter struct member {sorted(fields.keys() - dtype.fields.keys())}")
     return tuple(fields.get(name, 0) for name in dtype.names)
 
 
@@ -201,34 +148,25 @@ def _elements(x):
 
 
 def _variant(spec, device_id):
-    """The kernel's Variant type, the VariantParams fields of a spec ({name: value}), and the cells of
+    """The kernel's Variant type, the VariantParams members of a spec ({name: value}), and the cells of
     a bool mask (classified on the device; they must stay referenced until the call's launches are
     queued)."""
-    features = 0
-    left, right = spec.window
-    var = {"window_left": left, "window_right": right}
-    if spec.has_window:
-        features |= _plan.WINDOW
-    if spec.softcap > 0:
-        features |= _plan.SOFTCAP
-        var["softcap"] = spec.softcap
-    if spec.alibi_slopes is not None:
-        features |= _plan.ALIBI
-        var["alibi"] = spec.alibi_slopes.data.ptr
-        var["alibi_sb"], var["alibi_sh"] = _elements(spec.alibi_slopes)
-    mask_dtype = "bool"
-    if spec.attn_mask is not None:
-        features |= _plan.BOOL_MASK if spec.mask_kind == "bool" else _plan.BIAS
-        mask_dtype = np.dtype(spec.attn_mask.dtype).name
-        var["mask"] = spec.attn_mask.data.ptr
-        var["mask_sb"], var["mask_sh"], var["mask_sq"], var["mask_sk"] = _elements(spec.attn_mask)
-    if spec.dropout:
-        features |= _plan.DROPOUT
-        var["dropout_scale"] = 1.0 / (1.0 - spec.dropout_p)
-        var["dropout_threshold"] = _philox.threshold(spec.dropout_p)
-        var["seed_lo"], var["seed_hi"] = _philox.split_seed(spec.dropout_seed)
-        var["batch_offset"] = spec.batch_offset
+    features, mask_dtype, fields = _variants.kernel_variant(spec)
+    var = _variant_params(fields)
     return _plan.variant(features, mask_dtype), var, _classify_mask(spec, var, device_id)
+
+
+def _variant_params(fields):
+    """VariantParams members from {name: value}: an array gives member `name` its device pointer and the
+    members name_sb, name_sh, name_sq, name_sk (as many as it has axes) its element strides."""
+    var = {}
+    for name, value in fields.items():
+        if isinstance(value, cupy.ndarray):
+            var[name] = value.data.ptr
+            var.update(zip((f"{name}_s{axis}" for axis in "bhqk"), _elements(value)))
+        else:
+            var[name] = value
+    return var
 
 
 def _classify_mask(spec, var, device_id):
@@ -260,7 +198,7 @@ def _flag_nonfinite(var_type, spec, device_id, *tensors):
         launch = _plan.nonfinite_rows(spec.dtype.name, _aligned(*(x for x, _, _ in tensors)))
         rows = [(x.data.ptr, _strides(x), seqlen, heads, f.data.ptr) for (x, seqlen, heads), f in zip(tensors, flags)]
         rows += [(0, (0, 0, 0), 0, 0, 0)] * (3 - len(rows))
-        p = _struct(NONFINITE_PARAMS, (rows, len(tensors), spec.batch, spec.headdim))
+        p = _struct(NONFINITE_PARAMS, (rows, spec.batch, spec.headdim))
         _launch(launch, (math.ceil(chunks / launch.block_rows), len(tensors), 1), p, device_id)
     return flags
 
@@ -269,12 +207,13 @@ def _ptr(x):
     return 0 if x is None else x.data.ptr
 
 
-def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None, v_nonfinite=None):
-    """FwdParams' values; without arrays (the mask classifier) only the sizes and the variant."""
+def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None, v_nonfinite=None, variant=None):
+    """FwdParams' values; without arrays (the mask classifier) only the sizes and the variant, given as
+    VariantParams members {name: value} (`var`) or as their values in order (`variant`)."""
     ptrs = tuple(_ptr(x) for x in (q, k, v, out, lse, v_nonfinite))
     strides = tuple((0, 0, 0) if x is None else _strides(x) for x in (q, k, v, out))
     return (*ptrs, *strides, spec.seqlen_q, spec.seqlen_k, spec.headdim, spec.nheads, spec.group, spec.scale,
-            _values(VARIANT_PARAMS, var))
+            _values(VARIANT_PARAMS, var) if variant is None else variant)
 
 
 def forward(q, k, v, spec):
@@ -333,8 +272,7 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
             # dimension of the view sums its contributions.
             dbias = cupy.zeros(spec.mask_shape, acc)
             view = cupy.broadcast_to(dbias.reshape((1,) * (4 - dbias.ndim) + dbias.shape), spec.attn_mask.shape)
-            var["dbias"] = view.data.ptr
-            var["dbias_sb"], var["dbias_sh"], var["dbias_sq"], var["dbias_sk"] = _elements(view)
+            var.update(_variant_params({"dbias": view}))
 
         fwd = _fwd_values(spec, var, q, k, v, out, lse)
         flags = _flag_nonfinite(var_type, spec, device_id, (q, spec.seqlen_q, spec.nheads),
@@ -386,38 +324,159 @@ def _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id):
 DECODE_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def can_decode(spec, k_cache, v_cache):
-    """Whether the split-KV decode kernel takes a KV-cache call: at most DECODE_ROWS[-1] query rows
-    per kv head, a head dimension that is a multiple of 8, 16-byte aligned cache rows."""
-    return (spec.dtype.name in DECODE_DTYPES and spec.group * spec.seqlen_q <= _plan.DECODE_ROWS[-1]
-            and spec.headdim % 8 == 0
-            and all(x.data.ptr % 16 == 0 and x.strides[-1] == x.itemsize and all(st % 16 == 0 for st in x.strides[:3])
-                    for x in (k_cache, v_cache)))
+class CacheLengths(typing.NamedTuple):
+    """Where the KV-cache kernels find each sequence's rows (DecodeParams): `device`, a CuPy int32 (batch,)
+    of the rows cached before the append, or None for `uniform` rows in every sequence; `new` rows
+    appended after them; `block_table` (CuPy int32 (batch, pages)) or None, sequence b on page b; pages of
+    `page_size` rows."""
+    device: typing.Optional[cupy.ndarray]
+    uniform: int
+    new: int
+    block_table: typing.Optional[cupy.ndarray]
+    page_size: int
 
 
-def decode(q, k_cache, v_cache, spec, seqlens_k, block_table, page_size, num_splits):
-    """(out, lse) of q over each sequence's first seqlens_k[b] cache rows (device int32 (batch,)), paged
-    through block_table (device int32 (batch, pages)) or, when it is None, sequence b on page b, with
-    splits of the keys chosen by _plan.decode_splits (`num_splits` 0: automatic)."""
-    device_id = q.device.id
-    with cupy.cuda.Device(device_id):
-        _device_info(device_id)
-        q = _rows_contiguous(q)
-        out = spec.empty(_empty, q.shape, q.dtype)
-        lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), np.float32)
-        splits, per_split = _plan.decode_splits(spec.seqlen_k, spec.batch * spec.nheads_kv,
-                                                _multiprocessors(device_id), num_splits)
-        rows = (splits, spec.batch, spec.nheads, spec.seqlen_q)
-        part_out, part_lse = _empty((*rows, spec.headdim), np.float32), _empty(rows, np.float32)
-        var_type, var, _ = _variant(spec, device_id)
-        table, table_stride = 0, 0
-        if block_table is not None:
-            block_table = cupy.ascontiguousarray(block_table)
-            table, table_stride = block_table.data.ptr, block_table.shape[1]
-        p = _struct(DECODE_PARAMS, (_fwd_values(spec, var, q, k_cache, v_cache, out, lse), seqlens_k.data.ptr, table,
-                                    table_stride, page_size, spec.batch, splits, per_split, part_out.data.ptr,
-                                    part_lse.data.ptr))
-        main, combine = _plan.decode(spec.dtype.name, spec.headdim, spec.group * spec.seqlen_q, var_type)
-        _launch(main, (splits, spec.nheads_kv, spec.batch), p, device_id)
-        _launch(combine, (spec.batch * spec.nheads * spec.seqlen_q, 1, 1), p, device_id)
-        return out, lse
+def _decode_values(spec, fwd, lengths, k_new=None, v_new=None, splits=1, per_split=0, part_out=0, part_lse=0,
+                   split_counters=0):
+    """DecodeParams' values (the split buffers as device addresses)."""
+    table = lengths.block_table
+    return (fwd, _ptr(lengths.device), lengths.uniform, lengths.new, _ptr(k_new), _ptr(v_new),
+            *((0, 0, 0) if x is None else _strides(x) for x in (k_new, v_new)), _ptr(table),
+            0 if table is None else table.strides[0] // table.itemsize, lengths.page_size, spec.batch, splits,
+            per_split, part_out, part_lse, split_counters)
+
+
+class _Readdressed:
+    """A parameter struct built once and then copied with new addresses in its pointer members (`members`,
+    dotted paths): the calls of a decoding loop differ only in where their arrays are."""
+
+    def __init__(self, dtype, values, members):
+        self.words = np.array([values], dtype).view(np.uint64).copy()  # plain words: a structured copy is slow
+        self.slots = []
+        for member in members:
+            offset, fields = 0, dtype
+            for name in member.split("."):
+                fields, at = fields.fields[name][:2]
+                offset += at
+            self.slots.append(offset // 8)
+        self.slots = np.array(self.slots)
+        self.raw = _raw(dtype)
+
+    def __call__(self, addresses):
+        words = self.words.copy()
+        words[self.slots] = addresses
+        return words.view(self.raw)[0]
+
+
+#: Each Spec's append structs (by what else a call may change), so that a decoding loop builds them once.
+_APPEND_STRUCTS = weakref.WeakKeyDictionary()
+_APPEND_ADDRESSES = ("fwd.k", "fwd.v", "cache_seqlens", "block_table", "k_new", "v_new")
+_DECODE_ADDRESSES = ("fwd.q", "fwd.k", "fwd.v", "fwd.out", "fwd.lse", "cache_seqlens", "block_table", "part_out",
+                     "part_lse", "split_counters")
+
+
+def append(k_cache, v_cache, k, v, spec, lengths):
+    """Write k and v (batch, seqlen_new, nheads_kv, headdim) into the caches at each sequence's positions
+    after its cached rows, in one launch (kvcache_append, decode.cu), on the current device: the caches'."""
+    k, v = (_rows_contiguous(x) for x in (k, v))
+    table = lengths.block_table
+    structs = _APPEND_STRUCTS.setdefault(spec, {})
+    key = (k_cache.strides, v_cache.strides, k.strides, v.strides, *lengths[1:3], lengths.page_size,
+           None if table is None else table.shape)
+    struct = structs.get(key)
+    if struct is None:
+        values = _decode_values(spec, _fwd_values(spec, {}, None, k_cache, v_cache), lengths, k, v)
+        struct = structs[key] = _Readdressed(DECODE_PARAMS, values, _APPEND_ADDRESSES)
+    p = struct([k_cache.data.ptr, v_cache.data.ptr, _ptr(lengths.device), _ptr(table), k.data.ptr, v.data.ptr])
+    _launch(_plan.kvcache_append(k.itemsize), (lengths.new, spec.nheads_kv, spec.batch), p, k_cache.data.device_id)
+
+
+def _decode_aligned(*caches):
+    """16-byte loads of cache rows: aligned base, unit last stride, row strides multiples of 16 bytes."""
+    return all(x.data.ptr % 16 == 0 and x.strides[-1] == x.itemsize and all(st % 16 == 0 for st in x.strides[:3])
+               for x in caches)
+
+
+class _DecodePlan(typing.NamedTuple):
+    launch: _plan.Launch
+    variant: tuple  # VariantParams' values
+    splits: int
+    per_split: int
+    structs: dict   # _Readdressed DecodeParams by what else a call may change (strides, lengths)
+
+
+#: Decode plans by Spec (the calls of a decoding loop share one, _kvcache) and by what a plan depends on
+#: (calls checked afresh, such as those with a page table, have equal Specs).
+_DECODE_PLANS = weakref.WeakKeyDictionary()
+_DECODE_PLANS_BY_CASE = {}
+
+
+def _decode_plan(spec, device_id, num_splits):
+    """The kernel, the variant and the split of a decode call, or None when the decode kernels do not take
+    it (more than DECODE_ROWS[-1] query rows per kv head, a head dimension that is not a multiple of 8, or
+    no block that fits the device's shared memory)."""
+    plans = _DECODE_PLANS.setdefault(spec, {})
+    key = (device_id, num_splits)
+    if key not in plans:
+        rows = spec.group * spec.seqlen_q
+        if not (spec.dtype.name in DECODE_DTYPES and rows <= _plan.DECODE_ROWS[-1] and spec.headdim % 8 == 0):
+            plans[key] = None
+            return None
+        var_type, var, _ = _variant(spec, device_id)  # no bool mask here: nothing classified
+        case = (device_id, num_splits, spec.dtype.name, spec.batch, spec.seqlen_q, spec.seqlen_k, spec.nheads,
+                spec.nheads_kv, spec.headdim, spec.scale, var_type, _values(VARIANT_PARAMS, var))
+        if case not in _DECODE_PLANS_BY_CASE:
+            if len(_DECODE_PLANS_BY_CASE) >= 256:
+                _DECODE_PLANS_BY_CASE.clear()
+            _DECODE_PLANS_BY_CASE[case] = _new_decode_plan(spec, device_id, num_splits, var_type, case[-1])
+        plans[key] = _DECODE_PLANS_BY_CASE[case]
+    return plans[key]
+
+
+def _new_decode_plan(spec, device_id, num_splits, var_type, variant):
+    limit, _ = _device_info(device_id)
+    main = _plan.decode(spec.dtype.name, spec.headdim, spec.group * spec.seqlen_q, var_type, limit)
+    if main.smem_bytes > limit:
+        return None
+    # the band of keys some row may see, in the longest sequence (mask.cuh, key_begin and key_end)
+    left = spec.window[0]
+    band = spec.seqlen_k if left < 0 else min(spec.seqlen_k, spec.seqlen_q + left)
+    slots = _plan.decode_slots(_multiprocessors(device_id))
+    splits, per_split = _plan.decode_splits(band, spec.batch * spec.nheads_kv, slots, main.block_rows, num_splits)
+    return _DecodePlan(main, variant, splits, per_split, {})
+
+
+def can_decode(spec, k_cache, v_cache, num_splits=0):
+    """Whether the split-KV decode kernels take a KV-cache call (_decode_plan) with these caches."""
+    return _decode_aligned(k_cache, v_cache) and _decode_plan(spec, k_cache.data.device_id, num_splits) is not None
+
+
+def decode(q, k_cache, v_cache, spec, lengths, num_splits):
+    """(out, lse) of q over each sequence's cache rows (CacheLengths, after the append) with splits of the
+    keys chosen by _plan.decode_splits (`num_splits` 0: automatic), on the current device: q's. The caller
+    has asked can_decode. Several splits share one workspace: their partial outputs and lses, and a zeroed
+    counter per (sequence, kv head) that tells the last split to merge them."""
+    device_id = q.data.device_id
+    plan = _decode_plan(spec, device_id, num_splits)
+    q = _rows_contiguous(q)
+    out = spec.empty(_empty, q.shape, q.dtype)
+    lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), np.float32)
+    splits = (0, 0, 0)
+    if plan.splits > 1:
+        rows, counters = plan.splits * spec.batch * spec.nheads * spec.seqlen_q, spec.batch * spec.nheads_kv
+        workspace = _empty(rows * (spec.headdim + 1) + counters, np.float32)
+        part_out = workspace.data.ptr
+        splits = (part_out, part_out + 4 * rows * spec.headdim, part_out + 4 * rows * (spec.headdim + 1))
+        cupy.cuda.runtime.memsetAsync(splits[2], 0, 4 * counters, cupy.cuda.get_current_stream().ptr)
+    table = lengths.block_table
+    key = (q.strides, k_cache.strides, v_cache.strides, out.strides, *lengths[1:3], lengths.page_size,
+           None if table is None else table.shape)
+    struct = plan.structs.get(key)
+    if struct is None:
+        fwd = _fwd_values(spec, None, q, k_cache, v_cache, out, lse, variant=plan.variant)
+        values = _decode_values(spec, fwd, lengths, None, None, plan.splits, plan.per_split, *splits)
+        struct = plan.structs[key] = _Readdressed(DECODE_PARAMS, values, _DECODE_ADDRESSES)
+    p = struct([q.data.ptr, k_cache.data.ptr, v_cache.data.ptr, out.data.ptr, lse.data.ptr, _ptr(lengths.device),
+                _ptr(table), *splits])
+    _launch(plan.launch, (plan.splits, spec.nheads_kv, spec.batch), p, device_id)
+    return out, lse

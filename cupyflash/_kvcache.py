@@ -5,17 +5,20 @@ The cache is contiguous, ``(batch, seqlen_cache, nheads_kv, headdim)``, or paged
 whose row b lists the pages of sequence b in order. Inside, a contiguous cache is a paged one
 whose page b is all of sequence b, so appending and reading have one code path.
 
-Sequence b holds ``L_b = cache_seqlens[b] + seqlen_new`` keys once k, v are appended. Each
-sequence runs alone through the backend's dense forward (as :mod:`cupyflash._varlen` does) over
-its keys: a view of the cache when they lie on one page, its pages gathered in order otherwise.
-``num_splits`` chunks of those keys run one after another and combine with
-:func:`~cupyflash.merge_attention`. On the GPU, calls with at most 16 query rows per kv head (the
-group's heads times seqlen_q) take the split-KV decode kernel instead (``cuda_src/decode.cu``), which
-reads the pages in place and runs every sequence and split in one launch.
+Sequence b holds ``L_b = cache_seqlens[b] + seqlen_new`` keys once k, v are appended. On the GPU the
+append is one kernel, and calls with at most 16 query rows per kv head (the group's heads times
+seqlen_q) take the split-KV decode kernels (``cuda_src/decode_mma.cu`` for 16-bit caches,
+``cuda_src/decode.cu`` for float32), which read the pages in place and run every sequence and split in
+one launch; both read each length on the device. Otherwise (and on the NumPy backend) each sequence
+runs alone through the backend's dense forward (as :mod:`cupyflash._varlen` does) over its keys: a
+view of the cache when they lie on one page, its pages gathered in order otherwise. ``num_splits``
+chunks of those keys run one after another and combine with :func:`~cupyflash.merge_attention`.
+
+A decoding loop checks its arguments once: a call whose check depends only on what an earlier call
+checked (no lengths or page table to read) reuses that verdict.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import numbers
 from typing import Any, Optional, Tuple, Union
@@ -99,9 +102,9 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, b
     """Validate a call of :func:`attention_with_kvcache`; return its :class:`Call`.
 
     Everything is checked before anything is written. ``cache_seqlens`` and ``block_table`` are
-    read to the host (CuPy ones in one copy, a device synchronisation). ``writes=False`` (the
-    reference, which writes nothing) does not ask for writeable caches; ``mixed_ok`` allows NumPy
-    and CuPy arrays together.
+    read to the host (CuPy ones in one copy, a device synchronisation); they may be NumPy arrays
+    whatever the other arrays are. ``writes=False`` (the reference, which writes nothing) does not
+    ask for writeable caches; ``mixed_ok`` allows NumPy and CuPy arrays together.
     """
     if (k is None) != (v is None):
         given, missing = ("k", "v") if v is None else ("v", "k")
@@ -113,8 +116,10 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, b
               _validate._type_name(cache_seqlens))
     named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
     named += [("k", k), ("v", v)] if k is not None else []
-    named += [("cache_seqlens", cache_seqlens)] if cache_seqlens is not None and not seqlens_is_int else []
-    named += [("block_table", block_table)] if block_table is not None else []
+    # the lengths and the page table may stay on the host (NumPy) with arrays on the device
+    named += [("cache_seqlens", cache_seqlens)] if (cache_seqlens is not None and not seqlens_is_int
+                                                    and array_kind(cache_seqlens) != "numpy") else []
+    named += [("block_table", block_table)] if block_table is not None and array_kind(block_table) != "numpy" else []
     if mixed_ok:
         for name, x in named:
             if array_kind(x) is None:
@@ -224,27 +229,19 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, b
                 num_splits=num_splits)
 
 
-def _xp(kind):
-    if kind == "cupy":
-        import cupy
-
-        return cupy
-    return np
-
-
 def _bits(x):
     """The raw bits of x (an unsigned view of its itemsize): copies through them move every dtype,
     bfloat16 included, unchanged."""
     return x.view(_UINT[x.dtype.itemsize])
 
 
-def _append(call, cache, new, xp):
+def _append(call, cache, new):
     """Write ``new`` (batch, seqlen_new, nheads_kv, headdim) at each sequence's positions
-    ``cache_seqlens[b] ...``, in one scatter."""
+    ``cache_seqlens[b] ...`` of a NumPy cache, in one scatter (CuPy caches: the backend's append kernel)."""
     positions = call.cache_seqlens[:, None] + np.arange(call.seqlen_new)
     pages = np.take_along_axis(call.pages, positions // call.page_size, axis=1)
     rows = _bits(new).reshape(-1, *new.shape[2:])
-    _bits(cache)[xp.asarray(pages.ravel()), xp.asarray((positions % call.page_size).ravel())] = rows
+    _bits(cache)[pages.ravel(), (positions % call.page_size).ravel()] = rows
 
 
 def _gather(call, cache, b, length, xp):
@@ -320,35 +317,110 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     Returns ``out`` (q's shape and dtype), or ``(out, lse)`` with ``return_lse=True``, lse
     (batch, nheads, seqlen_q) float32 (float64 for float64). A row that sees no key gives out 0,
     lse -inf. Bad arguments raise before anything is written. CuPy arrays: ``cache_seqlens`` and
-    ``block_table`` are read to the host in one copy (a device synchronisation).
+    ``block_table`` on the device are read to the host in one copy (a device synchronisation); NumPy
+    ones, an int or None need no read.
     """
     fn = "attention_with_kvcache"
-    call = check_call(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                      causal=causal, scale=scale, window_size=window_size, softcap=softcap,
-                      alibi_slopes=alibi_slopes, num_splits=num_splits)
+    call = _checked(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                    causal=causal, scale=scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                    num_splits=num_splits)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
     spec = call.spec
     backend = _backend(spec.kind)
-    xp = _xp(spec.kind)
-    with q.device if spec.kind == "cupy" else contextlib.nullcontext():
-        if spec.kind == "cupy":  # the kernels' own refusals, before anything is written
-            backend._device_info(q.device.id)
-            backend._check_grid(dataclasses.replace(spec, batch=1))
+    if spec.kind == "cupy":
+        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    else:
         if call.seqlen_new:
-            _append(call, k_cache, k, xp)
-            _append(call, v_cache, v, xp)
-        if spec.kind == "cupy" and backend.can_decode(spec, k_cache, v_cache):
-            lengths = xp.asarray((call.cache_seqlens + call.seqlen_new).astype(np.int32))
-            out, lse = backend.decode(q, k_cache, v_cache, spec, lengths, block_table, call.page_size,
-                                      call.num_splits)
-            return (out, lse) if return_lse else out
-        out = xp.zeros(q.shape, _UINT[q.dtype.itemsize]).view(q.dtype)  # all bits zero: 0.0 in every dtype
-        lse = xp.full((spec.batch, spec.nheads, spec.seqlen_q), -np.inf, compute_dtype(q.dtype))
-        for b in range(spec.batch):
-            one = call.sequence_spec(b)
-            if one.seqlen_k == 0:
-                continue  # no key: out 0, lse -inf
-            keys, values = (_gather(call, cache, b, one.seqlen_k, xp) for cache in (k_cache, v_cache))
-            out_b, lse_b = _attend(backend, call, q[b:b + 1], keys, values, one, xp)
-            _bits(out)[b], lse[b] = _bits(out_b)[0], lse_b[0]
+            _append(call, k_cache, k)
+            _append(call, v_cache, v)
+        out, lse = _by_sequence(backend, call, q, k_cache, v_cache, np)
     return (out, lse) if return_lse else out
+
+
+#: Calls already checked, by what their check depends on (_signature); bounded, cleared when full.
+_CHECKED = {}
+_CHECKED_MAX = 64
+
+
+def _signature(arrays, cache_seqlens, block_table, alibi_slopes, scalars):
+    """What check_call's verdict on a call of CuPy arrays depends on, when it has no values to read on the
+    device (an int or None cache_seqlens, no block table): the arrays' kinds, devices, shapes, strides and
+    dtypes, alibi_slopes' too with its address, and each scalar with its type. None for any other call."""
+    if block_table is not None or not (cache_seqlens is None or type(cache_seqlens) is int):
+        return None
+    described = []
+    for x in (*arrays, alibi_slopes):
+        if x is None:
+            described.append(None)
+        elif array_kind(x) != "cupy":
+            return None
+        else:
+            described.append((type(x), x.data.device_id, x.shape, x.strides, x.dtype))
+    if alibi_slopes is not None:
+        described.append(alibi_slopes.data.ptr)
+    try:
+        key = (*described, cache_seqlens, *((type(x), tuple(x) if isinstance(x, list) else x) for x in scalars))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _checked(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, causal, scale, window_size, softcap,
+             alibi_slopes, num_splits):
+    """check_call's Call, reused for a call whose check depends on nothing but what it checked before: a
+    decoding loop checks its arguments once, not at every token."""
+    key = _signature((q, k_cache, v_cache, k, v), cache_seqlens, block_table, alibi_slopes,
+                     (causal, scale, window_size, softcap, num_splits))
+    call = _CHECKED.get(key) if key is not None else None
+    if call is None:
+        call = check_call(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                          causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                          alibi_slopes=alibi_slopes, num_splits=num_splits)
+        if key is not None:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED[key] = call
+    return call
+
+
+def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+    """The CuPy path. The append and the decode kernels read each sequence's length from ``cache_seqlens``
+    on the device, or from one number when every sequence has the same (an int, None, or such a NumPy
+    array); NumPy lengths and page tables are copied to the device (asynchronously, without the read
+    that CuPy ones take to be checked)."""
+    import cupy
+
+    spec = call.spec
+    lengths = call.cache_seqlens
+    if array_kind(cache_seqlens) == "cupy":
+        device_lengths, uniform = cache_seqlens, 0
+    elif (lengths == lengths[0]).all():
+        device_lengths, uniform = None, int(lengths[0])
+    else:
+        device_lengths, uniform = cupy.asarray(lengths.astype(np.int32)), 0
+    table = None if block_table is None else cupy.ascontiguousarray(cupy.asarray(block_table))
+    lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
+    with q.device:
+        backend._device_info(q.device.id)  # the kernels' own refusals, before anything is written
+        backend._check_grid(spec)
+        if call.seqlen_new:
+            backend.append(k_cache, v_cache, k, v, spec, lengths)
+        if backend.can_decode(spec, k_cache, v_cache, call.num_splits):
+            return backend.decode(q, k_cache, v_cache, spec, lengths, call.num_splits)
+        return _by_sequence(backend, call, q, k_cache, v_cache, cupy)
+
+
+def _by_sequence(backend, call, q, k_cache, v_cache, xp):
+    """Each sequence through the backend's dense forward over its gathered keys (after the append)."""
+    spec = call.spec
+    out = xp.zeros(q.shape, _UINT[q.dtype.itemsize]).view(q.dtype)  # all bits zero: 0.0 in every dtype
+    lse = xp.full((spec.batch, spec.nheads, spec.seqlen_q), -np.inf, compute_dtype(q.dtype))
+    for b in range(spec.batch):
+        one = call.sequence_spec(b)
+        if one.seqlen_k == 0:
+            continue  # no key: out 0, lse -inf
+        keys, values = (_gather(call, cache, b, one.seqlen_k, xp) for cache in (k_cache, v_cache))
+        out_b, lse_b = _attend(backend, call, q[b:b + 1], keys, values, one, xp)
+        _bits(out)[b], lse[b] = _bits(out_b)[0], lse_b[0]
+    return out, lse

@@ -13,7 +13,6 @@ from typing import Any, Tuple
 
 import numpy as np
 
-from . import _plan
 from ._validate import _check_int, _fail, _real
 
 __all__ = ["philox4x32_10", "split_seed", "threshold", "keep", "dropout_mask"]
@@ -124,7 +123,7 @@ def keep_mask(shape, dropout_p, seed, batch_offset=0):
 def _dropout_mask_cupy(shape, dropout_p, seed):
     import cupy
 
-    from . import _cuda_backend
+    from . import _cuda_backend, _plan
 
     out = cupy.empty(shape, dtype=cupy.bool_)
     batch, nheads, seqlen_q, seqlen_k = shape

@@ -3,9 +3,15 @@
 Every choice of block size, thread count and shared memory lives here, so the launch code
 (`_cuda_backend`) and the CI compile test (`tests/test_compile.py`) ask the same questions.
 A case is (dtype, head dimension, variant, load path, shared-memory limit); the variant is the
-`Variant<FEATURES, MaskT>` type of `cuda_src/mask.cuh`, named by :func:`variant`.
+`Variant<FEATURES, MaskT>` type of `cuda_src/mask.cuh`, named by :func:`variant`. The feature bits
+are read from that file (`_variants.FEATURES`), so a new variant needs no entry here: the covering
+set of the compile test takes every bit.
 """
+import functools
 from dataclasses import dataclass
+
+from . import _csource
+from ._variants import FEATURES, HIDES_KEYS
 
 # Head dimensions are padded to the next tile width; the kernels mask the padded columns.
 HEADDIM_TILES = (16, 32, 64, 96, 128, 160, 192, 224, 256)
@@ -18,12 +24,6 @@ DEFAULT_SMEM_LIMIT = 99 * 1024  # newer or unknown parts: the smallest of the su
 C_TYPES = {"float16": "half_t", "bfloat16": "bfloat16_t", "float32": "float", "float64": "double"}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
-
-
-# Feature bits of cuda_src/mask.cuh.
-WINDOW, SOFTCAP, ALIBI, BOOL_MASK, BIAS, DROPOUT = 1, 2, 4, 8, 16, 32
-FEATURES = {"window": WINDOW, "softcap": SOFTCAP, "alibi": ALIBI, "bool_mask": BOOL_MASK, "bias": BIAS,
-            "dropout": DROPOUT}
 MASK_C_TYPES = {"bool": "unsigned char", **C_TYPES}
 
 #: NVRTC options of every kernel (the architecture is added at compile time, from the device).
@@ -54,7 +54,7 @@ def _features(var):
 def hides_keys(var):
     """Whether a variant may hide a key from a row that multiplies its data (Variant::hides_keys): its
     kernels then read which rows hold NaN or inf (nonfinite_rows)."""
-    return bool(_features(var) & (WINDOW | BOOL_MASK | BIAS))
+    return bool(_features(var) & HIDES_KEYS)
 
 
 def headdim_tile(headdim):
@@ -148,7 +148,7 @@ def backward_sm90(dtype, headdim, var):
     kernel, d, bn, stages = sm90_backward_tiles(headdim)
     bm = SM90_BWD_BLOCK_M
     own = 2 * 2 * bn * bm if kernel == "flash_bwd_sm90" else 2 * 2 * 2 * bm * bn  # dx^T / pd and dx, two each
-    if kernel == "flash_bwd_sm90" and _features(var) & DROPOUT:
+    if kernel == "flash_bwd_sm90" and _features(var) & FEATURES["DROPOUT"]:
         own += 2 * (bm // 8) * 32 * 4 * 4  # each consumer warpgroup's Philox words of a tile
     smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
             + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
@@ -242,29 +242,67 @@ def _shrink(block, smallest, smem, limit):
     return block
 
 
-#: Query rows per kv head the decode kernel is compiled for (the group's heads times seqlen_q).
+#: Query rows per kv head the decode kernels are compiled for (the group's heads times seqlen_q).
 DECODE_ROWS = (1, 2, 4, 8, 16)
-DECODE_TILE = 128  # keys per tile of flash_decode: one per thread
 DECODE_MAX_SPLITS = 128
+DECODE_WARPS = 4  # warps of a decode_mma.cu block, each streaming its own key tiles
 
 
-def decode(dtype, headdim, rows, var):
-    """The split-KV decode kernel and its combine (decode.cu) for `rows` query rows per kv head."""
+@functools.lru_cache(maxsize=None)
+def decode(dtype, headdim, rows, var, limit):
+    """The split-KV decode kernel for `rows` query rows per kv head. A 16-bit cache takes the tensor-core
+    kernel (decode_mma.cu): key tiles of 16 per warp in a ring of STAGES per warp, as deep as half of
+    `limit` holds, so that two blocks share a multiprocessor. float32 takes the CUDA-core kernel
+    (decode.cu), a key per thread. block_rows is the keys a block takes per step: splits are made of whole
+    steps."""
+    c, d = C_TYPES[dtype], headdim_tile(headdim)
+    if dtype in TENSOR_CORE_DTYPES:
+        block_n = 16
+        smem = lambda stages: 2 * (16 + DECODE_WARPS * stages * 2 * block_n) * (d + 8)  # q, then the rings
+        stages = next((s for s in (4, 3) if smem(s) <= limit // 2), 2)
+        name = f"flash_decode_mma<{c}, {d}, {block_n}, {DECODE_WARPS}, {stages}, {var}>"
+        return Launch("decode_mma.cu", name, DECODE_WARPS * block_n, 32 * DECODE_WARPS, smem(stages))
     block_rows = next(r for r in DECODE_ROWS if r >= rows)
-    return (Launch("decode.cu", f"flash_decode<{C_TYPES[dtype]}, {headdim_tile(headdim)}, {block_rows}, {var}>", 1,
-                   128, 0),
-            Launch("decode.cu", f"flash_decode_combine<{C_TYPES[dtype]}>", 1, 128, 0))
+    return Launch("decode.cu", f"flash_decode<{c}, {d}, {block_rows}, {var}>", 128, 128, 0)
 
 
-def decode_splits(longest, blocks, multiprocessors, requested=0):
-    """(splits, keys per split) for a decode over sequences of at most `longest` keys with `blocks`
-    (batch x kv heads) blocks per split: `requested` splits at most, or (0) enough for two blocks per
-    multiprocessor; whole tiles per split."""
-    tiles = max(1, -(-longest // DECODE_TILE))
-    wanted = requested or -(-2 * multiprocessors // blocks)
-    splits = max(1, min(wanted, tiles, DECODE_MAX_SPLITS))
-    per_split = -(-tiles // splits) * DECODE_TILE
-    return max(1, -(-longest // per_split)), per_split
+def kvcache_append(itemsize):
+    """The in-place append of new key and value rows (decode.cu): a block per (new row, kv head, sequence),
+    moving raw bits of the dtype's size."""
+    return Launch("decode.cu", f"kvcache_append<{_UNSIGNED[itemsize]}>", 1, 128, 0)
+
+
+_UNSIGNED = {2: "unsigned short", 4: "unsigned", 8: "unsigned long long"}
+
+
+@functools.lru_cache(maxsize=1024)
+def decode_splits(band, blocks, slots, step, requested=0):
+    """(splits, keys per split) of a decode whose sequences see at most `band` keys, with `blocks` (batch x
+    kv heads) blocks per split and `slots` blocks resident on the device at once; splits are whole steps of
+    `step` keys. `requested` splits at most; 0 chooses: no split once the blocks fill 80% of the slots (as
+    flash-attn), else the fewest splits whose waves are within 95% of the best use of the slots (a pass
+    bound by memory wants every slot busy; each split costs its share of the combine)."""
+    steps = max(1, -(-band // step))
+    if requested:
+        splits = min(requested, steps, DECODE_MAX_SPLITS)
+    elif blocks >= 0.8 * slots:
+        splits = 1
+    else:
+        def efficiency(n):
+            waves = blocks * n / slots
+            return waves / -(-waves // 1)
+        candidates = range(1, min(steps, DECODE_MAX_SPLITS) + 1)
+        best = max(efficiency(n) for n in candidates)
+        splits = next(n for n in candidates if efficiency(n) >= 0.95 * best)
+    per_split = -(-steps // splits) * step
+    return max(1, -(-band // per_split)), per_split
+
+
+def decode_slots(multiprocessors):
+    """Blocks a decode spreads its work over: one per multiprocessor. Measured on an H100 (bfloat16, headdim
+    128, docs/performance.md), one block of four warps, each streaming its own tiles, keeps enough of the
+    cache in flight; a second block per multiprocessor only doubles the splits to merge."""
+    return multiprocessors
 
 
 #: A bool mask is classified in cells of 2**MASK_CELL_LOG2 queries x keys before a call's kernels run.
@@ -276,8 +314,8 @@ def mask_cells():
     return Launch("mask_cells.cu", "classify_mask_cells", 1, 128, 0)
 
 
-#: Rows per flag of nonfinite.cu (RowFlags in params.cuh).
-NONFINITE_ROWS = 16
+#: Rows per flag of nonfinite.cu (RowFlags in params.cuh), read from cuda_src/mask.cuh.
+NONFINITE_ROWS = _csource.constant(_csource.source("mask.cuh"), "NONFINITE_ROWS")
 
 
 def nonfinite_rows(dtype, vector):
@@ -308,23 +346,24 @@ def covering_launches():
     cases = [(dtype, d, plain, True, big) for dtype in C_TYPES for d in (64, 256)]
     cases += [("float16", 96, plain, False, big), ("bfloat16", 128, plain, True, big)]
     cases += [("bfloat16", d, plain, True, small) for d in (128, 256)] + [("float32", 256, plain, True, small)]
-    every = sum(FEATURES.values())
-    cases += [(dtype, 64, variant(every - BIAS, "bool"), True, big) for dtype in C_TYPES]
-    cases += [(dtype, 64, variant(every - BOOL_MASK, mask), True, big)
+    every, bias, bool_mask = sum(FEATURES.values()), FEATURES["BIAS"], FEATURES["BOOL_MASK"]
+    cases += [(dtype, 64, variant(every - bias, "bool"), True, big) for dtype in C_TYPES]
+    cases += [(dtype, 64, variant(every - bool_mask, mask), True, big)
               for dtype, mask in zip(C_TYPES, C_TYPES)]
-    cases += [("float16", 128, variant(every - BOOL_MASK, "float32"), True, big)]
+    cases += [("float16", 128, variant(every - bool_mask, "float32"), True, big)]
     seen = {}
     for case in cases:
         for launch in _launches(*case):
             seen[(launch.source, launch.name)] = launch
     sm90 = [("bfloat16", d, plain) for d in (64, 128, 192, 256)] + [("float16", 128, plain)]
-    sm90 += [(dtype, 64, variant(every - BIAS, "bool")) for dtype in TENSOR_CORE_DTYPES]
-    sm90 += [("float16", 128, variant(every - BOOL_MASK, "float32")), ("bfloat16", 256, variant(every - BOOL_MASK, "bfloat16"))]
+    sm90 += [(dtype, 64, variant(every - bias, "bool")) for dtype in TENSOR_CORE_DTYPES]
+    sm90 += [("float16", 128, variant(every - bool_mask, "float32")), ("bfloat16", 256, variant(every - bool_mask, "bfloat16"))]
     sm90_launches = [forward_sm90(*case) for case in sm90]
     sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
-    decode_features = variant(WINDOW + SOFTCAP + ALIBI)
-    decodes = [launch for dtype in ("float16", "bfloat16", "float32") for rows, var in ((1, plain), (16, decode_features))
-               for launch in decode(dtype, 128 if rows == 1 else 256, rows, var)]
+    decode_features = variant(FEATURES["WINDOW"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])
+    decodes = [decode(dtype, d, rows, var, big) for dtype in ("float16", "bfloat16", "float32")
+               for rows, var in ((1, plain), (16, decode_features)) for d in ((128, 64) if rows == 1 else (256,))]
+    decodes += [kvcache_append(itemsize) for itemsize in _UNSIGNED]
     decodes = list({launch.name: launch for launch in decodes}.values())
     flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]
     return [*seen.values(), *sm90_launches, *decodes, *flags, mask_cells(), dropout_mask()]

@@ -2,9 +2,10 @@
 
 Validation (:mod:`cupyflash._validate`) builds it from the public keywords before any work is done;
 the backends take ``(q, k, v, spec)`` with q, k, v already seen as ``(batch, seqlen, heads,
-headdim)`` whatever the caller's layout. A new variant adds a field here, a rule to
-``cuda_src/mask.cuh`` and its NumPy twin ``cupyflash/_variants.py``, and its formula to
-``cupyflash.reference``. The exact semantics are in ``docs/variants.md``.
+headdim)`` whatever the caller's layout. A new variant adds a field here (its keyword in
+``_api``, checked by ``_validate``), its rule and parameters to ``cuda_src/mask.cuh``, its NumPy
+twin and the kernel's feature bit and parameters to ``cupyflash/_variants.py``, and its formula to
+``cupyflash.reference`` (``docs/variants.md``, "Adding a variant"; the exact semantics are there too).
 """
 from __future__ import annotations
 

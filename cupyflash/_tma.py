@@ -12,12 +12,14 @@ import functools
 
 import numpy as np
 
+from . import _csource
+
 _DATA_TYPES = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
 _CACHE_SIZE = 256  # maps of recent arrays: CuPy's pool hands the same buffers out again
 _SWIZZLE_128B = 3
 _L2_PROMOTION_128B = 2
 BOX_COLUMNS = 64  # 128 bytes of 16-bit values: the widest box a 128-byte swizzle takes
-TENSOR_MAP = np.dtype((np.void, 128))
+TENSOR_MAP = _csource.struct_dtype(_csource.source("params.cuh"), "TensorMap")  # bytes the driver fills
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,15 +12,23 @@ to it.
   bool mask needs no element-wise visibility.
 * :func:`visible`, :func:`scores`, :func:`keep`: per element, the visibility, the transformed score
   with the softcap derivative, and the dropout keep bits.
+* :func:`kernel_variant`: what the CUDA kernels take for a call, the ``Feature`` bits of its
+  ``Variant`` type and the ``VariantParams`` members it sets; the CUDA backend turns it into the
+  kernel's template argument and parameters without knowing any variant.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _philox
+from . import _csource, _philox
 
-__all__ = ["key_range", "query_range", "tile_is_interior", "visible", "scores", "keep"]
+__all__ = ["key_range", "query_range", "tile_is_interior", "visible", "scores", "keep", "kernel_variant"]
+
+#: The Feature bits of ``cuda_src/mask.cuh``, {name: bit}, read from its ``enum Feature``.
+FEATURES = _csource.enum_values(_csource.source("mask.cuh"), "Feature")
+#: The features that may hide a key from a row that multiplies its data (``Variant::hides_keys``).
+HIDES_KEYS = FEATURES["WINDOW"] | FEATURES["BOOL_MASK"] | FEATURES["BIAS"]
 
 
 def _by_group(spec, x):
@@ -104,3 +112,34 @@ def keep(spec, q_start, q_end, k_start, k_end):
     i = np.arange(q_start, q_end)[:, None]
     j = np.arange(k_start, k_end)
     return _by_group(spec, _philox.keep(spec.dropout_seed, spec.dropout_p, b, h, i, j))
+
+
+def kernel_variant(spec):
+    """``(features, mask_dtype, fields)`` of the call's kernel: the FEATURES bits compiled into its
+    ``Variant`` (``cuda_src/mask.cuh``), the dtype name of its mask ('bool' without one), and the
+    ``VariantParams`` members it sets, {name: value}. An array value stands for its device pointer and,
+    in the members ``name_sb, name_sh, name_sq, name_sk`` (as many as it has axes), its element strides;
+    absent members are 0."""
+    left, right = spec.window
+    on = []
+    fields = {"window_left": left, "window_right": right}
+    if spec.has_window:
+        on.append("WINDOW")
+    if spec.softcap > 0:
+        on.append("SOFTCAP")
+        fields["softcap"] = spec.softcap
+    if spec.alibi_slopes is not None:
+        on.append("ALIBI")
+        fields["alibi"] = spec.alibi_slopes
+    mask_dtype = "bool"
+    if spec.attn_mask is not None:
+        on.append("BOOL_MASK" if spec.mask_kind == "bool" else "BIAS")
+        mask_dtype = np.dtype(spec.attn_mask.dtype).name
+        fields["mask"] = spec.attn_mask
+    if spec.dropout:
+        on.append("DROPOUT")
+        fields["dropout_scale"] = 1.0 / (1.0 - spec.dropout_p)
+        fields["dropout_threshold"] = _philox.threshold(spec.dropout_p)
+        fields["seed_lo"], fields["seed_hi"] = _philox.split_seed(spec.dropout_seed)
+        fields["batch_offset"] = spec.batch_offset
+    return sum(FEATURES[name] for name in on), mask_dtype, fields

@@ -68,6 +68,9 @@ PEERS = ("naive", *TORCH_BACKENDS)
 ALL_PEERS = ("naive", "torch-flash", "torch-efficient", "torch-cudnn")  # 'all': MATH only on request
 PLAIN = "cupyflash-plain"
 PADDED = "cupyflash-padded"  # --varlen: the packed batch padded to its longest sequence, the padding masked
+PAGED = "cupyflash-paged"  # --decode: the same cache in pages of DECODE_PAGE_SIZE rows, in random order
+DECODE_PAGE_SIZE = 256
+PAGE_SEED = 11
 DTYPES = {
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -421,6 +424,32 @@ def build_padded(case: Case, x: dict) -> Callable:
     return build_cupyflash(dataclasses.replace(case, lengths=()), {**padded, "key_padding": mask})
 
 
+def build_paged(case: Case, x: dict) -> Callable:
+    """cupyflash on the case's cache copied into pages of DECODE_PAGE_SIZE rows placed at a random
+    permutation of page ids, read through a block table (a NumPy array): what a paged cache costs over a
+    contiguous one."""
+    xp = _array_module(x["q"])
+    page = min(DECODE_PAGE_SIZE, case.seqlen)
+    per_seq = -(-case.seqlen // page)
+    table = np.random.default_rng(PAGE_SEED).permutation(case.batch * per_seq).reshape(case.batch, per_seq)
+
+    def pages(a):
+        bits = f"u{a.dtype.itemsize}"
+        rows = a.view(bits)
+        if case.seqlen % page:
+            rows = xp.zeros((case.batch, per_seq * page, *a.shape[2:]), bits)
+            rows[:, :case.seqlen] = a.view(bits)
+        out = xp.empty((case.batch * per_seq, page, *a.shape[2:]), bits)
+        out[xp.asarray(table.ravel())] = rows.reshape(-1, page, *a.shape[2:])
+        return out.view(a.dtype)
+
+    import cupyflash
+
+    # the table stays on the host, as a scheduler keeps it: a CuPy table would be read back to be checked
+    k, v, block_table = pages(x["k"]), pages(x["v"]), table.astype(np.int32)
+    return lambda: cupyflash.attention_with_kvcache(x["q"], k, v, cache_seqlens=case.seqlen, block_table=block_table)
+
+
 def build_naive(case: Case, x: dict) -> Callable:
     if case.kind == "dropout":
         raise Unsupported("the naive peer has no dropout")
@@ -490,6 +519,8 @@ def builder(impl: str) -> Callable[[Case, dict], Callable]:
         return build_cupyflash
     if impl == PADDED:
         return build_padded
+    if impl == PAGED:
+        return build_paged
     if impl == "naive":
         return build_naive
     return lambda case, x: build_torch(TORCH_BACKENDS[impl], case, x)
@@ -1068,7 +1099,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "only; --modes, --causal, --headdims, --nheads, --nheads-kv override")
     p.add_argument("--decode", action="store_true",
                    help="decoding against a KV cache (attention_with_kvcache; GB/s of keys and values read): one "
-                        "query token, GQA 32/8, hdim 128, batch 1,8,32 x cache 8k,32k,128k; --batch, --seqlens, "
+                        "query token, GQA 32/8, hdim 128, batch 1,8,32 x cache 8k,32k,128k, contiguous and paged "
+                        f"({PAGED}: pages of {DECODE_PAGE_SIZE} rows in random order); --batch, --seqlens, "
                         "--headdims, --nheads, --nheads-kv override")
     v.add_argument("--variants", action="store_true",
                    help="the targets: softcap 50, ALiBi, padding mask and dropout 0.1 at seqlen 4096, window 256 at "
@@ -1140,6 +1172,7 @@ def main(argv=None) -> int:
                       args.nheads_kv or args.nheads or decode_heads_kv, dtype)
                  for hd in args.headdims or [headdim] for b in ([args.batch] if args.batch else batches)
                  for cache in args.seqlens or caches]
+        peers = [PAGED, *peers]
     elif args.variants:
         seqlen, window_seqlen, headdim = PRESET_SHAPES[backend.name]
         headdims, modes = args.headdims or [headdim], args.modes or ["fwd", "bwd"]

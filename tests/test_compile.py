@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("cupy", reason='cupy is not installed (pip install ".[cuda12,test]")')
 from cupy_backends.cuda.libs import nvrtc  # noqa: E402
 
-from cupyflash import _cuda_backend, _plan  # noqa: E402
+from cupyflash import _csource, _cuda_backend, _plan  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
 _KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)")
@@ -62,7 +62,7 @@ def compiled():
 
 
 def test_every_kernel_is_instantiated():
-    sources = _cuda_backend._source_dir()
+    sources = _csource.source_dir()
     # Each .cu with its headers inlined: a kernel defined in a header counts for every file that includes it.
     kernels = {(file, name) for file in os.listdir(sources) if file.endswith(".cu")
                for name in _KERNEL.findall(_cuda_backend.source(file))}

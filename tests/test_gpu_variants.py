@@ -212,12 +212,13 @@ def test_nonfinite_row_flags(dtype, headdim):
             x[tuple(RNG.integers(0, n) for n in x.shape)] = value
     spec = SimpleNamespace(batch=batch, headdim=headdim, dtype=np.dtype(dtype))
     device_x = to_device(np.ascontiguousarray(x.transpose(2, 0, 1, 3))).transpose(1, 2, 0, 3)  # heads slowest
-    flags, = _cuda_backend._flag_nonfinite(_plan.variant(_plan.WINDOW), spec, 0, (device_x, seqlen, heads))
+    flags, = _cuda_backend._flag_nonfinite(_plan.variant(_plan.FEATURES["WINDOW"]), spec, 0, (device_x, seqlen, heads))
     bad = ~np.isfinite(x.astype(np.float64)).all(axis=3)  # (batch, seqlen, heads)
-    chunks = -(-seqlen // 16)
-    padded = np.zeros((batch, 16 * chunks, heads), bool)
+    rows = _plan.NONFINITE_ROWS
+    chunks = -(-seqlen // rows)
+    padded = np.zeros((batch, rows * chunks, heads), bool)
     padded[:, :seqlen] = bad
-    want = padded.reshape(batch, chunks, 16, heads).any(axis=2).transpose(0, 2, 1)
+    want = padded.reshape(batch, chunks, rows, heads).any(axis=2).transpose(0, 2, 1)
     assert want.any() and not want.all()
     np.testing.assert_array_equal(flags.get().astype(bool), want)
 

@@ -135,6 +135,73 @@ def test_the_append_writes_exactly_the_new_rows(dtype, page_size):
     assert np.array_equal(bits(k), new_before)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64])
+@pytest.mark.parametrize("page_size", [None, 1, 4])
+@pytest.mark.parametrize("lengths_on_device", [False, True])
+def test_the_device_append_writes_exactly_the_new_rows(dtype, page_size, lengths_on_device):
+    """The append kernel, with lengths from a CuPy array or one int: the new rows land bit for bit, and no
+    other element of either cache (pages, padding, spare pages) changes."""
+    cp = pytest.importorskip("cupy")
+    uniform = not lengths_on_device
+    cache_seqlens, seqlen_new = ([6, 6, 6] if uniform else [0, 5, 9]), 3
+    q, k_cache, v_cache, k, v, lengths = problem(1, cache_seqlens, seqlen_new, headdim=40, dtype=dtype)
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, 1)
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    cupyflash.attention_with_kvcache(q, want_k, want_v, k, v, cache_seqlens=lengths, block_table=block_table)
+    device = [cp.asarray(bits(x)).view(x.dtype) for x in (q, k_cache, v_cache, k, v)]
+    cupyflash.attention_with_kvcache(*device, cache_seqlens=6 if uniform else cp.asarray(lengths),
+                                     block_table=None if block_table is None else cp.asarray(block_table))
+    for got, want in zip(device[1:3], (want_k, want_v)):
+        assert np.array_equal(got.view(_UINT[got.dtype.itemsize]).get(), bits(want))
+
+
+@pytest.mark.gpu
+def test_a_decoding_loop_reuses_its_check_and_sees_each_calls_arrays():
+    """Calls that differ only in their arrays' data reuse the first call's check; each reads its own q, new
+    rows and caches, and a call whose arguments differ is checked again (and refused when they are bad)."""
+    cp = pytest.importorskip("cupy")
+    from cupyflash import _kvcache
+
+    _kvcache._CHECKED.clear()
+    for seed in range(3):
+        q, k_cache, v_cache, k, v, _ = problem(seed, [7, 7], 1, seqlen_q=1, nheads=8, nheads_kv=2, headdim=64,
+                                               dtype=np.float16)
+        want_out, want_lse = cupyflash.reference.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=7,
+                                                                        causal=True, return_lse=True)
+        out, lse = cupyflash.attention_with_kvcache(*(cp.asarray(x) for x in (q, k_cache, v_cache, k, v)),
+                                                    cache_seqlens=7, causal=True, return_lse=True)
+        np.testing.assert_allclose(out.get().astype(np.float64), want_out, rtol=0, atol=4e-3)
+        np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
+    assert len(_kvcache._CHECKED) == 1
+    with pytest.raises(ValueError, match=r"cache_seqlens \+ seqlen_new must be at most"):
+        cupyflash.attention_with_kvcache(*(cp.asarray(x) for x in (q, k_cache, v_cache, k, v)), cache_seqlens=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
+def test_lengths_and_page_table_may_stay_on_the_host(dtype):
+    """With CuPy arrays, NumPy cache_seqlens and block_table (checked without a device read) give bit for
+    bit what CuPy ones give, for the append and the attention; lengths all equal or not."""
+    cp = pytest.importorskip("cupy")
+    for cache_seqlens in ([40, 40, 40], [0, 129, 40]):
+        q, k_cache, v_cache, k, v, lengths = problem(4, cache_seqlens, 2, seqlen_q=2, nheads=4, nheads_kv=2,
+                                                     headdim=64, dtype=dtype)
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, 16, 4)
+        results = []
+        for host in (False, True):
+            caches = [cp.asarray(bits(x)).view(x.dtype) for x in (k_cache, v_cache)]
+            meta = (lengths, block_table) if host else (cp.asarray(lengths), cp.asarray(block_table))
+            out, lse = cupyflash.attention_with_kvcache(cp.asarray(q), *caches, cp.asarray(k), cp.asarray(v),
+                                                        cache_seqlens=meta[0], block_table=meta[1], causal=True,
+                                                        return_lse=True)
+            results.append([x.view(_UINT[x.dtype.itemsize]).get() for x in (out, lse, *caches)])
+        for on_device, on_host in zip(*results):
+            assert np.array_equal(on_device, on_host)
+
+
 def test_the_reference_writes_nothing():
     q, k_cache, v_cache, k, v, lengths = problem(2, [3, 0], 2)
     k_paged, v_paged, block_table = paged(k_cache, v_cache, 2, 2)
@@ -417,9 +484,9 @@ def test_cupy_matches_numpy(dtype, page_size, num_splits):
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
-    """Decoding shapes (GQA group x seqlen_q <= 16 rows per kv head) take the split-KV kernel, paged or
+    """Decoding shapes (GQA group x seqlen_q <= 16 rows per kv head) take the split-KV kernels, paged or
     not, over sequences of several tiles (one empty), with NaN past every length and in unused pages,
-    for split counts from one to many."""
+    for split counts from one to many and head dimensions from 8 to 256."""
     cp = pytest.importorskip("cupy")
     from cupyflash import _cuda_backend
 
@@ -427,9 +494,10 @@ def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
     launch = _cuda_backend._launch
     monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (sources.append(lc.source), launch(lc, *a)))
     kw = VARIANTS[variant]
-    for page_size, num_splits, seqlen_q in ((None, 0, 1), (64, 1, 2), (48, 7, 1), (None, 100, 4)):
-        q, k_cache, v_cache, k, v, lengths = problem(variant, [300, 0, 520, 129], 1, seqlen_q=seqlen_q, headdim=64,
-                                                     dtype=dtype)
+    for page_size, num_splits, seqlen_q, headdim in ((None, 0, 1, 64), (64, 1, 2, 128), (48, 7, 1, 8),
+                                                     (None, 100, 4, 256), (5, 3, 3, 96)):
+        q, k_cache, v_cache, k, v, lengths = problem(variant, [300, 0, 520, 129], 1, seqlen_q=seqlen_q,
+                                                     headdim=headdim, dtype=dtype)
         block_table = None
         if page_size is not None:
             k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, variant)
@@ -441,7 +509,8 @@ def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
             *device, cache_seqlens=cp.asarray(lengths), num_splits=num_splits, return_lse=True,
             block_table=None if block_table is None else cp.asarray(block_table),
             **{key: cp.asarray(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()})
-        assert sources == ["decode.cu", "decode.cu"]
+        # the append, then one decode launch (the last split merges the splits)
+        assert sources == ["decode.cu", "decode.cu" if np.dtype(dtype) == np.float32 else "decode_mma.cu"]
         got = out.view(_UINT[out.dtype.itemsize]).get().view(out.dtype).astype(np.float64)
         tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
         assert np.array_equal(np.isnan(got), np.isnan(want_out))
@@ -450,3 +519,31 @@ def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
         assert np.array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
         finite = np.isfinite(want_lse)
         np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(5, 0)), dict(causal=True, window_size=(40, -1))])
+def test_decode_hidden_nan_reaches_only_the_rows_that_see_it(dtype, kw):
+    """With several query positions a key can be seen by some rows and hidden from others: NaN and inf in
+    such a key's value (the newest key under causal, the band's first keys under a window) reach exactly
+    the rows that see it."""
+    cp = pytest.importorskip("cupy")
+    q, k_cache, v_cache, _, _, lengths = problem(3, [200, 77], None, seqlen_q=4, nheads=8, nheads_kv=2,
+                                                 headdim=128, dtype=dtype, spare_rows=0)
+    for b, n in enumerate(lengths):
+        v_cache[b, n - 1, :, 3] = np.nan  # hidden from the first query positions when causal
+        v_cache[b, n - 43, :, 5] = np.inf  # at the left edge of the (40, -1) window's band
+        v_cache[b, n - 8, :, 7] = -np.inf  # at the left edge of the (5, 0) window's band
+    want_out, want_lse = cupyflash.reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                                    return_lse=True, **kw)
+    out, lse = cupyflash.attention_with_kvcache(*(cp.asarray(x) for x in (q, k_cache, v_cache)),
+                                                cache_seqlens=cp.asarray(lengths), return_lse=True, **kw)
+    got = out.get().astype(np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(want_out))
+    assert np.array_equal(np.isposinf(got), np.isposinf(want_out)) and np.array_equal(np.isneginf(got),
+                                                                                        np.isneginf(want_out))
+    seen = np.isfinite(want_out)
+    tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
+    np.testing.assert_allclose(got[seen], want_out[seen], rtol=0, atol=tol)
+    np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)

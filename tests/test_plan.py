@@ -10,7 +10,7 @@ HEADDIMS = range(1, _plan.HEADDIM_TILES[-1] + 1)
 @pytest.mark.parametrize("dtype", _plan.TENSOR_CORE_DTYPES)
 def test_hopper_blocks_fit_in_shared_memory(dtype):
     limit = _plan.SMEM_LIMITS[(9, 0)]
-    every = sum(_plan.FEATURES.values()) - _plan.BIAS
+    every = sum(_plan.FEATURES.values()) - _plan.FEATURES["BIAS"]
     for headdim in HEADDIMS:
         for var in (_plan.variant(), _plan.variant(every, "bool")):
             for launch in (_plan.forward_sm90(dtype, headdim, var), *_plan.backward_sm90(dtype, headdim, var)):
@@ -32,3 +32,20 @@ def test_hopper_kernels_take_16_bit_inputs_only():
     for plan in (_plan.forward_sm90, _plan.backward_sm90):
         with pytest.raises(ValueError, match="float16 and bfloat16"):
             plan("float32", 64, _plan.variant())
+
+
+def test_decode_splits_cover_the_band_in_whole_steps():
+    """Splits are whole steps, cover the band, leave no split empty, honour a requested count and fill the
+    device's slots when few blocks would leave most of them idle."""
+    for band in (1, 63, 64, 65, 1000, 8192, 131072):
+        for blocks in (1, 8, 64, 256, 1024):
+            for requested in (0, 1, 3, 1000):
+                splits, per_split = _plan.decode_splits(band, blocks, 264, 64, requested)
+                assert per_split % 64 == 0 and splits >= 1
+                assert (splits - 1) * per_split < band <= splits * per_split
+                if requested:
+                    assert splits <= requested
+                elif blocks >= 0.8 * 264:
+                    assert splits == 1
+                elif band >= 64 * 264:
+                    assert blocks * splits >= 0.9 * min(264, blocks * _plan.DECODE_MAX_SPLITS)

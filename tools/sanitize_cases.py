@@ -5,7 +5,7 @@ Covers the tensor-core forward (16-bit: the Hopper family on a Hopper GPU, the m
 vector and element loads), the CUDA-core forward (float32, float64) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
 variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
 together, with NaN in masked keys so the guarded products run too; and the split-KV decode kernel
-of attention_with_kvcache on paged and contiguous caches.
+of attention_with_kvcache on paged and contiguous caches, with its append.
 """
 import os
 
@@ -70,6 +70,16 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
             np.array([100, 0], np.int32)), block_table=table, num_splits=3, **variant)
     contiguous = device(rng.standard_normal((2, 300, 2, 64)).astype(dtype))
     cupyflash.attention_with_kvcache(q, contiguous, contiguous.copy(), cache_seqlens=250)
+    # several query positions: a key with NaN seen by some rows only (the guarded product); wide heads;
+    # lengths and page table on the host
+    for headdim in (128, 256):
+        cache = rng.standard_normal((2, 300, 2, headdim)).astype(dtype)
+        cache[:, 199] = np.nan
+        q4 = device(rng.standard_normal((2, 4, 8, headdim)).astype(dtype))
+        cupyflash.attention_with_kvcache(q4, device(cache), device(cache), cache_seqlens=np.array([200, 200], np.int32),
+                                         causal=True)
+    cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=np.array([60, 3], np.int32),
+                                     block_table=table.get())
 # On Hopper the 16-bit forward takes the sm_90a family; the mma.sync family runs when forced.
 os.environ[_cuda_backend.FAMILY_VARIABLE] = "sm80"
 for dtype in (np.float16, ml_dtypes.bfloat16):

@@ -1,0 +1,231 @@
+// Split-KV decoding on tensor cores for 16-bit caches (attention_with_kvcache): a few query rows against a
+// long cache. The pass is bound by reading the cache, so it is shaped to keep many cache reads in flight.
+//
+// One block per (split, kv head, sequence). The block's 16 rows are the GQA group's query heads times
+// seqlen_q (padded to one mma slab), so every key and value row read serves all of them. Warp w takes the
+// key tiles w, w + WARPS, ... of its split through its own STAGES-deep cp.async ring, with no block
+// barrier in the loop; lane l finds key row l of a tile through the page table. Per tile:
+//   s = q k^T               gemm_nt (mma.sync m16n8k16)
+//   score, online softmax   per row: each row has its own head and query position (mask.cuh)
+//   o = o * alpha + p v     gemm_rn; guarded where a partly hidden tile holds NaN or inf
+// The warps' (m, l, o) then merge through shared memory. With one split the block writes out and lse;
+// otherwise each split writes its normalised o and its lse in float32, and the last split of a (sequence,
+// kv head) to finish merges them (decode.cuh). The new rows of a call are appended before, by
+// kvcache_append (decode.cu).
+#include "decode.cuh"
+#include "softmax.cuh"
+#include "mma.cuh"
+
+// Whether a tile in shared memory holds NaN or inf, asked by the whole warp.
+template <typename T, int ROWS, int D_TILE, int LD>
+__device__ __forceinline__ bool warp_tile_nonfinite(const T* tile, int lane) {
+    bool bad = false;
+    for (int c = lane; c < ROWS * D_TILE / 2; c += 32) {
+        const unsigned w = *reinterpret_cast<const unsigned*>(tile + (c / (D_TILE / 2)) * LD + (c % (D_TILE / 2)) * 2);
+        bad |= nonfinite16<T>(w & 0xffffu) || nonfinite16<T>(w >> 16);
+    }
+    return __any_sync(0xffffffffu, bad);
+}
+
+template <typename T, int D_TILE, int BLOCK_N, int WARPS, int STAGES, typename Var>
+__global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_constant__ DecodeParams p) {
+    constexpr int LD = D_TILE + 8, NT = BLOCK_N / 8, DT = D_TILE / 8, CHUNKS = D_TILE / 8;
+    constexpr int TILE = BLOCK_N * LD;  // elements of one K or V buffer
+    static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0 && BLOCK_N <= 32 && STAGES >= 2, "tile shape");
+    // the warps' merge reuses the rings: o, m and l of 16 rows per warp
+    static_assert(WARPS * 16 * (D_TILE + 2) * 4 <= WARPS * STAGES * 2 * TILE * 2, "merge buffer");
+    const FwdParams& f = p.fwd;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);  // [16][LD]
+    T* rings = sQ + 16 * LD;                 // [WARPS][STAGES][K, V][BLOCK_N][LD]
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int rows = f.group * f.seqlen_q, seqlen_k = decode_seqlen(p, b);
+
+    // Row r is query position r % seqlen_q of head hk * group + r / seqlen_q; padding rows repeat the last
+    // row (their results are not written). This lane holds rows g and g + 8.
+    auto real = [&](int r) { return min(r, rows - 1); };
+    auto head = [&](int r) { return hk * f.group + real(r) / f.seqlen_q; };
+    const Var var[2] = {Var(f, b, head(g), seqlen_k), Var(f, b, head(g + 8), seqlen_k)};
+    const int query[2] = {real(g) % f.seqlen_q, real(g + 8) % f.seqlen_q};
+
+    for (int idx = threadIdx.x; idx < 16 * D_TILE; idx += WARPS * 32) {
+        const int r = idx / D_TILE, d = idx % D_TILE;
+        T x;
+        x.bits = 0;
+        if (r < rows && d < f.headdim)
+            x = static_cast<const T*>(f.q)[b * f.q_st.b + (i64)(r % f.seqlen_q) * f.q_st.s + head(r) * f.q_st.h + d];
+        sQ[r * LD + d] = x;
+    }
+
+    // The split's keys: a share of the band that some row may see (key_begin, key_end in mask.cuh).
+    const int begin = var[0].key_begin(0) + split * p.keys_per_split;
+    const int end = min(var[0].key_end(f.seqlen_q), begin + p.keys_per_split);
+    const int n_tiles = end > begin ? (end - begin + BLOCK_N - 1) / BLOCK_N : 0;
+    const int mine = n_tiles > warp ? (n_tiles - warp + WARPS - 1) / WARPS : 0;  // this warp's tiles
+    T* ring = rings + warp * STAGES * 2 * TILE;
+    const T* k_head = static_cast<const T*>(f.k) + hk * f.k_st.h;
+    const T* v_head = static_cast<const T*>(f.v) + hk * f.v_st.h;
+    auto tile_start = [&](int it) { return begin + (warp + it * WARPS) * BLOCK_N; };
+
+    // Lane l's key row of this warp's tile `it` in the caches (page table reads are issued a tile ahead of
+    // their use, so the warp does not wait on them), and the copy of the tile into ring slot it % STAGES
+    // from those rows; keys past the split's end are zeros.
+    struct Rows {
+        i64 k, v;
+    };
+    auto rows_of = [&](int it) {
+        const int key = tile_start(it) + lane;
+        Rows at = {0, 0};
+        if (it < mine && lane < BLOCK_N && key < end) at = {cache_row(p, f.k_st, b, key), cache_row(p, f.v_st, b, key)};
+        return at;
+    };
+    auto load = [&](int it, const Rows& at) {
+        const int n0 = tile_start(it);
+        T* dK = ring + (it % STAGES) * 2 * TILE;
+        T* dV = dK + TILE;
+#pragma unroll
+        for (int c = lane; c < BLOCK_N * CHUNKS; c += 32) {  // a multiple of 32: every lane shuffles
+            const int r = c / CHUNKS, d = (c % CHUNKS) * 8;
+            const i64 ko = __shfl_sync(0xffffffffu, at.k, r), vo = __shfl_sync(0xffffffffu, at.v, r);
+            const bool valid = n0 + r < end && d < f.headdim;
+            cp_async_16(dK + r * LD + d, k_head + ko + d, valid);
+            cp_async_16(dV + r * LD + d, v_head + vo + d, valid);
+        }
+    };
+#pragma unroll
+    for (int it = 0; it < STAGES - 1; ++it) {
+        if (it < mine) load(it, rows_of(it));
+        cp_async_commit();  // empty groups keep the count uniform
+    }
+    Rows ahead = rows_of(STAGES - 1);
+
+    float o[DT][4];
+    zero(o);
+    OnlineSoftmax<float> stats[2];
+    const float scale_log2 = float(f.scale) * float(LOG2E);
+    __syncthreads();  // sQ
+
+    for (int it = 0; it < mine; ++it) {
+        if (it + STAGES - 1 < mine) load(it + STAGES - 1, ahead);
+        ahead = rows_of(it + STAGES);
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
+        __syncwarp();  // every lane's copies of this tile have landed
+        const T* cK = ring + (it % STAGES) * 2 * TILE;
+        const T* cV = cK + TILE;
+        const int n0 = tile_start(it);
+
+        float s[NT][4];
+        zero(s);
+        gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ, cK, lane);
+
+        const TileKind kind = var[0].tile_kind(0, f.seqlen_q, n0, BLOCK_N);
+        auto softmax = [&](auto check) {
+            constexpr bool CHECK = decltype(check)::value;
+            float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = e / 2;
+                    s[j][e] = var[r].template score<CHECK, true>(s[j][e], scale_log2, query[r], n0 + 8 * j + 2 * tq + e % 2);
+                    tile_max[r] = fmax(tile_max[r], s[j][e]);
+                }
+            float alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) alpha[r] = stats[r].rescale(reduce_max<4>(tile_max[r]));
+#pragma unroll
+            for (int j = 0; j < DT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[j][e] = stats[e / 2].template prob<CHECK>(s[j][e]);
+                    stats[e / 2].l += s[j][e];
+                }
+        };
+        if (kind == INTERIOR) {
+            softmax(Bool<false>());
+        } else {
+            softmax(Bool<true>());
+        }
+
+        // Keys outside the band are never read; inside it only several query positions can split a tile
+        // into rows that see a key and rows that do not.
+        if (Var::hides_keys && kind != INTERIOR && f.seqlen_q > 1 && warp_tile_nonfinite<T, BLOCK_N, D_TILE, LD>(cV, lane))
+            gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, PaddedTile<T, LD>{cV}, lane);
+        else
+            gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
+        __syncwarp();  // the slot is refilled by the next iteration's load
+    }
+    cp_async_wait<0>();
+
+    // ---- merge the warps: each rescales its o to the block's running max
+    __syncthreads();  // every warp is done with its ring
+    float* s_o = reinterpret_cast<float*>(rings);  // [WARPS][16][D_TILE]
+    float* s_m = s_o + WARPS * 16 * D_TILE;        // [WARPS][16]
+    float* s_l = s_m + WARPS * 16;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float l = reduce_sum<4>(stats[r].l);
+        if (tq == 0) {
+            s_m[warp * 16 + g + 8 * r] = stats[r].m;
+            s_l[warp * 16 + g + 8 * r] = l;
+        }
+    }
+    __syncthreads();
+    // The block's max M of a row and its m_use, as OnlineSoftmax::rescale takes them: a row no warp saw keeps 0.
+    auto block_max = [&](int row) {
+        float m = neg_inf<float>();
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) m = fmax(m, s_m[w * 16 + row]);
+        return m;
+    };
+    auto m_use = [](float m) { return m == neg_inf<float>() ? 0.f : m; };
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = g + 8 * r;
+        const float factor = fast_exp2(stats[r].m - m_use(block_max(row)));
+#pragma unroll
+        for (int j = 0; j < DT; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) s_o[(warp * 16 + row) * D_TILE + 8 * j + 2 * tq + e] = o[j][2 * r + e] * factor;
+    }
+    __syncthreads();
+
+    // ---- the split's rows: o / l and lse, into out (one split) or the split buffers
+    const bool direct = p.num_splits == 1;
+    const i64 split_row0 = (i64)split * p.batch * f.nheads * f.seqlen_q;  // (split, b, h, i) rows
+    for (int idx = threadIdx.x; idx < rows * (D_TILE + 1); idx += WARPS * 32) {
+        const int row = idx / (D_TILE + 1), d = idx % (D_TILE + 1);  // column D_TILE: the row's lse
+        const float m = block_max(row), mu = m_use(m);
+        float l = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) l += s_l[w * 16 + row] * fast_exp2(s_m[w * 16 + row] - mu);
+        const i64 out_row = ((i64)b * f.nheads + head(row)) * f.seqlen_q + row % f.seqlen_q;  // (b, h, i)
+        if (d == D_TILE) {
+            OnlineSoftmax<float> total;
+            total.m = m;
+            const float lse = total.lse(l);
+            if (direct)
+                static_cast<float*>(f.lse)[out_row] = lse;
+            else
+                p.part_lse[split_row0 + out_row] = lse;
+        } else if (d < f.headdim) {
+            const float inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
+            float acc = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) acc += s_o[(w * 16 + row) * D_TILE + d];
+            if (direct)
+                static_cast<T*>(f.out)[b * f.o_st.b + (i64)(row % f.seqlen_q) * f.o_st.s + head(row) * f.o_st.h + d] =
+                    from_acc<T>(acc * inv_l);
+            else
+                p.part_out[(split_row0 + out_row) * f.headdim + d] = acc * inv_l;
+        }
+    }
+    if (!direct) merge_splits_if_last<T, WARPS>(p, b, hk);
+}
