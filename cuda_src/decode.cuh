@@ -19,14 +19,19 @@ __device__ __forceinline__ i64 cache_row(const DecodeParams& p, const Strides& s
 // the block that finishes last among the splits of (sequence b, kv head hk) merges them into out and lse, by
 // their lse as cupyflash.merge_attention does. The others' partials are read through L2 (ld.global.cg),
 // where their __threadfence put them before they counted themselves. A warp per row finds the row's max and
-// sum over the splits; then each thread sums its elements over the splits, loads in flight together.
+// sum over the splits; then each thread sums its elements over the splits. The last block also resets the
+// counter: the counters stay zero between launches (_cuda_backend keeps them per device and stream).
 template <typename T, int WARPS> __device__ void merge_splits_if_last(const DecodeParams& p, int b, int hk) {
     const FwdParams& f = p.fwd;
     __shared__ bool last;
     __shared__ float s_max[16], s_total[16];  // m (finite, or 0) and sum of exp(lse - m) of each row
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(p.split_counters + b * (f.nheads / f.group) + hk, 1u) == p.num_splits - 1;
+    unsigned* counter = p.split_counters + b * (f.nheads / f.group) + hk;
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1u) == p.num_splits - 1;
+        if (last) *counter = 0u;  // every split has counted: none reads it again in this launch
+    }
     __syncthreads();
     if (!last) return;
     __threadfence();

@@ -50,15 +50,6 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     const Var var[2] = {Var(f, b, head(g), seqlen_k), Var(f, b, head(g + 8), seqlen_k)};
     const int query[2] = {real(g) % f.seqlen_q, real(g + 8) % f.seqlen_q};
 
-    for (int idx = threadIdx.x; idx < 16 * D_TILE; idx += WARPS * 32) {
-        const int r = idx / D_TILE, d = idx % D_TILE;
-        T x;
-        x.bits = 0;
-        if (r < rows && d < f.headdim)
-            x = static_cast<const T*>(f.q)[b * f.q_st.b + (i64)(r % f.seqlen_q) * f.q_st.s + head(r) * f.q_st.h + d];
-        sQ[r * LD + d] = x;
-    }
-
     // The split's keys: a share of the band that some row may see (key_begin, key_end in mask.cuh).
     const int begin = var[0].key_begin(0) + split * p.keys_per_split;
     const int end = min(var[0].key_end(f.seqlen_q), begin + p.keys_per_split);
@@ -100,6 +91,16 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
         cp_async_commit();  // empty groups keep the count uniform
     }
     Rows ahead = rows_of(STAGES - 1);
+
+    // q, under the first tiles' copies
+    for (int idx = threadIdx.x; idx < 16 * D_TILE; idx += WARPS * 32) {
+        const int r = idx / D_TILE, d = idx % D_TILE;
+        T x;
+        x.bits = 0;
+        if (r < rows && d < f.headdim)
+            x = static_cast<const T*>(f.q)[b * f.q_st.b + (i64)(r % f.seqlen_q) * f.q_st.s + head(r) * f.q_st.h + d];
+        sQ[r * LD + d] = x;
+    }
 
     float o[DT][4];
     zero(o);

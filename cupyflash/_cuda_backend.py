@@ -368,6 +368,20 @@ class _Readdressed:
         return words.view(self.raw)[0]
 
 
+#: Counters of the decode kernels' splits by (device, stream): zero between launches, since the last split
+#: of a (sequence, kv head) resets its counter; a launch on one stream never meets another's.
+_SPLIT_COUNTERS = {}
+
+
+def _split_counters(device_id, count):
+    """The address of `count` zeroed split counters for the current stream of device `device_id`."""
+    key = (device_id, cupy.cuda.get_current_stream().ptr)
+    counters = _SPLIT_COUNTERS.get(key)
+    if counters is None or counters.size < count:
+        counters = _SPLIT_COUNTERS[key] = cupy.zeros(max(count, 1024), np.uint32)
+    return counters.data.ptr
+
+
 #: Each Spec's append structs (by what else a call may change), so that a decoding loop builds them once.
 _APPEND_STRUCTS = weakref.WeakKeyDictionary()
 _APPEND_ADDRESSES = ("fwd.k", "fwd.v", "cache_seqlens", "block_table", "k_new", "v_new")
@@ -454,8 +468,8 @@ def can_decode(spec, k_cache, v_cache, num_splits=0):
 def decode(q, k_cache, v_cache, spec, lengths, num_splits):
     """(out, lse) of q over each sequence's cache rows (CacheLengths, after the append) with splits of the
     keys chosen by _plan.decode_splits (`num_splits` 0: automatic), on the current device: q's. The caller
-    has asked can_decode. Several splits share one workspace: their partial outputs and lses, and a zeroed
-    counter per (sequence, kv head) that tells the last split to merge them."""
+    has asked can_decode. Several splits write their partial outputs and lses to a workspace and count
+    themselves on a counter per (sequence, kv head) that tells the last of them to merge them."""
     device_id = q.data.device_id
     plan = _decode_plan(spec, device_id, num_splits)
     q = _rows_contiguous(q)
@@ -463,11 +477,10 @@ def decode(q, k_cache, v_cache, spec, lengths, num_splits):
     lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), np.float32)
     splits = (0, 0, 0)
     if plan.splits > 1:
-        rows, counters = plan.splits * spec.batch * spec.nheads * spec.seqlen_q, spec.batch * spec.nheads_kv
-        workspace = _empty(rows * (spec.headdim + 1) + counters, np.float32)
+        rows = plan.splits * spec.batch * spec.nheads * spec.seqlen_q
+        workspace = _empty(rows * (spec.headdim + 1), np.float32)
         part_out = workspace.data.ptr
-        splits = (part_out, part_out + 4 * rows * spec.headdim, part_out + 4 * rows * (spec.headdim + 1))
-        cupy.cuda.runtime.memsetAsync(splits[2], 0, 4 * counters, cupy.cuda.get_current_stream().ptr)
+        splits = (part_out, part_out + 4 * rows * spec.headdim, _split_counters(device_id, spec.batch * spec.nheads_kv))
     table = lengths.block_table
     key = (q.strides, k_cache.strides, v_cache.strides, out.strides, *lengths[1:3], lengths.page_size,
            None if table is None else table.shape)
