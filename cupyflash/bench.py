@@ -68,6 +68,7 @@ PEERS = ("naive", *TORCH_BACKENDS)
 ALL_PEERS = ("naive", "torch-flash", "torch-efficient", "torch-cudnn")  # 'all': MATH only on request
 PLAIN = "cupyflash-plain"
 PADDED = "cupyflash-padded"  # --varlen: the packed batch padded to its longest sequence, the padding masked
+DENSE = "cupyflash-dense"  # --varlen: a dense batch of about the same tokens, every sequence of the mean length
 PAGED = "cupyflash-paged"  # --decode: the same cache in pages of DECODE_PAGE_SIZE rows, in random order
 DECODE_PAGE_SIZE = 256
 PAGE_SEED = 11
@@ -450,6 +451,18 @@ def build_paged(case: Case, x: dict) -> Callable:
     return lambda: cupyflash.attention_with_kvcache(x["q"], k, v, cache_seqlens=case.seqlen, block_table=block_table)
 
 
+def dense_case(case: Case) -> Case:
+    """The dense batch a packed batch is compared with per token: as many sequences, each of the packed
+    batch's mean length (about the same total tokens; credited its own pairs)."""
+    return dataclasses.replace(case, lengths=(), seqlen=round(sum(case.lengths) / len(case.lengths)),
+                               batch=len(case.lengths))
+
+
+def build_dense(case: Case, x: dict) -> Callable:
+    """cupyflash on `case`, a dense_case, with inputs of its own shape."""
+    return build_cupyflash(case, make_inputs(case, _array_module(x["q"])))
+
+
 def build_naive(case: Case, x: dict) -> Callable:
     if case.kind == "dropout":
         raise Unsupported("the naive peer has no dropout")
@@ -519,6 +532,8 @@ def builder(impl: str) -> Callable[[Case, dict], Callable]:
         return build_cupyflash
     if impl == PADDED:
         return build_padded
+    if impl == DENSE:
+        return build_dense
     if impl == PAGED:
         return build_paged
     if impl == "naive":
@@ -790,7 +805,8 @@ def sweep(cases, impls, backend, repeats, warmup) -> list[dict[str, Result]]:
             for impl in impls:
                 if impl not in row:
                     step(f"{impl} {describe(case)}")
-                    row[impl] = run_case(impl, case, inputs, backend, repeats, warmup)
+                    row[impl] = run_case(impl, dense_case(case) if impl == DENSE else case, inputs, backend, repeats,
+                                         warmup)
             rows.append(row)
             del inputs
             backend.cleanup()
@@ -1095,8 +1111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"dropout probability (dropout_seed={DROPOUT_SEED})")
     p.add_argument("--varlen", action="store_true",
                    help="a packed batch of mixed lengths (cu_seqlens) against the same batch padded to its longest "
-                        "sequence: 64 sequences of 128-4096 tokens, 16 heads, hdim 128; TFLOP/s count real pairs "
-                        "only; --modes, --causal, --headdims, --nheads, --nheads-kv override")
+                        f"sequence ({PADDED}) and a dense batch of about the same tokens, every sequence of the mean "
+                        f"length ({DENSE}): 64 sequences of 128-4096 tokens, 16 heads, hdim 128; TFLOP/s count real "
+                        "pairs only; --modes, --causal, --headdims, --nheads, --nheads-kv override")
     p.add_argument("--decode", action="store_true",
                    help="decoding against a KV cache (attention_with_kvcache; GB/s of keys and values read): one "
                         "query token, GQA 32/8, hdim 128, batch 1,8,32 x cache 8k,32k,128k, contiguous and paged "
@@ -1165,7 +1182,7 @@ def main(argv=None) -> int:
         heads = args.nheads or varlen_heads
         cases = [Case(mode, causal, hd, max(lengths), count, heads, args.nheads_kv or heads, dtype, lengths=lengths)
                  for mode in args.modes or MODES for causal in causals for hd in args.headdims or [headdim]]
-        peers = [PADDED]
+        peers = [PADDED, DENSE]
     elif args.decode:
         batches, caches, decode_heads, decode_heads_kv, headdim = DECODE_PRESET[backend.name]
         cases = [Case("decode", False, hd, cache, b, args.nheads or decode_heads,

@@ -96,7 +96,8 @@ def test_bench_cpu_varlen(tmp_path):
     assert len(lengths) == case["batch"] == 8 and case["seqlen"] == max(lengths)
     # credited the real pairs only: 4 * nheads * headdim * sum(L^2) / 2
     assert case["flops"] == 4 * case["nheads"] * case["headdim"] * sum(n * n for n in lengths) / 2
-    assert all(case["results"][impl]["status"] == "ok" for impl in ("cupyflash", "cupyflash-padded")), case
+    assert all(case["results"][impl]["status"] == "ok" for impl in ("cupyflash", "cupyflash-padded", "cupyflash-dense"))
+    assert "cupyflash-dense" in out, out
 
 
 def test_gpu_examples_skip_cleanly_or_run(tmp_path):
