@@ -392,13 +392,13 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
     import cupy
 
     spec = call.spec
-    lengths = call.cache_seqlens
+    cached = call.cache_seqlens  # checked, on the host
     if array_kind(cache_seqlens) == "cupy":
         device_lengths, uniform = cache_seqlens, 0
-    elif (lengths == lengths[0]).all():
-        device_lengths, uniform = None, int(lengths[0])
+    elif (cached == cached[0]).all():
+        device_lengths, uniform = None, int(cached[0])
     else:
-        device_lengths, uniform = cupy.asarray(lengths.astype(np.int32)), 0
+        device_lengths, uniform = cupy.asarray(cached.astype(np.int32)), 0
     table = None if block_table is None else cupy.ascontiguousarray(cupy.asarray(block_table))
     lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
     with q.device:
