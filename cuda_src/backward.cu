@@ -16,20 +16,22 @@
 #include "params.cuh"
 #include "softmax.cuh"
 
-// One warp per (batch, head, query row).
+// One warp per (batch entry, head, query row), delta in lse's layout: a packed batch is one entry of all
+// its rows.
 template <typename T>
 __global__ void __launch_bounds__(128) flash_bwd_delta(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
     const FwdParams& f = p.fwd;
     const i64 row = (i64)blockIdx.x * 4 + threadIdx.x / 32;
-    if (row >= (i64)p.batch * f.nheads * f.seqlen_q) return;
-    const int i = (int)(row % f.seqlen_q), h = (int)((row / f.seqlen_q) % f.nheads), b = (int)(row / f.seqlen_q / f.nheads);
+    if (row >= (i64)(f.cu_seqlens_q ? 1 : p.batch) * f.nheads * f.total_q) return;
+    const int i = (int)(row % f.total_q), h = (int)((row / f.total_q) % f.nheads),
+              b = (int)(row / f.total_q / f.nheads);
     const T* dor = static_cast<const T*>(p.dout) + b * p.do_st.b + (i64)i * p.do_st.s + h * p.do_st.h;
     const T* orow = static_cast<const T*>(f.out) + b * f.o_st.b + (i64)i * f.o_st.s + h * f.o_st.h;
     A acc = A(0);
     for (int d = threadIdx.x % 32; d < f.headdim; d += 32) acc += to_acc(dor[d]) * to_acc(orow[d]);
     acc = reduce_sum<32>(acc);
-    if (threadIdx.x % 32 == 0) static_cast<A*>(p.delta)[row] = acc;
+    if (threadIdx.x % 32 == 0) static_cast<A*>(p.delta)[b * f.lse_sb + h * f.lse_sh + i] = acc;
 }
 
 template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int THREADS, typename Var>
@@ -54,11 +56,13 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
     const int n0 = blockIdx.x * BLOCK_N, hk = blockIdx.y, b = blockIdx.z;
     const int r = threadIdx.x / TPR, c = threadIdx.x % TPR, j = n0 + r;
     const A scale_log2 = A(f.scale) * A(LOG2E);
+    const Sequence seq = sequence<Var::packed>(f, b);
+    if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
 
-    load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, static_cast<const T*>(f.k) + b * f.k_st.b + hk * f.k_st.h +
-                                                (i64)n0 * f.k_st.s, f.k_st.s, 0, f.seqlen_k - n0, f.headdim);
-    load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, static_cast<const T*>(f.v) + b * f.v_st.b + hk * f.v_st.h +
-                                                (i64)n0 * f.v_st.s, f.v_st.s, 0, f.seqlen_k - n0, f.headdim);
+    load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, seq.key_rows(static_cast<const T*>(f.k), f.k_st, hk, n0), f.k_st.s,
+                                                0, seq.seqlen_k - n0, f.headdim);
+    load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, seq.key_rows(static_cast<const T*>(f.v), f.v_st, hk, n0), f.v_st.s,
+                                                0, seq.seqlen_k - n0, f.headdim);
 
     A dk_acc[COLS_D], dv_acc[COLS_D];
 #pragma unroll
@@ -66,24 +70,24 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
 
     for (int g = 0; g < f.group; ++g) {
         const int h = hk * f.group + g;
-        const Var var(f, b, h);
+        const Var var = variant_of<Var>(f, seq, b, h);
         int t_first, t_last;
         var.template query_tiles<BLOCK_M, BLOCK_N>(n0, t_first, t_last);
-        const T* qh = static_cast<const T*>(f.q) + b * f.q_st.b + h * f.q_st.h;
-        const T* doh = static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h;
-        const A* lse_h = static_cast<const A*>(f.lse) + ((i64)b * f.nheads + h) * f.seqlen_q;
-        const A* delta_h = static_cast<const A*>(p.delta) + ((i64)b * f.nheads + h) * f.seqlen_q;
+        const T* qh = seq.query_rows(static_cast<const T*>(f.q), f.q_st, h, 0);
+        const T* doh = seq.query_rows(static_cast<const T*>(p.dout), p.do_st, h, 0);
+        const A* lse_h = static_cast<const A*>(f.lse) + seq.stat_row0(f, h);
+        const A* delta_h = static_cast<const A*>(p.delta) + seq.stat_row0(f, h);
         for (int mt = t_first; mt < t_last; ++mt) {
             const int m0 = mt * BLOCK_M;
             __syncthreads();  // previous query tile fully consumed
             const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
             if (kind == SKIP) continue;
-            load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, qh + (i64)m0 * f.q_st.s, f.q_st.s, 0, f.seqlen_q - m0,
+            load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, qh + (i64)m0 * f.q_st.s, f.q_st.s, 0, seq.seqlen_q - m0,
                                                         f.headdim);
-            load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sdO, doh + (i64)m0 * p.do_st.s, p.do_st.s, 0, f.seqlen_q - m0,
-                                                        f.headdim);
+            load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sdO, doh + (i64)m0 * p.do_st.s, p.do_st.s, 0,
+                                                        seq.seqlen_q - m0, f.headdim);
             for (int x = threadIdx.x; x < BLOCK_M; x += THREADS) {
-                const bool valid = m0 + x < f.seqlen_q;
+                const bool valid = m0 + x < seq.seqlen_q;
                 sLse[x] = valid ? lse_log2(lse_h[m0 + x]) : A(0);
                 sDelta[x] = valid ? delta_h[m0 + x] : A(0);
             }
@@ -118,8 +122,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
             __syncwarp();  // the TPR threads of a key row share its pd and dx
 
             const bool guard = Var::hides_keys && needs_mask &&
-                               (rows_nonfinite(p.q_nonfinite, f.seqlen_q, f.nheads, b, h, m0, BLOCK_M) ||
-                                rows_nonfinite(p.do_nonfinite, f.seqlen_q, f.nheads, b, h, m0, BLOCK_M));
+                               (seq.queries_nonfinite(p.q_nonfinite, f, h, m0, BLOCK_M) ||
+                                seq.queries_nonfinite(p.do_nonfinite, f, h, m0, BLOCK_M));
             for (int im = 0; im < BLOCK_M; ++im) {
                 const A pd = sP[r * LDP + im], dx = sdX[r * LDP + im];
                 if (guard && is_masked_zero(pd)) continue;  // masked queries' data must not reach this key
@@ -132,9 +136,9 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
         }
     }
 
-    if (j < f.seqlen_k) {
-        T* dk_row = static_cast<T*>(p.dk) + b * p.dk_st.b + (i64)j * p.dk_st.s + hk * p.dk_st.h;
-        T* dv_row = static_cast<T*>(p.dv) + b * p.dv_st.b + (i64)j * p.dv_st.s + hk * p.dv_st.h;
+    if (j < seq.seqlen_k) {
+        T* dk_row = seq.key_rows(static_cast<T*>(p.dk), p.dk_st, hk, j);
+        T* dv_row = seq.key_rows(static_cast<T*>(p.dv), p.dv_st, hk, j);
 #pragma unroll
         for (int jd = 0; jd < COLS_D; ++jd) {
             const int d = c + TPR * jd;
@@ -164,18 +168,20 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
 
     const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / f.group;
     const int r = threadIdx.x / TPR, c = threadIdx.x % TPR, i = m0 + r;
-    const Var var(f, b, h);
+    const Sequence seq = sequence<Var::packed>(f, b);
+    if (m0 >= seq.seqlen_q) return;  // a packed sequence shorter than the longest
+    const Var var = variant_of<Var>(f, seq, b, h);
     const A scale_log2 = A(f.scale) * A(LOG2E);
-    const T* k = static_cast<const T*>(f.k) + b * f.k_st.b + hk * f.k_st.h;
-    const T* v = static_cast<const T*>(f.v) + b * f.v_st.b + hk * f.v_st.h;
+    const T* k = seq.key_rows(static_cast<const T*>(f.k), f.k_st, hk, 0);
+    const T* v = seq.key_rows(static_cast<const T*>(f.v), f.v_st, hk, 0);
 
-    load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, static_cast<const T*>(f.q) + b * f.q_st.b + h * f.q_st.h +
-                                                (i64)m0 * f.q_st.s, f.q_st.s, 0, f.seqlen_q - m0, f.headdim);
-    load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sdO, static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h +
-                                                (i64)m0 * p.do_st.s, p.do_st.s, 0, f.seqlen_q - m0, f.headdim);
-    const i64 stat = ((i64)b * f.nheads + h) * f.seqlen_q + i;
-    const A lse2 = i < f.seqlen_q ? lse_log2(static_cast<const A*>(f.lse)[stat]) : A(0);
-    const A delta_i = i < f.seqlen_q ? static_cast<const A*>(p.delta)[stat] : A(0);
+    load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, seq.query_rows(static_cast<const T*>(f.q), f.q_st, h, m0), f.q_st.s,
+                                                0, seq.seqlen_q - m0, f.headdim);
+    load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sdO, seq.query_rows(static_cast<const T*>(p.dout), p.do_st, h, m0),
+                                                p.do_st.s, 0, seq.seqlen_q - m0, f.headdim);
+    const i64 stat = seq.stat_row0(f, h) + i;
+    const A lse2 = i < seq.seqlen_q ? lse_log2(static_cast<const A*>(f.lse)[stat]) : A(0);
+    const A delta_i = i < seq.seqlen_q ? static_cast<const A*>(p.delta)[stat] : A(0);
     A* dbias = Var::bias && f.var.dbias ? static_cast<A*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh : nullptr;
 
     A dq_acc[COLS_D];
@@ -189,8 +195,10 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
         __syncthreads();  // previous key tile fully consumed
         const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;
-        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * f.k_st.s, f.k_st.s, 0, f.seqlen_k - n0, f.headdim);
-        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * f.v_st.s, f.v_st.s, 0, f.seqlen_k - n0, f.headdim);
+        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * f.k_st.s, f.k_st.s, 0, seq.seqlen_k - n0,
+                                                    f.headdim);
+        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * f.v_st.s, f.v_st.s, 0, seq.seqlen_k - n0,
+                                                    f.headdim);
         __syncthreads();
 
         A s[COLS_N], dp[COLS_N];
@@ -215,7 +223,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
                 pair_backward<CHECK, sizeof(T) == 2>(v, s[jj], dp[jj], scale_log2, lse2, delta_i, i, n0 + jn,
                                      Var::dropout && v.keep(i, n0 + jn), pd, ds, dx);
                 sdX[r * LDS + jn] = dx;
-                if (Var::bias && dbias && i < f.seqlen_q && n0 + jn < f.seqlen_k && !is_masked_zero(ds))
+                if (Var::bias && dbias && i < seq.seqlen_q && n0 + jn < seq.seqlen_k && !is_masked_zero(ds))
                     atomicAdd(dbias + i * f.var.dbias_sq + (n0 + jn) * f.var.dbias_sk, ds);
             }
         };
@@ -223,7 +231,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
         __syncwarp();  // the TPR threads of a query row share its dx
 
         const bool guard = Var::hides_keys && needs_mask &&
-                           rows_nonfinite(p.k_nonfinite, f.seqlen_k, f.nheads / f.group, b, hk, n0, BLOCK_N);
+                           seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N);
         for (int n = 0; n < BLOCK_N; ++n) {
             const A dx = sdX[r * LDS + n];
             if (guard && is_masked_zero(dx)) continue;  // masked keys must not reach this row
@@ -232,8 +240,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
         }
     }
 
-    if (i < f.seqlen_q) {
-        T* dq_row = static_cast<T*>(p.dq) + b * p.dq_st.b + (i64)i * p.dq_st.s + h * p.dq_st.h;
+    if (i < seq.seqlen_q) {
+        T* dq_row = seq.query_rows(static_cast<T*>(p.dq), p.dq_st, h, i);
 #pragma unroll
         for (int jd = 0; jd < COLS_D; ++jd) {
             const int d = c + TPR * jd;

@@ -36,25 +36,26 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
     const int n0 = blockIdx.x / SLICES * BLOCK_N, col0 = blockIdx.x % SLICES * D_OUT, hk = blockIdx.y, b = blockIdx.z;
     const float scale_log2 = float(f.scale) * float(LOG2E);
+    const Sequence seq = sequence<Var::packed>(f, b);
+    if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
 
     // The stream: the band's query tiles of head hk * group, then of the next head of the group (the
     // band depends on the head only through ALiBi and masks, never through its bounds).
     int m_first, m_last;
-    Var(f, b, hk * f.group).template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_last);
+    variant_of<Var>(f, seq, b, hk * f.group).template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_last);
     const int per_head = m_last - m_first;
     const int n_tiles = f.group * per_head;
     auto load_query_tile = [&](int t, int buf) {
         const int h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
-            sQ + buf * BLOCK_M * LD, static_cast<const T*>(f.q) + b * f.q_st.b + h * f.q_st.h + (i64)m0 * f.q_st.s,
-            f.q_st.s, f.seqlen_q - m0, f.headdim);
+            sQ + buf * BLOCK_M * LD, seq.query_rows(static_cast<const T*>(f.q), f.q_st, h, m0), f.q_st.s,
+            seq.seqlen_q - m0, f.headdim);
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
-            sdO + buf * BLOCK_M * LD,
-            static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + (i64)m0 * p.do_st.s, p.do_st.s,
-            f.seqlen_q - m0, f.headdim);
-        const i64 stats = ((i64)b * f.nheads + h) * f.seqlen_q + m0;
+            sdO + buf * BLOCK_M * LD, seq.query_rows(static_cast<const T*>(p.dout), p.do_st, h, m0), p.do_st.s,
+            seq.seqlen_q - m0, f.headdim);
+        const i64 stats = seq.stat_row0(f, h) + m0;
         for (int r = threadIdx.x; r < BLOCK_M; r += THREADS) {
-            const bool valid = m0 + r < f.seqlen_q;
+            const bool valid = m0 + r < seq.seqlen_q;
             sLse[buf * BLOCK_M + r] = valid ? lse_log2(static_cast<const float*>(f.lse)[stats + r]) : 0.f;
             sDelta[buf * BLOCK_M + r] = valid ? static_cast<const float*>(p.delta)[stats + r] : 0.f;
         }
@@ -62,11 +63,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
 
     if (n_tiles > 0) {  // else no query sees these keys: dk = dv = 0
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(
-            sK, static_cast<const T*>(f.k) + b * f.k_st.b + hk * f.k_st.h + (i64)n0 * f.k_st.s, f.k_st.s,
-            f.seqlen_k - n0, f.headdim);
+            sK, seq.key_rows(static_cast<const T*>(f.k), f.k_st, hk, n0), f.k_st.s, seq.seqlen_k - n0, f.headdim);
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(
-            sV, static_cast<const T*>(f.v) + b * f.v_st.b + hk * f.v_st.h + (i64)n0 * f.v_st.s, f.v_st.s,
-            f.seqlen_k - n0, f.headdim);
+            sV, seq.key_rows(static_cast<const T*>(f.v), f.v_st, hk, n0), f.v_st.s, seq.seqlen_k - n0, f.headdim);
         load_query_tile(0, 0);
         cp_async_commit();
     }
@@ -90,7 +89,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         const T* cdO = sdO + buf * BLOCK_M * LD;
         const float* cLse = sLse + buf * BLOCK_M;
         const float* cDelta = sDelta + buf * BLOCK_M;
-        const Var var(f, b, h);
+        const Var var = variant_of<Var>(f, seq, b, h);
         const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) {
             __syncthreads();  // this buffer is refilled two tiles from now
@@ -108,8 +107,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         check_tile(kind, var, [&](auto check, const Var& v) {
             key_rows_backward<decltype(check)::value>(v, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
         });
-        if (Var::hides_keys && needs_mask && (rows_nonfinite(p.do_nonfinite, f.seqlen_q, f.nheads, b, h, m0, BLOCK_M) ||
-                                              rows_nonfinite(p.q_nonfinite, f.seqlen_q, f.nheads, b, h, m0, BLOCK_M))) {
+        if (Var::hides_keys && needs_mask && (seq.queries_nonfinite(p.do_nonfinite, f, h, m0, BLOCK_M) ||
+                                              seq.queries_nonfinite(p.q_nonfinite, f, h, m0, BLOCK_M))) {
             gemm_rn_guarded<T, BLOCK_M, D_OUT>(dv_acc, st, PaddedTile<T, LD>{cdO + col0}, lane);
             gemm_rn_guarded<T, BLOCK_M, D_OUT>(dk_acc, dpt, PaddedTile<T, LD>{cQ + col0}, lane);
         } else {
@@ -120,10 +119,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     }
 
     const float dk_scale[2] = {float(f.scale), float(f.scale)}, dv_scale[2] = {1.f, 1.f};
-    store_slab(static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h + (i64)n0 * p.dk_st.s + col0, p.dk_st.s,
-               dk_acc, dk_scale, warp * 16, f.seqlen_k - n0, f.headdim - col0, lane);
-    store_slab(static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h + (i64)n0 * p.dv_st.s + col0, p.dv_st.s,
-               dv_acc, dv_scale, warp * 16, f.seqlen_k - n0, f.headdim - col0, lane);
+    store_slab(seq.key_rows(static_cast<T*>(p.dk), p.dk_st, hk, n0) + col0, p.dk_st.s, dk_acc, dk_scale, warp * 16,
+               seq.seqlen_k - n0, f.headdim - col0, lane);
+    store_slab(seq.key_rows(static_cast<T*>(p.dv), p.dv_st, hk, n0) + col0, p.dv_st.s, dv_acc, dv_scale, warp * 16,
+               seq.seqlen_k - n0, f.headdim - col0, lane);
 }
 
 template <typename T, int D_TILE, int BLOCK_N, int WARPS, typename Var, bool ALIGNED>
@@ -141,21 +140,22 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / f.group;
-    const Var var(f, b, h);
+    const Sequence seq = sequence<Var::packed>(f, b);
+    if (m0 >= seq.seqlen_q) return;  // a packed sequence shorter than the longest
+    const Var var = variant_of<Var>(f, seq, b, h);
     int t_first, t_last;
     var.template key_tiles<BLOCK_M, BLOCK_N>(m0, t_first, t_last);
-    const int n_tiles = t_last - t_first, kv_rows = f.seqlen_k - t_first * BLOCK_N;
-    const T* k = static_cast<const T*>(f.k) + b * f.k_st.b + hk * f.k_st.h + (i64)t_first * BLOCK_N * f.k_st.s;
-    const T* v = static_cast<const T*>(f.v) + b * f.v_st.b + hk * f.v_st.h + (i64)t_first * BLOCK_N * f.v_st.s;
+    const int n_tiles = t_last - t_first, kv_rows = seq.seqlen_k - t_first * BLOCK_N;
+    const T* k = seq.key_rows(static_cast<const T*>(f.k), f.k_st, hk, t_first * BLOCK_N);
+    const T* v = seq.key_rows(static_cast<const T*>(f.v), f.v_st, hk, t_first * BLOCK_N);
     const float scale_log2 = float(f.scale) * float(LOG2E);
 
     if (n_tiles > 0) {
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
-            sQ, static_cast<const T*>(f.q) + b * f.q_st.b + h * f.q_st.h + (i64)m0 * f.q_st.s, f.q_st.s,
-            f.seqlen_q - m0, f.headdim);
+            sQ, seq.query_rows(static_cast<const T*>(f.q), f.q_st, h, m0), f.q_st.s, seq.seqlen_q - m0, f.headdim);
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
-            sdO, static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + (i64)m0 * p.do_st.s, p.do_st.s,
-            f.seqlen_q - m0, f.headdim);
+            sdO, seq.query_rows(static_cast<const T*>(p.dout), p.do_st, h, m0), p.do_st.s, seq.seqlen_q - m0,
+            f.headdim);
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, k, f.k_st.s, kv_rows, f.headdim);
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV, v, f.v_st.s, kv_rows, f.headdim);
         cp_async_commit();
@@ -166,9 +166,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = row0 + 8 * r;
-        const i64 stat = ((i64)b * f.nheads + h) * f.seqlen_q + row;
-        lse2[r] = row < f.seqlen_q ? lse_log2(static_cast<const float*>(f.lse)[stat]) : 0.f;
-        delta_row[r] = row < f.seqlen_q ? static_cast<const float*>(p.delta)[stat] : 0.f;
+        const i64 stat = seq.stat_row0(f, h) + row;
+        lse2[r] = row < seq.seqlen_q ? lse_log2(static_cast<const float*>(f.lse)[stat]) : 0.f;
+        delta_row[r] = row < seq.seqlen_q ? static_cast<const float*>(p.delta)[stat] : 0.f;
     }
     float* dbias = Var::bias && f.var.dbias ? static_cast<float*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh : nullptr;
     float dq_acc[DT][4];
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
             query_rows_backward<decltype(check)::value>(v, s, dp, row0, n0, tq, scale_log2, lse2, delta_row, dbias,
                                                         f.var.dbias_sq, f.var.dbias_sk);
         });
-        if (Var::hides_keys && needs_mask && rows_nonfinite(p.k_nonfinite, f.seqlen_k, f.nheads / f.group, b, hk, n0, BLOCK_N)) {
+        if (Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N)) {
             gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, dp, PaddedTile<T, LD>{cK}, lane);
         } else {
             gemm_rn<T, BLOCK_N, D_TILE, LD>(dq_acc, dp, cK, lane);
@@ -204,6 +204,6 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     }
 
     const float dq_scale[2] = {float(f.scale), float(f.scale)};
-    store_slab(static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h + (i64)m0 * p.dq_st.s, p.dq_st.s, dq_acc,
-               dq_scale, warp * 16, f.seqlen_q - m0, f.headdim, lane);
+    store_slab(seq.query_rows(static_cast<T*>(p.dq), p.dq_st, h, m0), p.dq_st.s, dq_acc, dq_scale, warp * 16,
+               seq.seqlen_q - m0, f.headdim, lane);
 }

@@ -17,8 +17,8 @@
 //              (mask.cuh; element masks on EDGE tiles only), dv += pd^T dout, dk += dx^T q, dq = dx k
 //              (wgmma); the order of dq's additions varies from run to run.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
-// ends of the tensors arrive as zeros. Tiles whose hidden pairs meet data that is not finite take the
-// guarded products (mma.cuh) instead.
+// ends of the tensors arrive as zeros, rows past a packed sequence's end are its neighbour's. Tiles whose
+// hidden pairs meet data that is not finite take the guarded products (mma.cuh) instead.
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -29,22 +29,40 @@
 
 constexpr int SM90_BWD_BLOCK_M = 64;  // query rows per streamed tile
 
-// One warp per padded row (batch, head, row < p.rows).
-template <typename T>
+// Row of (sequence b, head h, query 0) in the buffers padded to whole query tiles (delta, lse_log2,
+// dq_accum): (batch, nheads, rows) for a dense batch; (nheads, rows) for a packed one, sequence b from row
+// (cu_seqlens_q[b] / BLOCK_M + b) BLOCK_M, which leaves each sequence its whole tiles.
+template <bool PACKED>
+__device__ __forceinline__ i64 padded_row0(const BwdParamsSm90& p, int b, int h) {
+    if constexpr (PACKED)
+        return (i64)h * p.rows + (i64)(p.bwd.fwd.cu_seqlens_q[b] / SM90_BWD_BLOCK_M + b) * SM90_BWD_BLOCK_M;
+    return ((i64)b * p.bwd.fwd.nheads + h) * p.rows;
+}
+
+// Query rows of the longest sequence padded to whole tiles.
+__device__ __forceinline__ int padded_rows(int seqlen_q) {
+    return (seqlen_q + SM90_BWD_BLOCK_M - 1) / SM90_BWD_BLOCK_M * SM90_BWD_BLOCK_M;
+}
+
+// One warp per padded row (head, row) of sequence blockIdx.y.
+template <typename T, bool PACKED>
 __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_constant__ BwdParamsSm90 p) {
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const i64 row = (i64)blockIdx.x * 4 + threadIdx.x / 32;
-    if (row >= (i64)bp.batch * f.nheads * p.rows) return;
-    const int lane = threadIdx.x % 32, i = (int)(row % p.rows), h = (int)((row / p.rows) % f.nheads),
-              b = (int)(row / p.rows / f.nheads);
+    const int longest = padded_rows(f.seqlen_q), b = blockIdx.y;
+    const i64 at = (i64)blockIdx.x * 4 + threadIdx.x / 32;
+    if (at >= (i64)f.nheads * longest) return;
+    const int lane = threadIdx.x % 32, i = (int)(at % longest), h = (int)(at / longest);
+    const Sequence seq = sequence<PACKED>(f, b);
+    if (i >= padded_rows(seq.seqlen_q)) return;
+    const i64 row = padded_row0<PACKED>(p, b, h) + i;
     float delta = 0.f, lse2 = 0.f;
-    if (i < f.seqlen_q) {
-        const T* dor = static_cast<const T*>(bp.dout) + b * bp.do_st.b + (i64)i * bp.do_st.s + h * bp.do_st.h;
-        const T* orow = static_cast<const T*>(f.out) + b * f.o_st.b + (i64)i * f.o_st.s + h * f.o_st.h;
+    if (i < seq.seqlen_q) {
+        const T* dor = seq.query_rows(static_cast<const T*>(bp.dout), bp.do_st, h, i);
+        const T* orow = seq.query_rows(static_cast<const T*>(f.out), f.o_st, h, i);
         for (int d = lane; d < f.headdim; d += 32) delta += to_acc(dor[d]) * to_acc(orow[d]);
         delta = reduce_sum<32>(delta);
-        lse2 = lse_log2(static_cast<const float*>(f.lse)[((i64)b * f.nheads + h) * f.seqlen_q + i]);
+        lse2 = lse_log2(static_cast<const float*>(f.lse)[seq.stat_row0(f, h) + i]);
     }
     if (lane == 0) {
         static_cast<float*>(bp.delta)[row] = delta;
@@ -71,10 +89,11 @@ template <typename Var, int BLOCK_N> __device__ __forceinline__ KeyBlock key_blo
 // side add their dq to different tiles of the accumulator (with one, the bands start apart already, and
 // keeping the order measured faster).
 template <int BLOCK_M, int BLOCK_N> struct QueryStream {
+    Sequence seq;
     int n0, hk, b, group, m_first, per_head, tiles, start;
     template <typename Var>
-    __device__ QueryStream(const FwdParams& f, const Var& var, int n0_, int hk_, int b_)
-        : n0(n0_), hk(hk_), b(b_), group(f.group) {
+    __device__ QueryStream(const FwdParams& f, const Sequence& seq_, const Var& var, int n0_, int hk_, int b_)
+        : seq(seq_), n0(n0_), hk(hk_), b(b_), group(f.group) {
         int m_last;
         var.template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_last);
         per_head = m_last - m_first;
@@ -136,16 +155,16 @@ template <int STAGES> struct BwdBarriers {
 };
 
 // Producer thread 0: k and v once, then query tile t into stage t % STAGES once the reduction has freed it.
-template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+template <bool PACKED, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
 __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
                                            const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
                                            const BwdBarriers<STAGES>& bar) {
     constexpr int CHUNKS = D_TILE / 64;
-    const FwdParams& f = p.bwd.fwd;
+    const int k_row = int(qs.seq.k0) + qs.n0, q0 = int(qs.seq.q0), entry = qs.seq.entry;
     mbar_expect_tx(bar.kv_full, 2 * BLOCK_N * D_TILE * sizeof(T));
     for (int c = 0; c < CHUNKS; ++c) {
-        tma_load(sm.k + c * BLOCK_N * 64, p.tma_k, c * 64, qs.n0, qs.hk, qs.b, bar.kv_full);
-        tma_load(sm.v + c * BLOCK_N * 64, p.tma_v, c * 64, qs.n0, qs.hk, qs.b, bar.kv_full);
+        tma_load(sm.k + c * BLOCK_N * 64, p.tma_k, c * 64, k_row, qs.hk, entry, bar.kv_full);
+        tma_load(sm.v + c * BLOCK_N * 64, p.tma_v, c * 64, k_row, qs.hk, entry, bar.kv_full);
     }
     for (int t = 0; t < qs.tiles; ++t) {
         const int stage = t % STAGES, h = qs.head(t), m0 = qs.m0(t);
@@ -153,10 +172,10 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
         if (t >= STAGES) mbar_wait(bar.q_free + stage, (t / STAGES - 1) & 1);
         mbar_expect_tx(full, 2 * BLOCK_M * D_TILE * sizeof(T) + 2 * BLOCK_M * sizeof(float));
         for (int c = 0; c < CHUNKS; ++c) {
-            tma_load(sm.q(stage) + c * BLOCK_M * 64, p.tma_q, c * 64, m0, h, qs.b, full);
-            tma_load(sm.dout(stage) + c * BLOCK_M * 64, p.tma_do, c * 64, m0, h, qs.b, full);
+            tma_load(sm.q(stage) + c * BLOCK_M * 64, p.tma_q, c * 64, q0 + m0, h, entry, full);
+            tma_load(sm.dout(stage) + c * BLOCK_M * 64, p.tma_do, c * 64, q0 + m0, h, entry, full);
         }
-        const i64 stats = ((i64)qs.b * f.nheads + h) * p.rows + m0;
+        const i64 stats = padded_row0<PACKED>(p, qs.b, h) + m0;
         bulk_load(sm.lse2 + stage * BLOCK_M, p.lse_log2 + stats, BLOCK_M * sizeof(float), full);
         bulk_load(sm.delta + stage * BLOCK_M, static_cast<const float*>(p.bwd.delta) + stats, BLOCK_M * sizeof(float),
                   full);
@@ -165,7 +184,7 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
 
 // Producer thread 32: each tile's staged dq into the accumulator (one bulk reduction; the accumulator keeps
 // each tile in the consumers' register order, flash_bwd_dq_convert reads it back), then frees the stage.
-template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+template <bool PACKED, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
 __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
                                           const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
                                           const BwdBarriers<STAGES>& bar) {
@@ -173,7 +192,7 @@ __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStr
         const int stage = t % STAGES;
         mbar_wait(bar.dq_full + stage, (t / STAGES) & 1);
         if (bar.dq_staged[stage]) {
-            bulk_reduce_add(p.dq_accum + (((i64)qs.b * p.bwd.fwd.nheads + qs.head(t)) * p.rows + qs.m0(t)) * D_TILE,
+            bulk_reduce_add(p.dq_accum + (padded_row0<PACKED>(p, qs.b, qs.head(t)) + qs.m0(t)) * D_TILE,
                             sm.dq(stage), BLOCK_M * D_TILE * sizeof(float));
             bulk_wait_read();
         }
@@ -202,21 +221,19 @@ template <int STAGES> __device__ __forceinline__ void stage_no_dq(const BwdBarri
 }
 
 // Consumers, before the stream: k and v arrived; and whether any key's data is not finite (asked only by
-// the variants that hide keys from some rows: such keys then reach dq through the guarded products).
-template <typename Var, int BLOCK_N, int STAGES>
-__device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const BwdParams& p, const KeyBlock& kb,
-                                          int tiles) {
-    if (tiles > 0) mbar_wait(bar.kv_full, 0);
-    const FwdParams& f = p.fwd;
-    return Var::hides_keys && tiles > 0 &&
-           rows_nonfinite(p.k_nonfinite, f.seqlen_k, f.nheads / f.group, kb.b, kb.hk, kb.n0, BLOCK_N);
+// the variants that hide keys from some rows, or read a packed sequence's neighbour's: such keys then reach
+// dq through the guarded products).
+template <typename Var, int BLOCK_N, int STAGES, int BLOCK_M>
+__device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const BwdParams& p,
+                                          const QueryStream<BLOCK_M, BLOCK_N>& qs) {
+    if (qs.tiles > 0) mbar_wait(bar.kv_full, 0);
+    return Var::tma_hides_rows && qs.tiles > 0 && qs.seq.keys_nonfinite(p.k_nonfinite, p.fwd, qs.hk, qs.n0, BLOCK_N);
 }
 
-// Whether query tile m0 of head h holds NaN or inf in q or dout (asked by the tiles that hide keys).
-__device__ __forceinline__ bool queries_nonfinite(const BwdParams& p, int b, int h, int m0) {
-    const FwdParams& f = p.fwd;
-    return rows_nonfinite(p.q_nonfinite, f.seqlen_q, f.nheads, b, h, m0, SM90_BWD_BLOCK_M) ||
-           rows_nonfinite(p.do_nonfinite, f.seqlen_q, f.nheads, b, h, m0, SM90_BWD_BLOCK_M);
+// Whether query tile m0 of head h holds NaN or inf in q or dout (asked by the tiles that hide rows).
+__device__ __forceinline__ bool queries_nonfinite(const BwdParams& p, const Sequence& seq, int h, int m0) {
+    return seq.queries_nonfinite(p.q_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M) ||
+           seq.queries_nonfinite(p.do_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M);
 }
 
 // Consumers, per query tile t: its classification, once its stage has arrived (every phase is waited for,
@@ -233,14 +250,15 @@ __device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBar
 
 // dk (times the softmax scale) and dv of this warp's rows of the key tile at n0, columns from col0.
 template <typename T, int N>
-__device__ __forceinline__ void store_dk_dv(const BwdParams& bp, int n0, int hk, int b, int row0, int col0,
-                                            const float (&dk)[N / 8][4], const float (&dv)[N / 8][4], int lane) {
+__device__ __forceinline__ void store_dk_dv(const BwdParams& bp, const Sequence& seq, int n0, int hk, int row0,
+                                            int col0, const float (&dk)[N / 8][4], const float (&dv)[N / 8][4],
+                                            int lane) {
     const FwdParams& f = bp.fwd;
     const float dk_scale[2] = {float(f.scale), float(f.scale)}, dv_scale[2] = {1.f, 1.f};
-    store_slab(static_cast<T*>(bp.dk) + b * bp.dk_st.b + hk * bp.dk_st.h + (i64)n0 * bp.dk_st.s + col0, bp.dk_st.s,
-               dk, dk_scale, row0, f.seqlen_k - n0, f.headdim - col0, lane);
-    store_slab(static_cast<T*>(bp.dv) + b * bp.dv_st.b + hk * bp.dv_st.h + (i64)n0 * bp.dv_st.s + col0, bp.dv_st.s,
-               dv, dv_scale, row0, f.seqlen_k - n0, f.headdim - col0, lane);
+    store_slab(seq.key_rows(static_cast<T*>(bp.dk), bp.dk_st, hk, n0) + col0, bp.dk_st.s, dk, dk_scale, row0,
+               seq.seqlen_k - n0, f.headdim - col0, lane);
+    store_slab(seq.key_rows(static_cast<T*>(bp.dv), bp.dv_st, hk, n0) + col0, bp.dv_st.s, dv, dv_scale, row0,
+               seq.seqlen_k - n0, f.headdim - col0, lane);
 }
 
 // Headdim up to 128. Each consumer warpgroup owns 64 of the 128 keys: s^T = k q^T and dp^T = v dout^T with
@@ -263,7 +281,9 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
     const FwdParams& f = bp.fwd;
     const KeyBlock kb = key_block<Var, BLOCK_N>();
     const int n0 = kb.n0, hk = kb.hk, b = kb.b;
-    const QueryStream<BLOCK_M, BLOCK_N> qs(f, Var(f, b, hk * f.group), n0, hk, b);
+    const Sequence seq = sequence<Var::packed>(f, b);
+    if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
+    const QueryStream<BLOCK_M, BLOCK_N> qs(f, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
 
     if (threadIdx.x == 0) bar.init(CONSUMERS);
     __syncthreads();
@@ -271,8 +291,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles(p, qs, sm, bar);
-        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var::packed>(p, qs, sm, bar);
+        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq<Var::packed>(p, qs, sm, bar);
     } else {
         // ---- consumers
         regs_claim<240>();
@@ -291,11 +311,11 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         float(&dk_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dk);
         float(&dv_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dv);
 
-        const bool k_nonfinite = wait_keys<Var, BLOCK_N>(bar, bp, kb, qs.tiles);
+        const bool k_nonfinite = wait_keys<Var>(bar, bp, qs);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
-            const Var var(f, b, qs.head(t));
+            const Var var = variant_of<Var>(f, seq, b, qs.head(t));
             const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N>(var, bar, t, m0, n0);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
@@ -330,7 +350,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
             // A tile where hidden queries' q or dout is not finite takes the guarded products, after
             // the dq product (no wgmma in flight then).
-            const bool guarded = Var::hides_keys && needs_mask && queries_nonfinite(bp, b, qs.head(t), m0);
+            const bool guarded = Var::tma_hides_rows && needs_mask && queries_nonfinite(bp, seq, qs.head(t), m0);
             if (!guarded) {
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
@@ -375,7 +395,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
                 gemm_rn_guarded<T, BLOCK_M, D_TILE>(dv, p_regs, SwizzledTile<T, BLOCK_M>{do_buf}, lane);
                 gemm_rn_guarded<T, BLOCK_M, D_TILE>(dk, ds_regs, SwizzledTile<T, BLOCK_M>{q_buf}, lane);
             }
-            if (Var::hides_keys && needs_mask && k_nonfinite) {
+            if (Var::tma_hides_rows && needs_mask && k_nonfinite) {
                 // Non-finite keys reach only the queries that see them: dq again, on CUDA cores.
                 zero(dq);
                 gemm_guarded_smem<BLOCK_N, DQ_COLS>(dq, Transposed<SwizzledTile<T, BLOCK_N>>{{ds_buf}},
@@ -384,7 +404,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             }
             stage_dq<DQ_COLS>(bar, sm.dq(stage), stage, wg, dq);
         }
-        store_dk_dv<T, D_TILE>(bp, n0, hk, b, 64 * wg + 16 * warp, 0, dk, dv, lane);
+        store_dk_dv<T, D_TILE>(bp, seq, n0, hk, 64 * wg + 16 * warp, 0, dk, dv, lane);
     }
 }
 
@@ -410,7 +430,9 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     const FwdParams& f = bp.fwd;
     const KeyBlock kb = key_block<Var, BLOCK_N>();
     const int n0 = kb.n0, hk = kb.hk, b = kb.b;
-    const QueryStream<BLOCK_M, BLOCK_N> qs(f, Var(f, b, hk * f.group), n0, hk, b);
+    const Sequence seq = sequence<Var::packed>(f, b);
+    if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
+    const QueryStream<BLOCK_M, BLOCK_N> qs(f, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
 
     if (threadIdx.x == 0) bar.init(CONSUMERS);
     __syncthreads();
@@ -418,8 +440,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles(p, qs, sm, bar);
-        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var::packed>(p, qs, sm, bar);
+        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq<Var::packed>(p, qs, sm, bar);
     } else {
         // ---- consumers
         regs_claim<240>();
@@ -437,11 +459,11 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
         float(&dk_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dk);
         float(&dv_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dv);
 
-        const bool k_nonfinite = wait_keys<Var, BLOCK_N>(bar, bp, kb, qs.tiles);
+        const bool k_nonfinite = wait_keys<Var>(bar, bp, qs);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
-            const Var var(f, b, qs.head(t));
+            const Var var = variant_of<Var>(f, seq, b, qs.head(t));
             const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N>(var, bar, t, m0, n0);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
@@ -486,8 +508,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const T* q_half = q_buf + chunk0 * BLOCK_M * 64;
             const T* k_half = sm.k + chunk0 * BLOCK_N * 64;
             float dq[HT][4];
-            if (!(Var::hides_keys && needs_mask &&
-                  (k_nonfinite || queries_nonfinite(bp, b, qs.head(t), m0)))) {
+            if (!(Var::tma_hides_rows && needs_mask &&
+                  (k_nonfinite || queries_nonfinite(bp, seq, qs.head(t), m0)))) {
                 float(&dq_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dq);
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
@@ -521,33 +543,35 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             }
             stage_dq<HALF>(bar, sm.dq(stage), stage, wg, dq);
         }
-        store_dk_dv<T, HALF>(bp, n0, hk, b, 16 * warp, wg * HALF, dk, dv, lane);
+        store_dk_dv<T, HALF>(bp, seq, n0, hk, 16 * warp, wg * HALF, dk, dv, lane);
     }
 }
 
-// One thread per four accumulator values: each 64-row tile of the accumulator is stored in the consumers'
-// register order, [warpgroup][8-column group j][thread][4] with thread = 32 warp + 4 g + tq, values 2 er + ec
-// at row 16 warp + 8 er + g, column 8 j + 2 tq + ec of the warpgroup's half of the head.
-template <typename T>
+// One thread per four accumulator values of sequence blockIdx.y: each 64-row tile of the accumulator is stored
+// in the consumers' register order, [warpgroup][8-column group j][thread][4] with thread = 32 warp + 4 g + tq,
+// values 2 er + ec at row 16 warp + 8 er + g, column 8 j + 2 tq + ec of the warpgroup's half of the head.
+template <typename T, bool PACKED>
 __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const __grid_constant__ BwdParamsSm90 p) {
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const int tile_quads = SM90_BWD_BLOCK_M * p.head_tile / 4, half = p.head_tile / 2;
+    const int tile_quads = SM90_BWD_BLOCK_M * p.head_tile / 4, half = p.head_tile / 2, b = blockIdx.y;
+    const int tiles = padded_rows(f.seqlen_q) / SM90_BWD_BLOCK_M;
     const i64 quad = (i64)blockIdx.x * 256 + threadIdx.x;
-    if (quad >= (i64)bp.batch * f.nheads * (p.rows / SM90_BWD_BLOCK_M) * tile_quads) return;
-    const float4 x = reinterpret_cast<const float4*>(p.dq_accum)[quad];
-    const i64 tile = quad / tile_quads;
+    if (quad >= (i64)f.nheads * tiles * tile_quads) return;
+    const int tile = (int)(quad / tile_quads), h = tile / tiles, m0 = tile % tiles * SM90_BWD_BLOCK_M;
+    const Sequence seq = sequence<PACKED>(f, b);
+    if (m0 >= seq.seqlen_q) return;
     const int at = (int)(quad % tile_quads), thread = at % 128, j = at / 128 % (half / 8), wg = at / 128 / (half / 8);
-    const int tiles = p.rows / SM90_BWD_BLOCK_M, bh = (int)(tile / tiles), h = bh % f.nheads, b = bh / f.nheads;
-    const int row = (int)(tile % tiles) * SM90_BWD_BLOCK_M + (thread / 32) * 16 + (thread % 32) / 4;
+    const float4 x = reinterpret_cast<const float4*>(p.dq_accum + (padded_row0<PACKED>(p, b, h) + m0) * p.head_tile)[at];
+    const int row = m0 + (thread / 32) * 16 + (thread % 32) / 4;
     const int col = wg * half + 8 * j + 2 * (thread % 4);
     const float scale = float(f.scale);
-    T* dq = static_cast<T*>(bp.dq) + b * bp.dq_st.b + h * bp.dq_st.h;
+    T* dq = seq.query_rows(static_cast<T*>(bp.dq), bp.dq_st, h, 0);
     const bool aligned = reinterpret_cast<unsigned long long>(dq) % 4 == 0 && bp.dq_st.s % 2 == 0;
     const float v[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
     for (int er = 0; er < 2; ++er)
-        if (row + 8 * er < f.seqlen_q && col < f.headdim)
+        if (row + 8 * er < seq.seqlen_q && col < f.headdim)
             store_pair(dq + (i64)(row + 8 * er) * bp.dq_st.s + col, v[2 * er] * scale, v[2 * er + 1] * scale, aligned,
                        f.headdim - col);
 }

@@ -26,13 +26,15 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
 
     const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
     const int r = threadIdx.x / TPR, c = threadIdx.x % TPR, i = m0 + r;
-    const Var var(p, b, h);
-    const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
-    const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-    const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+    const Sequence seq = sequence<Var::packed>(p, b);
+    if (m0 >= seq.seqlen_q) return;  // a packed sequence shorter than the longest
+    const Var var = variant_of<Var>(p, seq, b, h);
+    const T* q = seq.query_rows(static_cast<const T*>(p.q), p.q_st, h, 0);
+    const T* k = seq.key_rows(static_cast<const T*>(p.k), p.k_st, hk, 0);
+    const T* v = seq.key_rows(static_cast<const T*>(p.v), p.v_st, hk, 0);
     const A scale_log2 = A(p.scale) * A(LOG2E);
 
-    load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, q + (i64)m0 * p.q_st.s, p.q_st.s, 0, p.seqlen_q - m0, p.headdim);
+    load_tile_acc<BLOCK_M, D_TILE, LD, THREADS>(sQ, q + (i64)m0 * p.q_st.s, p.q_st.s, 0, seq.seqlen_q - m0, p.headdim);
 
     A o[COLS_D];
 #pragma unroll
@@ -46,8 +48,8 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
         __syncthreads();  // previous tile fully consumed
         const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;
-        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * p.k_st.s, p.k_st.s, 0, p.seqlen_k - n0, p.headdim);
-        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * p.v_st.s, p.v_st.s, 0, p.seqlen_k - n0, p.headdim);
+        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sK, k + (i64)n0 * p.k_st.s, p.k_st.s, 0, seq.seqlen_k - n0, p.headdim);
+        load_tile_acc<BLOCK_N, D_TILE, LD, THREADS>(sV, v + (i64)n0 * p.v_st.s, p.v_st.s, 0, seq.seqlen_k - n0, p.headdim);
         __syncthreads();
 
         // s = q_i . k_j for this thread's keys j = n0 + c + TPR * jj.
@@ -84,7 +86,7 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
         check_tile(kind, var, softmax_step);
         __syncwarp();  // the TPR threads of a row share its p through shared memory
 
-        if (Var::hides_keys && needs_mask && rows_nonfinite(p.v_nonfinite, p.seqlen_k, p.nheads / p.group, b, hk, n0, BLOCK_N)) {
+        if (Var::hides_keys && needs_mask && seq.keys_nonfinite(p.v_nonfinite, p, hk, n0, BLOCK_N)) {
             for (int n = 0; n < BLOCK_N; ++n) {  // masked keys' values must not reach this row
                 const A pr = sP[r * (BLOCK_N + 1) + n];
                 if (is_masked_zero(pr)) continue;
@@ -101,14 +103,14 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
     }
 
     const A l = reduce_sum<TPR>(stats.l);
-    if (i < p.seqlen_q) {
+    if (i < seq.seqlen_q) {
         const A inv_l = l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l);  // no key seen: 0; NaN stays NaN
-        T* o_row = static_cast<T*>(p.out) + b * p.o_st.b + (i64)i * p.o_st.s + h * p.o_st.h;
+        T* o_row = seq.query_rows(static_cast<T*>(p.out), p.o_st, h, i);
 #pragma unroll
         for (int j = 0; j < COLS_D; ++j) {
             const int d = c + TPR * j;
             if (d < p.headdim) o_row[d] = from_acc<T>(o[j] * inv_l);
         }
-        if (c == 0) static_cast<A*>(p.lse)[((i64)b * p.nheads + h) * p.seqlen_q + i] = stats.lse(l);
+        if (c == 0) static_cast<A*>(p.lse)[seq.stat_row0(p, h) + i] = stats.lse(l);
     }
 }

@@ -29,17 +29,19 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
-    const Var var(p, b, h);
+    const Sequence seq = sequence<Var::packed>(p, b);
+    if (m0 >= seq.seqlen_q) return;  // a packed sequence shorter than the longest
+    const Var var = variant_of<Var>(p, seq, b, h);
     int t_first, t_last;
     var.template key_tiles<BLOCK_M, BLOCK_N>(m0, t_first, t_last);
-    const int n_tiles = t_last - t_first, kv_rows = p.seqlen_k - t_first * BLOCK_N;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + (i64)m0 * p.q_st.s;
-    const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + (i64)t_first * BLOCK_N * p.k_st.s;
-    const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + (i64)t_first * BLOCK_N * p.v_st.s;
+    const int n_tiles = t_last - t_first, kv_rows = seq.seqlen_k - t_first * BLOCK_N;
+    const T* q = seq.query_rows(static_cast<const T*>(p.q), p.q_st, h, m0);
+    const T* k = seq.key_rows(static_cast<const T*>(p.k), p.k_st, hk, t_first * BLOCK_N);
+    const T* v = seq.key_rows(static_cast<const T*>(p.v), p.v_st, hk, t_first * BLOCK_N);
     const float scale_log2 = float(p.scale) * float(LOG2E);
 
     if (n_tiles > 0) {
-        load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(sQ, q, p.q_st.s, p.seqlen_q - m0, p.headdim);
+        load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(sQ, q, p.q_st.s, seq.seqlen_q - m0, p.headdim);
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, k, p.k_st.s, kv_rows, p.headdim);
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV, v, p.v_st.s, kv_rows, p.headdim);
         cp_async_commit();
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         });
 
         if constexpr (Var::hides_keys) {
-            if (needs_mask && rows_nonfinite(p.v_nonfinite, p.seqlen_k, p.nheads / p.group, b, hk, n0, BLOCK_N)) {
+            if (needs_mask && seq.keys_nonfinite(p.v_nonfinite, p, hk, n0, BLOCK_N)) {
                 gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, PaddedTile<T, LD>{cV}, lane);
             } else {
                 gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
     }
 
     float inv_l[MT][2];
-    float* lse = static_cast<float*>(p.lse) + ((i64)b * p.nheads + h) * p.seqlen_q;
+    float* lse = static_cast<float*>(p.lse) + seq.stat_row0(p, h);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -91,8 +93,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
             inv_l[mt][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
             if (Var::dropout) inv_l[mt][r] *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
             const int row = row0 + 16 * mt + 8 * r;
-            if (tq == 0 && row < p.seqlen_q) lse[row] = stats[mt][r].lse(l);
+            if (tq == 0 && row < seq.seqlen_q) lse[row] = stats[mt][r].lse(l);
         }
-    store_slab(static_cast<T*>(p.out) + b * p.o_st.b + h * p.o_st.h + (i64)m0 * p.o_st.s, p.o_st.s, o, inv_l,
-               warp * WARP_ROWS, p.seqlen_q - m0, p.headdim, lane);
+    store_slab(seq.query_rows(static_cast<T*>(p.out), p.o_st, h, m0), p.o_st.s, o, inv_l, warp * WARP_ROWS,
+               seq.seqlen_q - m0, p.headdim, lane);
 }

@@ -11,7 +11,8 @@
 //       o = o * alpha + p v          wgmma, p from registers
 //     then hand the buffer back to the producer.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
-// ends of the tensors arrive as zeros.
+// ends of the tensors arrive as zeros, rows past a packed sequence's end are its neighbour's (masked, and
+// kept out of the products where they are not finite: Var::tma_hides_rows).
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -28,6 +29,14 @@ struct WorkTile {
     __device__ WorkTile(int tile, int query_tiles, int block_m, int nheads, int batch)
         : m0((query_tiles - 1 - tile / (nheads * batch)) * block_m), h(tile % nheads), b(tile / nheads % batch) {}
 };
+
+// The key tiles [first, last) of a work tile: none past the end of a packed sequence's queries.
+template <typename Var, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& seq, const WorkTile& w, int& first,
+                                          int& last) {
+    variant_of<Var>(f, seq, w.b, w.h).template key_tiles<BLOCK_M, BLOCK_N>(w.m0, first, last);
+    if (Var::packed && w.m0 >= seq.seqlen_q) last = first;
+}
 
 template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
@@ -73,17 +82,17 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             int kv_step = 0, q_step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
                 const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
-                const Var var(f, w.b, w.h);
+                const Sequence seq = sequence<Var::packed>(f, w.b);
                 int t_first, t_last;
-                var.template key_tiles<BLOCK_M, BLOCK_N>(w.m0, t_first, t_last);
+                key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
                 if (t_last == t_first) continue;
                 const int hk = w.h / f.group;
                 const int q_slot = q_step % Q_STAGES;
                 if (q_step >= Q_STAGES) mbar_wait(q_free + q_slot, (q_step / Q_STAGES - 1) & 1);
                 mbar_expect_tx(q_full + q_slot, Q_ELEMS * sizeof(T));
                 for (int c = 0; c < CHUNKS; ++c)
-                    tma_load(sQ + q_slot * Q_ELEMS + c * BLOCK_M * 64, p.tma_q, c * 64, w.m0, w.h, w.b,
-                             q_full + q_slot);
+                    tma_load(sQ + q_slot * Q_ELEMS + c * BLOCK_M * 64, p.tma_q, c * 64, int(seq.q0) + w.m0, w.h,
+                             seq.entry, q_full + q_slot);
                 ++q_step;
                 for (int t = t_first; t < t_last; ++t, ++kv_step) {
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
@@ -92,10 +101,12 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     T* v_buf = sV + stage * KV_ELEMS;
                     mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
-                        tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, n0, hk, w.b, k_full + stage);
+                        tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk, seq.entry,
+                                 k_full + stage);
                     mbar_expect_tx(v_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
-                        tma_load(v_buf + c * BLOCK_N * 64, p.tma_v, c * 64, n0, hk, w.b, v_full + stage);
+                        tma_load(v_buf + c * BLOCK_N * 64, p.tma_v, c * 64, int(seq.k0) + n0, hk, seq.entry,
+                                 v_full + stage);
                 }
             }
         }
@@ -106,9 +117,10 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         int kv_step = 0, q_step = 0;
         for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
-            const Var var(f, w.b, w.h);
+            const Sequence seq = sequence<Var::packed>(f, w.b);
+            const Var var = variant_of<Var>(f, seq, w.b, w.h);
             int t_first, t_last;
-            var.template key_tiles<BLOCK_M, BLOCK_N>(w.m0, t_first, t_last);
+            key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
             const int m0 = w.m0, row0 = m0 + 64 * wg + 16 * warp + lane / 4;
             const float scale_log2 = float(f.scale) * float(LOG2E);
 
@@ -149,8 +161,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     });
 
                     mbar_wait(v_full + stage, parity);
-                    if (Var::hides_keys && needs_mask &&
-                        rows_nonfinite(f.v_nonfinite, f.seqlen_k, f.nheads / f.group, w.b, w.h / f.group, n0, BLOCK_N)) {
+                    if (Var::tma_hides_rows && needs_mask &&
+                        seq.keys_nonfinite(f.v_nonfinite, f, w.h / f.group, n0, BLOCK_N)) {
                         gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{v_buf}, lane);
                     } else {
                         unsigned p_regs[NT * 2];  // p in the A layout of wgmma: consecutive pairs of s
@@ -176,17 +188,17 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
 
             // The epilogue overlaps the producer's loads for the next work tile.
             float inv_l[1][2];
-            float* lse = static_cast<float*>(f.lse) + ((i64)w.b * f.nheads + w.h) * f.seqlen_q;
+            float* lse = static_cast<float*>(f.lse) + seq.stat_row0(f, w.h);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const float l = reduce_sum<4>(stats[0][r].l);
                 inv_l[0][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
                 if (Var::dropout) inv_l[0][r] *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
                 const int row = row0 + 8 * r;
-                if (tq == 0 && row < f.seqlen_q) lse[row] = stats[0][r].lse(l);
+                if (tq == 0 && row < seq.seqlen_q) lse[row] = stats[0][r].lse(l);
             }
-            store_slab(static_cast<T*>(f.out) + w.b * f.o_st.b + w.h * f.o_st.h + (i64)m0 * f.o_st.s, f.o_st.s, o,
-                       inv_l, 64 * wg + 16 * warp, f.seqlen_q - m0, f.headdim, lane);
+            store_slab(seq.query_rows(static_cast<T*>(f.out), f.o_st, w.h, m0), f.o_st.s, o, inv_l,
+                       64 * wg + 16 * warp, seq.seqlen_q - m0, f.headdim, lane);
         }
     }
 }

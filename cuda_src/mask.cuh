@@ -11,7 +11,8 @@
 #include "common.cuh"
 #include "philox.cuh"
 
-enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32 };
+// PACKED: the batch is packed sequences of their own lengths (params.cuh, Sequence).
+enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32, PACKED = 64 };
 
 // What the variants read, a member of every pass's parameters (params.cuh). A tensor at pointer x has its
 // element strides along (batch, heads, queries, keys) in x_sb, x_sh, x_sq, x_sk, zero where it broadcasts.
@@ -65,11 +66,15 @@ __device__ __forceinline__ double tanh_approx(double x) { return tanh(x); }
 template <int FEATURES, typename MaskT = unsigned char>
 struct Variant {
     static constexpr bool window = FEATURES & WINDOW, softcap = FEATURES & SOFTCAP, alibi = FEATURES & ALIBI,
-                          bool_mask = FEATURES & BOOL_MASK, bias = FEATURES & BIAS, dropout = FEATURES & DROPOUT;
+                          bool_mask = FEATURES & BOOL_MASK, bias = FEATURES & BIAS, dropout = FEATURES & DROPOUT,
+                          packed = FEATURES & PACKED;
     // A bool mask or a bias (whose -inf entries mask too) can hide any element of any tile.
     static constexpr bool masks_everywhere = bool_mask || bias;
     // Whether some row may not see a key whose data it multiplies (beyond the ends, which loads zero).
     static constexpr bool hides_keys = window || masks_everywhere;
+    // The same in the kernels that load whole tiles by TMA, which read a packed sequence's neighbour's rows
+    // past its end (the others load zeros there).
+    static constexpr bool tma_hides_rows = hides_keys || packed;
 
     int seqlen_q, seqlen_k, offset, left, right, b, h;
     double cap, dropout_scale;  // converted to the accumulation type where used
@@ -93,9 +98,7 @@ struct Variant {
           cells(bool_mask ? v.mask_cells + b_ * v.cells_sb + h_ * v.cells_sh : nullptr),
           cells_sq(v.cells_sq), cells_sk(v.cells_sk), cell_log2(v.cell_log2), seed_lo(v.seed_lo), seed_hi(v.seed_hi),
           threshold(v.dropout_threshold), batch_offset(v.batch_offset) {}
-    // From a pass's parameters (params.cuh): their variant and sequence lengths, or seqlen_k_ keys of its own.
-    template <typename Params>
-    __device__ Variant(const Params& p, int b_, int h_) : Variant(p.var, p.seqlen_q, p.seqlen_k, b_, h_) {}
+    // From a pass's parameters (params.cuh): their variant and queries, seqlen_k_ keys of its own.
     template <typename Params>
     __device__ Variant(const Params& p, int b_, int h_, int seqlen_k_)
         : Variant(p.var, p.seqlen_q, seqlen_k_, b_, h_) {}

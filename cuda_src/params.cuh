@@ -37,7 +37,50 @@ struct FwdParams {
     int seqlen_q, seqlen_k, headdim, nheads, group;  // group: query heads per kv head
     double scale;
     VariantParams var;
+    // A packed batch (Variant::packed): sequence b holds rows cu_seqlens_q[b] ... cu_seqlens_q[b + 1] - 1 of
+    // q (and keys likewise) in tensors of one batch entry (Sequence); seqlen_q and seqlen_k are the longest.
+    const int* cu_seqlens_q;
+    const int* cu_seqlens_k;
+    int total_q, total_k;  // rows of q and of k per batch entry (dense: seqlen_q, seqlen_k)
+    i64 lse_sb, lse_sh;    // lse (and the backward's delta) of (b, h, row) at b * lse_sb + h * lse_sh + row
 };
+
+// Sequence b of a pass: its lengths and where its rows start, at batch entry b of dense tensors, or at
+// rows cu_seqlens[b] of packed ones (their one batch entry), lse and delta at columns cu_seqlens_q[b] of
+// (nheads, total_q).
+struct Sequence {
+    int entry, seqlen_q, seqlen_k;
+    i64 q0, k0;  // first query and key row
+    // Row `row` of query head h (key head hk) of a (batch, seqlen, heads, headdim) tensor at x.
+    template <typename T> __device__ T* query_rows(T* x, const Strides& st, int h, int row) const {
+        return x + entry * st.b + h * st.h + (q0 + row) * st.s;
+    }
+    template <typename T> __device__ T* key_rows(T* x, const Strides& st, int hk, int row) const {
+        return x + entry * st.b + hk * st.h + (k0 + row) * st.s;
+    }
+    __device__ i64 stat_row0(const FwdParams& f, int h) const { return entry * f.lse_sb + h * f.lse_sh + q0; }
+    // Whether key (query) rows [row0, row0 + rows) hold NaN or inf, by RowFlags of tensors of total_k
+    // (total_q) rows per batch entry.
+    __device__ bool keys_nonfinite(const unsigned char* flags, const FwdParams& f, int hk, int row0, int rows) const {
+        return rows_nonfinite(flags, f.total_k, f.nheads / f.group, entry, hk, int(k0) + row0, rows);
+    }
+    __device__ bool queries_nonfinite(const unsigned char* flags, const FwdParams& f, int h, int row0, int rows) const {
+        return rows_nonfinite(flags, f.total_q, f.nheads, entry, h, int(q0) + row0, rows);
+    }
+};
+template <bool PACKED>
+__device__ __forceinline__ Sequence sequence(const FwdParams& f, int b) {
+    if constexpr (PACKED) {
+        const int q0 = f.cu_seqlens_q[b], k0 = f.cu_seqlens_k[b];
+        return {0, f.cu_seqlens_q[b + 1] - q0, f.cu_seqlens_k[b + 1] - k0, q0, k0};
+    }
+    return {b, f.seqlen_q, f.seqlen_k, 0, 0};
+}
+// Sequence b's variant of head h.
+template <typename Var>
+__device__ __forceinline__ Var variant_of(const FwdParams& f, const Sequence& s, int b, int h) {
+    return Var(f.var, s.seqlen_q, s.seqlen_k, b, h);
+}
 
 // A tensor map (CUtensorMap) built on the host by cuTensorMapEncodeTiled (cupyflash/_tma.py).
 struct __align__(64) TensorMap {

@@ -187,18 +187,20 @@ def _classify_mask(spec, var, device_id):
     return cells
 
 
-def _flag_nonfinite(var_type, spec, device_id, *tensors):
-    """For a variant that hides keys: the RowFlags (a uint8 array) of each (array, seqlen, heads) of
-    `tensors` (at most three, of one dtype), flagged in one launch (nonfinite.cu); else Nones."""
-    if not _plan.hides_keys(var_type):
+def _flag_nonfinite(var_type, tma, spec, device_id, *tensors):
+    """For a variant that hides keys (`tma`: in the Hopper kernels): the RowFlags (a uint8 array) of each
+    (array, heads) of `tensors` (at most three, of one dtype, each (batch entries, rows, heads, headdim)),
+    flagged in one launch (nonfinite.cu); else Nones."""
+    if not _plan.hides_keys(var_type, tma):
         return (None,) * len(tensors)
-    flags = [_empty((spec.batch, heads, -(-seqlen // _plan.NONFINITE_ROWS)), np.uint8) for _, seqlen, heads in tensors]
+    entries = tensors[0][0].shape[0]
+    flags = [_empty((entries, heads, -(-x.shape[1] // _plan.NONFINITE_ROWS)), np.uint8) for x, heads in tensors]
     chunks = max(f.size for f in flags)
     if chunks:
-        launch = _plan.nonfinite_rows(spec.dtype.name, _aligned(*(x for x, _, _ in tensors)))
-        rows = [(x.data.ptr, _strides(x), seqlen, heads, f.data.ptr) for (x, seqlen, heads), f in zip(tensors, flags)]
+        launch = _plan.nonfinite_rows(spec.dtype.name, _aligned(*(x for x, _ in tensors)))
+        rows = [(x.data.ptr, _strides(x), x.shape[1], heads, f.data.ptr) for (x, heads), f in zip(tensors, flags)]
         rows += [(0, (0, 0, 0), 0, 0, 0)] * (3 - len(rows))
-        p = _struct(NONFINITE_PARAMS, (rows, spec.batch, spec.headdim))
+        p = _struct(NONFINITE_PARAMS, (rows, entries, spec.headdim))
         _launch(launch, (math.ceil(chunks / launch.block_rows), len(tensors), 1), p, device_id)
     return flags
 
@@ -207,28 +209,58 @@ def _ptr(x):
     return 0 if x is None else x.data.ptr
 
 
-def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None, v_nonfinite=None, variant=None):
+def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None, v_nonfinite=None, variant=None,
+                packed=None):
     """FwdParams' values; without arrays (the mask classifier) only the sizes and the variant, given as
-    VariantParams members {name: value} (`var`) or as their values in order (`variant`)."""
+    VariantParams members {name: value} (`var`) or as their values in order (`variant`). A packed batch
+    gives its q, k, v and out as one batch entry of all rows, its offsets as `packed` (_Packed)."""
     ptrs = tuple(_ptr(x) for x in (q, k, v, out, lse, v_nonfinite))
     strides = tuple((0, 0, 0) if x is None else _strides(x) for x in (q, k, v, out))
+    if packed is None:
+        rows = (0, 0, spec.seqlen_q, spec.seqlen_k, spec.nheads * spec.seqlen_q, spec.seqlen_q)
+    else:  # lse: (nheads, total_q)
+        rows = (packed.cu_q.data.ptr, packed.cu_k.data.ptr, packed.total_q, packed.total_k, 0, packed.total_q)
     return (*ptrs, *strides, spec.seqlen_q, spec.seqlen_k, spec.headdim, spec.nheads, spec.group, spec.scale,
-            _values(VARIANT_PARAMS, var) if variant is None else variant)
+            _values(VARIANT_PARAMS, var) if variant is None else variant, *rows)
+
+
+class _Packed(typing.NamedTuple):
+    """A packed batch's offsets on the device (int32) and its total rows."""
+    cu_q: cupy.ndarray
+    cu_k: cupy.ndarray
+    total_q: int
+    total_k: int
+
+
+def _packed(spec):
+    """The offsets of a packed batch (Spec.cu_seqlens_*, host arrays) on the current device; None when dense."""
+    if not spec.varlen:
+        return None
+    cu_q, cu_k = (cupy.asarray(cu.astype(np.int32)) for cu in (spec.cu_seqlens_q, spec.cu_seqlens_k))
+    return _Packed(cu_q, cu_k, int(spec.cu_seqlens_q[-1]), int(spec.cu_seqlens_k[-1]))
+
+
+def _lse_shape(spec):
+    return (spec.nheads, int(spec.cu_seqlens_q[-1])) if spec.varlen else (spec.batch, spec.nheads, spec.seqlen_q)
 
 
 def forward(q, k, v, spec):
+    """(out, lse) of (batch, seqlen, heads, headdim) q, k, v; a packed batch (spec.varlen) comes as one batch
+    entry of all its rows, and its lse is (nheads, total_q)."""
     _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
         limit, hopper_device = _device_info(device_id)
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
         out = spec.empty(_empty, q.shape, q.dtype)
-        lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), compute_dtype(q.dtype))
+        lse = _empty(_lse_shape(spec), compute_dtype(q.dtype))
+        packed = _packed(spec)
         var_type, var, _mask_cells = _variant(spec, device_id)
-        v_nonfinite, = _flag_nonfinite(var_type, spec, device_id, (v, spec.seqlen_k, spec.nheads_kv))
-        fwd = _fwd_values(spec, var, q, k, v, out, lse, v_nonfinite)
         dtype = q.dtype.name
-        if dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
+        hopper = dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v)
+        v_nonfinite, = _flag_nonfinite(var_type, hopper, spec, device_id, (v, spec.nheads_kv))
+        fwd = _fwd_values(spec, var, q, k, v, out, lse, v_nonfinite, packed=packed)
+        if hopper:
             launch = _plan.forward_sm90(dtype, spec.headdim, var_type)
             _, block_m, block_n = _plan.sm90_tiles(spec.headdim)
             maps = (_tma.tensor_map(q, dtype, block_m), _tma.tensor_map(k, dtype, block_n),
@@ -254,6 +286,7 @@ def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arra
 
 
 def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
+    """(dq, dk, dv, dbias or None), the arrays as forward takes them."""
     # On the Hopper family dq is summed with float atomics (its last bits vary from run to run);
     # elsewhere, and with `deterministic`, dQ has its own pass and dq, dk and dv are bitwise
     # deterministic. dbias sums over the mask's broadcast dimensions with atomics.
@@ -274,23 +307,24 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
             view = cupy.broadcast_to(dbias.reshape((1,) * (4 - dbias.ndim) + dbias.shape), spec.attn_mask.shape)
             var.update(_variant_params({"dbias": view}))
 
-        fwd = _fwd_values(spec, var, q, k, v, out, lse)
-        flags = _flag_nonfinite(var_type, spec, device_id, (q, spec.seqlen_q, spec.nheads),
-                                (k, spec.seqlen_k, spec.nheads_kv), (dout, spec.seqlen_q, spec.nheads))
+        packed = _packed(spec)
+        fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
+        hopper = _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, q, k, v, dout)
+        flags = _flag_nonfinite(var_type, hopper, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv),
+                                (dout, spec.nheads))
 
         def bwd_values(delta):
             return (fwd, dout.data.ptr, *(_ptr(f) for f in flags), delta.data.ptr, dq.data.ptr, dk.data.ptr, dv.data.ptr,
                     *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
 
-        if _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, q, k, v, dout):
+        if hopper:
             _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id)
         else:
             delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, spec.headdim, var_type,
                                                                   _aligned(q, k, v, dout), limit)
-            delta = _empty((spec.batch, spec.nheads, spec.seqlen_q), acc)
+            delta = _empty(lse.shape, acc)
             p = _struct(BWD_PARAMS, bwd_values(delta))
-            rows = spec.batch * spec.nheads * spec.seqlen_q
-            _launch(delta_launch, (math.ceil(rows / delta_launch.block_rows), 1, 1), p, device_id)
+            _launch(delta_launch, (math.ceil(delta.size / delta_launch.block_rows), 1, 1), p, device_id)
             key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
             _launch(dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch), p, device_id)
             _launch(dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch), p,
@@ -305,20 +339,25 @@ def _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id):
     dtype = q.dtype.name
     prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type)
     head_tile = _plan.sm90_backward_tiles(spec.headdim)[1]
-    rows = -(-spec.seqlen_q // _plan.SM90_BWD_BLOCK_M) * _plan.SM90_BWD_BLOCK_M
-    delta, lse_log2 = (_empty((spec.batch, spec.nheads, rows), np.float32) for _ in range(2))
-    dq_accum = _empty((spec.batch, spec.nheads, rows, head_tile), np.float32)
-    maps = (_tma.tensor_map(q, dtype, _plan.SM90_BWD_BLOCK_M), _tma.tensor_map(k, dtype, main.block_rows),
-            _tma.tensor_map(v, dtype, main.block_rows), _tma.tensor_map(dout, dtype, _plan.SM90_BWD_BLOCK_M))
+    tile = _plan.SM90_BWD_BLOCK_M
+    longest = -(-spec.seqlen_q // tile) * tile  # query rows of the longest sequence in whole tiles
+    if spec.varlen:  # sequence b from row (cu_seqlens_q[b] // tile + b) * tile of each head (backward_sm90.cu)
+        rows, shape = (int(spec.cu_seqlens_q[-1]) // tile + spec.batch) * tile, (spec.nheads,)
+    else:
+        rows, shape = longest, (spec.batch, spec.nheads)
+    delta, lse_log2 = (_empty((*shape, rows), np.float32) for _ in range(2))
+    dq_accum = _empty((*shape, rows, head_tile), np.float32)
+    maps = (_tma.tensor_map(q, dtype, tile), _tma.tensor_map(k, dtype, main.block_rows),
+            _tma.tensor_map(v, dtype, main.block_rows), _tma.tensor_map(dout, dtype, tile))
     p = _struct(BWD_PARAMS_SM90, (*maps, bwd_values(delta), lse_log2.data.ptr, dq_accum.data.ptr, rows, head_tile))
-    padded_rows = spec.batch * spec.nheads * rows
-    _launch(prepare, (math.ceil(padded_rows / prepare.block_rows), 1, 1), p, device_id)
+    # prepare and convert: a grid row per sequence
+    _launch(prepare, (math.ceil(spec.nheads * longest / prepare.block_rows), spec.batch, 1), p, device_id)
     key_tiles = math.ceil(spec.seqlen_k / main.block_rows)
     # the axes' order of backward_sm90.cu's key_block: key tiles slowest under a causal or window bound
     grid = (spec.nheads_kv, spec.batch, key_tiles) if spec.has_window else (key_tiles, spec.nheads_kv, spec.batch)
     _launch(main, grid, p, device_id)
-    quads = dq_accum.size // 4  # the convert kernel takes four accumulator values per thread
-    _launch(convert, (math.ceil(quads / convert.block_rows), 1, 1), p, device_id)
+    quads = spec.nheads * longest * head_tile // 4  # the convert kernel takes four accumulator values per thread
+    _launch(convert, (math.ceil(quads / convert.block_rows), spec.batch, 1), p, device_id)
 
 
 DECODE_DTYPES = ("float16", "bfloat16", "float32")

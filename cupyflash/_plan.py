@@ -51,10 +51,11 @@ def _features(var):
     return int(var[len("Variant<"):var.index(",")])
 
 
-def hides_keys(var):
-    """Whether a variant may hide a key from a row that multiplies its data (Variant::hides_keys): its
-    kernels then read which rows hold NaN or inf (nonfinite_rows)."""
-    return bool(_features(var) & HIDES_KEYS)
+def hides_keys(var, tma=False):
+    """Whether a variant may hide a key from a row that multiplies its data (Variant::hides_keys; with
+    `tma`, in the Hopper kernels, Variant::tma_hides_rows): its kernels then read which rows hold NaN or
+    inf (nonfinite_rows)."""
+    return bool(_features(var) & (HIDES_KEYS | (FEATURES["PACKED"] if tma else 0)))
 
 
 def headdim_tile(headdim):
@@ -153,10 +154,10 @@ def backward_sm90(dtype, headdim, var):
     smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
             + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
             + 8 * (1 + 3 * stages) + 4 * stages + 1024)  # barriers, flags; swizzle-atom alignment
-    c = C_TYPES[dtype]
-    return (Launch("backward_sm90.cu", f"flash_bwd_prepare_sm90<{c}>", 4, 128, 0, SM90_OPTIONS),
+    c, packed = C_TYPES[dtype], _cbool(_features(var) & FEATURES["PACKED"])
+    return (Launch("backward_sm90.cu", f"flash_bwd_prepare_sm90<{c}, {packed}>", 4, 128, 0, SM90_OPTIONS),
             Launch("backward_sm90.cu", f"{kernel}<{c}, {d}, {stages}, {var}>", bn, 384, smem, SM90_OPTIONS),
-            Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}>", 256, 256, 0, SM90_OPTIONS))
+            Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}, {packed}>", 256, 256, 0, SM90_OPTIONS))
 
 
 def backward(dtype, headdim, var, aligned, limit):
@@ -346,11 +347,15 @@ def covering_launches():
     cases = [(dtype, d, plain, True, big) for dtype in C_TYPES for d in (64, 256)]
     cases += [("float16", 96, plain, False, big), ("bfloat16", 128, plain, True, big)]
     cases += [("bfloat16", d, plain, True, small) for d in (128, 256)] + [("float32", 256, plain, True, small)]
-    every, bias, bool_mask = sum(FEATURES.values()), FEATURES["BIAS"], FEATURES["BOOL_MASK"]
+    # a packed batch has no mask: PACKED goes with every other feature
+    packed, bias, bool_mask = FEATURES["PACKED"], FEATURES["BIAS"], FEATURES["BOOL_MASK"]
+    every = sum(FEATURES.values()) - packed
     cases += [(dtype, 64, variant(every - bias, "bool"), True, big) for dtype in C_TYPES]
     cases += [(dtype, 64, variant(every - bool_mask, mask), True, big)
               for dtype, mask in zip(C_TYPES, C_TYPES)]
     cases += [("float16", 128, variant(every - bool_mask, "float32"), True, big)]
+    cases += [(dtype, 128, variant(every - bias - bool_mask + packed), True, big) for dtype in C_TYPES]
+    cases += [("bfloat16", 96, variant(packed), False, big)]
     seen = {}
     for case in cases:
         for launch in _launches(*case):
@@ -358,6 +363,8 @@ def covering_launches():
     sm90 = [("bfloat16", d, plain) for d in (64, 128, 192, 256)] + [("float16", 128, plain)]
     sm90 += [(dtype, 64, variant(every - bias, "bool")) for dtype in TENSOR_CORE_DTYPES]
     sm90 += [("float16", 128, variant(every - bool_mask, "float32")), ("bfloat16", 256, variant(every - bool_mask, "bfloat16"))]
+    sm90 += [(dtype, d, variant(every - bias - bool_mask + packed)) for dtype, d in zip(TENSOR_CORE_DTYPES, (64, 256))]
+    sm90 += [("bfloat16", 128, variant(packed))]
     sm90_launches = [forward_sm90(*case) for case in sm90]
     sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
     decode_features = variant(FEATURES["WINDOW"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])

@@ -142,4 +142,6 @@ def kernel_variant(spec):
         fields["dropout_threshold"] = _philox.threshold(spec.dropout_p)
         fields["seed_lo"], fields["seed_hi"] = _philox.split_seed(spec.dropout_seed)
         fields["batch_offset"] = spec.batch_offset
+    if spec.varlen:
+        on.append("PACKED")
     return sum(FEATURES[name] for name in on), mask_dtype, fields

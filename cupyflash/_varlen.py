@@ -1,4 +1,6 @@
-"""Packed variable-length batches, one sequence at a time through a backend's dense passes.
+"""Packed variable-length batches: whole through the CUDA kernels (one launch per pass, each block
+finding its sequence's rows from the offsets: ``Variant::packed``), one sequence at a time through
+the NumPy backend's dense passes.
 
 q is (total_q, nheads, headdim) and k, v are (total_k, nheads_kv, headdim), sequence b owning
 rows ``cu_seqlens[b]:cu_seqlens[b + 1]``; lse is (nheads, total_q). Every variant applies per
@@ -46,8 +48,16 @@ def _device(spec, x):
     return x.device if spec.kind == "cupy" else contextlib.nullcontext()
 
 
+def _empty_band(spec):
+    """Whether no sequence has both queries and keys (the kernels then have no tile to run)."""
+    return spec.seqlen_q == 0 or spec.seqlen_k == 0
+
+
 def forward(backend, q, k, v, spec):
     xp = _xp(spec)
+    if spec.kind == "cupy" and not _empty_band(spec):
+        out, lse = backend.forward(q[None], k[None], v[None], spec)
+        return out[0], lse
     with _device(spec, q):
         out = xp.zeros(q.shape, q.dtype)
         lse = xp.full((spec.nheads, q.shape[0]), -np.inf, compute_dtype(q.dtype))
@@ -62,6 +72,9 @@ def forward(backend, q, k, v, spec):
 
 def backward(backend, dout, q, k, v, out, lse, spec, deterministic):
     xp = _xp(spec)
+    if spec.kind == "cupy" and not _empty_band(spec):
+        grads = backend.backward(dout[None], q[None], k[None], v[None], out[None], lse, spec, deterministic, False)
+        return tuple(g[0] for g in grads[:3])
     with _device(spec, q):
         dq, dk, dv = (xp.zeros(x.shape, x.dtype) for x in (q, k, v))
         for _, rows_q, rows_k, one in _sequences(spec):

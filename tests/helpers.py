@@ -6,7 +6,8 @@
   as tensor cores and PyTorch do). Their error against the float64
   reference is the yardstick of FlashAttention's accuracy rule. They, and
   :func:`error_scales`, take the variant keywords of ``cupyflash.attention``
-  (window_size, softcap, alibi_slopes, attn_mask, dropout_p, dropout_seed).
+  (window_size, softcap, alibi_slopes, attn_mask, dropout_p, dropout_seed), and ``batch_offset``:
+  the dropout bits of a packed batch's sequence run alone.
 * :func:`assert_close_flash_rule`: max|out - ref| <= factor * max|naive - ref|
   + floor.
 * :func:`flash_floor`: the rounding floor of the rule (see the notes above it).
@@ -21,7 +22,7 @@ import numpy as np
 
 import ml_dtypes
 
-from cupyflash import dropout_mask
+from cupyflash import _philox
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
@@ -75,7 +76,7 @@ class _Variants:
     """
 
     def __init__(self, q, k, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                 attn_mask=None, dropout_p=0.0, dropout_seed=None):
+                 attn_mask=None, dropout_p=0.0, dropout_seed=None, batch_offset=0):
         b, sq, h, _ = q.shape
         sk = k.shape[1]
         i = np.arange(sq)[:, None] + (sk - sq)  # the key aligned with query i
@@ -98,7 +99,8 @@ class _Variants:
                 self.mask_shape, self.mask_dtype = mask.shape, mask.dtype
         self.keep_scale = None
         if dropout_p > 0:
-            self.keep_scale = dropout_mask((b, h, sq, sk), dropout_p, dropout_seed) / (1.0 - dropout_p)
+            keep = _philox.keep_mask((b, h, sq, sk), dropout_p, dropout_seed, batch_offset)
+            self.keep_scale = keep / (1.0 - dropout_p)
 
     def unbroadcast(self, g):
         """A (b, h, sq, sk) gradient summed down to the mask's shape."""

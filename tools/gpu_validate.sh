@@ -22,7 +22,7 @@ suite_rc=$?
 suite=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite.log" | tail -n 1)
 tail -n 40 "$log_dir/gpu_suite.log"
 # On Hopper the 16-bit forward takes the sm_90a family; the kernel suites run again on the mma.sync family.
-CUPYFLASH_KERNELS=sm80 "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py \
+CUPYFLASH_KERNELS=sm80 "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py tests/test_gpu_varlen.py \
     tests/test_gpu_variants.py >"$log_dir/gpu_suite_sm80.log" 2>&1
 sm80_rc=$?
 suite_sm80=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite_sm80.log" | tail -n 1)

@@ -4,7 +4,7 @@
 Covers the tensor-core forward (16-bit: the Hopper family on a Hopper GPU, the mma.sync family with
 vector and element loads), the CUDA-core forward (float32, float64) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
 variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
-together, with NaN in masked keys so the guarded products run too; and the split-KV decode kernel
+together, with NaN in masked keys so the guarded products run too; packed batches; and the split-KV decode kernel
 of attention_with_kvcache on paged and contiguous caches, with its append.
 """
 import os
@@ -50,13 +50,27 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
                     dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
                          dropout_p=0.1, dropout_seed=3)):
         run(dtype, 64, **variant)
-# a packed batch with empty sequences; dropout draws each sequence's batch index
-cu = cp.asarray(np.array([0, 40, 40, 41, 120], np.int32))
-q, k, v, dout = (device(rng.standard_normal((120, h, 64)).astype(np.float16)) for h in (4, 2, 2, 4))
-out, lse = cupyflash.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, dropout_p=0.2, dropout_seed=1,
-                               return_lse=True)
-cupyflash.attention_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, dropout_p=0.2,
-                             dropout_seed=1)
+
+
+def run_packed(dtype, headdim, **variant):
+    """A packed batch with empty sequences and one of NaN and inf, which its neighbours' tiles reach."""
+    cu_q, cu_k = np.array([0, 40, 40, 41, 170, 300], np.int32), np.array([0, 45, 50, 50, 180, 260], np.int32)
+    q, dout = (rng.standard_normal((300, 4, headdim)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((260, 2, headdim)).astype(dtype) for _ in range(2))
+    for x, cu in ((q, cu_q), (k, cu_k), (v, cu_k), (dout, cu_q)):
+        x[cu[3]:cu[4]] = np.nan
+    q, k, v, dout = (device(x) for x in (q, k, v, dout))
+    packed = dict(cu_seqlens_q=cp.asarray(cu_q), cu_seqlens_k=cp.asarray(cu_k), **variant)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **packed)
+    cupyflash.attention_backward(dout, q, k, v, out, lse, **packed)
+
+
+for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+    for headdim in (64, 256):
+        run_packed(dtype, headdim)
+        run_packed(dtype, headdim, causal=True, dropout_p=0.2, dropout_seed=1)
+    run_packed(dtype, 64, window_size=(20, 5), softcap=4.0, alibi_slopes=cp.asarray(
+        rng.uniform(0.01, 0.5, (5, 4)).astype(np.float32)))
 # the split-KV decode kernel: paged and contiguous caches with NaN past every length and in unused pages
 decode_slopes = cp.asarray(rng.uniform(0.01, 0.5, 8).astype(np.float32))
 for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
@@ -86,5 +100,6 @@ for dtype in (np.float16, ml_dtypes.bfloat16):
     for causal in (False, True):
         run(dtype, 64, causal=causal)
     run(dtype, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
+    run_packed(dtype, 128, causal=True)
 cp.cuda.Device().synchronize()
 print("sanitize cases: done")

@@ -1,0 +1,121 @@
+"""Packed batches on the CUDA kernels (marker `gpu`): one launch per pass for every sequence, each
+sequence checked alone against the float64 reference by flash-attn's rule, on every dtype, head
+dimension class and kernel family (tools/gpu_validate.sh runs this file again with
+CUPYFLASH_KERNELS=sm80), with every output poisoned before the kernels run; and no value of one
+sequence reaching another, where the Hopper kernels' tiles read past a sequence's end."""
+import numpy as np
+import pytest
+
+import cupyflash
+from cupyflash import _philox
+from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, assert_close_flash_rule, eps, error_scales, flash_floor,
+                     naive_attention, naive_attention_backward)
+from test_gpu import poisoned_outputs, to_device  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+# (seqlen_q, seqlen_k) per sequence: no keys, no queries, one row, tile edges crossed and met, Sq != Sk.
+LENGTHS = ((70, 90), (0, 5), (1, 0), (130, 129), (257, 300), (64, 64), (1, 1), (200, 3))
+NHEADS, NHEADS_KV = 4, 2
+
+
+def packed(dtype, headdim, seed, lengths=LENGTHS):
+    rng = np.random.default_rng(seed)
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in zip(*lengths))
+    q, dout = (rng.standard_normal((cu_q[-1], NHEADS, headdim)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((cu_k[-1], NHEADS_KV, headdim)).astype(dtype) for _ in range(2))
+    return cu_q, cu_k, q, k, v, dout
+
+
+def variant(name, batch, rng):
+    return {
+        "plain": dict(),
+        "causal": dict(causal=True),
+        "window": dict(window_size=(40, 7)),
+        "softcap_alibi": dict(softcap=6.0, alibi_slopes=rng.uniform(0.01, 0.3, (batch, NHEADS)).astype(np.float32),
+                              causal=True),
+        "dropout": dict(causal=True, dropout_p=0.2, dropout_seed=int(rng.integers(0, 2**63))),
+    }[name]
+
+
+def run_packed(cu_q, cu_k, q, k, v, dout, **kw):
+    dev = {name: to_device(x) if isinstance(x, np.ndarray) else x for name, x in kw.items()}
+    cu = dict(cu_seqlens_q=cp.asarray(cu_q), cu_seqlens_k=cp.asarray(cu_k))
+    args = [to_device(x) for x in (q, k, v)]
+    out, lse = cupyflash.attention(*args, return_lse=True, **cu, **dev)
+    grads = cupyflash.attention_backward(to_device(dout), *args, out, lse, **cu, **dev)
+    return [x.get() for x in (out, lse, *grads)]
+
+
+def check_sequence(b, rows_q, rows_k, arrays, got, kw):
+    """Sequence b's rows of the packed results against it run alone (its ALiBi row and dropout bits)."""
+    q, k, v, dout = (x[None, rows] for x, rows in zip(arrays, (rows_q, rows_k, rows_k, rows_q)))
+    kw = dict(kw)
+    causal = kw.pop("causal", False)
+    if kw.get("alibi_slopes") is not None:
+        kw["alibi_slopes"] = kw["alibi_slopes"][b]
+    ref_kw = dict(kw)
+    if kw.get("dropout_p", 0) > 0:
+        kw["batch_offset"] = b
+        ref_kw["dropout_mask"] = _philox.keep_mask((1, NHEADS, q.shape[1], k.shape[1]), kw["dropout_p"],
+                                                   ref_kw.pop("dropout_seed"), batch_offset=b)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    ref_out, ref_lse = cupyflash.reference.attention(q, k, v, causal=causal, return_lse=True, **ref_kw)
+    ref = (ref_out, ref_lse, *cupyflash.reference.attention_backward(dout, q, k, v, ref_out, ref_lse, causal=causal,
+                                                                     **ref_kw))
+    naive = (*naive_attention(q, k, v, causal, scale, **kw), *naive_attention_backward(dout, q, k, v, causal, scale,
+                                                                                        **kw))
+    scales = error_scales(q, k, v, dout, causal, scale, **kw)
+    out, lse, dq, dk, dv = got
+    mine = (out[None, rows_q], lse[None, :, rows_q], dq[None, rows_q], dk[None, rows_k], dv[None, rows_k])
+    for name, x, r, n in zip(("out", "lse", "dq", "dk", "dv"), mine, ref, naive):
+        forward = name in ("out", "lse")
+        floor = flash_floor(name, x.dtype if name != "lse" else q.dtype, scales,
+                            FWD_FLOOR_ULPS if forward else BWD_FLOOR_ULPS)
+        assert_close_flash_rule(x, r, n, 2 if forward else 3, floor, name=f"{name} of sequence {b} with {sorted(kw)}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("headdim", (64, 72, 128, 256))
+@pytest.mark.parametrize("name", ("plain", "causal", "window", "softcap_alibi", "dropout"))
+def test_each_sequence_as_if_alone(dtype, headdim, name):
+    rng = np.random.default_rng(headdim)
+    cu_q, cu_k, *arrays = packed(dtype, headdim, headdim)
+    kw = variant(name, len(LENGTHS), rng)
+    got = run_packed(cu_q, cu_k, *arrays, **kw)
+    out, lse, dq, dk, dv = got
+    for b in range(len(LENGTHS)):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if rows_q.start == rows_q.stop:
+            assert (dk[rows_k] == 0).all() and (dv[rows_k] == 0).all()  # keys no query sees
+        elif rows_k.start == rows_k.stop:
+            assert (out[rows_q] == 0).all() and np.isneginf(lse[:, rows_q]).all() and (dq[rows_q] == 0).all()
+        else:
+            check_sequence(b, rows_q, rows_k, arrays, got, kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("headdim", (64, 256))
+@pytest.mark.parametrize("name", ("plain", "causal", "window"))
+def test_nothing_crosses_between_sequences(dtype, headdim, name):
+    """A sequence full of NaN and inf leaves its neighbours' results as they were, up to the rounding of
+    the guarded products that keep it out of the tiles crossing into it (and of the Hopper backward's dq
+    atomics)."""
+    cu_q, cu_k, *clean = packed(dtype, headdim, 7)
+    poisoned = [x.copy() for x in clean]
+    for x, cu in zip(poisoned, (cu_q, cu_k, cu_k, cu_q)):
+        x[cu[3]:cu[4]] = np.nan  # sequence 3: the tiles of sequence 0 reach into it
+        x[cu[3]:cu[4]:7] = np.inf
+    kw = variant(name, len(LENGTHS), np.random.default_rng(0))
+    want, got = run_packed(cu_q, cu_k, *clean, **kw), run_packed(cu_q, cu_k, *poisoned, **kw)
+    others_q = np.r_[0:cu_q[3], cu_q[4]:cu_q[-1]]
+    others_k = np.r_[0:cu_k[3], cu_k[4]:cu_k[-1]]
+    for what, g, w, rows, axis in zip(("out", "lse", "dq", "dk", "dv"), got, want,
+                                      (others_q, others_q, others_q, others_k, others_k), (0, 1, 0, 0, 0)):
+        g, w = (np.take(x, rows, axis).astype(np.float64) for x in (g, w))
+        assert np.array_equal(np.isfinite(g), np.isfinite(w)), what
+        finite = np.isfinite(w)
+        ulps = 2 * np.finfo(dtype if dtype.itemsize > 2 else np.float32).eps if what == "lse" else 2 * eps(dtype)
+        np.testing.assert_allclose(g[finite], w[finite], rtol=0, atol=ulps * np.abs(w[finite]).max(), err_msg=what)
+    assert np.isnan(got[0][cu_q[3]:cu_q[4]].astype(np.float64)).any()
