@@ -17,8 +17,9 @@
 //              (mask.cuh; element masks on EDGE tiles only), dv += pd^T dout, dk += dx^T q, dq = dx k
 //              (wgmma); the order of dq's additions varies from run to run.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
-// ends of the tensors arrive as zeros, rows past a packed sequence's end are its neighbour's. Tiles whose
-// hidden pairs meet data that is not finite take the guarded products (mma.cuh) instead.
+// ends of the tensors arrive as zeros; rows of k, q and dout past a packed sequence's end are its
+// neighbour's, and the consumers zero them. Tiles whose hidden pairs meet data that is not finite take the
+// guarded products (mma.cuh) instead.
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -220,31 +221,43 @@ template <int STAGES> __device__ __forceinline__ void stage_no_dq(const BwdBarri
     mbar_arrive(bar.dq_full + stage);
 }
 
-// Consumers, before the stream: k and v arrived; and whether any key's data is not finite (asked only by
-// the variants that hide keys from some rows, or read a packed sequence's neighbour's: such keys then reach
-// dq through the guarded products).
-template <typename Var, int BLOCK_N, int STAGES, int BLOCK_M>
+// Consumers, before the stream: k and v arrived, k's rows past a packed sequence's end zeroed (its
+// neighbour's); and whether any key's data is not finite (asked only by the variants that hide keys from
+// some rows: such keys then reach dq through the guarded products).
+template <typename Var, typename T, int D_TILE, int BLOCK_N, int STAGES, int BLOCK_M>
 __device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const BwdParams& p,
-                                          const QueryStream<BLOCK_M, BLOCK_N>& qs) {
-    if (qs.tiles > 0) mbar_wait(bar.kv_full, 0);
-    return Var::tma_hides_rows && qs.tiles > 0 && qs.seq.keys_nonfinite(p.k_nonfinite, p.fwd, qs.hk, qs.n0, BLOCK_N);
+                                          const QueryStream<BLOCK_M, BLOCK_N>& qs, T* k) {
+    if (qs.tiles == 0) return false;
+    mbar_wait(bar.kv_full, 0);
+    if (Var::packed && qs.n0 + BLOCK_N > qs.seq.seqlen_k) {
+        zero_rows<T, BLOCK_N, D_TILE / 64, 256>(k, qs.seq.seqlen_k - qs.n0, threadIdx.x - 128);
+        named_barrier<256>(1);
+    }
+    return Var::hides_keys && qs.seq.keys_nonfinite(p.k_nonfinite, p.fwd, qs.hk, qs.n0, BLOCK_N);
 }
 
-// Whether query tile m0 of head h holds NaN or inf in q or dout (asked by the tiles that hide rows).
+// Whether query tile m0 of head h holds NaN or inf in q or dout (asked by the tiles that hide keys).
 __device__ __forceinline__ bool queries_nonfinite(const BwdParams& p, const Sequence& seq, int h, int m0) {
     return seq.queries_nonfinite(p.q_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M) ||
            seq.queries_nonfinite(p.do_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M);
 }
 
 // Consumers, per query tile t: its classification, once its stage has arrived (every phase is waited for,
-// skipped tiles too, so that no copy into a stage is in flight when the producer reuses it). A skipped
-// tile stages no dq.
-template <int BLOCK_M, int BLOCK_N, int STAGES, typename Var>
-__device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar, int t, int m0,
-                                                    int n0) {
+// skipped tiles too, so that no copy into a stage is in flight when the producer reuses it), with the rows
+// of q and dout past a packed sequence's end zeroed. A skipped tile stages no dq.
+template <int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, typename Var, typename T, int OWN>
+__device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar,
+                                                    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                                    int t, int m0, int n0) {
     const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
     mbar_wait(bar.q_full + t % STAGES, (t / STAGES) & 1);
-    if (kind == SKIP) stage_no_dq(bar, t % STAGES);
+    if (kind == SKIP) {
+        stage_no_dq(bar, t % STAGES);
+    } else if (Var::packed && m0 + BLOCK_M > var.seqlen_q) {
+        zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.q(t % STAGES), var.seqlen_q - m0, threadIdx.x - 128);
+        zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.dout(t % STAGES), var.seqlen_q - m0, threadIdx.x - 128);
+        named_barrier<256>(1);
+    }
     return kind;
 }
 
@@ -311,12 +324,12 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         float(&dk_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dk);
         float(&dv_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dv);
 
-        const bool k_nonfinite = wait_keys<Var>(bar, bp, qs);
+        const bool k_nonfinite = wait_keys<Var, T, D_TILE>(bar, bp, qs, sm.k);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
             const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N>(var, bar, t, m0, n0);
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
@@ -350,7 +363,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
             // A tile where hidden queries' q or dout is not finite takes the guarded products, after
             // the dq product (no wgmma in flight then).
-            const bool guarded = Var::tma_hides_rows && needs_mask && queries_nonfinite(bp, seq, qs.head(t), m0);
+            const bool guarded = Var::hides_keys && needs_mask && queries_nonfinite(bp, seq, qs.head(t), m0);
             if (!guarded) {
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
@@ -395,7 +408,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
                 gemm_rn_guarded<T, BLOCK_M, D_TILE>(dv, p_regs, SwizzledTile<T, BLOCK_M>{do_buf}, lane);
                 gemm_rn_guarded<T, BLOCK_M, D_TILE>(dk, ds_regs, SwizzledTile<T, BLOCK_M>{q_buf}, lane);
             }
-            if (Var::tma_hides_rows && needs_mask && k_nonfinite) {
+            if (Var::hides_keys && needs_mask && k_nonfinite) {
                 // Non-finite keys reach only the queries that see them: dq again, on CUDA cores.
                 zero(dq);
                 gemm_guarded_smem<BLOCK_N, DQ_COLS>(dq, Transposed<SwizzledTile<T, BLOCK_N>>{{ds_buf}},
@@ -459,12 +472,12 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
         float(&dk_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dk);
         float(&dv_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dv);
 
-        const bool k_nonfinite = wait_keys<Var>(bar, bp, qs);
+        const bool k_nonfinite = wait_keys<Var, T, D_TILE>(bar, bp, qs, sm.k);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
             const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N>(var, bar, t, m0, n0);
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
@@ -508,7 +521,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const T* q_half = q_buf + chunk0 * BLOCK_M * 64;
             const T* k_half = sm.k + chunk0 * BLOCK_N * 64;
             float dq[HT][4];
-            if (!(Var::tma_hides_rows && needs_mask &&
+            if (!(Var::hides_keys && needs_mask &&
                   (k_nonfinite || queries_nonfinite(bp, seq, qs.head(t), m0)))) {
                 float(&dq_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dq);
                 fence_regs(dv_regs);

@@ -11,8 +11,8 @@
 //       o = o * alpha + p v          wgmma, p from registers
 //     then hand the buffer back to the producer.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
-// ends of the tensors arrive as zeros, rows past a packed sequence's end are its neighbour's (masked, and
-// kept out of the products where they are not finite: Var::tma_hides_rows).
+// ends of the tensors arrive as zeros; the rows of V past a packed sequence's end are its neighbour's, and
+// the consumers zero them (K's are masked, q's are never stored).
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -161,7 +161,12 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     });
 
                     mbar_wait(v_full + stage, parity);
-                    if (Var::tma_hides_rows && needs_mask &&
+                    if (Var::packed && n0 + BLOCK_N > seq.seqlen_k) {
+                        zero_rows<T, BLOCK_N, CHUNKS, CONSUMERS>(const_cast<T*>(v_buf), seq.seqlen_k - n0,
+                                                                 threadIdx.x - 128);
+                        named_barrier<CONSUMERS>(1);
+                    }
+                    if (Var::hides_keys && needs_mask &&
                         seq.keys_nonfinite(f.v_nonfinite, f, w.h / f.group, n0, BLOCK_N)) {
                         gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{v_buf}, lane);
                     } else {

@@ -72,9 +72,6 @@ struct Variant {
     static constexpr bool masks_everywhere = bool_mask || bias;
     // Whether some row may not see a key whose data it multiplies (beyond the ends, which loads zero).
     static constexpr bool hides_keys = window || masks_everywhere;
-    // The same in the kernels that load whole tiles by TMA, which read a packed sequence's neighbour's rows
-    // past its end (the others load zeros there).
-    static constexpr bool tma_hides_rows = hides_keys || packed;
 
     int seqlen_q, seqlen_k, offset, left, right, b, h;
     double cap, dropout_scale;  // converted to the accumulation type where used

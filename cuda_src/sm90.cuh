@@ -71,6 +71,20 @@ template <int THREADS> __device__ __forceinline__ void named_barrier(int id) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(THREADS) : "memory");
 }
 
+// Zeroes rows [first, ROWS) of a [CHUNKS][ROWS][64] tile as TMA writes it (the 128-byte swizzle moves 16-byte
+// pieces within a row's 128 bytes), spread over THREADS threads (thread: this one's index among them), and
+// fences the stores for the tensor cores; the caller then syncs the threads that read the tile. Rows past a
+// packed sequence's end hold its neighbour's data, which no product of the sequence may meet.
+template <typename T, int ROWS, int CHUNKS, int THREADS>
+__device__ __forceinline__ void zero_rows(T* tile, int first, int thread) {
+    const int rows = ROWS - first;
+    for (int i = thread; i < rows * CHUNKS * 8; i += THREADS) {
+        const int line = i / 8, chunk = line / rows, row = first + line % rows;
+        reinterpret_cast<uint4*>(tile + (chunk * ROWS + row) * 64)[i % 8] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    fence_async_shared();
+}
+
 // ---- register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__(n, 1))
 template <int REGS> __device__ __forceinline__ void regs_release() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));

@@ -187,11 +187,11 @@ def _classify_mask(spec, var, device_id):
     return cells
 
 
-def _flag_nonfinite(var_type, tma, spec, device_id, *tensors):
-    """For a variant that hides keys (`tma`: in the Hopper kernels): the RowFlags (a uint8 array) of each
-    (array, heads) of `tensors` (at most three, of one dtype, each (batch entries, rows, heads, headdim)),
-    flagged in one launch (nonfinite.cu); else Nones."""
-    if not _plan.hides_keys(var_type, tma):
+def _flag_nonfinite(var_type, spec, device_id, *tensors):
+    """For a variant that hides keys: the RowFlags (a uint8 array) of each (array, heads) of `tensors` (at
+    most three, of one dtype, each (batch entries, rows, heads, headdim)), flagged in one launch
+    (nonfinite.cu); else Nones."""
+    if not _plan.hides_keys(var_type):
         return (None,) * len(tensors)
     entries = tensors[0][0].shape[0]
     flags = [_empty((entries, heads, -(-x.shape[1] // _plan.NONFINITE_ROWS)), np.uint8) for x, heads in tensors]
@@ -233,11 +233,16 @@ class _Packed(typing.NamedTuple):
 
 
 def _packed(spec):
-    """The offsets of a packed batch (Spec.cu_seqlens_*, host arrays) on the current device; None when dense."""
+    """The offsets of a packed batch on the current device: the caller's CuPy arrays where they are on it,
+    else the host ones copied there in one transfer; None when dense."""
     if not spec.varlen:
         return None
-    cu_q, cu_k = (cupy.asarray(cu.astype(np.int32)) for cu in (spec.cu_seqlens_q, spec.cu_seqlens_k))
-    return _Packed(cu_q, cu_k, int(spec.cu_seqlens_q[-1]), int(spec.cu_seqlens_k[-1]))
+    totals = int(spec.cu_seqlens_q[-1]), int(spec.cu_seqlens_k[-1])
+    given = spec.device_offsets
+    if given is not None and given[0].device.id == cupy.cuda.Device().id == given[1].device.id:
+        return _Packed(*given, *totals)
+    both = cupy.asarray(np.concatenate((spec.cu_seqlens_q, spec.cu_seqlens_k)).astype(np.int32))
+    return _Packed(both[:spec.batch + 1], both[spec.batch + 1:], *totals)
 
 
 def _lse_shape(spec):
@@ -258,7 +263,7 @@ def forward(q, k, v, spec):
         var_type, var, _mask_cells = _variant(spec, device_id)
         dtype = q.dtype.name
         hopper = dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v)
-        v_nonfinite, = _flag_nonfinite(var_type, hopper, spec, device_id, (v, spec.nheads_kv))
+        v_nonfinite, = _flag_nonfinite(var_type, spec, device_id, (v, spec.nheads_kv))
         fwd = _fwd_values(spec, var, q, k, v, out, lse, v_nonfinite, packed=packed)
         if hopper:
             launch = _plan.forward_sm90(dtype, spec.headdim, var_type)
@@ -310,8 +315,7 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
         packed = _packed(spec)
         fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
         hopper = _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, q, k, v, dout)
-        flags = _flag_nonfinite(var_type, hopper, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv),
-                                (dout, spec.nheads))
+        flags = _flag_nonfinite(var_type, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv), (dout, spec.nheads))
 
         def bwd_values(delta):
             return (fwd, dout.data.ptr, *(_ptr(f) for f in flags), delta.data.ptr, dq.data.ptr, dk.data.ptr, dv.data.ptr,

@@ -51,11 +51,10 @@ def _features(var):
     return int(var[len("Variant<"):var.index(",")])
 
 
-def hides_keys(var, tma=False):
-    """Whether a variant may hide a key from a row that multiplies its data (Variant::hides_keys; with
-    `tma`, in the Hopper kernels, Variant::tma_hides_rows): its kernels then read which rows hold NaN or
-    inf (nonfinite_rows)."""
-    return bool(_features(var) & (HIDES_KEYS | (FEATURES["PACKED"] if tma else 0)))
+def hides_keys(var):
+    """Whether a variant may hide a key from a row that multiplies its data (Variant::hides_keys): its
+    kernels then read which rows hold NaN or inf (nonfinite_rows)."""
+    return bool(_features(var) & HIDES_KEYS)
 
 
 def headdim_tile(headdim):

@@ -45,6 +45,8 @@ class Spec:
     # (total, heads, headdim) q and k, v; seqlen_q and seqlen_k are then the longest lengths.
     cu_seqlens_q: Optional[np.ndarray] = None
     cu_seqlens_k: Optional[np.ndarray] = None
+    # The caller's offsets where they were CuPy arrays (cu_seqlens_q, cu_seqlens_k): the kernels read them.
+    device_offsets: Optional[Tuple[Any, Any]] = None
 
     @property
     def group(self) -> int:

@@ -268,15 +268,32 @@ def _check_dropout(fn, dropout_p, dropout_seed, seed_required):
     return p, check_seed(fn, dropout_seed)
 
 
-def _host_offsets(fn, name, cu, kind, q, mixed_ok):
-    """cu_seqlens as a host int64 array: int32, (batch + 1,), from 0, non-decreasing. A CuPy array
-    is read to the host once (a device synchronisation)."""
-    _check_same_kind(fn, name, cu, kind, q, mixed_ok)
+def _check_offsets_array(fn, name, cu, kind, q, mixed_ok):
+    """cu_seqlens' type, dtype and shape: int32, (batch + 1,). A NumPy array may go with CuPy q, k, v
+    (offsets known on the host: no device read)."""
+    if not (kind == "cupy" and array_kind(cu) == "numpy"):
+        _check_same_kind(fn, name, cu, kind, q, mixed_ok)
     if np.dtype(cu.dtype) != np.int32:
         _fail(TypeError, fn, f"{name}.dtype", "must be int32", _dtype_name(cu.dtype))
     if cu.ndim != 1 or cu.shape[0] < 2:
         _fail(ValueError, fn, f"{name}.shape", "must be (batch + 1,) with batch >= 1", tuple(cu.shape))
-    host = np.asarray(cu.get() if array_kind(cu) == "cupy" else cu).astype(np.int64)
+
+
+def _host_offsets(cu_seqlens_q, cu_seqlens_k):
+    """Both offsets as host int64 arrays; CuPy ones are read to the host together, in one device
+    synchronisation."""
+    on_device = [array_kind(cu) == "cupy" for cu in (cu_seqlens_q, cu_seqlens_k)]
+    if all(on_device) and cu_seqlens_q.device.id == cu_seqlens_k.device.id:
+        import cupy
+
+        with cu_seqlens_q.device:
+            both = cupy.concatenate((cu_seqlens_q, cu_seqlens_k)).get()
+        return both[:cu_seqlens_q.shape[0]].astype(np.int64), both[cu_seqlens_q.shape[0]:].astype(np.int64)
+    return tuple(np.asarray(cu.get() if kind else cu).astype(np.int64)
+                 for cu, kind in zip((cu_seqlens_q, cu_seqlens_k), on_device))
+
+
+def _check_offsets(fn, name, host):
     if host[0] != 0:
         _fail(ValueError, fn, f"{name}[0]", "must be 0", int(host[0]))
     steps = np.diff(host)
@@ -284,7 +301,6 @@ def _host_offsets(fn, name, cu, kind, q, mixed_ok):
         at = int(np.argmax(steps < 0))
         _fail(ValueError, fn, name, "must be non-decreasing",
               f"{name}[{at + 1}]={int(host[at + 1])} < {name}[{at}]={int(host[at])}")
-    return host
 
 
 def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, attn_mask, kind,
@@ -304,10 +320,14 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         if x.ndim != 3:
             _fail(ValueError, fn, name, "must have 3 dimensions (total, nheads, headdim) with cu_seqlens",
                   f"{x.ndim} dimensions with shape {tuple(x.shape)}")
-    cu_q = _host_offsets(fn, "cu_seqlens_q", cu_seqlens_q, kind, q, mixed_ok)
-    cu_k = _host_offsets(fn, "cu_seqlens_k", cu_seqlens_k, kind, q, mixed_ok)
-    if cu_q.shape != cu_k.shape:
-        _fail(ValueError, fn, "cu_seqlens_k.shape", f"must equal cu_seqlens_q.shape={cu_q.shape}", cu_k.shape)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_offsets_array(fn, name, cu, kind, q, mixed_ok)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        _fail(ValueError, fn, "cu_seqlens_k.shape", f"must equal cu_seqlens_q.shape={tuple(cu_seqlens_q.shape)}",
+              tuple(cu_seqlens_k.shape))
+    cu_q, cu_k = _host_offsets(cu_seqlens_q, cu_seqlens_k)
+    _check_offsets(fn, "cu_seqlens_q", cu_q)
+    _check_offsets(fn, "cu_seqlens_k", cu_k)
     for name, cu, x, axis_name in (("cu_seqlens_q", cu_q, q, "q"), ("cu_seqlens_k", cu_k, k, "k")):
         if cu[-1] != x.shape[0]:
             _fail(ValueError, fn, f"{name}[-1]", f"must equal {axis_name}.shape[0] (total)={x.shape[0]}",
@@ -403,7 +423,16 @@ def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), s
     return Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=slopes, attn_mask=mask, mask_shape=mask_shape, dropout_p=dropout_p,
-                dropout_seed=dropout_seed, layout=layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+                dropout_seed=dropout_seed, layout=layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                device_offsets=_device_offsets(cu_seqlens_q, cu_seqlens_k))
+
+
+def _device_offsets(cu_seqlens_q, cu_seqlens_k):
+    """The caller's offsets when both are contiguous CuPy arrays, else None."""
+    pair = (cu_seqlens_q, cu_seqlens_k)
+    if all(array_kind(cu) == "cupy" and cu.strides == (4,) for cu in pair):
+        return pair
+    return None
 
 
 def _caller_shape(spec):

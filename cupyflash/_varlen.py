@@ -40,7 +40,7 @@ def _sequences(spec):
         slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1]
         yield b, rows_q, rows_k, dataclasses.replace(spec, batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                                      alibi_slopes=slopes, batch_offset=spec.batch_offset + b,
-                                                     cu_seqlens_q=None, cu_seqlens_k=None)
+                                                     cu_seqlens_q=None, cu_seqlens_k=None, device_offsets=None)
 
 
 def _device(spec, x):

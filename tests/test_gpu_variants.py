@@ -212,7 +212,7 @@ def test_nonfinite_row_flags(dtype, headdim):
             x[tuple(RNG.integers(0, n) for n in x.shape)] = value
     spec = SimpleNamespace(batch=batch, headdim=headdim, dtype=np.dtype(dtype))
     device_x = to_device(np.ascontiguousarray(x.transpose(2, 0, 1, 3))).transpose(1, 2, 0, 3)  # heads slowest
-    flags, = _cuda_backend._flag_nonfinite(_plan.variant(_plan.FEATURES["WINDOW"]), False, spec, 0, (device_x, heads))
+    flags, = _cuda_backend._flag_nonfinite(_plan.variant(_plan.FEATURES["WINDOW"]), spec, 0, (device_x, heads))
     bad = ~np.isfinite(x.astype(np.float64)).all(axis=3)  # (batch, seqlen, heads)
     rows = _plan.NONFINITE_ROWS
     chunks = -(-seqlen // rows)

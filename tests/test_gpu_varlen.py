@@ -119,3 +119,20 @@ def test_nothing_crosses_between_sequences(dtype, headdim, name):
         ulps = 2 * np.finfo(dtype if dtype.itemsize > 2 else np.float32).eps if what == "lse" else 2 * eps(dtype)
         np.testing.assert_allclose(g[finite], w[finite], rtol=0, atol=ulps * np.abs(w[finite]).max(), err_msg=what)
     assert np.isnan(got[0][cu_q[3]:cu_q[4]].astype(np.float64)).any()
+
+
+def test_offsets_on_the_host_or_strided_give_the_same_bits():
+    """NumPy cu_seqlens with CuPy q, k, v (no device read) and strided CuPy ones (copied) give the bits of
+    contiguous CuPy ones (read in place)."""
+    cu_q, cu_k, q, k, v, dout = packed(np.dtype(np.float16), 64, 3)
+    args = [to_device(x) for x in (q, k, v)]
+    results = []
+    for cu in ((cu_q, cu_k), (cp.asarray(cu_q), cp.asarray(cu_k)),
+               (cp.asarray(np.repeat(cu_q, 2))[::2], cp.asarray(np.repeat(cu_k, 2))[::2])):
+        kw = dict(cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], causal=True)
+        out, lse = cupyflash.attention(*args, return_lse=True, **kw)
+        grads = cupyflash.attention_backward(to_device(dout), *args, out, lse, deterministic=True, **kw)
+        results.append([x.get() for x in (out, lse, *grads)])
+    for want, *others in zip(*results):
+        for got in others:
+            assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
