@@ -30,14 +30,13 @@
 
 constexpr int SM90_BWD_BLOCK_M = 64;  // query rows per streamed tile
 
-// Row of (sequence b, head h, query 0) in the buffers padded to whole query tiles (delta, lse_log2,
-// dq_accum): (batch, nheads, rows) for a dense batch; (nheads, rows) for a packed one, sequence b from row
-// (cu_seqlens_q[b] / BLOCK_M + b) BLOCK_M, which leaves each sequence its whole tiles.
+// The buffers padded to whole query tiles (delta, lse_log2, dq_accum) hold row i of (sequence b, head h) at
+// padded_base(p, b) + h p.rows + i: (batch, nheads, rows) for a dense batch; (nheads, rows) for a packed one,
+// sequence b from row (cu_seqlens_q[b] / BLOCK_M + b) BLOCK_M, which leaves each sequence its whole tiles.
 template <bool PACKED>
-__device__ __forceinline__ i64 padded_row0(const BwdParamsSm90& p, int b, int h) {
-    if constexpr (PACKED)
-        return (i64)h * p.rows + (i64)(p.bwd.fwd.cu_seqlens_q[b] / SM90_BWD_BLOCK_M + b) * SM90_BWD_BLOCK_M;
-    return ((i64)b * p.bwd.fwd.nheads + h) * p.rows;
+__device__ __forceinline__ i64 padded_base(const BwdParamsSm90& p, int b) {
+    if constexpr (PACKED) return (i64)(p.bwd.fwd.cu_seqlens_q[b] / SM90_BWD_BLOCK_M + b) * SM90_BWD_BLOCK_M;
+    return (i64)b * p.bwd.fwd.nheads * p.rows;
 }
 
 // Query rows of the longest sequence padded to whole tiles.
@@ -56,7 +55,7 @@ __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_const
     const int lane = threadIdx.x % 32, i = (int)(at % longest), h = (int)(at / longest);
     const Sequence seq = sequence<PACKED>(f, b);
     if (i >= padded_rows(seq.seqlen_q)) return;
-    const i64 row = padded_row0<PACKED>(p, b, h) + i;
+    const i64 row = padded_base<PACKED>(p, b) + (i64)h * p.rows + i;
     float delta = 0.f, lse2 = 0.f;
     if (i < seq.seqlen_q) {
         const T* dor = seq.query_rows(static_cast<const T*>(bp.dout), bp.do_st, h, i);
@@ -91,10 +90,11 @@ template <typename Var, int BLOCK_N> __device__ __forceinline__ KeyBlock key_blo
 // keeping the order measured faster).
 template <int BLOCK_M, int BLOCK_N> struct QueryStream {
     Sequence seq;
+    i64 padded;  // padded_base of the sequence
     int n0, hk, b, group, m_first, per_head, tiles, start;
     template <typename Var>
-    __device__ QueryStream(const FwdParams& f, const Sequence& seq_, const Var& var, int n0_, int hk_, int b_)
-        : seq(seq_), n0(n0_), hk(hk_), b(b_), group(f.group) {
+    __device__ QueryStream(const BwdParamsSm90& p, const Sequence& seq_, const Var& var, int n0_, int hk_, int b_)
+        : seq(seq_), padded(padded_base<Var::packed>(p, b_)), n0(n0_), hk(hk_), b(b_), group(p.bwd.fwd.group) {
         int m_last;
         var.template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_last);
         per_head = m_last - m_first;
@@ -103,6 +103,7 @@ template <int BLOCK_M, int BLOCK_N> struct QueryStream {
     }
     __device__ int head(int t) const { return hk * group + t / per_head; }
     __device__ int m0(int t) const { return (m_first + (t % per_head + start) % per_head) * BLOCK_M; }
+    __device__ i64 padded_row(const BwdParamsSm90& p, int t) const { return padded + (i64)head(t) * p.rows + m0(t); }
 };
 
 // Shared memory of both main kernels: k and v ([CHUNKS][BLOCK_N][64] each), STAGES stages of q and dout
@@ -156,7 +157,7 @@ template <int STAGES> struct BwdBarriers {
 };
 
 // Producer thread 0: k and v once, then query tile t into stage t % STAGES once the reduction has freed it.
-template <bool PACKED, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
 __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
                                            const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
                                            const BwdBarriers<STAGES>& bar) {
@@ -176,7 +177,7 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
             tma_load(sm.q(stage) + c * BLOCK_M * 64, p.tma_q, c * 64, q0 + m0, h, entry, full);
             tma_load(sm.dout(stage) + c * BLOCK_M * 64, p.tma_do, c * 64, q0 + m0, h, entry, full);
         }
-        const i64 stats = padded_row0<PACKED>(p, qs.b, h) + m0;
+        const i64 stats = qs.padded_row(p, t);
         bulk_load(sm.lse2 + stage * BLOCK_M, p.lse_log2 + stats, BLOCK_M * sizeof(float), full);
         bulk_load(sm.delta + stage * BLOCK_M, static_cast<const float*>(p.bwd.delta) + stats, BLOCK_M * sizeof(float),
                   full);
@@ -185,7 +186,7 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
 
 // Producer thread 32: each tile's staged dq into the accumulator (one bulk reduction; the accumulator keeps
 // each tile in the consumers' register order, flash_bwd_dq_convert reads it back), then frees the stage.
-template <bool PACKED, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
 __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
                                           const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
                                           const BwdBarriers<STAGES>& bar) {
@@ -193,7 +194,7 @@ __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStr
         const int stage = t % STAGES;
         mbar_wait(bar.dq_full + stage, (t / STAGES) & 1);
         if (bar.dq_staged[stage]) {
-            bulk_reduce_add(p.dq_accum + (padded_row0<PACKED>(p, qs.b, qs.head(t)) + qs.m0(t)) * D_TILE,
+            bulk_reduce_add(p.dq_accum + qs.padded_row(p, t) * D_TILE,
                             sm.dq(stage), BLOCK_M * D_TILE * sizeof(float));
             bulk_wait_read();
         }
@@ -296,7 +297,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
     const int n0 = kb.n0, hk = kb.hk, b = kb.b;
     const Sequence seq = sequence<Var::packed>(f, b);
     if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
-    const QueryStream<BLOCK_M, BLOCK_N> qs(f, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
+    const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
 
     if (threadIdx.x == 0) bar.init(CONSUMERS);
     __syncthreads();
@@ -304,8 +305,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var::packed>(p, qs, sm, bar);
-        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq<Var::packed>(p, qs, sm, bar);
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles(p, qs, sm, bar);
+        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
     } else {
         // ---- consumers
         regs_claim<240>();
@@ -445,7 +446,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     const int n0 = kb.n0, hk = kb.hk, b = kb.b;
     const Sequence seq = sequence<Var::packed>(f, b);
     if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
-    const QueryStream<BLOCK_M, BLOCK_N> qs(f, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
+    const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
 
     if (threadIdx.x == 0) bar.init(CONSUMERS);
     __syncthreads();
@@ -453,8 +454,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var::packed>(p, qs, sm, bar);
-        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq<Var::packed>(p, qs, sm, bar);
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles(p, qs, sm, bar);
+        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
     } else {
         // ---- consumers
         regs_claim<240>();
@@ -575,7 +576,8 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const __grid_constan
     const Sequence seq = sequence<PACKED>(f, b);
     if (m0 >= seq.seqlen_q) return;
     const int at = (int)(quad % tile_quads), thread = at % 128, j = at / 128 % (half / 8), wg = at / 128 / (half / 8);
-    const float4 x = reinterpret_cast<const float4*>(p.dq_accum + (padded_row0<PACKED>(p, b, h) + m0) * p.head_tile)[at];
+    const i64 row0 = padded_base<PACKED>(p, b) + (i64)h * p.rows + m0;
+    const float4 x = reinterpret_cast<const float4*>(p.dq_accum + row0 * p.head_tile)[at];
     const int row = m0 + (thread / 32) * 16 + (thread % 32) / 4;
     const int col = wg * half + 8 * j + 2 * (thread % 4);
     const float scale = float(f.scale);

@@ -11,8 +11,8 @@
 //       o = o * alpha + p v          wgmma, p from registers
 //     then hand the buffer back to the producer.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
-// ends of the tensors arrive as zeros; the rows of V past a packed sequence's end are its neighbour's, and
-// the consumers zero them (K's are masked, q's are never stored).
+// ends of the tensors arrive as zeros. Rows past a packed sequence's end are its neighbour's: K's are masked
+// and q's never stored, and V's are zeroed by producer warp 1 (the cleaner) before the consumers read them.
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -53,7 +53,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* q_free = q_full + Q_STAGES;  // [Q_STAGES]: every consumer thread arrives
     unsigned long long* k_full = q_free + Q_STAGES;  // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
-    unsigned long long* kv_free = v_full + STAGES; // [STAGES]: every consumer thread arrives
+    unsigned long long* kv_free = v_full + STAGES; // [STAGES]: every consumer thread arrives (and the cleaner's)
+    unsigned long long* v_clean = kv_free + STAGES; // [STAGES]: packed, V's rows past the sequence zeroed
+    constexpr int CLEANER = Var::packed ? 32 : 0;  // the threads of producer warp 1 that zero them
 
     const FwdParams& f = p.fwd;
     const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M, tiles = query_tiles * f.nheads * p.batch;
@@ -66,7 +68,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
-            mbar_init(kv_free + s, CONSUMERS);
+            mbar_init(kv_free + s, CONSUMERS + CLEANER);
+            if (Var::packed) mbar_init(v_clean + s, CLEANER);
         }
         mbar_fence_init();
     }
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     // query buffers the next work tile's q arrives while this one runs.
     if (threadIdx.x < 128) {
         // ---- producer
-        regs_release<40>();
+        regs_release<Var::packed ? 48 : 40>();  // the cleaner keeps its loop in registers
         if (threadIdx.x == 0) {
             int kv_step = 0, q_step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -107,6 +110,24 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(v_buf + c * BLOCK_N * 64, p.tma_v, c * 64, int(seq.k0) + n0, hk, seq.entry,
                                  v_full + stage);
+                }
+            }
+        } else if (Var::packed && threadIdx.x / 32 == 1) {
+            // the cleaner: every V tile in turn (so that it is never a phase off), the tail ones zeroed past
+            // the sequence's end, then handed to the consumers and back to the producer
+            int kv_step = 0;
+            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+                const Sequence seq = sequence<Var::packed>(f, w.b);
+                int t_first, t_last;
+                key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
+                for (int t = t_first; t < t_last; ++t, ++kv_step) {
+                    const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
+                    mbar_wait(v_full + stage, (kv_step / STAGES) & 1);
+                    if (n0 + BLOCK_N > seq.seqlen_k)
+                        zero_rows<T, BLOCK_N, CHUNKS, 32>(sV + stage * KV_ELEMS, seq.seqlen_k - n0, threadIdx.x % 32);
+                    mbar_arrive(v_clean + stage);
+                    mbar_arrive(kv_free + stage);
                 }
             }
         }
@@ -160,12 +181,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, words);
                     });
 
-                    mbar_wait(v_full + stage, parity);
-                    if (Var::packed && n0 + BLOCK_N > seq.seqlen_k) {
-                        zero_rows<T, BLOCK_N, CHUNKS, CONSUMERS>(const_cast<T*>(v_buf), seq.seqlen_k - n0,
-                                                                 threadIdx.x - 128);
-                        named_barrier<CONSUMERS>(1);
-                    }
+                    mbar_wait((Var::packed ? v_clean : v_full) + stage, parity);
                     if (Var::hides_keys && needs_mask &&
                         seq.keys_nonfinite(f.v_nonfinite, f, w.h / f.group, n0, BLOCK_N)) {
                         gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{v_buf}, lane);
@@ -184,7 +200,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         fence_regs(o_regs);
                     }
                 } else {
-                    mbar_wait(v_full + stage, parity);
+                    mbar_wait((Var::packed ? v_clean : v_full) + stage, parity);
                 }
                 if (t == t_last - 1) mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
                 mbar_arrive(kv_free + stage);
