@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     // query buffers the next work tile's q arrives while this one runs.
     if (threadIdx.x < 128) {
         // ---- producer
-        regs_release<Var::packed ? 48 : 40>();  // the cleaner keeps its loop in registers
+        regs_release<40>();  // 128 x 128 registers freed here make the consumers' 256 x 64 more
         if (threadIdx.x == 0) {
             int kv_step = 0, q_step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
