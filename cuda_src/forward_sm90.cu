@@ -21,19 +21,24 @@
 #include "sm90.cuh"
 #include "wgmma.cuh"
 
-// Work tile `tile` of a persistent block: (query tile, head, batch), the query tile slowest and the last
-// ones first. Under a causal mask or a window the last query tiles have the most keys to visit: the
-// blocks, which take tiles in turn, meet tiles of nearly equal work in each round.
+// Work tile `tile` of a persistent block: (query tile, head, batch). Under a causal mask or a window
+// (BOUNDED) the query tile is the slowest axis, the last ones first: they have the most keys to visit, and
+// the blocks, which take tiles in turn, meet tiles of nearly equal work in each round. Without one every
+// query tile of a head visits the same keys: the query tile is the fastest axis, so that the blocks running
+// side by side read one head's K and V, from L2 after the first.
+template <bool BOUNDED>
 struct WorkTile {
     int m0, h, b;
     __device__ WorkTile(int tile, int query_tiles, int block_m, int nheads, int batch)
-        : m0((query_tiles - 1 - tile / (nheads * batch)) * block_m), h(tile % nheads), b(tile / nheads % batch) {}
+        : m0(BOUNDED ? (query_tiles - 1 - tile / (nheads * batch)) * block_m : tile % query_tiles * block_m),
+          h(BOUNDED ? tile % nheads : tile / query_tiles % nheads),
+          b(BOUNDED ? tile / nheads % batch : tile / query_tiles / nheads) {}
 };
 
 // The key tiles [first, last) of a work tile: none past the end of a packed sequence's queries.
 template <typename Var, int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& seq, const WorkTile& w, int& first,
-                                          int& last) {
+__device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& seq, const WorkTile<Var::window>& w,
+                                          int& first, int& last) {
     variant_of<Var>(f, seq, w.b, w.h).template key_tiles<BLOCK_M, BLOCK_N>(w.m0, first, last);
     if (Var::packed && w.m0 >= seq.seqlen_q) last = first;
 }
@@ -84,7 +89,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         if (threadIdx.x == 0) {
             int kv_step = 0, q_step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+                const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
                 const Sequence seq = sequence<Var::packed>(f, w.b);
                 int t_first, t_last;
                 key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
@@ -117,7 +122,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             // the sequence's end, then handed to the consumers and back to the producer
             int kv_step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+                const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
                 const Sequence seq = sequence<Var::packed>(f, w.b);
                 int t_first, t_last;
                 key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
@@ -137,7 +142,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
         int kv_step = 0, q_step = 0;
         for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            const WorkTile w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+            const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
             const Sequence seq = sequence<Var::packed>(f, w.b);
             const Var var = variant_of<Var>(f, seq, w.b, w.h);
             int t_first, t_last;
