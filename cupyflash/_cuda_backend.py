@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _csource, _plan, _tma, _variants
 from ._csource import source
-from ._validate import compute_dtype
+from ._validate import compute_dtype, lse_shape
 
 _MAX_GRID_YZ = 65535
 
@@ -245,9 +245,6 @@ def _packed(spec):
     return _Packed(both[:spec.batch + 1], both[spec.batch + 1:], *totals)
 
 
-def _lse_shape(spec):
-    return (spec.nheads, int(spec.cu_seqlens_q[-1])) if spec.varlen else (spec.batch, spec.nheads, spec.seqlen_q)
-
 
 def forward(q, k, v, spec):
     """(out, lse) of (batch, seqlen, heads, headdim) q, k, v; a packed batch (spec.varlen) comes as one batch
@@ -258,7 +255,7 @@ def forward(q, k, v, spec):
         limit, hopper_device = _device_info(device_id)
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
         out = spec.empty(_empty, q.shape, q.dtype)
-        lse = _empty(_lse_shape(spec), compute_dtype(q.dtype))
+        lse = _empty(lse_shape(spec), compute_dtype(q.dtype))
         packed = _packed(spec)
         var_type, var, _mask_cells = _variant(spec, device_id)
         dtype = q.dtype.name

@@ -49,7 +49,7 @@ def _device(spec, x):
 
 
 def _empty_band(spec):
-    """Whether no sequence has both queries and keys (the kernels then have no tile to run)."""
+    """Whether no sequence has queries or none has keys (the kernels then have no tile to run)."""
     return spec.seqlen_q == 0 or spec.seqlen_k == 0
 
 
