@@ -11,6 +11,7 @@ from cupyflash import _philox
 from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, assert_close_flash_rule, eps, error_scales, flash_floor,
                      naive_attention, naive_attention_backward)
 from test_gpu import poisoned_outputs, to_device  # noqa: F401  (fixture)
+from test_varlen import packed as packed_batch
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -21,11 +22,8 @@ NHEADS, NHEADS_KV = 4, 2
 
 
 def packed(dtype, headdim, seed, lengths=LENGTHS):
-    rng = np.random.default_rng(seed)
-    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in zip(*lengths))
-    q, dout = (rng.standard_normal((cu_q[-1], NHEADS, headdim)).astype(dtype) for _ in range(2))
-    k, v = (rng.standard_normal((cu_k[-1], NHEADS_KV, headdim)).astype(dtype) for _ in range(2))
-    return cu_q, cu_k, q, k, v, dout
+    lens_q, lens_k = zip(*lengths)
+    return packed_batch(lens_q, lens_k, dtype, seed, NHEADS, NHEADS_KV, headdim)
 
 
 def variant(name, batch, rng):
