@@ -21,12 +21,13 @@ Forward (per query tile, outer loop; the key tiles of its causal/window band, in
     l      = alpha * l + rowsum(p)          before dropout: lse is the softmax's
     acc    = alpha * acc + (p * keep / (1 - dropout_p)) @ v_j
     m      = m_new
-    out    = acc / l,   lse = m + log(l)
+    out    = acc / l,   lse = m + log(l)        added in float64, rounded once to lse's dtype
 
 Backward (per key tile, outer loop; the query tiles of its band, inner loop)::
 
     delta  = rowsum(dout * out)             once, before the loops
-    p      = exp(x - lse)                   recomputed, never stored
+    hi, lo = lse as a compute-dtype pair    per row: hi = lse rounded, lo = lse - hi rounded
+    p      = exp((x - hi) - lo)             recomputed, never stored
     pd     = keep * p / (1 - dropout_p)     the weights out used (pd = p without dropout)
     dv_j  += pd^T @ dout_i
     dp     = keep * (dout_i @ v_j^T) / (1 - dropout_p)
@@ -41,6 +42,15 @@ masked pairs (0 * nan is nan). Tiles whose rows are all finite pay nothing for t
 unmasked pair has l = 0: out 0, lse -inf, and p = 0 in the backward. A NaN score makes m and lse
 NaN; a +inf score (and no NaN) makes lse +inf.
 
+lse and its rounding: p = exp(x - lse) inherits lse's absolute error in every probability of the
+row, and rounding lse costs |lse| eps_lse, which naive attention (exp(x - max) / sum, exact for a
+one-hot row) does not pay; at large logits that dominates the gradients' error. So lse is formed once,
+m + log(l) in float64 (m is exact there), and rounded once, to ``_validate.lse_dtype``; the backward
+reads it as hi + lo in the compute dtype, which keeps every bit a float64 lse carries for float32
+inputs: x - hi is exact or as exact as the naive x - max, and lo adds what hi lost. With lse in the
+compute dtype lo is 0 and p = exp(x - lse) as before; one rounding of lse in that dtype is then the
+floor (tests/test_fidelity.py has the numbers and the cases it leaves).
+
 Extra memory: O(block_q * block_k * batch * nheads) for a tile plus
 O(seqlen * headdim * batch * nheads) for the compute-dtype copies and accumulators (and a dbias
 accumulator of the mask's shape); never seqlen_q * seqlen_k.
@@ -50,7 +60,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _variants
+from . import _validate, _variants
 from ._validate import compute_dtype
 
 __all__ = ["forward", "backward", "BLOCK_Q", "BLOCK_K"]
@@ -115,7 +125,7 @@ def forward(q, k, v, spec, *, block_q=BLOCK_Q, block_k=BLOCK_K):
     lead = qc.shape[:3]  # (batch, nheads_kv, group)
 
     out = spec.empty(np.empty, q.shape, q.dtype)
-    lse = np.empty(lead + (seqlen_q,), dtype=cdt)
+    lse = np.empty(lead + (seqlen_q,), dtype=_validate.lse_dtype(spec.dtype))
     rdrop = cdt.type(1 / (1 - spec.dropout_p))
 
     for q_start in range(0, seqlen_q, block_q):
@@ -153,7 +163,9 @@ def forward(q, k, v, spec, *, block_q=BLOCK_Q, block_k=BLOCK_K):
         dead = l == 0
         l_safe = np.where(dead, cdt.type(1), l)
         out[:, q_start:q_end] = _merge_q(acc / l_safe[..., None])
-        lse[..., q_start:q_end] = np.where(dead, neg_inf, np.where(m == np.inf, m, m + np.log(l_safe)))
+        # m + log(l) in float64, rounded once to lse's dtype (see the module's notes on lse).
+        lse_rows = m.astype(np.float64) + np.log(l_safe.astype(np.float64))
+        lse[..., q_start:q_end] = np.where(dead, -np.inf, np.where(m == np.inf, np.inf, lse_rows))
 
     return out, lse.reshape(batch, nheads, seqlen_q)
 
@@ -181,9 +193,13 @@ def backward(dout, q, k, v, out, lse, spec, deterministic=False, want_dbias=Fals
     # delta = rowsum(dout * out), in compute dtype, once.
     delta = np.einsum("bsnd,bsnd->bns", dout.astype(cdt), out.astype(cdt))
     delta = np.ascontiguousarray(delta.reshape(lead + (seqlen_q,)))
-    # Fully masked rows have lse = -inf; use +inf there so p = exp(x - inf) = 0.
-    lse_c = lse.astype(cdt).reshape(lead + (seqlen_q,))
+    # lse as hi + lo in the compute dtype (lo is 0 when lse is in the compute dtype): p = exp((x - hi) - lo).
+    # Fully masked rows have lse = -inf; use +inf there so p = exp(x - inf) = 0 (and lo = 0 wherever
+    # lse is not finite).
+    lse_w = lse.reshape(lead + (seqlen_q,))
+    lse_c = lse_w.astype(cdt)
     lse_safe = np.where(lse_c == neg_inf, cdt.type(np.inf), lse_c)
+    lse_lo = np.where(np.isfinite(lse_c), lse_w - lse_c.astype(lse_w.dtype), 0).astype(cdt)
 
     # Rows whose data is all finite: a tile of such rows needs no care for its masked pairs.
     q_ok, do_ok, k_ok, v_ok = (_finite_rows(x) for x in (qc, doc, kc, vc))
@@ -218,7 +234,7 @@ def backward(dout, q, k, v, out, lse, spec, deterministic=False, want_dbias=Fals
             clean = q_side_ok[q_start:q_end].all() and k_side_ok[k_start:k_end].all()
             masked = None if clean else x == neg_inf
             masked_t = None if clean else masked.swapaxes(-1, -2)
-            p = np.exp(x - lse_safe[..., q_start:q_end, None])
+            p = np.exp((x - lse_safe[..., q_start:q_end, None]) - lse_lo[..., q_start:q_end, None])
             dp = np.matmul(do_i, v_j.swapaxes(-1, -2))
             if masked is not None:
                 p = np.where(masked, cdt.type(0), p)  # exp(-inf - nan) is nan
