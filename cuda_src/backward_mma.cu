@@ -1,4 +1,4 @@
-// Backward pass for float16 / bfloat16 on tensor cores: the dK/dV and dQ kernels of
+// Backward pass on tensor cores (the dtypes of forward_mma.cu): the dK/dV and dQ kernels of
 // backward.cu (same algorithm, same deterministic order, delta from flash_bwd_delta, the same
 // per-pair step pair_backward), with every product a warp-level mma on 16-row slabs.
 //
@@ -20,7 +20,9 @@
 
 template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, typename Var, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_constant__ BwdParams p) {
-    constexpr int BLOCK_N = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8, SLICES = D_TILE / D_OUT;
+    typedef typename Acc<T>::type A;
+    constexpr bool APPROX = is_16bit<T>();
+    constexpr int BLOCK_N = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>(), SLICES = D_TILE / D_OUT;
     constexpr int MT = BLOCK_M / 8, DT = D_OUT / 8;
     static_assert(D_TILE % 16 == 0 && D_OUT % 16 == 0 && D_TILE % D_OUT == 0 && BLOCK_M % 16 == 0, "tile shape");
     const FwdParams& f = p.fwd;
@@ -30,12 +32,12 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     T* sV = sK + BLOCK_N * LD;
     T* sQ = sV + BLOCK_N * LD;       // [2][BLOCK_M][LD]
     T* sdO = sQ + 2 * BLOCK_M * LD;  // [2][BLOCK_M][LD]
-    float* sLse = reinterpret_cast<float*>(sdO + 2 * BLOCK_M * LD);  // [2][BLOCK_M], log2 units
-    float* sDelta = sLse + 2 * BLOCK_M;                              // [2][BLOCK_M]
+    A* sLse = reinterpret_cast<A*>(sdO + 2 * BLOCK_M * LD);  // [2][BLOCK_M], log2 units
+    A* sDelta = sLse + 2 * BLOCK_M;                          // [2][BLOCK_M]
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
     const int n0 = blockIdx.x / SLICES * BLOCK_N, col0 = blockIdx.x % SLICES * D_OUT, hk = blockIdx.y, b = blockIdx.z;
-    const float scale_log2 = float(f.scale) * float(LOG2E);
+    const A scale_log2 = A(f.scale) * A(LOG2E);
     const Sequence seq = sequence<Var::packed>(f, b);
     if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
 
@@ -56,8 +58,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         const i64 stats = seq.stat_row0(f, h) + m0;
         for (int r = threadIdx.x; r < BLOCK_M; r += THREADS) {
             const bool valid = m0 + r < seq.seqlen_q;
-            sLse[buf * BLOCK_M + r] = valid ? lse_log2(static_cast<const float*>(f.lse)[stats + r]) : 0.f;
-            sDelta[buf * BLOCK_M + r] = valid ? static_cast<const float*>(p.delta)[stats + r] : 0.f;
+            sLse[buf * BLOCK_M + r] = valid ? lse_log2(static_cast<const A*>(f.lse)[stats + r]) : A(0);
+            sDelta[buf * BLOCK_M + r] = valid ? static_cast<const A*>(p.delta)[stats + r] : A(0);
         }
     };
 
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         cp_async_commit();
     }
 
-    float dk_acc[DT][4], dv_acc[DT][4];
+    A dk_acc[DT][4], dv_acc[DT][4];
     zero(dk_acc);
     zero(dv_acc);
     const int key0 = n0 + warp * 16 + g;
@@ -87,8 +89,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         __syncthreads();
         const T* cQ = sQ + buf * BLOCK_M * LD;
         const T* cdO = sdO + buf * BLOCK_M * LD;
-        const float* cLse = sLse + buf * BLOCK_M;
-        const float* cDelta = sDelta + buf * BLOCK_M;
+        const A* cLse = sLse + buf * BLOCK_M;
+        const A* cDelta = sDelta + buf * BLOCK_M;
         const Var var = variant_of<Var>(f, seq, b, h);
         const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) {
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
             continue;
         }
 
-        float st[MT][4], dpt[MT][4];
+        A st[MT][4], dpt[MT][4];
         zero(st);
         zero(dpt);
         gemm_nt<T, D_TILE, BLOCK_M, LD>(st, sK + warp * 16 * LD, cQ, lane);
@@ -105,7 +107,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         // st becomes pd^T, dpt becomes dx^T (rows: keys key0, key0 + 8; columns: queries).
         const bool needs_mask = kind != INTERIOR;
         check_tile(kind, var, [&](auto check, const Var& v) {
-            key_rows_backward<decltype(check)::value>(v, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
+            key_rows_backward<decltype(check)::value, APPROX>(v, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
         });
         if (Var::hides_keys && needs_mask && (seq.queries_nonfinite(p.do_nonfinite, f, h, m0, BLOCK_M) ||
                                               seq.queries_nonfinite(p.q_nonfinite, f, h, m0, BLOCK_M))) {
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
-    const float dk_scale[2] = {float(f.scale), float(f.scale)}, dv_scale[2] = {1.f, 1.f};
+    const A dk_scale[2] = {A(f.scale), A(f.scale)}, dv_scale[2] = {A(1), A(1)};
     store_slab(seq.key_rows(static_cast<T*>(p.dk), p.dk_st, hk, n0) + col0, p.dk_st.s, dk_acc, dk_scale, warp * 16,
                seq.seqlen_k - n0, f.headdim - col0, lane);
     store_slab(seq.key_rows(static_cast<T*>(p.dv), p.dv_st, hk, n0) + col0, p.dv_st.s, dv_acc, dv_scale, warp * 16,
@@ -127,7 +129,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
 
 template <typename T, int D_TILE, int BLOCK_N, int WARPS, typename Var, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_constant__ BwdParams p) {
-    constexpr int BLOCK_M = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8;
+    typedef typename Acc<T>::type A;
+    constexpr bool APPROX = is_16bit<T>();
+    constexpr int BLOCK_M = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>();
     constexpr int NT = BLOCK_N / 8, DT = D_TILE / 8;
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0, "tile shape");
     const FwdParams& f = p.fwd;
@@ -148,7 +152,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     const int n_tiles = t_last - t_first, kv_rows = seq.seqlen_k - t_first * BLOCK_N;
     const T* k = seq.key_rows(static_cast<const T*>(f.k), f.k_st, hk, t_first * BLOCK_N);
     const T* v = seq.key_rows(static_cast<const T*>(f.v), f.v_st, hk, t_first * BLOCK_N);
-    const float scale_log2 = float(f.scale) * float(LOG2E);
+    const A scale_log2 = A(f.scale) * A(LOG2E);
 
     if (n_tiles > 0) {
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
@@ -162,16 +166,16 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     }
 
     const int row0 = m0 + warp * 16 + g;
-    float lse2[2], delta_row[2];  // rows g and g + 8 of this warp
+    A lse2[2], delta_row[2];  // rows g and g + 8 of this warp
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = row0 + 8 * r;
         const i64 stat = seq.stat_row0(f, h) + row;
-        lse2[r] = row < seq.seqlen_q ? lse_log2(static_cast<const float*>(f.lse)[stat]) : 0.f;
-        delta_row[r] = row < seq.seqlen_q ? static_cast<const float*>(p.delta)[stat] : 0.f;
+        lse2[r] = row < seq.seqlen_q ? lse_log2(static_cast<const A*>(f.lse)[stat]) : A(0);
+        delta_row[r] = row < seq.seqlen_q ? static_cast<const A*>(p.delta)[stat] : A(0);
     }
-    float* dbias = Var::bias && f.var.dbias ? static_cast<float*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh : nullptr;
-    float dq_acc[DT][4];
+    A* dbias = Var::bias && f.var.dbias ? static_cast<A*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh : nullptr;
+    A dq_acc[DT][4];
     zero(dq_acc);
 
     for (int t = 0; t < n_tiles; ++t) {
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
-        float s[NT][4], dp[NT][4];
+        A s[NT][4], dp[NT][4];
         zero(s);
         zero(dp);
         gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * 16 * LD, cK, lane);
@@ -192,8 +196,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         // s becomes pd, dp becomes dx (rows: queries row0, row0 + 8; columns: keys)
         const bool needs_mask = kind != INTERIOR;
         check_tile(kind, var, [&](auto check, const Var& v) {
-            query_rows_backward<decltype(check)::value>(v, s, dp, row0, n0, tq, scale_log2, lse2, delta_row, dbias,
-                                                        f.var.dbias_sq, f.var.dbias_sk);
+            query_rows_backward<decltype(check)::value, APPROX>(v, s, dp, row0, n0, tq, scale_log2, lse2, delta_row,
+                                                                dbias, f.var.dbias_sq, f.var.dbias_sk);
         });
         if (Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N)) {
             gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, dp, PaddedTile<T, LD>{cK}, lane);
@@ -203,7 +207,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
-    const float dq_scale[2] = {float(f.scale), float(f.scale)};
+    const A dq_scale[2] = {A(f.scale), A(f.scale)};
     store_slab(seq.query_rows(static_cast<T*>(p.dq), p.dq_st, h, m0), p.dq_st.s, dq_acc, dq_scale, warp * 16,
                seq.seqlen_q - m0, f.headdim, lane);
 }

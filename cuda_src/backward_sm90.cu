@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             const float* lse2 = sm.lse2 + stage * BLOCK_M;
             const float* delta = sm.delta + stage * BLOCK_M;
             check_tile(kind, var, [&](auto check, const Var& v) {
-                key_rows_backward<decltype(check)::value, true>(v, st, dpt, m0, key0, warp, lane, scale_log2, lse2,
+                key_rows_backward<decltype(check)::value, true, true>(v, st, dpt, m0, key0, warp, lane, scale_log2, lse2,
                                                                 delta, group_words);
             });
             // pd^T and dx^T in the A layout of wgmma: consecutive pairs of the accumulators
@@ -499,8 +499,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const float delta[2] = {delta_tile[row_in], delta_tile[row_in + 8]};
             const bool needs_mask = kind != INTERIOR;
             check_tile(kind, var, [&](auto check, const Var& v) {
-                query_rows_backward<decltype(check)::value>(v, s, dp, m0 + row_in, n0 + key_col0, tq, scale_log2, lse2,
-                                                            delta, nullptr, 0, 0);
+                query_rows_backward<decltype(check)::value, true>(v, s, dp, m0 + row_in, n0 + key_col0, tq, scale_log2, lse2,
+                                                                  delta, static_cast<float*>(nullptr), 0, 0);
             });
             // pd and dx to shared memory for both warpgroups (buffers alternate, as in flash_bwd_sm90)
             T* p_buf = sP + (computed % 2) * PS_ELEMS;

@@ -7,6 +7,9 @@ typedef long long i64;
 
 struct __align__(2) half_t { unsigned short bits; };
 struct __align__(2) bfloat16_t { unsigned short bits; };
+// float32 data whose tensor-core products take one TF32 rounding of each operand (the opt-in fast mode;
+// plain float runs exact, three TF32 products per product, mma.cuh).
+struct __align__(4) tf32_t { float x; };
 
 // Accumulation type: float for 16-bit and float32 inputs, double for float64.
 template <typename T> struct Acc { typedef float type; };
@@ -19,6 +22,7 @@ __device__ __forceinline__ float to_acc(half_t x) {
 }
 __device__ __forceinline__ float to_acc(bfloat16_t x) { return __uint_as_float(((unsigned)x.bits) << 16); }
 __device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ float to_acc(tf32_t x) { return x.x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 
 template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type x);
@@ -33,6 +37,7 @@ template <> __device__ __forceinline__ bfloat16_t from_acc<bfloat16_t>(float x) 
     return h;
 }
 template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ tf32_t from_acc<tf32_t>(float x) { return tf32_t{x}; }
 template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 
 __device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }

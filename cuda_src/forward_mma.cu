@@ -1,4 +1,6 @@
-// Forward pass for float16 / bfloat16 on tensor cores (FlashAttention-2 partitioning).
+// Forward pass on tensor cores (FlashAttention-2 partitioning): float16 / bfloat16 (m16n8k16, float32
+// accumulation), float32 (exact by three TF32 products per product, or TF32: tf32_t) and float64
+// (m16n8k8 .f64), each accumulating in its compute dtype (mma.cuh).
 //
 // One block per (query tile, head, batch); each warp owns MT slabs of 16 query rows (every K/V
 // fragment read from shared memory feeds all of them). Per key tile of the band the variant allows:
@@ -9,7 +11,7 @@
 //   dropout                on p, after l has summed it (lse is of the softmax before dropout)
 //   o = o * alpha + p v    gemm_rn: p straight from the s accumulators as the A operand
 // K and V tiles are double-buffered in shared memory: the copy of tile t + 1 (cp.async)
-// overlaps the arithmetic on tile t. Rows are padded by 16 bytes so ldmatrix is conflict-free.
+// overlaps the arithmetic on tile t. Rows are padded (row_pad) so fragment reads are conflict-free.
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -18,7 +20,9 @@
 
 template <typename T, int D_TILE, int BLOCK_N, int WARPS, int MT, typename Var, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constant__ FwdParams p) {
-    constexpr int WARP_ROWS = 16 * MT, BLOCK_M = WARP_ROWS * WARPS, THREADS = 32 * WARPS, LD = D_TILE + 8;
+    typedef typename Acc<T>::type A;
+    constexpr bool APPROX = is_16bit<T>();
+    constexpr int WARP_ROWS = 16 * MT, BLOCK_M = WARP_ROWS * WARPS, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>();
     constexpr int NT = BLOCK_N / 8, DT = D_TILE / 8;  // 8-wide column tiles of s and of o
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0, "tile shape");
 
@@ -38,7 +42,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
     const T* q = seq.query_rows(static_cast<const T*>(p.q), p.q_st, h, m0);
     const T* k = seq.key_rows(static_cast<const T*>(p.k), p.k_st, hk, t_first * BLOCK_N);
     const T* v = seq.key_rows(static_cast<const T*>(p.v), p.v_st, hk, t_first * BLOCK_N);
-    const float scale_log2 = float(p.scale) * float(LOG2E);
+    const A scale_log2 = A(p.scale) * A(LOG2E);
 
     if (n_tiles > 0) {
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(sQ, q, p.q_st.s, seq.seqlen_q - m0, p.headdim);
@@ -47,9 +51,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         cp_async_commit();
     }
 
-    float o[MT][DT][4];
+    A o[MT][DT][4];
     zero(o);
-    OnlineSoftmax<float> stats[MT][2];  // rows g and g + 8 of each slab
+    OnlineSoftmax<A> stats[MT][2];  // rows g and g + 8 of each slab
     const int row0 = m0 + warp * WARP_ROWS + g;
 
     for (int t = 0; t < n_tiles; ++t) {
@@ -61,14 +65,14 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
-        float s[MT][NT][4];
+        A s[MT][NT][4];
         zero(s);
         gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * WARP_ROWS * LD, cK, lane);
 
         // scores -> probabilities; the masked version only where the variant says a tile needs it
         const bool needs_mask = kind != INTERIOR;
         check_tile(kind, var, [&](auto check, const Var& v) {
-            softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, WordsOnDemand{});
+            softmax_tile<decltype(check)::value, APPROX>(v, s, o, stats, row0, n0, tq, scale_log2, WordsOnDemand{});
         });
 
         if constexpr (Var::hides_keys) {
@@ -83,15 +87,15 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
-    float inv_l[MT][2];
-    float* lse = static_cast<float*>(p.lse) + seq.stat_row0(p, h);
+    A inv_l[MT][2];
+    A* lse = static_cast<A*>(p.lse) + seq.stat_row0(p, h);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const float l = reduce_sum<4>(stats[mt][r].l);
-            inv_l[mt][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
-            if (Var::dropout) inv_l[mt][r] *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
+            const A l = reduce_sum<4>(stats[mt][r].l);
+            inv_l[mt][r] = l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l);  // no key seen: 0; NaN stays NaN
+            if (Var::dropout) inv_l[mt][r] *= A(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
             const int row = row0 + 16 * mt + 8 * r;
             if (tq == 0 && row < seq.seqlen_q) lse[row] = stats[mt][r].lse(l);
         }

@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 if (kind != SKIP) {
                     const bool needs_mask = kind != INTERIOR;
                     check_tile(kind, var, [&](auto check, const Var& v) {
-                        softmax_tile<decltype(check)::value>(v, s, o, stats, row0, n0, tq, scale_log2, words);
+                        softmax_tile<decltype(check)::value, true>(v, s, o, stats, row0, n0, tq, scale_log2, words);
                     });
 
                     mbar_wait((Var::packed ? v_clean : v_full) + stage, parity);

@@ -285,10 +285,10 @@ __device__ __forceinline__ void draw_group_words(const Var& var, unsigned* words
 // key0 % 16 = lane / 4, and queries m0 + 8 j + 2 (lane % 4) + {0, 1}, whose lse (log2 units) and delta are
 // lse2[q - m0] and delta[q - m0]. With dropout the Philox words are drawn here or, with GROUPED, read
 // from group_words (draw_group_words).
-template <bool CHECK, bool GROUPED = false, int MT, typename Var>
-__device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT][4], float (&dpt)[MT][4], int m0,
-                                                  int key0, int warp, int lane, float scale_log2, const float* lse2,
-                                                  const float* delta, const unsigned* group_words = nullptr) {
+template <bool CHECK, bool APPROX, bool GROUPED = false, int MT, typename Var, typename A>
+__device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4], A (&dpt)[MT][4], int m0, int key0,
+                                                  int warp, int lane, A scale_log2, const A* lse2, const A* delta,
+                                                  const unsigned* group_words = nullptr) {
     const int g = lane / 4, tq = lane % 4;
     // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane and of
     // its neighbour lane ^ 4 (key0 ^ 1), in bytes 2 er + key0 % 2 of its word (key0 % 64) / 16.
@@ -317,9 +317,9 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT
             for (int er = 0; er < 2; ++er) {
                 const int e = 2 * er + ec, key = key0 + 8 * er;
                 const bool kept = Var::dropout && dropout_byte(words[ec], er, g & 1) >= var.threshold;
-                float pd, ds, dx;
-                pair_backward<CHECK, true>(var, st[j][e], dpt[j][e], scale_log2, lse2[im], delta[im], m0 + im, key,
-                                           kept, pd, ds, dx);
+                A pd, ds, dx;
+                pair_backward<CHECK, APPROX>(var, st[j][e], dpt[j][e], scale_log2, lse2[im], delta[im], m0 + im, key,
+                                             kept, pd, ds, dx);
                 st[j][e] = pd;
                 dpt[j][e] = dx;
             }
@@ -331,11 +331,10 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, float (&st)[MT
 // pd, dp becomes dx. This lane holds rows row0 and row0 + 8 (lse2[r] in log2 units, delta[r]) and keys
 // n0 + 8 j + 2 tq + {0, 1}; n0 is a multiple of 64 when NT * 8 is. With a bias gradient (dbias not null:
 // row i, key j at dbias[i * dbias_sq + j * dbias_sk]) each visible ds is added to it.
-template <bool CHECK, int NT, typename Var>
-__device__ __forceinline__ void query_rows_backward(const Var& var, float (&s)[NT][4], float (&dp)[NT][4], int row0,
-                                                    int n0, int tq, float scale_log2, const float (&lse2)[2],
-                                                    const float (&delta)[2], float* dbias, i64 dbias_sq,
-                                                    i64 dbias_sk) {
+template <bool CHECK, bool APPROX, int NT, typename Var, typename A>
+__device__ __forceinline__ void query_rows_backward(const Var& var, A (&s)[NT][4], A (&dp)[NT][4], int row0, int n0,
+                                                    int tq, A scale_log2, const A (&lse2)[2], const A (&delta)[2],
+                                                    A* dbias, i64 dbias_sq, i64 dbias_sk) {
     constexpr int NG = NT < 8 ? NT : 8;  // 8-wide tiles per 64-column dropout group
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -350,9 +349,9 @@ __device__ __forceinline__ void query_rows_backward(const Var& var, float (&s)[N
                 for (int ec = 0; ec < 2; ++ec) {
                     const int e = 2 * r + ec, col = n0 + j * 8 + 2 * tq + ec;
                     const bool kept = Var::dropout && (NT % 8 == 0 ? var.keep_at(words, j - j0, ec) : var.keep(words, col));
-                    float pd, ds, dx;
-                    pair_backward<CHECK, true>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta[r], row, col, kept,
-                                               pd, ds, dx);
+                    A pd, ds, dx;
+                    pair_backward<CHECK, APPROX>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta[r], row, col,
+                                                 kept, pd, ds, dx);
                     s[j][e] = pd;
                     dp[j][e] = dx;
                     if (Var::bias && dbias && row < var.seqlen_q && col < var.seqlen_k && !is_masked_zero(ds))

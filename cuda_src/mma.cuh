@@ -1,8 +1,31 @@
 // Tensor-core and asynchronous-copy primitives (sm_80+): ldmatrix, mma.sync m16n8k16 with
-// float32 accumulation, cp.async with zero fill.
+// float32 accumulation for 16-bit data; m16n8k8 for 32- and 64-bit data (TF32, split TF32, float64);
+// cp.async with zero fill.
 #pragma once
 #include "common.cuh"
 #include "mask.cuh"
+
+template <typename T> constexpr bool is_16bit() { return sizeof(T) == 2; }
+
+// Accumulator element types, for overloads on one slab (A (&)[N][4]) that must not match MT slabs.
+template <typename A> struct AccType {};
+template <> struct AccType<float> { typedef int ok; };
+template <> struct AccType<double> { typedef int ok; };
+
+template <int MT, int N, typename A> __device__ __forceinline__ void zero(A (&acc)[MT][N][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = A(0);
+}
+template <int N, typename A, typename AccType<A>::ok = 0> __device__ __forceinline__ void zero(A (&acc)[N][4]) {
+    zero(reinterpret_cast<A (&)[1][N][4]>(acc));
+}
+
+// Shared-memory row padding in elements: 16 bytes for 16-bit tiles (ldmatrix rows on distinct banks);
+// 4 elements for 32- and 64-bit tiles, so that the fragment reads of the m16n8k8 products below
+// (row g, column tq and row 2 tq, column g) fall on distinct banks.
+template <typename T> constexpr int row_pad() { return is_16bit<T>() ? 8 : 4; }
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
@@ -62,17 +85,16 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 template <int ROWS, int D_TILE, int LD, int THREADS, bool ALIGNED, typename T>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* src, i64 row_stride, int nrows, int headdim) {
     if (ALIGNED) {
-        constexpr int CHUNKS = D_TILE / 8;
+        constexpr int VEC = 16 / sizeof(T), CHUNKS = D_TILE / VEC;
         for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
-            const int r = idx / CHUNKS, d = (idx % CHUNKS) * 8;
+            const int r = idx / CHUNKS, d = (idx % CHUNKS) * VEC;
             const bool valid = r < nrows && d < headdim;
             cp_async_16(dst + r * LD + d, valid ? src + (i64)r * row_stride + d : src, valid);
         }
     } else {
         for (int idx = threadIdx.x; idx < ROWS * D_TILE; idx += THREADS) {
             const int r = idx / D_TILE, d = idx % D_TILE;
-            T x;
-            x.bits = 0;
+            T x{};
             if (r < nrows && d < headdim) x = src[(i64)r * row_stride + d];
             dst[r * LD + d] = x;
         }
@@ -104,9 +126,8 @@ __device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* k, const T* 
 // mma C layout: acc[mt][j][0..1] is row 16 mt + g, columns 8j + 2tq + {0, 1}; acc[mt][j][2..3]
 // is row 16 mt + g + 8 (g = lane / 4, tq = lane % 4). The two-dimensional overloads are one slab.
 
-// acc[MT][N/8] += A (16 MT x K) * B (N x K)^T, both row-major in shared memory, row stride LD.
 template <typename T, int K, int N, int LD, int MT>
-__device__ __forceinline__ void gemm_nt(float (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
+__device__ __forceinline__ void gemm_nt_16(float (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         unsigned a[MT][4];
@@ -124,17 +145,11 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[MT][N / 8][4], const T* sA,
         }
     }
 }
-template <typename T, int K, int N, int LD>
-__device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
-    gemm_nt<T, K, N, LD>(reinterpret_cast<float (&)[1][N / 8][4]>(acc), sA, sB, lane);
-}
 
-// acc[MT][N/8] += P (16 MT x K) * B (K x N): P is a float accumulator tile in registers (rounded
-// to T here: the C fragments of two adjacent 8-column tiles form the A fragment of a 16-deep
-// step), B row-major in shared memory with row stride LD.
+// P's C fragments of two adjacent 8-column tiles form the A fragment of a 16-deep step.
 template <typename T, int K, int N, int LD, int MT>
-__device__ __forceinline__ void gemm_rn(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4], const T* sB,
-                                        int lane) {
+__device__ __forceinline__ void gemm_rn_16(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4], const T* sB,
+                                           int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         unsigned a[MT][4];
@@ -157,10 +172,201 @@ __device__ __forceinline__ void gemm_rn(float (&acc)[MT][N / 8][4], const float 
         }
     }
 }
-template <typename T, int K, int N, int LD>
-__device__ __forceinline__ void gemm_rn(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* sB, int lane) {
-    gemm_rn<T, K, N, LD>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
-                         reinterpret_cast<const float (&)[1][K / 8][4]>(p), sB, lane);
+
+// ---- m16n8k8 products on 32- and 64-bit data. Fragments (g = lane / 4, tq = lane % 4): a holds A's
+// (g, tq), (g + 8, tq), (g, tq + 4), (g + 8, tq + 4); b holds B's (tq, g), (tq + 4, g); c is the C layout
+// below. Each operand element becomes PARTS registers: float64 one double; TF32 (tf32_t) one value
+// rounded to TF32; exact float32 two, a TF32 head and the TF32 rounding of the rest (x = hi + lo within
+// 2^-22 |x|), whose product is lo hi + hi lo + hi hi in three TF32 products (lo lo lies below float32's
+// rounding).
+// The tensor cores truncate the float32 sums they add to (ROUNDED_SUMS): a long chain of truncations, o
+// over every key tile or dk and dv over every query tile, would bias exact float32. Its products therefore
+// sum in fresh accumulators over at most SUM_STEPS steps of 8, which join the running sums rounded to
+// nearest.
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// float64: the m16n8k8 shape of sm_90; before it, four m8n8k4 products on the same fragments.
+__device__ __forceinline__ void mma_f64(double (&c)[4], const double (&a)[4], double b0, double b1) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+d"(c[0]), "+d"(c[1]), "+d"(c[2]), "+d"(c[3])
+                 : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(b0), "d"(b1));
+#else
+#define CUPYFLASH_MMA_884(C0, C1, A, B) \
+    asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0,%1}, {%2}, {%3}, {%0,%1};" \
+                 : "+d"(C0), "+d"(C1) : "d"(A), "d"(B))
+    CUPYFLASH_MMA_884(c[0], c[1], a[0], b0);
+    CUPYFLASH_MMA_884(c[0], c[1], a[2], b1);
+    CUPYFLASH_MMA_884(c[2], c[3], a[1], b0);
+    CUPYFLASH_MMA_884(c[2], c[3], a[3], b1);
+#undef CUPYFLASH_MMA_884
+#endif
+}
+
+template <typename T> struct WideMma;
+template <> struct WideMma<double> {
+    static constexpr int PARTS = 1;
+    static constexpr bool ROUNDED_SUMS = false;
+    typedef double reg;
+    template <int N> __device__ static void split(double x, reg (&r)[PARTS][N], int e) { r[0][e] = x; }
+    __device__ static void mma(double (&c)[4], const reg (&a)[PARTS][4], const reg (&b)[PARTS][2]) {
+        mma_f64(c, a[0], b[0][0], b[0][1]);
+    }
+};
+template <> struct WideMma<tf32_t> {
+    static constexpr int PARTS = 1;
+    static constexpr bool ROUNDED_SUMS = false;
+    typedef unsigned reg;
+    template <int N> __device__ static void split(float x, reg (&r)[PARTS][N], int e) { r[0][e] = to_tf32(x); }
+    __device__ static void mma(float (&c)[4], const reg (&a)[PARTS][4], const reg (&b)[PARTS][2]) {
+        mma_tf32(c, a[0], b[0][0], b[0][1]);
+    }
+};
+// hi, lo, and hi again where it is finite (0 for inf and NaN): the small products take that one, so that an
+// infinity meets only the other operand's hi (inf x 0 would make NaN of inf x 1).
+template <> struct WideMma<float> {
+    static constexpr int PARTS = 3;
+    static constexpr bool ROUNDED_SUMS = true;
+    typedef unsigned reg;
+    template <int N> __device__ static void split(float x, reg (&r)[PARTS][N], int e) {
+        const float hi = __uint_as_float(to_tf32(x));
+        const bool finite = is_finite(hi);
+        r[0][e] = __float_as_uint(hi);
+        r[1][e] = to_tf32(finite ? x - hi : 0.f);
+        r[2][e] = finite ? r[0][e] : 0u;
+    }
+    __device__ static void mma(float (&c)[4], const reg (&a)[PARTS][4], const reg (&b)[PARTS][2]) {
+        mma_tf32(c, a[1], b[2][0], b[2][1]);  // the small products first
+        mma_tf32(c, a[2], b[1][0], b[1][1]);
+        mma_tf32(c, a[0], b[0][0], b[0][1]);
+    }
+};
+constexpr int SUM_STEPS = 4;
+
+template <int MT, int N, typename A> __device__ __forceinline__ void add_to(A (&acc)[MT][N][4], A (&part)[MT][N][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[mt][j][e] += part[mt][j][e];
+                part[mt][j][e] = A(0);
+            }
+}
+
+// A's steps of 8 columns kk0 ... kk0 + STEPS - 1 against all of B, added to acc.
+template <typename T, int K, int N, int LD, int MT, int STEPS, typename A>
+__device__ __forceinline__ void gemm_nt_wide_steps(A (&acc)[MT][N / 8][4], const T* sA, const T* sB, int kk0,
+                                                   int lane) {
+    typedef WideMma<T> M;
+    const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int kk = kk0; kk < kk0 + STEPS; ++kk) {
+        typename M::reg a[MT][M::PARTS][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                M::split(to_acc(sA[(16 * mt + g + 8 * (e % 2)) * LD + 8 * kk + tq + 4 * (e / 2)]), a[mt], e);
+#pragma unroll
+        for (int nn = 0; nn < N / 8; ++nn) {
+            typename M::reg b[M::PARTS][2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) M::split(to_acc(sB[(8 * nn + g) * LD + 8 * kk + tq + 4 * e]), b, e);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) M::mma(acc[mt][nn], a[mt], b);
+        }
+    }
+}
+
+template <typename T, int K, int N, int LD, int MT, typename A>
+__device__ __forceinline__ void gemm_nt_wide(A (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
+    if constexpr (WideMma<T>::ROUNDED_SUMS) {
+        constexpr int STEPS = K / 8 < SUM_STEPS ? K / 8 : SUM_STEPS;
+        static_assert(K / 8 % STEPS == 0, "whole groups of steps");
+        A part[MT][N / 8][4];
+        zero(part);
+#pragma unroll
+        for (int kk0 = 0; kk0 < K / 8; kk0 += STEPS) {
+            gemm_nt_wide_steps<T, K, N, LD, MT, STEPS>(part, sA, sB, kk0, lane);
+            add_to(acc, part);
+        }
+    } else {
+        gemm_nt_wide_steps<T, K, N, LD, MT, K / 8>(acc, sA, sB, 0, lane);
+    }
+}
+
+// The A fragment comes from P's C fragments without shuffles by reordering each 8-deep step: the lane's
+// columns 2 tq and 2 tq + 1 of P play the fragment's k = tq and tq + 4, so B is read at rows 2 tq and 2 tq + 1.
+// With ROUNDED_SUMS each 8-column tile of the result sums over all of K in a fresh accumulator.
+template <typename T, int K, int N, int LD, int MT, bool FINITE_PART = false, typename A>
+__device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4], const T* sB,
+                                             int lane) {
+    typedef WideMma<T> M;
+    const int g = lane / 4, tq = lane % 4;
+    typename M::reg a[K / 8][MT][M::PARTS][4];
+#pragma unroll
+    for (int kk = 0; kk < K / 8; ++kk)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) M::split(p[mt][kk][(e % 2) * 2 + e / 2], a[kk][mt], e);
+#pragma unroll
+    for (int nn = 0; nn < N / 8; ++nn) {
+        A part[MT][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < K / 8; ++kk) {
+            typename M::reg b[M::PARTS][2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const A x = to_acc(sB[(8 * kk + 2 * tq + e) * LD + 8 * nn + g]);
+                M::split(FINITE_PART && !is_finite(x) ? A(0) : x, b, e);  // FINITE_PART: NaN and inf as 0
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) M::mma(M::ROUNDED_SUMS ? part[mt] : acc[mt][nn], a[kk][mt], b);
+        }
+        if constexpr (M::ROUNDED_SUMS) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mt][nn][e] += part[mt][e];
+        }
+    }
+}
+
+// acc[MT][N/8] += A (16 MT x K) * B (N x K)^T, both row-major in shared memory, row stride LD.
+template <typename T, int K, int N, int LD, int MT, typename A>
+__device__ __forceinline__ void gemm_nt(A (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
+    if constexpr (is_16bit<T>()) gemm_nt_16<T, K, N, LD>(acc, sA, sB, lane);
+    else gemm_nt_wide<T, K, N, LD>(acc, sA, sB, lane);
+}
+template <typename T, int K, int N, int LD, typename A, typename AccType<A>::ok = 0>
+__device__ __forceinline__ void gemm_nt(A (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
+    gemm_nt<T, K, N, LD>(reinterpret_cast<A (&)[1][N / 8][4]>(acc), sA, sB, lane);
+}
+
+// acc[MT][N/8] += P (16 MT x K) * B (K x N): P is an accumulator tile in registers (rounded to the
+// products' input precision here), B row-major in shared memory with row stride LD.
+template <typename T, int K, int N, int LD, int MT, typename A>
+__device__ __forceinline__ void gemm_rn(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4], const T* sB, int lane) {
+    if constexpr (is_16bit<T>()) gemm_rn_16<T, K, N, LD>(acc, p, sB, lane);
+    else gemm_rn_wide<T, K, N, LD>(acc, p, sB, lane);
+}
+template <typename T, int K, int N, int LD, typename A, typename AccType<A>::ok = 0>
+__device__ __forceinline__ void gemm_rn(A (&acc)[N / 8][4], const A (&p)[K / 8][4], const T* sB, int lane) {
+    gemm_rn<T, K, N, LD>(reinterpret_cast<A (&)[1][N / 8][4]>(acc), reinterpret_cast<const A (&)[1][K / 8][4]>(p),
+                         sB, lane);
 }
 
 // ---- Guarded products, for tiles where some rows must not see some keys (masked probabilities are
@@ -194,7 +400,8 @@ __device__ __forceinline__ unsigned seen_pair(float lo, float hi) {
 }
 
 // A B operand in shared memory with rows padded to LD elements.
-template <typename T, int LD> struct PaddedTile {
+template <typename T, int ROW_STRIDE> struct PaddedTile {
+    static constexpr int LD = ROW_STRIDE;
     const T* base;
     __device__ __forceinline__ const T* at(int row, int col) const { return base + row * LD + col; }
 };
@@ -243,11 +450,38 @@ __device__ __noinline__ void gemm_rn_guarded_body(float (&acc)[MT][N / 8][4], co
         }
     }
 }
+// The same on 32- and 64-bit data: the finite part of B on tensor cores, as gemm_rn computes it; then each
+// NaN or inf of B, on CUDA cores, reaches the rows whose P entry (brought to the quad's lanes by a shuffle)
+// is not a masked zero.
+template <typename T, int K, int N, int LD, int MT, typename A>
+__device__ __noinline__ void gemm_rn_guarded_wide_body(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4],
+                                                       const T* sB, int lane) {
+    gemm_rn_wide<T, K, N, LD, MT, true>(acc, p, sB, lane);
+    const int quad = lane & ~3, tq = lane % 4;
+#pragma unroll 1
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll 1
+        for (int k = 0; k < K; ++k) {
+            const int owner = quad | ((k % 8) / 2);
+            const A p_g = __shfl_sync(0xffffffffu, p[mt][k / 8][k % 2], owner);       // row g
+            const A p_g8 = __shfl_sync(0xffffffffu, p[mt][k / 8][2 + k % 2], owner);  // row g + 8
+#pragma unroll 1
+            for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+                for (int ec = 0; ec < 2; ++ec) {
+                    const A b = to_acc(sB[k * LD + 8 * j + 2 * tq + ec]);
+                    if (is_finite(b)) continue;
+                    if (!is_masked_zero(p_g)) acc[mt][j][ec] += p_g * b;
+                    if (!is_masked_zero(p_g8)) acc[mt][j][2 + ec] += p_g8 * b;
+                }
+        }
+}
+
 // The operands go through local memory on this rare path only: acc and p stay in registers elsewhere.
-template <typename T, int K, int N, int MT, typename Tile>
-__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+template <typename T, int K, int N, int MT, typename Tile, typename A>
+__device__ __forceinline__ void gemm_rn_guarded(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4],
                                                 const Tile& b_tile, int lane) {
-    float acc_copy[MT][N / 8][4], p_copy[MT][K / 8][4];
+    A acc_copy[MT][N / 8][4], p_copy[MT][K / 8][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -259,7 +493,8 @@ __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], cons
 #pragma unroll
             for (int e = 0; e < 4; ++e) p_copy[mt][j][e] = p[mt][j][e];
     }
-    gemm_rn_guarded_body<T, K, N, MT, Tile>(acc_copy, p_copy, b_tile, lane);
+    if constexpr (is_16bit<T>()) gemm_rn_guarded_body<T, K, N, MT, Tile>(acc_copy, p_copy, b_tile, lane);
+    else gemm_rn_guarded_wide_body<T, K, N, Tile::LD, MT>(acc_copy, p_copy, b_tile.base, lane);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -267,11 +502,11 @@ __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[MT][N / 8][4], cons
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][j][e] = acc_copy[mt][j][e];
 }
-template <typename T, int K, int N, typename Tile>
-__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const Tile& b_tile,
+template <typename T, int K, int N, typename Tile, typename A, typename AccType<A>::ok = 0>
+__device__ __forceinline__ void gemm_rn_guarded(A (&acc)[N / 8][4], const A (&p)[K / 8][4], const Tile& b_tile,
                                                 int lane) {
-    gemm_rn_guarded<T, K, N, 1, Tile>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
-                                      reinterpret_cast<const float (&)[1][K / 8][4]>(p), b_tile, lane);
+    gemm_rn_guarded<T, K, N, 1, Tile>(reinterpret_cast<A (&)[1][N / 8][4]>(acc),
+                                      reinterpret_cast<const A (&)[1][K / 8][4]>(p), b_tile, lane);
 }
 
 // gemm_rn_guarded with A as packed 16-bit pairs (a[i] holds accumulator elements 2 i and 2 i + 1: the A
@@ -327,21 +562,11 @@ __device__ __forceinline__ void gemm_guarded_smem(float (&acc)[N / 8][4], const 
         for (int e = 0; e < 4; ++e) acc[j][e] = copy[j][e];
 }
 
-template <int MT, int N> __device__ __forceinline__ void zero(float (&acc)[MT][N][4]) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < N; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
-}
-template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
-    zero(reinterpret_cast<float (&)[1][N][4]>(acc));
-}
-
 // Two adjacent output values at `at`, of which `room` (at least 1) lie inside the row: one 4-byte store
 // for 16-bit outputs where `aligned` says the address allows it.
-template <typename T>
-__device__ __forceinline__ void store_pair(T* at, float lo, float hi, bool aligned, int room) {
-    if constexpr (sizeof(T) == 2) {
+template <typename T, typename A>
+__device__ __forceinline__ void store_pair(T* at, A lo, A hi, bool aligned, int room) {
+    if constexpr (is_16bit<T>()) {
         if (aligned && room > 1) {
             *reinterpret_cast<unsigned*>(at) = pack2<T>(lo, hi);
             return;
@@ -354,9 +579,9 @@ __device__ __forceinline__ void store_pair(T* at, float lo, float hi, bool align
 // Writes MT accumulator slabs of 16 x (8 N) to rows row0 + 16 mt + g (+ 8) of a row-major
 // output (row stride `stride`), each row times its own factor scale[mt][0] / scale[mt][1],
 // skipping rows >= nrows and columns >= ncols.
-template <typename T, int MT, int N>
-__device__ __forceinline__ void store_slab(T* dst, i64 stride, const float (&acc)[MT][N][4],
-                                           const float (&scale)[MT][2], int row0, int nrows, int ncols, int lane) {
+template <typename T, int MT, int N, typename A>
+__device__ __forceinline__ void store_slab(T* dst, i64 stride, const A (&acc)[MT][N][4], const A (&scale)[MT][2],
+                                           int row0, int nrows, int ncols, int lane) {
     const int g = lane / 4, tq = lane % 4;
     const bool aligned = reinterpret_cast<unsigned long long>(dst) % 4 == 0 && stride % 2 == 0;
 #pragma unroll
@@ -374,9 +599,9 @@ __device__ __forceinline__ void store_slab(T* dst, i64 stride, const float (&acc
             }
         }
 }
-template <typename T, int N>
-__device__ __forceinline__ void store_slab(T* dst, i64 stride, const float (&acc)[N][4], const float (&scale)[2],
-                                           int row0, int nrows, int ncols, int lane) {
-    store_slab(dst, stride, reinterpret_cast<const float (&)[1][N][4]>(acc),
-               reinterpret_cast<const float (&)[1][2]>(scale), row0, nrows, ncols, lane);
+template <typename T, int N, typename A, typename AccType<A>::ok = 0>
+__device__ __forceinline__ void store_slab(T* dst, i64 stride, const A (&acc)[N][4], const A (&scale)[2], int row0,
+                                           int nrows, int ncols, int lane) {
+    store_slab(dst, stride, reinterpret_cast<const A (&)[1][N][4]>(acc), reinterpret_cast<const A (&)[1][2]>(scale),
+               row0, nrows, ncols, lane);
 }

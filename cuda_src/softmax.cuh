@@ -84,23 +84,23 @@ struct WordsOnDemand {
 // of tile j is column n0 + 8 j + 2 tq + e % 2), DT 8-column tiles of o. Scores become probabilities in
 // place, o is rescaled, the row statistics absorb the tile. With dropout the probabilities that `words`
 // (TileWords or WordsOnDemand) drop become zero; the kept ones are scaled by 1 / (1 - p) at the end, with 1 / l.
-// CHECK: element masks (tiles the variant classifies as EDGE).
-template <bool CHECK, int MT, int NT, int DT, typename Var, typename Words>
-__device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][4], float (&o)[MT][DT][4],
-                                             OnlineSoftmax<float> (&stats)[MT][2], int row0, int n0, int tq,
-                                             float scale_log2, const Words& words) {
+// CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit inputs (see Variant::score).
+template <bool CHECK, bool APPROX, int MT, int NT, int DT, typename Var, typename Words, typename A>
+__device__ __forceinline__ void softmax_tile(const Var& var, A (&s)[MT][NT][4], A (&o)[MT][DT][4],
+                                             OnlineSoftmax<A> (&stats)[MT][2], int row0, int n0, int tq, A scale_log2,
+                                             const Words& words) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-        float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
+        A tile_max[2] = {neg_inf<A>(), neg_inf<A>()};
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
-                s[mt][j][e] = var.template score<CHECK, true>(s[mt][j][e], scale_log2, row, col);
+                s[mt][j][e] = var.template score<CHECK, APPROX>(s[mt][j][e], scale_log2, row, col);
                 tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
             }
-        float alpha[2];
+        A alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) alpha[r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]));
 #pragma unroll
@@ -128,7 +128,7 @@ __device__ __forceinline__ void softmax_tile(const Var& var, float (&s)[MT][NT][
                             // tiles start at multiples of 64 columns unless they are narrower
                             const bool kept = NT % 8 == 0 ? var.keep_at(w, j % 8, ec)
                                                           : var.keep(w, n0 + 8 * j + 2 * tq + ec);
-                            if (!kept) s[mt][j][2 * r + ec] = 0.f;
+                            if (!kept) s[mt][j][2 * r + ec] = A(0);
                         }
                 }
         }

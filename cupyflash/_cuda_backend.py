@@ -59,8 +59,18 @@ def _multiprocessors(device_id):
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
-#: Set to "sm80" to run the mma.sync family on a Hopper GPU too (the tests validate both families there).
+#: Set to "sm80" to run the mma.sync family on a Hopper GPU too, or to "simt" to run float32 and float64 on CUDA
+#: cores (the tests validate every family).
 FAMILY_VARIABLE = "CUPYFLASH_KERNELS"
+#: CuPy's own switch for TF32 in float32 products; cupyflash follows it.
+TF32_VARIABLE = "CUPY_TF32"
+
+
+def _math():
+    """How float32 and float64 calls compute: on tensor cores unless forced onto CUDA cores, float32 exact
+    unless CUPY_TF32 asks for TF32."""
+    return dict(tensor_cores=os.environ.get(FAMILY_VARIABLE, "") != "simt",
+                tf32=os.environ.get(TF32_VARIABLE, "0") not in ("", "0"))
 
 
 def _hopper(hopper_device, *arrays):
@@ -272,7 +282,7 @@ def forward(q, k, v, spec):
             work = math.ceil(spec.seqlen_q / launch.block_rows) * spec.nheads * spec.batch
             grid = (min(work, _multiprocessors(device_id)), 1, 1)
         else:
-            launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit)
+            launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit, **_math())
             params = _struct(FWD_PARAMS, fwd)
             grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
         _launch(launch, grid, params, device_id)
@@ -322,7 +332,7 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
             _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id)
         else:
             delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, spec.headdim, var_type,
-                                                                  _aligned(q, k, v, dout), limit)
+                                                                  _aligned(q, k, v, dout), limit, **_math())
             delta = _empty(lse.shape, acc)
             p = _struct(BWD_PARAMS, bwd_values(delta))
             _launch(delta_launch, (math.ceil(delta.size / delta_launch.block_rows), 1, 1), p, device_id)

@@ -24,6 +24,10 @@ DEFAULT_SMEM_LIMIT = 99 * 1024  # newer or unknown parts: the smallest of the su
 C_TYPES = {"float16": "half_t", "bfloat16": "bfloat16_t", "float32": "float", "float64": "double"}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
+#: float32 and float64 also run on tensor cores (forward_mma.cu, backward_mma.cu): float32 exact through
+#: three TF32 products per product, or in TF32 (`tf32`: the C type tf32_t), float64 in DMMA.
+WIDE_DTYPES = ("float32", "float64")
+_WIDE_PAD = 4  # shared-memory row padding of 32- and 64-bit tiles, in elements (row_pad in mma.cuh)
 MASK_C_TYPES = {"bool": "unsigned char", **C_TYPES}
 
 #: NVRTC options of every kernel (the architecture is added at compile time, from the device).
@@ -76,9 +80,35 @@ def _cbool(flag):
     return "true" if flag else "false"
 
 
-def forward(dtype, headdim, var, aligned, limit):
-    """Forward kernel for `dtype` (a NumPy dtype name) at this head dimension."""
+def _element(dtype, tf32):
+    """The kernels' C type of `dtype`: float32 data computed in TF32 is tf32_t."""
+    return "tf32_t" if tf32 and dtype == "float32" else C_TYPES[dtype]
+
+
+def _wide_mma(dtype, d, tensor_cores):
+    """float32 and float64 on tensor cores, unless `tensor_cores` is off: float64 up to headdim 128, where
+    a warp's float64 accumulators of a 16-row slab still fit in its registers."""
+    return tensor_cores and dtype in WIDE_DTYPES and (dtype == "float32" or d <= 128)
+
+
+def forward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False):
+    """Forward kernel for `dtype` (a NumPy dtype name) at this head dimension; float32 and float64 take
+    CUDA cores where `tensor_cores` is off or no tensor-core tile fits."""
     d = headdim_tile(headdim)
+    if _wide_mma(dtype, d, tensor_cores):
+        # (16-row slabs per warp, key tile), measured on an H100 (docs/performance.md): float32 takes two
+        # slabs up to headdim 128 (each split B fragment feeds two products), float64 one
+        slabs, block_n = ((2, 32) if d <= 64 else (2, 16) if d <= 128 else (1, 16)) if dtype == "float32" else (1, 32)
+        warps, item = 4, _ITEMSIZE[dtype]
+        block_m = 16 * slabs * warps
+        smem = lambda bn: item * (block_m + 4 * bn) * (d + _WIDE_PAD)  # q + double-buffered k, v
+        try:
+            block_n = _shrink(block_n, 16, smem, limit)
+            name = (f"flash_fwd_mma<{_element(dtype, tf32)}, {d}, {block_n}, {warps}, {slabs}, {var}, "
+                    f"{_cbool(aligned)}>")
+            return Launch("forward_mma.cu", name, block_m, 32 * warps, smem(block_n))
+        except RuntimeError:
+            pass
     if dtype in TENSOR_CORE_DTYPES:
         # (warps, 16-row slabs per warp, key tile): see docs/performance.md.
         warps, slabs, block_n = (4, 2, 128) if d <= 64 else (4, 2, 64) if d <= 128 else (4, 1, 32)
@@ -159,41 +189,58 @@ def backward_sm90(dtype, headdim, var):
             Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}, {packed}>", 256, 256, 0, SM90_OPTIONS))
 
 
-def backward(dtype, headdim, var, aligned, limit):
+def backward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False):
     """(delta, dK/dV, dQ) kernels of the backward pass."""
     d = headdim_tile(headdim)
     delta = Launch("backward.cu", f"flash_bwd_delta<{C_TYPES[dtype]}>", 4, 128, 0)
-    if dtype not in TENSOR_CORE_DTYPES:
+    if dtype not in TENSOR_CORE_DTYPES and not _wide_mma(dtype, d, tensor_cores):
         return delta, _simt_backward("dkdv", dtype, d, var, limit), _simt_backward("dq", dtype, d, var, limit)
     # Parts whose shared memory is too small for a tensor-core tile take the CUDA-core kernels.
     try:
-        dkdv = _dkdv_mma(dtype, d, var, aligned, limit)
+        dkdv = _dkdv_mma(dtype, d, var, aligned, limit, tf32)
     except RuntimeError:
         dkdv = None
     try:
-        dq = _dq_mma(dtype, d, var, aligned, limit)
+        dq = _dq_mma(dtype, d, var, aligned, limit, tf32)
     except RuntimeError:
         dq = None
     return (delta, dkdv or _simt_backward("dkdv", dtype, d, var, limit),
             dq or _simt_backward("dq", dtype, d, var, limit))
 
 
-def _dkdv_mma(dtype, d, var, aligned, limit):
-    # Registers hold dK and dV for 16 key rows per warp, at most 128 columns of each: wider heads are
-    # split into two column slices.
-    warps = 4 if d <= 64 else 8
-    slices = 1 if d <= 128 else 2
-    smem = lambda bm: 2 * (32 * warps + 4 * bm) * (d + 8) + 16 * bm  # k, v + double-buffered q, dout, stats
-    block_m = _shrink(64, 16, smem, limit)
-    name = f"flash_bwd_dkdv_mma<{C_TYPES[dtype]}, {d}, {d // slices}, {block_m}, {warps}, {var}, {_cbool(aligned)}>"
+def _dkdv_mma(dtype, d, var, aligned, limit, tf32):
+    # Registers hold dK and dV for 16 key rows per warp, at most 128 columns of each (64 in float64):
+    # wider heads are split into column slices. Query tiles of 64 rows (16-bit) or fewer (float32, float64,
+    # whose s^T and dp^T take twice the registers or more) stream through; measured on an H100.
+    item, acc = _ITEMSIZE[dtype], _acc_bytes(dtype)
+    if dtype in TENSOR_CORE_DTYPES:
+        warps, widest, block_m, pad = (4 if d <= 64 else 8), 128, 64, 8
+    elif dtype == "float32":
+        warps, widest, block_m, pad = 8, 128, (32 if d <= 64 else 16), _WIDE_PAD
+    else:
+        warps, widest, block_m, pad = 4, 64, 16, _WIDE_PAD
+    slices = -(-d // widest)
+    # k, v + double-buffered q, dout and their lse, delta
+    smem = lambda bm: item * (32 * warps + 4 * bm) * (d + pad) + 4 * acc * bm
+    if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
+        warps = 4
+    block_m = _shrink(block_m, 16, smem, limit)
+    name = (f"flash_bwd_dkdv_mma<{_element(dtype, tf32)}, {d}, {d // slices}, {block_m}, {warps}, {var}, "
+            f"{_cbool(aligned)}>")
     return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_m), column_slices=slices)
 
 
-def _dq_mma(dtype, d, var, aligned, limit):
-    warps = 8 if d <= 64 else 4
-    smem = lambda bn: 2 * (32 * warps + 4 * bn) * (d + 8)  # q, dout + double-buffered k, v
-    block_n = _shrink(32, 16, smem, limit)
-    name = f"flash_bwd_dq_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {var}, {_cbool(aligned)}>"
+def _dq_mma(dtype, d, var, aligned, limit, tf32):
+    item = _ITEMSIZE[dtype]
+    if dtype in TENSOR_CORE_DTYPES:
+        warps, block_n, pad = (8 if d <= 64 else 4), 32, 8
+    else:  # measured on an H100
+        warps, block_n, pad = (8 if dtype == "float32" or d <= 64 else 4), (32 if d <= 64 else 16), _WIDE_PAD
+    smem = lambda bn: item * (32 * warps + 4 * bn) * (d + pad)  # q, dout + double-buffered k, v
+    if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
+        warps = 4
+    block_n = _shrink(block_n, 16, smem, limit)
+    name = f"flash_bwd_dq_mma<{_element(dtype, tf32)}, {d}, {block_n}, {warps}, {var}, {_cbool(aligned)}>"
     return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_n))
 
 
@@ -330,8 +377,9 @@ def dropout_mask():
     return Launch("dropout_mask.cu", "dropout_mask_kernel", 1, 256, 0)
 
 
-def _launches(dtype, d, var, aligned, limit):
-    return (forward(dtype, d, var, aligned, limit), *backward(dtype, d, var, aligned, limit))
+def _launches(dtype, d, var, aligned, limit, tensor_cores=True, tf32=False):
+    return (forward(dtype, d, var, aligned, limit, tensor_cores, tf32),
+            *backward(dtype, d, var, aligned, limit, tensor_cores, tf32))
 
 
 def covering_launches():
@@ -355,9 +403,17 @@ def covering_launches():
     cases += [("float16", 128, variant(every - bool_mask, "float32"), True, big)]
     cases += [(dtype, 128, variant(every - bias - bool_mask + packed), True, big) for dtype in C_TYPES]
     cases += [("bfloat16", 96, variant(packed), False, big)]
+    # float32 and float64 on CUDA cores (forced, or past float64's tensor-core head dimensions) and in TF32
+    cuda_cores = [(dtype, d, var, True, limit) for dtype in WIDE_DTYPES
+                  for d, var, limit in ((64, plain, big), (256, plain, small), (64, variant(every - bias, "bool"), big),
+                                        (64, variant(every - bool_mask, dtype), big),
+                                        (128, variant(every - bias - bool_mask + packed), big))]
+    tf32 = [("float32", d, var, aligned, big) for d, var, aligned in
+            ((64, plain, True), (96, variant(every - bias, "bool"), False), (128, variant(packed), True))]
     seen = {}
-    for case in cases:
-        for launch in _launches(*case):
+    for case, math in ([(case, {}) for case in cases] + [(case, {"tensor_cores": False}) for case in cuda_cores]
+                       + [(case, {"tf32": True}) for case in tf32]):
+        for launch in _launches(*case, **math):
             seen[(launch.source, launch.name)] = launch
     sm90 = [("bfloat16", d, plain) for d in (64, 128, 192, 256)] + [("float16", 128, plain)]
     sm90 += [(dtype, 64, variant(every - bias, "bool")) for dtype in TENSOR_CORE_DTYPES]

@@ -53,18 +53,31 @@ def _expand(x, nheads):
     return np.repeat(x, nheads // x.shape[2], axis=2)
 
 
-class _Rounder:
-    """R(x): round to the input dtype; W(x): widen to the compute dtype."""
+def round_to_tf32(x):
+    """float32 values rounded to TF32 (10 mantissa bits), to nearest with ties away from zero, as the
+    tensor cores' `cvt.rna.tf32.f32`."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = np.where(finite, (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000), bits)
+    return rounded.astype(np.uint32).view(np.float32)
 
-    def __init__(self, dtype):
+
+class _Rounder:
+    """R(x): round to the input dtype; W(x): widen to the compute dtype. With tf32 (float32 inputs) every
+    product's operands are rounded to TF32 first, as float32 attention in TF32 computes."""
+
+    def __init__(self, dtype, tf32=False):
         self.dtype = np.dtype(dtype)
         self.wide = _wide(dtype)
+        self.tf32 = tf32
 
     def R(self, x):
         return np.asarray(x, dtype=self.wide).astype(self.dtype).astype(self.wide)
 
     def mm(self, a, b):
         """Matmul accumulated in the compute dtype, result rounded."""
+        if self.tf32:
+            a, b = round_to_tf32(a), round_to_tf32(b)
         return self.R(np.matmul(a.astype(self.wide), b.astype(self.wide)))
 
 
@@ -149,14 +162,14 @@ def _quiet(fn):
 
 
 @_quiet
-def naive_attention(q, k, v, causal, scale, **variants):
-    """Full-matrix attention in the input dtype; returns ``(out, lse)``.
+def naive_attention(q, k, v, causal, scale, tf32=False, **variants):
+    """Full-matrix attention in the input dtype (float32 in TF32 with ``tf32``); returns ``(out, lse)``.
 
     out has q's dtype; lse is (batch, nheads, seqlen_q) in the input dtype
     (rounded, like everything else). ``scale`` must be a float.
     """
     q, k, v = to_numpy(q), to_numpy(k), to_numpy(v)
-    r = _Rounder(q.dtype)
+    r = _Rounder(q.dtype, tf32)
     var = _Variants(q, k, causal, **variants)
     _, _, p, lse, _ = _naive_probs(q, k, scale, r, var)
     if var.keep_scale is not None:
@@ -167,7 +180,7 @@ def naive_attention(q, k, v, causal, scale, **variants):
 
 
 @_quiet
-def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, **variants):
+def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, tf32=False, **variants):
     """Full-matrix gradients in the input dtype, rounding as autograd would.
 
     Returns ``(dq, dk, dv)`` in the input dtype (and dbias in the mask's
@@ -177,7 +190,7 @@ def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, *
     compute dtype and rounds once.
     """
     dout, q, k, v = to_numpy(dout), to_numpy(q), to_numpy(k), to_numpy(v)
-    r = _Rounder(q.dtype)
+    r = _Rounder(q.dtype, tf32)
     nheads, nheads_kv = q.shape[2], k.shape[2]
     var = _Variants(q, k, causal, **variants)
     qs, kh, p, _, th = _naive_probs(q, k, scale, r, var)

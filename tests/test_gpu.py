@@ -73,23 +73,28 @@ def run(problem):
     return host, {name: x.get() for name, x in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv).items()}
 
 
-def check(problem):
+def check(problem, tf32=False):
+    """The flash rule on every output; `tf32`: float32 computed in TF32 (CUPY_TF32=1), whose naive
+    counterpart rounds every product's operands to TF32 (no relative bound: TF32 keeps 10 bits)."""
     (q, k, v, dout), got = run(problem)
     causal, scale = problem.causal, problem.scale_value
     ref_out, ref_lse = cupyflash.reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
     ref = dict(out=ref_out, lse=ref_lse)
     ref.update(zip(("dq", "dk", "dv"), cupyflash.reference.attention_backward(
         dout, q, k, v, ref_out, ref_lse, causal=causal, scale=scale)))
-    naive = dict(zip(("out", "lse"), naive_attention(q, k, v, causal, scale)))
-    naive.update(zip(("dq", "dk", "dv"), naive_attention_backward(dout, q, k, v, causal, scale)))
+    naive = dict(zip(("out", "lse"), naive_attention(q, k, v, causal, scale, tf32=tf32)))
+    naive.update(zip(("dq", "dk", "dv"), naive_attention_backward(dout, q, k, v, causal, scale, tf32=tf32)))
     scales = error_scales(q, k, v, dout, causal, scale)
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert not np.isnan(got[name].astype(np.float64)).any(), f"{name} has NaN: {problem}"
         forward = name in ("out", "lse")
         floor = flash_floor(name, problem.dtype, scales, FWD_FLOOR_ULPS if forward else BWD_FLOOR_ULPS)
+        if tf32:  # in TF32's units in the last place, 2^13 of float32's
+            floor *= 2.0 ** 13
         assert_close_flash_rule(got[name], ref[name], naive[name], 2 if forward else 3, floor,
                                 name=f"{name} of {problem}")
-        check_relative(name, got[name], ref[name], problem)
+        if not tf32:
+            check_relative(name, got[name], ref[name], problem)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -183,14 +188,19 @@ def test_strided_inputs_match_contiguous(dtype, headdim, monkeypatch):
     assert all(bitwise_equal(a, b) for a, b in zip(got, want))
 
 
-def _sources(monkeypatch, fn, *args, **kwargs):
-    """The source files of the kernels a call launches."""
-    sources = []
+def _launched(monkeypatch, fn, *args, **kwargs):
+    """The launches (_plan.Launch) of a call."""
+    launches = []
     launch = _cuda_backend._launch
-    monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (sources.append(lc.source), launch(lc, *a)))
+    monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (launches.append(lc), launch(lc, *a)))
     fn(*args, **kwargs)
     monkeypatch.setattr(_cuda_backend, "_launch", launch)
-    return sources
+    return launches
+
+
+def _sources(monkeypatch, fn, *args, **kwargs):
+    """The source files of the kernels a call launches."""
+    return [launch.source for launch in _launched(monkeypatch, fn, *args, **kwargs)]
 
 
 def _forward_sources(monkeypatch, *args, **kwargs):
@@ -204,7 +214,7 @@ def _backward_sources(monkeypatch, q, k, v, **kwargs):
 
 def test_family_on_hopper(monkeypatch):
     """16-bit forwards take the sm_90a family where TMA can read the inputs; CUPYFLASH_KERNELS=sm80 forces
-    the mma.sync family; float32 stays on CUDA cores."""
+    the mma.sync family; float32 takes the mma.sync family's tensor-core kernels."""
     if not cp.cuda.Device().compute_capability.startswith("9"):
         pytest.skip("needs a Hopper GPU")
     monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
@@ -212,7 +222,7 @@ def test_family_on_hopper(monkeypatch):
     q, k, v = (to_device(rng.standard_normal((1, 100, 2, 64)).astype(np.float16)) for _ in range(3))
     assert _forward_sources(monkeypatch, q, k, v) == ["forward_sm90.cu"]
     assert _forward_sources(monkeypatch, q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)) == [
-        "forward.cu"]
+        "forward_mma.cu"]
     odd = to_device(rng.standard_normal((1, 100, 2, 60)).astype(np.float16))  # 240-byte rows: not for TMA
     assert _forward_sources(monkeypatch, odd, odd, odd) == ["forward_mma.cu"]
     # The backward: the sm_90a family (wide heads too); `deterministic` takes mma.sync.
@@ -223,6 +233,42 @@ def test_family_on_hopper(monkeypatch):
     monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "sm80")
     assert _forward_sources(monkeypatch, q, k, v) == ["forward_mma.cu"]
     assert _backward_sources(monkeypatch, q, k, v) == ["backward.cu", "backward_mma.cu"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_float32_and_float64_families(dtype, monkeypatch):
+    """float32 and float64 run on tensor cores, float64 up to headdim 128; CUPYFLASH_KERNELS=simt forces the
+    CUDA-core kernels; CUPY_TF32=1 computes float32 in TF32 (the kernels' tf32_t), float64 as before."""
+    monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
+    monkeypatch.delenv(_cuda_backend.TF32_VARIABLE, raising=False)
+
+    def kernels(headdim):
+        q, k, v, dout = _inputs(dtype, seqlen_q=70, seqlen_k=90, headdim=headdim)
+        launches = _launched(monkeypatch, _forward_backward, q, k, v, dout)
+        return [launch.name for launch in launches if launch.name.startswith("flash_")]
+
+    tensor_cores = ["flash_fwd_mma", "flash_bwd_delta", "flash_bwd_dkdv_mma", "flash_bwd_dq_mma"]
+    cuda_cores = ["flash_fwd_simt", "flash_bwd_delta", "flash_bwd_dkdv_simt", "flash_bwd_dq_simt"]
+    assert [name.split("<")[0] for name in kernels(64)] == tensor_cores
+    wide = [name.split("<")[0] for name in kernels(256)]
+    assert wide == (cuda_cores if dtype == np.float64 else tensor_cores)
+    monkeypatch.setenv(_cuda_backend.TF32_VARIABLE, "1")
+    c_type = "tf32_t" if dtype == np.float32 else "double"
+    assert all(name.startswith(("flash_bwd_delta", f"flash_fwd_mma<{c_type},", f"flash_bwd_dkdv_mma<{c_type},",
+                                f"flash_bwd_dq_mma<{c_type},")) for name in kernels(64))
+    monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "simt")
+    assert [name.split("<")[0] for name in kernels(64)] == cuda_cores
+
+
+@pytest.mark.parametrize("case", range(0, len(HEADDIMS), 2), ids=lambda i: f"d{HEADDIMS[i]}-{SHAPES[i][0]}x{SHAPES[i][1]}")
+def test_tf32_against_reference(case, monkeypatch):
+    """CUPY_TF32=1: float32 in TF32, by the flash rule against naive attention in TF32."""
+    monkeypatch.setenv(_cuda_backend.TF32_VARIABLE, "1")
+    seqlen_q, seqlen_k, causal = SHAPES[case]
+    nheads, nheads_kv = HEADS[case % 3]
+    check(Problem(batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads, nheads_kv=nheads_kv,
+                  headdim=HEADDIMS[case], dtype=np.float32, causal=causal, scale=None,
+                  logit_std=None if case % 4 == 0 else 25.0, seed=case), tf32=True)
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=lambda d: d.name)

@@ -27,9 +27,16 @@ CUPYFLASH_KERNELS=sm80 "$python" -m pytest -m gpu -q -p no:cacheprovider "${para
 sm80_rc=$?
 suite_sm80=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite_sm80.log" | tail -n 1)
 tail -n 20 "$log_dir/gpu_suite_sm80.log"
+# float32 and float64 take tensor cores; the kernel suites run again on the CUDA-core kernels.
+CUPYFLASH_KERNELS=simt "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py tests/test_gpu_varlen.py \
+    tests/test_gpu_variants.py tests/test_fidelity.py -k "float32 or float64 or fully_masked or cuda_kernels" \
+    >"$log_dir/gpu_suite_simt.log" 2>&1
+simt_rc=$?
+suite_simt=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite_simt.log" | tail -n 1)
+tail -n 20 "$log_dir/gpu_suite_simt.log"
 
 declare -A errors
-status=$(( suite_rc || sm80_rc ))
+status=$(( suite_rc || sm80_rc || simt_rc ))
 "$python" tools/sanitize_cases.py >/dev/null  # compile outside the sanitizer
 tools=(memcheck racecheck synccheck initcheck)
 declare -A pids
@@ -53,6 +60,7 @@ echo "| check | result |"
 echo "| --- | --- |"
 echo "| GPU suite | ${suite:-no summary (rc $suite_rc)} |"
 echo "| GPU kernel suites, CUPYFLASH_KERNELS=sm80 | ${suite_sm80:-no summary (rc $sm80_rc)} |"
+echo "| float32/float64 kernel suites, CUPYFLASH_KERNELS=simt | ${suite_simt:-no summary (rc $simt_rc)} |"
 for tool in "${tools[@]}"; do echo "| compute-sanitizer $tool | ${errors[$tool]} errors |"; done
 echo "logs: $log_dir"
 exit "$status"

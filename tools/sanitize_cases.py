@@ -2,7 +2,8 @@
 (tools/gpu_validate.sh).
 
 Covers the tensor-core forward (16-bit: the Hopper family on a Hopper GPU, the mma.sync family with
-vector and element loads), the CUDA-core forward (float32, float64) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
+vector and element loads; float32 exact and in TF32, float64), the CUDA-core forward (float32, float64,
+forced) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
 variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
 together, with NaN in masked keys so the guarded products run too; packed batches; and the split-KV decode kernel
 of attention_with_kvcache on paged and contiguous caches, with its append.
@@ -94,12 +95,26 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
                                          causal=True)
     cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=np.array([60, 3], np.int32),
                                      block_table=table.get())
-# On Hopper the 16-bit forward takes the sm_90a family; the mma.sync family runs when forced.
+# float32 in TF32 (CUPY_TF32=1) and float64 past its tensor-core head dimensions.
+os.environ[_cuda_backend.TF32_VARIABLE] = "1"
+for causal in (False, True):
+    run(np.float32, 96, causal=causal)
+run(np.float32, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
+del os.environ[_cuda_backend.TF32_VARIABLE]
+run(np.float64, 192, causal=True)
+# On Hopper the 16-bit forward takes the sm_90a family; the mma.sync family runs when forced; float32 and
+# float64 take CUDA cores when forced.
 os.environ[_cuda_backend.FAMILY_VARIABLE] = "sm80"
 for dtype in (np.float16, ml_dtypes.bfloat16):
     for causal in (False, True):
         run(dtype, 64, causal=causal)
     run(dtype, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
     run_packed(dtype, 128, causal=True)
+os.environ[_cuda_backend.FAMILY_VARIABLE] = "simt"
+for dtype in (np.float32, np.float64):
+    for causal in (False, True):
+        run(dtype, 59, causal=causal)
+    run(dtype, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
+    run_packed(dtype, 64, causal=True, dropout_p=0.2, dropout_seed=1)
 cp.cuda.Device().synchronize()
 print("sanitize cases: done")
