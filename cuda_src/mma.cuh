@@ -251,8 +251,6 @@ template <> struct WideMma<float> {
         mma_tf32(c, a[0], b[0][0], b[0][1]);
     }
 };
-constexpr int SUM_STEPS = 4;
-
 template <int MT, int N, typename A> __device__ __forceinline__ void add_to(A (&acc)[MT][N][4], A (&part)[MT][N][4]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -293,7 +291,7 @@ __device__ __forceinline__ void gemm_nt_wide_steps(A (&acc)[MT][N / 8][4], const
 template <typename T, int K, int N, int LD, int MT, typename A>
 __device__ __forceinline__ void gemm_nt_wide(A (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
     if constexpr (WideMma<T>::ROUNDED_SUMS) {
-        constexpr int STEPS = K / 8 < SUM_STEPS ? K / 8 : SUM_STEPS;
+        constexpr int SUM_STEPS = 4, STEPS = K / 8 < SUM_STEPS ? K / 8 : SUM_STEPS;
         static_assert(K / 8 % STEPS == 0, "whole groups of steps");
         A part[MT][N / 8][4];
         zero(part);
