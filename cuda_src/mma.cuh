@@ -176,9 +176,9 @@ __device__ __forceinline__ void gemm_rn_16(float (&acc)[MT][N / 8][4], const flo
 // ---- m16n8k8 products on 32- and 64-bit data. Fragments (g = lane / 4, tq = lane % 4): a holds A's
 // (g, tq), (g + 8, tq), (g, tq + 4), (g + 8, tq + 4); b holds B's (tq, g), (tq + 4, g); c is the C layout
 // below. Each operand element becomes PARTS registers: float64 one double; TF32 (tf32_t) one value
-// rounded to TF32; exact float32 two, a TF32 head and the TF32 rounding of the rest (x = hi + lo within
+// rounded to TF32; exact float32 a TF32 head and the TF32 rounding of the rest (x = hi + lo within
 // 2^-22 |x|), whose product is lo hi + hi lo + hi hi in three TF32 products (lo lo lies below float32's
-// rounding).
+// rounding), and the head once more where it is finite (WideMma<float>).
 // The tensor cores truncate the float32 sums they add to (ROUNDED_SUMS): a long chain of truncations, o
 // over every key tile or dk and dv over every query tile, would bias exact float32. Its products therefore
 // sum in fresh accumulators over at most SUM_STEPS steps of 8, which join the running sums rounded to

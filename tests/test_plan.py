@@ -49,3 +49,26 @@ def test_decode_splits_cover_the_band_in_whole_steps():
                     assert splits == 1
                 elif band >= 64 * 264:
                     assert blocks * splits >= 0.9 * min(264, blocks * _plan.DECODE_MAX_SPLITS)
+
+
+@pytest.mark.parametrize("dtype", _plan.WIDE_DTYPES)
+def test_float32_and_float64_tiles_fit_every_shared_memory_table(dtype):
+    """float32 and float64 take tensor-core tiles where they fit (float64 up to headdim 128) and the
+    CUDA-core kernels elsewhere, within each GPU's shared memory; `tensor_cores=False` always takes CUDA cores,
+    `tf32` names the tf32_t instantiations."""
+    var = _plan.variant()
+    for limit in set(_plan.SMEM_LIMITS.values()):
+        for headdim in HEADDIMS:
+            launches = (_plan.forward(dtype, headdim, var, True, limit), *_plan.backward(dtype, headdim, var, True, limit))
+            for launch in launches:
+                assert launch.smem_bytes <= limit, (headdim, launch.name, launch.smem_bytes)
+            if dtype == "float64" and headdim > 128:
+                assert all(launch.source in ("forward.cu", "backward.cu") for launch in launches)
+            forced = (_plan.forward(dtype, headdim, var, True, limit, tensor_cores=False),
+                      *_plan.backward(dtype, headdim, var, True, limit, tensor_cores=False))
+            assert all(launch.source in ("forward.cu", "backward.cu") for launch in forced)
+    big = _plan.SMEM_LIMITS[(9, 0)]
+    fast = (_plan.forward(dtype, 64, var, True, big, tf32=True), *_plan.backward(dtype, 64, var, True, big, tf32=True)[1:])
+    c_type = "tf32_t" if dtype == "float32" else "double"
+    assert all(launch.source.endswith("_mma.cu") and launch.name.split("<")[1].startswith(c_type + ",")
+               for launch in fast)
