@@ -27,7 +27,6 @@ TENSOR_CORE_DTYPES = ("float16", "bfloat16")
 #: float32 and float64 also run on tensor cores (forward_mma.cu, backward_mma.cu): float32 exact through
 #: three TF32 products per product, or in TF32 (`tf32`: the C type tf32_t), float64 in DMMA.
 WIDE_DTYPES = ("float32", "float64")
-_WIDE_PAD = 4  # shared-memory row padding of 32- and 64-bit tiles, in elements (row_pad in mma.cuh)
 MASK_C_TYPES = {"bool": "unsigned char", **C_TYPES}
 
 #: NVRTC options of every kernel (the architecture is added at compile time, from the device).
@@ -76,6 +75,11 @@ def _acc_bytes(dtype):
     return 8 if dtype == "float64" else 4
 
 
+def _row_pad(dtype):
+    """Shared-memory row padding of the mma.sync family's tiles, in elements (row_pad in mma.cuh)."""
+    return 8 if _ITEMSIZE[dtype] == 2 else 4
+
+
 def _cbool(flag):
     return "true" if flag else "false"
 
@@ -101,7 +105,7 @@ def forward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False):
         slabs, block_n = ((2, 32) if d <= 64 else (2, 16) if d <= 128 else (1, 16)) if dtype == "float32" else (1, 32)
         warps, item = 4, _ITEMSIZE[dtype]
         block_m = 16 * slabs * warps
-        smem = lambda bn: item * (block_m + 4 * bn) * (d + _WIDE_PAD)  # q + double-buffered k, v
+        smem = lambda bn: item * (block_m + 4 * bn) * (d + _row_pad(dtype))  # q + double-buffered k, v
         try:
             block_n = _shrink(block_n, 16, smem, limit)
             name = (f"flash_fwd_mma<{_element(dtype, tf32)}, {d}, {block_n}, {warps}, {slabs}, {var}, "
@@ -113,7 +117,7 @@ def forward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False):
         # (warps, 16-row slabs per warp, key tile): see docs/performance.md.
         warps, slabs, block_n = (4, 2, 128) if d <= 64 else (4, 2, 64) if d <= 128 else (4, 1, 32)
         block_m = 16 * slabs * warps
-        smem = lambda bn: 2 * (block_m + 4 * bn) * (d + 8)  # q + double-buffered k, v
+        smem = lambda bn: 2 * (block_m + 4 * bn) * (d + _row_pad(dtype))  # q + double-buffered k, v
         block_n = _shrink(block_n, 16, smem, limit)
         name = f"flash_fwd_mma<{C_TYPES[dtype]}, {d}, {block_n}, {warps}, {slabs}, {var}, {_cbool(aligned)}>"
         return Launch("forward_mma.cu", name, block_m, 32 * warps, smem(block_n))
@@ -214,14 +218,14 @@ def _dkdv_mma(dtype, d, var, aligned, limit, tf32):
     # whose s^T and dp^T take twice the registers or more) stream through; measured on an H100.
     item, acc = _ITEMSIZE[dtype], _acc_bytes(dtype)
     if dtype in TENSOR_CORE_DTYPES:
-        warps, widest, block_m, pad = (4 if d <= 64 else 8), 128, 64, 8
+        warps, widest, block_m = (4 if d <= 64 else 8), 128, 64
     elif dtype == "float32":
-        warps, widest, block_m, pad = 8, 128, (32 if d <= 64 else 16), _WIDE_PAD
+        warps, widest, block_m = 8, 128, (32 if d <= 64 else 16)
     else:
-        warps, widest, block_m, pad = 4, 64, 16, _WIDE_PAD
+        warps, widest, block_m = 4, 64, 16
     slices = -(-d // widest)
     # k, v + double-buffered q, dout and their lse, delta
-    smem = lambda bm: item * (32 * warps + 4 * bm) * (d + pad) + 4 * acc * bm
+    smem = lambda bm: item * (32 * warps + 4 * bm) * (d + _row_pad(dtype)) + 4 * acc * bm
     if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
         warps = 4
     block_m = _shrink(block_m, 16, smem, limit)
@@ -233,10 +237,10 @@ def _dkdv_mma(dtype, d, var, aligned, limit, tf32):
 def _dq_mma(dtype, d, var, aligned, limit, tf32):
     item = _ITEMSIZE[dtype]
     if dtype in TENSOR_CORE_DTYPES:
-        warps, block_n, pad = (8 if d <= 64 else 4), 32, 8
+        warps, block_n = (8 if d <= 64 else 4), 32
     else:  # measured on an H100
-        warps, block_n, pad = (8 if dtype == "float32" or d <= 64 else 4), (32 if d <= 64 else 16), _WIDE_PAD
-    smem = lambda bn: item * (32 * warps + 4 * bn) * (d + pad)  # q, dout + double-buffered k, v
+        warps, block_n = (8 if dtype == "float32" or d <= 64 else 4), (32 if d <= 64 else 16)
+    smem = lambda bn: item * (32 * warps + 4 * bn) * (d + _row_pad(dtype))  # q, dout + double-buffered k, v
     if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
         warps = 4
     block_n = _shrink(block_n, 16, smem, limit)
@@ -305,7 +309,7 @@ def decode(dtype, headdim, rows, var, limit):
     c, d = C_TYPES[dtype], headdim_tile(headdim)
     if dtype in TENSOR_CORE_DTYPES:
         block_n = 16
-        smem = lambda stages: 2 * (16 + DECODE_WARPS * stages * 2 * block_n) * (d + 8)  # q, then the rings
+        smem = lambda stages: 2 * (16 + DECODE_WARPS * stages * 2 * block_n) * (d + _row_pad(dtype))  # q, then the rings
         stages = next((s for s in (4, 3) if smem(s) <= limit // 2), 2)
         name = f"flash_decode_mma<{c}, {d}, {block_n}, {DECODE_WARPS}, {stages}, {var}>"
         return Launch("decode_mma.cu", name, DECODE_WARPS * block_n, 32 * DECODE_WARPS, smem(stages))
