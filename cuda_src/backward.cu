@@ -5,6 +5,8 @@
 //      dp = dout v^T (dropped likewise), ds = p (dp - delta), dx = ds dcap (softcap), dk += dx^T q
 //                                                                    (flash_bwd_dkdv_simt)
 //   3. per query tile, loop over key tiles: dq += dx k, dbias += ds  (flash_bwd_dq_simt)
+// Wide inputs renormalize the recomputed probabilities (mask.cuh, row_renormalizer): step 3 runs before
+// step 2, sums each row's, scales dq by the row's factor and leaves it in row_scale for step 2.
 // dQ gets its own pass instead of atomics, so dq, dk and dv are summed in a fixed order and
 // bitwise deterministic. Probabilities are recomputed from lse; nothing of size
 // seqlen_q x seqlen_k is ever stored.
@@ -37,6 +39,7 @@ __global__ void __launch_bounds__(128) flash_bwd_delta(const __grid_constant__ B
 template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int THREADS, typename Var>
 __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
+    constexpr bool APPROX = sizeof(T) == 2;
     constexpr int TPR = THREADS / BLOCK_N;
     constexpr int LD = D_TILE + 1, LDP = BLOCK_M + 1;
     constexpr int COLS_D = D_TILE / TPR, COLS_M = BLOCK_M / TPR;
@@ -52,6 +55,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
     A* sdX = sP + BLOCK_N * LDP;  // [BLOCK_N][BLOCK_M + 1], dx transposed
     A* sLse = sdX + BLOCK_N * LDP;
     A* sDelta = sLse + BLOCK_M;
+    A* sScale = sDelta + BLOCK_M;  // wide inputs only
 
     const int n0 = blockIdx.x * BLOCK_N, hk = blockIdx.y, b = blockIdx.z;
     const int r = threadIdx.x / TPR, c = threadIdx.x % TPR, j = n0 + r;
@@ -77,6 +81,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
         const T* doh = seq.query_rows(static_cast<const T*>(p.dout), p.do_st, h, 0);
         const A* lse_h = static_cast<const A*>(f.lse) + seq.stat_row0(f, h);
         const A* delta_h = static_cast<const A*>(p.delta) + seq.stat_row0(f, h);
+        const A* scale_h = APPROX ? nullptr : static_cast<const A*>(p.row_scale) + seq.stat_row0(f, h);
         for (int mt = t_first; mt < t_last; ++mt) {
             const int m0 = mt * BLOCK_M;
             __syncthreads();  // previous query tile fully consumed
@@ -90,6 +95,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
                 const bool valid = m0 + x < seq.seqlen_q;
                 sLse[x] = valid ? lse_log2(lse_h[m0 + x]) : A(0);
                 sDelta[x] = valid ? delta_h[m0 + x] : A(0);
+                if constexpr (!APPROX) sScale[x] = valid ? scale_h[m0 + x] : A(1);
             }
             __syncthreads();
 
@@ -112,8 +118,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
                 for (int mm = 0; mm < COLS_M; ++mm) {
                     const int im = c + TPR * mm;
                     A pd, ds, dx;
-                    pair_backward<CHECK, sizeof(T) == 2>(v, s[mm], dp[mm], scale_log2, sLse[im], sDelta[im], m0 + im, j,
-                                         Var::dropout && v.keep(m0 + im, j), pd, ds, dx);
+                    pair_backward<CHECK, APPROX>(v, s[mm], dp[mm], scale_log2, sLse[im], APPROX ? A(1) : sScale[im],
+                                                 sDelta[im], m0 + im, j, Var::dropout && v.keep(m0 + im, j), pd, ds, dx);
                     sP[r * LDP + im] = pd;
                     sdX[r * LDP + im] = dx;
                 }
@@ -153,6 +159,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
 template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int THREADS, typename Var>
 __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
+    constexpr bool APPROX = sizeof(T) == 2;
     constexpr int TPR = THREADS / BLOCK_M;
     constexpr int LD = D_TILE + 1, LDS = BLOCK_N + 1;
     constexpr int COLS_D = D_TILE / TPR, COLS_N = BLOCK_N / TPR;
@@ -184,7 +191,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
     const A delta_i = i < seq.seqlen_q ? static_cast<const A*>(p.delta)[stat] : A(0);
     A* dbias = Var::bias && f.var.dbias ? static_cast<A*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh : nullptr;
 
-    A dq_acc[COLS_D];
+    A dq_acc[COLS_D], row_sum = A(0);
 #pragma unroll
     for (int jd = 0; jd < COLS_D; ++jd) dq_acc[jd] = A(0);
 
@@ -220,8 +227,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
             for (int jj = 0; jj < COLS_N; ++jj) {
                 const int jn = c + TPR * jj;
                 A pd, ds, dx;
-                pair_backward<CHECK, sizeof(T) == 2>(v, s[jj], dp[jj], scale_log2, lse2, delta_i, i, n0 + jn,
-                                     Var::dropout && v.keep(i, n0 + jn), pd, ds, dx);
+                row_sum += pair_backward<CHECK, APPROX>(v, s[jj], dp[jj], scale_log2, lse2, A(1), delta_i, i, n0 + jn,
+                                                        Var::dropout && v.keep(i, n0 + jn), pd, ds, dx);
                 sdX[r * LDS + jn] = dx;
                 if (Var::bias && dbias && i < seq.seqlen_q && n0 + jn < seq.seqlen_k && !is_masked_zero(ds))
                     atomicAdd(dbias + i * f.var.dbias_sq + (n0 + jn) * f.var.dbias_sk, ds);
@@ -240,12 +247,18 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
         }
     }
 
+    A dq_scale = A(f.scale);
+    if constexpr (!APPROX) {
+        const A factor = row_renormalizer(reduce_sum<TPR>(row_sum), lse2);
+        dq_scale *= factor;
+        if (c == 0 && i < seq.seqlen_q) static_cast<A*>(p.row_scale)[stat] = factor;
+    }
     if (i < seq.seqlen_q) {
         T* dq_row = seq.query_rows(static_cast<T*>(p.dq), p.dq_st, h, i);
 #pragma unroll
         for (int jd = 0; jd < COLS_D; ++jd) {
             const int d = c + TPR * jd;
-            if (d < f.headdim) dq_row[d] = from_acc<T>(dq_acc[jd] * A(f.scale));
+            if (d < f.headdim) dq_row[d] = from_acc<T>(dq_acc[jd] * dq_scale);
         }
     }
 }

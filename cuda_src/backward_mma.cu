@@ -13,6 +13,8 @@
 // so that the accumulators stay in registers.
 // dQ: one block per (query tile, head, batch), each warp owns 16 query rows; key tiles stream:
 //   s = q k^T, dp = dout v^T, dx (and dbias += ds), dq += dx k
+// Wide inputs renormalize the recomputed probabilities (mask.cuh, row_renormalizer): the dQ pass runs
+// first, sums each row's, scales dq by the row's factor and leaves it in row_scale for the dK/dV pass.
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -34,6 +36,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     T* sdO = sQ + 2 * BLOCK_M * LD;  // [2][BLOCK_M][LD]
     A* sLse = reinterpret_cast<A*>(sdO + 2 * BLOCK_M * LD);  // [2][BLOCK_M], log2 units
     A* sDelta = sLse + 2 * BLOCK_M;                          // [2][BLOCK_M]
+    A* sScale = sDelta + 2 * BLOCK_M;                        // [2][BLOCK_M], wide inputs only
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
     const int n0 = blockIdx.x / SLICES * BLOCK_N, col0 = blockIdx.x % SLICES * D_OUT, hk = blockIdx.y, b = blockIdx.z;
@@ -60,6 +63,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
             const bool valid = m0 + r < seq.seqlen_q;
             sLse[buf * BLOCK_M + r] = valid ? lse_log2(static_cast<const A*>(f.lse)[stats + r]) : A(0);
             sDelta[buf * BLOCK_M + r] = valid ? static_cast<const A*>(p.delta)[stats + r] : A(0);
+            if constexpr (!APPROX) sScale[buf * BLOCK_M + r] = valid ? static_cast<const A*>(p.row_scale)[stats + r] : A(1);
         }
     };
 
@@ -91,6 +95,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         const T* cdO = sdO + buf * BLOCK_M * LD;
         const A* cLse = sLse + buf * BLOCK_M;
         const A* cDelta = sDelta + buf * BLOCK_M;
+        const A* cScale = sScale + buf * BLOCK_M;
         const Var var = variant_of<Var>(f, seq, b, h);
         const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) {
@@ -107,7 +112,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         // st becomes pd^T, dpt becomes dx^T (rows: keys key0, key0 + 8; columns: queries).
         const bool needs_mask = kind != INTERIOR;
         check_tile(kind, var, [&](auto check, const Var& v) {
-            key_rows_backward<decltype(check)::value, APPROX>(v, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta);
+            key_rows_backward<decltype(check)::value, APPROX>(v, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta,
+                                                              cScale);
         });
         if (Var::hides_keys && needs_mask && (seq.queries_nonfinite(p.do_nonfinite, f, h, m0, BLOCK_M) ||
                                               seq.queries_nonfinite(p.q_nonfinite, f, h, m0, BLOCK_M))) {
@@ -175,7 +181,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         delta_row[r] = row < seq.seqlen_q ? static_cast<const A*>(p.delta)[stat] : A(0);
     }
     A* dbias = Var::bias && f.var.dbias ? static_cast<A*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh : nullptr;
-    A dq_acc[DT][4];
+    A dq_acc[DT][4], row_sum[2] = {A(0), A(0)};
     zero(dq_acc);
 
     for (int t = 0; t < n_tiles; ++t) {
@@ -197,7 +203,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         const bool needs_mask = kind != INTERIOR;
         check_tile(kind, var, [&](auto check, const Var& v) {
             query_rows_backward<decltype(check)::value, APPROX>(v, s, dp, row0, n0, tq, scale_log2, lse2, delta_row,
-                                                                dbias, f.var.dbias_sq, f.var.dbias_sk);
+                                                                dbias, f.var.dbias_sq, f.var.dbias_sk, row_sum);
         });
         if (Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N)) {
             gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, dp, PaddedTile<T, LD>{cK}, lane);
@@ -207,7 +213,16 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
-    const A dq_scale[2] = {A(f.scale), A(f.scale)};
+    A dq_scale[2] = {A(f.scale), A(f.scale)};
+    if constexpr (!APPROX) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = row0 + 8 * r;
+            const A factor = row_renormalizer(reduce_sum<4>(row_sum[r]), lse2[r]);
+            dq_scale[r] *= factor;
+            if (tq == 0 && row < seq.seqlen_q) static_cast<A*>(p.row_scale)[seq.stat_row0(f, h) + row] = factor;
+        }
+    }
     store_slab(seq.query_rows(static_cast<T*>(p.dq), p.dq_st, h, m0), p.dq_st.s, dq_acc, dq_scale, warp * 16,
                seq.seqlen_q - m0, f.headdim, lane);
 }

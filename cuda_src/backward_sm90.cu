@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             const float* delta = sm.delta + stage * BLOCK_M;
             check_tile(kind, var, [&](auto check, const Var& v) {
                 key_rows_backward<decltype(check)::value, true, true>(v, st, dpt, m0, key0, warp, lane, scale_log2, lse2,
-                                                                delta, group_words);
+                                                                delta, static_cast<const float*>(nullptr), group_words);
             });
             // pd^T and dx^T in the A layout of wgmma: consecutive pairs of the accumulators
             unsigned p_regs[MT * 2], ds_regs[MT * 2];

@@ -51,6 +51,18 @@ template <> __device__ __forceinline__ double neg_inf<double>() { return -__long
 #define LOG2E 1.4426950408889634
 #define LN2 0.6931471805599453
 
+// Reductions over the TPR consecutive lanes that share a row.
+template <int TPR, typename A> __device__ __forceinline__ A reduce_max(A x) {
+#pragma unroll
+    for (int off = TPR / 2; off > 0; off /= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, off));
+    return x;
+}
+template <int TPR, typename A> __device__ __forceinline__ A reduce_sum(A x) {
+#pragma unroll
+    for (int off = TPR / 2; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+    return x;
+}
+
 // Compile-time bool for generic lambdas that instantiate a masked and an unmasked tile step.
 template <bool B> struct Bool {
     static constexpr bool value = B;

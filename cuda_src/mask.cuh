@@ -238,19 +238,35 @@ template <typename A> __device__ __forceinline__ A prob(A s, A m) {
     return s == neg_inf<A>() ? masked_zero<A>() : fast_exp2(s - m);
 }
 
+// Renormalized recomputation (wide inputs: float32, float64). p = exp2(x - lse2) carries lse's rounding,
+// |lse| eps, in every probability of the row, where naive attention's exp(x - max) / sum is exact for a
+// one-hot row; at large logits that dominates the gradients' error. The rounding is one factor per row,
+// so the dQ pass sums each row's recomputed probabilities and divides by the sum, and the dK/dV pass
+// multiplies by the same factor. Only a sum within that rounding of 1 is divided out: an lse of more
+// keys than these (a blockwise or ring backward) leaves the probabilities as recomputed.
+template <typename A> __device__ __forceinline__ A unit_roundoff();
+template <> __device__ __forceinline__ float unit_roundoff<float>() { return 5.9604645e-8f; }
+template <> __device__ __forceinline__ double unit_roundoff<double>() { return 1.1102230246251565e-16; }
+template <typename A> __device__ __forceinline__ A row_renormalizer(A sum, A lse2) {
+    const A tolerance = A(8) * unit_roundoff<A>() * (A(1) + fabs(lse2));
+    return sum > A(0) && fabs(sum - A(1)) <= tolerance ? A(1) / sum : A(1);
+}
+
 // The per-element backward of one (query i, key j) pair: from the raw products s = q.k and
 // dp = dout.v, the dropped probability pd (for dv) and the score gradients ds (for dbias) and
-// dx = ds dcap (for dq, dk). Masked pairs give -0.0 everywhere (mask.cuh).
+// dx = ds dcap (for dq, dk); returns the probability before dropout. row_scale: the row's renormalizer
+// (1 where the dQ pass has not found it yet, and for 16-bit inputs). Masked pairs give -0.0 everywhere.
 template <bool CHECK, bool APPROX, typename Var, typename A>
-__device__ __forceinline__ void pair_backward(const Var& var, A s, A dp, A scale_log2, A lse2, A delta, int i, int j,
-                                              bool keep, A& pd, A& ds, A& dx) {
+__device__ __forceinline__ A pair_backward(const Var& var, A s, A dp, A scale_log2, A lse2, A row_scale, A delta,
+                                           int i, int j, bool keep, A& pd, A& ds, A& dx) {
     A dcap = A(1);
     const A x = var.template score<CHECK, APPROX>(s, scale_log2, i, j, dcap);
-    const A pr = CHECK ? prob(x, lse2) : fast_exp2(x - lse2);
+    A pr = CHECK ? prob(x, lse2) : fast_exp2(x - lse2);
     if (CHECK && is_masked_zero(pr)) {
         pd = ds = dx = pr;
-        return;
+        return pr;
     }
+    if constexpr (!APPROX) pr *= row_scale;
     pd = pr;
     if constexpr (Var::dropout) {
         const A kept = keep ? A(var.dropout_scale) : A(0);
@@ -259,6 +275,7 @@ __device__ __forceinline__ void pair_backward(const Var& var, A s, A dp, A scale
     }
     ds = pr * (dp - delta);
     dx = Var::softcap ? ds * dcap : ds;
+    return pr;
 }
 
 // Dropout in the key-row layout, drawn once per warpgroup: its four warps hold the keys 64k ... 64k + 63 of
@@ -283,12 +300,12 @@ __device__ __forceinline__ void draw_group_words(const Var& var, unsigned* words
 // pair_backward on a tile whose rows are keys and columns queries (the kernels that hold dK and dV):
 // st = s^T becomes pd^T, dpt = dp^T becomes dx^T. This lane holds keys key0 and key0 + 8, where
 // key0 % 16 = lane / 4, and queries m0 + 8 j + 2 (lane % 4) + {0, 1}, whose lse (log2 units) and delta are
-// lse2[q - m0] and delta[q - m0]. With dropout the Philox words are drawn here or, with GROUPED, read
-// from group_words (draw_group_words).
+// lse2[q - m0] and delta[q - m0], and (wide inputs) renormalizer row_scale[q - m0]. With dropout the
+// Philox words are drawn here or, with GROUPED, read from group_words (draw_group_words).
 template <bool CHECK, bool APPROX, bool GROUPED = false, int MT, typename Var, typename A>
 __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4], A (&dpt)[MT][4], int m0, int key0,
                                                   int warp, int lane, A scale_log2, const A* lse2, const A* delta,
-                                                  const unsigned* group_words = nullptr) {
+                                                  const A* row_scale, const unsigned* group_words = nullptr) {
     const int g = lane / 4, tq = lane % 4;
     // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane and of
     // its neighbour lane ^ 4 (key0 ^ 1), in bytes 2 er + key0 % 2 of its word (key0 % 64) / 16.
@@ -318,8 +335,8 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4]
                 const int e = 2 * er + ec, key = key0 + 8 * er;
                 const bool kept = Var::dropout && dropout_byte(words[ec], er, g & 1) >= var.threshold;
                 A pd, ds, dx;
-                pair_backward<CHECK, APPROX>(var, st[j][e], dpt[j][e], scale_log2, lse2[im], delta[im], m0 + im, key,
-                                             kept, pd, ds, dx);
+                pair_backward<CHECK, APPROX>(var, st[j][e], dpt[j][e], scale_log2, lse2[im], APPROX ? A(1) : row_scale[im],
+                                             delta[im], m0 + im, key, kept, pd, ds, dx);
                 st[j][e] = pd;
                 dpt[j][e] = dx;
             }
@@ -330,11 +347,13 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4]
 // pair_backward on a tile whose rows are queries and columns keys (the kernels that hold dq): s becomes
 // pd, dp becomes dx. This lane holds rows row0 and row0 + 8 (lse2[r] in log2 units, delta[r]) and keys
 // n0 + 8 j + 2 tq + {0, 1}; n0 is a multiple of 64 when NT * 8 is. With a bias gradient (dbias not null:
-// row i, key j at dbias[i * dbias_sq + j * dbias_sk]) each visible ds is added to it.
+// row i, key j at dbias[i * dbias_sq + j * dbias_sk]) each visible ds is added to it, before the row's
+// renormalization (which only the end of the row finds). Wide inputs add this lane's share of each row's
+// probabilities to row_sum[r].
 template <bool CHECK, bool APPROX, int NT, typename Var, typename A>
 __device__ __forceinline__ void query_rows_backward(const Var& var, A (&s)[NT][4], A (&dp)[NT][4], int row0, int n0,
                                                     int tq, A scale_log2, const A (&lse2)[2], const A (&delta)[2],
-                                                    A* dbias, i64 dbias_sq, i64 dbias_sk) {
+                                                    A* dbias, i64 dbias_sq, i64 dbias_sk, A* row_sum = nullptr) {
     constexpr int NG = NT < 8 ? NT : 8;  // 8-wide tiles per 64-column dropout group
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -350,8 +369,9 @@ __device__ __forceinline__ void query_rows_backward(const Var& var, A (&s)[NT][4
                     const int e = 2 * r + ec, col = n0 + j * 8 + 2 * tq + ec;
                     const bool kept = Var::dropout && (NT % 8 == 0 ? var.keep_at(words, j - j0, ec) : var.keep(words, col));
                     A pd, ds, dx;
-                    pair_backward<CHECK, APPROX>(var, s[j][e], dp[j][e], scale_log2, lse2[r], delta[r], row, col,
-                                                 kept, pd, ds, dx);
+                    const A pr = pair_backward<CHECK, APPROX>(var, s[j][e], dp[j][e], scale_log2, lse2[r], A(1), delta[r],
+                                                              row, col, kept, pd, ds, dx);
+                    if constexpr (!APPROX) row_sum[r] += pr;
                     s[j][e] = pd;
                     dp[j][e] = dx;
                     if (Var::bias && dbias && row < var.seqlen_q && col < var.seqlen_k && !is_masked_zero(ds))

@@ -119,6 +119,7 @@ struct BwdParams {
     const void* dout;
     const unsigned char *q_nonfinite, *k_nonfinite, *do_nonfinite;  // RowFlags, for variants that hide keys
     void* delta;  // (batch, nheads, seqlen_q) = rowsum(dout * out), accumulation type
+    void* row_scale;  // lse's layout: what the dQ pass renormalizes each row by (wide inputs; null for 16-bit)
     void* dq;
     void* dk;
     void* dv;

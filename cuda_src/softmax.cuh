@@ -4,18 +4,6 @@
 #include "common.cuh"
 #include "mask.cuh"
 
-// Reductions over the TPR consecutive lanes that share a row.
-template <int TPR, typename A> __device__ __forceinline__ A reduce_max(A x) {
-#pragma unroll
-    for (int off = TPR / 2; off > 0; off /= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, off));
-    return x;
-}
-template <int TPR, typename A> __device__ __forceinline__ A reduce_sum(A x) {
-#pragma unroll
-    for (int off = TPR / 2; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
-    return x;
-}
-
 // Running statistics of one query row: m is the running max, l this thread's share of the
 // running sum (the lanes of a row are summed once, at the end).
 template <typename A> struct OnlineSoftmax {

@@ -324,9 +324,9 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
         hopper = _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, q, k, v, dout)
         flags = _flag_nonfinite(var_type, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv), (dout, spec.nheads))
 
-        def bwd_values(delta):
-            return (fwd, dout.data.ptr, *(_ptr(f) for f in flags), delta.data.ptr, dq.data.ptr, dk.data.ptr, dv.data.ptr,
-                    *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
+        def bwd_values(delta, row_scale=None):
+            return (fwd, dout.data.ptr, *(_ptr(f) for f in flags), delta.data.ptr, _ptr(row_scale), dq.data.ptr,
+                    dk.data.ptr, dv.data.ptr, *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
 
         if hopper:
             _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id)
@@ -334,12 +334,14 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
             delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, spec.headdim, var_type,
                                                                   _aligned(q, k, v, dout), limit, **_math())
             delta = _empty(lse.shape, acc)
-            p = _struct(BWD_PARAMS, bwd_values(delta))
+            # Wide inputs: the dQ pass leaves each row's renormalizer for the dK/dV pass (backward_mma.cu).
+            row_scale = _empty(lse.shape, acc) if _plan.renormalizes(q.dtype.name) else None
+            p = _struct(BWD_PARAMS, bwd_values(delta, row_scale))
             _launch(delta_launch, (math.ceil(delta.size / delta_launch.block_rows), 1, 1), p, device_id)
-            key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
-            _launch(dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch), p, device_id)
             _launch(dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch), p,
                     device_id)
+            key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
+            _launch(dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch), p, device_id)
         return dq, dk, dv, None if dbias is None else dbias.astype(spec.attn_mask.dtype)
 
 

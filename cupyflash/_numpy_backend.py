@@ -26,8 +26,8 @@ Forward (per query tile, outer loop; the key tiles of its causal/window band, in
 Backward (per key tile, outer loop; the query tiles of its band, inner loop)::
 
     delta  = rowsum(dout * out)             once, before the loops
-    hi, lo = lse as a compute-dtype pair    per row: hi = lse rounded, lo = lse - hi rounded
-    p      = exp((x - hi) - lo)             recomputed, never stored
+    r      = 1 / rowsum(exp(x - lse))       float32/float64 inputs, once, before the loops (below)
+    p      = r * exp(x - lse)               recomputed, never stored
     pd     = keep * p / (1 - dropout_p)     the weights out used (pd = p without dropout)
     dv_j  += pd^T @ dout_i
     dp     = keep * (dout_i @ v_j^T) / (1 - dropout_p)
@@ -43,13 +43,13 @@ unmasked pair has l = 0: out 0, lse -inf, and p = 0 in the backward. A NaN score
 NaN; a +inf score (and no NaN) makes lse +inf.
 
 lse and its rounding: p = exp(x - lse) inherits lse's absolute error in every probability of the
-row, and rounding lse costs |lse| eps_lse, which naive attention (exp(x - max) / sum, exact for a
-one-hot row) does not pay; at large logits that dominates the gradients' error. So lse is formed once,
-m + log(l) in float64 (m is exact there), and rounded once, to ``_validate.lse_dtype``; the backward
-reads it as hi + lo in the compute dtype, which keeps every bit a float64 lse carries for float32
-inputs: x - hi is exact or as exact as the naive x - max, and lo adds what hi lost. With lse in the
-compute dtype lo is 0 and p = exp(x - lse) as before; one rounding of lse in that dtype is then the
-floor (tests/test_fidelity.py has the numbers and the cases it leaves).
+row, and rounding lse costs |lse| eps, which naive attention (exp(x - max) / sum, exact for a one-hot
+row) does not pay; at large logits that dominates the gradients' error. lse is formed once, m + log(l)
+in float64, and rounded once; for float32 and float64 inputs the backward then divides each row's
+recomputed probabilities by their sum, r above, the kernels' renormalized recomputation
+(``row_renormalizer`` in cuda_src/mask.cuh, with the same rule): only a sum within 8 unit roundoffs of
+(1 + |lse| log2 e) of 1 is divided out, so an lse of more keys than these (a blockwise or ring backward)
+leaves the probabilities as recomputed. tests/test_fidelity.py has the numbers.
 
 Extra memory: O(block_q * block_k * batch * nheads) for a tile plus
 O(seqlen * headdim * batch * nheads) for the compute-dtype copies and accumulators (and a dbias
@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validate, _variants
+from . import _plan, _validate, _variants
 from ._validate import compute_dtype
 
 __all__ = ["forward", "backward", "BLOCK_Q", "BLOCK_K"]
@@ -170,7 +170,27 @@ def forward(q, k, v, spec, *, block_q=BLOCK_Q, block_k=BLOCK_K):
     return out, lse.reshape(batch, nheads, seqlen_q)
 
 
-@np.errstate(invalid="ignore", over="ignore")
+def _row_renormalizers(qc, kc, lse_safe, spec, block_q, block_k):
+    """Per row, 1 / rowsum(exp(x - lse)) where that sum is within lse's rounding of 1, else 1 (the
+    module's notes on lse; cuda_src/mask.cuh, row_renormalizer)."""
+    cdt = lse_safe.dtype
+    sums = np.zeros(lse_safe.shape, cdt)
+    for q_start in range(0, qc.shape[3], block_q):
+        q_end = min(q_start + block_q, qc.shape[3])
+        for k_start in _tiles(*_variants.key_range(spec, q_start, q_end), block_k):
+            k_end = min(k_start + block_k, spec.seqlen_k)
+            s = np.matmul(qc[..., q_start:q_end, :], kc[..., k_start:k_end, :].swapaxes(-1, -2))
+            s *= spec.scale
+            x, _ = _variants.scores(spec, s, q_start, k_start)
+            p = np.exp(x - lse_safe[..., q_start:q_end, None])
+            sums[..., q_start:q_end] += np.where(x == cdt.type(-np.inf), cdt.type(0), p).sum(axis=-1)
+    unit = cdt.type(np.finfo(cdt).eps / 2)
+    tolerance = 8 * unit * (1 + np.abs(lse_safe * cdt.type(np.log2(np.e))))
+    near_one = (sums > 0) & (np.abs(sums - 1) <= tolerance)
+    return np.where(near_one, 1 / np.where(near_one, sums, 1), cdt.type(1))
+
+
+@np.errstate(invalid="ignore", over="ignore")  # NaN and inf in the data propagate as the rules say
 def backward(dout, q, k, v, out, lse, spec, deterministic=False, want_dbias=False, *,
              block_q=BLOCK_Q, block_k=BLOCK_K):
     """Return ``(dq, dk, dv, dbias)``: the gradients with q's, k's and v's shapes and dtypes in the
@@ -193,13 +213,11 @@ def backward(dout, q, k, v, out, lse, spec, deterministic=False, want_dbias=Fals
     # delta = rowsum(dout * out), in compute dtype, once.
     delta = np.einsum("bsnd,bsnd->bns", dout.astype(cdt), out.astype(cdt))
     delta = np.ascontiguousarray(delta.reshape(lead + (seqlen_q,)))
-    # lse as hi + lo in the compute dtype (lo is 0 when lse is in the compute dtype): p = exp((x - hi) - lo).
-    # Fully masked rows have lse = -inf; use +inf there so p = exp(x - inf) = 0 (and lo = 0 wherever
-    # lse is not finite).
-    lse_w = lse.reshape(lead + (seqlen_q,))
-    lse_c = lse_w.astype(cdt)
+    # Fully masked rows have lse = -inf; use +inf there so p = exp(x - inf) = 0.
+    lse_c = lse.reshape(lead + (seqlen_q,)).astype(cdt)
     lse_safe = np.where(lse_c == neg_inf, cdt.type(np.inf), lse_c)
-    lse_lo = np.where(np.isfinite(lse_c), lse_w - lse_c.astype(lse_w.dtype), 0).astype(cdt)
+    row_scale = (_row_renormalizers(qc, kc, lse_safe, spec, block_q, block_k)
+                 if _plan.renormalizes(spec.dtype.name) else None)
 
     # Rows whose data is all finite: a tile of such rows needs no care for its masked pairs.
     q_ok, do_ok, k_ok, v_ok = (_finite_rows(x) for x in (qc, doc, kc, vc))
@@ -234,7 +252,9 @@ def backward(dout, q, k, v, out, lse, spec, deterministic=False, want_dbias=Fals
             clean = q_side_ok[q_start:q_end].all() and k_side_ok[k_start:k_end].all()
             masked = None if clean else x == neg_inf
             masked_t = None if clean else masked.swapaxes(-1, -2)
-            p = np.exp((x - lse_safe[..., q_start:q_end, None]) - lse_lo[..., q_start:q_end, None])
+            p = np.exp(x - lse_safe[..., q_start:q_end, None])
+            if row_scale is not None:
+                p *= row_scale[..., q_start:q_end, None]
             dp = np.matmul(do_i, v_j.swapaxes(-1, -2))
             if masked is not None:
                 p = np.where(masked, cdt.type(0), p)  # exp(-inf - nan) is nan

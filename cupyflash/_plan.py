@@ -193,6 +193,12 @@ def backward_sm90(dtype, headdim, var):
             Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}, {packed}>", 256, 256, 0, SM90_OPTIONS))
 
 
+def renormalizes(dtype):
+    """Whether the backward of `dtype` renormalizes its recomputed probabilities (mask.cuh,
+    row_renormalizer): float32 and float64, whose gradients would otherwise carry lse's rounding."""
+    return dtype not in TENSOR_CORE_DTYPES
+
+
 def backward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False):
     """(delta, dK/dV, dQ) kernels of the backward pass."""
     d = headdim_tile(headdim)
@@ -224,8 +230,9 @@ def _dkdv_mma(dtype, d, var, aligned, limit, tf32):
     else:
         warps, widest, block_m = 4, 64, 16
     slices = -(-d // widest)
-    # k, v + double-buffered q, dout and their lse, delta
-    smem = lambda bm: item * (32 * warps + 4 * bm) * (d + _row_pad(dtype)) + 4 * acc * bm
+    # k, v + double-buffered q, dout and their lse, delta (and renormalizer)
+    stats = 6 if renormalizes(dtype) else 4
+    smem = lambda bm: item * (32 * warps + 4 * bm) * (d + _row_pad(dtype)) + stats * acc * bm
     if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
         warps = 4
     block_m = _shrink(block_m, 16, smem, limit)
@@ -259,15 +266,16 @@ def _simt_backward(kernel, dtype, d, var, limit):
     owns query rows, key tiles stream through)."""
     acc = _acc_bytes(dtype)
     tile, tpr = _simt_rows(dtype, d)
-    smem = _dkdv_smem if kernel == "dkdv" else _dq_smem
-    rows, streamed = _fit(tile, tile, tpr, limit, lambda r, s: smem(acc, d, r, s))
+    stats = 3 if renormalizes(dtype) else 2  # per query row: lse, delta (and renormalizer)
+    smem = (lambda r, s: _dkdv_smem(acc, d, r, s, stats)) if kernel == "dkdv" else (lambda r, s: _dq_smem(acc, d, r, s))
+    rows, streamed = _fit(tile, tile, tpr, limit, smem)
     block_m, block_n = (streamed, rows) if kernel == "dkdv" else (rows, streamed)
     name = f"flash_bwd_{kernel}_simt<{C_TYPES[dtype]}, {d}, {block_m}, {block_n}, {rows * tpr}, {var}>"
-    return Launch("backward.cu", name, rows, rows * tpr, smem(acc, d, rows, streamed))
+    return Launch("backward.cu", name, rows, rows * tpr, smem(rows, streamed))
 
 
-def _dkdv_smem(acc, d, rows, block_m):
-    return acc * ((2 * rows + 2 * block_m) * (d + 1) + 2 * rows * (block_m + 1) + 2 * block_m)
+def _dkdv_smem(acc, d, rows, block_m, stats):
+    return acc * ((2 * rows + 2 * block_m) * (d + 1) + 2 * rows * (block_m + 1) + stats * block_m)
 
 
 def _dq_smem(acc, d, rows, block_n):

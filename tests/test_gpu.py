@@ -249,8 +249,8 @@ def test_float32_and_float64_families(dtype, monkeypatch):
         launches = _launched(monkeypatch, _forward_backward, q, k, v, dout)
         return [launch.name for launch in launches if launch.name.startswith("flash_")]
 
-    tensor_cores = ["flash_fwd_mma", "flash_bwd_delta", "flash_bwd_dkdv_mma", "flash_bwd_dq_mma"]
-    cuda_cores = ["flash_fwd_simt", "flash_bwd_delta", "flash_bwd_dkdv_simt", "flash_bwd_dq_simt"]
+    tensor_cores = ["flash_fwd_mma", "flash_bwd_delta", "flash_bwd_dq_mma", "flash_bwd_dkdv_mma"]
+    cuda_cores = ["flash_fwd_simt", "flash_bwd_delta", "flash_bwd_dq_simt", "flash_bwd_dkdv_simt"]
     assert [name.split("<")[0] for name in kernels(64)] == tensor_cores
     wide = [name.split("<")[0] for name in kernels(256)]
     assert wide == (cuda_cores if dtype == np.float64 else tensor_cores)
