@@ -49,6 +49,14 @@ def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
                 max_seqlen_k=max_seqlen_k)
 
 
+def _signature(arrays, scalars, alibi_slopes, attn_mask, packed):
+    """The key of a call's check (_validate.signature) when it has no array keyword, else None: the
+    check of a training loop's calls runs once."""
+    if alibi_slopes is not None or attn_mask is not None or any(x is not None for x in packed.values()):
+        return None
+    return _validate.signature(arrays, scalars)
+
+
 def _forward(spec, q, k, v):
     if spec.varlen:
         return _varlen.forward(_backend(spec.kind), q, k, v, spec)
@@ -96,10 +104,13 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     is (batch, nheads, seqlen_q), float32 (float64 for float64 inputs), the natural-log
     log-sum-exp of each row's scores before dropout. A row that sees no key gives out 0, lse -inf.
     """
-    spec = _validate.check_call("attention", q, k, v, causal=causal, scale=scale, window_size=window_size,
-                                softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout,
-                                **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    key = _signature((q, k, v), ("attention", causal, scale, window_size, softcap, dropout_p, dropout_seed, layout),
+                     alibi_slopes, attn_mask, packed)
+    spec = _validate.memoized(key, lambda: _validate.check_call(
+        "attention", q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        layout=layout, **packed))
     return_lse = _validate.check_flag("attention", "return_lse", return_lse)
     out, lse = _forward(spec, q, k, v)
     return (out, lse) if return_lse else out
@@ -121,12 +132,18 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     mask, in its shape and dtype (summed over its broadcast dimensions).
     """
     fn = "attention_backward"
-    spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
-                                alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout,
-                                **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-    return_dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, return_dbias=return_dbias, q=q)
-    deterministic = _validate.check_flag(fn, "deterministic", deterministic)
+    packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+    def check():
+        spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size,
+                                    softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
+                                    dropout_p=dropout_p, dropout_seed=dropout_seed, layout=layout, **packed)
+        dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, return_dbias=return_dbias, q=q)
+        return spec, dbias, _validate.check_flag(fn, "deterministic", deterministic)
+
+    key = _signature((q, k, v, dout, out, lse), (fn, causal, scale, window_size, softcap, dropout_p, dropout_seed,
+                                                 layout, deterministic, return_dbias), alibi_slopes, attn_mask, packed)
+    spec, return_dbias, deterministic = _validate.memoized(key, check)
     return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias)
 
 

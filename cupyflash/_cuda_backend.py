@@ -262,31 +262,81 @@ def forward(q, k, v, spec):
     _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
-        limit, hopper_device = _device_info(device_id)
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
         out = spec.empty(_empty, q.shape, q.dtype)
         lse = _empty(lse_shape(spec), compute_dtype(q.dtype))
-        packed = _packed(spec)
-        var_type, var, _mask_cells = _variant(spec, device_id)
-        dtype = q.dtype.name
-        hopper = dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v)
-        v_nonfinite, = _flag_nonfinite(var_type, spec, device_id, (v, spec.nheads_kv))
-        fwd = _fwd_values(spec, var, q, k, v, out, lse, v_nonfinite, packed=packed)
-        if hopper:
-            launch = _plan.forward_sm90(dtype, spec.headdim, var_type)
-            _, block_m, block_n = _plan.sm90_tiles(spec.headdim)
-            maps = (_tma.tensor_map(q, dtype, block_m), _tma.tensor_map(k, dtype, block_n),
-                    _tma.tensor_map(v, dtype, block_n))
-            params = _struct(FWD_PARAMS_SM90, (*maps, fwd, spec.batch))
-            # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
-            work = math.ceil(spec.seqlen_q / launch.block_rows) * spec.nheads * spec.batch
-            grid = (min(work, _multiprocessors(device_id)), 1, 1)
-        else:
-            launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit, **_math())
-            params = _struct(FWD_PARAMS, fwd)
-            grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
+        call = _planned(_FORWARD_CALLS, _call_key(spec, device_id, q, k, v, out),
+                        lambda: _forward_call(spec, device_id, q, k, v, out, lse))
+        v_nonfinite, = _flag_nonfinite(call.var_type, spec, device_id, (v, spec.nheads_kv))
+        maps = tuple(_tma.tensor_map_words(x, spec.dtype.name, rows) for x, rows in zip((q, k, v), call.map_rows))
+        params = call.params((q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, _ptr(v_nonfinite)), maps)
+        (launch, grid), = call.launches
         _launch(launch, grid, params, device_id)
         return out, lse
+
+
+class _Call(typing.NamedTuple):
+    """What one pass launches, planned once for a call without array keywords (_call_key): its kernels and
+    their grids in order, their parameter struct with the arrays' addresses (and tensor maps) left to fill
+    in, the rows of each tensor map's box (none off the Hopper family), the (shape, dtype) of each scratch
+    buffer a call allocates, and the device arrays the struct points to besides the call's own (a bool mask's
+    cells, a packed batch's offsets copied from the host), which must live until the launches."""
+    launches: tuple
+    params: "_Readdressed"
+    var_type: str
+    map_rows: tuple = ()
+    buffers: tuple = ()
+    referenced: tuple = ()
+
+
+#: Planned calls by _call_key; bounded, cleared when full.
+_FORWARD_CALLS = {}
+_PLANNED_MAX = 128
+_FWD_ADDRESSES = ("q", "k", "v", "out", "lse", "v_nonfinite")
+
+
+def _call_key(spec, device_id, *arrays):
+    """What a pass's launches depend on besides its arrays' addresses: the spec, the device, the
+    environment's switches, the arrays' shapes and strides and whether every address is 16-byte aligned
+    (TMA and vector loads). None for a call whose keywords hold arrays (masks, slopes, packed offsets)."""
+    if spec.varlen or spec.alibi_slopes is not None or spec.attn_mask is not None:
+        return None
+    return (spec, device_id, os.environ.get(FAMILY_VARIABLE, ""), os.environ.get(TF32_VARIABLE, ""),
+            all(x.data.ptr % 16 == 0 for x in arrays), *((x.shape, x.strides) for x in arrays))
+
+
+def _planned(calls, key, plan):
+    """plan() once per key (every time for None): a training loop's calls are planned once."""
+    if key is None:
+        return plan()
+    call = calls.get(key)
+    if call is None:
+        if len(calls) >= _PLANNED_MAX:
+            calls.clear()
+        call = calls[key] = plan()
+    return call
+
+
+def _forward_call(spec, device_id, q, k, v, out, lse):
+    limit, hopper_device = _device_info(device_id)
+    var_type, var, mask_cells = _variant(spec, device_id)
+    dtype = q.dtype.name
+    packed = _packed(spec)
+    fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
+    if dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
+        launch = _plan.forward_sm90(dtype, spec.headdim, var_type)
+        _, block_m, block_n = _plan.sm90_tiles(spec.headdim)
+        map_rows = (block_m, block_n, block_n)
+        maps = tuple(_tma.tensor_map(x, dtype, rows) for x, rows in zip((q, k, v), map_rows))
+        params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, spec.batch), tuple(f"fwd.{m}" for m in _FWD_ADDRESSES),
+                              ("tma_q", "tma_k", "tma_v"))
+        # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
+        work = math.ceil(spec.seqlen_q / launch.block_rows) * spec.nheads * spec.batch
+        return _Call(((launch, (min(work, _multiprocessors(device_id)), 1, 1)),), params, var_type, map_rows, (),
+                     (mask_cells, packed))
+    launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit, **_math())
+    grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
+    return _Call(((launch, grid),), _Readdressed(FWD_PARAMS, fwd, _FWD_ADDRESSES), var_type, (), (), (mask_cells, packed))
 
 
 def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arrays):
@@ -305,50 +355,70 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
     _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
-        limit, hopper_device = _device_info(device_id)
         dout, q, k, v, out = (_rows_contiguous(x) for x in (dout, q, k, v, out))
         lse = cupy.ascontiguousarray(lse)
-        acc = compute_dtype(q.dtype)
-        var_type, var, _mask_cells = _variant(spec, device_id)
         dq, dk, dv = (spec.empty(_empty, x.shape, x.dtype) for x in (q, k, v))
         dbias = None
         if want_dbias:
             # Accumulated in the compute dtype in the mask's own (broadcast) shape: a stride-0
             # dimension of the view sums its contributions.
-            dbias = cupy.zeros(spec.mask_shape, acc)
-            view = cupy.broadcast_to(dbias.reshape((1,) * (4 - dbias.ndim) + dbias.shape), spec.attn_mask.shape)
-            var.update(_variant_params({"dbias": view}))
-
-        packed = _packed(spec)
-        fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
-        hopper = _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, q, k, v, dout)
-        flags = _flag_nonfinite(var_type, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv), (dout, spec.nheads))
-
-        def bwd_values(delta, row_scale=None):
-            return (fwd, dout.data.ptr, *(_ptr(f) for f in flags), delta.data.ptr, _ptr(row_scale), dq.data.ptr,
-                    dk.data.ptr, dv.data.ptr, *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
-
-        if hopper:
-            _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id)
-        else:
-            delta_launch, dkdv_launch, dq_launch = _plan.backward(q.dtype.name, spec.headdim, var_type,
-                                                                  _aligned(q, k, v, dout), limit, **_math())
-            delta = _empty(lse.shape, acc)
-            # Wide inputs: the dQ pass leaves each row's renormalizer for the dK/dV pass (backward_mma.cu).
-            row_scale = _empty(lse.shape, acc) if _plan.renormalizes(q.dtype.name) else None
-            p = _struct(BWD_PARAMS, bwd_values(delta, row_scale))
-            _launch(delta_launch, (math.ceil(delta.size / delta_launch.block_rows), 1, 1), p, device_id)
-            _launch(dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch), p,
-                    device_id)
-            key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
-            _launch(dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch), p, device_id)
+            dbias = cupy.zeros(spec.mask_shape, compute_dtype(q.dtype))
+        arrays = (dout, q, k, v, out, lse, dq, dk, dv)
+        key = _call_key(spec, device_id, *arrays)
+        call = _planned(_BACKWARD_CALLS, key and (key, deterministic),
+                        lambda: _backward_call(spec, device_id, deterministic, dbias, *arrays))
+        flags = _flag_nonfinite(call.var_type, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv), (dout, spec.nheads))
+        scratch = [_empty(shape, dtype) for shape, dtype in call.buffers]
+        maps = tuple(_tma.tensor_map_words(x, spec.dtype.name, rows) for x, rows in zip((q, k, v, dout), call.map_rows))
+        params = call.params((q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, dout.data.ptr,
+                              *(_ptr(f) for f in flags), dq.data.ptr, dk.data.ptr, dv.data.ptr,
+                              *(x.data.ptr for x in scratch)), maps)
+        for launch, grid in call.launches:
+            _launch(launch, grid, params, device_id)
         return dq, dk, dv, None if dbias is None else dbias.astype(spec.attn_mask.dtype)
 
 
-def _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id):
+#: Planned backward calls by (_call_key, deterministic).
+_BACKWARD_CALLS = {}
+_BWD_ADDRESSES = ("fwd.q", "fwd.k", "fwd.v", "fwd.out", "fwd.lse", "dout", "q_nonfinite", "k_nonfinite",
+                  "do_nonfinite", "dq", "dk", "dv")
+
+
+def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, lse, dq, dk, dv):
+    """The backward's _Call: the Hopper family's three launches or the delta, dQ and dK/dV passes of the
+    others, and the scratch buffers each call allocates (their addresses follow _BWD_ADDRESSES')."""
+    limit, hopper_device = _device_info(device_id)
+    var_type, var, mask_cells = _variant(spec, device_id)
+    if dbias is not None:
+        view = cupy.broadcast_to(dbias.reshape((1,) * (4 - dbias.ndim) + dbias.shape), spec.attn_mask.shape)
+        var.update(_variant_params({"dbias": view}))
+    packed = _packed(spec)
+    fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
+    referenced = (mask_cells, packed)
+
+    def bwd_values(delta=0, row_scale=0):
+        return (fwd, 0, 0, 0, 0, delta, row_scale, 0, 0, 0, *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
+
+    dtype = q.dtype.name
+    if _takes_hopper_backward(spec, hopper_device, deterministic, dbias is not None, q, k, v, dout):
+        return _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k, v, dout)
+    delta_launch, dkdv_launch, dq_launch = _plan.backward(dtype, spec.headdim, var_type, _aligned(q, k, v, dout),
+                                                          limit, **_math())
+    acc = compute_dtype(q.dtype)
+    # Wide inputs: the dQ pass leaves each row's renormalizer for the dK/dV pass (backward_mma.cu).
+    buffers = ((lse.shape, acc),) * (2 if _plan.renormalizes(dtype) else 1)  # delta (and row_scale)
+    members = ("delta", "row_scale")[:len(buffers)]
+    params = _Readdressed(BWD_PARAMS, bwd_values(), _BWD_ADDRESSES + members)
+    key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
+    launches = ((delta_launch, (math.ceil(lse.size / delta_launch.block_rows), 1, 1)),
+                (dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch)),
+                (dkdv_launch, (key_tiles * dkdv_launch.column_slices, spec.nheads_kv, spec.batch)))
+    return _Call(launches, params, var_type, (), buffers, referenced)
+
+
+def _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k, v, dout):
     """The Hopper backward's three launches: prepare (delta, lse in log2 units, a zeroed float32 dq
-    accumulator), the main kernel over key tiles, kv heads and batches, and dq's conversion.
-    bwd_values(delta) gives the BwdParams."""
+    accumulator), the main kernel over key tiles, kv heads and batches, and dq's conversion."""
     dtype = q.dtype.name
     prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type)
     head_tile = _plan.sm90_backward_tiles(spec.headdim)[1]
@@ -358,19 +428,20 @@ def _backward_sm90(bwd_values, dout, q, k, v, spec, var_type, device_id):
         rows, shape = (int(spec.cu_seqlens_q[-1]) // tile + spec.batch) * tile, (spec.nheads,)
     else:
         rows, shape = longest, (spec.batch, spec.nheads)
-    delta, lse_log2 = (_empty((*shape, rows), np.float32) for _ in range(2))
-    dq_accum = _empty((*shape, rows, head_tile), np.float32)
-    maps = (_tma.tensor_map(q, dtype, tile), _tma.tensor_map(k, dtype, main.block_rows),
-            _tma.tensor_map(v, dtype, main.block_rows), _tma.tensor_map(dout, dtype, tile))
-    p = _struct(BWD_PARAMS_SM90, (*maps, bwd_values(delta), lse_log2.data.ptr, dq_accum.data.ptr, rows, head_tile))
-    # prepare and convert: a grid row per sequence
-    _launch(prepare, (math.ceil(spec.nheads * longest / prepare.block_rows), spec.batch, 1), p, device_id)
+    buffers = (((*shape, rows), np.float32),) * 2 + (((*shape, rows, head_tile), np.float32),)  # delta, lse_log2, dq_accum
+    map_rows = (tile, main.block_rows, main.block_rows, tile)
+    maps = tuple(_tma.tensor_map(x, dtype, r) for x, r in zip((q, k, v, dout), map_rows))
+    params = _Readdressed(BWD_PARAMS_SM90, (*maps, bwd_values(), 0, 0, rows, head_tile),
+                          tuple(f"bwd.{m}" for m in _BWD_ADDRESSES) + ("bwd.delta", "lse_log2", "dq_accum"),
+                          ("tma_q", "tma_k", "tma_v", "tma_do"))
     key_tiles = math.ceil(spec.seqlen_k / main.block_rows)
     # the axes' order of backward_sm90.cu's key_block: key tiles slowest under a causal or window bound
     grid = (spec.nheads_kv, spec.batch, key_tiles) if spec.has_window else (key_tiles, spec.nheads_kv, spec.batch)
-    _launch(main, grid, p, device_id)
     quads = spec.nheads * longest * head_tile // 4  # the convert kernel takes four accumulator values per thread
-    _launch(convert, (math.ceil(quads / convert.block_rows), spec.batch, 1), p, device_id)
+    launches = ((prepare, (math.ceil(spec.nheads * longest / prepare.block_rows), spec.batch, 1)),  # a grid row per
+                (main, grid),                                                                       # sequence
+                (convert, (math.ceil(quads / convert.block_rows), spec.batch, 1)))
+    return _Call(launches, params, var_type, map_rows, buffers, referenced)
 
 
 DECODE_DTYPES = ("float16", "bfloat16", "float32")
@@ -400,23 +471,29 @@ def _decode_values(spec, fwd, lengths, k_new=None, v_new=None, splits=1, per_spl
 
 class _Readdressed:
     """A parameter struct built once and then copied with new addresses in its pointer members (`members`,
-    dotted paths): the calls of a decoding loop differ only in where their arrays are."""
+    dotted paths) and new tensor maps (`maps`, TensorMap members, which hold their array's address): the
+    calls of a training or decoding loop differ only in where their arrays are."""
 
-    def __init__(self, dtype, values, members):
+    def __init__(self, dtype, values, members, maps=()):
         self.words = np.array([values], dtype).view(np.uint64).copy()  # plain words: a structured copy is slow
-        self.slots = []
-        for member in members:
-            offset, fields = 0, dtype
-            for name in member.split("."):
-                fields, at = fields.fields[name][:2]
-                offset += at
-            self.slots.append(offset // 8)
-        self.slots = np.array(self.slots)
+        self.slots = np.array([self._offset(dtype, member) // 8 for member in members])
+        self.map_slots = [self._offset(dtype, member) // 8 for member in maps]
         self.raw = _raw(dtype)
 
-    def __call__(self, addresses):
+    @staticmethod
+    def _offset(dtype, member):
+        offset, fields = 0, dtype
+        for name in member.split("."):
+            fields, at = fields.fields[name][:2]
+            offset += at
+        return offset
+
+    def __call__(self, addresses, maps=()):
+        """The struct with `addresses` in `members` and `maps` (_tma.tensor_map_words) in the TensorMaps."""
         words = self.words.copy()
         words[self.slots] = addresses
+        for slot, words_of_map in zip(self.map_slots, maps):
+            words[slot:slot + words_of_map.size] = words_of_map
         return words.view(self.raw)[0]
 
 

@@ -337,51 +337,20 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     return (out, lse) if return_lse else out
 
 
-#: Calls already checked, by what their check depends on (_signature); bounded, cleared when full.
-_CHECKED = {}
-_CHECKED_MAX = 64
-
-
-def _signature(arrays, cache_seqlens, block_table, alibi_slopes, scalars):
-    """What check_call's verdict on a call of CuPy arrays depends on, when it has no values to read on the
-    device (an int or None cache_seqlens, no block table): the arrays' kinds, devices, shapes, strides and
-    dtypes, alibi_slopes' too with its address, and each scalar with its type. None for any other call."""
-    if block_table is not None or not (cache_seqlens is None or type(cache_seqlens) is int):
-        return None
-    described = []
-    for x in (*arrays, alibi_slopes):
-        if x is None:
-            described.append(None)
-        elif array_kind(x) != "cupy":
-            return None
-        else:
-            described.append((type(x), x.data.device_id, x.shape, x.strides, x.dtype))
-    if alibi_slopes is not None:
-        described.append(alibi_slopes.data.ptr)
-    try:
-        key = (*described, cache_seqlens, *((type(x), tuple(x) if isinstance(x, list) else x) for x in scalars))
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
 def _checked(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, causal, scale, window_size, softcap,
              alibi_slopes, num_splits):
-    """check_call's Call, reused for a call whose check depends on nothing but what it checked before: a
-    decoding loop checks its arguments once, not at every token."""
-    key = _signature((q, k_cache, v_cache, k, v), cache_seqlens, block_table, alibi_slopes,
-                     (causal, scale, window_size, softcap, num_splits))
-    call = _CHECKED.get(key) if key is not None else None
-    if call is None:
-        call = check_call(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                          causal=causal, scale=scale, window_size=window_size, softcap=softcap,
-                          alibi_slopes=alibi_slopes, num_splits=num_splits)
-        if key is not None:
-            if len(_CHECKED) >= _CHECKED_MAX:
-                _CHECKED.clear()
-            _CHECKED[key] = call
-    return call
+    """check_call's Call, reused for a call whose check depends on nothing but what it checked before (an int
+    or None cache_seqlens, no block table; alibi_slopes by its address too, which the Call keeps): a decoding
+    loop checks its arguments once, not at every token."""
+    key = None
+    if block_table is None and (cache_seqlens is None or type(cache_seqlens) is int):
+        key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes),
+                                  (fn, cache_seqlens, causal, scale, window_size, softcap, num_splits))
+        if key is not None and alibi_slopes is not None:
+            key += (alibi_slopes.data.ptr,)
+    return _validate.memoized(key, lambda: check_call(
+        fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
+        scale=scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits))
 
 
 def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table):

@@ -50,6 +50,11 @@ def tensor_map(x, dtype, box_rows):
     return _tensor_map(dtype, x.data.ptr, x.shape, x.strides, box_rows)
 
 
+def tensor_map_words(x, dtype, box_rows):
+    """tensor_map as 16 uint64 words, for a parameter struct whose maps are filled in per call."""
+    return _tensor_map(dtype, x.data.ptr, x.shape, x.strides, box_rows).reshape(1).view(np.uint64)
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _tensor_map(dtype, ptr, shape, strides, box_rows):
     batch, seqlen, heads, headdim = shape

@@ -490,3 +490,50 @@ def check_return_dbias(fn, return_dbias, spec):
         _fail(ValueError, fn, "return_dbias", "needs a float attn_mask (the bias whose gradient it returns)",
               f"attn_mask={'None' if spec.attn_mask is None else 'a bool mask'}")
     return return_dbias
+
+
+# ---- checks already made: a loop of calls alike (training steps, decoding) is checked once
+
+#: Verdicts by what they depend on (signature); bounded, cleared when full.
+_VERDICTS = {}
+_VERDICTS_MAX = 128
+
+
+def signature(arrays, scalars):
+    """What a check's verdict depends on when it reads no array's values: each array's kind, device, shape,
+    strides and dtype (None for an absent one) and each scalar with its type (a tuple's or list's items with
+    theirs, so that 1 never stands for True nor -1.0 for -1). None, so that the check runs, when an array is
+    not a CuPy array or a scalar cannot be hashed."""
+    described = []
+    for x in arrays:
+        if x is None:
+            described.append(None)
+        elif array_kind(x) != "cupy":
+            return None
+        else:
+            described.append((x.device.id, x.shape, x.strides, x.dtype))
+    try:
+        key = (*described, *(_typed(x) for x in scalars))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _typed(x):
+    return (type(x), tuple(_typed(item) for item in x)) if isinstance(x, (tuple, list)) else (type(x), x)
+
+
+def memoized(key, check):
+    """check()'s verdict, computed once per signature (every time for a None key). A check that raises
+    leaves nothing behind."""
+    if key is None:
+        return check()
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        verdict = check()
+        if len(_VERDICTS) >= _VERDICTS_MAX:
+            _VERDICTS.clear()
+        _VERDICTS[key] = verdict
+    return verdict
+

@@ -346,3 +346,25 @@ def _random_bf16(shape):
     bits = cp.random.standard_normal(shape, dtype=cp.float32).view(cp.uint32)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return rounded.astype(cp.uint16).view(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_training_loop_plans_once_and_sees_each_calls_arrays(deterministic):
+    """Calls alike but for their arrays reuse the first call's check and launch plan (forward and backward);
+    each reads its own q, k, v and dout and gives what a freshly planned call gives."""
+    from cupyflash import _validate
+
+    for table in (_validate._VERDICTS, _cuda_backend._FORWARD_CALLS, _cuda_backend._BACKWARD_CALLS):
+        table.clear()
+    results = [_forward_backward(*_inputs(np.float16, seed=seed), deterministic=deterministic) for seed in range(3)]
+    assert (len(_validate._VERDICTS), len(_cuda_backend._FORWARD_CALLS), len(_cuda_backend._BACKWARD_CALLS)) == (2, 1, 1)
+    for seed, got in enumerate(results):
+        for table in (_validate._VERDICTS, _cuda_backend._FORWARD_CALLS, _cuda_backend._BACKWARD_CALLS):
+            table.clear()
+        want = _forward_backward(*_inputs(np.float16, seed=seed), deterministic=deterministic)
+        for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            x, y = x.get().astype(np.float32), y.get().astype(np.float32)
+            if name == "dq" and not deterministic:  # the Hopper backward sums dq in an order that varies
+                np.testing.assert_allclose(x, y, rtol=0, atol=1e-3 * np.abs(y).max())
+            else:
+                assert np.array_equal(x, y), name

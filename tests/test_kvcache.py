@@ -163,9 +163,9 @@ def test_a_decoding_loop_reuses_its_check_and_sees_each_calls_arrays():
     """Calls that differ only in their arrays' data reuse the first call's check; each reads its own q, new
     rows and caches, and a call whose arguments differ is checked again (and refused when they are bad)."""
     cp = pytest.importorskip("cupy")
-    from cupyflash import _kvcache
+    from cupyflash import _validate
 
-    _kvcache._CHECKED.clear()
+    _validate._VERDICTS.clear()
     for seed in range(3):
         q, k_cache, v_cache, k, v, _ = problem(seed, [7, 7], 1, seqlen_q=1, nheads=8, nheads_kv=2, headdim=64,
                                                dtype=np.float16)
@@ -175,7 +175,7 @@ def test_a_decoding_loop_reuses_its_check_and_sees_each_calls_arrays():
                                                     cache_seqlens=7, causal=True, return_lse=True)
         np.testing.assert_allclose(out.get().astype(np.float64), want_out, rtol=0, atol=4e-3)
         np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
-    assert len(_kvcache._CHECKED) == 1
+    assert len(_validate._VERDICTS) == 1
     with pytest.raises(ValueError, match=r"cache_seqlens \+ seqlen_new must be at most"):
         cupyflash.attention_with_kvcache(*(cp.asarray(x) for x in (q, k_cache, v_cache, k, v)), cache_seqlens=10)
 

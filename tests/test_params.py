@@ -166,3 +166,24 @@ def test_readdressed_struct_changes_only_its_pointer_members():
         (want[outer[0]] if outer else want)[name] = address
     assert struct(addresses).tobytes() == want.tobytes()
     assert struct([0] * len(addresses)).tobytes() != want.tobytes()  # each call starts from the template
+
+
+def test_readdressed_struct_takes_tensor_maps():
+    """The Hopper forward's struct, planned once per call signature, gets each call's addresses and tensor
+    maps (16 words each) in their members and nothing else."""
+    pytest.importorskip("cupy", reason="cupy is not installed")
+    from cupyflash import _cuda_backend
+
+    dtype = _cuda_backend.FWD_PARAMS_SM90
+    values = np.zeros(1, dtype)
+    values["fwd"]["scale"], values["fwd"]["seqlen_q"], values["batch"] = 0.125, 77, 3
+    members = tuple(f"fwd.{m}" for m in _cuda_backend._FWD_ADDRESSES)
+    struct = _cuda_backend._Readdressed(dtype, values[0].item(), members, ("tma_q", "tma_k", "tma_v"))
+    addresses = [(n + 1) * 4096 for n in range(len(members))]
+    maps = [np.arange(16, dtype=np.uint64) + 100 * (n + 1) for n in range(3)]
+    want = values.copy()
+    for member, address in zip(_cuda_backend._FWD_ADDRESSES, addresses):
+        want["fwd"][member] = address
+    for name, words in zip(("tma_q", "tma_k", "tma_v"), maps):
+        want[name] = np.frombuffer(words.tobytes(), want.dtype[name])
+    assert struct(addresses, maps).tobytes() == want.tobytes()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cupyflash
-from cupyflash import _api
+from cupyflash import _api, _validate
 
 B, SQ, SK, H, HKV, D = 2, 5, 7, 4, 2, 8
 
@@ -36,7 +36,7 @@ class FakeCupyArray:
 
     def __init__(self, x, device_id=0):
         self._x = x
-        self.shape, self.ndim, self.dtype = x.shape, x.ndim, x.dtype
+        self.shape, self.strides, self.ndim, self.dtype = x.shape, x.strides, x.ndim, x.dtype
         self.device = type("Device", (), {"id": device_id})()
 
 
@@ -372,3 +372,29 @@ def test_a_rejected_call_writes_nothing():
     with pytest.raises(ValueError):
         cupyflash.attention(q, k, v, dropout_p=0.5)
     assert all(np.array_equal(a, b) for a, b in zip(before, (q, k, v)))
+
+
+def test_a_check_is_reused_only_for_a_call_alike():
+    """attention and attention_backward check a call of CuPy arrays without array keywords once per
+    signature: the arrays' devices, shapes, strides and dtypes and each scalar with its type, so that 1 does
+    not pass for True nor -1.0 for -1; NumPy arrays or an array keyword are checked every time."""
+    q, k, v = (FakeCupyArray(x) for x in arrays())
+    plain = _api._packed(None, None, None, None)
+
+    def key(*scalars, arrays=(q, k, v), mask=None):
+        return _api._signature(arrays, ("attention", *scalars), None, mask, plain)
+
+    assert key(True, (-1, -1)) == key(True, (-1, -1))
+    assert key(True, (-1, -1)) != key(1, (-1, -1))
+    assert key(False, (-1, -1)) != key(False, (-1.0, -1))
+    assert key(False, (-1, -1)) != key(False, [-1, -1])
+    assert key(True, arrays=(q, k, FakeCupyArray(arrays()[2], device_id=1))) != key(True)
+    assert key(True, arrays=arrays()) is None
+    assert key(True, mask=q) is None
+    verdicts = []
+    assert _validate.memoized(("k",), lambda: verdicts.append(1) or "spec") == "spec"
+    assert _validate.memoized(("k",), lambda: verdicts.append(2) or "other") == "spec"
+    assert verdicts == [1]
+    with pytest.raises(ValueError):
+        _validate.memoized(("bad",), lambda: _validate._fail(ValueError, "attention", "x", "must be", 1))
+    assert ("bad",) not in _validate._VERDICTS
