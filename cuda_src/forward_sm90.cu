@@ -4,12 +4,14 @@
 // each block has three warpgroups:
 //   producer   (warpgroup 0; one thread issues)  q once, then the K and V tiles of the band into a ring
 //              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier)
-//   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile:
-//       s = q k^T                    wgmma, both operands in shared memory
-//       score, online softmax        softmax_tile (softmax.cuh) on the s fragments; element masks only on
-//       and dropout                  the tiles the variant classifies as EDGE
-//       o = o * alpha + p v          wgmma, p from registers
-//     then hand the buffer back to the producer.
+//   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile t:
+//       s = q k_t^T                  wgmma, both operands in shared memory; k_t's buffer handed back
+//       o += p_{t-1} v_{t-1}         wgmma, p from registers, in flight with s and then under the softmax
+//       score, online softmax        softmax_scores (softmax.cuh) on the s fragments; element masks only
+//       and dropout                  on the tiles the variant classifies as EDGE
+//       o = o * alpha, p_t = s       once the product is done; v_{t-1}'s buffer handed back
+//     and o += p v of the last tile at the end. A tile with nothing pending (the first, or after a skipped
+//     or guarded one) waits for its s alone.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
 // ends of the tensors arrive as zeros. Rows past a packed sequence's end are its neighbour's: K's are masked
 // and q's never stored, and V's are zeroed by producer warp 1 (the cleaner) before the consumers read them.
@@ -58,8 +60,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* q_free = q_full + Q_STAGES;  // [Q_STAGES]: every consumer thread arrives
     unsigned long long* k_full = q_free + Q_STAGES;  // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
-    unsigned long long* kv_free = v_full + STAGES; // [STAGES]: every consumer thread arrives (and the cleaner's)
-    unsigned long long* v_clean = kv_free + STAGES; // [STAGES]: packed, V's rows past the sequence zeroed
+    unsigned long long* k_free = v_full + STAGES;  // [STAGES]: every consumer thread arrives
+    unsigned long long* v_free = k_free + STAGES;  // [STAGES]: every consumer thread arrives (and the cleaner's)
+    unsigned long long* v_clean = v_free + STAGES; // [STAGES]: packed, V's rows past the sequence zeroed
     constexpr int CLEANER = Var::packed ? 32 : 0;  // the threads of producer warp 1 that zero them
 
     const FwdParams& f = p.fwd;
@@ -73,7 +76,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
-            mbar_init(kv_free + s, CONSUMERS + CLEANER);
+            mbar_init(k_free + s, CONSUMERS);
+            mbar_init(v_free + s, CONSUMERS + CLEANER);
             if (Var::packed) mbar_init(v_clean + s, CLEANER);
         }
         mbar_fence_init();
@@ -103,14 +107,16 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                              seq.entry, q_full + q_slot);
                 ++q_step;
                 for (int t = t_first; t < t_last; ++t, ++kv_step) {
-                    const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
-                    if (kv_step >= STAGES) mbar_wait(kv_free + stage, (kv_step / STAGES - 1) & 1);
+                    const int stage = kv_step % STAGES, n0 = t * BLOCK_N, free_parity = (kv_step / STAGES - 1) & 1;
                     T* k_buf = sK + stage * KV_ELEMS;
                     T* v_buf = sV + stage * KV_ELEMS;
+                    // k's buffer comes back after its s, v's a tile later, after its product
+                    if (kv_step >= STAGES) mbar_wait(k_free + stage, free_parity);
                     mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk, seq.entry,
                                  k_full + stage);
+                    if (kv_step >= STAGES) mbar_wait(v_free + stage, free_parity);
                     mbar_expect_tx(v_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(v_buf + c * BLOCK_N * 64, p.tma_v, c * 64, int(seq.k0) + n0, hk, seq.entry,
@@ -132,7 +138,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     if (n0 + BLOCK_N > seq.seqlen_k)
                         zero_rows<T, BLOCK_N, CHUNKS, 32>(sV + stage * KV_ELEMS, seq.seqlen_k - n0, threadIdx.x % 32);
                     mbar_arrive(v_clean + stage);
-                    mbar_arrive(kv_free + stage);
+                    mbar_arrive(v_free + stage);
                 }
             }
         }
@@ -154,63 +160,103 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             zero(o);
             float(&o_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
             OnlineSoftmax<float> stats[1][2];
+            unsigned p_regs[NT * 2];  // p of the pending tile (kv_step - 1) in the A layout of wgmma
+            bool pending = false;
 
             const int q_slot = q_step % Q_STAGES;
             const T* q_rows = sQ + q_slot * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
+            // o += p v with the V buffer of step `step`, issued (not waited for)
+            auto issue_pv = [&](int step) {
+                const T* v_buf = sV + (step % STAGES) * KV_ELEMS;
+#pragma unroll
+                for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+                    wgmma_rs<T, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
+                                        desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
+                wgmma_commit();
+            };
+            auto v_ready = [&](int step) {
+                mbar_wait((Var::packed ? v_clean : v_full) + step % STAGES, (step / STAGES) & 1);
+            };
+            // the pending product, alone
+            auto flush = [&](int step) {
+                fence_regs(o_regs);
+                wgmma_fence();
+                issue_pv(step);
+                wgmma_wait<0>();
+                fence_regs(o_regs);
+                mbar_arrive(v_free + step % STAGES);
+                pending = false;
+            };
             if (t_last > t_first) mbar_wait(q_full + q_slot, (q_step / Q_STAGES) & 1);
             for (int t = t_first; t < t_last; ++t, ++kv_step) {
                 const int stage = kv_step % STAGES, parity = (kv_step / STAGES) & 1, n0 = t * BLOCK_N;
-                const T* k_buf = sK + stage * KV_ELEMS;
-                const T* v_buf = sV + stage * KV_ELEMS;
+                const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
                 // Every phase is waited for, skipped tiles too, so that no copy into a buffer is in flight
                 // when the producer reuses it.
                 mbar_wait(k_full + stage, parity);
+                if (kind == SKIP) {
+                    if (pending) flush(kv_step - 1);
+                    mbar_arrive(k_free + stage);
+                    v_ready(kv_step);
+                    mbar_arrive(v_free + stage);
+                    continue;
+                }
+                if (pending) v_ready(kv_step - 1);
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-                wgmma_fence();
-                wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, k_buf);
-                wgmma_commit();
-                // The classification (which reads a bool mask's cells) and the dropout words overlap the
-                // product; a skipped tile's scores are dropped.
-                const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
-                TileWords<1, NT> words;
-                if constexpr (Var::dropout) {
-                    words.draw(var, row0, n0, tq);
-                    fence_regs(reinterpret_cast<unsigned(&)[sizeof(words) / 4]>(words));  // drawn before the wait
-                }
-                wgmma_wait<0>();
-                fence_regs(s_regs);
-                if (kind != SKIP) {
-                    const bool needs_mask = kind != INTERIOR;
-                    check_tile(kind, var, [&](auto check, const Var& v) {
-                        softmax_tile<decltype(check)::value, true>(v, s, o, stats, row0, n0, tq, scale_log2, words);
-                    });
-
-                    mbar_wait((Var::packed ? v_clean : v_full) + stage, parity);
-                    if (Var::hides_keys && needs_mask &&
-                        seq.keys_nonfinite(f.v_nonfinite, f, w.h / f.group, n0, BLOCK_N)) {
-                        gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{v_buf}, lane);
-                    } else {
-                        unsigned p_regs[NT * 2];  // p in the A layout of wgmma: consecutive pairs of s
-#pragma unroll
-                        for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<T>(s_regs[2 * i], s_regs[2 * i + 1]);
+                // One body per (element checks, product pending): no branch while products are in flight.
+                check_tile(kind, var, [&](auto check, const Var& v) {
+                    auto body = [&](auto overlap) {
                         fence_regs(o_regs);
                         wgmma_fence();
-#pragma unroll
-                        for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-                            wgmma_rs<T, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
-                                                desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
+                        wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, sK + stage * KV_ELEMS);
                         wgmma_commit();
-                        wgmma_wait<0>();
-                        fence_regs(o_regs);
-                    }
+                        if constexpr (decltype(overlap)::value) issue_pv(kv_step - 1);
+                        // the dropout words are drawn under the products
+                        TileWords<1, NT> words;
+                        if constexpr (Var::dropout) {
+                            words.draw(v, row0, n0, tq);
+                            fence_regs(reinterpret_cast<unsigned(&)[sizeof(words) / 4]>(words));
+                        }
+                        wgmma_wait<decltype(overlap)::value ? 1 : 0>();
+                        fence_regs(s_regs);
+                        mbar_arrive(k_free + stage);
+                        float alpha[1][2];
+                        softmax_scores<decltype(check)::value, true>(v, s, stats, alpha, row0, n0, tq, scale_log2, words);
+                        if constexpr (decltype(overlap)::value) {
+                            // The exponentials run under the product: a branch on the row sums they feed (never
+                            // taken: a sum of exponentials is not negative) keeps ptxas from placing the wait first.
+                            if (stats[0][0].l < 0.f || stats[0][1].l < 0.f) __trap();
+                            wgmma_wait<0>();
+                            fence_regs(o_regs);
+                            mbar_arrive(v_free + (kv_step - 1) % STAGES);
+                        }
+                        rescale_rows(o, alpha);
+                    };
+                    if (pending) body(Bool<true>());
+                    else body(Bool<false>());
+                });
+                if (Var::hides_keys && kind != INTERIOR &&
+                    seq.keys_nonfinite(f.v_nonfinite, f, w.h / f.group, n0, BLOCK_N)) {
+                    // V holds NaN or inf that some rows must not see: their product now, guarded
+                    v_ready(kv_step);
+                    gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{sV + stage * KV_ELEMS}, lane);
+                    mbar_arrive(v_free + stage);
+                    pending = false;
                 } else {
-                    mbar_wait((Var::packed ? v_clean : v_full) + stage, parity);
+#pragma unroll
+                    for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<T>(s_regs[2 * i], s_regs[2 * i + 1]);
+                    pending = true;
                 }
-                if (t == t_last - 1) mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
-                mbar_arrive(kv_free + stage);
             }
-            if (t_last > t_first) ++q_step;
+            if (t_last > t_first) {
+                mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
+                ++q_step;
+            }
+            if (pending) {
+                v_ready(kv_step - 1);
+                flush(kv_step - 1);
+            }
 
             // The epilogue overlaps the producer's loads for the next work tile.
             float inv_l[1][2];

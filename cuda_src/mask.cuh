@@ -72,6 +72,8 @@ struct Variant {
     static constexpr bool masks_everywhere = bool_mask || bias;
     // Whether some row may not see a key whose data it multiplies (beyond the ends, which loads zero).
     static constexpr bool hides_keys = window || masks_everywhere;
+    // Whether a score is the product times the scale and nothing else.
+    static constexpr bool scaled_product = !softcap && !alibi && !bias;
 
     int seqlen_q, seqlen_k, offset, left, right, b, h;
     double cap, dropout_scale;  // converted to the accumulation type where used

@@ -23,9 +23,11 @@ template <typename A> struct OnlineSoftmax {
         return alpha;
     }
 
-    // CHECK (tiles where elements may be masked): a -inf score gives -0.0, see mask.cuh.
-    template <bool CHECK> __device__ __forceinline__ A prob(A s) const {
-        return CHECK ? ::prob(s, m_use) : fast_exp2(s - m_use);
+    // Probability of score s * exp_scale, the product rounded once (one FMA). CHECK (tiles where elements
+    // may be masked): a -inf score gives -0.0, see mask.cuh.
+    template <bool CHECK> __device__ __forceinline__ A prob(A s, A exp_scale = A(1)) const {
+        const A pr = fast_exp2(fma(s, exp_scale, -m_use));
+        return CHECK && s == neg_inf<A>() ? masked_zero<A>() : pr;
     }
 
     // Natural-log log-sum-exp of the row from its total sum: -inf for a row that saw no key (or only
@@ -69,14 +71,18 @@ struct WordsOnDemand {
 
 // One key tile of the tensor-core forward kernels, on mma / wgmma accumulator fragments: MT slabs of
 // 16 rows (rows row0 + 16 mt + g and + 8), NT 8-column tiles of scores starting at column n0 (element e
-// of tile j is column n0 + 8 j + 2 tq + e % 2), DT 8-column tiles of o. Scores become probabilities in
-// place, o is rescaled, the row statistics absorb the tile. With dropout the probabilities that `words`
-// (TileWords or WordsOnDemand) drop become zero; the kept ones are scaled by 1 / (1 - p) at the end, with 1 / l.
+// of tile j is column n0 + 8 j + 2 tq + e % 2). Scores become probabilities in place, the row statistics
+// absorb the tile, and alpha receives the factors that rescale each row's accumulator (rescale_rows), which
+// may be in flight in a product meanwhile. With dropout the probabilities that `words` (TileWords or
+// WordsOnDemand) drop become zero; the kept ones are scaled by 1 / (1 - p) at the end, with 1 / l.
 // CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit inputs (see Variant::score).
-template <bool CHECK, bool APPROX, int MT, int NT, int DT, typename Var, typename Words, typename A>
-__device__ __forceinline__ void softmax_tile(const Var& var, A (&s)[MT][NT][4], A (&o)[MT][DT][4],
-                                             OnlineSoftmax<A> (&stats)[MT][2], int row0, int n0, int tq, A scale_log2,
-                                             const Words& words) {
+// A score that is the product times the scale alone (Variant::scaled_product) is scaled inside the
+// exponent: the row max of the products times the (positive) scale is the max of the scores.
+template <bool CHECK, bool APPROX, int MT, int NT, typename Var, typename Words, typename A>
+__device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4], OnlineSoftmax<A> (&stats)[MT][2],
+                                               A (&alpha)[MT][2], int row0, int n0, int tq, A scale_log2,
+                                               const Words& words) {
+    const A score_scale = Var::scaled_product ? A(1) : scale_log2, exp_scale = scale_log2 / score_scale;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         A tile_max[2] = {neg_inf<A>(), neg_inf<A>()};
@@ -85,21 +91,16 @@ __device__ __forceinline__ void softmax_tile(const Var& var, A (&s)[MT][NT][4], 
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
-                s[mt][j][e] = var.template score<CHECK, APPROX>(s[mt][j][e], scale_log2, row, col);
+                s[mt][j][e] = var.template score<CHECK, APPROX>(s[mt][j][e], score_scale, row, col);
                 tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
             }
-        A alpha[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) alpha[r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]));
-#pragma unroll
-        for (int j = 0; j < DT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[e / 2];
+        for (int r = 0; r < 2; ++r) alpha[mt][r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]) * exp_scale);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[mt][j][e] = stats[mt][e / 2].template prob<CHECK>(s[mt][j][e]);
+                s[mt][j][e] = stats[mt][e / 2].template prob<CHECK>(s[mt][j][e], exp_scale);
                 stats[mt][e / 2].l += s[mt][j][e];
             }
         if (Var::dropout) {
@@ -121,4 +122,25 @@ __device__ __forceinline__ void softmax_tile(const Var& var, A (&s)[MT][NT][4], 
                 }
         }
     }
+}
+
+// o rows times alpha (DT 8-column tiles per slab).
+template <int MT, int DT, typename A>
+__device__ __forceinline__ void rescale_rows(A (&o)[MT][DT][4], const A (&alpha)[MT][2]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < DT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[mt][e / 2];
+}
+
+// softmax_scores, then o rescaled: for kernels whose o is not in flight.
+template <bool CHECK, bool APPROX, int MT, int NT, int DT, typename Var, typename Words, typename A>
+__device__ __forceinline__ void softmax_tile(const Var& var, A (&s)[MT][NT][4], A (&o)[MT][DT][4],
+                                             OnlineSoftmax<A> (&stats)[MT][2], int row0, int n0, int tq, A scale_log2,
+                                             const Words& words) {
+    A alpha[MT][2];
+    softmax_scores<CHECK, APPROX>(var, s, stats, alpha, row0, n0, tq, scale_log2, words);
+    rescale_rows(o, alpha);
 }
