@@ -179,6 +179,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             };
             // the pending product, alone
             auto flush = [&](int step) {
+                v_ready(step);
                 fence_regs(o_regs);
                 wgmma_fence();
                 issue_pv(step);
@@ -253,10 +254,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
                 ++q_step;
             }
-            if (pending) {
-                v_ready(kv_step - 1);
-                flush(kv_step - 1);
-            }
+            if (pending) flush(kv_step - 1);
 
             // The epilogue overlaps the producer's loads for the next work tile.
             float inv_l[1][2];
