@@ -71,16 +71,36 @@ __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_const
     for (int d = lane; d < p.head_tile; d += 32) p.dq_accum[row * p.head_tile + d] = 0.f;
 }
 
-// The first key n0, kv head and batch of this block. Blocks start in the order of their linear index.
-// Without a causal or window bound the key tiles of one head are the fastest axis: their blocks run
-// side by side and read the same q and dout tiles, from L2. With one, the key tile is the slowest axis:
-// the first key tiles, which the most query tiles see, start first.
+// Item `index` of a grid under a causal or window bound, of `tiles` tiles for each of `pairs` (batch, head)
+// pairs: the pairs fall into sections of `section` (the last one may be shorter) whose operands fit in L2
+// together. Within a section the tile is the slowest axis, so that the blocks running at once meet tiles of
+// nearly equal work, and the pair the fastest, so that every pair's operands stay in L2 for the section.
+struct SectionedOrder {
+    int tile, pair;
+    __device__ SectionedOrder(int index, int tiles, int pairs, int section) {
+        const int first = index / (tiles * section) * section, rank = index % (tiles * section);
+        const int in_section = min(section, pairs - first);
+        tile = rank / in_section;
+        pair = first + rank % in_section;
+    }
+};
+
+// The first key n0, kv head and batch of this block, from its index. Blocks start in the order of their
+// index. Without a causal or window bound the key tiles of one kv head are the fastest axis: their blocks
+// run side by side, read the same q and dout tiles and add into the same dq accumulator, in L2. With one,
+// the (batch, kv head) pairs fall into sections whose q, dout and dq accumulator fit in L2
+// (SectionedOrder), the first key tiles, which the most query tiles see, first.
 struct KeyBlock {
     int n0, hk, b;
 };
-template <typename Var, int BLOCK_N> __device__ __forceinline__ KeyBlock key_block() {
-    if constexpr (Var::window) return {int(blockIdx.z) * BLOCK_N, int(blockIdx.x), int(blockIdx.y)};
-    return {int(blockIdx.x) * BLOCK_N, int(blockIdx.y), int(blockIdx.z)};
+template <typename Var, int BLOCK_N> __device__ __forceinline__ KeyBlock key_block(const BwdParamsSm90& p) {
+    const FwdParams& f = p.bwd.fwd;
+    const int key_tiles = (f.seqlen_k + BLOCK_N - 1) / BLOCK_N, nheads_kv = f.nheads / f.group, block = blockIdx.x;
+    if constexpr (Var::window) {
+        const SectionedOrder order(block, key_tiles, nheads_kv * p.batch, p.section);
+        return {order.tile * BLOCK_N, order.pair % nheads_kv, order.pair / nheads_kv};
+    }
+    return {block % key_tiles * BLOCK_N, block / key_tiles % nheads_kv, block / key_tiles / nheads_kv};
 }
 
 // The query tiles a block streams: the band's tiles of head hk * group, then of the next head of the
@@ -293,7 +313,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const KeyBlock kb = key_block<Var, BLOCK_N>();
+    const KeyBlock kb = key_block<Var, BLOCK_N>(p);
     const int n0 = kb.n0, hk = kb.hk, b = kb.b;
     const Sequence seq = sequence<Var::packed>(f, b);
     if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
@@ -442,7 +462,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const KeyBlock kb = key_block<Var, BLOCK_N>();
+    const KeyBlock kb = key_block<Var, BLOCK_N>(p);
     const int n0 = kb.n0, hk = kb.hk, b = kb.b;
     const Sequence seq = sequence<Var::packed>(f, b);
     if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest

@@ -135,4 +135,5 @@ struct BwdParamsSm90 {
     float* lse_log2;     // (batch, nheads, rows): lse in log2 units
     float* dq_accum;     // (batch, nheads, rows, head_tile): dq / scale, summed in float32
     int rows, head_tile; // rows: seqlen_q rounded up to the query tile
+    int batch, section;  // (batch, kv head) pairs per section of a bounded band's key blocks (key_block)
 };

@@ -59,6 +59,11 @@ def _multiprocessors(device_id):
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device_id):
+    return cupy.cuda.Device(device_id).attributes["L2CacheSize"]
+
+
 #: Set to "sm80" to run the mma.sync family on a Hopper GPU too, or to "simt" to run float32 and float64 on CUDA
 #: cores (the tests validate every family).
 FAMILY_VARIABLE = "CUPYFLASH_KERNELS"
@@ -431,12 +436,13 @@ def _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k,
     buffers = (((*shape, rows), np.float32),) * 2 + (((*shape, rows, head_tile), np.float32),)  # delta, lse_log2, dq_accum
     map_rows = (tile, main.block_rows, main.block_rows, tile)
     maps = tuple(_tma.tensor_map(x, dtype, r) for x, r in zip((q, k, v, dout), map_rows))
-    params = _Readdressed(BWD_PARAMS_SM90, (*maps, bwd_values(), 0, 0, rows, head_tile),
+    key_tiles = math.ceil(spec.seqlen_k / main.block_rows)
+    queries = spec.nheads // spec.nheads_kv * longest * head_tile * (2 * q.dtype.itemsize + 4)  # q, dout, dq
+    section = _plan.l2_section(_l2_bytes(device_id), queries, spec.batch * spec.nheads_kv)
+    params = _Readdressed(BWD_PARAMS_SM90, (*maps, bwd_values(), 0, 0, rows, head_tile, spec.batch, section),
                           tuple(f"bwd.{m}" for m in _BWD_ADDRESSES) + ("bwd.delta", "lse_log2", "dq_accum"),
                           ("tma_q", "tma_k", "tma_v", "tma_do"))
-    key_tiles = math.ceil(spec.seqlen_k / main.block_rows)
-    # the axes' order of backward_sm90.cu's key_block: key tiles slowest under a causal or window bound
-    grid = (spec.nheads_kv, spec.batch, key_tiles) if spec.has_window else (key_tiles, spec.nheads_kv, spec.batch)
+    grid = (key_tiles * spec.nheads_kv * spec.batch, 1, 1)  # in backward_sm90.cu's key_block order
     quads = spec.nheads * longest * head_tile // 4  # the convert kernel takes four accumulator values per thread
     launches = ((prepare, (math.ceil(spec.nheads * longest / prepare.block_rows), spec.batch, 1)),  # a grid row per
                 (main, grid),                                                                       # sequence

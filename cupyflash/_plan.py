@@ -159,6 +159,17 @@ def forward_sm90(dtype, headdim, var):
     return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages), SM90_OPTIONS)
 
 
+#: The share of L2 that the operands of a causal or windowed Hopper backward's running blocks may fill.
+L2_SHARE = 0.5
+
+
+def l2_section(l2_bytes, unit_bytes, units):
+    """(batch, kv head) pairs per section of a causal or windowed Hopper backward (SectionedOrder in
+    sm90.cuh): as many as fit in L2_SHARE of L2 the q, dout and dq accumulator of their query heads
+    (unit_bytes per pair), which the section's key blocks read again and again; at least one."""
+    return min(units, max(1, int(l2_bytes * L2_SHARE) // unit_bytes))
+
+
 SM90_BWD_BLOCK_M = 64  # query rows per streamed tile (backward_sm90.cu)
 
 

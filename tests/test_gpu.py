@@ -237,6 +237,32 @@ def test_family_on_hopper(monkeypatch):
     assert _backward_sources(monkeypatch, q, k, v) == ["backward.cu", "backward_mma.cu"]
 
 
+
+@pytest.mark.parametrize("bound", [dict(causal=True), dict(window_size=(90, 7))], ids=["causal", "window"])
+def test_hopper_backward_walks_l2_sections(bound, monkeypatch):
+    """A causal or windowed Hopper backward takes its (batch, kv head) pairs in sections that share L2: with
+    sections of 3 of 10 pairs (the last one shorter) every key block is computed once, as in one section
+    (bitwise but for dq, whose float32 sums may add in another order)."""
+    if not cp.cuda.Device().compute_capability.startswith("9"):
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
+    q, k, v, dout = _inputs(batch=2, seqlen_q=300, seqlen_k=400, nheads=10, nheads_kv=5)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **bound)
+
+    def backward(section):
+        monkeypatch.setattr(_cuda_backend, "_BACKWARD_CALLS", {})
+        monkeypatch.setattr(_cuda_backend._plan, "l2_section", lambda *args: section)
+        assert "backward_sm90.cu" in _sources(monkeypatch, cupyflash.attention_backward, dout, q, k, v, out, lse,
+                                              **bound)
+        return cupyflash.attention_backward(dout, q, k, v, out, lse, **bound)
+
+    (dq, dk, dv), (one_dq, one_dk, one_dv) = backward(3), backward(10)
+    assert not any(bool(cp.isnan(x).any()) for x in (dq, dk, dv))
+    assert bitwise_equal(dk, one_dk) and bitwise_equal(dv, one_dv)
+    scale = float(cp.abs(one_dq.astype(cp.float32)).max())
+    assert float(cp.abs(dq.astype(cp.float32) - one_dq.astype(cp.float32)).max()) <= scale * 2 ** -8
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_float32_and_float64_families(dtype, monkeypatch):
     """float32 and float64 run on tensor cores, float64 up to headdim 128; CUPYFLASH_KERNELS=simt forces the

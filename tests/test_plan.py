@@ -28,6 +28,16 @@ def test_hopper_backward_tiles_cover_the_head():
         _plan.sm90_backward_tiles(257)
 
 
+def test_backward_l2_sections_fill_their_share_of_l2():
+    l2 = 50 << 20
+    share = int(l2 * _plan.L2_SHARE)
+    for unit in (1 << 10, 1 << 19, share, share + 1, 1 << 30):
+        for units in (1, 7, 512, 10 ** 6):
+            section = _plan.l2_section(l2, unit, units)
+            assert 1 <= section <= units
+            assert section == units or section * unit <= share < (section + 1) * unit or section == 1
+
+
 def test_hopper_kernels_take_16_bit_inputs_only():
     for plan in (_plan.forward_sm90, _plan.backward_sm90):
         with pytest.raises(ValueError, match="float16 and bfloat16"):
