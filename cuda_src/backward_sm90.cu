@@ -44,31 +44,38 @@ __device__ __forceinline__ int padded_rows(int seqlen_q) {
     return (seqlen_q + SM90_BWD_BLOCK_M - 1) / SM90_BWD_BLOCK_M * SM90_BWD_BLOCK_M;
 }
 
-// One warp per padded row (head, row) of sequence blockIdx.y.
-template <typename T, bool PACKED>
+// LANES threads per padded row (head, row) of sequence blockIdx.y, VEC columns per load (16 bytes where the
+// rows of dout and out are 16-byte aligned, else 1): delta = rowsum(dout o), lse in log2 units, and the
+// row's dq accumulator zeroed.
+template <typename T, bool PACKED, int LANES, int VEC>
 __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_constant__ BwdParamsSm90 p) {
+    struct alignas(sizeof(T) * VEC) Vec { T x[VEC]; };
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const int longest = padded_rows(f.seqlen_q), b = blockIdx.y;
-    const i64 at = (i64)blockIdx.x * 4 + threadIdx.x / 32;
-    if (at >= (i64)f.nheads * longest) return;
-    const int lane = threadIdx.x % 32, i = (int)(at % longest), h = (int)(at / longest);
+    const int longest = padded_rows(f.seqlen_q), b = blockIdx.y, lane = threadIdx.x % LANES;
+    const i64 at = (i64)blockIdx.x * (128 / LANES) + threadIdx.x / LANES;
+    const int i = (int)(at % longest), h = (int)(at / longest);
     const Sequence seq = sequence<PACKED>(f, b);
-    if (i >= padded_rows(seq.seqlen_q)) return;
-    const i64 row = padded_base<PACKED>(p, b) + (i64)h * p.rows + i;
-    float delta = 0.f, lse2 = 0.f;
-    if (i < seq.seqlen_q) {
+    const bool padded = at < (i64)f.nheads * longest && i < padded_rows(seq.seqlen_q);  // a row of the accumulator
+    float delta = 0.f;
+    if (padded && i < seq.seqlen_q) {
         const T* dor = seq.query_rows(static_cast<const T*>(bp.dout), bp.do_st, h, i);
         const T* orow = seq.query_rows(static_cast<const T*>(f.out), f.o_st, h, i);
-        for (int d = lane; d < f.headdim; d += 32) delta += to_acc(dor[d]) * to_acc(orow[d]);
-        delta = reduce_sum<32>(delta);
-        lse2 = lse_log2(static_cast<const float*>(f.lse)[seq.stat_row0(f, h) + i]);
+        for (int d = VEC * lane; d < f.headdim; d += VEC * LANES) {
+            const Vec x = *reinterpret_cast<const Vec*>(dor + d), y = *reinterpret_cast<const Vec*>(orow + d);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) delta += to_acc(x.x[e]) * to_acc(y.x[e]);
+        }
     }
+    delta = reduce_sum<LANES>(delta);  // every lane of the warp takes part
+    if (!padded) return;
+    const i64 row = padded_base<PACKED>(p, b) + (i64)h * p.rows + i;
     if (lane == 0) {
         static_cast<float*>(bp.delta)[row] = delta;
-        p.lse_log2[row] = lse2;
+        p.lse_log2[row] = i < seq.seqlen_q ? lse_log2(static_cast<const float*>(f.lse)[seq.stat_row0(f, h) + i]) : 0.f;
     }
-    for (int d = lane; d < p.head_tile; d += 32) p.dq_accum[row * p.head_tile + d] = 0.f;
+    float4* accum = reinterpret_cast<float4*>(p.dq_accum + row * p.head_tile);
+    for (int c = lane; c < p.head_tile / 4; c += LANES) accum[c] = make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
 // Item `index` of a grid under a causal or window bound, of `tiles` tiles for each of `pairs` (batch, head)

@@ -302,12 +302,12 @@ _FWD_ADDRESSES = ("q", "k", "v", "out", "lse", "v_nonfinite")
 
 def _call_key(spec, device_id, *arrays):
     """What a pass's launches depend on besides its arrays' addresses: the spec, the device, the
-    environment's switches, the arrays' shapes and strides and whether every address is 16-byte aligned
-    (TMA and vector loads). None for a call whose keywords hold arrays (masks, slopes, packed offsets)."""
+    environment's switches, the arrays' shapes and strides and which addresses are 16-byte aligned (TMA
+    and vector loads). None for a call whose keywords hold arrays (masks, slopes, packed offsets)."""
     if spec.varlen or spec.alibi_slopes is not None or spec.attn_mask is not None:
         return None
     return (spec, device_id, os.environ.get(FAMILY_VARIABLE, ""), os.environ.get(TF32_VARIABLE, ""),
-            all(x.data.ptr % 16 == 0 for x in arrays), *((x.shape, x.strides) for x in arrays))
+            tuple(x.data.ptr % 16 == 0 for x in arrays), *((x.shape, x.strides) for x in arrays))
 
 
 def _planned(calls, key, plan):
@@ -406,7 +406,7 @@ def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, ls
 
     dtype = q.dtype.name
     if _takes_hopper_backward(spec, hopper_device, deterministic, dbias is not None, q, k, v, dout):
-        return _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k, v, dout)
+        return _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k, v, dout, out)
     delta_launch, dkdv_launch, dq_launch = _plan.backward(dtype, spec.headdim, var_type, _aligned(q, k, v, dout),
                                                           limit, **_math())
     acc = compute_dtype(q.dtype)
@@ -421,11 +421,11 @@ def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, ls
     return _Call(launches, params, var_type, (), buffers, referenced)
 
 
-def _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k, v, dout):
+def _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k, v, dout, out):
     """The Hopper backward's three launches: prepare (delta, lse in log2 units, a zeroed float32 dq
     accumulator), the main kernel over key tiles, kv heads and batches, and dq's conversion."""
     dtype = q.dtype.name
-    prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type)
+    prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type, _aligned(dout, out))
     head_tile = _plan.sm90_backward_tiles(spec.headdim)[1]
     tile = _plan.SM90_BWD_BLOCK_M
     longest = -(-spec.seqlen_q // tile) * tile  # query rows of the longest sequence in whole tiles

@@ -186,8 +186,9 @@ def sm90_backward_tiles(headdim):
     raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")
 
 
-def backward_sm90(dtype, headdim, var):
-    """(prepare, main, dq convert) kernels of the Hopper backward (backward_sm90.cu)."""
+def backward_sm90(dtype, headdim, var, aligned=True):
+    """(prepare, main, dq convert) kernels of the Hopper backward (backward_sm90.cu); `aligned`: the rows
+    of dout and out take 16-byte loads (the prepare kernel's, a row's columns over up to 32 lanes)."""
     if dtype not in TENSOR_CORE_DTYPES:
         raise ValueError(f"the Hopper kernels take float16 and bfloat16, got {dtype}")
     kernel, d, bn, stages = sm90_backward_tiles(headdim)
@@ -199,7 +200,10 @@ def backward_sm90(dtype, headdim, var):
             + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
             + 8 * (1 + 3 * stages) + 4 * stages + 1024)  # barriers, flags; swizzle-atom alignment
     c, packed = C_TYPES[dtype], _cbool(_features(var) & FEATURES["PACKED"])
-    return (Launch("backward_sm90.cu", f"flash_bwd_prepare_sm90<{c}, {packed}>", 4, 128, 0, SM90_OPTIONS),
+    vec = 8 if aligned else 1
+    lanes = min(32, 1 << (-(-headdim // vec) - 1).bit_length())
+    return (Launch("backward_sm90.cu", f"flash_bwd_prepare_sm90<{c}, {packed}, {lanes}, {vec}>", 128 // lanes, 128, 0,
+                   SM90_OPTIONS),
             Launch("backward_sm90.cu", f"{kernel}<{c}, {d}, {stages}, {var}>", bn, 384, smem, SM90_OPTIONS),
             Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}, {packed}>", 256, 256, 0, SM90_OPTIONS))
 
@@ -445,6 +449,7 @@ def covering_launches():
     sm90 += [("bfloat16", 128, variant(packed))]
     sm90_launches = [forward_sm90(*case) for case in sm90]
     sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
+    sm90_launches += backward_sm90("float16", 96, plain, aligned=False)[:1]  # the prepare kernel's element loads
     decode_features = variant(FEATURES["WINDOW"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])
     decodes = [decode(dtype, d, rows, var, big) for dtype in ("float16", "bfloat16", "float32")
                for rows, var in ((1, plain), (16, decode_features)) for d in ((128, 64) if rows == 1 else (256,))]

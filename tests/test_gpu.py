@@ -263,6 +263,26 @@ def test_hopper_backward_walks_l2_sections(bound, monkeypatch):
     assert float(cp.abs(dq.astype(cp.float32) - one_dq.astype(cp.float32)).max()) <= scale * 2 ** -8
 
 
+def test_hopper_backward_reads_an_unaligned_out(monkeypatch):
+    """The Hopper backward's first pass reads dout and out with 16-byte loads where their rows allow it, else
+    element by element: an `out` two bytes off alignment gives the same gradients."""
+    if not cp.cuda.Device().compute_capability.startswith("9"):
+        pytest.skip("needs a Hopper GPU")
+    q, k, v, dout = _inputs(seqlen_q=200, seqlen_k=300, headdim=64)
+    out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    shifted = cp.empty(out.size + 1, out.dtype)[1:].reshape(out.shape)
+    shifted[...] = out
+    assert shifted.data.ptr % 16 != 0
+    monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
+    launches = _launched(monkeypatch, cupyflash.attention_backward, dout, q, k, v, shifted, lse, causal=True)
+    assert [launch.name for launch in launches if "prepare_sm90" in launch.name][0].endswith(", 1>")
+    dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, shifted, lse, causal=True)
+    want = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    assert bitwise_equal(dk, want[1]) and bitwise_equal(dv, want[2])
+    scale = float(cp.abs(want[0].astype(cp.float32)).max())
+    assert float(cp.abs(dq.astype(cp.float32) - want[0].astype(cp.float32)).max()) <= scale * 2 ** -8
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_float32_and_float64_families(dtype, monkeypatch):
     """float32 and float64 run on tensor cores, float64 up to headdim 128; CUPYFLASH_KERNELS=simt forces the
