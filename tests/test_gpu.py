@@ -265,7 +265,8 @@ def test_hopper_backward_walks_l2_sections(bound, monkeypatch):
 
 def test_hopper_backward_reads_an_unaligned_out(monkeypatch):
     """The Hopper backward's first pass reads dout and out with 16-byte loads where their rows allow it, else
-    element by element: an `out` two bytes off alignment gives the same gradients."""
+    element by element: an `out` two bytes off alignment gives the same dv, and dq and dk within the rounding
+    of delta = rowsum(dout out), which the two loads sum in another order."""
     if not cp.cuda.Device().compute_capability.startswith("9"):
         pytest.skip("needs a Hopper GPU")
     q, k, v, dout = _inputs(seqlen_q=200, seqlen_k=300, headdim=64)
@@ -278,9 +279,10 @@ def test_hopper_backward_reads_an_unaligned_out(monkeypatch):
     assert [launch.name for launch in launches if "prepare_sm90" in launch.name][0].endswith(", 1>")
     dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, shifted, lse, causal=True)
     want = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True)
-    assert bitwise_equal(dk, want[1]) and bitwise_equal(dv, want[2])
-    scale = float(cp.abs(want[0].astype(cp.float32)).max())
-    assert float(cp.abs(dq.astype(cp.float32) - want[0].astype(cp.float32)).max()) <= scale * 2 ** -8
+    assert bitwise_equal(dv, want[2])
+    for got, expected in zip((dq, dk), want):
+        scale = float(cp.abs(expected.astype(cp.float32)).max())
+        assert float(cp.abs(got.astype(cp.float32) - expected.astype(cp.float32)).max()) <= scale * 2 ** -8
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
