@@ -96,7 +96,7 @@ struct SectionedOrder {
 // index. Without a causal or window bound the key tiles of one kv head are the fastest axis: their blocks
 // run side by side, read the same q and dout tiles and add into the same dq accumulator, in L2. With one,
 // the (batch, kv head) pairs fall into sections whose q, dout and dq accumulator fit in L2
-// (SectionedOrder), the first key tiles, which the most query tiles see, first.
+// (SectionedOrder), the first key tiles first (under a causal bound they see the most query tiles).
 struct KeyBlock {
     int n0, hk, b;
 };

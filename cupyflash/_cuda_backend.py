@@ -346,7 +346,7 @@ def _forward_call(spec, device_id, q, k, v, out, lse):
 
 def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arrays):
     """The Hopper backward sums dq with float atomics: `deterministic` takes the mma.sync family, whose dq
-    has its own pass; so does a bias gradient. Key tiles may index the grid's z axis."""
+    has its own pass; so does a bias gradient. At most 65535 key tiles per sequence."""
     return (spec.dtype.name in _plan.TENSOR_CORE_DTYPES and not deterministic and not want_dbias
             and math.ceil(spec.seqlen_k / _plan.sm90_backward_tiles(spec.headdim)[2]) <= _MAX_GRID_YZ
             and _hopper(hopper_device, *arrays))

@@ -165,7 +165,7 @@ L2_SHARE = 0.5
 
 def l2_section(l2_bytes, unit_bytes, units):
     """(batch, kv head) pairs per section of a causal or windowed Hopper backward (SectionedOrder in
-    sm90.cuh): as many as fit in L2_SHARE of L2 the q, dout and dq accumulator of their query heads
+    backward_sm90.cu): as many as fit in L2_SHARE of L2 the q, dout and dq accumulator of their query heads
     (unit_bytes per pair), which the section's key blocks read again and again; at least one."""
     return min(units, max(1, int(l2_bytes * L2_SHARE) // unit_bytes))
 

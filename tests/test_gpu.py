@@ -237,7 +237,6 @@ def test_family_on_hopper(monkeypatch):
     assert _backward_sources(monkeypatch, q, k, v) == ["backward.cu", "backward_mma.cu"]
 
 
-
 @pytest.mark.parametrize("bound", [dict(causal=True), dict(window_size=(90, 7))], ids=["causal", "window"])
 def test_hopper_backward_walks_l2_sections(bound, monkeypatch):
     """A causal or windowed Hopper backward takes its (batch, kv head) pairs in sections that share L2: with
