@@ -46,6 +46,12 @@ def bitwise_equal(a, b):
     return a.shape == b.shape and bool(cp.all(_uint(a) == _uint(b)))
 
 
+def assert_near(got, want, fraction):
+    """max|got - want| within `fraction` of want's largest entry (float sums added in another order)."""
+    largest = float(cp.abs(want.astype(cp.float32)).max())
+    assert float(cp.abs(got.astype(cp.float32) - want.astype(cp.float32)).max()) <= largest * fraction
+
+
 def as_float32(x):
     if x.dtype.itemsize == 2 and x.dtype != np.float16:  # bfloat16: the high half of a float32
         return (_uint(x).astype(cp.uint32) << 16).view(cp.float32)
@@ -258,8 +264,7 @@ def test_hopper_backward_walks_l2_sections(bound, monkeypatch):
     (dq, dk, dv), (one_dq, one_dk, one_dv) = backward(3), backward(10)
     assert not any(bool(cp.isnan(x).any()) for x in (dq, dk, dv))
     assert bitwise_equal(dk, one_dk) and bitwise_equal(dv, one_dv)
-    scale = float(cp.abs(one_dq.astype(cp.float32)).max())
-    assert float(cp.abs(dq.astype(cp.float32) - one_dq.astype(cp.float32)).max()) <= scale * 2 ** -8
+    assert_near(dq, one_dq, 2 ** -8)
 
 
 def test_hopper_backward_reads_an_unaligned_out(monkeypatch):
@@ -280,8 +285,7 @@ def test_hopper_backward_reads_an_unaligned_out(monkeypatch):
     want = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True)
     assert bitwise_equal(dv, want[2])
     for got, expected in zip((dq, dk), want):
-        scale = float(cp.abs(expected.astype(cp.float32)).max())
-        assert float(cp.abs(got.astype(cp.float32) - expected.astype(cp.float32)).max()) <= scale * 2 ** -8
+        assert_near(got, expected, 2 ** -8)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
@@ -334,8 +338,7 @@ def test_default_backward_differs_from_deterministic_by_rounding_only(dtype):
         # a few units in the last place of dq's largest entries (2^-7 of bfloat16)
         assert float(cp.abs(again[2].astype(cp.float32) - first[2].astype(cp.float32)).max()) <= scale * 2 ** -6
     for got, want in zip(first[2:], exact[2:]):
-        ref = float(cp.abs(want.astype(cp.float32)).max())
-        assert float(cp.abs(got.astype(cp.float32) - want.astype(cp.float32)).max()) <= ref * 2 ** -5
+        assert_near(got, want, 2 ** -5)
 
 
 def test_runs_on_the_current_stream():
