@@ -3,13 +3,16 @@
 // A persistent grid (a block per multiprocessor) walks the (128-row query tile, head, batch) work tiles;
 // each block has three warpgroups:
 //   producer   (warpgroup 0; one thread issues)  q once, then the K and V tiles of the band into a ring
-//              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier)
+//              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier); with a
+//              bool mask, each K tile with its classification (Variant::tile_kind, and whether V's rows
+//              hold NaN or inf)
 //   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile t:
 //       s = q k_t^T                  wgmma, both operands in shared memory; k_t's buffer handed back
 //       o += p_{t-1} v_{t-1}         wgmma, p from registers, in flight with s and then under the softmax
 //       score, online softmax        softmax_scores (softmax.cuh) on the s fragments; element masks only
-//       and dropout                  on the tiles the variant classifies as EDGE
-//       o = o * alpha, p_t = s       once the product is done; v_{t-1}'s buffer handed back
+//                                    on the tiles the variant classifies as EDGE
+//       o = o * alpha, p_t = s       once the product is done; v_{t-1}'s buffer handed back; dropout
+//                                    applied to p_t packed
 //     and o += p v of the last tile at the end. A tile with nothing pending (the first, or after a skipped
 //     or guarded one) waits for its s alone.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
@@ -45,6 +48,10 @@ __device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& se
     if (Var::packed && w.m0 >= seq.seqlen_q) last = first;
 }
 
+// A tile classification's flag: V holds NaN or inf that some rows of the tile must not see (nonfinite.cu).
+constexpr int GUARDED = 4;
+static_assert(GUARDED > EDGE_UNMASKED, "a flag beside the TileKind");
+
 template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
     constexpr int BLOCK_M = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64, NT = BLOCK_N / 8, DT = D_TILE / 8;
@@ -63,6 +70,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* k_free = v_full + STAGES;  // [STAGES]: every consumer thread arrives
     unsigned long long* v_free = k_free + STAGES;  // [STAGES]: every consumer thread arrives (and the cleaner's)
     unsigned long long* v_clean = v_free + STAGES; // [STAGES]: packed, V's rows past the sequence zeroed
+    int* kinds = reinterpret_cast<int*>(v_clean + STAGES);  // [STAGES]: bool mask, the key tile's TileKind | GUARDED
     constexpr int CLEANER = Var::packed ? 32 : 0;  // the threads of producer warp 1 that zero them
 
     const FwdParams& f = p.fwd;
@@ -95,6 +103,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
                 const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
                 const Sequence seq = sequence<Var::packed>(f, w.b);
+                const Var var = variant_of<Var>(f, seq, w.b, w.h);
                 int t_first, t_last;
                 key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
                 if (t_last == t_first) continue;
@@ -110,8 +119,18 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N, free_parity = (kv_step / STAGES - 1) & 1;
                     T* k_buf = sK + stage * KV_ELEMS;
                     T* v_buf = sV + stage * KV_ELEMS;
+                    // A bool mask's tile classification reads memory (its cells, the flags of V's rows): it
+                    // travels with k (the arrival releases it), read while the producer waits rather than by
+                    // the consumers before their products.
+                    int kind = 0;
+                    if constexpr (Var::bool_mask) {
+                        kind = var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N);
+                        if (kind != INTERIOR && kind != SKIP && seq.keys_nonfinite(f.v_nonfinite, f, hk, n0, BLOCK_N))
+                            kind |= GUARDED;
+                    }
                     // k's buffer comes back after its s, v's a tile later, after its product
                     if (kv_step >= STAGES) mbar_wait(k_free + stage, free_parity);
+                    if constexpr (Var::bool_mask) kinds[stage] = kind;
                     mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk, seq.entry,
@@ -191,10 +210,12 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             if (t_last > t_first) mbar_wait(q_full + q_slot, (q_step / Q_STAGES) & 1);
             for (int t = t_first; t < t_last; ++t, ++kv_step) {
                 const int stage = kv_step % STAGES, parity = (kv_step / STAGES) & 1, n0 = t * BLOCK_N;
-                const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
                 // Every phase is waited for, skipped tiles too, so that no copy into a buffer is in flight
                 // when the producer reuses it.
+                int kind_bits = Var::bool_mask ? 0 : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
                 mbar_wait(k_full + stage, parity);
+                if constexpr (Var::bool_mask) kind_bits = kinds[stage];  // once: the slot is refilled after s
+                const TileKind kind = TileKind(kind_bits & ~GUARDED);
                 if (kind == SKIP) {
                     if (pending) flush(kv_step - 1);
                     mbar_arrive(k_free + stage);
@@ -205,6 +226,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 if (pending) v_ready(kv_step - 1);
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
+                TileWords<1, NT> words;  // dropout's, drawn under the products
                 // One body per (element checks, product pending): no branch while products are in flight.
                 check_tile(kind, var, [&](auto check, const Var& v) {
                     auto body = [&](auto overlap) {
@@ -213,8 +235,6 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, sK + stage * KV_ELEMS);
                         wgmma_commit();
                         if constexpr (decltype(overlap)::value) issue_pv(kv_step - 1);
-                        // the dropout words are drawn under the products
-                        TileWords<1, NT> words;
                         if constexpr (Var::dropout) {
                             words.draw(v, row0, n0, tq);
                             fence_regs(reinterpret_cast<unsigned(&)[sizeof(words) / 4]>(words));
@@ -223,7 +243,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         fence_regs(s_regs);
                         mbar_arrive(k_free + stage);
                         float alpha[1][2];
-                        softmax_scores<decltype(check)::value, true>(v, s, stats, alpha, row0, n0, tq, scale_log2, words);
+                        softmax_scores<decltype(check)::value, true, false>(v, s, stats, alpha, row0, n0, tq, scale_log2,
+                                                                            words);
                         if constexpr (decltype(overlap)::value) {
                             // The exponentials run under the product: a branch on the row sums they feed (never
                             // taken: a sum of exponentials is not negative) keeps ptxas from placing the wait first.
@@ -238,15 +259,18 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     else body(Bool<false>());
                 });
                 if (Var::hides_keys && kind != INTERIOR &&
-                    seq.keys_nonfinite(f.v_nonfinite, f, w.h / f.group, n0, BLOCK_N)) {
+                    (Var::bool_mask ? (kind_bits & GUARDED) != 0
+                                    : seq.keys_nonfinite(f.v_nonfinite, f, w.h / f.group, n0, BLOCK_N))) {
                     // V holds NaN or inf that some rows must not see: their product now, guarded
                     v_ready(kv_step);
+                    if constexpr (Var::dropout) drop_scores(var, s, row0, n0, tq, words);
                     gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{sV + stage * KV_ELEMS}, lane);
                     mbar_arrive(v_free + stage);
                     pending = false;
                 } else {
 #pragma unroll
                     for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<T>(s_regs[2 * i], s_regs[2 * i + 1]);
+                    if constexpr (Var::dropout) drop_packed(var, p_regs, words);
                     pending = true;
                 }
             }

@@ -133,10 +133,13 @@ struct Variant {
     // element); EDGE_UNMASKED where a bool mask shows all of it and only the rest needs element checks.
     // A bool mask is read through its cells, classified before the launch: a few bytes per tile, the
     // same for every thread, instead of the tile's entries.
+    // ALiBi makes EDGE the tiles with keys on both sides of a row's diagonal, so that the others take its
+    // distance as a term of the key plus one of the row (TileScores).
     __device__ __forceinline__ TileKind tile_kind(int m0, int bm, int n0, int bn) const {
         const bool edge = bias || m0 + bm > seqlen_q || n0 + bn > seqlen_k ||
                           (left >= 0 && n0 < m0 + bm - 1 + offset - left) ||
-                          (right >= 0 && n0 + bn - 1 > m0 + offset + right);
+                          (right >= 0 && n0 + bn - 1 > m0 + offset + right) ||
+                          (alibi && n0 + bn - 1 > m0 + offset && n0 < m0 + bm - 1 + offset);
         if constexpr (bool_mask) {
             // the cells the tile's rows and keys touch (one along an axis the mask broadcasts)
             const int q0 = cells_sq == 0 ? 0 : m0 >> cell_log2, k0 = cells_sk == 0 ? 0 : n0 >> cell_log2;
@@ -203,11 +206,68 @@ struct Variant {
     __device__ __forceinline__ bool keep_at(const unsigned (&r)[4], int w, int odd) const {
         return dropout_keep_at(r, w, odd, threshold);
     }
+    // The keep bits of the packed pair of columns 8 w + 2 q + {0, 1}, from word r[w / 2] (dropout_keep_halves).
+    __device__ __forceinline__ unsigned keep_halves(unsigned word, int w) const {
+        return dropout_keep_halves(word, w, threshold);
+    }
     __device__ __forceinline__ bool keep(int i, int j) const {
         unsigned r[4];
         random_words(i, j, r);
         return keep(r, j);
     }
+};
+
+// The scores of a key tile as the forward's online softmax takes them (softmax.cuh): in log2 units,
+// score(i, j) = exp_scale u(i, j) + shift(i), with the least work per element in u; exp_scale and shift go
+// into the exponent's FMA. On a tile without element checks:
+//   the scaled product alone: u = s, exp_scale = scale;
+//   softcap:  u = tanh(s scale / cap), exp_scale = cap (tanh increases, so the max of u gives the max);
+//   ALiBi:    every key lies on one side of every row's diagonal (tile_kind), where -slope |i + offset - j|
+//             is a term of the key plus one of the row, both taken from the tile's first key n0 so that
+//             neither grows with the sequence: one FMA per element, from a base per column parity.
+// A tile with element checks forms each score whole (Variant::score).
+template <bool CHECK, bool APPROX, typename Var, typename A>
+struct TileScores {
+    static constexpr bool split_alibi = Var::alibi && !CHECK;
+    // u leaves the scale (or the cap) to the exponent: nothing is added to the product or its tanh
+    static constexpr bool bare = !CHECK && !Var::alibi && !Var::bias;
+    A exp_scale, product_scale, slope, key_base[2], row_base;
+
+    __device__ __forceinline__ TileScores(const Var& var, int row0, int n0, int tq, A scale_log2) {
+        if constexpr (CHECK) {
+            product_scale = Var::scaled_product ? A(1) : scale_log2;
+            exp_scale = scale_log2 / product_scale;
+        } else {
+            product_scale = Var::softcap ? scale_log2 * A(LN2) / A(var.cap) : scale_log2;  // tanh's argument
+            exp_scale = !bare ? A(1) : Var::softcap ? A(var.cap) * A(LOG2E) : scale_log2;
+        }
+        if constexpr (split_alibi) {
+            // +: the tile's keys lie at or before the diagonals of row0 and the rows below; -: at or after
+            slope = (n0 <= row0 + var.offset ? A(1) : A(-1)) * A(var.slope) * A(LOG2E);
+            key_base[0] = slope * A(2 * tq);
+            key_base[1] = slope * A(2 * tq + 1);
+            row_base = -slope * A(row0 + var.offset - n0);
+        }
+    }
+    // u of the product s at row row0 + d, column n0 + 8 jj + 2 tq + ec (row, col: the same, absolute)
+    __device__ __forceinline__ A u(const Var& var, A s, int row, int col, int jj, int ec) const {
+        if constexpr (CHECK) {
+            return var.template score<true, APPROX>(s, product_scale, row, col);
+        } else {
+            A x;
+            if constexpr (Var::softcap) {
+                const A t = APPROX ? tanh_approx(s * product_scale) : tanh(s * product_scale);
+                x = bare ? t : A(var.cap) * A(LOG2E) * t;
+            } else {
+                x = bare ? s : s * product_scale;
+            }
+            if constexpr (split_alibi) x += key_base[ec] + A(8 * jj) * slope;
+            if constexpr (Var::bias) x += to_acc(var.mask[row * var.mask_sq + col * var.mask_sk]) * A(LOG2E);
+            return x;
+        }
+    }
+    // shift of row row0 + d
+    __device__ __forceinline__ A shift(int d) const { return split_alibi ? row_base - slope * A(d) : A(0); }
 };
 
 // Runs f(Bool<CHECK>(), v) for a tile of kind `kind` that is not skipped: CHECK false for an INTERIOR tile;

@@ -47,3 +47,16 @@ __device__ __forceinline__ bool dropout_keep_bit(const unsigned (&r)[4], int j, 
     const unsigned word = half == 0 ? r[0] : half == 1 ? r[1] : half == 2 ? r[2] : r[3];
     return dropout_byte(word, w, j & 1) >= threshold;
 }
+
+// The keep bits of the columns 8 w + 2 q + {0, 1} of a group as a mask of the two 16-bit halves of a
+// packed pair of probabilities (low half: the even column): 0xFFFF where kept, 0 where dropped. word is
+// r[w / 2] of the call; the pair's bytes are its half w % 2. Four bytes are compared at once: the top bit
+// of byte k of `kept` is (byte k of word) >= threshold, and prmt copies that bit over a half.
+__device__ __forceinline__ unsigned dropout_keep_halves(unsigned word, int w, unsigned threshold) {
+    const unsigned top = 0x80808080u, t = threshold * 0x01010101u;
+    const unsigned low_ge = (word | top) - (t & ~top);  // top bit: low 7 bits of word >= those of t, per byte
+    const unsigned kept = (word & ~t) | (~(word ^ t) & low_ge);  // top bit decides where the top bits differ
+    unsigned halves;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(halves) : "r"(kept), "r"(w & 1 ? 0xBBAAu : 0x9988u));
+    return halves;
+}

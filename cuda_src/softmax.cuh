@@ -23,10 +23,10 @@ template <typename A> struct OnlineSoftmax {
         return alpha;
     }
 
-    // Probability of score s * exp_scale, the product rounded once (one FMA). CHECK (tiles where elements
-    // may be masked): a -inf score gives -0.0, see mask.cuh.
-    template <bool CHECK> __device__ __forceinline__ A prob(A s, A exp_scale = A(1)) const {
-        const A pr = fast_exp2(fma(s, exp_scale, -m_use));
+    // Probability of score u * exp_scale + shift, in one FMA (TileScores, mask.cuh). CHECK (tiles where
+    // elements may be masked): a -inf score gives -0.0, see mask.cuh.
+    template <bool CHECK> __device__ __forceinline__ A prob(A s, A exp_scale = A(1), A shift = A(0)) const {
+        const A pr = fast_exp2(fma(s, exp_scale, shift - m_use));
         return CHECK && s == neg_inf<A>() ? masked_zero<A>() : pr;
     }
 
@@ -69,20 +69,54 @@ struct WordsOnDemand {
     }
 };
 
+// Dropout on a tile's probabilities (softmax_scores' fragments): the dropped ones become zero.
+template <int MT, int NT, typename Var, typename Words, typename A>
+__device__ __forceinline__ void drop_scores(const Var& var, A (&s)[MT][NT][4], int row0, int n0, int tq,
+                                            const Words& words) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int gi = 0; gi < (NT + 7) / 8; ++gi) {
+                unsigned w[4];
+                words.get(var, mt, r, gi, row0 + 16 * mt + 8 * r, n0 + 64 * gi + 2 * tq, w);
+#pragma unroll
+                for (int j = 8 * gi; j < NT && j < 8 * gi + 8; ++j)
+#pragma unroll
+                    for (int ec = 0; ec < 2; ++ec) {
+                        // tiles start at multiples of 64 columns unless they are narrower
+                        const bool kept = NT % 8 == 0 ? var.keep_at(w, j % 8, ec) : var.keep(w, n0 + 8 * j + 2 * tq + ec);
+                        if (!kept) s[mt][j][2 * r + ec] = A(0);
+                    }
+            }
+}
+
+// Dropout on one slab's probabilities packed in pairs as wgmma's A operand (p[2 j + r]: row r, columns
+// 8 j + 2 tq + {0, 1}), four pairs a byte compare: for tiles that start at multiples of 64 columns.
+template <int NT, typename Var>
+__device__ __forceinline__ void drop_packed(const Var& var, unsigned (&p)[2 * NT], const TileWords<1, NT>& words) {
+    static_assert(NT % 8 == 0, "64-column groups");
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) p[2 * j + r] &= var.keep_halves(words.w[0][r][j / 8][(j % 8) / 2], j % 8);
+}
+
 // One key tile of the tensor-core forward kernels, on mma / wgmma accumulator fragments: MT slabs of
 // 16 rows (rows row0 + 16 mt + g and + 8), NT 8-column tiles of scores starting at column n0 (element e
-// of tile j is column n0 + 8 j + 2 tq + e % 2). Scores become probabilities in place, the row statistics
-// absorb the tile, and alpha receives the factors that rescale each row's accumulator (rescale_rows), which
-// may be in flight in a product meanwhile. With dropout the probabilities that `words` (TileWords or
-// WordsOnDemand) drop become zero; the kept ones are scaled by 1 / (1 - p) at the end, with 1 / l.
-// CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit inputs (see Variant::score).
-// A score that is the product times the scale alone (Variant::scaled_product) is scaled inside the
-// exponent: the row max of the products times the (positive) scale is the max of the scores.
-template <bool CHECK, bool APPROX, int MT, int NT, typename Var, typename Words, typename A>
+// of tile j is column n0 + 8 j + 2 tq + e % 2). Scores (TileScores, mask.cuh) become probabilities in
+// place, the row statistics absorb the tile, and alpha receives the factors that rescale each row's
+// accumulator (rescale_rows), which may be in flight in a product meanwhile. With DROP (and dropout) the
+// probabilities that `words` (TileWords or WordsOnDemand) drop become zero (drop_scores); the kept ones are
+// scaled by 1 / (1 - p) at the end, with 1 / l. A caller that packs the probabilities drops them packed
+// instead (drop_packed). CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit
+// inputs (see Variant::score).
+template <bool CHECK, bool APPROX, bool DROP = true, int MT, int NT, typename Var, typename Words, typename A>
 __device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4], OnlineSoftmax<A> (&stats)[MT][2],
                                                A (&alpha)[MT][2], int row0, int n0, int tq, A scale_log2,
                                                const Words& words) {
-    const A score_scale = Var::scaled_product ? A(1) : scale_log2, exp_scale = scale_log2 / score_scale;
+    const TileScores<CHECK, APPROX, Var, A> scores(var, row0, n0, tq, scale_log2);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         A tile_max[2] = {neg_inf<A>(), neg_inf<A>()};
@@ -91,37 +125,24 @@ __device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4]
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
-                s[mt][j][e] = var.template score<CHECK, APPROX>(s[mt][j][e], score_scale, row, col);
+                s[mt][j][e] = scores.u(var, s[mt][j][e], row, col, j, e % 2);
                 tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
             }
+        A shift[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) alpha[mt][r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]) * exp_scale);
+        for (int r = 0; r < 2; ++r) {
+            shift[r] = scores.shift(16 * mt + 8 * r);
+            alpha[mt][r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]) * scores.exp_scale + shift[r]);
+        }
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[mt][j][e] = stats[mt][e / 2].template prob<CHECK>(s[mt][j][e], exp_scale);
+                s[mt][j][e] = stats[mt][e / 2].template prob<CHECK>(s[mt][j][e], scores.exp_scale, shift[e / 2]);
                 stats[mt][e / 2].l += s[mt][j][e];
             }
-        if (Var::dropout) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-#pragma unroll
-                for (int gi = 0; gi < (NT + 7) / 8; ++gi) {
-                    unsigned w[4];
-                    words.get(var, mt, r, gi, row0 + 16 * mt + 8 * r, n0 + 64 * gi + 2 * tq, w);
-#pragma unroll
-                    for (int j = 8 * gi; j < NT && j < 8 * gi + 8; ++j)
-#pragma unroll
-                        for (int ec = 0; ec < 2; ++ec) {
-                            // tiles start at multiples of 64 columns unless they are narrower
-                            const bool kept = NT % 8 == 0 ? var.keep_at(w, j % 8, ec)
-                                                          : var.keep(w, n0 + 8 * j + 2 * tq + ec);
-                            if (!kept) s[mt][j][2 * r + ec] = A(0);
-                        }
-                }
-        }
     }
+    if constexpr (Var::dropout && DROP) drop_scores(var, s, row0, n0, tq, words);
 }
 
 // o rows times alpha (DT 8-column tiles per slab).

@@ -153,7 +153,8 @@ def forward_sm90(dtype, headdim, var):
     d, block_m, block_n = sm90_tiles(headdim)
     limit = SMEM_LIMITS[(9, 0)]
     smem = lambda q_stages: (2 * (q_stages * block_m + 2 * SM90_STAGES * block_n) * d
-                             + 8 * (2 * q_stages + 5 * SM90_STAGES) + 1024)  # barriers; swizzle-atom alignment
+                             + 8 * (2 * q_stages + 5 * SM90_STAGES) + 4 * SM90_STAGES  # barriers, tile kinds
+                             + 1024)  # swizzle-atom alignment
     q_stages = 2 if smem(2) <= limit else 1
     name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {SM90_STAGES}, {q_stages}, {var}>"
     return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages), SM90_OPTIONS)
