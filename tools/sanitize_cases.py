@@ -5,8 +5,9 @@ Covers the tensor-core forward (16-bit: the Hopper family on a Hopper GPU, the m
 vector and element loads; float32 exact and in TF32, float64), the CUDA-core forward (float32, float64,
 forced) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
 variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
-together, with NaN in masked keys so the guarded products run too; packed batches; and the split-KV decode kernel
-of attention_with_kvcache on paged and contiguous caches, with its append.
+together, with NaN in masked keys so the guarded products run too, and on sequences of several tiles;
+packed batches; and the split-KV decode kernel of attention_with_kvcache on paged and contiguous caches,
+with its append.
 """
 import os
 
@@ -51,6 +52,12 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
                     dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
                          dropout_p=0.1, dropout_seed=3)):
         run(dtype, 64, **variant)
+    # Longer sequences, so that tiles lie inside the sequence: interior tiles (ALiBi's tile scores), bool-mask
+    # tiles the Hopper forward's producer classifies (with NaN and inf in hidden rows), dropout on full tiles.
+    wide_mask = cp.asarray(rng.random((1, 1, 300, 390)) > 0.3)
+    for variant in (dict(alibi_slopes=slopes, softcap=3.0), dict(attn_mask=wide_mask, causal=True),
+                    dict(dropout_p=0.2, dropout_seed=5)):
+        run(dtype, 64, sq=300, sk=390, poison="attn_mask" in variant, **variant)
 
 
 def run_packed(dtype, headdim, **variant):
