@@ -3,9 +3,9 @@
 // A persistent grid (a block per multiprocessor) walks the (128-row query tile, head, batch) work tiles;
 // each block has three warpgroups:
 //   producer   (warpgroup 0; one thread issues)  q once, then the K and V tiles of the band into a ring
-//              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier); with a
-//              bool mask, each K tile with its classification (Variant::tile_kind, and whether V's rows
-//              hold NaN or inf)
+//              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier); for a
+//              variant that hides keys, each K tile with whether V's rows hold NaN or inf, and with a bool
+//              mask with its classification too (Variant::tile_kind)
 //   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile t:
 //       s = q k_t^T                  wgmma, both operands in shared memory; k_t's buffer handed back
 //       o += p_{t-1} v_{t-1}         wgmma, p from registers, in flight with s and then under the softmax
@@ -119,18 +119,19 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N, free_parity = (kv_step / STAGES - 1) & 1;
                     T* k_buf = sK + stage * KV_ELEMS;
                     T* v_buf = sV + stage * KV_ELEMS;
-                    // A bool mask's tile classification reads memory (its cells, the flags of V's rows): it
-                    // travels with k (the arrival releases it), read while the producer waits rather than by
-                    // the consumers before their products.
+                    // What a tile's classification reads from memory (the flags of V's rows, a bool mask's
+                    // cells) travels with k (the arrival releases it), read while the producer waits rather
+                    // than by the consumers before their products. The consumers classify by arithmetic
+                    // themselves: handing every kind over made plain 5-10% slower.
                     int kind = 0;
-                    if constexpr (Var::bool_mask) {
+                    if constexpr (Var::hides_keys) {
                         kind = var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N);
                         if (kind != INTERIOR && kind != SKIP && seq.keys_nonfinite(f.v_nonfinite, f, hk, n0, BLOCK_N))
                             kind |= GUARDED;
                     }
                     // k's buffer comes back after its s, v's a tile later, after its product
                     if (kv_step >= STAGES) mbar_wait(k_free + stage, free_parity);
-                    if constexpr (Var::bool_mask) kinds[stage] = kind;
+                    if constexpr (Var::hides_keys) kinds[stage] = kind;
                     mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk, seq.entry,
@@ -214,7 +215,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 // when the producer reuses it.
                 int kind_bits = Var::bool_mask ? 0 : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
                 mbar_wait(k_full + stage, parity);
-                if constexpr (Var::bool_mask) kind_bits = kinds[stage];  // once: the slot is refilled after s
+                // once: the slot is refilled after s; the kind itself from the producer only with a bool mask
+                if constexpr (Var::bool_mask) kind_bits = kinds[stage];
+                else if constexpr (Var::hides_keys) kind_bits |= kinds[stage] & GUARDED;
                 const TileKind kind = TileKind(kind_bits & ~GUARDED);
                 if (kind == SKIP) {
                     if (pending) flush(kv_step - 1);
@@ -258,9 +261,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     if (pending) body(Bool<true>());
                     else body(Bool<false>());
                 });
-                if (Var::hides_keys && kind != INTERIOR &&
-                    (Var::bool_mask ? (kind_bits & GUARDED) != 0
-                                    : seq.keys_nonfinite(f.v_nonfinite, f, w.h / f.group, n0, BLOCK_N))) {
+                if (Var::hides_keys && (kind_bits & GUARDED)) {
                     // V holds NaN or inf that some rows must not see: their product now, guarded
                     v_ready(kv_step);
                     if constexpr (Var::dropout) drop_scores(var, s, row0, n0, tq, words);

@@ -266,8 +266,8 @@ struct TileScores {
             return x;
         }
     }
-    // shift of row row0 + d
-    __device__ __forceinline__ A shift(int d) const { return split_alibi ? row_base - slope * A(d) : A(0); }
+    // shift of row row0 + d; -0.0 without one, which adding and subtracting fold away (x + -0.0 is x)
+    __device__ __forceinline__ A shift(int d) const { return split_alibi ? row_base - slope * A(d) : -A(0); }
 };
 
 // Runs f(Bool<CHECK>(), v) for a tile of kind `kind` that is not skipped: CHECK false for an INTERIOR tile;
