@@ -165,12 +165,14 @@ template <int STAGES> struct BwdBarriers {
     unsigned long long* dq_full;  // [STAGES]: the tile's dq staged (or nothing to add): every consumer thread
     unsigned long long* q_free;   // [STAGES]: the staged dq read by the reduction; the stage may be refilled
     int* dq_staged;               // [STAGES]: whether the tile's dq was staged (a skipped tile has none)
+    int* kinds;                   // [STAGES]: bool mask, the query tile's TileKind | GUARDED (load_tiles)
     __device__ explicit BwdBarriers(unsigned char* at) {
         kv_full = reinterpret_cast<unsigned long long*>(at);
         q_full = kv_full + 1;
         dq_full = q_full + STAGES;
         q_free = dq_full + STAGES;
         dq_staged = reinterpret_cast<int*>(q_free + STAGES);
+        kinds = dq_staged + STAGES;
     }
     __device__ void init(int consumers) const {
         mbar_init(kv_full, 1);
@@ -183,8 +185,26 @@ template <int STAGES> struct BwdBarriers {
     }
 };
 
+// A tile classification's flag: q or dout holds NaN or inf in rows that some keys of the tile must not see.
+constexpr int GUARDED = 4;
+static_assert(GUARDED > EDGE_UNMASKED, "a flag beside the TileKind");
+
+// Whether query tile m0 of head h holds NaN or inf in q or dout (asked by the tiles that hide keys).
+__device__ __forceinline__ bool queries_nonfinite(const BwdParams& p, const Sequence& seq, int h, int m0) {
+    return seq.queries_nonfinite(p.q_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M) ||
+           seq.queries_nonfinite(p.do_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M);
+}
+
+// The same, for a tile classified as kind_bits: with a bool mask the producer has read the flags.
+template <typename Var>
+__device__ __forceinline__ bool queries_guarded(int kind_bits, const BwdParams& p, const Sequence& seq, int h, int m0) {
+    return Var::bool_mask ? (kind_bits & GUARDED) != 0 : queries_nonfinite(p, seq, h, m0);
+}
+
 // Producer thread 0: k and v once, then query tile t into stage t % STAGES once the reduction has freed it.
-template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+// A bool mask's tile classification reads memory (its cells, the flags of q's and dout's rows): the producer
+// reads it while it waits and hands it over with the tile's arrival (which releases it).
+template <typename Var, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
 __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
                                            const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
                                            const BwdBarriers<STAGES>& bar) {
@@ -198,7 +218,13 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
     for (int t = 0; t < qs.tiles; ++t) {
         const int stage = t % STAGES, h = qs.head(t), m0 = qs.m0(t);
         unsigned long long* full = bar.q_full + stage;
+        int kind = 0;
+        if constexpr (Var::bool_mask) {
+            kind = variant_of<Var>(p.bwd.fwd, qs.seq, qs.b, h).tile_kind(m0, BLOCK_M, qs.n0, BLOCK_N);
+            if (kind != INTERIOR && kind != SKIP && queries_nonfinite(p.bwd, qs.seq, h, m0)) kind |= GUARDED;
+        }
         if (t >= STAGES) mbar_wait(bar.q_free + stage, (t / STAGES - 1) & 1);
+        if constexpr (Var::bool_mask) bar.kinds[stage] = kind;
         mbar_expect_tx(full, 2 * BLOCK_M * D_TILE * sizeof(T) + 2 * BLOCK_M * sizeof(float));
         for (int c = 0; c < CHUNKS; ++c) {
             tma_load(sm.q(stage) + c * BLOCK_M * 64, p.tma_q, c * 64, q0 + m0, h, entry, full);
@@ -264,21 +290,18 @@ __device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const 
     return Var::hides_keys && qs.seq.keys_nonfinite(p.k_nonfinite, p.fwd, qs.hk, qs.n0, BLOCK_N);
 }
 
-// Whether query tile m0 of head h holds NaN or inf in q or dout (asked by the tiles that hide keys).
-__device__ __forceinline__ bool queries_nonfinite(const BwdParams& p, const Sequence& seq, int h, int m0) {
-    return seq.queries_nonfinite(p.q_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M) ||
-           seq.queries_nonfinite(p.do_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M);
-}
-
 // Consumers, per query tile t: its classification, once its stage has arrived (every phase is waited for,
 // skipped tiles too, so that no copy into a stage is in flight when the producer reuses it), with the rows
 // of q and dout past a packed sequence's end zeroed. A skipped tile stages no dq.
+// Returns the TileKind, with GUARDED where the producer found NaN or inf rows (bool masks).
 template <int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, typename Var, typename T, int OWN>
-__device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar,
-                                                    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
-                                                    int t, int m0, int n0) {
-    const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
+__device__ __forceinline__ int next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar,
+                                               const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                               int t, int m0, int n0) {
+    int bits = Var::bool_mask ? 0 : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
     mbar_wait(bar.q_full + t % STAGES, (t / STAGES) & 1);
+    if constexpr (Var::bool_mask) bits = bar.kinds[t % STAGES];
+    const TileKind kind = TileKind(bits & ~GUARDED);
     if (kind == SKIP) {
         stage_no_dq(bar, t % STAGES);
     } else if (Var::packed && m0 + BLOCK_M > var.seqlen_q) {
@@ -286,7 +309,7 @@ __device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBar
         zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.dout(t % STAGES), var.seqlen_q - m0, threadIdx.x - 128);
         named_barrier<256>(1);
     }
-    return kind;
+    return bits;
 }
 
 // dk (times the softmax scale) and dv of this warp's rows of the key tile at n0, columns from col0.
@@ -332,7 +355,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles(p, qs, sm, bar);
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var>(p, qs, sm, bar);
         if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
     } else {
         // ---- consumers
@@ -357,7 +380,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
             const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
+            const int kind_bits = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
+            const TileKind kind = TileKind(kind_bits & ~GUARDED);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
@@ -391,7 +415,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
             // A tile where hidden queries' q or dout is not finite takes the guarded products, after
             // the dq product (no wgmma in flight then).
-            const bool guarded = Var::hides_keys && needs_mask && queries_nonfinite(bp, seq, qs.head(t), m0);
+            const bool guarded = Var::hides_keys && needs_mask && queries_guarded<Var>(kind_bits, bp, seq, qs.head(t), m0);
             if (!guarded) {
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
@@ -481,7 +505,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     if (threadIdx.x < 128) {
         // ---- producer
         regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles(p, qs, sm, bar);
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var>(p, qs, sm, bar);
         if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
     } else {
         // ---- consumers
@@ -505,7 +529,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
             const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
+            const int kind_bits = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
+            const TileKind kind = TileKind(kind_bits & ~GUARDED);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
@@ -550,7 +575,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const T* k_half = sm.k + chunk0 * BLOCK_N * 64;
             float dq[HT][4];
             if (!(Var::hides_keys && needs_mask &&
-                  (k_nonfinite || queries_nonfinite(bp, seq, qs.head(t), m0)))) {
+                  (k_nonfinite || queries_guarded<Var>(kind_bits, bp, seq, qs.head(t), m0)))) {
                 float(&dq_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dq);
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);

@@ -199,7 +199,7 @@ def backward_sm90(dtype, headdim, var, aligned=True):
         own += 2 * (bm // 8) * 32 * 4 * 4  # each consumer warpgroup's Philox words of a tile
     smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
             + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
-            + 8 * (1 + 3 * stages) + 4 * stages + 1024)  # barriers, flags; swizzle-atom alignment
+            + 8 * (1 + 3 * stages) + 2 * 4 * stages + 1024)  # barriers, flags, tile kinds; swizzle-atom alignment
     c, packed = C_TYPES[dtype], _cbool(_features(var) & FEATURES["PACKED"])
     vec = 8 if aligned else 1
     lanes = min(32, 1 << (-(-headdim // vec) - 1).bit_length())
