@@ -15,7 +15,7 @@ __global__ void dropout_mask_kernel(unsigned char* __restrict__ out, int batch, 
         const unsigned h = (unsigned)((row / seqlen_q) % nheads);
         const unsigned b = (unsigned)(row / seqlen_q / nheads);
         unsigned r[4];
-        philox4x32_10(k0, k1, c0, i, h, b, r);
+        philox4x32(k0, k1, c0, i, h, b, r);
         unsigned char* out_row = out + row * seqlen_k;
         const int j0 = (int)(c0 / 4) * 64 + (int)(c0 % 4) * 2;
 #pragma unroll

@@ -196,7 +196,7 @@ struct Variant {
     // ---- dropout: the Philox words of row i for the 64-column group holding column j; one call serves
     // every column 8w + 2q + {0, 1} of the group with q = (j % 8) / 2.
     __device__ __forceinline__ void random_words(int i, int j, unsigned (&r)[4]) const {
-        philox4x32_10(seed_lo, seed_hi, unsigned((j >> 6) * 4 + ((j & 7) >> 1)), unsigned(i), unsigned(h),
+        philox4x32(seed_lo, seed_hi, unsigned((j >> 6) * 4 + ((j & 7) >> 1)), unsigned(i), unsigned(h),
                       unsigned(b + batch_offset), r);
     }
     __device__ __forceinline__ bool keep(const unsigned (&r)[4], int j) const {

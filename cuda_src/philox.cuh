@@ -1,4 +1,4 @@
-// Philox-4x32-10 and the dropout keep bit: the CUDA twin of cupyflash/_philox.py.
+// Philox-4x32-7 and the dropout keep bit: the CUDA twin of cupyflash/_philox.py.
 // keep[b, h, i, j] is a pure function of (seed, b, h, i, j) (docs/variants.md, "Dropout bits"):
 // counter ((j / 64) * 4 + (j % 8) / 2, i, h, b), key (seed low, seed high). One call gives the
 // 16 byte values of the columns 8w + 2q + {0, 1} (w = 0..7) of a 64-column group, q = (j % 8) / 2:
@@ -7,11 +7,14 @@
 
 #include "common.cuh"
 
-__device__ __forceinline__ void philox4x32_10(unsigned k0, unsigned k1, unsigned c0, unsigned c1, unsigned c2,
-                                              unsigned c3, unsigned (&r)[4]) {
+// Rounds of Philox-4x32 (Random123's round; its known answers for 7 rounds in tests/test_philox.py).
+constexpr int PHILOX_ROUNDS = 7;
+
+__device__ __forceinline__ void philox4x32(unsigned k0, unsigned k1, unsigned c0, unsigned c1, unsigned c2,
+                                           unsigned c3, unsigned (&r)[4]) {
     const unsigned M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
 #pragma unroll
-    for (int round = 0; round < 10; ++round) {
+    for (int round = 0; round < PHILOX_ROUNDS; ++round) {
         if (round) {
             k0 += W0;
             k1 += W1;
