@@ -197,7 +197,7 @@ struct Variant {
     // every column 8w + 2q + {0, 1} of the group with q = (j % 8) / 2.
     __device__ __forceinline__ void random_words(int i, int j, unsigned (&r)[4]) const {
         philox4x32(seed_lo, seed_hi, unsigned((j >> 6) * 4 + ((j & 7) >> 1)), unsigned(i), unsigned(h),
-                      unsigned(b + batch_offset), r);
+                   unsigned(b + batch_offset), r);
     }
     __device__ __forceinline__ bool keep(const unsigned (&r)[4], int j) const {
         return dropout_keep_bit(r, j, threshold);
