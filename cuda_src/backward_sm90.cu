@@ -12,14 +12,16 @@
 //   producer   (warpgroup 0) thread 0 loads k and v once, then q, dout, lse and delta of each query tile
 //              into a ring of STAGES buffers (TMA and bulk copies, each stage completing an mbarrier);
 //              thread 32 adds each tile's dq, which the consumers stage in the buffers of its q and dout,
-//              to the accumulator with one bulk reduction (cp.reduce.async.bulk), then frees the stage
+//              to the accumulator with one bulk reduction (cp.reduce.async.bulk), then frees the stage;
+//              warps 2 and 3, for variants that hide keys, scan the masked tiles' q and dout, and k, for
+//              NaN or inf
 //   consumers  (warpgroups 1 and 2), per query tile: s = q k^T and dp = dout v^T (wgmma), pd and dx
 //              (mask.cuh; element masks on EDGE tiles only), dv += pd^T dout, dk += dx^T q, dq = dx k
 //              (wgmma); the order of dq's additions varies from run to run.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
 // ends of the tensors arrive as zeros; rows of k, q and dout past a packed sequence's end are its
 // neighbour's, and the consumers zero them. Tiles whose hidden pairs meet data that is not finite take the
-// guarded products (mma.cuh) instead.
+// guarded products (mma.cuh) instead; which do, producer warps find out off the consumers' path.
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -163,47 +165,52 @@ template <int STAGES> struct BwdBarriers {
     unsigned long long* kv_full;  // k and v arrived
     unsigned long long* q_full;   // [STAGES]: q, dout, lse and delta of a query tile arrived
     unsigned long long* dq_full;  // [STAGES]: the tile's dq staged (or nothing to add): every consumer thread
-    unsigned long long* q_free;   // [STAGES]: the staged dq read by the reduction; the stage may be refilled
+    unsigned long long* q_free;   // [STAGES]: the staged dq read by the reduction (and scan_queries done with
+                                  // the tile): the stage may be refilled
+    unsigned long long* k_scanned;  // k scanned (variants that hide keys: scan_keys)
+    unsigned long long* q_scanned;  // [STAGES]: scan_queries is done with the query tile
     int* dq_staged;               // [STAGES]: whether the tile's dq was staged (a skipped tile has none)
-    int* kinds;                   // [STAGES]: bool mask, the query tile's TileKind | GUARDED (load_tiles)
+    int* kinds;                   // [STAGES]: bool mask, the query tile's TileKind (load_tiles)
+    int* k_scan;                  // k holds NaN or inf
+    int* q_scan;                  // [STAGES]: a masked query tile's q or dout holds NaN or inf
     __device__ explicit BwdBarriers(unsigned char* at) {
         kv_full = reinterpret_cast<unsigned long long*>(at);
         q_full = kv_full + 1;
         dq_full = q_full + STAGES;
         q_free = dq_full + STAGES;
-        dq_staged = reinterpret_cast<int*>(q_free + STAGES);
+        k_scanned = q_free + STAGES;
+        q_scanned = k_scanned + 1;
+        dq_staged = reinterpret_cast<int*>(q_scanned + STAGES);
         kinds = dq_staged + STAGES;
+        k_scan = kinds + STAGES;
+        q_scan = k_scan + 1;
     }
-    __device__ void init(int consumers) const {
+    __device__ void init(int consumers, int scanners) const {
         mbar_init(kv_full, 1);
+        mbar_init(k_scanned, 32);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(q_full + s, 1);
             mbar_init(dq_full + s, consumers);
-            mbar_init(q_free + s, 1);
+            mbar_init(q_free + s, 1 + scanners);
+            mbar_init(q_scanned + s, 32);
         }
         mbar_fence_init();
     }
+    // Consumers, on a tile that hides keys: whether k, or query tile t's q or dout, holds NaN or inf, once
+    // scanned. Every query tile's verdict is waited for, so that no phase of q_scanned goes by unobserved.
+    __device__ bool keys_nonfinite() const {
+        mbar_wait(k_scanned, 0);
+        return *k_scan != 0;
+    }
+    __device__ bool queries_nonfinite(int t) const {
+        mbar_wait(q_scanned + t % STAGES, (t / STAGES) & 1);
+        return q_scan[t % STAGES] != 0;
+    }
 };
 
-// A tile classification's flag: q or dout holds NaN or inf in rows that some keys of the tile must not see.
-constexpr int GUARDED = 4;
-static_assert(GUARDED > EDGE_UNMASKED, "a flag beside the TileKind");
-
-// Whether query tile m0 of head h holds NaN or inf in q or dout (asked by the tiles that hide keys).
-__device__ __forceinline__ bool queries_nonfinite(const BwdParams& p, const Sequence& seq, int h, int m0) {
-    return seq.queries_nonfinite(p.q_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M) ||
-           seq.queries_nonfinite(p.do_nonfinite, p.fwd, h, m0, SM90_BWD_BLOCK_M);
-}
-
-// The same, for a tile classified as kind_bits: with a bool mask the producer has read the flags.
-template <typename Var>
-__device__ __forceinline__ bool queries_guarded(int kind_bits, const BwdParams& p, const Sequence& seq, int h, int m0) {
-    return Var::bool_mask ? (kind_bits & GUARDED) != 0 : queries_nonfinite(p, seq, h, m0);
-}
-
 // Producer thread 0: k and v once, then query tile t into stage t % STAGES once the reduction has freed it.
-// A bool mask's tile classification reads memory (its cells, the flags of q's and dout's rows): the producer
-// reads it while it waits and hands it over with the tile's arrival (which releases it).
+// A bool mask's tile classification reads memory (its cells): the producer reads it while it waits and hands
+// it over with the tile's arrival (which releases it).
 template <typename Var, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
 __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
                                            const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
@@ -218,11 +225,8 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
     for (int t = 0; t < qs.tiles; ++t) {
         const int stage = t % STAGES, h = qs.head(t), m0 = qs.m0(t);
         unsigned long long* full = bar.q_full + stage;
-        int kind = 0;
-        if constexpr (Var::bool_mask) {
-            kind = variant_of<Var>(p.bwd.fwd, qs.seq, qs.b, h).tile_kind(m0, BLOCK_M, qs.n0, BLOCK_N);
-            if (kind != INTERIOR && kind != SKIP && queries_nonfinite(p.bwd, qs.seq, h, m0)) kind |= GUARDED;
-        }
+        const int kind = Var::bool_mask ? variant_of<Var>(p.bwd.fwd, qs.seq, qs.b, h).tile_kind(m0, BLOCK_M, qs.n0, BLOCK_N)
+                                        : 0;
         if (t >= STAGES) mbar_wait(bar.q_free + stage, (t / STAGES - 1) & 1);
         if constexpr (Var::bool_mask) bar.kinds[stage] = kind;
         mbar_expect_tx(full, 2 * BLOCK_M * D_TILE * sizeof(T) + 2 * BLOCK_M * sizeof(float));
@@ -256,6 +260,40 @@ __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStr
     bulk_wait_all();
 }
 
+// Producer warps 2 and 3, for variants that hide keys: a tile that hides some keys from some queries
+// multiplies zeros by data those queries or keys must not meet, and 0 * NaN is NaN, so the consumers take the
+// guarded products where k, or the tile's q or dout, holds NaN or inf. Warp 3 scans k once; warp 2 each
+// masked query tile's q and dout once they arrive (the sequence's rows: a packed sequence's next ones are
+// zeroed by the consumers). Warp 2 signs off every tile in turn, to the consumers (who wait for every
+// verdict, reading the masked tiles' only) and to the producer (a stage is refilled once warp 2 is done with
+// it too, so that it never falls a phase behind).
+template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+__device__ __forceinline__ void scan_keys(const QueryStream<BLOCK_M, BLOCK_N>& qs,
+                                          const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                          const BwdBarriers<STAGES>& bar, int lane) {
+    mbar_wait(bar.kv_full, 0);
+    const bool bad = rows_nonfinite<T, BLOCK_N, D_TILE / 64>(sm.k, min(BLOCK_N, qs.seq.seqlen_k - qs.n0), lane);
+    if (lane == 0) *bar.k_scan = bad;
+    mbar_arrive(bar.k_scanned);
+}
+template <typename Var, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+__device__ __forceinline__ void scan_queries(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
+                                             const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                             const BwdBarriers<STAGES>& bar, int lane) {
+    constexpr int CHUNKS = D_TILE / 64;
+    for (int t = 0; t < qs.tiles; ++t) {
+        const int stage = t % STAGES, m0 = qs.m0(t), rows = min(BLOCK_M, qs.seq.seqlen_q - m0);
+        const TileKind kind = variant_of<Var>(p.bwd.fwd, qs.seq, qs.b, qs.head(t)).tile_kind(m0, BLOCK_M, qs.n0, BLOCK_N);
+        mbar_wait(bar.q_full + stage, (t / STAGES) & 1);
+        const bool bad = kind != INTERIOR && kind != SKIP &&
+                         (rows_nonfinite<T, BLOCK_M, CHUNKS>(sm.q(stage), rows, lane) ||
+                          rows_nonfinite<T, BLOCK_M, CHUNKS>(sm.dout(stage), rows, lane));
+        if (lane == 0) bar.q_scan[stage] = bad;
+        mbar_arrive(bar.q_scanned + stage);
+        mbar_arrive(bar.q_free + stage);
+    }
+}
+
 // Consumers: a computed tile's dq (this warpgroup's N columns) into its stage, once no consumer reads the
 // stage's q or dout any more; or, for a skipped tile, nothing.
 template <int N, int STAGES>
@@ -276,40 +314,37 @@ template <int STAGES> __device__ __forceinline__ void stage_no_dq(const BwdBarri
 }
 
 // Consumers, before the stream: k and v arrived, k's rows past a packed sequence's end zeroed (its
-// neighbour's); and whether any key's data is not finite (asked only by the variants that hide keys from
-// some rows: such keys then reach dq through the guarded products).
+// neighbour's).
 template <typename Var, typename T, int D_TILE, int BLOCK_N, int STAGES, int BLOCK_M>
-__device__ __forceinline__ bool wait_keys(const BwdBarriers<STAGES>& bar, const BwdParams& p,
-                                          const QueryStream<BLOCK_M, BLOCK_N>& qs, T* k) {
-    if (qs.tiles == 0) return false;
+__device__ __forceinline__ void wait_keys(const BwdBarriers<STAGES>& bar, const QueryStream<BLOCK_M, BLOCK_N>& qs,
+                                          T* k) {
+    if (qs.tiles == 0) return;
     mbar_wait(bar.kv_full, 0);
     if (Var::packed && qs.n0 + BLOCK_N > qs.seq.seqlen_k) {
         zero_rows<T, BLOCK_N, D_TILE / 64, 256>(k, qs.seq.seqlen_k - qs.n0, threadIdx.x - 128);
         named_barrier<256>(1);
     }
-    return Var::hides_keys && qs.seq.keys_nonfinite(p.k_nonfinite, p.fwd, qs.hk, qs.n0, BLOCK_N);
 }
 
 // Consumers, per query tile t: its classification, once its stage has arrived (every phase is waited for,
 // skipped tiles too, so that no copy into a stage is in flight when the producer reuses it), with the rows
 // of q and dout past a packed sequence's end zeroed. A skipped tile stages no dq.
-// Returns the TileKind, with GUARDED where the producer found NaN or inf rows (bool masks).
 template <int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, typename Var, typename T, int OWN>
-__device__ __forceinline__ int next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar,
-                                               const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
-                                               int t, int m0, int n0) {
-    int bits = Var::bool_mask ? 0 : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
+__device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar,
+                                                    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                                    int t, int m0, int n0) {
+    TileKind kind = Var::bool_mask ? SKIP : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
     mbar_wait(bar.q_full + t % STAGES, (t / STAGES) & 1);
-    if constexpr (Var::bool_mask) bits = bar.kinds[t % STAGES];
-    const TileKind kind = TileKind(bits & ~GUARDED);
+    if constexpr (Var::bool_mask) kind = TileKind(bar.kinds[t % STAGES]);
     if (kind == SKIP) {
         stage_no_dq(bar, t % STAGES);
+        if constexpr (Var::hides_keys) bar.queries_nonfinite(t);
     } else if (Var::packed && m0 + BLOCK_M > var.seqlen_q) {
         zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.q(t % STAGES), var.seqlen_q - m0, threadIdx.x - 128);
         zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.dout(t % STAGES), var.seqlen_q - m0, threadIdx.x - 128);
         named_barrier<256>(1);
     }
-    return bits;
+    return kind;
 }
 
 // dk (times the softmax scale) and dv of this warp's rows of the key tile at n0, columns from col0.
@@ -349,7 +384,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
     if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
     const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
 
-    if (threadIdx.x == 0) bar.init(CONSUMERS);
+    if (threadIdx.x == 0) bar.init(CONSUMERS, Var::hides_keys ? 32 : 0);
     __syncthreads();
 
     if (threadIdx.x < 128) {
@@ -357,6 +392,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         regs_release<24>();
         if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var>(p, qs, sm, bar);
         if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
+        if (Var::hides_keys && threadIdx.x / 32 == 2 && qs.tiles > 0) scan_queries<Var>(p, qs, sm, bar, threadIdx.x % 32);
+        if (Var::hides_keys && threadIdx.x / 32 == 3 && qs.tiles > 0) scan_keys(qs, sm, bar, threadIdx.x % 32);
     } else {
         // ---- consumers
         regs_claim<240>();
@@ -375,13 +412,12 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
         float(&dk_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dk);
         float(&dv_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dv);
 
-        const bool k_nonfinite = wait_keys<Var, T, D_TILE>(bar, bp, qs, sm.k);
+        wait_keys<Var, T, D_TILE>(bar, qs, sm.k);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
             const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const int kind_bits = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
-            const TileKind kind = TileKind(kind_bits & ~GUARDED);
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
@@ -415,7 +451,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
             // A tile where hidden queries' q or dout is not finite takes the guarded products, after
             // the dq product (no wgmma in flight then).
-            const bool guarded = Var::hides_keys && needs_mask && queries_guarded<Var>(kind_bits, bp, seq, qs.head(t), m0);
+            const bool guarded = Var::hides_keys && bar.queries_nonfinite(t) && needs_mask;
             if (!guarded) {
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
@@ -460,7 +496,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
                 gemm_rn_guarded<T, BLOCK_M, D_TILE>(dv, p_regs, SwizzledTile<T, BLOCK_M>{do_buf}, lane);
                 gemm_rn_guarded<T, BLOCK_M, D_TILE>(dk, ds_regs, SwizzledTile<T, BLOCK_M>{q_buf}, lane);
             }
-            if (Var::hides_keys && needs_mask && k_nonfinite) {
+            if (Var::hides_keys && needs_mask && bar.keys_nonfinite()) {
                 // Non-finite keys reach only the queries that see them: dq again, on CUDA cores.
                 zero(dq);
                 gemm_guarded_smem<BLOCK_N, DQ_COLS>(dq, Transposed<SwizzledTile<T, BLOCK_N>>{{ds_buf}},
@@ -499,7 +535,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
     const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
 
-    if (threadIdx.x == 0) bar.init(CONSUMERS);
+    if (threadIdx.x == 0) bar.init(CONSUMERS, Var::hides_keys ? 32 : 0);
     __syncthreads();
 
     if (threadIdx.x < 128) {
@@ -507,6 +543,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
         regs_release<24>();
         if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var>(p, qs, sm, bar);
         if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
+        if (Var::hides_keys && threadIdx.x / 32 == 2 && qs.tiles > 0) scan_queries<Var>(p, qs, sm, bar, threadIdx.x % 32);
+        if (Var::hides_keys && threadIdx.x / 32 == 3 && qs.tiles > 0) scan_keys(qs, sm, bar, threadIdx.x % 32);
     } else {
         // ---- consumers
         regs_claim<240>();
@@ -524,13 +562,12 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
         float(&dk_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dk);
         float(&dv_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dv);
 
-        const bool k_nonfinite = wait_keys<Var, T, D_TILE>(bar, bp, qs, sm.k);
+        wait_keys<Var, T, D_TILE>(bar, qs, sm.k);
 
         for (int t = 0, computed = 0; t < qs.tiles; ++t) {
             const int stage = t % STAGES, m0 = qs.m0(t);
             const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const int kind_bits = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
-            const TileKind kind = TileKind(kind_bits & ~GUARDED);
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
@@ -574,8 +611,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const T* q_half = q_buf + chunk0 * BLOCK_M * 64;
             const T* k_half = sm.k + chunk0 * BLOCK_N * 64;
             float dq[HT][4];
-            if (!(Var::hides_keys && needs_mask &&
-                  (k_nonfinite || queries_guarded<Var>(kind_bits, bp, seq, qs.head(t), m0)))) {
+            const bool queries_bad = Var::hides_keys && bar.queries_nonfinite(t);
+            if (!(Var::hides_keys && needs_mask && (queries_bad || bar.keys_nonfinite()))) {
                 float(&dq_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dq);
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);

@@ -3,9 +3,11 @@
 // A persistent grid (a block per multiprocessor) walks the (128-row query tile, head, batch) work tiles;
 // each block has three warpgroups:
 //   producer   (warpgroup 0; one thread issues)  q once, then the K and V tiles of the band into a ring
-//              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier); for a
-//              variant that hides keys, each K tile with whether V's rows hold NaN or inf, and with a bool
-//              mask with its classification too (Variant::tile_kind)
+//              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier); with a
+//              bool mask, each K tile with its classification (Variant::tile_kind)
+//   V warp     (producer warp 1, for packed batches and variants that hide keys) each V tile once it has
+//              arrived: rows past a packed sequence's end zeroed, and whether a tile that hides some keys
+//              from some rows holds NaN or inf, before handing it to the consumers
 //   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile t:
 //       s = q k_t^T                  wgmma, both operands in shared memory; k_t's buffer handed back
 //       o += p_{t-1} v_{t-1}         wgmma, p from registers, in flight with s and then under the softmax
@@ -17,7 +19,7 @@
 //     or guarded one) waits for its s alone.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
 // ends of the tensors arrive as zeros. Rows past a packed sequence's end are its neighbour's: K's are masked
-// and q's never stored, and V's are zeroed by producer warp 1 (the cleaner) before the consumers read them.
+// and q's never stored, and V's are zeroed by the V warp before the consumers read them.
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -48,10 +50,6 @@ __device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& se
     if (Var::packed && w.m0 >= seq.seqlen_q) last = first;
 }
 
-// A tile classification's flag: V holds NaN or inf that some rows of the tile must not see (nonfinite.cu).
-constexpr int GUARDED = 4;
-static_assert(GUARDED > EDGE_UNMASKED, "a flag beside the TileKind");
-
 template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
     constexpr int BLOCK_M = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64, NT = BLOCK_N / 8, DT = D_TILE / 8;
@@ -68,10 +66,11 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* k_full = q_free + Q_STAGES;  // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
     unsigned long long* k_free = v_full + STAGES;  // [STAGES]: every consumer thread arrives
-    unsigned long long* v_free = k_free + STAGES;  // [STAGES]: every consumer thread arrives (and the cleaner's)
-    unsigned long long* v_clean = v_free + STAGES; // [STAGES]: packed, V's rows past the sequence zeroed
-    int* kinds = reinterpret_cast<int*>(v_clean + STAGES);  // [STAGES]: bool mask, the key tile's TileKind | GUARDED
-    constexpr int CLEANER = Var::packed ? 32 : 0;  // the threads of producer warp 1 that zero them
+    unsigned long long* v_free = k_free + STAGES;  // [STAGES]: every consumer thread arrives (and the V warp's)
+    unsigned long long* v_clean = v_free + STAGES; // [STAGES]: the V warp is done with the tile
+    int* kinds = reinterpret_cast<int*>(v_clean + STAGES);  // [STAGES]: bool mask, the key tile's TileKind
+    int* v_scan = kinds + STAGES;  // [STAGES]: the V warp found NaN or inf in a tile that hides keys
+    constexpr int V_WARP = Var::packed || Var::hides_keys ? 32 : 0;  // its threads
 
     const FwdParams& f = p.fwd;
     const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M, tiles = query_tiles * f.nheads * p.batch;
@@ -85,8 +84,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
             mbar_init(k_free + s, CONSUMERS);
-            mbar_init(v_free + s, CONSUMERS + CLEANER);
-            if (Var::packed) mbar_init(v_clean + s, CLEANER);
+            mbar_init(v_free + s, CONSUMERS + V_WARP);
+            if (V_WARP) mbar_init(v_clean + s, V_WARP);
         }
         mbar_fence_init();
     }
@@ -119,19 +118,14 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N, free_parity = (kv_step / STAGES - 1) & 1;
                     T* k_buf = sK + stage * KV_ELEMS;
                     T* v_buf = sV + stage * KV_ELEMS;
-                    // What a tile's classification reads from memory (the flags of V's rows, a bool mask's
-                    // cells) travels with k (the arrival releases it), read while the producer waits rather
-                    // than by the consumers before their products. The consumers classify by arithmetic
-                    // themselves: handing every kind over made plain 5-10% slower.
-                    int kind = 0;
-                    if constexpr (Var::hides_keys) {
-                        kind = var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N);
-                        if (kind != INTERIOR && kind != SKIP && seq.keys_nonfinite(f.v_nonfinite, f, hk, n0, BLOCK_N))
-                            kind |= GUARDED;
-                    }
+                    // A bool mask's tile classification reads memory (its cells): it travels with k (the
+                    // arrival releases it), read while the producer waits rather than by the consumers
+                    // before their products. The consumers classify by arithmetic themselves: handing every
+                    // kind over made plain 5-10% slower.
+                    const int kind = Var::bool_mask ? var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N) : 0;
                     // k's buffer comes back after its s, v's a tile later, after its product
                     if (kv_step >= STAGES) mbar_wait(k_free + stage, free_parity);
-                    if constexpr (Var::hides_keys) kinds[stage] = kind;
+                    if constexpr (Var::bool_mask) kinds[stage] = kind;
                     mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk, seq.entry,
@@ -143,20 +137,32 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                                  v_full + stage);
                 }
             }
-        } else if (Var::packed && threadIdx.x / 32 == 1) {
-            // the cleaner: every V tile in turn (so that it is never a phase off), the tail ones zeroed past
-            // the sequence's end, then handed to the consumers and back to the producer
+        } else if (V_WARP && threadIdx.x / 32 == 1) {
+            // the V warp: every V tile in turn (so that it is never a phase off), then handed to the
+            // consumers and back to the producer. A tile that hides some keys from some rows multiplies
+            // zero probabilities by V's rows, and 0 * NaN is NaN: the consumers take the guarded product
+            // where it holds NaN or inf. Scanned here, off the consumers' path, once it has arrived.
+            const int lane = threadIdx.x % 32;
             int kv_step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
                 const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
                 const Sequence seq = sequence<Var::packed>(f, w.b);
+                const Var var = variant_of<Var>(f, seq, w.b, w.h);
                 int t_first, t_last;
                 key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
                 for (int t = t_first; t < t_last; ++t, ++kv_step) {
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
+                    T* v_buf = sV + stage * KV_ELEMS;
                     mbar_wait(v_full + stage, (kv_step / STAGES) & 1);
-                    if (n0 + BLOCK_N > seq.seqlen_k)
-                        zero_rows<T, BLOCK_N, CHUNKS, 32>(sV + stage * KV_ELEMS, seq.seqlen_k - n0, threadIdx.x % 32);
+                    if (Var::packed && n0 + BLOCK_N > seq.seqlen_k)
+                        zero_rows<T, BLOCK_N, CHUNKS, 32>(v_buf, seq.seqlen_k - n0, lane);
+                    if constexpr (Var::hides_keys) {
+                        const TileKind kind = var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N);
+                        const int rows = min(BLOCK_N, seq.seqlen_k - n0);  // the sequence's (the rest are zeros)
+                        const bool bad = kind != INTERIOR && kind != SKIP &&
+                                         rows_nonfinite<T, BLOCK_N, CHUNKS>(v_buf, rows, lane);
+                        if (lane == 0) v_scan[stage] = bad;
+                    }
                     mbar_arrive(v_clean + stage);
                     mbar_arrive(v_free + stage);
                 }
@@ -194,9 +200,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                                         desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
                 wgmma_commit();
             };
-            auto v_ready = [&](int step) {
-                mbar_wait((Var::packed ? v_clean : v_full) + step % STAGES, (step / STAGES) & 1);
-            };
+            auto v_ready = [&](int step) { mbar_wait((V_WARP ? v_clean : v_full) + step % STAGES, (step / STAGES) & 1); };
             // the pending product, alone
             auto flush = [&](int step) {
                 v_ready(step);
@@ -213,12 +217,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 const int stage = kv_step % STAGES, parity = (kv_step / STAGES) & 1, n0 = t * BLOCK_N;
                 // Every phase is waited for, skipped tiles too, so that no copy into a buffer is in flight
                 // when the producer reuses it.
-                int kind_bits = Var::bool_mask ? 0 : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
+                TileKind kind = Var::bool_mask ? SKIP : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
                 mbar_wait(k_full + stage, parity);
-                // once: the slot is refilled after s; the kind itself from the producer only with a bool mask
-                if constexpr (Var::bool_mask) kind_bits = kinds[stage];
-                else if constexpr (Var::hides_keys) kind_bits |= kinds[stage] & GUARDED;
-                const TileKind kind = TileKind(kind_bits & ~GUARDED);
+                if constexpr (Var::bool_mask) kind = TileKind(kinds[stage]);  // once: the slot is refilled after s
                 if (kind == SKIP) {
                     if (pending) flush(kv_step - 1);
                     mbar_arrive(k_free + stage);
@@ -261,9 +262,14 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     if (pending) body(Bool<true>());
                     else body(Bool<false>());
                 });
-                if (Var::hides_keys && (kind_bits & GUARDED)) {
-                    // V holds NaN or inf that some rows must not see: their product now, guarded
+                // A tile that hides keys waits for the V warp's scan (no product is in flight here)
+                bool guarded = false;
+                if (Var::hides_keys && kind != INTERIOR) {
                     v_ready(kv_step);
+                    guarded = v_scan[stage] != 0;
+                }
+                if (guarded) {
+                    // V holds NaN or inf that some rows must not see: their product now, guarded
                     if constexpr (Var::dropout) drop_scores(var, s, row0, n0, tq, words);
                     gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{sV + stage * KV_ELEMS}, lane);
                     mbar_arrive(v_free + stage);

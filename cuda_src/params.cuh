@@ -33,6 +33,7 @@ struct FwdParams {
     void* out;
     void* lse;  // (batch, nheads, seqlen_q), accumulation type
     const unsigned char* v_nonfinite;  // rows of v holding NaN or inf (RowFlags), for variants that hide keys
+                                       // (the Hopper family scans its tiles instead)
     Strides q_st, k_st, v_st, o_st;
     int seqlen_q, seqlen_k, headdim, nheads, group;  // group: query heads per kv head
     double scale;
@@ -117,7 +118,8 @@ struct DecodeParams {
 struct BwdParams {
     FwdParams fwd;  // q, k, v, out (read), lse, sizes, scale and the variant
     const void* dout;
-    const unsigned char *q_nonfinite, *k_nonfinite, *do_nonfinite;  // RowFlags, for variants that hide keys
+    const unsigned char *q_nonfinite, *k_nonfinite, *do_nonfinite;  // RowFlags, for variants that hide keys (not
+                                                                    // read by the Hopper family)
     void* delta;  // (batch, nheads, seqlen_q) = rowsum(dout * out), accumulation type
     void* row_scale;  // lse's layout: what the dQ pass renormalizes each row by (wide inputs; null for 16-bit)
     void* dq;

@@ -85,6 +85,26 @@ __device__ __forceinline__ void zero_rows(T* tile, int first, int thread) {
     fence_async_shared();
 }
 
+// Whether rows [0, rows) of a 16-bit [CHUNKS][ROWS][64] tile as TMA writes it hold NaN or inf (all exponent
+// bits set), read by the 32 lanes of a warp; every lane gets the answer. A half of ~w & EXP is zero exactly
+// where the exponent is all ones, and as the halves are below 0x8000, subtracting 1 from each sets a top
+// bit only there.
+template <typename T, int ROWS, int CHUNKS>
+__device__ __forceinline__ bool rows_nonfinite(const T* tile, int rows, int lane) {
+    constexpr unsigned EXP = Half16<T>::EXP * 0x10001u, ONES = 0x10001u;
+    unsigned borrows = 0;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+        const uint4* pieces = reinterpret_cast<const uint4*>(tile + c * ROWS * 64);  // 8 pieces a row
+#pragma unroll 8
+        for (int i = lane; i < rows * 8; i += 32) {
+            const uint4 w = pieces[i];
+            borrows |= ((~w.x & EXP) - ONES) | ((~w.y & EXP) - ONES) | ((~w.z & EXP) - ONES) | ((~w.w & EXP) - ONES);
+        }
+    }
+    return __any_sync(0xffffffffu, (borrows & 0x80008000u) != 0);
+}
+
 // ---- register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__(n, 1))
 template <int REGS> __device__ __forceinline__ void regs_release() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));

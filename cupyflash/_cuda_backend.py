@@ -272,7 +272,8 @@ def forward(q, k, v, spec):
         lse = _empty(lse_shape(spec), compute_dtype(q.dtype))
         call = _planned(_FORWARD_CALLS, _call_key(spec, device_id, q, k, v, out),
                         lambda: _forward_call(spec, device_id, q, k, v, out, lse))
-        v_nonfinite, = _flag_nonfinite(call.var_type, spec, device_id, (v, spec.nheads_kv))
+        v_nonfinite, = (_flag_nonfinite(call.var_type, spec, device_id, (v, spec.nheads_kv)) if call.reads_row_flags
+                        else (None,))
         maps = tuple(_tma.tensor_map_words(x, spec.dtype.name, rows) for x, rows in zip((q, k, v), call.map_rows))
         params = call.params((q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, _ptr(v_nonfinite)), maps)
         (launch, grid), = call.launches
@@ -285,13 +286,16 @@ class _Call(typing.NamedTuple):
     their grids in order, their parameter struct with the arrays' addresses (and tensor maps) left to fill
     in, the rows of each tensor map's box (none off the Hopper family), the (shape, dtype) of each scratch
     buffer a call allocates, and the device arrays the struct points to besides the call's own (a bool mask's
-    cells, a packed batch's offsets copied from the host), which must live until the launches."""
+    cells, a packed batch's offsets copied from the host), which must live until the launches; and whether
+    its kernels read the per-call flags of NaN/inf rows (_flag_nonfinite) where the variant hides keys (the
+    Hopper family scans its tiles itself)."""
     launches: tuple
     params: "_Readdressed"
     var_type: str
     map_rows: tuple = ()
     buffers: tuple = ()
     referenced: tuple = ()
+    reads_row_flags: bool = True
 
 
 #: Planned calls by _call_key; bounded, cleared when full.
@@ -338,7 +342,7 @@ def _forward_call(spec, device_id, q, k, v, out, lse):
         # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
         work = math.ceil(spec.seqlen_q / launch.block_rows) * spec.nheads * spec.batch
         return _Call(((launch, (min(work, _multiprocessors(device_id)), 1, 1)),), params, var_type, map_rows, (),
-                     (mask_cells, packed))
+                     (mask_cells, packed), reads_row_flags=False)
     launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit, **_math())
     grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
     return _Call(((launch, grid),), _Readdressed(FWD_PARAMS, fwd, _FWD_ADDRESSES), var_type, (), (), (mask_cells, packed))
@@ -372,7 +376,8 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
         key = _call_key(spec, device_id, *arrays)
         call = _planned(_BACKWARD_CALLS, key and (key, deterministic),
                         lambda: _backward_call(spec, device_id, deterministic, dbias, *arrays))
-        flags = _flag_nonfinite(call.var_type, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv), (dout, spec.nheads))
+        flags = (_flag_nonfinite(call.var_type, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv), (dout, spec.nheads))
+                 if call.reads_row_flags else (None,) * 3)
         scratch = [_empty(shape, dtype) for shape, dtype in call.buffers]
         maps = tuple(_tma.tensor_map_words(x, spec.dtype.name, rows) for x, rows in zip((q, k, v, dout), call.map_rows))
         params = call.params((q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, dout.data.ptr,
@@ -447,7 +452,7 @@ def _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k,
     launches = ((prepare, (math.ceil(spec.nheads * longest / prepare.block_rows), spec.batch, 1)),  # a grid row per
                 (main, grid),                                                                       # sequence
                 (convert, (math.ceil(quads / convert.block_rows), spec.batch, 1)))
-    return _Call(launches, params, var_type, map_rows, buffers, referenced)
+    return _Call(launches, params, var_type, map_rows, buffers, referenced, reads_row_flags=False)
 
 
 DECODE_DTYPES = ("float16", "bfloat16", "float32")

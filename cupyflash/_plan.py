@@ -153,7 +153,7 @@ def forward_sm90(dtype, headdim, var):
     d, block_m, block_n = sm90_tiles(headdim)
     limit = SMEM_LIMITS[(9, 0)]
     smem = lambda q_stages: (2 * (q_stages * block_m + 2 * SM90_STAGES * block_n) * d
-                             + 8 * (2 * q_stages + 5 * SM90_STAGES) + 4 * SM90_STAGES  # barriers, tile kinds
+                             + 8 * (2 * q_stages + 5 * SM90_STAGES) + 2 * 4 * SM90_STAGES  # barriers; kinds, V flags
                              + 1024)  # swizzle-atom alignment
     q_stages = 2 if smem(2) <= limit else 1
     name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {SM90_STAGES}, {q_stages}, {var}>"
@@ -199,7 +199,7 @@ def backward_sm90(dtype, headdim, var, aligned=True):
         own += 2 * (bm // 8) * 32 * 4 * 4  # each consumer warpgroup's Philox words of a tile
     smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
             + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
-            + 8 * (1 + 3 * stages) + 2 * 4 * stages + 1024)  # barriers, flags, tile kinds; swizzle-atom alignment
+            + 8 * (2 + 4 * stages) + 4 * (1 + 3 * stages) + 1024)  # barriers; flags, kinds, scans; alignment
     c, packed = C_TYPES[dtype], _cbool(_features(var) & FEATURES["PACKED"])
     vec = 8 if aligned else 1
     lanes = min(32, 1 << (-(-headdim // vec) - 1).bit_length())

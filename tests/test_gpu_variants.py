@@ -198,6 +198,30 @@ def test_masked_values_never_reach_a_row(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("window", [None, (40, 0)])
+def test_one_nonfinite_value_reaches_only_the_rows_that_see_it(dtype, value, window):
+    """A single NaN or inf in v, in either 16-bit half of a 32-bit word (even and odd columns) and in the
+    diagonal tiles of several query tiles: only the rows that see its key lose their finite value there."""
+    sq = 300
+    q, k, v = (RNG.standard_normal((1, sq, 2, 64)).astype(dtype) for _ in range(3))
+    kw = dict(causal=True) if window is None else dict(window_size=window)
+    clean = cupyflash.attention(*(to_device(x) for x in (q, k, v)), **kw).get().astype(np.float64)
+    for key, col in [(131, 0), (250, 37), (299, 63), (5, 8)]:
+        bad_v = v.copy()
+        bad_v[0, key, 1, col] = value
+        out = cupyflash.attention(*(to_device(x) for x in (q, k, bad_v)), **kw).get().astype(np.float64)
+        sees = np.arange(sq) >= key
+        if window is not None:
+            sees &= np.arange(sq) <= key + window[0]
+        assert not np.isfinite(out[0, sees, 1, col]).any(), (key, col)
+        others = np.ones(out.shape, bool)
+        others[0, sees, 1, col] = False
+        assert np.isfinite(out[others]).all(), (key, col)
+        np.testing.assert_allclose(out[others], clean[others], atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("headdim", [64, 5])  # 16-byte loads; one element at a time
 def test_nonfinite_row_flags(dtype, headdim):
     """nonfinite.cu flags exactly the 16-row groups of each head that hold NaN or inf, in strided tensors too."""
