@@ -28,18 +28,38 @@
 #include "sm90.cuh"
 #include "wgmma.cuh"
 
-// Work tile `tile` of a persistent block: (query tile, head, batch). Under a causal mask or a window
-// (BOUNDED) the query tile is the slowest axis, the last ones first: they have the most keys to visit, and
-// the blocks, which take tiles in turn, meet tiles of nearly equal work in each round. Without one every
+// Work tile `tile` of a persistent block: (query tile, head, batch). Without a causal mask or a window every
 // query tile of a head visits the same keys: the query tile is the fastest axis, so that the blocks running
-// side by side read one head's K and V, from L2 after the first.
+// side by side read one head's K and V, from L2 after the first. Under one (BOUNDED), query tile i of T
+// visits about i + 1 key tiles: tiles T - 1 - i and i go as a pair, T + 1 key tiles between them, the long
+// one in a round of the grid and the short one in the next, so that the blocks stay balanced; a head's
+// pairs are neighbours, so that the blocks running side by side share its K and V. A grid of a block per
+// work tile takes them one each.
 template <bool BOUNDED>
 struct WorkTile {
     int m0, h, b;
-    __device__ WorkTile(int tile, int query_tiles, int block_m, int nheads, int batch)
-        : m0(BOUNDED ? (query_tiles - 1 - tile / (nheads * batch)) * block_m : tile % query_tiles * block_m),
-          h(BOUNDED ? tile % nheads : tile / query_tiles % nheads),
-          b(BOUNDED ? tile / nheads % batch : tile / query_tiles / nheads) {}
+    bool valid = true;  // the last rounds of pairs, and a middle tile's mirror, leave slots empty
+
+    __device__ static bool paired(int query_tiles, int heads) { return BOUNDED && query_tiles * heads > gridDim.x; }
+    // The bound of the persistent blocks' loop over `tile`.
+    __device__ static int count(int query_tiles, int heads) {
+        if (!paired(query_tiles, heads)) return query_tiles * heads;
+        const int pairs = (query_tiles + 1) / 2 * heads;
+        return 2 * ((pairs + gridDim.x - 1) / gridDim.x) * gridDim.x;
+    }
+    __device__ WorkTile(int tile, int query_tiles, int block_m, int nheads, int batch) {
+        int query_tile = tile % query_tiles, head = tile / query_tiles;  // head: h + nheads * b
+        if (paired(query_tiles, nheads * batch)) {
+            const int round = tile / gridDim.x, unit = round / 2 * gridDim.x + tile % gridDim.x;
+            const int pairs = (query_tiles + 1) / 2, pair = unit % pairs;
+            head = unit / pairs;
+            query_tile = round % 2 == 0 ? query_tiles - 1 - pair : pair;
+            valid = head < nheads * batch && (round % 2 == 0 || 2 * pair + 1 != query_tiles);
+        }
+        m0 = query_tile * block_m;
+        h = head % nheads;
+        b = head / nheads;
+    }
 };
 
 // The key tiles [first, last) of a work tile: none past the end of a packed sequence's queries.
@@ -73,7 +93,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     constexpr int V_WARP = Var::packed || Var::hides_keys ? 32 : 0;  // its threads
 
     const FwdParams& f = p.fwd;
-    const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M, tiles = query_tiles * f.nheads * p.batch;
+    const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M, tiles = WorkTile<Var::window>::count(query_tiles, f.nheads * p.batch);
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < Q_STAGES; ++s) {
@@ -101,6 +121,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             int kv_step = 0, q_step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
                 const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+                if (!w.valid) continue;
                 const Sequence seq = sequence<Var::packed>(f, w.b);
                 const Var var = variant_of<Var>(f, seq, w.b, w.h);
                 int t_first, t_last;
@@ -146,6 +167,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             int kv_step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
                 const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+                if (!w.valid) continue;
                 const Sequence seq = sequence<Var::packed>(f, w.b);
                 const Var var = variant_of<Var>(f, seq, w.b, w.h);
                 int t_first, t_last;
@@ -175,6 +197,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         int kv_step = 0, q_step = 0;
         for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+            if (!w.valid) continue;
             const Sequence seq = sequence<Var::packed>(f, w.b);
             const Var var = variant_of<Var>(f, seq, w.b, w.h);
             int t_first, t_last;

@@ -244,6 +244,29 @@ def test_family_on_hopper(monkeypatch):
 
 
 @pytest.mark.parametrize("bound", [dict(causal=True), dict(window_size=(90, 7))], ids=["causal", "window"])
+@pytest.mark.parametrize("seqlen_q", [300, 512])  # an odd count of query tiles (a middle one alone), an even one
+def test_hopper_forward_pairs_query_tiles(bound, seqlen_q, monkeypatch):
+    """A causal or windowed Hopper forward on fewer blocks than work tiles takes query tiles in pairs over two
+    rounds of its grid, the last rounds part empty: every work tile is computed once, bitwise as on a grid
+    of a block per work tile."""
+    if not cp.cuda.Device().compute_capability.startswith("9"):
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
+    q, k, v, _ = _inputs(batch=2, seqlen_q=seqlen_q, seqlen_k=400, nheads=5, nheads_kv=5)
+
+    def forward(blocks):
+        monkeypatch.setattr(_cuda_backend, "_FORWARD_CALLS", {})
+        monkeypatch.setattr(_cuda_backend, "_multiprocessors", lambda device_id: blocks)
+        assert _forward_sources(monkeypatch, q, k, v, **bound) == ["forward_sm90.cu"]
+        return cupyflash.attention(q, k, v, return_lse=True, **bound)
+
+    (one_out, one_lse), *rest = forward(10 ** 6), forward(4), forward(7)
+    for out, lse in rest:
+        assert not bool(cp.isnan(out).any())
+        assert bitwise_equal(out, one_out) and bitwise_equal(lse, one_lse)
+
+
+@pytest.mark.parametrize("bound", [dict(causal=True), dict(window_size=(90, 7))], ids=["causal", "window"])
 def test_hopper_backward_walks_l2_sections(bound, monkeypatch):
     """A causal or windowed Hopper backward takes its (batch, kv head) pairs in sections that share L2: with
     sections of 3 of 10 pairs (the last one shorter) every key block is computed once, as in one section
