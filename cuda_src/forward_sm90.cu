@@ -93,7 +93,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     constexpr int V_WARP = Var::packed || Var::hides_keys ? 32 : 0;  // its threads
 
     const FwdParams& f = p.fwd;
-    const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M, tiles = WorkTile<Var::window>::count(query_tiles, f.nheads * p.batch);
+    const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int tiles = WorkTile<Var::window>::count(query_tiles, f.nheads * p.batch);
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < Q_STAGES; ++s) {
