@@ -64,20 +64,23 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
         }
 
         const bool needs_mask = kind != INTERIOR;
+        // A scaled product leaves its scale to the exponent's FMA (as TileScores does): one rounding, of
+        // the difference from the row's max, where x = s scale would round every score by |x| eps.
+        const A product_scale = Var::scaled_product ? A(1) : scale_log2, exp_scale = scale_log2 / product_scale;
         auto softmax_step = [&](auto check, const Var& v) {
             constexpr bool CHECK = decltype(check)::value;
             A tile_max = neg_inf<A>();
 #pragma unroll
             for (int jj = 0; jj < COLS_N; ++jj) {
-                s[jj] = v.template score<CHECK, sizeof(T) == 2>(s[jj], scale_log2, i, n0 + c + TPR * jj);
+                s[jj] = v.template score<CHECK, sizeof(T) == 2>(s[jj], product_scale, i, n0 + c + TPR * jj);
                 tile_max = fmax(tile_max, s[jj]);
             }
-            const A alpha = stats.rescale(reduce_max<TPR>(tile_max));
+            const A alpha = stats.rescale(reduce_max<TPR>(tile_max) * exp_scale);
 #pragma unroll
             for (int j = 0; j < COLS_D; ++j) o[j] *= alpha;
 #pragma unroll
             for (int jj = 0; jj < COLS_N; ++jj) {
-                A pr = stats.template prob<CHECK>(s[jj]);
+                A pr = stats.template prob<CHECK>(s[jj], exp_scale);
                 stats.l += pr;
                 if (Var::dropout) pr *= v.keep(i, n0 + c + TPR * jj) ? A(v.dropout_scale) : A(0);
                 sP[r * (BLOCK_N + 1) + c + TPR * jj] = pr;

@@ -34,6 +34,9 @@ struct VariantParams {
     i64 dbias_sb, dbias_sh, dbias_sq, dbias_sk;  // the mask broadcasts), in the accumulation type
 };
 
+// Keys lo ... hi (inclusive; empty when hi < lo) of a row.
+struct KeySpan { int lo, hi; };
+
 // What a tile needs: nothing (SKIP), no element checks (INTERIOR), element checks (EDGE), or element checks
 // of the bounds and the window alone (EDGE_UNMASKED: a bool mask shows every element of it).
 enum TileKind : int { SKIP, INTERIOR, EDGE, EDGE_UNMASKED };
@@ -160,10 +163,17 @@ struct Variant {
     }
 
     // ---- elements
+    // The keys [lo, hi] that row i may see by the bounds and the window (a bool mask may hide more); none
+    // past the end of the queries. Computed once per row, it leaves two compares per element (one
+    // without a window: lo is 0).
+    __device__ __forceinline__ KeySpan key_span(int i) const {
+        const int lo = left >= 0 ? i + offset - left : 0;
+        const int hi = i >= seqlen_q ? -1 : right >= 0 ? min(seqlen_k - 1, i + offset + right) : seqlen_k - 1;
+        return {lo, hi};
+    }
     __device__ __forceinline__ bool visible(int i, int j) const {
-        bool vis = i < seqlen_q && j < seqlen_k;
-        if (left >= 0) vis = vis && j >= i + offset - left;
-        if (right >= 0) vis = vis && j <= i + offset + right;
+        const KeySpan span = key_span(i);
+        bool vis = (!window || j >= span.lo) && j <= span.hi;
         if constexpr (bool_mask) vis = vis && (mask == nullptr || mask[i * mask_sq + j * mask_sk] != 0);
         return vis;
     }
@@ -232,8 +242,9 @@ struct TileScores {
     // u leaves the scale (or the cap) to the exponent: nothing is added to the product or its tanh
     static constexpr bool bare = !CHECK && !Var::alibi && !Var::bias;
     A exp_scale, product_scale, slope, key_base[2], row_base;
+    int col_base;
 
-    __device__ __forceinline__ TileScores(const Var& var, int row0, int n0, int tq, A scale_log2) {
+    __device__ __forceinline__ TileScores(const Var& var, int row0, int n0, int tq, A scale_log2) : col_base(n0 + 2 * tq) {
         if constexpr (CHECK) {
             product_scale = Var::scaled_product ? A(1) : scale_log2;
             exp_scale = scale_log2 / product_scale;
@@ -252,7 +263,14 @@ struct TileScores {
     // u of the product s at row row0 + d, column n0 + 8 jj + 2 tq + ec (row, col: the same, absolute)
     __device__ __forceinline__ A u(const Var& var, A s, int row, int col, int jj, int ec) const {
         if constexpr (CHECK) {
-            return var.template score<true, APPROX>(s, product_scale, row, col);
+            // the row's span relative to this lane's first column, against the column's offset in the
+            // tile, a constant of the unrolled loops (a bool mask's entries: Variant::visible, whose
+            // loads the compiler issues together)
+            if constexpr (Var::bool_mask) return var.template score<true, APPROX>(s, product_scale, row, col);
+            const KeySpan span = var.key_span(row);
+            const int c = 8 * jj + ec;
+            if ((Var::window && c < span.lo - col_base) || c > span.hi - col_base) return neg_inf<A>();
+            return var.template score<false, APPROX>(s, product_scale, row, col);
         } else {
             A x;
             if constexpr (Var::softcap) {
@@ -295,11 +313,6 @@ __device__ __forceinline__ bool is_masked_zero(double x) {
     return __double_as_longlong(x) == (long long)0x8000000000000000ULL;
 }
 
-// Probability of a score s (log2 units) under the row maximum m: -0.0 when the score is -inf.
-template <typename A> __device__ __forceinline__ A prob(A s, A m) {
-    return s == neg_inf<A>() ? masked_zero<A>() : fast_exp2(s - m);
-}
-
 // Renormalized recomputation (wide inputs: float32, float64). p = exp2(x - lse2) carries lse's rounding,
 // |lse| eps, in every probability of the row, where naive attention's exp(x - max) / sum is exact for a
 // one-hot row; at large logits that dominates the gradients' error. The rounding is one factor per row,
@@ -322,8 +335,11 @@ template <bool CHECK, bool APPROX, typename Var, typename A>
 __device__ __forceinline__ A pair_backward(const Var& var, A s, A dp, A scale_log2, A lse2, A row_scale, A delta,
                                            int i, int j, bool keep, A& pd, A& ds, A& dx) {
     A dcap = A(1);
-    const A x = var.template score<CHECK, APPROX>(s, scale_log2, i, j, dcap);
-    A pr = CHECK ? prob(x, lse2) : fast_exp2(x - lse2);
+    // A scaled product leaves its scale to the exponent's FMA, as the forward does (OnlineSoftmax::prob):
+    // one rounding, of the difference from lse, where x = s scale would round every score by |x| eps.
+    const A x = var.template score<CHECK, APPROX>(s, Var::scaled_product ? A(1) : scale_log2, i, j, dcap);
+    const A exponent = Var::scaled_product ? fma(x, scale_log2, -lse2) : x - lse2;
+    A pr = CHECK && x == neg_inf<A>() ? masked_zero<A>() : fast_exp2(exponent);
     if (CHECK && is_masked_zero(pr)) {
         pd = ds = dx = pr;
         return pr;

@@ -166,19 +166,13 @@ def test_exact_scores_within_the_rule(seed, dtype, logit_scale, causal, shape):
     run_exact(seed, dtype, logit_scale, causal, shape)
 
 
-# The CUDA kernels' one departure from the exact-score construction.
-LOG2_UNITS = ("the kernels fold the scale into log2 units, x = s (scale log2 e), which rounds each score (|x| eps) "
-              "where the exact-score construction keeps natural-unit scores exact: in float32 at logits x20 and "
-              "more that is past the floor (in float64 below it)")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["default", "simt"])
-@pytest.mark.parametrize("dtype", [np.float64, pytest.param(np.float32, marks=pytest.mark.xfail(strict=True,
-                                                                                                reason=LOG2_UNITS))])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_cuda_kernels_exact_scores_at_logits_x400(dtype, family, monkeypatch):
-    """The renormalized recomputation on both kernel families that float32 and float64 run on (tensor
-    cores, CUDA cores), each shape of SHAPES, causal and not."""
+    """Both kernel families that float32 and float64 run on (tensor cores, CUDA cores), each shape of
+    SHAPES, causal and not: the renormalized recomputation, and scores whose scale goes into the
+    exponent's FMA (x = s (scale log2 e) would round every exact score by |x| eps)."""
     cp = pytest.importorskip("cupy")
     from cupyflash import _cuda_backend
 
