@@ -147,7 +147,15 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     const int kind = Var::bool_mask ? var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N) : 0;
                     // k's buffer comes back after its s, v's a tile later, after its product
                     if (kv_step >= STAGES) mbar_wait(k_free + stage, free_parity);
-                    if constexpr (Var::bool_mask) kinds[stage] = kind;
+                    if constexpr (Var::bool_mask) {
+                        kinds[stage] = kind;
+                        if (kind == SKIP) {  // nobody reads the tile: its phases complete without a copy
+                            mbar_arrive(k_full + stage);
+                            if (kv_step >= STAGES) mbar_wait(v_free + stage, free_parity);
+                            mbar_arrive(v_full + stage);
+                            continue;
+                        }
+                    }
                     mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
                     for (int c = 0; c < CHUNKS; ++c)
                         tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk, seq.entry,
