@@ -228,7 +228,13 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
         const int kind = Var::bool_mask ? variant_of<Var>(p.bwd.fwd, qs.seq, qs.b, h).tile_kind(m0, BLOCK_M, qs.n0, BLOCK_N)
                                         : 0;
         if (t >= STAGES) mbar_wait(bar.q_free + stage, (t / STAGES - 1) & 1);
-        if constexpr (Var::bool_mask) bar.kinds[stage] = kind;
+        if constexpr (Var::bool_mask) {
+            bar.kinds[stage] = kind;
+            if (kind == SKIP) {  // nobody reads the tile: its phase completes without a copy
+                mbar_arrive(full);
+                continue;
+            }
+        }
         mbar_expect_tx(full, 2 * BLOCK_M * D_TILE * sizeof(T) + 2 * BLOCK_M * sizeof(float));
         for (int c = 0; c < CHUNKS; ++c) {
             tma_load(sm.q(stage) + c * BLOCK_M * 64, p.tma_q, c * 64, q0 + m0, h, entry, full);

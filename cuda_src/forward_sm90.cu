@@ -4,7 +4,8 @@
 // each block has three warpgroups:
 //   producer   (warpgroup 0; one thread issues)  q once, then the K and V tiles of the band into a ring
 //              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier); with a
-//              bool mask, each K tile with its classification (Variant::tile_kind)
+//              bool mask, each K tile with its classification (Variant::tile_kind), and no copy of a tile
+//              the mask hides
 //   V warp     (producer warp 1, for packed batches and variants that hide keys) each V tile once it has
 //              arrived: rows past a packed sequence's end zeroed, and whether a tile that hides some keys
 //              from some rows holds NaN or inf, before handing it to the consumers
