@@ -118,9 +118,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dkdv_simt(const __grid_cons
                 for (int mm = 0; mm < COLS_M; ++mm) {
                     const int im = c + TPR * mm;
                     A pd, ds, dx;
-                    pair_backward<CHECK, APPROX>(v, CHECK && v.visible(m0 + im, j), s[mm], dp[mm], scale_log2, sLse[im],
-                                                 APPROX ? A(1) : sScale[im], sDelta[im], m0 + im, j,
-                                                 Var::dropout && v.keep(m0 + im, j), pd, ds, dx);
+                    pair_backward<CHECK, APPROX>(v, s[mm], dp[mm], scale_log2, sLse[im], APPROX ? A(1) : sScale[im],
+                                                 sDelta[im], m0 + im, j, Var::dropout && v.keep(m0 + im, j), pd, ds, dx);
                     sP[r * LDP + im] = pd;
                     sdX[r * LDP + im] = dx;
                 }
@@ -228,9 +227,8 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
             for (int jj = 0; jj < COLS_N; ++jj) {
                 const int jn = c + TPR * jj;
                 A pd, ds, dx;
-                row_sum += pair_backward<CHECK, APPROX>(v, CHECK && v.visible(i, n0 + jn), s[jj], dp[jj], scale_log2,
-                                                        lse2, A(1), delta_i, i, n0 + jn, Var::dropout && v.keep(i, n0 + jn),
-                                                        pd, ds, dx);
+                row_sum += pair_backward<CHECK, APPROX>(v, s[jj], dp[jj], scale_log2, lse2, A(1), delta_i, i, n0 + jn,
+                                                        Var::dropout && v.keep(i, n0 + jn), pd, ds, dx);
                 sdX[r * LDS + jn] = dx;
                 if (Var::bias && dbias && i < seq.seqlen_q && n0 + jn < seq.seqlen_k && !is_masked_zero(ds))
                     atomicAdd(dbias + i * f.var.dbias_sq + (n0 + jn) * f.var.dbias_sk, ds);

@@ -34,8 +34,8 @@ struct VariantParams {
     i64 dbias_sb, dbias_sh, dbias_sq, dbias_sk;  // the mask broadcasts), in the accumulation type
 };
 
-// Keys of a row, or queries of a key: lo ... hi (inclusive; empty when hi < lo).
-struct Span { int lo, hi; };
+// Keys lo ... hi (inclusive; empty when hi < lo) of a row.
+struct KeySpan { int lo, hi; };
 
 // What a tile needs: nothing (SKIP), no element checks (INTERIOR), element checks (EDGE), or element checks
 // of the bounds and the window alone (EDGE_UNMASKED: a bool mask shows every element of it).
@@ -166,19 +166,13 @@ struct Variant {
     // The keys [lo, hi] that row i may see by the bounds and the window (a bool mask may hide more); none
     // past the end of the queries. Computed once per row, it leaves two compares per element (one
     // without a window: lo is 0).
-    __device__ __forceinline__ Span key_span(int i) const {
+    __device__ __forceinline__ KeySpan key_span(int i) const {
         const int lo = left >= 0 ? i + offset - left : 0;
         const int hi = i >= seqlen_q ? -1 : right >= 0 ? min(seqlen_k - 1, i + offset + right) : seqlen_k - 1;
         return {lo, hi};
     }
-    // Its transpose: the queries [lo, hi] that may see key j (lo is 0 without a window).
-    __device__ __forceinline__ Span query_span(int j) const {
-        const int lo = right >= 0 ? j - offset - right : 0;
-        const int hi = j >= seqlen_k ? -1 : left >= 0 ? min(seqlen_q - 1, j - offset + left) : seqlen_q - 1;
-        return {lo, hi};
-    }
     __device__ __forceinline__ bool visible(int i, int j) const {
-        const Span span = key_span(i);
+        const KeySpan span = key_span(i);
         bool vis = (!window || j >= span.lo) && j <= span.hi;
         if constexpr (bool_mask) vis = vis && (mask == nullptr || mask[i * mask_sq + j * mask_sk] != 0);
         return vis;
@@ -233,18 +227,6 @@ struct Variant {
     }
 };
 
-// A span shifted to start from base: its bounds against a fragment element's offset from base (a constant
-// of the unrolled loops) leave two compares per element.
-__device__ __forceinline__ Span relative(Span span, int base) { return {span.lo - base, span.hi - base}; }
-// Whether query i may see key j, from the span (relative to the fragment's base) that holds j's offset c
-// along the other axis; a bool mask's entries through Variant::visible, whose loads the compiler issues
-// together.
-template <typename Var>
-__device__ __forceinline__ bool visible_in_tile(const Var& var, int i, int j, Span span, int c) {
-    if constexpr (Var::bool_mask) return var.visible(i, j);
-    return (!Var::window || c >= span.lo) && c <= span.hi;
-}
-
 // The scores of a key tile as the forward's online softmax takes them (softmax.cuh): in log2 units,
 // score(i, j) = exp_scale u(i, j) + shift(i), with the least work per element in u; exp_scale and shift go
 // into the exponent's FMA. On a tile without element checks:
@@ -281,8 +263,14 @@ struct TileScores {
     // u of the product s at row row0 + d, column n0 + 8 jj + 2 tq + ec (row, col: the same, absolute)
     __device__ __forceinline__ A u(const Var& var, A s, int row, int col, int jj, int ec) const {
         if constexpr (CHECK) {
-            const bool vis = visible_in_tile(var, row, col, relative(var.key_span(row), col_base), 8 * jj + ec);
-            return vis ? var.template score<false, APPROX>(s, product_scale, row, col) : neg_inf<A>();
+            // the row's span relative to this lane's first column, against the column's offset in the
+            // tile, a constant of the unrolled loops (a bool mask's entries: Variant::visible, whose
+            // loads the compiler issues together)
+            if constexpr (Var::bool_mask) return var.template score<true, APPROX>(s, product_scale, row, col);
+            const KeySpan span = var.key_span(row);
+            const int c = 8 * jj + ec;
+            if ((Var::window && c < span.lo - col_base) || c > span.hi - col_base) return neg_inf<A>();
+            return var.template score<false, APPROX>(s, product_scale, row, col);
         } else {
             A x;
             if constexpr (Var::softcap) {
@@ -342,17 +330,16 @@ template <typename A> __device__ __forceinline__ A row_renormalizer(A sum, A lse
 // The per-element backward of one (query i, key j) pair: from the raw products s = q.k and
 // dp = dout.v, the dropped probability pd (for dv) and the score gradients ds (for dbias) and
 // dx = ds dcap (for dq, dk); returns the probability before dropout. row_scale: the row's renormalizer
-// (1 where the dQ pass has not found it yet, and for 16-bit inputs). CHECK: vis says whether i may see j
-// (the caller's Variant::visible, or a span it holds); masked pairs give -0.0 everywhere.
+// (1 where the dQ pass has not found it yet, and for 16-bit inputs). Masked pairs give -0.0 everywhere.
 template <bool CHECK, bool APPROX, typename Var, typename A>
-__device__ __forceinline__ A pair_backward(const Var& var, bool vis, A s, A dp, A scale_log2, A lse2, A row_scale,
-                                           A delta, int i, int j, bool keep, A& pd, A& ds, A& dx) {
+__device__ __forceinline__ A pair_backward(const Var& var, A s, A dp, A scale_log2, A lse2, A row_scale, A delta,
+                                           int i, int j, bool keep, A& pd, A& ds, A& dx) {
     A dcap = A(1);
     // A scaled product leaves its scale to the exponent's FMA, as the forward does (OnlineSoftmax::prob):
     // one rounding, of the difference from lse, where x = s scale would round every score by |x| eps.
-    const A x = var.template score<false, APPROX>(s, Var::scaled_product ? A(1) : scale_log2, i, j, dcap);
+    const A x = var.template score<CHECK, APPROX>(s, Var::scaled_product ? A(1) : scale_log2, i, j, dcap);
     const A exponent = Var::scaled_product ? fma(x, scale_log2, -lse2) : x - lse2;
-    A pr = CHECK && (!vis || x == neg_inf<A>()) ? masked_zero<A>() : fast_exp2(exponent);
+    A pr = CHECK && x == neg_inf<A>() ? masked_zero<A>() : fast_exp2(exponent);
     if (CHECK && is_masked_zero(pr)) {
         pd = ds = dx = pr;
         return pr;
@@ -401,8 +388,6 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4]
     // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane and of
     // its neighbour lane ^ 4 (key0 ^ 1), in bytes 2 er + key0 % 2 of its word (key0 % 64) / 16.
     const int word_index = (key0 & 63) >> 4;
-    const Span query_spans[2] = {relative(var.query_span(key0), m0 + 2 * tq),
-                                 relative(var.query_span(key0 + 8), m0 + 2 * tq)};
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
         unsigned words[2];  // of query columns ec = 0, 1
@@ -428,8 +413,7 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4]
                 const int e = 2 * er + ec, key = key0 + 8 * er;
                 const bool kept = Var::dropout && dropout_byte(words[ec], er, g & 1) >= var.threshold;
                 A pd, ds, dx;
-                pair_backward<CHECK, APPROX>(var, CHECK && visible_in_tile(var, m0 + im, key, query_spans[er], 8 * j + ec),
-                                             st[j][e], dpt[j][e], scale_log2, lse2[im], APPROX ? A(1) : row_scale[im],
+                pair_backward<CHECK, APPROX>(var, st[j][e], dpt[j][e], scale_log2, lse2[im], APPROX ? A(1) : row_scale[im],
                                              delta[im], m0 + im, key, kept, pd, ds, dx);
                 st[j][e] = pd;
                 dpt[j][e] = dx;
@@ -449,7 +433,6 @@ __device__ __forceinline__ void query_rows_backward(const Var& var, A (&s)[NT][4
                                                     int tq, A scale_log2, const A (&lse2)[2], const A (&delta)[2],
                                                     A* dbias, i64 dbias_sq, i64 dbias_sk, A* row_sum = nullptr) {
     constexpr int NG = NT < 8 ? NT : 8;  // 8-wide tiles per 64-column dropout group
-    const Span key_spans[2] = {relative(var.key_span(row0), n0 + 2 * tq), relative(var.key_span(row0 + 8), n0 + 2 * tq)};
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -464,8 +447,7 @@ __device__ __forceinline__ void query_rows_backward(const Var& var, A (&s)[NT][4
                     const int e = 2 * r + ec, col = n0 + j * 8 + 2 * tq + ec;
                     const bool kept = Var::dropout && (NT % 8 == 0 ? var.keep_at(words, j - j0, ec) : var.keep(words, col));
                     A pd, ds, dx;
-                    const A pr = pair_backward<CHECK, APPROX>(var, CHECK && visible_in_tile(var, row, col, key_spans[r], 8 * j + ec),
-                                                              s[j][e], dp[j][e], scale_log2, lse2[r], A(1), delta[r],
+                    const A pr = pair_backward<CHECK, APPROX>(var, s[j][e], dp[j][e], scale_log2, lse2[r], A(1), delta[r],
                                                               row, col, kept, pd, ds, dx);
                     if constexpr (!APPROX) row_sum[r] += pr;
                     s[j][e] = pd;
