@@ -35,27 +35,47 @@
 // visits about i + 1 key tiles: tiles T - 1 - i and i go as a pair, T + 1 key tiles between them, the long
 // one in a round of the grid and the short one in the next, so that the blocks stay balanced; a head's
 // pairs are neighbours, so that the blocks running side by side share its K and V. A grid of a block per
-// work tile takes them one each.
-template <bool BOUNDED>
+// work tile takes them one each. A packed batch walks the host's list of its sequences, longest first
+// (FwdParamsSm90::work), each head's query tiles last first: only tiles that hold queries, which the blocks
+// take as they free up (Schedule), the shortest last.
+template <typename Var>
 struct WorkTile {
+    static constexpr bool BOUNDED = Var::window && !Var::packed;
     int m0, h, b;
     bool valid = true;  // the last rounds of pairs, and a middle tile's mirror, leave slots empty
 
     __device__ static bool paired(int query_tiles, int heads) { return BOUNDED && query_tiles * heads > gridDim.x; }
     // The bound of the persistent blocks' loop over `tile`.
-    __device__ static int count(int query_tiles, int heads) {
+    __device__ static int count(const FwdParamsSm90& p, int query_tiles) {
+        if (Var::packed) return p.work[p.batch];
+        const int heads = p.fwd.nheads * p.batch;
         if (!paired(query_tiles, heads)) return query_tiles * heads;
         const int pairs = (query_tiles + 1) / 2 * heads;
         return 2 * ((pairs + gridDim.x - 1) / gridDim.x) * gridDim.x;
     }
-    __device__ WorkTile(int tile, int query_tiles, int block_m, int nheads, int batch) {
-        int query_tile = tile % query_tiles, head = tile / query_tiles;  // head: h + nheads * b
-        if (paired(query_tiles, nheads * batch)) {
-            const int round = tile / gridDim.x, unit = round / 2 * gridDim.x + tile % gridDim.x;
-            const int pairs = (query_tiles + 1) / 2, pair = unit % pairs;
-            head = unit / pairs;
-            query_tile = round % 2 == 0 ? query_tiles - 1 - pair : pair;
-            valid = head < nheads * batch && (round % 2 == 0 || 2 * pair + 1 != query_tiles);
+    __device__ WorkTile(const FwdParamsSm90& p, int tile, int query_tiles, int block_m) {
+        const int nheads = p.fwd.nheads;
+        int query_tile, head;  // head: h + nheads * b
+        if constexpr (Var::packed) {
+            int lo = 0, hi = p.batch;  // the listed sequence whose tiles hold `tile`: work[lo] <= tile < work[hi]
+            while (hi - lo > 1) {
+                const int mid = (lo + hi) / 2;
+                (p.work[mid] <= tile ? lo : hi) = mid;
+            }
+            const int first = p.work[lo];
+            query_tiles = (p.work[lo + 1] - first) / nheads;
+            query_tile = query_tiles - 1 - (tile - first) % query_tiles;
+            head = (tile - first) / query_tiles + nheads * p.work[p.batch + 1 + lo];
+        } else {
+            query_tile = tile % query_tiles;
+            head = tile / query_tiles;
+            if (paired(query_tiles, nheads * p.batch)) {
+                const int round = tile / gridDim.x, unit = round / 2 * gridDim.x + tile % gridDim.x;
+                const int pairs = (query_tiles + 1) / 2, pair = unit % pairs;
+                head = unit / pairs;
+                query_tile = round % 2 == 0 ? query_tiles - 1 - pair : pair;
+                valid = head < nheads * p.batch && (round % 2 == 0 || 2 * pair + 1 != query_tiles);
+            }
         }
         m0 = query_tile * block_m;
         h = head % nheads;
@@ -63,9 +83,52 @@ struct WorkTile {
     }
 };
 
+// A block's work tiles in turn, -1 past its last: a stride of the grid over them, or (DYNAMIC, a packed batch)
+// taken one at a time from the counter of FwdParamsSm90::work by the producer, which hands each to the V warp
+// and the consumers through a ring of SCHEDULE_SLOTS in shared memory. A packed batch's tiles take times as
+// varied as its sequences' lengths: at a stride the blocks ended 8% (non-causal) to 24% (causal) apart in a
+// model of a batch of lengths 128-4096; taken as they free up, the longest first, about 0.1%. (Dense causal
+// tiles taken so, in sections of heads whose K and V fit in L2 instead of in pairs, measured 1-14% slower at
+// 1k-8k, the more so the wider the head.)
+constexpr int SCHEDULE_SLOTS = 2;
+template <bool DYNAMIC>
+struct Schedule {
+    int* slots;
+    unsigned long long* full;  // [SCHEDULE_SLOTS]: the producer has written the slot
+    unsigned long long* free;  // [SCHEDULE_SLOTS]: every reader has read it
+    int count, step = 0;
+    int taken = 0;  // the producer's next tile, taken a tile ahead: a take's round trip to L2 at a tile's start
+                    // stalled the short ones
+
+    __device__ int produce(const FwdParamsSm90& p) {
+        int tile = blockIdx.x + step * gridDim.x;
+        if constexpr (DYNAMIC) {
+            const int slot = step % SCHEDULE_SLOTS;
+            if (step >= SCHEDULE_SLOTS) mbar_wait(free + slot, (step / SCHEDULE_SLOTS - 1) & 1);
+            if (step > 0) tile = taken;
+            if (tile < count) taken = gridDim.x + atomicAdd(p.work + 2 * p.batch + 1, 1);
+            slots[slot] = tile < count ? tile : -1;
+            mbar_arrive(full + slot);
+        }
+        ++step;
+        return tile < count ? tile : -1;
+    }
+    __device__ int consume() {
+        int tile = blockIdx.x + step * gridDim.x;
+        if constexpr (DYNAMIC) {
+            const int slot = step % SCHEDULE_SLOTS;
+            mbar_wait(full + slot, (step / SCHEDULE_SLOTS) & 1);
+            tile = slots[slot];
+            mbar_arrive(free + slot);
+        }
+        ++step;
+        return tile < count ? tile : -1;
+    }
+};
+
 // The key tiles [first, last) of a work tile: none past the end of a packed sequence's queries.
 template <typename Var, int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& seq, const WorkTile<Var::window>& w,
+__device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& seq, const WorkTile<Var>& w,
                                           int& first, int& last) {
     variant_of<Var>(f, seq, w.b, w.h).template key_tiles<BLOCK_M, BLOCK_N>(w.m0, first, last);
     if (Var::packed && w.m0 >= seq.seqlen_q) last = first;
@@ -89,13 +152,17 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* k_free = v_full + STAGES;  // [STAGES]: every consumer thread arrives
     unsigned long long* v_free = k_free + STAGES;  // [STAGES]: every consumer thread arrives (and the V warp's)
     unsigned long long* v_clean = v_free + STAGES; // [STAGES]: the V warp is done with the tile
-    int* kinds = reinterpret_cast<int*>(v_clean + STAGES);  // [STAGES]: bool mask, the key tile's TileKind
+    unsigned long long* sched_full = v_clean + STAGES;  // [SCHEDULE_SLOTS]
+    unsigned long long* sched_free = sched_full + SCHEDULE_SLOTS;  // [SCHEDULE_SLOTS]
+    int* kinds = reinterpret_cast<int*>(sched_free + SCHEDULE_SLOTS);  // [STAGES]: bool mask, the key tile's TileKind
     int* v_scan = kinds + STAGES;  // [STAGES]: the V warp found NaN or inf in a tile that hides keys
+    int* sched_slots = v_scan + STAGES;  // [SCHEDULE_SLOTS]
     constexpr int V_WARP = Var::packed || Var::hides_keys ? 32 : 0;  // its threads
+    constexpr bool DYNAMIC = Var::packed;
 
     const FwdParams& f = p.fwd;
     const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M;
-    const int tiles = WorkTile<Var::window>::count(query_tiles, f.nheads * p.batch);
+    Schedule<DYNAMIC> schedule{sched_slots, sched_full, sched_free, WorkTile<Var>::count(p, query_tiles)};
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < Q_STAGES; ++s) {
@@ -109,6 +176,10 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             mbar_init(v_free + s, CONSUMERS + V_WARP);
             if (V_WARP) mbar_init(v_clean + s, V_WARP);
         }
+        for (int s = 0; DYNAMIC && s < SCHEDULE_SLOTS; ++s) {
+            mbar_init(sched_full + s, 1);
+            mbar_init(sched_free + s, CONSUMERS + V_WARP);
+        }
         mbar_fence_init();
     }
     __syncthreads();
@@ -121,8 +192,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         regs_release<40>();  // 128 x 128 registers freed here make the consumers' 256 x 64 more
         if (threadIdx.x == 0) {
             int kv_step = 0, q_step = 0;
-            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+            for (int tile = schedule.produce(p); tile >= 0; tile = schedule.produce(p)) {
+                const WorkTile<Var> w(p, tile, query_tiles, BLOCK_M);
                 if (!w.valid) continue;
                 const Sequence seq = sequence<Var::packed>(f, w.b);
                 const Var var = variant_of<Var>(f, seq, w.b, w.h);
@@ -175,8 +246,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             // where it holds NaN or inf. Scanned here, off the consumers' path, once it has arrived.
             const int lane = threadIdx.x % 32;
             int kv_step = 0;
-            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+            for (int tile = schedule.consume(); tile >= 0; tile = schedule.consume()) {
+                const WorkTile<Var> w(p, tile, query_tiles, BLOCK_M);
                 if (!w.valid) continue;
                 const Sequence seq = sequence<Var::packed>(f, w.b);
                 const Var var = variant_of<Var>(f, seq, w.b, w.h);
@@ -205,8 +276,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         regs_claim<232>();
         const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
         int kv_step = 0, q_step = 0;
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            const WorkTile<Var::window> w(tile, query_tiles, BLOCK_M, f.nheads, p.batch);
+        for (int tile = schedule.consume(); tile >= 0; tile = schedule.consume()) {
+            const WorkTile<Var> w(p, tile, query_tiles, BLOCK_M);
             if (!w.valid) continue;
             const Sequence seq = sequence<Var::packed>(f, w.b);
             const Var var = variant_of<Var>(f, seq, w.b, w.h);

@@ -92,6 +92,10 @@ struct __align__(64) TensorMap {
 struct FwdParamsSm90 {
     TensorMap tma_q, tma_k, tma_v;
     FwdParams fwd;
+    // A packed batch: its sequences in the order their work tiles go, work[i] the first tile of the i-th
+    // (query tiles x nheads of them, query tile fastest), work[batch] the count, work[batch + 1 + i] its index
+    // in the batch, and work[2 * batch + 1] a counter of the tiles taken, zero at the launch. Null when dense.
+    int* work;
     int batch;
 };
 

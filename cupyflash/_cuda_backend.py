@@ -261,6 +261,16 @@ def _packed(spec):
 
 
 
+def _packed_work(spec, block_m):
+    """FwdParamsSm90::work of a packed batch on the current device, a new one per launch (its counter): the
+    sequences longest first (a work tile's time grows with its keys), so that the persistent blocks, which
+    take the tiles as they free up, end on short ones."""
+    queries, keys = np.diff(spec.cu_seqlens_q), np.diff(spec.cu_seqlens_k)
+    order = np.lexsort((-queries, -keys))
+    tiles = -(-queries[order] // block_m) * spec.nheads
+    return cupy.asarray(np.concatenate(([0], np.cumsum(tiles), order, [0])).astype(np.int32))
+
+
 def forward(q, k, v, spec):
     """(out, lse) of (batch, seqlen, heads, headdim) q, k, v; a packed batch (spec.varlen) comes as one batch
     entry of all its rows, and its lse is (nheads, total_q)."""
@@ -337,12 +347,13 @@ def _forward_call(spec, device_id, q, k, v, out, lse):
         _, block_m, block_n = _plan.sm90_tiles(spec.headdim)
         map_rows = (block_m, block_n, block_n)
         maps = tuple(_tma.tensor_map(x, dtype, rows) for x, rows in zip((q, k, v), map_rows))
-        params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, spec.batch), tuple(f"fwd.{m}" for m in _FWD_ADDRESSES),
-                              ("tma_q", "tma_k", "tma_v"))
+        listed = None if packed is None else _packed_work(spec, block_m)
+        params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, _ptr(listed), spec.batch),
+                              tuple(f"fwd.{m}" for m in _FWD_ADDRESSES), ("tma_q", "tma_k", "tma_v"))
         # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
         work = math.ceil(spec.seqlen_q / launch.block_rows) * spec.nheads * spec.batch
         return _Call(((launch, (min(work, _multiprocessors(device_id)), 1, 1)),), params, var_type, map_rows, (),
-                     (mask_cells, packed), reads_row_flags=False)
+                     (mask_cells, packed, listed), reads_row_flags=False)
     launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit, **_math())
     grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
     return _Call(((launch, grid),), _Readdressed(FWD_PARAMS, fwd, _FWD_ADDRESSES), var_type, (), (), (mask_cells, packed))

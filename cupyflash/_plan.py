@@ -133,6 +133,7 @@ def forward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False):
 #: The Hopper family: sm_90a code (wgmma, setmaxnreg) for compute capability 9.x.
 SM90_OPTIONS = (*OPTIONS, "-arch=sm_90a")
 SM90_STAGES = 2
+SM90_SCHEDULE_SLOTS = 2  # forward_sm90.cu's SCHEDULE_SLOTS
 
 
 def sm90_tiles(headdim):
@@ -153,7 +154,8 @@ def forward_sm90(dtype, headdim, var):
     d, block_m, block_n = sm90_tiles(headdim)
     limit = SMEM_LIMITS[(9, 0)]
     smem = lambda q_stages: (2 * (q_stages * block_m + 2 * SM90_STAGES * block_n) * d
-                             + 8 * (2 * q_stages + 5 * SM90_STAGES) + 2 * 4 * SM90_STAGES  # barriers; kinds, V flags
+                             + 8 * (2 * q_stages + 5 * SM90_STAGES + 2 * SM90_SCHEDULE_SLOTS)  # barriers
+                             + 4 * (2 * SM90_STAGES + SM90_SCHEDULE_SLOTS)  # kinds, V flags, schedule
                              + 1024)  # swizzle-atom alignment
     q_stages = 2 if smem(2) <= limit else 1
     name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {SM90_STAGES}, {q_stages}, {var}>"
