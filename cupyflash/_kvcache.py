@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import typing
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
@@ -96,6 +97,20 @@ def _host_ints(arrays, one_copy):
     return [None if x is None else np.asarray(read.get(id(x), x)).astype(np.int64) for x in arrays]
 
 
+class _Form(typing.NamedTuple):
+    """What a call's arrays' kinds, shapes and dtypes and its scalars say (_check_form): ``spec`` with the
+    cache's capacity for seqlen_k, and what the lengths and the page table are checked against."""
+    spec: Spec
+    seqlens_is_int: bool
+    seqlen_new: int
+    page_size: int
+    capacity: int
+    capacity_words: str
+    num_blocks: int  # 0: contiguous
+    num_splits: int
+    specs: dict  # spec by its seqlen_k (the longest L_b), the same object for the later calls of a loop
+
+
 def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None, causal=False,
                scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, num_splits=0, writes=True,
                mixed_ok=False):
@@ -106,6 +121,15 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, b
     whatever the other arrays are. ``writes=False`` (the reference, which writes nothing) does not
     ask for writeable caches; ``mixed_ok`` allows NumPy and CuPy arrays together.
     """
+    form = _check_form(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                       causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                       alibi_slopes=alibi_slopes, num_splits=num_splits, writes=writes, mixed_ok=mixed_ok)
+    return _check_values(fn, form, cache_seqlens, block_table, one_copy=not mixed_ok)
+
+
+def _check_form(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, causal, scale, window_size, softcap,
+                alibi_slopes, num_splits, writes, mixed_ok):
+    """check_call's checks that read no length and no page id: its _Form."""
     if (k is None) != (v is None):
         given, missing = ("k", "v") if v is None else ("v", "k")
         _fail(ValueError, fn, missing, f"must be given with {given} (both or neither)", None)
@@ -198,12 +222,23 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, b
     if num_splits < 0:
         _fail(ValueError, fn, "num_splits", "must be >= 0 (0 = automatic)", num_splits)
 
-    # The values: read to the host only now that everything else holds.
-    lengths, table = _host_ints([None if seqlens_is_int else cache_seqlens, block_table], one_copy=not mixed_ok)
+    if cache_seqlens is None and seqlen_new:
+        _fail(ValueError, fn, "cache_seqlens", f"must be given with k and v (None means every cache is full, "
+              f"{capacity} keys, leaving no room for seqlen_new={seqlen_new})", None)
+    spec = Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q, seqlen_k=capacity, nheads=nheads,
+                nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
+                alibi_slopes=slopes)
+    return _Form(spec, seqlens_is_int, seqlen_new, page_size, capacity, capacity_words,
+                 num_blocks if paged else 0, num_splits, {})
+
+
+def _check_values(fn, form, cache_seqlens, block_table, one_copy):
+    """check_call's checks of the lengths and page ids, read to the host only now that everything else
+    holds: the Call."""
+    batch, seqlen_new, page_size, capacity = form.spec.batch, form.seqlen_new, form.page_size, form.capacity
+    seqlens_is_int, capacity_words, num_blocks = form.seqlens_is_int, form.capacity_words, form.num_blocks
+    lengths, table = _host_ints([None if seqlens_is_int else cache_seqlens, block_table], one_copy=one_copy)
     if cache_seqlens is None:
-        if seqlen_new:
-            _fail(ValueError, fn, "cache_seqlens", f"must be given with k and v (None means every cache is full, "
-                  f"{capacity} keys, leaving no room for seqlen_new={seqlen_new})", None)
         lengths = np.full(batch, capacity, np.int64)
     elif seqlens_is_int:
         lengths = np.full(batch, int(cache_seqlens), np.int64)
@@ -213,7 +248,7 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, b
             _fail(ValueError, fn, name, "must be >= 0", length)
         _fail(ValueError, fn, f"{name} + seqlen_new", f"must be at most the cache's capacity per sequence, "
               f"{capacity_words} = {capacity}", f"{length} + {seqlen_new} = {length + seqlen_new}")
-    if paged:
+    if block_table is not None:
         needed = -(-(lengths + seqlen_new) // page_size)  # pages holding positions < L_b
         bad = (np.arange(table.shape[1]) < needed[:, None]) & ((table < 0) | (table >= num_blocks))
         if bad.any():
@@ -222,11 +257,14 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, b
                   f"(sequence {b} uses {needed[b]} pages)", int(table[b, j]))
     else:
         table = np.arange(batch, dtype=np.int64)[:, None]
-    spec = Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q,
-                seqlen_k=int((lengths + seqlen_new).max()), nheads=nheads, nheads_kv=nheads_kv, headdim=headdim,
-                scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=slopes)
+    longest = int((lengths + seqlen_new).max())
+    spec = form.specs.get(longest)
+    if spec is None:
+        if len(form.specs) >= 8:
+            form.specs.clear()
+        spec = form.specs[longest] = dataclasses.replace(form.spec, seqlen_k=longest)
     return Call(spec=spec, seqlen_new=seqlen_new, page_size=page_size, pages=table, cache_seqlens=lengths,
-                num_splits=num_splits)
+                num_splits=form.num_splits)
 
 
 def _bits(x):
@@ -339,18 +377,30 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
 
 def _checked(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, causal, scale, window_size, softcap,
              alibi_slopes, num_splits):
-    """check_call's Call, reused for a call whose check depends on nothing but what it checked before (an int
-    or None cache_seqlens, no block table; alibi_slopes by its address too, which the Call keeps): a decoding
-    loop checks its arguments once, not at every token."""
-    key = None
-    if block_table is None and (cache_seqlens is None or type(cache_seqlens) is int):
-        key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes),
-                                  (fn, cache_seqlens, causal, scale, window_size, softcap, num_splits))
-        if key is not None and alibi_slopes is not None:
-            key += (alibi_slopes.data.ptr,)
-    return _validate.memoized(key, lambda: check_call(
-        fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
-        scale=scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits))
+    """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes by
+    its address too, which the Spec keeps): a decoding loop checks its arguments once, not at every token,
+    and only the values of its lengths and page table (when it passes arrays) at each."""
+    def form():
+        return _check_form(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                           causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                           alibi_slopes=alibi_slopes, num_splits=num_splits, writes=True, mixed_ok=False)
+
+    read = block_table is not None or not (cache_seqlens is None or type(cache_seqlens) is int)
+    key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes),
+                              (fn, read, None if read else cache_seqlens, causal, scale, window_size, softcap,
+                               num_splits, *(_layout(x) for x in (cache_seqlens, block_table) if read)))
+    if key is not None and alibi_slopes is not None:
+        key += (alibi_slopes.data.ptr,)
+    if not read:  # the whole verdict
+        return _validate.memoized(key, lambda: _check_values(fn, form(), cache_seqlens, None, one_copy=True))
+    return _check_values(fn, _validate.memoized(key, form), cache_seqlens, block_table, one_copy=True)
+
+
+def _layout(x):
+    """What _check_form reads of a lengths or page-table argument: its kind, and an array's shape and dtype."""
+    if x is None or isinstance(x, (numbers.Integral, np.integer)):
+        return type(x)
+    return type(x), getattr(getattr(x, "device", None), "id", None), getattr(x, "shape", None), getattr(x, "dtype", None)
 
 
 def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table):
@@ -368,7 +418,7 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
         device_lengths, uniform = None, int(cached[0])
     else:
         device_lengths, uniform = cupy.asarray(cached.astype(np.int32)), 0
-    table = None if block_table is None else cupy.ascontiguousarray(cupy.asarray(block_table))
+    table = None if block_table is None else _device_table(block_table)
     lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
     with q.device:
         backend._device_info(q.device.id)  # the kernels' own refusals, before anything is written
@@ -378,6 +428,27 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
         if backend.can_decode(spec, k_cache, v_cache, call.num_splits):
             return backend.decode(q, k_cache, v_cache, spec, lengths, call.num_splits)
         return _by_sequence(backend, call, q, k_cache, v_cache, cupy)
+
+
+#: Device copies of NumPy page tables by (device, shape, contents): a decoding loop's table changes only
+#: when a sequence takes a new page, and a copy per call cost more host time than the rest of the call.
+_TABLES = {}
+_TABLES_MAX = 16
+
+
+def _device_table(block_table):
+    """block_table (checked) as a contiguous CuPy array on the current device."""
+    import cupy
+
+    if array_kind(block_table) == "cupy":
+        return cupy.ascontiguousarray(block_table)
+    key = (cupy.cuda.Device().id, block_table.shape, block_table.tobytes())
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.clear()
+        table = _TABLES[key] = cupy.asarray(np.ascontiguousarray(block_table))
+    return table
 
 
 def _by_sequence(backend, call, q, k_cache, v_cache, xp):

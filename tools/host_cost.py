@@ -12,6 +12,7 @@ import time
 
 import cupy as cp
 import ml_dtypes
+import numpy as np
 
 import cupyflash
 
@@ -24,10 +25,13 @@ def main(calls_per_case=1000, rows=14):
     q, k, v, dout = (draw((1, 128, 2, 64)) for _ in range(4))
     out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
     cache, query = draw((1, 1024, 2, 128)), draw((1, 1, 8, 128))
+    pages, table = draw((8, 256, 2, 128)), np.array([[5, 2, 7, 0]], np.int32)  # 1024 rows in 4 pages of 256
     cases = {
         "attention": lambda: cupyflash.attention(q, k, v, causal=True),
         "attention_backward": lambda: cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True),
         "attention_with_kvcache": lambda: cupyflash.attention_with_kvcache(query, cache, cache, cache_seqlens=1000),
+        "attention_with_kvcache, paged (NumPy block_table)": lambda: cupyflash.attention_with_kvcache(
+            query, pages, pages, cache_seqlens=1000, block_table=table),
     }
     for name, call in cases.items():
         for _ in range(20):  # compile and warm
