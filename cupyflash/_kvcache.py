@@ -14,8 +14,9 @@ runs alone through the backend's dense forward (as :mod:`cupyflash._varlen` does
 view of the cache when they lie on one page, its pages gathered in order otherwise. ``num_splits``
 chunks of those keys run one after another and combine with :func:`~cupyflash.merge_attention`.
 
-A decoding loop checks its arguments once: a call whose check depends only on what an earlier call
-checked (no lengths or page table to read) reuses that verdict.
+A decoding loop checks its arguments' shapes, dtypes and scalars once per signature, and the values
+of its lengths and page table (when it passes arrays) at each call; a NumPy page table is copied to
+the device once per contents.
 """
 from __future__ import annotations
 
