@@ -235,30 +235,26 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, ca
 
 def _check_values(fn, form, cache_seqlens, block_table, one_copy):
     """check_call's checks of the lengths and page ids, read to the host only now that everything else
-    holds: the Call."""
+    holds: the Call. One length for every sequence (an int or None, a decoding loop's usual call) is
+    checked as a number, and its pages as the table's first columns."""
     batch, seqlen_new, page_size, capacity = form.spec.batch, form.seqlen_new, form.page_size, form.capacity
-    seqlens_is_int, capacity_words, num_blocks = form.seqlens_is_int, form.capacity_words, form.num_blocks
-    lengths, table = _host_ints([None if seqlens_is_int else cache_seqlens, block_table], one_copy=one_copy)
-    if cache_seqlens is None:
-        lengths = np.full(batch, capacity, np.int64)
-    elif seqlens_is_int:
-        lengths = np.full(batch, int(cache_seqlens), np.int64)
-    for b in np.flatnonzero((lengths < 0) | (lengths + seqlen_new > capacity))[:1]:  # the first wrong one
-        name, length = "cache_seqlens" if seqlens_is_int else f"cache_seqlens[{b}]", int(lengths[b])
-        if length < 0:
-            _fail(ValueError, fn, name, "must be >= 0", length)
-        _fail(ValueError, fn, f"{name} + seqlen_new", f"must be at most the cache's capacity per sequence, "
-              f"{capacity_words} = {capacity}", f"{length} + {seqlen_new} = {length + seqlen_new}")
-    if block_table is not None:
-        needed = -(-(lengths + seqlen_new) // page_size)  # pages holding positions < L_b
-        bad = (np.arange(table.shape[1]) < needed[:, None]) & ((table < 0) | (table >= num_blocks))
-        if bad.any():
-            b, j = np.argwhere(bad)[0]
-            _fail(ValueError, fn, f"block_table[{b}, {j}]", f"must be a page id in [0, num_blocks={num_blocks}) "
-                  f"(sequence {b} uses {needed[b]} pages)", int(table[b, j]))
+    num_blocks = form.num_blocks
+    lengths, table = _host_ints([None if form.seqlens_is_int else cache_seqlens, block_table], one_copy=one_copy)
+    if lengths is None:
+        length = capacity if cache_seqlens is None else int(cache_seqlens)
+        if length < 0 or length + seqlen_new > capacity:
+            _check_lengths(fn, form, np.array([length]), "cache_seqlens")
+        lengths, longest = np.full(batch, length, np.int64), length + seqlen_new
+        used = table[:, :-(-longest // page_size)] if table is not None else None
+        if used is not None and used.size and (used.min() < 0 or used.max() >= num_blocks):
+            _check_pages(fn, form, lengths, table)
     else:
+        _check_lengths(fn, form, lengths, None)
+        if table is not None:
+            _check_pages(fn, form, lengths, table)
+        longest = int(lengths.max()) + seqlen_new
+    if table is None:
         table = np.arange(batch, dtype=np.int64)[:, None]
-    longest = int((lengths + seqlen_new).max())
     spec = form.specs.get(longest)
     if spec is None:
         if len(form.specs) >= 8:
@@ -266,6 +262,28 @@ def _check_values(fn, form, cache_seqlens, block_table, one_copy):
         spec = form.specs[longest] = dataclasses.replace(form.spec, seqlen_k=longest)
     return Call(spec=spec, seqlen_new=seqlen_new, page_size=page_size, pages=table, cache_seqlens=lengths,
                 num_splits=form.num_splits)
+
+
+def _check_lengths(fn, form, lengths, name):
+    """Each length >= 0 and within the capacity with the new rows; `name` for one length shared by every
+    sequence, else cache_seqlens[b] of the first wrong one."""
+    seqlen_new, capacity = form.seqlen_new, form.capacity
+    for b in np.flatnonzero((lengths < 0) | (lengths + seqlen_new > capacity))[:1]:  # the first wrong one
+        name, length = name or f"cache_seqlens[{b}]", int(lengths[b])
+        if length < 0:
+            _fail(ValueError, fn, name, "must be >= 0", length)
+        _fail(ValueError, fn, f"{name} + seqlen_new", f"must be at most the cache's capacity per sequence, "
+              f"{form.capacity_words} = {capacity}", f"{length} + {seqlen_new} = {length + seqlen_new}")
+
+
+def _check_pages(fn, form, lengths, table):
+    """Every page a sequence uses (those holding its positions < L_b) is a page id."""
+    needed = -(-(lengths + form.seqlen_new) // form.page_size)
+    bad = (np.arange(table.shape[1]) < needed[:, None]) & ((table < 0) | (table >= form.num_blocks))
+    if bad.any():
+        b, j = np.argwhere(bad)[0]
+        _fail(ValueError, fn, f"block_table[{b}, {j}]", f"must be a page id in [0, num_blocks={form.num_blocks}) "
+              f"(sequence {b} uses {needed[b]} pages)", int(table[b, j]))
 
 
 def _bits(x):
