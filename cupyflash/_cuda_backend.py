@@ -343,8 +343,8 @@ def _forward_call(spec, device_id, q, k, v, out, lse):
     packed = _packed(spec)
     fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
     if dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
-        launch = _plan.forward_sm90(dtype, spec.headdim, var_type)
-        _, block_m, block_n = _plan.sm90_tiles(spec.headdim)
+        launch = _plan.forward_sm90(dtype, spec.headdim, var_type, spec.seqlen_k)
+        _, block_m, block_n = _plan.sm90_tiles(spec.headdim, spec.seqlen_k, var_type)
         map_rows = (block_m, block_n, block_n)
         maps = tuple(_tma.tensor_map(x, dtype, rows) for x, rows in zip((q, k, v), map_rows))
         listed = None if packed is None else _packed_work(spec, block_m)

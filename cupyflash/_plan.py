@@ -136,22 +136,36 @@ SM90_STAGES = 2
 SM90_SCHEDULE_SLOTS = 2  # forward_sm90.cu's SCHEDULE_SLOTS
 
 
-def sm90_tiles(headdim):
-    """(head tile, query rows, keys) of a Hopper forward block: the head dimension padded to 64-column
-    chunks (the TMA box width), 128 query rows in two consumer warpgroups, key tiles of 128 keys (64
-    above headdim 128, so that SM90_STAGES K and V buffers fit in shared memory)."""
+#: From this many keys on, the Hopper forward at head tile 64 takes tiles of 192 keys, for the variants of
+#: SM90_WIDE_KEY_TILE_FEATURES. Measured on an H100 against 128 (bfloat16, FA2-protocol cells,
+#: docs/performance.md): 9-11% less time causal at 4k-16k, 3% non-causal at 16k, 2% causal at 2k; 10-14%
+#: more at 1k, whose last key tile is a third full. (64-key tiles took 10-25% more at every length.) Other
+#: variants keep 128: with a mask, a bias or two of the score transforms their consumers spill at 192.
+SM90_WIDE_KEY_TILE_FROM = 2048
+SM90_WIDE_KEY_TILE_FEATURES = FEATURES["WINDOW"] | FEATURES["PACKED"]
+
+
+def sm90_tiles(headdim, seqlen_k=0, var=None):
+    """(head tile, query rows, keys) of a Hopper forward block over `seqlen_k` keys with variant `var`
+    (None: plain): the head dimension padded to 64-column chunks (the TMA box width), 128 query rows in
+    two consumer warpgroups, key tiles of 128 keys (192 at head tile 64 from SM90_WIDE_KEY_TILE_FROM keys
+    on; 64 above headdim 128, so that SM90_STAGES K and V buffers fit in shared memory)."""
     d = -(-headdim // 64) * 64
     if d > HEADDIM_TILES[-1]:
         raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")
+    features = 0 if var is None else _features(var)
+    if d == 64 and seqlen_k >= SM90_WIDE_KEY_TILE_FROM and features & ~SM90_WIDE_KEY_TILE_FEATURES == 0:
+        return d, 128, 192
     return d, 128, (128 if d <= 128 else 64)
 
 
-def forward_sm90(dtype, headdim, var):
-    """Hopper forward (forward_sm90.cu): a producer warpgroup streams K/V tiles through SM90_STAGES
-    buffers to two consumer warpgroups; two query buffers where shared memory holds them."""
+def forward_sm90(dtype, headdim, var, seqlen_k=0):
+    """Hopper forward (forward_sm90.cu) over `seqlen_k` keys (the longest sequence's): a producer warpgroup
+    streams K/V tiles through SM90_STAGES buffers to two consumer warpgroups; two query buffers where
+    shared memory holds them."""
     if dtype not in TENSOR_CORE_DTYPES:
         raise ValueError(f"the Hopper kernels take float16 and bfloat16, got {dtype}")
-    d, block_m, block_n = sm90_tiles(headdim)
+    d, block_m, block_n = sm90_tiles(headdim, seqlen_k, var)
     limit = SMEM_LIMITS[(9, 0)]
     smem = lambda q_stages: (2 * (q_stages * block_m + 2 * SM90_STAGES * block_n) * d
                              + 8 * (2 * q_stages + 5 * SM90_STAGES + 2 * SM90_SCHEDULE_SLOTS)  # barriers
@@ -451,6 +465,8 @@ def covering_launches():
     sm90 += [(dtype, d, variant(every - bias - bool_mask + packed)) for dtype, d in zip(TENSOR_CORE_DTYPES, (64, 256))]
     sm90 += [("bfloat16", 128, variant(packed))]
     sm90_launches = [forward_sm90(*case) for case in sm90]
+    sm90_launches += [forward_sm90(dtype, 64, var, SM90_WIDE_KEY_TILE_FROM)  # 192-key tiles
+                      for dtype, var in (("bfloat16", plain), ("float16", variant(SM90_WIDE_KEY_TILE_FEATURES)))]
     sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
     sm90_launches += backward_sm90("float16", 96, plain, aligned=False)[:1]  # the prepare kernel's element loads
     decode_features = variant(FEATURES["WINDOW"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])

@@ -16,7 +16,7 @@ from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_clo
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
-from cupyflash import _cuda_backend  # noqa: E402
+from cupyflash import _cuda_backend, _plan  # noqa: E402
 
 SEQLENS = (1, 2, 5, 17, 113, 128, 129, 1023, 1024, 2049)
 HEADDIMS = (8, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256)
@@ -264,6 +264,22 @@ def test_hopper_forward_pairs_query_tiles(bound, seqlen_q, monkeypatch):
     for out, lse in rest:
         assert not bool(cp.isnan(out).any())
         assert bitwise_equal(out, one_out) and bitwise_equal(lse, one_lse)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("headdim", [64, 40])
+def test_hopper_forward_wide_key_tiles(headdim, causal, monkeypatch):
+    """From _plan.SM90_WIDE_KEY_TILE_FROM keys on, the Hopper forward at head tile 64 takes tiles of 192 keys:
+    against the reference, the last key tile ragged."""
+    if not cp.cuda.Device().compute_capability.startswith("9"):
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
+    problem = Problem(1, 300, _plan.SM90_WIDE_KEY_TILE_FROM + 37, 2, 1, headdim, np.float16, causal, None, None,
+                      headdim)
+    q, k, v, _ = (to_device(x) for x in problem.arrays())
+    names = [launch.name for launch in _launched(monkeypatch, cupyflash.attention, q, k, v, causal=causal)]
+    assert any(name.startswith("flash_fwd_sm90<half_t, 64, 192,") for name in names), names
+    check(problem)
 
 
 @pytest.mark.parametrize("bound", [dict(causal=True), dict(window_size=(90, 7))], ids=["causal", "window"])

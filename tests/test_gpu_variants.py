@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cupyflash
+from cupyflash import _plan
 from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, error_scales,
                      flash_floor, naive_attention, naive_attention_backward)
 from test_gpu import bitwise_equal, poisoned_outputs  # noqa: F401  (fixture)
@@ -16,6 +17,7 @@ from test_gpu import to_device as _to_device
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
+from cupyflash import _cuda_backend  # noqa: E402
 
 RNG = np.random.default_rng(2026)
 
@@ -102,6 +104,17 @@ def test_each_variant(dtype, name):
 def test_all_variants_at_other_head_dims(dtype, headdim):
     p = Problem(1, 130, 97, 4, 1, headdim, dtype, True, None, 25.0, headdim)
     check(p, **variant("all", p))
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=lambda d: d.name)
+@pytest.mark.parametrize("name", ["window", "sliding"])
+def test_windows_in_wide_key_tiles(dtype, name, monkeypatch):
+    """The Hopper forward's 192-key tiles (taken here from the first key on, _plan.SM90_WIDE_KEY_TILE_FROM)
+    under windows: tiles that straddle both of a row's bounds."""
+    monkeypatch.setattr(_plan, "SM90_WIDE_KEY_TILE_FROM", 0)
+    monkeypatch.setattr(_cuda_backend, "_FORWARD_CALLS", {})  # no call planned before with 128-key tiles
+    p = Problem(2, 150, 403, 4, 2, 64, dtype, False, None, None, 7 + VARIANTS.index(name))
+    check(p, **variant(name, p))
 
 
 @settings(max_examples=30)

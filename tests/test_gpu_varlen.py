@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cupyflash
-from cupyflash import _philox
+from cupyflash import _philox, _plan
 from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, assert_close_flash_rule, eps, error_scales, flash_floor,
                      naive_attention, naive_attention_backward)
 from test_gpu import poisoned_outputs, to_device  # noqa: F401  (fixture)
@@ -91,6 +91,15 @@ def test_each_sequence_as_if_alone(dtype, headdim, name):
             assert (out[rows_q] == 0).all() and np.isneginf(lse[:, rows_q]).all() and (dq[rows_q] == 0).all()
         else:
             check_sequence(b, rows_q, rows_k, arrays, got, kw)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=lambda d: d.name)
+@pytest.mark.parametrize("name", ("plain", "causal", "window"))
+def test_each_sequence_as_if_alone_in_wide_key_tiles(dtype, name, monkeypatch):
+    """The Hopper forward's 192-key tiles (taken here from the first key on, _plan.SM90_WIDE_KEY_TILE_FROM):
+    one tile past several short sequences' ends."""
+    monkeypatch.setattr(_plan, "SM90_WIDE_KEY_TILE_FROM", 0)
+    test_each_sequence_as_if_alone(dtype, 64, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)

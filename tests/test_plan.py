@@ -13,7 +13,9 @@ def test_hopper_blocks_fit_in_shared_memory(dtype):
     every = sum(_plan.FEATURES.values()) - _plan.FEATURES["BIAS"]
     for headdim in HEADDIMS:
         for var in (_plan.variant(), _plan.variant(every, "bool")):
-            for launch in (_plan.forward_sm90(dtype, headdim, var), *_plan.backward_sm90(dtype, headdim, var)):
+            for launch in (_plan.forward_sm90(dtype, headdim, var),
+                           _plan.forward_sm90(dtype, headdim, var, _plan.SM90_WIDE_KEY_TILE_FROM),
+                           *_plan.backward_sm90(dtype, headdim, var)):
                 assert launch.smem_bytes <= limit, (headdim, launch.name, launch.smem_bytes)
                 assert launch.threads <= 1024 and launch.options == _plan.SM90_OPTIONS
 

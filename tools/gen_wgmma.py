@@ -5,7 +5,7 @@ that the file is current."""
 import os
 
 TYPES = {"half_t": "f16", "bfloat16_t": "bf16"}
-SS_N = (32, 64, 128)        # S = Q K^T: both operands K-major in shared memory; N = the key tile
+SS_N = (32, 64, 128, 192)   # S = Q K^T: both operands K-major in shared memory; N = the key tile
 RS_N = (64, 128, 192, 256)  # O += P V: P from registers, V N-major in shared memory; N = the head tile
 BT_N = (128,)               # dQ = dS K (backward, wide heads): dS K-major, K N-major; N = half the head tile
 TT_N = (32, 64, 128)        # dQ = dS K, dV = P^T dO, dK = dS^T Q: A M-major, B N-major; N = half the head tile

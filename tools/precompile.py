@@ -32,7 +32,8 @@ def launches(dtypes, headdims, variants, limit, hopper=False):
     for dtype, d, var, aligned in itertools.product(dtypes, headdims, variants, (True, False)):
         todo = [_plan.forward(dtype, d, var, aligned, limit), *_plan.backward(dtype, d, var, aligned, limit)]
         if hopper and dtype in _plan.TENSOR_CORE_DTYPES:
-            todo += [_plan.forward_sm90(dtype, d, var), *_plan.backward_sm90(dtype, d, var)]
+            todo += [_plan.forward_sm90(dtype, d, var), _plan.forward_sm90(dtype, d, var, _plan.SM90_WIDE_KEY_TILE_FROM),
+                     *_plan.backward_sm90(dtype, d, var)]
         for launch in todo:
             seen[(launch.source, launch.name)] = launch
     return list(seen.values())
