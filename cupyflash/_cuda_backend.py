@@ -260,7 +260,6 @@ def _packed(spec):
     return _Packed(both[:spec.batch + 1], both[spec.batch + 1:], *totals)
 
 
-
 def _packed_work(spec, block_m):
     """FwdParamsSm90::work of a packed batch on the current device, a new one per launch (its counter): the
     sequences longest first (a work tile's time grows with its keys), so that the persistent blocks, which
