@@ -133,7 +133,7 @@ def forward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False):
 #: The Hopper family: sm_90a code (wgmma, setmaxnreg) for compute capability 9.x.
 SM90_OPTIONS = (*OPTIONS, "-arch=sm_90a")
 SM90_STAGES = 2
-SM90_SCHEDULE_SLOTS = 2  # forward_sm90.cu's SCHEDULE_SLOTS
+SM90_SCHEDULE_SLOTS = _csource.constant(_csource.source("forward_sm90.cu"), "SCHEDULE_SLOTS")
 
 
 #: From this many keys on, the Hopper forward at head tile 64 takes tiles of 192 keys, for the variants of
