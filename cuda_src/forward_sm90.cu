@@ -18,6 +18,11 @@
 //                                    applied to p_t packed
 //     and o += p v of the last tile at the end. A tile with nothing pending (the first, or after a skipped
 //     or guarded one) waits for its s alone.
+// float32 takes the same path on its operands' three bfloat16 parts (split.cuh, split.cu): each product is
+// six wgmma products of parts, o's of each key tile summed in a fresh accumulator and added to o on the
+// CUDA cores, which round to nearest (the tensor cores' float32 sums, chained over every tile, drift), and
+// nothing in flight across the softmax. Its inputs are finite (FwdParams::gate), so the V warp has nothing
+// to scan: a packed sequence's neighbour rows meet only zero probabilities.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
 // ends of the tensors arrive as zeros. Rows past a packed sequence's end are its neighbour's: K's are masked
 // and q's never stored, and V's are zeroed by the V warp before the consumers read them.
@@ -27,7 +32,18 @@
 #include "softmax.cuh"
 #include "mma.cuh"
 #include "sm90.cuh"
+#include "split.cuh"
 #include "wgmma.cuh"
+
+// What the tensor cores read of an input dtype: 16-bit values themselves; float32 as PARTS bfloat16 parts.
+template <typename T> struct Operands {
+    using type = T;
+    static constexpr int PARTS = 1;
+};
+template <> struct Operands<float> {
+    using type = bfloat16_t;
+    static constexpr int PARTS = 3;
+};
 
 // Work tile `tile` of a persistent block: (query tile, head, batch). Without a causal mask or a window every
 // query tile of a head visits the same keys: the query tile is the fastest axis, so that the blocks running
@@ -136,16 +152,19 @@ __device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& se
 
 template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
+    using Op = typename Operands<T>::type;
+    constexpr int PARTS = Operands<T>::PARTS;
     constexpr int BLOCK_M = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64, NT = BLOCK_N / 8, DT = D_TILE / 8;
-    constexpr int Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;
+    constexpr int Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;  // of a part
     static_assert(D_TILE % 64 == 0 && BLOCK_N % 16 == 0, "tile shape");
+    if (gated_off(p.fwd)) return;
 
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;  // swizzle atoms: 1024-aligned
-    T* sQ = reinterpret_cast<T*>(smem);      // [Q_STAGES][CHUNKS][BLOCK_M][64]
-    T* sK = sQ + Q_STAGES * Q_ELEMS;         // [STAGES][CHUNKS][BLOCK_N][64]
-    T* sV = sK + STAGES * KV_ELEMS;          // [STAGES][CHUNKS][BLOCK_N][64]
-    unsigned long long* q_full = reinterpret_cast<unsigned long long*>(sV + STAGES * KV_ELEMS);  // [Q_STAGES]
+    Op* sQ = reinterpret_cast<Op*>(smem);          // [Q_STAGES][PARTS][CHUNKS][BLOCK_M][64]
+    Op* sK = sQ + Q_STAGES * PARTS * Q_ELEMS;      // [STAGES][PARTS][CHUNKS][BLOCK_N][64]
+    Op* sV = sK + STAGES * PARTS * KV_ELEMS;       // [STAGES][PARTS][CHUNKS][BLOCK_N][64]
+    unsigned long long* q_full = reinterpret_cast<unsigned long long*>(sV + STAGES * PARTS * KV_ELEMS);  // [Q_STAGES]
     unsigned long long* q_free = q_full + Q_STAGES;  // [Q_STAGES]: every consumer thread arrives
     unsigned long long* k_full = q_free + Q_STAGES;  // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
@@ -157,7 +176,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     int* kinds = reinterpret_cast<int*>(sched_free + SCHEDULE_SLOTS);  // [STAGES]: bool mask, the key tile's TileKind
     int* v_scan = kinds + STAGES;  // [STAGES]: the V warp found NaN or inf in a tile that hides keys
     int* sched_slots = v_scan + STAGES;  // [SCHEDULE_SLOTS]
-    constexpr int V_WARP = Var::packed || Var::hides_keys ? 32 : 0;  // its threads
+    constexpr int V_WARP = PARTS == 1 && (Var::packed || Var::hides_keys) ? 32 : 0;  // its threads
     constexpr bool DYNAMIC = Var::packed;
 
     const FwdParams& f = p.fwd;
@@ -203,15 +222,16 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 const int hk = w.h / f.group;
                 const int q_slot = q_step % Q_STAGES;
                 if (q_step >= Q_STAGES) mbar_wait(q_free + q_slot, (q_step / Q_STAGES - 1) & 1);
-                mbar_expect_tx(q_full + q_slot, Q_ELEMS * sizeof(T));
-                for (int c = 0; c < CHUNKS; ++c)
-                    tma_load(sQ + q_slot * Q_ELEMS + c * BLOCK_M * 64, p.tma_q, c * 64, int(seq.q0) + w.m0, w.h,
-                             seq.entry, q_full + q_slot);
+                mbar_expect_tx(q_full + q_slot, PARTS * Q_ELEMS * sizeof(Op));
+                for (int part = 0; part < PARTS; ++part)
+                    for (int c = 0; c < CHUNKS; ++c)
+                        tma_load(sQ + (q_slot * PARTS + part) * Q_ELEMS + c * BLOCK_M * 64, p.tma_q, c * 64,
+                                 int(seq.q0) + w.m0, w.h, seq.entry + part * p.parts_apart, q_full + q_slot);
                 ++q_step;
                 for (int t = t_first; t < t_last; ++t, ++kv_step) {
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N, free_parity = (kv_step / STAGES - 1) & 1;
-                    T* k_buf = sK + stage * KV_ELEMS;
-                    T* v_buf = sV + stage * KV_ELEMS;
+                    Op* k_buf = sK + stage * PARTS * KV_ELEMS;
+                    Op* v_buf = sV + stage * PARTS * KV_ELEMS;
                     // A bool mask's tile classification reads memory (its cells): it travels with k (the
                     // arrival releases it), read while the producer waits rather than by the consumers
                     // before their products. The consumers classify by arithmetic themselves: handing every
@@ -228,15 +248,17 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                             continue;
                         }
                     }
-                    mbar_expect_tx(k_full + stage, KV_ELEMS * sizeof(T));
-                    for (int c = 0; c < CHUNKS; ++c)
-                        tma_load(k_buf + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk, seq.entry,
-                                 k_full + stage);
+                    mbar_expect_tx(k_full + stage, PARTS * KV_ELEMS * sizeof(Op));
+                    for (int part = 0; part < PARTS; ++part)
+                        for (int c = 0; c < CHUNKS; ++c)
+                            tma_load(k_buf + part * KV_ELEMS + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk,
+                                     seq.entry + part * p.parts_apart, k_full + stage);
                     if (kv_step >= STAGES) mbar_wait(v_free + stage, free_parity);
-                    mbar_expect_tx(v_full + stage, KV_ELEMS * sizeof(T));
-                    for (int c = 0; c < CHUNKS; ++c)
-                        tma_load(v_buf + c * BLOCK_N * 64, p.tma_v, c * 64, int(seq.k0) + n0, hk, seq.entry,
-                                 v_full + stage);
+                    mbar_expect_tx(v_full + stage, PARTS * KV_ELEMS * sizeof(Op));
+                    for (int part = 0; part < PARTS; ++part)
+                        for (int c = 0; c < CHUNKS; ++c)
+                            tma_load(v_buf + part * KV_ELEMS + c * BLOCK_N * 64, p.tma_v, c * 64, int(seq.k0) + n0, hk,
+                                     seq.entry + part * p.parts_apart, v_full + stage);
                 }
             }
         } else if (V_WARP && threadIdx.x / 32 == 1) {
@@ -255,15 +277,15 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
                 for (int t = t_first; t < t_last; ++t, ++kv_step) {
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
-                    T* v_buf = sV + stage * KV_ELEMS;
+                    Op* v_buf = sV + stage * PARTS * KV_ELEMS;
                     mbar_wait(v_full + stage, (kv_step / STAGES) & 1);
                     if (Var::packed && n0 + BLOCK_N > seq.seqlen_k)
-                        zero_rows<T, BLOCK_N, CHUNKS, 32>(v_buf, seq.seqlen_k - n0, lane);
+                        zero_rows<Op, BLOCK_N, CHUNKS, 32>(v_buf, seq.seqlen_k - n0, lane);
                     if constexpr (Var::hides_keys) {
                         const TileKind kind = var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N);
                         const int rows = min(BLOCK_N, seq.seqlen_k - n0);  // the sequence's (the rest are zeros)
                         const bool bad = kind != INTERIOR && kind != SKIP &&
-                                         rows_nonfinite<T, BLOCK_N, CHUNKS>(v_buf, rows, lane);
+                                         rows_nonfinite<Op, BLOCK_N, CHUNKS>(v_buf, rows, lane);
                         if (lane == 0) v_scan[stage] = bad;
                     }
                     mbar_arrive(v_clean + stage);
@@ -294,14 +316,14 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             bool pending = false;
 
             const int q_slot = q_step % Q_STAGES;
-            const T* q_rows = sQ + q_slot * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
+            const Op* q_rows = sQ + q_slot * PARTS * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
             // o += p v with the V buffer of step `step`, issued (not waited for)
             auto issue_pv = [&](int step) {
-                const T* v_buf = sV + (step % STAGES) * KV_ELEMS;
+                const Op* v_buf = sV + (step % STAGES) * PARTS * KV_ELEMS;
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-                    wgmma_rs<T, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
-                                        desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
+                    wgmma_rs<Op, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
+                                         desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
                 wgmma_commit();
             };
             auto v_ready = [&](int step) { mbar_wait((V_WARP ? v_clean : v_full) + step % STAGES, (step / STAGES) & 1); };
@@ -315,6 +337,57 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 fence_regs(o_regs);
                 mbar_arrive(v_free + step % STAGES);
                 pending = false;
+            };
+            // A key tile of split operands (PARTS > 1), start to end: s = q k^T of the parts, the softmax, and
+            // o += p v of the parts (p split in registers) in a fresh accumulator, added on the CUDA cores.
+            auto split_tile = [&](TileKind kind, const Var& var, int stage, int n0) {
+                float s[1][NT][4];
+                float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
+                TileWords<1, NT> words;
+                check_tile(kind, var, [&](auto check, const Var& v) {
+                    wgmma_fence();
+                    wgmma_nt_parts<Op, PARTS, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, Q_ELEMS,
+                                                                              sK + stage * PARTS * KV_ELEMS, KV_ELEMS);
+                    wgmma_commit();
+                    if constexpr (Var::dropout) {
+                        words.draw(v, row0, n0, tq);
+                        fence_regs(reinterpret_cast<unsigned(&)[sizeof(words) / 4]>(words));
+                    }
+                    wgmma_wait<0>();
+                    fence_regs(s_regs);
+                    mbar_arrive(k_free + stage);
+                    float alpha[1][2];
+                    softmax_scores<decltype(check)::value, false>(v, s, stats, alpha, row0, n0, tq, scale_log2, words);
+                    rescale_rows(o, alpha);
+                });
+                unsigned p_parts[PARTS][NT * 2];
+#pragma unroll
+                for (int i = 0; i < NT * 2; ++i) {
+                    float hi[2], mid[2], lo[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) split3(s_regs[2 * i + e], hi[e], mid[e], lo[e]);
+                    p_parts[0][i] = pack2<Op>(hi[0], hi[1]);
+                    p_parts[1][i] = pack2<Op>(mid[0], mid[1]);
+                    p_parts[2][i] = pack2<Op>(lo[0], lo[1]);
+                }
+                float pv[DT * 4];
+                const Op* v_buf = sV + stage * PARTS * KV_ELEMS;
+                v_ready(kv_step);
+                wgmma_fence();
+#pragma unroll
+                for (int pair = 0; pair < split_pairs(PARTS); ++pair)
+#pragma unroll
+                    for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+                        wgmma_rs<Op, D_TILE>(
+                            pv, reinterpret_cast<const unsigned(&)[4]>(p_parts[split_part_a(PARTS, pair)][4 * kk]),
+                            desc_n_major(v_buf + split_part_b(PARTS, pair) * KV_ELEMS, kk, BLOCK_N * 128),
+                            pair > 0 || kk > 0);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs(pv);
+                mbar_arrive(v_free + stage);
+#pragma unroll
+                for (int i = 0; i < DT * 4; ++i) o_regs[i] += pv[i];
             };
             if (t_last > t_first) mbar_wait(q_full + q_slot, (q_step / Q_STAGES) & 1);
             for (int t = t_first; t < t_last; ++t, ++kv_step) {
@@ -331,6 +404,10 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     mbar_arrive(v_free + stage);
                     continue;
                 }
+                if constexpr (PARTS > 1) {
+                    split_tile(kind, var, stage, n0);
+                    continue;
+                }
                 if (pending) v_ready(kv_step - 1);
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
@@ -340,7 +417,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     auto body = [&](auto overlap) {
                         fence_regs(o_regs);
                         wgmma_fence();
-                        wgmma_nt<T, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, sK + stage * KV_ELEMS);
+                        wgmma_nt<Op, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, sK + stage * KV_ELEMS);
                         wgmma_commit();
                         if constexpr (decltype(overlap)::value) issue_pv(kv_step - 1);
                         if constexpr (Var::dropout) {
@@ -375,13 +452,13 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 if (guarded) {
                     // V holds NaN or inf that some rows must not see: their product now, guarded
                     if constexpr (Var::dropout) drop_scores(var, s, row0, n0, tq, words);
-                    gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, SwizzledTile<T, BLOCK_N>{sV + stage * KV_ELEMS}, lane);
+                    gemm_rn_guarded<Op, BLOCK_N, D_TILE>(o, s, SwizzledTile<Op, BLOCK_N>{sV + stage * PARTS * KV_ELEMS}, lane);
                     mbar_arrive(v_free + stage);
                     pending = false;
                 } else {
 #pragma unroll
-                    for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<T>(s_regs[2 * i], s_regs[2 * i + 1]);
-                    if constexpr (Var::dropout) drop_packed(var, p_regs, words);
+                    for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<Op>(s_regs[2 * i], s_regs[2 * i + 1]);
+                    if constexpr (Var::dropout && PARTS == 1) drop_packed(var, p_regs, words);
                     pending = true;
                 }
             }

@@ -44,7 +44,17 @@ struct FwdParams {
     const int* cu_seqlens_k;
     int total_q, total_k;  // rows of q and of k per batch entry (dense: seqlen_q, seqlen_k)
     i64 lse_sb, lse_sh;    // lse (and the backward's delta) of (b, h, row) at b * lse_sb + h * lse_sh + row
+    // float32 on Hopper launches two forward kernels, the split-operand one (forward_sm90.cu) and the mma.sync
+    // one; *gate, set where q, k or v holds NaN or inf (split.cu), lets the one whose runs_on_nonfinite matches
+    // it run. Null: the kernel runs.
+    const int* gate;
+    int runs_on_nonfinite;
 };
+
+// Whether this launch's gate (FwdParams::gate) turns it off; the same for every thread of the grid.
+__device__ __forceinline__ bool gated_off(const FwdParams& f) {
+    return f.gate != nullptr && (*f.gate != 0) != (f.runs_on_nonfinite != 0);
+}
 
 // Sequence b of a pass: its lengths and where its rows start, at batch entry b of dense tensors, or at
 // rows cu_seqlens[b] of packed ones (their one batch entry), lse and delta at columns cu_seqlens_q[b] of
@@ -97,6 +107,17 @@ struct FwdParamsSm90 {
     // in the batch, and work[2 * batch + 1] a counter of the tiles taken, zero at the launch. Null when dense.
     int* work;
     int batch;
+    int parts_apart;  // float32 (operands in three bfloat16 parts, split.cu): batch entries from a part to the next
+};
+
+// float32 operands of the Hopper forward as three bfloat16 parts (split.cu): element (b, s, h, c) of x into
+// parts[((part * batch + b) * seqlen + s) * heads + h) * cols + c], zero in the columns past headdim.
+struct SplitParams {
+    const float* x;
+    Strides st;
+    int batch, seqlen, heads, headdim, cols;  // cols: headdim rounded up to 8 (16-byte rows for TMA)
+    unsigned short* parts;
+    int* nonfinite;  // set where x holds NaN or inf (FwdParams::gate)
 };
 
 // Split-KV decoding over a KV cache (decode.cu, decode_mma.cu) and its in-place append (decode.cu). fwd.k and

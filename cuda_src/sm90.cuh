@@ -5,6 +5,7 @@
 #pragma once
 #include "common.cuh"
 #include "params.cuh"
+#include "split.cuh"
 #include "wgmma.cuh"
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -143,6 +144,19 @@ __device__ __forceinline__ void wgmma_nt(float (&acc)[N / 2], const T* a, const 
     for (int kk = 0; kk < D_TILE / 16; ++kk)
         wgmma_ss<T, N>(acc, desc_k_major(a + (kk / 4) * A_ROWS * 64, kk), desc_k_major(b + (kk / 4) * B_ROWS * 64, kk),
                        kk > 0);
+}
+
+// wgmma_nt on operands in PARTS parts (split.cuh) a_part and b_part elements apart: the sum of the pairs'
+// products (PARTS 1: wgmma_nt).
+template <typename T, int PARTS, int N, int D_TILE, int A_ROWS, int B_ROWS>
+__device__ __forceinline__ void wgmma_nt_parts(float (&acc)[N / 2], const T* a, int a_part, const T* b, int b_part) {
+#pragma unroll
+    for (int pair = 0; pair < split_pairs(PARTS); ++pair)
+#pragma unroll
+        for (int kk = 0; kk < D_TILE / 16; ++kk)
+            wgmma_ss<T, N>(acc, desc_k_major(a + split_part_a(PARTS, pair) * a_part + (kk / 4) * A_ROWS * 64, kk),
+                           desc_k_major(b + split_part_b(PARTS, pair) * b_part + (kk / 4) * B_ROWS * 64, kk),
+                           pair > 0 || kk > 0);
 }
 
 // Keeps the compiler from moving accesses of accumulator registers across an asynchronous product.

@@ -128,6 +128,7 @@ ROW_FLAGS = _params_dtype("RowFlags")
 NONFINITE_PARAMS = _params_dtype("NonfiniteParams")
 FWD_PARAMS = _params_dtype("FwdParams")
 FWD_PARAMS_SM90 = _params_dtype("FwdParamsSm90")
+SPLIT_PARAMS = _params_dtype("SplitParams")
 DECODE_PARAMS = _params_dtype("DecodeParams")
 BWD_PARAMS = _params_dtype("BwdParams")
 BWD_PARAMS_SM90 = _params_dtype("BwdParamsSm90")
@@ -225,10 +226,11 @@ def _ptr(x):
 
 
 def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None, v_nonfinite=None, variant=None,
-                packed=None):
+                packed=None, runs_on_nonfinite=0):
     """FwdParams' values; without arrays (the mask classifier) only the sizes and the variant, given as
     VariantParams members {name: value} (`var`) or as their values in order (`variant`). A packed batch
-    gives its q, k, v and out as one batch entry of all rows, its offsets as `packed` (_Packed)."""
+    gives its q, k, v and out as one batch entry of all rows, its offsets as `packed` (_Packed). The gate's
+    address is filled in per call (_SplitForward)."""
     ptrs = tuple(_ptr(x) for x in (q, k, v, out, lse, v_nonfinite))
     strides = tuple((0, 0, 0) if x is None else _strides(x) for x in (q, k, v, out))
     if packed is None:
@@ -236,7 +238,7 @@ def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None, v_nonfini
     else:  # lse: (nheads, total_q)
         rows = (packed.cu_q.data.ptr, packed.cu_k.data.ptr, packed.total_q, packed.total_k, 0, packed.total_q)
     return (*ptrs, *strides, spec.seqlen_q, spec.seqlen_k, spec.headdim, spec.nheads, spec.group, spec.scale,
-            _values(VARIANT_PARAMS, var) if variant is None else variant, *rows)
+            _values(VARIANT_PARAMS, var) if variant is None else variant, *rows, 0, runs_on_nonfinite)
 
 
 class _Packed(typing.NamedTuple):
@@ -281,6 +283,8 @@ def forward(q, k, v, spec):
         lse = _empty(lse_shape(spec), compute_dtype(q.dtype))
         call = _planned(_FORWARD_CALLS, _call_key(spec, device_id, q, k, v, out),
                         lambda: _forward_call(spec, device_id, q, k, v, out, lse))
+        if isinstance(call, _SplitForward):
+            return call.run(spec, device_id, q, k, v, out, lse)
         v_nonfinite, = (_flag_nonfinite(call.var_type, spec, device_id, (v, spec.nheads_kv)) if call.reads_row_flags
                         else (None,))
         maps = tuple(_tma.tensor_map_words(x, spec.dtype.name, rows) for x, rows in zip((q, k, v), call.map_rows))
@@ -341,21 +345,76 @@ def _forward_call(spec, device_id, q, k, v, out, lse):
     dtype = q.dtype.name
     packed = _packed(spec)
     fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
+    if _splits_float32(spec, hopper_device):
+        hopper = _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, _FWD_ADDRESSES + ("gate",))
+        launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit, **_math())
+        fallback = _Call(((launch, (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)),),
+                         _Readdressed(FWD_PARAMS, _fwd_values(spec, var, q, k, v, out, lse, packed=packed,
+                                                              runs_on_nonfinite=1), _FWD_ADDRESSES + ("gate",)),
+                         var_type, (), (), (mask_cells, packed))
+        return _SplitForward(hopper, fallback)
     if dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, q, k, v):
-        launch = _plan.forward_sm90(dtype, spec.headdim, var_type, spec.seqlen_k)
-        _, block_m, block_n = _plan.sm90_tiles(spec.headdim, spec.seqlen_k, var_type)
-        map_rows = (block_m, block_n, block_n)
-        maps = tuple(_tma.tensor_map(x, dtype, rows) for x, rows in zip((q, k, v), map_rows))
-        listed = None if packed is None else _packed_work(spec, block_m)
-        params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, _ptr(listed), spec.batch),
-                              tuple(f"fwd.{m}" for m in _FWD_ADDRESSES), ("tma_q", "tma_k", "tma_v"))
-        # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
-        work = math.ceil(spec.seqlen_q / launch.block_rows) * spec.nheads * spec.batch
-        return _Call(((launch, (min(work, _multiprocessors(device_id)), 1, 1)),), params, var_type, map_rows, (),
-                     (mask_cells, packed, listed), reads_row_flags=False)
+        return _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, _FWD_ADDRESSES)
     launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit, **_math())
     grid = (math.ceil(spec.seqlen_q / launch.block_rows), spec.nheads, spec.batch)
     return _Call(((launch, grid),), _Readdressed(FWD_PARAMS, fwd, _FWD_ADDRESSES), var_type, (), (), (mask_cells, packed))
+
+
+def _splits_float32(spec, hopper_device):
+    """Whether a float32 forward takes the Hopper kernel on split operands: exact float32 (not TF32) on
+    tensor cores, a head of up to SM90_SPLIT_HEADDIM, the Hopper family not forced off."""
+    math_mode = _math()
+    return (spec.dtype.name == "float32" and hopper_device and math_mode["tensor_cores"] and not math_mode["tf32"]
+            and os.environ.get(FAMILY_VARIABLE, "") != "sm80" and spec.headdim <= _plan.SM90_SPLIT_HEADDIM)
+
+
+def _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, addresses):
+    """The Hopper forward's _Call, with the members `addresses` of its FwdParams filled in per call (and
+    the tensor maps)."""
+    launch = _plan.forward_sm90(spec.dtype.name, spec.headdim, var_type, spec.seqlen_k)
+    _, block_m, block_n, _ = _plan.sm90_forward_tiles(spec.dtype.name, spec.headdim, spec.seqlen_k, var_type)
+    map_rows = (block_m, block_n, block_n)
+    maps = tuple(np.zeros((), _tma.TENSOR_MAP) for _ in map_rows)
+    listed = None if packed is None else _packed_work(spec, block_m)
+    parts_apart = spec.batch if packed is None else 1  # split float32: a part's batch entries, or its one
+    params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, _ptr(listed), spec.batch, parts_apart),
+                          tuple(f"fwd.{m}" for m in addresses), ("tma_q", "tma_k", "tma_v"))
+    # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
+    work = math.ceil(spec.seqlen_q / block_m) * spec.nheads * spec.batch
+    return _Call(((launch, (min(work, _multiprocessors(device_id)), 1, 1)),), params, var_type, map_rows, (),
+                 (mask_cells, packed, listed), reads_row_flags=False)
+
+
+class _SplitForward(typing.NamedTuple):
+    """A float32 forward on Hopper: q, k and v split into bfloat16 parts (split.cu), then two launches of
+    which the gate lets one run (FwdParams::gate): the Hopper kernel on the parts, or, where an input holds
+    NaN or inf (which the parts' products cannot carry), the mma.sync kernel on the inputs. No read of the
+    gate on the host: the call stays asynchronous."""
+    hopper: _Call
+    fallback: _Call
+
+    def run(self, spec, device_id, q, k, v, out, lse):
+        gate = cupy.zeros(1, np.int32)
+        split = _plan.split_float32()
+        maps, parts = [], []  # the parts live until the launches are queued (the pool hands freed memory out again)
+        for x, rows in zip((q, k, v), self.hopper.map_rows):
+            entries, seqlen, heads, headdim = x.shape
+            cols = -(-headdim // 8) * 8
+            parts.append(cupy.empty((_plan.SM90_SPLIT_PARTS * entries, seqlen, heads, cols), np.uint16))
+            p = _struct(SPLIT_PARAMS, (x.data.ptr, _strides(x), entries, seqlen, heads, headdim, cols,
+                                       parts[-1].data.ptr, gate.data.ptr))
+            blocks = min(math.ceil(x[..., :1].size * cols / split.threads), 8 * _multiprocessors(device_id))
+            _launch(split, (max(blocks, 1), 1, 1), p, device_id)
+            maps.append(_tma.tensor_map_words(parts[-1], "bfloat16", rows))
+        addresses = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, 0, gate.data.ptr)
+        (launch, grid), = self.hopper.launches
+        _launch(launch, grid, self.hopper.params(addresses, maps), device_id)
+        v_nonfinite, = (_flag_nonfinite(self.fallback.var_type, spec, device_id, (v, spec.nheads_kv))
+                        if self.fallback.reads_row_flags else (None,))
+        addresses = addresses[:5] + (_ptr(v_nonfinite), gate.data.ptr)
+        (launch, grid), = self.fallback.launches
+        _launch(launch, grid, self.fallback.params(addresses), device_id)
+        return out, lse
 
 
 def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arrays):

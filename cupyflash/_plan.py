@@ -159,21 +159,51 @@ def sm90_tiles(headdim, seqlen_k=0, var=None):
     return d, 128, (128 if d <= 128 else 64)
 
 
+#: float32 on the Hopper forward: its operands in this many bfloat16 parts (cuda_src/split.cuh), up to this
+#: head dimension (wider heads keep the mma.sync kernels).
+SM90_SPLIT_PARTS = 3
+SM90_SPLIT_HEADDIM = 128
+
+
+def sm90_split_tiles(headdim):
+    """(head tile, query rows, keys, stages) of the Hopper forward on split float32 operands, whose parts take
+    three times the shared memory of a 16-bit tile: 64 keys at head tile 64, 32 at 128 (where 64 keys spill
+    the fresh accumulator of p v), two stages of K and V."""
+    d = -(-headdim // 64) * 64
+    if d > SM90_SPLIT_HEADDIM:
+        raise ValueError(f"the Hopper forward takes float32 up to headdim {SM90_SPLIT_HEADDIM}, got {headdim}")
+    return d, 128, (64 if d == 64 else 32), 2
+
+
+def sm90_forward_tiles(dtype, headdim, seqlen_k=0, var=None):
+    """(head tile, query rows, keys, stages) of the Hopper forward of `dtype`."""
+    if dtype in TENSOR_CORE_DTYPES:
+        return (*sm90_tiles(headdim, seqlen_k, var), SM90_STAGES)
+    if dtype == "float32":
+        return sm90_split_tiles(headdim)
+    raise ValueError(f"the Hopper forward takes float16, bfloat16 and float32, got {dtype}")
+
+
 def forward_sm90(dtype, headdim, var, seqlen_k=0):
     """Hopper forward (forward_sm90.cu) over `seqlen_k` keys (the longest sequence's): a producer warpgroup
-    streams K/V tiles through SM90_STAGES buffers to two consumer warpgroups; two query buffers where
-    shared memory holds them."""
-    if dtype not in TENSOR_CORE_DTYPES:
-        raise ValueError(f"the Hopper kernels take float16 and bfloat16, got {dtype}")
-    d, block_m, block_n = sm90_tiles(headdim, seqlen_k, var)
+    streams K/V tiles through shared-memory stages to two consumer warpgroups; two query buffers where
+    shared memory holds them. float32 reads its operands as SM90_SPLIT_PARTS bfloat16 parts."""
+    d, block_m, block_n, stages = sm90_forward_tiles(dtype, headdim, seqlen_k, var)
+    parts = SM90_SPLIT_PARTS if dtype == "float32" else 1
     limit = SMEM_LIMITS[(9, 0)]
-    smem = lambda q_stages: (2 * (q_stages * block_m + 2 * SM90_STAGES * block_n) * d
-                             + 8 * (2 * q_stages + 5 * SM90_STAGES + 2 * SM90_SCHEDULE_SLOTS)  # barriers
-                             + 4 * (2 * SM90_STAGES + SM90_SCHEDULE_SLOTS)  # kinds, V flags, schedule
+    smem = lambda q_stages: (2 * parts * (q_stages * block_m + 2 * stages * block_n) * d
+                             + 8 * (2 * q_stages + 5 * stages + 2 * SM90_SCHEDULE_SLOTS)  # barriers
+                             + 4 * (2 * stages + SM90_SCHEDULE_SLOTS)  # kinds, V flags, schedule
                              + 1024)  # swizzle-atom alignment
     q_stages = 2 if smem(2) <= limit else 1
-    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {SM90_STAGES}, {q_stages}, {var}>"
+    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {stages}, {q_stages}, {var}>"
     return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages), SM90_OPTIONS)
+
+
+def split_float32():
+    """The kernel that splits float32 q, k and v into bfloat16 parts for the Hopper forward (split.cu), a
+    grid-stride loop of 256 threads per block."""
+    return Launch("split.cu", "split_float32<float>", 256, 256, 0)
 
 
 #: The share of L2 that the operands of a causal or windowed Hopper backward's running blocks may fill.
@@ -468,6 +498,11 @@ def covering_launches():
     sm90_launches += [forward_sm90(dtype, 64, var, SM90_WIDE_KEY_TILE_FROM)  # 192-key tiles
                       for dtype, var in (("bfloat16", plain), ("float16", variant(SM90_WIDE_KEY_TILE_FEATURES)))]
     sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
+    # float32 on split operands (the split kernel, both head tiles, every feature)
+    sm90_launches += [split_float32()] + [forward_sm90("float32", d, var) for d, var in
+                                          ((64, plain), (128, plain), (64, variant(every - bias, "bool")),
+                                           (128, variant(every - bool_mask, "float32")),
+                                           (128, variant(every - bias - bool_mask + packed)))]
     sm90_launches += backward_sm90("float16", 96, plain, aligned=False)[:1]  # the prepare kernel's element loads
     decode_features = variant(FEATURES["WINDOW"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])
     decodes = [decode(dtype, d, rows, var, big) for dtype in ("float16", "bfloat16", "float32")

@@ -222,7 +222,8 @@ def _backward_sources(monkeypatch, q, k, v, **kwargs):
 
 def test_family_on_hopper(monkeypatch):
     """16-bit forwards take the sm_90a family where TMA can read the inputs; CUPYFLASH_KERNELS=sm80 forces
-    the mma.sync family; float32 takes the mma.sync family's tensor-core kernels."""
+    the mma.sync family; the float32 forward splits its operands for the sm_90a kernel and launches the
+    mma.sync one too (for inputs holding NaN or inf)."""
     if not cp.cuda.Device().compute_capability.startswith("9"):
         pytest.skip("needs a Hopper GPU")
     monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
@@ -230,7 +231,7 @@ def test_family_on_hopper(monkeypatch):
     q, k, v = (to_device(rng.standard_normal((1, 100, 2, 64)).astype(np.float16)) for _ in range(3))
     assert _forward_sources(monkeypatch, q, k, v) == ["forward_sm90.cu"]
     assert _forward_sources(monkeypatch, q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)) == [
-        "forward_mma.cu"]
+        "split.cu", "split.cu", "split.cu", "forward_sm90.cu", "forward_mma.cu"]
     odd = to_device(rng.standard_normal((1, 100, 2, 60)).astype(np.float16))  # 240-byte rows: not for TMA
     assert _forward_sources(monkeypatch, odd, odd, odd) == ["forward_mma.cu"]
     # The backward: the sm_90a family (wide heads too); `deterministic` takes mma.sync.
@@ -341,7 +342,9 @@ def test_float32_and_float64_families(dtype, monkeypatch):
 
     tensor_cores = ["flash_fwd_mma", "flash_bwd_delta", "flash_bwd_dq_mma", "flash_bwd_dkdv_mma"]
     cuda_cores = ["flash_fwd_simt", "flash_bwd_delta", "flash_bwd_dq_simt", "flash_bwd_dkdv_simt"]
-    assert [name.split("<")[0] for name in kernels(64)] == tensor_cores
+    # float32 on Hopper: the forward on split operands first, the mma.sync one gated behind it
+    split = ["flash_fwd_sm90"] if dtype == np.float32 and cp.cuda.Device().compute_capability.startswith("9") else []
+    assert [name.split("<")[0] for name in kernels(64)] == split + tensor_cores
     wide = [name.split("<")[0] for name in kernels(256)]
     assert wide == (cuda_cores if dtype == np.float64 else tensor_cores)
     monkeypatch.setenv(_cuda_backend.TF32_VARIABLE, "1")
@@ -350,6 +353,57 @@ def test_float32_and_float64_families(dtype, monkeypatch):
                                 f"flash_bwd_dq_mma<{c_type},")) for name in kernels(64))
     monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "simt")
     assert [name.split("<")[0] for name in kernels(64)] == cuda_cores
+
+
+def _split_parts(x):
+    """split.cu's three bfloat16 parts of a float32 (batch, seqlen, heads, headdim) array, as float64, and
+    its NaN/inf flag."""
+    parts = cp.empty((3 * x.shape[0], *x.shape[1:3], -(-x.shape[3] // 8) * 8), cp.uint16)
+    flag = cp.zeros(1, cp.int32)
+    p = _cuda_backend._struct(_cuda_backend.SPLIT_PARAMS, (x.data.ptr, _cuda_backend._strides(x), *x.shape[:3],
+                                                           x.shape[3], parts.shape[3], parts.data.ptr, flag.data.ptr))
+    _cuda_backend._launch(_plan.split_float32(), (3, 1, 1), p, x.device.id)
+    values = (parts.astype(cp.uint32) << 16).view(cp.float32).astype(cp.float64)
+    return values.reshape(3, *x.shape[:3], parts.shape[3])[..., :x.shape[3]], int(flag[0])
+
+
+def test_split_float32_parts_sum_to_each_value():
+    """Three bfloat16 parts add up to each float32 exactly, across its exponents (the largest included), and
+    the flag marks NaN and inf."""
+    rng = np.random.default_rng(11)
+    mantissas = rng.uniform(1, 2, (2, 37, 3, 40)) * rng.choice([-1, 1], (2, 37, 3, 40))
+    x = (mantissas * 2.0 ** rng.integers(-100, 128, mantissas.shape)).astype(np.float32)
+    x[0, 0, 0, :4] = [np.finfo(np.float32).max, -np.finfo(np.float32).max, 0.0, -0.0]
+    device = to_device(x)[:, :, :, 3:]  # strided rows, headdim 37: parts padded to 40 columns
+    parts, flag = _split_parts(device)
+    assert flag == 0
+    assert bool(cp.all(parts.sum(axis=0) == device.astype(cp.float64)))
+    assert bool(cp.all(cp.abs(parts[2]) <= cp.abs(parts[1]))) and bool(cp.all(cp.abs(parts[1]) <= cp.abs(parts[0])))
+    for bad in (np.inf, np.nan):
+        y = to_device(x)
+        y[1, 5, 2, 7] = bad
+        assert _split_parts(y)[1] == 1
+
+
+@pytest.mark.parametrize("headdim", [32, 64, 100, 128])
+def test_float32_on_split_operands(headdim, monkeypatch):
+    """The Hopper forward of float32 on split operands meets the float32 rule against the reference, as the
+    mma.sync kernel does; an input holding inf or NaN (which the parts cannot carry) gives what the mma.sync
+    kernel gives, bitwise, through the gate."""
+    if not cp.cuda.Device().compute_capability.startswith("9"):
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
+    monkeypatch.delenv(_cuda_backend.TF32_VARIABLE, raising=False)
+    for causal in (False, True):
+        check(Problem(batch=2, seqlen_q=333, seqlen_k=517, nheads=4, nheads_kv=2, headdim=headdim, dtype=np.float32,
+                      causal=causal, scale=None, logit_std=None, seed=headdim))
+    q, k, v, _ = _inputs(np.float32, seqlen_q=130, seqlen_k=200, headdim=headdim)
+    v[1, 150, 0, 3] = np.inf  # a key that only some rows see
+    k[0, 3, 1, 0] = np.nan
+    got = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "sm80")
+    want = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    assert all(bitwise_equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("case", range(0, len(HEADDIMS), 2), ids=lambda i: f"d{HEADDIMS[i]}-{SHAPES[i][0]}x{SHAPES[i][1]}")

@@ -40,10 +40,25 @@ def test_backward_l2_sections_fill_their_share_of_l2():
             assert section == units or section * unit <= share < (section + 1) * unit or section == 1
 
 
-def test_hopper_kernels_take_16_bit_inputs_only():
-    for plan in (_plan.forward_sm90, _plan.backward_sm90):
-        with pytest.raises(ValueError, match="float16 and bfloat16"):
-            plan("float32", 64, _plan.variant())
+def test_hopper_kernels_take_16_bit_inputs_and_the_forward_split_float32():
+    with pytest.raises(ValueError, match="float16 and bfloat16"):
+        _plan.backward_sm90("float32", 64, _plan.variant())
+    for dtype in ("float64", "int8"):
+        with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
+            _plan.forward_sm90(dtype, 64, _plan.variant())
+    with pytest.raises(ValueError, match="float32 up to headdim 128"):
+        _plan.forward_sm90("float32", 129, _plan.variant())
+
+
+def test_split_float32_blocks_fit_and_cover_the_head():
+    limit = _plan.SMEM_LIMITS[(9, 0)]
+    every = sum(_plan.FEATURES.values()) - _plan.FEATURES["BIAS"]
+    for headdim in range(1, _plan.SM90_SPLIT_HEADDIM + 1):
+        tile, rows, keys, stages = _plan.sm90_split_tiles(headdim)
+        assert tile >= headdim and tile % 64 == 0 and keys % 16 == 0 and stages >= 1
+        for var in (_plan.variant(), _plan.variant(every, "bool")):
+            launch = _plan.forward_sm90("float32", headdim, var)
+            assert launch.smem_bytes <= limit and launch.block_rows == rows, (headdim, launch)
 
 
 def test_decode_splits_cover_the_band_in_whole_steps():

@@ -1,7 +1,7 @@
 """A small case of every kernel family, dtype and variant feature, for compute-sanitizer
 (tools/gpu_validate.sh).
 
-Covers the tensor-core forward (16-bit: the Hopper family on a Hopper GPU, the mma.sync family with
+Covers the tensor-core forward (16-bit and float32 on split operands: the Hopper family on a Hopper GPU; the mma.sync family with
 vector and element loads; float32 exact and in TF32, float64), the CUDA-core forward (float32, float64,
 forced) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
 variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
