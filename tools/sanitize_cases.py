@@ -1,13 +1,13 @@
 """A small case of every kernel family, dtype and variant feature, for compute-sanitizer
 (tools/gpu_validate.sh).
 
-Covers the tensor-core forward (16-bit and float32 on split operands: the Hopper family on a Hopper GPU; the mma.sync family with
-vector and element loads; float32 exact and in TF32, float64), the CUDA-core forward (float32, float64,
-forced) and the three backward kernels, causal and not, with GQA and ragged tiles; then every
-variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone and all
-together, with NaN in masked keys so the guarded products run too, and on sequences of several tiles;
-packed batches; and the split-KV decode kernel of attention_with_kvcache on paged and contiguous caches,
-with its append.
+Covers the tensor-core forward (16-bit, and float32 on split operands, in the Hopper family on a Hopper
+GPU; the mma.sync family with vector and element loads: float32 exact (inputs holding NaN or inf) and in
+TF32, float64), the CUDA-core forward (float32, float64, forced) and the three backward kernels, causal
+and not, with GQA and ragged tiles; then every variant feature (window, softcap, ALiBi, bool mask, bias
+with its gradient, dropout), alone and all together, with NaN in masked keys so the guarded products run
+too, and on sequences of several tiles; packed batches; and the split-KV decode kernel of
+attention_with_kvcache on paged and contiguous caches, with its append.
 """
 import os
 
