@@ -400,10 +400,10 @@ class _SplitForward(typing.NamedTuple):
         for x, rows in zip((q, k, v), self.hopper.map_rows):
             entries, seqlen, heads, headdim = x.shape
             cols = -(-headdim // 8) * 8
-            parts.append(cupy.empty((_plan.SM90_SPLIT_PARTS * entries, seqlen, heads, cols), np.uint16))
+            parts.append(_empty((_plan.SM90_SPLIT_PARTS * entries, seqlen, heads, cols), np.uint16))
             p = _struct(SPLIT_PARAMS, (x.data.ptr, _strides(x), entries, seqlen, heads, headdim, cols,
                                        parts[-1].data.ptr, gate.data.ptr))
-            blocks = min(math.ceil(x[..., :1].size * cols / split.threads), 8 * _multiprocessors(device_id))
+            blocks = min(math.ceil(entries * seqlen * heads * cols / split.threads), 8 * _multiprocessors(device_id))
             _launch(split, (max(blocks, 1), 1, 1), p, device_id)
             maps.append(_tma.tensor_map_words(parts[-1], "bfloat16", rows))
         addresses = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, 0, gate.data.ptr)
