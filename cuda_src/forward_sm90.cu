@@ -346,8 +346,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 TileWords<1, NT> words;
                 check_tile(kind, var, [&](auto check, const Var& v) {
                     wgmma_fence();
-                    wgmma_nt_parts<Op, PARTS, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, Q_ELEMS,
-                                                                              sK + stage * PARTS * KV_ELEMS, KV_ELEMS);
+                    wgmma_nt<Op, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N, PARTS>(s_regs, q_rows, sK + stage * PARTS * KV_ELEMS,
+                                                                           Q_ELEMS, KV_ELEMS);
                     wgmma_commit();
                     if constexpr (Var::dropout) {
                         words.draw(v, row0, n0, tq);

@@ -138,18 +138,10 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 }
 // Issues acc = A B^T over D_TILE columns (not waited for): A and B K-major, in chunks of 64 columns
 // holding A_ROWS and B_ROWS rows; a and b point at the first row taken from chunk 0. N: B's rows taken.
-template <typename T, int N, int D_TILE, int A_ROWS, int B_ROWS>
-__device__ __forceinline__ void wgmma_nt(float (&acc)[N / 2], const T* a, const T* b) {
-#pragma unroll
-    for (int kk = 0; kk < D_TILE / 16; ++kk)
-        wgmma_ss<T, N>(acc, desc_k_major(a + (kk / 4) * A_ROWS * 64, kk), desc_k_major(b + (kk / 4) * B_ROWS * 64, kk),
-                       kk > 0);
-}
-
-// wgmma_nt on operands in PARTS parts (split.cuh) a_part and b_part elements apart: the sum of the pairs'
-// products (PARTS 1: wgmma_nt).
-template <typename T, int PARTS, int N, int D_TILE, int A_ROWS, int B_ROWS>
-__device__ __forceinline__ void wgmma_nt_parts(float (&acc)[N / 2], const T* a, int a_part, const T* b, int b_part) {
+// With PARTS > 1 the operands are in PARTS parts (split.cuh) a_part and b_part elements apart, and acc is
+// the sum of the pairs' products.
+template <typename T, int N, int D_TILE, int A_ROWS, int B_ROWS, int PARTS = 1>
+__device__ __forceinline__ void wgmma_nt(float (&acc)[N / 2], const T* a, const T* b, int a_part = 0, int b_part = 0) {
 #pragma unroll
     for (int pair = 0; pair < split_pairs(PARTS); ++pair)
 #pragma unroll
