@@ -24,6 +24,7 @@ template <typename T>
 __global__ void __launch_bounds__(128) flash_bwd_delta(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
     const FwdParams& f = p.fwd;
+    if (gated_off(f)) return;
     const i64 row = (i64)blockIdx.x * 4 + threadIdx.x / 32;
     if (row >= (i64)(f.cu_seqlens_q ? 1 : p.batch) * f.nheads * f.total_q) return;
     const int i = (int)(row % f.total_q), h = (int)((row / f.total_q) % f.nheads),

@@ -28,6 +28,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     constexpr int MT = BLOCK_M / 8, DT = D_OUT / 8;
     static_assert(D_TILE % 16 == 0 && D_OUT % 16 == 0 && D_TILE % D_OUT == 0 && BLOCK_M % 16 == 0, "tile shape");
     const FwdParams& f = p.fwd;
+    if (gated_off(f)) return;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sK = reinterpret_cast<T*>(smem_raw);
@@ -141,6 +142,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     constexpr int NT = BLOCK_N / 8, DT = D_TILE / 8;
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0, "tile shape");
     const FwdParams& f = p.fwd;
+    if (gated_off(f)) return;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);

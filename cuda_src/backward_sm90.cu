@@ -1,23 +1,29 @@
-// Backward pass for float16 / bfloat16 on Hopper (sm_90a): TMA, wgmma and warp specialisation, with
-// FlashAttention-3's structure. A block holds one key tile's k, v, dk and dv while the band's query tiles
-// of every head of the GQA group stream through; dq is summed in float32 across blocks.
+// Backward pass on Hopper (sm_90a): TMA, wgmma and warp specialisation, with FlashAttention-3's structure. A
+// block holds one key tile's k, v, dk and dv while the band's query tiles of every head of the GQA group
+// stream through; dq is summed in float32 across blocks.
 //   flash_bwd_prepare_sm90  delta = rowsum(dout * out), lse in log2 units, and a zeroed float32 dq
 //                           accumulator, each head's rows padded to whole query tiles
-//   flash_bwd_sm90          headdim up to 128: 128-key tiles, 64 keys per consumer warpgroup
-//                           (a block per key tile, kv head and batch, in the order of key_block)
-//   flash_bwd_sm90_wide     headdim up to 256: 64-key tiles, each consumer warpgroup taking half of the
-//                           keys for s and dp and half of the head's columns for dk, dv and dq
+//   flash_bwd_sm90          float16 / bfloat16, headdim up to 128: 128-key tiles, 64 keys per consumer
+//                           warpgroup (a block per key tile, kv head and batch, in the order of key_block)
+//   flash_bwd_sm90_wide     float16 / bfloat16, headdim up to 256: 64-key tiles, each consumer warpgroup
+//                           taking half of the keys for s and dp and half of the head's columns for dk, dv
+//                           and dq
+//   flash_bwd_sm90_row_sums float32 on bfloat16 parts (split.cuh): each query row's sum of the
+//                           probabilities flash_bwd_sm90_split recomputes, for their renormalization (a
+//                           block per 128 query rows, head and sequence)
+//   flash_bwd_sm90_split    float32 on bfloat16 parts, headdim up to 128: 64-key tiles, one consumer
+//                           warpgroup computing dv, the other dk and dq
 //   flash_bwd_dq_convert    dq = accumulator * scale in the input dtype
-// In both main kernels
+// In the main kernels
 //   producer   (warpgroup 0) thread 0 loads k and v once, then q, dout, lse and delta of each query tile
 //              into a ring of STAGES buffers (TMA and bulk copies, each stage completing an mbarrier);
 //              thread 32 adds each tile's dq, which the consumers stage in the buffers of its q and dout,
 //              to the accumulator with one bulk reduction (cp.reduce.async.bulk), then frees the stage;
-//              warps 2 and 3, for variants that hide keys, scan the masked tiles' q and dout, and k, for
-//              NaN or inf
-//   consumers  (warpgroups 1 and 2), per query tile: s = q k^T and dp = dout v^T (wgmma), pd and dx
-//              (mask.cuh; element masks on EDGE tiles only), dv += pd^T dout, dk += dx^T q, dq = dx k
-//              (wgmma); the order of dq's additions varies from run to run.
+//              in the 16-bit kernels warps 2 and 3, for variants that hide keys, scan the masked tiles' q
+//              and dout, and k, for NaN or inf
+//   consumers  (warpgroups 1 and 2) of the 16-bit kernels, per query tile: s = q k^T and dp = dout v^T
+//              (wgmma), pd and dx (mask.cuh; element masks on EDGE tiles only), dv += pd^T dout,
+//              dk += dx^T q, dq = dx k (wgmma); the order of dq's additions varies from run to run.
 // Tiles sit in shared memory as TMA writes them (128-byte swizzle, sm90.cuh); rows and columns past the
 // ends of the tensors arrive as zeros; rows of k, q and dout past a packed sequence's end are its
 // neighbour's, and the consumers zero them. Tiles whose hidden pairs meet data that is not finite take the
@@ -30,7 +36,8 @@
 #include "sm90.cuh"
 #include "wgmma.cuh"
 
-constexpr int SM90_BWD_BLOCK_M = 64;  // query rows per streamed tile
+constexpr int SM90_BWD_BLOCK_M = 64;        // query rows per streamed tile (16-bit)
+constexpr int SM90_SPLIT_BWD_BLOCK_M = 32;  // and on split float32 operands
 
 // The buffers padded to whole query tiles (delta, lse_log2, dq_accum) hold row i of (sequence b, head h) at
 // padded_base(p, b) + h p.rows + i: (batch, nheads, rows) for a dense batch; (nheads, rows) for a packed one,
@@ -54,6 +61,7 @@ __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_const
     struct alignas(sizeof(T) * VEC) Vec { T x[VEC]; };
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
+    if (gated_off(f)) return;
     const int longest = padded_rows(f.seqlen_q), b = blockIdx.y, lane = threadIdx.x % LANES;
     const i64 at = (i64)blockIdx.x * (128 / LANES) + threadIdx.x / LANES;
     const int i = (int)(at % longest), h = (int)(at / longest);
@@ -135,28 +143,32 @@ template <int BLOCK_M, int BLOCK_N> struct QueryStream {
     __device__ i64 padded_row(const BwdParamsSm90& p, int t) const { return padded + (i64)head(t) * p.rows + m0(t); }
 };
 
-// Shared memory of both main kernels: k and v ([CHUNKS][BLOCK_N][64] each), STAGES stages of q and dout
-// ([CHUNKS][BLOCK_M][64] each, dout after q: 2 BLOCK_M D_TILE 16-bit values, the size of a float32 dq
-// tile, which is staged there), the kernel's own OWN bytes, then lse and delta per stage and the barriers.
-// Every tile the tensor cores read starts on a 1024-byte swizzle atom.
-template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN> struct BwdSmem {
+// Shared memory of the main kernels: k and v ([PARTS][CHUNKS][BLOCK_N][64] each), STAGES stages of q and
+// dout ([PARTS][CHUNKS][BLOCK_M][64] each, dout after q: at least BLOCK_M D_TILE 32-bit values, the size of a
+// float32 dq tile, which is staged in q's place), the kernel's own OWN bytes, then lse and delta (and for
+// split operands the rows' sums of probabilities, flash_bwd_sm90_row_sums) per stage and the barriers. T is
+// what the tensor cores read: the input dtype, or float32's PARTS bfloat16 parts (split.cuh). Every tile the
+// tensor cores read starts on a 1024-byte swizzle atom.
+template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN, int PARTS = 1> struct BwdSmem {
     static constexpr int Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;
     static_assert(OWN % 1024 == 0 && Q_ELEMS * sizeof(T) % 1024 == 0, "swizzle atoms");
+    static constexpr int STATS = PARTS > 1 ? 3 : 2;  // floats per query row and stage
     T *k, *v, *stages;
     unsigned char *own, *barriers;
-    float *lse2, *delta;
+    float *lse2, *delta, *sums;
     __device__ explicit BwdSmem(unsigned char* smem_raw) {
         unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;
         k = reinterpret_cast<T*>(smem);
-        v = k + KV_ELEMS;
-        stages = v + KV_ELEMS;
-        own = reinterpret_cast<unsigned char*>(stages + STAGES * 2 * Q_ELEMS);
+        v = k + PARTS * KV_ELEMS;
+        stages = v + PARTS * KV_ELEMS;
+        own = reinterpret_cast<unsigned char*>(stages + STAGES * 2 * PARTS * Q_ELEMS);
         lse2 = reinterpret_cast<float*>(own + OWN);
         delta = lse2 + STAGES * BLOCK_M;
-        barriers = reinterpret_cast<unsigned char*>(delta + STAGES * BLOCK_M);
+        sums = delta + STAGES * BLOCK_M;
+        barriers = reinterpret_cast<unsigned char*>(lse2 + STATS * STAGES * BLOCK_M);
     }
-    __device__ T* q(int stage) const { return stages + stage * 2 * Q_ELEMS; }
-    __device__ T* dout(int stage) const { return q(stage) + Q_ELEMS; }
+    __device__ T* q(int stage) const { return stages + stage * 2 * PARTS * Q_ELEMS; }
+    __device__ T* dout(int stage) const { return q(stage) + PARTS * Q_ELEMS; }
     __device__ float* dq(int stage) const { return reinterpret_cast<float*>(q(stage)); }
 };
 
@@ -185,6 +197,7 @@ template <int STAGES> struct BwdBarriers {
         k_scan = kinds + STAGES;
         q_scan = k_scan + 1;
     }
+    // dq_full completes on `consumers` arrivals, q_free on the reduction's and `scanners` more.
     __device__ void init(int consumers, int scanners) const {
         mbar_init(kv_full, 1);
         mbar_init(k_scanned, 32);
@@ -208,20 +221,23 @@ template <int STAGES> struct BwdBarriers {
     }
 };
 
-// Producer thread 0: k and v once, then query tile t into stage t % STAGES once the reduction has freed it.
-// A bool mask's tile classification reads memory (its cells): the producer reads it while it waits and hands
-// it over with the tile's arrival (which releases it).
-template <typename Var, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+// Producer thread 0: k and v once, then query tile t into stage t % STAGES once the reduction has freed it;
+// each of PARTS parts from batch entry p.parts_apart further. A bool mask's tile classification reads memory
+// (its cells): the producer reads it while it waits and hands it over with the tile's arrival (which releases
+// it).
+template <typename Var, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN, int PARTS>
 __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
-                                           const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                           const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>& sm,
                                            const BwdBarriers<STAGES>& bar) {
-    constexpr int CHUNKS = D_TILE / 64;
+    constexpr int CHUNKS = D_TILE / 64, Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;
     const int k_row = int(qs.seq.k0) + qs.n0, q0 = int(qs.seq.q0), entry = qs.seq.entry;
-    mbar_expect_tx(bar.kv_full, 2 * BLOCK_N * D_TILE * sizeof(T));
-    for (int c = 0; c < CHUNKS; ++c) {
-        tma_load(sm.k + c * BLOCK_N * 64, p.tma_k, c * 64, k_row, qs.hk, entry, bar.kv_full);
-        tma_load(sm.v + c * BLOCK_N * 64, p.tma_v, c * 64, k_row, qs.hk, entry, bar.kv_full);
-    }
+    mbar_expect_tx(bar.kv_full, 2 * PARTS * KV_ELEMS * sizeof(T));
+    for (int part = 0; part < PARTS; ++part)
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int at = part * KV_ELEMS + c * BLOCK_N * 64, from = entry + part * p.parts_apart;
+            tma_load(sm.k + at, p.tma_k, c * 64, k_row, qs.hk, from, bar.kv_full);
+            tma_load(sm.v + at, p.tma_v, c * 64, k_row, qs.hk, from, bar.kv_full);
+        }
     for (int t = 0; t < qs.tiles; ++t) {
         const int stage = t % STAGES, h = qs.head(t), m0 = qs.m0(t);
         unsigned long long* full = bar.q_full + stage;
@@ -235,23 +251,30 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
                 continue;
             }
         }
-        mbar_expect_tx(full, 2 * BLOCK_M * D_TILE * sizeof(T) + 2 * BLOCK_M * sizeof(float));
-        for (int c = 0; c < CHUNKS; ++c) {
-            tma_load(sm.q(stage) + c * BLOCK_M * 64, p.tma_q, c * 64, q0 + m0, h, entry, full);
-            tma_load(sm.dout(stage) + c * BLOCK_M * 64, p.tma_do, c * 64, q0 + m0, h, entry, full);
-        }
+        constexpr int STATS = BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>::STATS;
+        mbar_expect_tx(full, 2 * PARTS * Q_ELEMS * sizeof(T) + STATS * BLOCK_M * sizeof(float));
+        for (int part = 0; part < PARTS; ++part)
+            for (int c = 0; c < CHUNKS; ++c) {
+                const int at = part * Q_ELEMS + c * BLOCK_M * 64, from = entry + part * p.parts_apart;
+                tma_load(sm.q(stage) + at, p.tma_q, c * 64, q0 + m0, h, from, full);
+                tma_load(sm.dout(stage) + at, p.tma_do, c * 64, q0 + m0, h, from, full);
+            }
         const i64 stats = qs.padded_row(p, t);
         bulk_load(sm.lse2 + stage * BLOCK_M, p.lse_log2 + stats, BLOCK_M * sizeof(float), full);
         bulk_load(sm.delta + stage * BLOCK_M, static_cast<const float*>(p.bwd.delta) + stats, BLOCK_M * sizeof(float),
                   full);
+        if constexpr (STATS > 2)
+            bulk_load(sm.sums + stage * BLOCK_M, static_cast<const float*>(p.bwd.row_scale) + stats,
+                      BLOCK_M * sizeof(float), full);
     }
 }
 
-// Producer thread 32: each tile's staged dq into the accumulator (one bulk reduction; the accumulator keeps
-// each tile in the consumers' register order, flash_bwd_dq_convert reads it back), then frees the stage.
-template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
+// Producer thread 32: each tile's staged dq into the accumulator (one bulk reduction; the 16-bit kernels keep
+// each tile in the consumers' register order, the split kernel row by row, flash_bwd_dq_convert reads it
+// back), then frees the stage.
+template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN, int PARTS>
 __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
-                                          const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                          const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>& sm,
                                           const BwdBarriers<STAGES>& bar) {
     for (int t = 0; t < qs.tiles; ++t) {
         const int stage = t % STAGES;
@@ -320,14 +343,16 @@ template <int STAGES> __device__ __forceinline__ void stage_no_dq(const BwdBarri
 }
 
 // Consumers, before the stream: k and v arrived, k's rows past a packed sequence's end zeroed (its
-// neighbour's).
-template <typename Var, typename T, int D_TILE, int BLOCK_N, int STAGES, int BLOCK_M>
+// neighbour's), in each of its PARTS parts.
+template <typename Var, typename T, int D_TILE, int BLOCK_N, int STAGES, int BLOCK_M, int PARTS = 1>
 __device__ __forceinline__ void wait_keys(const BwdBarriers<STAGES>& bar, const QueryStream<BLOCK_M, BLOCK_N>& qs,
                                           T* k) {
     if (qs.tiles == 0) return;
     mbar_wait(bar.kv_full, 0);
     if (Var::packed && qs.n0 + BLOCK_N > qs.seq.seqlen_k) {
-        zero_rows<T, BLOCK_N, D_TILE / 64, 256>(k, qs.seq.seqlen_k - qs.n0, threadIdx.x - 128);
+        for (int part = 0; part < PARTS; ++part)
+            zero_rows<T, BLOCK_N, D_TILE / 64, 256>(k + part * BLOCK_N * D_TILE, qs.seq.seqlen_k - qs.n0,
+                                                    threadIdx.x - 128);
         named_barrier<256>(1);
     }
 }
@@ -335,9 +360,9 @@ __device__ __forceinline__ void wait_keys(const BwdBarriers<STAGES>& bar, const 
 // Consumers, per query tile t: its classification, once its stage has arrived (every phase is waited for,
 // skipped tiles too, so that no copy into a stage is in flight when the producer reuses it), with the rows
 // of q and dout past a packed sequence's end zeroed. A skipped tile stages no dq.
-template <int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, typename Var, typename T, int OWN>
+template <int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, typename Var, typename T, int OWN, int PARTS>
 __device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar,
-                                                    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
+                                                    const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>& sm,
                                                     int t, int m0, int n0) {
     TileKind kind = Var::bool_mask ? SKIP : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
     mbar_wait(bar.q_full + t % STAGES, (t / STAGES) & 1);
@@ -346,8 +371,12 @@ __device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBar
         stage_no_dq(bar, t % STAGES);
         if constexpr (Var::hides_keys) bar.queries_nonfinite(t);
     } else if (Var::packed && m0 + BLOCK_M > var.seqlen_q) {
-        zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.q(t % STAGES), var.seqlen_q - m0, threadIdx.x - 128);
-        zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.dout(t % STAGES), var.seqlen_q - m0, threadIdx.x - 128);
+        for (int part = 0; part < PARTS; ++part) {
+            zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.q(t % STAGES) + part * BLOCK_M * D_TILE, var.seqlen_q - m0,
+                                                    threadIdx.x - 128);
+            zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.dout(t % STAGES) + part * BLOCK_M * D_TILE, var.seqlen_q - m0,
+                                                    threadIdx.x - 128);
+        }
         named_barrier<256>(1);
     }
     return kind;
@@ -656,13 +685,356 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     }
 }
 
-// One thread per four accumulator values of sequence blockIdx.y: each 64-row tile of the accumulator is stored
-// in the consumers' register order, [warpgroup][8-column group j][thread][4] with thread = 32 warp + 4 g + tq,
-// values 2 er + ec at row 16 warp + 8 er + g, column 8 j + 2 tq + ec of the warpgroup's half of the head.
-template <typename T, bool PACKED>
+// float32's renormalization (mask.cuh, row_renormalizer) on Hopper: each query row's sum of the probabilities
+// that flash_bwd_sm90_split recomputes, bitwise as it does (the same wgmma products of the same parts: s^T of
+// 64 keys by SM90_SPLIT_BWD_BLOCK_M queries), into bwd.row_scale. A block owns SUM_ROWS query rows of a head,
+// 64 per consumer warpgroup; its producer loads their q and lse once, then streams the band's key tiles. Each
+// thread sums its keys over the tiles, then the warps' sums add up in a fixed order: the sums repeat bitwise.
+constexpr int SUM_ROWS = 128;
+
+template <int D_TILE, int STAGES, typename Var>
+__global__ void __launch_bounds__(384, 1) flash_bwd_sm90_row_sums(const __grid_constant__ BwdParamsSm90 p) {
+    using Op = bfloat16_t;
+    constexpr int PARTS = Operands<float>::PARTS, BLOCK_M = SUM_ROWS, BLOCK_N = 64, SUB = SM90_SPLIT_BWD_BLOCK_M;
+    constexpr int SUBS = 64 / SUB, CHUNKS = D_TILE / 64, MT = SUB / 8, Q_ELEMS = BLOCK_M * D_TILE;
+    constexpr int KV_ELEMS = BLOCK_N * D_TILE;
+
+    extern __shared__ unsigned char smem_raw[];
+    Op* sQ = reinterpret_cast<Op*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);  // [PARTS][CHUNKS][BLOCK_M][64]
+    Op* sK = sQ + PARTS * Q_ELEMS;                                           // [STAGES][PARTS][CHUNKS][BLOCK_N][64]
+    float* sLse2 = reinterpret_cast<float*>(sK + STAGES * PARTS * KV_ELEMS);  // [BLOCK_M]
+    float* sPartial = sLse2 + BLOCK_M;                                       // [4 warps][BLOCK_M]: sums of 16 keys
+    unsigned long long* q_full = reinterpret_cast<unsigned long long*>(sPartial + 4 * BLOCK_M);
+    unsigned long long* k_full = q_full + 1;       // [STAGES]
+    unsigned long long* k_free = k_full + STAGES;  // [STAGES]: both consumer warpgroups are done with the tile
+    int* kinds = reinterpret_cast<int*>(k_free + STAGES);  // [STAGES]: bool mask, the tile's TileKind
+
+    const FwdParams& f = p.bwd.fwd;
+    if (gated_off(f)) return;
+    const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / f.group;
+    const Sequence seq = sequence<Var::packed>(f, b);
+    if (m0 >= seq.seqlen_q) return;
+    const Var var = variant_of<Var>(f, seq, b, h);
+    int first, last;
+    var.template key_tiles<BLOCK_M, BLOCK_N>(m0, first, last);
+    const i64 stats = padded_base<Var::packed>(p, b) + (i64)h * p.rows + m0;
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(k_full + s, 1);
+            mbar_init(k_free + s, 256);
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        // ---- producer: q in boxes of SUB rows (the split kernel's tensor map)
+        regs_release<24>();
+        if (threadIdx.x != 0) return;
+        const int q0 = int(seq.q0), k0 = int(seq.k0), rows = min(BLOCK_M, padded_rows(seq.seqlen_q) - m0);
+        mbar_expect_tx(q_full, PARTS * Q_ELEMS * sizeof(Op) + rows * sizeof(float));
+        for (int part = 0; part < PARTS; ++part)
+            for (int c = 0; c < CHUNKS; ++c)
+                for (int sub = 0; sub < BLOCK_M / SUB; ++sub)
+                    tma_load(sQ + part * Q_ELEMS + (c * BLOCK_M + SUB * sub) * 64, p.tma_q, c * 64, q0 + m0 + SUB * sub,
+                             h, seq.entry + part * p.parts_apart, q_full);
+        bulk_load(sLse2, p.lse_log2 + stats, rows * sizeof(float), q_full);
+        for (int n = first; n < last; ++n) {
+            const int i = n - first, stage = i % STAGES;
+            const int kind = Var::bool_mask ? var.tile_kind(m0, BLOCK_M, n * BLOCK_N, BLOCK_N) : 0;
+            if (i >= STAGES) mbar_wait(k_free + stage, (i / STAGES - 1) & 1);
+            if constexpr (Var::bool_mask) {
+                kinds[stage] = kind;
+                if (kind == SKIP) {
+                    mbar_arrive(k_full + stage);
+                    continue;
+                }
+            }
+            mbar_expect_tx(k_full + stage, PARTS * KV_ELEMS * sizeof(Op));
+            for (int part = 0; part < PARTS; ++part)
+                for (int c = 0; c < CHUNKS; ++c)
+                    tma_load(sK + (stage * PARTS + part) * KV_ELEMS + c * BLOCK_N * 64, p.tma_k, c * 64,
+                             k0 + n * BLOCK_N, hk, seq.entry + part * p.parts_apart, k_full + stage);
+        }
+    } else {
+        // ---- consumers: warpgroup wg's 64 queries, in SUBS products of SUB
+        regs_claim<240>();
+        const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+        const int g = lane / 4, tq = lane % 4, row0 = 64 * wg;
+        const float scale_log2 = float(f.scale) * float(LOG2E);
+        float sums[SUBS][MT][2] = {};
+        mbar_wait(q_full, 0);
+        for (int n = first; n < last; ++n) {
+            const int i = n - first, stage = i % STAGES, n0 = n * BLOCK_N, key0 = n0 + 16 * warp + g;
+            TileKind kind = Var::bool_mask ? SKIP : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
+            mbar_wait(k_full + stage, (i / STAGES) & 1);
+            if constexpr (Var::bool_mask) kind = TileKind(kinds[stage]);
+            if (kind != SKIP) {
+                float x[SUBS][MT][4];
+                wgmma_fence();
+#pragma unroll
+                for (int sub = 0; sub < SUBS; ++sub)
+                    wgmma_nt<Op, SUB, D_TILE, BLOCK_N, BLOCK_M, PARTS>(
+                        reinterpret_cast<float(&)[MT * 4]>(x[sub]), sK + stage * PARTS * KV_ELEMS,
+                        sQ + (row0 + SUB * sub) * 64, KV_ELEMS, Q_ELEMS);
+                wgmma_commit();
+                wgmma_wait<0>();
+#pragma unroll
+                for (int sub = 0; sub < SUBS; ++sub) fence_regs(reinterpret_cast<float(&)[MT * 4]>(x[sub]));
+                check_tile(kind, var, [&](auto check, const Var& v) {
+#pragma unroll
+                    for (int sub = 0; sub < SUBS; ++sub)
+#pragma unroll
+                        for (int j = 0; j < MT; ++j)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const int im = row0 + SUB * sub + 8 * j + 2 * tq + e % 2;
+                                float dcap;
+                                sums[sub][j][e % 2] += pair_probability<decltype(check)::value, false>(
+                                    v, x[sub][j][e], scale_log2, sLse2[im], m0 + im, key0 + 8 * (e / 2), dcap);
+                            }
+                });
+            }
+            mbar_arrive(k_free + stage);
+        }
+        // the warp's 16 keys (lanes of equal tq hold the same queries), then the four warps in order
+#pragma unroll
+        for (int sub = 0; sub < SUBS; ++sub)
+#pragma unroll
+            for (int j = 0; j < MT; ++j)
+#pragma unroll
+                for (int ec = 0; ec < 2; ++ec) {
+                    float sum = sums[sub][j][ec];
+                    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+                    sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+                    sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+                    if (g == 0) sPartial[warp * BLOCK_M + row0 + SUB * sub + 8 * j + 2 * tq + ec] = sum;
+                }
+        named_barrier<128>(1 + wg);
+        const int thread = threadIdx.x % 128;  // the padded rows too: the split kernel reads whole tiles
+        if (thread < 64 && m0 + row0 + thread < padded_rows(seq.seqlen_q)) {
+            const int r = row0 + thread;
+            static_cast<float*>(p.bwd.row_scale)[stats + r] =
+                ((sPartial[r] + sPartial[BLOCK_M + r]) + sPartial[2 * BLOCK_M + r]) + sPartial[3 * BLOCK_M + r];
+        }
+    }
+}
+
+// float32 on bfloat16 parts (split.cuh): each product is six wgmma products of the parts. A block owns 64 keys
+// (three parts of k and v fill a third of shared memory at headdim 128) and streams query tiles of
+// SM90_SPLIT_BWD_BLOCK_M rows; its consumer warpgroups take the tile's two halves of the work, each over
+// all 64 keys as rows:
+//   warpgroup 0  s^T = k q^T; hands it to warpgroup 1, takes back pd^T; dv += pd^T dout
+//   warpgroup 1  dp^T = v dout^T; pd^T and dx^T from both (mask.cuh), renormalized by the rows' sums of
+//                flash_bwd_sm90_row_sums; dk += dx^T q; dq^T = k^T dx^T
+// so that each holds one of dk and dv (headdim 128: 64 registers a thread). pd^T and dx^T are split in
+// registers (A operands); dx^T's parts also go to shared memory for dq^T, which is staged row by row in the
+// place of the tile's q (dout may still be read by dv). Each tile's dv and dk products sum in a fresh
+// accumulator that is added to the running one rounded to nearest: the tensor cores truncate the sums they
+// accumulate into. Inputs holding NaN or inf never get here (the gate of FwdParams takes them elsewhere).
+template <int D_TILE, int STAGES, typename Var>
+__global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_constant__ BwdParamsSm90 p) {
+    using Op = bfloat16_t;
+    constexpr int PARTS = Operands<float>::PARTS, PAIRS = split_pairs(PARTS);
+    constexpr int BLOCK_M = SM90_SPLIT_BWD_BLOCK_M, BLOCK_N = 64, CHUNKS = D_TILE / 64;
+    constexpr int MT = BLOCK_M / 8, DT = D_TILE / 8, Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;
+    constexpr int DS_ELEMS = BLOCK_N * 64, EXCHANGE_BYTES = BLOCK_N * BLOCK_M * 4, DX_BYTES = PARTS * DS_ELEMS * 2;
+    constexpr int SYNC_WG1 = 2;  // warpgroup 1's own named barrier (1 is next_query_tile's)
+    static_assert(D_TILE % 64 == 0 && BLOCK_M % 16 == 0, "tile shape");
+
+    extern __shared__ unsigned char smem_raw[];
+    const BwdSmem<Op, BLOCK_M, BLOCK_N, D_TILE, STAGES, EXCHANGE_BYTES + DX_BYTES + 1024, PARTS> sm(smem_raw);
+    float* exchange = reinterpret_cast<float*>(sm.own);          // [MT * 4][128]: a tile in register order
+    Op* sDx = reinterpret_cast<Op*>(sm.own + EXCHANGE_BYTES);  // [PARTS][BLOCK_N][64]: dx^T, keys by queries
+    // the exchange's handovers: scores from warpgroup 0, probabilities back from warpgroup 1
+    unsigned long long* scores_full = reinterpret_cast<unsigned long long*>(sm.own + EXCHANGE_BYTES + DX_BYTES);
+    unsigned long long* probs_full = scores_full + 1;
+    const BwdBarriers<STAGES> bar(sm.barriers);
+
+    const BwdParams& bp = p.bwd;
+    const FwdParams& f = bp.fwd;
+    if (gated_off(f)) return;
+    const KeyBlock kb = key_block<Var, BLOCK_N>(p);
+    const int n0 = kb.n0, hk = kb.hk, b = kb.b;
+    const Sequence seq = sequence<Var::packed>(f, b);
+    if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
+    const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
+
+    if (threadIdx.x == 0) {
+        mbar_init(scores_full, 128);
+        mbar_init(probs_full, 128);
+        bar.init(256, 0);
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        // ---- producer
+        regs_release<24>();
+        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var>(p, qs, sm, bar);
+        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
+    } else {
+        // ---- consumers
+        regs_claim<240>();
+        const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+        const int thread = threadIdx.x % 128, g = lane / 4, tq = lane % 4, key0 = n0 + 16 * warp + g;
+        int computed = 0;  // tiles handed over so far
+        const float scale_log2 = float(f.scale) * float(LOG2E);
+
+        float grad[DT][4];  // dv (warpgroup 0) or dk (warpgroup 1) of the block's keys
+        zero(grad);
+        float(&grad_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(grad);
+
+        wait_keys<Var, Op, D_TILE, BLOCK_N, STAGES, BLOCK_M, PARTS>(bar, qs, sm.k);
+
+        for (int t = 0; t < qs.tiles; ++t) {
+            const int stage = t % STAGES, m0 = qs.m0(t);
+            const Var var = variant_of<Var>(f, seq, b, qs.head(t));
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
+            if (kind == SKIP) continue;
+            const Op* q_buf = sm.q(stage);
+            const Op* do_buf = sm.dout(stage);
+
+            // s^T (warpgroup 0) or dp^T (warpgroup 1), keys by queries
+            float x[MT][4];
+            float(&x_regs)[MT * 4] = reinterpret_cast<float(&)[MT * 4]>(x);
+            wgmma_fence();
+            wgmma_nt<Op, BLOCK_M, D_TILE, BLOCK_N, BLOCK_M, PARTS>(x_regs, wg == 0 ? sm.k : sm.v, wg == 0 ? q_buf : do_buf,
+                                                                   KV_ELEMS, Q_ELEMS);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(x_regs);
+
+            // x becomes pd^T (warpgroup 0) or dx^T (warpgroup 1); lanes of the two warpgroups with the same
+            // index hold the same elements
+            const int parity = computed++ & 1;
+            if (wg == 0) {
+#pragma unroll
+                for (int i = 0; i < MT * 4; ++i) exchange[i * 128 + thread] = x_regs[i];
+                mbar_arrive(scores_full);
+                mbar_wait(probs_full, parity);
+#pragma unroll
+                for (int i = 0; i < MT * 4; ++i) x_regs[i] = exchange[i * 128 + thread];
+            } else {
+                // each row's renormalizer in place of its sum
+                float* sums = sm.sums + stage * BLOCK_M;
+                if (thread < BLOCK_M) sums[thread] = row_renormalizer(sums[thread], sm.lse2[stage * BLOCK_M + thread]);
+                float st[MT][4];
+                mbar_wait(scores_full, parity);
+                named_barrier<128>(SYNC_WG1);  // the renormalizers stored
+#pragma unroll
+                for (int i = 0; i < MT * 4; ++i) reinterpret_cast<float*>(st)[i] = exchange[i * 128 + thread];
+                const float* lse2 = sm.lse2 + stage * BLOCK_M;
+                const float* delta = sm.delta + stage * BLOCK_M;
+                check_tile(kind, var, [&](auto check, const Var& v) {
+                    key_rows_backward<decltype(check)::value, false>(v, st, x, m0, key0, warp, lane, scale_log2, lse2,
+                                                                     delta, static_cast<const float*>(sums));
+                });
+#pragma unroll
+                for (int i = 0; i < MT * 4; ++i) exchange[i * 128 + thread] = reinterpret_cast<float*>(st)[i];
+                mbar_arrive(probs_full);
+            }
+
+            // its parts in the A layout of wgmma: consecutive pairs of the accumulators
+            unsigned parts[PARTS][MT * 2];
+#pragma unroll
+            for (int i = 0; i < MT * 2; ++i) {
+                float hi[2], mid[2], lo[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) split3(x_regs[2 * i + e], hi[e], mid[e], lo[e]);
+                parts[0][i] = pack2<Op>(hi[0], hi[1]);
+                parts[1][i] = pack2<Op>(mid[0], mid[1]);
+                parts[2][i] = pack2<Op>(lo[0], lo[1]);
+            }
+            if (wg == 1) {  // dx^T's parts for dq^T
+#pragma unroll
+                for (int part = 0; part < PARTS; ++part)
+#pragma unroll
+                    for (int j = 0; j < MT; ++j)
+#pragma unroll
+                        for (int er = 0; er < 2; ++er)
+                            *reinterpret_cast<unsigned*>(const_cast<Op*>(
+                                swizzled(sDx + part * DS_ELEMS, BLOCK_N, 16 * warp + g + 8 * er, 8 * j + 2 * tq))) =
+                                parts[part][2 * j + er];
+                fence_async_shared();
+            }
+
+            // dv += pd^T dout (warpgroup 0) or dk += dx^T q (warpgroup 1), in a fresh accumulator
+            float fresh[DT * 4];
+            const Op* rows = wg == 0 ? do_buf : q_buf;
+            wgmma_fence();
+#pragma unroll
+            for (int pair = 0; pair < PAIRS; ++pair)
+#pragma unroll
+                for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+                    wgmma_rs<Op, D_TILE>(fresh,
+                                         reinterpret_cast<const unsigned(&)[4]>(parts[split_part_a(PARTS, pair)][4 * kk]),
+                                         desc_n_major(rows + split_part_b(PARTS, pair) * Q_ELEMS, kk, BLOCK_M * 128),
+                                         pair > 0 || kk > 0);
+            wgmma_commit();
+
+            if (wg == 0) {
+                wgmma_wait<0>();
+                fence_regs(fresh);
+#pragma unroll
+                for (int i = 0; i < DT * 4; ++i) grad_regs[i] += fresh[i];
+                mbar_arrive(bar.dq_full + stage);  // done with the stage's dout
+                continue;
+            }
+
+            // dq^T = k^T dx^T, 64 of the head's columns at a time
+            float dqt[CHUNKS][BLOCK_M / 2];
+            named_barrier<128>(SYNC_WG1);  // dx^T's parts stored
+            wgmma_fence();
+#pragma unroll
+            for (int c = 0; c < CHUNKS; ++c) {
+#pragma unroll
+                for (int pair = 0; pair < PAIRS; ++pair)
+#pragma unroll
+                    for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+                        wgmma_ss_tt<Op, BLOCK_M>(
+                            dqt[c],
+                            desc_n_major(sm.k + split_part_a(PARTS, pair) * KV_ELEMS + c * BLOCK_N * 64, kk, BLOCK_N * 128),
+                            desc_n_major(sDx + split_part_b(PARTS, pair) * DS_ELEMS, kk, BLOCK_N * 128),
+                            pair > 0 || kk > 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(fresh);
+#pragma unroll
+            for (int c = 0; c < CHUNKS; ++c) fence_regs(dqt[c]);
+#pragma unroll
+            for (int i = 0; i < DT * 4; ++i) grad_regs[i] += fresh[i];
+
+            // the tile's dq, [BLOCK_M][D_TILE] row by row, where its q was
+            float* staged = sm.dq(stage);
+#pragma unroll
+            for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+                for (int j = 0; j < MT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        staged[(8 * j + 2 * tq + e % 2) * D_TILE + 64 * c + 16 * warp + g + 8 * (e / 2)] = dqt[c][4 * j + e];
+            if (thread == 0) bar.dq_staged[stage] = 1;
+            fence_async_shared();
+            mbar_arrive(bar.dq_full + stage);
+        }
+        const float scale[2] = {wg == 0 ? 1.f : float(f.scale), wg == 0 ? 1.f : float(f.scale)};
+        float* grad_out = static_cast<float*>(wg == 0 ? bp.dv : bp.dk);
+        const Strides& st = wg == 0 ? bp.dv_st : bp.dk_st;
+        store_slab(seq.key_rows(grad_out, st, hk, n0), st.s, grad, scale, 16 * warp, seq.seqlen_k - n0, f.headdim, lane);
+    }
+}
+
+// One thread per four accumulator values of sequence blockIdx.y. The 16-bit kernels store each 64-row tile of
+// the accumulator in the consumers' register order, [warpgroup][8-column group j][thread][4] with thread =
+// 32 warp + 4 g + tq, values 2 er + ec at row 16 warp + 8 er + g, column 8 j + 2 tq + ec of the warpgroup's
+// half of the head; the split kernel (ROW_MAJOR) row by row.
+template <typename T, bool PACKED, bool ROW_MAJOR>
 __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const __grid_constant__ BwdParamsSm90 p) {
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
+    if (gated_off(f)) return;
     const int tile_quads = SM90_BWD_BLOCK_M * p.head_tile / 4, half = p.head_tile / 2, b = blockIdx.y;
     const int tiles = padded_rows(f.seqlen_q) / SM90_BWD_BLOCK_M;
     const i64 quad = (i64)blockIdx.x * 256 + threadIdx.x;
@@ -670,18 +1042,26 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const __grid_constan
     const int tile = (int)(quad / tile_quads), h = tile / tiles, m0 = tile % tiles * SM90_BWD_BLOCK_M;
     const Sequence seq = sequence<PACKED>(f, b);
     if (m0 >= seq.seqlen_q) return;
-    const int at = (int)(quad % tile_quads), thread = at % 128, j = at / 128 % (half / 8), wg = at / 128 / (half / 8);
+    const int at = (int)(quad % tile_quads);
     const i64 row0 = padded_base<PACKED>(p, b) + (i64)h * p.rows + m0;
     const float4 x = reinterpret_cast<const float4*>(p.dq_accum + row0 * p.head_tile)[at];
-    const int row = m0 + (thread / 32) * 16 + (thread % 32) / 4;
-    const int col = wg * half + 8 * j + 2 * (thread % 4);
+    // values 0, 1 at (row, col) and (row, col + 1); 2, 3 ROW_STEP rows and COL_STEP columns further
+    constexpr int ROW_STEP = ROW_MAJOR ? 0 : 8, COL_STEP = ROW_MAJOR ? 2 : 0;
+    int row, col;
+    if constexpr (ROW_MAJOR) {
+        row = m0 + at / (p.head_tile / 4), col = 4 * (at % (p.head_tile / 4));
+    } else {
+        const int thread = at % 128, j = at / 128 % (half / 8), wg = at / 128 / (half / 8);
+        row = m0 + (thread / 32) * 16 + (thread % 32) / 4, col = wg * half + 8 * j + 2 * (thread % 4);
+    }
     const float scale = float(f.scale);
     T* dq = seq.query_rows(static_cast<T*>(bp.dq), bp.dq_st, h, 0);
     const bool aligned = reinterpret_cast<unsigned long long>(dq) % 4 == 0 && bp.dq_st.s % 2 == 0;
     const float v[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-    for (int er = 0; er < 2; ++er)
-        if (row + 8 * er < seq.seqlen_q && col < f.headdim)
-            store_pair(dq + (i64)(row + 8 * er) * bp.dq_st.s + col, v[2 * er] * scale, v[2 * er + 1] * scale, aligned,
-                       f.headdim - col);
+    for (int e = 0; e < 2; ++e) {
+        const int r = row + e * ROW_STEP, c = col + e * COL_STEP;
+        if (r < seq.seqlen_q && c < f.headdim)
+            store_pair(dq + (i64)r * bp.dq_st.s + c, v[2 * e] * scale, v[2 * e + 1] * scale, aligned, f.headdim - c);
+    }
 }

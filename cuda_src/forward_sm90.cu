@@ -35,16 +35,6 @@
 #include "split.cuh"
 #include "wgmma.cuh"
 
-// What the tensor cores read of an input dtype: 16-bit values themselves; float32 as PARTS bfloat16 parts.
-template <typename T> struct Operands {
-    using type = T;
-    static constexpr int PARTS = 1;
-};
-template <> struct Operands<float> {
-    using type = bfloat16_t;
-    static constexpr int PARTS = 3;
-};
-
 // Work tile `tile` of a persistent block: (query tile, head, batch). Without a causal mask or a window every
 // query tile of a head visits the same keys: the query tile is the fastest axis, so that the blocks running
 // side by side read one head's K and V, from L2 after the first. Under one (BOUNDED), query tile i of T

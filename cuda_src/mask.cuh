@@ -327,6 +327,18 @@ template <typename A> __device__ __forceinline__ A row_renormalizer(A sum, A lse
     return sum > A(0) && fabs(sum - A(1)) <= tolerance ? A(1) / sum : A(1);
 }
 
+// The recomputed probability of the (query i, key j) pair from its raw product s = q.k, before
+// renormalization and dropout (-0.0 where masked), and the score transform's derivative dcap.
+template <bool CHECK, bool APPROX, typename Var, typename A>
+__device__ __forceinline__ A pair_probability(const Var& var, A s, A scale_log2, A lse2, int i, int j, A& dcap) {
+    dcap = A(1);
+    // A scaled product leaves its scale to the exponent's FMA, as the forward does (OnlineSoftmax::prob):
+    // one rounding, of the difference from lse, where x = s scale would round every score by |x| eps.
+    const A x = var.template score<CHECK, APPROX>(s, Var::scaled_product ? A(1) : scale_log2, i, j, dcap);
+    const A exponent = Var::scaled_product ? fma(x, scale_log2, -lse2) : x - lse2;
+    return CHECK && x == neg_inf<A>() ? masked_zero<A>() : fast_exp2(exponent);
+}
+
 // The per-element backward of one (query i, key j) pair: from the raw products s = q.k and
 // dp = dout.v, the dropped probability pd (for dv) and the score gradients ds (for dbias) and
 // dx = ds dcap (for dq, dk); returns the probability before dropout. row_scale: the row's renormalizer
@@ -334,12 +346,8 @@ template <typename A> __device__ __forceinline__ A row_renormalizer(A sum, A lse
 template <bool CHECK, bool APPROX, typename Var, typename A>
 __device__ __forceinline__ A pair_backward(const Var& var, A s, A dp, A scale_log2, A lse2, A row_scale, A delta,
                                            int i, int j, bool keep, A& pd, A& ds, A& dx) {
-    A dcap = A(1);
-    // A scaled product leaves its scale to the exponent's FMA, as the forward does (OnlineSoftmax::prob):
-    // one rounding, of the difference from lse, where x = s scale would round every score by |x| eps.
-    const A x = var.template score<CHECK, APPROX>(s, Var::scaled_product ? A(1) : scale_log2, i, j, dcap);
-    const A exponent = Var::scaled_product ? fma(x, scale_log2, -lse2) : x - lse2;
-    A pr = CHECK && x == neg_inf<A>() ? masked_zero<A>() : fast_exp2(exponent);
+    A dcap;
+    A pr = pair_probability<CHECK, APPROX>(var, s, scale_log2, lse2, i, j, dcap);
     if (CHECK && is_masked_zero(pr)) {
         pd = ds = dx = pr;
         return pr;
@@ -378,7 +386,7 @@ __device__ __forceinline__ void draw_group_words(const Var& var, unsigned* words
 // pair_backward on a tile whose rows are keys and columns queries (the kernels that hold dK and dV):
 // st = s^T becomes pd^T, dpt = dp^T becomes dx^T. This lane holds keys key0 and key0 + 8, where
 // key0 % 16 = lane / 4, and queries m0 + 8 j + 2 (lane % 4) + {0, 1}, whose lse (log2 units) and delta are
-// lse2[q - m0] and delta[q - m0], and (wide inputs) renormalizer row_scale[q - m0]. With dropout the
+// lse2[q - m0] and delta[q - m0], and (wide inputs) renormalizer row_scale[q - m0] (null: none). With dropout the
 // Philox words are drawn here or, with GROUPED, read from group_words (draw_group_words).
 template <bool CHECK, bool APPROX, bool GROUPED = false, int MT, typename Var, typename A>
 __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4], A (&dpt)[MT][4], int m0, int key0,
@@ -413,7 +421,8 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4]
                 const int e = 2 * er + ec, key = key0 + 8 * er;
                 const bool kept = Var::dropout && dropout_byte(words[ec], er, g & 1) >= var.threshold;
                 A pd, ds, dx;
-                pair_backward<CHECK, APPROX>(var, st[j][e], dpt[j][e], scale_log2, lse2[im], APPROX ? A(1) : row_scale[im],
+                pair_backward<CHECK, APPROX>(var, st[j][e], dpt[j][e], scale_log2, lse2[im],
+                                             APPROX || !row_scale ? A(1) : row_scale[im],
                                              delta[im], m0 + im, key, kept, pd, ds, dx);
                 st[j][e] = pd;
                 dpt[j][e] = dx;

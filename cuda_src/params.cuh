@@ -44,9 +44,9 @@ struct FwdParams {
     const int* cu_seqlens_k;
     int total_q, total_k;  // rows of q and of k per batch entry (dense: seqlen_q, seqlen_k)
     i64 lse_sb, lse_sh;    // lse (and the backward's delta) of (b, h, row) at b * lse_sb + h * lse_sh + row
-    // float32 on Hopper launches two forward kernels, the split-operand one (forward_sm90.cu) and the mma.sync
-    // one; *gate, set where q, k or v holds NaN or inf (split.cu), lets the one whose runs_on_nonfinite matches
-    // it run. Null: the kernel runs.
+    // float32 on Hopper launches both the split-operand kernels (forward_sm90.cu, backward_sm90.cu) and the
+    // mma.sync ones; *gate, set where an input holds NaN or inf (split.cu), lets those whose runs_on_nonfinite
+    // matches it run. Null: the kernel runs.
     const int* gate;
     int runs_on_nonfinite;
 };
@@ -110,7 +110,7 @@ struct FwdParamsSm90 {
     int parts_apart;  // float32 (operands in three bfloat16 parts, split.cu): batch entries from a part to the next
 };
 
-// float32 operands of the Hopper forward as three bfloat16 parts (split.cu): element (b, s, h, c) of x into
+// float32 operands of the Hopper kernels as three bfloat16 parts (split.cu): element (b, s, h, c) of x into
 // parts[((part * batch + b) * seqlen + s) * heads + h) * cols + c], zero in the columns past headdim.
 struct SplitParams {
     const float* x;
@@ -158,9 +158,11 @@ struct BwdParams {
 // rows to whole query tiles in its own buffers.
 struct BwdParamsSm90 {
     TensorMap tma_q, tma_k, tma_v, tma_do;
-    BwdParams bwd;       // bwd.delta: (batch, nheads, rows)
+    BwdParams bwd;       // bwd.delta (and for float32 bwd.row_scale, the rows' sums of probabilities): (batch,
+                         // nheads, rows)
     float* lse_log2;     // (batch, nheads, rows): lse in log2 units
     float* dq_accum;     // (batch, nheads, rows, head_tile): dq / scale, summed in float32
     int rows, head_tile; // rows: seqlen_q rounded up to the query tile
     int batch, section;  // (batch, kv head) pairs per section of a bounded band's key blocks (key_block)
+    int parts_apart;     // float32 (operands in bfloat16 parts, split.cu): batch entries from a part to the next
 };

@@ -1,6 +1,7 @@
-// float32 q, k and v of the Hopper forward as bfloat16 parts (split.cuh), which its wgmma products read
-// through TMA; and whether any element is NaN or inf, which the parts cannot carry through the products
-// (inf times a zero part is NaN): such a call's forward takes the mma.sync kernel (FwdParams::gate).
+// float32 inputs of the Hopper kernels (q, k and v; and dout for the backward) as bfloat16 parts
+// (split.cuh), which their wgmma products read through TMA; and whether any element is NaN or inf, which the
+// parts cannot carry through the products (inf times a zero part is NaN): such a call takes the mma.sync
+// kernels (FwdParams::gate).
 #include "common.cuh"
 #include "params.cuh"
 #include "split.cuh"

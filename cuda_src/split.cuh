@@ -22,6 +22,17 @@ __device__ __forceinline__ void split3(float x, float& hi, float& mid, float& lo
     lo = rest - mid;  // 8 significant bits or fewer: a bfloat16 value
 }
 
+// What the Hopper kernels' tensor cores read of an input dtype: 16-bit values themselves; float32 as PARTS
+// bfloat16 parts.
+template <typename T> struct Operands {
+    using type = T;
+    static constexpr int PARTS = 1;
+};
+template <> struct Operands<float> {
+    using type = bfloat16_t;
+    static constexpr int PARTS = 3;
+};
+
 // The pairs of parts (of the A and the B operand) whose products sum to a float32 product, the small ones
 // first (they are added to the accumulator before the large ones): PARTS 1 is the plain product.
 __host__ __device__ constexpr int split_pairs(int parts) { return parts == 1 ? 1 : 6; }

@@ -385,6 +385,24 @@ def _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, addre
                  (mask_cells, packed, listed), reads_row_flags=False)
 
 
+def _split_inputs(device_id, gate, tensors):
+    """Each float32 (array, tensor-map rows) of `tensors` split into SM90_SPLIT_PARTS bfloat16 parts (split.cu),
+    `gate` (a zeroed int32 on the device) set where any holds NaN or inf: the parts' tensor maps, and the parts,
+    which must live until the launches reading them are queued (the pool hands freed memory out again)."""
+    split = _plan.split_float32()
+    maps, parts = [], []
+    for x, rows in tensors:
+        entries, seqlen, heads, headdim = x.shape
+        cols = -(-headdim // 8) * 8
+        parts.append(_empty((_plan.SM90_SPLIT_PARTS * entries, seqlen, heads, cols), np.uint16))
+        p = _struct(SPLIT_PARAMS, (x.data.ptr, _strides(x), entries, seqlen, heads, headdim, cols,
+                                   parts[-1].data.ptr, gate.data.ptr))
+        blocks = min(math.ceil(entries * seqlen * heads * cols / split.threads), 8 * _multiprocessors(device_id))
+        _launch(split, (max(blocks, 1), 1, 1), p, device_id)
+        maps.append(_tma.tensor_map_words(parts[-1], "bfloat16", rows))
+    return maps, parts
+
+
 class _SplitForward(typing.NamedTuple):
     """A float32 forward on Hopper: q, k and v split into bfloat16 parts (split.cu), then two launches of
     which the gate lets one run (FwdParams::gate): the Hopper kernel on the parts, or, where an input holds
@@ -395,17 +413,7 @@ class _SplitForward(typing.NamedTuple):
 
     def run(self, spec, device_id, q, k, v, out, lse):
         gate = cupy.zeros(1, np.int32)
-        split = _plan.split_float32()
-        maps, parts = [], []  # the parts live until the launches are queued (the pool hands freed memory out again)
-        for x, rows in zip((q, k, v), self.hopper.map_rows):
-            entries, seqlen, heads, headdim = x.shape
-            cols = -(-headdim // 8) * 8
-            parts.append(_empty((_plan.SM90_SPLIT_PARTS * entries, seqlen, heads, cols), np.uint16))
-            p = _struct(SPLIT_PARAMS, (x.data.ptr, _strides(x), entries, seqlen, heads, headdim, cols,
-                                       parts[-1].data.ptr, gate.data.ptr))
-            blocks = min(math.ceil(entries * seqlen * heads * cols / split.threads), 8 * _multiprocessors(device_id))
-            _launch(split, (max(blocks, 1), 1, 1), p, device_id)
-            maps.append(_tma.tensor_map_words(parts[-1], "bfloat16", rows))
+        maps, parts = _split_inputs(device_id, gate, zip((q, k, v), self.hopper.map_rows))
         addresses = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, 0, gate.data.ptr)
         (launch, grid), = self.hopper.launches
         _launch(launch, grid, self.hopper.params(addresses, maps), device_id)
@@ -417,12 +425,45 @@ class _SplitForward(typing.NamedTuple):
         return out, lse
 
 
+class _SplitBackward(typing.NamedTuple):
+    """A float32 backward on Hopper, as _SplitForward: q, k, v and dout split into bfloat16 parts, then the
+    Hopper backward's launches on the parts and the mma.sync family's on the inputs, which the gate lets run
+    where an input holds NaN or inf."""
+    hopper: _Call
+    fallback: _Call
+
+    def run(self, spec, device_id, dout, q, k, v, out, lse, dq, dk, dv):
+        gate = cupy.zeros(1, np.int32)
+        maps, parts = _split_inputs(device_id, gate, zip((q, k, v, dout), self.hopper.map_rows))
+        arrays = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, dout.data.ptr)
+        grads = (dq.data.ptr, dk.data.ptr, dv.data.ptr)
+        scratch = [_empty(shape, dtype) for shape, dtype in self.hopper.buffers]
+        params = self.hopper.params((*arrays, 0, 0, 0, *grads, *(x.data.ptr for x in scratch), gate.data.ptr), maps)
+        for launch, grid in self.hopper.launches:
+            _launch(launch, grid, params, device_id)
+        flags = (_flag_nonfinite(self.fallback.var_type, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv),
+                                 (dout, spec.nheads)) if self.fallback.reads_row_flags else (None,) * 3)
+        scratch = [_empty(shape, dtype) for shape, dtype in self.fallback.buffers]
+        params = self.fallback.params((*arrays, *(_ptr(f) for f in flags), *grads, *(x.data.ptr for x in scratch),
+                                       gate.data.ptr))
+        for launch, grid in self.fallback.launches:
+            _launch(launch, grid, params, device_id)
+        return dq, dk, dv, None
+
+
 def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arrays):
     """The Hopper backward sums dq with float atomics: `deterministic` takes the mma.sync family, whose dq
-    has its own pass; so does a bias gradient. At most 65535 key tiles per sequence."""
-    return (spec.dtype.name in _plan.TENSOR_CORE_DTYPES and not deterministic and not want_dbias
-            and math.ceil(spec.seqlen_k / _plan.sm90_backward_tiles(spec.headdim)[2]) <= _MAX_GRID_YZ
-            and _hopper(hopper_device, *arrays))
+    has its own pass; so does a bias gradient. At most 65535 key tiles per sequence. 16-bit inputs where
+    TMA reads them; float32 on split operands (_splits_float32), whose parts TMA always reads."""
+    if deterministic or want_dbias:
+        return False
+    dtype = spec.dtype.name
+    if dtype == "float32":
+        if not _splits_float32(spec, hopper_device):
+            return False
+    elif not (dtype in _plan.TENSOR_CORE_DTYPES and _hopper(hopper_device, *arrays)):
+        return False
+    return math.ceil(spec.seqlen_k / _plan.sm90_backward_keys(dtype, spec.headdim)) <= _MAX_GRID_YZ
 
 
 def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
@@ -445,6 +486,8 @@ def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
         key = _call_key(spec, device_id, *arrays)
         call = _planned(_BACKWARD_CALLS, key and (key, deterministic),
                         lambda: _backward_call(spec, device_id, deterministic, dbias, *arrays))
+        if isinstance(call, _SplitBackward):
+            return call.run(spec, device_id, *arrays)
         flags = (_flag_nonfinite(call.var_type, spec, device_id, (q, spec.nheads), (k, spec.nheads_kv), (dout, spec.nheads))
                  if call.reads_row_flags else (None,) * 3)
         scratch = [_empty(shape, dtype) for shape, dtype in call.buffers]
@@ -465,29 +508,42 @@ _BWD_ADDRESSES = ("fwd.q", "fwd.k", "fwd.v", "fwd.out", "fwd.lse", "dout", "q_no
 
 def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, lse, dq, dk, dv):
     """The backward's _Call: the Hopper family's three launches or the delta, dQ and dK/dV passes of the
-    others, and the scratch buffers each call allocates (their addresses follow _BWD_ADDRESSES')."""
+    others, and the scratch buffers each call allocates (their addresses follow _BWD_ADDRESSES'); for
+    float32 on Hopper, a _SplitBackward of both."""
     limit, hopper_device = _device_info(device_id)
     var_type, var, mask_cells = _variant(spec, device_id)
     if dbias is not None:
         view = cupy.broadcast_to(dbias.reshape((1,) * (4 - dbias.ndim) + dbias.shape), spec.attn_mask.shape)
         var.update(_variant_params({"dbias": view}))
     packed = _packed(spec)
-    fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
     referenced = (mask_cells, packed)
 
-    def bwd_values(delta=0, row_scale=0):
-        return (fwd, 0, 0, 0, 0, delta, row_scale, 0, 0, 0, *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
+    def bwd_values(runs_on_nonfinite=0):
+        fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed, runs_on_nonfinite=runs_on_nonfinite)
+        return (fwd, 0, 0, 0, 0, 0, 0, 0, 0, 0, *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
 
+    if not _takes_hopper_backward(spec, hopper_device, deterministic, dbias is not None, q, k, v, dout):
+        return _backward_mma_call(spec, limit, var_type, bwd_values(), referenced, q, k, v, dout, lse)
+    if spec.dtype.name != "float32":
+        return _backward_sm90_call(spec, device_id, var_type, bwd_values(), referenced, q, k, v, dout, out)
+    gate = ("fwd.gate",)
+    return _SplitBackward(_backward_sm90_call(spec, device_id, var_type, bwd_values(), referenced, q, k, v, dout, out,
+                                              gate),
+                          _backward_mma_call(spec, limit, var_type, bwd_values(runs_on_nonfinite=1), referenced, q, k,
+                                             v, dout, lse, gate))
+
+
+def _backward_mma_call(spec, limit, var_type, values, referenced, q, k, v, dout, lse, extra=()):
+    """The delta, dQ and dK/dV passes of the mma.sync and CUDA-core families; `extra`: BwdParams members
+    whose addresses follow the scratch buffers'."""
     dtype = q.dtype.name
-    if _takes_hopper_backward(spec, hopper_device, deterministic, dbias is not None, q, k, v, dout):
-        return _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k, v, dout, out)
     delta_launch, dkdv_launch, dq_launch = _plan.backward(dtype, spec.headdim, var_type, _aligned(q, k, v, dout),
                                                           limit, **_math())
     acc = compute_dtype(q.dtype)
     # Wide inputs: the dQ pass leaves each row's renormalizer for the dK/dV pass (backward_mma.cu).
     buffers = ((lse.shape, acc),) * (2 if _plan.renormalizes(dtype) else 1)  # delta (and row_scale)
     members = ("delta", "row_scale")[:len(buffers)]
-    params = _Readdressed(BWD_PARAMS, bwd_values(), _BWD_ADDRESSES + members)
+    params = _Readdressed(BWD_PARAMS, values, _BWD_ADDRESSES + members + extra)
     key_tiles = math.ceil(spec.seqlen_k / dkdv_launch.block_rows)
     launches = ((delta_launch, (math.ceil(lse.size / delta_launch.block_rows), 1, 1)),
                 (dq_launch, (math.ceil(spec.seqlen_q / dq_launch.block_rows), spec.nheads, spec.batch)),
@@ -495,12 +551,19 @@ def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, ls
     return _Call(launches, params, var_type, (), buffers, referenced)
 
 
-def _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k, v, dout, out):
-    """The Hopper backward's three launches: prepare (delta, lse in log2 units, a zeroed float32 dq
-    accumulator), the main kernel over key tiles, kv heads and batches, and dq's conversion."""
+def _backward_sm90_call(spec, device_id, var_type, values, referenced, q, k, v, dout, out, extra=()):
+    """The Hopper backward's launches: prepare (delta, lse in log2 units, a zeroed float32 dq accumulator),
+    the main kernel over key tiles, kv heads and batches, and dq's conversion. float32 sums each row's
+    probabilities before the main kernel, for their renormalization, and its tensor maps are its parts'
+    (_SplitBackward); `extra`: BwdParams members whose addresses follow the scratch buffers'."""
     dtype = q.dtype.name
     prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type, _aligned(dout, out))
-    head_tile = _plan.sm90_backward_tiles(spec.headdim)[1]
+    split = dtype == "float32"
+    if split:
+        head_tile, _, query_rows, _ = _plan.sm90_split_backward_tiles(spec.headdim)
+        operand_bytes = 2 * _plan.SM90_SPLIT_PARTS  # bfloat16 parts
+    else:
+        head_tile, query_rows, operand_bytes = _plan.sm90_backward_tiles(spec.headdim)[1], _plan.SM90_BWD_BLOCK_M, 2
     tile = _plan.SM90_BWD_BLOCK_M
     longest = -(-spec.seqlen_q // tile) * tile  # query rows of the longest sequence in whole tiles
     if spec.varlen:  # sequence b from row (cu_seqlens_q[b] // tile + b) * tile of each head (backward_sm90.cu)
@@ -508,18 +571,28 @@ def _backward_sm90_call(spec, device_id, var_type, bwd_values, referenced, q, k,
     else:
         rows, shape = longest, (spec.batch, spec.nheads)
     buffers = (((*shape, rows), np.float32),) * 2 + (((*shape, rows, head_tile), np.float32),)  # delta, lse_log2, dq_accum
-    map_rows = (tile, main.block_rows, main.block_rows, tile)
-    maps = tuple(_tma.tensor_map(x, dtype, r) for x, r in zip((q, k, v, dout), map_rows))
+    members = ("bwd.delta", "lse_log2", "dq_accum")
+    if split:  # and the rows' sums of probabilities, for their renormalization (flash_bwd_sm90_row_sums)
+        buffers += (((*shape, rows), np.float32),)
+        members += ("bwd.row_scale",)
+    map_rows = (query_rows, main.block_rows, main.block_rows, query_rows)
+    maps = tuple(np.zeros((), _tma.TENSOR_MAP) if split else _tma.tensor_map(x, dtype, r)
+                 for x, r in zip((q, k, v, dout), map_rows))
     key_tiles = math.ceil(spec.seqlen_k / main.block_rows)
-    queries = spec.nheads // spec.nheads_kv * longest * head_tile * (2 * q.dtype.itemsize + 4)  # q, dout, dq
+    queries = spec.nheads // spec.nheads_kv * longest * head_tile * (2 * operand_bytes + 4)  # q, dout, dq
     section = _plan.l2_section(_l2_bytes(device_id), queries, spec.batch * spec.nheads_kv)
-    params = _Readdressed(BWD_PARAMS_SM90, (*maps, bwd_values(), 0, 0, rows, head_tile, spec.batch, section),
-                          tuple(f"bwd.{m}" for m in _BWD_ADDRESSES) + ("bwd.delta", "lse_log2", "dq_accum"),
+    parts_apart = 1 if spec.varlen else spec.batch  # split float32: a part's batch entries, or its one
+    params = _Readdressed(BWD_PARAMS_SM90, (*maps, values, 0, 0, rows, head_tile, spec.batch, section, parts_apart),
+                          tuple(f"bwd.{m}" for m in _BWD_ADDRESSES) + members + tuple(f"bwd.{m}" for m in extra),
                           ("tma_q", "tma_k", "tma_v", "tma_do"))
     grid = (key_tiles * spec.nheads_kv * spec.batch, 1, 1)  # in backward_sm90.cu's key_block order
     quads = spec.nheads * longest * head_tile // 4  # the convert kernel takes four accumulator values per thread
+    sums = ()
+    if split:
+        row_sums = _plan.row_sums_sm90(spec.headdim, var_type)
+        sums = ((row_sums, (math.ceil(spec.seqlen_q / row_sums.block_rows), spec.nheads, spec.batch)),)
     launches = ((prepare, (math.ceil(spec.nheads * longest / prepare.block_rows), spec.batch, 1)),  # a grid row per
-                (main, grid),                                                                       # sequence
+                *sums, (main, grid),                                                                # sequence
                 (convert, (math.ceil(quads / convert.block_rows), spec.batch, 1)))
     return _Call(launches, params, var_type, map_rows, buffers, referenced, reads_row_flags=False)
 

@@ -159,7 +159,7 @@ def sm90_tiles(headdim, seqlen_k=0, var=None):
     return d, 128, (128 if d <= 128 else 64)
 
 
-#: float32 on the Hopper forward: its operands in this many bfloat16 parts (cuda_src/split.cuh), up to this
+#: float32 on the Hopper kernels: its inputs in this many bfloat16 parts (cuda_src/split.cuh), up to this
 #: head dimension (wider heads keep the mma.sync kernels).
 SM90_SPLIT_PARTS = 3
 SM90_SPLIT_HEADDIM = 128
@@ -201,7 +201,7 @@ def forward_sm90(dtype, headdim, var, seqlen_k=0):
 
 
 def split_float32():
-    """The kernel that splits float32 q, k and v into bfloat16 parts for the Hopper forward (split.cu), a
+    """The kernel that splits a float32 input into bfloat16 parts for the Hopper kernels (split.cu), a
     grid-stride loop of 256 threads per block."""
     return Launch("split.cu", "split_float32<float>", 256, 256, 0)
 
@@ -233,26 +233,74 @@ def sm90_backward_tiles(headdim):
     raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")
 
 
+#: Query rows per streamed tile of the Hopper backward on split float32 operands (backward_sm90.cu).
+SM90_SPLIT_BWD_BLOCK_M = _csource.constant(_csource.source("backward_sm90.cu"), "SM90_SPLIT_BWD_BLOCK_M")
+
+
+def sm90_split_backward_tiles(headdim):
+    """(head tile, keys per block, query rows per tile, stages) of the Hopper backward on split float32
+    operands: 64-key blocks (three parts of k and v take a third of shared memory at head tile 128) and
+    32-row query tiles, four stages at head tile 64, two at 128."""
+    d = -(-headdim // 64) * 64
+    if d > SM90_SPLIT_HEADDIM:
+        raise ValueError(f"the Hopper backward takes float32 up to headdim {SM90_SPLIT_HEADDIM}, got {headdim}")
+    return d, 64, SM90_SPLIT_BWD_BLOCK_M, (4 if d == 64 else 2)
+
+
+#: Query rows per block of the row sums of the Hopper backward on split float32 operands (backward_sm90.cu).
+SM90_SUM_ROWS = _csource.constant(_csource.source("backward_sm90.cu"), "SUM_ROWS")
+
+
+def row_sums_sm90(headdim, var):
+    """The kernel that sums each query row's recomputed probabilities for the Hopper backward on split
+    float32 operands (flash_bwd_sm90_row_sums, backward_sm90.cu): SM90_SUM_ROWS query rows of q's parts per
+    block, and stages of 64-key tiles of k's, four at head tile 64, two at 128."""
+    d, block_n, _, _ = sm90_split_backward_tiles(headdim)
+    stages, parts, rows = (4 if d == 64 else 2), SM90_SPLIT_PARTS, SM90_SUM_ROWS
+    smem = (2 * parts * (rows + stages * block_n) * d + 4 * 5 * rows  # q, k stages; lse, the warps' sums
+            + 8 * (1 + 2 * stages) + 4 * stages + 1024)  # barriers, kinds; alignment
+    return Launch("backward_sm90.cu", f"flash_bwd_sm90_row_sums<{d}, {stages}, {var}>", rows, 384, smem, SM90_OPTIONS)
+
+
+def sm90_backward_keys(dtype, headdim):
+    """Keys per block of the Hopper backward of `dtype`."""
+    return sm90_split_backward_tiles(headdim)[1] if dtype == "float32" else sm90_backward_tiles(headdim)[2]
+
+
+def _barrier_bytes(stages):
+    return 8 * (2 + 4 * stages) + 4 * (1 + 3 * stages)  # mbarriers; flags, kinds, scans
+
+
 def backward_sm90(dtype, headdim, var, aligned=True):
     """(prepare, main, dq convert) kernels of the Hopper backward (backward_sm90.cu); `aligned`: the rows
-    of dout and out take 16-byte loads (the prepare kernel's, a row's columns over up to 32 lanes)."""
-    if dtype not in TENSOR_CORE_DTYPES:
-        raise ValueError(f"the Hopper kernels take float16 and bfloat16, got {dtype}")
-    kernel, d, bn, stages = sm90_backward_tiles(headdim)
+    of dout and out take 16-byte loads (the prepare kernel's, a row's columns over up to 32 lanes). float32
+    takes flash_bwd_sm90_split on SM90_SPLIT_PARTS bfloat16 parts of its inputs."""
     bm = SM90_BWD_BLOCK_M
-    own = 2 * 2 * bn * bm if kernel == "flash_bwd_sm90" else 2 * 2 * 2 * bm * bn  # dx^T / pd and dx, two each
-    if kernel == "flash_bwd_sm90" and _features(var) & FEATURES["DROPOUT"]:
-        own += 2 * (bm // 8) * 32 * 4 * 4  # each consumer warpgroup's Philox words of a tile
-    smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
-            + stages * 2 * 4 * bm + own  # lse, delta; the kernel's own buffers
-            + 8 * (2 + 4 * stages) + 4 * (1 + 3 * stages) + 1024)  # barriers; flags, kinds, scans; alignment
+    if dtype == "float32":
+        d, bn, tile_m, stages = sm90_split_backward_tiles(headdim)
+        parts = SM90_SPLIT_PARTS
+        own = bn * tile_m * 4 + parts * bn * 64 * 2 + 1024  # the scores' exchange; dx^T's parts; its barriers
+        smem = (2 * parts * 2 * bn * d + stages * 2 * parts * 2 * tile_m * d  # k, v; stages of q and dout
+                + own + stages * 3 * 4 * tile_m + _barrier_bytes(stages) + 1024)  # lse, delta, sums; alignment
+        main = f"flash_bwd_sm90_split<{d}, {stages}, {var}>"
+    elif dtype in TENSOR_CORE_DTYPES:
+        kernel, d, bn, stages = sm90_backward_tiles(headdim)
+        own = 2 * 2 * bn * bm if kernel == "flash_bwd_sm90" else 2 * 2 * 2 * bm * bn  # dx^T / pd and dx, two each
+        if kernel == "flash_bwd_sm90" and _features(var) & FEATURES["DROPOUT"]:
+            own += 2 * (bm // 8) * 32 * 4 * 4  # each consumer warpgroup's Philox words of a tile
+        smem = (2 * 2 * bn * d + stages * 2 * 2 * bm * d  # k, v; stages of q and dout
+                + stages * 2 * 4 * bm + own + _barrier_bytes(stages) + 1024)  # lse, delta; own buffers; alignment
+        main = f"{kernel}<{C_TYPES[dtype]}, {d}, {stages}, {var}>"
+    else:
+        raise ValueError(f"the Hopper backward takes float16, bfloat16 and float32, got {dtype}")
     c, packed = C_TYPES[dtype], _cbool(_features(var) & FEATURES["PACKED"])
-    vec = 8 if aligned else 1
+    vec = 16 // _ITEMSIZE[dtype] if aligned else 1
     lanes = min(32, 1 << (-(-headdim // vec) - 1).bit_length())
+    row_major = _cbool(dtype == "float32")  # the split kernel's dq accumulator
     return (Launch("backward_sm90.cu", f"flash_bwd_prepare_sm90<{c}, {packed}, {lanes}, {vec}>", 128 // lanes, 128, 0,
                    SM90_OPTIONS),
-            Launch("backward_sm90.cu", f"{kernel}<{c}, {d}, {stages}, {var}>", bn, 384, smem, SM90_OPTIONS),
-            Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}, {packed}>", 256, 256, 0, SM90_OPTIONS))
+            Launch("backward_sm90.cu", main, bn, 384, smem, SM90_OPTIONS),
+            Launch("backward_sm90.cu", f"flash_bwd_dq_convert<{c}, {packed}, {row_major}>", 256, 256, 0, SM90_OPTIONS))
 
 
 def renormalizes(dtype):
@@ -499,10 +547,11 @@ def covering_launches():
                       for dtype, var in (("bfloat16", plain), ("float16", variant(SM90_WIDE_KEY_TILE_FEATURES)))]
     sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
     # float32 on split operands (the split kernel, both head tiles, every feature)
-    sm90_launches += [split_float32()] + [forward_sm90("float32", d, var) for d, var in
-                                          ((64, plain), (128, plain), (64, variant(every - bias, "bool")),
-                                           (128, variant(every - bool_mask, "float32")),
-                                           (128, variant(every - bias - bool_mask + packed)))]
+    split_cases = ((64, plain), (128, plain), (64, variant(every - bias, "bool")),
+                   (128, variant(every - bool_mask, "float32")), (128, variant(every - bias - bool_mask + packed)))
+    sm90_launches += [split_float32()] + [forward_sm90("float32", d, var) for d, var in split_cases]
+    sm90_launches += [launch for d, var in split_cases
+                      for launch in (*backward_sm90("float32", d, var), row_sums_sm90(d, var))]
     sm90_launches += backward_sm90("float16", 96, plain, aligned=False)[:1]  # the prepare kernel's element loads
     decode_features = variant(FEATURES["WINDOW"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])
     decodes = [decode(dtype, d, rows, var, big) for dtype in ("float16", "bfloat16", "float32")

@@ -222,8 +222,8 @@ def _backward_sources(monkeypatch, q, k, v, **kwargs):
 
 def test_family_on_hopper(monkeypatch):
     """16-bit forwards take the sm_90a family where TMA can read the inputs; CUPYFLASH_KERNELS=sm80 forces
-    the mma.sync family; the float32 forward splits its operands for the sm_90a kernel and launches the
-    mma.sync one too (for inputs holding NaN or inf)."""
+    the mma.sync family; the float32 forward and backward split their inputs for the sm_90a kernels and
+    launch the mma.sync ones too (for inputs holding NaN or inf)."""
     if not cp.cuda.Device().compute_capability.startswith("9"):
         pytest.skip("needs a Hopper GPU")
     monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
@@ -234,8 +234,11 @@ def test_family_on_hopper(monkeypatch):
         "split.cu", "split.cu", "split.cu", "forward_sm90.cu", "forward_mma.cu"]
     odd = to_device(rng.standard_normal((1, 100, 2, 60)).astype(np.float16))  # 240-byte rows: not for TMA
     assert _forward_sources(monkeypatch, odd, odd, odd) == ["forward_mma.cu"]
-    # The backward: the sm_90a family (wide heads too); `deterministic` takes mma.sync.
+    # The backward: the sm_90a family (wide heads too); `deterministic` takes mma.sync. float32 splits its
+    # inputs for the sm_90a kernels and launches the mma.sync ones too, as its forward does.
     assert _backward_sources(monkeypatch, q, k, v) == ["backward_sm90.cu"]
+    assert _backward_sources(monkeypatch, q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)) == [
+        "backward.cu", "backward_mma.cu", "backward_sm90.cu", "split.cu"]
     wide = to_device(rng.standard_normal((1, 100, 2, 192)).astype(np.float16))
     assert _backward_sources(monkeypatch, wide, wide, wide) == ["backward_sm90.cu"]
     assert _backward_sources(monkeypatch, q, k, v, deterministic=True) == ["backward.cu", "backward_mma.cu"]
@@ -342,9 +345,13 @@ def test_float32_and_float64_families(dtype, monkeypatch):
 
     tensor_cores = ["flash_fwd_mma", "flash_bwd_delta", "flash_bwd_dq_mma", "flash_bwd_dkdv_mma"]
     cuda_cores = ["flash_fwd_simt", "flash_bwd_delta", "flash_bwd_dq_simt", "flash_bwd_dkdv_simt"]
-    # float32 on Hopper: the forward on split operands first, the mma.sync one gated behind it
-    split = ["flash_fwd_sm90"] if dtype == np.float32 and cp.cuda.Device().compute_capability.startswith("9") else []
-    assert [name.split("<")[0] for name in kernels(64)] == split + tensor_cores
+    # float32 on Hopper: the forward and the backward on split operands first, the mma.sync ones gated behind
+    if dtype == np.float32 and cp.cuda.Device().compute_capability.startswith("9"):
+        split = ["flash_fwd_sm90", "flash_fwd_mma", "flash_bwd_prepare_sm90", "flash_bwd_sm90_row_sums",
+                 "flash_bwd_sm90_split", "flash_bwd_dq_convert", *tensor_cores[1:]]
+        assert [name.split("<")[0] for name in kernels(64)] == split
+    else:
+        assert [name.split("<")[0] for name in kernels(64)] == tensor_cores
     wide = [name.split("<")[0] for name in kernels(256)]
     assert wide == (cuda_cores if dtype == np.float64 else tensor_cores)
     monkeypatch.setenv(_cuda_backend.TF32_VARIABLE, "1")
@@ -387,9 +394,9 @@ def test_split_float32_parts_sum_to_each_value():
 
 @pytest.mark.parametrize("headdim", [32, 64, 100, 128])
 def test_float32_on_split_operands(headdim, monkeypatch):
-    """The Hopper forward of float32 on split operands meets the float32 rule against the reference, as the
-    mma.sync kernel does; an input holding inf or NaN (which the parts cannot carry) gives what the mma.sync
-    kernel gives, bitwise, through the gate."""
+    """The Hopper forward and backward of float32 on split operands meet the float32 rule against the
+    reference, as the mma.sync kernels do; an input holding inf or NaN (which the parts cannot carry) gives
+    what the mma.sync kernels give, bitwise, through the gate."""
     if not cp.cuda.Device().compute_capability.startswith("9"):
         pytest.skip("needs a Hopper GPU")
     monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
@@ -397,12 +404,22 @@ def test_float32_on_split_operands(headdim, monkeypatch):
     for causal in (False, True):
         check(Problem(batch=2, seqlen_q=333, seqlen_k=517, nheads=4, nheads_kv=2, headdim=headdim, dtype=np.float32,
                       causal=causal, scale=None, logit_std=None, seed=headdim))
-    q, k, v, _ = _inputs(np.float32, seqlen_q=130, seqlen_k=200, headdim=headdim)
-    v[1, 150, 0, 3] = np.inf  # a key that only some rows see
-    k[0, 3, 1, 0] = np.nan
-    got = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    q, k, v, dout = _inputs(np.float32, seqlen_q=130, seqlen_k=200, headdim=headdim)
+    out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    bad_dout = dout.copy()
+    bad_dout[0, 7, 3, 1] = np.inf
+    bad_k, bad_v = k.copy(), v.copy()
+    bad_v[1, 150, 0, 3] = np.inf  # a key that only some rows see
+    bad_k[0, 3, 1, 0] = np.nan
+
+    def gated():
+        return (*cupyflash.attention_backward(bad_dout, q, k, v, out, lse, causal=True),
+                *cupyflash.attention(q, bad_k, bad_v, causal=True, return_lse=True),
+                *cupyflash.attention_backward(dout, q, bad_k, bad_v, out, lse, causal=True))
+
+    got = gated()
     monkeypatch.setenv(_cuda_backend.FAMILY_VARIABLE, "sm80")
-    want = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    want = gated()
     assert all(bitwise_equal(a, b) for a, b in zip(got, want))
 
 

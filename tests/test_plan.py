@@ -40,14 +40,16 @@ def test_backward_l2_sections_fill_their_share_of_l2():
             assert section == units or section * unit <= share < (section + 1) * unit or section == 1
 
 
-def test_hopper_kernels_take_16_bit_inputs_and_the_forward_split_float32():
-    with pytest.raises(ValueError, match="float16 and bfloat16"):
-        _plan.backward_sm90("float32", 64, _plan.variant())
+def test_hopper_kernels_take_16_bit_inputs_and_split_float32():
     for dtype in ("float64", "int8"):
         with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
             _plan.forward_sm90(dtype, 64, _plan.variant())
-    with pytest.raises(ValueError, match="float32 up to headdim 128"):
+        with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
+            _plan.backward_sm90(dtype, 64, _plan.variant())
+    with pytest.raises(ValueError, match="forward takes float32 up to headdim 128"):
         _plan.forward_sm90("float32", 129, _plan.variant())
+    with pytest.raises(ValueError, match="backward takes float32 up to headdim 128"):
+        _plan.backward_sm90("float32", 129, _plan.variant())
 
 
 def test_split_float32_blocks_fit_and_cover_the_head():
@@ -56,9 +58,17 @@ def test_split_float32_blocks_fit_and_cover_the_head():
     for headdim in range(1, _plan.SM90_SPLIT_HEADDIM + 1):
         tile, rows, keys, stages = _plan.sm90_split_tiles(headdim)
         assert tile >= headdim and tile % 64 == 0 and keys % 16 == 0 and stages >= 1
+        bwd_tile, bwd_keys, bwd_rows, bwd_stages = _plan.sm90_split_backward_tiles(headdim)
+        assert bwd_tile >= headdim and bwd_tile % 64 == 0 and bwd_keys == 64 and bwd_rows % 16 == 0
+        assert _plan.SM90_BWD_BLOCK_M % bwd_rows == 0 and bwd_stages >= 2  # whole tiles of the padded buffers
         for var in (_plan.variant(), _plan.variant(every, "bool")):
             launch = _plan.forward_sm90("float32", headdim, var)
             assert launch.smem_bytes <= limit and launch.block_rows == rows, (headdim, launch)
+            prepare, main, convert = _plan.backward_sm90("float32", headdim, var)
+            for launch in (prepare, main, convert, _plan.row_sums_sm90(headdim, var)):
+                assert launch.smem_bytes <= limit, (headdim, launch.name, launch.smem_bytes)
+            assert main.name.startswith("flash_bwd_sm90_split<") and main.block_rows == bwd_keys
+            assert convert.name.endswith(", true>")  # dq converted from the split kernel's rows
 
 
 def test_decode_splits_cover_the_band_in_whole_steps():

@@ -1,9 +1,9 @@
 """A small case of every kernel family, dtype and variant feature, for compute-sanitizer
 (tools/gpu_validate.sh).
 
-Covers the tensor-core forward (16-bit, and float32 on split operands, in the Hopper family on a Hopper
-GPU; the mma.sync family with vector and element loads: float32 exact (inputs holding NaN or inf) and in
-TF32, float64), the CUDA-core forward (float32, float64, forced) and the three backward kernels, causal
+Covers the tensor-core forward and backward (16-bit, and float32 on split operands, in the Hopper family
+on a Hopper GPU; the mma.sync family with vector and element loads: float32 exact (inputs holding NaN or
+inf) and in TF32, float64), the CUDA-core forward (float32, float64, forced) and the three backward kernels, causal
 and not, with GQA and ragged tiles; then every variant feature (window, softcap, ALiBi, bool mask, bias
 with its gradient, dropout), alone and all together, with NaN in masked keys so the guarded products run
 too, and on sequences of several tiles; packed batches; and the split-KV decode kernel of
@@ -64,13 +64,14 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         run(dtype, 64, sq=200, sk=2085, **variant)
 
 
-def run_packed(dtype, headdim, **variant):
-    """A packed batch with empty sequences and one of NaN and inf, which its neighbours' tiles reach."""
+def run_packed(dtype, headdim, poison=True, **variant):
+    """A packed batch with empty sequences and (poison) one of NaN and inf, which its neighbours' tiles reach."""
     cu_q, cu_k = np.array([0, 40, 40, 41, 170, 300], np.int32), np.array([0, 45, 50, 50, 180, 260], np.int32)
     q, dout = (rng.standard_normal((300, 4, headdim)).astype(dtype) for _ in range(2))
     k, v = (rng.standard_normal((260, 2, headdim)).astype(dtype) for _ in range(2))
-    for x, cu in ((q, cu_q), (k, cu_k), (v, cu_k), (dout, cu_q)):
-        x[cu[3]:cu[4]] = np.nan
+    if poison:
+        for x, cu in ((q, cu_q), (k, cu_k), (v, cu_k), (dout, cu_q)):
+            x[cu[3]:cu[4]] = np.nan
     q, k, v, dout = (device(x) for x in (q, k, v, dout))
     packed = dict(cu_seqlens_q=cp.asarray(cu_q), cu_seqlens_k=cp.asarray(cu_k), **variant)
     out, lse = cupyflash.attention(q, k, v, return_lse=True, **packed)
@@ -83,6 +84,8 @@ for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         run_packed(dtype, headdim, causal=True, dropout_p=0.2, dropout_seed=1)
     run_packed(dtype, 64, window_size=(20, 5), softcap=4.0, alibi_slopes=cp.asarray(
         rng.uniform(0.01, 0.5, (5, 4)).astype(np.float32)))
+# finite packed float32: the split-operand Hopper kernels (NaN takes the mma.sync ones)
+run_packed(np.float32, 128, poison=False, causal=True, dropout_p=0.2, dropout_seed=2)
 # the split-KV decode kernel: paged and contiguous caches with NaN past every length and in unused pages
 decode_slopes = cp.asarray(rng.uniform(0.01, 0.5, 8).astype(np.float32))
 for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
