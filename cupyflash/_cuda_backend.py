@@ -507,7 +507,7 @@ _BWD_ADDRESSES = ("fwd.q", "fwd.k", "fwd.v", "fwd.out", "fwd.lse", "dout", "q_no
 
 
 def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, lse, dq, dk, dv):
-    """The backward's _Call: the Hopper family's three launches or the delta, dQ and dK/dV passes of the
+    """The backward's _Call: the Hopper family's launches or the delta, dQ and dK/dV passes of the
     others, and the scratch buffers each call allocates (their addresses follow _BWD_ADDRESSES'); for
     float32 on Hopper, a _SplitBackward of both."""
     limit, hopper_device = _device_info(device_id)
