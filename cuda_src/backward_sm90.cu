@@ -935,17 +935,9 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
                 mbar_arrive(probs_full);
             }
 
-            // its parts in the A layout of wgmma: consecutive pairs of the accumulators
+            // its parts in the A layout of wgmma
             unsigned parts[PARTS][MT * 2];
-#pragma unroll
-            for (int i = 0; i < MT * 2; ++i) {
-                float hi[2], mid[2], lo[2];
-#pragma unroll
-                for (int e = 0; e < 2; ++e) split3(x_regs[2 * i + e], hi[e], mid[e], lo[e]);
-                parts[0][i] = pack2<Op>(hi[0], hi[1]);
-                parts[1][i] = pack2<Op>(mid[0], mid[1]);
-                parts[2][i] = pack2<Op>(lo[0], lo[1]);
-            }
+            split_fragments(x_regs, parts);
             if (wg == 1) {  // dx^T's parts for dq^T
 #pragma unroll
                 for (int part = 0; part < PARTS; ++part)

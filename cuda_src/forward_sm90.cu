@@ -351,15 +351,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     rescale_rows(o, alpha);
                 });
                 unsigned p_parts[PARTS][NT * 2];
-#pragma unroll
-                for (int i = 0; i < NT * 2; ++i) {
-                    float hi[2], mid[2], lo[2];
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) split3(s_regs[2 * i + e], hi[e], mid[e], lo[e]);
-                    p_parts[0][i] = pack2<Op>(hi[0], hi[1]);
-                    p_parts[1][i] = pack2<Op>(mid[0], mid[1]);
-                    p_parts[2][i] = pack2<Op>(lo[0], lo[1]);
-                }
+                split_fragments(s_regs, p_parts);
                 float pv[DT * 4];
                 const Op* v_buf = sV + stage * PARTS * KV_ELEMS;
                 v_ready(kv_step);

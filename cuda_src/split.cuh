@@ -22,6 +22,22 @@ __device__ __forceinline__ void split3(float x, float& hi, float& mid, float& lo
     lo = rest - mid;  // 8 significant bits or fewer: a bfloat16 value
 }
 
+// Float32 accumulators x, taken in consecutive pairs as wgmma's A fragments take them, as their bfloat16 parts
+// (split3), two to a register: parts[part][i] holds part `part` of x[2 i] (low half) and of x[2 i + 1], each
+// a bfloat16 value and so its float's high half.
+template <int P, int N>
+__device__ __forceinline__ void split_fragments(const float (&x)[2 * N], unsigned (&parts)[P][N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        float even[3], odd[3];
+        split3(x[2 * i], even[0], even[1], even[2]);
+        split3(x[2 * i + 1], odd[0], odd[1], odd[2]);
+#pragma unroll
+        for (int part = 0; part < P; ++part)
+            parts[part][i] = __byte_perm(__float_as_uint(even[part]), __float_as_uint(odd[part]), 0x7632);
+    }
+}
+
 // What the Hopper kernels' tensor cores read of an input dtype: 16-bit values themselves; float32 as PARTS
 // bfloat16 parts.
 template <typename T> struct Operands {
