@@ -254,9 +254,9 @@ SM90_SUM_ROWS = _csource.constant(_csource.source("backward_sm90.cu"), "SUM_ROWS
 def row_sums_sm90(headdim, var):
     """The kernel that sums each query row's recomputed probabilities for the Hopper backward on split
     float32 operands (flash_bwd_sm90_row_sums, backward_sm90.cu): SM90_SUM_ROWS query rows of q's parts per
-    block, and stages of 64-key tiles of k's, four at head tile 64, two at 128."""
-    d, block_n, _, _ = sm90_split_backward_tiles(headdim)
-    stages, parts, rows = (4 if d == 64 else 2), SM90_SPLIT_PARTS, SM90_SUM_ROWS
+    block, and the split backward's stages of its 64-key tiles of k's."""
+    d, block_n, _, stages = sm90_split_backward_tiles(headdim)
+    parts, rows = SM90_SPLIT_PARTS, SM90_SUM_ROWS
     smem = (2 * parts * (rows + stages * block_n) * d + 4 * 5 * rows  # q, k stages; lse, the warps' sums
             + 8 * (1 + 2 * stages) + 4 * stages + 1024)  # barriers, kinds; alignment
     return Launch("backward_sm90.cu", f"flash_bwd_sm90_row_sums<{d}, {stages}, {var}>", rows, 384, smem, SM90_OPTIONS)
