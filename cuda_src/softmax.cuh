@@ -5,8 +5,10 @@
 #include "mask.cuh"
 
 // Running statistics of one query row: m is the running max, l this thread's share of the
-// running sum (the lanes of a row are summed once, at the end).
-template <typename A> struct OnlineSoftmax {
+// running sum (the lanes of a row are summed once, at the end). With SLACK > 0, m moves only for a tile
+// whose max passes it by more than SLACK (log2 units): probabilities up to 2^SLACK, which the float32 sum
+// and a 16-bit p hold as exactly, and alpha = 1 for most tiles, whose accumulator rescale is then skipped.
+template <typename A, int SLACK = 0> struct OnlineSoftmax {
     A m, l, m_use;
 
     __device__ OnlineSoftmax() : m(neg_inf<A>()), l(A(0)), m_use(A(0)) {}
@@ -14,6 +16,7 @@ template <typename A> struct OnlineSoftmax {
     // Folds in a tile whose row max (already reduced over the row's lanes) is tile_max and
     // returns alpha = exp2(m_old - m_new), the factor that rescales the accumulator.
     __device__ __forceinline__ A rescale(A tile_max) {
+        if (SLACK > 0 && !(tile_max > m + A(SLACK))) return A(1);  // -inf, NaN and a close max keep m
         const A m_new = fmax(m, tile_max);
         // A row that has seen only masked keys keeps m = -inf; exp2(-inf - 0) = 0, never NaN.
         m_use = m_new == neg_inf<A>() ? A(0) : m_new;
@@ -112,8 +115,9 @@ __device__ __forceinline__ void drop_packed(const Var& var, unsigned (&p)[2 * NT
 // scaled by 1 / (1 - p) at the end, with 1 / l. A caller that packs the probabilities drops them packed
 // instead (drop_packed). CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit
 // inputs (see Variant::score).
-template <bool CHECK, bool APPROX, bool DROP = true, int MT, int NT, typename Var, typename Words, typename A>
-__device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4], OnlineSoftmax<A> (&stats)[MT][2],
+template <bool CHECK, bool APPROX, bool DROP = true, int MT, int NT, typename Var, typename Words, typename A,
+          int SLACK>
+__device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4], OnlineSoftmax<A, SLACK> (&stats)[MT][2],
                                                A (&alpha)[MT][2], int row0, int n0, int tq, A scale_log2,
                                                const Words& words) {
     const TileScores<CHECK, APPROX, Var, A> scores(var, row0, n0, tq, scale_log2);
