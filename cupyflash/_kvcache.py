@@ -15,8 +15,9 @@ view of the cache when they lie on one page, its pages gathered in order otherwi
 chunks of those keys run one after another and combine with :func:`~cupyflash.merge_attention`.
 
 A decoding loop checks its arguments' shapes, dtypes and scalars once per signature, and the values
-of its lengths and page table (when it passes arrays) at each call; a NumPy page table is copied to
-the device once per contents.
+of CuPy lengths and page tables at each call; NumPy ones and ints join the check's signature by their
+contents, so that a token's layers, which share them, are checked once and a NumPy page table is copied to
+the device once.
 """
 from __future__ import annotations
 
@@ -48,13 +49,18 @@ _CACHE_WORDS = {False: "(batch, seqlen_cache, nheads_kv, headdim)",
 class Call:
     """A validated call. ``spec`` holds what every sequence shares (its seqlen_k is the longest
     L_b); ``pages`` (host int64, (batch, pages per sequence)) lists each sequence's cache pages
-    of ``page_size`` rows; ``cache_seqlens`` (host int64, (batch,)) the rows cached before the append."""
+    of ``page_size`` rows; ``cache_seqlens`` (host int64, (batch,)) the rows cached before the append,
+    ``uniform`` that length when every sequence has it (else None). ``device_tables`` keeps the device
+    copies of a NumPy page table by device id: a check made once per table's contents (_checked) copies it
+    once."""
     spec: Spec
     seqlen_new: int
     page_size: int
     pages: np.ndarray
     cache_seqlens: np.ndarray
+    uniform: Optional[int]
     num_splits: int
+    device_tables: dict = dataclasses.field(default_factory=dict)
 
     def seqlen_k(self, b):
         """L_b: the keys sequence b attends to."""
@@ -244,7 +250,7 @@ def _check_values(fn, form, cache_seqlens, block_table, one_copy):
         length = capacity if cache_seqlens is None else int(cache_seqlens)
         if length < 0 or length + seqlen_new > capacity:
             _check_lengths(fn, form, np.array([length]), "cache_seqlens")
-        lengths, longest = np.full(batch, length, np.int64), length + seqlen_new
+        lengths, longest, uniform = np.full(batch, length, np.int64), length + seqlen_new, length
         used = table[:, :-(-longest // page_size)] if table is not None else None
         if used is not None and used.size and (used.min() < 0 or used.max() >= num_blocks):
             _check_pages(fn, form, lengths, table)
@@ -253,6 +259,7 @@ def _check_values(fn, form, cache_seqlens, block_table, one_copy):
         if table is not None:
             _check_pages(fn, form, lengths, table)
         longest = int(lengths.max()) + seqlen_new
+        uniform = int(lengths[0]) if (lengths == lengths[0]).all() else None
     if table is None:
         table = np.arange(batch, dtype=np.int64)[:, None]
     spec = form.specs.get(longest)
@@ -261,7 +268,7 @@ def _check_values(fn, form, cache_seqlens, block_table, one_copy):
             form.specs.clear()
         spec = form.specs[longest] = dataclasses.replace(form.spec, seqlen_k=longest)
     return Call(spec=spec, seqlen_new=seqlen_new, page_size=page_size, pages=table, cache_seqlens=lengths,
-                num_splits=form.num_splits)
+                uniform=uniform, num_splits=form.num_splits)
 
 
 def _check_lengths(fn, form, lengths, name):
@@ -397,21 +404,26 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
 def _checked(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, causal, scale, window_size, softcap,
              alibi_slopes, num_splits):
     """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes by
-    its address too, which the Spec keeps): a decoding loop checks its arguments once, not at every token,
-    and only the values of its lengths and page table (when it passes arrays) at each."""
+    its address too, which the Spec keeps): a decoding loop checks its arguments once, not at every token.
+    Lengths and page tables on the host join the signature by their contents, so the calls of one token's
+    layers, which share them, are checked once; CuPy ones are read and checked at each call."""
     def form():
         return _check_form(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                            causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                            alibi_slopes=alibi_slopes, num_splits=num_splits, writes=True, mixed_ok=False)
 
-    read = block_table is not None or not (cache_seqlens is None or type(cache_seqlens) is int)
+    kinds = [array_kind(x) for x in (cache_seqlens, block_table)]
+    read = "cupy" in kinds
+    on_host = [x for x, kind in zip((cache_seqlens, block_table), kinds) if kind == "numpy"]
     key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes),
-                              (fn, read, None if read else cache_seqlens, causal, scale, window_size, softcap,
-                               num_splits, *(_layout(x) for x in (cache_seqlens, block_table) if read)))
-    if key is not None and alibi_slopes is not None:
-        key += (alibi_slopes.data.ptr,)
+                              (fn, read, None if kinds[0] else cache_seqlens, causal, scale, window_size, softcap,
+                               num_splits))
+    if key is not None:
+        key += (_layout(cache_seqlens), _layout(block_table), alibi_slopes is not None and alibi_slopes.data.ptr)
     if not read:  # the whole verdict
-        return _validate.memoized(key, lambda: _check_values(fn, form(), cache_seqlens, None, one_copy=True))
+        if key is not None:
+            key += tuple(x.tobytes() for x in on_host)
+        return _validate.memoized(key, lambda: _check_values(fn, form(), cache_seqlens, block_table, one_copy=True))
     return _check_values(fn, _validate.memoized(key, form), cache_seqlens, block_table, one_copy=True)
 
 
@@ -430,14 +442,13 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
     import cupy
 
     spec = call.spec
-    cached = call.cache_seqlens  # checked, on the host
     if array_kind(cache_seqlens) == "cupy":
         device_lengths, uniform = cache_seqlens, 0
-    elif (cached == cached[0]).all():
-        device_lengths, uniform = None, int(cached[0])
+    elif call.uniform is not None:
+        device_lengths, uniform = None, call.uniform
     else:
-        device_lengths, uniform = cupy.asarray(cached.astype(np.int32)), 0
-    table = None if block_table is None else _device_table(block_table)
+        device_lengths, uniform = cupy.asarray(call.cache_seqlens.astype(np.int32)), 0
+    table = None if block_table is None else _device_table(call, block_table)
     lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
     with q.device:
         backend._device_info(q.device.id)  # the kernels' own refusals, before anything is written
@@ -449,24 +460,16 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
         return _by_sequence(backend, call, q, k_cache, v_cache, cupy)
 
 
-#: Device copies of NumPy page tables by (device, shape, contents): a decoding loop's table changes only
-#: when a sequence takes a new page, and a copy per call cost more host time than the rest of the call.
-_TABLES = {}
-_TABLES_MAX = 16
-
-
-def _device_table(block_table):
+def _device_table(call, block_table):
     """block_table (checked) as a contiguous CuPy array on the current device."""
     import cupy
 
     if array_kind(block_table) == "cupy":
         return cupy.ascontiguousarray(block_table)
-    key = (cupy.cuda.Device().id, block_table.shape, block_table.tobytes())
-    table = _TABLES.get(key)
+    device = cupy.cuda.runtime.getDevice()
+    table = call.device_tables.get(device)
     if table is None:
-        if len(_TABLES) >= _TABLES_MAX:
-            _TABLES.clear()
-        table = _TABLES[key] = cupy.asarray(np.ascontiguousarray(block_table))
+        table = call.device_tables[device] = cupy.asarray(np.ascontiguousarray(block_table))
     return table
 
 

@@ -59,14 +59,19 @@ def lse_dtype(dtype):
     return compute_dtype(dtype)
 
 
+#: array_kind by type: a call asks it of each of its arguments.
+_ARRAY_KINDS = {np.ndarray: "numpy", type(None): None}
+
+
 def array_kind(x):
     """'numpy', 'cupy', or None for anything that is not an array."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    mod = type(x).__module__ or ""
-    if (mod == "cupy" or mod.startswith("cupy.") or mod.startswith("cupy_")) and hasattr(x, "shape"):
-        return "cupy"
-    return None
+    kind = _ARRAY_KINDS.get(type(x), False)
+    if kind is False:
+        t = type(x)
+        mod = t.__module__ or ""
+        kind = _ARRAY_KINDS[t] = ("numpy" if issubclass(t, np.ndarray) else
+                                  "cupy" if mod == "cupy" or mod.startswith(("cupy.", "cupy_")) else None)
+    return None if kind == "cupy" and not hasattr(x, "shape") else kind
 
 
 def _type_name(x):

@@ -181,6 +181,39 @@ def test_a_decoding_loop_reuses_its_check_and_sees_each_calls_arrays():
 
 
 @pytest.mark.gpu
+def test_a_host_page_table_is_checked_once_per_contents():
+    """Calls alike with the same NumPy lengths and page table (a token's layers) reuse one check; a table
+    changed in place is checked and read anew: pages moved elsewhere are followed, and an id out of range is
+    refused before anything is written."""
+    cp = pytest.importorskip("cupy")
+    from cupyflash import _validate
+
+    q, k_cache, v_cache, _, _, lengths = problem(5, [30, 9], None, seqlen_q=1, nheads=8, nheads_kv=2, headdim=64,
+                                                 dtype=np.float16)
+    pages_k, pages_v, table = paged(k_cache, v_cache, 8, 2)
+    want_out, want_lse = cupyflash.reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                                    causal=True, return_lse=True)
+    device_q, device_k, device_v = (cp.asarray(x) for x in (q, pages_k, pages_v))
+    _validate._VERDICTS.clear()
+    for _ in range(3):
+        out, lse = cupyflash.attention_with_kvcache(device_q, device_k, device_v, cache_seqlens=lengths,
+                                                    block_table=table, causal=True, return_lse=True)
+        assert_matches(out.get(), lse.get(), want_out, want_lse, 4e-3)
+    assert len(_validate._VERDICTS) == 1
+    # sequence 0's first page moved to a spare page id, in the table changed in place
+    spare = sorted(set(range(pages_k.shape[0])) - set(table.ravel()))[0]
+    device_k[spare], device_v[spare] = device_k[table[0, 0]], device_v[table[0, 0]]
+    device_k[table[0, 0]] = device_v[table[0, 0]] = cp.nan
+    table[0, 0] = spare
+    out, lse = cupyflash.attention_with_kvcache(device_q, device_k, device_v, cache_seqlens=lengths, block_table=table,
+                                                causal=True, return_lse=True)
+    assert_matches(out.get(), lse.get(), want_out, want_lse, 4e-3)
+    table[1, 0] = pages_k.shape[0]
+    with pytest.raises(ValueError, match=re.escape("block_table[1, 0] must be a page id")):
+        cupyflash.attention_with_kvcache(device_q, device_k, device_v, cache_seqlens=lengths, block_table=table)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 def test_lengths_and_page_table_may_stay_on_the_host(dtype):
     """With CuPy arrays, NumPy cache_seqlens and block_table (checked without a device read) give bit for
