@@ -2,16 +2,21 @@
 // backward.cu (same algorithm, same deterministic order, delta from flash_bwd_delta, the same
 // per-pair step pair_backward), with every product a warp-level mma on 16-row slabs.
 //
-// dK/dV: one block per (key tile, column slice, kv head, batch), each warp owns 16 key rows; the
-// query tiles of the band, of every head of the GQA group, stream through shared memory
-// (double-buffered, cp.async):
+// dK/dV: one block per (key tile, column slice, kv head, batch); 16 key rows to a warp (ROLES 1) or to
+// a pair of warps (ROLES 2); the query tiles of the band, of every head of the GQA group, stream
+// through shared memory (double-buffered, cp.async):
 //   s^T = k q^T, dp^T = v dout^T                 gemm_nt, over the whole head
 //   pd^T, dx^T                                    pair_backward, in registers
 //   dv += pd^T dout, dk += dx^T q                 gemm_rn, straight from registers, for the D_OUT columns
 //                                                 of the block's slice
-// Wide heads split dK and dV into column slices (D_OUT < D_TILE), each block recomputing s^T and dp^T,
-// so that the accumulators stay in registers.
-// dQ: one block per (query tile, head, batch), each warp owns 16 query rows; key tiles stream:
+// Wide heads do not hold both accumulators of a warp in registers. Either the blocks split dK and dV
+// into column slices (D_OUT < D_TILE), each recomputing s^T and dp^T (six products' work for four), or
+// the two warps of a pair take a role each (ROLES 2): one computes s^T and dv += pd^T dout, the other
+// dp^T and dk += dx^T q, from s^T handed over through shared memory (four products, one accumulator of
+// the whole head each).
+// dQ: one block per (query tile, head, batch), 16 query rows to a warp (ROLES 1) or to a pair of warps
+// (ROLES 2: one computes s, the other dp, they swap them, and each adds to half of dq's columns); key
+// tiles stream:
 //   s = q k^T, dp = dout v^T, dx (and dbias += ds), dq += dx k
 // Wide inputs renormalize the recomputed probabilities (mask.cuh, row_renormalizer): the dQ pass runs
 // first, sums each row's, scales dq by the row's factor and leaves it in row_scale for the dK/dV pass.
@@ -20,13 +25,14 @@
 #include "params.cuh"
 #include "mma.cuh"
 
-template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, typename Var, bool ALIGNED>
+template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, int ROLES, typename Var, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
     constexpr bool APPROX = is_16bit<T>();
-    constexpr int BLOCK_N = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>(), SLICES = D_TILE / D_OUT;
-    constexpr int MT = BLOCK_M / 8, DT = D_OUT / 8;
+    constexpr int BLOCK_N = 16 * WARPS / ROLES, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>();
+    constexpr int SLICES = D_TILE / D_OUT, MT = BLOCK_M / 8, DT = D_OUT / 8;
     static_assert(D_TILE % 16 == 0 && D_OUT % 16 == 0 && D_TILE % D_OUT == 0 && BLOCK_M % 16 == 0, "tile shape");
+    static_assert((ROLES == 1 || (ROLES == 2 && SLICES == 1)) && WARPS % ROLES == 0, "roles");
     const FwdParams& f = p.fwd;
     if (gated_off(f)) return;
 
@@ -38,8 +44,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     A* sLse = reinterpret_cast<A*>(sdO + 2 * BLOCK_M * LD);  // [2][BLOCK_M], log2 units
     A* sDelta = sLse + 2 * BLOCK_M;                          // [2][BLOCK_M]
     A* sScale = sDelta + 2 * BLOCK_M;                        // [2][BLOCK_M], wide inputs only
+    A* sHandover = sScale + (APPROX ? 0 : 2 * BLOCK_M);      // [WARPS / 2][MT * 4][32]: s^T, ROLES 2 only
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    const int slab = warp / ROLES, role = warp % ROLES;  // role 1 (ROLES 2): dp^T and dk
     const int n0 = blockIdx.x / SLICES * BLOCK_N, col0 = blockIdx.x % SLICES * D_OUT, hk = blockIdx.y, b = blockIdx.z;
     const A scale_log2 = A(f.scale) * A(LOG2E);
     const Sequence seq = sequence<Var::packed>(f, b);
@@ -77,10 +85,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         cp_async_commit();
     }
 
-    A dk_acc[DT][4], dv_acc[DT][4];
-    zero(dk_acc);
-    zero(dv_acc);
-    const int key0 = n0 + warp * 16 + g;
+    // ROLES 1: acc[0] = dv, acc[1] = dk; ROLES 2: acc[0] = dv (role 0) or dk (role 1)
+    A acc[3 - ROLES][DT][4];
+    zero(acc);
+    const int key0 = n0 + slab * 16 + g;
 
     for (int t = 0; t < n_tiles; ++t) {
         const int buf = t & 1, h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
@@ -107,40 +115,59 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         A st[MT][4], dpt[MT][4];
         zero(st);
         zero(dpt);
-        gemm_nt<T, D_TILE, BLOCK_M, LD>(st, sK + warp * 16 * LD, cQ, lane);
-        gemm_nt<T, D_TILE, BLOCK_M, LD>(dpt, sV + warp * 16 * LD, cdO, lane);
+        if (role == 0) gemm_nt<T, D_TILE, BLOCK_M, LD>(st, sK + slab * 16 * LD, cQ, lane);
+        if (ROLES == 1 || role == 1) gemm_nt<T, D_TILE, BLOCK_M, LD>(dpt, sV + slab * 16 * LD, cdO, lane);
+        if constexpr (ROLES == 2) {  // s^T to the pair's dk warp (the tile's last barrier orders the reuse)
+            A* handover = sHandover + slab * MT * 4 * 32 + lane;
+            if (role == 0)
+#pragma unroll
+                for (int i = 0; i < MT * 4; ++i) handover[32 * i] = st[i / 4][i % 4];
+            named_barrier<64>(1 + slab);
+            if (role == 1)
+#pragma unroll
+                for (int i = 0; i < MT * 4; ++i) st[i / 4][i % 4] = handover[32 * i];
+        }
 
         // st becomes pd^T, dpt becomes dx^T (rows: keys key0, key0 + 8; columns: queries).
         const bool needs_mask = kind != INTERIOR;
         check_tile(kind, var, [&](auto check, const Var& v) {
-            key_rows_backward<decltype(check)::value, APPROX>(v, st, dpt, m0, key0, warp, lane, scale_log2, cLse, cDelta,
+            key_rows_backward<decltype(check)::value, APPROX>(v, st, dpt, m0, key0, slab, lane, scale_log2, cLse, cDelta,
                                                               cScale);
         });
-        if (Var::hides_keys && needs_mask && (seq.queries_nonfinite(p.do_nonfinite, f, h, m0, BLOCK_M) ||
-                                              seq.queries_nonfinite(p.q_nonfinite, f, h, m0, BLOCK_M))) {
-            gemm_rn_guarded<T, BLOCK_M, D_OUT>(dv_acc, st, PaddedTile<T, LD>{cdO + col0}, lane);
-            gemm_rn_guarded<T, BLOCK_M, D_OUT>(dk_acc, dpt, PaddedTile<T, LD>{cQ + col0}, lane);
+        const bool guarded = Var::hides_keys && needs_mask && (seq.queries_nonfinite(p.do_nonfinite, f, h, m0, BLOCK_M) ||
+                                                               seq.queries_nonfinite(p.q_nonfinite, f, h, m0, BLOCK_M));
+        auto accumulate = [&](A (&into)[DT][4], const A (&a)[MT][4], const T* sB) {
+            if (guarded) gemm_rn_guarded<T, BLOCK_M, D_OUT>(into, a, PaddedTile<T, LD>{sB}, lane);
+            else gemm_rn<T, BLOCK_M, D_OUT, LD>(into, a, sB, lane);
+        };
+        if constexpr (ROLES == 1) {
+            accumulate(acc[0], st, cdO + col0);
+            accumulate(acc[1], dpt, cQ + col0);
         } else {
-            gemm_rn<T, BLOCK_M, D_OUT, LD>(dv_acc, st, cdO + col0, lane);
-            gemm_rn<T, BLOCK_M, D_OUT, LD>(dk_acc, dpt, cQ + col0, lane);
+            if (role == 1)
+#pragma unroll
+                for (int i = 0; i < MT * 4; ++i) st[i / 4][i % 4] = dpt[i / 4][i % 4];
+            accumulate(acc[0], st, role == 0 ? cdO : cQ);
         }
         __syncthreads();  // this buffer is refilled two tiles from now
     }
 
     const A dk_scale[2] = {A(f.scale), A(f.scale)}, dv_scale[2] = {A(1), A(1)};
-    store_slab(seq.key_rows(static_cast<T*>(p.dk), p.dk_st, hk, n0) + col0, p.dk_st.s, dk_acc, dk_scale, warp * 16,
-               seq.seqlen_k - n0, f.headdim - col0, lane);
-    store_slab(seq.key_rows(static_cast<T*>(p.dv), p.dv_st, hk, n0) + col0, p.dv_st.s, dv_acc, dv_scale, warp * 16,
-               seq.seqlen_k - n0, f.headdim - col0, lane);
+    auto store = [&](T* out, const Strides& st, const A (&from)[DT][4], const A (&scale)[2]) {
+        store_slab(seq.key_rows(out, st, hk, n0) + col0, st.s, from, scale, slab * 16, seq.seqlen_k - n0,
+                   f.headdim - col0, lane);
+    };
+    if (role == 0) store(static_cast<T*>(p.dv), p.dv_st, acc[0], dv_scale);
+    if (ROLES == 1 || role == 1) store(static_cast<T*>(p.dk), p.dk_st, acc[3 - ROLES - 1], dk_scale);
 }
 
-template <typename T, int D_TILE, int BLOCK_N, int WARPS, typename Var, bool ALIGNED>
+template <typename T, int D_TILE, int BLOCK_N, int WARPS, int ROLES, typename Var, bool ALIGNED>
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
     constexpr bool APPROX = is_16bit<T>();
-    constexpr int BLOCK_M = 16 * WARPS, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>();
-    constexpr int NT = BLOCK_N / 8, DT = D_TILE / 8;
-    static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0, "tile shape");
+    constexpr int BLOCK_M = 16 * WARPS / ROLES, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>();
+    constexpr int NT = BLOCK_N / 8, D_OUT = D_TILE / ROLES, DT = D_OUT / 8;
+    static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0 && D_OUT % 8 == 0 && WARPS % ROLES == 0, "tile shape");
     const FwdParams& f = p.fwd;
     if (gated_off(f)) return;
 
@@ -149,8 +176,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     T* sdO = sQ + BLOCK_M * LD;
     T* sK = sdO + BLOCK_M * LD;     // [2][BLOCK_N][LD]
     T* sV = sK + 2 * BLOCK_N * LD;  // [2][BLOCK_N][LD]
+    A* sHandover = reinterpret_cast<A*>(sV + 2 * BLOCK_N * LD);  // [WARPS / 2][2][NT * 4][32]: s, dp (ROLES 2)
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    const int slab = warp / ROLES, role = warp % ROLES, col0 = role * D_OUT;  // role 1 (ROLES 2): dp, dq's right half
     const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / f.group;
     const Sequence seq = sequence<Var::packed>(f, b);
     if (m0 >= seq.seqlen_q) return;  // a packed sequence shorter than the longest
@@ -173,7 +202,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         cp_async_commit();
     }
 
-    const int row0 = m0 + warp * 16 + g;
+    const int row0 = m0 + slab * 16 + g;
     A lse2[2], delta_row[2];  // rows g and g + 8 of this warp
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -182,7 +211,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         lse2[r] = row < seq.seqlen_q ? lse_log2(static_cast<const A*>(f.lse)[stat]) : A(0);
         delta_row[r] = row < seq.seqlen_q ? static_cast<const A*>(p.delta)[stat] : A(0);
     }
-    A* dbias = Var::bias && f.var.dbias ? static_cast<A*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh : nullptr;
+    A* dbias = Var::bias && f.var.dbias && role == 0 ? static_cast<A*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh
+                                                     : nullptr;
     A dq_acc[DT][4], row_sum[2] = {A(0), A(0)};
     zero(dq_acc);
 
@@ -198,8 +228,21 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         A s[NT][4], dp[NT][4];
         zero(s);
         zero(dp);
-        gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + warp * 16 * LD, cK, lane);
-        gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + warp * 16 * LD, cV, lane);
+        if (role == 0) gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + slab * 16 * LD, cK, lane);
+        if (ROLES == 1 || role == 1) gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + slab * 16 * LD, cV, lane);
+        if constexpr (ROLES == 2) {  // each warp of the pair hands its product to the other (the tile's last
+                                     // barrier orders the reuse)
+            A* handover = sHandover + slab * 2 * NT * 4 * 32 + lane;
+#pragma unroll
+            for (int i = 0; i < NT * 4; ++i) handover[(role * NT * 4 + i) * 32] = role == 0 ? s[i / 4][i % 4] : dp[i / 4][i % 4];
+            named_barrier<64>(1 + slab);
+#pragma unroll
+            for (int i = 0; i < NT * 4; ++i) {
+                const A other = handover[((role ^ 1) * NT * 4 + i) * 32];
+                if (role == 0) dp[i / 4][i % 4] = other;
+                else s[i / 4][i % 4] = other;
+            }
+        }
 
         // s becomes pd, dp becomes dx (rows: queries row0, row0 + 8; columns: keys)
         const bool needs_mask = kind != INTERIOR;
@@ -208,9 +251,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
                                                                 dbias, f.var.dbias_sq, f.var.dbias_sk, row_sum);
         });
         if (Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N)) {
-            gemm_rn_guarded<T, BLOCK_N, D_TILE>(dq_acc, dp, PaddedTile<T, LD>{cK}, lane);
+            gemm_rn_guarded<T, BLOCK_N, D_OUT>(dq_acc, dp, PaddedTile<T, LD>{cK + col0}, lane);
         } else {
-            gemm_rn<T, BLOCK_N, D_TILE, LD>(dq_acc, dp, cK, lane);
+            gemm_rn<T, BLOCK_N, D_OUT, LD>(dq_acc, dp, cK + col0, lane);
         }
         __syncthreads();  // this buffer is refilled two tiles from now
     }
@@ -222,9 +265,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
             const int row = row0 + 8 * r;
             const A factor = row_renormalizer(reduce_sum<4>(row_sum[r]), lse2[r]);
             dq_scale[r] *= factor;
-            if (tq == 0 && row < seq.seqlen_q) static_cast<A*>(p.row_scale)[seq.stat_row0(f, h) + row] = factor;
+            if (tq == 0 && role == 0 && row < seq.seqlen_q) static_cast<A*>(p.row_scale)[seq.stat_row0(f, h) + row] = factor;
         }
     }
-    store_slab(seq.query_rows(static_cast<T*>(p.dq), p.dq_st, h, m0), p.dq_st.s, dq_acc, dq_scale, warp * 16,
-               seq.seqlen_q - m0, f.headdim, lane);
+    store_slab(seq.query_rows(static_cast<T*>(p.dq), p.dq_st, h, m0) + col0, p.dq_st.s, dq_acc, dq_scale, slab * 16,
+               seq.seqlen_q - m0, f.headdim - col0, lane);
 }

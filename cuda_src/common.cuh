@@ -11,6 +11,11 @@ struct __align__(2) bfloat16_t { unsigned short bits; };
 // plain float runs exact, three TF32 products per product, mma.cuh).
 struct __align__(4) tf32_t { float x; };
 
+// Waits for THREADS threads at named barrier `id` (0 is __syncthreads').
+template <int THREADS> __device__ __forceinline__ void named_barrier(int id) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(THREADS) : "memory");
+}
+
 // Accumulation type: float for 16-bit and float32 inputs, double for float64.
 template <typename T> struct Acc { typedef float type; };
 template <> struct Acc<double> { typedef double type; };

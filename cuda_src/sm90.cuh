@@ -67,11 +67,6 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // Makes this thread's ordinary shared-memory stores visible to the tensor cores' (async proxy) reads.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// Waits for THREADS threads at named barrier `id` (0 is __syncthreads').
-template <int THREADS> __device__ __forceinline__ void named_barrier(int id) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(THREADS) : "memory");
-}
-
 // Zeroes rows [first, ROWS) of a [CHUNKS][ROWS][64] tile as TMA writes it (the 128-byte swizzle moves 16-byte
 // pieces within a row's 128 bytes), spread over THREADS threads (thread: this one's index among them), and
 // fences the stores for the tensor cores; the caller then syncs the threads that read the tile. Rows past a

@@ -329,9 +329,10 @@ def backward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False)
 
 
 def _dkdv_mma(dtype, d, var, aligned, limit, tf32):
-    # Registers hold dK and dV for 16 key rows per warp, at most 128 columns of each (64 in float64):
-    # wider heads are split into column slices. Query tiles of 64 rows (16-bit) or fewer (float32, float64,
-    # whose s^T and dp^T take twice the registers or more) stream through; measured on an H100.
+    # Registers hold dK and dV for 16 key rows per warp, at most 128 columns of each (64 in float64): wider
+    # heads split them, float64's between the two warps of a pair (roles), the others' into column slices
+    # (measured on an H100). Query tiles of 64 rows (16-bit) or fewer (float32, float64, whose s^T and dp^T
+    # take twice the registers or more) stream through.
     item, acc = _ITEMSIZE[dtype], _acc_bytes(dtype)
     if dtype in TENSOR_CORE_DTYPES:
         warps, widest, block_m = (4 if d <= 64 else 8), 128, 64
@@ -339,30 +340,42 @@ def _dkdv_mma(dtype, d, var, aligned, limit, tf32):
         warps, widest, block_m = 8, 128, (32 if d <= 64 else 16)
     else:
         warps, widest, block_m = 4, 64, 16
-    slices = -(-d // widest)
-    # k, v + double-buffered q, dout and their lse, delta (and renormalizer)
+    roles = 2 if dtype == "float64" and d > widest else 1
+    slices = -(-d // (widest * roles))
+    warps *= roles
+    key_rows = 16 * warps // roles
+    # k, v + double-buffered q, dout and their lse, delta (and renormalizer); s^T handed over within pairs
     stats = 6 if renormalizes(dtype) else 4
-    smem = lambda bm: item * (32 * warps + 4 * bm) * (d + _row_pad(dtype)) + stats * acc * bm
+    smem = lambda bm: (item * (2 * key_rows + 4 * bm) * (d + _row_pad(dtype)) + stats * acc * bm
+                       + (roles - 1) * acc * (warps // 2) * bm * 16)
     if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
         warps = 4
+        key_rows = 16 * warps // roles
     block_m = _shrink(block_m, 16, smem, limit)
-    name = (f"flash_bwd_dkdv_mma<{_element(dtype, tf32)}, {d}, {d // slices}, {block_m}, {warps}, {var}, "
+    name = (f"flash_bwd_dkdv_mma<{_element(dtype, tf32)}, {d}, {d // slices}, {block_m}, {warps}, {roles}, {var}, "
             f"{_cbool(aligned)}>")
-    return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_m), column_slices=slices)
+    return Launch("backward_mma.cu", name, key_rows, 32 * warps, smem(block_m), column_slices=slices)
 
 
 def _dq_mma(dtype, d, var, aligned, limit, tf32):
-    item = _ITEMSIZE[dtype]
+    item, acc = _ITEMSIZE[dtype], _acc_bytes(dtype)
+    roles = 1
     if dtype in TENSOR_CORE_DTYPES:
         warps, block_n = (8 if d <= 64 else 4), 32
-    else:  # measured on an H100
-        warps, block_n = (8 if dtype == "float32" or d <= 64 else 4), (32 if d <= 64 else 16)
-    smem = lambda bn: item * (32 * warps + 4 * bn) * (d + _row_pad(dtype))  # q, dout + double-buffered k, v
+    elif dtype == "float32" or d <= 64:  # measured on an H100
+        warps, block_n = 8, (32 if d <= 64 else 16)
+    else:  # float64's wide heads: pairs of warps on 16 query rows, 8 warps where 4 would fill shared memory
+        warps, block_n, roles = 8, 16, 2
+    query_rows = 16 * warps // roles
+    # q, dout + double-buffered k, v; s and dp handed over within pairs
+    smem = lambda bn: (item * (2 * query_rows + 4 * bn) * (d + _row_pad(dtype))
+                       + (roles - 1) * acc * (warps // 2) * 2 * bn * 16)
     if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
         warps = 4
+        query_rows = 16 * warps // roles
     block_n = _shrink(block_n, 16, smem, limit)
-    name = f"flash_bwd_dq_mma<{_element(dtype, tf32)}, {d}, {block_n}, {warps}, {var}, {_cbool(aligned)}>"
-    return Launch("backward_mma.cu", name, 16 * warps, 32 * warps, smem(block_n))
+    name = f"flash_bwd_dq_mma<{_element(dtype, tf32)}, {d}, {block_n}, {warps}, {roles}, {var}, {_cbool(aligned)}>"
+    return Launch("backward_mma.cu", name, query_rows, 32 * warps, smem(block_n))
 
 
 def _simt_rows(dtype, d):
@@ -522,7 +535,9 @@ def covering_launches():
     cases += [(dtype, 64, variant(every - bias, "bool"), True, big) for dtype in C_TYPES]
     cases += [(dtype, 64, variant(every - bool_mask, mask), True, big)
               for dtype, mask in zip(C_TYPES, C_TYPES)]
-    cases += [("float16", 128, variant(every - bool_mask, "float32"), True, big)]
+    # float64's backward pairs warps from head tile 96 on, one of each pair adding to the bias gradient
+    cases += [("float16", 128, variant(every - bool_mask, "float32"), True, big),
+              ("float64", 128, variant(every - bool_mask, "float64"), True, big)]
     cases += [(dtype, 128, variant(every - bias - bool_mask + packed), True, big) for dtype in C_TYPES]
     cases += [("bfloat16", 96, variant(packed), False, big)]
     # float32 and float64 on CUDA cores (forced, or past float64's tensor-core head dimensions) and in TF32

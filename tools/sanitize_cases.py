@@ -3,7 +3,7 @@
 
 Covers the tensor-core forward and backward (16-bit, and float32 on split operands, in the Hopper family
 on a Hopper GPU; the mma.sync family with vector and element loads: float32 exact (inputs holding NaN or
-inf) and in TF32, float64), the CUDA-core forward (float32, float64, forced) and the three backward kernels, causal
+inf) and in TF32, float64, whose wide heads pair warps), the CUDA-core forward (float32, float64, forced) and the three backward kernels, causal
 and not, with GQA and ragged tiles; then every variant feature (window, softcap, ALiBi, bool mask, bias
 with its gradient, dropout), alone and all together, with NaN in masked keys so the guarded products run
 too, and on sequences of several tiles; packed batches; and the split-KV decode kernel of
@@ -116,6 +116,12 @@ for causal in (False, True):
 run(np.float32, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
 del os.environ[_cuda_backend.TF32_VARIABLE]
 run(np.float64, 192, causal=True)
+# float64's wide heads: warps in pairs in both backward kernels, every feature (the bias gradient from one
+# warp of each pair)
+for headdim in (128, 100):
+    run(np.float64, headdim, poison=True, causal=True)
+run(np.float64, 128, causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
+    dropout_p=0.1, dropout_seed=3)
 # On Hopper the 16-bit forward takes the sm_90a family; the mma.sync family runs when forced; float32 and
 # float64 take CUDA cores when forced.
 os.environ[_cuda_backend.FAMILY_VARIABLE] = "sm80"
