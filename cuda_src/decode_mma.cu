@@ -3,8 +3,11 @@
 //
 // One block per (split, kv head, sequence). The block's 16 rows are the GQA group's query heads times
 // seqlen_q (padded to one mma slab), so every key and value row read serves all of them. Warp w takes the
-// key tiles w, w + WARPS, ... of its split through its own STAGES-deep cp.async ring, with no block
-// barrier in the loop; lane l finds key row l of a tile through the page table. Per tile:
+// key tiles w, w + WARPS, ... of its split through its own STAGES-deep ring, with no block barrier in the
+// loop: with TMA (Hopper, a cache whose pages hold whole tiles) lane 0 loads each K and V tile as one box
+// of its rows, completing an mbarrier of the ring, where 16-byte cp.async copies streamed the cache at
+// 2.9 TB/s against TMA's 3.1 on an H100 (docs/performance.md); otherwise lane l copies key row l of a
+// tile, found through the page table. Per tile:
 //   s = q k^T               gemm_nt (mma.sync m16n8k16)
 //   score, online softmax   per row: each row has its own head and query position (mask.cuh)
 //   o = o * alpha + p v     gemm_rn; guarded where a partly hidden tile holds NaN or inf
@@ -12,6 +15,7 @@
 // otherwise each split writes its normalised o and its lse in float32, and the last split of a (sequence,
 // kv head) to finish merges them (decode.cuh). The new rows of a call are appended before, by
 // kvcache_append (decode.cu).
+#include "async_copy.cuh"
 #include "decode.cuh"
 #include "softmax.cuh"
 #include "mma.cuh"
@@ -27,18 +31,26 @@ __device__ __forceinline__ bool warp_tile_nonfinite(const T* tile, int lane) {
     return __any_sync(0xffffffffu, bad);
 }
 
-template <typename T, int D_TILE, int BLOCK_N, int WARPS, int STAGES, typename Var>
+template <typename T, int D_TILE, int BLOCK_N, int WARPS, int STAGES, bool TMA, typename Var>
 __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_constant__ DecodeParams p) {
     constexpr int LD = D_TILE + 8, NT = BLOCK_N / 8, DT = D_TILE / 8, CHUNKS = D_TILE / 8;
-    constexpr int TILE = BLOCK_N * LD;  // elements of one K or V buffer
+    // A K or V buffer: BLOCK_N rows padded to LD (copies), or with TMA boxes of 64 columns in 128-byte swizzle
+    // (sm_90 TMA writes rows unpadded; the swizzle keeps ldmatrix free of bank conflicts)
+    constexpr int BOXES = (D_TILE + 63) / 64, TILE = TMA ? BOXES * BLOCK_N * 64 : BLOCK_N * LD;
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0 && BLOCK_N <= 32 && STAGES >= 2, "tile shape");
     // the warps' merge reuses the rings: o, m and l of 16 rows per warp
     static_assert(WARPS * 16 * (D_TILE + 2) * 4 <= WARPS * STAGES * 2 * TILE * 2, "merge buffer");
     const FwdParams& f = p.fwd;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* sQ = reinterpret_cast<T*>(smem_raw);  // [16][LD]
-    T* rings = sQ + 16 * LD;                 // [WARPS][STAGES][K, V][BLOCK_N][LD]
+    // [16][LD] q, and [WARPS][STAGES][K, V][TILE] rings; with TMA the rings first, from a 1024-byte boundary
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* rings = sQ + 16 * LD;
+    if constexpr (TMA) {
+        rings = reinterpret_cast<T*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
+        sQ = rings + WARPS * STAGES * 2 * TILE;
+    }
+    __shared__ unsigned long long tile_full[TMA ? WARPS : 1][STAGES];  // TMA: a warp's ring slot has arrived
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
     const int rows = f.group * f.seqlen_q, seqlen_k = decode_seqlen(p, b);
@@ -59,36 +71,63 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     const T* k_head = static_cast<const T*>(f.k) + hk * f.k_st.h;
     const T* v_head = static_cast<const T*>(f.v) + hk * f.v_st.h;
     auto tile_start = [&](int it) { return begin + (warp + it * WARPS) * BLOCK_N; };
+    auto kv_tile = [](const T* tile) {  // a ring buffer as the products read it
+        if constexpr (TMA) return SwizzledTile<T, BLOCK_N>{tile};
+        else return PaddedTile<T, LD>{tile};
+    };
 
-    // Lane l's key row of this warp's tile `it` in the caches (page table reads are issued a tile ahead of
-    // their use, so the warp does not wait on them), and the copy of the tile into ring slot it % STAGES
-    // from those rows; keys past the split's end are zeros.
+    // Where this warp's tile `it` lies in the caches: lane l's key row (k and v offsets), or with TMA the page
+    // and row of the tile's first key (k = page, v = row). Page-table reads are issued a tile ahead of
+    // their use, so the warp does not wait on them. load copies the tile into ring slot it % STAGES; keys
+    // past the split's end are zeros (with TMA, once the tile has arrived: the box holds the cache's rows).
     struct Rows {
         i64 k, v;
     };
     auto rows_of = [&](int it) {
-        const int key = tile_start(it) + lane;
+        const int key = tile_start(it) + (TMA ? 0 : lane);
         Rows at = {0, 0};
-        if (it < mine && lane < BLOCK_N && key < end) at = {cache_row(p, f.k_st, b, key), cache_row(p, f.v_st, b, key)};
+        if (it < mine && lane < BLOCK_N && key < end) {
+            if constexpr (TMA) at = {p.block_table ? p.block_table[b * p.table_stride + key / p.page_size] : b, key % p.page_size};
+            else at = {cache_row(p, f.k_st, b, key), cache_row(p, f.v_st, b, key)};
+        }
         return at;
     };
     auto load = [&](int it, const Rows& at) {
-        const int n0 = tile_start(it);
         T* dK = ring + (it % STAGES) * 2 * TILE;
         T* dV = dK + TILE;
+        if constexpr (TMA) {
+            if (lane == 0) {
+                unsigned long long* full = &tile_full[warp][it % STAGES];
+                fence_async_shared();  // after the slot's ordinary reads and writes, a ring's turn ago
+                mbar_expect_tx(full, 2 * TILE * sizeof(T));
+                for (int box = 0; box < BOXES; ++box) {
+                    tma_load(dK + box * BLOCK_N * 64, p.tma_k, box * 64, int(at.v), hk, int(at.k), full);
+                    tma_load(dV + box * BLOCK_N * 64, p.tma_v, box * 64, int(at.v), hk, int(at.k), full);
+                }
+            }
+        } else {
+            const int n0 = tile_start(it);
 #pragma unroll
-        for (int c = lane; c < BLOCK_N * CHUNKS; c += 32) {  // a multiple of 32: every lane shuffles
-            const int r = c / CHUNKS, d = (c % CHUNKS) * 8;
-            const i64 ko = __shfl_sync(0xffffffffu, at.k, r), vo = __shfl_sync(0xffffffffu, at.v, r);
-            const bool valid = n0 + r < end && d < f.headdim;
-            cp_async_16(dK + r * LD + d, k_head + ko + d, valid);
-            cp_async_16(dV + r * LD + d, v_head + vo + d, valid);
+            for (int c = lane; c < BLOCK_N * CHUNKS; c += 32) {  // a multiple of 32: every lane shuffles
+                const int r = c / CHUNKS, d = (c % CHUNKS) * 8;
+                const i64 ko = __shfl_sync(0xffffffffu, at.k, r), vo = __shfl_sync(0xffffffffu, at.v, r);
+                const bool valid = n0 + r < end && d < f.headdim;
+                cp_async_16(dK + r * LD + d, k_head + ko + d, valid);
+                cp_async_16(dV + r * LD + d, v_head + vo + d, valid);
+            }
         }
     };
+    if constexpr (TMA) {
+        if (lane == 0) {
+            for (int s = 0; s < STAGES; ++s) mbar_init(&tile_full[warp][s], 1);
+            mbar_fence_init();
+        }
+        __syncwarp();
+    }
 #pragma unroll
     for (int it = 0; it < STAGES - 1; ++it) {
         if (it < mine) load(it, rows_of(it));
-        cp_async_commit();  // empty groups keep the count uniform
+        if (!TMA) cp_async_commit();  // empty groups keep the count uniform
     }
     Rows ahead = rows_of(STAGES - 1);
 
@@ -111,16 +150,30 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     for (int it = 0; it < mine; ++it) {
         if (it + STAGES - 1 < mine) load(it + STAGES - 1, ahead);
         ahead = rows_of(it + STAGES);
-        cp_async_commit();
-        cp_async_wait<STAGES - 1>();
-        __syncwarp();  // every lane's copies of this tile have landed
-        const T* cK = ring + (it % STAGES) * 2 * TILE;
-        const T* cV = cK + TILE;
+        T* slot = ring + (it % STAGES) * 2 * TILE;
         const int n0 = tile_start(it);
+        if constexpr (TMA) {
+            mbar_wait(&tile_full[warp][it % STAGES], (it / STAGES) & 1);
+            if (n0 + BLOCK_N > end) {  // the rows past the split's end: zeros, as the copies make them
+                for (int c = lane; c < BOXES * BLOCK_N * 8; c += 32) {  // 16-byte pieces, 8 a row of a box
+                    const int r = (c / 8) % BLOCK_N;
+                    if (n0 + r < end) continue;
+                    reinterpret_cast<uint4*>(slot)[c] = make_uint4(0u, 0u, 0u, 0u);
+                    reinterpret_cast<uint4*>(slot + TILE)[c] = make_uint4(0u, 0u, 0u, 0u);
+                }
+                __syncwarp();
+            }
+        } else {
+            cp_async_commit();
+            cp_async_wait<STAGES - 1>();
+            __syncwarp();  // every lane's copies of this tile have landed
+        }
+        const T* cK = slot;
+        const T* cV = cK + TILE;
 
         float s[NT][4];
         zero(s);
-        gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ, cK, lane);
+        gemm_nt_16<T, D_TILE, BLOCK_N, LD>(reinterpret_cast<float(&)[1][NT][4]>(s), sQ, kv_tile(cK), lane);
 
         const TileKind kind = var[0].tile_kind(0, f.seqlen_q, n0, BLOCK_N);
         auto softmax = [&](auto check) {
@@ -157,13 +210,17 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
 
         // Keys outside the band are never read; inside it only several query positions can split a tile
         // into rows that see a key and rows that do not.
-        if (Var::hides_keys && kind != INTERIOR && f.seqlen_q > 1 && warp_tile_nonfinite<T, BLOCK_N, D_TILE, LD>(cV, lane))
-            gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, PaddedTile<T, LD>{cV}, lane);
+        // (a TMA tile's scan reads its boxes whole, as BOXES x BLOCK_N rows of 64 columns)
+        if (Var::hides_keys && kind != INTERIOR && f.seqlen_q > 1 &&
+            (TMA ? warp_tile_nonfinite<T, BOXES * BLOCK_N, 64, 64>(cV, lane)
+                 : warp_tile_nonfinite<T, BLOCK_N, D_TILE, LD>(cV, lane)))
+            gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, kv_tile(cV), lane);
         else
-            gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
+            gemm_rn_16<T, BLOCK_N, D_TILE>(reinterpret_cast<float(&)[1][DT][4]>(o),
+                                           reinterpret_cast<const float(&)[1][NT][4]>(s), kv_tile(cV), lane);
         __syncwarp();  // the slot is refilled by the next iteration's load
     }
-    cp_async_wait<0>();
+    if constexpr (!TMA) cp_async_wait<0>();
 
     // ---- merge the warps: each rescales its o to the block's running max
     __syncthreads();  // every warp is done with its ring

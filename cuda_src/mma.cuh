@@ -126,8 +126,16 @@ __device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* k, const T* 
 // mma C layout: acc[mt][j][0..1] is row 16 mt + g, columns 8j + 2tq + {0, 1}; acc[mt][j][2..3]
 // is row 16 mt + g + 8 (g = lane / 4, tq = lane % 4). The two-dimensional overloads are one slab.
 
-template <typename T, int K, int N, int LD, int MT>
-__device__ __forceinline__ void gemm_nt_16(float (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
+// A B operand in shared memory with rows padded to LD elements.
+template <typename T, int ROW_STRIDE> struct PaddedTile {
+    static constexpr int LD = ROW_STRIDE;
+    const T* base;
+    __device__ __forceinline__ const T* at(int row, int col) const { return base + row * LD + col; }
+};
+
+// B is a tile type with at(row, col), 8 columns contiguous from each multiple of 8 (PaddedTile, SwizzledTile).
+template <typename T, int K, int N, int LD, int MT, typename TileB>
+__device__ __forceinline__ void gemm_nt_16(float (&acc)[MT][N / 8][4], const T* sA, const TileB& b_tile, int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         unsigned a[MT][4];
@@ -136,7 +144,7 @@ __device__ __forceinline__ void gemm_nt_16(float (&acc)[MT][N / 8][4], const T* 
 #pragma unroll
         for (int nn = 0; nn < N / 16; ++nn) {
             unsigned b[4];
-            ldmatrix_x4(b, sB + (nn * 16 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
+            ldmatrix_x4(b, b_tile.at(nn * 16 + (lane / 16) * 8 + lane % 8, kk * 16 + ((lane / 8) % 2) * 8));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816<T>(acc[mt][2 * nn], a[mt], b[0], b[1]);
@@ -147,9 +155,9 @@ __device__ __forceinline__ void gemm_nt_16(float (&acc)[MT][N / 8][4], const T* 
 }
 
 // P's C fragments of two adjacent 8-column tiles form the A fragment of a 16-deep step.
-template <typename T, int K, int N, int LD, int MT>
-__device__ __forceinline__ void gemm_rn_16(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4], const T* sB,
-                                           int lane) {
+template <typename T, int K, int N, int MT, typename TileB>
+__device__ __forceinline__ void gemm_rn_16(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+                                           const TileB& b_tile, int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         unsigned a[MT][4];
@@ -163,7 +171,7 @@ __device__ __forceinline__ void gemm_rn_16(float (&acc)[MT][N / 8][4], const flo
 #pragma unroll
         for (int nn = 0; nn < N / 16; ++nn) {
             unsigned b[4];
-            ldmatrix_x4_trans(b, sB + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * LD + nn * 16 + (lane / 16) * 8);
+            ldmatrix_x4_trans(b, b_tile.at(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, nn * 16 + (lane / 16) * 8));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816<T>(acc[mt][2 * nn], a[mt], b[0], b[1]);
@@ -346,7 +354,7 @@ __device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p
 // acc[MT][N/8] += A (16 MT x K) * B (N x K)^T, both row-major in shared memory, row stride LD.
 template <typename T, int K, int N, int LD, int MT, typename A>
 __device__ __forceinline__ void gemm_nt(A (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
-    if constexpr (is_16bit<T>()) gemm_nt_16<T, K, N, LD>(acc, sA, sB, lane);
+    if constexpr (is_16bit<T>()) gemm_nt_16<T, K, N, LD>(acc, sA, PaddedTile<T, LD>{sB}, lane);
     else gemm_nt_wide<T, K, N, LD>(acc, sA, sB, lane);
 }
 template <typename T, int K, int N, int LD, typename A, typename AccType<A>::ok = 0>
@@ -358,7 +366,7 @@ __device__ __forceinline__ void gemm_nt(A (&acc)[N / 8][4], const T* sA, const T
 // products' input precision here), B row-major in shared memory with row stride LD.
 template <typename T, int K, int N, int LD, int MT, typename A>
 __device__ __forceinline__ void gemm_rn(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4], const T* sB, int lane) {
-    if constexpr (is_16bit<T>()) gemm_rn_16<T, K, N, LD>(acc, p, sB, lane);
+    if constexpr (is_16bit<T>()) gemm_rn_16<T, K, N>(acc, p, PaddedTile<T, LD>{sB}, lane);
     else gemm_rn_wide<T, K, N, LD>(acc, p, sB, lane);
 }
 template <typename T, int K, int N, int LD, typename A, typename AccType<A>::ok = 0>
@@ -397,12 +405,6 @@ __device__ __forceinline__ unsigned seen_pair(float lo, float hi) {
     return (is_masked_zero(lo) ? 0u : 0x7180u) | ((is_masked_zero(hi) ? 0u : 0x7180u) << 16);
 }
 
-// A B operand in shared memory with rows padded to LD elements.
-template <typename T, int ROW_STRIDE> struct PaddedTile {
-    static constexpr int LD = ROW_STRIDE;
-    const T* base;
-    __device__ __forceinline__ const T* at(int row, int col) const { return base + row * LD + col; }
-};
 
 // gemm_rn where non-finite entries of B (a tile type with at(row, col), 8 columns contiguous from
 // each multiple of 8) reach only the rows that see them. Out of line, so that its registers do not

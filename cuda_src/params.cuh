@@ -138,6 +138,9 @@ struct DecodeParams {
     float* part_out;         // (num_splits, batch, nheads, seqlen_q, headdim) per-split outputs, normalised
     float* part_lse;         // (num_splits, batch, nheads, seqlen_q), natural log
     unsigned* split_counters;  // (batch, nheads_kv), zeroed: splits of a (sequence, kv head) done so far
+    // The caches as (headdim, page_size, nheads_kv, pages) tensors (cupyflash/_tma.py, boxes of a key tile's
+    // rows by 64 columns): the Hopper decode's TMA loads; unused elsewhere.
+    TensorMap tma_k, tma_v;
 };
 
 struct BwdParams {

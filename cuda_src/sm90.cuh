@@ -1,71 +1,13 @@
-// Hopper (sm_90a) primitives: mbarriers, TMA tensor copies, wgmma descriptors and fences, register
-// reallocation and a vote among the consumer warpgroups. Every shared-memory tile the tensor cores read
+// Hopper (sm_90a) primitives beside async_copy.cuh's mbarriers and copies: wgmma descriptors and fences,
+// register reallocation and a vote among the consumer warpgroups. Every shared-memory tile the tensor cores read
 // is stored as TMA writes it with 128-byte swizzle: chunks of 64 columns (128 bytes per row), 8-row
 // atoms of 1024 bytes in which the 16-byte piece c of row r sits at c ^ (r % 8).
 #pragma once
+#include "async_copy.cuh"
 #include "common.cuh"
 #include "params.cuh"
 #include "split.cuh"
 #include "wgmma.cuh"
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// ---- mbarriers
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-// Waits until the phase of the given parity has completed.
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
-    asm volatile(
-        "{\n .reg .pred done;\n"
-        "wait_%=:\n"
-        " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        " @!done bra wait_%=;\n}" ::"r"(smem_u32(bar)),
-        "r"(parity)
-        : "memory");
-}
-
-// ---- TMA: box (64 columns, rows, 1, 1) of a (headdim, seqlen, heads, batch) tensor at the given
-// coordinates; out-of-range elements arrive as zeros and still count toward the barrier's bytes.
-__device__ __forceinline__ void tma_load(void* dst, const TensorMap& map, int col, int row, int head, int batch,
-                                         unsigned long long* bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-        "[%6];" ::"r"(smem_u32(dst)),
-        "l"(&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(smem_u32(bar))
-        : "memory");
-}
-
-// 1-D bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) completing on `bar`.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     smem_u32(dst)),
-                 "l"(src), "r"(bytes), "r"(smem_u32(bar))
-                 : "memory");
-}
-
-// Adds `bytes` of float32 from shared memory to global memory (a bulk reduction), and waits until the
-// reductions this thread issued have read their source / completed.
-__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, unsigned bytes) {
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
-                 "r"(smem_u32(src)), "r"(bytes)
-                 : "memory");
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-}
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-
-// Makes this thread's ordinary shared-memory stores visible to the tensor cores' (async proxy) reads.
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // Zeroes rows [first, ROWS) of a [CHUNKS][ROWS][64] tile as TMA writes it (the 128-byte swizzle moves 16-byte
 // pieces within a row's 128 bytes), spread over THREADS threads (thread: this one's index among them), and
@@ -156,18 +98,6 @@ template <int N> __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
-
-// Shared-memory address of element (row, col) of a 128-byte-swizzled tile of `rows` rows per chunk.
-template <typename T> __device__ __forceinline__ const T* swizzled(const T* tile, int rows, int row, int col) {
-    const char* chunk = reinterpret_cast<const char*>(tile) + (col / 64) * rows * 128 + row * 128;
-    return reinterpret_cast<const T*>(chunk + ((((col % 64) / 8) ^ (row % 8)) * 16) + (col % 8) * sizeof(T));
-}
-
-// A B operand for mma.cuh's guarded product: a swizzled tile of ROWS rows per 64-column chunk.
-template <typename T, int ROWS> struct SwizzledTile {
-    const T* base;
-    __device__ __forceinline__ const T* at(int row, int col) const { return swizzled(base, ROWS, row, col); }
-};
 
 // A tile read with rows and columns exchanged, and one read from column col0 on.
 template <typename Tile> struct Transposed {

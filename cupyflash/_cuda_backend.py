@@ -619,7 +619,7 @@ def _decode_values(spec, fwd, lengths, k_new=None, v_new=None, splits=1, per_spl
     return (fwd, _ptr(lengths.device), lengths.uniform, lengths.new, _ptr(k_new), _ptr(v_new),
             *((0, 0, 0) if x is None else _strides(x) for x in (k_new, v_new)), _ptr(table),
             0 if table is None else table.strides[0] // table.itemsize, lengths.page_size, spec.batch, splits,
-            per_split, part_out, part_lse, split_counters)
+            per_split, part_out, part_lse, split_counters, *(np.zeros((), _tma.TENSOR_MAP) for _ in range(2)))
 
 
 class _Readdressed:
@@ -645,9 +645,16 @@ class _Readdressed:
         """The struct with `addresses` in `members` and `maps` (_tma.tensor_map_words) in the TensorMaps."""
         words = self.words.copy()
         words[self.slots] = addresses
+        self._put(words, maps)
+        return words.view(self.raw)[0]
+
+    def keep_maps(self, maps):
+        """`maps` in every struct from now on: for a struct kept per array, whose maps do not change."""
+        self._put(self.words, maps)
+
+    def _put(self, words, maps):
         for slot, words_of_map in zip(self.map_slots, maps):
             words[slot:slot + words_of_map.size] = words_of_map
-        return words.view(self.raw)[0]
 
 
 #: Counters of the decode kernels' splits by (device, stream): zero between launches, since the last split
@@ -693,12 +700,18 @@ def _decode_aligned(*caches):
                for x in caches)
 
 
+#: Structs a decode plan keeps (per layout and, where TMA may read the caches, per pair of caches: a decoding
+#: loop's layers each keep one); more are dropped all at once.
+_DECODE_STRUCTS = 256
+
+
 class _DecodePlan(typing.NamedTuple):
     launch: _plan.Launch
+    tma_launch: typing.Optional[_plan.Launch]  # Hopper: the kernel reading the caches by TMA (_decode_by_tma)
     variant: tuple  # VariantParams' values
     splits: int
     per_split: int
-    structs: dict   # _Readdressed DecodeParams by what else a call may change (strides, lengths)
+    structs: dict   # (launch, _Readdressed DecodeParams) by what else a call may change (strides, lengths, caches)
 
 
 #: Decode plans by Spec (the calls of a decoding loop share one, _kvcache) and by what a plan depends on
@@ -730,16 +743,19 @@ def _decode_plan(spec, device_id, num_splits):
 
 
 def _new_decode_plan(spec, device_id, num_splits, var_type, variant):
-    limit, _ = _device_info(device_id)
-    main = _plan.decode(spec.dtype.name, spec.headdim, spec.group * spec.seqlen_q, var_type, limit)
+    limit, hopper = _device_info(device_id)
+    rows = spec.group * spec.seqlen_q
+    main = _plan.decode(spec.dtype.name, spec.headdim, rows, var_type, limit)
     if main.smem_bytes > limit:
         return None
+    tma = _plan.decode(spec.dtype.name, spec.headdim, rows, var_type, limit, tma=True) if (
+        hopper and spec.dtype.name in _plan.TENSOR_CORE_DTYPES) else None
     # the band of keys some row may see, in the longest sequence (mask.cuh, key_begin and key_end)
     left = spec.window[0]
     band = spec.seqlen_k if left < 0 else min(spec.seqlen_k, spec.seqlen_q + left)
     slots = _plan.decode_slots(_multiprocessors(device_id))
     splits, per_split = _plan.decode_splits(band, spec.batch * spec.nheads_kv, slots, main.block_rows, num_splits)
-    return _DecodePlan(main, variant, splits, per_split, {})
+    return _DecodePlan(main, tma, variant, splits, per_split, {})
 
 
 def can_decode(spec, k_cache, v_cache, num_splits=0):
@@ -764,14 +780,32 @@ def decode(q, k_cache, v_cache, spec, lengths, num_splits):
         part_out = workspace.data.ptr
         splits = (part_out, part_out + 4 * rows * spec.headdim, _split_counters(device_id, spec.batch * spec.nheads_kv))
     table = lengths.block_table
+    k_ptr, v_ptr = k_cache.data.ptr, v_cache.data.ptr
     key = (q.strides, k_cache.strides, v_cache.strides, out.strides, *lengths[1:3], lengths.page_size,
            None if table is None else table.shape)
-    struct = plan.structs.get(key)
-    if struct is None:
+    if plan.tma_launch is not None:  # TMA's choice and tensor maps are per pair of caches, kept with the struct
+        key += (k_ptr, v_ptr, k_cache.shape, v_cache.shape)
+    entry = plan.structs.get(key)
+    if entry is None:
+        tma = plan.tma_launch is not None and _decode_by_tma(spec, k_cache, v_cache, lengths)
         fwd = _fwd_values(spec, None, q, k_cache, v_cache, out, lse, variant=plan.variant)
         values = _decode_values(spec, fwd, lengths, None, None, plan.splits, plan.per_split, *splits)
-        struct = plan.structs[key] = _Readdressed(DECODE_PARAMS, values, _DECODE_ADDRESSES)
-    p = struct([q.data.ptr, k_cache.data.ptr, v_cache.data.ptr, out.data.ptr, lse.data.ptr, _ptr(lengths.device),
-                _ptr(table), *splits])
-    _launch(plan.launch, (plan.splits, spec.nheads_kv, spec.batch), p, device_id)
+        struct = _Readdressed(DECODE_PARAMS, values, _DECODE_ADDRESSES, ("tma_k", "tma_v"))
+        if tma:
+            struct.keep_maps([_tma.tensor_map_words(x, spec.dtype.name, _plan.DECODE_BLOCK_N) for x in (k_cache, v_cache)])
+        if len(plan.structs) >= _DECODE_STRUCTS:
+            plan.structs.clear()
+        entry = plan.structs[key] = (plan.tma_launch if tma else plan.launch, struct)
+    launch, struct = entry
+    p = struct([q.data.ptr, k_ptr, v_ptr, out.data.ptr, lse.data.ptr, _ptr(lengths.device), _ptr(table), *splits])
+    _launch(launch, (plan.splits, spec.nheads_kv, spec.batch), p, device_id)
     return out, lse
+
+
+def _decode_by_tma(spec, k_cache, v_cache, lengths):
+    """Whether the Hopper decode reads these caches by TMA: boxes of a tile's rows, which must lie on one page
+    (contiguous caches have one per sequence; a paged one's pages must hold whole tiles, from key 0: no
+    left window) at addresses TMA takes."""
+    whole_tiles = lengths.block_table is None or (lengths.page_size % _plan.DECODE_BLOCK_N == 0
+                                                  and spec.window[0] < 0)
+    return whole_tiles and _tma.supported(k_cache) and _tma.supported(v_cache)

@@ -430,20 +430,28 @@ DECODE_MAX_SPLITS = 128
 DECODE_WARPS = 4  # warps of a decode_mma.cu block, each streaming its own key tiles
 
 
+#: Keys of a decode_mma.cu warp's tile (one TMA box): a paged cache whose pages hold whole tiles is read by TMA.
+DECODE_BLOCK_N = 16
+
+
 @functools.lru_cache(maxsize=None)
-def decode(dtype, headdim, rows, var, limit):
+def decode(dtype, headdim, rows, var, limit, tma=False):
     """The split-KV decode kernel for `rows` query rows per kv head. A 16-bit cache takes the tensor-core
-    kernel (decode_mma.cu): key tiles of 16 per warp in a ring of STAGES per warp, as deep as half of
-    `limit` holds, so that two blocks share a multiprocessor. float32 takes the CUDA-core kernel
-    (decode.cu), a key per thread. block_rows is the keys a block takes per step: splits are made of whole
-    steps."""
+    kernel (decode_mma.cu): key tiles of DECODE_BLOCK_N per warp in a ring of STAGES per warp, as deep as
+    half of `limit` holds, so that two blocks share a multiprocessor; with `tma` (Hopper) each tile arrives
+    as TMA boxes of 64 columns in 128-byte swizzle. float32 takes the CUDA-core kernel (decode.cu), a key per thread.
+    block_rows is the keys a block takes per step: splits are made of whole steps."""
     c, d = C_TYPES[dtype], headdim_tile(headdim)
     if dtype in TENSOR_CORE_DTYPES:
-        block_n = 16
-        smem = lambda stages: 2 * (16 + DECODE_WARPS * stages * 2 * block_n) * (d + _row_pad(dtype))  # q, then the rings
+        block_n = DECODE_BLOCK_N
+        row = d + _row_pad(dtype)
+        # q and the rings (TMA: boxes of 64 columns, from a 1024-byte boundary)
+        ring_row = -(-d // 64) * 64 if tma else row
+        smem = lambda stages: 2 * (16 * row + DECODE_WARPS * stages * 2 * block_n * ring_row) + (1024 if tma else 0)
         stages = next((s for s in (4, 3) if smem(s) <= limit // 2), 2)
-        name = f"flash_decode_mma<{c}, {d}, {block_n}, {DECODE_WARPS}, {stages}, {var}>"
-        return Launch("decode_mma.cu", name, DECODE_WARPS * block_n, 32 * DECODE_WARPS, smem(stages))
+        name = f"flash_decode_mma<{c}, {d}, {block_n}, {DECODE_WARPS}, {stages}, {_cbool(tma)}, {var}>"
+        return Launch("decode_mma.cu", name, DECODE_WARPS * block_n, 32 * DECODE_WARPS, smem(stages),
+                      SM90_OPTIONS if tma else OPTIONS)
     block_rows = next(r for r in DECODE_ROWS if r >= rows)
     return Launch("decode.cu", f"flash_decode<{c}, {d}, {block_rows}, {var}>", 128, 128, 0)
 
@@ -571,6 +579,8 @@ def covering_launches():
     decode_features = variant(FEATURES["WINDOW"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])
     decodes = [decode(dtype, d, rows, var, big) for dtype in ("float16", "bfloat16", "float32")
                for rows, var in ((1, plain), (16, decode_features)) for d in ((128, 64) if rows == 1 else (256,))]
+    decodes += [decode(dtype, d, rows, var, big, tma=True)
+                for dtype, d, rows, var in (("bfloat16", 128, 4, plain), ("float16", 64, 16, decode_features))]
     decodes += [kvcache_append(itemsize) for itemsize in _UNSIGNED]
     decodes = list({launch.name: launch for launch in decodes}.values())
     flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]

@@ -214,6 +214,21 @@ def test_a_host_page_table_is_checked_once_per_contents():
 
 
 @pytest.mark.gpu
+def test_each_call_reads_its_own_caches():
+    """The decode keeps what it builds per pair of caches (on Hopper, their tensor maps): the layers of a
+    decoding loop, caches alike in everything but their data, alternate and each reads its own."""
+    cp = pytest.importorskip("cupy")
+    layers = [problem(seed, [200, 37], None, seqlen_q=1, nheads=8, nheads_kv=2, headdim=128, dtype=BFLOAT16)
+              for seed in (11, 12)]
+    wants = [cupyflash.reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True)
+             for q, k_cache, v_cache, _, _, lengths in layers]
+    device = [[cp.asarray(bits(x)).view(x.dtype) for x in layer[:3]] for layer in layers]
+    for i in (0, 1, 0, 1):
+        out, lse = cupyflash.attention_with_kvcache(*device[i], cache_seqlens=layers[i][5], return_lse=True)
+        assert_matches(out.view(np.uint16).get().view(BFLOAT16), lse.get(), *wants[i], 3e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 def test_lengths_and_page_table_may_stay_on_the_host(dtype):
     """With CuPy arrays, NumPy cache_seqlens and block_table (checked without a device read) give bit for
@@ -519,13 +534,15 @@ def test_cupy_matches_numpy(dtype, page_size, num_splits):
 def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
     """Decoding shapes (GQA group x seqlen_q <= 16 rows per kv head) take the split-KV kernels, paged or
     not, over sequences of several tiles (one empty), with NaN past every length and in unused pages,
-    for split counts from one to many and head dimensions from 8 to 256."""
+    for split counts from one to many and head dimensions from 8 to 256. On Hopper a 16-bit cache is read by
+    TMA where its pages hold whole tiles of 16 keys from key 0 (contiguous: one page per sequence)."""
     cp = pytest.importorskip("cupy")
     from cupyflash import _cuda_backend
 
-    sources = []
+    launches = []
     launch = _cuda_backend._launch
-    monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (sources.append(lc.source), launch(lc, *a)))
+    monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (launches.append(lc), launch(lc, *a)))
+    hopper = _cuda_backend._device_info(cp.cuda.Device().id)[1]
     kw = VARIANTS[variant]
     for page_size, num_splits, seqlen_q, headdim in ((None, 0, 1, 64), (64, 1, 2, 128), (48, 7, 1, 8),
                                                      (None, 100, 4, 256), (5, 3, 3, 96)):
@@ -537,13 +554,17 @@ def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
         want_out, want_lse = cupyflash.reference.attention_with_kvcache(
             q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=block_table, return_lse=True, **kw)
         device = [cp.asarray(bits(x)).view(x.dtype) for x in (q, k_cache, v_cache, k, v)]
-        sources.clear()
+        launches.clear()
         out, lse = cupyflash.attention_with_kvcache(
             *device, cache_seqlens=cp.asarray(lengths), num_splits=num_splits, return_lse=True,
             block_table=None if block_table is None else cp.asarray(block_table),
             **{key: cp.asarray(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()})
         # the append, then one decode launch (the last split merges the splits)
-        assert sources == ["decode.cu", "decode.cu" if np.dtype(dtype) == np.float32 else "decode_mma.cu"]
+        assert [lc.source for lc in launches] == ["decode.cu", "decode.cu" if np.dtype(dtype) == np.float32
+                                                  else "decode_mma.cu"]
+        if np.dtype(dtype) != np.float32:
+            whole_tiles = page_size is None or (page_size % 16 == 0 and kw.get("window_size", (-1, -1))[0] < 0)
+            assert (", true, Variant" in launches[-1].name) == (hopper and whole_tiles)
         got = out.view(_UINT[out.dtype.itemsize]).get().view(out.dtype).astype(np.float64)
         tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
         assert np.array_equal(np.isnan(got), np.isnan(want_out))
