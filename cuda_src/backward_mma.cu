@@ -153,12 +153,12 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     }
 
     const A dk_scale[2] = {A(f.scale), A(f.scale)}, dv_scale[2] = {A(1), A(1)};
-    auto store = [&](T* out, const Strides& st, const A (&from)[DT][4], const A (&scale)[2]) {
-        store_slab(seq.key_rows(out, st, hk, n0) + col0, st.s, from, scale, slab * 16, seq.seqlen_k - n0,
+    auto store = [&](T* out, const Strides& strides, const A (&from)[DT][4], const A (&scale)[2]) {
+        store_slab(seq.key_rows(out, strides, hk, n0) + col0, strides.s, from, scale, slab * 16, seq.seqlen_k - n0,
                    f.headdim - col0, lane);
     };
     if (role == 0) store(static_cast<T*>(p.dv), p.dv_st, acc[0], dv_scale);
-    if (ROLES == 1 || role == 1) store(static_cast<T*>(p.dk), p.dk_st, acc[3 - ROLES - 1], dk_scale);
+    if (ROLES == 1 || role == 1) store(static_cast<T*>(p.dk), p.dk_st, acc[ROLES == 1 ? 1 : 0], dk_scale);
 }
 
 template <typename T, int D_TILE, int BLOCK_N, int WARPS, int ROLES, typename Var, bool ALIGNED>
