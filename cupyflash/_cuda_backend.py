@@ -671,6 +671,21 @@ def _split_counters(device_id, count):
     return counters.data.ptr
 
 
+#: Room for the decode splits' partial outputs and lses by (device, stream), grown to the largest call's need.
+_SPLIT_PARTIALS = {}
+
+
+def _split_partials(device_id, floats):
+    """The address of room for `floats` float32 of partial outputs and lses on the current stream of device
+    `device_id`: the decode kernel reads them back within its own launch, and the calls of one stream run in
+    order, so that one buffer per stream serves them all (a call allocates none)."""
+    key = (device_id, cupy.cuda.get_current_stream().ptr)
+    room = _SPLIT_PARTIALS.get(key)
+    if room is None or room.size < floats:
+        room = _SPLIT_PARTIALS[key] = _empty(floats, np.float32)
+    return room.data.ptr
+
+
 #: Each Spec's append structs (by what else a call may change), so that a decoding loop builds them once.
 _APPEND_STRUCTS = weakref.WeakKeyDictionary()
 _APPEND_ADDRESSES = ("fwd.k", "fwd.v", "cache_seqlens", "block_table", "k_new", "v_new")
@@ -758,26 +773,25 @@ def _new_decode_plan(spec, device_id, num_splits, var_type, variant):
     return _DecodePlan(main, tma, variant, splits, per_split, {})
 
 
-def can_decode(spec, k_cache, v_cache, num_splits=0):
-    """Whether the split-KV decode kernels take a KV-cache call (_decode_plan) with these caches."""
-    return _decode_aligned(k_cache, v_cache) and _decode_plan(spec, k_cache.data.device_id, num_splits) is not None
+def decode_plan(spec, k_cache, v_cache, num_splits=0):
+    """The split-KV decode kernels' plan of a KV-cache call with these caches (_decode_plan), or None where
+    they do not take it."""
+    return _decode_plan(spec, k_cache.data.device_id, num_splits) if _decode_aligned(k_cache, v_cache) else None
 
 
-def decode(q, k_cache, v_cache, spec, lengths, num_splits):
-    """(out, lse) of q over each sequence's cache rows (CacheLengths, after the append) with splits of the
-    keys chosen by _plan.decode_splits (`num_splits` 0: automatic), on the current device: q's. The caller
-    has asked can_decode. Several splits write their partial outputs and lses to a workspace and count
-    themselves on a counter per (sequence, kv head) that tells the last of them to merge them."""
+def decode(plan, q, k_cache, v_cache, spec, lengths):
+    """(out, lse) of q over each sequence's cache rows (CacheLengths, after the append) by decode_plan's
+    `plan`, whose splits of the keys _plan.decode_splits chose, on the current device: q's. Several splits
+    write their partial outputs and lses to the stream's room for them and count themselves on a counter per
+    (sequence, kv head) that tells the last of them to merge them."""
     device_id = q.data.device_id
-    plan = _decode_plan(spec, device_id, num_splits)
     q = _rows_contiguous(q)
     out = spec.empty(_empty, q.shape, q.dtype)
     lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), np.float32)
     splits = (0, 0, 0)
     if plan.splits > 1:
         rows = plan.splits * spec.batch * spec.nheads * spec.seqlen_q
-        workspace = _empty(rows * (spec.headdim + 1), np.float32)
-        part_out = workspace.data.ptr
+        part_out = _split_partials(device_id, rows * (spec.headdim + 1))
         splits = (part_out, part_out + 4 * rows * spec.headdim, _split_counters(device_id, spec.batch * spec.nheads_kv))
     table = lengths.block_table
     k_ptr, v_ptr = k_cache.data.ptr, v_cache.data.ptr

@@ -455,8 +455,9 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
         backend._check_grid(spec)
         if call.seqlen_new:
             backend.append(k_cache, v_cache, k, v, spec, lengths)
-        if backend.can_decode(spec, k_cache, v_cache, call.num_splits):
-            return backend.decode(q, k_cache, v_cache, spec, lengths, call.num_splits)
+        plan = backend.decode_plan(spec, k_cache, v_cache, call.num_splits)
+        if plan is not None:
+            return backend.decode(plan, q, k_cache, v_cache, spec, lengths)
         return _by_sequence(backend, call, q, k_cache, v_cache, cupy)
 
 

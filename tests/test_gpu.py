@@ -493,7 +493,8 @@ def test_memory_is_linear_in_seqlen():
     batch, seqlen, nheads, headdim = 1, 65536, 8, 128
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
-    assert pool.total_bytes() == 0
+    held = pool.total_bytes()  # what earlier calls keep (the decode's split counters and partials), a few MB
+    assert held < 64 * 2**20
     shape = (batch, seqlen, nheads, headdim)
     q, k, v, dout = (_random_bf16(shape) for _ in range(4))
     out, lse = cupyflash.attention(q, k, v, causal=False, return_lse=True)
@@ -501,7 +502,7 @@ def test_memory_is_linear_in_seqlen():
     cp.cuda.get_current_stream().synchronize()
     tensor_bytes = q.nbytes * 8
     assert all(bool(cp.isfinite(as_float32(g)).all()) for g in (out, *grads))
-    assert pool.total_bytes() < 2 * tensor_bytes, (pool.total_bytes(), tensor_bytes)
+    assert pool.total_bytes() - held < 2 * tensor_bytes, (pool.total_bytes(), held, tensor_bytes)
     assert nheads * seqlen * seqlen * 4 * 2 > 60e9  # naive's scores and probabilities, float32
 
 
