@@ -229,6 +229,41 @@ def test_each_call_reads_its_own_caches():
 
 
 @pytest.mark.gpu
+def test_split_partials_are_kept_per_stream():
+    """The splits' partial outputs live in one buffer per stream, grown to the largest call: calls of two
+    streams, queued without a synchronisation so that their kernels may overlap, each give what they give
+    alone, and so does a call after a larger one grew the buffer."""
+    cp = pytest.importorskip("cupy")
+    from cupyflash import _cuda_backend
+
+    def case(seed, seqlen, splits):
+        q, k_cache, v_cache, _, _, lengths = problem(seed, [seqlen], None, seqlen_q=1, nheads=8, nheads_kv=2,
+                                                     headdim=128, dtype=BFLOAT16)
+        want = cupyflash.reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True)
+        return [cp.asarray(bits(x)).view(x.dtype) for x in (q, k_cache, v_cache)], lengths, splits, want
+
+    def call(arrays, lengths, splits, want):
+        return cupyflash.attention_with_kvcache(*arrays, cache_seqlens=lengths, num_splits=splits, return_lse=True)
+
+    small, large = case(21, 700, 3), case(22, 3000, 20)  # the large one's splits take more room
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    got = []
+    for _ in range(3):
+        for stream, one in zip(streams, (small, large)):
+            with stream:
+                got.append(call(*one))
+    for stream in streams:
+        stream.synchronize()
+    assert len({key[1] for key in _cuda_backend._SPLIT_PARTIALS}) >= 2  # a buffer per stream
+    with streams[0]:  # the small call's stream grows its buffer for the large call, then runs the small one again
+        got += [call(*large), call(*small)]
+    streams[0].synchronize()
+    wants = [small[-1], large[-1]] * 3 + [large[-1], small[-1]]
+    for (out, lse), want in zip(got, wants):
+        assert_matches(out.view(np.uint16).get().view(BFLOAT16), lse.get(), *want, 3e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 def test_lengths_and_page_table_may_stay_on_the_host(dtype):
     """With CuPy arrays, NumPy cache_seqlens and block_table (checked without a device read) give bit for
