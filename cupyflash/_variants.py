@@ -84,14 +84,18 @@ def scores(spec, s, q_start, k_start):
 
     x is the score in natural units: softcap, then ALiBi, then the bias, in s's dtype, and -inf
     where the pair is invisible or the bias is -inf (masked whatever the data: inf + -inf would be
-    NaN). ``dcap = 1 - tanh(s / softcap)^2`` is d(x)/d(s) for the backward, None without softcap.
+    NaN). ``dcap = 1 - tanh(s / softcap)^2`` is d(x)/d(s) for the backward, None without softcap: taken as
+    ``4 e / (1 + e)^2`` with ``e = exp(-2 |s| / softcap)``, whose rounding stays relative where ``1 - t * t``
+    would cancel (t near ±1, where it would keep only t's rounding), and 0 where t rounds to ±1 (there the
+    capped score no longer moves with s).
     """
     dt = s.dtype
     q_end, k_end = q_start + s.shape[-2], k_start + s.shape[-1]
     x, dcap = s, None
     if spec.softcap:
-        t = np.tanh(s / dt.type(spec.softcap))
-        x, dcap = dt.type(spec.softcap) * t, 1 - t * t
+        u = s / dt.type(spec.softcap)
+        t, e = np.tanh(u), np.exp(-2 * np.abs(u))
+        x, dcap = dt.type(spec.softcap) * t, np.where(np.abs(t) == 1, dt.type(0), 4 * e / (1 + e) ** 2)
     if spec.alibi_slopes is not None:
         slopes = _by_group(spec, spec.alibi_slopes).astype(dt)[..., None, None]
         distance = np.abs(np.arange(q_start, q_end)[:, None] + spec.offset - np.arange(k_start, k_end))
