@@ -432,7 +432,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
     } else {
         // ---- consumers
         regs_claim<240>();
-        const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+        const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
         const int g = lane / 4, tq = lane % 4, key0 = n0 + 64 * wg + 16 * warp + g;
         const float scale_log2 = float(f.scale) * float(LOG2E);
         const T* k_rows = sm.k + 64 * wg * 64;  // this warpgroup's keys of each chunk
@@ -488,17 +488,18 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             // the dq product (no wgmma in flight then).
             const bool guarded = Var::hides_keys && bar.queries_nonfinite(t) && needs_mask;
             if (!guarded) {
+                const TileDesc do_desc = n_major_desc(do_buf, BLOCK_M * 128), q_desc = n_major_desc(q_buf, BLOCK_M * 128);
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_M / 16; ++kk)
                     wgmma_rs<T, D_TILE>(dv_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
-                                        desc_n_major(do_buf, kk, BLOCK_M * 128), 1);
+                                        do_desc.at(n_major_step(kk)), 1);
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_M / 16; ++kk)
                     wgmma_rs<T, D_TILE>(dk_regs, reinterpret_cast<const unsigned(&)[4]>(ds_regs[4 * kk]),
-                                        desc_n_major(q_buf, kk, BLOCK_M * 128), 1);
+                                        q_desc.at(n_major_step(kk)), 1);
                 wgmma_commit();
             }
 
@@ -517,11 +518,11 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
             float dq[DQ_COLS / 8][4];
             float(&dq_regs)[DQ_COLS / 2] = reinterpret_cast<float(&)[DQ_COLS / 2]>(dq);
+            const TileDesc ds_desc = n_major_desc(ds_buf, BLOCK_N * 128), k_cols_desc = n_major_desc(k_cols, BLOCK_N * 128);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-                wgmma_ss_tt<T, DQ_COLS>(dq_regs, desc_n_major(ds_buf, kk, BLOCK_N * 128),
-                                        desc_n_major(k_cols, kk, BLOCK_N * 128), kk > 0);
+                wgmma_ss_tt<T, DQ_COLS>(dq_regs, ds_desc.at(n_major_step(kk)), k_cols_desc.at(n_major_step(kk)), kk > 0);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(dq_regs);
@@ -583,7 +584,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
     } else {
         // ---- consumers
         regs_claim<240>();
-        const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+        const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
         const int g = lane / 4, tq = lane % 4, row_in = 16 * warp + g;  // rows row_in and + 8 of a query tile
         const float scale_log2 = float(f.scale) * float(LOG2E);
         const int key_col0 = KEYS * wg;  // this warpgroup's keys of the tile, for s and dp
@@ -649,21 +650,22 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const bool queries_bad = Var::hides_keys && bar.queries_nonfinite(t);
             if (!(Var::hides_keys && needs_mask && (queries_bad || bar.keys_nonfinite()))) {
                 float(&dq_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dq);
+                const TileDesc p_desc = n_major_desc(p_buf, BLOCK_M * 128), do_desc = n_major_desc(do_half, BLOCK_M * 128),
+                               ds_desc = n_major_desc(ds_buf, BLOCK_M * 128), q_desc = n_major_desc(q_half, BLOCK_M * 128),
+                               ds_rows_desc = k_major_desc(ds_buf), k_desc = n_major_desc(k_half, BLOCK_N * 128);
                 fence_regs(dv_regs);
                 fence_regs(dk_regs);
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-                    wgmma_ss_tt<T, HALF>(dv_regs, desc_n_major(p_buf, kk, BLOCK_M * 128),
-                                         desc_n_major(do_half, kk, BLOCK_M * 128), 1);
+                    wgmma_ss_tt<T, HALF>(dv_regs, p_desc.at(n_major_step(kk)), do_desc.at(n_major_step(kk)), 1);
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-                    wgmma_ss_tt<T, HALF>(dk_regs, desc_n_major(ds_buf, kk, BLOCK_M * 128),
-                                         desc_n_major(q_half, kk, BLOCK_M * 128), 1);
+                    wgmma_ss_tt<T, HALF>(dk_regs, ds_desc.at(n_major_step(kk)), q_desc.at(n_major_step(kk)), 1);
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-                    wgmma_ss_bt<T, HALF>(dq_regs, desc_k_major(ds_buf, kk), desc_n_major(k_half, kk, BLOCK_N * 128),
-                                         kk > 0);
+                    wgmma_ss_bt<T, HALF>(dq_regs, ds_rows_desc.at(k_major_step(kk, BLOCK_M)),
+                                         k_desc.at(n_major_step(kk)), kk > 0);
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_regs(dq_regs);
@@ -760,7 +762,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_row_sums(const __grid_c
     } else {
         // ---- consumers: warpgroup wg's 64 queries, in SUBS products of SUB
         regs_claim<240>();
-        const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+        const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
         const int g = lane / 4, tq = lane % 4, row0 = 64 * wg;
         const float scale_log2 = float(f.scale) * float(LOG2E);
         float sums[SUBS][MT][2] = {};
@@ -876,7 +878,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
     } else {
         // ---- consumers
         regs_claim<240>();
-        const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+        const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
         const int thread = threadIdx.x % 128, g = lane / 4, tq = lane % 4, key0 = n0 + 16 * warp + g;
         int computed = 0;  // tiles handed over so far
         const float scale_log2 = float(f.scale) * float(LOG2E);
@@ -953,7 +955,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
 
             // dv += pd^T dout (warpgroup 0) or dk += dx^T q (warpgroup 1), in a fresh accumulator
             float fresh[DT * 4];
-            const Op* rows = wg == 0 ? do_buf : q_buf;
+            const TileDesc rows_desc = n_major_desc(wg == 0 ? do_buf : q_buf, BLOCK_M * 128);
             wgmma_fence();
 #pragma unroll
             for (int pair = 0; pair < PAIRS; ++pair)
@@ -961,7 +963,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
                 for (int kk = 0; kk < BLOCK_M / 16; ++kk)
                     wgmma_rs<Op, D_TILE>(fresh,
                                          reinterpret_cast<const unsigned(&)[4]>(parts[split_part_a(PARTS, pair)][4 * kk]),
-                                         desc_n_major(rows + split_part_b(PARTS, pair) * Q_ELEMS, kk, BLOCK_M * 128),
+                                         rows_desc.at(split_part_b(PARTS, pair) * Q_ELEMS * sizeof(Op) + n_major_step(kk)),
                                          pair > 0 || kk > 0);
             wgmma_commit();
 
@@ -977,6 +979,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
             // dq^T = k^T dx^T, 64 of the head's columns at a time
             float dqt[CHUNKS][BLOCK_M / 2];
             named_barrier<128>(SYNC_WG1);  // dx^T's parts stored
+            const TileDesc k_desc = n_major_desc(sm.k, BLOCK_N * 128), dx_desc = n_major_desc(sDx, BLOCK_N * 128);
             wgmma_fence();
 #pragma unroll
             for (int c = 0; c < CHUNKS; ++c) {
@@ -986,8 +989,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
                     for (int kk = 0; kk < BLOCK_N / 16; ++kk)
                         wgmma_ss_tt<Op, BLOCK_M>(
                             dqt[c],
-                            desc_n_major(sm.k + split_part_a(PARTS, pair) * KV_ELEMS + c * BLOCK_N * 64, kk, BLOCK_N * 128),
-                            desc_n_major(sDx + split_part_b(PARTS, pair) * DS_ELEMS, kk, BLOCK_N * 128),
+                            k_desc.at((split_part_a(PARTS, pair) * KV_ELEMS + c * BLOCK_N * 64) * sizeof(Op) + n_major_step(kk)),
+                            dx_desc.at(split_part_b(PARTS, pair) * DS_ELEMS * sizeof(Op) + n_major_step(kk)),
                             pair > 0 || kk > 0);
             }
             wgmma_commit();

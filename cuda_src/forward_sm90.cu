@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     } else {
         // ---- consumers
         regs_claim<232>();
-        const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
+        const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
         int kv_step = 0, q_step = 0;
         for (int tile = schedule.consume(); tile >= 0; tile = schedule.consume()) {
             const WorkTile<Var> w(p, tile, query_tiles, BLOCK_M);
@@ -316,11 +316,11 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             const Op* q_rows = sQ + q_slot * PARTS * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
             // o += p v with the V buffer of step `step`, issued (not waited for)
             auto issue_pv = [&](int step) {
-                const Op* v_buf = sV + (step % STAGES) * PARTS * KV_ELEMS;
+                const TileDesc v_desc = n_major_desc(sV + (step % STAGES) * PARTS * KV_ELEMS, BLOCK_N * 128);
 #pragma unroll
                 for (int kk = 0; kk < BLOCK_N / 16; ++kk)
                     wgmma_rs<Op, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
-                                         desc_n_major(v_buf, kk, BLOCK_N * 128), 1);
+                                         v_desc.at(n_major_step(kk)), 1);
                 wgmma_commit();
             };
             auto v_ready = [&](int step) { mbar_wait((V_WARP ? v_clean : v_full) + step % STAGES, (step / STAGES) & 1); };
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 unsigned p_parts[PARTS][NT * 2];
                 split_fragments(s_regs, p_parts);
                 float pv[DT * 4];
-                const Op* v_buf = sV + stage * PARTS * KV_ELEMS;
+                const TileDesc v_desc = n_major_desc(sV + stage * PARTS * KV_ELEMS, BLOCK_N * 128);
                 v_ready(kv_step);
                 wgmma_fence();
 #pragma unroll
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     for (int kk = 0; kk < BLOCK_N / 16; ++kk)
                         wgmma_rs<Op, D_TILE>(
                             pv, reinterpret_cast<const unsigned(&)[4]>(p_parts[split_part_a(PARTS, pair)][4 * kk]),
-                            desc_n_major(v_buf + split_part_b(PARTS, pair) * KV_ELEMS, kk, BLOCK_N * 128),
+                            v_desc.at(split_part_b(PARTS, pair) * KV_ELEMS * sizeof(Op) + n_major_step(kk)),
                             pair > 0 || kk > 0);
                 wgmma_commit();
                 wgmma_wait<0>();

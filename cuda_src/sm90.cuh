@@ -43,6 +43,10 @@ __device__ __forceinline__ bool rows_nonfinite(const T* tile, int rows, int lane
     return __any_sync(0xffffffffu, (borrows & 0x80008000u) != 0);
 }
 
+// This thread's warpgroup, as a value the compiler knows to be the same across the warp (lane 0's): what
+// derives from it, an operand's descriptor among them, can then live in uniform registers.
+__device__ __forceinline__ int warpgroup() { return __shfl_sync(0xffffffffu, threadIdx.x / 128, 0); }
+
 // ---- register reallocation between warpgroups (needs a register cap at entry: __launch_bounds__(n, 1))
 template <int REGS> __device__ __forceinline__ void regs_release() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));
@@ -52,21 +56,30 @@ template <int REGS> __device__ __forceinline__ void regs_claim() {
 }
 
 // ---- wgmma
-// Descriptor of a 128-byte-swizzled operand: start address, leading and stride byte offsets (16-byte units).
-__device__ __forceinline__ unsigned long long wgmma_desc(const void* start, unsigned lead_bytes, unsigned stride_bytes) {
-    return (unsigned long long)((smem_u32(start) & 0x3ffffu) >> 4) | ((unsigned long long)(lead_bytes >> 4) << 16) |
-           ((unsigned long long)(stride_bytes >> 4) << 32) | (1ull << 62);
-}
-// K-major tile (rows of 64 contiguous k in each chunk): 8-row atoms 1024 bytes apart; k16 step kk of the
-// chunk kk / 4 starts 32 bytes further per step inside the atom (the swizzle is applied on the address).
-__device__ __forceinline__ unsigned long long desc_k_major(const void* chunk, int kk) {
-    return wgmma_desc(static_cast<const char*>(chunk) + (kk % 4) * 32, 16, 1024);
-}
+// Descriptor of a 128-byte-swizzled operand tile: start address, leading and stride byte offsets (16-byte
+// units). A k16 step's descriptor is the tile's advanced by a constant (at): the start address field, the
+// low 14 bits, does not carry for addresses in shared memory (< 2^18), so a step costs one add where
+// forming it from its address took about ten instructions.
+struct TileDesc {
+    unsigned lo, hi;
+    __device__ __forceinline__ TileDesc(const void* start, unsigned lead_bytes, unsigned stride_bytes)
+        : lo(((smem_u32(start) & 0x3ffffu) >> 4) | ((lead_bytes >> 4) << 16)), hi((stride_bytes >> 4) | (1u << 30)) {}
+    // the descriptor of the operand `bytes` further on
+    __device__ __forceinline__ unsigned long long at(unsigned bytes) const {
+        return (unsigned long long)hi << 32 | (lo + (bytes >> 4));
+    }
+};
+// K-major tile (rows of 64 contiguous k in each 64-column chunk of `rows` rows): 8-row atoms 1024 bytes apart;
+// k16 step kk lies in chunk kk / 4, 32 bytes further per step inside the atom (the swizzle is applied on the
+// address).
+__device__ __forceinline__ TileDesc k_major_desc(const void* tile) { return TileDesc(tile, 16, 1024); }
+__host__ __device__ constexpr unsigned k_major_step(int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; }
 // N-major tile (k rows of 64 contiguous n per chunk, chunks `chunk_bytes` apart): two 8-row atoms per k16 step.
 // An M-major A operand (k rows of 64 contiguous m) has the same descriptor.
-__device__ __forceinline__ unsigned long long desc_n_major(const void* tile, int kk, unsigned chunk_bytes) {
-    return wgmma_desc(static_cast<const char*>(tile) + kk * 2048, chunk_bytes, 1024);
+__device__ __forceinline__ TileDesc n_major_desc(const void* tile, unsigned chunk_bytes) {
+    return TileDesc(tile, chunk_bytes, 1024);
 }
+__host__ __device__ constexpr unsigned n_major_step(int kk) { return kk * 2048; }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -79,12 +92,13 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 // the sum of the pairs' products.
 template <typename T, int N, int D_TILE, int A_ROWS, int B_ROWS, int PARTS = 1>
 __device__ __forceinline__ void wgmma_nt(float (&acc)[N / 2], const T* a, const T* b, int a_part = 0, int b_part = 0) {
+    const TileDesc da = k_major_desc(a), db = k_major_desc(b);
 #pragma unroll
     for (int pair = 0; pair < split_pairs(PARTS); ++pair)
 #pragma unroll
         for (int kk = 0; kk < D_TILE / 16; ++kk)
-            wgmma_ss<T, N>(acc, desc_k_major(a + split_part_a(PARTS, pair) * a_part + (kk / 4) * A_ROWS * 64, kk),
-                           desc_k_major(b + split_part_b(PARTS, pair) * b_part + (kk / 4) * B_ROWS * 64, kk),
+            wgmma_ss<T, N>(acc, da.at(split_part_a(PARTS, pair) * a_part * sizeof(T) + k_major_step(kk, A_ROWS)),
+                           db.at(split_part_b(PARTS, pair) * b_part * sizeof(T) + k_major_step(kk, B_ROWS)),
                            pair > 0 || kk > 0);
 }
 
