@@ -66,6 +66,17 @@ __device__ __forceinline__ float tanh_approx(float x) {
 }
 __device__ __forceinline__ double tanh_approx(double x) { return tanh(x); }
 
+// d tanh(u) / du of t = tanh(u), as the NumPy backend takes it (_variants.scores): 4 e / (1 + e)^2 with
+// e = exp(-2 |u|), whose rounding stays relative where 1 - t * t cancels (t near ±1, where it keeps only
+// t's rounding), and 0 where t rounds to ±1 (the capped score no longer moves with s). APPROX (16-bit
+// inputs) keeps 1 - t * t: the hardware tanh's own error is the larger there, and the exponential would
+// cost the backward's softcap tiles two more MUFU operations a score.
+template <bool APPROX, typename A> __device__ __forceinline__ A tanh_slope(A u, A t) {
+    if constexpr (APPROX) return A(1) - t * t;
+    const A e = exp(A(-2) * fabs(u));
+    return fabs(t) == A(1) ? A(0) : A(4) * e / ((A(1) + e) * (A(1) + e));
+}
+
 template <int FEATURES, typename MaskT = unsigned char>
 struct Variant {
     static constexpr bool window = FEATURES & WINDOW, softcap = FEATURES & SOFTCAP, alibi = FEATURES & ALIBI,
@@ -187,8 +198,8 @@ struct Variant {
         if (CHECK && !visible(i, j)) return neg_inf<A>();
         A x;
         if constexpr (softcap) {
-            const A t = APPROX ? tanh_approx(s * (scale_log2 * A(LN2) / A(cap))) : tanh(s * (scale_log2 * A(LN2) / A(cap)));
-            dcap = A(1) - t * t;
+            const A u = s * (scale_log2 * A(LN2) / A(cap)), t = APPROX ? tanh_approx(u) : tanh(u);
+            dcap = tanh_slope<APPROX>(u, t);
             x = A(cap) * A(LOG2E) * t;
         } else {
             x = s * scale_log2;
