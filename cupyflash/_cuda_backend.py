@@ -657,33 +657,24 @@ class _Readdressed:
             words[slot:slot + words_of_map.size] = words_of_map
 
 
-#: Counters of the decode kernels' splits by (device, stream): zero between launches, since the last split
-#: of a (sequence, kv head) resets its counter; a launch on one stream never meets another's.
-_SPLIT_COUNTERS = {}
+#: The decode kernels' split workspace by (device, stream): counters, zero between launches (the last split
+#: of a (sequence, kv head) resets its counter), and room for the splits' partial outputs and lses, which
+#: the kernel reads back within its own launch. A stream's calls run in order, so one workspace, grown to
+#: the largest call's need, serves them all, and a call allocates none.
+_SPLIT_WORKSPACES = {}
 
 
-def _split_counters(device_id, count):
-    """The address of `count` zeroed split counters for the current stream of device `device_id`."""
+def _split_workspace(device_id, counters, floats):
+    """(address of room for `floats` float32, address of `counters` zeroed uint32 counters) of the current
+    stream of device `device_id`."""
     key = (device_id, cupy.cuda.get_current_stream().ptr)
-    counters = _SPLIT_COUNTERS.get(key)
-    if counters is None or counters.size < count:
-        counters = _SPLIT_COUNTERS[key] = cupy.zeros(max(count, 1024), np.uint32)
-    return counters.data.ptr
-
-
-#: Room for the decode splits' partial outputs and lses by (device, stream), grown to the largest call's need.
-_SPLIT_PARTIALS = {}
-
-
-def _split_partials(device_id, floats):
-    """The address of room for `floats` float32 of partial outputs and lses on the current stream of device
-    `device_id`: the decode kernel reads them back within its own launch, and the calls of one stream run in
-    order, so that one buffer per stream serves them all (a call allocates none)."""
-    key = (device_id, cupy.cuda.get_current_stream().ptr)
-    room = _SPLIT_PARTIALS.get(key)
+    room, zeros = _SPLIT_WORKSPACES.get(key, (None, None))
     if room is None or room.size < floats:
-        room = _SPLIT_PARTIALS[key] = _empty(floats, np.float32)
-    return room.data.ptr
+        room = _empty(floats, np.float32)
+    if zeros is None or zeros.size < counters:
+        zeros = cupy.zeros(max(counters, 1024), np.uint32)
+    _SPLIT_WORKSPACES[key] = room, zeros
+    return room.data.ptr, zeros.data.ptr
 
 
 #: Each Spec's append structs (by what else a call may change), so that a decoding loop builds them once.
@@ -791,8 +782,8 @@ def decode(plan, q, k_cache, v_cache, spec, lengths):
     splits = (0, 0, 0)
     if plan.splits > 1:
         rows = plan.splits * spec.batch * spec.nheads * spec.seqlen_q
-        part_out = _split_partials(device_id, rows * (spec.headdim + 1))
-        splits = (part_out, part_out + 4 * rows * spec.headdim, _split_counters(device_id, spec.batch * spec.nheads_kv))
+        part_out, counters = _split_workspace(device_id, spec.batch * spec.nheads_kv, rows * (spec.headdim + 1))
+        splits = (part_out, part_out + 4 * rows * spec.headdim, counters)
     table = lengths.block_table
     k_ptr, v_ptr = k_cache.data.ptr, v_cache.data.ptr
     key = (q.strides, k_cache.strides, v_cache.strides, out.strides, *lengths[1:3], lengths.page_size,
