@@ -16,8 +16,9 @@
 //                                    on the tiles the variant classifies as EDGE
 //       o = o * alpha, p_t = s       once the product is done; v_{t-1}'s buffer handed back; dropout
 //                                    applied to p_t packed
-//     and o += p v of the last tile at the end. A tile with nothing pending (the first, or after a skipped
-//     or guarded one) waits for its s alone.
+//     The last tile's o += p v stays pending into the next work tile: issued beside its first s, with its
+//     first softmax under it, and o's rows stored after. A tile with nothing pending (a block's first, or
+//     after a skipped or guarded one) waits for its s alone.
 // float32 takes the same path on its operands' three bfloat16 parts (split.cuh, split.cu): each product is
 // six wgmma products of parts, o's of each key tile summed in a fresh accumulator and added to o on the
 // CUDA cores, which round to nearest (the tensor cores' float32 sums, chained over every tile, drift), and
@@ -293,7 +294,54 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         // ---- consumers
         regs_claim<232>();
         const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
+        const float scale_log2 = float(f.scale) * float(LOG2E);
         int kv_step = 0, q_step = 0;
+
+        float o[1][DT][4];
+        zero(o);
+        float(&o_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
+        unsigned p_regs[NT * 2];  // p of the pending tile (kv_step - 1) in the A layout of wgmma
+        bool pending = false;
+        // A work tile's last product stays pending into the next work tile (CARRY), whose first s = q k^T
+        // issues beside it, and whose first softmax runs under it; the finished rows are stored after that.
+        // A short work tile (causal 1k: 1-8 key tiles) otherwise waits out its last product, its store and
+        // the next tile's first product and softmax alone.
+        constexpr bool CARRY = PARTS == 1 && Q_STAGES > 1;
+        struct Finished {
+            T* rows;
+            int nrows;
+            float inv_l[1][2];
+            bool open = false;  // o holds these rows, not yet stored
+        } done;
+        auto finish = [&]() {
+            store_slab_predicated(done.rows, f.o_st.s, o, done.inv_l, 64 * wg + 16 * warp, done.nrows, f.headdim,
+                                  lane);
+            zero(o);
+            done.open = false;
+        };
+
+        // o += p v with the V buffer of step `step`, issued (not waited for)
+        auto issue_pv = [&](int step) {
+            const TileDesc v_desc = n_major_desc(sV + (step % STAGES) * PARTS * KV_ELEMS, BLOCK_N * 128);
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+                wgmma_rs<Op, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
+                                     v_desc.at(n_major_step(kk)), 1);
+            wgmma_commit();
+        };
+        auto v_ready = [&](int step) { mbar_wait((V_WARP ? v_clean : v_full) + step % STAGES, (step / STAGES) & 1); };
+        // the pending product, alone
+        auto flush = [&](int step) {
+            v_ready(step);
+            fence_regs(o_regs);
+            wgmma_fence();
+            issue_pv(step);
+            wgmma_wait<0>();
+            fence_regs(o_regs);
+            mbar_arrive(v_free + step % STAGES);
+            pending = false;
+        };
+
         for (int tile = schedule.consume(); tile >= 0; tile = schedule.consume()) {
             const WorkTile<Var> w(p, tile, query_tiles, BLOCK_M);
             if (!w.valid) continue;
@@ -302,39 +350,12 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             int t_first, t_last;
             key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
             const int m0 = w.m0, row0 = m0 + 64 * wg + 16 * warp + lane / 4;
-            const float scale_log2 = float(f.scale) * float(LOG2E);
 
-            float o[1][DT][4];
-            zero(o);
-            float(&o_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
             constexpr int SLACK = PARTS == 1 && D_TILE > BLOCK_N ? MAX_SLACK : 0;
             OnlineSoftmax<float, SLACK> stats[1][2];
-            unsigned p_regs[NT * 2];  // p of the pending tile (kv_step - 1) in the A layout of wgmma
-            bool pending = false;
 
             const int q_slot = q_step % Q_STAGES;
             const Op* q_rows = sQ + q_slot * PARTS * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
-            // o += p v with the V buffer of step `step`, issued (not waited for)
-            auto issue_pv = [&](int step) {
-                const TileDesc v_desc = n_major_desc(sV + (step % STAGES) * PARTS * KV_ELEMS, BLOCK_N * 128);
-#pragma unroll
-                for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-                    wgmma_rs<Op, D_TILE>(o_regs, reinterpret_cast<const unsigned(&)[4]>(p_regs[4 * kk]),
-                                         v_desc.at(n_major_step(kk)), 1);
-                wgmma_commit();
-            };
-            auto v_ready = [&](int step) { mbar_wait((V_WARP ? v_clean : v_full) + step % STAGES, (step / STAGES) & 1); };
-            // the pending product, alone
-            auto flush = [&](int step) {
-                v_ready(step);
-                fence_regs(o_regs);
-                wgmma_fence();
-                issue_pv(step);
-                wgmma_wait<0>();
-                fence_regs(o_regs);
-                mbar_arrive(v_free + step % STAGES);
-                pending = false;
-            };
             // A key tile of split operands (PARTS > 1), start to end: s = q k^T of the parts, the softmax, and
             // o += p v of the parts (p split in registers) in a fresh accumulator, added on the CUDA cores.
             auto split_tile = [&](TileKind kind, const Var& var, int stage, int n0) {
@@ -388,6 +409,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 if constexpr (Var::bool_mask) kind = TileKind(kinds[stage]);  // once: the slot is refilled after s
                 if (kind == SKIP) {
                     if (pending) flush(kv_step - 1);
+                    if (done.open) finish();
                     mbar_arrive(k_free + stage);
                     v_ready(kv_step);
                     mbar_arrive(v_free + stage);
@@ -426,6 +448,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                             wgmma_wait<0>();
                             fence_regs(o_regs);
                             mbar_arrive(v_free + (kv_step - 1) % STAGES);
+                            if (done.open) finish();  // o was the previous work tile's
                         }
                         if (SLACK == 0 || alpha[0][0] != 1.f || alpha[0][1] != 1.f) rescale_rows(o, alpha);
                     };
@@ -455,21 +478,29 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
                 ++q_step;
             }
-            if (pending) flush(kv_step - 1);
+            if (done.open || !CARRY) {  // done.open: no key tile of this work tile has run
+                if (pending) flush(kv_step - 1);
+                if (done.open) finish();
+            }
 
-            // The epilogue overlaps the producer's loads for the next work tile.
-            float inv_l[1][2];
+            // lse now; o's rows once its last product is done. Both overlap the producer's loads for the next
+            // work tile.
             float* lse = static_cast<float*>(f.lse) + seq.stat_row0(f, w.h);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const float l = reduce_sum<4>(stats[0][r].l);
-                inv_l[0][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
-                if (Var::dropout) inv_l[0][r] *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
+                float& inv_l = done.inv_l[0][r];
+                inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
+                if (Var::dropout) inv_l *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
                 const int row = row0 + 8 * r;
                 if (tq == 0 && row < seq.seqlen_q) lse[row] = stats[0][r].lse(l);
             }
-            store_slab(seq.query_rows(static_cast<T*>(f.out), f.o_st, w.h, m0), f.o_st.s, o, inv_l,
-                       64 * wg + 16 * warp, seq.seqlen_q - m0, f.headdim, lane);
+            done.rows = seq.query_rows(static_cast<T*>(f.out), f.o_st, w.h, m0);
+            done.nrows = seq.seqlen_q - m0;
+            done.open = true;
+            if (!pending) finish();
         }
+        if (pending) flush(kv_step - 1);
+        if (done.open) finish();
     }
 }
