@@ -302,11 +302,13 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         float(&o_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
         unsigned p_regs[NT * 2];  // p of the pending tile (kv_step - 1) in the A layout of wgmma
         bool pending = false;
-        // A work tile's last product stays pending into the next work tile (CARRY), whose first s = q k^T
-        // issues beside it, and whose first softmax runs under it; the finished rows are stored after that.
-        // A short work tile (causal 1k: 1-8 key tiles) otherwise waits out its last product, its store and
-        // the next tile's first product and softmax alone.
+        // A work tile's last product stays pending into the next work tile (CARRY; output rows of 4-byte
+        // aligned pairs), whose first s = q k^T issues beside it, and whose first softmax runs under it; the
+        // finished rows are stored after that. A short work tile (causal 1k: 1-8 key tiles) otherwise waits
+        // out its last product, its store and the next tile's first product and softmax alone.
         constexpr bool CARRY = PARTS == 1 && Q_STAGES > 1;
+        const bool carry = CARRY && reinterpret_cast<unsigned long long>(f.out) % 4 == 0 && f.o_st.b % 2 == 0 &&
+                           f.o_st.s % 2 == 0 && f.o_st.h % 2 == 0 && f.headdim % 2 == 0;  // from the parameters: uniform
         struct Finished {
             T* rows;
             int nrows;
@@ -314,8 +316,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             bool open = false;  // o holds these rows, not yet stored
         } done;
         auto finish = [&]() {
-            store_slab_predicated(done.rows, f.o_st.s, o, done.inv_l, 64 * wg + 16 * warp, done.nrows, f.headdim,
-                                  lane);
+            if constexpr (CARRY)
+                store_slab_predicated<true>(done.rows, f.o_st.s, o, done.inv_l, 64 * wg + 16 * warp, done.nrows,
+                                            f.headdim, lane);
             zero(o);
             done.open = false;
         };
@@ -478,27 +481,34 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer
                 ++q_step;
             }
-            if (done.open || !CARRY) {  // done.open: no key tile of this work tile has run
+            if (done.open) {  // no key tile of this work tile has run: the previous one's product is pending
                 if (pending) flush(kv_step - 1);
-                if (done.open) finish();
+                finish();
             }
 
             // lse now; o's rows once its last product is done. Both overlap the producer's loads for the next
             // work tile.
             float* lse = static_cast<float*>(f.lse) + seq.stat_row0(f, w.h);
+            float inv_l[1][2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const float l = reduce_sum<4>(stats[0][r].l);
-                float& inv_l = done.inv_l[0][r];
-                inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
-                if (Var::dropout) inv_l *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
+                inv_l[0][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
+                if (Var::dropout) inv_l[0][r] *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
                 const int row = row0 + 8 * r;
                 if (tq == 0 && row < seq.seqlen_q) lse[row] = stats[0][r].lse(l);
             }
-            done.rows = seq.query_rows(static_cast<T*>(f.out), f.o_st, w.h, m0);
-            done.nrows = seq.seqlen_q - m0;
-            done.open = true;
-            if (!pending) finish();
+            T* rows = seq.query_rows(static_cast<T*>(f.out), f.o_st, w.h, m0);
+            if (carry) {
+                done = {rows, seq.seqlen_q - m0, {{inv_l[0][0], inv_l[0][1]}}, true};
+                if (!pending) finish();
+            } else {  // stored here, any alignment
+                if (pending) flush(kv_step - 1);
+                const int out_row0 = 64 * wg + 16 * warp;
+                if constexpr (CARRY) store_slab_predicated<false>(rows, f.o_st.s, o, inv_l, out_row0, seq.seqlen_q - m0, f.headdim, lane);
+                else store_slab(rows, f.o_st.s, o, inv_l, out_row0, seq.seqlen_q - m0, f.headdim, lane);
+                zero(o);
+            }
         }
         if (pending) flush(kv_step - 1);
         if (done.open) finish();

@@ -599,43 +599,35 @@ __device__ __forceinline__ void store_slab(T* dst, i64 stride, const A (&acc)[MT
             }
         }
 }
-// st.global under a predicate: an instruction, never a branch.
-__device__ __forceinline__ void store_if(bool p, void* at, unsigned short bits) {
-    asm volatile("{ .reg .pred q; setp.ne.b32 q, %0, 0; @q st.global.b16 [%1], %2; }" ::"r"(int(p)), "l"(at), "h"(bits)
-                 : "memory");
-}
-__device__ __forceinline__ void store_if(bool p, void* at, unsigned bits) {
-    asm volatile("{ .reg .pred q; setp.ne.b32 q, %0, 0; @q st.global.b32 [%1], %2; }" ::"r"(int(p)), "l"(at), "r"(bits)
-                 : "memory");
-}
-
-// store_slab without a branch: where a loop issues wgmma from uniform registers (the Hopper forward
-// stores a finished work tile inside its key-tile loop), a branch that some lanes take moves the loop's
-// descriptors out of them.
-template <typename T, int MT, int N>
+// store_slab of 16-bit values without a branch: a predicated store per pair of columns (PAIRS: rows
+// 4-byte aligned, ncols even) or per value. Where a loop issues wgmma from uniform registers (the Hopper
+// forward stores a finished work tile inside its key-tile loop), a branch that some lanes take would move
+// the loop's descriptors out of them.
+template <bool PAIRS, typename T, int MT, int N>
 __device__ __forceinline__ void store_slab_predicated(T* dst, i64 stride, const float (&acc)[MT][N][4],
                                                       const float (&scale)[MT][2], int row0, int nrows, int ncols,
                                                       int lane) {
+    static_assert(is_16bit<T>(), "16-bit values");
     const int g = lane / 4, tq = lane % 4;
-    const bool aligned = is_16bit<T>() && reinterpret_cast<unsigned long long>(dst) % 4 == 0 && stride % 2 == 0;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int row = row0 + 16 * mt + g + 8 * r;
+            T* at = dst + (i64)row * stride + 2 * tq;
+            const int room = row < nrows ? ncols - 2 * tq : 0;  // column 8 j + 2 tq + e is stored if 8 j + e < room
 #pragma unroll
             for (int j = 0; j < N; ++j) {
-                const int col = j * 8 + 2 * tq;
-                T* at = dst + (i64)row * stride + col;
                 const float lo = acc[mt][j][2 * r] * scale[mt][r], hi = acc[mt][j][2 * r + 1] * scale[mt][r];
-                const bool first = row < nrows && col < ncols, both = row < nrows && col + 1 < ncols;
-                if constexpr (is_16bit<T>()) {
-                    store_if(both && aligned, at, pack2<T>(lo, hi));
-                    store_if(first && !(both && aligned), at, from_acc<T>(lo).bits);
-                    store_if(both && !aligned, at + 1, from_acc<T>(hi).bits);
+                if constexpr (PAIRS) {
+                    asm volatile("{ .reg .pred q; setp.gt.s32 q, %1, %0; @q st.global.b32 [%2], %3; }"
+                                 ::"r"(8 * j), "r"(room), "l"(at + 8 * j), "r"(pack2<T>(lo, hi)) : "memory");
                 } else {
-                    store_if(first, at, __float_as_uint(lo));
-                    store_if(both, at + 1, __float_as_uint(hi));
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        asm volatile("{ .reg .pred q; setp.gt.s32 q, %1, %0; @q st.global.b16 [%2], %3; }"
+                                     ::"r"(8 * j + e), "r"(room), "l"(at + 8 * j + e), "h"(from_acc<T>(e ? hi : lo).bits)
+                                     : "memory");
                 }
             }
         }
