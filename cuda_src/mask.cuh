@@ -351,7 +351,7 @@ __device__ __forceinline__ A pair_probability(const Var& var, A s, A scale_log2,
 }
 
 // pair_probability on a 16-bit tile without element checks, whose exponent's other terms the caller has
-// summed in `shift` (-lse2, and ALiBi's, KeyRowShifts): one FMA from the product, or from softcap's tanh.
+// summed in `shift` (-lse2 and ALiBi's, AlibiShifts): one FMA from the product, or from softcap's tanh.
 template <typename Var>
 __device__ __forceinline__ float split_pair_probability(const Var& var, float s, float scale_log2, float shift,
                                                         float& dcap) {
@@ -398,26 +398,20 @@ __device__ __forceinline__ A pair_backward(const Var& var, A s, A dp, A scale_lo
     return pair_gradients<CHECK, APPROX>(var, pr, dcap, dp, row_scale, delta, keep, pd, ds, dx);
 }
 
-// The exponent shifts of key_rows_backward's pairs on a 16-bit tile without element checks, where every
-// key lies on one side of every row's diagonal (tile_kind): -lse2, plus ALiBi's -slope |i + offset - j|
-// = sign slope (key0 - i - offset) + sign slope 8 er for keys key0 + 8 er, as a term per query (one FMA
-// from the lane's base) and one of the key row (sign: + where the keys lie at or before the diagonals).
-template <typename Var> struct KeyRowShifts {
+// ALiBi's exponent shifts of key_rows_backward's pairs on a 16-bit tile without element checks, where every
+// key lies on one side of every row's diagonal (tile_kind): -slope |i + offset - j| = sign slope (key0 - i -
+// offset) + sign slope 8 er for keys key0 + 8 er, a term per query (one FMA from the lane's base) plus one
+// per key row (sign: + where the keys lie at or before the diagonals), instead of |i + offset - j| per pair.
+template <typename Var> struct AlibiShifts {
     float query_step, base, key_step;
-    __device__ __forceinline__ KeyRowShifts(const Var& var, int m0, int key0, int tq) {
-        if constexpr (Var::alibi) {
-            const float sign = key0 <= m0 + var.offset ? 1.f : -1.f, slope = sign * var.slope * float(LOG2E);
-            query_step = -slope;
-            base = slope * float(key0 - m0 - var.offset - 2 * tq);
-            key_step = 8.f * slope;
-        }
+    __device__ __forceinline__ AlibiShifts(const Var& var, int m0, int key0, int tq) {
+        const float sign = key0 <= m0 + var.offset ? 1.f : -1.f, slope = sign * var.slope * float(LOG2E);
+        query_step = -slope;
+        base = slope * float(key0 - m0 - var.offset - 2 * tq);
+        key_step = 8.f * slope;
     }
-    // query column m0 + 8 j + 2 tq + ec (c = 8 j + ec), key row key0 + 8 er
-    __device__ __forceinline__ float shift(float lse2, int c, int er) const {
-        if constexpr (!Var::alibi) return -lse2;
-        const float query = fma(float(c), query_step, base) - lse2;
-        return er == 0 ? query : query + key_step;
-    }
+    // -lse2 and the term of query column m0 + 8 j + 2 tq + ec (c = 8 j + ec), for key row key0
+    __device__ __forceinline__ float query_shift(float lse2, int c) const { return fma(float(c), query_step, base) - lse2; }
 };
 
 // Dropout in the key-row layout, drawn once per warpgroup: its four warps hold the keys 64k ... 64k + 63 of
@@ -449,8 +443,8 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4]
                                                   int warp, int lane, A scale_log2, const A* lse2, const A* delta,
                                                   const A* row_scale, const unsigned* group_words = nullptr) {
     const int g = lane / 4, tq = lane % 4;
-    constexpr bool SPLIT = APPROX && !CHECK && !Var::bias;
-    const KeyRowShifts<Var> shifts(var, m0, key0, tq);
+    constexpr bool SPLIT_ALIBI = APPROX && !CHECK && Var::alibi && !Var::bias;
+    const AlibiShifts<Var> alibi(var, m0, key0, tq);
     // Dropout: the Philox call of query column (j, ec) covers keys key0 and key0 + 8 of this lane and of
     // its neighbour lane ^ 4 (key0 ^ 1), in bytes 2 er + key0 % 2 of its word (key0 % 64) / 16.
     const int word_index = (key0 & 63) >> 4;
@@ -474,21 +468,22 @@ __device__ __forceinline__ void key_rows_backward(const Var& var, A (&st)[MT][4]
 #pragma unroll
         for (int ec = 0; ec < 2; ++ec) {
             const int im = j * 8 + 2 * tq + ec;
-            const A lse2_im = lse2[im];
-            const float query_shift = SPLIT ? shifts.shift(lse2_im, j * 8 + ec, 0) : 0.f;
+            const float query_shift = SPLIT_ALIBI ? alibi.query_shift(lse2[im], j * 8 + ec) : 0.f;
 #pragma unroll
             for (int er = 0; er < 2; ++er) {
                 const int e = 2 * er + ec, key = key0 + 8 * er;
                 const bool kept = Var::dropout && dropout_byte(words[ec], er, g & 1) >= var.threshold;
-                A pr, dcap, pd, ds, dx;
-                if constexpr (SPLIT) {
-                    const float shift = Var::alibi && er == 1 ? query_shift + shifts.key_step : query_shift;
-                    pr = split_pair_probability(var, st[j][e], scale_log2, shift, dcap);
+                A pd, ds, dx;
+                if constexpr (SPLIT_ALIBI) {
+                    A dcap;
+                    const A pr = split_pair_probability(var, st[j][e], scale_log2,
+                                                        er == 0 ? query_shift : query_shift + alibi.key_step, dcap);
+                    pair_gradients<CHECK, APPROX>(var, pr, dcap, dpt[j][e], A(1), delta[im], kept, pd, ds, dx);
                 } else {
-                    pr = pair_probability<CHECK, APPROX>(var, st[j][e], scale_log2, lse2_im, m0 + im, key, dcap);
+                    pair_backward<CHECK, APPROX>(var, st[j][e], dpt[j][e], scale_log2, lse2[im],
+                                                 APPROX || !row_scale ? A(1) : row_scale[im],
+                                                 delta[im], m0 + im, key, kept, pd, ds, dx);
                 }
-                pair_gradients<CHECK, APPROX>(var, pr, dcap, dpt[j][e], APPROX || !row_scale ? A(1) : row_scale[im],
-                                              delta[im], kept, pd, ds, dx);
                 st[j][e] = pd;
                 dpt[j][e] = dx;
             }
