@@ -18,7 +18,8 @@
 //                                    applied to p_t packed
 //     The last tile's o += p v stays pending into the next work tile: issued beside its first s, with its
 //     first softmax under it, and o's rows stored after. A tile with nothing pending (a block's first, or
-//     after a skipped or guarded one) waits for its s alone.
+//     after a skipped or guarded one) waits for its s alone. A pending product whose V tile the V warp found
+//     NaN or inf in (a tile that hides keys) is taken guarded instead, on the CUDA cores.
 // float32 takes the same path on its operands' three bfloat16 parts (split.cuh, split.cu): each product is
 // six wgmma products of parts, o's of each key tile summed in a fresh accumulator and added to o on the
 // CUDA cores, which round to nearest (the tensor cores' float32 sums, chained over every tile, drift), and
@@ -333,9 +334,25 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             wgmma_commit();
         };
         auto v_ready = [&](int step) { mbar_wait((V_WARP ? v_clean : v_full) + step % STAGES, (step / STAGES) & 1); };
+        // Whether the V tile of step `step` (ready) holds NaN or inf that some rows must not see: the V warp
+        // scans a tile that hides keys from some rows once it has arrived, and the consumers look when they
+        // come to its product, a tile later, rather than wait for the scan after the tile's softmax.
+        auto dirty = [&](int step) { return V_WARP && Var::hides_keys && v_scan[step % STAGES] != 0; };
+        // the pending product on a dirty tile: each NaN or inf reaches only the rows whose probability of its
+        // key is not a masked zero (-0.0, kept through packing and dropout)
+        auto guarded = [&](int step) {
+            gemm_rn_guarded<Op, BLOCK_N, D_TILE>(o[0], p_regs, SwizzledTile<Op, BLOCK_N>{sV + (step % STAGES) * PARTS * KV_ELEMS},
+                                                 lane);
+            mbar_arrive(v_free + step % STAGES);
+            pending = false;
+        };
         // the pending product, alone
         auto flush = [&](int step) {
             v_ready(step);
+            if (dirty(step)) {
+                guarded(step);
+                return;
+            }
             fence_regs(o_regs);
             wgmma_fence();
             issue_pv(step);
@@ -422,7 +439,13 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     split_tile(kind, var, stage, n0);
                     continue;
                 }
-                if (pending) v_ready(kv_step - 1);
+                if (pending) {
+                    v_ready(kv_step - 1);
+                    if (dirty(kv_step - 1)) {
+                        guarded(kv_step - 1);
+                        if (done.open) finish();
+                    }
+                }
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
                 TileWords<1, NT> words;  // dropout's, drawn under the products
@@ -458,24 +481,10 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     if (pending) body(Bool<true>());
                     else body(Bool<false>());
                 });
-                // A tile that hides keys waits for the V warp's scan (no product is in flight here)
-                bool guarded = false;
-                if (Var::hides_keys && kind != INTERIOR) {
-                    v_ready(kv_step);
-                    guarded = v_scan[stage] != 0;
-                }
-                if (guarded) {
-                    // V holds NaN or inf that some rows must not see: their product now, guarded
-                    if constexpr (Var::dropout) drop_scores(var, s, row0, n0, tq, words);
-                    gemm_rn_guarded<Op, BLOCK_N, D_TILE>(o, s, SwizzledTile<Op, BLOCK_N>{sV + stage * PARTS * KV_ELEMS}, lane);
-                    mbar_arrive(v_free + stage);
-                    pending = false;
-                } else {
 #pragma unroll
-                    for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<Op>(s_regs[2 * i], s_regs[2 * i + 1]);
-                    if constexpr (Var::dropout && PARTS == 1) drop_packed(var, p_regs, words);
-                    pending = true;
-                }
+                for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<Op>(s_regs[2 * i], s_regs[2 * i + 1]);
+                if constexpr (Var::dropout && PARTS == 1) drop_packed(var, p_regs, words);
+                pending = true;
             }
             if (t_last > t_first) {
                 mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer

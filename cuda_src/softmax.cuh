@@ -72,7 +72,8 @@ struct WordsOnDemand {
     }
 };
 
-// Dropout on a tile's probabilities (softmax_scores' fragments): the dropped ones become zero.
+// Dropout on a tile's probabilities (softmax_scores' fragments): the dropped ones become zero, a masked
+// zero (-0.0) staying one for the guarded products.
 template <int MT, int NT, typename Var, typename Words, typename A>
 __device__ __forceinline__ void drop_scores(const Var& var, A (&s)[MT][NT][4], int row0, int n0, int tq,
                                             const Words& words) {
@@ -90,20 +91,21 @@ __device__ __forceinline__ void drop_scores(const Var& var, A (&s)[MT][NT][4], i
                     for (int ec = 0; ec < 2; ++ec) {
                         // tiles start at multiples of 64 columns unless they are narrower
                         const bool kept = NT % 8 == 0 ? var.keep_at(w, j % 8, ec) : var.keep(w, n0 + 8 * j + 2 * tq + ec);
-                        if (!kept) s[mt][j][2 * r + ec] = A(0);
+                        if (!kept) s[mt][j][2 * r + ec] *= A(0);
                     }
             }
 }
 
 // Dropout on one slab's probabilities packed in pairs as wgmma's A operand (p[2 j + r]: row r, columns
-// 8 j + 2 tq + {0, 1}), four pairs a byte compare: for tiles that start at multiples of 64 columns.
+// 8 j + 2 tq + {0, 1}), four pairs a byte compare: for tiles that start at multiples of 64 columns. A
+// dropped probability keeps its sign bit: a masked zero (-0.0) stays one for the guarded product.
 template <int NT, typename Var>
 __device__ __forceinline__ void drop_packed(const Var& var, unsigned (&p)[2 * NT], const TileWords<1, NT>& words) {
     static_assert(NT % 8 == 0, "64-column groups");
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) p[2 * j + r] &= var.keep_halves(words.w[0][r][j / 8][(j % 8) / 2], j % 8);
+        for (int r = 0; r < 2; ++r) p[2 * j + r] &= var.keep_halves(words.w[0][r][j / 8][(j % 8) / 2], j % 8) | 0x80008000u;
 }
 
 // One key tile of the tensor-core forward kernels, on mma / wgmma accumulator fragments: MT slabs of

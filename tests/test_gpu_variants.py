@@ -214,12 +214,16 @@ def test_masked_values_never_reach_a_row(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("window", [None, (40, 0)])
-def test_one_nonfinite_value_reaches_only_the_rows_that_see_it(dtype, value, window):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
+def test_one_nonfinite_value_reaches_only_the_rows_that_see_it(dtype, value, window, dropout_p):
     """A single NaN or inf in v, in either 16-bit half of a 32-bit word (even and odd columns) and in the
-    diagonal tiles of several query tiles: only the rows that see its key lose their finite value there."""
+    diagonal tiles of several query tiles: only the rows that see its key lose their finite value there,
+    whether dropout drops the pair or not (a dropped pair still multiplies its value by zero)."""
     sq = 300
     q, k, v = (RNG.standard_normal((1, sq, 2, 64)).astype(dtype) for _ in range(3))
     kw = dict(causal=True) if window is None else dict(window_size=window)
+    if dropout_p:
+        kw.update(dropout_p=dropout_p, dropout_seed=3)
     clean = cupyflash.attention(*(to_device(x) for x in (q, k, v)), **kw).get().astype(np.float64)
     for key, col in [(131, 0), (250, 37), (299, 63), (5, 8)]:
         bad_v = v.copy()
