@@ -72,8 +72,8 @@ struct WordsOnDemand {
     }
 };
 
-// Dropout on a tile's probabilities (softmax_scores' fragments): the dropped ones become zero, a masked
-// zero (-0.0) staying one for the guarded products.
+// Dropout on a tile's probabilities (softmax_scores' fragments): the dropped ones are multiplied by zero, so
+// that a masked zero (-0.0) stays one for the guarded products.
 template <int MT, int NT, typename Var, typename Words, typename A>
 __device__ __forceinline__ void drop_scores(const Var& var, A (&s)[MT][NT][4], int row0, int n0, int tq,
                                             const Words& words) {
