@@ -1,0 +1,34 @@
+"""The developer tools that run without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(CHECKOUT, ".git")), reason="needs the git checkout")
+def test_ab_times_the_working_tree_against_a_revision():
+    """tools/ab.py on the NumPy backend against HEAD: a row per cell, and where the working tree's package
+    is HEAD's (as in CI), outputs bitwise the same."""
+    run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", "HEAD", "--cpu",
+                          "--rounds", "2", "--calls", "1", "--tokens", "128", "--hidden", "32",
+                          "fwd:16:64:causal", "bwd:16:64:window=8,0:softcap=20"],
+                         capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
+    assert [row.split(" | ")[0] for row in rows] == ["| fwd:16:64:causal", "| bwd:16:64:window=8,0:softcap=20"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) > 0
+        assert cells[5] in ("yes", "no") and float(cells[6]) >= 0
+    unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "cupyflash"], cwd=CHECKOUT).returncode == 0
+    if unchanged:
+        assert all(row.split(" | ")[5] == "yes" for row in rows)
+
+
+def test_ab_rejects_an_unknown_cell():
+    run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", "HEAD", "--cpu",
+                          "mid:64:1k"], capture_output=True, text=True, timeout=60, cwd=CHECKOUT)
+    assert run.returncode != 0 and "mode must be fwd or bwd, got 'mid'" in run.stderr

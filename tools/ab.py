@@ -1,0 +1,158 @@
+"""A/B of two trees in one process: the working tree against a git revision, cell by cell.
+
+    python tools/ab.py --against HEAD~1 bwd:64:1k:causal fwd:128:4k fwd:128:4k:softcap=50
+
+The revision's ``cupyflash`` and ``cuda_src`` are extracted into a temporary package beside the working
+tree's, so both run in one process on the same inputs: batches of calls of each tree alternate (the first
+tree to run switches every round), each batch timed as a whole (CUDA events on a GPU, the host clock for the
+NumPy backend), and each cell reports the median time per call of each tree, the median of the per-round
+ratios new / old with its quartiles, and whether the outputs are bitwise the same. Between processes the same
+tree's medians move by up to 10% on a shared machine; between interleaved batches by 1-2%.
+
+A cell is MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...], MODE fwd or bwd, SEQLEN with an optional k (x1024);
+KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P). Shapes follow the FA2 protocol:
+batch = TOKENS / seqlen, heads = HIDDEN / headdim.
+"""
+import argparse
+import importlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_revision(rev, into):
+    """The revision's cupyflash as package ``cupyflash_ab`` (its cuda_src inside it)."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", rev, "cupyflash", "cuda_src"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
+    os.rename(os.path.join(into, "cupyflash"), os.path.join(into, "cupyflash_ab"))
+    os.rename(os.path.join(into, "cuda_src"), os.path.join(into, "cupyflash_ab", "cuda_src"))
+    sys.path.insert(0, into)
+    return importlib.import_module("cupyflash_ab")
+
+
+def parse_cell(text):
+    mode, headdim, seqlen, *rest = text.split(":")
+    if mode not in ("fwd", "bwd"):
+        raise SystemExit(f"cell {text!r}: mode must be fwd or bwd, got {mode!r}")
+    seqlen = int(seqlen[:-1]) * 1024 if seqlen.endswith("k") else int(seqlen)
+    keywords = {"causal": False}
+    for item in rest:
+        if item == "causal":
+            keywords["causal"] = True
+            continue
+        key, _, value = item.partition("=")
+        if key == "window":
+            keywords["window_size"] = tuple(int(x) for x in value.split(","))
+        elif key == "softcap":
+            keywords["softcap"] = float(value)
+        elif key == "dropout":
+            keywords["dropout_p"], keywords["dropout_seed"] = float(value), 7
+        else:
+            raise SystemExit(f"cell {text!r}: unknown keyword {key!r} (window, softcap, dropout)")
+    return mode, int(headdim), seqlen, keywords
+
+
+class Clock:
+    """Seconds of a batch of calls: CUDA events on a GPU, the host clock otherwise."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def time(self, fn, calls):
+        if self.xp is np:
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            return time.perf_counter() - start
+        start, stop = self.xp.cuda.Event(), self.xp.cuda.Event()
+        start.record()
+        for _ in range(calls):
+            fn()
+        stop.record()
+        stop.synchronize()
+        return self.xp.cuda.get_elapsed_time(start, stop) / 1e3
+
+
+def run_cell(cell, trees, xp, dtype, tokens, hidden, rounds, calls):
+    mode, headdim, seqlen, keywords = cell
+    batch, heads = max(1, tokens // seqlen), max(1, hidden // headdim)
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (xp.asarray(rng.standard_normal((batch, seqlen, heads, headdim)).astype(dtype)) for _ in range(4))
+    new = trees["new"]
+    out, lse = new.attention(q, k, v, return_lse=True, **keywords)
+    if mode == "fwd":
+        fns = {name: (lambda m=m: m.attention(q, k, v, return_lse=True, **keywords)) for name, m in trees.items()}
+    else:
+        fns = {name: (lambda m=m: m.attention_backward(dout, q, k, v, out, lse, **keywords))
+               for name, m in trees.items()}
+    results = {name: fn() for name, fn in fns.items()}  # and the compilations out of the timing
+    pairs = list(zip(results["old"], results["new"]))
+    bitwise = all(bool(xp.array_equal(a, b)) for a, b in pairs)
+    # largest difference of an output relative to its largest value (a backward's dq, summed by atomics on
+    # a GPU, differs in its last bits from run to run)
+    difference = max(float(xp.abs(a.astype(np.float64) - b.astype(np.float64)).max()) /
+                     max(float(xp.abs(a.astype(np.float64)).max()), 1e-300) for a, b in pairs)
+    clock, times = Clock(xp), {"old": [], "new": []}
+    for round_ in range(rounds):
+        for name in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
+            times[name].append(clock.time(fns[name], calls) / calls)
+    ratios = sorted(n / o for n, o in zip(times["new"], times["old"]))
+    quartile = len(ratios) // 4
+    return (statistics.median(times["old"]) * 1e3, statistics.median(times["new"]) * 1e3,
+            statistics.median(ratios), ratios[quartile], ratios[-1 - quartile], bitwise, difference)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("cells", nargs="+", help="MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...]")
+    p.add_argument("--against", required=True, help="the git revision timed as 'old'")
+    p.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on the NumPy backend by default")
+    p.add_argument("--cpu", action="store_true", help="the NumPy backend, even where a GPU is")
+    p.add_argument("--tokens", type=int, default=None, help="batch x seqlen (16384 on a GPU, 256 on the CPU)")
+    p.add_argument("--hidden", type=int, default=None, help="heads x headdim (2048 on a GPU, 64 on the CPU)")
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--calls", type=int, default=5, help="calls per timed batch")
+    args = p.parse_args(argv)
+    cells = [parse_cell(c) for c in args.cells]
+
+    xp = np
+    if not args.cpu:
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                xp = cupy
+        except Exception:  # no CuPy, no driver or no device: the NumPy backend
+            pass
+    gpu = xp is not np
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    if dtype == "bfloat16":
+        import ml_dtypes
+        dtype = ml_dtypes.bfloat16
+    tokens = args.tokens or (16384 if gpu else 256)
+    hidden = args.hidden or (2048 if gpu else 64)
+
+    sys.path.insert(0, REPO)
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"old": load_revision(args.against, tmp), "new": importlib.import_module("cupyflash")}
+        print(f"{'GPU' if gpu else 'NumPy backend'}, {np.dtype(dtype).name}, {tokens} tokens, hidden {hidden}; "
+              f"old: {args.against}, new: the working tree; {args.rounds} rounds of {args.calls} calls")
+        print("| cell | old ms | new ms | new / old | quartiles | outputs bitwise | largest difference |")
+        print("|---|---|---|---|---|---|---|")
+        for text, cell in zip(args.cells, cells):
+            old_ms, new_ms, ratio, low, high, bitwise, difference = run_cell(cell, trees, xp, dtype, tokens, hidden, args.rounds,
+                                                                 args.calls)
+            print(f"| {text} | {old_ms:.3f} | {new_ms:.3f} | {ratio:.3f} | {low:.3f}-{high:.3f} | "
+                  f"{'yes' if bitwise else 'no'} | {difference:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
