@@ -25,6 +25,8 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from cupyflash import bench  # noqa: E402  (the working tree's)
 
 
 def load_revision(rev, into):
@@ -84,8 +86,7 @@ class Clock:
 def run_cell(cell, trees, xp, dtype, tokens, hidden, rounds, calls):
     mode, headdim, seqlen, keywords = cell
     batch, heads = max(1, tokens // seqlen), max(1, hidden // headdim)
-    rng = np.random.default_rng(0)
-    q, k, v, dout = (xp.asarray(rng.standard_normal((batch, seqlen, heads, headdim)).astype(dtype)) for _ in range(4))
+    q, k, v, dout = (bench.random_array((batch, seqlen, heads, headdim), dtype, xp, seed) for seed in range(4))
     new = trees["new"]
     out, lse = new.attention(q, k, v, return_lse=True, **keywords)
     if mode == "fwd":
@@ -111,11 +112,12 @@ def run_cell(cell, trees, xp, dtype, tokens, hidden, rounds, calls):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cells", nargs="+", help="MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...]")
     p.add_argument("--against", required=True, help="the git revision timed as 'old'")
-    p.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on the NumPy backend by default")
+    p.add_argument("--dtype", default=None, choices=sorted(bench.DTYPES),
+                   help="bfloat16 on a GPU, float32 on the NumPy backend by default")
     p.add_argument("--cpu", action="store_true", help="the NumPy backend, even where a GPU is")
     p.add_argument("--tokens", type=int, default=None, help="batch x seqlen (16384 on a GPU, 256 on the CPU)")
     p.add_argument("--hidden", type=int, default=None, help="heads x headdim (2048 on a GPU, 64 on the CPU)")
@@ -124,23 +126,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     cells = [parse_cell(c) for c in args.cells]
 
-    xp = np
-    if not args.cpu:
-        try:
-            import cupy
-            if cupy.cuda.runtime.getDeviceCount() > 0:
-                xp = cupy
-        except Exception:  # no CuPy, no driver or no device: the NumPy backend
-            pass
-    gpu = xp is not np
-    dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    if dtype == "bfloat16":
-        import ml_dtypes
-        dtype = ml_dtypes.bfloat16
+    gpu = not args.cpu and bench.gpu_unavailable_reason() is None
+    if gpu:
+        import cupy as xp
+    else:
+        xp = np
+    dtype = bench.DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
     tokens = args.tokens or (16384 if gpu else 256)
     hidden = args.hidden or (2048 if gpu else 64)
 
-    sys.path.insert(0, REPO)
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"old": load_revision(args.against, tmp), "new": importlib.import_module("cupyflash")}
         print(f"{'GPU' if gpu else 'NumPy backend'}, {np.dtype(dtype).name}, {tokens} tokens, hidden {hidden}; "
@@ -148,8 +142,8 @@ def main(argv=None):
         print("| cell | old ms | new ms | new / old | quartiles | outputs bitwise | largest difference |")
         print("|---|---|---|---|---|---|---|")
         for text, cell in zip(args.cells, cells):
-            old_ms, new_ms, ratio, low, high, bitwise, difference = run_cell(cell, trees, xp, dtype, tokens, hidden, args.rounds,
-                                                                 args.calls)
+            old_ms, new_ms, ratio, low, high, bitwise, difference = run_cell(cell, trees, xp, dtype, tokens, hidden,
+                                                                             args.rounds, args.calls)
             print(f"| {text} | {old_ms:.3f} | {new_ms:.3f} | {ratio:.3f} | {low:.3f}-{high:.3f} | "
                   f"{'yes' if bitwise else 'no'} | {difference:.1e} |", flush=True)
 
