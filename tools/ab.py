@@ -1,6 +1,7 @@
 """A/B of two trees in one process: the working tree against a git revision, cell by cell.
 
     python tools/ab.py --against HEAD~1 bwd:64:1k:causal fwd:128:4k fwd:128:4k:softcap=50
+    python tools/ab.py --against ../old-tree bwd:64:1k:causal   # a directory: where git is not
 
 The revision's ``cupyflash`` and ``cuda_src`` are extracted into a temporary package beside the working
 tree's, so both run in one process on the same inputs: batches of calls of each tree alternate (the first
@@ -16,6 +17,7 @@ batch = TOKENS / seqlen, heads = HIDDEN / headdim.
 import argparse
 import importlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,10 +32,15 @@ from cupyflash import bench  # noqa: E402  (the working tree's)
 
 
 def load_revision(rev, into):
-    """The revision's cupyflash as package ``cupyflash_ab`` (its cuda_src inside it)."""
-    archive = subprocess.run(["git", "-C", REPO, "archive", rev, "cupyflash", "cuda_src"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
+    """The revision's cupyflash as package ``cupyflash_ab`` (its cuda_src inside it); `rev` may also be a
+    directory holding a tree's cupyflash and cuda_src (a copy without git, as on a device machine)."""
+    if os.path.isdir(rev):
+        for name in ("cupyflash", "cuda_src"):
+            shutil.copytree(os.path.join(rev, name), os.path.join(into, name))
+    else:
+        archive = subprocess.run(["git", "-C", REPO, "archive", rev, "cupyflash", "cuda_src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
     os.rename(os.path.join(into, "cupyflash"), os.path.join(into, "cupyflash_ab"))
     os.rename(os.path.join(into, "cuda_src"), os.path.join(into, "cupyflash_ab", "cuda_src"))
     sys.path.insert(0, into)
@@ -115,7 +122,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cells", nargs="+", help="MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...]")
-    p.add_argument("--against", required=True, help="the git revision timed as 'old'")
+    p.add_argument("--against", required=True,
+                   help="the git revision timed as 'old', or a directory holding its cupyflash and cuda_src")
     p.add_argument("--dtype", default=None, choices=sorted(bench.DTYPES),
                    help="bfloat16 on a GPU, float32 on the NumPy backend by default")
     p.add_argument("--cpu", action="store_true", help="the NumPy backend, even where a GPU is")
