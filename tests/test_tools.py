@@ -42,3 +42,14 @@ def test_ab_rejects_an_unknown_cell():
     run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", "HEAD", "--cpu",
                           "mid:64:1k"], capture_output=True, text=True, timeout=60, cwd=CHECKOUT)
     assert run.returncode != 0 and "mode must be fwd or bwd, got 'mid'" in run.stderr
+
+
+def test_gpu_validation_rejects_an_unknown_stage_or_part():
+    """tools/gpu_validate.sh's stages and tools/sanitize_cases.py's parts are checked before any work."""
+    run = subprocess.run(["bash", os.path.join(CHECKOUT, "tools", "gpu_validate.sh"), "suite", "sanitise"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "unknown stage 'sanitise' (suite, sm80, simt, sanitize)" in run.stderr
+    run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "sanitize_cases.py"), "packed", "dense"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "unknown part 'dense'; the parts are dense16, dense32, packed, decode, wide, families" in run.stderr

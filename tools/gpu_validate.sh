@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU validation, in one command from the repository root on a machine with a GPU:
-# the GPU test suite (its kernels compiled first, in parallel), then compute-sanitizer (memcheck,
-# racecheck, synccheck, initcheck, side by side) over tools/sanitize_cases.py. Prints a summary
-# table last; exits non-zero if anything failed.
-# Logs go to $LOG_DIR (default: a temporary directory).
+# The GPU validation, from the repository root on a machine with a GPU, in stages that each fit a device
+# call (STAGES: any of suite, sm80, simt, sanitize; all by default):
+#   suite     the GPU test suite (its kernels compiled first, in parallel)
+#   sm80      the kernel suites again on the mma.sync family (on Hopper the 16-bit kernels take sm_90a)
+#   simt      the float32 and float64 kernel suites again on the CUDA-core kernels
+#   sanitize  compute-sanitizer (memcheck, racecheck, synccheck, initcheck, side by side) over
+#             tools/sanitize_cases.py's parts ($SANITIZE_PARTS, default every part)
+# Prints a summary table last; exits non-zero if anything failed. Logs go to $LOG_DIR (default: a temporary
+# directory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -11,56 +15,70 @@ log_dir=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$log_dir"
 python=${PYTHON:-python3}
 
-# Compile what the suite runs in parallel first (CuPy's disk cache), so the suite's workers find it.
-"$python" tools/precompile.py --dtypes float16 bfloat16 float32 float64 --headdims 16 32 64 96 128 160 192 224 256 \
-    --features 0 1 >"$log_dir/precompile.log" 2>&1
-
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(suite sm80 simt sanitize)
+for stage in "${stages[@]}"; do
+    case $stage in
+    suite | sm80 | simt | sanitize) ;;
+    *) echo "gpu_validate.sh: unknown stage '$stage' (suite, sm80, simt, sanitize)" >&2; exit 2 ;;
+    esac
+done
 parallel=()
 if "$python" -c "import xdist" 2>/dev/null; then parallel=(-n "${JOBS:-8}"); fi
-"$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests >"$log_dir/gpu_suite.log" 2>&1
-suite_rc=$?
-suite=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite.log" | tail -n 1)
-tail -n 40 "$log_dir/gpu_suite.log"
-# On Hopper the 16-bit forward takes the sm_90a family; the kernel suites run again on the mma.sync family.
-CUPYFLASH_KERNELS=sm80 "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py tests/test_gpu_varlen.py \
-    tests/test_gpu_variants.py >"$log_dir/gpu_suite_sm80.log" 2>&1
-sm80_rc=$?
-suite_sm80=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite_sm80.log" | tail -n 1)
-tail -n 20 "$log_dir/gpu_suite_sm80.log"
-# float32 and float64 take tensor cores; the kernel suites run again on the CUDA-core kernels.
-CUPYFLASH_KERNELS=simt "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py tests/test_gpu_varlen.py \
-    tests/test_gpu_variants.py tests/test_fidelity.py -k "float32 or float64 or fully_masked or cuda_kernels" \
-    >"$log_dir/gpu_suite_simt.log" 2>&1
-simt_rc=$?
-suite_simt=$(grep -E "(passed|failed|error)" "$log_dir/gpu_suite_simt.log" | tail -n 1)
-tail -n 20 "$log_dir/gpu_suite_simt.log"
+kernel_suites=(tests/test_gpu.py tests/test_gpu_varlen.py tests/test_gpu_variants.py)
+status=0
+rows=()
 
-declare -A errors
-status=$(( suite_rc || sm80_rc || simt_rc ))
-"$python" tools/sanitize_cases.py >/dev/null  # compile outside the sanitizer
-tools=(memcheck racecheck synccheck initcheck)
-declare -A pids
-for tool in "${tools[@]}"; do  # one process each, side by side on the GPU
-    compute-sanitizer --tool "$tool" --error-exitcode 1 "$python" tools/sanitize_cases.py \
-        >"$log_dir/sanitizer_$tool.log" 2>&1 &
-    pids[$tool]=$!
-done
-for tool in "${tools[@]}"; do
-    wait "${pids[$tool]}"
-    rc=$?
-    # memcheck, synccheck, initcheck: "ERROR SUMMARY: N errors"; racecheck: "(N errors, M warnings)"
-    errors[$tool]=$(grep -Eo "(ERROR SUMMARY: [0-9]+ error|\([0-9]+ error)" "$log_dir/sanitizer_$tool.log" \
-        | grep -Eo "[0-9]+" | tail -n 1)
-    [ -n "${errors[$tool]}" ] || errors[$tool]="did not run (rc $rc)"
+# A pytest run as one row of the summary: its name, its log's name, then pytest's arguments.
+suite() {
+    local name=$1 log=$2
+    shift 2
+    "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" "$@" >"$log_dir/$log" 2>&1
+    local rc=$?
+    tail -n 20 "$log_dir/$log"
+    local summary
+    summary=$(grep -E "(passed|failed|error)" "$log_dir/$log" | tail -n 1)
+    rows+=("| $name | ${summary:-no summary (rc $rc)} |")
     [ "$rc" -eq 0 ] || status=1
+}
+
+for stage in "${stages[@]}"; do
+    case $stage in
+    suite)
+        # Compile what the suite runs in parallel first (CuPy's disk cache), so the suite's workers find it.
+        "$python" tools/precompile.py --dtypes float16 bfloat16 float32 float64 \
+            --headdims 16 32 64 96 128 160 192 224 256 --features 0 1 >"$log_dir/precompile.log" 2>&1
+        suite "GPU suite" gpu_suite.log tests ;;
+    sm80) CUPYFLASH_KERNELS=sm80 suite "GPU kernel suites, CUPYFLASH_KERNELS=sm80" gpu_suite_sm80.log \
+        "${kernel_suites[@]}" ;;
+    simt) CUPYFLASH_KERNELS=simt suite "float32/float64 kernel suites, CUPYFLASH_KERNELS=simt" gpu_suite_simt.log \
+        "${kernel_suites[@]}" tests/test_fidelity.py -k "float32 or float64 or fully_masked or cuda_kernels" ;;
+    sanitize)
+        read -r -a parts <<<"${SANITIZE_PARTS:-}"
+        "$python" tools/sanitize_cases.py "${parts[@]}" >/dev/null  # compile outside the sanitizer
+        tools=(memcheck racecheck synccheck initcheck)
+        declare -A pids
+        for tool in "${tools[@]}"; do  # one process each, side by side on the GPU
+            compute-sanitizer --tool "$tool" --error-exitcode 1 "$python" tools/sanitize_cases.py "${parts[@]}" \
+                >"$log_dir/sanitizer_$tool.log" 2>&1 &
+            pids[$tool]=$!
+        done
+        for tool in "${tools[@]}"; do
+            wait "${pids[$tool]}"
+            rc=$?
+            # memcheck, synccheck, initcheck: "ERROR SUMMARY: N errors"; racecheck: "(N errors, M warnings)"
+            errors=$(grep -Eo "(ERROR SUMMARY: [0-9]+ error|\([0-9]+ error)" "$log_dir/sanitizer_$tool.log" \
+                | grep -Eo "[0-9]+" | tail -n 1)
+            [ -n "$errors" ] && errors="$errors errors" || errors="did not run (rc $rc)"
+            rows+=("| compute-sanitizer $tool (${SANITIZE_PARTS:-every part}) | $errors |")
+            [ "$rc" -eq 0 ] || status=1
+        done ;;
+    esac
 done
 
 echo
 echo "| check | result |"
 echo "| --- | --- |"
-echo "| GPU suite | ${suite:-no summary (rc $suite_rc)} |"
-echo "| GPU kernel suites, CUPYFLASH_KERNELS=sm80 | ${suite_sm80:-no summary (rc $sm80_rc)} |"
-echo "| float32/float64 kernel suites, CUPYFLASH_KERNELS=simt | ${suite_simt:-no summary (rc $simt_rc)} |"
-for tool in "${tools[@]}"; do echo "| compute-sanitizer $tool | ${errors[$tool]} errors |"; done
+printf '%s\n' "${rows[@]}"
 echo "logs: $log_dir"
 exit "$status"

@@ -1,15 +1,20 @@
 """A small case of every kernel family, dtype and variant feature, for compute-sanitizer
-(tools/gpu_validate.sh).
+(tools/gpu_validate.sh), in parts that each fit a device call under racecheck:
 
-Covers the tensor-core forward and backward (16-bit, and float32 on split operands, in the Hopper family
-on a Hopper GPU; the mma.sync family with vector and element loads: float32 exact (inputs holding NaN or
-inf) and in TF32, float64, whose wide heads pair warps), the CUDA-core forward (float32, float64, forced) and the three backward kernels, causal
-and not, with GQA and ragged tiles; then every variant feature (window, softcap, ALiBi, bool mask, bias
-with its gradient, dropout), alone and all together, with NaN in masked keys so the guarded products run
-too, and on sequences of several tiles; packed batches; and the split-KV decode kernel of
-attention_with_kvcache on paged and contiguous caches, with its append.
+    python tools/sanitize_cases.py                  # every part
+    python tools/sanitize_cases.py packed decode    # some
+
+dense16, dense32: the tensor-core forward and backward (16-bit, and float32 on split operands, in the Hopper
+family on a Hopper GPU; float64 on the mma.sync family), causal and not, with GQA and ragged tiles, vector and
+element loads; every variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone
+and all together, with NaN in masked keys so the guarded products run too, and on sequences of several tiles.
+packed: packed batches with empty sequences and NaN. decode: the split-KV decode kernel of
+attention_with_kvcache on paged and contiguous caches, with its append. wide: float32 in TF32 and float64
+past its tensor-core head dimensions and with its wide heads' paired warps. families: the mma.sync family
+(16-bit) and the CUDA-core kernels (float32, float64) forced.
 """
 import os
+import sys
 
 import cupy as cp
 import ml_dtypes
@@ -36,32 +41,34 @@ def run(dtype, headdim, sq=70, sk=90, poison=False, **variant):
     cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **variant)
 
 
-for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
-    for headdim in (64, 59, 160):  # vector loads; element loads; column-sliced dK/dV for 16-bit
-        for causal in (False, True):
-            run(dtype, headdim, causal=causal)
-        run(dtype, headdim, poison=True, causal=True)
-    slopes = cp.asarray(rng.uniform(0.01, 0.5, 4).astype(np.float32))
-    padding = cp.asarray(rng.random((1, 1, 1, 90)) > 0.2)
-    blocks = cp.asarray(rng.random((1, 4, 70, 90)) > 0.5)  # every cell mixed
-    tail = cp.asarray(np.arange(90) < 70).reshape(1, 1, 1, 90)  # visible, mixed and hidden cells
-    bias = device(rng.standard_normal((1, 4, 70, 90)).astype(dtype))
-    for variant in (dict(window_size=(20, 5)), dict(softcap=3.0), dict(alibi_slopes=slopes),
-                    dict(attn_mask=padding), dict(attn_mask=blocks), dict(attn_mask=tail, causal=True),
-                    dict(attn_mask=bias), dict(dropout_p=0.3, dropout_seed=7),
-                    dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
-                         dropout_p=0.1, dropout_seed=3)):
-        run(dtype, 64, **variant)
-    # Longer sequences, so that tiles lie inside the sequence: interior tiles (ALiBi's tile scores), bool-mask
-    # tiles the Hopper forward's producer classifies (with NaN and inf in hidden rows), dropout on full tiles.
-    wide_mask = cp.asarray(rng.random((1, 1, 300, 390)) > 0.3)
-    hidden_tail = cp.asarray(np.arange(390) < 200).reshape(1, 1, 1, 390)  # whole key tiles hidden: no copies
-    for variant in (dict(alibi_slopes=slopes, softcap=3.0), dict(attn_mask=wide_mask, causal=True),
-                    dict(attn_mask=hidden_tail), dict(dropout_p=0.2, dropout_seed=5)):
-        run(dtype, 64, sq=300, sk=390, poison="attn_mask" in variant, **variant)
-    # From _plan.SM90_WIDE_KEY_TILE_FROM keys on, the Hopper forward at head tile 64 takes 192-key tiles.
-    for variant in (dict(), dict(causal=True), dict(window_size=(300, 20))):
-        run(dtype, 64, sq=200, sk=2085, **variant)
+def dense(dtypes):
+    for dtype in dtypes:
+        for headdim in (64, 59, 160):  # vector loads; element loads; column-sliced dK/dV for 16-bit
+            for causal in (False, True):
+                run(dtype, headdim, causal=causal)
+            run(dtype, headdim, poison=True, causal=True)
+        slopes = cp.asarray(rng.uniform(0.01, 0.5, 4).astype(np.float32))
+        padding = cp.asarray(rng.random((1, 1, 1, 90)) > 0.2)
+        blocks = cp.asarray(rng.random((1, 4, 70, 90)) > 0.5)  # every cell mixed
+        tail = cp.asarray(np.arange(90) < 70).reshape(1, 1, 1, 90)  # visible, mixed and hidden cells
+        bias = device(rng.standard_normal((1, 4, 70, 90)).astype(dtype))
+        for variant in (dict(window_size=(20, 5)), dict(softcap=3.0), dict(alibi_slopes=slopes),
+                        dict(attn_mask=padding), dict(attn_mask=blocks), dict(attn_mask=tail, causal=True),
+                        dict(attn_mask=bias), dict(dropout_p=0.3, dropout_seed=7),
+                        dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
+                             dropout_p=0.1, dropout_seed=3)):
+            run(dtype, 64, **variant)
+        # Longer sequences, so that tiles lie inside the sequence: interior tiles (ALiBi's tile scores),
+        # bool-mask tiles the Hopper forward's producer classifies (with NaN and inf in hidden rows), dropout on
+        # full tiles.
+        wide_mask = cp.asarray(rng.random((1, 1, 300, 390)) > 0.3)
+        hidden_tail = cp.asarray(np.arange(390) < 200).reshape(1, 1, 1, 390)  # whole key tiles hidden: no copies
+        for variant in (dict(alibi_slopes=slopes, softcap=3.0), dict(attn_mask=wide_mask, causal=True),
+                        dict(attn_mask=hidden_tail), dict(dropout_p=0.2, dropout_seed=5)):
+            run(dtype, 64, sq=300, sk=390, poison="attn_mask" in variant, **variant)
+        # From _plan.SM90_WIDE_KEY_TILE_FROM keys on, the Hopper forward at head tile 64 takes 192-key tiles.
+        for variant in (dict(), dict(causal=True), dict(window_size=(300, 20))):
+            run(dtype, 64, sq=200, sk=2085, **variant)
 
 
 def run_packed(dtype, headdim, poison=True, **variant):
@@ -78,63 +85,87 @@ def run_packed(dtype, headdim, poison=True, **variant):
     cupyflash.attention_backward(dout, q, k, v, out, lse, **packed)
 
 
-for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
-    for headdim in (64, 256):
-        run_packed(dtype, headdim)
-        run_packed(dtype, headdim, causal=True, dropout_p=0.2, dropout_seed=1)
-    run_packed(dtype, 64, window_size=(20, 5), softcap=4.0, alibi_slopes=cp.asarray(
-        rng.uniform(0.01, 0.5, (5, 4)).astype(np.float32)))
-# finite packed float32: the split-operand Hopper kernels (NaN takes the mma.sync ones)
-run_packed(np.float32, 128, poison=False, causal=True, dropout_p=0.2, dropout_seed=2)
-# the split-KV decode kernel: paged and contiguous caches with NaN past every length and in unused pages
-decode_slopes = cp.asarray(rng.uniform(0.01, 0.5, 8).astype(np.float32))
-for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
-    pages = rng.standard_normal((12, 32, 2, 64)).astype(dtype)
-    pages[[0, 5]] = np.nan
-    k_pages, v_pages = device(pages), device(pages[::-1].copy())
-    table = cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
-    q, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((1, 8), (1, 2)))
-    for variant in (dict(), dict(causal=True, window_size=(40, -1), softcap=5.0, alibi_slopes=decode_slopes)):
-        cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
-            np.array([100, 0], np.int32)), block_table=table, num_splits=3, **variant)
-    contiguous = device(rng.standard_normal((2, 300, 2, 64)).astype(dtype))
-    cupyflash.attention_with_kvcache(q, contiguous, contiguous.copy(), cache_seqlens=250)
-    # several query positions: a key with NaN seen by some rows only (the guarded product); wide heads;
-    # lengths and page table on the host
-    for headdim in (128, 256):
-        cache = rng.standard_normal((2, 300, 2, headdim)).astype(dtype)
-        cache[:, 199] = np.nan
-        q4 = device(rng.standard_normal((2, 4, 8, headdim)).astype(dtype))
-        cupyflash.attention_with_kvcache(q4, device(cache), device(cache), cache_seqlens=np.array([200, 200], np.int32),
-                                         causal=True)
-    cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=np.array([60, 3], np.int32),
-                                     block_table=table.get())
-# float32 in TF32 (CUPY_TF32=1) and float64 past its tensor-core head dimensions.
-os.environ[_cuda_backend.TF32_VARIABLE] = "1"
-for causal in (False, True):
-    run(np.float32, 96, causal=causal)
-run(np.float32, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
-del os.environ[_cuda_backend.TF32_VARIABLE]
-run(np.float64, 192, causal=True)
-# float64's wide heads: warps in pairs in both backward kernels, every feature (the bias gradient from one
-# warp of each pair)
-for headdim in (128, 100):
-    run(np.float64, headdim, poison=True, causal=True)
-run(np.float64, 128, causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
-    dropout_p=0.1, dropout_seed=3)
-# On Hopper the 16-bit forward takes the sm_90a family; the mma.sync family runs when forced; float32 and
-# float64 take CUDA cores when forced.
-os.environ[_cuda_backend.FAMILY_VARIABLE] = "sm80"
-for dtype in (np.float16, ml_dtypes.bfloat16):
+def packed():
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+        for headdim in (64, 256):
+            run_packed(dtype, headdim)
+            run_packed(dtype, headdim, causal=True, dropout_p=0.2, dropout_seed=1)
+        run_packed(dtype, 64, window_size=(20, 5), softcap=4.0, alibi_slopes=cp.asarray(
+            rng.uniform(0.01, 0.5, (5, 4)).astype(np.float32)))
+    # finite packed float32: the split-operand Hopper kernels (NaN takes the mma.sync ones)
+    run_packed(np.float32, 128, poison=False, causal=True, dropout_p=0.2, dropout_seed=2)
+
+
+def decode():
+    """Paged and contiguous caches with NaN past every length and in unused pages."""
+    decode_slopes = cp.asarray(rng.uniform(0.01, 0.5, 8).astype(np.float32))
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
+        pages = rng.standard_normal((12, 32, 2, 64)).astype(dtype)
+        pages[[0, 5]] = np.nan
+        k_pages, v_pages = device(pages), device(pages[::-1].copy())
+        table = cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
+        q, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((1, 8), (1, 2)))
+        for variant in (dict(), dict(causal=True, window_size=(40, -1), softcap=5.0, alibi_slopes=decode_slopes)):
+            cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
+                np.array([100, 0], np.int32)), block_table=table, num_splits=3, **variant)
+        contiguous = device(rng.standard_normal((2, 300, 2, 64)).astype(dtype))
+        cupyflash.attention_with_kvcache(q, contiguous, contiguous.copy(), cache_seqlens=250)
+        # several query positions: a key with NaN seen by some rows only (the guarded product); wide heads;
+        # lengths and page table on the host
+        for headdim in (128, 256):
+            cache = rng.standard_normal((2, 300, 2, headdim)).astype(dtype)
+            cache[:, 199] = np.nan
+            q4 = device(rng.standard_normal((2, 4, 8, headdim)).astype(dtype))
+            cupyflash.attention_with_kvcache(q4, device(cache), device(cache),
+                                             cache_seqlens=np.array([200, 200], np.int32), causal=True)
+        cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=np.array([60, 3], np.int32),
+                                         block_table=table.get())
+
+
+def wide():
+    """float32 in TF32 (CUPY_TF32=1), float64 past its tensor-core head dimensions, and float64's wide heads:
+    warps in pairs in both backward kernels, every feature (the bias gradient from one warp of each pair)."""
+    os.environ[_cuda_backend.TF32_VARIABLE] = "1"
     for causal in (False, True):
-        run(dtype, 64, causal=causal)
-    run(dtype, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
-    run_packed(dtype, 128, causal=True)
-os.environ[_cuda_backend.FAMILY_VARIABLE] = "simt"
-for dtype in (np.float32, np.float64):
-    for causal in (False, True):
-        run(dtype, 59, causal=causal)
-    run(dtype, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
-    run_packed(dtype, 64, causal=True, dropout_p=0.2, dropout_seed=1)
-cp.cuda.Device().synchronize()
-print("sanitize cases: done")
+        run(np.float32, 96, causal=causal)
+    run(np.float32, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
+    del os.environ[_cuda_backend.TF32_VARIABLE]
+    run(np.float64, 192, causal=True)
+    for headdim in (128, 100):
+        run(np.float64, headdim, poison=True, causal=True)
+    slopes = cp.asarray(rng.uniform(0.01, 0.5, 4).astype(np.float32))
+    bias = device(rng.standard_normal((1, 4, 70, 90)))
+    run(np.float64, 128, causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
+        dropout_p=0.1, dropout_seed=3)
+
+
+def families():
+    """On Hopper the 16-bit kernels take the sm_90a family and float32 and float64 tensor cores: the mma.sync
+    family and the CUDA-core kernels, forced."""
+    os.environ[_cuda_backend.FAMILY_VARIABLE] = "sm80"
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        for causal in (False, True):
+            run(dtype, 64, causal=causal)
+        run(dtype, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
+        run_packed(dtype, 128, causal=True)
+    os.environ[_cuda_backend.FAMILY_VARIABLE] = "simt"
+    for dtype in (np.float32, np.float64):
+        for causal in (False, True):
+            run(dtype, 59, causal=causal)
+        run(dtype, 64, poison=True, causal=True, attn_mask=cp.asarray(rng.random((1, 4, 70, 90)) > 0.5))
+        run_packed(dtype, 64, causal=True, dropout_p=0.2, dropout_seed=1)
+    del os.environ[_cuda_backend.FAMILY_VARIABLE]
+
+
+PARTS = {"dense16": lambda: dense((np.float16, ml_dtypes.bfloat16)), "dense32": lambda: dense((np.float32, np.float64)),
+         "packed": packed, "decode": decode, "wide": wide, "families": families}
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(PARTS)
+    unknown = [name for name in names if name not in PARTS]
+    if unknown:
+        raise SystemExit(f"sanitize_cases.py: unknown part {unknown[0]!r}; the parts are {', '.join(PARTS)}")
+    for name in names:
+        PARTS[name]()
+    cp.cuda.Device().synchronize()
+    print(f"sanitize cases: done ({', '.join(names)})")
