@@ -30,14 +30,14 @@ status=0
 rows=()
 
 # A pytest run as one row of the summary: its name, its log's name, then pytest's arguments.
-suite() {
+run_suite() {
     local name=$1 log=$2
     shift 2
     "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" "$@" >"$log_dir/$log" 2>&1
     local rc=$?
     tail -n 20 "$log_dir/$log"
     local summary
-    summary=$(grep -E "(passed|failed|error)" "$log_dir/$log" | tail -n 1)
+    summary=$(grep -E "[0-9]+ [a-z]+.* in [0-9.]+s" "$log_dir/$log" | tail -n 1)  # pytest's last line
     rows+=("| $name | ${summary:-no summary (rc $rc)} |")
     [ "$rc" -eq 0 ] || status=1
 }
@@ -48,10 +48,10 @@ for stage in "${stages[@]}"; do
         # Compile what the suite runs in parallel first (CuPy's disk cache), so the suite's workers find it.
         "$python" tools/precompile.py --dtypes float16 bfloat16 float32 float64 \
             --headdims 16 32 64 96 128 160 192 224 256 --features 0 1 >"$log_dir/precompile.log" 2>&1
-        suite "GPU suite" gpu_suite.log tests ;;
-    sm80) CUPYFLASH_KERNELS=sm80 suite "GPU kernel suites, CUPYFLASH_KERNELS=sm80" gpu_suite_sm80.log \
+        run_suite "GPU suite" gpu_suite.log tests ;;
+    sm80) CUPYFLASH_KERNELS=sm80 run_suite "GPU kernel suites, CUPYFLASH_KERNELS=sm80" gpu_suite_sm80.log \
         "${kernel_suites[@]}" ;;
-    simt) CUPYFLASH_KERNELS=simt suite "float32/float64 kernel suites, CUPYFLASH_KERNELS=simt" gpu_suite_simt.log \
+    simt) CUPYFLASH_KERNELS=simt run_suite "float32/float64 kernel suites, CUPYFLASH_KERNELS=simt" gpu_suite_simt.log \
         "${kernel_suites[@]}" tests/test_fidelity.py -k "float32 or float64 or fully_masked or cuda_kernels" ;;
     sanitize)
         read -r -a parts <<<"${SANITIZE_PARTS:-}"
