@@ -1,10 +1,12 @@
 // Backward pass on Hopper (sm_90a): TMA, wgmma and warp specialisation, with FlashAttention-3's structure. A
-// block holds one key tile's k, v, dk and dv while the band's query tiles of every head of the GQA group
-// stream through; dq is summed in float32 across blocks.
+// key block holds one key tile's k, v, dk and dv while the band's query tiles of every head of the GQA group
+// stream through; dq is summed in float32 across key blocks. A main kernel's block takes key blocks in turn
+// (for_each_key_block): one each, or on short key blocks a block per multiprocessor through many, loading
+// the next one's k and v as the last one ends (_plan.sm90_backward_blocks).
 //   flash_bwd_prepare_sm90  delta = rowsum(dout * out), lse in log2 units, and a zeroed float32 dq
 //                           accumulator, each head's rows padded to whole query tiles
 //   flash_bwd_sm90          float16 / bfloat16, headdim up to 128: 128-key tiles, 64 keys per consumer
-//                           warpgroup (a block per key tile, kv head and batch, in the order of key_block)
+//                           warpgroup
 //   flash_bwd_sm90_wide     float16 / bfloat16, headdim up to 256: 64-key tiles, each consumer warpgroup
 //                           taking half of the keys for s and dp and half of the head's columns for dk, dv
 //                           and dq
@@ -15,10 +17,11 @@
 //                           warpgroup computing dv, the other dk and dq
 //   flash_bwd_dq_convert    dq = accumulator * scale in the input dtype
 // In the main kernels
-//   producer   (warpgroup 0) thread 0 loads k and v once, then q, dout, lse and delta of each query tile
-//              into a ring of STAGES buffers (TMA and bulk copies, each stage completing an mbarrier);
-//              thread 32 adds each tile's dq, which the consumers stage in the buffers of its q and dout,
-//              to the accumulator with one bulk reduction (cp.reduce.async.bulk), then frees the stage;
+//   producer   (warpgroup 0) thread 0 takes the key blocks and loads each one's k and v, and q, dout, lse
+//              and delta of each of its query tiles into a ring of STAGES buffers (TMA and bulk copies,
+//              each stage completing an mbarrier); thread 32 adds each tile's dq, which the consumers stage
+//              in the buffers of its q and dout, to the accumulator with one bulk reduction
+//              (cp.reduce.async.bulk), then frees the stage;
 //              in the 16-bit kernels warps 2 and 3, for variants that hide keys, scan the masked tiles' q
 //              and dout, and k, for NaN or inf
 //   consumers  (warpgroups 1 and 2) of the 16-bit kernels, per query tile: s = q k^T and dp = dout v^T
@@ -55,13 +58,14 @@ __device__ __forceinline__ int padded_rows(int seqlen_q) {
 
 // LANES threads per padded row (head, row) of sequence blockIdx.y, VEC columns per load (16 bytes where the
 // rows of dout and out are 16-byte aligned, else 1): delta = rowsum(dout o), lse in log2 units, and the
-// row's dq accumulator zeroed.
+// row's dq accumulator zeroed; and the main kernel's count of key blocks taken.
 template <typename T, bool PACKED, int LANES, int VEC>
 __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_constant__ BwdParamsSm90 p) {
     struct alignas(sizeof(T) * VEC) Vec { T x[VEC]; };
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
     if (gated_off(f)) return;
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *p.key_blocks_taken = 0;
     const int longest = padded_rows(f.seqlen_q), b = blockIdx.y, lane = threadIdx.x % LANES;
     const i64 at = (i64)blockIdx.x * (128 / LANES) + threadIdx.x / LANES;
     const int i = (int)(at % longest), h = (int)(at / longest);
@@ -102,17 +106,21 @@ struct SectionedOrder {
     }
 };
 
-// The first key n0, kv head and batch of this block, from its index. Blocks start in the order of their
-// index. Without a causal or window bound the key tiles of one kv head are the fastest axis: their blocks
-// run side by side, read the same q and dout tiles and add into the same dq accumulator, in L2. With one,
-// the (batch, kv head) pairs fall into sections whose q, dout and dq accumulator fit in L2
-// (SectionedOrder), the first key tiles first (under a causal bound they see the most query tiles).
+// Key block `block`: its first key n0, kv head and batch. Blocks are taken in the order of their index.
+// Without a causal or window bound the key tiles of one kv head are the fastest axis: their blocks run side
+// by side, read the same q and dout tiles and add into the same dq accumulator, in L2. With one, the
+// (batch, kv head) pairs fall into sections whose q, dout and dq accumulator fit in L2 (SectionedOrder), the
+// first key tiles first (under a causal bound they see the most query tiles).
 struct KeyBlock {
     int n0, hk, b;
 };
-template <typename Var, int BLOCK_N> __device__ __forceinline__ KeyBlock key_block(const BwdParamsSm90& p) {
+template <int BLOCK_N> __device__ __forceinline__ int key_block_count(const BwdParamsSm90& p) {
     const FwdParams& f = p.bwd.fwd;
-    const int key_tiles = (f.seqlen_k + BLOCK_N - 1) / BLOCK_N, nheads_kv = f.nheads / f.group, block = blockIdx.x;
+    return (f.seqlen_k + BLOCK_N - 1) / BLOCK_N * (f.nheads / f.group) * p.batch;
+}
+template <typename Var, int BLOCK_N> __device__ __forceinline__ KeyBlock key_block(const BwdParamsSm90& p, int block) {
+    const FwdParams& f = p.bwd.fwd;
+    const int key_tiles = (f.seqlen_k + BLOCK_N - 1) / BLOCK_N, nheads_kv = f.nheads / f.group;
     if constexpr (Var::window) {
         const SectionedOrder order(block, key_tiles, nheads_kv * p.batch, p.section);
         return {order.tile * BLOCK_N, order.pair % nheads_kv, order.pair / nheads_kv};
@@ -125,6 +133,9 @@ template <typename Var, int BLOCK_N> __device__ __forceinline__ KeyBlock key_blo
 // causal or window bound every key tile starts at another query tile, so that the blocks running side by
 // side add their dq to different tiles of the accumulator (with one, the bands start apart already, and
 // keeping the order measured faster).
+struct QueryTile {
+    int t, within, head;  // the stream's t-th tile: t % per_head and its head
+};
 template <int BLOCK_M, int BLOCK_N> struct QueryStream {
     Sequence seq;
     i64 padded;  // padded_base of the sequence
@@ -138,9 +149,23 @@ template <int BLOCK_M, int BLOCK_N> struct QueryStream {
         tiles = group * per_head;
         start = !Var::window && per_head > 0 ? n0 / BLOCK_N % per_head : 0;
     }
-    __device__ int head(int t) const { return hk * group + t / per_head; }
-    __device__ int m0(int t) const { return (m_first + (t % per_head + start) % per_head) * BLOCK_M; }
-    __device__ i64 padded_row(const BwdParamsSm90& p, int t) const { return padded + (i64)head(t) * p.rows + m0(t); }
+    // The stream's tiles in turn, each stepped from the last without a division (a division's reciprocal
+    // in every role's loop, ahead of the consumers' first product of a tile, cost 5% at headdim 128).
+    __device__ QueryTile first() const { return {0, 0, hk * group}; }
+    __device__ void next(QueryTile& q) const {
+        ++q.t;
+        if (++q.within == per_head) {
+            q.within = 0;
+            ++q.head;
+        }
+    }
+    __device__ int m0(const QueryTile& q) const {
+        const int r = q.within + start;
+        return (m_first + (r < per_head ? r : r - per_head)) * BLOCK_M;
+    }
+    __device__ i64 padded_row(const BwdParamsSm90& p, const QueryTile& q) const {
+        return padded + (i64)q.head * p.rows + m0(q);
+    }
 };
 
 // Shared memory of the main kernels: k and v ([PARTS][CHUNKS][BLOCK_N][64] each), STAGES stages of q and
@@ -172,34 +197,47 @@ template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN,
     __device__ float* dq(int stage) const { return reinterpret_cast<float*>(q(stage)); }
 };
 
-// The barriers of both main kernels.
+// The barriers of the main kernels. Query tiles are counted across a block's key blocks (its i-th tile,
+// whichever key block it belongs to, takes stage i % STAGES), and so are the key blocks whose k and v were
+// loaded (`loaded`: the phase of kv_full, kv_free and k_scanned).
+constexpr int KEY_BLOCK_SLOTS = 2;  // key blocks taken ahead of the roles that read them
 template <int STAGES> struct BwdBarriers {
     unsigned long long* kv_full;  // k and v arrived
+    unsigned long long* kv_free;  // every consumer (and scan_keys) is done with k and v: the next may load
     unsigned long long* q_full;   // [STAGES]: q, dout, lse and delta of a query tile arrived
     unsigned long long* dq_full;  // [STAGES]: the tile's dq staged (or nothing to add): every consumer thread
     unsigned long long* q_free;   // [STAGES]: the staged dq read by the reduction (and scan_queries done with
                                   // the tile): the stage may be refilled
     unsigned long long* k_scanned;  // k scanned (variants that hide keys: scan_keys)
     unsigned long long* q_scanned;  // [STAGES]: scan_queries is done with the query tile
+    unsigned long long* block_full;  // [KEY_BLOCK_SLOTS]: the producer wrote the slot
+    unsigned long long* block_free;  // [KEY_BLOCK_SLOTS]: every other role read it
     int* dq_staged;               // [STAGES]: whether the tile's dq was staged (a skipped tile has none)
     int* kinds;                   // [STAGES]: bool mask, the query tile's TileKind (load_tiles)
     int* k_scan;                  // k holds NaN or inf
     int* q_scan;                  // [STAGES]: a masked query tile's q or dout holds NaN or inf
+    int* block_slots;             // [KEY_BLOCK_SLOTS]: the key blocks taken, -1 past the last
     __device__ explicit BwdBarriers(unsigned char* at) {
         kv_full = reinterpret_cast<unsigned long long*>(at);
-        q_full = kv_full + 1;
+        kv_free = kv_full + 1;
+        q_full = kv_free + 1;
         dq_full = q_full + STAGES;
         q_free = dq_full + STAGES;
         k_scanned = q_free + STAGES;
         q_scanned = k_scanned + 1;
-        dq_staged = reinterpret_cast<int*>(q_scanned + STAGES);
+        block_full = q_scanned + STAGES;
+        block_free = block_full + KEY_BLOCK_SLOTS;
+        dq_staged = reinterpret_cast<int*>(block_free + KEY_BLOCK_SLOTS);
         kinds = dq_staged + STAGES;
         k_scan = kinds + STAGES;
         q_scan = k_scan + 1;
+        block_slots = q_scan + STAGES;
     }
-    // dq_full completes on `consumers` arrivals, q_free on the reduction's and `scanners` more.
+    // dq_full and kv_free complete on `consumers` arrivals, q_free on the reduction's, and each of kv_free and
+    // q_free on `scanners` more; block_free on every reader of the slots (all but the producer thread).
     __device__ void init(int consumers, int scanners) const {
         mbar_init(kv_full, 1);
+        mbar_init(kv_free, consumers + scanners);
         mbar_init(k_scanned, 32);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(q_full + s, 1);
@@ -207,65 +245,118 @@ template <int STAGES> struct BwdBarriers {
             mbar_init(q_free + s, 1 + scanners);
             mbar_init(q_scanned + s, 32);
         }
+        for (int s = 0; s < KEY_BLOCK_SLOTS; ++s) {
+            mbar_init(block_full + s, 1);
+            mbar_init(block_free + s, consumers + 1 + 2 * scanners);
+        }
         mbar_fence_init();
     }
-    // Consumers, on a tile that hides keys: whether k, or query tile t's q or dout, holds NaN or inf, once
-    // scanned. Every query tile's verdict is waited for, so that no phase of q_scanned goes by unobserved.
-    __device__ bool keys_nonfinite() const {
-        mbar_wait(k_scanned, 0);
+    // Consumers, on a tile that hides keys: whether k, or query tile i's q or dout, holds NaN or inf, once
+    // scanned. Every query tile's verdict is waited for, so that no phase of q_scanned goes by unobserved
+    // (k_scanned's next phase waits for kv_free, which the consumers give after their last look).
+    __device__ bool keys_nonfinite(int loaded) const {
+        mbar_wait(k_scanned, loaded & 1);
         return *k_scan != 0;
     }
-    __device__ bool queries_nonfinite(int t) const {
-        mbar_wait(q_scanned + t % STAGES, (t / STAGES) & 1);
-        return q_scan[t % STAGES] != 0;
+    __device__ bool queries_nonfinite(int i) const {
+        mbar_wait(q_scanned + i % STAGES, (i / STAGES) & 1);
+        return q_scan[i % STAGES] != 0;
     }
 };
 
-// Producer thread 0: k and v once, then query tile t into stage t % STAGES once the reduction has freed it;
+// Where a key block's work sits in its main block's sequence: its first query tile's index i (stage and
+// phase) and the key blocks loaded before it (kv phase).
+struct BlockStep {
+    int tile0, loaded;
+};
+
+// The key blocks of a main block, each as a QueryStream with its BlockStep, to `work`. A persistent grid (a
+// block per multiprocessor) takes them as its blocks free up, in the order of their index, as the hardware
+// hands out blocks: the producer thread (PRODUCER) takes each from the counter that the prepare kernel zeroed,
+// one ahead (a take's round trip to L2 would start each key block), and hands it to every other role through
+// KEY_BLOCK_SLOTS slots. Key blocks without query tiles load nothing; a packed sequence's blocks past its
+// keys are passed over.
+template <typename Var, int BLOCK_M, int BLOCK_N, bool PRODUCER, int STAGES, typename Work>
+__device__ __forceinline__ void for_each_key_block(const BwdParamsSm90& p, const BwdBarriers<STAGES>& bar,
+                                                   Work&& work) {
+    const FwdParams& f = p.bwd.fwd;
+    const int count = key_block_count<BLOCK_N>(p);
+    int taken = blockIdx.x;
+    BlockStep step{0, 0};
+    for (int i = 0;; ++i) {
+        const int slot = i % KEY_BLOCK_SLOTS, phase = (i / KEY_BLOCK_SLOTS) & 1;
+        int block;
+        if constexpr (PRODUCER) {
+            if (i >= KEY_BLOCK_SLOTS) mbar_wait(bar.block_free + slot, phase ^ 1);
+            block = taken < count ? taken : -1;
+            if (block >= 0) taken = gridDim.x + atomicAdd(p.key_blocks_taken, 1);
+            bar.block_slots[slot] = block;
+            mbar_arrive(bar.block_full + slot);
+        } else {
+            mbar_wait(bar.block_full + slot, phase);
+            block = bar.block_slots[slot];
+            mbar_arrive(bar.block_free + slot);
+        }
+        if (block < 0) return;
+        const KeyBlock kb = key_block<Var, BLOCK_N>(p, block);
+        const Sequence seq = sequence<Var::packed>(f, kb.b);
+        if (kb.n0 >= seq.seqlen_k) continue;  // a packed sequence shorter than the longest
+        const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, kb.b, kb.hk * f.group), kb.n0, kb.hk,
+                                               kb.b);
+        work(qs, step);
+        step.tile0 += qs.tiles;
+        step.loaded += qs.tiles > 0;
+    }
+}
+
+// Producer thread 0, per key block: its first query tile, then k and v once the block's last key block is
+// done with them, then its other query tiles, tile i into stage i % STAGES once the reduction has freed it;
 // each of PARTS parts from batch entry p.parts_apart further. A bool mask's tile classification reads memory
 // (its cells): the producer reads it while it waits and hands it over with the tile's arrival (which releases
 // it).
 template <typename Var, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN, int PARTS>
 __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
+                                           BlockStep step,
                                            const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>& sm,
                                            const BwdBarriers<STAGES>& bar) {
     constexpr int CHUNKS = D_TILE / 64, Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;
     const int k_row = int(qs.seq.k0) + qs.n0, q0 = int(qs.seq.q0), entry = qs.seq.entry;
-    mbar_expect_tx(bar.kv_full, 2 * PARTS * KV_ELEMS * sizeof(T));
-    for (int part = 0; part < PARTS; ++part)
-        for (int c = 0; c < CHUNKS; ++c) {
-            const int at = part * KV_ELEMS + c * BLOCK_N * 64, from = entry + part * p.parts_apart;
-            tma_load(sm.k + at, p.tma_k, c * 64, k_row, qs.hk, from, bar.kv_full);
-            tma_load(sm.v + at, p.tma_v, c * 64, k_row, qs.hk, from, bar.kv_full);
-        }
-    for (int t = 0; t < qs.tiles; ++t) {
-        const int stage = t % STAGES, h = qs.head(t), m0 = qs.m0(t);
+    for (QueryTile q = qs.first(); q.t < qs.tiles; qs.next(q)) {
+        const int i = step.tile0 + q.t, stage = i % STAGES, h = q.head, m0 = qs.m0(q);
         unsigned long long* full = bar.q_full + stage;
         const int kind = Var::bool_mask ? variant_of<Var>(p.bwd.fwd, qs.seq, qs.b, h).tile_kind(m0, BLOCK_M, qs.n0, BLOCK_N)
                                         : 0;
-        if (t >= STAGES) mbar_wait(bar.q_free + stage, (t / STAGES - 1) & 1);
-        if constexpr (Var::bool_mask) {
-            bar.kinds[stage] = kind;
-            if (kind == SKIP) {  // nobody reads the tile: its phase completes without a copy
-                mbar_arrive(full);
-                continue;
-            }
-        }
-        constexpr int STATS = BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>::STATS;
-        mbar_expect_tx(full, 2 * PARTS * Q_ELEMS * sizeof(T) + STATS * BLOCK_M * sizeof(float));
-        for (int part = 0; part < PARTS; ++part)
-            for (int c = 0; c < CHUNKS; ++c) {
-                const int at = part * Q_ELEMS + c * BLOCK_M * 64, from = entry + part * p.parts_apart;
-                tma_load(sm.q(stage) + at, p.tma_q, c * 64, q0 + m0, h, from, full);
-                tma_load(sm.dout(stage) + at, p.tma_do, c * 64, q0 + m0, h, from, full);
-            }
-        const i64 stats = qs.padded_row(p, t);
-        bulk_load(sm.lse2 + stage * BLOCK_M, p.lse_log2 + stats, BLOCK_M * sizeof(float), full);
-        bulk_load(sm.delta + stage * BLOCK_M, static_cast<const float*>(p.bwd.delta) + stats, BLOCK_M * sizeof(float),
-                  full);
-        if constexpr (STATS > 2)
-            bulk_load(sm.sums + stage * BLOCK_M, static_cast<const float*>(p.bwd.row_scale) + stats,
+        if (i >= STAGES) mbar_wait(bar.q_free + stage, (i / STAGES - 1) & 1);
+        if constexpr (Var::bool_mask) bar.kinds[stage] = kind;
+        if (Var::bool_mask && kind == SKIP) {
+            mbar_arrive(full);  // nobody reads the tile: its phase completes without a copy
+        } else {
+            constexpr int STATS = BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>::STATS;
+            mbar_expect_tx(full, 2 * PARTS * Q_ELEMS * sizeof(T) + STATS * BLOCK_M * sizeof(float));
+            for (int part = 0; part < PARTS; ++part)
+                for (int c = 0; c < CHUNKS; ++c) {
+                    const int at = part * Q_ELEMS + c * BLOCK_M * 64, from = entry + part * p.parts_apart;
+                    tma_load(sm.q(stage) + at, p.tma_q, c * 64, q0 + m0, h, from, full);
+                    tma_load(sm.dout(stage) + at, p.tma_do, c * 64, q0 + m0, h, from, full);
+                }
+            const i64 stats = qs.padded_row(p, q);
+            bulk_load(sm.lse2 + stage * BLOCK_M, p.lse_log2 + stats, BLOCK_M * sizeof(float), full);
+            bulk_load(sm.delta + stage * BLOCK_M, static_cast<const float*>(p.bwd.delta) + stats,
                       BLOCK_M * sizeof(float), full);
+            if constexpr (STATS > 2)
+                bulk_load(sm.sums + stage * BLOCK_M, static_cast<const float*>(p.bwd.row_scale) + stats,
+                          BLOCK_M * sizeof(float), full);
+        }
+        if (q.t == 0) {  // k and v after the first query tile: that tile's stage frees up first
+            if (step.loaded > 0) mbar_wait(bar.kv_free, (step.loaded - 1) & 1);
+            mbar_expect_tx(bar.kv_full, 2 * PARTS * KV_ELEMS * sizeof(T));
+            for (int part = 0; part < PARTS; ++part)
+                for (int c = 0; c < CHUNKS; ++c) {
+                    const int at = part * KV_ELEMS + c * BLOCK_N * 64, from = entry + part * p.parts_apart;
+                    tma_load(sm.k + at, p.tma_k, c * 64, k_row, qs.hk, from, bar.kv_full);
+                    tma_load(sm.v + at, p.tma_v, c * 64, k_row, qs.hk, from, bar.kv_full);
+                }
+        }
     }
 }
 
@@ -274,19 +365,19 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
 // back), then frees the stage.
 template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN, int PARTS>
 __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
+                                          BlockStep step,
                                           const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>& sm,
                                           const BwdBarriers<STAGES>& bar) {
-    for (int t = 0; t < qs.tiles; ++t) {
-        const int stage = t % STAGES;
-        mbar_wait(bar.dq_full + stage, (t / STAGES) & 1);
+    for (QueryTile q = qs.first(); q.t < qs.tiles; qs.next(q)) {
+        const int i = step.tile0 + q.t, stage = i % STAGES;
+        mbar_wait(bar.dq_full + stage, (i / STAGES) & 1);
         if (bar.dq_staged[stage]) {
-            bulk_reduce_add(p.dq_accum + qs.padded_row(p, t) * D_TILE,
+            bulk_reduce_add(p.dq_accum + qs.padded_row(p, q) * D_TILE,
                             sm.dq(stage), BLOCK_M * D_TILE * sizeof(float));
             bulk_wait_read();
         }
         mbar_arrive(bar.q_free + stage);
     }
-    bulk_wait_all();
 }
 
 // Producer warps 2 and 3, for variants that hide keys: a tile that hides some keys from some queries
@@ -297,29 +388,62 @@ __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStr
 // verdict, reading the masked tiles' only) and to the producer (a stage is refilled once warp 2 is done with
 // it too, so that it never falls a phase behind).
 template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
-__device__ __forceinline__ void scan_keys(const QueryStream<BLOCK_M, BLOCK_N>& qs,
+__device__ __forceinline__ void scan_keys(const QueryStream<BLOCK_M, BLOCK_N>& qs, BlockStep step,
                                           const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
                                           const BwdBarriers<STAGES>& bar, int lane) {
-    mbar_wait(bar.kv_full, 0);
+    if (qs.tiles == 0) return;
+    mbar_wait(bar.kv_full, step.loaded & 1);
     const bool bad = rows_nonfinite<T, BLOCK_N, D_TILE / 64>(sm.k, min(BLOCK_N, qs.seq.seqlen_k - qs.n0), lane);
     if (lane == 0) *bar.k_scan = bad;
     mbar_arrive(bar.k_scanned);
+    mbar_arrive(bar.kv_free);
 }
 template <typename Var, typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN>
 __device__ __forceinline__ void scan_queries(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
+                                             BlockStep step,
                                              const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN>& sm,
                                              const BwdBarriers<STAGES>& bar, int lane) {
     constexpr int CHUNKS = D_TILE / 64;
-    for (int t = 0; t < qs.tiles; ++t) {
-        const int stage = t % STAGES, m0 = qs.m0(t), rows = min(BLOCK_M, qs.seq.seqlen_q - m0);
-        const TileKind kind = variant_of<Var>(p.bwd.fwd, qs.seq, qs.b, qs.head(t)).tile_kind(m0, BLOCK_M, qs.n0, BLOCK_N);
-        mbar_wait(bar.q_full + stage, (t / STAGES) & 1);
+    for (QueryTile q = qs.first(); q.t < qs.tiles; qs.next(q)) {
+        const int i = step.tile0 + q.t, stage = i % STAGES, m0 = qs.m0(q), rows = min(BLOCK_M, qs.seq.seqlen_q - m0);
+        const TileKind kind = variant_of<Var>(p.bwd.fwd, qs.seq, qs.b, q.head).tile_kind(m0, BLOCK_M, qs.n0, BLOCK_N);
+        mbar_wait(bar.q_full + stage, (i / STAGES) & 1);
         const bool bad = kind != INTERIOR && kind != SKIP &&
                          (rows_nonfinite<T, BLOCK_M, CHUNKS>(sm.q(stage), rows, lane) ||
                           rows_nonfinite<T, BLOCK_M, CHUNKS>(sm.dout(stage), rows, lane));
         if (lane == 0) bar.q_scan[stage] = bad;
         mbar_arrive(bar.q_scanned + stage);
         mbar_arrive(bar.q_free + stage);
+    }
+}
+
+// The producer warpgroup of the main kernels: thread 0 loads, thread 32 reduces dq, and with SCANS (the
+// 16-bit kernels, for variants that hide keys) warps 2 and 3 scan the query tiles and k.
+template <typename Var, int BLOCK_M, int BLOCK_N, bool SCANS, typename T, int D_TILE, int STAGES, int OWN, int PARTS>
+__device__ __forceinline__ void produce(const BwdParamsSm90& p,
+                                        const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>& sm,
+                                        const BwdBarriers<STAGES>& bar) {
+    regs_release<24>();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (threadIdx.x == 0)
+        for_each_key_block<Var, BLOCK_M, BLOCK_N, true>(p, bar, [&](const auto& qs, BlockStep step) {
+            load_tiles<Var>(p, qs, step, sm, bar);
+        });
+    if (threadIdx.x == 32) {
+        for_each_key_block<Var, BLOCK_M, BLOCK_N, false>(p, bar, [&](const auto& qs, BlockStep step) {
+            reduce_dq(p, qs, step, sm, bar);
+        });
+        bulk_wait_all();
+    }
+    if constexpr (SCANS) {
+        if (warp == 2)
+            for_each_key_block<Var, BLOCK_M, BLOCK_N, false>(p, bar, [&](const auto& qs, BlockStep step) {
+                scan_queries<Var>(p, qs, step, sm, bar, lane);
+            });
+        if (warp == 3)
+            for_each_key_block<Var, BLOCK_M, BLOCK_N, false>(p, bar, [&](const auto& qs, BlockStep step) {
+                scan_keys(qs, step, sm, bar, lane);
+            });
     }
 }
 
@@ -342,13 +466,13 @@ template <int STAGES> __device__ __forceinline__ void stage_no_dq(const BwdBarri
     mbar_arrive(bar.dq_full + stage);
 }
 
-// Consumers, before the stream: k and v arrived, k's rows past a packed sequence's end zeroed (its
+// Consumers, before a key block's stream: k and v arrived, k's rows past a packed sequence's end zeroed (its
 // neighbour's), in each of its PARTS parts.
 template <typename Var, typename T, int D_TILE, int BLOCK_N, int STAGES, int BLOCK_M, int PARTS = 1>
 __device__ __forceinline__ void wait_keys(const BwdBarriers<STAGES>& bar, const QueryStream<BLOCK_M, BLOCK_N>& qs,
-                                          T* k) {
+                                          BlockStep step, T* k) {
     if (qs.tiles == 0) return;
-    mbar_wait(bar.kv_full, 0);
+    mbar_wait(bar.kv_full, step.loaded & 1);
     if (Var::packed && qs.n0 + BLOCK_N > qs.seq.seqlen_k) {
         for (int part = 0; part < PARTS; ++part)
             zero_rows<T, BLOCK_N, D_TILE / 64, 256>(k + part * BLOCK_N * D_TILE, qs.seq.seqlen_k - qs.n0,
@@ -357,24 +481,31 @@ __device__ __forceinline__ void wait_keys(const BwdBarriers<STAGES>& bar, const 
     }
 }
 
-// Consumers, per query tile t: its classification, once its stage has arrived (every phase is waited for,
+// Consumers, after a key block's stream: done with its k and v.
+template <int BLOCK_M, int BLOCK_N, int STAGES>
+__device__ __forceinline__ void free_keys(const BwdBarriers<STAGES>& bar, const QueryStream<BLOCK_M, BLOCK_N>& qs) {
+    if (qs.tiles > 0) mbar_arrive(bar.kv_free);
+}
+
+// Consumers, per query tile i: its classification, once its stage has arrived (every phase is waited for,
 // skipped tiles too, so that no copy into a stage is in flight when the producer reuses it), with the rows
 // of q and dout past a packed sequence's end zeroed. A skipped tile stages no dq.
 template <int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, typename Var, typename T, int OWN, int PARTS>
 __device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBarriers<STAGES>& bar,
                                                     const BwdSmem<T, BLOCK_M, BLOCK_N, D_TILE, STAGES, OWN, PARTS>& sm,
-                                                    int t, int m0, int n0) {
+                                                    int i, int m0, int n0) {
+    const int stage = i % STAGES;
     TileKind kind = Var::bool_mask ? SKIP : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
-    mbar_wait(bar.q_full + t % STAGES, (t / STAGES) & 1);
-    if constexpr (Var::bool_mask) kind = TileKind(bar.kinds[t % STAGES]);
+    mbar_wait(bar.q_full + stage, (i / STAGES) & 1);
+    if constexpr (Var::bool_mask) kind = TileKind(bar.kinds[stage]);
     if (kind == SKIP) {
-        stage_no_dq(bar, t % STAGES);
-        if constexpr (Var::hides_keys) bar.queries_nonfinite(t);
+        stage_no_dq(bar, stage);
+        if constexpr (Var::hides_keys) bar.queries_nonfinite(i);
     } else if (Var::packed && m0 + BLOCK_M > var.seqlen_q) {
         for (int part = 0; part < PARTS; ++part) {
-            zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.q(t % STAGES) + part * BLOCK_M * D_TILE, var.seqlen_q - m0,
+            zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.q(stage) + part * BLOCK_M * D_TILE, var.seqlen_q - m0,
                                                     threadIdx.x - 128);
-            zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.dout(t % STAGES) + part * BLOCK_M * D_TILE, var.seqlen_q - m0,
+            zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.dout(stage) + part * BLOCK_M * D_TILE, var.seqlen_q - m0,
                                                     threadIdx.x - 128);
         }
         named_barrier<256>(1);
@@ -413,46 +544,40 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const KeyBlock kb = key_block<Var, BLOCK_N>(p);
-    const int n0 = kb.n0, hk = kb.hk, b = kb.b;
-    const Sequence seq = sequence<Var::packed>(f, b);
-    if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
-    const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
-
     if (threadIdx.x == 0) bar.init(CONSUMERS, Var::hides_keys ? 32 : 0);
     __syncthreads();
 
     if (threadIdx.x < 128) {
         // ---- producer
-        regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var>(p, qs, sm, bar);
-        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
-        if (Var::hides_keys && threadIdx.x / 32 == 2 && qs.tiles > 0) scan_queries<Var>(p, qs, sm, bar, threadIdx.x % 32);
-        if (Var::hides_keys && threadIdx.x / 32 == 3 && qs.tiles > 0) scan_keys(qs, sm, bar, threadIdx.x % 32);
-    } else {
-        // ---- consumers
-        regs_claim<240>();
-        const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-        const int g = lane / 4, tq = lane % 4, key0 = n0 + 64 * wg + 16 * warp + g;
-        const float scale_log2 = float(f.scale) * float(LOG2E);
-        const T* k_rows = sm.k + 64 * wg * 64;  // this warpgroup's keys of each chunk
-        const T* v_rows = sm.v + 64 * wg * 64;
-        const int dq_col0 = wg * DQ_COLS;       // this warpgroup's columns of dq
-        const T* k_cols = sm.k + (dq_col0 / 64) * BLOCK_N * 64 + dq_col0 % 64;
-        unsigned* group_words = reinterpret_cast<unsigned*>(sm.own + 2 * DS_ELEMS * sizeof(T)) + wg * GROUP_WORDS;
-
+        produce<Var, BLOCK_M, BLOCK_N, Var::hides_keys>(p, sm, bar);
+        return;
+    }
+    // ---- consumers
+    regs_claim<240>();
+    const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, tq = lane % 4;
+    const float scale_log2 = float(f.scale) * float(LOG2E);
+    const T* k_rows = sm.k + 64 * wg * 64;  // this warpgroup's keys of each chunk
+    const T* v_rows = sm.v + 64 * wg * 64;
+    const int dq_col0 = wg * DQ_COLS;       // this warpgroup's columns of dq
+    const T* k_cols = sm.k + (dq_col0 / 64) * BLOCK_N * 64 + dq_col0 % 64;
+    unsigned* group_words = reinterpret_cast<unsigned*>(sm.own + 2 * DS_ELEMS * sizeof(T)) + wg * GROUP_WORDS;
+    int computed = 0;
+    for_each_key_block<Var, BLOCK_M, BLOCK_N, false>(p, bar, [&](const QueryStream<BLOCK_M, BLOCK_N>& qs, BlockStep step) {
+        const int n0 = qs.n0, b = qs.b, key0 = n0 + 64 * wg + 16 * warp + g;
+        const Sequence& seq = qs.seq;
         float dk[DT][4], dv[DT][4];
         zero(dk);
         zero(dv);
         float(&dk_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dk);
         float(&dv_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(dv);
 
-        wait_keys<Var, T, D_TILE>(bar, qs, sm.k);
+        wait_keys<Var, T, D_TILE>(bar, qs, step, sm.k);
 
-        for (int t = 0, computed = 0; t < qs.tiles; ++t) {
-            const int stage = t % STAGES, m0 = qs.m0(t);
-            const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
+        for (QueryTile q = qs.first(); q.t < qs.tiles; qs.next(q)) {
+            const int i = step.tile0 + q.t, stage = i % STAGES, m0 = qs.m0(q);
+            const Var var = variant_of<Var>(f, seq, b, q.head);
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, i, m0, n0);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
@@ -479,14 +604,14 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             // pd^T and dx^T in the A layout of wgmma: consecutive pairs of the accumulators
             unsigned p_regs[MT * 2], ds_regs[MT * 2];
 #pragma unroll
-            for (int i = 0; i < MT * 2; ++i) {
-                p_regs[i] = pack2<T>(st_regs[2 * i], st_regs[2 * i + 1]);
-                ds_regs[i] = pack2<T>(dpt_regs[2 * i], dpt_regs[2 * i + 1]);
+            for (int r = 0; r < MT * 2; ++r) {
+                p_regs[r] = pack2<T>(st_regs[2 * r], st_regs[2 * r + 1]);
+                ds_regs[r] = pack2<T>(dpt_regs[2 * r], dpt_regs[2 * r + 1]);
             }
 
             // A tile where hidden queries' q or dout is not finite takes the guarded products, after
             // the dq product (no wgmma in flight then).
-            const bool guarded = Var::hides_keys && bar.queries_nonfinite(t) && needs_mask;
+            const bool guarded = Var::hides_keys && bar.queries_nonfinite(i) && needs_mask;
             if (!guarded) {
                 const TileDesc do_desc = n_major_desc(do_buf, BLOCK_M * 128), q_desc = n_major_desc(q_buf, BLOCK_M * 128);
                 fence_regs(dv_regs);
@@ -532,7 +657,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
                 gemm_rn_guarded<T, BLOCK_M, D_TILE>(dv, p_regs, SwizzledTile<T, BLOCK_M>{do_buf}, lane);
                 gemm_rn_guarded<T, BLOCK_M, D_TILE>(dk, ds_regs, SwizzledTile<T, BLOCK_M>{q_buf}, lane);
             }
-            if (Var::hides_keys && needs_mask && bar.keys_nonfinite()) {
+            if (Var::hides_keys && needs_mask && bar.keys_nonfinite(step.loaded)) {
                 // Non-finite keys reach only the queries that see them: dq again, on CUDA cores.
                 zero(dq);
                 gemm_guarded_smem<BLOCK_N, DQ_COLS>(dq, Transposed<SwizzledTile<T, BLOCK_N>>{{ds_buf}},
@@ -541,8 +666,9 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
             }
             stage_dq<DQ_COLS>(bar, sm.dq(stage), stage, wg, dq);
         }
-        store_dk_dv<T, D_TILE>(bp, seq, n0, hk, 64 * wg + 16 * warp, 0, dk, dv, lane);
-    }
+        free_keys(bar, qs);
+        store_dk_dv<T, D_TILE>(bp, seq, n0, qs.hk, 64 * wg + 16 * warp, 0, dk, dv, lane);
+    });
 }
 
 // Headdim up to 256: 64-key tiles, the products split between the consumer warpgroups as
@@ -565,45 +691,39 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    const KeyBlock kb = key_block<Var, BLOCK_N>(p);
-    const int n0 = kb.n0, hk = kb.hk, b = kb.b;
-    const Sequence seq = sequence<Var::packed>(f, b);
-    if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
-    const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
-
     if (threadIdx.x == 0) bar.init(CONSUMERS, Var::hides_keys ? 32 : 0);
     __syncthreads();
 
     if (threadIdx.x < 128) {
         // ---- producer
-        regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var>(p, qs, sm, bar);
-        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
-        if (Var::hides_keys && threadIdx.x / 32 == 2 && qs.tiles > 0) scan_queries<Var>(p, qs, sm, bar, threadIdx.x % 32);
-        if (Var::hides_keys && threadIdx.x / 32 == 3 && qs.tiles > 0) scan_keys(qs, sm, bar, threadIdx.x % 32);
-    } else {
-        // ---- consumers
-        regs_claim<240>();
-        const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-        const int g = lane / 4, tq = lane % 4, row_in = 16 * warp + g;  // rows row_in and + 8 of a query tile
-        const float scale_log2 = float(f.scale) * float(LOG2E);
-        const int key_col0 = KEYS * wg;  // this warpgroup's keys of the tile, for s and dp
-        const T* k_keys = sm.k + key_col0 * 64;
-        const T* v_keys = sm.v + key_col0 * 64;
-        const int chunk0 = wg * HALF / 64;  // this warpgroup's columns of the head, for dk, dv and dq
-
+        produce<Var, BLOCK_M, BLOCK_N, Var::hides_keys>(p, sm, bar);
+        return;
+    }
+    // ---- consumers
+    regs_claim<240>();
+    const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int tq = lane % 4, row_in = 16 * warp + lane / 4;  // rows row_in and + 8 of a query tile
+    const float scale_log2 = float(f.scale) * float(LOG2E);
+    const int key_col0 = KEYS * wg;  // this warpgroup's keys of the tile, for s and dp
+    const T* k_keys = sm.k + key_col0 * 64;
+    const T* v_keys = sm.v + key_col0 * 64;
+    const int chunk0 = wg * HALF / 64;  // this warpgroup's columns of the head, for dk, dv and dq
+    int computed = 0;
+    for_each_key_block<Var, BLOCK_M, BLOCK_N, false>(p, bar, [&](const QueryStream<BLOCK_M, BLOCK_N>& qs, BlockStep step) {
+        const int n0 = qs.n0, b = qs.b;
+        const Sequence& seq = qs.seq;
         float dk[HT][4], dv[HT][4];
         zero(dk);
         zero(dv);
         float(&dk_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dk);
         float(&dv_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dv);
 
-        wait_keys<Var, T, D_TILE>(bar, qs, sm.k);
+        wait_keys<Var, T, D_TILE>(bar, qs, step, sm.k);
 
-        for (int t = 0, computed = 0; t < qs.tiles; ++t) {
-            const int stage = t % STAGES, m0 = qs.m0(t);
-            const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
+        for (QueryTile q = qs.first(); q.t < qs.tiles; qs.next(q)) {
+            const int i = step.tile0 + q.t, stage = i % STAGES, m0 = qs.m0(q);
+            const Var var = variant_of<Var>(f, seq, b, q.head);
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, i, m0, n0);
             if (kind == SKIP) continue;
             const T* q_buf = sm.q(stage);
             const T* do_buf = sm.dout(stage);
@@ -647,8 +767,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             const T* q_half = q_buf + chunk0 * BLOCK_M * 64;
             const T* k_half = sm.k + chunk0 * BLOCK_N * 64;
             float dq[HT][4];
-            const bool queries_bad = Var::hides_keys && bar.queries_nonfinite(t);
-            if (!(Var::hides_keys && needs_mask && (queries_bad || bar.keys_nonfinite()))) {
+            const bool queries_bad = Var::hides_keys && bar.queries_nonfinite(i);
+            if (!(Var::hides_keys && needs_mask && (queries_bad || bar.keys_nonfinite(step.loaded)))) {
                 float(&dq_regs)[HT * 4] = reinterpret_cast<float(&)[HT * 4]>(dq);
                 const TileDesc p_desc = n_major_desc(p_buf, BLOCK_M * 128), do_desc = n_major_desc(do_half, BLOCK_M * 128),
                                ds_desc = n_major_desc(ds_buf, BLOCK_M * 128), q_desc = n_major_desc(q_half, BLOCK_M * 128),
@@ -683,8 +803,9 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
             }
             stage_dq<HALF>(bar, sm.dq(stage), stage, wg, dq);
         }
-        store_dk_dv<T, HALF>(bp, seq, n0, hk, 16 * warp, wg * HALF, dk, dv, lane);
-    }
+        free_keys(bar, qs);
+        store_dk_dv<T, HALF>(bp, seq, n0, qs.hk, 16 * warp, wg * HALF, dk, dv, lane);
+    });
 }
 
 // float32's renormalization (mask.cuh, row_renormalizer) on Hopper: each query row's sum of the probabilities
@@ -857,12 +978,6 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
     if (gated_off(f)) return;
-    const KeyBlock kb = key_block<Var, BLOCK_N>(p);
-    const int n0 = kb.n0, hk = kb.hk, b = kb.b;
-    const Sequence seq = sequence<Var::packed>(f, b);
-    if (n0 >= seq.seqlen_k) return;  // a packed sequence shorter than the longest
-    const QueryStream<BLOCK_M, BLOCK_N> qs(p, seq, variant_of<Var>(f, seq, b, hk * f.group), n0, hk, b);
-
     if (threadIdx.x == 0) {
         mbar_init(scores_full, 128);
         mbar_init(probs_full, 128);
@@ -872,27 +987,28 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
 
     if (threadIdx.x < 128) {
         // ---- producer
-        regs_release<24>();
-        if (threadIdx.x == 0 && qs.tiles > 0) load_tiles<Var>(p, qs, sm, bar);
-        if (threadIdx.x == 32 && qs.tiles > 0) reduce_dq(p, qs, sm, bar);
-    } else {
-        // ---- consumers
-        regs_claim<240>();
-        const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-        const int thread = threadIdx.x % 128, g = lane / 4, tq = lane % 4, key0 = n0 + 16 * warp + g;
-        int computed = 0;  // tiles handed over so far
-        const float scale_log2 = float(f.scale) * float(LOG2E);
-
+        produce<Var, BLOCK_M, BLOCK_N, false>(p, sm, bar);
+        return;
+    }
+    // ---- consumers
+    regs_claim<240>();
+    const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int thread = threadIdx.x % 128, g = lane / 4, tq = lane % 4;
+    int computed = 0;  // tiles handed over so far
+    const float scale_log2 = float(f.scale) * float(LOG2E);
+    for_each_key_block<Var, BLOCK_M, BLOCK_N, false>(p, bar, [&](const QueryStream<BLOCK_M, BLOCK_N>& qs, BlockStep step) {
+        const int n0 = qs.n0, b = qs.b, key0 = n0 + 16 * warp + g;
+        const Sequence& seq = qs.seq;
         float grad[DT][4];  // dv (warpgroup 0) or dk (warpgroup 1) of the block's keys
         zero(grad);
         float(&grad_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(grad);
 
-        wait_keys<Var, Op, D_TILE, BLOCK_N, STAGES, BLOCK_M, PARTS>(bar, qs, sm.k);
+        wait_keys<Var, Op, D_TILE, BLOCK_N, STAGES, BLOCK_M, PARTS>(bar, qs, step, sm.k);
 
-        for (int t = 0; t < qs.tiles; ++t) {
-            const int stage = t % STAGES, m0 = qs.m0(t);
-            const Var var = variant_of<Var>(f, seq, b, qs.head(t));
-            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, t, m0, n0);
+        for (QueryTile q = qs.first(); q.t < qs.tiles; qs.next(q)) {
+            const int i = step.tile0 + q.t, stage = i % STAGES, m0 = qs.m0(q);
+            const Var var = variant_of<Var>(f, seq, b, q.head);
+            const TileKind kind = next_query_tile<BLOCK_M, BLOCK_N, D_TILE>(var, bar, sm, i, m0, n0);
             if (kind == SKIP) continue;
             const Op* q_buf = sm.q(stage);
             const Op* do_buf = sm.dout(stage);
@@ -912,11 +1028,11 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
             const int parity = computed++ & 1;
             if (wg == 0) {
 #pragma unroll
-                for (int i = 0; i < MT * 4; ++i) exchange[i * 128 + thread] = x_regs[i];
+                for (int r = 0; r < MT * 4; ++r) exchange[r * 128 + thread] = x_regs[r];
                 mbar_arrive(scores_full);
                 mbar_wait(probs_full, parity);
 #pragma unroll
-                for (int i = 0; i < MT * 4; ++i) x_regs[i] = exchange[i * 128 + thread];
+                for (int r = 0; r < MT * 4; ++r) x_regs[r] = exchange[r * 128 + thread];
             } else {
                 // each row's renormalizer in place of its sum
                 float* sums = sm.sums + stage * BLOCK_M;
@@ -925,7 +1041,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
                 mbar_wait(scores_full, parity);
                 named_barrier<128>(SYNC_WG1);  // the renormalizers stored
 #pragma unroll
-                for (int i = 0; i < MT * 4; ++i) reinterpret_cast<float*>(st)[i] = exchange[i * 128 + thread];
+                for (int r = 0; r < MT * 4; ++r) reinterpret_cast<float*>(st)[r] = exchange[r * 128 + thread];
                 const float* lse2 = sm.lse2 + stage * BLOCK_M;
                 const float* delta = sm.delta + stage * BLOCK_M;
                 check_tile(kind, var, [&](auto check, const Var& v) {
@@ -933,7 +1049,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
                                                                      delta, static_cast<const float*>(sums));
                 });
 #pragma unroll
-                for (int i = 0; i < MT * 4; ++i) exchange[i * 128 + thread] = reinterpret_cast<float*>(st)[i];
+                for (int r = 0; r < MT * 4; ++r) exchange[r * 128 + thread] = reinterpret_cast<float*>(st)[r];
                 mbar_arrive(probs_full);
             }
 
@@ -971,7 +1087,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
                 wgmma_wait<0>();
                 fence_regs(fresh);
 #pragma unroll
-                for (int i = 0; i < DT * 4; ++i) grad_regs[i] += fresh[i];
+                for (int r = 0; r < DT * 4; ++r) grad_regs[r] += fresh[r];
                 mbar_arrive(bar.dq_full + stage);  // done with the stage's dout
                 continue;
             }
@@ -999,7 +1115,7 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
 #pragma unroll
             for (int c = 0; c < CHUNKS; ++c) fence_regs(dqt[c]);
 #pragma unroll
-            for (int i = 0; i < DT * 4; ++i) grad_regs[i] += fresh[i];
+            for (int r = 0; r < DT * 4; ++r) grad_regs[r] += fresh[r];
 
             // the tile's dq, [BLOCK_M][D_TILE] row by row, where its q was
             float* staged = sm.dq(stage);
@@ -1017,8 +1133,9 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
         const float scale[2] = {wg == 0 ? 1.f : float(f.scale), wg == 0 ? 1.f : float(f.scale)};
         float* grad_out = static_cast<float*>(wg == 0 ? bp.dv : bp.dk);
         const Strides& st = wg == 0 ? bp.dv_st : bp.dk_st;
-        store_slab(seq.key_rows(grad_out, st, hk, n0), st.s, grad, scale, 16 * warp, seq.seqlen_k - n0, f.headdim, lane);
-    }
+        free_keys(bar, qs);
+        store_slab(seq.key_rows(grad_out, st, qs.hk, n0), st.s, grad, scale, 16 * warp, seq.seqlen_k - n0, f.headdim, lane);
+    });
 }
 
 // One thread per four accumulator values of sequence blockIdx.y. The 16-bit kernels store each 64-row tile of

@@ -168,4 +168,5 @@ struct BwdParamsSm90 {
     int rows, head_tile; // rows: seqlen_q rounded up to the query tile
     int batch, section;  // (batch, kv head) pairs per section of a bounded band's key blocks (key_block)
     int parts_apart;     // float32 (operands in bfloat16 parts, split.cu): batch entries from a part to the next
+    int* key_blocks_taken;  // the persistent main kernels' count of key blocks taken, zeroed by the prepare kernel
 };

@@ -575,6 +575,8 @@ def _backward_sm90_call(spec, device_id, var_type, values, referenced, q, k, v, 
     if split:  # and the rows' sums of probabilities, for their renormalization (flash_bwd_sm90_row_sums)
         buffers += (((*shape, rows), np.float32),)
         members += ("bwd.row_scale",)
+    buffers += (((1,), np.int32),)  # the main kernel's count of key blocks taken
+    members += ("key_blocks_taken",)
     map_rows = (query_rows, main.block_rows, main.block_rows, query_rows)
     maps = tuple(np.zeros((), _tma.TENSOR_MAP) if split else _tma.tensor_map(x, dtype, r)
                  for x, r in zip((q, k, v, dout), map_rows))
@@ -582,17 +584,19 @@ def _backward_sm90_call(spec, device_id, var_type, values, referenced, q, k, v, 
     queries = spec.nheads // spec.nheads_kv * longest * head_tile * (2 * operand_bytes + 4)  # q, dout, dq
     section = _plan.l2_section(_l2_bytes(device_id), queries, spec.batch * spec.nheads_kv)
     parts_apart = 1 if spec.varlen else spec.batch  # split float32: a part's batch entries, or its one
-    params = _Readdressed(BWD_PARAMS_SM90, (*maps, values, 0, 0, rows, head_tile, spec.batch, section, parts_apart),
+    struct = (*maps, values, 0, 0, rows, head_tile, spec.batch, section, parts_apart, 0)  # addresses filled per call
+    params = _Readdressed(BWD_PARAMS_SM90, struct,
                           tuple(f"bwd.{m}" for m in _BWD_ADDRESSES) + members + tuple(f"bwd.{m}" for m in extra),
                           ("tma_q", "tma_k", "tma_v", "tma_do"))
-    grid = (key_tiles * spec.nheads_kv * spec.batch, 1, 1)  # in backward_sm90.cu's key_block order
+    blocks = _plan.sm90_backward_blocks(key_tiles * spec.nheads_kv * spec.batch,
+                                        spec.nheads // spec.nheads_kv * longest, _multiprocessors(device_id))
     quads = spec.nheads * longest * head_tile // 4  # the convert kernel takes four accumulator values per thread
     sums = ()
     if split:
         row_sums = _plan.row_sums_sm90(spec.headdim, var_type)
         sums = ((row_sums, (math.ceil(spec.seqlen_q / row_sums.block_rows), spec.nheads, spec.batch)),)
     launches = ((prepare, (math.ceil(spec.nheads * longest / prepare.block_rows), spec.batch, 1)),  # a grid row per
-                *sums, (main, grid),                                                                # sequence
+                *sums, (main, (blocks, 1, 1)),                                                      # sequence
                 (convert, (math.ceil(quads / convert.block_rows), spec.batch, 1)))
     return _Call(launches, params, var_type, map_rows, buffers, referenced, reads_row_flags=False)
 

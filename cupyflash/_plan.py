@@ -219,6 +219,21 @@ def l2_section(l2_bytes, unit_bytes, units):
 
 SM90_BWD_BLOCK_M = 64  # query rows per streamed tile (backward_sm90.cu)
 
+#: Query rows (over the heads of a GQA group) up to which a key block of the Hopper backward is short enough
+#: that a block's start and end weigh: there a block per multiprocessor takes key blocks in turn.
+SM90_BWD_PERSISTENT_ROWS = 2048
+
+
+def sm90_backward_blocks(key_blocks, query_rows, multiprocessors):
+    """Blocks of the Hopper backward's main kernel, each taking key blocks in turn (for_each_key_block):
+    one per multiprocessor where each key block streams at most SM90_BWD_PERSISTENT_ROWS query rows, so that
+    a block's loads of its next key block overlap the end of its last; else one per key block, which the
+    hardware hands out as multiprocessors free up. Measured on an H100 (bfloat16, against a block per key
+    block): 1k and 2k causal 3-6% faster at headdims 64-256, 4k causal the same, 16k 0-5% slower."""
+    if query_rows <= SM90_BWD_PERSISTENT_ROWS:
+        return min(key_blocks, multiprocessors)
+    return key_blocks
+
 
 def sm90_backward_tiles(headdim):
     """(kernel, head tile, keys per block, stages) of the Hopper backward: up to headdim 128 a block owns
@@ -268,7 +283,7 @@ def sm90_backward_keys(dtype, headdim):
 
 
 def _barrier_bytes(stages):
-    return 8 * (2 + 4 * stages) + 4 * (1 + 3 * stages)  # mbarriers; flags, kinds, scans
+    return 8 * (7 + 4 * stages) + 4 * (3 + 3 * stages)  # mbarriers; flags, kinds, scans, key blocks taken
 
 
 def backward_sm90(dtype, headdim, var, aligned=True):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cupyflash
-from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, check_relative,
+from helpers import (BFLOAT16, BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, check_relative,
                      error_scales, flash_floor, naive_attention, naive_attention_backward)
 
 pytestmark = pytest.mark.gpu
@@ -308,6 +308,62 @@ def test_hopper_backward_walks_l2_sections(bound, monkeypatch):
     assert not any(bool(cp.isnan(x).any()) for x in (dq, dk, dv))
     assert bitwise_equal(dk, one_dk) and bitwise_equal(dv, one_dv)
     assert_near(dq, one_dq, 2 ** -8)
+
+
+BLOCKS_IN_TURN = {
+    "float16 causal": dict(dtype=np.float16, headdim=64, kw=dict(causal=True)),
+    "bfloat16 d128 window, NaN in a hidden key": dict(dtype="bfloat16", headdim=128, kw=dict(window_size=(70, 9)),
+                                                       nan_key=150),
+    "float16 d256 causal": dict(dtype=np.float16, headdim=256, kw=dict(causal=True)),
+    "bfloat16 d64 dropout": dict(dtype="bfloat16", headdim=64, kw=dict(dropout_p=0.2, dropout_seed=5)),
+    "float32 d96 causal": dict(dtype=np.float32, headdim=96, kw=dict(causal=True)),
+    "float16 packed causal": dict(dtype=np.float16, headdim=64, kw=dict(causal=True), packed=(0, 300, 1, 517, 129)),
+}
+
+
+@pytest.mark.parametrize("case", BLOCKS_IN_TURN)
+def test_hopper_backward_blocks_take_key_blocks_in_turn(case, monkeypatch):
+    """The Hopper backward's persistent blocks take key blocks in turn: with one, three or seven blocks in
+    the grid, each working through many key blocks (its ring of query tiles running on from one to the next),
+    dk and dv are bitwise those of a grid of a block per multiprocessor, and dq within rounding (its float32
+    sums add in another order); NaN reaches the same entries."""
+    if not cp.cuda.Device().compute_capability.startswith("9"):
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
+    c = BLOCKS_IN_TURN[case]
+    dtype = BFLOAT16 if c["dtype"] == "bfloat16" else c["dtype"]
+    kw = dict(c["kw"])
+    rng = np.random.default_rng(1)
+    if "packed" in c:
+        lengths = np.array(c["packed"])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        host = [rng.standard_normal((int(offsets[-1]), h, c["headdim"])).astype(dtype) for h in (4, 2, 2, 4)]
+        kw.update(cu_seqlens_q=cp.asarray(offsets), cu_seqlens_k=cp.asarray(offsets),
+                  max_seqlen_q=int(lengths.max()), max_seqlen_k=int(lengths.max()))
+    else:
+        host = [rng.standard_normal((2, rows, heads, c["headdim"])).astype(dtype)
+                for rows, heads in ((330, 6), (420, 3), (420, 3), (330, 6))]
+    if "nan_key" in c:
+        host[1][0, c["nan_key"], 1, 3] = np.nan
+    q, k, v, dout = (to_device(x) for x in host)
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **kw)
+
+    def backward(blocks):
+        monkeypatch.setattr(_cuda_backend, "_BACKWARD_CALLS", {})
+        if blocks:
+            monkeypatch.setattr(_cuda_backend, "_multiprocessors", lambda device_id: blocks)
+        launches = _launched(monkeypatch, cupyflash.attention_backward, dout, q, k, v, out, lse, **kw)
+        assert any(launch.source == "backward_sm90.cu" for launch in launches)
+        return cupyflash.attention_backward(dout, q, k, v, out, lse, **kw)
+
+    want_dq, want_dk, want_dv = backward(None)
+    assert bool(cp.isfinite(want_dk).any()) and bool(cp.isfinite(want_dv).any())
+    for blocks in (1, 3, 7):
+        dq, dk, dv = backward(blocks)
+        assert bitwise_equal(dk, want_dk) and bitwise_equal(dv, want_dv), blocks
+        assert bool(cp.all(cp.isfinite(dq) == cp.isfinite(want_dq))), blocks
+        finite = cp.isfinite(want_dq)
+        assert_near(cp.where(finite, dq, 0), cp.where(finite, want_dq, 0), 2 ** -8)
 
 
 def test_hopper_backward_reads_an_unaligned_out(monkeypatch):

@@ -30,6 +30,15 @@ def test_hopper_backward_tiles_cover_the_head():
         _plan.sm90_backward_tiles(257)
 
 
+def test_hopper_backward_blocks_take_turns_only_on_short_key_blocks():
+    """A block per multiprocessor (never more blocks than key blocks) where key blocks stream few query
+    rows; a block per key block beyond."""
+    rows = _plan.SM90_BWD_PERSISTENT_ROWS
+    assert _plan.sm90_backward_blocks(4096, rows, 132) == 132
+    assert _plan.sm90_backward_blocks(40, 64, 132) == 40
+    assert _plan.sm90_backward_blocks(4096, rows + 64, 132) == 4096
+
+
 def test_backward_l2_sections_fill_their_share_of_l2():
     l2 = 50 << 20
     share = int(l2 * _plan.L2_SHARE)

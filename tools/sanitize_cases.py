@@ -11,7 +11,8 @@ and all together, with NaN in masked keys so the guarded products run too, and o
 packed: packed batches with empty sequences and NaN. decode: the split-KV decode kernel of
 attention_with_kvcache on paged and contiguous caches, with its append. wide: float32 in TF32 and float64
 past its tensor-core head dimensions and with its wide heads' paired warps. families: the mma.sync family
-(16-bit) and the CUDA-core kernels (float32, float64) forced.
+(16-bit) and the CUDA-core kernels (float32, float64) forced. hopper_turns: the Hopper backward's blocks
+each taking many key blocks in turn.
 """
 import os
 import sys
@@ -157,8 +158,25 @@ def families():
     del os.environ[_cuda_backend.FAMILY_VARIABLE]
 
 
+def hopper_turns():
+    """The Hopper backward's blocks taking key blocks in turn: two blocks in the grid, each through many key
+    blocks, its ring of query tiles running on from one to the next."""
+    multiprocessors = _cuda_backend._multiprocessors
+    _cuda_backend._multiprocessors = lambda device_id: 2
+    _cuda_backend._BACKWARD_CALLS.clear()
+    mask = cp.asarray(rng.random((1, 1, 300, 390)) > 0.3)
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
+        for headdim in (64, 128, 256):
+            run(dtype, headdim, sq=300, sk=390, causal=True)
+        run(dtype, 64, sq=300, sk=390, poison=True, window_size=(60, 10))
+        run(dtype, 64, sq=300, sk=390, attn_mask=mask, dropout_p=0.2, dropout_seed=4)
+        run_packed(dtype, 64, causal=True)
+    _cuda_backend._multiprocessors = multiprocessors
+    _cuda_backend._BACKWARD_CALLS.clear()
+
+
 PARTS = {"dense16": lambda: dense((np.float16, ml_dtypes.bfloat16)), "dense32": lambda: dense((np.float32, np.float64)),
-         "packed": packed, "decode": decode, "wide": wide, "families": families}
+         "packed": packed, "decode": decode, "wide": wide, "families": families, "hopper_turns": hopper_turns}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(PARTS)
