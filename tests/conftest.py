@@ -60,6 +60,7 @@ def gpu_status():
 
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("long_running") is None)  # stable: the rest keep their order
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return

@@ -125,6 +125,7 @@ def gpu_problems(draw):
                    draw(st.one_of(st.none(), st.sampled_from([25.0, 1e4]))), draw(st.integers(0, 2**32 - 1)))
 
 
+@pytest.mark.long_running
 @settings(max_examples=60)
 @given(problem=gpu_problems())
 def test_random_against_reference(problem):

@@ -118,6 +118,7 @@ def test_windows_in_wide_key_tiles(dtype, name, monkeypatch):
     check(p, **variant(name, p))
 
 
+@pytest.mark.long_running
 @settings(max_examples=30)
 @given(dtype=st.sampled_from(DTYPES), names=st.sets(st.sampled_from(VARIANTS[:-1]), min_size=1, max_size=3),
        seqlen_q=st.sampled_from([1, 17, 128, 300]), seqlen_k=st.sampled_from([1, 5, 129, 257]),
