@@ -235,14 +235,18 @@ def sm90_backward_blocks(key_blocks, query_rows, multiprocessors):
     return key_blocks
 
 
+#: Stages of query tiles of the Hopper backward up to head tile 128 (three fit at 128).
+SM90_BWD_STAGES = 3
+
+
 def sm90_backward_tiles(headdim):
     """(kernel, head tile, keys per block, stages) of the Hopper backward: up to headdim 128 a block owns
-    128 keys, 64 per consumer warpgroup, with dK and dV in registers, and three stages of query tiles fit;
-    wider heads take 64-key blocks whose warpgroups split the head's columns (flash_bwd_sm90_wide, head
-    tile 256), with two stages."""
+    128 keys, 64 per consumer warpgroup, with dK and dV in registers, and SM90_BWD_STAGES stages of query
+    tiles; wider heads take 64-key blocks whose warpgroups split the head's columns (flash_bwd_sm90_wide,
+    head tile 256), with two stages."""
     d = -(-headdim // 64) * 64
     if d <= 128:
-        return "flash_bwd_sm90", d, 128, 3
+        return "flash_bwd_sm90", d, 128, SM90_BWD_STAGES
     if d <= HEADDIM_TILES[-1]:
         return "flash_bwd_sm90_wide", 256, 64, 2
     raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")

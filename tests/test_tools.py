@@ -38,6 +38,25 @@ def test_ab_takes_a_directory_as_the_old_tree(tmp_path):
     assert row.split(" | ")[5] == "yes"
 
 
+def test_ab_sets_a_constant_of_the_working_tree(tmp_path):
+    """--set MODULE.NAME=VALUE: named in the header; a name the module lacks, or a value that is not a
+    literal, stops the run before any cell."""
+    base = [sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", CHECKOUT, "--cpu", "--rounds", "1",
+            "--calls", "1", "--tokens", "64", "--hidden", "16"]
+    run = subprocess.run([*base, "--set", "_plan.SM90_BWD_STAGES=5", "fwd:16:32"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "new: the working tree with _plan.SM90_BWD_STAGES=5;" in run.stdout
+    for setting, message in (("_plan.NO_SUCH_TABLE=1", "cupyflash._plan has no NO_SUCH_TABLE"),
+                             ("_plan.SM90_BWD_STAGES=five", "must be a Python literal, got 'five'"),
+                             ("_nowhere.X=1", "no module cupyflash._nowhere"),
+                             ("SM90_BWD_STAGES=5", "expected MODULE.NAME=VALUE")):
+        run = subprocess.run([*base, "--set", setting, "fwd:16:32"], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
+        assert run.returncode != 0 and message in run.stderr, (setting, run.stderr)
+        assert "| fwd" not in run.stdout
+
+
 def test_ab_rejects_an_unknown_cell():
     run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", "HEAD", "--cpu",
                           "mid:64:1k"], capture_output=True, text=True, timeout=60, cwd=CHECKOUT)

@@ -13,8 +13,14 @@ tree's medians move by up to 10% on a shared machine; between interleaved batche
 A cell is MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...], MODE fwd or bwd, SEQLEN with an optional k (x1024);
 KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P). Shapes follow the FA2 protocol:
 batch = TOKENS / seqlen, heads = HIDDEN / headdim.
+
+--set MODULE.NAME=VALUE (repeatable) sets a module constant of the working tree's package before any call,
+VALUE a Python literal: a tile table's setting timed against the same tree unset, without a second tree.
+
+    python tools/ab.py --against HEAD --set _plan.SM90_BWD_STAGES=5 bwd:64:1k:causal
 """
 import argparse
+import ast
 import importlib
 import os
 import shutil
@@ -45,6 +51,24 @@ def load_revision(rev, into):
     os.rename(os.path.join(into, "cuda_src"), os.path.join(into, "cupyflash_ab", "cuda_src"))
     sys.path.insert(0, into)
     return importlib.import_module("cupyflash_ab")
+
+
+def apply_setting(package, text):
+    """MODULE.NAME=VALUE on `package`'s module MODULE; the constant must exist."""
+    target, sep, value = text.partition("=")
+    module_name, _, name = target.rpartition(".")
+    if not sep or not module_name or not name:
+        raise SystemExit(f"--set {text!r}: expected MODULE.NAME=VALUE, e.g. _plan.SM90_BWD_STAGES=5")
+    try:
+        module = importlib.import_module(f"{package.__name__}.{module_name}")
+    except ImportError:
+        raise SystemExit(f"--set {text!r}: no module {package.__name__}.{module_name}") from None
+    if not hasattr(module, name):
+        raise SystemExit(f"--set {text!r}: {module.__name__} has no {name}")
+    try:
+        setattr(module, name, ast.literal_eval(value))
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--set {text!r}: the value must be a Python literal, got {value!r}") from None
 
 
 def parse_cell(text):
@@ -131,6 +155,8 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=None, help="heads x headdim (2048 on a GPU, 64 on the CPU)")
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--calls", type=int, default=5, help="calls per timed batch")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="a module constant of the working tree's package, set before any call")
     args = p.parse_args(argv)
     cells = [parse_cell(c) for c in args.cells]
 
@@ -145,8 +171,11 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"old": load_revision(args.against, tmp), "new": importlib.import_module("cupyflash")}
+        for setting in args.set:
+            apply_setting(trees["new"], setting)
+        settings = f" with {', '.join(args.set)}" if args.set else ""
         print(f"{'GPU' if gpu else 'NumPy backend'}, {np.dtype(dtype).name}, {tokens} tokens, hidden {hidden}; "
-              f"old: {args.against}, new: the working tree; {args.rounds} rounds of {args.calls} calls")
+              f"old: {args.against}, new: the working tree{settings}; {args.rounds} rounds of {args.calls} calls")
         print("| cell | old ms | new ms | new / old | quartiles | outputs bitwise | largest difference |")
         print("|---|---|---|---|---|---|---|")
         for text, cell in zip(args.cells, cells):
