@@ -24,7 +24,12 @@ for stage in "${stages[@]}"; do
     esac
 done
 parallel=()
-if "$python" -c "import xdist" 2>/dev/null; then parallel=(-n "${JOBS:-8}"); fi
+blas=()  # NumPy's BLAS threads per pytest worker, unless set: the workers' float64 references share the cores
+if "$python" -c "import xdist" 2>/dev/null; then
+    parallel=(-n "${JOBS:-8}")
+    threads=$(( $(nproc) / ${JOBS:-8} > 0 ? $(nproc) / ${JOBS:-8} : 1 ))
+    blas=("OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$threads}" "OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}")
+fi
 kernel_suites=(tests/test_gpu.py tests/test_gpu_varlen.py tests/test_gpu_variants.py)
 status=0
 rows=()
@@ -33,7 +38,7 @@ rows=()
 run_suite() {
     local name=$1 log=$2
     shift 2
-    "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" "$@" >"$log_dir/$log" 2>&1
+    env "${blas[@]}" "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" "$@" >"$log_dir/$log" 2>&1
     local rc=$?
     tail -n 20 "$log_dir/$log"
     local summary
