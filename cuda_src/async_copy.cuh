@@ -58,8 +58,27 @@ __device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, un
                  : "memory");
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 }
+// Stores `bytes` from shared memory to global memory (a bulk copy).
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, unsigned bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_u32(src)),
+                 "r"(bytes)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// Orders this thread's global-memory accesses of the async proxy (bulk copies, reductions) with its ordinary
+// ones: a flag released after a completed bulk store, or read before a bulk reduction, speaks for the data.
+__device__ __forceinline__ void fence_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+__device__ __forceinline__ void release_or(int* flag, int bits) {
+    asm volatile("red.release.gpu.global.or.b32 [%0], %1;" ::"l"(flag), "r"(bits) : "memory");
+}
+__device__ __forceinline__ int load_acquire(const int* flag) {
+    int x;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(x) : "l"(flag) : "memory");
+    return x;
+}
 
 // Orders this thread's ordinary shared-memory accesses before the async proxy's that follow (the tensor
 // cores' reads, TMA writes).

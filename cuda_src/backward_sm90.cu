@@ -3,8 +3,8 @@
 // stream through; dq is summed in float32 across key blocks. A main kernel's block takes key blocks in turn
 // (for_each_key_block): one each, or on short key blocks a block per multiprocessor through many, loading
 // the next one's k and v as the last one ends (_plan.sm90_backward_blocks).
-//   flash_bwd_prepare_sm90  delta = rowsum(dout * out), lse in log2 units, and a zeroed float32 dq
-//                           accumulator, each head's rows padded to whole query tiles
+//   flash_bwd_prepare_sm90  delta = rowsum(dout * out) and lse in log2 units, each head's rows padded to
+//                           whole query tiles, and the float32 dq accumulator's tiles marked unwritten
 //   flash_bwd_sm90          float16 / bfloat16, headdim up to 128: 128-key tiles, 64 keys per consumer
 //                           warpgroup
 //   flash_bwd_sm90_wide     float16 / bfloat16, headdim up to 256: 64-key tiles, each consumer warpgroup
@@ -15,13 +15,14 @@
 //                           block per 128 query rows, head and sequence)
 //   flash_bwd_sm90_split    float32 on bfloat16 parts, headdim up to 128: 64-key tiles, one consumer
 //                           warpgroup computing dv, the other dk and dq
-//   flash_bwd_dq_convert    dq = accumulator * scale in the input dtype
+//   flash_bwd_dq_convert    dq = accumulator * scale in the input dtype (0 in tiles no key block wrote)
 // In the main kernels
 //   producer   (warpgroup 0) thread 0 takes the key blocks and loads each one's k and v, and q, dout, lse
 //              and delta of each of its query tiles into a ring of STAGES buffers (TMA and bulk copies,
 //              each stage completing an mbarrier); thread 32 adds each tile's dq, which the consumers stage
 //              in the buffers of its q and dout, to the accumulator with one bulk reduction
-//              (cp.reduce.async.bulk), then frees the stage;
+//              (cp.reduce.async.bulk), or stores it if it is the tile's first (add_dq_tile), then frees
+//              the stage;
 //              in the 16-bit kernels warps 2 and 3, for variants that hide keys, scan the masked tiles' q
 //              and dout, and k, for NaN or inf
 //   consumers  (warpgroups 1 and 2) of the 16-bit kernels, per query tile: s = q k^T and dp = dout v^T
@@ -42,6 +43,11 @@
 constexpr int SM90_BWD_BLOCK_M = 64;        // query rows per streamed tile (16-bit)
 constexpr int SM90_SPLIT_BWD_BLOCK_M = 32;  // and on split float32 operands
 
+// The query tile of the main kernel of inputs T (float: split operands), the unit in which the accumulator
+// takes dq (add_dq_tile, p.dq_tiles_written).
+template <typename T> struct DqTile { static constexpr int ROWS = SM90_BWD_BLOCK_M; };
+template <> struct DqTile<float> { static constexpr int ROWS = SM90_SPLIT_BWD_BLOCK_M; };
+
 // The buffers padded to whole query tiles (delta, lse_log2, dq_accum) hold row i of (sequence b, head h) at
 // padded_base(p, b) + h p.rows + i: (batch, nheads, rows) for a dense batch; (nheads, rows) for a packed one,
 // sequence b from row (cu_seqlens_q[b] / BLOCK_M + b) BLOCK_M, which leaves each sequence its whole tiles.
@@ -57,8 +63,9 @@ __device__ __forceinline__ int padded_rows(int seqlen_q) {
 }
 
 // LANES threads per padded row (head, row) of sequence blockIdx.y, VEC columns per load (16 bytes where the
-// rows of dout and out are 16-byte aligned, else 1): delta = rowsum(dout o), lse in log2 units, and the
-// row's dq accumulator zeroed; and the main kernel's count of key blocks taken.
+// rows of dout and out are 16-byte aligned, else 1): delta = rowsum(dout o), lse in log2 units, and on a
+// query tile's first row the tile of the dq accumulator marked unwritten; and the main kernel's count of key
+// blocks taken. The accumulator itself is not zeroed: each tile's first sum is stored (add_dq_tile).
 template <typename T, bool PACKED, int LANES, int VEC>
 __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_constant__ BwdParamsSm90 p) {
     struct alignas(sizeof(T) * VEC) Vec { T x[VEC]; };
@@ -88,8 +95,7 @@ __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_const
         static_cast<float*>(bp.delta)[row] = delta;
         p.lse_log2[row] = i < seq.seqlen_q ? lse_log2(static_cast<const float*>(f.lse)[seq.stat_row0(f, h) + i]) : 0.f;
     }
-    float4* accum = reinterpret_cast<float4*>(p.dq_accum + row * p.head_tile);
-    for (int c = lane; c < p.head_tile / 4; c += LANES) accum[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (lane == 0 && row % DqTile<T>::ROWS == 0) p.dq_tiles_written[row / DqTile<T>::ROWS] = 0;
 }
 
 // Item `index` of a grid under a causal or window bound, of `tiles` tiles for each of `pairs` (batch, head)
@@ -360,9 +366,28 @@ __device__ __forceinline__ void load_tiles(const BwdParamsSm90& p, const QuerySt
     }
 }
 
-// Producer thread 32: each tile's staged dq into the accumulator (one bulk reduction; the 16-bit kernels keep
-// each tile in the consumers' register order, the split kernel row by row, flash_bwd_dq_convert reads it
-// back), then frees the stage.
+// Producer thread 32: a query tile's staged dq into the accumulator, which holds nothing before the tile's
+// first sum (zeros cost the prepare kernel 4 bytes of DRAM writes per element, which the bulk reductions
+// read back). The tile's count (p.dq_tiles_written) picks its first writer, which stores the tile and marks
+// it stored once the store has completed; any other waits for that mark, then adds with one bulk
+// reduction. The first writer waits only for its own store, so no wait goes round.
+constexpr int DQ_STORED = 1 << 30;  // p.dq_tiles_written: the first sum is in the accumulator
+__device__ __forceinline__ void add_dq_tile(float* accum, const float* staged, unsigned bytes, int* written) {
+    if (atomicAdd(written, 1) == 0) {
+        bulk_store(accum, staged, bytes);
+        bulk_wait_all();
+        fence_async_global();
+        release_or(written, DQ_STORED);
+    } else {
+        while (!(load_acquire(written) & DQ_STORED)) __nanosleep(100);
+        fence_async_global();
+        bulk_reduce_add(accum, staged, bytes);
+    }
+}
+
+// Producer thread 32: each tile's staged dq into the accumulator (add_dq_tile; the 16-bit kernels keep each
+// tile in the consumers' register order, the split kernel row by row, flash_bwd_dq_convert reads it back),
+// then frees the stage.
 template <typename T, int BLOCK_M, int BLOCK_N, int D_TILE, int STAGES, int OWN, int PARTS>
 __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStream<BLOCK_M, BLOCK_N>& qs,
                                           BlockStep step,
@@ -372,8 +397,9 @@ __device__ __forceinline__ void reduce_dq(const BwdParamsSm90& p, const QueryStr
         const int i = step.tile0 + q.t, stage = i % STAGES;
         mbar_wait(bar.dq_full + stage, (i / STAGES) & 1);
         if (bar.dq_staged[stage]) {
-            bulk_reduce_add(p.dq_accum + qs.padded_row(p, q) * D_TILE,
-                            sm.dq(stage), BLOCK_M * D_TILE * sizeof(float));
+            const i64 row = qs.padded_row(p, q);
+            add_dq_tile(p.dq_accum + row * D_TILE, sm.dq(stage), BLOCK_M * D_TILE * sizeof(float),
+                        p.dq_tiles_written + row / BLOCK_M);
             bulk_wait_read();
         }
         mbar_arrive(bar.q_free + stage);
@@ -1141,7 +1167,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
 // One thread per four accumulator values of sequence blockIdx.y. The 16-bit kernels store each 64-row tile of
 // the accumulator in the consumers' register order, [warpgroup][8-column group j][thread][4] with thread =
 // 32 warp + 4 g + tq, values 2 er + ec at row 16 warp + 8 er + g, column 8 j + 2 tq + ec of the warpgroup's
-// half of the head; the split kernel (ROW_MAJOR) row by row.
+// half of the head; the split kernel (ROW_MAJOR) row by row, in 32-row tiles. A tile no key block wrote
+// (p.dq_tiles_written 0: no key reaches its rows) holds whatever the memory held, and its dq is 0.
 template <typename T, bool PACKED, bool ROW_MAJOR>
 __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const __grid_constant__ BwdParamsSm90 p) {
     const BwdParams& bp = p.bwd;
@@ -1156,7 +1183,6 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const __grid_constan
     if (m0 >= seq.seqlen_q) return;
     const int at = (int)(quad % tile_quads);
     const i64 row0 = padded_base<PACKED>(p, b) + (i64)h * p.rows + m0;
-    const float4 x = reinterpret_cast<const float4*>(p.dq_accum + row0 * p.head_tile)[at];
     // values 0, 1 at (row, col) and (row, col + 1); 2, 3 ROW_STEP rows and COL_STEP columns further
     constexpr int ROW_STEP = ROW_MAJOR ? 0 : 8, COL_STEP = ROW_MAJOR ? 2 : 0;
     int row, col;
@@ -1166,6 +1192,11 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const __grid_constan
         const int thread = at % 128, j = at / 128 % (half / 8), wg = at / 128 / (half / 8);
         row = m0 + (thread / 32) * 16 + (thread % 32) / 4, col = wg * half + 8 * j + 2 * (thread % 4);
     }
+    constexpr int TILE_ROWS = DqTile<T>::ROWS;  // T: float for the split kernel's accumulator
+    static_assert(ROW_MAJOR == (TILE_ROWS == SM90_SPLIT_BWD_BLOCK_M), "the split kernel's tiles");
+    const bool written = p.dq_tiles_written[row0 / TILE_ROWS + (row - m0) / TILE_ROWS] != 0;
+    const float4 x = written ? reinterpret_cast<const float4*>(p.dq_accum + row0 * p.head_tile)[at]
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
     const float scale = float(f.scale);
     T* dq = seq.query_rows(static_cast<T*>(bp.dq), bp.dq_st, h, 0);
     const bool aligned = reinterpret_cast<unsigned long long>(dq) % 4 == 0 && bp.dq_st.s % 2 == 0;

@@ -169,4 +169,6 @@ struct BwdParamsSm90 {
     int batch, section;  // (batch, kv head) pairs per section of a bounded band's key blocks (key_block)
     int parts_apart;     // float32 (operands in bfloat16 parts, split.cu): batch entries from a part to the next
     int* key_blocks_taken;  // the persistent main kernels' count of key blocks taken, zeroed by the prepare kernel
+    int* dq_tiles_written;  // (batch, nheads, rows / the main kernel's query tile): the sums each query tile of
+                            // dq_accum took, and DQ_STORED once its first is stored (zeroed by the prepare kernel)
 };

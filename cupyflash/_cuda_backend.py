@@ -552,10 +552,11 @@ def _backward_mma_call(spec, limit, var_type, values, referenced, q, k, v, dout,
 
 
 def _backward_sm90_call(spec, device_id, var_type, values, referenced, q, k, v, dout, out, extra=()):
-    """The Hopper backward's launches: prepare (delta, lse in log2 units, a zeroed float32 dq accumulator),
-    the main kernel over key tiles, kv heads and batches, and dq's conversion. float32 sums each row's
-    probabilities before the main kernel, for their renormalization, and its tensor maps are its parts'
-    (_SplitBackward); `extra`: BwdParams members whose addresses follow the scratch buffers'."""
+    """The Hopper backward's launches: prepare (delta, lse in log2 units, the float32 dq accumulator's tiles
+    marked unwritten), the main kernel over key tiles, kv heads and batches, and dq's conversion. float32
+    sums each row's probabilities before the main kernel, for their renormalization, and its tensor maps
+    are its parts' (_SplitBackward); `extra`: BwdParams members whose addresses follow the scratch
+    buffers'."""
     dtype = q.dtype.name
     prepare, main, convert = _plan.backward_sm90(dtype, spec.headdim, var_type, _aligned(dout, out))
     split = dtype == "float32"
@@ -575,8 +576,9 @@ def _backward_sm90_call(spec, device_id, var_type, values, referenced, q, k, v, 
     if split:  # and the rows' sums of probabilities, for their renormalization (flash_bwd_sm90_row_sums)
         buffers += (((*shape, rows), np.float32),)
         members += ("bwd.row_scale",)
-    buffers += (((1,), np.int32),)  # the main kernel's count of key blocks taken
-    members += ("key_blocks_taken",)
+    buffers += (((1,), np.int32),  # the main kernel's count of key blocks taken
+                ((*shape, rows // _plan.SM90_SPLIT_BWD_BLOCK_M), np.int32))  # the accumulator's tiles written
+    members += ("key_blocks_taken", "dq_tiles_written")
     map_rows = (query_rows, main.block_rows, main.block_rows, query_rows)
     maps = tuple(np.zeros((), _tma.TENSOR_MAP) if split else _tma.tensor_map(x, dtype, r)
                  for x, r in zip((q, k, v, dout), map_rows))
@@ -584,7 +586,7 @@ def _backward_sm90_call(spec, device_id, var_type, values, referenced, q, k, v, 
     queries = spec.nheads // spec.nheads_kv * longest * head_tile * (2 * operand_bytes + 4)  # q, dout, dq
     section = _plan.l2_section(_l2_bytes(device_id), queries, spec.batch * spec.nheads_kv)
     parts_apart = 1 if spec.varlen else spec.batch  # split float32: a part's batch entries, or its one
-    struct = (*maps, values, 0, 0, rows, head_tile, spec.batch, section, parts_apart, 0)  # addresses filled per call
+    struct = (*maps, values, 0, 0, rows, head_tile, spec.batch, section, parts_apart, 0, 0)  # addresses filled per call
     params = _Readdressed(BWD_PARAMS_SM90, struct,
                           tuple(f"bwd.{m}" for m in _BWD_ADDRESSES) + members + tuple(f"bwd.{m}" for m in extra),
                           ("tma_q", "tma_k", "tma_v", "tma_do"))

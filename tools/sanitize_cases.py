@@ -12,7 +12,10 @@ packed: packed batches with empty sequences and NaN. decode: the split-KV decode
 attention_with_kvcache on paged and contiguous caches, with its append. wide: float32 in TF32 and float64
 past its tensor-core head dimensions and with its wide heads' paired warps. families: the mma.sync family
 (16-bit) and the CUDA-core kernels (float32, float64) forced. hopper_turns: the Hopper backward's blocks
-each taking many key blocks in turn.
+each taking many key blocks in turn. dq_tiles: the Hopper backward's dq accumulator, each query tile's first
+sum stored and the rest added: many key blocks at once on few query tiles, and whole query tiles no key
+reaches, never written (that the conversion does not read them, test_fully_masked_rows checks on poisoned
+scratch: initcheck leaves the conversion out, tools/gpu_validate.sh).
 """
 import os
 import sys
@@ -175,8 +178,19 @@ def hopper_turns():
     _cuda_backend._BACKWARD_CALLS.clear()
 
 
+def dq_tiles():
+    """The Hopper backward's dq accumulator, its tiles' first sums stored: 100 queries under 4000 keys (every
+    key block on the same few query tiles), and causal 300 x 100, whose first 200 rows see no key."""
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
+        for headdim in (64, 128):
+            run(dtype, headdim, sq=100, sk=4000)
+            run(dtype, headdim, sq=300, sk=100, causal=True)
+        run(dtype, 256 if dtype != np.float32 else 96, sq=300, sk=100, causal=True)
+
+
 PARTS = {"dense16": lambda: dense((np.float16, ml_dtypes.bfloat16)), "dense32": lambda: dense((np.float32, np.float64)),
-         "packed": packed, "decode": decode, "wide": wide, "families": families, "hopper_turns": hopper_turns}
+         "packed": packed, "decode": decode, "wide": wide, "families": families, "hopper_turns": hopper_turns,
+         "dq_tiles": dq_tiles}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(PARTS)
