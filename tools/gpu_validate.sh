@@ -26,7 +26,10 @@ done
 parallel=()
 blas=()  # NumPy's BLAS threads per pytest worker, unless set: the workers' float64 references share the cores
 if "$python" -c "import xdist" 2>/dev/null; then
-    parallel=(-n "${JOBS:-8}")
+    # worksteal: an idle worker takes the tests queued behind another's long Hypothesis test (xdist >= 3.2)
+    dist=$("$python" -c "import xdist; v = tuple(map(int, xdist.__version__.split('.')[:2])); \
+print('worksteal' if v >= (3, 2) else 'load')")
+    parallel=(-n "${JOBS:-8}" --dist "$dist")
     threads=$(( $(nproc) / ${JOBS:-8} > 0 ? $(nproc) / ${JOBS:-8} : 1 ))
     blas=("OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$threads}" "OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}")
 fi
@@ -38,11 +41,12 @@ rows=()
 run_suite() {
     local name=$1 log=$2
     shift 2
-    env "${blas[@]}" "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" "$@" >"$log_dir/$log" 2>&1
+    # -v: each test's result as it ends, so that a log cut short by a time limit names what did not finish
+    env "${blas[@]}" "$python" -m pytest -m gpu -v -p no:cacheprovider "${parallel[@]}" "$@" >"$log_dir/$log" 2>&1
     local rc=$?
     tail -n 20 "$log_dir/$log"
     local summary
-    summary=$(grep -E "[0-9]+ [a-z]+.* in [0-9.]+s" "$log_dir/$log" | tail -n 1)  # pytest's last line
+    summary=$(grep -E "[0-9]+ [a-z]+.* in [0-9.]+s" "$log_dir/$log" | tail -n 1 | sed -E "s/^=+ | =+$//g")  # pytest's last line
     rows+=("| $name | ${summary:-no summary (rc $rc)} |")
     [ "$rc" -eq 0 ] || status=1
 }
