@@ -577,7 +577,7 @@ def _backward_sm90_call(spec, device_id, var_type, values, referenced, q, k, v, 
         buffers += (((*shape, rows), np.float32),)
         members += ("bwd.row_scale",)
     buffers += (((1,), np.int32),  # the main kernel's count of key blocks taken
-                ((*shape, rows // _plan.SM90_SPLIT_BWD_BLOCK_M), np.int32))  # the accumulator's tiles written
+                ((*shape, rows // _plan.SM90_SPLIT_BWD_BLOCK_M), np.int32))  # tiles written (the finest: split's)
     members += ("key_blocks_taken", "dq_tiles_written")
     map_rows = (query_rows, main.block_rows, main.block_rows, query_rows)
     maps = tuple(np.zeros((), _tma.TENSOR_MAP) if split else _tma.tensor_map(x, dtype, r)
