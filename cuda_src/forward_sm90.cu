@@ -301,8 +301,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         float o[1][DT][4];
         zero(o);
         float(&o_regs)[DT * 4] = reinterpret_cast<float(&)[DT * 4]>(o);
-        unsigned p_regs[NT * 2];  // p of the pending tile (kv_step - 1) in the A layout of wgmma
+        unsigned p_regs[NT * 2];  // p of the pending tile (kv_step - 1) in the A layout of wgmma, unmarked
         bool pending = false;
+        struct { int h, b, row0, n0; } pending_at{};  // its work tile's head and batch, this thread's row, its keys
         // A work tile's last product stays pending into the next work tile (CARRY; output rows of 4-byte
         // aligned pairs), whose first s = q k^T issues beside it, and whose first softmax runs under it; the
         // finished rows are stored after that. A short work tile (causal 1k: 1-8 key tiles) otherwise waits
@@ -338,11 +339,14 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         // scans a tile that hides keys from some rows once it has arrived, and the consumers look when they
         // come to its product, a tile later, rather than wait for the scan after the tile's softmax.
         auto dirty = [&](int step) { return V_WARP && Var::hides_keys && v_scan[step % STAGES] != 0; };
-        // the pending product on a dirty tile: each NaN or inf reaches only the rows whose probability of its
-        // key is not a masked zero (-0.0, kept through packing and dropout)
+        // the pending product on a dirty tile: each NaN or inf reaches only the rows that see its key. The
+        // probabilities are computed unmarked (a hidden one is +0.0, as an underflow is): the guarded product
+        // marks the hidden ones from the variant first.
         auto guarded = [&](int step) {
+            const Sequence seq = sequence<Var::packed>(f, pending_at.b);
             gemm_rn_guarded<Op, BLOCK_N, D_TILE>(o[0], p_regs, SwizzledTile<Op, BLOCK_N>{sV + (step % STAGES) * PARTS * KV_ELEMS},
-                                                 lane);
+                                                 variant_of<Var>(f, seq, pending_at.b, pending_at.h), pending_at.row0,
+                                                 pending_at.n0, lane);
             mbar_arrive(v_free + step % STAGES);
             pending = false;
         };
@@ -465,7 +469,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         fence_regs(s_regs);
                         mbar_arrive(k_free + stage);
                         float alpha[1][2];
-                        softmax_scores<decltype(check)::value, true, false>(v, s, stats, alpha, row0, n0, tq, scale_log2,
+                        softmax_scores<decltype(check)::value, true, false, false>(v, s, stats, alpha, row0, n0, tq, scale_log2,
                                                                             words);
                         if constexpr (decltype(overlap)::value) {
                             // The exponentials run under the product: a branch on the row sums they feed (never
@@ -485,6 +489,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<Op>(s_regs[2 * i], s_regs[2 * i + 1]);
                 if constexpr (Var::dropout && PARTS == 1) drop_packed(var, p_regs, words);
                 pending = true;
+                pending_at = {w.h, w.b, row0, n0};
             }
             if (t_last > t_first) {
                 mbar_arrive(q_free + q_slot);  // the producer may refill this q buffer

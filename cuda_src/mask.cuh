@@ -188,6 +188,16 @@ struct Variant {
         if constexpr (bool_mask) vis = vis && (mask == nullptr || mask[i * mask_sq + j * mask_sk] != 0);
         return vis;
     }
+    // Whether the pair (i, j) adds nothing whatever the data: not visible, or a float mask's -inf there (the
+    // masked zeros of a tile's probabilities, mark_hidden).
+    __device__ __forceinline__ bool hidden(int i, int j) const {
+        if (!visible(i, j)) return true;
+        if constexpr (bias) {
+            const auto x = to_acc(mask[i * mask_sq + j * mask_sk]);
+            return x == neg_inf<decltype(x)>();
+        }
+        return false;
+    }
 
     // Score of the raw product s = q.k of (i, j) in log2 units (times log2 e), -inf where masked when
     // CHECK; dcap receives d(capped)/d(uncapped) for the softcap backward. APPROX (16-bit inputs)
@@ -322,6 +332,20 @@ template <> __device__ __forceinline__ double masked_zero<double>() { return -0.
 __device__ __forceinline__ bool is_masked_zero(float x) { return __float_as_uint(x) == 0x80000000u; }
 __device__ __forceinline__ bool is_masked_zero(double x) {
     return __double_as_longlong(x) == (long long)0x8000000000000000ULL;
+}
+
+// Marks the probabilities of a tile (mma / wgmma accumulator fragments: element e of tile j at row
+// row0 + 8 (e / 2), column n0 + 8 j + 2 tq + e % 2) of the pairs `var` hides (Variant::hidden) as masked
+// zeros, for a guarded product of probabilities computed unmarked (softmax_scores without MARK: +0.0 there).
+// A score made -inf by the data stays +0.0, as in a tile without element checks. Out of line and rolled:
+// only tiles whose hidden data is not finite take it.
+template <int NT, typename Var>
+__device__ __noinline__ void mark_hidden(const Var& var, float (&p)[NT][4], int row0, int n0, int tq) {
+#pragma unroll 1
+    for (int j = 0; j < NT; ++j)
+#pragma unroll 1
+        for (int e = 0; e < 4; ++e)
+            if (var.hidden(row0 + 8 * (e / 2), n0 + 8 * j + 2 * tq + e % 2)) p[j][e] = masked_zero<float>();
 }
 
 // Renormalized recomputation (wide inputs: float32, float64). p = exp2(x - lse2) carries lse's rounding,

@@ -509,12 +509,10 @@ __device__ __forceinline__ void gemm_rn_guarded(A (&acc)[N / 8][4], const A (&p)
                                       reinterpret_cast<const A (&)[1][K / 8][4]>(p), b_tile, lane);
 }
 
-// gemm_rn_guarded with A as packed 16-bit pairs (a[i] holds accumulator elements 2 i and 2 i + 1: the A
-// registers of wgmma_rs), for callers whose float tile is no longer live.
-template <typename T, int K, int N, typename Tile>
-__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const unsigned (&a)[K / 4], const Tile& b_tile,
-                                                int lane) {
-    float p[K / 8][4];
+// A as packed 16-bit pairs (a[i] holds accumulator elements 2 i and 2 i + 1: the A registers of wgmma_rs)
+// in the float layout of the products above.
+template <typename T, int K>
+__device__ __forceinline__ void unpack_pairs(const unsigned (&a)[K / 4], float (&p)[K / 8][4]) {
 #pragma unroll
     for (int i = 0; i < K / 4; ++i) {
         T lo, hi;
@@ -523,6 +521,23 @@ __device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const un
         p[i / 2][2 * (i % 2)] = to_acc(lo);
         p[i / 2][2 * (i % 2) + 1] = to_acc(hi);
     }
+}
+// gemm_rn_guarded with A as packed 16-bit pairs, for callers whose float tile is no longer live.
+template <typename T, int K, int N, typename Tile>
+__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const unsigned (&a)[K / 4], const Tile& b_tile,
+                                                int lane) {
+    float p[K / 8][4];
+    unpack_pairs<T, K>(a, p);
+    gemm_rn_guarded<T, K, N>(acc, p, b_tile, lane);
+}
+// And with A computed unmarked (softmax_scores without MARK): the entries `var` hides (rows row0 + g and
+// + 8, columns n0 + 8 j + 2 tq + {0, 1}) are marked first (mark_hidden).
+template <typename T, int K, int N, typename Tile, typename Var>
+__device__ __forceinline__ void gemm_rn_guarded(float (&acc)[N / 8][4], const unsigned (&a)[K / 4], const Tile& b_tile,
+                                                const Var& var, int row0, int n0, int lane) {
+    float p[K / 8][4];
+    unpack_pairs<T, K>(a, p);
+    mark_hidden<K / 8>(var, p, row0, n0, lane % 4);
     gemm_rn_guarded<T, K, N>(acc, p, b_tile, lane);
 }
 

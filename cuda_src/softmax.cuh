@@ -116,9 +116,11 @@ __device__ __forceinline__ void drop_packed(const Var& var, unsigned (&p)[2 * NT
 // probabilities that `words` (TileWords or WordsOnDemand) drop become zero (drop_scores); the kept ones are
 // scaled by 1 / (1 - p) at the end, with 1 / l. A caller that packs the probabilities drops them packed
 // instead (drop_packed). CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit
-// inputs (see Variant::score).
-template <bool CHECK, bool APPROX, bool DROP = true, int MT, int NT, typename Var, typename Words, typename A,
-          int SLACK>
+// inputs (see Variant::score); MARK: masked probabilities as masked zeros (-0.0), else +0.0, for a caller
+// that marks them itself on the rare path that reads the marks (mark_hidden): the mark costs a checked
+// tile a compare and a select per element.
+template <bool CHECK, bool APPROX, bool DROP = true, bool MARK = true, int MT, int NT, typename Var, typename Words,
+          typename A, int SLACK>
 __device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4], OnlineSoftmax<A, SLACK> (&stats)[MT][2],
                                                A (&alpha)[MT][2], int row0, int n0, int tq, A scale_log2,
                                                const Words& words) {
@@ -144,7 +146,7 @@ __device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4]
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[mt][j][e] = stats[mt][e / 2].template prob<CHECK>(s[mt][j][e], scores.exp_scale, shift[e / 2]);
+                s[mt][j][e] = stats[mt][e / 2].template prob<CHECK && MARK>(s[mt][j][e], scores.exp_scale, shift[e / 2]);
                 stats[mt][e / 2].l += s[mt][j][e];
             }
     }
