@@ -11,8 +11,12 @@
 #include "common.cuh"
 #include "philox.cuh"
 
-// PACKED: the batch is packed sequences of their own lengths (params.cuh, Sequence).
-enum Feature : int { WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32, PACKED = 64 };
+// WINDOW: bounds on the keys each row sees (causal, window_size); WINDOW_LEFT, with WINDOW: a left bound
+// among them (window_size's left >= 0), whose compare a causal tile's elements then do not pay. PACKED: the
+// batch is packed sequences of their own lengths (params.cuh, Sequence).
+enum Feature : int {
+    WINDOW = 1, SOFTCAP = 2, ALIBI = 4, BOOL_MASK = 8, BIAS = 16, DROPOUT = 32, PACKED = 64, WINDOW_LEFT = 128
+};
 
 // What the variants read, a member of every pass's parameters (params.cuh). A tensor at pointer x has its
 // element strides along (batch, heads, queries, keys) in x_sb, x_sh, x_sq, x_sk, zero where it broadcasts.
@@ -81,7 +85,7 @@ template <int FEATURES, typename MaskT = unsigned char>
 struct Variant {
     static constexpr bool window = FEATURES & WINDOW, softcap = FEATURES & SOFTCAP, alibi = FEATURES & ALIBI,
                           bool_mask = FEATURES & BOOL_MASK, bias = FEATURES & BIAS, dropout = FEATURES & DROPOUT,
-                          packed = FEATURES & PACKED;
+                          packed = FEATURES & PACKED, bounded_left = FEATURES & WINDOW_LEFT;
     // A bool mask or a bias (whose -inf entries mask too) can hide any element of any tile.
     static constexpr bool masks_everywhere = bool_mask || bias;
     // Whether some row may not see a key whose data it multiplies (beyond the ends, which loads zero).
@@ -103,7 +107,7 @@ struct Variant {
     // Sequence b has seqlen_k_ keys (a KV cache's sequences differ in length).
     __device__ Variant(const VariantParams& v, int seqlen_q_, int seqlen_k_, int b_, int h_)
         : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), offset(seqlen_k_ - seqlen_q_),
-          left(window ? v.window_left : -1), right(window ? v.window_right : -1), b(b_), h(h_),
+          left(bounded_left ? v.window_left : -1), right(window ? v.window_right : -1), b(b_), h(h_),
           cap(v.softcap), dropout_scale(v.dropout_scale),
           slope(alibi ? v.alibi[b_ * v.alibi_sb + h_ * v.alibi_sh] : 0.f),
           mask(masks_everywhere ? static_cast<const MaskT*>(v.mask) + b_ * v.mask_sb + h_ * v.mask_sh : nullptr),
@@ -176,7 +180,7 @@ struct Variant {
     // ---- elements
     // The keys [lo, hi] that row i may see by the bounds and the window (a bool mask may hide more); none
     // past the end of the queries. Computed once per row, it leaves two compares per element (one
-    // without a window: lo is 0).
+    // without a left bound: lo is 0).
     __device__ __forceinline__ KeySpan key_span(int i) const {
         const int lo = left >= 0 ? i + offset - left : 0;
         const int hi = i >= seqlen_q ? -1 : right >= 0 ? min(seqlen_k - 1, i + offset + right) : seqlen_k - 1;
@@ -184,7 +188,7 @@ struct Variant {
     }
     __device__ __forceinline__ bool visible(int i, int j) const {
         const KeySpan span = key_span(i);
-        bool vis = (!window || j >= span.lo) && j <= span.hi;
+        bool vis = (!bounded_left || j >= span.lo) && j <= span.hi;
         if constexpr (bool_mask) vis = vis && (mask == nullptr || mask[i * mask_sq + j * mask_sk] != 0);
         return vis;
     }
@@ -290,7 +294,7 @@ struct TileScores {
             if constexpr (Var::bool_mask) return var.template score<true, APPROX>(s, product_scale, row, col);
             const KeySpan span = var.key_span(row);
             const int c = 8 * jj + ec;
-            if ((Var::window && c < span.lo - col_base) || c > span.hi - col_base) return neg_inf<A>();
+            if ((Var::bounded_left && c < span.lo - col_base) || c > span.hi - col_base) return neg_inf<A>();
             return var.template score<false, APPROX>(s, product_scale, row, col);
         } else {
             A x;

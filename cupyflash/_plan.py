@@ -142,7 +142,7 @@ SM90_SCHEDULE_SLOTS = _csource.constant(_csource.source("forward_sm90.cu"), "SCH
 #: more at 1k, whose last key tile is a third full. (64-key tiles took 10-25% more at every length.) Other
 #: variants keep 128: with a mask, a bias or two of the score transforms their consumers spill at 192.
 SM90_WIDE_KEY_TILE_FROM = 2048
-SM90_WIDE_KEY_TILE_FEATURES = FEATURES["WINDOW"] | FEATURES["PACKED"]
+SM90_WIDE_KEY_TILE_FEATURES = FEATURES["WINDOW"] | FEATURES["WINDOW_LEFT"] | FEATURES["PACKED"]
 
 
 def sm90_tiles(headdim, seqlen_k=0, var=None):
@@ -584,9 +584,12 @@ def covering_launches():
     sm90 += [("float16", 128, variant(every - bool_mask, "float32")), ("bfloat16", 256, variant(every - bool_mask, "bfloat16"))]
     sm90 += [(dtype, d, variant(every - bias - bool_mask + packed)) for dtype, d in zip(TENSOR_CORE_DTYPES, (64, 256))]
     sm90 += [("bfloat16", 128, variant(packed))]
+    causal = variant(FEATURES["WINDOW"])  # no left bound
+    sm90 += [("bfloat16", d, causal) for d in (64, 128)]
     sm90_launches = [forward_sm90(*case) for case in sm90]
     sm90_launches += [forward_sm90(dtype, 64, var, SM90_WIDE_KEY_TILE_FROM)  # 192-key tiles
-                      for dtype, var in (("bfloat16", plain), ("float16", variant(SM90_WIDE_KEY_TILE_FEATURES)))]
+                      for dtype, var in (("bfloat16", plain), ("float16", variant(SM90_WIDE_KEY_TILE_FEATURES)),
+                                         ("bfloat16", causal))]
     sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
     # float32 on split operands (the split kernel, both head tiles, every feature)
     split_cases = ((64, plain), (128, plain), (64, variant(every - bias, "bool")),
@@ -595,7 +598,7 @@ def covering_launches():
     sm90_launches += [launch for d, var in split_cases
                       for launch in (*backward_sm90("float32", d, var), row_sums_sm90(d, var))]
     sm90_launches += backward_sm90("float16", 96, plain, aligned=False)[:1]  # the prepare kernel's element loads
-    decode_features = variant(FEATURES["WINDOW"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])
+    decode_features = variant(FEATURES["WINDOW"] | FEATURES["WINDOW_LEFT"] | FEATURES["SOFTCAP"] | FEATURES["ALIBI"])
     decodes = [decode(dtype, d, rows, var, big) for dtype in ("float16", "bfloat16", "float32")
                for rows, var in ((1, plain), (16, decode_features)) for d in ((128, 64) if rows == 1 else (256,))]
     decodes += [decode(dtype, d, rows, var, big, tma=True)

@@ -129,6 +129,8 @@ def kernel_variant(spec):
     fields = {"window_left": left, "window_right": right}
     if spec.has_window:
         on.append("WINDOW")
+    if left >= 0:  # a left bound: its compare, which causal tiles are spared
+        on.append("WINDOW_LEFT")
     if spec.softcap > 0:
         on.append("SOFTCAP")
         fields["softcap"] = spec.softcap
