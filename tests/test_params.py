@@ -79,6 +79,22 @@ def test_feature_bits_are_distinct():
     assert bits and all(bit > 0 and bit & (bit - 1) == 0 for bit in bits) and len(set(bits)) == len(bits)
 
 
+def test_a_window_bounds_the_left_only_where_it_has_a_left_bound():
+    """Causal and right-only windows compile without the left bound's compare (WINDOW without WINDOW_LEFT)."""
+    import numpy as np
+
+    from cupyflash import _validate, _variants
+
+    window, left = _variants.FEATURES["WINDOW"], _variants.FEATURES["WINDOW_LEFT"]
+    q = np.zeros((1, 8, 2, 16), np.float32)
+    for kw, want in [({}, 0), ({"causal": True}, window), ({"window_size": (-1, 3)}, window),
+                     ({"window_size": (4, -1)}, window | left), ({"window_size": (4, 0)}, window | left),
+                     ({"causal": True, "window_size": (0, -1)}, window | left)]:
+        features, _, fields = _variants.kernel_variant(_validate.check_call("attention", q, q, q, **kw))
+        assert features & (window | left) == want, kw
+        assert fields["window_left"] == (kw.get("window_size", (-1, -1))[0]), kw
+
+
 def _probes():
     return [(struct, name) for struct, dtype in STRUCTS.items() for name in dtype.names]
 
