@@ -61,9 +61,16 @@ struct WorkTile {
         const int pairs = (query_tiles + 1) / 2 * heads;
         return 2 * ((pairs + gridDim.x - 1) / gridDim.x) * gridDim.x;
     }
-    __device__ WorkTile(const FwdParamsSm90& p, int tile, int query_tiles, int block_m) {
+    // The divisors of a dense batch's work tiles, fixed for the kernel: a work tile's start divides by them
+    // in a multiply and a shift each, not in a chain of divisions.
+    struct Divisors {
+        FastDiv grid, query_tiles, pairs, heads;
+        __device__ Divisors(const FwdParamsSm90& p, int query_tiles_)
+            : grid(gridDim.x), query_tiles(query_tiles_), pairs((query_tiles_ + 1) / 2), heads(p.fwd.nheads) {}
+    };
+    __device__ WorkTile(const FwdParamsSm90& p, int tile, const Divisors& div, int block_m) {
         const int nheads = p.fwd.nheads;
-        int query_tile, head;  // head: h + nheads * b
+        int query_tiles = div.query_tiles.d, query_tile, head;  // head: h + nheads * b
         if constexpr (Var::packed) {
             int lo = 0, hi = p.batch;  // the listed sequence whose tiles hold `tile`: work[lo] <= tile < work[hi]
             while (hi - lo > 1) {
@@ -75,19 +82,19 @@ struct WorkTile {
             query_tile = query_tiles - 1 - (tile - first) % query_tiles;
             head = (tile - first) / query_tiles + nheads * p.work[p.batch + 1 + lo];
         } else {
-            query_tile = tile % query_tiles;
-            head = tile / query_tiles;
+            head = div.query_tiles.div(tile);
+            query_tile = tile - head * query_tiles;
             if (paired(query_tiles, nheads * p.batch)) {
-                const int round = tile / gridDim.x, unit = round / 2 * gridDim.x + tile % gridDim.x;
-                const int pairs = (query_tiles + 1) / 2, pair = unit % pairs;
-                head = unit / pairs;
+                const int round = div.grid.div(tile), unit = round / 2 * gridDim.x + (tile - round * gridDim.x);
+                head = div.pairs.div(unit);
+                const int pair = unit - head * div.pairs.d;
                 query_tile = round % 2 == 0 ? query_tiles - 1 - pair : pair;
                 valid = head < nheads * p.batch && (round % 2 == 0 || 2 * pair + 1 != query_tiles);
             }
         }
         m0 = query_tile * block_m;
-        h = head % nheads;
-        b = head / nheads;
+        b = div.heads.div(head);
+        h = head - b * nheads;
     }
 };
 
@@ -180,6 +187,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     const FwdParams& f = p.fwd;
     const int query_tiles = (f.seqlen_q + BLOCK_M - 1) / BLOCK_M;
     Schedule<DYNAMIC> schedule{sched_slots, sched_full, sched_free, WorkTile<Var>::count(p, query_tiles)};
+    const typename WorkTile<Var>::Divisors work_divisors(p, query_tiles);
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < Q_STAGES; ++s) {
@@ -210,7 +218,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         if (threadIdx.x == 0) {
             int kv_step = 0, q_step = 0;
             for (int tile = schedule.produce(p); tile >= 0; tile = schedule.produce(p)) {
-                const WorkTile<Var> w(p, tile, query_tiles, BLOCK_M);
+                const WorkTile<Var> w(p, tile, work_divisors, BLOCK_M);
                 if (!w.valid) continue;
                 const Sequence seq = sequence<Var::packed>(f, w.b);
                 const Var var = variant_of<Var>(f, seq, w.b, w.h);
@@ -267,7 +275,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             const int lane = threadIdx.x % 32;
             int kv_step = 0;
             for (int tile = schedule.consume(); tile >= 0; tile = schedule.consume()) {
-                const WorkTile<Var> w(p, tile, query_tiles, BLOCK_M);
+                const WorkTile<Var> w(p, tile, work_divisors, BLOCK_M);
                 if (!w.valid) continue;
                 const Sequence seq = sequence<Var::packed>(f, w.b);
                 const Var var = variant_of<Var>(f, seq, w.b, w.h);
@@ -367,7 +375,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         };
 
         for (int tile = schedule.consume(); tile >= 0; tile = schedule.consume()) {
-            const WorkTile<Var> w(p, tile, query_tiles, BLOCK_M);
+            const WorkTile<Var> w(p, tile, work_divisors, BLOCK_M);
             if (!w.valid) continue;
             const Sequence seq = sequence<Var::packed>(f, w.b);
             const Var var = variant_of<Var>(f, seq, w.b, w.h);
