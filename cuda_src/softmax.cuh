@@ -97,15 +97,16 @@ __device__ __forceinline__ void drop_scores(const Var& var, A (&s)[MT][NT][4], i
 }
 
 // Dropout on one slab's probabilities packed in pairs as wgmma's A operand (p[2 j + r]: row r, columns
-// 8 j + 2 tq + {0, 1}), four pairs a byte compare: for tiles that start at multiples of 64 columns. A
-// dropped probability keeps its sign bit: a masked zero (-0.0) stays one for the guarded product.
+// 8 j + 2 tq + {0, 1}), four pairs a byte compare: for tiles that start at multiples of 64 columns. The
+// probabilities are unmarked (softmax_scores without MARK): a dropped one becomes +0.0, as a hidden one is
+// until a guarded product marks it (mark_hidden).
 template <int NT, typename Var>
 __device__ __forceinline__ void drop_packed(const Var& var, unsigned (&p)[2 * NT], const TileWords<1, NT>& words) {
     static_assert(NT % 8 == 0, "64-column groups");
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) p[2 * j + r] &= var.keep_halves(words.w[0][r][j / 8][(j % 8) / 2], j % 8) | 0x80008000u;
+        for (int r = 0; r < 2; ++r) p[2 * j + r] &= var.keep_halves(words.w[0][r][j / 8][(j % 8) / 2], j % 8);
 }
 
 // One key tile of the tensor-core forward kernels, on mma / wgmma accumulator fragments: MT slabs of
