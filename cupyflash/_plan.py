@@ -136,25 +136,41 @@ SM90_STAGES = 2
 SM90_SCHEDULE_SLOTS = _csource.constant(_csource.source("forward_sm90.cu"), "SCHEDULE_SLOTS")
 
 
-#: From this many keys on, the Hopper forward at head tile 64 takes tiles of 192 keys, for the variants of
-#: SM90_WIDE_KEY_TILE_FEATURES. Measured on an H100 against 128 (bfloat16, FA2-protocol cells,
-#: docs/performance.md): 9-11% less time causal at 4k-16k, 3% non-causal at 16k, 2% causal at 2k; 10-14%
-#: more at 1k, whose last key tile is a third full. (64-key tiles took 10-25% more at every length.) Other
-#: variants keep 128: with a mask, a bias or two of the score transforms their consumers spill at 192.
+#: From this many keys seen by a query row on average (keys_seen) on, the Hopper forward at head tile 64
+#: takes tiles of 192 keys, for the variants of SM90_WIDE_KEY_TILE_FEATURES. Measured on an H100 against 128
+#: (bfloat16, FA2-protocol cells, tools/ab.py, docs/performance.md): 192 takes 3% less time non-causal at 2k,
+#: 6% at 4k and 13% at 16k; causal, 4% less at 8k and 6% at 16k, the same at 4k, 7% more at 2k; 11% more
+#: under a window of 1024 keys at 16k and 31% more under one of 256 (the diagonal's key tiles mostly hidden). (64-key tiles took 10-25% more at every length.) Other variants keep 128: with a mask,
+#: a bias or two of the score transforms their consumers spill at 192.
 SM90_WIDE_KEY_TILE_FROM = 2048
 SM90_WIDE_KEY_TILE_FEATURES = FEATURES["WINDOW"] | FEATURES["WINDOW_LEFT"] | FEATURES["PACKED"]
 
 
-def sm90_tiles(headdim, seqlen_k=0, var=None):
-    """(head tile, query rows, keys) of a Hopper forward block over `seqlen_k` keys with variant `var`
-    (None: plain): the head dimension padded to 64-column chunks (the TMA box width), 128 query rows in
-    two consumer warpgroups, key tiles of 128 keys (192 at head tile 64 from SM90_WIDE_KEY_TILE_FROM keys
-    on; 64 above headdim 128, so that SM90_STAGES K and V buffers fit in shared memory)."""
+def keys_seen(seqlen_q, seqlen_k, window):
+    """About how many keys a query row sees on average under `window` ((left, right) keys, -1 unbounded;
+    causal is (-1, 0)), the rows aligned bottom-right: the mean over 64 rows spread across the queries."""
+    if seqlen_q == 0:
+        return 0.0
+    left, right = (seqlen_q + seqlen_k if bound < 0 else bound for bound in window)
+    samples = min(seqlen_q, 64)
+    seen = 0
+    for i in range(samples):
+        key = (i * (seqlen_q - 1)) // max(samples - 1, 1) + seqlen_k - seqlen_q  # the row's diagonal key
+        seen += max(0, min(seqlen_k - 1, key + right) - max(0, key - left) + 1)
+    return seen / samples
+
+
+def sm90_tiles(headdim, keys=0, var=None):
+    """(head tile, query rows, keys) of a Hopper forward block whose rows see `keys` keys on average
+    (keys_seen) under variant `var` (None: plain): the head dimension padded to 64-column chunks (the TMA box
+    width), 128 query rows in two consumer warpgroups, key tiles of 128 keys (192 at head tile 64 from
+    SM90_WIDE_KEY_TILE_FROM keys on; 64 above headdim 128, so that SM90_STAGES K and V buffers fit in shared
+    memory)."""
     d = -(-headdim // 64) * 64
     if d > HEADDIM_TILES[-1]:
         raise ValueError(f"headdim must be at most {HEADDIM_TILES[-1]}, got {headdim}")
     features = 0 if var is None else _features(var)
-    if d == 64 and seqlen_k >= SM90_WIDE_KEY_TILE_FROM and features & ~SM90_WIDE_KEY_TILE_FEATURES == 0:
+    if d == 64 and keys >= SM90_WIDE_KEY_TILE_FROM and features & ~SM90_WIDE_KEY_TILE_FEATURES == 0:
         return d, 128, 192
     return d, 128, (128 if d <= 128 else 64)
 
@@ -175,20 +191,20 @@ def sm90_split_tiles(headdim):
     return d, 128, (64 if d == 64 else 32), 2
 
 
-def sm90_forward_tiles(dtype, headdim, seqlen_k=0, var=None):
-    """(head tile, query rows, keys, stages) of the Hopper forward of `dtype`."""
+def sm90_forward_tiles(dtype, headdim, keys=0, var=None):
+    """(head tile, query rows, keys, stages) of the Hopper forward of `dtype` (`keys`: as sm90_tiles)."""
     if dtype in TENSOR_CORE_DTYPES:
-        return (*sm90_tiles(headdim, seqlen_k, var), SM90_STAGES)
+        return (*sm90_tiles(headdim, keys, var), SM90_STAGES)
     if dtype == "float32":
         return sm90_split_tiles(headdim)
     raise ValueError(f"the Hopper forward takes float16, bfloat16 and float32, got {dtype}")
 
 
-def forward_sm90(dtype, headdim, var, seqlen_k=0):
-    """Hopper forward (forward_sm90.cu) over `seqlen_k` keys (the longest sequence's): a producer warpgroup
+def forward_sm90(dtype, headdim, var, keys=0):
+    """Hopper forward (forward_sm90.cu) whose rows see `keys` keys on average (keys_seen): a producer warpgroup
     streams K/V tiles through shared-memory stages to two consumer warpgroups; two query buffers where
     shared memory holds them. float32 reads its operands as SM90_SPLIT_PARTS bfloat16 parts."""
-    d, block_m, block_n, stages = sm90_forward_tiles(dtype, headdim, seqlen_k, var)
+    d, block_m, block_n, stages = sm90_forward_tiles(dtype, headdim, keys, var)
     parts = SM90_SPLIT_PARTS if dtype == "float32" else 1
     limit = SMEM_LIMITS[(9, 0)]
     smem = lambda q_stages: (2 * parts * (q_stages * block_m + 2 * stages * block_n) * d

@@ -277,12 +277,12 @@ def test_hopper_forward_pairs_query_tiles(bound, seqlen_q, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("headdim", [64, 40])
 def test_hopper_forward_wide_key_tiles(headdim, causal, monkeypatch):
-    """From _plan.SM90_WIDE_KEY_TILE_FROM keys on, the Hopper forward at head tile 64 takes tiles of 192 keys:
-    against the reference, the last key tile ragged."""
+    """From _plan.SM90_WIDE_KEY_TILE_FROM keys seen per row on, the Hopper forward at head tile 64 takes tiles
+    of 192 keys: against the reference, the last key tile ragged (causal rows see 2086-2385 keys)."""
     if not cp.cuda.Device().compute_capability.startswith("9"):
         pytest.skip("needs a Hopper GPU")
     monkeypatch.delenv(_cuda_backend.FAMILY_VARIABLE, raising=False)
-    problem = Problem(1, 300, _plan.SM90_WIDE_KEY_TILE_FROM + 37, 2, 1, headdim, np.float16, causal, None, None,
+    problem = Problem(1, 300, _plan.SM90_WIDE_KEY_TILE_FROM + 337, 2, 1, headdim, np.float16, causal, None, None,
                       headdim)
     q, k, v, _ = (to_device(x) for x in problem.arrays())
     names = [launch.name for launch in _launched(monkeypatch, cupyflash.attention, q, k, v, causal=causal)]

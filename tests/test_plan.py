@@ -1,5 +1,6 @@
 """The tile table's Hopper entries fit sm_90 for every head dimension: shared memory within the opt-in
 limit, a head tile that covers the head, and the backward kernel each width takes. No GPU needed."""
+import numpy as np
 import pytest
 
 from cupyflash import _plan
@@ -118,3 +119,33 @@ def test_float32_and_float64_tiles_fit_every_shared_memory_table(dtype):
     c_type = "tf32_t" if dtype == "float32" else "double"
     assert all(launch.source.endswith("_mma.cu") and launch.name.split("<")[1].startswith(c_type + ",")
                for launch in fast)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(1, 1), (7, 300), (300, 7), (97, 130), (200, 200)])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (20, 3), (0, 0), (5, -1)])
+def test_keys_seen_counts_the_keys_of_spread_rows(seqlen_q, seqlen_k, window):
+    """keys_seen: the mean over the sampled rows (all rows up to 64) of the keys inside the row's window."""
+    left, right = window
+    keys = np.arange(seqlen_k)
+    samples = min(seqlen_q, 64)
+    rows = [i * (seqlen_q - 1) // max(samples - 1, 1) for i in range(samples)]
+    counts = []
+    for row in rows:
+        diagonal = row + seqlen_k - seqlen_q
+        inside = np.ones(seqlen_k, bool)
+        if left >= 0:
+            inside &= keys >= diagonal - left
+        if right >= 0:
+            inside &= keys <= diagonal + right
+        counts.append(np.count_nonzero(inside))
+    assert _plan.keys_seen(seqlen_q, seqlen_k, window) == pytest.approx(np.mean(counts))
+
+
+def test_wide_key_tiles_follow_the_keys_a_row_sees():
+    """Causal rows at 2k see 1k keys on average: 128-key tiles; at 4k, 2k keys: 192; a window of 256: 128."""
+    wide = _plan.SM90_WIDE_KEY_TILE_FROM
+    var = _plan.variant(_plan.FEATURES["WINDOW"])
+    for seqlen, window, block_n in [(wide, (-1, -1), 192), (wide, (-1, 0), 128), (2 * wide, (-1, 0), 192),
+                                    (8 * wide, (256, 0), 128)]:
+        keys = _plan.keys_seen(seqlen, seqlen, window)
+        assert _plan.sm90_tiles(64, keys, var)[2] == block_n, (seqlen, window)
