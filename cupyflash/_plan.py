@@ -147,17 +147,23 @@ SM90_WIDE_KEY_TILE_FEATURES = FEATURES["WINDOW"] | FEATURES["WINDOW_LEFT"] | FEA
 
 
 def keys_seen(seqlen_q, seqlen_k, window):
-    """About how many keys a query row sees on average under `window` ((left, right) keys, -1 unbounded;
-    causal is (-1, 0)), the rows aligned bottom-right: the mean over 64 rows spread across the queries."""
+    """How many keys a query row sees on average under `window` ((left, right) keys, -1 unbounded; causal is
+    (-1, 0)), the rows aligned bottom-right: row i sees keys max(0, c - left) ... min(seqlen_k - 1, c + right)
+    of its diagonal key c = i + seqlen_k - seqlen_q, a count linear in c between four kinks, summed piece by
+    piece."""
     if seqlen_q == 0:
         return 0.0
     left, right = (seqlen_q + seqlen_k if bound < 0 else bound for bound in window)
-    samples = min(seqlen_q, 64)
-    seen = 0
-    for i in range(samples):
-        key = (i * (seqlen_q - 1)) // max(samples - 1, 1) + seqlen_k - seqlen_q  # the row's diagonal key
-        seen += max(0, min(seqlen_k - 1, key + right) - max(0, key - left) + 1)
-    return seen / samples
+
+    def seen(c):
+        return max(0, min(seqlen_k - 1, c + right) - max(0, c - left) + 1)
+
+    first, last = seqlen_k - seqlen_q, seqlen_k - 1
+    cuts = [first, *sorted(c for c in {-right - 1, left, seqlen_k - 1 - right, seqlen_k + left} if first < c < last),
+            last]
+    total = sum((b - a + 1) * (seen(a) + seen(b)) / 2 for a, b in zip(cuts, cuts[1:]))
+    total -= sum(seen(c) for c in cuts[1:-1])  # each inner cut ends one piece and starts the next
+    return total / seqlen_q
 
 
 def sm90_tiles(headdim, keys=0, var=None):

@@ -71,7 +71,7 @@ def dense(dtypes):
                         dict(attn_mask=hidden_tail), dict(dropout_p=0.2, dropout_seed=5)):
             run(dtype, 64, sq=300, sk=390, poison="attn_mask" in variant, **variant)
         # From _plan.SM90_WIDE_KEY_TILE_FROM keys seen per row on, the Hopper forward at head tile 64 takes
-        # 192-key tiles: here rows see 2100-2300 keys.
+        # 192-key tiles: here rows see 2101-2300 keys.
         for variant in (dict(), dict(causal=True), dict(window_size=(2100, 20))):
             run(dtype, 64, sq=200, sk=2300, **variant)
 
