@@ -74,7 +74,6 @@ struct FastDiv {
         m = unsigned(((1ull << (31 + s)) + d - 1) / unsigned(max(d, 1)));
     }
     __device__ __forceinline__ int div(int a) const { return int((unsigned long long)unsigned(a) * m >> (31 + s)); }
-    __device__ __forceinline__ int mod(int a) const { return a - div(a) * d; }
 };
 
 // Reductions over the TPR consecutive lanes that share a row.
