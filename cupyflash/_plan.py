@@ -140,8 +140,9 @@ SM90_SCHEDULE_SLOTS = _csource.constant(_csource.source("forward_sm90.cu"), "SCH
 #: takes tiles of 192 keys, for the variants of SM90_WIDE_KEY_TILE_FEATURES. Measured on an H100 against 128
 #: (bfloat16, FA2-protocol cells, tools/ab.py, docs/performance.md): 192 takes 3% less time non-causal at 2k,
 #: 6% at 4k and 13% at 16k; causal, 4% less at 8k and 6% at 16k, the same at 4k, 7% more at 2k; 11% more
-#: under a window of 1024 keys at 16k and 31% more under one of 256 (the diagonal's key tiles mostly hidden). (64-key tiles took 10-25% more at every length.) Other variants keep 128: with a mask,
-#: a bias or two of the score transforms their consumers spill at 192.
+#: under a window of 1024 keys at 16k and 31% more under one of 256 (the diagonal's key tiles mostly
+#: hidden). (64-key tiles took 10-25% more at every length.) Other variants keep 128: with a mask, a bias
+#: or two of the score transforms their consumers spill at 192.
 SM90_WIDE_KEY_TILE_FROM = 2048
 SM90_WIDE_KEY_TILE_FEATURES = FEATURES["WINDOW"] | FEATURES["WINDOW_LEFT"] | FEATURES["PACKED"]
 
