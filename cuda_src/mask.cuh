@@ -186,10 +186,12 @@ struct Variant {
         const int hi = i >= seqlen_q ? -1 : right >= 0 ? min(seqlen_k - 1, i + offset + right) : seqlen_k - 1;
         return {lo, hi};
     }
+    // The mask's entry of row i, column j (a bool mask's or a bias's).
+    __device__ __forceinline__ MaskT entry(int i, int j) const { return mask[i * mask_sq + j * mask_sk]; }
     __device__ __forceinline__ bool visible(int i, int j) const {
         const KeySpan span = key_span(i);
         bool vis = (!bounded_left || j >= span.lo) && j <= span.hi;
-        if constexpr (bool_mask) vis = vis && (mask == nullptr || mask[i * mask_sq + j * mask_sk] != 0);
+        if constexpr (bool_mask) vis = vis && (mask == nullptr || entry(i, j) != 0);
         return vis;
     }
     // Whether the pair (i, j) adds nothing whatever the data: not visible, or a float mask's -inf there (the
@@ -197,7 +199,7 @@ struct Variant {
     __device__ __forceinline__ bool hidden(int i, int j) const {
         if (!visible(i, j)) return true;
         if constexpr (bias) {
-            const auto x = to_acc(mask[i * mask_sq + j * mask_sk]);
+            const auto x = to_acc(entry(i, j));
             return x == neg_inf<decltype(x)>();
         }
         return false;
@@ -219,7 +221,7 @@ struct Variant {
             x = s * scale_log2;
         }
         if constexpr (alibi) x -= A(slope) * A(LOG2E) * A(abs(i + offset - j));
-        if constexpr (bias) x += to_acc(mask[i * mask_sq + j * mask_sk]) * A(LOG2E);
+        if constexpr (bias) x += to_acc(entry(i, j)) * A(LOG2E);
         return x;
     }
     template <bool CHECK, bool APPROX, typename A>
@@ -305,7 +307,7 @@ struct TileScores {
                 x = bare ? s : s * product_scale;
             }
             if constexpr (split_alibi) x += key_base[ec] + A(8 * jj) * slope;
-            if constexpr (Var::bias) x += to_acc(var.mask[row * var.mask_sq + col * var.mask_sk]) * A(LOG2E);
+            if constexpr (Var::bias) x += to_acc(var.entry(row, col)) * A(LOG2E);
             return x;
         }
     }
