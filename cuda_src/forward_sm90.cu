@@ -4,8 +4,8 @@
 // each block has three warpgroups:
 //   producer   (warpgroup 0; one thread issues)  q once, then the K and V tiles of the band into a ring
 //              of STAGES shared-memory buffers (TMA; each buffer's arrival completes an mbarrier); with a
-//              bool mask, each K tile with its classification (Variant::tile_kind), and no copy of a tile
-//              the mask hides
+//              bool mask, each K and V tile with its classification (Variant::tile_kind), no copy of a
+//              tile the mask hides, and none of the tiles it hides at the end of a row
 //   V warp     (producer warp 1, for packed batches and variants that hide keys) each V tile once it has
 //              arrived: rows past a packed sequence's end zeroed, and whether a tile that hides some keys
 //              from some rows holds NaN or inf, before handing it to the consumers
@@ -159,6 +159,10 @@ __device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& se
 // (head tile 256: 8% less time at 4 x 4096; at 128 no gain beyond the runs' 2-3% noise).
 constexpr int MAX_SLACK = 8;
 
+// A bool mask's key tile as the producer hands it to the V warp and the consumers: its TileKind, and ROW_END
+// on the last tile the row visits (those the mask hides after it are not visited).
+constexpr int KIND_BITS = 3, ROW_END = 4;
+
 template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
     using Op = typename Operands<T>::type;
@@ -182,8 +186,9 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* v_clean = v_free + STAGES; // [STAGES]: the V warp is done with the tile
     unsigned long long* sched_full = v_clean + STAGES;  // [SCHEDULE_SLOTS]
     unsigned long long* sched_free = sched_full + SCHEDULE_SLOTS;  // [SCHEDULE_SLOTS]
-    int* kinds = reinterpret_cast<int*>(sched_free + SCHEDULE_SLOTS);  // [STAGES]: bool mask, the key tile's TileKind
-    int* v_scan = kinds + STAGES;  // [STAGES]: the V warp found NaN or inf in a tile that hides keys
+    int* kinds = reinterpret_cast<int*>(sched_free + SCHEDULE_SLOTS);  // [STAGES]: bool mask, the key tile's KindWord
+    int* v_kinds = kinds + STAGES;  // [STAGES]: the same, for the V warp (written once it has freed the slot)
+    int* v_scan = v_kinds + STAGES;  // [STAGES]: the V warp found NaN or inf in a tile that hides keys
     int* sched_slots = v_scan + STAGES;  // [SCHEDULE_SLOTS]
     constexpr int V_WARP = PARTS == 1 && (Var::packed || Var::hides_keys) ? 32 : 0;  // its threads
     constexpr bool DYNAMIC = Var::packed;
@@ -229,6 +234,11 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 int t_first, t_last;
                 key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
                 if (t_last == t_first) continue;
+                // The key tiles a bool mask hides at the end of the row are not visited: the last visited
+                // one carries ROW_END, on which the V warp and the consumers end the row too.
+                if constexpr (Var::bool_mask)
+                    while (t_last - 1 > t_first && var.tile_kind(w.m0, BLOCK_M, (t_last - 1) * BLOCK_N, BLOCK_N) == SKIP)
+                        --t_last;
                 const int hk = w.h / f.group;
                 const int q_slot = q_step % Q_STAGES;
                 if (q_step >= Q_STAGES) mbar_wait(q_free + q_slot, (q_step / Q_STAGES - 1) & 1);
@@ -247,13 +257,15 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     // before their products. The consumers classify by arithmetic themselves: handing every
                     // kind over made plain 5-10% slower.
                     const int kind = Var::bool_mask ? var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N) : 0;
+                    const int word = kind | (t == t_last - 1 ? ROW_END : 0);
                     // k's buffer comes back after its s, v's a tile later, after its product
                     if (kv_step >= STAGES) mbar_wait(k_free + stage, free_parity);
                     if constexpr (Var::bool_mask) {
-                        kinds[stage] = kind;
+                        kinds[stage] = word;
                         if (kind == SKIP) {  // nobody reads the tile: its phases complete without a copy
                             mbar_arrive(k_full + stage);
                             if (kv_step >= STAGES) mbar_wait(v_free + stage, free_parity);
+                            v_kinds[stage] = word;
                             mbar_arrive(v_full + stage);
                             continue;
                         }
@@ -264,6 +276,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                             tma_load(k_buf + part * KV_ELEMS + c * BLOCK_N * 64, p.tma_k, c * 64, int(seq.k0) + n0, hk,
                                      seq.entry + part * p.parts_apart, k_full + stage);
                     if (kv_step >= STAGES) mbar_wait(v_free + stage, free_parity);
+                    if constexpr (Var::bool_mask) v_kinds[stage] = word;
                     mbar_expect_tx(v_full + stage, PARTS * KV_ELEMS * sizeof(Op));
                     for (int part = 0; part < PARTS; ++part)
                         for (int c = 0; c < CHUNKS; ++c)
@@ -285,14 +298,22 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 const Var var = variant_of<Var>(f, seq, w.b, w.h);
                 int t_first, t_last;
                 key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
-                for (int t = t_first; t < t_last; ++t, ++kv_step) {
+                bool row_end = false;
+                for (int t = t_first; t < t_last && !row_end; ++t, ++kv_step) {
                     const int stage = kv_step % STAGES, n0 = t * BLOCK_N;
                     Op* v_buf = sV + stage * PARTS * KV_ELEMS;
                     mbar_wait(v_full + stage, (kv_step / STAGES) & 1);
                     if (Var::packed && n0 + BLOCK_N > seq.seqlen_k)
                         zero_rows<Op, BLOCK_N, CHUNKS, 32>(v_buf, seq.seqlen_k - n0, lane);
                     if constexpr (Var::hides_keys) {
-                        const TileKind kind = var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N);
+                        TileKind kind;
+                        if constexpr (Var::bool_mask) {
+                            const int word = v_kinds[stage];
+                            kind = TileKind(word & KIND_BITS);
+                            row_end = word & ROW_END;
+                        } else {
+                            kind = var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N);
+                        }
                         const int rows = min(BLOCK_N, seq.seqlen_k - n0);  // the sequence's (the rest are zeros)
                         const bool bad = kind != INTERIOR && kind != SKIP &&
                                          rows_nonfinite<Op, BLOCK_N, CHUNKS>(v_buf, rows, lane);
@@ -436,13 +457,18 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 for (int i = 0; i < DT * 4; ++i) o_regs[i] += pv[i];
             };
             if (t_last > t_first) mbar_wait(q_full + q_slot, (q_step / Q_STAGES) & 1);
-            for (int t = t_first; t < t_last; ++t, ++kv_step) {
+            bool row_end = false;
+            for (int t = t_first; t < t_last && !row_end; ++t, ++kv_step) {
                 const int stage = kv_step % STAGES, parity = (kv_step / STAGES) & 1, n0 = t * BLOCK_N;
                 // Every phase is waited for, skipped tiles too, so that no copy into a buffer is in flight
                 // when the producer reuses it.
                 TileKind kind = Var::bool_mask ? SKIP : var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
                 mbar_wait(k_full + stage, parity);
-                if constexpr (Var::bool_mask) kind = TileKind(kinds[stage]);  // once: the slot is refilled after s
+                if constexpr (Var::bool_mask) {  // once: the slot is refilled after s
+                    const int word = kinds[stage];
+                    kind = TileKind(word & KIND_BITS);
+                    row_end = word & ROW_END;
+                }
                 if (kind == SKIP) {
                     if (pending) flush(kv_step - 1);
                     if (done.open) finish();

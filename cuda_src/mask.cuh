@@ -254,6 +254,48 @@ struct Variant {
     }
 };
 
+// A bool mask's entries of this lane's elements of a key tile, for two rows (row0 and row0 + 8), loaded
+// together ahead of the tile's scores: bit 2 (j % 16) + ec of bits[r][j / 16] is the entry of row row0 + 8 r,
+// column n0 + 8 j + 2 tq + ec (j < NT); set where nothing is read: a null mask (EDGE_UNMASKED), rows past the
+// queries and columns past the keys, which the span hides. A row's pointer is formed once and steps by the
+// key stride; a mask that broadcasts over the queries is read for one row.
+template <int NT> struct MaskEntries {
+    unsigned bits[2][(NT + 15) / 16];
+
+    template <typename Var> __device__ __forceinline__ MaskEntries(const Var& var, int row0, int n0, int tq) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int w = 0; w < (NT + 15) / 16; ++w) bits[r][w] = ~0u;
+        if (var.mask == nullptr) return;
+        const int col0 = n0 + 2 * tq, cols = var.seqlen_k - col0;  // this lane's columns col0 + c, c < cols
+        const bool shared_rows = var.mask_sq == 0 && row0 + 8 < var.seqlen_q;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = row0 + 8 * r;
+            if (r == 1 && shared_rows) {
+#pragma unroll
+                for (int w = 0; w < (NT + 15) / 16; ++w) bits[1][w] = bits[0][w];
+                continue;
+            }
+            if (row >= var.seqlen_q) continue;
+            const auto* entries = var.mask + row * var.mask_sq + col0 * var.mask_sk;
+            if (var.mask_sk == 1 && cols >= 8 * NT) read(entries, 1, cols, r);  // loads at constant offsets
+            else read(entries, var.mask_sk, cols, r);
+        }
+    }
+    template <typename MaskT> __device__ __forceinline__ void read(const MaskT* entries, i64 step, int cols, int r) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int ec = 0; ec < 2; ++ec) {
+                const int c = 8 * j + ec;
+                if (c < cols && entries[c * step] == 0) bits[r][j / 16] &= ~(1u << (2 * (j % 16) + ec));
+            }
+    }
+    __device__ __forceinline__ bool at(int r, int j, int ec) const { return (bits[r][j / 16] >> (2 * (j % 16) + ec)) & 1u; }
+};
+
 // The scores of a key tile as the forward's online softmax takes them (softmax.cuh): in log2 units,
 // score(i, j) = exp_scale u(i, j) + shift(i), with the least work per element in u; exp_scale and shift go
 // into the exponent's FMA. On a tile without element checks:
@@ -287,16 +329,15 @@ struct TileScores {
             row_base = -slope * A(row0 + var.offset - n0);
         }
     }
-    // u of the product s at row row0 + d, column n0 + 8 jj + 2 tq + ec (row, col: the same, absolute)
-    __device__ __forceinline__ A u(const Var& var, A s, int row, int col, int jj, int ec) const {
+    // u of the product s at row row0 + d, column n0 + 8 jj + 2 tq + ec (row, col: the same, absolute);
+    // entry: a bool mask's entry there (MaskEntries), true without one
+    __device__ __forceinline__ A u(const Var& var, A s, int row, int col, int jj, int ec, bool entry = true) const {
         if constexpr (CHECK) {
             // the row's span relative to this lane's first column, against the column's offset in the
-            // tile, a constant of the unrolled loops (a bool mask's entries: Variant::visible, whose
-            // loads the compiler issues together)
-            if constexpr (Var::bool_mask) return var.template score<true, APPROX>(s, product_scale, row, col);
+            // tile, a constant of the unrolled loops
             const KeySpan span = var.key_span(row);
             const int c = 8 * jj + ec;
-            if ((Var::bounded_left && c < span.lo - col_base) || c > span.hi - col_base) return neg_inf<A>();
+            if ((Var::bounded_left && c < span.lo - col_base) || c > span.hi - col_base || !entry) return neg_inf<A>();
             return var.template score<false, APPROX>(s, product_scale, row, col);
         } else {
             A x;

@@ -129,12 +129,18 @@ __device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4]
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         A tile_max[2] = {neg_inf<A>(), neg_inf<A>()};
+        constexpr bool ENTRIES = CHECK && Var::bool_mask;
+        struct NoEntries { __device__ bool at(int, int, int) const { return true; } };
+        const auto entries = [&] {
+            if constexpr (ENTRIES) return MaskEntries<NT>(var, row0 + 16 * mt, n0, tq);
+            else return NoEntries{};
+        }();
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
-                s[mt][j][e] = scores.u(var, s[mt][j][e], row, col, j, e % 2);
+                s[mt][j][e] = scores.u(var, s[mt][j][e], row, col, j, e % 2, entries.at(e / 2, j, e % 2));
                 tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
             }
         A shift[2];

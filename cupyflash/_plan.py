@@ -216,7 +216,7 @@ def forward_sm90(dtype, headdim, var, keys=0):
     limit = SMEM_LIMITS[(9, 0)]
     smem = lambda q_stages: (2 * parts * (q_stages * block_m + 2 * stages * block_n) * d
                              + 8 * (2 * q_stages + 5 * stages + 2 * SM90_SCHEDULE_SLOTS)  # barriers
-                             + 4 * (2 * stages + SM90_SCHEDULE_SLOTS)  # kinds, V flags, schedule
+                             + 4 * (3 * stages + SM90_SCHEDULE_SLOTS)  # kinds (two copies), V flags, schedule
                              + 1024)  # swizzle-atom alignment
     q_stages = 2 if smem(2) <= limit else 1
     name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {stages}, {q_stages}, {var}>"

@@ -308,6 +308,32 @@ def test_bool_mask_cells(shape):
         check(Problem(2, sq, sk, 3, 1, 64, np.float16, causal, None, None, 5), attn_mask=mask)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=lambda d: d.name)
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_of_whole_key_tiles(dtype, causal):
+    """A key-padding mask hiding whole key tiles at the ends of rows (which the kernels do not visit), a
+    different number per sequence: the reference's results by the rule; then over NaN keys and values, with
+    all the keys of one sequence hidden: the same results, out 0 and lse -inf where a row sees no key, finite
+    gradients."""
+    def padding(lengths):
+        return (np.arange(700)[None, :] < np.array(lengths)[:, None])[:, None, None, :]
+
+    p = Problem(4, 300, 700, 2, 1, 128, dtype, causal, None, None, 12)
+    check(p, attn_mask=padding([700, 260, 131, 1]))
+
+    lengths = [700, 260, 131, 0]
+    mask = padding(lengths)
+    q, k, v, dout = p.arrays()
+    clean, _ = _run(q, k, v, attn_mask=mask, causal=causal)
+    for b, n in enumerate(lengths):
+        k[b, n:], v[b, n:] = np.nan, np.nan
+    out, lse = _run(q, k, v, attn_mask=mask, causal=causal)
+    out, lse = out.get().astype(np.float64), lse.get()
+    assert (out[3] == 0).all() and np.isneginf(lse[3]).all()
+    np.testing.assert_allclose(out, clean.get().astype(np.float64), atol=2e-2, rtol=0)
+    assert all(np.isfinite(g).all() for g in _gradients(q, k, v, dout, attn_mask=mask, causal=causal))
+
+
 def test_fully_masked_rows_by_mask():
     """A row whose keys are all masked gives out 0, lse -inf, zero gradients, never NaN."""
     p = Problem(2, 64, 80, 2, 2, 64, np.float16, False, None, None, 4)

@@ -11,7 +11,8 @@ ratios new / old with its quartiles, and whether the outputs are bitwise the sam
 tree's medians move by up to 10% on a shared machine; between interleaved batches by 1-2%.
 
 A cell is MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...], MODE fwd or bwd, SEQLEN with an optional k (x1024);
-KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P). Shapes follow the FA2 protocol:
+KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P), or mask=padding: the bench's padding
+mask (bool (batch, 1, 1, seqlen), the last 10% of each sequence's keys hidden). Shapes follow the FA2 protocol:
 batch = TOKENS / seqlen, heads = HIDDEN / headdim.
 
 --set MODULE.NAME=VALUE (repeatable) sets a module constant of the working tree's package before any call,
@@ -88,8 +89,10 @@ def parse_cell(text):
             keywords["softcap"] = float(value)
         elif key == "dropout":
             keywords["dropout_p"], keywords["dropout_seed"] = float(value), 7
+        elif key == "mask" and value == "padding":
+            keywords["attn_mask"] = value  # built per shape (run_cell)
         else:
-            raise SystemExit(f"cell {text!r}: unknown keyword {key!r} (window, softcap, dropout)")
+            raise SystemExit(f"cell {text!r}: unknown keyword {key!r} (window, softcap, dropout, mask=padding)")
     return mode, int(headdim), seqlen, keywords
 
 
@@ -118,6 +121,9 @@ def run_cell(cell, trees, xp, dtype, tokens, hidden, rounds, calls):
     mode, headdim, seqlen, keywords = cell
     batch, heads = max(1, tokens // seqlen), max(1, hidden // headdim)
     q, k, v, dout = (bench.random_array((batch, seqlen, heads, headdim), dtype, xp, seed) for seed in range(4))
+    if keywords.get("attn_mask") == "padding":
+        keep = xp.arange(seqlen) < seqlen - seqlen // 10
+        keywords = dict(keywords, attn_mask=xp.ascontiguousarray(xp.broadcast_to(keep, (batch, 1, 1, seqlen))))
     new = trees["new"]
     out, lse = new.attention(q, k, v, return_lse=True, **keywords)
     if mode == "fwd":
