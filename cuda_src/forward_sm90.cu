@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* v_clean = v_free + STAGES; // [STAGES]: the V warp is done with the tile
     unsigned long long* sched_full = v_clean + STAGES;  // [SCHEDULE_SLOTS]
     unsigned long long* sched_free = sched_full + SCHEDULE_SLOTS;  // [SCHEDULE_SLOTS]
-    int* kinds = reinterpret_cast<int*>(sched_free + SCHEDULE_SLOTS);  // [STAGES]: bool mask, the key tile's KindWord
+    int* kinds = reinterpret_cast<int*>(sched_free + SCHEDULE_SLOTS);  // [STAGES]: bool mask: kind, ROW_END
     int* v_kinds = kinds + STAGES;  // [STAGES]: the same, for the V warp (written once it has freed the slot)
     int* v_scan = v_kinds + STAGES;  // [STAGES]: the V warp found NaN or inf in a tile that hides keys
     int* sched_slots = v_scan + STAGES;  // [SCHEDULE_SLOTS]
