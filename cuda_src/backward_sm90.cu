@@ -270,6 +270,11 @@ template <int STAGES> struct BwdBarriers {
     }
 };
 
+// Whether a main kernel's producer warps scan its tiles for NaN and inf (scan_keys, scan_queries): the 16-bit
+// kernels (PARTS 1) for variants that hide keys; the float32 kernel on split parts takes finite inputs only
+// (FwdParams::gate), and no verdict of a scan is waited for there.
+template <typename Var, int PARTS> constexpr bool scans_inputs = PARTS == 1 && Var::hides_keys;
+
 // Where a key block's work sits in its main block's sequence: its first query tile's index i (stage and
 // phase) and the key blocks loaded before it (kv phase).
 struct BlockStep {
@@ -526,7 +531,7 @@ __device__ __forceinline__ TileKind next_query_tile(const Var& var, const BwdBar
     if constexpr (Var::bool_mask) kind = TileKind(bar.kinds[stage]);
     if (kind == SKIP) {
         stage_no_dq(bar, stage);
-        if constexpr (Var::hides_keys) bar.queries_nonfinite(i);
+        if constexpr (scans_inputs<Var, PARTS>) bar.queries_nonfinite(i);
     } else if (Var::packed && m0 + BLOCK_M > var.seqlen_q) {
         for (int part = 0; part < PARTS; ++part) {
             zero_rows<T, BLOCK_M, D_TILE / 64, 256>(sm.q(stage) + part * BLOCK_M * D_TILE, var.seqlen_q - m0,
@@ -570,12 +575,12 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90(const __grid_constant__
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    if (threadIdx.x == 0) bar.init(CONSUMERS, Var::hides_keys ? 32 : 0);
+    if (threadIdx.x == 0) bar.init(CONSUMERS, scans_inputs<Var, 1> ? 32 : 0);
     __syncthreads();
 
     if (threadIdx.x < 128) {
         // ---- producer
-        produce<Var, BLOCK_M, BLOCK_N, Var::hides_keys>(p, sm, bar);
+        produce<Var, BLOCK_M, BLOCK_N, scans_inputs<Var, 1>>(p, sm, bar);
         return;
     }
     // ---- consumers
@@ -717,12 +722,12 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_wide(const __grid_const
 
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
-    if (threadIdx.x == 0) bar.init(CONSUMERS, Var::hides_keys ? 32 : 0);
+    if (threadIdx.x == 0) bar.init(CONSUMERS, scans_inputs<Var, 1> ? 32 : 0);
     __syncthreads();
 
     if (threadIdx.x < 128) {
         // ---- producer
-        produce<Var, BLOCK_M, BLOCK_N, Var::hides_keys>(p, sm, bar);
+        produce<Var, BLOCK_M, BLOCK_N, scans_inputs<Var, 1>>(p, sm, bar);
         return;
     }
     // ---- consumers
@@ -1007,13 +1012,13 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
     if (threadIdx.x == 0) {
         mbar_init(scores_full, 128);
         mbar_init(probs_full, 128);
-        bar.init(256, 0);
+        bar.init(256, scans_inputs<Var, PARTS> ? 32 : 0);
     }
     __syncthreads();
 
     if (threadIdx.x < 128) {
         // ---- producer
-        produce<Var, BLOCK_M, BLOCK_N, false>(p, sm, bar);
+        produce<Var, BLOCK_M, BLOCK_N, scans_inputs<Var, PARTS>>(p, sm, bar);
         return;
     }
     // ---- consumers

@@ -308,7 +308,7 @@ def test_bool_mask_cells(shape):
         check(Problem(2, sq, sk, 3, 1, 64, np.float16, causal, None, None, 5), attn_mask=mask)
 
 
-@pytest.mark.parametrize("dtype", DTYPES[:2], ids=lambda d: d.name)
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=lambda d: d.name)
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_padding_of_whole_key_tiles(dtype, causal):
     """A key-padding mask hiding whole key tiles at the ends of rows (which the kernels do not visit), a
