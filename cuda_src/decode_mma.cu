@@ -38,8 +38,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     // (sm_90 TMA writes rows unpadded; the swizzle keeps ldmatrix free of bank conflicts)
     constexpr int BOXES = (D_TILE + 63) / 64, TILE = TMA ? BOXES * BLOCK_N * 64 : BLOCK_N * LD;
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0 && BLOCK_N <= 32 && STAGES >= 2, "tile shape");
-    // the warps' merge reuses the rings: o, m and l of 16 rows per warp
-    static_assert(WARPS * 16 * (D_TILE + 2) * 4 <= WARPS * STAGES * 2 * TILE * 2, "merge buffer");
+    // the warps' merge reuses the rings: o (rows padded to LD_O floats), m and l of 16 rows per warp
+    constexpr int LD_O = D_TILE + 8;
+    static_assert(WARPS * 16 * (LD_O + 2) * 4 <= WARPS * STAGES * 2 * TILE * 2, "merge buffer");
     const FwdParams& f = p.fwd;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -222,10 +223,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     }
     if constexpr (!TMA) cp_async_wait<0>();
 
-    // ---- merge the warps: each rescales its o to the block's running max
+    // ---- merge the warps: each scales its o by exp2(m - M) / L, M and L its rows' block max and sum
     __syncthreads();  // every warp is done with its ring
-    float* s_o = reinterpret_cast<float*>(rings);  // [WARPS][16][D_TILE]
-    float* s_m = s_o + WARPS * 16 * D_TILE;        // [WARPS][16]
+    float* s_o = reinterpret_cast<float*>(rings);  // [WARPS][16][LD_O]: a warp's pairs of columns fill 64 banks
+    float* s_m = s_o + WARPS * 16 * LD_O;          // [WARPS][16]
     float* s_l = s_m + WARPS * 16;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -236,53 +237,53 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
         }
     }
     __syncthreads();
-    // The block's max M of a row and its m_use, as OnlineSoftmax::rescale takes them: a row no warp saw keeps 0.
-    auto block_max = [&](int row) {
-        float m = neg_inf<float>();
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) m = fmax(m, s_m[w * 16 + row]);
-        return m;
-    };
-    auto m_use = [](float m) { return m == neg_inf<float>() ? 0.f : m; };
+    const bool direct = p.num_splits == 1;
+    const i64 split_row0 = (i64)split * p.batch * f.nheads * f.seqlen_q;  // (split, b, h, i) rows
+    auto out_row = [&](int row) { return ((i64)b * f.nheads + head(row)) * f.seqlen_q + row % f.seqlen_q; };  // (b, h, i)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = g + 8 * r;
-        const float factor = fast_exp2(stats[r].m - m_use(block_max(row)));
+        OnlineSoftmax<float> block;  // a row no warp saw keeps m_use 0, as OnlineSoftmax::rescale
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) block.m = fmax(block.m, s_m[w * 16 + row]);
+        const float m_use = block.m == neg_inf<float>() ? 0.f : block.m;
+        float l = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) l += s_l[w * 16 + row] * fast_exp2(s_m[w * 16 + row] - m_use);
+        const float inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
+        const float factor = fast_exp2(stats[r].m - m_use) * inv_l;
 #pragma unroll
         for (int j = 0; j < DT; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) s_o[(warp * 16 + row) * D_TILE + 8 * j + 2 * tq + e] = o[j][2 * r + e] * factor;
+            *reinterpret_cast<float2*>(s_o + (warp * 16 + row) * LD_O + 8 * j + 2 * tq) =
+                make_float2(o[j][2 * r] * factor, o[j][2 * r + 1] * factor);
+        if (warp == 0 && tq == 0 && row < rows) {
+            const float lse = block.lse(l);
+            if (direct)
+                static_cast<float*>(f.lse)[out_row(row)] = lse;
+            else
+                p.part_lse[split_row0 + out_row(row)] = lse;
+        }
     }
     __syncthreads();
 
-    // ---- the split's rows: o / l and lse, into out (one split) or the split buffers
-    const bool direct = p.num_splits == 1;
-    const i64 split_row0 = (i64)split * p.batch * f.nheads * f.seqlen_q;  // (split, b, h, i) rows
-    for (int idx = threadIdx.x; idx < rows * (D_TILE + 1); idx += WARPS * 32) {
-        const int row = idx / (D_TILE + 1), d = idx % (D_TILE + 1);  // column D_TILE: the row's lse
-        const float m = block_max(row), mu = m_use(m);
-        float l = 0.f;
+    // ---- the split's rows: the warps' sum, into out (one split) or the split buffers, four columns a thread
+    for (int idx = threadIdx.x; idx < rows * D_TILE / 4; idx += WARPS * 32) {
+        const int row = idx / (D_TILE / 4), d = idx % (D_TILE / 4) * 4;
+        if (d >= f.headdim) continue;  // headdim is a multiple of 8 here
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) l += s_l[w * 16 + row] * fast_exp2(s_m[w * 16 + row] - mu);
-        const i64 out_row = ((i64)b * f.nheads + head(row)) * f.seqlen_q + row % f.seqlen_q;  // (b, h, i)
-        if (d == D_TILE) {
-            OnlineSoftmax<float> total;
-            total.m = m;
-            const float lse = total.lse(l);
-            if (direct)
-                static_cast<float*>(f.lse)[out_row] = lse;
-            else
-                p.part_lse[split_row0 + out_row] = lse;
-        } else if (d < f.headdim) {
-            const float inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
-            float acc = 0.f;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) acc += s_o[(w * 16 + row) * D_TILE + d];
-            if (direct)
-                static_cast<T*>(f.out)[b * f.o_st.b + (i64)(row % f.seqlen_q) * f.o_st.s + head(row) * f.o_st.h + d] =
-                    from_acc<T>(acc * inv_l);
-            else
-                p.part_out[(split_row0 + out_row) * f.headdim + d] = acc * inv_l;
+        for (int w = 0; w < WARPS; ++w) {
+            const float4 x = *reinterpret_cast<const float4*>(s_o + (w * 16 + row) * LD_O + d);
+            acc = make_float4(acc.x + x.x, acc.y + x.y, acc.z + x.z, acc.w + x.w);
+        }
+        if (direct) {
+            T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)(row % f.seqlen_q) * f.o_st.s + head(row) * f.o_st.h + d;
+            dst[0] = from_acc<T>(acc.x);
+            dst[1] = from_acc<T>(acc.y);
+            dst[2] = from_acc<T>(acc.z);
+            dst[3] = from_acc<T>(acc.w);
+        } else {
+            *reinterpret_cast<float4*>(p.part_out + (split_row0 + out_row(row)) * f.headdim + d) = acc;
         }
     }
     if (!direct) merge_splits_if_last<T, WARPS>(p, b, hk);

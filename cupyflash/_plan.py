@@ -468,8 +468,8 @@ def _shrink(block, smallest, smem, limit):
 
 #: Query rows per kv head the decode kernels are compiled for (the group's heads times seqlen_q).
 DECODE_ROWS = (1, 2, 4, 8, 16)
-DECODE_MAX_SPLITS = 128
-DECODE_WARPS = 4  # warps of a decode_mma.cu block, each streaming its own key tiles
+DECODE_MAX_SPLITS = _csource.constant(_csource.source("decode.cuh"), "DECODE_MAX_SPLITS")
+DECODE_WARPS = (8, 4)  # warps of a decode_mma.cu block, each streaming its own key tiles: the first that fits
 
 
 #: Keys of a decode_mma.cu warp's tile (one TMA box): a paged cache whose pages hold whole tiles is read by TMA.
@@ -479,20 +479,22 @@ DECODE_BLOCK_N = 16
 @functools.lru_cache(maxsize=None)
 def decode(dtype, headdim, rows, var, limit, tma=False):
     """The split-KV decode kernel for `rows` query rows per kv head. A 16-bit cache takes the tensor-core
-    kernel (decode_mma.cu): key tiles of DECODE_BLOCK_N per warp in a ring of STAGES per warp, as deep as
-    half of `limit` holds, so that two blocks share a multiprocessor; with `tma` (Hopper) each tile arrives
-    as TMA boxes of 64 columns in 128-byte swizzle. float32 takes the CUDA-core kernel (decode.cu), a key per thread.
-    block_rows is the keys a block takes per step: splits are made of whole steps."""
+    kernel (decode_mma.cu): key tiles of DECODE_BLOCK_N per warp in a ring of STAGES per warp, the first of
+    DECODE_WARPS whose rings of two stages fit in `limit`, the rings as deep as half of `limit` holds, so that
+    two blocks share a multiprocessor; with `tma` (Hopper) each tile arrives as TMA boxes of 64 columns in
+    128-byte swizzle. float32 takes the CUDA-core kernel (decode.cu), a key per thread. block_rows is the keys a block
+    takes per step: splits are made of whole steps."""
     c, d = C_TYPES[dtype], headdim_tile(headdim)
     if dtype in TENSOR_CORE_DTYPES:
         block_n = DECODE_BLOCK_N
         row = d + _row_pad(dtype)
         # q and the rings (TMA: boxes of 64 columns, from a 1024-byte boundary)
         ring_row = -(-d // 64) * 64 if tma else row
-        smem = lambda stages: 2 * (16 * row + DECODE_WARPS * stages * 2 * block_n * ring_row) + (1024 if tma else 0)
-        stages = next((s for s in (4, 3) if smem(s) <= limit // 2), 2)
-        name = f"flash_decode_mma<{c}, {d}, {block_n}, {DECODE_WARPS}, {stages}, {_cbool(tma)}, {var}>"
-        return Launch("decode_mma.cu", name, DECODE_WARPS * block_n, 32 * DECODE_WARPS, smem(stages),
+        smem = lambda warps, stages: 2 * (16 * row + warps * stages * 2 * block_n * ring_row) + (1024 if tma else 0)
+        warps = next((w for w in DECODE_WARPS if smem(w, 2) <= limit), DECODE_WARPS[-1])
+        stages = next((s for s in (4, 3) if smem(warps, s) <= limit // 2), 2)
+        name = f"flash_decode_mma<{c}, {d}, {block_n}, {warps}, {stages}, {_cbool(tma)}, {var}>"
+        return Launch("decode_mma.cu", name, warps * block_n, 32 * warps, smem(warps, stages),
                       SM90_OPTIONS if tma else OPTIONS)
     block_rows = next(r for r in DECODE_ROWS if r >= rows)
     return Launch("decode.cu", f"flash_decode<{c}, {d}, {block_rows}, {var}>", 128, 128, 0)

@@ -115,6 +115,8 @@ def decode():
                 np.array([100, 0], np.int32)), block_table=table, num_splits=3, **variant)
         contiguous = device(rng.standard_normal((2, 300, 2, 64)).astype(dtype))
         cupyflash.attention_with_kvcache(q, contiguous, contiguous.copy(), cache_seqlens=250)
+        cupyflash.attention_with_kvcache(q, contiguous, contiguous.copy(), cache_seqlens=250, num_splits=3,
+                                         return_lse=True)
         # several query positions: a key with NaN seen by some rows only (the guarded product); wide heads;
         # lengths and page table on the host
         for headdim in (128, 256):
