@@ -27,6 +27,17 @@ Window = Tuple[int, int]
 
 
 def _backend(kind):
+    """The backend module of an array kind, imported at its first call."""
+    backend = _BACKENDS.get(kind)
+    if backend is None:
+        backend = _BACKENDS[kind] = _import_backend(kind)
+    return backend
+
+
+_BACKENDS = {}
+
+
+def _import_backend(kind):
     if kind == "numpy":
         from . import _numpy_backend
 

@@ -11,6 +11,7 @@ synchronizes the device.
 import functools
 import math
 import os
+import threading
 import typing
 import weakref
 
@@ -92,7 +93,7 @@ def _check_grid(spec):
 
 
 def _launch(launch, grid, params, device_id):
-    """One launch on the current stream; ``params`` is a struct from _struct."""
+    """One launch on the current stream; ``params`` is a struct from _struct or a _Readdressed."""
     _kernel(launch, device_id)(grid, (launch.threads,), (params,), shared_mem=launch.smem_bytes)
 
 
@@ -629,16 +630,26 @@ def _decode_values(spec, fwd, lengths, k_new=None, v_new=None, splits=1, per_spl
             per_split, part_out, part_lse, split_counters, *(np.zeros((), _tma.TENSOR_MAP) for _ in range(2)))
 
 
+class _Params(cupy.cuda.function.CPointer):
+    """A parameter struct's words as a launch takes them: by their address, without a conversion."""
+
+    def __init__(self, words):
+        super().__init__(words.ctypes.data)
+        self.words = words
+
+
 class _Readdressed:
-    """A parameter struct built once and then copied with new addresses in its pointer members (`members`,
+    """A parameter struct built once, whose calls write new addresses in its pointer members (`members`,
     dotted paths) and new tensor maps (`maps`, TensorMap members, which hold their array's address): the
-    calls of a training or decoding loop differ only in where their arrays are."""
+    calls of a training or decoding loop differ only in where their arrays are. Each thread writes its own
+    copy in place; a call's struct is launched before the thread's next call of it (the driver copies a
+    launch's parameters when the launch is made)."""
 
     def __init__(self, dtype, values, members, maps=()):
         self.words = np.array([values], dtype).view(np.uint64).copy()  # plain words: a structured copy is slow
         self.slots = np.array([self._offset(dtype, member) // 8 for member in members])
         self.map_slots = [self._offset(dtype, member) // 8 for member in maps]
-        self.raw = _raw(dtype)
+        self.copies = {}  # by thread
 
     @staticmethod
     def _offset(dtype, member):
@@ -650,37 +661,43 @@ class _Readdressed:
 
     def __call__(self, addresses, maps=()):
         """The struct with `addresses` in `members` and `maps` (_tma.tensor_map_words) in the TensorMaps."""
-        words = self.words.copy()
-        words[self.slots] = addresses
-        self._put(words, maps)
-        return words.view(self.raw)[0]
+        thread = threading.get_ident()
+        params = self.copies.get(thread)
+        if params is None:
+            params = self.copies[thread] = _Params(self.words.copy())
+        params.words[self.slots] = addresses
+        if maps:
+            self._put(params.words, maps)
+        return params
 
     def keep_maps(self, maps):
         """`maps` in every struct from now on: for a struct kept per array, whose maps do not change."""
-        self._put(self.words, maps)
+        for words in (self.words, *(params.words for params in self.copies.values())):
+            self._put(words, maps)
 
     def _put(self, words, maps):
         for slot, words_of_map in zip(self.map_slots, maps):
             words[slot:slot + words_of_map.size] = words_of_map
 
 
-#: The decode kernels' split workspace by (device, stream): counters, zero between launches (the last split
-#: of a (sequence, kv head) resets its counter), and room for the splits' partial outputs and lses, which
-#: the kernel reads back within its own launch. A stream's calls run in order, so one workspace, grown to
-#: the largest call's need, serves them all, and a call allocates none.
-_SPLIT_WORKSPACES = {}
+#: The decode kernels' workspace by (device, stream): counters, zero between launches (the last split of a
+#: (sequence, kv head) resets its counter), and room for the splits' partial outputs and lses, which the
+#: kernel reads back within its own launch, and for the lse of a call that does not return it. A stream's
+#: calls run in order, so one workspace, grown to the largest call's need, serves them all, and a call
+#: allocates only its outputs.
+_DECODE_WORKSPACES = {}
 
 
-def _split_workspace(device_id, counters, floats):
+def _decode_workspace(device_id, counters, floats):
     """(address of room for `floats` float32, address of `counters` zeroed uint32 counters) of the current
     stream of device `device_id`."""
     key = (device_id, cupy.cuda.get_current_stream().ptr)
-    room, zeros = _SPLIT_WORKSPACES.get(key, (None, None))
+    room, zeros = _DECODE_WORKSPACES.get(key, (None, None))
     if room is None or room.size < floats:
         room = _empty(floats, np.float32)
     if zeros is None or zeros.size < counters:
         zeros = cupy.zeros(max(counters, 1024), np.uint32)
-    _SPLIT_WORKSPACES[key] = room, zeros
+    _DECODE_WORKSPACES[key] = room, zeros
     return room.data.ptr, zeros.data.ptr
 
 
@@ -707,10 +724,10 @@ def append(k_cache, v_cache, k, v, spec, lengths):
     _launch(_plan.kvcache_append(k.itemsize), (lengths.new, spec.nheads_kv, spec.batch), p, k_cache.data.device_id)
 
 
-def _decode_aligned(*caches):
-    """16-byte loads of cache rows: aligned base, unit last stride, row strides multiples of 16 bytes."""
-    return all(x.data.ptr % 16 == 0 and x.strides[-1] == x.itemsize and all(st % 16 == 0 for st in x.strides[:3])
-               for x in caches)
+def _decode_aligned(k_cache, v_cache):
+    """16-byte loads of cache rows: aligned bases, unit last strides, row strides multiples of 16 bytes."""
+    (kb, ks, kh, kd), (vb, vs, vh, vd) = k_cache.strides, v_cache.strides
+    return (k_cache.data.ptr | v_cache.data.ptr | kb | ks | kh | vb | vs | vh) % 16 == 0 and kd == vd == k_cache.itemsize
 
 
 #: Structs a decode plan keeps (per layout and, where TMA may read the caches, per pair of caches: a decoding
@@ -777,30 +794,35 @@ def decode_plan(spec, k_cache, v_cache, num_splits=0):
     return _decode_plan(spec, k_cache.data.device_id, num_splits) if _decode_aligned(k_cache, v_cache) else None
 
 
-def decode(plan, q, k_cache, v_cache, spec, lengths):
+def decode(plan, q, k_cache, v_cache, spec, lengths, want_lse=True):
     """(out, lse) of q over each sequence's cache rows (CacheLengths, after the append) by decode_plan's
     `plan`, whose splits of the keys _plan.decode_splits chose, on the current device: q's. Several splits
-    write their partial outputs and lses to the stream's room for them and count themselves on a counter per
-    (sequence, kv head) that tells the last of them to merge them."""
+    write their partial outputs and lses to the stream's workspace and count themselves on a counter per
+    (sequence, kv head) that tells the last of them to merge them. Without `want_lse` the lse goes to the
+    workspace too, and comes back None."""
     device_id = q.data.device_id
     q = _rows_contiguous(q)
     out = spec.empty(_empty, q.shape, q.dtype)
-    lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), np.float32)
+    lse = _empty((spec.batch, spec.nheads, spec.seqlen_q), np.float32) if want_lse else None
+    rows = plan.splits * spec.batch * spec.nheads * spec.seqlen_q if plan.splits > 1 else 0
+    room = rows * (spec.headdim + 1)
     splits = (0, 0, 0)
-    if plan.splits > 1:
-        rows = plan.splits * spec.batch * spec.nheads * spec.seqlen_q
-        part_out, counters = _split_workspace(device_id, spec.batch * spec.nheads_kv, rows * (spec.headdim + 1))
-        splits = (part_out, part_out + 4 * rows * spec.headdim, counters)
+    if room or lse is None:
+        part_out, counters = _decode_workspace(device_id, spec.batch * spec.nheads_kv,
+                                               room + (0 if want_lse else spec.batch * spec.nheads * spec.seqlen_q))
+        if room:
+            splits = (part_out, part_out + 4 * rows * spec.headdim, counters)
+    lse_ptr = lse.data.ptr if want_lse else part_out + 4 * room
     table = lengths.block_table
     k_ptr, v_ptr = k_cache.data.ptr, v_cache.data.ptr
-    key = (q.strides, k_cache.strides, v_cache.strides, out.strides, *lengths[1:3], lengths.page_size,
+    key = (q.strides, k_cache.strides, v_cache.strides, out.strides, lengths.uniform, lengths.new, lengths.page_size,
            None if table is None else table.shape)
     if plan.tma_launch is not None:  # TMA's choice and tensor maps are per pair of caches, kept with the struct
         key += (k_ptr, v_ptr, k_cache.shape, v_cache.shape)
     entry = plan.structs.get(key)
     if entry is None:
         tma = plan.tma_launch is not None and _decode_by_tma(spec, k_cache, v_cache, lengths)
-        fwd = _fwd_values(spec, None, q, k_cache, v_cache, out, lse, variant=plan.variant)
+        fwd = _fwd_values(spec, None, q, k_cache, v_cache, out, None, variant=plan.variant)
         values = _decode_values(spec, fwd, lengths, None, None, plan.splits, plan.per_split, *splits)
         struct = _Readdressed(DECODE_PARAMS, values, _DECODE_ADDRESSES, ("tma_k", "tma_v"))
         if tma:
@@ -809,7 +831,7 @@ def decode(plan, q, k_cache, v_cache, spec, lengths):
             plan.structs.clear()
         entry = plan.structs[key] = (plan.tma_launch if tma else plan.launch, struct)
     launch, struct = entry
-    p = struct([q.data.ptr, k_ptr, v_ptr, out.data.ptr, lse.data.ptr, _ptr(lengths.device), _ptr(table), *splits])
+    p = struct((q.data.ptr, k_ptr, v_ptr, out.data.ptr, lse_ptr, _ptr(lengths.device), _ptr(table), *splits))
     _launch(launch, (plan.splits, spec.nheads_kv, spec.batch), p, device_id)
     return out, lse
 

@@ -392,7 +392,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     spec = call.spec
     backend = _backend(spec.kind)
     if spec.kind == "cupy":
-        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table, return_lse)
     else:
         if call.seqlen_new:
             _append(call, k_cache, k)
@@ -429,45 +429,42 @@ def _checked(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, causa
 
 def _layout(x):
     """What _check_form reads of a lengths or page-table argument: its kind, and an array's shape and dtype."""
-    if x is None or isinstance(x, (numbers.Integral, np.integer)):
+    if x is None or type(x) is int or isinstance(x, (numbers.Integral, np.integer)):
         return type(x)
     return type(x), getattr(getattr(x, "device", None), "id", None), getattr(x, "shape", None), getattr(x, "dtype", None)
 
 
-def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table):
-    """The CuPy path. The append and the decode kernels read each sequence's length from ``cache_seqlens``
-    on the device, or from one number when every sequence has the same (an int, None, or such a NumPy
-    array); NumPy lengths and page tables are copied to the device (asynchronously, without the read
-    that CuPy ones take to be checked)."""
-    import cupy
-
-    spec = call.spec
-    if array_kind(cache_seqlens) == "cupy":
-        device_lengths, uniform = cache_seqlens, 0
-    elif call.uniform is not None:
-        device_lengths, uniform = None, call.uniform
-    else:
-        device_lengths, uniform = cupy.asarray(call.cache_seqlens.astype(np.int32)), 0
-    table = None if block_table is None else _device_table(call, block_table)
-    lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
-    with q.device:
-        backend._device_info(q.device.id)  # the kernels' own refusals, before anything is written
+def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table, want_lse):
+    """The CuPy path, on q's device. The append and the decode kernels read each sequence's length from
+    ``cache_seqlens`` on the device, or from one number when every sequence has the same (an int, None, or
+    such a NumPy array); NumPy lengths and page tables are copied to the device (asynchronously, without the
+    read that CuPy ones take to be checked). The decode kernels leave lse out (None) without ``want_lse``."""
+    spec, cupy, on = call.spec, backend.cupy, q.device
+    with on:
+        device = on.id
+        backend._device_info(device)  # the kernels' own refusals, before anything is written
         backend._check_grid(spec)
+        if array_kind(cache_seqlens) == "cupy":
+            device_lengths, uniform = cache_seqlens, 0
+        elif call.uniform is not None:
+            device_lengths, uniform = None, call.uniform
+        else:
+            device_lengths, uniform = cupy.asarray(call.cache_seqlens.astype(np.int32)), 0
+        table = None if block_table is None else _device_table(cupy, call, block_table, device)
+        lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
         if call.seqlen_new:
             backend.append(k_cache, v_cache, k, v, spec, lengths)
         plan = backend.decode_plan(spec, k_cache, v_cache, call.num_splits)
         if plan is not None:
-            return backend.decode(plan, q, k_cache, v_cache, spec, lengths)
+            return backend.decode(plan, q, k_cache, v_cache, spec, lengths, want_lse)
         return _by_sequence(backend, call, q, k_cache, v_cache, cupy)
 
 
-def _device_table(call, block_table):
-    """block_table (checked) as a contiguous CuPy array on the current device."""
-    import cupy
-
+def _device_table(cupy, call, block_table, device):
+    """block_table (checked) as a contiguous CuPy array on `device`, the current one: a NumPy table is copied
+    there once per Call (whose check covers its contents)."""
     if array_kind(block_table) == "cupy":
         return cupy.ascontiguousarray(block_table)
-    device = cupy.cuda.runtime.getDevice()
     table = call.device_tables.get(device)
     if table is None:
         table = call.device_tables[device] = cupy.asarray(np.ascontiguousarray(block_table))

@@ -508,7 +508,7 @@ def signature(arrays, scalars):
     """What a check's verdict depends on when it reads no array's values: each array's kind, device, shape,
     strides and dtype (None for an absent one) and each scalar with its type (a tuple's or list's items with
     theirs, so that 1 never stands for True nor -1.0 for -1). None, so that the check runs, when an array is
-    not a CuPy array or a scalar cannot be hashed."""
+    not a CuPy array; a scalar that cannot be hashed leaves a key memoized does not take."""
     described = []
     for x in arrays:
         if x is None:
@@ -517,16 +517,17 @@ def signature(arrays, scalars):
             return None
         else:
             described.append((x.device.id, x.shape, x.strides, x.dtype))
-    try:
-        key = (*described, *(_typed(x) for x in scalars))
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return (*described, *map(_typed, scalars))
+
+
+_PLAIN = frozenset((bool, int, float, str, type(None)))
 
 
 def _typed(x):
-    return (type(x), tuple(_typed(item) for item in x)) if isinstance(x, (tuple, list)) else (type(x), x)
+    t = type(x)
+    if t in _PLAIN:
+        return t, x
+    return (t, tuple(map(_typed, x))) if isinstance(x, (tuple, list)) else (t, x)
 
 
 def memoized(key, check):
@@ -534,7 +535,10 @@ def memoized(key, check):
     leaves nothing behind."""
     if key is None:
         return check()
-    verdict = _VERDICTS.get(key)
+    try:
+        verdict = _VERDICTS.get(key)
+    except TypeError:  # a scalar that cannot be hashed
+        return check()
     if verdict is None:
         verdict = check()
         if len(_VERDICTS) >= _VERDICTS_MAX:

@@ -254,7 +254,7 @@ def test_split_partials_are_kept_per_stream():
                 got.append(call(*one))
     for stream in streams:
         stream.synchronize()
-    assert len({key[1] for key in _cuda_backend._SPLIT_WORKSPACES}) >= 2  # a buffer per stream
+    assert len({key[1] for key in _cuda_backend._DECODE_WORKSPACES}) >= 2  # a buffer per stream
     with streams[0]:  # the small call's stream grows its buffer for the large call, then runs the small one again
         got += [call(*large), call(*small)]
     streams[0].synchronize()

@@ -180,8 +180,29 @@ def test_readdressed_struct_changes_only_its_pointer_members():
     for member, address in zip(_cuda_backend._DECODE_ADDRESSES, addresses):
         *outer, name = member.split(".")
         (want[outer[0]] if outer else want)[name] = address
-    assert struct(addresses).tobytes() == want.tobytes()
-    assert struct([0] * len(addresses)).tobytes() != want.tobytes()  # each call starts from the template
+    assert struct(addresses).words.tobytes() == want.tobytes()
+    assert struct([0] * len(addresses)).words.tobytes() != want.tobytes()  # every pointer member rewritten
+    assert struct(addresses).words.tobytes() == want.tobytes()
+
+
+def test_readdressed_struct_is_a_copy_per_thread():
+    """Each thread writes its own copy of a struct: one thread's call does not change another's struct
+    before its launch."""
+    pytest.importorskip("cupy", reason="cupy is not installed")
+    import threading
+
+    from cupyflash import _cuda_backend
+
+    values = np.zeros(1, _cuda_backend.DECODE_PARAMS)
+    struct = _cuda_backend._Readdressed(_cuda_backend.DECODE_PARAMS, values[0].item(), _cuda_backend._DECODE_ADDRESSES)
+    mine = struct([4096] * len(_cuda_backend._DECODE_ADDRESSES))
+    written = mine.words.tobytes()
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(struct([8192] * len(_cuda_backend._DECODE_ADDRESSES))))
+    thread.start()
+    thread.join()
+    assert theirs[0].words is not mine.words
+    assert mine.words.tobytes() == written != theirs[0].words.tobytes()
 
 
 def test_readdressed_struct_takes_tensor_maps():
@@ -202,4 +223,4 @@ def test_readdressed_struct_takes_tensor_maps():
         want["fwd"][member] = address
     for name, words in zip(("tma_q", "tma_k", "tma_v"), maps):
         want[name] = np.frombuffer(words.tobytes(), want.dtype[name])
-    assert struct(addresses, maps).tobytes() == want.tobytes()
+    assert struct(addresses, maps).words.tobytes() == want.tobytes()

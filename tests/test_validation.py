@@ -257,6 +257,7 @@ def test_missing_cupy_gives_install_hint(monkeypatch):
 
     monkeypatch.delitem(sys.modules, "cupyflash._cuda_backend", raising=False)
     monkeypatch.delattr(cupyflash, "_cuda_backend", raising=False)
+    monkeypatch.setattr(_api, "_BACKENDS", {})  # as in a process that has not imported a backend yet
     monkeypatch.setattr(sys, "meta_path", [NoCupy()] + sys.meta_path)
     with pytest.raises(ImportError, match=re.escape("pip install \".[cuda12]\" (or \".[cuda13]\")")):
         _api._backend("cupy")
