@@ -31,7 +31,8 @@ batches of back-to-back calls timed with CUDA events after warm-up (a variant
 and its plain case in interleaved batches).  Without a GPU the NumPy backend is compared with
 naive NumPy attention at small sizes.  --decode times attention_with_kvcache with
 one query token per sequence against a full cache (the peers attend the same
-keys), in GB/s of keys and values read.
+keys), in GB/s of keys and values read, and on a GPU as a share of the device's
+copy bandwidth, measured in the same run.
 """
 
 from __future__ import annotations
@@ -864,7 +865,26 @@ def _cells(r: Result) -> list[str]:
     return [r.status, "-", "-"]
 
 
-def format_table(cases, rows, impls) -> str:
+def copy_bandwidth(backend, nbytes=1 << 30, repeats=10) -> float:
+    """GB/s of a device-to-device copy of `nbytes` (cupy.copyto; reads plus writes), the median of
+    `repeats` timed copies: what a pass that only streams memory could reach on this device."""
+    xp = backend.xp
+    src, dst = xp.ones(nbytes // 4, xp.float32), xp.empty(nbytes // 4, xp.float32)
+    start, end = xp.cuda.Event(), xp.cuda.Event()
+    seconds = []
+    for _ in range(repeats + 2):
+        start.record()
+        xp.copyto(dst, src)
+        end.record()
+        end.synchronize()
+        seconds.append(xp.cuda.get_elapsed_time(start, end) * 1e-3)
+    del src, dst
+    backend.cleanup()
+    return 2 * nbytes / float(np.median(seconds[2:])) / 1e9
+
+
+def format_table(cases, rows, impls, copy_gbps=None) -> str:
+    """The sweep's table; with `copy_gbps` (decode) cupyflash's GB/s as a share of the copy bandwidth too."""
     peers = [i for i in impls if i not in ("cupyflash", PLAIN)]
     variants = any(c.variant for c in cases)
     decode = any(c.mode == "decode" for c in cases)
@@ -874,6 +894,7 @@ def format_table(cases, rows, impls) -> str:
     columns += [("", "cache")] if decode else [("", "lengths")] if packed else []
     for impl in impls:
         columns += [(impl, "ms"), (impl, "GB/s" if decode else "TFLOP/s"), (impl, "MiB")]
+    columns += [("cupyflash", "of copy")] if copy_gbps else []
     columns += [("cupyflash speed-up", f"vs {p}") for p in peers]
     body = []
     for case, row in zip(cases, rows):
@@ -887,6 +908,9 @@ def format_table(cases, rows, impls) -> str:
             cells.append(str(case.seqlen))
         for impl in impls:
             cells += _cells(row[impl])
+        if copy_gbps:
+            ours = row["cupyflash"]
+            cells.append(f"{ours.gbps / copy_gbps:.0%}" if ours.status == "ok" else "-")
         for p in peers:
             x = ratio(row[p], row["cupyflash"])
             cells.append("-" if x is None else f"{x:.2f}x")
@@ -1214,9 +1238,10 @@ def main(argv=None) -> int:
             tracemalloc.stop()
 
     env = environment(backend, torch_module)
+    copy_gbps = copy_bandwidth(backend) if args.decode and backend.name == "cuda" else None
     print(f"{env['device']} | {dtype} | median of {repeats} runs after {warmup} warm-up | "
-          f"peak memory includes inputs")
-    print(format_table(cases, rows, impls))
+          f"peak memory includes inputs" + (f" | copy bandwidth {copy_gbps:.0f} GB/s" if copy_gbps else ""))
+    print(format_table(cases, rows, impls, copy_gbps))
     errors = sorted({f"{impl}: {r.error}" for row in rows for impl, r in row.items() if r.status == "n/a"})
     for line in errors:
         print(f"n/a  {line}")
@@ -1226,6 +1251,8 @@ def main(argv=None) -> int:
         print(format_variant_table(cases, rows, targets))
     if args.json:
         settings = {"dtype": dtype, "repeats": repeats, "warmup": warmup, "impls": impls}
+        if copy_gbps:
+            settings["copy_gbps"] = copy_gbps
         if cases[0].variant:
             settings["variants"] = list(dict.fromkeys(c.variant.label for c in cases))
             settings["preset"] = "variants" if args.variants else None
