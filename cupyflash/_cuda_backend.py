@@ -32,10 +32,11 @@ def _module(filename, name, options):
 
 @functools.lru_cache(maxsize=None)
 def _kernel(launch, device_id):
+    """The launch's compiled function on device `device_id` (the current device), allowed its shared memory."""
     kernel = _module(launch.source, launch.name, launch.options).get_function(launch.name)
     if launch.smem_bytes > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
-    return kernel
+    return kernel.kernel  # the driver's function, launched without the lookup of the current device
 
 
 def compiled_kernel(filename, name, options=_plan.OPTIONS):
@@ -58,6 +59,13 @@ def _device_info(device_id):
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device_id):
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def _resident_blocks(launch, device_id):
+    """How many of `launch`'s blocks a multiprocessor holds at once (the driver's occupancy, from the compiled
+    kernel's registers and shared memory)."""
+    return cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+        _kernel(launch, device_id).ptr, launch.threads, launch.smem_bytes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -783,7 +791,7 @@ def _new_decode_plan(spec, device_id, num_splits, var_type, variant):
     # the band of keys some row may see, in the longest sequence (mask.cuh, key_begin and key_end)
     left = spec.window[0]
     band = spec.seqlen_k if left < 0 else min(spec.seqlen_k, spec.seqlen_q + left)
-    slots = _plan.decode_slots(_multiprocessors(device_id))
+    slots = _plan.decode_slots(main, _multiprocessors(device_id), lambda: _resident_blocks(main, device_id))
     splits, per_split = _plan.decode_splits(band, spec.batch * spec.nheads_kv, slots, main.block_rows, num_splits)
     return _DecodePlan(main, tma, variant, splits, per_split, {})
 

@@ -532,11 +532,15 @@ def decode_splits(band, blocks, slots, step, requested=0):
     return max(1, -(-band // per_split)), per_split
 
 
-def decode_slots(multiprocessors):
-    """Blocks a decode spreads its work over: one per multiprocessor. Measured on an H100 (bfloat16, headdim
-    128, docs/performance.md), one block of four warps, each streaming its own tiles, keeps enough of the
-    cache in flight; a second block per multiprocessor only doubles the splits to merge."""
-    return multiprocessors
+def decode_slots(launch, multiprocessors, resident):
+    """Blocks a decode of `launch` spreads its work over; `resident()` tells how many of its blocks fit on a
+    multiprocessor (asked of the CUDA-core kernel only: the driver's answer needs the compiled kernel).
+    The tensor-core kernel (decode_mma.cu): one per multiprocessor. Measured on an H100 (bfloat16, headdim 128,
+    docs/performance.md), one block of warps each streaming its own tiles keeps enough of the cache in
+    flight; a second block per multiprocessor only doubles the splits to merge. The CUDA-core kernel
+    (decode.cu), whose threads keep a few loads of a key row in flight each: every block that fits (float32,
+    1 x 32k, headdim 128: 622 us at one block per multiprocessor, 190 at eight)."""
+    return multiprocessors * (1 if launch.source == "decode_mma.cu" else resident())
 
 
 #: A bool mask is classified in cells of 2**MASK_CELL_LOG2 queries x keys before a call's kernels run.

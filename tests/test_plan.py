@@ -81,6 +81,20 @@ def test_split_float32_blocks_fit_and_cover_the_head():
             assert convert.name.endswith(", true>")  # dq converted from the split kernel's rows
 
 
+def test_decode_slots_by_kernel():
+    """The tensor-core decode plans a block per multiprocessor without asking the occupancy; the CUDA-core one
+    every block that fits."""
+    limit = _plan.smem_limit((9, 0))
+    tensor_cores = _plan.decode("bfloat16", 128, 4, _plan.variant(), limit)
+    cuda_cores = _plan.decode("float32", 128, 4, _plan.variant(), limit)
+
+    def unasked():
+        raise AssertionError("the tensor-core decode asked for its occupancy")
+
+    assert _plan.decode_slots(tensor_cores, 132, unasked) == 132
+    assert _plan.decode_slots(cuda_cores, 132, lambda: 9) == 132 * 9
+
+
 def test_decode_splits_cover_the_band_in_whole_steps():
     """Splits are whole steps, cover the band, leave no split empty, honour a requested count and fill the
     device's slots when few blocks would leave most of them idle."""
