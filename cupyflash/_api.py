@@ -61,11 +61,16 @@ def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
 
 
 def _signature(arrays, scalars, alibi_slopes, attn_mask, packed):
-    """The key of a call's check (_validate.signature) when it has no array keyword, else None: the
-    check of a training loop's calls runs once."""
-    if alibi_slopes is not None or attn_mask is not None or any(x is not None for x in packed.values()):
-        return None
-    return _validate.signature(arrays, scalars)
+    """(key of a call's check, host offsets): the check of a training loop's calls runs once. A packed call's
+    key holds its offsets' contents (_validate.packed_signature), read here once for both. (None, None) for a
+    call with an array keyword or a key that cannot be made."""
+    if alibi_slopes is not None or attn_mask is not None:
+        return None, None
+    key = _validate.signature(arrays, scalars)
+    if key is None or all(x is None for x in packed.values()):
+        return key, None
+    offsets, host = _validate.packed_signature(**packed)
+    return (None, None) if offsets is None else (key + offsets, host)
 
 
 def _forward(spec, q, k, v):
@@ -116,12 +121,12 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     log-sum-exp of each row's scores before dropout. A row that sees no key gives out 0, lse -inf.
     """
     packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    key = _signature((q, k, v), ("attention", causal, scale, window_size, softcap, dropout_p, dropout_seed, layout),
-                     alibi_slopes, attn_mask, packed)
+    key, host = _signature((q, k, v), ("attention", causal, scale, window_size, softcap, dropout_p, dropout_seed,
+                                       layout), alibi_slopes, attn_mask, packed)
     spec = _validate.memoized(key, lambda: _validate.check_call(
         "attention", q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
-        layout=layout, **packed))
+        layout=layout, host_offsets=host, **packed))
     return_lse = _validate.check_flag("attention", "return_lse", return_lse)
     out, lse = _forward(spec, q, k, v)
     return (out, lse) if return_lse else out
@@ -148,12 +153,14 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     def check():
         spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size,
                                     softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
-                                    dropout_p=dropout_p, dropout_seed=dropout_seed, layout=layout, **packed)
+                                    dropout_p=dropout_p, dropout_seed=dropout_seed, layout=layout,
+                                    host_offsets=host, **packed)
         dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, return_dbias=return_dbias, q=q)
         return spec, dbias, _validate.check_flag(fn, "deterministic", deterministic)
 
-    key = _signature((q, k, v, dout, out, lse), (fn, causal, scale, window_size, softcap, dropout_p, dropout_seed,
-                                                 layout, deterministic, return_dbias), alibi_slopes, attn_mask, packed)
+    key, host = _signature((q, k, v, dout, out, lse), (fn, causal, scale, window_size, softcap, dropout_p,
+                                                       dropout_seed, layout, deterministic, return_dbias),
+                           alibi_slopes, attn_mask, packed)
     spec, return_dbias, deterministic = _validate.memoized(key, check)
     return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias)
 

@@ -272,13 +272,29 @@ def _packed(spec):
 
 
 def _packed_work(spec, block_m):
-    """FwdParamsSm90::work of a packed batch on the current device, a new one per launch (its counter): the
-    sequences longest first (a work tile's time grows with its keys), so that the persistent blocks, which
-    take the tiles as they free up, end on short ones."""
+    """FwdParamsSm90::work of a packed batch, on the host: the sequences longest first (a work tile's time
+    grows with its keys), so that the persistent blocks, which take the tiles as they free up, end on short
+    ones. Its last entry is a launch's counter of tiles taken (_device_work)."""
     queries, keys = np.diff(spec.cu_seqlens_q), np.diff(spec.cu_seqlens_k)
     order = np.lexsort((-queries, -keys))
     tiles = -(-queries[order] // block_m) * spec.nheads
-    return cupy.asarray(np.concatenate(([0], np.cumsum(tiles), order, [0])).astype(np.int32))
+    return np.concatenate(([0], np.cumsum(tiles), order, [0])).astype(np.int32)
+
+
+def _device_work(call):
+    """The address members of a packed batch's work list (none for a dense call) as a launch on the current
+    stream reads it: a device copy per stream, made once, whose counter is zeroed in the stream's order
+    before each later launch. (A copy per launch from the host would wait for the stream's work: a copy from
+    pageable memory synchronises.)"""
+    if call.work is None:
+        return ()
+    stream = cupy.cuda.get_current_stream()
+    work = call.work_copies.get(stream.ptr)
+    if work is None:
+        work = call.work_copies[stream.ptr] = cupy.asarray(call.work)
+    else:
+        cupy.cuda.runtime.memsetAsync(work.data.ptr + work.nbytes - work.itemsize, 0, work.itemsize, stream.ptr)
+    return (work.data.ptr,)
 
 
 def forward(q, k, v, spec):
@@ -297,7 +313,8 @@ def forward(q, k, v, spec):
         v_nonfinite, = (_flag_nonfinite(call.var_type, spec, device_id, (v, spec.nheads_kv)) if call.reads_row_flags
                         else (None,))
         maps = tuple(_tma.tensor_map_words(x, spec.dtype.name, rows) for x, rows in zip((q, k, v), call.map_rows))
-        params = call.params((q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, _ptr(v_nonfinite)), maps)
+        params = call.params((q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, _ptr(v_nonfinite),
+                              *_device_work(call)), maps)
         (launch, grid), = call.launches
         _launch(launch, grid, params, device_id)
         return out, lse
@@ -310,7 +327,7 @@ class _Call(typing.NamedTuple):
     buffer a call allocates, and the device arrays the struct points to besides the call's own (a bool mask's
     cells, a packed batch's offsets copied from the host), which must live until the launches; and whether
     its kernels read the per-call flags of NaN/inf rows (_flag_nonfinite) where the variant hides keys (the
-    Hopper family scans its tiles itself)."""
+    Hopper family scans its tiles itself); a packed batch's work list, of which each launch takes a copy."""
     launches: tuple
     params: "_Readdressed"
     var_type: str
@@ -318,6 +335,8 @@ class _Call(typing.NamedTuple):
     buffers: tuple = ()
     referenced: tuple = ()
     reads_row_flags: bool = True
+    work: typing.Optional[np.ndarray] = None  # a packed batch's Hopper forward: its work list (_packed_work)
+    work_copies: typing.Optional[dict] = None  # and its device copies by stream (_device_work)
 
 
 #: Planned calls by _call_key; bounded, cleared when full.
@@ -329,8 +348,9 @@ _FWD_ADDRESSES = ("q", "k", "v", "out", "lse", "v_nonfinite")
 def _call_key(spec, device_id, *arrays):
     """What a pass's launches depend on besides its arrays' addresses: the spec, the device, the
     environment's switches, the arrays' shapes and strides and which addresses are 16-byte aligned (TMA
-    and vector loads). None for a call whose keywords hold arrays (masks, slopes, packed offsets)."""
-    if spec.varlen or spec.alibi_slopes is not None or spec.attn_mask is not None:
+    and vector loads). None for a call whose keywords hold arrays (masks, slopes); a packed batch's offsets are
+    its spec's, checked once per contents (_validate.packed_signature)."""
+    if spec.alibi_slopes is not None or spec.attn_mask is not None:
         return None
     return (spec, device_id, os.environ.get(FAMILY_VARIABLE, ""), os.environ.get(TF32_VARIABLE, ""),
             tuple(x.data.ptr % 16 == 0 for x in arrays), *((x.shape, x.strides) for x in arrays))
@@ -387,12 +407,13 @@ def _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, addre
     maps = tuple(np.zeros((), _tma.TENSOR_MAP) for _ in map_rows)
     listed = None if packed is None else _packed_work(spec, block_m)
     parts_apart = spec.batch if packed is None else 1  # split float32: a part's batch entries, or its one
-    params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, _ptr(listed), spec.batch, parts_apart),
-                          tuple(f"fwd.{m}" for m in addresses), ("tma_q", "tma_k", "tma_v"))
+    params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, 0, spec.batch, parts_apart),
+                          tuple(f"fwd.{m}" for m in addresses) + (() if listed is None else ("work",)),
+                          ("tma_q", "tma_k", "tma_v"))
     # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
-    work = math.ceil(spec.seqlen_q / block_m) * spec.nheads * spec.batch
-    return _Call(((launch, (min(work, _multiprocessors(device_id)), 1, 1)),), params, var_type, map_rows, (),
-                 (mask_cells, packed, listed), reads_row_flags=False)
+    tiles = math.ceil(spec.seqlen_q / block_m) * spec.nheads * spec.batch
+    return _Call(((launch, (min(tiles, _multiprocessors(device_id)), 1, 1)),), params, var_type, map_rows, (),
+                 (mask_cells, packed), reads_row_flags=False, work=listed, work_copies={})
 
 
 def _split_inputs(device_id, gate, tensors):
@@ -426,7 +447,7 @@ class _SplitForward(typing.NamedTuple):
         maps, parts = _split_inputs(device_id, gate, zip((q, k, v), self.hopper.map_rows))
         addresses = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, 0, gate.data.ptr)
         (launch, grid), = self.hopper.launches
-        _launch(launch, grid, self.hopper.params(addresses, maps), device_id)
+        _launch(launch, grid, self.hopper.params(addresses + _device_work(self.hopper), maps), device_id)
         v_nonfinite, = (_flag_nonfinite(self.fallback.var_type, spec, device_id, (v, spec.nheads_kv))
                         if self.fallback.reads_row_flags else (None,))
         addresses = addresses[:5] + (_ptr(v_nonfinite), gate.data.ptr)

@@ -308,10 +308,24 @@ def _check_offsets(fn, name, host):
               f"{name}[{at + 1}]={int(host[at + 1])} < {name}[{at}]={int(host[at])}")
 
 
+def packed_signature(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """(key, host offsets) of a packed call's offsets, for a check made once per key: their kinds, and the
+    devices and addresses of CuPy ones (the kernels read them in place), their contents read to the host (one
+    synchronisation for CuPy ones) and the max_seqlen scalars. (None, None) where the offsets are not both
+    int32 vectors: the check then says what they are."""
+    offsets = (cu_seqlens_q, cu_seqlens_k)
+    if any(array_kind(cu) is None or cu.ndim != 1 or np.dtype(cu.dtype) != np.int32 for cu in offsets):
+        return None, None
+    host = _host_offsets(*offsets)
+    where = tuple((cu.device.id, cu.data.ptr) if array_kind(cu) == "cupy" else None for cu in offsets)
+    return (*where, *(h.tobytes() for h in host), _typed(max_seqlen_q), _typed(max_seqlen_k)), host
+
+
 def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, attn_mask, kind,
-                  mixed_ok):
-    """Shapes of a packed call: q (total_q, nheads, headdim), k and v (total_k, nheads_kv, headdim).
-    Returns (cu_q, cu_k, batch, seqlen_q, seqlen_k) with the longest lengths."""
+                  mixed_ok, host=None):
+    """Shapes of a packed call: q (total_q, nheads, headdim), k and v (total_k, nheads_kv, headdim); `host`:
+    the offsets already read (packed_signature). Returns (cu_q, cu_k, batch, seqlen_q, seqlen_k) with the
+    longest lengths."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
         _fail(ValueError, fn, missing, "must be given with the other cu_seqlens", None)
@@ -330,7 +344,7 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         _fail(ValueError, fn, "cu_seqlens_k.shape", f"must equal cu_seqlens_q.shape={tuple(cu_seqlens_q.shape)}",
               tuple(cu_seqlens_k.shape))
-    cu_q, cu_k = _host_offsets(cu_seqlens_q, cu_seqlens_k)
+    cu_q, cu_k = host or _host_offsets(cu_seqlens_q, cu_seqlens_k)
     _check_offsets(fn, "cu_seqlens_q", cu_q)
     _check_offsets(fn, "cu_seqlens_k", cu_k)
     for name, cu, x, axis_name in (("cu_seqlens_q", cu_q, q, "q"), ("cu_seqlens_k", cu_k, k, "k")):
@@ -352,11 +366,13 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                attn_mask=None, dropout_p=0.0, dropout_seed=None, layout="bshd", cu_seqlens_q=None,
-               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, mixed_ok=False, seed_required=True):
+               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, mixed_ok=False, seed_required=True,
+               host_offsets=None):
     """Validate q, k, v and every variant keyword; return the call's :class:`Spec`.
 
     ``mixed_ok`` (for the reference) allows NumPy and CuPy arrays together. ``seed_required=False``
-    (for ``attention_vjp``, which draws one) allows dropout without a seed.
+    (for ``attention_vjp``, which draws one) allows dropout without a seed. ``host_offsets``: the packed
+    offsets as packed_signature read them.
     """
     if not isinstance(layout, str) or layout not in LAYOUTS:
         _fail(ValueError, fn, "layout", f"must be one of {', '.join(map(repr, LAYOUTS))}", repr(layout))
@@ -371,7 +387,8 @@ def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), s
     cu_q = cu_k = None
     if varlen:
         cu_q, cu_k, batch, seqlen_q, seqlen_k = _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                              max_seqlen_k, layout, attn_mask, kind, mixed_ok)
+                                                              max_seqlen_k, layout, attn_mask, kind, mixed_ok,
+                                                              host_offsets)
         # a packed batch is checked below as one (1, total, heads, headdim) batch, then takes its lengths
         q, k, v = q[None], k[None], v[None]
     for name, x in (("q", q), ("k", k), ("v", v)):

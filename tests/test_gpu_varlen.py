@@ -147,3 +147,40 @@ def test_offsets_on_the_host_or_strided_give_the_same_bits():
     for want, *others in zip(*results):
         for got in others:
             assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+
+
+@pytest.mark.parametrize("dtype", (np.dtype(np.float16), np.dtype(np.float32)), ids=lambda d: d.name)
+def test_a_packed_call_is_checked_and_planned_once_per_offsets(dtype):
+    """Packed calls alike, their offsets CuPy or NumPy, reuse one check and one plan, and give the same bits
+    each time (each launch takes its own copy of the Hopper forward's work list, whose counter starts at 0);
+    other offsets, or the same contents in other CuPy arrays, or offsets changed in place, are checked anew,
+    and a sequence moved between them is computed where it now lies."""
+    cu_q, cu_k, q, k, v, dout = packed(dtype, 64, 5)
+    args = [to_device(x) for x in (q, k, v)]
+
+    def run(cu_seqlens_q, cu_seqlens_k):
+        out, lse = cupyflash.attention(*args, return_lse=True, causal=True, cu_seqlens_q=cu_seqlens_q,
+                                       cu_seqlens_k=cu_seqlens_k)
+        grads = cupyflash.attention_backward(to_device(dout), *args, out, lse, causal=True, deterministic=True,
+                                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        return [x.get() for x in (out, lse, *grads)]
+
+    def same_bits(got, want):
+        return all(np.array_equal(g.view(f"u{g.itemsize}"), w.view(f"u{w.itemsize}")) for g, w in zip(got, want))
+
+    device_q, device_k = cp.asarray(cu_q), cp.asarray(cu_k)
+    first = run(device_q, device_k)
+    verdicts, plans = len(cupyflash._validate._VERDICTS), len(_cuda_backend._FORWARD_CALLS)
+    for _ in range(3):
+        assert same_bits(run(device_q, device_k), first)
+    assert (len(cupyflash._validate._VERDICTS), len(_cuda_backend._FORWARD_CALLS)) == (verdicts, plans)
+    with cp.cuda.Stream(non_blocking=True):  # another stream: its own copy of the work list
+        assert same_bits(run(device_q, device_k), first)
+    assert same_bits(run(cu_q, cu_k), first)  # NumPy offsets: a check and a plan of their own
+    assert same_bits(run(cp.asarray(cu_q), cp.asarray(cu_k)), first)
+    # sequences 0 and 1 merged in place: the check reads the new contents
+    merged_q, merged_k = np.delete(cu_q, 1), np.delete(cu_k, 1)
+    device_q[:], device_k[:] = cp.asarray(np.append(merged_q, merged_q[-1])), cp.asarray(np.append(merged_k, merged_k[-1]))
+    got = run(device_q, device_k)
+    want = run(np.append(merged_q, merged_q[-1]), np.append(merged_k, merged_k[-1]))
+    assert same_bits(got, want) and not same_bits(got, first)

@@ -382,8 +382,8 @@ def test_a_check_is_reused_only_for_a_call_alike():
     q, k, v = (FakeCupyArray(x) for x in arrays())
     plain = _api._packed(None, None, None, None)
 
-    def key(*scalars, arrays=(q, k, v), mask=None):
-        return _api._signature(arrays, ("attention", *scalars), None, mask, plain)
+    def key(*scalars, arrays=(q, k, v), mask=None, packed=plain):
+        return _api._signature(arrays, ("attention", *scalars), None, mask, packed)[0]
 
     assert key(True, (-1, -1)) == key(True, (-1, -1))
     assert key(True, (-1, -1)) != key(1, (-1, -1))
@@ -392,6 +392,16 @@ def test_a_check_is_reused_only_for_a_call_alike():
     assert key(True, arrays=(q, k, FakeCupyArray(arrays()[2], device_id=1))) != key(True)
     assert key(True, arrays=arrays()) is None
     assert key(True, mask=q) is None
+    # a packed call's key holds its offsets' contents and its max_seqlen scalars with their types
+    offsets = np.array([0, 3, 5], np.int32)
+
+    def packed(cu=offsets, longest=None):
+        return _api._packed(cu, cu, longest, longest)
+
+    assert key(True, packed=packed()) == key(True, packed=packed(offsets.copy()))
+    assert key(True, packed=packed()) != key(True, packed=packed(np.array([0, 2, 5], np.int32)))
+    assert key(True, packed=packed(longest=3)) != key(True, packed=packed(longest=3.0))
+    assert key(True, packed=packed(offsets.astype(np.int64))) is None  # checked every time: the check says why
     verdicts = []
     assert _validate.memoized(("k",), lambda: verdicts.append(1) or "spec") == "spec"
     assert _validate.memoized(("k",), lambda: verdicts.append(2) or "other") == "spec"
