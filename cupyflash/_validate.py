@@ -525,7 +525,7 @@ def signature(arrays, scalars):
     """What a check's verdict depends on when it reads no array's values: each array's kind, device, shape,
     strides and dtype (None for an absent one) and each scalar with its type (a tuple's or list's items with
     theirs, so that 1 never stands for True nor -1.0 for -1). None, so that the check runs, when an array is
-    not a CuPy array; a scalar that cannot be hashed leaves a key memoized does not take."""
+    not a CuPy array; a key holding a scalar that cannot be hashed is not kept (memoized runs the check)."""
     described = []
     for x in arrays:
         if x is None:
