@@ -53,7 +53,10 @@ template <> struct DqTile<float> { static constexpr int ROWS = SM90_SPLIT_BWD_BL
 // sequence b from row (cu_seqlens_q[b] / BLOCK_M + b) BLOCK_M, which leaves each sequence its whole tiles.
 template <bool PACKED>
 __device__ __forceinline__ i64 padded_base(const BwdParamsSm90& p, int b) {
-    if constexpr (PACKED) return (i64)(p.bwd.fwd.cu_seqlens_q[b] / SM90_BWD_BLOCK_M + b) * SM90_BWD_BLOCK_M;
+    if constexpr (PACKED) {
+        const FwdParams& f = p.bwd.fwd;
+        return (i64)(packed_start(f.cu_seqlens_q, b, f.total_q) / SM90_BWD_BLOCK_M + b) * SM90_BWD_BLOCK_M;
+    }
     return (i64)b * p.bwd.fwd.nheads * p.rows;
 }
 

@@ -43,9 +43,9 @@
 // visits about i + 1 key tiles: tiles T - 1 - i and i go as a pair, T + 1 key tiles between them, the long
 // one in a round of the grid and the short one in the next, so that the blocks stay balanced; a head's
 // pairs are neighbours, so that the blocks running side by side share its K and V. A grid of a block per
-// work tile takes them one each. A packed batch walks the host's list of its sequences, longest first
-// (FwdParamsSm90::work), each head's query tiles last first: only tiles that hold queries, which the blocks
-// take as they free up (Schedule), the shortest last.
+// work tile takes them one each. A packed batch walks the list of its sequences by their keys, longest first
+// (FwdParamsSm90::work, built by work_list.cu), each head's query tiles last first: only tiles that hold
+// queries, which the blocks take as they free up (Schedule), the shortest last.
 template <typename Var>
 struct WorkTile {
     static constexpr bool BOUNDED = Var::window && !Var::packed;

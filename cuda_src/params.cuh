@@ -79,11 +79,19 @@ struct Sequence {
         return rows_nonfinite(flags, f.total_q, f.nheads, entry, h, int(q0) + row0, rows);
     }
 };
+// Where packed sequence b's rows start by offsets `cu` over `total` rows. The offsets' rules (from 0,
+// non-decreasing, to the total; lengths up to the longest) are checked on the host where it reads them; offsets
+// left on the device unread are clamped, so that whatever they hold keeps every access within the tensors.
+__device__ __forceinline__ int packed_start(const int* cu, int b, int total) { return min(max(cu[b], 0), total); }
+__device__ __forceinline__ int packed_length(const int* cu, int b, int start, int total, int longest) {
+    return min(min(max(cu[b + 1], start), total) - start, longest);
+}
 template <bool PACKED>
 __device__ __forceinline__ Sequence sequence(const FwdParams& f, int b) {
     if constexpr (PACKED) {
-        const int q0 = f.cu_seqlens_q[b], k0 = f.cu_seqlens_k[b];
-        return {0, f.cu_seqlens_q[b + 1] - q0, f.cu_seqlens_k[b + 1] - k0, q0, k0};
+        const int q0 = packed_start(f.cu_seqlens_q, b, f.total_q), k0 = packed_start(f.cu_seqlens_k, b, f.total_k);
+        return {0, packed_length(f.cu_seqlens_q, b, q0, f.total_q, f.seqlen_q),
+                packed_length(f.cu_seqlens_k, b, k0, f.total_k, f.seqlen_k), q0, k0};
     }
     return {b, f.seqlen_q, f.seqlen_k, 0, 0};
 }
@@ -104,7 +112,8 @@ struct FwdParamsSm90 {
     FwdParams fwd;
     // A packed batch: its sequences in the order their work tiles go, work[i] the first tile of the i-th
     // (query tiles x nheads of them, query tile fastest), work[batch] the count, work[batch + 1 + i] its index
-    // in the batch, and work[2 * batch + 1] a counter of the tiles taken, zero at the launch. Null when dense.
+    // in the batch, and work[2 * batch + 1] a counter of the tiles taken, zero at the launch (work_list.cu builds
+    // it before each launch). Null when dense.
     int* work;
     int batch;
     int parts_apart;  // float32 (operands in three bfloat16 parts, split.cu): batch entries from a part to the next

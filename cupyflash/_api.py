@@ -112,9 +112,11 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     Packed variable-length batches (flash-attn's varlen): with ``cu_seqlens_q`` and
     ``cu_seqlens_k`` (int32, (batch + 1,), from 0), q is (total_q, nheads, headdim), k and v are
     (total_k, nheads_kv, headdim), sequence b owning rows ``cu_seqlens[b]:cu_seqlens[b + 1]``, and
-    lse is (nheads, total_q); every keyword applies per sequence (no ``attn_mask``). The offsets
-    are checked on the host: CuPy ones cost a device synchronisation, NumPy ones (allowed with
-    CuPy q, k, v) none.
+    lse is (nheads, total_q); every keyword applies per sequence (no ``attn_mask``). CuPy offsets
+    with ``max_seqlen_q`` and ``max_seqlen_k`` given stay on the device: not read, so not checked
+    (offsets that break their rules leave rows unwritten, never read or write past the arrays).
+    Otherwise the offsets are read and checked on the host: CuPy ones at the cost of a device
+    synchronisation, NumPy ones (allowed with CuPy q, k, v) at none.
 
     Returns ``out`` (q's shape, layout and dtype), or ``(out, lse)`` with ``return_lse=True``; lse
     is (batch, nheads, seqlen_q), float32 (float64 for float64 inputs), the natural-log

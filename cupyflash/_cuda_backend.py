@@ -263,38 +263,12 @@ def _packed(spec):
     else the host ones copied there in one transfer; None when dense."""
     if not spec.varlen:
         return None
-    totals = int(spec.cu_seqlens_q[-1]), int(spec.cu_seqlens_k[-1])
+    totals = spec.total_q, spec.total_k
     given = spec.device_offsets
     if given is not None and given[0].device.id == cupy.cuda.Device().id == given[1].device.id:
         return _Packed(*given, *totals)
     both = cupy.asarray(np.concatenate((spec.cu_seqlens_q, spec.cu_seqlens_k)).astype(np.int32))
     return _Packed(both[:spec.batch + 1], both[spec.batch + 1:], *totals)
-
-
-def _packed_work(spec, block_m):
-    """FwdParamsSm90::work of a packed batch, on the host: the sequences longest first (a work tile's time
-    grows with its keys), so that the persistent blocks, which take the tiles as they free up, end on short
-    ones. Its last entry is a launch's counter of tiles taken (_device_work)."""
-    queries, keys = np.diff(spec.cu_seqlens_q), np.diff(spec.cu_seqlens_k)
-    order = np.lexsort((-queries, -keys))
-    tiles = -(-queries[order] // block_m) * spec.nheads
-    return np.concatenate(([0], np.cumsum(tiles), order, [0])).astype(np.int32)
-
-
-def _device_work(call):
-    """The address members of a packed batch's work list (none for a dense call) as a launch on the current
-    stream reads it: a device copy per stream, made once, whose counter is zeroed in the stream's order
-    before each later launch. (A copy per launch from the host would wait for the stream's work: a copy from
-    pageable memory synchronises.)"""
-    if call.work is None:
-        return ()
-    stream = cupy.cuda.get_current_stream()
-    work = call.work_copies.get(stream.ptr)
-    if work is None:
-        work = call.work_copies[stream.ptr] = cupy.asarray(call.work)
-    else:
-        cupy.cuda.runtime.memsetAsync(work.data.ptr + work.nbytes - work.itemsize, 0, work.itemsize, stream.ptr)
-    return (work.data.ptr,)
 
 
 def forward(q, k, v, spec):
@@ -313,10 +287,11 @@ def forward(q, k, v, spec):
         v_nonfinite, = (_flag_nonfinite(call.var_type, spec, device_id, (v, spec.nheads_kv)) if call.reads_row_flags
                         else (None,))
         maps = tuple(_tma.tensor_map_words(x, spec.dtype.name, rows) for x, rows in zip((q, k, v), call.map_rows))
+        scratch = [_empty(shape, dtype) for shape, dtype in call.buffers]
         params = call.params((q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, _ptr(v_nonfinite),
-                              *_device_work(call)), maps)
-        (launch, grid), = call.launches
-        _launch(launch, grid, params, device_id)
+                              *(x.data.ptr for x in scratch)), maps)
+        for launch, grid in call.launches:
+            _launch(launch, grid, params, device_id)
         return out, lse
 
 
@@ -327,7 +302,7 @@ class _Call(typing.NamedTuple):
     buffer a call allocates, and the device arrays the struct points to besides the call's own (a bool mask's
     cells, a packed batch's offsets copied from the host), which must live until the launches; and whether
     its kernels read the per-call flags of NaN/inf rows (_flag_nonfinite) where the variant hides keys (the
-    Hopper family scans its tiles itself); a packed batch's work list, of which each launch takes a copy."""
+    Hopper family scans its tiles itself)."""
     launches: tuple
     params: "_Readdressed"
     var_type: str
@@ -335,8 +310,6 @@ class _Call(typing.NamedTuple):
     buffers: tuple = ()
     referenced: tuple = ()
     reads_row_flags: bool = True
-    work: typing.Optional[np.ndarray] = None  # a packed batch's Hopper forward: its work list (_packed_work)
-    work_copies: typing.Optional[dict] = None  # and its device copies by stream (_device_work)
 
 
 #: Planned calls by _call_key; bounded, cleared when full.
@@ -405,15 +378,18 @@ def _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, addre
     _, block_m, block_n, _ = _plan.sm90_forward_tiles(spec.dtype.name, spec.headdim, keys, var_type)
     map_rows = (block_m, block_n, block_n)
     maps = tuple(np.zeros((), _tma.TENSOR_MAP) for _ in map_rows)
-    listed = None if packed is None else _packed_work(spec, block_m)
     parts_apart = spec.batch if packed is None else 1  # split float32: a part's batch entries, or its one
     params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, 0, spec.batch, parts_apart),
-                          tuple(f"fwd.{m}" for m in addresses) + (() if listed is None else ("work",)),
+                          tuple(f"fwd.{m}" for m in addresses) + (() if packed is None else ("work",)),
                           ("tma_q", "tma_k", "tma_v"))
     # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
     tiles = math.ceil(spec.seqlen_q / block_m) * spec.nheads * spec.batch
-    return _Call(((launch, (min(tiles, _multiprocessors(device_id)), 1, 1)),), params, var_type, map_rows, (),
-                 (mask_cells, packed), reads_row_flags=False, work=listed, work_copies={})
+    launches = ((launch, (min(tiles, _multiprocessors(device_id)), 1, 1)),)
+    buffers = ()
+    if packed is not None:  # its work list, built on the device before each launch (work_list.cu)
+        launches = ((_plan.work_list(block_m), (1, 1, 1)),) + launches
+        buffers = (((2 * spec.batch + 2,), np.int32),)
+    return _Call(launches, params, var_type, map_rows, buffers, (mask_cells, packed), reads_row_flags=False)
 
 
 def _split_inputs(device_id, gate, tensors):
@@ -446,8 +422,10 @@ class _SplitForward(typing.NamedTuple):
         gate = cupy.zeros(1, np.int32)
         maps, parts = _split_inputs(device_id, gate, zip((q, k, v), self.hopper.map_rows))
         addresses = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, lse.data.ptr, 0, gate.data.ptr)
-        (launch, grid), = self.hopper.launches
-        _launch(launch, grid, self.hopper.params(addresses + _device_work(self.hopper), maps), device_id)
+        scratch = [_empty(shape, dtype) for shape, dtype in self.hopper.buffers]
+        params = self.hopper.params(addresses + tuple(x.data.ptr for x in scratch), maps)
+        for launch, grid in self.hopper.launches:
+            _launch(launch, grid, params, device_id)
         v_nonfinite, = (_flag_nonfinite(self.fallback.var_type, spec, device_id, (v, spec.nheads_kv))
                         if self.fallback.reads_row_flags else (None,))
         addresses = addresses[:5] + (_ptr(v_nonfinite), gate.data.ptr)
@@ -599,7 +577,7 @@ def _backward_sm90_call(spec, device_id, var_type, values, referenced, q, k, v, 
     tile = _plan.SM90_BWD_BLOCK_M
     longest = -(-spec.seqlen_q // tile) * tile  # query rows of the longest sequence in whole tiles
     if spec.varlen:  # sequence b from row (cu_seqlens_q[b] // tile + b) * tile of each head (backward_sm90.cu)
-        rows, shape = (int(spec.cu_seqlens_q[-1]) // tile + spec.batch) * tile, (spec.nheads,)
+        rows, shape = (spec.total_q // tile + spec.batch) * tile, (spec.nheads,)
     else:
         rows, shape = longest, (spec.batch, spec.nheads)
     buffers = (((*shape, rows), np.float32),) * 2 + (((*shape, rows, head_tile), np.float32),)  # delta, lse_log2, dq_accum

@@ -223,6 +223,12 @@ def forward_sm90(dtype, headdim, var, keys=0):
     return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages), SM90_OPTIONS)
 
 
+def work_list(block_m):
+    """The kernel that builds a packed batch's Hopper forward work list on the device (work_list.cu): one
+    block, before each forward of `block_m` query rows a tile."""
+    return Launch("work_list.cu", f"work_list<{block_m}>", block_m, 1024, 0)
+
+
 def split_float32():
     """The kernel that splits a float32 input into bfloat16 parts for the Hopper kernels (split.cu), a
     grid-stride loop of 256 threads per block."""
@@ -620,6 +626,8 @@ def covering_launches():
                       for dtype, var in (("bfloat16", plain), ("float16", variant(SM90_WIDE_KEY_TILE_FEATURES)),
                                          ("bfloat16", causal))]
     sm90_launches += [launch for case in sm90 for launch in backward_sm90(*case)]
+    sm90_launches += [work_list(block_m) for block_m in {sm90_forward_tiles(dtype, d)[1] for d in (64, 128)
+                                                         for dtype in TENSOR_CORE_DTYPES + ("float32",)}]
     # float32 on split operands (the split kernel, both head tiles, every feature)
     split_cases = ((64, plain), (128, plain), (64, variant(every - bias, "bool")),
                    (128, variant(every - bool_mask, "float32")), (128, variant(every - bias - bool_mask + packed)))

@@ -42,11 +42,15 @@ class Spec:
     layout: str = "bshd"
     batch_offset: int = 0        # the dropout counter's batch index of this call's first batch entry
     # Packed variable-length batches: (batch + 1,) host int64 offsets of each sequence's rows in the
-    # (total, heads, headdim) q and k, v; seqlen_q and seqlen_k are then the longest lengths.
+    # (total, heads, headdim) q and k, v; seqlen_q and seqlen_k are then the longest lengths. None where the
+    # caller's CuPy offsets stay on the device unread (_validate.offsets_stay_on_device).
     cu_seqlens_q: Optional[np.ndarray] = None
     cu_seqlens_k: Optional[np.ndarray] = None
-    # The caller's offsets where they were CuPy arrays (cu_seqlens_q, cu_seqlens_k): the kernels read them.
+    # The caller's offsets where they were contiguous CuPy arrays (cu_seqlens_q, cu_seqlens_k): the kernels
+    # read them.
     device_offsets: Optional[Tuple[Any, Any]] = None
+    total_q: int = 0  # a packed batch's rows of q and of k, v
+    total_k: int = 0
 
     @property
     def group(self) -> int:
@@ -71,7 +75,7 @@ class Spec:
 
     @property
     def varlen(self) -> bool:
-        return self.cu_seqlens_q is not None
+        return self.cu_seqlens_q is not None or self.device_offsets is not None
 
     @property
     def dropout(self) -> bool:

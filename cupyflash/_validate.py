@@ -308,24 +308,38 @@ def _check_offsets(fn, name, host):
               f"{name}[{at + 1}]={int(host[at + 1])} < {name}[{at}]={int(host[at])}")
 
 
+def offsets_stay_on_device(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Whether a packed call leaves its offsets unread: contiguous CuPy ones on one device, with both
+    max_seqlen_* given (the longest lengths then come from the caller, as in flash-attn). Their contents are not
+    checked: the kernels clamp them into the tensors (cuda_src/params.cuh, packed_start), and rows they leave
+    out are not written."""
+    return (max_seqlen_q is not None and max_seqlen_k is not None
+            and _device_offsets(cu_seqlens_q, cu_seqlens_k) is not None
+            and cu_seqlens_q.device.id == cu_seqlens_k.device.id)
+
+
 def packed_signature(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     """(key, host offsets) of a packed call's offsets, for a check made once per key: their kinds, and the
     devices and addresses of CuPy ones (the kernels read them in place), their contents read to the host (one
-    synchronisation for CuPy ones) and the max_seqlen scalars. (None, None) where the offsets are not both
-    int32 vectors: the check then says what they are."""
+    synchronisation for CuPy ones; not where they stay on the device, host offsets None) and the max_seqlen
+    scalars. (None, None) where the offsets are not both int32 vectors: the check then says what they are."""
     offsets = (cu_seqlens_q, cu_seqlens_k)
     if any(array_kind(cu) is None or cu.ndim != 1 or np.dtype(cu.dtype) != np.int32 for cu in offsets):
         return None, None
-    host = _host_offsets(*offsets)
     where = tuple((cu.device.id, cu.data.ptr) if array_kind(cu) == "cupy" else None for cu in offsets)
-    return (*where, *(h.tobytes() for h in host), _typed(max_seqlen_q), _typed(max_seqlen_k)), host
+    longest = (_typed(max_seqlen_q), _typed(max_seqlen_k))
+    if offsets_stay_on_device(*offsets, max_seqlen_q, max_seqlen_k):
+        return (*where, *longest), None
+    host = _host_offsets(*offsets)
+    return (*where, *(h.tobytes() for h in host), *longest), host
 
 
 def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, layout, attn_mask, kind,
                   mixed_ok, host=None):
     """Shapes of a packed call: q (total_q, nheads, headdim), k and v (total_k, nheads_kv, headdim); `host`:
     the offsets already read (packed_signature). Returns (cu_q, cu_k, batch, seqlen_q, seqlen_k) with the
-    longest lengths."""
+    longest lengths; offsets that stay on the device (offsets_stay_on_device) are not read (cu_q, cu_k None)
+    and the longest lengths are max_seqlen_*, at most the totals."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
         _fail(ValueError, fn, missing, "must be given with the other cu_seqlens", None)
@@ -344,6 +358,18 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         _fail(ValueError, fn, "cu_seqlens_k.shape", f"must equal cu_seqlens_q.shape={tuple(cu_seqlens_q.shape)}",
               tuple(cu_seqlens_k.shape))
+    if v.shape[0] != k.shape[0]:
+        _fail(ValueError, fn, "v.shape[0] (total_k)", f"must equal k.shape[0]={k.shape[0]}", v.shape[0])
+    batch = cu_seqlens_q.shape[0] - 1
+    if host is None and not mixed_ok and offsets_stay_on_device(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                                max_seqlen_k):
+        longest = []
+        for name, given, x in (("max_seqlen_q", max_seqlen_q, q), ("max_seqlen_k", max_seqlen_k, k)):
+            given = _check_int(fn, name, given, "an int")
+            if given < 0:
+                _fail(ValueError, fn, name, "must be at least 0", given)
+            longest.append(min(given, x.shape[0]))
+        return None, None, batch, longest[0], longest[1]
     cu_q, cu_k = host or _host_offsets(cu_seqlens_q, cu_seqlens_k)
     _check_offsets(fn, "cu_seqlens_q", cu_q)
     _check_offsets(fn, "cu_seqlens_k", cu_k)
@@ -351,8 +377,6 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         if cu[-1] != x.shape[0]:
             _fail(ValueError, fn, f"{name}[-1]", f"must equal {axis_name}.shape[0] (total)={x.shape[0]}",
                   int(cu[-1]))
-    if v.shape[0] != k.shape[0]:
-        _fail(ValueError, fn, "v.shape[0] (total_k)", f"must equal k.shape[0]={k.shape[0]}", v.shape[0])
     longest = []
     for name, cu, given in (("max_seqlen_q", cu_q, max_seqlen_q), ("max_seqlen_k", cu_k, max_seqlen_k)):
         actual = int(np.diff(cu).max())
@@ -361,7 +385,7 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             if given < actual:
                 _fail(ValueError, fn, name, f"must be at least the longest sequence, {actual}", given)
         longest.append(actual)
-    return cu_q, cu_k, cu_q.shape[0] - 1, longest[0], longest[1]
+    return cu_q, cu_k, batch, longest[0], longest[1]
 
 
 def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
@@ -446,7 +470,8 @@ def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), s
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=slopes, attn_mask=mask, mask_shape=mask_shape, dropout_p=dropout_p,
                 dropout_seed=dropout_seed, layout=layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                device_offsets=_device_offsets(cu_seqlens_q, cu_seqlens_k))
+                device_offsets=_device_offsets(cu_seqlens_q, cu_seqlens_k),
+                total_q=q_.shape[0] if varlen else 0, total_k=k_.shape[0] if varlen else 0)
 
 
 def _device_offsets(cu_seqlens_q, cu_seqlens_k):
@@ -461,14 +486,14 @@ def _caller_shape(spec):
     """q's shape in the caller's layout (packed: (total_q, nheads, headdim))."""
     b, s, h, d = spec.batch, spec.seqlen_q, spec.nheads, spec.headdim
     if spec.varlen:
-        return (int(spec.cu_seqlens_q[-1]), h, d)
+        return (spec.total_q, h, d)
     return (b, h, s, d) if spec.layout == "bhsd" else (b, s, h, d)
 
 
 def lse_shape(spec):
     """(batch, nheads, seqlen_q); packed: (nheads, total_q)."""
     if spec.varlen:
-        return (spec.nheads, int(spec.cu_seqlens_q[-1]))
+        return (spec.nheads, spec.total_q)
     return (spec.batch, spec.nheads, spec.seqlen_q)
 
 

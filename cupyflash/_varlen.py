@@ -7,7 +7,8 @@ rows ``cu_seqlens[b]:cu_seqlens[b + 1]``; lse is (nheads, total_q). Every varian
 sequence: causal and windows align each sequence bottom-right, ALiBi takes the sequence's row of
 slopes, and dropout draws the bits of batch index b (``Spec.batch_offset``), so a sequence run
 alone with that offset gives the same result. A sequence with no query rows is skipped; one with
-no keys gives out 0 and lse -inf. The offsets are read on the host (see ``_validate``).
+no keys gives out 0 and lse -inf. The offsets are read on the host, but for CuPy ones with both
+``max_seqlen_*`` given, which stay on the device (``_validate.offsets_stay_on_device``).
 """
 from __future__ import annotations
 
@@ -30,8 +31,12 @@ def _xp(spec):
 
 
 def _sequences(spec):
-    """(b, query rows, key rows, the sequence's own dense Spec) of every sequence with query rows."""
+    """(b, query rows, key rows, the sequence's own dense Spec) of every sequence with query rows. Offsets
+    left on the device unread give none: the kernels read those, and the passes here then run only for a batch
+    whose longest sequence has no query or no key (its outputs are zeros)."""
     cu_q, cu_k = spec.cu_seqlens_q, spec.cu_seqlens_k
+    if cu_q is None:
+        return
     for b in range(spec.batch):
         rows_q, rows_k = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
         seqlen_q, seqlen_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start

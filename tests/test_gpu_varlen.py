@@ -2,7 +2,9 @@
 sequence checked alone against the float64 reference by flash-attn's rule, on every dtype, head
 dimension class and kernel family (tools/gpu_validate.sh runs this file again with
 CUPYFLASH_KERNELS=sm80), with every output poisoned before the kernels run; and no value of one
-sequence reaching another, where the Hopper kernels' tiles read past a sequence's end."""
+sequence reaching another, where the Hopper kernels' tiles read past a sequence's end. CuPy offsets go
+with max_seqlen_* (flash-attn's convention: left on the device, unread) in the first test, without them (read
+and checked on the host) in the second."""
 import numpy as np
 import pytest
 
@@ -38,9 +40,13 @@ def variant(name, batch, rng):
     }[name]
 
 
-def run_packed(cu_q, cu_k, q, k, v, dout, **kw):
+def run_packed(cu_q, cu_k, q, k, v, dout, slack=None, **kw):
+    """out, lse and the gradients on the host; `slack`: max_seqlen_* given, that much above the longest
+    sequences (the offsets stay on the device)."""
     dev = {name: to_device(x) if isinstance(x, np.ndarray) else x for name, x in kw.items()}
     cu = dict(cu_seqlens_q=cp.asarray(cu_q), cu_seqlens_k=cp.asarray(cu_k))
+    if slack is not None:
+        cu.update(max_seqlen_q=int(np.diff(cu_q).max()) + slack, max_seqlen_k=int(np.diff(cu_k).max()) + slack)
     args = [to_device(x) for x in (q, k, v)]
     out, lse = cupyflash.attention(*args, return_lse=True, **cu, **dev)
     grads = cupyflash.attention_backward(to_device(dout), *args, out, lse, **cu, **dev)
@@ -82,7 +88,7 @@ def test_each_sequence_as_if_alone(dtype, headdim, name):
     rng = np.random.default_rng(headdim)
     cu_q, cu_k, *arrays = packed(dtype, headdim, headdim)
     kw = variant(name, len(LENGTHS), rng)
-    got = run_packed(cu_q, cu_k, *arrays, **kw)
+    got = run_packed(cu_q, cu_k, *arrays, slack=headdim % 5, **kw)
     out, lse, dq, dk, dv = got
     for b in range(len(LENGTHS)):
         rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
@@ -132,15 +138,20 @@ def test_nothing_crosses_between_sequences(dtype, headdim, name, monkeypatch):
     assert np.isnan(got[0][cu_q[3]:cu_q[4]].astype(np.float64)).any()
 
 
-def test_offsets_on_the_host_or_strided_give_the_same_bits():
+def test_offsets_on_the_host_or_strided_give_the_same_bits(monkeypatch):
     """NumPy cu_seqlens with CuPy q, k, v (no device read) and strided CuPy ones (copied) give the bits of
-    contiguous CuPy ones (read in place)."""
+    contiguous CuPy ones (read in place), and so do contiguous CuPy ones with max_seqlen_*, never read."""
     cu_q, cu_k, q, k, v, dout = packed(np.dtype(np.float16), 64, 3)
     args = [to_device(x) for x in (q, k, v)]
+    longest = dict(max_seqlen_q=int(np.diff(cu_q).max()), max_seqlen_k=int(np.diff(cu_k).max()))
+    read = cupyflash._validate._host_offsets
     results = []
-    for cu in ((cu_q, cu_k), (cp.asarray(cu_q), cp.asarray(cu_k)),
-               (cp.asarray(np.repeat(cu_q, 2))[::2], cp.asarray(np.repeat(cu_k, 2))[::2])):
-        kw = dict(cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], causal=True)
+    for cu, more in (((cu_q, cu_k), {}), ((cp.asarray(cu_q), cp.asarray(cu_k)), {}),
+                     ((cp.asarray(np.repeat(cu_q, 2))[::2], cp.asarray(np.repeat(cu_k, 2))[::2]), longest),
+                     ((cp.asarray(cu_q), cp.asarray(cu_k)), longest)):
+        unread = isinstance(cu[0], cp.ndarray) and cu[0].flags.c_contiguous and more
+        monkeypatch.setattr(cupyflash._validate, "_host_offsets", _never_called if unread else read)
+        kw = dict(cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], causal=True, **more)
         out, lse = cupyflash.attention(*args, return_lse=True, **kw)
         grads = cupyflash.attention_backward(to_device(dout), *args, out, lse, deterministic=True, **kw)
         results.append([x.get() for x in (out, lse, *grads)])
@@ -149,20 +160,25 @@ def test_offsets_on_the_host_or_strided_give_the_same_bits():
             assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
 
 
+def _never_called(*args):
+    raise AssertionError("offsets read back from the device")
+
+
 @pytest.mark.parametrize("dtype", (np.dtype(np.float16), np.dtype(np.float32)), ids=lambda d: d.name)
 def test_a_packed_call_is_checked_and_planned_once_per_offsets(dtype):
     """Packed calls alike, their offsets CuPy or NumPy, reuse one check and one plan, and give the same bits
-    each time (each launch takes its own copy of the Hopper forward's work list, whose counter starts at 0);
+    each time (each launch builds its own work list for the Hopper forward, whose counter starts at 0);
     other offsets, or the same contents in other CuPy arrays, or offsets changed in place, are checked anew,
-    and a sequence moved between them is computed where it now lies."""
+    and a sequence moved between them is computed where it now lies. CuPy offsets with max_seqlen_* are
+    checked and planned once per arrays: the kernels read them at each call, changed in place or not."""
     cu_q, cu_k, q, k, v, dout = packed(dtype, 64, 5)
     args = [to_device(x) for x in (q, k, v)]
 
-    def run(cu_seqlens_q, cu_seqlens_k):
+    def run(cu_seqlens_q, cu_seqlens_k, **longest):
         out, lse = cupyflash.attention(*args, return_lse=True, causal=True, cu_seqlens_q=cu_seqlens_q,
-                                       cu_seqlens_k=cu_seqlens_k)
+                                       cu_seqlens_k=cu_seqlens_k, **longest)
         grads = cupyflash.attention_backward(to_device(dout), *args, out, lse, causal=True, deterministic=True,
-                                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **longest)
         return [x.get() for x in (out, lse, *grads)]
 
     def same_bits(got, want):
@@ -174,7 +190,7 @@ def test_a_packed_call_is_checked_and_planned_once_per_offsets(dtype):
     for _ in range(3):
         assert same_bits(run(device_q, device_k), first)
     assert (len(cupyflash._validate._VERDICTS), len(_cuda_backend._FORWARD_CALLS)) == (verdicts, plans)
-    with cp.cuda.Stream(non_blocking=True):  # another stream: its own copy of the work list
+    with cp.cuda.Stream(non_blocking=True):  # another stream
         assert same_bits(run(device_q, device_k), first)
     assert same_bits(run(cu_q, cu_k), first)  # NumPy offsets: a check and a plan of their own
     assert same_bits(run(cp.asarray(cu_q), cp.asarray(cu_k)), first)
@@ -184,3 +200,24 @@ def test_a_packed_call_is_checked_and_planned_once_per_offsets(dtype):
     got = run(device_q, device_k)
     want = run(np.append(merged_q, merged_q[-1]), np.append(merged_k, merged_k[-1]))
     assert same_bits(got, want) and not same_bits(got, first)
+
+    longest = dict(max_seqlen_q=int(np.diff(cu_q).max()), max_seqlen_k=int(np.diff(cu_k).max()))
+    device_q[:], device_k[:] = cp.asarray(cu_q), cp.asarray(cu_k)
+    assert same_bits(run(device_q, device_k, **longest), first)
+    verdicts, plans = len(cupyflash._validate._VERDICTS), len(_cuda_backend._FORWARD_CALLS)
+    device_q[:], device_k[:] = cp.asarray(np.append(merged_q, merged_q[-1])), cp.asarray(np.append(merged_k, merged_k[-1]))
+    assert same_bits(run(device_q, device_k, **longest), want)
+    assert (len(cupyflash._validate._VERDICTS), len(_cuda_backend._FORWARD_CALLS)) == (verdicts, plans)
+
+
+def test_many_sequences_on_the_device():
+    """More sequences than the work list's kernel has threads (work_list.cu takes them in rounds), of random
+    lengths from 0, their offsets left on the device: every sequence's rows against the float64 reference."""
+    rng = np.random.default_rng(11)
+    lens_q, lens_k = rng.integers(0, 40, 2500), rng.integers(0, 40, 2500)
+    cu_q, cu_k, q, k, v, _ = packed_batch(lens_q, lens_k, np.dtype(np.float16), 11, 2, 1, 64)
+    out, lse = cupyflash.attention(*(to_device(x) for x in (q, k, v)), return_lse=True, cu_seqlens_q=cp.asarray(cu_q),
+                                   cu_seqlens_k=cp.asarray(cu_k), max_seqlen_q=40, max_seqlen_k=40)
+    ref_out, ref_lse = cupyflash.reference.attention(q, k, v, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    np.testing.assert_allclose(out.get().astype(np.float64), ref_out, rtol=0, atol=4 * eps(np.dtype(np.float16)))
+    np.testing.assert_allclose(lse.get(), ref_lse, rtol=1e-5, atol=2e-6)

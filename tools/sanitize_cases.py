@@ -76,9 +76,11 @@ def dense(dtypes):
             run(dtype, 64, sq=200, sk=2300, **variant)
 
 
-def run_packed(dtype, headdim, poison=True, **variant):
-    """A packed batch with empty sequences and (poison) one of NaN and inf, which its neighbours' tiles reach."""
-    cu_q, cu_k = np.array([0, 40, 40, 41, 170, 300], np.int32), np.array([0, 45, 50, 50, 180, 260], np.int32)
+def run_packed(dtype, headdim, poison=True, cu_q=(0, 40, 40, 41, 170, 300), cu_k=(0, 45, 50, 50, 180, 260),
+               longest=None, **variant):
+    """A packed batch with empty sequences and (poison) one of NaN and inf, which its neighbours' tiles reach;
+    `longest`: max_seqlen_q and max_seqlen_k given (the offsets stay on the device)."""
+    cu_q, cu_k = np.array(cu_q, np.int32), np.array(cu_k, np.int32)
     q, dout = (rng.standard_normal((300, 4, headdim)).astype(dtype) for _ in range(2))
     k, v = (rng.standard_normal((260, 2, headdim)).astype(dtype) for _ in range(2))
     if poison:
@@ -86,7 +88,11 @@ def run_packed(dtype, headdim, poison=True, **variant):
             x[cu[3]:cu[4]] = np.nan
     q, k, v, dout = (device(x) for x in (q, k, v, dout))
     packed = dict(cu_seqlens_q=cp.asarray(cu_q), cu_seqlens_k=cp.asarray(cu_k), **variant)
+    if longest is not None:
+        packed.update(max_seqlen_q=longest[0], max_seqlen_k=longest[1])
     out, lse = cupyflash.attention(q, k, v, return_lse=True, **packed)
+    if longest is not None:  # every row of out and lse defined, whichever rows the offsets cover
+        out, lse = device(rng.standard_normal(out.shape).astype(dtype)), cp.zeros_like(lse)
     cupyflash.attention_backward(dout, q, k, v, out, lse, **packed)
 
 
@@ -99,6 +105,11 @@ def packed():
             rng.uniform(0.01, 0.5, (5, 4)).astype(np.float32)))
     # finite packed float32: the split-operand Hopper kernels (NaN takes the mma.sync ones)
     run_packed(np.float32, 128, poison=False, causal=True, dropout_p=0.2, dropout_seed=2)
+    # offsets left on the device: as promised, and breaking every rule (clamped into the tensors by the kernels)
+    for dtype in (ml_dtypes.bfloat16, np.float32, np.float64):
+        run_packed(dtype, 64, poison=False, longest=(140, 140), causal=True)
+        run_packed(dtype, 64, poison=False, cu_q=(5, 60, 20, 900, -7, 250), cu_k=(-3, 300, 100, 100, 2**30, 7),
+                   longest=(100, 200), causal=True)
 
 
 def decode():
