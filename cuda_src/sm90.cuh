@@ -12,14 +12,17 @@
 // Zeroes rows [first, ROWS) of a [CHUNKS][ROWS][64] tile as TMA writes it (the 128-byte swizzle moves 16-byte
 // pieces within a row's 128 bytes), spread over THREADS threads (thread: this one's index among them), and
 // fences the stores for the tensor cores; the caller then syncs the threads that read the tile. Rows past a
-// packed sequence's end hold its neighbour's data, which no product of the sequence may meet.
+// packed sequence's end hold its neighbour's data, which no product of the sequence may meet. Eight threads
+// take a row, THREADS / 8 rows at a time: a flat loop over the pieces divided by the row count, about 1600
+// instructions a tile for the forward's V warp, cost the packed forward 3% (H100, d128).
 template <typename T, int ROWS, int CHUNKS, int THREADS>
 __device__ __forceinline__ void zero_rows(T* tile, int first, int thread) {
-    const int rows = ROWS - first;
-    for (int i = thread; i < rows * CHUNKS * 8; i += THREADS) {
-        const int line = i / 8, chunk = line / rows, row = first + line % rows;
-        reinterpret_cast<uint4*>(tile + (chunk * ROWS + row) * 64)[i % 8] = make_uint4(0u, 0u, 0u, 0u);
-    }
+    static_assert(THREADS % 8 == 0, "eight threads a row");
+    uint4* const pieces = reinterpret_cast<uint4*>(tile) + thread % 8;
+#pragma unroll
+    for (int chunk = 0; chunk < CHUNKS; ++chunk)
+        for (int row = first + thread / 8; row < ROWS; row += THREADS / 8)
+            pieces[(chunk * ROWS + row) * 8] = make_uint4(0u, 0u, 0u, 0u);
     fence_async_shared();
 }
 
