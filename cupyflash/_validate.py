@@ -361,15 +361,15 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if v.shape[0] != k.shape[0]:
         _fail(ValueError, fn, "v.shape[0] (total_k)", f"must equal k.shape[0]={k.shape[0]}", v.shape[0])
     batch = cu_seqlens_q.shape[0] - 1
+    given = {}
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if value is not None:
+            given[name] = _check_int(fn, name, value, "an int")
+            if given[name] < 0:
+                _fail(ValueError, fn, name, "must be at least 0", given[name])
     if host is None and not mixed_ok and offsets_stay_on_device(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                                 max_seqlen_k):
-        longest = []
-        for name, given, x in (("max_seqlen_q", max_seqlen_q, q), ("max_seqlen_k", max_seqlen_k, k)):
-            given = _check_int(fn, name, given, "an int")
-            if given < 0:
-                _fail(ValueError, fn, name, "must be at least 0", given)
-            longest.append(min(given, x.shape[0]))
-        return None, None, batch, longest[0], longest[1]
+        return None, None, batch, min(given["max_seqlen_q"], q.shape[0]), min(given["max_seqlen_k"], k.shape[0])
     cu_q, cu_k = host or _host_offsets(cu_seqlens_q, cu_seqlens_k)
     _check_offsets(fn, "cu_seqlens_q", cu_q)
     _check_offsets(fn, "cu_seqlens_k", cu_k)
@@ -378,12 +378,10 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             _fail(ValueError, fn, f"{name}[-1]", f"must equal {axis_name}.shape[0] (total)={x.shape[0]}",
                   int(cu[-1]))
     longest = []
-    for name, cu, given in (("max_seqlen_q", cu_q, max_seqlen_q), ("max_seqlen_k", cu_k, max_seqlen_k)):
+    for name, cu in (("max_seqlen_q", cu_q), ("max_seqlen_k", cu_k)):
         actual = int(np.diff(cu).max())
-        if given is not None:
-            given = _check_int(fn, name, given, "an int")
-            if given < actual:
-                _fail(ValueError, fn, name, f"must be at least the longest sequence, {actual}", given)
+        if name in given and given[name] < actual:
+            _fail(ValueError, fn, name, f"must be at least the longest sequence, {actual}", given[name])
         longest.append(actual)
     return cu_q, cu_k, batch, longest[0], longest[1]
 
