@@ -109,6 +109,8 @@ def test_bad_packed_arguments():
     _bad(ValueError, r"cu_seqlens_k.shape must equal cu_seqlens_q.shape=\(3,\), got \(4,\)",
          cu_seqlens_k=np.array([0, 5, 7, 7], np.int32))
     _bad(ValueError, r"max_seqlen_q must be at least the longest sequence, 4, got 3", max_seqlen_q=3)
+    _bad(ValueError, r"max_seqlen_k must be at least 0, got -1", max_seqlen_k=-1)
+    _bad(TypeError, r"max_seqlen_q must be an int, got 4.0", max_seqlen_q=4.0)
     _bad(ValueError, r"attn_mask must be None with cu_seqlens", attn_mask=np.ones((4, 5), bool))
     _bad(ValueError, re.escape("layout must be 'bshd' with cu_seqlens"), layout="bhsd")
     _bad(ValueError, r"q must have 3 dimensions \(total, nheads, headdim\) with cu_seqlens",
