@@ -62,8 +62,9 @@ def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
 
 def _signature(arrays, scalars, alibi_slopes, attn_mask, packed):
     """(key of a call's check, host offsets): the check of a training loop's calls runs once. A packed call's
-    key holds its offsets' contents (_validate.packed_signature), read here once for both. (None, None) for a
-    call with an array keyword or a key that cannot be made."""
+    key holds its offsets' contents, read here once for both, or only their addresses where they stay on the
+    device (_validate.packed_signature). (None, None) for a call with an array keyword or a key that cannot be
+    made."""
     if alibi_slopes is not None or attn_mask is not None:
         return None, None
     key = _validate.signature(arrays, scalars)

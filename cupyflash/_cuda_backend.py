@@ -322,7 +322,7 @@ def _call_key(spec, device_id, *arrays):
     """What a pass's launches depend on besides its arrays' addresses: the spec, the device, the
     environment's switches, the arrays' shapes and strides and which addresses are 16-byte aligned (TMA
     and vector loads). None for a call whose keywords hold arrays (masks, slopes); a packed batch's offsets are
-    its spec's, checked once per contents (_validate.packed_signature)."""
+    its spec's, checked once per contents or, left on the device, per arrays (_validate.packed_signature)."""
     if spec.alibi_slopes is not None or spec.attn_mask is not None:
         return None
     return (spec, device_id, os.environ.get(FAMILY_VARIABLE, ""), os.environ.get(TF32_VARIABLE, ""),
