@@ -10,7 +10,8 @@
 //              arrived: rows past a packed sequence's end zeroed, and whether a tile that hides some keys
 //              from some rows holds NaN or inf, before handing it to the consumers
 //   consumers  (warpgroups 1 and 2, 64 query rows each), per key tile t:
-//       s = q k_t^T                  wgmma, both operands in shared memory; k_t's buffer handed back
+//       s = q k_t^T                  wgmma, both operands in shared memory; k_t's buffer handed back; ALiBi's
+//                                    key term added by one more product (AlibiKeyTerm)
 //       o += p_{t-1} v_{t-1}         wgmma, p from registers, in flight with s and then under the softmax
 //       score, online softmax        softmax_scores (softmax.cuh) on the s fragments; element masks only
 //                                    on the tiles the variant classifies as EDGE
@@ -153,6 +154,51 @@ __device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& se
     if (Var::packed && w.m0 >= seq.seqlen_q) last = first;
 }
 
+// ALiBi's key term on the tensor cores (16-bit inputs, no softcap). On a tile without element checks a score is
+// s scale + slope (n - n0) + a term of its row (TileScores, mask.cuh), the sign of slope the tile's side of the
+// diagonals. One more k16 product per tile adds a (n - n0) to s, a = slope / scale: A holds a's three 16-bit
+// parts (a0 + a1 + a2 is a to float32's precision) in columns 0-2, B the column offsets n - n0 (exact in 16
+// bits) in rows 0-2, so that the exponent's FMA takes s as it takes a plain tile's (one FMA an element
+// fewer). float16 holds a only below 65504: past that, `fits` is false and the tiles take element checks,
+// which form each score whole.
+template <typename Op, int BLOCK_N> struct AlibiKeyTerm {
+    unsigned before, after;  // this lane's A register for keys at or before the rows' diagonals, and after
+    bool fits;
+
+    // B ([BLOCK_N / 64][16][64], as TMA writes a tile), written by every thread of the block before they first sync.
+    __device__ static void fill_offsets(Op* tile) {
+        unsigned char* bytes = reinterpret_cast<unsigned char*>(tile);
+        for (int i = threadIdx.x; i < 16 * BLOCK_N / 2; i += blockDim.x) {
+            const int k = i / (BLOCK_N / 2), n = 2 * (i % (BLOCK_N / 2)), col = n % 64;
+            *reinterpret_cast<unsigned*>(bytes + (n / 64) * 2048 + k * 128 + ((col / 8) ^ (k % 8)) * 16 + (col % 8) * 2) =
+                k < 3 ? pack2<Op>(float(n), float(n + 1)) : 0u;
+        }
+        fence_async_shared();
+    }
+    // A's rows g and g + 8, columns 2 tq and 2 tq + 1 (the mma.sync layout): a0, a1 in lane tq 0, a2 in 1.
+    __device__ static unsigned lane_parts(float a, int tq) {
+        const float a0 = to_acc(from_acc<Op>(a)), r1 = a - a0, a1 = to_acc(from_acc<Op>(r1));
+        return tq == 0 ? pack2<Op>(a0, a1) : tq == 1 ? pack2<Op>(r1 - a1, 0.f) : 0u;
+    }
+    __device__ AlibiKeyTerm(float slope, float scale, int tq) {
+        const float a = slope / scale;
+        fits = fabsf(a) < (Half16<Op>::EXP == 0x7c00u ? 65504.f : 3.0e38f);  // NaN does not fit
+        before = lane_parts(a, tq);
+        after = lane_parts(-a, tq);
+    }
+    // A's registers for a tile whose keys lie at or before (before_diagonal) or after its rows' diagonals: set
+    // ahead of the products' fence (registers set after it make ptxas fence again).
+    __device__ __forceinline__ void fragment(bool before_diagonal, unsigned (&a)[4]) const {
+        a[0] = a[1] = before_diagonal ? before : after;
+        a[2] = a[3] = 0u;
+        fence_regs(a);
+    }
+    // s += a (n - n0), issued into s's product (not committed).
+    __device__ __forceinline__ static void issue(float (&s)[BLOCK_N / 2], const unsigned (&a)[4], const Op* offsets) {
+        wgmma_rs<Op, BLOCK_N>(s, a, n_major_desc(offsets, 16 * 128).at(0), 1);
+    }
+};
+
 // Where o holds more columns than a key tile (head tile 192 and 256, 64 keys), rescaling it costs more
 // than the tile's softmax: there the 16-bit consumers' running max may lag a row's by this much (log2
 // units; OnlineSoftmax), and o is rescaled only for the tiles that raise it further, the first few of a row
@@ -177,7 +223,11 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     Op* sQ = reinterpret_cast<Op*>(smem);          // [Q_STAGES][PARTS][CHUNKS][BLOCK_M][64]
     Op* sK = sQ + Q_STAGES * PARTS * Q_ELEMS;      // [STAGES][PARTS][CHUNKS][BLOCK_N][64]
     Op* sV = sK + STAGES * PARTS * KV_ELEMS;       // [STAGES][PARTS][CHUNKS][BLOCK_N][64]
-    unsigned long long* q_full = reinterpret_cast<unsigned long long*>(sV + STAGES * PARTS * KV_ELEMS);  // [Q_STAGES]
+    // ALiBi's key term on the tensor cores (AlibiKeyTerm), where the tile's width is a product's
+    constexpr bool ALIBI_PRODUCT = PARTS == 1 && Var::alibi && !Var::softcap && BLOCK_N % 64 == 0;
+    Op* sOffsets = sV + STAGES * PARTS * KV_ELEMS;  // [BLOCK_N / 64][16][64]: ALIBI_PRODUCT only
+    unsigned long long* q_full =
+        reinterpret_cast<unsigned long long*>(sOffsets + (ALIBI_PRODUCT ? 16 * BLOCK_N : 0));  // [Q_STAGES]
     unsigned long long* q_free = q_full + Q_STAGES;  // [Q_STAGES]: every consumer thread arrives
     unsigned long long* k_full = q_free + Q_STAGES;  // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
@@ -216,6 +266,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         }
         mbar_fence_init();
     }
+    if constexpr (ALIBI_PRODUCT) AlibiKeyTerm<Op, BLOCK_N>::fill_offsets(sOffsets);
     __syncthreads();
 
     // Producer and consumers walk the same work tiles and count the same key tiles (kv_step, across work
@@ -407,6 +458,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             int t_first, t_last;
             key_tiles<Var, BLOCK_M, BLOCK_N>(f, seq, w, t_first, t_last);
             const int m0 = w.m0, row0 = m0 + 64 * wg + 16 * warp + lane / 4;
+            const AlibiKeyTerm<Op, BLOCK_N> alibi(var.slope, float(f.scale), tq);
 
             constexpr int SLACK = PARTS == 1 && D_TILE > BLOCK_N ? MAX_SLACK : 0;
             OnlineSoftmax<float, SLACK> stats[1][2];
@@ -469,6 +521,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     kind = TileKind(word & KIND_BITS);
                     row_end = word & ROW_END;
                 }
+                if (ALIBI_PRODUCT && kind == INTERIOR && !alibi.fits) kind = EDGE;
                 if (kind == SKIP) {
                     if (pending) flush(kv_step - 1);
                     if (done.open) finish();
@@ -493,10 +546,14 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 TileWords<1, NT> words;  // dropout's, drawn under the products
                 // One body per (element checks, product pending): no branch while products are in flight.
                 check_tile(kind, var, [&](auto check, const Var& v) {
+                    constexpr bool KEY_TERM = ALIBI_PRODUCT && !decltype(check)::value;
                     auto body = [&](auto overlap) {
+                        [[maybe_unused]] unsigned key_a[4];
+                        if constexpr (KEY_TERM) alibi.fragment(n0 <= m0 + v.offset, key_a);
                         fence_regs(o_regs);
                         wgmma_fence();
                         wgmma_nt<Op, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, sK + stage * KV_ELEMS);
+                        if constexpr (KEY_TERM) alibi.issue(s_regs, key_a, sOffsets);
                         wgmma_commit();
                         if constexpr (decltype(overlap)::value) issue_pv(kv_step - 1);
                         if constexpr (Var::dropout) {
@@ -507,8 +564,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         fence_regs(s_regs);
                         mbar_arrive(k_free + stage);
                         float alpha[1][2];
-                        softmax_scores<decltype(check)::value, true, false, false>(v, s, stats, alpha, row0, n0, tq, scale_log2,
-                                                                            words);
+                        softmax_scores<decltype(check)::value, true, false, false, KEY_TERM>(v, s, stats, alpha, row0, n0, tq,
+                                                                                      scale_log2, words);
                         if constexpr (decltype(overlap)::value) {
                             // The exponentials run under the product: a branch on the row sums they feed (never
                             // taken: a sum of exponentials is not negative) keeps ptxas from placing the wait first.

@@ -303,13 +303,17 @@ template <int NT> struct MaskEntries {
 //   softcap:  u = tanh(s scale / cap), exp_scale = cap (tanh increases, so the max of u gives the max);
 //   ALiBi:    every key lies on one side of every row's diagonal (tile_kind), where -slope |i + offset - j|
 //             is a term of the key plus one of the row, both taken from the tile's first key n0 so that
-//             neither grows with the sequence: one FMA per element, from a base per column parity.
+//             neither grows with the sequence: one FMA per element, from a base per column parity; or
+//             none (KEY_TERM_IN_PRODUCT: the Hopper forward adds the key's term to s on the tensor cores,
+//             AlibiKeyTerm), u = s then holding it in units of the scaled product.
 // A tile with element checks forms each score whole (Variant::score).
-template <bool CHECK, bool APPROX, typename Var, typename A>
+template <bool CHECK, bool APPROX, typename Var, typename A, bool KEY_TERM_IN_PRODUCT = false>
 struct TileScores {
+    static_assert(!KEY_TERM_IN_PRODUCT || (Var::alibi && !Var::softcap), "a key term added to the product");
     static constexpr bool split_alibi = Var::alibi && !CHECK;
+    static constexpr bool key_term_in_u = split_alibi && !KEY_TERM_IN_PRODUCT;
     // u leaves the scale (or the cap) to the exponent: nothing is added to the product or its tanh
-    static constexpr bool bare = !CHECK && !Var::alibi && !Var::bias;
+    static constexpr bool bare = !CHECK && !key_term_in_u && !Var::bias;
     A exp_scale, product_scale, slope, key_base[2], row_base;
     int col_base;
 
@@ -347,7 +351,7 @@ struct TileScores {
             } else {
                 x = bare ? s : s * product_scale;
             }
-            if constexpr (split_alibi) x += key_base[ec] + A(8 * jj) * slope;
+            if constexpr (key_term_in_u) x += key_base[ec] + A(8 * jj) * slope;
             if constexpr (Var::bias) x += to_acc(var.entry(row, col)) * A(LOG2E);
             return x;
         }

@@ -119,13 +119,13 @@ __device__ __forceinline__ void drop_packed(const Var& var, unsigned (&p)[2 * NT
 // instead (drop_packed). CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit
 // inputs (see Variant::score); MARK: masked probabilities as masked zeros (-0.0), else +0.0, for a caller
 // that marks them itself on the rare path that reads the marks (mark_hidden): the mark costs a checked
-// tile a compare and a select per element.
-template <bool CHECK, bool APPROX, bool DROP = true, bool MARK = true, int MT, int NT, typename Var, typename Words,
-          typename A, int SLACK>
+// tile a compare and a select per element. KEY_TERM_IN_PRODUCT: s holds ALiBi's key term (TileScores).
+template <bool CHECK, bool APPROX, bool DROP = true, bool MARK = true, bool KEY_TERM_IN_PRODUCT = false, int MT, int NT,
+          typename Var, typename Words, typename A, int SLACK>
 __device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4], OnlineSoftmax<A, SLACK> (&stats)[MT][2],
                                                A (&alpha)[MT][2], int row0, int n0, int tq, A scale_log2,
                                                const Words& words) {
-    const TileScores<CHECK, APPROX, Var, A> scores(var, row0, n0, tq, scale_log2);
+    const TileScores<CHECK, APPROX, Var, A, KEY_TERM_IN_PRODUCT> scores(var, row0, n0, tq, scale_log2);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         A tile_max[2] = {neg_inf<A>(), neg_inf<A>()};

@@ -214,7 +214,11 @@ def forward_sm90(dtype, headdim, var, keys=0):
     d, block_m, block_n, stages = sm90_forward_tiles(dtype, headdim, keys, var)
     parts = SM90_SPLIT_PARTS if dtype == "float32" else 1
     limit = SMEM_LIMITS[(9, 0)]
-    smem = lambda q_stages: (2 * parts * (q_stages * block_m + 2 * stages * block_n) * d
+    features = _features(var)
+    # ALiBi's key term on the tensor cores (AlibiKeyTerm): 16 rows of key offsets
+    offsets = (2 * 16 * block_n if parts == 1 and features & FEATURES["ALIBI"] and not features & FEATURES["SOFTCAP"]
+               and block_n % 64 == 0 else 0)
+    smem = lambda q_stages: (2 * parts * (q_stages * block_m + 2 * stages * block_n) * d + offsets
                              + 8 * (2 * q_stages + 5 * stages + 2 * SM90_SCHEDULE_SLOTS)  # barriers
                              + 4 * (3 * stages + SM90_SCHEDULE_SLOTS)  # kinds (two copies), V flags, schedule
                              + 1024)  # swizzle-atom alignment

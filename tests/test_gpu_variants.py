@@ -118,6 +118,18 @@ def test_windows_in_wide_key_tiles(dtype, name, monkeypatch):
     check(p, **variant(name, p))
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=lambda d: d.name)
+@pytest.mark.parametrize("scale", [None, 1e-5], ids=["default_scale", "scale_1e-5"])
+def test_alibi_tiles_before_and_after_the_diagonals(dtype, scale):
+    """ALiBi over key tiles wholly before and wholly after their rows' diagonals, whose key term the Hopper
+    forward adds on the tensor cores (AlibiKeyTerm); at scale 1e-5 float16 cannot hold the second head's
+    slope / scale, whose tiles then take element checks."""
+    p = Problem(1, 520, 600, 2, 1, 128, dtype, False, scale, None if scale is None else 2.0, 11)
+    check(p, alibi_slopes=np.array([0.25, 1.0], np.float32))
+    check(Problem(1, 600, 520, 2, 1, 128, dtype, True, scale, None if scale is None else 2.0, 12),
+          alibi_slopes=np.array([[0.25, 1.0]], np.float32))
+
+
 @pytest.mark.long_running
 @settings(max_examples=30)
 @given(dtype=st.sampled_from(DTYPES), names=st.sets(st.sampled_from(VARIANTS[:-1]), min_size=1, max_size=3),

@@ -11,8 +11,9 @@ ratios new / old with its quartiles, and whether the outputs are bitwise the sam
 tree's medians move by up to 10% on a shared machine; between interleaved batches by 1-2%.
 
 A cell is MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...], MODE fwd or bwd, SEQLEN with an optional k (x1024);
-KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P), or mask=padding: the bench's padding
-mask (bool (batch, 1, 1, seqlen), the last 10% of each sequence's keys hidden). Shapes follow the FA2 protocol:
+KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P), mask=padding: the bench's padding
+mask (bool (batch, 1, 1, seqlen), the last 10% of each sequence's keys hidden), or alibi=bench: the bench's
+ALiBi slopes. Shapes follow the FA2 protocol:
 batch = TOKENS / seqlen, heads = HIDDEN / headdim.
 
 --set MODULE.NAME=VALUE (repeatable) sets a module constant of the working tree's package before any call,
@@ -91,8 +92,11 @@ def parse_cell(text):
             keywords["dropout_p"], keywords["dropout_seed"] = float(value), 7
         elif key == "mask" and value == "padding":
             keywords["attn_mask"] = value  # built per shape (run_cell)
+        elif key == "alibi" and value == "bench":
+            keywords["alibi_slopes"] = value  # built per shape (run_cell)
         else:
-            raise SystemExit(f"cell {text!r}: unknown keyword {key!r} (window, softcap, dropout, mask=padding)")
+            raise SystemExit(f"cell {text!r}: unknown keyword {key!r} (window, softcap, dropout, mask=padding, "
+                             "alibi=bench)")
     return mode, int(headdim), seqlen, keywords
 
 
@@ -124,6 +128,8 @@ def run_cell(cell, trees, xp, dtype, tokens, hidden, rounds, calls):
     if keywords.get("attn_mask") == "padding":
         keep = xp.arange(seqlen) < seqlen - seqlen // 10
         keywords = dict(keywords, attn_mask=xp.ascontiguousarray(xp.broadcast_to(keep, (batch, 1, 1, seqlen))))
+    if keywords.get("alibi_slopes") == "bench":
+        keywords = dict(keywords, alibi_slopes=xp.asarray(bench.alibi_slopes(heads)))
     new = trees["new"]
     out, lse = new.attention(q, k, v, return_lse=True, **keywords)
     if mode == "fwd":

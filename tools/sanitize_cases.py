@@ -62,12 +62,13 @@ def dense(dtypes):
                         dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
                              dropout_p=0.1, dropout_seed=3)):
             run(dtype, 64, **variant)
-        # Longer sequences, so that tiles lie inside the sequence: interior tiles (ALiBi's tile scores),
-        # bool-mask tiles the Hopper forward's producer classifies (with NaN and inf in hidden rows), dropout on
-        # full tiles.
+        # Longer sequences, so that tiles lie inside the sequence: interior tiles (ALiBi's key term on the tensor
+        # cores, its tile scores under softcap), bool-mask tiles the Hopper forward's producer classifies (with
+        # NaN and inf in hidden rows), dropout on full tiles.
         wide_mask = cp.asarray(rng.random((1, 1, 300, 390)) > 0.3)
         hidden_tail = cp.asarray(np.arange(390) < 200).reshape(1, 1, 1, 390)  # whole key tiles hidden: no copies
-        for variant in (dict(alibi_slopes=slopes, softcap=3.0), dict(attn_mask=wide_mask, causal=True),
+        for variant in (dict(alibi_slopes=slopes), dict(alibi_slopes=slopes, softcap=3.0),
+                        dict(attn_mask=wide_mask, causal=True),
                         dict(attn_mask=hidden_tail), dict(dropout_p=0.2, dropout_seed=5)):
             run(dtype, 64, sq=300, sk=390, poison="attn_mask" in variant, **variant)
         # From _plan.SM90_WIDE_KEY_TILE_FROM keys seen per row on, the Hopper forward at head tile 64 takes
