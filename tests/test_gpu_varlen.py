@@ -34,6 +34,7 @@ def variant(name, batch, rng):
         "plain": dict(),
         "causal": dict(causal=True),
         "window": dict(window_size=(40, 7)),
+        "alibi": dict(alibi_slopes=rng.uniform(0.01, 0.3, (batch, NHEADS)).astype(np.float32)),
         "softcap_alibi": dict(softcap=6.0, alibi_slopes=rng.uniform(0.01, 0.3, (batch, NHEADS)).astype(np.float32),
                               causal=True),
         "dropout": dict(causal=True, dropout_p=0.2, dropout_seed=int(rng.integers(0, 2**63))),
@@ -83,7 +84,7 @@ def check_sequence(b, rows_q, rows_k, arrays, got, kw):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("headdim", (64, 72, 128, 256))
-@pytest.mark.parametrize("name", ("plain", "causal", "window", "softcap_alibi", "dropout"))
+@pytest.mark.parametrize("name", ("plain", "causal", "window", "alibi", "softcap_alibi", "dropout"))
 def test_each_sequence_as_if_alone(dtype, headdim, name):
     rng = np.random.default_rng(headdim)
     cu_q, cu_k, *arrays = packed(dtype, headdim, headdim)
