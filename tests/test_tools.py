@@ -29,13 +29,16 @@ def test_ab_times_the_working_tree_against_a_revision():
 
 
 def test_ab_takes_a_directory_as_the_old_tree(tmp_path):
-    """--against DIR: the tree of a directory (cupyflash and cuda_src, no git), here the checkout's own."""
+    """--against DIR: the tree of a directory (cupyflash and cuda_src, no git), here the checkout's own; the
+    bench's ALiBi slopes and padding mask built per cell."""
     run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", CHECKOUT, "--cpu",
-                          "--rounds", "1", "--calls", "1", "--tokens", "64", "--hidden", "16", "bwd:16:32:causal"],
+                          "--rounds", "1", "--calls", "1", "--tokens", "64", "--hidden", "16", "bwd:16:32:causal",
+                          "fwd:16:32:alibi=bench:mask=padding"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    row, = [line for line in run.stdout.splitlines() if line.startswith("| bwd")]
-    assert row.split(" | ")[5] == "yes"
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| bwd", "| fwd"))]
+    assert [row.split(" | ")[0] for row in rows] == ["| bwd:16:32:causal", "| fwd:16:32:alibi=bench:mask=padding"]
+    assert all(row.split(" | ")[5] == "yes" for row in rows)
 
 
 def test_ab_sets_a_constant_of_the_working_tree(tmp_path):
