@@ -57,14 +57,33 @@ def _device(kw):
     return {k: (to_device(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
 
 
-def check(problem, **kw):
+LAYOUTS = ("contiguous", "bhsd", "padded")
+
+
+def laid_out(x, layout):
+    """A host (batch, seqlen, heads, headdim) array on the device as `layout` stores it: "contiguous";
+    "bhsd", stored (batch, heads, seqlen, headdim) and seen through a transpose; "padded", in rows of
+    headdim + 8 elements."""
+    if layout == "bhsd":
+        return to_device(np.ascontiguousarray(np.swapaxes(x, 1, 2))).swapaxes(1, 2)
+    if layout == "padded":
+        rows = np.zeros(x.shape[:-1] + (x.shape[-1] + 8,), x.dtype)
+        rows[..., :x.shape[-1]] = x
+        return to_device(rows)[..., :x.shape[-1]]
+    return to_device(x)
+
+
+def check(problem, layout="contiguous", **kw):
+    """Forward and backward of `problem` with the variant keywords `kw` against the reference; q, k, v
+    and dout reach the kernels in `layout` (LAYOUTS)."""
     q, k, v, dout = problem.arrays()
     scale = problem.scale_value
     kw.setdefault("causal", problem.causal)
     bias = kw.get("attn_mask") is not None and kw["attn_mask"].dtype != np.bool_
     dev = _device(kw)
-    out, lse = cupyflash.attention(*(to_device(x) for x in (q, k, v)), scale=problem.scale, return_lse=True, **dev)
-    grads = cupyflash.attention_backward(*(to_device(x) for x in (dout, q, k, v)), out, lse, scale=problem.scale,
+    q_dev, k_dev, v_dev, dout_dev = (laid_out(x, layout) for x in (q, k, v, dout))
+    out, lse = cupyflash.attention(q_dev, k_dev, v_dev, scale=problem.scale, return_lse=True, **dev)
+    grads = cupyflash.attention_backward(dout_dev, q_dev, k_dev, v_dev, out, lse, scale=problem.scale,
                                          return_dbias=bias, **dev)
     names = ("out", "lse", "dq", "dk", "dv", "dbias")[:5 + bias]
     got = dict(zip(names, (x.get() for x in (out, lse, *grads))))
@@ -134,13 +153,14 @@ def test_alibi_tiles_before_and_after_the_diagonals(dtype, scale):
 @settings(max_examples=30)
 @given(dtype=st.sampled_from(DTYPES), names=st.sets(st.sampled_from(VARIANTS[:-1]), min_size=1, max_size=3),
        seqlen_q=st.sampled_from([1, 17, 128, 300]), seqlen_k=st.sampled_from([1, 5, 129, 257]),
-       heads=st.sampled_from([(4, 4), (4, 2), (2, 1)]), seed=st.integers(0, 2**32 - 1))
-def test_random_combinations(dtype, names, seqlen_q, seqlen_k, heads, seed):
-    p = Problem(2, seqlen_q, seqlen_k, heads[0], heads[1], 64, dtype, False, None, None, seed)
+       heads=st.sampled_from([(4, 4), (4, 2), (2, 1)]), headdim=st.sampled_from([64, 37, 128, 256]),
+       layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**32 - 1))
+def test_random_combinations(dtype, names, seqlen_q, seqlen_k, heads, headdim, layout, seed):
+    p = Problem(2, seqlen_q, seqlen_k, heads[0], heads[1], headdim, dtype, False, None, None, seed)
     kw = {}
     for name in sorted(names):  # later keys win where two variants set the same keyword
         kw.update(variant(name, p))
-    check(p, **kw)
+    check(p, layout, **kw)
 
 
 def _run(q, k, v, **kw):
