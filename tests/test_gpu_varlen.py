@@ -7,6 +7,8 @@ with max_seqlen_* (flash-attn's convention: left on the device, unread) in the f
 and checked on the host) in the second."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cupyflash
 from cupyflash import _philox, _plan
@@ -82,16 +84,10 @@ def check_sequence(b, rows_q, rows_k, arrays, got, kw):
         assert_close_flash_rule(x, r, n, 2 if forward else 3, floor, name=f"{name} of sequence {b} with {sorted(kw)}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
-@pytest.mark.parametrize("headdim", (64, 72, 128, 256))
-@pytest.mark.parametrize("name", ("plain", "causal", "window", "alibi", "softcap_alibi", "dropout"))
-def test_each_sequence_as_if_alone(dtype, headdim, name):
-    rng = np.random.default_rng(headdim)
-    cu_q, cu_k, *arrays = packed(dtype, headdim, headdim)
-    kw = variant(name, len(LENGTHS), rng)
-    got = run_packed(cu_q, cu_k, *arrays, slack=headdim % 5, **kw)
+def check_each_sequence(cu_q, cu_k, arrays, got, kw):
+    """Every sequence of a packed call's results (`got`, run_packed's) as if run alone."""
     out, lse, dq, dk, dv = got
-    for b in range(len(LENGTHS)):
+    for b in range(len(cu_q) - 1):
         rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         if rows_q.start == rows_q.stop:
             assert (dk[rows_k] == 0).all() and (dv[rows_k] == 0).all()  # keys no query sees
@@ -99,6 +95,37 @@ def test_each_sequence_as_if_alone(dtype, headdim, name):
             assert (out[rows_q] == 0).all() and np.isneginf(lse[:, rows_q]).all() and (dq[rows_q] == 0).all()
         else:
             check_sequence(b, rows_q, rows_k, arrays, got, kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("headdim", (64, 72, 128, 256))
+@pytest.mark.parametrize("name", ("plain", "causal", "window", "alibi", "softcap_alibi", "dropout"))
+def test_each_sequence_as_if_alone(dtype, headdim, name):
+    rng = np.random.default_rng(headdim)
+    cu_q, cu_k, *arrays = packed(dtype, headdim, headdim)
+    kw = variant(name, len(LENGTHS), rng)
+    check_each_sequence(cu_q, cu_k, arrays, run_packed(cu_q, cu_k, *arrays, slack=headdim % 5, **kw), kw)
+
+
+LENGTH = st.one_of(st.just(0), st.just(1), st.integers(1, 600))
+
+
+@pytest.mark.long_running
+@settings(max_examples=25)
+@given(lengths=st.lists(st.tuples(LENGTH, LENGTH), min_size=1, max_size=6), dtype=st.sampled_from(DTYPES),
+       headdim=st.sampled_from([64, 37, 128, 256]),
+       names=st.sets(st.sampled_from(("causal", "window", "alibi", "softcap_alibi", "dropout")), max_size=3),
+       offsets_read=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_random_packed_batches(lengths, dtype, headdim, names, offsets_read, seed):
+    """Drawn sequence lengths (empty ones among them), head dims and variant combinations; the offsets
+    read on the host or left on the device."""
+    rng = np.random.default_rng(seed)
+    cu_q, cu_k, *arrays = packed(dtype, headdim, seed, lengths)
+    kw = {}
+    for name in sorted(names):  # later keys win where two variants set the same keyword
+        kw.update(variant(name, len(lengths), rng))
+    got = run_packed(cu_q, cu_k, *arrays, slack=None if offsets_read else int(rng.integers(0, 3)), **kw)
+    check_each_sequence(cu_q, cu_k, arrays, got, kw)
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=lambda d: d.name)

@@ -563,10 +563,40 @@ def test_cupy_matches_numpy(dtype, page_size, num_splits):
     np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=0, atol=1e-4)
 
 
+def check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num_splits):
+    """attention_with_kvcache on the device against the reference (NaN where the reference has NaN); its
+    launches."""
+    cp = pytest.importorskip("cupy")
+    from cupyflash import _cuda_backend
+
+    want_out, want_lse = cupyflash.reference.attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=block_table, return_lse=True, **kw)
+    device = [None if x is None else cp.asarray(bits(x)).view(x.dtype) for x in (q, k_cache, v_cache, k, v)]
+    launches = []
+    launch = _cuda_backend._launch
+    _cuda_backend._launch = lambda lc, *a: (launches.append(lc), launch(lc, *a))
+    try:
+        out, lse = cupyflash.attention_with_kvcache(
+            *device, cache_seqlens=cp.asarray(lengths), num_splits=num_splits, return_lse=True,
+            block_table=None if block_table is None else cp.asarray(block_table),
+            **{key: cp.asarray(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()})
+    finally:
+        _cuda_backend._launch = launch
+    got = out.view(_UINT[out.dtype.itemsize]).get().view(out.dtype).astype(np.float64)
+    tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
+    assert np.array_equal(np.isnan(got), np.isnan(want_out))
+    np.testing.assert_allclose(got, want_out, rtol=0, atol=tol)
+    got_lse = lse.get()
+    assert np.array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
+    finite = np.isfinite(want_lse)
+    np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=0, atol=1e-4)
+    return launches
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
-def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
+def test_decode_kernel_matches_the_reference(dtype, variant):
     """Decoding shapes (GQA group x seqlen_q <= 16 rows per kv head) take the split-KV kernels, paged or
     not, over sequences of several tiles (one empty), with NaN past every length and in unused pages,
     for split counts from one to many and head dimensions from 8 to 256. On Hopper a 16-bit cache is read by
@@ -574,9 +604,6 @@ def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
     cp = pytest.importorskip("cupy")
     from cupyflash import _cuda_backend
 
-    launches = []
-    launch = _cuda_backend._launch
-    monkeypatch.setattr(_cuda_backend, "_launch", lambda lc, *a: (launches.append(lc), launch(lc, *a)))
     hopper = _cuda_backend._device_info(cp.cuda.Device().id)[1]
     kw = VARIANTS[variant]
     for page_size, num_splits, seqlen_q, headdim in ((None, 0, 1, 64), (64, 1, 2, 128), (48, 7, 1, 8),
@@ -586,28 +613,39 @@ def test_decode_kernel_matches_the_reference(dtype, variant, monkeypatch):
         block_table = None
         if page_size is not None:
             k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, variant)
-        want_out, want_lse = cupyflash.reference.attention_with_kvcache(
-            q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=block_table, return_lse=True, **kw)
-        device = [cp.asarray(bits(x)).view(x.dtype) for x in (q, k_cache, v_cache, k, v)]
-        launches.clear()
-        out, lse = cupyflash.attention_with_kvcache(
-            *device, cache_seqlens=cp.asarray(lengths), num_splits=num_splits, return_lse=True,
-            block_table=None if block_table is None else cp.asarray(block_table),
-            **{key: cp.asarray(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()})
+        launches = check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num_splits)
         # the append, then one decode launch (the last split merges the splits)
         assert [lc.source for lc in launches] == ["decode.cu", "decode.cu" if np.dtype(dtype) == np.float32
                                                   else "decode_mma.cu"]
         if np.dtype(dtype) != np.float32:
             whole_tiles = page_size is None or (page_size % 16 == 0 and kw.get("window_size", (-1, -1))[0] < 0)
             assert (", true, Variant" in launches[-1].name) == (hopper and whole_tiles)
-        got = out.view(_UINT[out.dtype.itemsize]).get().view(out.dtype).astype(np.float64)
-        tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
-        assert np.array_equal(np.isnan(got), np.isnan(want_out))
-        np.testing.assert_allclose(got, want_out, rtol=0, atol=tol)
-        got_lse = lse.get()
-        assert np.array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
-        finite = np.isfinite(want_lse)
-        np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.long_running
+@settings(max_examples=30)
+@given(dtype=st.sampled_from([np.float16, BFLOAT16, np.float32]),
+       cache_seqlens=st.lists(st.one_of(st.just(0), st.integers(1, 700)), min_size=1, max_size=4),
+       seqlen_new=st.integers(0, 3), seqlen_q=st.integers(1, 4),
+       heads=st.sampled_from([(8, 1), (4, 2), (2, 2), (16, 4)]),
+       headdim=st.sampled_from([8, 64, 100, 128, 256]), page_size=st.sampled_from([None, 1, 16, 40, 256]),
+       num_splits=st.sampled_from([0, 1, 3, 50]), variant=st.sampled_from(range(len(VARIANTS))),
+       seed=st.integers(0, 2**32 - 1))
+def test_random_decodes_match_the_reference(dtype, cache_seqlens, seqlen_new, seqlen_q, heads, headdim, page_size,
+                                            num_splits, variant, seed):
+    """Drawn lengths (empty ones among them), appends, GQA groups, head dims, pages and split counts, on
+    whichever kernel each decode takes."""
+    nheads, nheads_kv = heads
+    kw = dict(VARIANTS[variant])
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = np.random.default_rng(seed).uniform(0.01, 0.5, nheads).astype(np.float32)
+    q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new, seqlen_q=seqlen_q, nheads=nheads,
+                                                 nheads_kv=nheads_kv, headdim=headdim, dtype=dtype)
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, seed)
+    check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num_splits)
 
 
 @pytest.mark.gpu
