@@ -153,7 +153,7 @@ def test_alibi_tiles_before_and_after_the_diagonals(dtype, scale):
 @settings(max_examples=30)
 @given(dtype=st.sampled_from(DTYPES), names=st.sets(st.sampled_from(VARIANTS[:-1]), min_size=1, max_size=3),
        seqlen_q=st.sampled_from([1, 17, 128, 300]), seqlen_k=st.sampled_from([1, 5, 129, 257]),
-       heads=st.sampled_from([(4, 4), (4, 2), (2, 1)]), headdim=st.sampled_from([64, 37, 128, 256]),
+       heads=st.sampled_from([(4, 4), (4, 2), (2, 1)]), headdim=st.sampled_from([64, 37, 128]),
        layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**32 - 1))
 def test_random_combinations(dtype, names, seqlen_q, seqlen_k, heads, headdim, layout, seed):
     p = Problem(2, seqlen_q, seqlen_k, heads[0], heads[1], headdim, dtype, False, None, None, seed)
