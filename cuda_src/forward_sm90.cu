@@ -209,13 +209,17 @@ constexpr int MAX_SLACK = 8;
 // on the last tile the row visits (those the mask hides after it are not visited).
 constexpr int KIND_BITS = 3, ROW_END = 4;
 
-template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var>
+// BOUNDED: bfloat16 softcapped scores (no ALiBi or bias) with cap log2(e) <= BOUNDED_LIMIT, shifted by a
+// constant instead of a running max (bounded_shift, softmax.cuh).
+template <typename T, int D_TILE, int BLOCK_N, int STAGES, int Q_STAGES, typename Var, bool BOUNDED>
 __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__ FwdParamsSm90 p) {
     using Op = typename Operands<T>::type;
     constexpr int PARTS = Operands<T>::PARTS;
     constexpr int BLOCK_M = 128, CONSUMERS = 256, CHUNKS = D_TILE / 64, NT = BLOCK_N / 8, DT = D_TILE / 8;
     constexpr int Q_ELEMS = BLOCK_M * D_TILE, KV_ELEMS = BLOCK_N * D_TILE;  // of a part
     static_assert(D_TILE % 64 == 0 && BLOCK_N % 16 == 0, "tile shape");
+    static_assert(!BOUNDED || (PARTS == 1 && Half16<Op>::EXP == 0x7f80u && Var::softcap && !Var::alibi && !Var::bias),
+                  "bounded scores: bfloat16 softcap");
     if (gated_off(p.fwd)) return;
 
     extern __shared__ unsigned char smem_raw[];
@@ -462,6 +466,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
 
             constexpr int SLACK = PARTS == 1 && D_TILE > BLOCK_N ? MAX_SLACK : 0;
             OnlineSoftmax<float, SLACK> stats[1][2];
+            if constexpr (BOUNDED)
+                stats[0][0] = stats[0][1] = OnlineSoftmax<float, SLACK>(bounded_shift(float(var.cap) * float(LOG2E)));
 
             const int q_slot = q_step % Q_STAGES;
             const Op* q_rows = sQ + q_slot * PARTS * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
@@ -564,7 +570,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         fence_regs(s_regs);
                         mbar_arrive(k_free + stage);
                         float alpha[1][2];
-                        softmax_scores<decltype(check)::value, true, false, false, KEY_TERM>(v, s, stats, alpha, row0, n0, tq,
+                        softmax_scores<decltype(check)::value, true, false, false, KEY_TERM, BOUNDED>(v, s, stats, alpha, row0, n0, tq,
                                                                                       scale_log2, words);
                         if constexpr (decltype(overlap)::value) {
                             // The exponentials run under the product: a branch on the row sums they feed (never
@@ -575,7 +581,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                             mbar_arrive(v_free + (kv_step - 1) % STAGES);
                             if (done.open) finish();  // o was the previous work tile's
                         }
-                        if (SLACK == 0 || alpha[0][0] != 1.f || alpha[0][1] != 1.f) rescale_rows(o, alpha);
+                        if (!BOUNDED && (SLACK == 0 || alpha[0][0] != 1.f || alpha[0][1] != 1.f)) rescale_rows(o, alpha);
                     };
                     if (pending) body(Bool<true>());
                     else body(Bool<false>());

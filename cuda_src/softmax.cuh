@@ -12,6 +12,8 @@ template <typename A, int SLACK = 0> struct OnlineSoftmax {
     A m, l, m_use;
 
     __device__ OnlineSoftmax() : m(neg_inf<A>()), l(A(0)), m_use(A(0)) {}
+    // A fixed shift for bounded scores (bounded_shift): m never moves.
+    __device__ explicit OnlineSoftmax(A shift) : m(shift), l(A(0)), m_use(shift) {}
 
     // Folds in a tile whose row max (already reduced over the row's lanes) is tile_max and
     // returns alpha = exp2(m_old - m_new), the factor that rescales the accumulator.
@@ -41,6 +43,13 @@ template <typename A, int SLACK = 0> struct OnlineSoftmax {
         return l_row == A(0) ? neg_inf<A>() : l_row;
     }
 };
+
+// Scores bounded by +-c (log2 units: a softcap's cap times log2(e)) need no running max: the fixed shift
+// m = c - k keeps every probability 2^(u - m) within [2^(k - 2c), 2^k], normal in float32 and bfloat16 (not
+// float16) where 2c - k <= 120, and the sums of many keys finite where k <= 100: c up to BOUNDED_LIMIT. A
+// tile then takes no max, and o no rescale. The softmax does not depend on the shift.
+[[maybe_unused]] constexpr int BOUNDED_LIMIT = 110;  // read by the plan, which picks the kernels
+template <typename A> __device__ __forceinline__ A bounded_shift(A c) { return c - fmax(A(0), A(2) * c - A(120)); }
 
 // The dropout words of softmax_tile: one Philox call per row and 64-column group of the key tile (row
 // row0 + 16 mt + 8 r, column n0 + 64 gi + 2 tq). TileWords draws them all at once, under the product of
@@ -120,8 +129,9 @@ __device__ __forceinline__ void drop_packed(const Var& var, unsigned (&p)[2 * NT
 // inputs (see Variant::score); MARK: masked probabilities as masked zeros (-0.0), else +0.0, for a caller
 // that marks them itself on the rare path that reads the marks (mark_hidden): the mark costs a checked
 // tile a compare and a select per element. KEY_TERM_IN_PRODUCT: s holds ALiBi's key term (TileScores).
-template <bool CHECK, bool APPROX, bool DROP = true, bool MARK = true, bool KEY_TERM_IN_PRODUCT = false, int MT, int NT,
-          typename Var, typename Words, typename A, int SLACK>
+// BOUNDED: the scores are bounded and stats hold a fixed shift (bounded_shift): alpha is 1.
+template <bool CHECK, bool APPROX, bool DROP = true, bool MARK = true, bool KEY_TERM_IN_PRODUCT = false,
+          bool BOUNDED = false, int MT, int NT, typename Var, typename Words, typename A, int SLACK>
 __device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4], OnlineSoftmax<A, SLACK> (&stats)[MT][2],
                                                A (&alpha)[MT][2], int row0, int n0, int tq, A scale_log2,
                                                const Words& words) {
@@ -141,13 +151,14 @@ __device__ __forceinline__ void softmax_scores(const Var& var, A (&s)[MT][NT][4]
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + 16 * mt + (e / 2) * 8, col = n0 + j * 8 + 2 * tq + (e % 2);
                 s[mt][j][e] = scores.u(var, s[mt][j][e], row, col, j, e % 2, entries.at(e / 2, j, e % 2));
-                tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
+                if constexpr (!BOUNDED) tile_max[e / 2] = fmax(tile_max[e / 2], s[mt][j][e]);
             }
         A shift[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             shift[r] = scores.shift(16 * mt + 8 * r);
-            alpha[mt][r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]) * scores.exp_scale + shift[r]);
+            if constexpr (BOUNDED) alpha[mt][r] = A(1);
+            else alpha[mt][r] = stats[mt][r].rescale(reduce_max<4>(tile_max[r]) * scores.exp_scale + shift[r]);
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j)

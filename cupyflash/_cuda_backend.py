@@ -374,7 +374,7 @@ def _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, addre
     """The Hopper forward's _Call, with the members `addresses` of its FwdParams filled in per call (and
     the tensor maps)."""
     keys = _plan.keys_seen(spec.seqlen_q, spec.seqlen_k, spec.window)  # the longest sequences' in a packed batch
-    launch = _plan.forward_sm90(spec.dtype.name, spec.headdim, var_type, keys)
+    launch = _plan.forward_sm90(spec.dtype.name, spec.headdim, var_type, keys, spec.softcap)
     _, block_m, block_n, _ = _plan.sm90_forward_tiles(spec.dtype.name, spec.headdim, keys, var_type)
     map_rows = (block_m, block_n, block_n)
     maps = tuple(np.zeros((), _tma.TENSOR_MAP) for _ in map_rows)

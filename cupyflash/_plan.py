@@ -8,6 +8,7 @@ are read from that file (`_variants.FEATURES`), so a new variant needs no entry 
 set of the compile test takes every bit.
 """
 import functools
+import math
 from dataclasses import dataclass
 
 from . import _csource
@@ -207,10 +208,27 @@ def sm90_forward_tiles(dtype, headdim, keys=0, var=None):
     raise ValueError(f"the Hopper forward takes float16, bfloat16 and float32, got {dtype}")
 
 
-def forward_sm90(dtype, headdim, var, keys=0):
+#: Softcapped scores lie within +-cap log2(e) (log2 units); up to this bound a bfloat16 forward shifts them by
+#: a constant instead of a running max (cuda_src/softmax.cuh, bounded_shift).
+SM90_BOUNDED_LIMIT = _csource.constant(_csource.source("softmax.cuh"), "BOUNDED_LIMIT")
+
+
+def sm90_bounded_scores(dtype, head_tile, var, softcap):
+    """Whether the Hopper forward of `var` takes its scores as bounded (BOUNDED in forward_sm90.cu): bfloat16
+    probabilities, a softcap with cap log2(e) <= SM90_BOUNDED_LIMIT, no ALiBi or bias to push a score past
+    the cap, and a head tile of 128 or more. Such a forward takes no row max and rescales no o: at softcap 50
+    2-6% less time at head tiles 128 and 256 (H100, docs/performance.md), 11% more at 64, where the consumers
+    then hand K's buffers back later."""
+    features = _features(var)
+    return (dtype == "bfloat16" and head_tile >= 128 and bool(features & FEATURES["SOFTCAP"])
+            and not features & (FEATURES["ALIBI"] | FEATURES["BIAS"]) and 0 < softcap * math.log2(math.e) <= SM90_BOUNDED_LIMIT)
+
+
+def forward_sm90(dtype, headdim, var, keys=0, softcap=0.0):
     """Hopper forward (forward_sm90.cu) whose rows see `keys` keys on average (keys_seen): a producer warpgroup
     streams K/V tiles through shared-memory stages to two consumer warpgroups; two query buffers where
-    shared memory holds them. float32 reads its operands as SM90_SPLIT_PARTS bfloat16 parts."""
+    shared memory holds them. float32 reads its operands as SM90_SPLIT_PARTS bfloat16 parts. `softcap`: the
+    call's, for sm90_bounded_scores."""
     d, block_m, block_n, stages = sm90_forward_tiles(dtype, headdim, keys, var)
     parts = SM90_SPLIT_PARTS if dtype == "float32" else 1
     limit = SMEM_LIMITS[(9, 0)]
@@ -223,7 +241,8 @@ def forward_sm90(dtype, headdim, var, keys=0):
                              + 4 * (3 * stages + SM90_SCHEDULE_SLOTS)  # kinds (two copies), V flags, schedule
                              + 1024)  # swizzle-atom alignment
     q_stages = 2 if smem(2) <= limit else 1
-    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {stages}, {q_stages}, {var}>"
+    bounded = _cbool(sm90_bounded_scores(dtype, d, var, softcap))
+    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {stages}, {q_stages}, {var}, {bounded}>"
     return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages), SM90_OPTIONS)
 
 
@@ -626,6 +645,8 @@ def covering_launches():
     causal = variant(FEATURES["WINDOW"])  # no left bound
     sm90 += [("bfloat16", d, causal) for d in (64, 128)]
     sm90_launches = [forward_sm90(*case) for case in sm90]
+    sm90_launches += [forward_sm90("bfloat16", d, variant(every - bias - bool_mask - FEATURES["ALIBI"]), softcap=50.0)
+                      for d in (128, 256)]  # bounded scores
     sm90_launches += [forward_sm90(dtype, 64, var, SM90_WIDE_KEY_TILE_FROM)  # 192-key tiles
                       for dtype, var in (("bfloat16", plain), ("float16", variant(SM90_WIDE_KEY_TILE_FEATURES)),
                                          ("bfloat16", causal))]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import cupyflash
 from cupyflash import _plan
-from helpers import (BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, error_scales,
+from helpers import (BFLOAT16, BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, error_scales,
                      flash_floor, naive_attention, naive_attention_backward)
 from test_gpu import bitwise_equal, poisoned_outputs  # noqa: F401  (fixture)
 from test_gpu import to_device as _to_device
@@ -147,6 +147,36 @@ def test_alibi_tiles_before_and_after_the_diagonals(dtype, scale):
     check(p, alibi_slopes=np.array([0.25, 1.0], np.float32))
     check(Problem(1, 600, 520, 2, 1, 128, dtype, True, scale, None if scale is None else 2.0, 12),
           alibi_slopes=np.array([[0.25, 1.0]], np.float32))
+
+
+class ScoresFarBelowTheCap(Problem):
+    """Keys along a common direction and every other query row against it: those rows' raw scores all lie
+    near -2 cap, which the softcap takes to about -0.96 cap; the other rows' are standard."""
+
+    def __init__(self, dtype, headdim, causal, cap, seed):
+        super().__init__(2, 150, 203, 4, 2, headdim, dtype, causal, None, None, seed)
+        self.cap = cap
+
+    def arrays(self, xp=np):
+        q, k, v, dout = super().arrays(xp)
+        along = 2 * self.cap / (self.headdim * self.scale_value)  # q.k scale = -2 cap for q = -along, k = 1 + noise
+        k = (k.astype(np.float32) / 4 + 1).astype(self.dtype)
+        q[:, ::2] = (-along + q[:, ::2].astype(np.float32) / 4).astype(self.dtype)
+        return q, k, v, dout
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=lambda d: d.name)
+@pytest.mark.parametrize("headdim", [100, 256])
+@pytest.mark.parametrize("cap", [3.0, 50.0, 76.0, 80.0])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softcapped_rows_far_below_the_cap(dtype, headdim, cap, causal):
+    """The Hopper forward shifts bfloat16 softcapped scores by a constant instead of a running max where
+    cap log2(e) <= _plan.SM90_BOUNDED_LIMIT (cap 76.2) at head tiles from 128 (softmax.cuh, bounded_shift):
+    rows whose every score lies near -cap keep their probabilities in range, beside rows near the cap;
+    cap 80 and float16 keep the running max."""
+    assert _plan.sm90_bounded_scores(dtype.name, 128, _plan.variant(_plan.FEATURES["SOFTCAP"]), cap) == (
+        dtype == BFLOAT16 and cap < 80)
+    check(ScoresFarBelowTheCap(dtype, headdim, causal, cap, int(cap) + headdim + causal), softcap=cap)
 
 
 @pytest.mark.long_running
