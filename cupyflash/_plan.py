@@ -221,7 +221,8 @@ def sm90_bounded_scores(dtype, head_tile, var, softcap):
     then hand K's buffers back later."""
     features = _features(var)
     return (dtype == "bfloat16" and head_tile >= 128 and bool(features & FEATURES["SOFTCAP"])
-            and not features & (FEATURES["ALIBI"] | FEATURES["BIAS"]) and 0 < softcap * math.log2(math.e) <= SM90_BOUNDED_LIMIT)
+            and not features & (FEATURES["ALIBI"] | FEATURES["BIAS"])
+            and 0 < softcap * math.log2(math.e) <= SM90_BOUNDED_LIMIT)
 
 
 def forward_sm90(dtype, headdim, var, keys=0, softcap=0.0):

@@ -33,7 +33,8 @@ def launches(dtypes, headdims, variants, limit, hopper=False):
         todo = [_plan.forward(dtype, d, var, aligned, limit), *_plan.backward(dtype, d, var, aligned, limit)]
         if hopper and dtype in _plan.TENSOR_CORE_DTYPES:
             todo += [_plan.forward_sm90(dtype, d, var), _plan.forward_sm90(dtype, d, var, _plan.SM90_WIDE_KEY_TILE_FROM),
-                     _plan.forward_sm90(dtype, d, var, softcap=50.0), *_plan.backward_sm90(dtype, d, var)]
+                     _plan.forward_sm90(dtype, d, var, softcap=50.0),  # bounded scores (sm90_bounded_scores)
+                     *_plan.backward_sm90(dtype, d, var)]
         if hopper and dtype == "float32" and d <= _plan.SM90_SPLIT_HEADDIM:
             todo += [_plan.split_float32(), _plan.forward_sm90(dtype, d, var), *_plan.backward_sm90(dtype, d, var),
                      _plan.row_sums_sm90(d, var)]

@@ -71,7 +71,8 @@ def dense(dtypes):
                         dict(attn_mask=wide_mask, causal=True),
                         dict(attn_mask=hidden_tail), dict(dropout_p=0.2, dropout_seed=5)):
             run(dtype, 64, sq=300, sk=390, poison="attn_mask" in variant, **variant)
-        # bfloat16 softcapped scores at head tiles from 128: the Hopper forward's fixed shift (_plan.sm90_bounded_scores)
+        # bfloat16 softcapped scores at head tiles from 128: the Hopper forward's fixed shift
+        # (_plan.sm90_bounded_scores)
         for causal in (False, True):
             run(dtype, 100, sq=300, sk=390, causal=causal, softcap=50.0)
         # From _plan.SM90_WIDE_KEY_TILE_FROM keys seen per row on, the Hopper forward at head tile 64 takes
