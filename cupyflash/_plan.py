@@ -217,7 +217,7 @@ def sm90_bounded_scores(dtype, head_tile, var, softcap):
     """Whether the Hopper forward of `var` takes its scores as bounded (BOUNDED in forward_sm90.cu): bfloat16
     probabilities, a softcap with cap log2(e) <= SM90_BOUNDED_LIMIT, no ALiBi or bias to push a score past
     the cap, and a head tile of 128 or more. Such a forward takes no row max and rescales no o: at softcap 50
-    2-6% less time at head tiles 128 and 256 (H100, docs/performance.md), 11% more at 64, where the consumers
+    2-6% less time at head tiles 128 and 256 (H100, docs/performance.md), 9-11% more at 64, where the consumers
     then hand K's buffers back later."""
     features = _features(var)
     return (dtype == "bfloat16" and head_tile >= 128 and bool(features & FEATURES["SOFTCAP"])
