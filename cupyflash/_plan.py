@@ -225,6 +225,15 @@ def sm90_bounded_scores(dtype, head_tile, var, softcap):
             and 0 < softcap * math.log2(math.e) <= SM90_BOUNDED_LIMIT)
 
 
+#: K and V stages of a Hopper forward on bounded scores (sm90_bounded_scores) with no other feature, whose rows
+#: see SM90_BOUNDED_STAGES_FROM keys or more, where shared memory holds them (head tile 128, with one query
+#: buffer). Measured on an H100 against two stages (bfloat16, softcap 50, tools/ab.py, docs/performance.md): 1%
+#: less time at 2k keys, 3-4% at 4k, 6% at 16k; 3% more at 1k, where the next work tile's queries no longer
+#: arrive under this one; causal, float16 (running max), dropout and head tile 64 gained nothing or lost 1-4%.
+SM90_BOUNDED_STAGES = 3
+SM90_BOUNDED_STAGES_FROM = 2048
+
+
 def forward_sm90(dtype, headdim, var, keys=0, softcap=0.0):
     """Hopper forward (forward_sm90.cu) whose rows see `keys` keys on average (keys_seen): a producer warpgroup
     streams K/V tiles through shared-memory stages to two consumer warpgroups; two query buffers where
@@ -237,14 +246,18 @@ def forward_sm90(dtype, headdim, var, keys=0, softcap=0.0):
     # ALiBi's key term on the tensor cores (AlibiKeyTerm): 16 rows of key offsets
     offsets = (2 * 16 * block_n if parts == 1 and features & FEATURES["ALIBI"] and not features & FEATURES["SOFTCAP"]
                and block_n % 64 == 0 else 0)
-    smem = lambda q_stages: (2 * parts * (q_stages * block_m + 2 * stages * block_n) * d + offsets
-                             + 8 * (2 * q_stages + 5 * stages + 2 * SM90_SCHEDULE_SLOTS)  # barriers
-                             + 4 * (3 * stages + SM90_SCHEDULE_SLOTS)  # kinds (two copies), V flags, schedule
-                             + 1024)  # swizzle-atom alignment
-    q_stages = 2 if smem(2) <= limit else 1
-    bounded = _cbool(sm90_bounded_scores(dtype, d, var, softcap))
+    smem = lambda q_stages, stages: (2 * parts * (q_stages * block_m + 2 * stages * block_n) * d + offsets
+                                     + 8 * (2 * q_stages + 5 * stages + 2 * SM90_SCHEDULE_SLOTS)  # barriers
+                                     + 4 * (3 * stages + SM90_SCHEDULE_SLOTS)  # kinds (two copies), V flags, schedule
+                                     + 1024)  # swizzle-atom alignment
+    bounded = sm90_bounded_scores(dtype, d, var, softcap)
+    if (bounded and features == FEATURES["SOFTCAP"] and keys >= SM90_BOUNDED_STAGES_FROM
+            and smem(1, SM90_BOUNDED_STAGES) <= limit):
+        stages = SM90_BOUNDED_STAGES
+    q_stages = 2 if smem(2, stages) <= limit else 1
+    bounded = _cbool(bounded)
     name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {stages}, {q_stages}, {var}, {bounded}>"
-    return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages), SM90_OPTIONS)
+    return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages, stages), SM90_OPTIONS)
 
 
 def work_list(block_m):
@@ -648,6 +661,8 @@ def covering_launches():
     sm90_launches = [forward_sm90(*case) for case in sm90]
     sm90_launches += [forward_sm90("bfloat16", d, variant(every - bias - bool_mask - FEATURES["ALIBI"]), softcap=50.0)
                       for d in (128, 256)]  # bounded scores
+    sm90_launches += [forward_sm90("bfloat16", 128, variant(FEATURES["SOFTCAP"]), SM90_BOUNDED_STAGES_FROM,
+                                   softcap=50.0)]  # and their deeper ring
     sm90_launches += [forward_sm90(dtype, 64, var, SM90_WIDE_KEY_TILE_FROM)  # 192-key tiles
                       for dtype, var in (("bfloat16", plain), ("float16", variant(SM90_WIDE_KEY_TILE_FEATURES)),
                                          ("bfloat16", causal))]

@@ -179,6 +179,17 @@ def test_softcapped_rows_far_below_the_cap(dtype, headdim, cap, causal):
     check(ScoresFarBelowTheCap(dtype, headdim, causal, cap, int(cap) + headdim + causal), softcap=cap)
 
 
+@pytest.mark.parametrize("headdim", [100, 128])
+def test_softcapped_long_rows_on_the_deeper_ring(headdim):
+    """A bfloat16 softcap alone on rows of _plan.SM90_BOUNDED_STAGES_FROM keys or more takes three K/V stages
+    and one query buffer: more work tiles than multiprocessors (blocks take several in turn, each waiting for
+    its queries), the ring wrapping around its three stages, the last key tile cut short."""
+    seqlen_k = _plan.SM90_BOUNDED_STAGES_FROM + 52
+    launch = _plan.forward_sm90("bfloat16", headdim, _plan.variant(_plan.FEATURES["SOFTCAP"]), seqlen_k, softcap=50.0)
+    assert launch.name.split(", ")[3:5] == [str(_plan.SM90_BOUNDED_STAGES), "1"], launch.name
+    check(Problem(2, 17 * 128 + 30, seqlen_k, 4, 2, headdim, BFLOAT16, False, None, None, headdim), softcap=50.0)
+
+
 @pytest.mark.long_running
 @settings(max_examples=30)
 @given(dtype=st.sampled_from(DTYPES), names=st.sets(st.sampled_from(VARIANTS[:-1]), min_size=1, max_size=3),

@@ -161,3 +161,24 @@ def test_wide_key_tiles_follow_the_keys_a_row_sees():
                                     (8 * wide, (256, 0), 128)]:
         keys = _plan.keys_seen(seqlen, seqlen, window)
         assert _plan.sm90_tiles(64, keys, var)[2] == block_n, (seqlen, window)
+
+
+def test_bounded_scores_take_a_deeper_ring_only_where_measured_faster():
+    """Three K/V stages for a bfloat16 softcap alone on rows of SM90_BOUNDED_STAGES_FROM keys or more at head
+    tile 128, with one query buffer; two elsewhere."""
+    def stages(launch):
+        return [int(x) for x in launch.name.split("<")[1].split(", ")[3:5]]
+
+    softcap, long = _plan.variant(_plan.FEATURES["SOFTCAP"]), _plan.SM90_BOUNDED_STAGES_FROM
+    deep = _plan.forward_sm90("bfloat16", 128, softcap, long, softcap=50.0)
+    assert stages(deep) == [_plan.SM90_BOUNDED_STAGES, 1]
+    assert deep.smem_bytes <= _plan.SMEM_LIMITS[(9, 0)]
+    causal = _plan.variant(_plan.FEATURES["SOFTCAP"] | _plan.FEATURES["WINDOW"])
+    dropout = _plan.variant(_plan.FEATURES["SOFTCAP"] | _plan.FEATURES["DROPOUT"])
+    for dtype, head, var, keys, cap in (("bfloat16", 128, softcap, long - 1, 50.0),  # short rows
+                                        ("float16", 128, softcap, long, 50.0),  # float16 keeps a running max
+                                        ("bfloat16", 128, softcap, long, 100.0),  # a cap past the bound
+                                        ("bfloat16", 128, causal, long, 50.0), ("bfloat16", 128, dropout, long, 50.0),
+                                        ("bfloat16", 64, softcap, long, 50.0), ("bfloat16", 256, softcap, long, 50.0)):
+        launch = _plan.forward_sm90(dtype, head, var, keys, softcap=cap)
+        assert stages(launch)[0] == _plan.SM90_STAGES, launch.name

@@ -34,6 +34,7 @@ def launches(dtypes, headdims, variants, limit, hopper=False):
         if hopper and dtype in _plan.TENSOR_CORE_DTYPES:
             todo += [_plan.forward_sm90(dtype, d, var), _plan.forward_sm90(dtype, d, var, _plan.SM90_WIDE_KEY_TILE_FROM),
                      _plan.forward_sm90(dtype, d, var, softcap=50.0),  # bounded scores (sm90_bounded_scores)
+                     _plan.forward_sm90(dtype, d, var, _plan.SM90_BOUNDED_STAGES_FROM, softcap=50.0),
                      *_plan.backward_sm90(dtype, d, var)]
         if hopper and dtype == "float32" and d <= _plan.SM90_SPLIT_HEADDIM:
             todo += [_plan.split_float32(), _plan.forward_sm90(dtype, d, var), *_plan.backward_sm90(dtype, d, var),

@@ -75,6 +75,8 @@ def dense(dtypes):
         # (_plan.sm90_bounded_scores)
         for causal in (False, True):
             run(dtype, 100, sq=300, sk=390, causal=causal, softcap=50.0)
+        # and from _plan.SM90_BOUNDED_STAGES_FROM keys on, three K/V stages with one query buffer
+        run(dtype, 100, sq=300, sk=2100, softcap=50.0)
         # From _plan.SM90_WIDE_KEY_TILE_FROM keys seen per row on, the Hopper forward at head tile 64 takes
         # 192-key tiles: here rows see 2101-2300 keys.
         for variant in (dict(), dict(causal=True), dict(window_size=(2100, 20))):
