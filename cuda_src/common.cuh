@@ -15,6 +15,10 @@ struct __align__(4) tf32_t { float x; };
 template <int THREADS> __device__ __forceinline__ void named_barrier(int id) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(THREADS) : "memory");
 }
+// Arrives at named barrier `id` of THREADS threads without waiting.
+template <int THREADS> __device__ __forceinline__ void named_barrier_arrive(int id) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(THREADS) : "memory");
+}
 
 // Accumulation type: float for 16-bit and float32 inputs, double for float64.
 template <typename T> struct Acc { typedef float type; };

@@ -385,6 +385,12 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         const int wg = warpgroup() - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, tq = lane % 4;
         const float scale_log2 = float(f.scale) * float(LOG2E);
         int kv_step = 0, q_step = 0;
+        // Bounded scores on the deeper ring (long rows, _plan.SM90_BOUNDED_STAGES): the warpgroups take turns
+        // to issue their products (named barriers 2 and 3), so that one's softmax, whose two multi-function
+        // unit operations a score pace it, runs under the other's products. Every work tile visits the same
+        // key tiles in both warpgroups, so their turns pair up.
+        constexpr bool TURNS = BOUNDED && STAGES > 2 && !Var::window;
+        if (TURNS && wg == 1) named_barrier_arrive<256>(2);  // warpgroup 0 takes the first turn
 
         float o[1][DT][4];
         zero(o);
@@ -556,12 +562,14 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     auto body = [&](auto overlap) {
                         [[maybe_unused]] unsigned key_a[4];
                         if constexpr (KEY_TERM) alibi.fragment(n0 <= m0 + v.offset, key_a);
+                        if constexpr (TURNS) named_barrier<256>(2 + wg);
                         fence_regs(o_regs);
                         wgmma_fence();
                         wgmma_nt<Op, BLOCK_N, D_TILE, BLOCK_M, BLOCK_N>(s_regs, q_rows, sK + stage * KV_ELEMS);
                         if constexpr (KEY_TERM) alibi.issue(s_regs, key_a, sOffsets);
                         wgmma_commit();
                         if constexpr (decltype(overlap)::value) issue_pv(kv_step - 1);
+                        if constexpr (TURNS) named_barrier_arrive<256>(3 - wg);  // the other's turn
                         if constexpr (Var::dropout) {
                             words.draw(v, row0, n0, tq);
                             fence_regs(reinterpret_cast<unsigned(&)[sizeof(words) / 4]>(words));

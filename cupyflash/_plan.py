@@ -227,9 +227,11 @@ def sm90_bounded_scores(dtype, head_tile, var, softcap):
 
 #: K and V stages of a Hopper forward on bounded scores (sm90_bounded_scores) with no other feature, whose rows
 #: see SM90_BOUNDED_STAGES_FROM keys or more, where shared memory holds them (head tile 128, with one query
-#: buffer). Measured on an H100 against two stages (bfloat16, softcap 50, tools/ab.py, docs/performance.md): 1%
-#: less time at 2k keys, 3-4% at 4k, 6% at 16k; 3% more at 1k, where the next work tile's queries no longer
-#: arrive under this one; causal, float16 (running max), dropout and head tile 64 gained nothing or lost 1-4%.
+#: buffer); its consumer warpgroups then take turns to issue their products (TURNS in forward_sm90.cu).
+#: Measured on an H100 against two stages (bfloat16, softcap 50, tools/ab.py, docs/performance.md): 1% less
+#: time at 2k keys, 3-4% at 4k, 6% at 16k, and the turns 2-4% more off; 3% more at 1k, where the next work
+#: tile's queries no longer arrive under this one; causal, float16 (running max), dropout and head tile 64
+#: gained nothing or lost 1-4%.
 SM90_BOUNDED_STAGES = 3
 SM90_BOUNDED_STAGES_FROM = 2048
 
