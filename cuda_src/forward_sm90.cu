@@ -555,7 +555,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 }
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
-                TileWords<1, NT> words;  // dropout's, drawn under the products
+                TileWords<1, NT> words;  // dropout's: ptxas draws them among the exponentials (SASS)
                 // One body per (element checks, product pending): no branch while products are in flight.
                 check_tile(kind, var, [&](auto check, const Var& v) {
                     constexpr bool KEY_TERM = ALIBI_PRODUCT && !decltype(check)::value;

@@ -52,9 +52,9 @@ template <typename A, int SLACK = 0> struct OnlineSoftmax {
 template <typename A> __device__ __forceinline__ A bounded_shift(A c) { return c - fmax(A(0), A(2) * c - A(120)); }
 
 // The dropout words of softmax_tile: one Philox call per row and 64-column group of the key tile (row
-// row0 + 16 mt + 8 r, column n0 + 64 gi + 2 tq). TileWords draws them all at once, under the product of
-// the tile (the Hopper kernel); WordsOnDemand draws each where softmax_tile needs it, which keeps fewer
-// registers live (the mma.sync kernel).
+// row0 + 16 mt + 8 r, column n0 + 64 gi + 2 tq). TileWords draws them all at once, issued after the tile's
+// product (the Hopper kernel: ptxas places the draws among the tile's exponentials, after the product's wait);
+// WordsOnDemand draws each where softmax_tile needs it, which keeps fewer registers live (the mma.sync kernel).
 template <int MT, int NT> struct TileWords {
     static constexpr int GROUPS = (NT + 7) / 8;
     unsigned w[MT][2][GROUPS][4];
