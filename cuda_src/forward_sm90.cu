@@ -238,8 +238,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     unsigned long long* k_free = v_full + STAGES;  // [STAGES]: every consumer thread arrives
     unsigned long long* v_free = k_free + STAGES;  // [STAGES]: every consumer thread arrives (and the V warp's)
     unsigned long long* v_clean = v_free + STAGES; // [STAGES]: the V warp is done with the tile
-    unsigned long long* q_spare = v_clean + STAGES;  // one q buffer: every consumer thread arrives, nobody waits
-    unsigned long long* sched_full = q_spare + 1;  // [SCHEDULE_SLOTS]
+    unsigned long long* q_spare = v_clean + STAGES;  // [Q_STAGES == 1]: every consumer thread arrives, nobody waits
+    unsigned long long* sched_full = q_spare + (Q_STAGES == 1);  // [SCHEDULE_SLOTS]
     unsigned long long* sched_free = sched_full + SCHEDULE_SLOTS;  // [SCHEDULE_SLOTS]
     int* kinds = reinterpret_cast<int*>(sched_free + SCHEDULE_SLOTS);  // [STAGES]: bool mask: kind, ROW_END
     int* v_kinds = kinds + STAGES;  // [STAGES]: the same, for the V warp (written once it has freed the slot)
@@ -257,8 +257,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         for (int s = 0; s < Q_STAGES; ++s) {
             mbar_init(q_full + s, 1);
             mbar_init(q_free + s, CONSUMERS);
-        mbar_init(q_spare, CONSUMERS);
         }
+        if (Q_STAGES == 1) mbar_init(q_spare, CONSUMERS);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
