@@ -229,9 +229,9 @@ def sm90_bounded_scores(dtype, head_tile, var, softcap):
 #: see SM90_BOUNDED_STAGES_FROM keys or more, where shared memory holds them (head tile 128, with one query
 #: buffer); its consumer warpgroups then take turns to issue their products (TURNS in forward_sm90.cu).
 #: Measured on an H100 against two stages (bfloat16, softcap 50, tools/ab.py, docs/performance.md): 1% less
-#: time at 2k keys, 3-4% at 4k, 6% at 16k, and the turns 2-4% more off; 3% more at 1k, where the next work
-#: tile's queries no longer arrive under this one; causal, float16 (running max), dropout and head tile 64
-#: gained nothing or lost 1-4%.
+#: time at 2k keys, 3-4% at 4k, 6% at 16k, the turns 2-4% more off and the early q release (one buffer) 2%
+#: more; 3% more at 1k (before that release); causal, float16 (running max), dropout and head tile 64 gained
+#: nothing or lost 1-4%.
 SM90_BOUNDED_STAGES = 3
 SM90_BOUNDED_STAGES_FROM = 2048
 
@@ -258,8 +258,7 @@ def forward_sm90(dtype, headdim, var, keys=0, softcap=0.0):
             and smem(1, SM90_BOUNDED_STAGES) <= limit):
         stages = SM90_BOUNDED_STAGES
     q_stages = 2 if smem(2, stages) <= limit else 1
-    bounded = _cbool(bounded)
-    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {stages}, {q_stages}, {var}, {bounded}>"
+    name = f"flash_fwd_sm90<{C_TYPES[dtype]}, {d}, {block_n}, {stages}, {q_stages}, {var}, {_cbool(bounded)}>"
     return Launch("forward_sm90.cu", name, block_m, 384, smem(q_stages, stages), SM90_OPTIONS)
 
 
