@@ -60,6 +60,17 @@ def test_ab_sets_a_constant_of_the_working_tree(tmp_path):
         assert "| fwd" not in run.stdout
 
 
+@pytest.mark.skipif(not os.path.isdir(os.path.join(CHECKOUT, ".git")), reason="needs the git checkout")
+def test_ab_ends_a_run_whose_cell_outlasts_its_timeout():
+    """A cell past --cell-timeout ends the run with a traceback, after the rows of the cells before it."""
+    run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", "HEAD", "--cpu",
+                          "--rounds", "2", "--calls", "1", "--tokens", "32768", "--hidden", "16",
+                          "--cell-timeout", "10", "fwd:16:16", "fwd:64:32768"],  # about 0.2 s, then 80 s
+                         capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
+    assert run.returncode == 1 and "Timeout" in run.stderr and "run_cell" in run.stderr, run.stderr
+    assert "| fwd:16:16 |" in run.stdout and "| fwd:64:32768 |" not in run.stdout
+
+
 def test_ab_rejects_an_unknown_cell():
     run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", "HEAD", "--cpu",
                           "mid:64:1k"], capture_output=True, text=True, timeout=60, cwd=CHECKOUT)

@@ -20,9 +20,14 @@ batch = TOKENS / seqlen, heads = HIDDEN / headdim.
 VALUE a Python literal: a tile table's setting timed against the same tree unset, without a second tree.
 
     python tools/ab.py --against HEAD --set _plan.SM90_BWD_STAGES=5 bwd:64:1k:causal
+
+--cell-timeout SECONDS ends the run (exit 1, with Python's traceback on stderr) when a cell takes longer: a
+kernel that never returns (a tree whose barriers deadlock) then stops the script, not the device call. The cell
+is the one after the last row printed.
 """
 import argparse
 import ast
+import faulthandler
 import importlib
 import os
 import shutil
@@ -169,6 +174,8 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=5, help="calls per timed batch")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="a module constant of the working tree's package, set before any call")
+    p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end the run when a cell takes longer (exit 1)")
     args = p.parse_args(argv)
     cells = [parse_cell(c) for c in args.cells]
 
@@ -191,8 +198,11 @@ def main(argv=None):
         print("| cell | old ms | new ms | new / old | quartiles | outputs bitwise | largest difference |")
         print("|---|---|---|---|---|---|---|")
         for text, cell in zip(args.cells, cells):
+            if args.cell_timeout:  # a watchdog thread of the interpreter's, which a blocked call does not hold up
+                faulthandler.dump_traceback_later(args.cell_timeout, exit=True)
             old_ms, new_ms, ratio, low, high, bitwise, difference = run_cell(cell, trees, xp, dtype, tokens, hidden,
                                                                              args.rounds, args.calls)
+            faulthandler.cancel_dump_traceback_later()
             print(f"| {text} | {old_ms:.3f} | {new_ms:.3f} | {ratio:.3f} | {low:.3f}-{high:.3f} | "
                   f"{'yes' if bitwise else 'no'} | {difference:.1e} |", flush=True)
 
