@@ -230,8 +230,8 @@ def sm90_bounded_scores(dtype, head_tile, var, softcap):
 #: buffer); its consumer warpgroups then take turns to issue their products (TURNS in forward_sm90.cu).
 #: Measured on an H100 against two stages (bfloat16, softcap 50, tools/ab.py, docs/performance.md): 1% less
 #: time at 2k keys, 3-4% at 4k, 6% at 16k, the turns 2-4% more off and the early q release (one buffer) 2%
-#: more; 3% more at 1k (before that release); causal, float16 (running max), dropout and head tile 64 gained
-#: nothing or lost 1-4%.
+#: more; 3% more at 1k (before that release); float16 (running max), dropout and head tile 64 gained nothing
+#: or lost 1-4%; causal 2% less at 4k (rows of about 2k keys), none at 8k, 1% more at 16k (turns: 4-5% more).
 SM90_BOUNDED_STAGES = 3
 SM90_BOUNDED_STAGES_FROM = 2048
 
