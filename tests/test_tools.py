@@ -1,8 +1,10 @@
 """The developer tools that run without a GPU."""
+import importlib.util
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,8 +83,39 @@ def test_gpu_validation_rejects_an_unknown_stage_or_part():
     """tools/gpu_validate.sh's stages and tools/sanitize_cases.py's parts are checked before any work."""
     run = subprocess.run(["bash", os.path.join(CHECKOUT, "tools", "gpu_validate.sh"), "suite", "sanitise"],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2 and "unknown stage 'sanitise' (suite, sm80, simt, sanitize)" in run.stderr
+    assert run.returncode == 2 and "unknown stage 'sanitise' (suite, sm80, simt, sanitize, fuzz)" in run.stderr
     run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "sanitize_cases.py"), "packed", "dense"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "unknown part 'dense'; the parts are dense16, dense32, packed, decode, wide, families" in run.stderr
+
+
+def _fuzz():
+    spec = importlib.util.spec_from_file_location("fuzz", os.path.join(CHECKOUT, "tools", "fuzz.py"))
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    return fuzz
+
+
+@pytest.mark.parametrize("family", ["", "sm80", "simt"])
+def test_fuzz_draws_every_kind_within_its_bounds(family):
+    """tools/fuzz.py's draws reach every variant, layout, head dimension class and dtype of a family (only
+    float32 and float64 on the CUDA-core kernels), empty packed sequences and caches, and keep a dense
+    case's work within the float64 reference's budget."""
+    fuzz = _fuzz()
+    rng = np.random.default_rng(0)
+    dense = [fuzz.dense_case(rng, family) for _ in range(600)]
+    for (batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, *_), _, _ in dense:
+        assert batch * nheads * seqlen_q * seqlen_k * headdim <= fuzz.MAX_WORK and 1 <= headdim <= 256
+        assert nheads % nheads_kv == 0 and min(seqlen_q, seqlen_k) >= 1
+    assert {name for *_, names in dense for name in names} == {*fuzz.DENSE_VARIANTS, "all"}
+    assert {layout for _, layout, _ in dense} == {"contiguous", "bhsd", "padded"}
+    assert {problem[5] > 128 for problem, *_ in dense} == {True, False}
+    wide = {np.dtype(np.float32), np.dtype(np.float64)}
+    assert {problem[6] for problem, *_ in dense} == (wide if family == "simt" else set(fuzz.dtypes("")))
+    packed = [fuzz.packed_case(rng, family) for _ in range(200)]
+    assert any(0 in pair for lengths, *_ in packed for pair in lengths)
+    assert {name for _, _, _, names, *_ in packed for name in names} == set(fuzz.PACKED_VARIANTS)
+    decodes = [fuzz.decode_case(rng, family) for _ in range(200)]
+    assert any(0 in lengths for lengths, *_ in decodes)
+    assert {case[-2] for case in decodes} <= ({np.dtype(np.float32)} if family == "simt" else set(fuzz.dtypes("")[:3]))

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU validation, from the repository root on a machine with a GPU, in stages that each fit a device
-# call (STAGES: any of suite, sm80, simt, sanitize; all by default):
+# call (STAGES: any of suite, sm80, simt, sanitize, fuzz; all by default):
 #   suite     the GPU test suite (its kernels compiled first, in parallel)
 #   sm80      the kernel suites again on the mma.sync family (on Hopper the 16-bit kernels take sm_90a)
 #   simt      the float32 and float64 kernel suites again on the CUDA-core kernels
 #   sanitize  compute-sanitizer (memcheck, racecheck, synccheck, initcheck, side by side) over
 #             tools/sanitize_cases.py's parts ($SANITIZE_PARTS, default every part)
+#   fuzz      tools/fuzz.py: problems drawn wider than the suite's, for $FUZZ_SECONDS (default 300) on $JOBS
+#             workers, the kernel families in turn
 # Prints a summary table last; exits non-zero if anything failed. Logs go to $LOG_DIR (default: a temporary
 # directory).
 set -uo pipefail
@@ -16,11 +18,11 @@ mkdir -p "$log_dir"
 python=${PYTHON:-python3}
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(suite sm80 simt sanitize)
+[ ${#stages[@]} -gt 0 ] || stages=(suite sm80 simt sanitize fuzz)
 for stage in "${stages[@]}"; do
     case $stage in
-    suite | sm80 | simt | sanitize) ;;
-    *) echo "gpu_validate.sh: unknown stage '$stage' (suite, sm80, simt, sanitize)" >&2; exit 2 ;;
+    suite | sm80 | simt | sanitize | fuzz) ;;
+    *) echo "gpu_validate.sh: unknown stage '$stage' (suite, sm80, simt, sanitize, fuzz)" >&2; exit 2 ;;
     esac
 done
 parallel=()
@@ -88,6 +90,14 @@ for stage in "${stages[@]}"; do
             rows+=("| compute-sanitizer $tool (${SANITIZE_PARTS:-every part}) | $errors |")
             [ "$rc" -eq 0 ] || status=1
         done ;;
+    fuzz)
+        "$python" tools/fuzz.py --seconds "${FUZZ_SECONDS:-300}" --workers "${JOBS:-8}" --json "$log_dir/fuzz.json" \
+            >"$log_dir/fuzz.log" 2>&1
+        rc=$?
+        tail -n 20 "$log_dir/fuzz.log"
+        summary=$(grep -E "^fuzz: " "$log_dir/fuzz.log" | tail -n 1)
+        rows+=("| tools/fuzz.py | ${summary:-no summary (rc $rc)} |")
+        [ "$rc" -eq 0 ] || status=1 ;;
     esac
 done
 

@@ -1,0 +1,179 @@
+"""Drawn problems on the CUDA kernels against the float64 reference for a fixed time, wider than the GPU
+suite's drawn tests: any head dimension 1-256, lengths at and around tile edges, GQA groups, scales, logit
+spreads, layouts and variant combinations, dense, packed and decoding; each worker process on one kernel
+family (the default dispatch, the mma.sync family, the CUDA-core kernels for float32 and float64). Every
+case is checked by the suite's own functions (tests/test_gpu_variants.py, test_gpu_varlen.py,
+test_kvcache.py: flash-attn's rule, outputs poisoned before the kernels run).
+
+    python tools/fuzz.py --seconds 300 --workers 14 [--json failures.json]
+
+Prints the cases run and every failure with what reproduces it; exits 1 if any case failed.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+
+import ml_dtypes
+import numpy as np
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Each worker's kernel family (CUPYFLASH_KERNELS), by worker index.
+FAMILIES = ("", "sm80", "", "simt")
+#: The suite's variant names (test_gpu_variants.VARIANTS) drawn together, and the packed batches' ones.
+DENSE_VARIANTS = ("window", "sliding", "softcap", "alibi", "alibi_batch", "padding", "bool_mask", "bias", "bias_2d",
+                  "dropout")
+PACKED_VARIANTS = ("causal", "window", "alibi", "softcap_alibi", "dropout")
+#: Work per dense case, batch * nheads * seqlen_q * seqlen_k * headdim, kept for the float64 reference.
+MAX_WORK = 6e7
+TILE_EDGES = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 384, 385, 511, 513)
+
+
+def length(rng):
+    """Half the time a tile edge, else anything up to 700."""
+    return pick(rng, TILE_EDGES) if rng.random() < 0.5 else int(rng.integers(1, 700))
+
+
+def dtypes(family):
+    wide = [np.dtype(np.float32), np.dtype(np.float64)]
+    return wide if family == "simt" else [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)] + wide
+
+
+def pick(rng, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def names(rng, variants, most):
+    """Up to `most` distinct names of `variants`, in the suite's order (later keys win)."""
+    return sorted(str(x) for x in rng.choice(variants, int(rng.integers(0, most + 1)), replace=False))
+
+
+def dense_case(rng, family):
+    """(Problem arguments, layout, variant names): test_gpu_variants.check's inputs."""
+    dtype = pick(rng, dtypes(family))
+    headdim = int(rng.integers(1, 257)) if rng.random() < 0.7 else pick(rng, (32, 64, 96, 128, 160, 192, 256))
+    nheads, nheads_kv = pick(rng, ((1, 1), (2, 1), (4, 2), (6, 3), (8, 1), (3, 3), (4, 4)))
+    batch, seqlen_q, seqlen_k = int(rng.integers(1, 4)), length(rng), length(rng)
+    while batch * nheads * seqlen_q * seqlen_k * headdim > MAX_WORK:
+        seqlen_q, seqlen_k = max(1, seqlen_q // 2), max(1, seqlen_k // 2)
+    scale = None if rng.random() < 0.6 else float(rng.uniform(0.02, 1.5))
+    logit_std = None if rng.random() < 0.6 else pick(rng, (0.3, 3.0, 30.0))
+    problem = (batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, bool(rng.random() < 0.4), scale,
+               logit_std, int(rng.integers(2**32)))
+    drawn = ["all"] if rng.random() < 0.05 else names(rng, DENSE_VARIANTS, 3)
+    return problem, pick(rng, ("contiguous", "bhsd", "padded")), drawn
+
+
+def packed_case(rng, family):
+    """(lengths, dtype, headdim, variant names, seed, offsets left on the device)."""
+    lengths = [tuple(pick(rng, (0, 1, length(rng))) for _ in "qk") for _ in range(int(rng.integers(1, 7)))]
+    return (lengths, pick(rng, dtypes(family)), int(rng.integers(1, 257)), names(rng, PACKED_VARIANTS, 2),
+            int(rng.integers(2**32)), bool(rng.random() < 0.5))
+
+
+def decode_case(rng, family):
+    """(cache lengths, appended rows, seqlen_q, heads, headdim, page size, splits, variant index, dtype, seed)."""
+    wide = family == "simt"
+    return ([pick(rng, (0, length(rng))) for _ in range(int(rng.integers(1, 5)))], int(rng.integers(0, 4)),
+            int(rng.integers(1, 5)), pick(rng, ((8, 1), (4, 2), (2, 2), (16, 4), (6, 3))), int(rng.integers(1, 257)),
+            pick(rng, (None, 1, 16, 40, 64, 256)), pick(rng, (0, 1, 3, 50)), int(rng.integers(7)),
+            np.dtype(np.float32) if wide else pick(rng, dtypes(family)[:3]), int(rng.integers(2**32)))
+
+
+def run_dense(tv, problem, layout, names):
+    p = tv.Problem(*problem)
+    kw = {}
+    for name in names:  # later keys win where two variants set the same keyword, as in the suite
+        kw.update(tv.variant(name, p))
+    tv.check(p, layout, **kw)
+
+
+def run_packed(tvl, lengths, dtype, headdim, names, seed, unread):
+    rng = np.random.default_rng(seed)
+    cu_q, cu_k, *arrays = tvl.packed_batch(*zip(*lengths), dtype, seed, tvl.NHEADS, tvl.NHEADS_KV, headdim)
+    kw = {}
+    for name in names:
+        kw.update(tvl.variant(name, len(lengths), rng))
+    tvl.check_each_sequence(cu_q, cu_k, arrays, tvl.run_packed(cu_q, cu_k, *arrays, slack=1 if unread else None, **kw),
+                            kw)
+
+
+def run_decode(tk, cache_seqlens, seqlen_new, seqlen_q, heads, headdim, page_size, num_splits, variant, dtype, seed):
+    kw = dict(tk.VARIANTS[variant])
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = np.random.default_rng(seed).uniform(0.01, 0.5, heads[0]).astype(np.float32)
+    q, k_cache, v_cache, k, v, lengths = tk.problem(seed, cache_seqlens, seqlen_new, seqlen_q=seqlen_q, nheads=heads[0],
+                                                    nheads_kv=heads[1], headdim=headdim, dtype=dtype)
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = tk.paged(k_cache, v_cache, page_size, seed)
+    tk.check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num_splits)
+
+
+def worker(index, seconds):
+    """Cases drawn from seed `index` until `seconds` have passed: (cases run, failures)."""
+    family = FAMILIES[index % len(FAMILIES)]
+    os.environ["CUPYFLASH_KERNELS"] = family
+    sys.path[:0] = [CHECKOUT, os.path.join(CHECKOUT, "tests")]
+    import cupy as cp
+    import test_gpu
+    import test_gpu_variants as tv
+    import test_gpu_varlen as tvl
+    import test_kvcache as tk
+    from cupyflash import _cuda_backend
+
+    def poisoned(shape, dtype):  # test_gpu.poisoned_outputs: every buffer the kernels write starts as NaN
+        x = cp.empty(shape, dtype)
+        test_gpu._uint(x).fill(np.iinfo(test_gpu._UINT[x.dtype.itemsize]).max)
+        return x
+
+    _cuda_backend._empty = poisoned
+    rng = np.random.default_rng(index)
+    tv.RNG = np.random.default_rng(2**32 + index)  # the suite's variant draws
+    deadline, cases, failures = time.monotonic() + seconds, 0, []
+    while time.monotonic() < deadline:
+        kind = ("dense", "dense", "dense", "packed", "decode")[int(rng.integers(5))]
+        if kind == "dense":
+            args = dense_case(rng, family)
+            run = lambda: run_dense(tv, *args)  # noqa: E731
+        elif kind == "packed":
+            args = packed_case(rng, family)
+            run = lambda: run_packed(tvl, *args)  # noqa: E731
+        else:
+            args = decode_case(rng, family)
+            run = lambda: run_decode(tk, *args)  # noqa: E731
+        cases += 1
+        try:
+            run()
+        except Exception as error:  # noqa: BLE001 (every failure is reported, the run goes on)
+            failures.append(dict(kind=kind, family=family or "default", worker=index, case=repr(args),
+                                 error=f"{type(error).__name__}: {error}"[:2000], where=traceback.format_exc()[-2000:]))
+    return cases, failures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=300, help="how long each worker draws cases")
+    parser.add_argument("--workers", type=int, default=8, help="processes, each on one family (FAMILIES)")
+    parser.add_argument("--json", help="write the failures here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the workers' references share the cores
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        results = pool.starmap(worker, [(i, args.seconds) for i in range(args.workers)])
+    failures = [f for _, fs in results for f in fs]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(failures, f, indent=1)
+    for f in failures:
+        print(f"FAILED {f['kind']} case on the {f['family']} kernels (worker {f['worker']}): {f['case']}\n"
+              f"    {f['error']}")
+    print(f"fuzz: {sum(c for c, _ in results)} cases, {len(failures)} failed, {args.workers} workers "
+          f"x {args.seconds:g} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
