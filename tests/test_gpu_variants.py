@@ -57,19 +57,21 @@ def _device(kw):
     return {k: (to_device(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
 
 
-LAYOUTS = ("contiguous", "bhsd", "padded")
+LAYOUTS = ("contiguous", "bhsd", "padded", "offset")
 
 
 def laid_out(x, layout):
     """A host (batch, seqlen, heads, headdim) array on the device as `layout` stores it: "contiguous";
     "bhsd", stored (batch, heads, seqlen, headdim) and seen through a transpose; "padded", in rows of
-    headdim + 8 elements."""
+    headdim + 8 elements; "offset", in rows of headdim + 1 elements from the second (no row, and not the
+    first element, on a 16-byte boundary)."""
     if layout == "bhsd":
         return to_device(np.ascontiguousarray(np.swapaxes(x, 1, 2))).swapaxes(1, 2)
-    if layout == "padded":
-        rows = np.zeros(x.shape[:-1] + (x.shape[-1] + 8,), x.dtype)
-        rows[..., :x.shape[-1]] = x
-        return to_device(rows)[..., :x.shape[-1]]
+    if layout in ("padded", "offset"):
+        pad, start = (8, 0) if layout == "padded" else (1, 1)
+        rows = np.zeros(x.shape[:-1] + (x.shape[-1] + pad,), x.dtype)
+        rows[..., start:start + x.shape[-1]] = x
+        return to_device(rows)[..., start:start + x.shape[-1]]
     return to_device(x)
 
 

@@ -109,7 +109,7 @@ def test_fuzz_draws_every_kind_within_its_bounds(family):
         assert batch * nheads * seqlen_q * seqlen_k * headdim <= fuzz.MAX_WORK and 1 <= headdim <= 256
         assert nheads % nheads_kv == 0 and min(seqlen_q, seqlen_k) >= 1
     assert {name for *_, names in dense for name in names} == {*fuzz.DENSE_VARIANTS, "all"}
-    assert {layout for _, layout, _ in dense} == {"contiguous", "bhsd", "padded"}
+    assert {layout for _, layout, _ in dense} == {"contiguous", "bhsd", "padded", "offset"}
     assert {problem[5] > 128 for problem, *_ in dense} == {True, False}
     wide = {np.dtype(np.float32), np.dtype(np.float64)}
     assert {problem[6] for problem, *_ in dense} == (wide if family == "simt" else set(fuzz.dtypes("")))

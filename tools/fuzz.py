@@ -64,7 +64,7 @@ def dense_case(rng, family):
     problem = (batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, bool(rng.random() < 0.4), scale,
                logit_std, int(rng.integers(2**32)))
     drawn = ["all"] if rng.random() < 0.05 else names(rng, DENSE_VARIANTS, 3)
-    return problem, pick(rng, ("contiguous", "bhsd", "padded")), drawn
+    return problem, pick(rng, ("contiguous", "bhsd", "padded", "offset")), drawn
 
 
 def packed_case(rng, family):
@@ -170,8 +170,12 @@ def main(argv=None):
     for f in failures:
         print(f"FAILED {f['kind']} case on the {f['family']} kernels (worker {f['worker']}): {f['case']}\n"
               f"    {f['error']}")
-    print(f"fuzz: {sum(c for c, _ in results)} cases, {len(failures)} failed, {args.workers} workers "
-          f"x {args.seconds:g} s")
+    by_family = {}
+    for index, (cases, _) in enumerate(results):
+        family = FAMILIES[index % len(FAMILIES)] or "default"
+        by_family[family] = by_family.get(family, 0) + cases
+    print(f"fuzz: {sum(by_family.values())} cases ({', '.join(f'{k} {v}' for k, v in by_family.items())}), "
+          f"{len(failures)} failed, {args.workers} workers x {args.seconds:g} s")
     return 1 if failures else 0
 
 
