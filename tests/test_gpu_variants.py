@@ -75,11 +75,10 @@ def laid_out(x, layout):
     return to_device(x)
 
 
-def check(problem, layout="contiguous", **kw):
-    """Forward and backward of `problem` with the variant keywords `kw` against the reference; q, k, v
-    and dout reach the kernels in `layout` (LAYOUTS)."""
+def run_with_reference(problem, layout="contiguous", **kw):
+    """(host data, kernels' results, reference's results) of the forward and backward of `problem` with the
+    variant keywords `kw` (causal set); q, k, v and dout reach the kernels in `layout` (LAYOUTS)."""
     q, k, v, dout = problem.arrays()
-    scale = problem.scale_value
     kw.setdefault("causal", problem.causal)
     bias = kw.get("attn_mask") is not None and kw["attn_mask"].dtype != np.bool_
     dev = _device(kw)
@@ -95,14 +94,24 @@ def check(problem, layout="contiguous", **kw):
         ref_kw["dropout_mask"] = cupyflash.dropout_mask((problem.batch, problem.nheads, problem.seqlen_q,
                                                          problem.seqlen_k), kw["dropout_p"], kw["dropout_seed"])
         del ref_kw["dropout_seed"]
+    scale = problem.scale_value
     ref_out, ref_lse = cupyflash.reference.attention(q, k, v, scale=scale, return_lse=True, **ref_kw)
     ref = dict(zip(names, (ref_out, ref_lse, *cupyflash.reference.attention_backward(
         dout, q, k, v, ref_out, ref_lse, scale=scale, return_dbias=bias, **ref_kw))))
-    causal = kw.pop("causal")
+    return (q, k, v, dout), got, ref
+
+
+def check(problem, layout="contiguous", **kw):
+    """Forward and backward of `problem` with the variant keywords `kw` against the reference by
+    flash-attn's rule; q, k, v and dout reach the kernels in `layout` (LAYOUTS)."""
+    (q, k, v, dout), got, ref = run_with_reference(problem, layout, **kw)
+    scale, causal = problem.scale_value, kw.pop("causal", problem.causal)
+    bias = "dbias" in got
     naive = dict(zip(("out", "lse"), naive_attention(q, k, v, causal, scale, **kw)))
-    naive.update(zip(names[2:], naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=bias, **kw)))
+    naive.update(zip(("dq", "dk", "dv", "dbias"), naive_attention_backward(dout, q, k, v, causal, scale,
+                                                                          return_dbias=bias, **kw)))
     scales = error_scales(q, k, v, dout, causal, scale, **kw)
-    for name in names:
+    for name in got:
         forward = name in ("out", "lse")
         floor = flash_floor(name, problem.dtype, scales, FWD_FLOOR_ULPS if forward else BWD_FLOOR_ULPS)
         assert_close_flash_rule(got[name], ref[name], naive[name], 2 if forward else 3, floor,

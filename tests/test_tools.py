@@ -105,11 +105,12 @@ def test_fuzz_draws_every_kind_within_its_bounds(family):
     fuzz = _fuzz()
     rng = np.random.default_rng(0)
     dense = [fuzz.dense_case(rng, family) for _ in range(600)]
-    for (batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, *_), _, _ in dense:
+    for (batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, *_), *_ in dense:
         assert batch * nheads * seqlen_q * seqlen_k * headdim <= fuzz.MAX_WORK and 1 <= headdim <= 256
         assert nheads % nheads_kv == 0 and min(seqlen_q, seqlen_k) >= 1
-    assert {name for *_, names in dense for name in names} == {*fuzz.DENSE_VARIANTS, "all"}
-    assert {layout for _, layout, _ in dense} == {"contiguous", "bhsd", "padded", "offset"}
+    assert {name for _, _, names, _ in dense for name in names} == {*fuzz.DENSE_VARIANTS, "all"}
+    assert {layout for _, layout, _, _ in dense} == {"contiguous", "bhsd", "padded", "offset"}
+    assert {nans > 0 for *_, nans in dense} == {True, False}
     assert {problem[5] > 128 for problem, *_ in dense} == {True, False}
     wide = {np.dtype(np.float32), np.dtype(np.float64)}
     assert {problem[6] for problem, *_ in dense} == (wide if family == "simt" else set(fuzz.dtypes("")))
@@ -119,3 +120,21 @@ def test_fuzz_draws_every_kind_within_its_bounds(family):
     decodes = [fuzz.decode_case(rng, family) for _ in range(200)]
     assert any(0 in lengths for lengths, *_ in decodes)
     assert {case[-2] for case in decodes} <= ({np.dtype(np.float32)} if family == "simt" else set(fuzz.dtypes("")[:3]))
+
+
+def test_fuzz_nans_and_where_they_reach():
+    """tools/fuzz.py's NaN cases: NaNs only, at most the drawn count, the data otherwise the problem's; and
+    its comparison fails on a NaN where the reference is finite or a finite value where it is NaN."""
+    fuzz = _fuzz()
+    from helpers import Problem
+    args = (2, 9, 11, 4, 2, 16, np.float32, False, None, None, 7)
+    clean = Problem(*args).arrays()
+    dirty = fuzz.with_nans(Problem, 5)(*args).arrays()
+    nans = sum(int(np.isnan(x).sum()) for x in dirty)
+    assert 1 <= nans <= 5 and not any(np.isinf(x).any() for x in dirty)
+    assert all(np.array_equal(a[~np.isnan(b)], b[~np.isnan(b)]) for a, b in zip(clean, dirty))
+    want = np.array([1.0, np.nan, np.inf])
+    fuzz.same_nonfinite(np.array([2.0, np.nan, np.inf]), want, "out")
+    for got in ([np.nan, np.nan, np.inf], [1.0, 1.0, np.inf], [1.0, np.nan, -np.inf]):
+        with pytest.raises(AssertionError):
+            fuzz.same_nonfinite(np.array(got), want, "out")

@@ -3,7 +3,8 @@ suite's drawn tests: any head dimension 1-256, lengths at and around tile edges,
 spreads, layouts and variant combinations, dense, packed and decoding; each worker process on one kernel
 family (the default dispatch, the mma.sync family, the CUDA-core kernels for float32 and float64). Every
 case is checked by the suite's own functions (tests/test_gpu_variants.py, test_gpu_varlen.py,
-test_kvcache.py: flash-attn's rule, outputs poisoned before the kernels run).
+test_kvcache.py: flash-attn's rule, outputs poisoned before the kernels run); some dense cases hold NaN in
+their data, and there the NaNs must reach exactly the outputs they reach in the reference.
 
     python tools/fuzz.py --seconds 300 --workers 14 [--json failures.json]
 
@@ -52,7 +53,8 @@ def names(rng, variants, most):
 
 
 def dense_case(rng, family):
-    """(Problem arguments, layout, variant names): test_gpu_variants.check's inputs."""
+    """(Problem arguments, layout, variant names): test_gpu_variants.check's inputs; and how many entries
+    of q, k, v and dout to make NaN (with_nans), checked for where the NaNs reach alone."""
     dtype = pick(rng, dtypes(family))
     headdim = int(rng.integers(1, 257)) if rng.random() < 0.7 else pick(rng, (32, 64, 96, 128, 160, 192, 256))
     nheads, nheads_kv = pick(rng, ((1, 1), (2, 1), (4, 2), (6, 3), (8, 1), (3, 3), (4, 4)))
@@ -64,7 +66,8 @@ def dense_case(rng, family):
     problem = (batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, bool(rng.random() < 0.4), scale,
                logit_std, int(rng.integers(2**32)))
     drawn = ["all"] if rng.random() < 0.05 else names(rng, DENSE_VARIANTS, 3)
-    return problem, pick(rng, ("contiguous", "bhsd", "padded", "offset")), drawn
+    nans = int(rng.integers(1, 6)) if rng.random() < 0.3 else 0
+    return problem, pick(rng, ("contiguous", "bhsd", "padded", "offset")), drawn, nans
 
 
 def packed_case(rng, family):
@@ -83,12 +86,44 @@ def decode_case(rng, family):
             np.dtype(np.float32) if wide else pick(rng, dtypes(family)[:3]), int(rng.integers(2**32)))
 
 
-def run_dense(tv, problem, layout, names):
-    p = tv.Problem(*problem)
+def with_nans(problem_type, count):
+    """problem_type whose data holds `count` NaNs at drawn entries of q, k, v and dout. (Not inf: an
+    infinite q or k can make a score -inf, which the kernels and the reference treat apart, see
+    docs/variants.md; and 0 * inf, where a probability underflows in the kernels but not in float64.)"""
+    class WithNans(problem_type):
+        def arrays(self, xp=np):
+            arrays = [np.array(x) for x in super().arrays()]
+            rng = np.random.default_rng(self.seed + 1)
+            for _ in range(count):
+                x = arrays[int(rng.integers(4))]
+                x.flat[int(rng.integers(x.size))] = np.nan
+            return tuple(xp.asarray(x) for x in arrays)
+    return WithNans
+
+
+def same_nonfinite(got, want, name):
+    """Where the reference is not finite the kernels give the same value (NaN for NaN); elsewhere a finite
+    one: no NaN reaches an output that the reference keeps clear of it."""
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    finite = np.isfinite(want)
+    differ = ~finite & ~((got == want) | (np.isnan(got) & np.isnan(want)))
+    leaked = finite & ~np.isfinite(got)
+    assert not differ.any() and not leaked.any(), (
+        f"{name}: {int(differ.sum())} non-finite entries of the reference differ, {int(leaked.sum())} finite "
+        f"ones are not, e.g. at {np.argwhere(differ | leaked)[:3].tolist()}")
+
+
+def run_dense(tv, problem, layout, names, nans):
+    p = (with_nans(tv.Problem, nans) if nans else tv.Problem)(*problem)
     kw = {}
     for name in names:  # later keys win where two variants set the same keyword, as in the suite
         kw.update(tv.variant(name, p))
-    tv.check(p, layout, **kw)
+    if not nans:
+        tv.check(p, layout, **kw)
+        return
+    _, got, want = tv.run_with_reference(p, layout, **kw)
+    for name in got:
+        same_nonfinite(got[name], want[name], name)
 
 
 def run_packed(tvl, lengths, dtype, headdim, names, seed, unread):
