@@ -33,6 +33,10 @@ MAX_WORK = 6e7
 TILE_EDGES = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 384, 385, 511, 513)
 
 
+def pick(rng, items):
+    return items[int(rng.integers(len(items)))]
+
+
 def length(rng):
     """Half the time a tile edge, else anything up to 700."""
     return pick(rng, TILE_EDGES) if rng.random() < 0.5 else int(rng.integers(1, 700))
@@ -41,10 +45,6 @@ def length(rng):
 def dtypes(family):
     wide = [np.dtype(np.float32), np.dtype(np.float64)]
     return wide if family == "simt" else [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)] + wide
-
-
-def pick(rng, items):
-    return items[int(rng.integers(len(items)))]
 
 
 def names(rng, variants, most):
@@ -113,10 +113,10 @@ def same_nonfinite(got, want, name):
         f"ones are not, e.g. at {np.argwhere(differ | leaked)[:3].tolist()}")
 
 
-def run_dense(tv, problem, layout, names, nans):
+def run_dense(tv, problem, layout, variants, nans):
     p = (with_nans(tv.Problem, nans) if nans else tv.Problem)(*problem)
     kw = {}
-    for name in names:  # later keys win where two variants set the same keyword, as in the suite
+    for name in variants:  # later keys win where two variants set the same keyword, as in the suite
         kw.update(tv.variant(name, p))
     if not nans:
         tv.check(p, layout, **kw)
@@ -126,11 +126,11 @@ def run_dense(tv, problem, layout, names, nans):
         same_nonfinite(got[name], want[name], name)
 
 
-def run_packed(tvl, lengths, dtype, headdim, names, seed, unread):
+def run_packed(tvl, lengths, dtype, headdim, variants, seed, unread):
     rng = np.random.default_rng(seed)
     cu_q, cu_k, *arrays = tvl.packed_batch(*zip(*lengths), dtype, seed, tvl.NHEADS, tvl.NHEADS_KV, headdim)
     kw = {}
-    for name in names:
+    for name in variants:
         kw.update(tvl.variant(name, len(lengths), rng))
     tvl.check_each_sequence(cu_q, cu_k, arrays, tvl.run_packed(cu_q, cu_k, *arrays, slack=1 if unread else None, **kw),
                             kw)
