@@ -58,15 +58,17 @@ def as_float32(x):
     return x.astype(cp.float32)
 
 
+def poisoned_empty(shape, dtype):
+    """cupy.empty with every bit set: NaN, for the buffers the kernels write."""
+    x = cp.empty(shape, dtype)
+    _uint(x).fill(np.iinfo(_UINT[x.dtype.itemsize]).max)
+    return x
+
+
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN (all bits set)."""
-    def empty(shape, dtype):
-        x = cp.empty(shape, dtype)
-        _uint(x).fill(np.iinfo(_UINT[x.dtype.itemsize]).max)
-        return x
-
-    monkeypatch.setattr(_cuda_backend, "_empty", empty)
+    monkeypatch.setattr(_cuda_backend, "_empty", poisoned_empty)
 
 
 def run(problem):

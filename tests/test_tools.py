@@ -109,6 +109,9 @@ def test_fuzz_draws_every_kind_within_its_bounds(family):
         assert batch * nheads * seqlen_q * seqlen_k * headdim <= fuzz.MAX_WORK and 1 <= headdim <= 256
         assert nheads % nheads_kv == 0 and min(seqlen_q, seqlen_k) >= 1
     assert {name for _, _, names, _ in dense for name in names} == {*fuzz.DENSE_VARIANTS, "all"}
+    if family == "":  # the fuzz's names are the suite's (test_gpu_variants needs CuPy, not a GPU, to import)
+        test_gpu_variants = pytest.importorskip("test_gpu_variants")
+        assert (*fuzz.DENSE_VARIANTS, "all") == test_gpu_variants.VARIANTS
     assert {layout for _, layout, _, _ in dense} == {"contiguous", "bhsd", "padded", "offset"}
     assert {nans > 0 for *_, nans in dense} == {True, False}
     assert {problem[5] > 128 for problem, *_ in dense} == {True, False}

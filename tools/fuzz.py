@@ -153,19 +153,13 @@ def worker(index, seconds):
     family = FAMILIES[index % len(FAMILIES)]
     os.environ["CUPYFLASH_KERNELS"] = family
     sys.path[:0] = [CHECKOUT, os.path.join(CHECKOUT, "tests")]
-    import cupy as cp
     import test_gpu
     import test_gpu_variants as tv
     import test_gpu_varlen as tvl
     import test_kvcache as tk
     from cupyflash import _cuda_backend
 
-    def poisoned(shape, dtype):  # test_gpu.poisoned_outputs: every buffer the kernels write starts as NaN
-        x = cp.empty(shape, dtype)
-        test_gpu._uint(x).fill(np.iinfo(test_gpu._UINT[x.dtype.itemsize]).max)
-        return x
-
-    _cuda_backend._empty = poisoned
+    _cuda_backend._empty = test_gpu.poisoned_empty  # as the suite's poisoned_outputs fixture
     rng = np.random.default_rng(index)
     tv.RNG = np.random.default_rng(2**32 + index)  # the suite's variant draws
     deadline, cases, failures = time.monotonic() + seconds, 0, []
