@@ -3,6 +3,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -63,14 +64,20 @@ def test_ab_sets_a_constant_of_the_working_tree(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(CHECKOUT, ".git")), reason="needs the git checkout")
-def test_ab_ends_a_run_whose_cell_outlasts_its_timeout():
-    """A cell past --cell-timeout ends the run with a traceback, after the rows of the cells before it."""
+def test_ab_ends_a_run_whose_cell_outlasts_its_timeout(tmp_path):
+    """A cell past --cell-timeout ends the run with a traceback, after the rows of the cells before it, and
+    the copy of the old tree goes with it."""
     run = subprocess.run([sys.executable, os.path.join(CHECKOUT, "tools", "ab.py"), "--against", "HEAD", "--cpu",
                           "--rounds", "2", "--calls", "1", "--tokens", "32768", "--hidden", "16",
                           "--cell-timeout", "10", "fwd:16:16", "fwd:64:32768"],  # about 0.2 s, then 80 s
-                         capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
+                         capture_output=True, text=True, timeout=300, cwd=CHECKOUT,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
     assert run.returncode == 1 and "Timeout" in run.stderr and "run_cell" in run.stderr, run.stderr
     assert "| fwd:16:16 |" in run.stdout and "| fwd:64:32768 |" not in run.stdout
+    deadline = time.monotonic() + 30  # the remover looks once a second
+    while os.listdir(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert os.listdir(tmp_path) == []
 
 
 def test_ab_rejects_an_unknown_cell():

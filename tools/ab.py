@@ -60,6 +60,26 @@ def load_revision(rev, into):
     return importlib.import_module("cupyflash_ab")
 
 
+# Run by a process of its own: waits for the process `pid` to end, then removes `path`.
+_REMOVE_AFTER = """
+import os, shutil, sys, time
+pid, path = int(sys.argv[1]), sys.argv[2]
+while True:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        break
+    time.sleep(1)
+shutil.rmtree(path, ignore_errors=True)
+"""
+
+
+def remove_after_exit(path):
+    """Removes `path` once this process has ended, however it ends: the cell timeout's exit runs no cleanup."""
+    subprocess.Popen([sys.executable, "-c", _REMOVE_AFTER, str(os.getpid()), path], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def apply_setting(package, text):
     """MODULE.NAME=VALUE on `package`'s module MODULE; the constant must exist."""
     target, sep, value = text.partition("=")
@@ -188,7 +208,10 @@ def main(argv=None):
     tokens = args.tokens or (16384 if gpu else 256)
     hidden = args.hidden or (2048 if gpu else 64)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    tmp = tempfile.mkdtemp(prefix="cupyflash-ab-")
+    if args.cell_timeout:
+        remove_after_exit(tmp)
+    try:
         trees = {"old": load_revision(args.against, tmp), "new": importlib.import_module("cupyflash")}
         for setting in args.set:
             apply_setting(trees["new"], setting)
@@ -205,6 +228,8 @@ def main(argv=None):
             faulthandler.cancel_dump_traceback_later()
             print(f"| {text} | {old_ms:.3f} | {new_ms:.3f} | {ratio:.3f} | {low:.3f}-{high:.3f} | "
                   f"{'yes' if bitwise else 'no'} | {difference:.1e} |", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
