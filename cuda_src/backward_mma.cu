@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
                                                                seq.queries_nonfinite(p.q_nonfinite, f, h, m0, BLOCK_M));
         auto accumulate = [&](A (&into)[DT][4], const A (&a)[MT][4], const T* sB) {
             if (guarded) gemm_rn_guarded<T, BLOCK_M, D_OUT>(into, a, PaddedTile<T, LD>{sB}, lane);
-            else gemm_rn<T, BLOCK_M, D_OUT, LD>(into, a, sB, lane);
+            else gemm_rn<T, BLOCK_M, D_OUT, LD, true>(into, a, sB, lane);
         };
         if constexpr (ROLES == 1) {
             accumulate(acc[0], st, cdO + col0);
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         if (Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N)) {
             gemm_rn_guarded<T, BLOCK_N, D_OUT>(dq_acc, dp, PaddedTile<T, LD>{cK + col0}, lane);
         } else {
-            gemm_rn<T, BLOCK_N, D_OUT, LD>(dq_acc, dp, cK + col0, lane);
+            gemm_rn<T, BLOCK_N, D_OUT, LD, true>(dq_acc, dp, cK + col0, lane);
         }
         __syncthreads();  // this buffer is refilled two tiles from now
     }

@@ -315,19 +315,27 @@ __device__ __forceinline__ void gemm_nt_wide(A (&acc)[MT][N / 8][4], const T* sA
 
 // The A fragment comes from P's C fragments without shuffles by reordering each 8-deep step: the lane's
 // columns 2 tq and 2 tq + 1 of P play the fragment's k = tq and tq + 4, so B is read at rows 2 tq and 2 tq + 1.
+// SPREAD_ROWS (8-byte elements) swaps the two where tq >= 2 (each k's lanes share one tq, so each tq may
+// choose): a half-warp's loads then take rows 0, 2, 5, 7 (and 1, 3, 4, 6), which rows of D + 4 elements put
+// in four different quarters of the banks, where rows 0, 2, 4, 6 meet in two. The backward's products
+// ask for it; the forward's, whose A operand has just been computed, measured slower with it.
 // With ROUNDED_SUMS each 8-column tile of the result sums over all of K in a fresh accumulator.
-template <typename T, int K, int N, int LD, int MT, bool FINITE_PART = false, typename A>
+template <typename T, int K, int N, int LD, int MT, bool FINITE_PART = false, bool SPREAD_ROWS = false, typename A>
 __device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4], const T* sB,
                                              int lane) {
     typedef WideMma<T> M;
-    const int g = lane / 4, tq = lane % 4;
+    static_assert(!SPREAD_ROWS || sizeof(T) == 8, "rows spread for 8-byte elements");
+    const int g = lane / 4, tq = lane % 4, swap = SPREAD_ROWS ? tq >> 1 : 0;
     typename M::reg a[K / 8][MT][M::PARTS][4];
 #pragma unroll
     for (int kk = 0; kk < K / 8; ++kk)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) M::split(p[mt][kk][(e % 2) * 2 + e / 2], a[kk][mt], e);
+            for (int e = 0; e < 4; ++e) {
+                    const A even = p[mt][kk][(e % 2) * 2], odd = p[mt][kk][(e % 2) * 2 + 1];
+                M::split(e / 2 != swap ? odd : even, a[kk][mt], e);
+            }
 #pragma unroll
     for (int nn = 0; nn < N / 8; ++nn) {
         A part[MT][4] = {};
@@ -336,7 +344,7 @@ __device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p
             typename M::reg b[M::PARTS][2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const A x = to_acc(sB[(8 * kk + 2 * tq + e) * LD + 8 * nn + g]);
+                const A x = to_acc(sB[(8 * kk + 2 * tq + (e ^ swap)) * LD + 8 * nn + g]);
                 M::split(FINITE_PART && !is_finite(x) ? A(0) : x, b, e);  // FINITE_PART: NaN and inf as 0
             }
 #pragma unroll
@@ -363,16 +371,17 @@ __device__ __forceinline__ void gemm_nt(A (&acc)[N / 8][4], const T* sA, const T
 }
 
 // acc[MT][N/8] += P (16 MT x K) * B (K x N): P is an accumulator tile in registers (rounded to the
-// products' input precision here), B row-major in shared memory with row stride LD.
-template <typename T, int K, int N, int LD, int MT, typename A>
+// products' input precision here), B row-major in shared memory with row stride LD. SPREAD_ROWS: see
+// gemm_rn_wide (float64 only).
+template <typename T, int K, int N, int LD, bool SPREAD_ROWS = false, int MT, typename A>
 __device__ __forceinline__ void gemm_rn(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4], const T* sB, int lane) {
     if constexpr (is_16bit<T>()) gemm_rn_16<T, K, N>(acc, p, PaddedTile<T, LD>{sB}, lane);
-    else gemm_rn_wide<T, K, N, LD>(acc, p, sB, lane);
+    else gemm_rn_wide<T, K, N, LD, MT, false, SPREAD_ROWS && sizeof(T) == 8>(acc, p, sB, lane);
 }
-template <typename T, int K, int N, int LD, typename A, typename AccType<A>::ok = 0>
+template <typename T, int K, int N, int LD, bool SPREAD_ROWS = false, typename A, typename AccType<A>::ok = 0>
 __device__ __forceinline__ void gemm_rn(A (&acc)[N / 8][4], const A (&p)[K / 8][4], const T* sB, int lane) {
-    gemm_rn<T, K, N, LD>(reinterpret_cast<A (&)[1][N / 8][4]>(acc), reinterpret_cast<const A (&)[1][K / 8][4]>(p),
-                         sB, lane);
+    gemm_rn<T, K, N, LD, SPREAD_ROWS>(reinterpret_cast<A (&)[1][N / 8][4]>(acc),
+                                      reinterpret_cast<const A (&)[1][K / 8][4]>(p), sB, lane);
 }
 
 // ---- Guarded products, for tiles where some rows must not see some keys (masked probabilities are
