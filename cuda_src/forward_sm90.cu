@@ -232,14 +232,15 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     Op* sOffsets = sV + STAGES * PARTS * KV_ELEMS;  // [BLOCK_N / 64][16][64]: ALIBI_PRODUCT only
     unsigned long long* q_full =
         reinterpret_cast<unsigned long long*>(sOffsets + (ALIBI_PRODUCT ? 16 * BLOCK_N : 0));  // [Q_STAGES]
-    unsigned long long* q_free = q_full + Q_STAGES;  // [Q_STAGES]: every consumer thread arrives
-    unsigned long long* k_full = q_free + Q_STAGES;  // [STAGES]
+    // [Q_STAGES], with two or more q buffers: every consumer thread arrives. One buffer goes back with the
+    // work tile's last k buffer (k_free).
+    unsigned long long* q_free = q_full + Q_STAGES;
+    unsigned long long* k_full = q_free + (Q_STAGES > 1 ? Q_STAGES : 0);  // [STAGES]
     unsigned long long* v_full = k_full + STAGES;  // [STAGES]
     unsigned long long* k_free = v_full + STAGES;  // [STAGES]: every consumer thread arrives
     unsigned long long* v_free = k_free + STAGES;  // [STAGES]: every consumer thread arrives (and the V warp's)
     unsigned long long* v_clean = v_free + STAGES; // [STAGES]: the V warp is done with the tile
-    unsigned long long* q_spare = v_clean + STAGES;  // [Q_STAGES == 1]: every consumer thread arrives, nobody waits
-    unsigned long long* sched_full = q_spare + (Q_STAGES == 1);  // [SCHEDULE_SLOTS]
+    unsigned long long* sched_full = v_clean + STAGES;  // [SCHEDULE_SLOTS]
     unsigned long long* sched_free = sched_full + SCHEDULE_SLOTS;  // [SCHEDULE_SLOTS]
     int* kinds = reinterpret_cast<int*>(sched_free + SCHEDULE_SLOTS);  // [STAGES]: bool mask: kind, ROW_END
     int* v_kinds = kinds + STAGES;  // [STAGES]: the same, for the V warp (written once it has freed the slot)
@@ -256,9 +257,8 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
     if (threadIdx.x == 0) {
         for (int s = 0; s < Q_STAGES; ++s) {
             mbar_init(q_full + s, 1);
-            mbar_init(q_free + s, CONSUMERS);
+            if (Q_STAGES > 1) mbar_init(q_free + s, CONSUMERS);
         }
-        if (Q_STAGES == 1) mbar_init(q_spare, CONSUMERS);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
@@ -298,7 +298,12 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         --t_last;
                 const int hk = w.h / f.group;
                 const int q_slot = q_step % Q_STAGES;
-                if (q_step >= Q_STAGES) mbar_wait(q_free + q_slot, (q_step / Q_STAGES - 1) & 1);
+                if constexpr (Q_STAGES > 1) {
+                    if (q_step >= Q_STAGES) mbar_wait(q_free + q_slot, (q_step / Q_STAGES - 1) & 1);
+                } else if (q_step > 0) {  // the consumers free the last key tile's k once its s = q k^T is done
+                    const int last = kv_step - 1;
+                    mbar_wait(k_free + last % STAGES, (last / STAGES) & 1);
+                }
                 mbar_expect_tx(q_full + q_slot, PARTS * Q_ELEMS * sizeof(Op));
                 for (int part = 0; part < PARTS; ++part)
                     for (int c = 0; c < CHUNKS; ++c)
@@ -481,13 +486,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             const Op* q_rows = sQ + q_slot * PARTS * Q_ELEMS + 64 * wg * 64;  // this warpgroup's rows of each chunk
             // A key tile of split operands (PARTS > 1), start to end: s = q k^T of the parts, the softmax, and
             // o += p v of the parts (p split in registers) in a fresh accumulator, added on the CUDA cores.
-            // With one q buffer, a work tile's goes back to the producer once its last s = q k^T is done,
-            // before that tile's softmax, so that the next work tile's q arrives under it. Other tiles arrive
-            // at the spare barrier: no branch while products are in flight. With two, after the work tile.
-            auto q_release = [&](bool last) {
-                if constexpr (Q_STAGES == 1) mbar_arrive(last ? q_free + q_slot : q_spare);
-            };
-            auto split_tile = [&](TileKind kind, const Var& var, int stage, int n0, bool last) {
+            auto split_tile = [&](TileKind kind, const Var& var, int stage, int n0) {
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
                 TileWords<1, NT> words;
@@ -503,7 +502,6 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     wgmma_wait<0>();
                     fence_regs(s_regs);
                     mbar_arrive(k_free + stage);
-                    q_release(last);
                     float alpha[1][2];
                     softmax_scores<decltype(check)::value, false>(v, s, stats, alpha, row0, n0, tq, scale_log2, words);
                     rescale_rows(o, alpha);
@@ -543,18 +541,16 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     row_end = word & ROW_END;
                 }
                 if (ALIBI_PRODUCT && kind == INTERIOR && !alibi.fits) kind = EDGE;
-                const bool last = t == t_last - 1 || row_end;
                 if (kind == SKIP) {
                     if (pending) flush(kv_step - 1);
                     if (done.open) finish();
                     mbar_arrive(k_free + stage);
-                    q_release(last);
                     v_ready(kv_step);
                     mbar_arrive(v_free + stage);
                     continue;
                 }
                 if constexpr (PARTS > 1) {
-                    split_tile(kind, var, stage, n0, last);
+                    split_tile(kind, var, stage, n0);
                     continue;
                 }
                 if (pending) {
@@ -587,8 +583,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         }
                         wgmma_wait<decltype(overlap)::value ? 1 : 0>();
                         fence_regs(s_regs);
-                        mbar_arrive(k_free + stage);
-                        q_release(last);
+                        mbar_arrive(k_free + stage);  // with one q buffer, the last tile's also frees q
                         float alpha[1][2];
                         softmax_scores<decltype(check)::value, true, false, false, KEY_TERM, BOUNDED>(v, s, stats, alpha, row0, n0, tq,
                                                                                       scale_log2, words);

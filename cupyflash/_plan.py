@@ -249,8 +249,9 @@ def forward_sm90(dtype, headdim, var, keys=0, softcap=0.0):
     offsets = (2 * 16 * block_n if parts == 1 and features & FEATURES["ALIBI"] and not features & FEATURES["SOFTCAP"]
                and block_n % 64 == 0 else 0)
     smem = lambda q_stages, stages: (2 * parts * (q_stages * block_m + 2 * stages * block_n) * d + offsets
-                                     # barriers (a spare one with one q buffer)
-                                     + 8 * (2 * q_stages + (q_stages == 1) + 5 * stages + 2 * SM90_SCHEDULE_SLOTS)
+                                     # barriers (q_free only with two q buffers or more)
+                                     + 8 * (q_stages + (q_stages if q_stages > 1 else 0) + 5 * stages
+                                            + 2 * SM90_SCHEDULE_SLOTS)
                                      + 4 * (3 * stages + SM90_SCHEDULE_SLOTS)  # kinds (two copies), V flags, schedule
                                      + 1024)  # swizzle-atom alignment
     bounded = sm90_bounded_scores(dtype, d, var, softcap)
