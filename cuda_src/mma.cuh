@@ -324,8 +324,7 @@ template <typename T, int K, int N, int LD, int MT, bool FINITE_PART = false, bo
 __device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4], const T* sB,
                                              int lane) {
     typedef WideMma<T> M;
-    static_assert(!SPREAD_ROWS || sizeof(T) == 8, "rows spread for 8-byte elements");
-    const int g = lane / 4, tq = lane % 4, swap = SPREAD_ROWS ? tq >> 1 : 0;
+    const int g = lane / 4, tq = lane % 4, swap = SPREAD_ROWS && sizeof(T) == 8 ? tq >> 1 : 0;
     typename M::reg a[K / 8][MT][M::PARTS][4];
 #pragma unroll
     for (int kk = 0; kk < K / 8; ++kk)
@@ -333,7 +332,7 @@ __device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                    const A even = p[mt][kk][(e % 2) * 2], odd = p[mt][kk][(e % 2) * 2 + 1];
+                const A even = p[mt][kk][(e % 2) * 2], odd = p[mt][kk][(e % 2) * 2 + 1];
                 M::split(e / 2 != swap ? odd : even, a[kk][mt], e);
             }
 #pragma unroll
@@ -372,11 +371,11 @@ __device__ __forceinline__ void gemm_nt(A (&acc)[N / 8][4], const T* sA, const T
 
 // acc[MT][N/8] += P (16 MT x K) * B (K x N): P is an accumulator tile in registers (rounded to the
 // products' input precision here), B row-major in shared memory with row stride LD. SPREAD_ROWS: see
-// gemm_rn_wide (float64 only).
+// gemm_rn_wide.
 template <typename T, int K, int N, int LD, bool SPREAD_ROWS = false, int MT, typename A>
 __device__ __forceinline__ void gemm_rn(A (&acc)[MT][N / 8][4], const A (&p)[MT][K / 8][4], const T* sB, int lane) {
     if constexpr (is_16bit<T>()) gemm_rn_16<T, K, N>(acc, p, PaddedTile<T, LD>{sB}, lane);
-    else gemm_rn_wide<T, K, N, LD, MT, false, SPREAD_ROWS && sizeof(T) == 8>(acc, p, sB, lane);
+    else gemm_rn_wide<T, K, N, LD, MT, false, SPREAD_ROWS>(acc, p, sB, lane);
 }
 template <typename T, int K, int N, int LD, bool SPREAD_ROWS = false, typename A, typename AccType<A>::ok = 0>
 __device__ __forceinline__ void gemm_rn(A (&acc)[N / 8][4], const A (&p)[K / 8][4], const T* sB, int lane) {
