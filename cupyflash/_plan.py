@@ -614,6 +614,11 @@ def dropout_mask():
     return Launch("dropout_mask.cu", "dropout_mask_kernel", 1, 256, 0)
 
 
+def clock_probe():
+    """The benchmark's reading of the SM clock (clock_probe.cu): one thread."""
+    return Launch("clock_probe.cu", "sm_clock_probe", 1, 1, 0)
+
+
 def _launches(dtype, d, var, aligned, limit, tensor_cores=True, tf32=False):
     return (forward(dtype, d, var, aligned, limit, tensor_cores, tf32),
             *backward(dtype, d, var, aligned, limit, tensor_cores, tf32))
@@ -687,4 +692,4 @@ def covering_launches():
     decodes += [kvcache_append(itemsize) for itemsize in _UNSIGNED]
     decodes = list({launch.name: launch for launch in decodes}.values())
     flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]
-    return [*seen.values(), *sm90_launches, *decodes, *flags, mask_cells(), dropout_mask()]
+    return [*seen.values(), *sm90_launches, *decodes, *flags, mask_cells(), dropout_mask(), clock_probe()]

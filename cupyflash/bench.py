@@ -192,6 +192,7 @@ class Result:
     peak_bytes: int | None = None
     error: str = ""
     gbps: float | None = None  # decode: keys and values read per second
+    sm_mhz: float | None = None  # GPU: the SM clock that the timed batches left, their median
 
 
 class Unsupported(Exception):
@@ -554,14 +555,14 @@ class GpuBackend:
         self.pool = cupy.get_default_memory_pool()
         self.torch = torch_module
 
-    def measure(self, fn: Callable, repeats: int, warmup: int) -> tuple[float, int]:
+    def measure(self, fn: Callable, repeats: int, warmup: int) -> tuple[float, int, float]:
         return self.measure_pair([fn], repeats, warmup)[0]
 
-    def measure_pair(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, int]]:
-        """(ms per call, peak bytes) of each function, their timed batches interleaved (a batch of
-        each in turn, `repeats` rounds), so that the clock's drift over the run weighs on all alike."""
+    def measure_pair(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, int, float]]:
+        """(ms per call, peak bytes, SM MHz) of each function, their timed batches interleaved (a batch
+        of each in turn, `repeats` rounds), so that the clock's drift over the run weighs on all alike."""
         peaks = [self.peak_bytes(fn) for fn in fns]
-        return list(zip(self.times_per_call(fns, repeats, warmup), peaks))
+        return [(ms, peak, mhz) for (ms, mhz), peak in zip(self.times_per_call(fns, repeats, warmup), peaks)]
 
     def peak_bytes(self, fn: Callable) -> int:
         # After free_all_blocks() the CuPy pool holds exactly the live arrays (the
@@ -583,17 +584,26 @@ class GpuBackend:
 
     #: Each timed batch of back-to-back calls lasts at least this long on the GPU.
     BATCH_SECONDS = 10e-3
+    #: SM clocks of the clock probe behind each batch: about 0.1 ms, long beside its launch.
+    PROBE_CYCLES = 200_000
 
-    def times_per_call(self, fns: list[Callable], repeats: int, warmup: int) -> list[float]:
-        """Milliseconds per call of each function, the median over `repeats` batches of
+    def times_per_call(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, float]]:
+        """(milliseconds per call, SM MHz) of each function, the medians over `repeats` batches of
         back-to-back calls after `warmup` calls: within a batch the host prepares a call while
         the GPU runs the one before, as in a training or serving loop and in the FA2 protocol's
         timer (torch.utils.benchmark), so a call costs max(host, GPU) time. Torch runs on the
         legacy default stream, which is also CuPy's current stream, so the events bracket its
         kernels too. Each batch starts behind one untimed call, so that it times the steady state
-        and not the host's preparation of its first call."""
+        and not the host's preparation of its first call. The clock probe (clock_probe.cu), queued
+        right behind each batch, reads the clock that the batch left: under a power cap it varies
+        by kernel, so that two times compare only with their clocks beside them."""
+        from . import _cuda_backend, _plan
+
         stream = self.xp.cuda.get_current_stream()
         start, end = self.xp.cuda.Event(), self.xp.cuda.Event()
+        launch = _plan.clock_probe()
+        probe = _cuda_backend.compiled_kernel(launch.source, launch.name, launch.options)
+        clocks = self.xp.zeros(2, self.xp.uint64)  # [cycles, ns]
 
         def batch(fn, calls):
             fn()  # queued first: the GPU is busy when the batch starts, so no host time is timed
@@ -601,15 +611,18 @@ class GpuBackend:
             for _ in range(calls):
                 fn()
             end.record(stream)
+            probe((1,), (launch.threads,), (np.uint64(self.PROBE_CYCLES), clocks))
             end.synchronize()
-            return self.xp.cuda.get_elapsed_time(start, end) * 1e-3 / calls
+            cycles, ns = (int(x) for x in clocks.get(stream=stream))
+            return self.xp.cuda.get_elapsed_time(start, end) * 1e-3 / calls, cycles / ns * 1e3
 
         for fn in fns:
             for _ in range(warmup):
                 fn()
-        calls = [max(1, min(50, math.ceil(self.BATCH_SECONDS / batch(fn, 1)))) for fn in fns]
-        times = [[batch(fn, n) for fn, n in zip(fns, calls)] for _ in range(repeats)]
-        return [float(np.median(column)) * 1e3 for column in zip(*times)]
+        calls = [max(1, min(50, math.ceil(self.BATCH_SECONDS / batch(fn, 1)[0]))) for fn in fns]
+        batches = [[batch(fn, n) for fn, n in zip(fns, calls)] for _ in range(repeats)]
+        return [(float(np.median([s for s, _ in column])) * 1e3, float(np.median([mhz for _, mhz in column])))
+                for column in zip(*batches)]
 
     def cleanup(self):
         self.pool.free_all_blocks()
@@ -628,17 +641,17 @@ class CpuBackend:
     name = "numpy"
     xp = np
 
-    def measure(self, fn: Callable, repeats: int, warmup: int) -> tuple[float, int]:
+    def measure(self, fn: Callable, repeats: int, warmup: int) -> tuple[float, int, None]:
         return self.measure_pair([fn], repeats, warmup)[0]
 
-    def measure_pair(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, int]]:
-        """(ms per call, peak bytes) of each function, their timed calls interleaved."""
+    def measure_pair(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, int, None]]:
+        """(ms per call, peak bytes, None: no clock read) of each function, their timed calls interleaved."""
         for fn in fns:
             for _ in range(warmup):
                 fn()
         peaks = [self.peak_bytes(fn) for fn in fns]
         times = [[self._seconds(fn) for fn in fns] for _ in range(repeats)]
-        return [(float(np.median(column)) * 1e3, peak) for column, peak in zip(zip(*times), peaks)]
+        return [(float(np.median(column)) * 1e3, peak, None) for column, peak in zip(zip(*times), peaks)]
 
     @staticmethod
     def peak_bytes(fn: Callable) -> int:
@@ -727,8 +740,8 @@ def run_cases(runs: list[tuple[str, Case]], inputs: dict, backend, repeats: int,
             warnings.simplefilter("ignore")  # torch explains every backend it rejects
             measured = backend.measure_pair([builder(impl)(case, inputs) for impl, case in runs], repeats, warmup)
         results = [Result("ok", ms, case.flops / (ms * 1e-3) / 1e12, peak,
-                          gbps=case.kv_bytes / (ms * 1e-3) / 1e9 if case.mode == "decode" else None)
-                   for (_, case), (ms, peak) in zip(runs, measured)]
+                          gbps=case.kv_bytes / (ms * 1e-3) / 1e9 if case.mode == "decode" else None, sm_mhz=mhz)
+                   for (_, case), (ms, peak, mhz) in zip(runs, measured)]
     except Unsupported as exc:
         results = [Result("n/a", error=str(exc))] * len(runs)
     except Exception as exc:
@@ -921,14 +934,15 @@ def format_table(cases, rows, impls, copy_gbps=None) -> str:
 def format_variant_table(cases, rows, targets) -> str:
     """Variant time / plain time per case, and the target where one is set."""
     columns = [("", "variant"), ("", "mode"), ("", "causal"), ("", "hdim"), ("", "seqlen"),
-               ("ms", "plain"), ("ms", "variant"), ("", "variant/plain")]
+               ("ms", "plain"), ("ms", "variant"), ("", "variant/plain"), ("SM MHz", "plain"), ("SM MHz", "variant")]
     if targets:
         columns += [("", "target"), ("", "met")]
     body = []
     for case, row in zip(cases, rows):
         x = variant_ratio(row)
         cells = [case.variant.label, case.mode, "yes" if case.causal else "no", str(case.headdim), str(case.seqlen),
-                 _cells(row[PLAIN])[0], _cells(row["cupyflash"])[0], "-" if x is None else f"{x:.3f}"]
+                 _cells(row[PLAIN])[0], _cells(row["cupyflash"])[0], "-" if x is None else f"{x:.3f}",
+                 *("-" if r.sm_mhz is None else f"{r.sm_mhz:.0f}" for r in (row[PLAIN], row["cupyflash"]))]
         if targets:
             target = targets.get(case.variant)
             cells += ["-", "-"] if target is None else [f"<= {target:g}", "-" if x is None else

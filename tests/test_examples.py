@@ -2,6 +2,7 @@
 
 They run in a temporary directory, so that ``-m`` and the scripts import the installed
 cupyflash rather than the checkout."""
+import dataclasses
 import os
 import re
 import subprocess
@@ -104,3 +105,15 @@ def test_gpu_examples_skip_cleanly_or_run(tmp_path):
     # Without a GPU these print a one-line skip and exit 0; with one they run their checks.
     run(os.path.join(EXAMPLES, "interop.py"), cwd=tmp_path, timeout=300)
     run(os.path.join(EXAMPLES, "long_context.py"), "--seqlen", "16384", cwd=tmp_path, timeout=300)
+
+
+def test_bench_variant_table_shows_each_sides_clock():
+    from cupyflash import bench
+
+    case = bench.Case("fwd", False, 64, 256, 1, 2, 2, "float16", bench.Variant("softcap", 30.0))
+    row = {bench.PLAIN: bench.Result("ok", 1.0, 1.0, 0, sm_mhz=1635.4),
+           "cupyflash": bench.Result("ok", 1.1, 1.0, 0, sm_mhz=1755.0)}
+    table = bench.format_variant_table([case], [row], {})
+    assert "SM MHz" in table and "1635" in table and "1755" in table and "1.100" in table, table
+    row = {impl: dataclasses.replace(r, sm_mhz=None) for impl, r in row.items()}  # the NumPy backend reads none
+    assert "1635" not in bench.format_variant_table([case], [row], {})

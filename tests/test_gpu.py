@@ -597,3 +597,12 @@ def test_a_training_loop_plans_once_and_sees_each_calls_arrays(deterministic):
                 np.testing.assert_allclose(x, y, rtol=0, atol=1e-3 * np.abs(y).max())
             else:
                 assert np.array_equal(x, y), name
+
+
+def test_bench_reads_the_clock_each_batch_left():
+    from cupyflash import bench
+
+    x = cp.ones(1 << 20, cp.float32)
+    (ms, mhz), = bench.GpuBackend().times_per_call([lambda: x.sum()], repeats=3, warmup=1)
+    max_mhz = cp.cuda.Device().attributes["ClockRate"] / 1e3  # kHz
+    assert ms > 0 and 0.2 * max_mhz < mhz < 1.05 * max_mhz, (ms, mhz, max_mhz)
