@@ -555,9 +555,6 @@ class GpuBackend:
         self.pool = cupy.get_default_memory_pool()
         self.torch = torch_module
 
-    def measure(self, fn: Callable, repeats: int, warmup: int) -> tuple[float, int, float]:
-        return self.measure_pair([fn], repeats, warmup)[0]
-
     def measure_pair(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, int, float]]:
         """(ms per call, peak bytes, SM MHz) of each function, their timed batches interleaved (a batch
         of each in turn, `repeats` rounds), so that the clock's drift over the run weighs on all alike."""
@@ -640,9 +637,6 @@ class GpuBackend:
 class CpuBackend:
     name = "numpy"
     xp = np
-
-    def measure(self, fn: Callable, repeats: int, warmup: int) -> tuple[float, int, None]:
-        return self.measure_pair([fn], repeats, warmup)[0]
 
     def measure_pair(self, fns: list[Callable], repeats: int, warmup: int) -> list[tuple[float, int, None]]:
         """(ms per call, peak bytes, None: no clock read) of each function, their timed calls interleaved."""

@@ -605,4 +605,5 @@ def test_bench_reads_the_clock_each_batch_left():
     x = cp.ones(1 << 20, cp.float32)
     (ms, mhz), = bench.GpuBackend().times_per_call([lambda: x.sum()], repeats=3, warmup=1)
     max_mhz = cp.cuda.Device().attributes["ClockRate"] / 1e3  # kHz
-    assert ms > 0 and 0.2 * max_mhz < mhz < 1.05 * max_mhz, (ms, mhz, max_mhz)
+    # up to 5% over the nominal maximum has been read behind torch's kernels (docs/performance.md, Clock)
+    assert ms > 0 and 0.2 * max_mhz < mhz < 1.1 * max_mhz, (ms, mhz, max_mhz)
