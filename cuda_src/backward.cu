@@ -19,8 +19,8 @@
 #include "softmax.cuh"
 
 // One warp per (batch entry, head, query row), delta in lse's layout: a packed batch is one entry of all
-// its rows.
-template <typename T>
+// its rows. ZERO_DQ also zeroes the row of dq, for a dK/dV pass that adds dq with atomics (backward_mma.cu).
+template <typename T, bool ZERO_DQ>
 __global__ void __launch_bounds__(128) flash_bwd_delta(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
     const FwdParams& f = p.fwd;
@@ -35,6 +35,10 @@ __global__ void __launch_bounds__(128) flash_bwd_delta(const __grid_constant__ B
     for (int d = threadIdx.x % 32; d < f.headdim; d += 32) acc += to_acc(dor[d]) * to_acc(orow[d]);
     acc = reduce_sum<32>(acc);
     if (threadIdx.x % 32 == 0) static_cast<A*>(p.delta)[b * f.lse_sb + h * f.lse_sh + i] = acc;
+    if constexpr (ZERO_DQ) {
+        T* dqr = static_cast<T*>(p.dq) + b * p.dq_st.b + (i64)i * p.dq_st.s + h * p.dq_st.h;
+        for (int d = threadIdx.x % 32; d < f.headdim; d += 32) dqr[d] = T(0);
+    }
 }
 
 template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int THREADS, typename Var>

@@ -25,14 +25,51 @@
 #include "params.cuh"
 #include "mma.cuh"
 
-template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, int ROLES, typename Var, bool ALIGNED>
+// dq += (scale dx) k for one query tile of the dK/dV pass (DX_BUFFERS > 0): dx of the block's BLOCK_N keys from shared
+// memory ([BLOCK_M][LDX]), k from its tile; each warp takes DQ_COLS columns and adds its sums to dq (rows_left
+// rows from `dq`, row stride dq_ss) with float64 atomics. `guarded`: k holds NaN or inf that some rows must
+// not see.
+template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int WARPS, int LD, int LDX, typename A>
+__device__ __forceinline__ void add_dq_tile(const A* sDx, const T* sK, T* dq, i64 dq_ss, int rows_left, int headdim,
+                                            bool guarded) {
+    constexpr int DQ_COLS = (D_TILE / WARPS + 7) / 8 * 8, SLABS = BLOCK_M / 16;  // whole 8-column tiles
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4, c0 = warp * DQ_COLS;
+    if (c0 >= D_TILE) return;
+    A part[SLABS][DQ_COLS / 8][4];
+    zero(part);
+#pragma unroll
+    for (int k0 = 0; k0 < BLOCK_N; k0 += 16) {
+        A dx[SLABS][2][4];  // the C layout of 16 keys
+#pragma unroll
+        for (int ms = 0; ms < SLABS; ++ms)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dx[ms][j][e] = sDx[(16 * ms + g + 8 * (e / 2)) * LDX + k0 + 8 * j + 2 * tq + e % 2];
+        if (guarded) gemm_rn_guarded<T, 16, DQ_COLS>(part, dx, PaddedTile<T, LD>{sK + k0 * LD + c0}, lane);
+        else gemm_rn<T, 16, DQ_COLS, LD, true>(part, dx, sK + k0 * LD + c0, lane);
+    }
+#pragma unroll
+    for (int ms = 0; ms < SLABS; ++ms)
+#pragma unroll
+        for (int j = 0; j < DQ_COLS / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = 16 * ms + g + 8 * (e / 2), col = c0 + 8 * j + 2 * tq + e % 2;
+                if (row < rows_left && col < headdim) atomicAdd(dq + row * dq_ss + col, part[ms][j][e]);
+            }
+}
+
+template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, int ROLES, typename Var, bool ALIGNED, int DX_BUFFERS>
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
     constexpr bool APPROX = is_16bit<T>();
     constexpr int BLOCK_N = 16 * WARPS / ROLES, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>();
-    constexpr int SLICES = D_TILE / D_OUT, MT = BLOCK_M / 8, DT = D_OUT / 8;
+    constexpr int SLICES = D_TILE / D_OUT, MT = BLOCK_M / 8, DT = D_OUT / 8, LDX = BLOCK_N + row_pad<T>();
     static_assert(D_TILE % 16 == 0 && D_OUT % 16 == 0 && D_TILE % D_OUT == 0 && BLOCK_M % 16 == 0, "tile shape");
     static_assert((ROLES == 1 || (ROLES == 2 && SLICES == 1)) && WARPS % ROLES == 0, "roles");
+    constexpr bool DQ = DX_BUFFERS > 0;
+    static_assert(!DQ || (sizeof(T) == 8 && SLICES == 1), "dq added with float64 atomics, once per key tile");
     const FwdParams& f = p.fwd;
     if (gated_off(f)) return;
 
@@ -45,6 +82,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     A* sDelta = sLse + 2 * BLOCK_M;                          // [2][BLOCK_M]
     A* sScale = sDelta + 2 * BLOCK_M;                        // [2][BLOCK_M], wide inputs only
     A* sHandover = sScale + (APPROX ? 0 : 2 * BLOCK_M);      // [WARPS / 2][MT * 4][32]: s^T, ROLES 2 only
+    A* sDx = sHandover + (ROLES - 1) * (WARPS / 2) * MT * 4 * 32;  // [DX_BUFFERS][BLOCK_M][LDX]: scale dx
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
     const int slab = warp / ROLES, role = warp % ROLES;  // role 1 (ROLES 2): dp^T and dk
@@ -89,6 +127,21 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     A acc[3 - ROLES][DT][4];
     zero(acc);
     const int key0 = n0 + slab * 16 + g;
+    // DQ: every warp adds its share of a tile's dq once a barrier has passed since the tile's dx was stored:
+    // with two buffers, the next tile's first barrier (the tile's own barriers are all it needs); with one
+    // (where two would leave room for fewer blocks), a barrier of its own right away.
+    int dx_buf = 0, pending_h = -1, pending_m0 = 0;
+    bool pending_guarded = false;
+    auto add_pending_dq = [&]() {
+        if constexpr (DQ) {
+            if (pending_h < 0) return;
+            add_dq_tile<T, D_TILE, BLOCK_M, BLOCK_N, WARPS, LD, LDX>(
+                sDx + (DX_BUFFERS == 2 ? dx_buf ^ 1 : 0) * BLOCK_M * LDX, sK,
+                seq.query_rows(static_cast<T*>(p.dq), p.dq_st, pending_h, pending_m0), p.dq_st.s,
+                seq.seqlen_q - pending_m0, f.headdim, pending_guarded);
+            pending_h = -1;
+        }
+    };
 
     for (int t = 0; t < n_tiles; ++t) {
         const int buf = t & 1, h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
@@ -100,6 +153,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
             cp_async_wait<0>();
         }
         __syncthreads();
+        add_pending_dq();
         const T* cQ = sQ + buf * BLOCK_M * LD;
         const T* cdO = sdO + buf * BLOCK_M * LD;
         const A* cLse = sLse + buf * BLOCK_M;
@@ -134,6 +188,24 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
             key_rows_backward<decltype(check)::value, APPROX>(v, st, dpt, m0, key0, slab, lane, scale_log2, cLse, cDelta,
                                                               cScale);
         });
+        if constexpr (DQ) {
+            if (ROLES == 1 || role == 1)
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        sDx[(dx_buf * BLOCK_M + 8 * mt + 2 * (lane % 4) + e % 2) * LDX + slab * 16 + g + 8 * (e / 2)] =
+                            dpt[mt][e] * A(f.scale);
+            pending_h = h;
+            pending_m0 = m0;
+            pending_guarded = Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N);
+            if constexpr (DX_BUFFERS == 2) {
+                dx_buf ^= 1;
+            } else {
+                __syncthreads();
+                add_pending_dq();
+            }
+        }
         const bool guarded = Var::hides_keys && needs_mask && (seq.queries_nonfinite(p.do_nonfinite, f, h, m0, BLOCK_M) ||
                                                                seq.queries_nonfinite(p.q_nonfinite, f, h, m0, BLOCK_M));
         auto accumulate = [&](A (&into)[DT][4], const A (&a)[MT][4], const T* sB) {
@@ -151,6 +223,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         }
         __syncthreads();  // this buffer is refilled two tiles from now
     }
+    add_pending_dq();
 
     const A dk_scale[2] = {A(f.scale), A(f.scale)}, dv_scale[2] = {A(1), A(1)};
     auto store = [&](T* out, const Strides& strides, const A (&from)[DT][4], const A (&scale)[2]) {
@@ -161,10 +234,11 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     if (ROLES == 1 || role == 1) store(static_cast<T*>(p.dk), p.dk_st, acc[ROLES == 1 ? 1 : 0], dk_scale);
 }
 
-template <typename T, int D_TILE, int BLOCK_N, int WARPS, int ROLES, typename Var, bool ALIGNED>
+template <typename T, int D_TILE, int BLOCK_N, int WARPS, int ROLES, typename Var, bool ALIGNED, bool SUMS>
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
     constexpr bool APPROX = is_16bit<T>();
+    static_assert(!SUMS || !APPROX, "only wide inputs renormalize");
     constexpr int BLOCK_M = 16 * WARPS / ROLES, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>();
     constexpr int NT = BLOCK_N / 8, D_OUT = D_TILE / ROLES, DT = D_OUT / 8;
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0 && D_OUT % 8 == 0 && WARPS % ROLES == 0, "tile shape");
@@ -191,7 +265,20 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     const T* v = seq.key_rows(static_cast<const T*>(f.v), f.v_st, hk, t_first * BLOCK_N);
     const A scale_log2 = A(f.scale) * A(LOG2E);
 
-    if (n_tiles > 0) {
+    const int row0 = m0 + slab * 16 + g;
+    A lse2[2], delta_row[2];  // rows g and g + 8 of this warp
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        const i64 stat = seq.stat_row0(f, h) + row;
+        lse2[r] = row < seq.seqlen_q ? lse_log2(static_cast<const A*>(f.lse)[stat]) : A(0);
+        delta_row[r] = row < seq.seqlen_q ? static_cast<const A*>(p.delta)[stat] : A(0);
+    }
+    // SUMS: the factors alone, for a dK/dV pass that adds dq itself; a block none of whose rows renormalizes
+    // leaves 1s.
+    const bool sums_needed = !SUMS || __syncthreads_or(renormalizes_row(lse2[0]) || renormalizes_row(lse2[1]));
+    const bool computes = !SUMS || (role == 0 && sums_needed);  // role 1 computes dp, which SUMS does not need
+    if (n_tiles > 0 && sums_needed) {
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
             sQ, seq.query_rows(static_cast<const T*>(f.q), f.q_st, h, m0), f.q_st.s, seq.seqlen_q - m0, f.headdim);
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
@@ -202,26 +289,22 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         cp_async_commit();
     }
 
-    const int row0 = m0 + slab * 16 + g;
-    A lse2[2], delta_row[2];  // rows g and g + 8 of this warp
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + 8 * r;
-        const i64 stat = seq.stat_row0(f, h) + row;
-        lse2[r] = row < seq.seqlen_q ? lse_log2(static_cast<const A*>(f.lse)[stat]) : A(0);
-        delta_row[r] = row < seq.seqlen_q ? static_cast<const A*>(p.delta)[stat] : A(0);
-    }
-    A* dbias = Var::bias && f.var.dbias && role == 0 ? static_cast<A*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh
-                                                     : nullptr;
+    A* dbias = !SUMS && Var::bias && f.var.dbias && role == 0
+                   ? static_cast<A*>(f.var.dbias) + b * f.var.dbias_sb + h * f.var.dbias_sh
+                   : nullptr;
     A dq_acc[DT][4], row_sum[2] = {A(0), A(0)};
     zero(dq_acc);
 
-    for (int t = 0; t < n_tiles; ++t) {
+    for (int t = 0; t < (sums_needed ? n_tiles : 0); ++t) {
         const int n0 = (t_first + t) * BLOCK_N;
         next_kv_tile<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, sV, k, v, f.k_st.s, f.v_st.s, t, n_tiles, kv_rows,
                                                             f.headdim);
         const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;  // nothing of it is seen; its buffer is not read
+        if (!computes) {
+            __syncthreads();  // this buffer is refilled two tiles from now
+            continue;
+        }
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
@@ -229,9 +312,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         zero(s);
         zero(dp);
         if (role == 0) gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + slab * 16 * LD, cK, lane);
-        if (ROLES == 1 || role == 1) gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + slab * 16 * LD, cV, lane);
-        if constexpr (ROLES == 2) {  // each warp of the pair hands its product to the other (the tile's last
-                                     // barrier orders the reuse)
+        if (!SUMS && (ROLES == 1 || role == 1)) gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + slab * 16 * LD, cV, lane);
+        if constexpr (ROLES == 2 && !SUMS) {  // each warp of the pair hands its product to the other (the tile's
+                                              // last barrier orders the reuse)
             A* handover = sHandover + slab * 2 * NT * 4 * 32 + lane;
 #pragma unroll
             for (int i = 0; i < NT * 4; ++i) handover[(role * NT * 4 + i) * 32] = role == 0 ? s[i / 4][i % 4] : dp[i / 4][i % 4];
@@ -250,10 +333,11 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
             query_rows_backward<decltype(check)::value, APPROX>(v, s, dp, row0, n0, tq, scale_log2, lse2, delta_row,
                                                                 dbias, f.var.dbias_sq, f.var.dbias_sk, row_sum);
         });
-        if (Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N)) {
-            gemm_rn_guarded<T, BLOCK_N, D_OUT>(dq_acc, dp, PaddedTile<T, LD>{cK + col0}, lane);
-        } else {
-            gemm_rn<T, BLOCK_N, D_OUT, LD, true>(dq_acc, dp, cK + col0, lane);
+        if constexpr (!SUMS) {
+            if (Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N))
+                gemm_rn_guarded<T, BLOCK_N, D_OUT>(dq_acc, dp, PaddedTile<T, LD>{cK + col0}, lane);
+            else
+                gemm_rn<T, BLOCK_N, D_OUT, LD, true>(dq_acc, dp, cK + col0, lane);
         }
         __syncthreads();  // this buffer is refilled two tiles from now
     }
@@ -268,6 +352,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
             if (tq == 0 && role == 0 && row < seq.seqlen_q) static_cast<A*>(p.row_scale)[seq.stat_row0(f, h) + row] = factor;
         }
     }
+    if (SUMS) return;
     store_slab(seq.query_rows(static_cast<T*>(p.dq), p.dq_st, h, m0) + col0, p.dq_st.s, dq_acc, dq_scale, slab * 16,
                seq.seqlen_q - m0, f.headdim - col0, lane);
 }

@@ -404,13 +404,19 @@ __device__ __noinline__ void mark_hidden(const Var& var, float (&p)[NT][4], int 
 // one-hot row; at large logits that dominates the gradients' error. The rounding is one factor per row,
 // so the dQ pass sums each row's recomputed probabilities and divides by the sum, and the dK/dV pass
 // multiplies by the same factor. Only a sum within that rounding of 1 is divided out: an lse of more
-// keys than these (a blockwise or ring backward) leaves the probabilities as recomputed.
+// keys than these (a blockwise or ring backward) leaves the probabilities as recomputed. float64 rows with
+// |lse2| <= RENORMALIZED_LSE2 are left alone too: their rounding, at most 32 unit roundoffs, lies 30 times
+// below the fidelity floor (1e-13 of the largest gradient), and the backward then needs no sums for them.
 template <typename A> __device__ __forceinline__ A unit_roundoff();
 template <> __device__ __forceinline__ float unit_roundoff<float>() { return 5.9604645e-8f; }
 template <> __device__ __forceinline__ double unit_roundoff<double>() { return 1.1102230246251565e-16; }
+template <typename A> __device__ __forceinline__ bool renormalizes_row(A lse2) {
+    constexpr int RENORMALIZED_LSE2 = 32;
+    return sizeof(A) != 8 || fabs(lse2) > A(RENORMALIZED_LSE2);
+}
 template <typename A> __device__ __forceinline__ A row_renormalizer(A sum, A lse2) {
     const A tolerance = A(8) * unit_roundoff<A>() * (A(1) + fabs(lse2));
-    return sum > A(0) && fabs(sum - A(1)) <= tolerance ? A(1) / sum : A(1);
+    return renormalizes_row(lse2) && sum > A(0) && fabs(sum - A(1)) <= tolerance ? A(1) / sum : A(1);
 }
 
 // The recomputed probability of the (query i, key j) pair from its raw product s = q.k, before

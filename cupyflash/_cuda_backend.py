@@ -477,9 +477,9 @@ def _takes_hopper_backward(spec, hopper_device, deterministic, want_dbias, *arra
 
 def backward(dout, q, k, v, out, lse, spec, deterministic, want_dbias):
     """(dq, dk, dv, dbias or None), the arrays as forward takes them."""
-    # On the Hopper family dq is summed with float atomics (its last bits vary from run to run);
-    # elsewhere, and with `deterministic`, dQ has its own pass and dq, dk and dv are bitwise
-    # deterministic. dbias sums over the mask's broadcast dimensions with atomics.
+    # On the Hopper family, and float64's tensor cores, dq is summed with atomics (its last bits vary
+    # from run to run); elsewhere, and with `deterministic`, dQ has its own pass and dq, dk and dv are
+    # bitwise deterministic. dbias sums over the mask's broadcast dimensions with atomics.
     _check_grid(spec)
     device_id = q.device.id
     with cupy.cuda.Device(device_id):
@@ -532,7 +532,8 @@ def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, ls
         return (fwd, 0, 0, 0, 0, 0, 0, 0, 0, 0, *(_strides(x) for x in (dout, dq, dk, dv)), spec.batch)
 
     if not _takes_hopper_backward(spec, hopper_device, deterministic, dbias is not None, q, k, v, dout):
-        return _backward_mma_call(spec, limit, var_type, bwd_values(), referenced, q, k, v, dout, lse)
+        return _backward_mma_call(spec, limit, var_type, bwd_values(), referenced, q, k, v, dout, lse,
+                                  dq_atomics=not deterministic and dbias is None)
     if spec.dtype.name != "float32":
         return _backward_sm90_call(spec, device_id, var_type, bwd_values(), referenced, q, k, v, dout, out)
     gate = ("fwd.gate",)
@@ -542,12 +543,12 @@ def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, ls
                                              v, dout, lse, gate))
 
 
-def _backward_mma_call(spec, limit, var_type, values, referenced, q, k, v, dout, lse, extra=()):
+def _backward_mma_call(spec, limit, var_type, values, referenced, q, k, v, dout, lse, extra=(), dq_atomics=False):
     """The delta, dQ and dK/dV passes of the mma.sync and CUDA-core families; `extra`: BwdParams members
-    whose addresses follow the scratch buffers'."""
+    whose addresses follow the scratch buffers'; `dq_atomics`: float64's dK/dV pass may add dq (_plan.backward)."""
     dtype = q.dtype.name
     delta_launch, dkdv_launch, dq_launch = _plan.backward(dtype, spec.headdim, var_type, _aligned(q, k, v, dout),
-                                                          limit, **_math())
+                                                          limit, dq_atomics=dq_atomics, **_math())
     acc = compute_dtype(q.dtype)
     # Wide inputs: the dQ pass leaves each row's renormalizer for the dK/dV pass (backward_mma.cu).
     buffers = ((lse.shape, acc),) * (2 if _plan.renormalizes(dtype) else 1)  # delta (and row_scale)

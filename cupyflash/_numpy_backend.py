@@ -49,7 +49,8 @@ in float64, and rounded once; for float32 and float64 inputs the backward then d
 recomputed probabilities by their sum, r above, the kernels' renormalized recomputation
 (``row_renormalizer`` in cuda_src/mask.cuh, with the same rule): only a sum within 8 unit roundoffs of
 (1 + |lse| log2 e) of 1 is divided out, so an lse of more keys than these (a blockwise or ring backward)
-leaves the probabilities as recomputed. tests/test_fidelity.py has the numbers.
+leaves the probabilities as recomputed; float64 rows with |lse| log2 e <= RENORMALIZED_LSE2 are left
+alone (``_plan.RENORMALIZED_LSE2``), their rounding far below the fidelity floor. tests/test_fidelity.py has the numbers.
 
 Extra memory: O(block_q * block_k * batch * nheads) for a tile plus
 O(seqlen * headdim * batch * nheads) for the compute-dtype copies and accumulators (and a dbias
@@ -185,8 +186,11 @@ def _row_renormalizers(qc, kc, lse_safe, spec, block_q, block_k):
             p = np.exp(x - lse_safe[..., q_start:q_end, None])
             sums[..., q_start:q_end] += np.where(x == cdt.type(-np.inf), cdt.type(0), p).sum(axis=-1)
     unit = cdt.type(np.finfo(cdt).eps / 2)
-    tolerance = 8 * unit * (1 + np.abs(lse_safe * cdt.type(np.log2(np.e))))
+    lse2 = np.abs(lse_safe * cdt.type(np.log2(np.e)))
+    tolerance = 8 * unit * (1 + lse2)
     near_one = (sums > 0) & (np.abs(sums - 1) <= tolerance)
+    if cdt == np.float64:
+        near_one &= ~(lse2 <= _plan.RENORMALIZED_LSE2)
     return np.where(near_one, 1 / np.where(near_one, sums, 1), cdt.type(1))
 
 

@@ -397,31 +397,46 @@ def renormalizes(dtype):
     return dtype not in TENSOR_CORE_DTYPES
 
 
-def backward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False):
-    """(delta, dK/dV, dQ) kernels of the backward pass."""
+#: float64 rows whose |lse| log2 e is at most this are not renormalized (mask.cuh, renormalizes_row).
+RENORMALIZED_LSE2 = _csource.constant(_csource.source("mask.cuh"), "RENORMALIZED_LSE2")
+
+
+def backward(dtype, headdim, var, aligned, limit, tensor_cores=True, tf32=False, dq_atomics=False):
+    """(delta, dK/dV, dQ) kernels of the backward pass, run delta, dQ, dK/dV. `dq_atomics` lets float64 on
+    tensor cores, where a block holds a key tile's whole dK and dV, add dq in the dK/dV pass with float64
+    atomics (five products, not seven): the delta kernel then zeroes dq and the dQ pass only sums the rows'
+    probabilities for their renormalization (backward_mma.cu)."""
     d = headdim_tile(headdim)
-    delta = Launch("backward.cu", f"flash_bwd_delta<{C_TYPES[dtype]}>", 4, 128, 0)
     if dtype not in TENSOR_CORE_DTYPES and not _wide_mma(dtype, d, tensor_cores):
-        return delta, _simt_backward("dkdv", dtype, d, var, limit), _simt_backward("dq", dtype, d, var, limit)
-    # Parts whose shared memory is too small for a tensor-core tile take the CUDA-core kernels.
-    try:
-        dkdv = _dkdv_mma(dtype, d, var, aligned, limit, tf32)
-    except RuntimeError:
-        dkdv = None
-    try:
-        dq = _dq_mma(dtype, d, var, aligned, limit, tf32)
-    except RuntimeError:
-        dq = None
-    return (delta, dkdv or _simt_backward("dkdv", dtype, d, var, limit),
+        return (_delta(dtype, False), _simt_backward("dkdv", dtype, d, var, limit),
+                _simt_backward("dq", dtype, d, var, limit))
+    # Parts whose shared memory is too small for a tensor-core tile take the CUDA-core kernels, which add no
+    # atomics; so does the other pass then.
+    def planned(make, *args):
+        try:
+            return make(dtype, d, var, aligned, limit, tf32, *args)
+        except RuntimeError:
+            return None
+
+    dq_atomics = dq_atomics and dtype == "float64" and _dkdv_shape(dtype, d)[-1] == 1
+    dkdv, dq = planned(_dkdv_mma, dq_atomics), planned(_dq_mma, dq_atomics)
+    if dq_atomics and (dkdv is None or dq is None):
+        dq_atomics = False
+        dkdv, dq = planned(_dkdv_mma, False), planned(_dq_mma, False)
+    return (_delta(dtype, dq_atomics), dkdv or _simt_backward("dkdv", dtype, d, var, limit),
             dq or _simt_backward("dq", dtype, d, var, limit))
 
 
-def _dkdv_mma(dtype, d, var, aligned, limit, tf32):
-    # Registers hold dK and dV for 16 key rows per warp, at most 128 columns of each (64 in float64): wider
-    # heads split them, float64's between the two warps of a pair (roles), the others' into column slices
-    # (measured on an H100). Query tiles of 64 rows (16-bit) or fewer (float32, float64, whose s^T and dp^T
-    # take twice the registers or more) stream through.
-    item, acc = _ITEMSIZE[dtype], _acc_bytes(dtype)
+def _delta(dtype, zero_dq):
+    return Launch("backward.cu", f"flash_bwd_delta<{C_TYPES[dtype]}, {_cbool(zero_dq)}>", 4, 128, 0)
+
+
+def _dkdv_shape(dtype, d):
+    """(warps before roles, query tile, roles, column slices) of the tensor-core dK/dV pass. Registers hold
+    dK and dV for 16 key rows per warp, at most 128 columns of each (64 in float64): wider heads split them,
+    float64's between the two warps of a pair (roles), the others' into column slices (measured on an H100).
+    Query tiles of 64 rows (16-bit) or fewer (float32, float64, whose s^T and dp^T take twice the registers
+    or more) stream through."""
     if dtype in TENSOR_CORE_DTYPES:
         warps, widest, block_m = (4 if d <= 64 else 8), 128, 64
     elif dtype == "float32":
@@ -429,23 +444,34 @@ def _dkdv_mma(dtype, d, var, aligned, limit, tf32):
     else:
         warps, widest, block_m = 4, 64, 16
     roles = 2 if dtype == "float64" and d > widest else 1
-    slices = -(-d // (widest * roles))
+    return warps, block_m, roles, -(-d // (widest * roles))
+
+
+def _dkdv_mma(dtype, d, var, aligned, limit, tf32, dq_atomics):
+    item, acc = _ITEMSIZE[dtype], _acc_bytes(dtype)
+    warps, block_m, roles, slices = _dkdv_shape(dtype, d)
     warps *= roles
     key_rows = 16 * warps // roles
-    # k, v + double-buffered q, dout and their lse, delta (and renormalizer); s^T handed over within pairs
+    # k, v + double-buffered q, dout and their lse, delta (and renormalizer); s^T handed over within pairs;
+    # double-buffered scale dx for dq's atomics
     stats = 6 if renormalizes(dtype) else 4
+    dx_buffers = int(dq_atomics)
     smem = lambda bm: (item * (2 * key_rows + 4 * bm) * (d + _row_pad(dtype)) + stats * acc * bm
-                       + (roles - 1) * acc * (warps // 2) * bm * 16)
+                       + (roles - 1) * acc * (warps // 2) * bm * 16 + dx_buffers * acc * bm * (key_rows + _row_pad(dtype)))
     if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
         warps = 4
         key_rows = 16 * warps // roles
     block_m = _shrink(block_m, 16, smem, limit)
+    # dq's tiles wait a tile in a second buffer (no barrier of their own) where a block fills the multiprocessor
+    # anyway: with two blocks at headdim 64 the second buffer left room for one (1.54x the time, H100)
+    if dq_atomics and 2 * smem(block_m) > limit and smem(block_m) + acc * block_m * (key_rows + _row_pad(dtype)) <= limit:
+        dx_buffers = 2
     name = (f"flash_bwd_dkdv_mma<{_element(dtype, tf32)}, {d}, {d // slices}, {block_m}, {warps}, {roles}, {var}, "
-            f"{_cbool(aligned)}>")
+            f"{_cbool(aligned)}, {dx_buffers}>")
     return Launch("backward_mma.cu", name, key_rows, 32 * warps, smem(block_m), column_slices=slices)
 
 
-def _dq_mma(dtype, d, var, aligned, limit, tf32):
+def _dq_mma(dtype, d, var, aligned, limit, tf32, sums):
     item, acc = _ITEMSIZE[dtype], _acc_bytes(dtype)
     roles = 1
     if dtype in TENSOR_CORE_DTYPES:
@@ -462,7 +488,8 @@ def _dq_mma(dtype, d, var, aligned, limit, tf32):
         warps = 4
         query_rows = 16 * warps // roles
     block_n = _shrink(block_n, 16, smem, limit)
-    name = f"flash_bwd_dq_mma<{_element(dtype, tf32)}, {d}, {block_n}, {warps}, {roles}, {var}, {_cbool(aligned)}>"
+    name = (f"flash_bwd_dq_mma<{_element(dtype, tf32)}, {d}, {block_n}, {warps}, {roles}, {var}, {_cbool(aligned)}, "
+            f"{_cbool(sums)}>")
     return Launch("backward_mma.cu", name, query_rows, 32 * warps, smem(block_n))
 
 
@@ -619,9 +646,9 @@ def clock_probe():
     return Launch("clock_probe.cu", "sm_clock_probe", 1, 1, 0)
 
 
-def _launches(dtype, d, var, aligned, limit, tensor_cores=True, tf32=False):
+def _launches(dtype, d, var, aligned, limit, tensor_cores=True, tf32=False, dq_atomics=False):
     return (forward(dtype, d, var, aligned, limit, tensor_cores, tf32),
-            *backward(dtype, d, var, aligned, limit, tensor_cores, tf32))
+            *backward(dtype, d, var, aligned, limit, tensor_cores, tf32, dq_atomics))
 
 
 def covering_launches():
@@ -654,9 +681,13 @@ def covering_launches():
                                         (128, variant(every - bias - bool_mask + packed), big))]
     tf32 = [("float32", d, var, aligned, big) for d, var, aligned in
             ((64, plain, True), (96, variant(every - bias, "bool"), False), (128, variant(packed), True))]
+    # float64's dq added by the dK/dV pass: one warp a slab and pairs, every feature
+    dq_atomics = [("float64", d, var, True, big) for d, var in
+                  ((64, plain), (128, plain), (64, variant(every - bias, "bool")),
+                   (128, variant(every - bool_mask, "float64")), (128, variant(every - bias - bool_mask + packed)))]
     seen = {}
     for case, math in ([(case, {}) for case in cases] + [(case, {"tensor_cores": False}) for case in cuda_cores]
-                       + [(case, {"tf32": True}) for case in tf32]):
+                       + [(case, {"tf32": True}) for case in tf32] + [(case, {"dq_atomics": True}) for case in dq_atomics]):
         for launch in _launches(*case, **math):
             seen[(launch.source, launch.name)] = launch
     sm90 = [("bfloat16", d, plain) for d in (64, 128, 192, 256)] + [("float16", 128, plain)]

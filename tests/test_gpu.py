@@ -519,6 +519,39 @@ def test_default_backward_differs_from_deterministic_by_rounding_only(dtype):
         assert_near(got, want, distance)
 
 
+FLOAT64_BACKWARDS = [dict(causal=True), dict(causal=False), dict(window_size=(40, 3)), dict(softcap=4.0),
+                     dict(dropout_p=0.25, dropout_seed=11), dict(causal=True, logits=20.0),
+                     dict(causal=True, nan_key=True)]
+
+
+@pytest.mark.parametrize("headdim", [24, 64, 80, 128])  # head tiles 32, 64, 96 (pairs of warps), 128
+@pytest.mark.parametrize("case", FLOAT64_BACKWARDS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_float64_dq_added_by_the_key_pass(headdim, case):
+    """float64's default backward adds dq in the dK/dV pass with float64 atomics; `deterministic=True` gives
+    dQ its own pass. dk and dv are bitwise the same either way (the same products, the same rows' factors),
+    dq differs in its last bits only. logits=20 scales q so that most rows renormalize (the dQ pass then
+    sums those rows' probabilities alone); nan_key puts NaN in a key that all rows but the last cannot see."""
+    case = dict(case)
+    logits, nan_key = case.pop("logits", 1.0), case.pop("nan_key", False)
+    q, k, v, dout = _inputs(np.float64, seqlen_q=300, seqlen_k=200, headdim=headdim)
+    q = q * logits
+    if nan_key:
+        k[:, -1, :, 0] = cp.nan
+    out, lse = cupyflash.attention(q, k, v, return_lse=True, **case)
+    renormalized = cp.isfinite(lse) & (cp.abs(lse) * np.log2(np.e) > _plan.RENORMALIZED_LSE2)
+    assert bool(renormalized.any()) == (logits > 1)
+    exact = cupyflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **case)
+    finite = cp.isfinite(exact[0])
+    largest = float(cp.abs(cp.where(finite, exact[0], 0)).max())
+    for _ in range(3):
+        dq, dk, dv = cupyflash.attention_backward(dout, q, k, v, out, lse, **case)
+        assert bitwise_equal(dk, exact[1]) and bitwise_equal(dv, exact[2])
+        assert bool(cp.all(cp.isfinite(dq) == finite))
+        assert float(cp.abs(cp.where(finite, dq - exact[0], 0)).max()) <= largest * 2 ** -44
+    if nan_key:
+        assert int((~finite).any(axis=(0, 2, 3)).sum()) == 1 and not bool(finite[:, -1].any())
+
+
 def test_runs_on_the_current_stream():
     q, k, v, dout = _inputs(np.float16)
     expected = _forward_backward(q, k, v, dout)

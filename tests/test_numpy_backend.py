@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import cupyflash
-from cupyflash import _numpy_backend, _validate, reference
+from cupyflash import _numpy_backend, _plan, _validate, reference
 from helpers import (
     Problem,
     assert_close_flash_rule,
@@ -577,3 +577,25 @@ def test_import_does_not_import_cupy():
 
     code = "import sys, cupyflash; assert 'cupy' not in sys.modules, 'cupy imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("logits", [1.0, 30.0])
+def test_rows_renormalize_where_lse_rounding_can_show(dtype, logits):
+    """Each row's recomputed probabilities are divided by their sum (the kernels' row_renormalizer), but for
+    float64 rows with |lse| log2 e <= RENORMALIZED_LSE2, whose rounding lies far below the fidelity floor."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((2, 90, 2, 16)).astype(dtype) for _ in range(3))
+    q *= dtype(logits)
+    _, lse = cupyflash.attention(q, k, v, return_lse=True)
+    spec = _validate.check_call("test", q, k, v)
+    qc, kc = _numpy_backend._split_q(q, 2, dtype), _numpy_backend._split_kv(k, dtype)
+    factors = _numpy_backend._row_renormalizers(qc, kc, lse.reshape(qc.shape[:3] + (90,)), spec, 64, 64)
+    small = (np.abs(lse) * np.log2(np.e) <= _plan.RENORMALIZED_LSE2).reshape(factors.shape)
+    renormalized = factors != 1
+    assert small.all() == (logits == 1.0)
+    if dtype == np.float64:
+        assert not renormalized[small].any()
+    else:
+        assert renormalized[small].any() or not small.any()
+    assert renormalized[~small].any() or small.all()

@@ -30,7 +30,9 @@ def launches(dtypes, headdims, variants, limit, hopper=False):
     """Every kernel these cases can launch; `hopper` adds the Hopper family."""
     seen = {}
     for dtype, d, var, aligned in itertools.product(dtypes, headdims, variants, (True, False)):
-        todo = [_plan.forward(dtype, d, var, aligned, limit), *_plan.backward(dtype, d, var, aligned, limit)]
+        todo = [_plan.forward(dtype, d, var, aligned, limit),
+                *(launch for dq_atomics in (False, True)
+                  for launch in _plan.backward(dtype, d, var, aligned, limit, dq_atomics=dq_atomics))]
         if hopper and dtype in _plan.TENSOR_CORE_DTYPES:
             todo += [_plan.forward_sm90(dtype, d, var), _plan.forward_sm90(dtype, d, var, _plan.SM90_WIDE_KEY_TILE_FROM),
                      _plan.forward_sm90(dtype, d, var, softcap=50.0),  # bounded scores (sm90_bounded_scores)

@@ -10,7 +10,7 @@ element loads; every variant feature (window, softcap, ALiBi, bool mask, bias wi
 and all together, with NaN in masked keys so the guarded products run too, and on sequences of several tiles.
 packed: packed batches with empty sequences and NaN. decode: the split-KV decode kernel of
 attention_with_kvcache on paged and contiguous caches, with its append. wide: float32 in TF32 and float64
-past its tensor-core head dimensions and with its wide heads' paired warps. families: the mma.sync family
+past its tensor-core head dimensions, with its wide heads' paired warps and its dq added by the dK/dV pass. families: the mma.sync family
 (16-bit) and the CUDA-core kernels (float32, float64) forced. hopper_turns: the Hopper backward's blocks
 each taking many key blocks in turn. dq_tiles: the Hopper backward's dq accumulator, each query tile's first
 sum stored and the rest added: many key blocks at once on few query tiles, and whole query tiles no key
@@ -34,15 +34,17 @@ def device(x):
     return cp.asarray(x.view(f"u{x.dtype.itemsize}")).view(x.dtype)
 
 
-def run(dtype, headdim, sq=70, sk=90, poison=False, **variant):
+def run(dtype, headdim, sq=70, sk=90, poison=False, logits=1.0, deterministic=False, **variant):
     q, k, v, dout = (rng.standard_normal(shape).astype(dtype) for shape in
                      [(1, sq, 4, headdim), (1, sk, 2, headdim), (1, sk, 2, headdim), (1, sq, 4, headdim)])
+    q *= dtype(logits)
     if poison:  # data only rows that cannot see it would meet: the guarded products run
         k[:, -1], v[:, -1], q[:, 0], dout[:, 0] = np.nan, np.inf, np.nan, np.nan
     q, k, v, dout = (device(x) for x in (q, k, v, dout))
     out, lse = cupyflash.attention(q, k, v, return_lse=True, **variant)
     want_dbias = variant.get("attn_mask") is not None and variant["attn_mask"].dtype != cp.bool_
-    cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **variant)
+    cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, deterministic=deterministic,
+                                 **variant)
 
 
 def dense(dtypes):
@@ -149,7 +151,8 @@ def decode():
 
 def wide():
     """float32 in TF32 (CUPY_TF32=1), float64 past its tensor-core head dimensions, and float64's wide heads:
-    warps in pairs in both backward kernels, every feature (the bias gradient from one warp of each pair)."""
+    warps in pairs in both backward kernels, every feature (the bias gradient from one warp of each pair);
+    float64's dq added by the dK/dV pass after the rows' sums, and in a pass of its own."""
     os.environ[_cuda_backend.TF32_VARIABLE] = "1"
     for causal in (False, True):
         run(np.float32, 96, causal=causal)
@@ -158,6 +161,9 @@ def wide():
     run(np.float64, 192, causal=True)
     for headdim in (128, 100):
         run(np.float64, headdim, poison=True, causal=True)
+    for headdim in (128, 64):  # dq from the dK/dV pass, the rows' sums (logits x30) or not; dQ's own pass
+        run(np.float64, headdim, logits=30.0)
+        run(np.float64, headdim, poison=True, causal=True, deterministic=True)
     slopes = cp.asarray(rng.uniform(0.01, 0.5, 4).astype(np.float32))
     bias = device(rng.standard_normal((1, 4, 70, 90)))
     run(np.float64, 128, causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
