@@ -20,6 +20,10 @@
 //   s = q k^T, dp = dout v^T, dx (and dbias += ds), dq += dx k
 // Wide inputs renormalize the recomputed probabilities (mask.cuh, row_renormalizer): the dQ pass runs
 // first, sums each row's, scales dq by the row's factor and leaves it in row_scale for the dK/dV pass.
+// float64 without `deterministic` (DX_BUFFERS > 0, SUMS): the dK/dV pass adds each query tile's
+//   dq += (scale dx) k                           every warp a slice of dq's columns, float64 atomics
+// into the dq that flash_bwd_delta zeroed, and the dQ pass only sums the rows' probabilities, in the
+// blocks holding a row that renormalizes: five products instead of seven.
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -277,7 +281,6 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     // SUMS: the factors alone, for a dK/dV pass that adds dq itself; a block none of whose rows renormalizes
     // leaves 1s.
     const bool sums_needed = !SUMS || __syncthreads_or(renormalizes_row(lse2[0]) || renormalizes_row(lse2[1]));
-    const bool computes = !SUMS || (role == 0 && sums_needed);  // role 1 computes dp, which SUMS does not need
     if (n_tiles > 0 && sums_needed) {
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
             sQ, seq.query_rows(static_cast<const T*>(f.q), f.q_st, h, m0), f.q_st.s, seq.seqlen_q - m0, f.headdim);
@@ -301,10 +304,6 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
                                                             f.headdim);
         const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) continue;  // nothing of it is seen; its buffer is not read
-        if (!computes) {
-            __syncthreads();  // this buffer is refilled two tiles from now
-            continue;
-        }
         const T* cK = sK + (t & 1) * BLOCK_N * LD;
         const T* cV = sV + (t & 1) * BLOCK_N * LD;
 
@@ -312,6 +311,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         zero(s);
         zero(dp);
         if (role == 0) gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + slab * 16 * LD, cK, lane);
+        // SUMS needs no dp: ROLES 2's role 1 then runs the tile's steps on zeros (its sums are not used)
         if (!SUMS && (ROLES == 1 || role == 1)) gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + slab * 16 * LD, cV, lane);
         if constexpr (ROLES == 2 && !SUMS) {  // each warp of the pair hands its product to the other (the tile's
                                               // last barrier orders the reuse)
