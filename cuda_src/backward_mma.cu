@@ -243,7 +243,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     typedef typename Acc<T>::type A;
     constexpr bool APPROX = is_16bit<T>();
     static_assert(!SUMS || !APPROX, "only wide inputs renormalize");
-    constexpr int BLOCK_M = 16 * WARPS / ROLES, THREADS = 32 * WARPS, LD = D_TILE + row_pad<T>();
+    // SUMS computes s alone: every warp takes 16 rows of its own (the rows' q fill dout's buffer too)
+    constexpr int PAIRS = SUMS ? 1 : ROLES, BLOCK_M = 16 * WARPS / PAIRS, THREADS = 32 * WARPS;
+    constexpr int LD = D_TILE + row_pad<T>();
     constexpr int NT = BLOCK_N / 8, D_OUT = D_TILE / ROLES, DT = D_OUT / 8;
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0 && D_OUT % 8 == 0 && WARPS % ROLES == 0, "tile shape");
     const FwdParams& f = p.fwd;
@@ -251,13 +253,13 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
-    T* sdO = sQ + BLOCK_M * LD;
-    T* sK = sdO + BLOCK_M * LD;     // [2][BLOCK_N][LD]
+    T* sdO = sQ + 16 * WARPS / ROLES * LD;
+    T* sK = sdO + 16 * WARPS / ROLES * LD;  // [2][BLOCK_N][LD]
     T* sV = sK + 2 * BLOCK_N * LD;  // [2][BLOCK_N][LD]
     A* sHandover = reinterpret_cast<A*>(sV + 2 * BLOCK_N * LD);  // [WARPS / 2][2][NT * 4][32]: s, dp (ROLES 2)
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-    const int slab = warp / ROLES, role = warp % ROLES, col0 = role * D_OUT;  // role 1 (ROLES 2): dp, dq's right half
+    const int slab = warp / PAIRS, role = warp % PAIRS, col0 = role * D_OUT;  // role 1 (ROLES 2): dp, dq's right half
     const int m0 = blockIdx.x * BLOCK_M, h = blockIdx.y, b = blockIdx.z, hk = h / f.group;
     const Sequence seq = sequence<Var::packed>(f, b);
     if (m0 >= seq.seqlen_q) return;  // a packed sequence shorter than the longest
@@ -284,9 +286,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
     if (n_tiles > 0 && sums_needed) {
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
             sQ, seq.query_rows(static_cast<const T*>(f.q), f.q_st, h, m0), f.q_st.s, seq.seqlen_q - m0, f.headdim);
-        load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
-            sdO, seq.query_rows(static_cast<const T*>(p.dout), p.do_st, h, m0), p.do_st.s, seq.seqlen_q - m0,
-            f.headdim);
+        if (!SUMS)
+            load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
+                sdO, seq.query_rows(static_cast<const T*>(p.dout), p.do_st, h, m0), p.do_st.s, seq.seqlen_q - m0,
+                f.headdim);
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK, k, f.k_st.s, kv_rows, f.headdim);
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV, v, f.v_st.s, kv_rows, f.headdim);
         cp_async_commit();
@@ -311,9 +314,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         zero(s);
         zero(dp);
         if (role == 0) gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + slab * 16 * LD, cK, lane);
-        // SUMS needs no dp: ROLES 2's role 1 then runs the tile's steps on zeros (its sums are not used)
-        if (!SUMS && (ROLES == 1 || role == 1)) gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + slab * 16 * LD, cV, lane);
-        if constexpr (ROLES == 2 && !SUMS) {  // each warp of the pair hands its product to the other (the tile's
+        if (!SUMS && (PAIRS == 1 || role == 1)) gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + slab * 16 * LD, cV, lane);
+        if constexpr (PAIRS == 2) {  // each warp of the pair hands its product to the other (the tile's
                                               // last barrier orders the reuse)
             A* handover = sHandover + slab * 2 * NT * 4 * 32 + lane;
 #pragma unroll

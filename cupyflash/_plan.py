@@ -490,7 +490,8 @@ def _dq_mma(dtype, d, var, aligned, limit, tf32, sums):
     block_n = _shrink(block_n, 16, smem, limit)
     name = (f"flash_bwd_dq_mma<{_element(dtype, tf32)}, {d}, {block_n}, {warps}, {roles}, {var}, {_cbool(aligned)}, "
             f"{_cbool(sums)}>")
-    return Launch("backward_mma.cu", name, query_rows, 32 * warps, smem(block_n))
+    # the sums alone: a warp's 16 rows each, in the same shared memory
+    return Launch("backward_mma.cu", name, 16 * warps if sums else query_rows, 32 * warps, smem(block_n))
 
 
 def _simt_rows(dtype, d):
