@@ -29,10 +29,10 @@
 #include "params.cuh"
 #include "mma.cuh"
 
-// dq += (scale dx) k for one query tile of the dK/dV pass (DX_BUFFERS > 0): dx of the block's BLOCK_N keys from shared
-// memory ([BLOCK_M][LDX]), k from its tile; each warp takes DQ_COLS columns and adds its sums to dq (rows_left
-// rows from `dq`, row stride dq_ss) with float64 atomics. `guarded`: k holds NaN or inf that some rows must
-// not see.
+// dq += (scale dx) k for one query tile of the dK/dV pass (DX_BUFFERS > 0): dx of the block's BLOCK_N keys
+// from shared memory ([BLOCK_M][LDX]), k from its tile; each warp takes DQ_COLS columns and adds its sums to
+// dq (rows_left rows from `dq`, row stride dq_ss) with float64 atomics. `guarded`: k holds NaN or inf that
+// some rows must not see.
 template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int WARPS, int LD, int LDX, typename A>
 __device__ __forceinline__ void add_dq_tile(const A* sDx, const T* sK, T* dq, i64 dq_ss, int rows_left, int headdim,
                                             bool guarded) {
@@ -49,7 +49,8 @@ __device__ __forceinline__ void add_dq_tile(const A* sDx, const T* sK, T* dq, i6
 #pragma unroll
             for (int j = 0; j < 2; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) dx[ms][j][e] = sDx[(16 * ms + g + 8 * (e / 2)) * LDX + k0 + 8 * j + 2 * tq + e % 2];
+                for (int e = 0; e < 4; ++e)
+                    dx[ms][j][e] = sDx[(16 * ms + g + 8 * (e / 2)) * LDX + k0 + 8 * j + 2 * tq + e % 2];
         if (guarded) gemm_rn_guarded<T, 16, DQ_COLS>(part, dx, PaddedTile<T, LD>{sK + k0 * LD + c0}, lane);
         else gemm_rn<T, 16, DQ_COLS, LD, true>(part, dx, sK + k0 * LD + c0, lane);
     }
@@ -64,7 +65,8 @@ __device__ __forceinline__ void add_dq_tile(const A* sDx, const T* sK, T* dq, i6
             }
 }
 
-template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, int ROLES, typename Var, bool ALIGNED, int DX_BUFFERS>
+template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, int ROLES, typename Var, bool ALIGNED,
+          int DX_BUFFERS>
 __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_constant__ BwdParams p) {
     typedef typename Acc<T>::type A;
     constexpr bool APPROX = is_16bit<T>();
@@ -315,8 +317,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         zero(dp);
         if (role == 0) gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + slab * 16 * LD, cK, lane);
         if (!SUMS && (PAIRS == 1 || role == 1)) gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + slab * 16 * LD, cV, lane);
-        if constexpr (PAIRS == 2) {  // each warp of the pair hands its product to the other (the tile's
-                                              // last barrier orders the reuse)
+        if constexpr (PAIRS == 2) {  // each warp of the pair hands its product to the other (the tile's last
+                                     // barrier orders the reuse)
             A* handover = sHandover + slab * 2 * NT * 4 * 32 + lane;
 #pragma unroll
             for (int i = 0; i < NT * 4; ++i) handover[(role * NT * 4 + i) * 32] = role == 0 ? s[i / 4][i % 4] : dp[i / 4][i % 4];
