@@ -545,7 +545,8 @@ def _backward_call(spec, device_id, deterministic, dbias, dout, q, k, v, out, ls
 
 def _backward_mma_call(spec, limit, var_type, values, referenced, q, k, v, dout, lse, extra=(), dq_atomics=False):
     """The delta, dQ and dK/dV passes of the mma.sync and CUDA-core families; `extra`: BwdParams members
-    whose addresses follow the scratch buffers'; `dq_atomics`: float64's dK/dV pass may add dq (_plan.backward)."""
+    whose addresses follow the scratch buffers'; `dq_atomics`: float64's dK/dV pass may add dq
+    (_plan.backward)."""
     dtype = q.dtype.name
     delta_launch, dkdv_launch, dq_launch = _plan.backward(dtype, spec.headdim, var_type, _aligned(q, k, v, dout),
                                                           limit, dq_atomics=dq_atomics, **_math())

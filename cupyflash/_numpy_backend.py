@@ -49,8 +49,8 @@ in float64, and rounded once; for float32 and float64 inputs the backward then d
 recomputed probabilities by their sum, r above, the kernels' renormalized recomputation
 (``row_renormalizer`` in cuda_src/mask.cuh, with the same rule): only a sum within 8 unit roundoffs of
 (1 + |lse| log2 e) of 1 is divided out, so an lse of more keys than these (a blockwise or ring backward)
-leaves the probabilities as recomputed; float64 rows with |lse| log2 e <= RENORMALIZED_LSE2 are left
-alone (``_plan.RENORMALIZED_LSE2``), their rounding far below the fidelity floor. tests/test_fidelity.py has the numbers.
+leaves the probabilities as recomputed; float64 rows with |lse| log2 e <= ``_plan.RENORMALIZED_LSE2``
+are left alone, their rounding far below the fidelity floor. tests/test_fidelity.py has the numbers.
 
 Extra memory: O(block_q * block_k * batch * nheads) for a tile plus
 O(seqlen * headdim * batch * nheads) for the compute-dtype copies and accumulators (and a dbias

@@ -456,15 +456,17 @@ def _dkdv_mma(dtype, d, var, aligned, limit, tf32, dq_atomics):
     # double-buffered scale dx for dq's atomics
     stats = 6 if renormalizes(dtype) else 4
     dx_buffers = int(dq_atomics)
+    dx_buffer = lambda bm: acc * bm * (key_rows + _row_pad(dtype))
     smem = lambda bm: (item * (2 * key_rows + 4 * bm) * (d + _row_pad(dtype)) + stats * acc * bm
-                       + (roles - 1) * acc * (warps // 2) * bm * 16 + dx_buffers * acc * bm * (key_rows + _row_pad(dtype)))
+                       + (roles - 1) * acc * (warps // 2) * bm * 16 + dx_buffers * dx_buffer(bm))
     if dtype not in TENSOR_CORE_DTYPES and smem(16) > limit:
         warps = 4
         key_rows = 16 * warps // roles
     block_m = _shrink(block_m, 16, smem, limit)
-    # dq's tiles wait a tile in a second buffer (no barrier of their own) where a block fills the multiprocessor
-    # anyway: with two blocks at headdim 64 the second buffer left room for one (1.54x the time, H100)
-    if dq_atomics and 2 * smem(block_m) > limit and smem(block_m) + acc * block_m * (key_rows + _row_pad(dtype)) <= limit:
+    # With one dx buffer each tile's dq takes a barrier of its own; with a second it waits for the next tile's
+    # first barrier instead, where a block fills the multiprocessor anyway (at head tile 64 the second buffer
+    # left room for one block of two: 1.54x the time, H100)
+    if dq_atomics and 2 * smem(block_m) > limit and smem(block_m) + dx_buffer(block_m) <= limit:
         dx_buffers = 2
     name = (f"flash_bwd_dkdv_mma<{_element(dtype, tf32)}, {d}, {d // slices}, {block_m}, {warps}, {roles}, {var}, "
             f"{_cbool(aligned)}, {dx_buffers}>")
@@ -688,7 +690,8 @@ def covering_launches():
                    (128, variant(every - bool_mask, "float64")), (128, variant(every - bias - bool_mask + packed)))]
     seen = {}
     for case, math in ([(case, {}) for case in cases] + [(case, {"tensor_cores": False}) for case in cuda_cores]
-                       + [(case, {"tf32": True}) for case in tf32] + [(case, {"dq_atomics": True}) for case in dq_atomics]):
+                       + [(case, {"tf32": True}) for case in tf32]
+                       + [(case, {"dq_atomics": True}) for case in dq_atomics]):
         for launch in _launches(*case, **math):
             seen[(launch.source, launch.name)] = launch
     sm90 = [("bfloat16", d, plain) for d in (64, 128, 192, 256)] + [("float16", 128, plain)]

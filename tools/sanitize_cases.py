@@ -10,9 +10,9 @@ element loads; every variant feature (window, softcap, ALiBi, bool mask, bias wi
 and all together, with NaN in masked keys so the guarded products run too, and on sequences of several tiles.
 packed: packed batches with empty sequences and NaN. decode: the split-KV decode kernel of
 attention_with_kvcache on paged and contiguous caches, with its append. wide: float32 in TF32 and float64
-past its tensor-core head dimensions, with its wide heads' paired warps and its dq added by the dK/dV pass. families: the mma.sync family
-(16-bit) and the CUDA-core kernels (float32, float64) forced. hopper_turns: the Hopper backward's blocks
-each taking many key blocks in turn. dq_tiles: the Hopper backward's dq accumulator, each query tile's first
+past its tensor-core head dimensions, with its wide heads' paired warps and its dq added by the dK/dV pass.
+families: the mma.sync family (16-bit) and the CUDA-core kernels (float32, float64) forced. hopper_turns: the
+Hopper backward's blocks each taking many key blocks in turn. dq_tiles: the Hopper backward's dq accumulator, each query tile's first
 sum stored and the rest added: many key blocks at once on few query tiles, and whole query tiles no key
 reaches, never written (that the conversion does not read them, test_fully_masked_rows checks on poisoned
 scratch: initcheck leaves the conversion out, tools/gpu_validate.sh).
