@@ -1,6 +1,7 @@
 // Backward pass on tensor cores (the dtypes of forward_mma.cu): the dK/dV and dQ kernels of
-// backward.cu (same algorithm, same deterministic order, delta from flash_bwd_delta, the same
-// per-pair step pair_backward), with every product a warp-level mma on 16-row slabs.
+// backward.cu (same algorithm, same deterministic order but for float64's dq added by the dK/dV pass
+// below, delta from flash_bwd_delta, the same per-pair step pair_backward), with every product a
+// warp-level mma on 16-row slabs.
 //
 // dK/dV: one block per (key tile, column slice, kv head, batch); 16 key rows to a warp (ROLES 1) or to
 // a pair of warps (ROLES 2); the query tiles of the band, of every head of the GQA group, stream
