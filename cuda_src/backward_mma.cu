@@ -31,40 +31,69 @@
 #include "mma.cuh"
 
 // dq += (scale dx) k for one query tile of the dK/dV pass (DX_BUFFERS > 0): dx of the block's BLOCK_N keys
-// from shared memory ([BLOCK_M][LDX]), k from its tile; each warp takes DQ_COLS columns and adds its sums to
-// dq (rows_left rows from `dq`, row stride dq_ss) with float64 atomics. `guarded`: k holds NaN or inf that
-// some rows must not see.
-template <typename T, int D_TILE, int BLOCK_M, int BLOCK_N, int WARPS, int LD, int LDX, typename A>
-__device__ __forceinline__ void add_dq_tile(const A* sDx, const T* sK, T* dq, i64 dq_ss, int rows_left, int headdim,
-                                            bool guarded) {
-    constexpr int DQ_COLS = (D_TILE / WARPS + 7) / 8 * 8, SLABS = BLOCK_M / 16;  // whole 8-column tiles
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4, c0 = warp * DQ_COLS;
-    if (c0 >= D_TILE) return;
-    A part[SLABS][DQ_COLS / 8][4];
-    zero(part);
+// from shared memory ([BLOCK_M][LDX]), k from its tile; each warp takes DQ_COLS columns. product() forms the
+// warp's sums, add() adds them to dq with float64 atomics; work placed between the two hides the products'
+// latency, which the atomics would otherwise wait out.
+template <int D_TILE, int BLOCK_M, int BLOCK_N, int WARPS, int LD, int LDX> struct DqTile {
+    static constexpr int DQ_COLS = (D_TILE / WARPS + 7) / 8 * 8, SLABS = BLOCK_M / 16;  // whole 8-column tiles
+    double part[SLABS][DQ_COLS / 8][4];
+
+    // The A fragments come straight from dx, in gemm_rn's order of the keys (SPREAD_ROWS), so that no
+    // register is shuffled. `guarded`: k holds NaN or inf that some rows must not see.
+    __device__ __forceinline__ void product(const double* sDx, const double* sK, bool guarded, int warp, int lane) {
+        const int g = lane / 4, tq = lane % 4, c0 = warp * DQ_COLS;
+        if (c0 >= D_TILE) return;
+        zero(part);
+        if (guarded) {
+#pragma unroll 1
+            for (int k0 = 0; k0 < BLOCK_N; k0 += 16) {
+                double dx[SLABS][2][4];  // the C layout of 16 keys
 #pragma unroll
-    for (int k0 = 0; k0 < BLOCK_N; k0 += 16) {
-        A dx[SLABS][2][4];  // the C layout of 16 keys
+                for (int ms = 0; ms < SLABS; ++ms)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            dx[ms][j][e] = sDx[(16 * ms + g + 8 * (e / 2)) * LDX + k0 + 8 * j + 2 * tq + e % 2];
+                gemm_rn_guarded<double, 16, DQ_COLS>(part, dx, PaddedTile<double, LD>{sK + k0 * LD + c0}, lane);
+            }
+            return;
+        }
+        // fragment k = tq takes key 2 tq + swap of each 8, k = tq + 4 the other (gemm_rn_wide's SPREAD_ROWS)
+        const int swap = tq >> 1;
+        const double* a_keys[2] = {sDx + g * LDX + 2 * tq + swap, sDx + g * LDX + 2 * tq + (swap ^ 1)};
+        const double* b_rows[2] = {sK + (2 * tq + swap) * LD + c0 + g, sK + (2 * tq + (swap ^ 1)) * LD + c0 + g};
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 8; ++kk) {
+            double a[SLABS][4];
+#pragma unroll
+            for (int ms = 0; ms < SLABS; ++ms)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) a[ms][e] = a_keys[e / 2][(16 * ms + 8 * (e % 2)) * LDX + 8 * kk];
+#pragma unroll
+            for (int nn = 0; nn < DQ_COLS / 8; ++nn) {
+                const double b0 = b_rows[0][8 * kk * LD + 8 * nn], b1 = b_rows[1][8 * kk * LD + 8 * nn];
+#pragma unroll
+                for (int ms = 0; ms < SLABS; ++ms) mma_f64(part[ms][nn], a[ms], b0, b1);
+            }
+        }
+    }
+
+    // into dq's rows_left rows from `dq` (row stride dq_ss)
+    __device__ __forceinline__ void add(double* dq, i64 dq_ss, int rows_left, int headdim, int warp, int lane) const {
+        const int g = lane / 4, tq = lane % 4, c0 = warp * DQ_COLS;
+        if (c0 >= D_TILE) return;
 #pragma unroll
         for (int ms = 0; ms < SLABS; ++ms)
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < DQ_COLS / 8; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    dx[ms][j][e] = sDx[(16 * ms + g + 8 * (e / 2)) * LDX + k0 + 8 * j + 2 * tq + e % 2];
-        if (guarded) gemm_rn_guarded<T, 16, DQ_COLS>(part, dx, PaddedTile<T, LD>{sK + k0 * LD + c0}, lane);
-        else gemm_rn<T, 16, DQ_COLS, LD, true>(part, dx, sK + k0 * LD + c0, lane);
+                for (int e = 0; e < 4; ++e) {
+                    const int row = 16 * ms + g + 8 * (e / 2), col = c0 + 8 * j + 2 * tq + e % 2;
+                    if (row < rows_left && col < headdim) atomicAdd(dq + row * dq_ss + col, part[ms][j][e]);
+                }
     }
-#pragma unroll
-    for (int ms = 0; ms < SLABS; ++ms)
-#pragma unroll
-        for (int j = 0; j < DQ_COLS / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = 16 * ms + g + 8 * (e / 2), col = c0 + 8 * j + 2 * tq + e % 2;
-                if (row < rows_left && col < headdim) atomicAdd(dq + row * dq_ss + col, part[ms][j][e]);
-            }
-}
+};
 
 template <typename T, int D_TILE, int D_OUT, int BLOCK_M, int WARPS, int ROLES, typename Var, bool ALIGNED,
           int DX_BUFFERS>
@@ -112,12 +141,24 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         load_tile_async<BLOCK_M, D_TILE, LD, THREADS, ALIGNED>(
             sdO + buf * BLOCK_M * LD, seq.query_rows(static_cast<const T*>(p.dout), p.do_st, h, m0), p.do_st.s,
             seq.seqlen_q - m0, f.headdim);
+        // the rows' statistics asynchronously too (a load here would hold the block at the next barrier for
+        // its latency); the thread that copies a row's finishes it (finish_stats)
         const i64 stats = seq.stat_row0(f, h) + m0;
         for (int r = threadIdx.x; r < BLOCK_M; r += THREADS) {
             const bool valid = m0 + r < seq.seqlen_q;
-            sLse[buf * BLOCK_M + r] = valid ? lse_log2(static_cast<const A*>(f.lse)[stats + r]) : A(0);
-            sDelta[buf * BLOCK_M + r] = valid ? static_cast<const A*>(p.delta)[stats + r] : A(0);
-            if constexpr (!APPROX) sScale[buf * BLOCK_M + r] = valid ? static_cast<const A*>(p.row_scale)[stats + r] : A(1);
+            const i64 row = valid ? stats + r : 0;
+            cp_async_value(sLse + buf * BLOCK_M + r, static_cast<const A*>(f.lse) + row, valid);
+            cp_async_value(sDelta + buf * BLOCK_M + r, static_cast<const A*>(p.delta) + row, valid);
+            if constexpr (!APPROX) cp_async_value(sScale + buf * BLOCK_M + r, static_cast<const A*>(p.row_scale) + row, valid);
+        }
+    };
+    // once the copies of tile t have landed, before the barrier: lse in log2 units, renormalizer 1 past the rows
+    auto finish_stats = [&](int t, int buf) {
+        const int m0 = (m_first + t % per_head) * BLOCK_M;
+        for (int r = threadIdx.x; r < BLOCK_M; r += THREADS) {
+            sLse[buf * BLOCK_M + r] = lse_log2(sLse[buf * BLOCK_M + r]);
+            if constexpr (!APPROX)
+                if (m0 + r >= seq.seqlen_q) sScale[buf * BLOCK_M + r] = A(1);
         }
     };
 
@@ -135,32 +176,37 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     zero(acc);
     const int key0 = n0 + slab * 16 + g;
     // DQ: every warp adds its share of a tile's dq once a barrier has passed since the tile's dx was stored:
-    // with two buffers, the next tile's first barrier (the tile's own barriers are all it needs); with one
+    // with two buffers, the next tile's barrier, its atomics after that tile's first products; with one
     // (where two would leave room for fewer blocks), a barrier of its own right away.
     int dx_buf = 0, pending_h = -1, pending_m0 = 0;
     bool pending_guarded = false;
-    auto add_pending_dq = [&]() {
+    DqTile<D_TILE, BLOCK_M, BLOCK_N, WARPS, LD, LDX> dq_tile;
+    auto pending_dq_product = [&]() {
+        if constexpr (DQ)
+            if (pending_h >= 0)
+                dq_tile.product(sDx + (DX_BUFFERS == 2 ? dx_buf ^ 1 : 0) * BLOCK_M * LDX, sK, pending_guarded, warp, lane);
+    };
+    auto pending_dq_add = [&]() {
         if constexpr (DQ) {
             if (pending_h < 0) return;
-            add_dq_tile<T, D_TILE, BLOCK_M, BLOCK_N, WARPS, LD, LDX>(
-                sDx + (DX_BUFFERS == 2 ? dx_buf ^ 1 : 0) * BLOCK_M * LDX, sK,
-                seq.query_rows(static_cast<T*>(p.dq), p.dq_st, pending_h, pending_m0), p.dq_st.s,
-                seq.seqlen_q - pending_m0, f.headdim, pending_guarded);
+            dq_tile.add(seq.query_rows(static_cast<T*>(p.dq), p.dq_st, pending_h, pending_m0), p.dq_st.s,
+                        seq.seqlen_q - pending_m0, f.headdim, warp, lane);
             pending_h = -1;
         }
     };
 
     for (int t = 0; t < n_tiles; ++t) {
         const int buf = t & 1, h = hk * f.group + t / per_head, m0 = (m_first + t % per_head) * BLOCK_M;
+        cp_async_wait<0>();  // tile t, the one group in flight
+        finish_stats(t, buf);
+        // the tile's one barrier: tile t has landed, and every warp is done with tile t - 1, whose buffers
+        // (and the s^T hand-over) may now be refilled
+        __syncthreads();
         if (t + 1 < n_tiles) {
             load_query_tile(t + 1, buf ^ 1);
             cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
         }
-        __syncthreads();
-        add_pending_dq();
+        pending_dq_product();
         const T* cQ = sQ + buf * BLOCK_M * LD;
         const T* cdO = sdO + buf * BLOCK_M * LD;
         const A* cLse = sLse + buf * BLOCK_M;
@@ -169,7 +215,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         const Var var = variant_of<Var>(f, seq, b, h);
         const TileKind kind = var.tile_kind(m0, BLOCK_M, n0, BLOCK_N);
         if (kind == SKIP) {
-            __syncthreads();  // this buffer is refilled two tiles from now
+            pending_dq_add();
             continue;
         }
 
@@ -178,7 +224,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
         zero(dpt);
         if (role == 0) gemm_nt<T, D_TILE, BLOCK_M, LD>(st, sK + slab * 16 * LD, cQ, lane);
         if (ROLES == 1 || role == 1) gemm_nt<T, D_TILE, BLOCK_M, LD>(dpt, sV + slab * 16 * LD, cdO, lane);
-        if constexpr (ROLES == 2) {  // s^T to the pair's dk warp (the tile's last barrier orders the reuse)
+        pending_dq_add();
+        if constexpr (ROLES == 2) {  // s^T to the pair's dk warp (the next tile's barrier orders the reuse)
             A* handover = sHandover + slab * MT * 4 * 32 + lane;
             if (role == 0)
 #pragma unroll
@@ -196,13 +243,13 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
                                                               cScale);
         });
         if constexpr (DQ) {
-            if (ROLES == 1 || role == 1)
+            if (ROLES == 1 || role == 1) {  // dx^T's element (key g, query 2 tq) at dx (query 2 tq, key g)
+                A* dx = sDx + (dx_buf * BLOCK_M + 2 * (lane % 4)) * LDX + slab * 16 + g;
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        sDx[(dx_buf * BLOCK_M + 8 * mt + 2 * (lane % 4) + e % 2) * LDX + slab * 16 + g + 8 * (e / 2)] =
-                            dpt[mt][e] * A(f.scale);
+                    for (int e = 0; e < 4; ++e) dx[(8 * mt + e % 2) * LDX + 8 * (e / 2)] = dpt[mt][e] * A(f.scale);
+            }
             pending_h = h;
             pending_m0 = m0;
             pending_guarded = Var::hides_keys && needs_mask && seq.keys_nonfinite(p.k_nonfinite, f, hk, n0, BLOCK_N);
@@ -210,7 +257,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
                 dx_buf ^= 1;
             } else {
                 __syncthreads();
-                add_pending_dq();
+                pending_dq_product();
+                pending_dq_add();
             }
         }
         const bool guarded = Var::hides_keys && needs_mask && (seq.queries_nonfinite(p.do_nonfinite, f, h, m0, BLOCK_M) ||
@@ -228,9 +276,10 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
                 for (int i = 0; i < MT * 4; ++i) st[i / 4][i % 4] = dpt[i / 4][i % 4];
             accumulate(acc[0], st, role == 0 ? cdO : cQ);
         }
-        __syncthreads();  // this buffer is refilled two tiles from now
     }
-    add_pending_dq();
+    if constexpr (DX_BUFFERS == 2) __syncthreads();  // the last tile's dx
+    pending_dq_product();
+    pending_dq_add();
 
     const A dk_scale[2] = {A(f.scale), A(f.scale)}, dv_scale[2] = {A(1), A(1)};
     auto store = [&](T* out, const Strides& strides, const A (&from)[DT][4], const A (&scale)[2]) {
@@ -318,7 +367,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
         zero(dp);
         if (role == 0) gemm_nt<T, D_TILE, BLOCK_N, LD>(s, sQ + slab * 16 * LD, cK, lane);
         if (!SUMS && (PAIRS == 1 || role == 1)) gemm_nt<T, D_TILE, BLOCK_N, LD>(dp, sdO + slab * 16 * LD, cV, lane);
-        if constexpr (PAIRS == 2) {  // each warp of the pair hands its product to the other (the tile's last
+        if constexpr (PAIRS == 2) {  // each warp of the pair hands its product to the other (the next tile's
                                      // barrier orders the reuse)
             A* handover = sHandover + slab * 2 * NT * 4 * 32 + lane;
 #pragma unroll
@@ -344,7 +393,6 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
             else
                 gemm_rn<T, BLOCK_N, D_OUT, LD, true>(dq_acc, dp, cK + col0, lane);
         }
-        __syncthreads();  // this buffer is refilled two tiles from now
     }
 
     A dq_scale[2] = {A(f.scale), A(f.scale)};

@@ -85,7 +85,6 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
         } else {
             gemm_rn<T, BLOCK_N, D_TILE, LD>(o, s, cV, lane);
         }
-        __syncthreads();  // this buffer is refilled two tiles from now
     }
 
     A inv_l[MT][2];

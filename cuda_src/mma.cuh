@@ -75,17 +75,34 @@ template <> __device__ __forceinline__ unsigned pack2<bfloat16_t>(float lo, floa
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
+// 4- or 8-byte asynchronous copy of one value (through L1), zeroing the destination when !valid.
+template <typename A> __device__ __forceinline__ void cp_async_value(A* dst, const A* src, bool valid) {
+    static_assert(sizeof(A) == 4 || sizeof(A) == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(smem_addr(dst)), "l"(src), "n"(sizeof(A)),
+                 "r"(valid ? int(sizeof(A)) : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-// Copies rows [0, ROWS) x columns [0, D_TILE) of a 16-bit tile into shared memory (row stride
-// LD), zero-filling rows past `nrows` and columns past `headdim`. ALIGNED (headdim, strides
-// and base pointer multiples of 8 elements) moves 16-byte chunks with cp.async; otherwise
-// elements are copied one by one.
+// Copies rows [0, ROWS) x columns [0, D_TILE) of a tile into shared memory (row stride LD),
+// zero-filling rows past `nrows` and columns past `headdim`. ALIGNED (headdim, strides and base
+// pointer multiples of 16 bytes) moves 16-byte chunks with cp.async, each thread one column chunk of
+// every ROW_STEP-th row where the threads cover whole rows (so that a row's address is one add
+// from the last); otherwise elements are copied one by one.
 template <int ROWS, int D_TILE, int LD, int THREADS, bool ALIGNED, typename T>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* src, i64 row_stride, int nrows, int headdim) {
-    if (ALIGNED) {
-        constexpr int VEC = 16 / sizeof(T), CHUNKS = D_TILE / VEC;
+    constexpr int VEC = 16 / sizeof(T), CHUNKS = D_TILE / VEC, ROW_STEP = THREADS / CHUNKS;
+    if constexpr (ALIGNED && THREADS % CHUNKS == 0 && ROWS % ROW_STEP == 0) {
+        const int r0 = threadIdx.x / CHUNKS, d = threadIdx.x % CHUNKS * VEC;
+        const bool column = d < headdim;
+        const T* from = src + r0 * row_stride + d;
+        T* to = dst + r0 * LD + d;
+#pragma unroll
+        for (int i = 0; i < ROWS / ROW_STEP; ++i, from += ROW_STEP * row_stride, to += ROW_STEP * LD) {
+            const bool valid = column && r0 + i * ROW_STEP < nrows;
+            cp_async_16(to, valid ? from : src, valid);
+        }
+    } else if (ALIGNED) {
         for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
             const int r = idx / CHUNKS, d = (idx % CHUNKS) * VEC;
             const bool valid = r < nrows && d < headdim;
@@ -101,12 +118,14 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, i64 row_st
     }
 }
 
-// One step of a double-buffered stream of key/value tiles: starts copying tile t + 1 into
-// the other buffer, then waits for tile t and synchronizes the block. The caller reads
-// buffer t & 1 and ends the step with __syncthreads() before that buffer is refilled.
+// One step of a double-buffered stream of key/value tiles: waits for tile t and synchronizes the block,
+// then starts copying tile t + 1 into the other buffer, which every warp is done with once past the
+// barrier: the step's one barrier. The caller reads buffer t & 1.
 template <int BLOCK_N, int D_TILE, int LD, int THREADS, bool ALIGNED, typename T>
 __device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* k, const T* v, i64 k_ss, i64 v_ss, int t,
                                              int n_tiles, int seqlen_k, int headdim) {
+    cp_async_wait<0>();
+    __syncthreads();
     if (t + 1 < n_tiles) {
         const int buf = (t + 1) & 1, n1 = (t + 1) * BLOCK_N;
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sK + buf * BLOCK_N * LD, k + (i64)n1 * k_ss, k_ss,
@@ -114,11 +133,7 @@ __device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* k, const T* 
         load_tile_async<BLOCK_N, D_TILE, LD, THREADS, ALIGNED>(sV + buf * BLOCK_N * LD, v + (i64)n1 * v_ss, v_ss,
                                                                seqlen_k - n1, headdim);
         cp_async_commit();
-        cp_async_wait<1>();
-    } else {
-        cp_async_wait<0>();
     }
-    __syncthreads();
 }
 
 // Warp-level products on MT slabs of 16 rows each, the building blocks of every tensor-core
@@ -276,7 +291,10 @@ template <typename T, int K, int N, int LD, int MT, int STEPS, typename A>
 __device__ __forceinline__ void gemm_nt_wide_steps(A (&acc)[MT][N / 8][4], const T* sA, const T* sB, int kk0,
                                                    int lane) {
     typedef WideMma<T> M;
-    const int g = lane / 4, tq = lane % 4;
+    // the lane's element (g, tq) of each operand: every fragment read is then a constant offset from it
+    const int lane_offset = lane / 4 * LD + lane % 4;
+    const T* a_lane = sA + lane_offset;
+    const T* b_lane = sB + lane_offset;
 #pragma unroll
     for (int kk = kk0; kk < kk0 + STEPS; ++kk) {
         typename M::reg a[MT][M::PARTS][4];
@@ -284,12 +302,12 @@ __device__ __forceinline__ void gemm_nt_wide_steps(A (&acc)[MT][N / 8][4], const
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                M::split(to_acc(sA[(16 * mt + g + 8 * (e % 2)) * LD + 8 * kk + tq + 4 * (e / 2)]), a[mt], e);
+                M::split(to_acc(a_lane[(16 * mt + 8 * (e % 2)) * LD + 8 * kk + 4 * (e / 2)]), a[mt], e);
 #pragma unroll
         for (int nn = 0; nn < N / 8; ++nn) {
             typename M::reg b[M::PARTS][2];
 #pragma unroll
-            for (int e = 0; e < 2; ++e) M::split(to_acc(sB[(8 * nn + g) * LD + 8 * kk + tq + 4 * e]), b, e);
+            for (int e = 0; e < 2; ++e) M::split(to_acc(b_lane[8 * nn * LD + 8 * kk + 4 * e]), b, e);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) M::mma(acc[mt][nn], a[mt], b);
         }
@@ -325,6 +343,7 @@ __device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p
                                              int lane) {
     typedef WideMma<T> M;
     const int g = lane / 4, tq = lane % 4, swap = SPREAD_ROWS && sizeof(T) == 8 ? tq >> 1 : 0;
+    const T* b_rows[2] = {sB + (2 * tq + swap) * LD + g, sB + (2 * tq + (swap ^ 1)) * LD + g};  // fragment k = tq, tq + 4
     typename M::reg a[K / 8][MT][M::PARTS][4];
 #pragma unroll
     for (int kk = 0; kk < K / 8; ++kk)
@@ -343,7 +362,7 @@ __device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p
             typename M::reg b[M::PARTS][2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const A x = to_acc(sB[(8 * kk + 2 * tq + (e ^ swap)) * LD + 8 * nn + g]);
+                const A x = to_acc(b_rows[e][8 * kk * LD + 8 * nn]);
                 M::split(FINITE_PART && !is_finite(x) ? A(0) : x, b, e);  // FINITE_PART: NaN and inf as 0
             }
 #pragma unroll

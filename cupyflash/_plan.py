@@ -464,7 +464,7 @@ def _dkdv_mma(dtype, d, var, aligned, limit, tf32, dq_atomics):
         key_rows = 16 * warps // roles
     block_m = _shrink(block_m, 16, smem, limit)
     # With one dx buffer each tile's dq takes a barrier of its own; with a second it waits for the next tile's
-    # first barrier instead, where a block fills the multiprocessor anyway (at head tile 64 the second buffer
+    # barrier instead, where a block fills the multiprocessor anyway (at head tile 64 the second buffer
     # left room for one block of two: 1.54x the time, H100)
     if dq_atomics and 2 * smem(block_m) > limit and smem(block_m) + dx_buffer(block_m) <= limit:
         dx_buffers = 2

@@ -11,7 +11,8 @@ ratios new / old with its quartiles, and whether the outputs are bitwise the sam
 tree's medians move by up to 10% on a shared machine; between interleaved batches by 1-2%.
 
 A cell is MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...], MODE fwd or bwd, SEQLEN with an optional k (x1024);
-KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P), mask=padding: the bench's padding
+KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P; deterministic: the backward's, whose
+float64 dq is otherwise summed by atomics in no fixed order), mask=padding: the bench's padding
 mask (bool (batch, 1, 1, seqlen), the last 10% of each sequence's keys hidden), or alibi=bench: the bench's
 ALiBi slopes. Shapes follow the FA2 protocol:
 batch = TOKENS / seqlen, heads = HIDDEN / headdim.
@@ -119,9 +120,11 @@ def parse_cell(text):
             keywords["attn_mask"] = value  # built per shape (run_cell)
         elif key == "alibi" and value == "bench":
             keywords["alibi_slopes"] = value  # built per shape (run_cell)
+        elif item == "deterministic" and mode == "bwd":
+            keywords["deterministic"] = True  # the backward's alone (run_cell)
         else:
             raise SystemExit(f"cell {text!r}: unknown keyword {key!r} (window, softcap, dropout, mask=padding, "
-                             "alibi=bench)")
+                             "alibi=bench, deterministic for bwd)")
     return mode, int(headdim), seqlen, keywords
 
 
@@ -156,11 +159,13 @@ def run_cell(cell, trees, xp, dtype, tokens, hidden, rounds, calls):
     if keywords.get("alibi_slopes") == "bench":
         keywords = dict(keywords, alibi_slopes=xp.asarray(bench.alibi_slopes(heads)))
     new = trees["new"]
+    backward_keywords = keywords
+    keywords = {key: value for key, value in keywords.items() if key != "deterministic"}
     out, lse = new.attention(q, k, v, return_lse=True, **keywords)
     if mode == "fwd":
         fns = {name: (lambda m=m: m.attention(q, k, v, return_lse=True, **keywords)) for name, m in trees.items()}
     else:
-        fns = {name: (lambda m=m: m.attention_backward(dout, q, k, v, out, lse, **keywords))
+        fns = {name: (lambda m=m: m.attention_backward(dout, q, k, v, out, lse, **backward_keywords))
                for name, m in trees.items()}
     results = {name: fn() for name, fn in fns.items()}  # and the compilations out of the timing
     pairs = list(zip(results["old"], results["new"]))
