@@ -28,6 +28,7 @@ is the one after the last row printed.
 """
 import argparse
 import ast
+import contextlib
 import faulthandler
 import importlib
 import os
@@ -36,7 +37,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 
 import numpy as np
 
@@ -73,6 +76,35 @@ while True:
     time.sleep(1)
 shutil.rmtree(path, ignore_errors=True)
 """
+
+
+class CellWatchdog:
+    """Ends the run (exit 1) when a cell outlasts `seconds`. A timer thread prints the main thread's stack: it needs
+    the GIL, which NumPy's and CUDA's blocking calls release. faulthandler's watchdog, which needs no GIL but may
+    crash while it walks the frames of a thread still running, follows later, for a call that holds the GIL."""
+    FALLBACK_SECONDS = 30
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.timer = None
+
+    def _expire(self, main_thread):
+        frame = sys._current_frames().get(main_thread)
+        sys.stdout.flush()
+        sys.stderr.write(f"Timeout ({self.seconds:g} s)!\n" + "".join(traceback.format_stack(frame)))
+        sys.stderr.flush()
+        os._exit(1)
+
+    def __enter__(self):
+        self.timer = threading.Timer(self.seconds, self._expire, (threading.get_ident(),))
+        self.timer.daemon = True
+        self.timer.start()
+        faulthandler.dump_traceback_later(self.seconds + self.FALLBACK_SECONDS, exit=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def remove_after_exit(path):
@@ -226,11 +258,9 @@ def main(argv=None):
         print("| cell | old ms | new ms | new / old | quartiles | outputs bitwise | largest difference |")
         print("|---|---|---|---|---|---|---|")
         for text, cell in zip(args.cells, cells):
-            if args.cell_timeout:  # a watchdog thread of the interpreter's, which a blocked call does not hold up
-                faulthandler.dump_traceback_later(args.cell_timeout, exit=True)
-            old_ms, new_ms, ratio, low, high, bitwise, difference = run_cell(cell, trees, xp, dtype, tokens, hidden,
-                                                                             args.rounds, args.calls)
-            faulthandler.cancel_dump_traceback_later()
+            with CellWatchdog(args.cell_timeout) if args.cell_timeout else contextlib.nullcontext():
+                old_ms, new_ms, ratio, low, high, bitwise, difference = run_cell(cell, trees, xp, dtype, tokens,
+                                                                                 hidden, args.rounds, args.calls)
             print(f"| {text} | {old_ms:.3f} | {new_ms:.3f} | {ratio:.3f} | {low:.3f}-{high:.3f} | "
                   f"{'yes' if bitwise else 'no'} | {difference:.1e} |", flush=True)
     finally:
