@@ -149,7 +149,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
             const i64 row = valid ? stats + r : 0;
             cp_async_value(sLse + buf * BLOCK_M + r, static_cast<const A*>(f.lse) + row, valid);
             cp_async_value(sDelta + buf * BLOCK_M + r, static_cast<const A*>(p.delta) + row, valid);
-            if constexpr (!APPROX) cp_async_value(sScale + buf * BLOCK_M + r, static_cast<const A*>(p.row_scale) + row, valid);
+            if constexpr (!APPROX)
+                cp_async_value(sScale + buf * BLOCK_M + r, static_cast<const A*>(p.row_scale) + row, valid);
         }
     };
     // once the copies of tile t have landed, before the barrier: lse in log2 units, renormalizer 1 past the rows
@@ -184,7 +185,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dkdv_mma(const __grid_co
     auto pending_dq_product = [&]() {
         if constexpr (DQ)
             if (pending_h >= 0)
-                dq_tile.product(sDx + (DX_BUFFERS == 2 ? dx_buf ^ 1 : 0) * BLOCK_M * LDX, sK, pending_guarded, warp, lane);
+                dq_tile.product(sDx + (DX_BUFFERS == 2 ? dx_buf ^ 1 : 0) * BLOCK_M * LDX, sK, pending_guarded, warp,
+                                lane);
     };
     auto pending_dq_add = [&]() {
         if constexpr (DQ) {

@@ -85,10 +85,10 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 // Copies rows [0, ROWS) x columns [0, D_TILE) of a tile into shared memory (row stride LD),
-// zero-filling rows past `nrows` and columns past `headdim`. ALIGNED (headdim, strides and base
-// pointer multiples of 16 bytes) moves 16-byte chunks with cp.async, each thread one column chunk of
-// every ROW_STEP-th row where the threads cover whole rows (so that a row's address is one add
-// from the last); otherwise elements are copied one by one.
+// zero-filling rows past `nrows` and columns past `headdim`. ALIGNED (base pointer and row stride
+// multiples of 16 bytes, headdim of 8 elements) moves 16-byte chunks with cp.async, each thread one
+// column chunk of every ROW_STEP-th row where the threads cover whole rows (so that a row's address
+// is one add from the last); otherwise elements are copied one by one.
 template <int ROWS, int D_TILE, int LD, int THREADS, bool ALIGNED, typename T>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* src, i64 row_stride, int nrows, int headdim) {
     constexpr int VEC = 16 / sizeof(T), CHUNKS = D_TILE / VEC, ROW_STEP = THREADS / CHUNKS;
@@ -343,7 +343,8 @@ __device__ __forceinline__ void gemm_rn_wide(A (&acc)[MT][N / 8][4], const A (&p
                                              int lane) {
     typedef WideMma<T> M;
     const int g = lane / 4, tq = lane % 4, swap = SPREAD_ROWS && sizeof(T) == 8 ? tq >> 1 : 0;
-    const T* b_rows[2] = {sB + (2 * tq + swap) * LD + g, sB + (2 * tq + (swap ^ 1)) * LD + g};  // fragment k = tq, tq + 4
+    // the rows of B that fragment k = tq and k = tq + 4 read
+    const T* b_rows[2] = {sB + (2 * tq + swap) * LD + g, sB + (2 * tq + (swap ^ 1)) * LD + g};
     typename M::reg a[K / 8][MT][M::PARTS][4];
 #pragma unroll
     for (int kk = 0; kk < K / 8; ++kk)
