@@ -10,9 +10,9 @@ NumPy backend), and each cell reports the median time per call of each tree, the
 ratios new / old with its quartiles, and whether the outputs are bitwise the same. Between processes the same
 tree's medians move by up to 10% on a shared machine; between interleaved batches by 1-2%.
 
-A cell is MODE:HEADDIM:SEQLEN[:causal][:KEY=VALUE...], MODE fwd or bwd, SEQLEN with an optional k (x1024);
-KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P; deterministic: the backward's, whose
-float64 dq is otherwise summed by atomics in no fixed order), mask=padding: the bench's padding
+A cell is MODE:HEADDIM:SEQLEN[:causal][:deterministic][:KEY=VALUE...], MODE fwd or bwd, SEQLEN with an optional
+k (x1024); deterministic (bwd only) is the backward's keyword, without which dq may be summed by atomics in no
+fixed order. KEY=VALUE pairs are attention keywords (window=L,R, softcap, dropout=P), mask=padding: the bench's padding
 mask (bool (batch, 1, 1, seqlen), the last 10% of each sequence's keys hidden), or alibi=bench: the bench's
 ALiBi slopes. Shapes follow the FA2 protocol:
 batch = TOKENS / seqlen, heads = HIDDEN / headdim.
