@@ -563,6 +563,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 float s[1][NT][4];
                 float(&s_regs)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s);
                 TileWords<1, NT> words;  // dropout's: ptxas draws them among the exponentials (SASS)
+                [[maybe_unused]] PackedKeep<NT> keep;  // and makes these masks of p's pairs from them there
                 // One body per (element checks, product pending): no branch while products are in flight.
                 check_tile(kind, var, [&](auto check, const Var& v) {
                     constexpr bool KEY_TERM = ALIBI_PRODUCT && !decltype(check)::value;
@@ -577,9 +578,10 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                         wgmma_commit();
                         if constexpr (decltype(overlap)::value) issue_pv(kv_step - 1);
                         if constexpr (TURNS) named_barrier_arrive<256>(3 - wg);  // the other's turn
-                        if constexpr (Var::dropout) {
+                        if constexpr (Var::dropout && PARTS == 1) {
                             words.draw(v, row0, n0, tq);
-                            fence_regs(reinterpret_cast<unsigned(&)[sizeof(words) / 4]>(words));
+                            keep.make(v, words);
+                            fence_regs(keep.halves);
                         }
                         wgmma_wait<decltype(overlap)::value ? 1 : 0>();
                         fence_regs(s_regs);
@@ -603,7 +605,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                 });
 #pragma unroll
                 for (int i = 0; i < NT * 2; ++i) p_regs[i] = pack2<Op>(s_regs[2 * i], s_regs[2 * i + 1]);
-                if constexpr (Var::dropout && PARTS == 1) drop_packed(var, p_regs, words);
+                if constexpr (Var::dropout && PARTS == 1) keep.apply(p_regs);
                 pending = true;
                 pending_at = {w.h, w.b, row0, n0};
             }

@@ -106,17 +106,26 @@ __device__ __forceinline__ void drop_scores(const Var& var, A (&s)[MT][NT][4], i
 }
 
 // Dropout on one slab's probabilities packed in pairs as wgmma's A operand (p[2 j + r]: row r, columns
-// 8 j + 2 tq + {0, 1}), four pairs a byte compare: for tiles that start at multiples of 64 columns. The
-// probabilities are unmarked (softmax_scores without MARK): a dropped one becomes +0.0, as a hidden one is
-// until a guarded product marks it (mark_hidden).
-template <int NT, typename Var>
-__device__ __forceinline__ void drop_packed(const Var& var, unsigned (&p)[2 * NT], const TileWords<1, NT>& words) {
-    static_assert(NT % 8 == 0, "64-column groups");
+// 8 j + 2 tq + {0, 1}): for tiles that start at multiples of 64 columns. The keep masks of the pairs are made
+// from the tile's words, four pairs a byte compare, as soon as the words are drawn (make), so that ptxas places
+// them among the exponentials and only the masks' ANDs follow the packing (apply). The probabilities are
+// unmarked (softmax_scores without MARK): a dropped one becomes +0.0, as a hidden one is until a guarded
+// product marks it (mark_hidden).
+template <int NT> struct PackedKeep {
+    unsigned halves[2 * NT];
+
+    template <typename Var> __device__ __forceinline__ void make(const Var& var, const TileWords<1, NT>& words) {
+        static_assert(NT % 8 == 0, "64-column groups");
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) p[2 * j + r] &= var.keep_halves(words.w[0][r][j / 8][(j % 8) / 2], j % 8);
-}
+            for (int r = 0; r < 2; ++r) halves[2 * j + r] = var.keep_halves(words.w[0][r][j / 8][(j % 8) / 2], j % 8);
+    }
+    __device__ __forceinline__ void apply(unsigned (&p)[2 * NT]) const {
+#pragma unroll
+        for (int i = 0; i < 2 * NT; ++i) p[i] &= halves[i];
+    }
+};
 
 // One key tile of the tensor-core forward kernels, on mma / wgmma accumulator fragments: MT slabs of
 // 16 rows (rows row0 + 16 mt + g and + 8), NT 8-column tiles of scores starting at column n0 (element e
