@@ -134,7 +134,7 @@ template <int NT> struct PackedKeep {
 // accumulator (rescale_rows), which may be in flight in a product meanwhile. With DROP (and dropout) the
 // probabilities that `words` (TileWords or WordsOnDemand) drop become zero (drop_scores); the kept ones are
 // scaled by 1 / (1 - p) at the end, with 1 / l. A caller that packs the probabilities drops them packed
-// instead (drop_packed). CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit
+// instead (PackedKeep). CHECK: element masks (tiles the variant classifies as EDGE); APPROX: 16-bit
 // inputs (see Variant::score); MARK: masked probabilities as masked zeros (-0.0), else +0.0, for a caller
 // that marks them itself on the rare path that reads the marks (mark_hidden): the mark costs a checked
 // tile a compare and a select per element. KEY_TERM_IN_PRODUCT: s holds ALiBi's key term (TileScores).
