@@ -129,6 +129,26 @@ struct SplitParams {
     int* nonfinite;  // set where x holds NaN or inf (FwdParams::gate)
 };
 
+// Rows of a KV-cache call's queries or new keys to rotate (rotary.cu): x (batch, seqlen, heads, headdim) into out
+// (contiguous, the same shape); row s of sequence b at position (starts ? starts[b] : start) + s * step.
+struct RotaryRows {
+    const void* x;
+    Strides st;
+    void* out;
+    int seqlen, heads, step;
+};
+
+// The rotary embedding of attention_with_kvcache's q and new k in one launch (rotary.cu): the first rotary_dim
+// columns in pairs by the rows of cos and sin (seqlen_ro, rotary_dim / 2), columns (2 i, 2 i + 1) when
+// interleaved, else (i, i + rotary_dim / 2).
+struct RotaryParams {
+    RotaryRows q, k;
+    const void* cos;
+    const void* sin;
+    const int* starts;  // (batch,) each sequence's first new position, or nullptr: start for each
+    int start, headdim, rotary_dim, interleaved;
+};
+
 // Split-KV decoding over a KV cache (decode.cu, decode_mma.cu) and its in-place append (decode.cu). fwd.k and
 // fwd.v are the caches, their batch stride the page stride; fwd.seqlen_k is unused (each sequence has its own
 // length). Sequence b holds (cache_seqlens ? cache_seqlens[b] : cache_seqlen) + seqlen_new keys once the new rows

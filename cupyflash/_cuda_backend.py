@@ -139,6 +139,7 @@ FWD_PARAMS = _params_dtype("FwdParams")
 FWD_PARAMS_SM90 = _params_dtype("FwdParamsSm90")
 SPLIT_PARAMS = _params_dtype("SplitParams")
 DECODE_PARAMS = _params_dtype("DecodeParams")
+ROTARY_PARAMS = _params_dtype("RotaryParams")
 BWD_PARAMS = _params_dtype("BwdParams")
 BWD_PARAMS_SM90 = _params_dtype("BwdParamsSm90")
 
@@ -731,6 +732,34 @@ def append(k_cache, v_cache, k, v, spec, lengths):
         struct = structs[key] = _Readdressed(DECODE_PARAMS, values, _APPEND_ADDRESSES)
     p = struct([k_cache.data.ptr, v_cache.data.ptr, _ptr(lengths.device), _ptr(table), k.data.ptr, v.data.ptr])
     _launch(_plan.kvcache_append(k.itemsize), (lengths.new, spec.nheads_kv, spec.batch), p, k_cache.data.device_id)
+
+
+#: RotaryParams by the layouts and values of a call's rotation: a decoding loop's calls build theirs once.
+_ROTARY_STRUCTS = {}
+_ROTARY_ADDRESSES = ("q.x", "q.out", "k.x", "k.out", "cos", "sin", "starts")
+
+
+def rotary(q, k, tables, lengths):
+    """q and the new keys k rotated (rotary.cu, one launch) into new arrays, by ``tables`` (_kvcache.Rotary): k's
+    row j at position cache_seqlens[b] + j, q's row i at cache_seqlens[b] + i * q_step (``lengths``: the call's
+    CacheLengths), on the current device."""
+    q, k = (_rows_contiguous(x) for x in (q, k))
+    cos, sin = (t if t.flags.c_contiguous else cupy.ascontiguousarray(t) for t in (tables.cos, tables.sin))
+    q_out, k_out = _empty(q.shape, q.dtype), _empty(k.shape, k.dtype)
+    key = (q.shape, q.strides, k.shape, k.strides, q.dtype, cos.shape, tables.q_step, tables.interleaved,
+           lengths.device is None, lengths.uniform)
+    struct = _ROTARY_STRUCTS.get(key)
+    if struct is None:
+        if len(_ROTARY_STRUCTS) >= 256:
+            _ROTARY_STRUCTS.clear()
+        rows = [(0, _strides(x), 0, x.shape[1], x.shape[2], step) for x, step in ((q, tables.q_step), (k, 1))]
+        values = (*rows, 0, 0, 0, lengths.uniform, q.shape[3], 2 * cos.shape[1], int(tables.interleaved))
+        struct = _ROTARY_STRUCTS[key] = _Readdressed(ROTARY_PARAMS, values, _ROTARY_ADDRESSES)
+    p = struct([q.data.ptr, q_out.data.ptr, k.data.ptr, k_out.data.ptr, cos.data.ptr, sin.data.ptr,
+                _ptr(lengths.device)])
+    _launch(_plan.rotary(q.dtype.name), (max(q.shape[1], k.shape[1]), q.shape[2] + k.shape[2], q.shape[0]), p,
+            q.data.device_id)
+    return q_out, k_out
 
 
 def _decode_aligned(k_cache, v_cache):

@@ -14,6 +14,9 @@ runs alone through the backend's dense forward (as :mod:`cupyflash._varlen` does
 view of the cache when they lie on one page, its pages gathered in order otherwise. ``num_splits``
 chunks of those keys run one after another and combine with :func:`~cupyflash.merge_attention`.
 
+With ``rotary_cos`` and ``rotary_sin`` the new keys are rotated by their positions before the append,
+and the queries before they attend (``cuda_src/rotary.cu``; on the NumPy backend, ``_rotate``).
+
 A decoding loop checks its arguments' shapes, dtypes and scalars once per signature, and the values
 of CuPy lengths and page tables at each call; NumPy ones and ints join the check's signature by their
 contents, so that a token's layers, which share them, are checked once and a NumPy page table is copied to
@@ -60,6 +63,7 @@ class Call:
     cache_seqlens: np.ndarray
     uniform: Optional[int]
     num_splits: int
+    rotary_interleaved: bool
     device_tables: dict = dataclasses.field(default_factory=dict)
 
     def seqlen_k(self, b):
@@ -115,12 +119,13 @@ class _Form(typing.NamedTuple):
     capacity_words: str
     num_blocks: int  # 0: contiguous
     num_splits: int
+    rotary_interleaved: bool  # with rotary_cos and rotary_sin
     specs: dict  # spec by its seqlen_k (the longest L_b), the same object for the later calls of a loop
 
 
-def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None, causal=False,
-               scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, num_splits=0, writes=True,
-               mixed_ok=False):
+def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+               block_table=None, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+               alibi_slopes=None, num_splits=0, writes=True, mixed_ok=False):
     """Validate a call of :func:`attention_with_kvcache`; return its :class:`Call`.
 
     Everything is checked before anything is written. ``cache_seqlens`` and ``block_table`` are
@@ -128,18 +133,21 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, b
     whatever the other arrays are. ``writes=False`` (the reference, which writes nothing) does not
     ask for writeable caches; ``mixed_ok`` allows NumPy and CuPy arrays together.
     """
-    form = _check_form(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                       causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+    form = _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                       cache_seqlens=cache_seqlens, block_table=block_table, causal=causal, scale=scale,
+                       window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
                        alibi_slopes=alibi_slopes, num_splits=num_splits, writes=writes, mixed_ok=mixed_ok)
     return _check_values(fn, form, cache_seqlens, block_table, one_copy=not mixed_ok)
 
 
-def _check_form(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, causal, scale, window_size, softcap,
-                alibi_slopes, num_splits, writes, mixed_ok):
+def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, block_table, causal, scale,
+                window_size, softcap, rotary_interleaved, alibi_slopes, num_splits, writes, mixed_ok):
     """check_call's checks that read no length and no page id: its _Form."""
-    if (k is None) != (v is None):
-        given, missing = ("k", "v") if v is None else ("v", "k")
-        _fail(ValueError, fn, missing, f"must be given with {given} (both or neither)", None)
+    pairs = ((("k", k), ("v", v)), (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)))
+    for (a, x), (b, y) in pairs:
+        if (x is None) != (y is None):
+            given, missing = (a, b) if y is None else (b, a)
+            _fail(ValueError, fn, missing, f"must be given with {given} (both or neither)", None)
     seqlens_is_int = isinstance(cache_seqlens, (numbers.Integral, np.integer)) and not isinstance(
         cache_seqlens, (bool, np.bool_))
     if cache_seqlens is not None and not seqlens_is_int and array_kind(cache_seqlens) is None:
@@ -147,6 +155,7 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, ca
               _validate._type_name(cache_seqlens))
     named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
     named += [("k", k), ("v", v)] if k is not None else []
+    named += [("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)] if rotary_cos is not None else []
     # the lengths and the page table may stay on the host (NumPy) with arrays on the device
     named += [("cache_seqlens", cache_seqlens)] if (cache_seqlens is not None and not seqlens_is_int
                                                     and array_kind(cache_seqlens) != "numpy") else []
@@ -229,6 +238,10 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, ca
     if num_splits < 0:
         _fail(ValueError, fn, "num_splits", "must be >= 0 (0 = automatic)", num_splits)
 
+    rotary_interleaved = _validate.check_flag(fn, "rotary_interleaved", rotary_interleaved)
+    if rotary_cos is not None:
+        _check_rotary(fn, rotary_cos, rotary_sin, q, k, capacity, capacity_words, causal or window != (-1, -1))
+
     if cache_seqlens is None and seqlen_new:
         _fail(ValueError, fn, "cache_seqlens", f"must be given with k and v (None means every cache is full, "
               f"{capacity} keys, leaving no room for seqlen_new={seqlen_new})", None)
@@ -236,7 +249,36 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, ca
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=slopes)
     return _Form(spec, seqlens_is_int, seqlen_new, page_size, capacity, capacity_words,
-                 num_blocks if paged else 0, num_splits, {})
+                 num_blocks if paged else 0, num_splits, rotary_interleaved, {})
+
+
+def _check_rotary(fn, rotary_cos, rotary_sin, q, k, capacity, capacity_words, successive):
+    """rotary_cos and rotary_sin (seqlen_ro, rotary_dim / 2) in q's dtype, with a row for every position they
+    rotate: the new keys' (up to the capacity), and q's rows at successive positions when ``successive``."""
+    if k is None:
+        _fail(ValueError, fn, "rotary_cos", "needs the new keys k and v, which it rotates before the append", None)
+    words = "(seqlen_ro, rotary_dim / 2)"
+    for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if x.ndim != 2:
+            _fail(ValueError, fn, name, f"must have 2 dimensions {words}", f"{x.ndim} dimensions with shape "
+                  f"{tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            _fail(TypeError, fn, f"{name}.dtype", f"must equal q.dtype={_validate._dtype_name(q.dtype)}",
+                  _validate._dtype_name(x.dtype))
+    if tuple(rotary_sin.shape) != tuple(rotary_cos.shape):
+        _fail(ValueError, fn, "rotary_sin.shape", f"must equal rotary_cos.shape={tuple(rotary_cos.shape)}",
+              tuple(rotary_sin.shape))
+    seqlen_ro, half = rotary_cos.shape
+    headdim = q.shape[3]
+    if half == 0 or 2 * half > headdim:
+        _fail(ValueError, fn, "rotary_cos.shape[1] (rotary_dim / 2)", f"must be between 1 and headdim / 2 = "
+              f"{headdim // 2}", half)
+    extra = max(0, q.shape[1] - k.shape[1]) if successive else 0  # q's rows past the new keys' positions
+    needed = capacity + extra
+    if seqlen_ro < needed:
+        words = capacity_words if not extra else f"{capacity_words} + seqlen_q - seqlen_new = {capacity} + {extra}"
+        _fail(ValueError, fn, "rotary_cos.shape[0] (seqlen_ro)", f"must be at least the positions it rotates, "
+              f"{words} = {needed}", seqlen_ro)
 
 
 def _check_values(fn, form, cache_seqlens, block_table, one_copy):
@@ -268,7 +310,7 @@ def _check_values(fn, form, cache_seqlens, block_table, one_copy):
             form.specs.clear()
         spec = form.specs[longest] = dataclasses.replace(form.spec, seqlen_k=longest)
     return Call(spec=spec, seqlen_new=seqlen_new, page_size=page_size, pages=table, cache_seqlens=lengths,
-                uniform=uniform, num_splits=form.num_splits)
+                uniform=uniform, num_splits=form.num_splits, rotary_interleaved=form.rotary_interleaved)
 
 
 def _check_lengths(fn, form, lengths, name):
@@ -306,6 +348,31 @@ def _append(call, cache, new):
     pages = np.take_along_axis(call.pages, positions // call.page_size, axis=1)
     rows = _bits(new).reshape(-1, *new.shape[2:])
     _bits(cache)[pages.ravel(), (positions % call.page_size).ravel()] = rows
+
+
+class Rotary(typing.NamedTuple):
+    """A call's rotary embedding (checked): its tables, their pairing, and q's step between rows' positions
+    (1: successive, 0: every row at its sequence's first new position)."""
+    cos: Array
+    sin: Array
+    interleaved: bool
+    q_step: int
+
+
+def _rotate(x, rotary, starts, step):
+    """NumPy twin of rotary.cu: x (batch, seqlen, heads, headdim) with row s of sequence b rotated by the tables'
+    row ``starts[b] + s * step``, each product and sum rounded in the accumulation type, the result to x's dtype."""
+    acc = compute_dtype(x.dtype)
+    half = rotary.cos.shape[1]
+    positions = starts[:, None] + np.arange(x.shape[1]) * step
+    cos, sin = (t[positions].astype(acc)[:, :, None, :] for t in (rotary.cos, rotary.sin))
+    first, second = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if rotary.interleaved else \
+        (slice(0, half), slice(half, 2 * half))
+    x1, x2 = x[..., first].astype(acc), x[..., second].astype(acc)
+    out = x.copy()
+    out[..., first] = (x1 * cos - x2 * sin).astype(x.dtype)
+    out[..., second] = (x2 * cos + x1 * sin).astype(x.dtype)
+    return out
 
 
 def _gather(call, cache, b, length, xp):
@@ -358,11 +425,12 @@ def _attend(backend, call, q_b, keys, values, one, xp):
 
 
 def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
-                           v: Optional[Array] = None, *, cache_seqlens: Union[None, int, Array] = None,
+                           v: Optional[Array] = None, *, rotary_cos: Optional[Array] = None,
+                           rotary_sin: Optional[Array] = None, cache_seqlens: Union[None, int, Array] = None,
                            block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                           alibi_slopes: Optional[Array] = None, return_lse: bool = False,
-                           num_splits: int = 0) -> Union[Array, Tuple[Array, Array]]:
+                           rotary_interleaved: bool = True, alibi_slopes: Optional[Array] = None,
+                           return_lse: bool = False, num_splits: int = 0) -> Union[Array, Tuple[Array, Array]]:
     """Attention of q over each sequence's cached keys and values plus the new ``k``, ``v``, which
     are first written into the cache in place (flash-attn's ``flash_attn_with_kvcache``, forward only).
 
@@ -375,6 +443,12 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     positions ``cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1``, and sequence b attends to
     its first ``L_b = cache_seqlens[b] + seqlen_new`` positions. causal, window_size, softcap and
     alibi_slopes are those of :func:`cupyflash.attention`, bottom-right aligned over the L_b keys.
+    ``rotary_cos`` and ``rotary_sin`` (seqlen_ro, rotary_dim / 2), in q's dtype, apply the rotary
+    embedding to the first rotary_dim columns of k and q first: k's row j at position
+    ``cache_seqlens[b] + j`` (the cache receives the rotated rows), q's row i at ``cache_seqlens[b] + i``
+    when causal or windowed, else every row of q at ``cache_seqlens[b]``. A pair (x1, x2) becomes
+    (x1 cos - x2 sin, x2 cos + x1 sin): with ``rotary_interleaved`` columns (2i, 2i + 1) (GPT-J), else
+    (i, i + rotary_dim / 2) (GPT-NeoX); computed in float32 (float64 for float64) and rounded once.
     ``num_splits``: 0 (automatic), or the number of key chunks (at most) whose attentions are merged
     by their lse.
 
@@ -385,15 +459,22 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     ones, an int or None need no read.
     """
     fn = "attention_with_kvcache"
-    call = _checked(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                    causal=causal, scale=scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                    num_splits=num_splits)
+    call = _checked(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                    cache_seqlens=cache_seqlens, block_table=block_table, causal=causal, scale=scale,
+                    window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
+                    alibi_slopes=alibi_slopes, num_splits=num_splits)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
     spec = call.spec
     backend = _backend(spec.kind)
+    rotary = None if rotary_cos is None else Rotary(rotary_cos, rotary_sin, call.rotary_interleaved,
+                                                    int(spec.causal or spec.has_window))
     if spec.kind == "cupy":
-        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table, return_lse)
+        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary,
+                              return_lse)
     else:
+        if rotary is not None:
+            k = _rotate(k, rotary, call.cache_seqlens, 1)
+            q = _rotate(q, rotary, call.cache_seqlens, rotary.q_step)
         if call.seqlen_new:
             _append(call, k_cache, k)
             _append(call, v_cache, v)
@@ -401,23 +482,24 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     return (out, lse) if return_lse else out
 
 
-def _checked(fn, q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, causal, scale, window_size, softcap,
-             alibi_slopes, num_splits):
+def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, block_table, causal, scale,
+             window_size, softcap, rotary_interleaved, alibi_slopes, num_splits):
     """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes by
     its address too, which the Spec keeps): a decoding loop checks its arguments once, not at every token.
     Lengths and page tables on the host join the signature by their contents, so the calls of one token's
     layers, which share them, are checked once; CuPy ones are read and checked at each call."""
     def form():
-        return _check_form(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                           causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+        return _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                           cache_seqlens=cache_seqlens, block_table=block_table, causal=causal, scale=scale,
+                           window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
                            alibi_slopes=alibi_slopes, num_splits=num_splits, writes=True, mixed_ok=False)
 
     kinds = [array_kind(x) for x in (cache_seqlens, block_table)]
     read = "cupy" in kinds
     on_host = [x for x, kind in zip((cache_seqlens, block_table), kinds) if kind == "numpy"]
-    key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes),
+    key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes, rotary_cos, rotary_sin),
                               (fn, read, None if kinds[0] else cache_seqlens, causal, scale, window_size, softcap,
-                               num_splits))
+                               rotary_interleaved, num_splits))
     if key is not None:
         key += (_layout(cache_seqlens), _layout(block_table), alibi_slopes is not None and alibi_slopes.data.ptr)
     if not read:  # the whole verdict
@@ -434,11 +516,12 @@ def _layout(x):
     return type(x), getattr(getattr(x, "device", None), "id", None), getattr(x, "shape", None), getattr(x, "dtype", None)
 
 
-def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table, want_lse):
+def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary, want_lse):
     """The CuPy path, on q's device. The append and the decode kernels read each sequence's length from
     ``cache_seqlens`` on the device, or from one number when every sequence has the same (an int, None, or
     such a NumPy array); NumPy lengths and page tables are copied to the device (asynchronously, without the
-    read that CuPy ones take to be checked). The decode kernels leave lse out (None) without ``want_lse``."""
+    read that CuPy ones take to be checked). With ``rotary`` the new keys and q are rotated first, into new arrays.
+    The decode kernels leave lse out (None) without ``want_lse``."""
     spec, cupy, on = call.spec, backend.cupy, q.device
     with on:
         device = on.id
@@ -452,6 +535,8 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
             device_lengths, uniform = cupy.asarray(call.cache_seqlens.astype(np.int32)), 0
         table = None if block_table is None else _device_table(cupy, call, block_table, device)
         lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
+        if rotary is not None:
+            q, k = backend.rotary(q, k, rotary, lengths)
         if call.seqlen_new:
             backend.append(k_cache, v_cache, k, v, spec, lengths)
         plan = backend.decode_plan(spec, k_cache, v_cache, call.num_splits)

@@ -22,7 +22,7 @@ from . import _kvcache, _philox, _validate, _varlen
 Array = Any  # numpy.ndarray or cupy.ndarray
 
 __all__ = ["attention", "attention_backward", "attention_with_kvcache", "merge_attention", "causal_mask",
-           "visibility"]
+           "rotary_embedding", "visibility"]
 
 
 def _host(x):
@@ -307,15 +307,37 @@ def merge_attention(outs: Sequence[Array], lses: Sequence[Array], *,
     return sum(w[i][..., None] * x for i, x in enumerate(outs)), lse
 
 
+def rotary_embedding(x, cos, sin, positions, interleaved):
+    """x (batch, seqlen, heads, headdim) with the first rotary_dim columns of row s of sequence b rotated by
+    rows ``positions[b, s]`` of cos and sin (seqlen_ro, rotary_dim / 2): x_r cos + rotate(x_r) sin in
+    float64, where rotate maps each pair (x1, x2) to (-x2, x1), pairs being columns (2i, 2i + 1) when
+    interleaved, else (i, i + rotary_dim / 2). Float64."""
+    x, cos, sin = (_host64(t) for t in (x, cos, sin))
+    rotary_dim = 2 * cos.shape[1]
+    # each column's angle: its pair's
+    c, s = ((np.repeat(t, 2, axis=1) if interleaved else np.tile(t, (1, 2))) for t in (cos, sin))
+    c, s = (t[positions][:, :, None, :] for t in (c, s))
+    xr = x[..., :rotary_dim]
+    if interleaved:
+        rotated = np.stack([-xr[..., 1::2], xr[..., 0::2]], axis=-1).reshape(xr.shape)
+    else:
+        rotated = np.concatenate([-xr[..., rotary_dim // 2:], xr[..., :rotary_dim // 2]], axis=-1)
+    return np.concatenate([xr * c + rotated * s, x[..., rotary_dim:]], axis=-1)
+
+
 def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
-                           v: Optional[Array] = None, *, cache_seqlens: Union[None, int, Array] = None,
+                           v: Optional[Array] = None, *, rotary_cos: Optional[Array] = None,
+                           rotary_sin: Optional[Array] = None, cache_seqlens: Union[None, int, Array] = None,
                            block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                           alibi_slopes: Optional[Array] = None, return_lse: bool = False,
+                           rotary_interleaved: bool = True, alibi_slopes: Optional[Array] = None,
+                           return_lse: bool = False,
                            num_splits: int = 0) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Float64 ``out`` (and ``lse``) of :func:`cupyflash.attention_with_kvcache`'s call: sequence b's
     queries attend, through :func:`attention`, to its cache rows ``[0, cache_seqlens[b])`` (read
-    through ``block_table`` when paged) followed by its new ``k``, ``v``.
+    through ``block_table`` when paged) followed by its new ``k``, ``v``. With ``rotary_cos`` and
+    ``rotary_sin``, the new k and q first pass through :func:`rotary_embedding` at the call's positions
+    and are rounded to their dtype, as the cache keeps k and the kernels take q.
 
     It writes nothing: the caches are only read, and the result is that of attending to cache plus
     new keys, which is what the real call returns after appending them. The arguments are checked
@@ -323,11 +345,18 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     and otherwise ignored.
     """
     fn = "reference.attention_with_kvcache"
-    call = _kvcache.check_call(fn, q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                               causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+    call = _kvcache.check_call(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                               cache_seqlens=cache_seqlens, block_table=block_table, causal=causal, scale=scale,
+                               window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
                                alibi_slopes=alibi_slopes, num_splits=num_splits, writes=False, mixed_ok=True)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
     spec = call.spec
+    if rotary_cos is not None:
+        starts = call.cache_seqlens[:, None]
+        q_positions = starts + np.arange(spec.seqlen_q) * int(spec.causal or spec.has_window)
+        k = rotary_embedding(k, rotary_cos, rotary_sin, starts + np.arange(call.seqlen_new),
+                             call.rotary_interleaved).astype(spec.dtype)
+        q = rotary_embedding(q, rotary_cos, rotary_sin, q_positions, call.rotary_interleaved).astype(spec.dtype)
     q, k_cache, v_cache = (_host(x) for x in (q, k_cache, v_cache))
     k, v = (None if x is None else _host(x) for x in (k, v))
     slopes = None if spec.alibi_slopes is None else _host(spec.alibi_slopes)

@@ -1,7 +1,8 @@
 """attention_with_kvcache: attention over a contiguous or paged KV cache plus new keys appended in
 place, against the float64 reference over each sequence's concatenated keys; what the append
 writes (exactly the new rows), what is never read (rows past the valid length, unused pages),
-num_splits, and the argument errors (raised before anything is written)."""
+num_splits, the rotary embedding of the new keys and the queries, and the argument errors (raised before
+anything is written)."""
 import re
 
 import numpy as np
@@ -111,6 +112,73 @@ def test_matches_the_reference_over_the_concatenated_keys(cache_seqlens, seqlen_
     assert np.isfinite(out).all()  # the NaN rows past each sequence's keys are never read
     assert_matches(out, lse, want_out, want_lse, 2e-5 if dtype == np.float32 else 1e-12)
     assert_matches(ref_out, ref_lse, want_out, want_lse, 1e-12)
+
+
+def rotary_tables(seed, seqlen_ro, half, dtype):
+    """cos and sin of random angles (seqlen_ro, half), in ``dtype``."""
+    angles = np.random.default_rng(seed).uniform(0, 2 * np.pi, (seqlen_ro, half))
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def appended_rows(k_cache, block_table, lengths, seqlen_new):
+    """Each sequence's rows cache_seqlens[b] ... + seqlen_new, read through the page table."""
+    rows = []
+    for b, n in enumerate(lengths):
+        positions = n + np.arange(seqlen_new)
+        if block_table is None:
+            rows.append(k_cache[b, positions])
+        else:
+            page_size = k_cache.shape[1]
+            rows.append(k_cache[block_table[b, positions // page_size], positions % page_size])
+    return np.stack(rows)
+
+
+ROTARY_VARIANTS = [dict(), dict(causal=True), dict(window_size=(3, 1)), dict(causal=True, alibi_slopes=SLOPES)]
+
+
+@settings(max_examples=60)
+@given(cache_seqlens=st.lists(st.integers(0, 12), min_size=1, max_size=3), seqlen_new=st.integers(1, 4),
+       seqlen_q=st.integers(1, 4), dtype=st.sampled_from([np.float16, BFLOAT16, np.float32, np.float64]),
+       half=st.integers(1, 8), interleaved=st.booleans(), variant=st.sampled_from(range(len(ROTARY_VARIANTS))),
+       page_size=st.sampled_from([None, 1, 4]), seed=st.integers(0, 2**32 - 1))
+def test_rotary_matches_the_reference(cache_seqlens, seqlen_new, seqlen_q, dtype, half, interleaved, variant,
+                                      page_size, seed):
+    q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new, seqlen_q, dtype=dtype)
+    kw = dict(ROTARY_VARIANTS[variant], rotary_interleaved=interleaved)
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, seed)
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * page_size
+    cos, sin = rotary_tables(seed, capacity + seqlen_q, half, dtype)
+    want_out, want_lse = cupyflash.reference.attention_with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lengths, block_table=block_table,
+        return_lse=True, **kw)
+    out, lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                                cache_seqlens=lengths, block_table=block_table, return_lse=True, **kw)
+    tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 2e-5,
+           np.dtype(np.float64): 1e-12}[np.dtype(dtype)]
+    assert_matches(out, lse, want_out, want_lse, tol)
+    # the cache keeps the rotated keys, within a rounding of the reference's float64 rotation (and of its
+    # products' sizes, where the two nearly cancel)
+    successive = np.array(lengths)[:, None] + np.arange(seqlen_new)
+    want_k = cupyflash.reference.rotary_embedding(k, cos, sin, successive, interleaved)
+    sizes = sum(np.abs(cupyflash.reference.rotary_embedding(np.abs(k), c, s, successive, interleaved))
+                for c, s in ((np.abs(cos), 0 * sin), (0 * cos, np.abs(sin))))  # |x1 cos| + |x2 sin|
+    got_k = appended_rows(k_cache, block_table, lengths, seqlen_new).astype(np.float64)
+    assert (np.abs(got_k - want_k) <= eps(dtype) * (np.abs(want_k) + sizes)).all()
+    assert np.array_equal(bits(got_k[..., 2 * half:]), bits(k[..., 2 * half:].astype(np.float64)))  # not rotated
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True, window_size=(4, -1))])
+def test_rotary_by_the_identity_changes_nothing(kw):
+    args = problem(3, [2, 7], 3, seqlen_q=2)
+    plain = [x.copy() for x in args]
+    cos, sin = np.ones((12, 6), np.float32), np.zeros((12, 6), np.float32)
+    out, lse = cupyflash.attention_with_kvcache(*args[:5], rotary_cos=cos, rotary_sin=sin, cache_seqlens=args[5],
+                                                return_lse=True, **kw)
+    want_out, want_lse = cupyflash.attention_with_kvcache(*plain[:5], cache_seqlens=plain[5], return_lse=True, **kw)
+    for got, want in ((out, want_out), (lse, want_lse), (args[1], plain[1]), (args[2], plain[2])):
+        assert np.array_equal(bits(got), bits(want))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
@@ -420,6 +488,7 @@ def _readonly(x):
     return x
 
 
+COS, SIN = (np.full((10, 4), x, np.float32) for x in (0.6, 0.8))  # rotary tables for bad_call_args' calls
 BAD = [  # (paged, changes, exception, message)
     (False, dict(v=None), ValueError, "v must be given with k (both or neither), got None"),
     (False, dict(k=None), ValueError, "k must be given with v (both or neither), got None"),
@@ -503,6 +572,30 @@ BAD = [  # (paged, changes, exception, message)
     (False, dict(alibi_slopes=FakeCupyArray(SLOPES)), TypeError,
      "alibi_slopes must be a numpy array like q (NumPy and CuPy arrays cannot be mixed)"),
     (False, dict(block_table=[[0]]), TypeError, "block_table must be a numpy.ndarray or cupy.ndarray, got list"),
+    (False, dict(rotary_cos=COS), ValueError, "rotary_sin must be given with rotary_cos (both or neither), got None"),
+    (False, dict(rotary_sin=SIN), ValueError, "rotary_cos must be given with rotary_sin (both or neither), got None"),
+    (False, dict(rotary_cos=COS, rotary_sin=SIN, k=None, v=None), ValueError,
+     "rotary_cos needs the new keys k and v, which it rotates before the append, got None"),
+    (False, dict(rotary_cos=COS[0], rotary_sin=SIN), ValueError,
+     "rotary_cos must have 2 dimensions (seqlen_ro, rotary_dim / 2), got 1 dimensions with shape (4,)"),
+    (False, dict(rotary_cos=COS, rotary_sin=SIN.astype(np.float64)), TypeError,
+     "rotary_sin.dtype must equal q.dtype=float32, got float64"),
+    (False, dict(rotary_cos=COS, rotary_sin=SIN[:, :3]), ValueError,
+     "rotary_sin.shape must equal rotary_cos.shape=(10, 4), got (10, 3)"),
+    (False, dict(rotary_cos=np.ones((10, 9), np.float32), rotary_sin=np.zeros((10, 9), np.float32)), ValueError,
+     "rotary_cos.shape[1] (rotary_dim / 2) must be between 1 and headdim / 2 = 8, got 9"),
+    (False, dict(rotary_cos=COS[:8], rotary_sin=SIN[:8]), ValueError,
+     "rotary_cos.shape[0] (seqlen_ro) must be at least the positions it rotates, seqlen_cache = 9, got 8"),
+    (True, dict(rotary_cos=COS, rotary_sin=SIN), ValueError,
+     "rotary_cos.shape[0] (seqlen_ro) must be at least the positions it rotates, max_blocks_per_seq * page_size = "
+     "3 * 4 = 12, got 10"),
+    (False, dict(rotary_cos=COS[:9], rotary_sin=SIN[:9], causal=True), ValueError,
+     "rotary_cos.shape[0] (seqlen_ro) must be at least the positions it rotates, seqlen_cache + seqlen_q - "
+     "seqlen_new = 9 + 1 = 10, got 9"),
+    (False, dict(rotary_cos=COS, rotary_sin=SIN, rotary_interleaved=1), TypeError,
+     "rotary_interleaved must be a bool, got 1"),
+    (False, dict(rotary_cos=FakeCupyArray(COS), rotary_sin=SIN), TypeError,
+     "rotary_cos must be a numpy array like q (NumPy and CuPy arrays cannot be mixed), got a cupy array"),
     (False, dict(k_cache=lambda a: _readonly(a["k_cache"])), ValueError,
      "k_cache must be writeable (k and v are appended to it in place), got a read-only array"),
     (True, dict(v_cache=lambda a: _readonly(a["v_cache"])), ValueError, "v_cache must be writeable"),
@@ -561,6 +654,48 @@ def test_cupy_matches_numpy(dtype, page_size, num_splits):
     assert np.array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
     finite = np.isfinite(want_lse)
     np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64])
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("case", ["causal, paged, lengths on the device", "one length for all, contiguous"])
+def test_rotary_cupy_matches_numpy(dtype, interleaved, case):
+    """The device's rotated keys are the NumPy backend's bit for bit (rotary.cu rounds as _rotate does); the
+    outputs agree within the decode's rounding."""
+    cp = pytest.importorskip("cupy")
+
+    def to_device(x):
+        return cp.asarray(bits(x)).view(x.dtype)
+
+    def to_host(x):
+        return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
+
+    causal = case.startswith("causal")
+    lengths = [0, 70, 129, 5] if causal else [37] * 4
+    q, k_cache, v_cache, k, v, host_lengths = problem(11, lengths, 3, seqlen_q=3, headdim=64, dtype=dtype)
+    block_table = None
+    if causal:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, 16, 11)
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * 16
+    cos, sin = rotary_tables(11, capacity, 24, dtype)  # rotary_dim 48 of 64 columns
+    kw = dict(rotary_interleaved=interleaved, causal=causal, return_lse=True)
+    dev_caches = [to_device(c) for c in (k_cache, v_cache)]
+    dev_lengths = cp.asarray(host_lengths) if causal else lengths[0]
+    out, lse = cupyflash.attention_with_kvcache(
+        to_device(q), *dev_caches, to_device(k), to_device(v), rotary_cos=to_device(cos), rotary_sin=to_device(sin),
+        cache_seqlens=dev_lengths, block_table=None if block_table is None else cp.asarray(block_table), **kw)
+    want_out, want_lse = cupyflash.attention_with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+        cache_seqlens=host_lengths if causal else lengths[0], block_table=block_table, **kw)
+    for got, want in zip(dev_caches, (k_cache, v_cache)):
+        assert np.array_equal(bits(to_host(got)), bits(want))
+    tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5,
+           np.dtype(np.float64): 1e-12}[np.dtype(dtype)]
+    got_out = to_host(out).astype(np.float64)
+    assert np.isfinite(got_out).all()
+    np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=tol)
+    np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4 if dtype != np.float64 else 1e-12)
 
 
 def check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num_splits):

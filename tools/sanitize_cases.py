@@ -9,8 +9,8 @@ family on a Hopper GPU; float64 on the mma.sync family), causal and not, with GQ
 element loads; every variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone
 and all together, with NaN in masked keys so the guarded products run too, and on sequences of several tiles.
 packed: packed batches with empty sequences and NaN. decode: the split-KV decode kernel of
-attention_with_kvcache on paged and contiguous caches, with its append. wide: float32 in TF32 and float64
-past its tensor-core head dimensions, with its wide heads' paired warps and its dq added by the dK/dV pass.
+attention_with_kvcache on paged and contiguous caches, with its append and rotary embedding. wide: float32 in
+TF32 and float64 past its tensor-core head dimensions, with its wide heads' paired warps and its dq added by the dK/dV pass.
 families: the mma.sync family (16-bit) and the CUDA-core kernels (float32, float64) forced. hopper_turns: the
 Hopper backward's blocks each taking many key blocks in turn. dq_tiles: the Hopper backward's dq accumulator, each query tile's first
 sum stored and the rest added: many key blocks at once on few query tiles, and whole query tiles no key
@@ -147,6 +147,13 @@ def decode():
                                              cache_seqlens=np.array([200, 200], np.int32), causal=True)
         cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=np.array([60, 3], np.int32),
                                          block_table=table.get())
+        # the rotary embedding of k and q (rotary.cu), interleaved and not, on part of the head
+        angles = rng.uniform(0, 2 * np.pi, (128, 24))
+        cos, sin = device(np.cos(angles).astype(dtype)), device(np.sin(angles).astype(dtype))
+        for interleaved, variant in ((True, dict(causal=True)), (False, dict())):
+            cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, rotary_cos=cos, rotary_sin=sin,
+                                             cache_seqlens=cp.asarray(np.array([100, 0], np.int32)), block_table=table,
+                                             rotary_interleaved=interleaved, **variant)
 
 
 def wide():
