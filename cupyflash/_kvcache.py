@@ -3,7 +3,8 @@
 The cache is contiguous, ``(batch, seqlen_cache, nheads_kv, headdim)``, or paged,
 ``(num_blocks, page_size, nheads_kv, headdim)`` with a ``block_table`` (batch, max_blocks_per_seq)
 whose row b lists the pages of sequence b in order. Inside, a contiguous cache is a paged one
-whose page b is all of sequence b, so appending and reading have one code path.
+whose page b is all of sequence b (page ``cache_batch_idx[b]`` with that argument), so appending and
+reading have one code path.
 
 Sequence b holds ``L_b = cache_seqlens[b] + seqlen_new`` keys once k, v are appended. On the GPU the
 append is one kernel, and calls with at most 16 query rows per kv head (the group's heads times
@@ -117,31 +118,38 @@ class _Form(typing.NamedTuple):
     page_size: int
     capacity: int
     capacity_words: str
-    num_blocks: int  # 0: contiguous
+    num_blocks: int  # 0: contiguous, one page a sequence in order
+    table_name: Optional[str]  # the argument that names each sequence's pages: block_table, cache_batch_idx
     num_splits: int
     rotary_interleaved: bool  # with rotary_cos and rotary_sin
     specs: dict  # spec by its seqlen_k (the longest L_b), the same object for the later calls of a loop
 
 
 def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
-               block_table=None, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
-               alibi_slopes=None, num_splits=0, writes=True, mixed_ok=False):
+               cache_batch_idx=None, block_table=None, causal=False, scale=None, window_size=(-1, -1), softcap=0.0,
+               rotary_interleaved=True, alibi_slopes=None, num_splits=0, writes=True, mixed_ok=False):
     """Validate a call of :func:`attention_with_kvcache`; return its :class:`Call`.
 
-    Everything is checked before anything is written. ``cache_seqlens`` and ``block_table`` are
-    read to the host (CuPy ones in one copy, a device synchronisation); they may be NumPy arrays
+    Everything is checked before anything is written. ``cache_seqlens`` and ``block_table`` (or
+    ``cache_batch_idx``) are read to the host (CuPy ones in one copy, a device synchronisation); they may be NumPy arrays
     whatever the other arrays are. ``writes=False`` (the reference, which writes nothing) does not
     ask for writeable caches; ``mixed_ok`` allows NumPy and CuPy arrays together.
     """
     form = _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                       cache_seqlens=cache_seqlens, block_table=block_table, causal=causal, scale=scale,
-                       window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
-                       alibi_slopes=alibi_slopes, num_splits=num_splits, writes=writes, mixed_ok=mixed_ok)
-    return _check_values(fn, form, cache_seqlens, block_table, one_copy=not mixed_ok)
+                       cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, block_table=block_table,
+                       causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                       rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits,
+                       writes=writes, mixed_ok=mixed_ok)
+    return _check_values(fn, form, cache_seqlens, _table(block_table, cache_batch_idx), one_copy=not mixed_ok)
 
 
-def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, block_table, causal, scale,
-                window_size, softcap, rotary_interleaved, alibi_slopes, num_splits, writes, mixed_ok):
+def _table(block_table, cache_batch_idx):
+    """The argument that names each sequence's pages (at most one is given)."""
+    return block_table if cache_batch_idx is None else cache_batch_idx
+
+
+def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
+                causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits, writes, mixed_ok):
     """check_call's checks that read no length and no page id: its _Form."""
     pairs = ((("k", k), ("v", v)), (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)))
     for (a, x), (b, y) in pairs:
@@ -160,6 +168,8 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
     named += [("cache_seqlens", cache_seqlens)] if (cache_seqlens is not None and not seqlens_is_int
                                                     and array_kind(cache_seqlens) != "numpy") else []
     named += [("block_table", block_table)] if block_table is not None and array_kind(block_table) != "numpy" else []
+    named += [("cache_batch_idx", cache_batch_idx)] if (cache_batch_idx is not None
+                                                        and array_kind(cache_batch_idx) != "numpy") else []
     if mixed_ok:
         for name, x in named:
             if array_kind(x) is None:
@@ -169,6 +179,9 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
         kind = _validate._check_arrays(fn, named)
 
     paged = block_table is not None
+    if paged and cache_batch_idx is not None:
+        _fail(ValueError, fn, "cache_batch_idx", "must be None with block_table (a paged cache's table names each "
+              "sequence's pages)", "an array")
     arrays = [("q", q, _Q_WORDS), ("k_cache", k_cache, _CACHE_WORDS[paged]),
               ("v_cache", v_cache, _CACHE_WORDS[paged])]
     arrays += [("k", k, _NEW_WORDS), ("v", v, _NEW_WORDS)] if k is not None else []
@@ -197,16 +210,19 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
         _fail(ValueError, fn, "k_cache.shape[2] (nheads_kv)", "must be at least 1", 0)
     if nheads % nheads_kv != 0:
         _fail(ValueError, fn, "k_cache.shape[2] (nheads_kv)", f"must divide q.shape[2] (nheads)={nheads}", nheads_kv)
+    num_blocks = k_cache.shape[0]
     if paged:
-        num_blocks, page_size = k_cache.shape[:2]
+        page_size = k_cache.shape[1]
         if page_size == 0:
             _fail(ValueError, fn, "k_cache.shape[1] (page_size)", "must be at least 1", 0)
         _check_int_array(fn, "block_table", block_table, 2, batch, f"(batch={batch}, max_blocks_per_seq)")
         capacity = block_table.shape[1] * page_size
         capacity_words = f"max_blocks_per_seq * page_size = {block_table.shape[1]} * {page_size}"
     else:
-        if k_cache.shape[0] != batch:
+        if cache_batch_idx is None and k_cache.shape[0] != batch:
             _fail(ValueError, fn, "k_cache.shape[0] (batch)", f"must equal q.shape[0]={batch}", k_cache.shape[0])
+        if cache_batch_idx is not None:
+            _check_int_array(fn, "cache_batch_idx", cache_batch_idx, 1, batch, f"(batch,)=({batch},)")
         page_size = capacity = k_cache.shape[1]
         capacity_words = "seqlen_cache"
     seqlen_new = 0
@@ -248,8 +264,9 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
     spec = Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q, seqlen_k=capacity, nheads=nheads,
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=slopes)
+    table_name = "block_table" if paged else None if cache_batch_idx is None else "cache_batch_idx"
     return _Form(spec, seqlens_is_int, seqlen_new, page_size, capacity, capacity_words,
-                 num_blocks if paged else 0, num_splits, rotary_interleaved, {})
+                 num_blocks if table_name else 0, table_name, num_splits, rotary_interleaved, {})
 
 
 def _check_rotary(fn, rotary_cos, rotary_sin, q, k, capacity, capacity_words, successive):
@@ -281,13 +298,15 @@ def _check_rotary(fn, rotary_cos, rotary_sin, q, k, capacity, capacity_words, su
               f"{words} = {needed}", seqlen_ro)
 
 
-def _check_values(fn, form, cache_seqlens, block_table, one_copy):
+def _check_values(fn, form, cache_seqlens, table_arg, one_copy):
     """check_call's checks of the lengths and page ids, read to the host only now that everything else
     holds: the Call. One length for every sequence (an int or None, a decoding loop's usual call) is
     checked as a number, and its pages as the table's first columns."""
     batch, seqlen_new, page_size, capacity = form.spec.batch, form.seqlen_new, form.page_size, form.capacity
     num_blocks = form.num_blocks
-    lengths, table = _host_ints([None if form.seqlens_is_int else cache_seqlens, block_table], one_copy=one_copy)
+    lengths, table = _host_ints([None if form.seqlens_is_int else cache_seqlens, table_arg], one_copy=one_copy)
+    if form.table_name == "cache_batch_idx":
+        table = table.reshape(-1, 1)  # sequence b's one page
     if lengths is None:
         length = capacity if cache_seqlens is None else int(cache_seqlens)
         if length < 0 or length + seqlen_new > capacity:
@@ -331,6 +350,9 @@ def _check_pages(fn, form, lengths, table):
     bad = (np.arange(table.shape[1]) < needed[:, None]) & ((table < 0) | (table >= form.num_blocks))
     if bad.any():
         b, j = np.argwhere(bad)[0]
+        if form.table_name == "cache_batch_idx":
+            _fail(ValueError, fn, f"cache_batch_idx[{b}]",
+                  f"must be an index in [0, k_cache.shape[0]={form.num_blocks})", int(table[b, j]))
         _fail(ValueError, fn, f"block_table[{b}, {j}]", f"must be a page id in [0, num_blocks={form.num_blocks}) "
               f"(sequence {b} uses {needed[b]} pages)", int(table[b, j]))
 
@@ -427,7 +449,8 @@ def _attend(backend, call, q_b, keys, values, one, xp):
 def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
                            v: Optional[Array] = None, *, rotary_cos: Optional[Array] = None,
                            rotary_sin: Optional[Array] = None, cache_seqlens: Union[None, int, Array] = None,
-                           block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
+                           cache_batch_idx: Optional[Array] = None, block_table: Optional[Array] = None,
+                           causal: bool = False, scale: Optional[float] = None,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            rotary_interleaved: bool = True, alibi_slopes: Optional[Array] = None,
                            return_lse: bool = False, num_splits: int = 0) -> Union[Array, Tuple[Array, Array]]:
@@ -439,7 +462,10 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     headdim) with ``block_table`` (int32, (batch, max_blocks_per_seq)): sequence b's position j
     lives at page ``block_table[b, j // page_size]``, row ``j % page_size``. ``cache_seqlens``
     (None: the full capacity; an int; or int32 (batch,)) is each sequence's cached length before
-    the append. k, v (batch, seqlen_new, nheads_kv, headdim), both or neither, are written at
+    the append. ``cache_batch_idx`` (int32 (batch,)) lets sequence b use entry ``cache_batch_idx[b]`` of a
+    contiguous cache (batch_cache, seqlen_cache, nheads_kv, headdim) instead of entry b; where two sequences
+    share an entry, the rows appended there may come from either. k, v (batch, seqlen_new, nheads_kv,
+    headdim), both or neither, are written at
     positions ``cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1``, and sequence b attends to
     its first ``L_b = cache_seqlens[b] + seqlen_new`` positions. causal, window_size, softcap and
     alibi_slopes are those of :func:`cupyflash.attention`, bottom-right aligned over the L_b keys.
@@ -460,17 +486,17 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     """
     fn = "attention_with_kvcache"
     call = _checked(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                    cache_seqlens=cache_seqlens, block_table=block_table, causal=causal, scale=scale,
-                    window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
-                    alibi_slopes=alibi_slopes, num_splits=num_splits)
+                    cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, block_table=block_table,
+                    causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                    rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
     spec = call.spec
     backend = _backend(spec.kind)
     rotary = None if rotary_cos is None else Rotary(rotary_cos, rotary_sin, call.rotary_interleaved,
                                                     int(spec.causal or spec.has_window))
     if spec.kind == "cupy":
-        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary,
-                              return_lse)
+        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens,
+                              _table(block_table, cache_batch_idx), rotary, return_lse)
     else:
         if rotary is not None:
             k = _rotate(k, rotary, call.cache_seqlens, 1)
@@ -482,31 +508,33 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     return (out, lse) if return_lse else out
 
 
-def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, block_table, causal, scale,
-             window_size, softcap, rotary_interleaved, alibi_slopes, num_splits):
+def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
+             causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits):
     """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes by
     its address too, which the Spec keeps): a decoding loop checks its arguments once, not at every token.
     Lengths and page tables on the host join the signature by their contents, so the calls of one token's
     layers, which share them, are checked once; CuPy ones are read and checked at each call."""
     def form():
         return _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                           cache_seqlens=cache_seqlens, block_table=block_table, causal=causal, scale=scale,
-                           window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
-                           alibi_slopes=alibi_slopes, num_splits=num_splits, writes=True, mixed_ok=False)
+                           cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, block_table=block_table,
+                           causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                           rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits,
+                           writes=True, mixed_ok=False)
 
-    kinds = [array_kind(x) for x in (cache_seqlens, block_table)]
+    table = _table(block_table, cache_batch_idx)
+    kinds = [array_kind(x) for x in (cache_seqlens, table)]
     read = "cupy" in kinds
-    on_host = [x for x, kind in zip((cache_seqlens, block_table), kinds) if kind == "numpy"]
+    on_host = [x for x, kind in zip((cache_seqlens, table), kinds) if kind == "numpy"]
     key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes, rotary_cos, rotary_sin),
                               (fn, read, None if kinds[0] else cache_seqlens, causal, scale, window_size, softcap,
-                               rotary_interleaved, num_splits))
+                               rotary_interleaved, num_splits, cache_batch_idx is None))
     if key is not None:
-        key += (_layout(cache_seqlens), _layout(block_table), alibi_slopes is not None and alibi_slopes.data.ptr)
+        key += (_layout(cache_seqlens), _layout(table), alibi_slopes is not None and alibi_slopes.data.ptr)
     if not read:  # the whole verdict
         if key is not None:
             key += tuple(x.tobytes() for x in on_host)
-        return _validate.memoized(key, lambda: _check_values(fn, form(), cache_seqlens, block_table, one_copy=True))
-    return _check_values(fn, _validate.memoized(key, form), cache_seqlens, block_table, one_copy=True)
+        return _validate.memoized(key, lambda: _check_values(fn, form(), cache_seqlens, table, one_copy=True))
+    return _check_values(fn, _validate.memoized(key, form), cache_seqlens, table, one_copy=True)
 
 
 def _layout(x):
@@ -516,7 +544,7 @@ def _layout(x):
     return type(x), getattr(getattr(x, "device", None), "id", None), getattr(x, "shape", None), getattr(x, "dtype", None)
 
 
-def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary, want_lse):
+def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, table_arg, rotary, want_lse):
     """The CuPy path, on q's device. The append and the decode kernels read each sequence's length from
     ``cache_seqlens`` on the device, or from one number when every sequence has the same (an int, None, or
     such a NumPy array); NumPy lengths and page tables are copied to the device (asynchronously, without the
@@ -533,7 +561,7 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
             device_lengths, uniform = None, call.uniform
         else:
             device_lengths, uniform = cupy.asarray(call.cache_seqlens.astype(np.int32)), 0
-        table = None if block_table is None else _device_table(cupy, call, block_table, device)
+        table = None if table_arg is None else _device_table(cupy, call, table_arg, device)
         lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
         if rotary is not None:
             q, k = backend.rotary(q, k, rotary, lengths)
@@ -545,14 +573,14 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, block_ta
         return _by_sequence(backend, call, q, k_cache, v_cache, cupy)
 
 
-def _device_table(cupy, call, block_table, device):
-    """block_table (checked) as a contiguous CuPy array on `device`, the current one: a NumPy table is copied
-    there once per Call (whose check covers its contents)."""
-    if array_kind(block_table) == "cupy":
-        return cupy.ascontiguousarray(block_table)
+def _device_table(cupy, call, table_arg, device):
+    """block_table or cache_batch_idx (checked) as a contiguous CuPy page table (batch, pages) on `device`, the
+    current one: a NumPy table is copied there once per Call (whose check covers its contents)."""
+    if array_kind(table_arg) == "cupy":
+        return cupy.ascontiguousarray(table_arg).reshape(call.pages.shape)
     table = call.device_tables.get(device)
     if table is None:
-        table = call.device_tables[device] = cupy.asarray(np.ascontiguousarray(block_table))
+        table = call.device_tables[device] = cupy.asarray(np.ascontiguousarray(table_arg).reshape(call.pages.shape))
     return table
 
 

@@ -169,6 +169,44 @@ def test_rotary_matches_the_reference(cache_seqlens, seqlen_new, seqlen_q, dtype
     assert np.array_equal(bits(got_k[..., 2 * half:]), bits(k[..., 2 * half:].astype(np.float64)))  # not rotated
 
 
+def entries(k_cache, v_cache, seed, spare=2):
+    """The contiguous caches as entries of larger ones (batch + spare entries, the spares NaN) at a random
+    permutation: (k_entries, v_entries, cache_batch_idx)."""
+    batch = k_cache.shape[0]
+    idx = np.random.default_rng(seed).permutation(batch + spare)[:batch].astype(np.int32)
+    out = []
+    for cache in (k_cache, v_cache):
+        big = np.full((batch + spare, *cache.shape[1:]), np.nan, cache.dtype)
+        big[idx] = cache
+        out.append(big)
+    return out[0], out[1], idx
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BFLOAT16])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True, alibi_slopes=SLOPES),
+                                dict(causal=True, rotary_interleaved=False, rotary=True)])
+def test_cache_batch_idx_picks_each_sequences_entry(dtype, kw):
+    """Sequence b reads and appends to entry cache_batch_idx[b]: the same outputs, bit for bit, as the
+    contiguous cache whose entry b that is, and the same rows written; the other entries untouched."""
+    kw = dict(kw)
+    q, k_cache, v_cache, k, v, lengths = problem(5, [4, 0, 9], 2, seqlen_q=2, dtype=dtype)
+    if kw.pop("rotary", False):
+        kw["rotary_cos"], kw["rotary_sin"] = rotary_tables(5, k_cache.shape[1] + 2, 5, dtype)
+    k_entries, v_entries, idx = entries(k_cache, v_cache, 5)
+    spares = [bits(c[np.setdiff1d(np.arange(len(c)), idx)]).copy() for c in (k_entries, v_entries)]
+    ref_out = cupyflash.reference.attention_with_kvcache(q, k_entries, v_entries, k, v, cache_seqlens=lengths,
+                                                         cache_batch_idx=idx, **kw)
+    out, lse = cupyflash.attention_with_kvcache(q, k_entries, v_entries, k, v, cache_seqlens=lengths,
+                                                cache_batch_idx=idx, return_lse=True, **kw)
+    want_out, want_lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
+                                                          return_lse=True, **kw)
+    for got, want in ((out, want_out), (lse, want_lse), (k_entries[idx], k_cache), (v_entries[idx], v_cache)):
+        assert np.array_equal(bits(got), bits(want))
+    for c, before in zip((k_entries, v_entries), spares):
+        assert np.array_equal(bits(c[np.setdiff1d(np.arange(len(c)), idx)]), before)
+    np.testing.assert_allclose(out.astype(np.float64), ref_out, rtol=0, atol=2e-5 if dtype == np.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True, window_size=(4, -1))])
 def test_rotary_by_the_identity_changes_nothing(kw):
     args = problem(3, [2, 7], 3, seqlen_q=2)
@@ -596,6 +634,18 @@ BAD = [  # (paged, changes, exception, message)
      "rotary_interleaved must be a bool, got 1"),
     (False, dict(rotary_cos=FakeCupyArray(COS), rotary_sin=SIN), TypeError,
      "rotary_cos must be a numpy array like q (NumPy and CuPy arrays cannot be mixed), got a cupy array"),
+    (True, dict(cache_batch_idx=np.array([1, 0], np.int32)), ValueError,
+     "cache_batch_idx must be None with block_table (a paged cache's table names each sequence's pages), "
+     "got an array"),
+    (False, dict(cache_batch_idx=np.array([1, 0])), TypeError, "cache_batch_idx.dtype must be int32, got int64"),
+    (False, dict(cache_batch_idx=np.array([1, 0, 2], np.int32)), ValueError,
+     "cache_batch_idx.shape must be (batch,)=(2,), got (3,)"),
+    (False, dict(cache_batch_idx=np.array([1, 2], np.int32)), ValueError,
+     "cache_batch_idx[1] must be an index in [0, k_cache.shape[0]=2), got 2"),
+    (False, dict(cache_batch_idx=np.array([-1, 0], np.int32), cache_seqlens=3), ValueError,
+     "cache_batch_idx[0] must be an index in [0, k_cache.shape[0]=2), got -1"),
+    (False, dict(cache_batch_idx=lambda a: FakeCupyArray(np.array([1, 0], np.int32))), TypeError,
+     "cache_batch_idx must be a numpy array like q (NumPy and CuPy arrays cannot be mixed), got a cupy array"),
     (False, dict(k_cache=lambda a: _readonly(a["k_cache"])), ValueError,
      "k_cache must be writeable (k and v are appended to it in place), got a read-only array"),
     (True, dict(v_cache=lambda a: _readonly(a["v_cache"])), ValueError, "v_cache must be writeable"),
@@ -696,6 +746,42 @@ def test_rotary_cupy_matches_numpy(dtype, interleaved, case):
     assert np.isfinite(got_out).all()
     np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=tol)
     np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4 if dtype != np.float64 else 1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
+@pytest.mark.parametrize("idx_on_device", [False, True])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_cache_batch_idx_on_the_device(dtype, idx_on_device, rotary):
+    """Entries of a larger cache picked by cache_batch_idx (the decode kernels' one-page table): the NumPy
+    backend's rows bit for bit, its outputs within the decode's rounding."""
+    cp = pytest.importorskip("cupy")
+
+    def to_device(x):
+        return cp.asarray(bits(x)).view(x.dtype)
+
+    def to_host(x):
+        return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
+
+    q, k_cache, v_cache, k, v, lengths = problem(12, [0, 70, 129, 5], 1, seqlen_q=1, headdim=64, dtype=dtype)
+    k_entries, v_entries, idx = entries(k_cache, v_cache, 12)
+    kw = dict(causal=True, return_lse=True)
+    if rotary:
+        kw["rotary_cos"], kw["rotary_sin"] = rotary_tables(12, k_cache.shape[1], 32, dtype)
+    dev_caches = [to_device(c) for c in (k_entries, v_entries)]
+    dev_kw = {name: to_device(x) if name.startswith("rotary") else x for name, x in kw.items()}
+    out, lse = cupyflash.attention_with_kvcache(to_device(q), *dev_caches, to_device(k), to_device(v),
+                                                cache_seqlens=cp.asarray(lengths),
+                                                cache_batch_idx=cp.asarray(idx) if idx_on_device else idx, **dev_kw)
+    want_out, want_lse = cupyflash.attention_with_kvcache(q, k_entries, v_entries, k, v, cache_seqlens=lengths,
+                                                          cache_batch_idx=idx, **kw)
+    for got, want in zip(dev_caches, (k_entries, v_entries)):
+        assert np.array_equal(bits(to_host(got)), bits(want))
+    tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
+    got_out = to_host(out).astype(np.float64)
+    assert np.isfinite(got_out).all()
+    np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=tol)
+    np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
 
 
 def check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num_splits):
