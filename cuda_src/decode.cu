@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
     __shared__ float s_m[ROWS], s_l[ROWS], s_alpha[ROWS];  // running max and sum of each row, this tile's factor
 
     const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid % 32;
-    const int seqlen_k = decode_seqlen(p, b), rows = f.group * f.seqlen_q;
+    const int seqlen_k = decode_seqlen(p, b), first_row = decode_first_row(p, b), rows = f.group * f.seqlen_q;
     const int begin = Var(f, b, hk * f.group, seqlen_k).key_begin(0) + split * p.keys_per_split;
     const int end = min(seqlen_k, begin + p.keys_per_split);
     const float scale_log2 = float(f.scale) * float(LOG2E);
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
         // ---- scores: thread tid takes key n0 + tid
         const int key = n0 + tid;
         if (key < end) {
-            const T* k_row = static_cast<const T*>(f.k) + cache_row(p, f.k_st, b, key) + hk * f.k_st.h;
-            s_vrow[tid] = cache_row(p, f.v_st, b, key) + hk * f.v_st.h;
+            const T* k_row = static_cast<const T*>(f.k) + cache_row(p, f.k_st, b, first_row + key) + hk * f.k_st.h;
+            s_vrow[tid] = cache_row(p, f.v_st, b, first_row + key) + hk * f.v_st.h;
             float dot[ROWS];
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) dot[r] = 0.f;

@@ -4,9 +4,14 @@
 #include "params.cuh"
 #include "softmax.cuh"
 
+// The cache row of sequence b's first key: the rows before it (a left padding) are not its keys.
+__device__ __forceinline__ int decode_first_row(const DecodeParams& p, int b) {
+    return p.cache_leftpad ? p.cache_leftpad[b] : 0;
+}
+
 // Keys of sequence b once its new rows are appended.
 __device__ __forceinline__ int decode_seqlen(const DecodeParams& p, int b) {
-    return (p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen) + p.seqlen_new;
+    return (p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen) + p.seqlen_new - decode_first_row(p, b);
 }
 
 // Offset of position `key` of sequence b's rows in a cache of strides st, through the page table.

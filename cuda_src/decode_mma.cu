@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     __shared__ unsigned long long tile_full[TMA ? WARPS : 1][STAGES];  // TMA: a warp's ring slot has arrived
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-    const int rows = f.group * f.seqlen_q, seqlen_k = decode_seqlen(p, b);
+    const int rows = f.group * f.seqlen_q, seqlen_k = decode_seqlen(p, b), first_row = decode_first_row(p, b);
 
     // Row r is query position r % seqlen_q of head hk * group + r / seqlen_q; padding rows repeat the last
     // row (their results are not written). This lane holds rows g and g + 8.
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     };
 
     // Where this warp's tile `it` lies in the caches: lane l's key row (k and v offsets), or with TMA the page
-    // and row of the tile's first key (k = page, v = row). Page-table reads are issued a tile ahead of
+    // and row of the tile's first key (k = page, v = row; calls with a left padding do not read by TMA). Page-table reads are issued a tile ahead of
     // their use, so the warp does not wait on them. load copies the tile into ring slot it % STAGES; keys
     // past the split's end are zeros (with TMA, once the tile has arrived: the box holds the cache's rows).
     struct Rows {
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
         Rows at = {0, 0};
         if (it < mine && lane < BLOCK_N && key < end) {
             if constexpr (TMA) at = {p.block_table ? p.block_table[b * p.table_stride + key / p.page_size] : b, key % p.page_size};
-            else at = {cache_row(p, f.k_st, b, key), cache_row(p, f.v_st, b, key)};
+            else at = {cache_row(p, f.k_st, b, first_row + key), cache_row(p, f.v_st, b, first_row + key)};
         }
         return at;
     };

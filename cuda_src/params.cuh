@@ -151,11 +151,13 @@ struct RotaryParams {
 
 // Split-KV decoding over a KV cache (decode.cu, decode_mma.cu) and its in-place append (decode.cu). fwd.k and
 // fwd.v are the caches, their batch stride the page stride; fwd.seqlen_k is unused (each sequence has its own
-// length). Sequence b holds (cache_seqlens ? cache_seqlens[b] : cache_seqlen) + seqlen_new keys once the new rows
-// k_new, v_new (batch, seqlen_new, nheads_kv, headdim) are appended after its cached ones.
+// length). Sequence b holds (cache_seqlens ? cache_seqlens[b] : cache_seqlen) + seqlen_new rows once the new rows
+// k_new, v_new (batch, seqlen_new, nheads_kv, headdim) are appended after its cached ones; its keys are those
+// from row cache_leftpad[b] on (decode.cuh).
 struct DecodeParams {
     FwdParams fwd;
     const int* cache_seqlens;  // (batch,) rows cached before the append, or nullptr: cache_seqlen for each
+    const int* cache_leftpad;  // (batch,) the row of each sequence's first key, or nullptr: 0
     int cache_seqlen, seqlen_new;
     const void* k_new;
     const void* v_new;

@@ -628,13 +628,14 @@ class CacheLengths(typing.NamedTuple):
     new: int
     block_table: typing.Optional[cupy.ndarray]
     page_size: int
+    leftpad: typing.Optional[cupy.ndarray] = None  # int32 (batch,): the row of each sequence's first key
 
 
 def _decode_values(spec, fwd, lengths, k_new=None, v_new=None, splits=1, per_split=0, part_out=0, part_lse=0,
                    split_counters=0):
     """DecodeParams' values (the split buffers as device addresses)."""
     table = lengths.block_table
-    return (fwd, _ptr(lengths.device), lengths.uniform, lengths.new, _ptr(k_new), _ptr(v_new),
+    return (fwd, _ptr(lengths.device), _ptr(lengths.leftpad), lengths.uniform, lengths.new, _ptr(k_new), _ptr(v_new),
             *((0, 0, 0) if x is None else _strides(x) for x in (k_new, v_new)), _ptr(table),
             0 if table is None else table.strides[0] // table.itemsize, lengths.page_size, spec.batch, splits,
             per_split, part_out, part_lse, split_counters, *(np.zeros((), _tma.TENSOR_MAP) for _ in range(2)))
@@ -714,8 +715,8 @@ def _decode_workspace(device_id, counters, floats):
 #: Each Spec's append structs (by what else a call may change), so that a decoding loop builds them once.
 _APPEND_STRUCTS = weakref.WeakKeyDictionary()
 _APPEND_ADDRESSES = ("fwd.k", "fwd.v", "cache_seqlens", "block_table", "k_new", "v_new")
-_DECODE_ADDRESSES = ("fwd.q", "fwd.k", "fwd.v", "fwd.out", "fwd.lse", "cache_seqlens", "block_table", "part_out",
-                     "part_lse", "split_counters")
+_DECODE_ADDRESSES = ("fwd.q", "fwd.k", "fwd.v", "fwd.out", "fwd.lse", "cache_seqlens", "cache_leftpad", "block_table",
+                     "part_out", "part_lse", "split_counters")
 
 
 def append(k_cache, v_cache, k, v, spec, lengths):
@@ -728,7 +729,7 @@ def append(k_cache, v_cache, k, v, spec, lengths):
            None if table is None else table.shape)
     struct = structs.get(key)
     if struct is None:
-        values = _decode_values(spec, _fwd_values(spec, {}, None, k_cache, v_cache), lengths, k, v)
+        values = _decode_values(spec, _fwd_values(spec, {}, None, k_cache, v_cache), lengths._replace(leftpad=None), k, v)
         struct = structs[key] = _Readdressed(DECODE_PARAMS, values, _APPEND_ADDRESSES)
     p = struct([k_cache.data.ptr, v_cache.data.ptr, _ptr(lengths.device), _ptr(table), k.data.ptr, v.data.ptr])
     _launch(_plan.kvcache_append(k.itemsize), (lengths.new, spec.nheads_kv, spec.batch), p, k_cache.data.device_id)
@@ -854,7 +855,7 @@ def decode(plan, q, k_cache, v_cache, spec, lengths, want_lse=True):
     table = lengths.block_table
     k_ptr, v_ptr = k_cache.data.ptr, v_cache.data.ptr
     key = (q.strides, k_cache.strides, v_cache.strides, out.strides, lengths.uniform, lengths.new, lengths.page_size,
-           None if table is None else table.shape)
+           None if table is None else table.shape, lengths.leftpad is None)
     if plan.tma_launch is not None:  # TMA's choice and tensor maps are per pair of caches, kept with the struct
         key += (k_ptr, v_ptr, k_cache.shape, v_cache.shape)
     entry = plan.structs.get(key)
@@ -869,7 +870,8 @@ def decode(plan, q, k_cache, v_cache, spec, lengths, want_lse=True):
             plan.structs.clear()
         entry = plan.structs[key] = (plan.tma_launch if tma else plan.launch, struct)
     launch, struct = entry
-    p = struct((q.data.ptr, k_ptr, v_ptr, out.data.ptr, lse_ptr, _ptr(lengths.device), _ptr(table), *splits))
+    p = struct((q.data.ptr, k_ptr, v_ptr, out.data.ptr, lse_ptr, _ptr(lengths.device), _ptr(lengths.leftpad),
+                _ptr(table), *splits))
     _launch(launch, (plan.splits, spec.nheads_kv, spec.batch), p, device_id)
     return out, lse
 
@@ -877,7 +879,7 @@ def decode(plan, q, k_cache, v_cache, spec, lengths, want_lse=True):
 def _decode_by_tma(spec, k_cache, v_cache, lengths):
     """Whether the Hopper decode reads these caches by TMA: boxes of a tile's rows, which must lie on one page
     (contiguous caches have one per sequence; a paged one's pages must hold whole tiles, from key 0: no
-    left window) at addresses TMA takes."""
-    whole_tiles = lengths.block_table is None or (lengths.page_size % _plan.DECODE_BLOCK_N == 0
-                                                  and spec.window[0] < 0)
+    left window) at addresses TMA takes; and no left padding, which moves the keys off the tiles."""
+    whole_tiles = lengths.leftpad is None and (lengths.block_table is None or (
+        lengths.page_size % _plan.DECODE_BLOCK_N == 0 and spec.window[0] < 0))
     return whole_tiles and _tma.supported(k_cache) and _tma.supported(v_cache)

@@ -54,7 +54,8 @@ class Call:
     """A validated call. ``spec`` holds what every sequence shares (its seqlen_k is the longest
     L_b); ``pages`` (host int64, (batch, pages per sequence)) lists each sequence's cache pages
     of ``page_size`` rows; ``cache_seqlens`` (host int64, (batch,)) the rows cached before the append,
-    ``uniform`` that length when every sequence has it (else None). ``device_tables`` keeps the device
+    ``uniform`` that length when every sequence has it (else None); ``leftpad`` (host int64, (batch,)) the
+    row of each sequence's first key. ``device_tables`` keeps the device
     copies of a NumPy page table by device id: a check made once per table's contents (_checked) copies it
     once."""
     spec: Spec
@@ -63,13 +64,14 @@ class Call:
     pages: np.ndarray
     cache_seqlens: np.ndarray
     uniform: Optional[int]
+    leftpad: np.ndarray
     num_splits: int
     rotary_interleaved: bool
     device_tables: dict = dataclasses.field(default_factory=dict)
 
     def seqlen_k(self, b):
         """L_b: the keys sequence b attends to."""
-        return int(self.cache_seqlens[b]) + self.seqlen_new
+        return int(self.cache_seqlens[b]) + self.seqlen_new - int(self.leftpad[b])
 
     def sequence_spec(self, b):
         """The dense Spec of sequence b alone: batch 1 over its L_b keys, its row of ALiBi slopes."""
@@ -114,6 +116,7 @@ class _Form(typing.NamedTuple):
     cache's capacity for seqlen_k, and what the lengths and the page table are checked against."""
     spec: Spec
     seqlens_is_int: bool
+    has_leftpad: bool
     seqlen_new: int
     page_size: int
     capacity: int
@@ -126,21 +129,23 @@ class _Form(typing.NamedTuple):
 
 
 def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
-               cache_batch_idx=None, block_table=None, causal=False, scale=None, window_size=(-1, -1), softcap=0.0,
-               rotary_interleaved=True, alibi_slopes=None, num_splits=0, writes=True, mixed_ok=False):
+               cache_batch_idx=None, cache_leftpad=None, block_table=None, causal=False, scale=None,
+               window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+               writes=True, mixed_ok=False):
     """Validate a call of :func:`attention_with_kvcache`; return its :class:`Call`.
 
-    Everything is checked before anything is written. ``cache_seqlens`` and ``block_table`` (or
-    ``cache_batch_idx``) are read to the host (CuPy ones in one copy, a device synchronisation); they may be NumPy arrays
+    Everything is checked before anything is written. ``cache_seqlens``, ``cache_leftpad`` and
+    ``block_table`` (or ``cache_batch_idx``) are read to the host (CuPy ones in one copy, a device synchronisation); they may be NumPy arrays
     whatever the other arrays are. ``writes=False`` (the reference, which writes nothing) does not
     ask for writeable caches; ``mixed_ok`` allows NumPy and CuPy arrays together.
     """
     form = _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                       cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, block_table=block_table,
-                       causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                       cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                       block_table=block_table, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                        rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits,
                        writes=writes, mixed_ok=mixed_ok)
-    return _check_values(fn, form, cache_seqlens, _table(block_table, cache_batch_idx), one_copy=not mixed_ok)
+    return _check_values(fn, form, cache_seqlens, cache_leftpad, _table(block_table, cache_batch_idx),
+                         one_copy=not mixed_ok)
 
 
 def _table(block_table, cache_batch_idx):
@@ -148,8 +153,9 @@ def _table(block_table, cache_batch_idx):
     return block_table if cache_batch_idx is None else cache_batch_idx
 
 
-def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
-                causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits, writes, mixed_ok):
+def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                block_table, causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits, writes,
+                mixed_ok):
     """check_call's checks that read no length and no page id: its _Form."""
     pairs = ((("k", k), ("v", v)), (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)))
     for (a, x), (b, y) in pairs:
@@ -168,8 +174,8 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
     named += [("cache_seqlens", cache_seqlens)] if (cache_seqlens is not None and not seqlens_is_int
                                                     and array_kind(cache_seqlens) != "numpy") else []
     named += [("block_table", block_table)] if block_table is not None and array_kind(block_table) != "numpy" else []
-    named += [("cache_batch_idx", cache_batch_idx)] if (cache_batch_idx is not None
-                                                        and array_kind(cache_batch_idx) != "numpy") else []
+    named += [(name, x) for name, x in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad))
+              if x is not None and array_kind(x) != "numpy"]
     if mixed_ok:
         for name, x in named:
             if array_kind(x) is None:
@@ -243,6 +249,8 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
                           "a read-only array")
     if cache_seqlens is not None and not seqlens_is_int:
         _check_int_array(fn, "cache_seqlens", cache_seqlens, 1, batch, f"(batch,)=({batch},)")
+    if cache_leftpad is not None:
+        _check_int_array(fn, "cache_leftpad", cache_leftpad, 1, batch, f"(batch,)=({batch},)")
 
     causal = _validate.check_flag(fn, "causal", causal)
     scale = _validate._check_scale(fn, scale, headdim, q.dtype)
@@ -265,7 +273,7 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=slopes)
     table_name = "block_table" if paged else None if cache_batch_idx is None else "cache_batch_idx"
-    return _Form(spec, seqlens_is_int, seqlen_new, page_size, capacity, capacity_words,
+    return _Form(spec, seqlens_is_int, cache_leftpad is not None, seqlen_new, page_size, capacity, capacity_words,
                  num_blocks if table_name else 0, table_name, num_splits, rotary_interleaved, {})
 
 
@@ -298,13 +306,14 @@ def _check_rotary(fn, rotary_cos, rotary_sin, q, k, capacity, capacity_words, su
               f"{words} = {needed}", seqlen_ro)
 
 
-def _check_values(fn, form, cache_seqlens, table_arg, one_copy):
+def _check_values(fn, form, cache_seqlens, cache_leftpad, table_arg, one_copy):
     """check_call's checks of the lengths and page ids, read to the host only now that everything else
     holds: the Call. One length for every sequence (an int or None, a decoding loop's usual call) is
     checked as a number, and its pages as the table's first columns."""
     batch, seqlen_new, page_size, capacity = form.spec.batch, form.seqlen_new, form.page_size, form.capacity
     num_blocks = form.num_blocks
-    lengths, table = _host_ints([None if form.seqlens_is_int else cache_seqlens, table_arg], one_copy=one_copy)
+    lengths, leftpad, table = _host_ints([None if form.seqlens_is_int else cache_seqlens,
+                                          cache_leftpad if form.has_leftpad else None, table_arg], one_copy=one_copy)
     if form.table_name == "cache_batch_idx":
         table = table.reshape(-1, 1)  # sequence b's one page
     if lengths is None:
@@ -323,13 +332,21 @@ def _check_values(fn, form, cache_seqlens, table_arg, one_copy):
         uniform = int(lengths[0]) if (lengths == lengths[0]).all() else None
     if table is None:
         table = np.arange(batch, dtype=np.int64)[:, None]
+    if leftpad is None:
+        leftpad = np.zeros(batch, np.int64)
+    else:
+        for b in np.flatnonzero((leftpad < 0) | (leftpad > lengths))[:1]:  # the first wrong one
+            _fail(ValueError, fn, f"cache_leftpad[{b}]", f"must be between 0 and cache_seqlens[{b}]={lengths[b]}",
+                  int(leftpad[b]))
+        longest = int((lengths + seqlen_new - leftpad).max())
     spec = form.specs.get(longest)
     if spec is None:
         if len(form.specs) >= 8:
             form.specs.clear()
         spec = form.specs[longest] = dataclasses.replace(form.spec, seqlen_k=longest)
     return Call(spec=spec, seqlen_new=seqlen_new, page_size=page_size, pages=table, cache_seqlens=lengths,
-                uniform=uniform, num_splits=form.num_splits, rotary_interleaved=form.rotary_interleaved)
+                uniform=uniform, leftpad=leftpad, num_splits=form.num_splits,
+                rotary_interleaved=form.rotary_interleaved)
 
 
 def _check_lengths(fn, form, lengths, name):
@@ -397,15 +414,17 @@ def _rotate(x, rotary, starts, step):
     return out
 
 
-def _gather(call, cache, b, length, xp):
-    """Sequence b's first ``length`` cache rows as (1, length, nheads_kv, headdim): a view when they
-    lie on one page, its pages copied in order otherwise."""
-    n = -(-length // call.page_size)
+def _gather(call, cache, b, xp):
+    """Sequence b's keys' rows (its cache rows from ``leftpad[b]``, ``seqlen_k(b)`` of them) as (1, rows,
+    nheads_kv, headdim): a view when they lie on one page, its pages copied in order otherwise."""
+    start, end = int(call.leftpad[b]), int(call.leftpad[b]) + call.seqlen_k(b)
+    first, n = start // call.page_size, -(-end // call.page_size) - start // call.page_size
+    start -= first * call.page_size
     if n == 1:
-        page = int(call.pages[b, 0])
-        return cache[page:page + 1, :length]
-    rows = _bits(cache)[xp.asarray(call.pages[b, :n])].view(cache.dtype)
-    return rows.reshape(1, n * call.page_size, *cache.shape[2:])[:, :length]
+        page = int(call.pages[b, first])
+        return cache[page:page + 1, start:start + call.seqlen_k(b)]
+    rows = _bits(cache)[xp.asarray(call.pages[b, first:first + n])].view(cache.dtype)
+    return rows.reshape(1, n * call.page_size, *cache.shape[2:])[:, start:start + call.seqlen_k(b)]
 
 
 def _chunk_spec(one, start, end, xp):
@@ -449,8 +468,8 @@ def _attend(backend, call, q_b, keys, values, one, xp):
 def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
                            v: Optional[Array] = None, *, rotary_cos: Optional[Array] = None,
                            rotary_sin: Optional[Array] = None, cache_seqlens: Union[None, int, Array] = None,
-                           cache_batch_idx: Optional[Array] = None, block_table: Optional[Array] = None,
-                           causal: bool = False, scale: Optional[float] = None,
+                           cache_batch_idx: Optional[Array] = None, cache_leftpad: Optional[Array] = None,
+                           block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            rotary_interleaved: bool = True, alibi_slopes: Optional[Array] = None,
                            return_lse: bool = False, num_splits: int = 0) -> Union[Array, Tuple[Array, Array]]:
@@ -464,10 +483,11 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     (None: the full capacity; an int; or int32 (batch,)) is each sequence's cached length before
     the append. ``cache_batch_idx`` (int32 (batch,)) lets sequence b use entry ``cache_batch_idx[b]`` of a
     contiguous cache (batch_cache, seqlen_cache, nheads_kv, headdim) instead of entry b; where two sequences
-    share an entry, the rows appended there may come from either. k, v (batch, seqlen_new, nheads_kv,
+    share an entry, the rows appended there may come from either. ``cache_leftpad`` (int32 (batch,)) is
+    the cache row of each sequence's first key (a left padding; default 0). k, v (batch, seqlen_new, nheads_kv,
     headdim), both or neither, are written at
     positions ``cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1``, and sequence b attends to
-    its first ``L_b = cache_seqlens[b] + seqlen_new`` positions. causal, window_size, softcap and
+    its ``L_b = cache_seqlens[b] + seqlen_new - cache_leftpad[b]`` keys from row ``cache_leftpad[b]`` on. causal, window_size, softcap and
     alibi_slopes are those of :func:`cupyflash.attention`, bottom-right aligned over the L_b keys.
     ``rotary_cos`` and ``rotary_sin`` (seqlen_ro, rotary_dim / 2), in q's dtype, apply the rotary
     embedding to the first rotary_dim columns of k and q first: k's row j at position
@@ -486,8 +506,8 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     """
     fn = "attention_with_kvcache"
     call = _checked(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                    cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, block_table=block_table,
-                    causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                    cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                    block_table=block_table, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                     rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
     spec = call.spec
@@ -495,7 +515,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     rotary = None if rotary_cos is None else Rotary(rotary_cos, rotary_sin, call.rotary_interleaved,
                                                     int(spec.causal or spec.has_window))
     if spec.kind == "cupy":
-        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens,
+        out, lse = _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad,
                               _table(block_table, cache_batch_idx), rotary, return_lse)
     else:
         if rotary is not None:
@@ -508,33 +528,35 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     return (out, lse) if return_lse else out
 
 
-def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
-             causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits):
+def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+             block_table, causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits):
     """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes by
     its address too, which the Spec keeps): a decoding loop checks its arguments once, not at every token.
     Lengths and page tables on the host join the signature by their contents, so the calls of one token's
     layers, which share them, are checked once; CuPy ones are read and checked at each call."""
     def form():
         return _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                           cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, block_table=block_table,
-                           causal=causal, scale=scale, window_size=window_size, softcap=softcap,
-                           rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits,
-                           writes=True, mixed_ok=False)
+                           cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                           block_table=block_table, causal=causal, scale=scale, window_size=window_size,
+                           softcap=softcap, rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes,
+                           num_splits=num_splits, writes=True, mixed_ok=False)
 
     table = _table(block_table, cache_batch_idx)
-    kinds = [array_kind(x) for x in (cache_seqlens, table)]
+    kinds = [array_kind(x) for x in (cache_seqlens, cache_leftpad, table)]
     read = "cupy" in kinds
-    on_host = [x for x, kind in zip((cache_seqlens, table), kinds) if kind == "numpy"]
+    on_host = [x for x, kind in zip((cache_seqlens, cache_leftpad, table), kinds) if kind == "numpy"]
     key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes, rotary_cos, rotary_sin),
                               (fn, read, None if kinds[0] else cache_seqlens, causal, scale, window_size, softcap,
                                rotary_interleaved, num_splits, cache_batch_idx is None))
     if key is not None:
-        key += (_layout(cache_seqlens), _layout(table), alibi_slopes is not None and alibi_slopes.data.ptr)
+        key += (_layout(cache_seqlens), _layout(cache_leftpad), _layout(table),
+                alibi_slopes is not None and alibi_slopes.data.ptr)
     if not read:  # the whole verdict
         if key is not None:
             key += tuple(x.tobytes() for x in on_host)
-        return _validate.memoized(key, lambda: _check_values(fn, form(), cache_seqlens, table, one_copy=True))
-    return _check_values(fn, _validate.memoized(key, form), cache_seqlens, table, one_copy=True)
+        return _validate.memoized(key, lambda: _check_values(fn, form(), cache_seqlens, cache_leftpad, table,
+                                                             one_copy=True))
+    return _check_values(fn, _validate.memoized(key, form), cache_seqlens, cache_leftpad, table, one_copy=True)
 
 
 def _layout(x):
@@ -544,7 +566,7 @@ def _layout(x):
     return type(x), getattr(getattr(x, "device", None), "id", None), getattr(x, "shape", None), getattr(x, "dtype", None)
 
 
-def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, table_arg, rotary, want_lse):
+def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, table_arg, rotary, want_lse):
     """The CuPy path, on q's device. The append and the decode kernels read each sequence's length from
     ``cache_seqlens`` on the device, or from one number when every sequence has the same (an int, None, or
     such a NumPy array); NumPy lengths and page tables are copied to the device (asynchronously, without the
@@ -562,7 +584,10 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, table_ar
         else:
             device_lengths, uniform = cupy.asarray(call.cache_seqlens.astype(np.int32)), 0
         table = None if table_arg is None else _device_table(cupy, call, table_arg, device)
-        lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size)
+        leftpad = None if cache_leftpad is None else (
+            cupy.ascontiguousarray(cache_leftpad) if array_kind(cache_leftpad) == "cupy"
+            else cupy.asarray(call.leftpad.astype(np.int32)))
+        lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size, leftpad)
         if rotary is not None:
             q, k = backend.rotary(q, k, rotary, lengths)
         if call.seqlen_new:
@@ -593,7 +618,7 @@ def _by_sequence(backend, call, q, k_cache, v_cache, xp):
         one = call.sequence_spec(b)
         if one.seqlen_k == 0:
             continue  # no key: out 0, lse -inf
-        keys, values = (_gather(call, cache, b, one.seqlen_k, xp) for cache in (k_cache, v_cache))
+        keys, values = (_gather(call, cache, b, xp) for cache in (k_cache, v_cache))
         out_b, lse_b = _attend(backend, call, q[b:b + 1], keys, values, one, xp)
         _bits(out)[b], lse[b] = _bits(out_b)[0], lse_b[0]
     return out, lse

@@ -328,14 +328,14 @@ def rotary_embedding(x, cos, sin, positions, interleaved):
 def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
                            v: Optional[Array] = None, *, rotary_cos: Optional[Array] = None,
                            rotary_sin: Optional[Array] = None, cache_seqlens: Union[None, int, Array] = None,
-                           cache_batch_idx: Optional[Array] = None, block_table: Optional[Array] = None,
-                           causal: bool = False, scale: Optional[float] = None,
+                           cache_batch_idx: Optional[Array] = None, cache_leftpad: Optional[Array] = None,
+                           block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            rotary_interleaved: bool = True, alibi_slopes: Optional[Array] = None,
                            return_lse: bool = False,
                            num_splits: int = 0) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Float64 ``out`` (and ``lse``) of :func:`cupyflash.attention_with_kvcache`'s call: sequence b's
-    queries attend, through :func:`attention`, to its cache rows ``[0, cache_seqlens[b])`` (read
+    queries attend, through :func:`attention`, to its cache rows ``[cache_leftpad[b], cache_seqlens[b])`` (read
     through ``block_table`` when paged, or from entry ``cache_batch_idx[b]``) followed by its new ``k``, ``v``. With ``rotary_cos`` and
     ``rotary_sin``, the new k and q first pass through :func:`rotary_embedding` at the call's positions
     and are rounded to their dtype, as the cache keeps k and the kernels take q.
@@ -348,7 +348,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     fn = "reference.attention_with_kvcache"
     call = _kvcache.check_call(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                                cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-                               block_table=block_table, causal=causal, scale=scale,
+                               cache_leftpad=cache_leftpad, block_table=block_table, causal=causal, scale=scale,
                                window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
                                alibi_slopes=alibi_slopes, num_splits=num_splits, writes=False, mixed_ok=True)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
@@ -365,7 +365,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     out = np.zeros(q.shape)
     lse = np.full((spec.batch, spec.nheads, spec.seqlen_q), -np.inf)
     for b in range(spec.batch):
-        positions = np.arange(call.cache_seqlens[b])
+        positions = np.arange(call.leftpad[b], call.cache_seqlens[b])
         pages, rows = call.pages[b, positions // call.page_size], positions % call.page_size
         keys, values = (np.concatenate([cache[pages, rows]] + ([] if new is None else [new[b]]))[None]
                         for cache, new in ((k_cache, k), (v_cache, v)))

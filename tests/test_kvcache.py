@@ -207,6 +207,61 @@ def test_cache_batch_idx_picks_each_sequences_entry(dtype, kw):
     np.testing.assert_allclose(out.astype(np.float64), ref_out, rtol=0, atol=2e-5 if dtype == np.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("page_size", [None, 4])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True, alibi_slopes=SLOPES), dict(window_size=(3, 1), softcap=2.0)])
+def test_leftpad_equals_the_cache_without_its_padding(page_size, kw):
+    """Keys from row cache_leftpad[b] on: the outputs of the cache whose rows before it are cut away (NaN there
+    never reaches them), bit for bit, and the new rows appended after the cached ones."""
+    leftpad = np.array([2, 0, 5], np.int32)
+    q, k_cache, v_cache, k, v, lengths = problem(6, [6, 3, 5], 2, seqlen_q=2)
+    for b, pad in enumerate(leftpad):
+        k_cache[b, :pad] = v_cache[b, :pad] = np.nan
+    cut = [np.full_like(c, np.nan) for c in (k_cache, v_cache)]
+    for b, pad in enumerate(leftpad):
+        for c, full in zip(cut, (k_cache, v_cache)):
+            c[b, :c.shape[1] - pad] = full[b, pad:]
+    want_out, want_lse = cupyflash.attention_with_kvcache(q, *cut, k, v, cache_seqlens=lengths - leftpad,
+                                                          return_lse=True, **kw)
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, 6)
+    ref_out = cupyflash.reference.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
+                                                         cache_leftpad=leftpad, block_table=block_table, **kw)
+    out, lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, cache_leftpad=leftpad,
+                                                block_table=block_table, return_lse=True, **kw)
+    assert np.array_equal(bits(out), bits(want_out)) and np.array_equal(bits(lse), bits(want_lse))
+    np.testing.assert_allclose(out.astype(np.float64), ref_out, rtol=0, atol=2e-5)
+    assert np.array_equal(bits(appended_rows(k_cache, block_table, lengths, 2)), bits(k))
+
+
+@settings(max_examples=40)
+@given(cache_seqlens=st.lists(st.integers(0, 12), min_size=1, max_size=3), seqlen_new=st.integers(0, 3),
+       seqlen_q=st.integers(1, 4), variant=st.sampled_from(range(len(VARIANTS))), rotary=st.booleans(),
+       page_size=st.sampled_from([None, 1, 4]), num_splits=st.sampled_from([0, 2]), data=st.data())
+def test_leftpad_matches_the_reference(cache_seqlens, seqlen_new, seqlen_q, variant, rotary, page_size, num_splits,
+                                       data):
+    leftpad = np.array([data.draw(st.integers(0, n)) for n in cache_seqlens], np.int32)
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rotary = rotary and seqlen_new > 0
+    q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new if seqlen_new or rotary else None,
+                                                 seqlen_q)
+    kw = dict(VARIANTS[variant])
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, seed)
+    if rotary:
+        capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * page_size
+        kw["rotary_cos"], kw["rotary_sin"] = rotary_tables(seed, capacity + seqlen_q, 3, np.float32)
+    want_out, want_lse = cupyflash.reference.attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=lengths, cache_leftpad=leftpad, block_table=block_table,
+        return_lse=True, **kw)
+    out, lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
+                                                cache_leftpad=leftpad, block_table=block_table, return_lse=True,
+                                                num_splits=num_splits, **kw)
+    assert np.isfinite(out).all()  # the NaN rows past each sequence's keys are never read
+    assert_matches(out, lse, want_out, want_lse, 2e-5)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True, window_size=(4, -1))])
 def test_rotary_by_the_identity_changes_nothing(kw):
     args = problem(3, [2, 7], 3, seqlen_q=2)
@@ -646,6 +701,15 @@ BAD = [  # (paged, changes, exception, message)
      "cache_batch_idx[0] must be an index in [0, k_cache.shape[0]=2), got -1"),
     (False, dict(cache_batch_idx=lambda a: FakeCupyArray(np.array([1, 0], np.int32))), TypeError,
      "cache_batch_idx must be a numpy array like q (NumPy and CuPy arrays cannot be mixed), got a cupy array"),
+    (False, dict(cache_leftpad=np.array([1, 0])), TypeError, "cache_leftpad.dtype must be int32, got int64"),
+    (False, dict(cache_leftpad=np.array([1], np.int32)), ValueError,
+     "cache_leftpad.shape must be (batch,)=(2,), got (1,)"),
+    (False, dict(cache_leftpad=np.array([1, 7], np.int32)), ValueError,
+     "cache_leftpad[1] must be between 0 and cache_seqlens[1]=6, got 7"),
+    (False, dict(cache_leftpad=np.array([-1, 0], np.int32)), ValueError,
+     "cache_leftpad[0] must be between 0 and cache_seqlens[0]=3, got -1"),
+    (False, dict(cache_leftpad=lambda a: FakeCupyArray(np.array([1, 0], np.int32))), TypeError,
+     "cache_leftpad must be a numpy array like q (NumPy and CuPy arrays cannot be mixed), got a cupy array"),
     (False, dict(k_cache=lambda a: _readonly(a["k_cache"])), ValueError,
      "k_cache must be writeable (k and v are appended to it in place), got a read-only array"),
     (True, dict(v_cache=lambda a: _readonly(a["v_cache"])), ValueError, "v_cache must be writeable"),
@@ -776,6 +840,45 @@ def test_cache_batch_idx_on_the_device(dtype, idx_on_device, rotary):
     want_out, want_lse = cupyflash.attention_with_kvcache(q, k_entries, v_entries, k, v, cache_seqlens=lengths,
                                                           cache_batch_idx=idx, **kw)
     for got, want in zip(dev_caches, (k_entries, v_entries)):
+        assert np.array_equal(bits(to_host(got)), bits(want))
+    tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
+    got_out = to_host(out).astype(np.float64)
+    assert np.isfinite(got_out).all()
+    np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=tol)
+    np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("leftpad_on_device", [False, True])
+def test_leftpad_on_the_device(dtype, page_size, leftpad_on_device):
+    """The decode kernels' keys from row cache_leftpad[b] on (NaN before it): the NumPy backend's outputs
+    within the decode's rounding, the same rows appended."""
+    cp = pytest.importorskip("cupy")
+
+    def to_device(x):
+        return cp.asarray(bits(x)).view(x.dtype)
+
+    def to_host(x):
+        return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
+
+    q, k_cache, v_cache, k, v, lengths = problem(13, [0, 70, 129, 40], 1, seqlen_q=1, headdim=64, dtype=dtype)
+    leftpad = np.array([0, 33, 100, 40], np.int32)
+    for b, pad in enumerate(leftpad):
+        k_cache[b, :pad] = v_cache[b, :pad] = np.nan
+    block_table = None
+    if page_size is not None:
+        k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, 13)
+    kw = dict(causal=True, window_size=(50, -1), return_lse=True)
+    dev_caches = [to_device(c) for c in (k_cache, v_cache)]
+    out, lse = cupyflash.attention_with_kvcache(
+        to_device(q), *dev_caches, to_device(k), to_device(v), cache_seqlens=cp.asarray(lengths),
+        cache_leftpad=cp.asarray(leftpad) if leftpad_on_device else leftpad,
+        block_table=None if block_table is None else cp.asarray(block_table), **kw)
+    want_out, want_lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
+                                                          cache_leftpad=leftpad, block_table=block_table, **kw)
+    for got, want in zip(dev_caches, (k_cache, v_cache)):
         assert np.array_equal(bits(to_host(got)), bits(want))
     tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
     got_out = to_host(out).astype(np.float64)

@@ -9,8 +9,8 @@ family on a Hopper GPU; float64 on the mma.sync family), causal and not, with GQ
 element loads; every variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone
 and all together, with NaN in masked keys so the guarded products run too, and on sequences of several tiles.
 packed: packed batches with empty sequences and NaN. decode: the split-KV decode kernel of
-attention_with_kvcache on paged and contiguous caches, with its append, rotary embedding and cache_batch_idx. wide: float32 in
-TF32 and float64 past its tensor-core head dimensions, with its wide heads' paired warps and its dq added by the dK/dV pass.
+attention_with_kvcache on paged and contiguous caches, with its append, rotary embedding, cache_batch_idx and
+cache_leftpad. wide: float32 in TF32 and float64 past its tensor-core head dimensions, with its wide heads' paired warps and its dq added by the dK/dV pass.
 families: the mma.sync family (16-bit) and the CUDA-core kernels (float32, float64) forced. hopper_turns: the
 Hopper backward's blocks each taking many key blocks in turn. dq_tiles: the Hopper backward's dq accumulator, each query tile's first
 sum stored and the rest added: many key blocks at once on few query tiles, and whole query tiles no key
@@ -135,6 +135,10 @@ def decode():
                 np.array([100, 0], np.int32)), block_table=table, num_splits=3, **variant)
         contiguous = device(rng.standard_normal((2, 300, 2, 64)).astype(dtype))
         cupyflash.attention_with_kvcache(q, contiguous, contiguous.copy(), cache_seqlens=250)
+        # keys from a left padding on (cache_leftpad), paged
+        cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
+            np.array([100, 3], np.int32)), cache_leftpad=cp.asarray(np.array([37, 3], np.int32)), block_table=table,
+            causal=True)
         # entries of a larger cache picked by cache_batch_idx, with an append
         entries = device(rng.standard_normal((5, 300, 2, 64)).astype(dtype))
         cupyflash.attention_with_kvcache(q, entries, entries.copy(), k_new, k_new, cache_seqlens=cp.asarray(
