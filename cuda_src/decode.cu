@@ -12,24 +12,65 @@
 //             value, so data a row cannot see never reaches it
 // With one split the block writes out and lse; otherwise each split writes its normalised o and its lse in
 // float32, and the last split of a (sequence, kv head) to finish merges them (decode.cuh). kvcache_append
-// writes a call's new rows into the cache before.
+// writes a call's new rows into the cache before (and applies the rotary embedding to them and to q).
 #include "decode.cuh"
 #include "softmax.cuh"
 
-// The in-place append: one block per (new row, kv head, sequence) copies that row of k_new and of v_new to
-// position cache_seqlens[b] + row of the caches, moving raw bits (U: the unsigned type of the dtype's size).
-template <typename U> __global__ void __launch_bounds__(128) kvcache_append(const __grid_constant__ DecodeParams p) {
-    const FwdParams& f = p.fwd;
-    const int i = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-    const int key = (p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen) + i;
-    U* k = static_cast<U*>(const_cast<void*>(f.k)) + cache_row(p, f.k_st, b, key) + hk * f.k_st.h;
-    U* v = static_cast<U*>(const_cast<void*>(f.v)) + cache_row(p, f.v_st, b, key) + hk * f.v_st.h;
-    const U* kn = static_cast<const U*>(p.k_new) + b * p.kn_st.b + (i64)i * p.kn_st.s + hk * p.kn_st.h;
-    const U* vn = static_cast<const U*>(p.v_new) + b * p.vn_st.b + (i64)i * p.vn_st.s + hk * p.vn_st.h;
-    for (int d = threadIdx.x; d < f.headdim; d += blockDim.x) {
-        k[d] = kn[d];
-        v[d] = vn[d];
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// Row x rotated into out at `position` (DecodeParams' rotary embedding; the block's threads over its columns):
+// a pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin), each product and the sum rounded once in the
+// accumulation type (no fused multiply-add: the NumPy backend's float32 operations give the same bits), the
+// result once to the dtype; the columns past rotary_dim are copied.
+template <typename T> __device__ __forceinline__ void rotate_row(const DecodeParams& p, const T* x, T* out, int position) {
+    using A = typename Acc<T>::type;
+    const int half = p.rotary_dim / 2;
+    const T* cos = static_cast<const T*>(p.rotary_cos) + (i64)position * half;
+    const T* sin = static_cast<const T*>(p.rotary_sin) + (i64)position * half;
+    for (int d = threadIdx.x; d < p.fwd.headdim; d += blockDim.x) {
+        if (d >= p.rotary_dim) {
+            out[d] = x[d];
+            continue;
+        }
+        // column d pairs with `partner`: d is the pair's first (x1) or second (x2)
+        const bool first = p.rotary_interleaved ? d % 2 == 0 : d < half;
+        const int i = p.rotary_interleaved ? d / 2 : d % half;
+        const int partner = p.rotary_interleaved ? d ^ 1 : (first ? d + half : d - half);
+        const A own = mul_rn(to_acc(x[d]), to_acc(cos[i])), other = mul_rn(to_acc(x[partner]), to_acc(sin[i]));
+        out[d] = from_acc<T>(first ? add_rn(own, -other) : add_rn(own, other));
     }
+}
+
+// The in-place append, and the rotary embedding where it is asked: one block per (new row, kv head, sequence)
+// writes that row of k_new (rotated) and of v_new to position cache_seqlens[b] + row of the caches; with the
+// rotary embedding, the blocks of grid rows nheads_kv ... take q's rows of head blockIdx.y - nheads_kv.
+template <typename T> __global__ void __launch_bounds__(128) kvcache_append(const __grid_constant__ DecodeParams p) {
+    const FwdParams& f = p.fwd;
+    const int i = blockIdx.x, b = blockIdx.z, nheads_kv = f.nheads / f.group;
+    const int start = p.cache_seqlens ? p.cache_seqlens[b] : p.cache_seqlen;
+    if (int(blockIdx.y) >= nheads_kv) {
+        const int h = blockIdx.y - nheads_kv;
+        if (i < f.seqlen_q)
+            rotate_row<T>(p, static_cast<const T*>(f.q) + b * f.q_st.b + (i64)i * f.q_st.s + h * f.q_st.h,
+                          static_cast<T*>(p.q_rot) + (((i64)b * f.seqlen_q + i) * f.nheads + h) * f.headdim,
+                          start + i * p.q_step);
+        return;
+    }
+    if (i >= p.seqlen_new) return;
+    const int hk = blockIdx.y, key = start + i;
+    T* k = static_cast<T*>(const_cast<void*>(f.k)) + cache_row(p, f.k_st, b, key) + hk * f.k_st.h;
+    T* v = static_cast<T*>(const_cast<void*>(f.v)) + cache_row(p, f.v_st, b, key) + hk * f.v_st.h;
+    const T* kn = static_cast<const T*>(p.k_new) + b * p.kn_st.b + (i64)i * p.kn_st.s + hk * p.kn_st.h;
+    const T* vn = static_cast<const T*>(p.v_new) + b * p.vn_st.b + (i64)i * p.vn_st.s + hk * p.vn_st.h;
+    if (p.rotary_cos) {
+        rotate_row<T>(p, kn, k, key);
+    } else {
+        for (int d = threadIdx.x; d < f.headdim; d += blockDim.x) k[d] = kn[d];
+    }
+    for (int d = threadIdx.x; d < f.headdim; d += blockDim.x) v[d] = vn[d];
 }
 
 __device__ __forceinline__ void load16(const void* p, unsigned (&w)[4]) {

@@ -129,26 +129,6 @@ struct SplitParams {
     int* nonfinite;  // set where x holds NaN or inf (FwdParams::gate)
 };
 
-// Rows of a KV-cache call's queries or new keys to rotate (rotary.cu): x (batch, seqlen, heads, headdim) into out
-// (contiguous, the same shape); row s of sequence b at position (starts ? starts[b] : start) + s * step.
-struct RotaryRows {
-    const void* x;
-    Strides st;
-    void* out;
-    int seqlen, heads, step;
-};
-
-// The rotary embedding of attention_with_kvcache's q and new k in one launch (rotary.cu): the first rotary_dim
-// columns in pairs by the rows of cos and sin (seqlen_ro, rotary_dim / 2), columns (2 i, 2 i + 1) when
-// interleaved, else (i, i + rotary_dim / 2).
-struct RotaryParams {
-    RotaryRows q, k;
-    const void* cos;
-    const void* sin;
-    const int* starts;  // (batch,) each sequence's first new position, or nullptr: start for each
-    int start, headdim, rotary_dim, interleaved;
-};
-
 // Split-KV decoding over a KV cache (decode.cu, decode_mma.cu) and its in-place append (decode.cu). fwd.k and
 // fwd.v are the caches, their batch stride the page stride; fwd.seqlen_k is unused (each sequence has its own
 // length). Sequence b holds (cache_seqlens ? cache_seqlens[b] : cache_seqlen) + seqlen_new rows once the new rows
@@ -162,6 +142,14 @@ struct DecodeParams {
     const void* k_new;
     const void* v_new;
     Strides kn_st, vn_st;
+    // The rotary embedding (kvcache_append, with rotary_cos; nullptr: none): the first rotary_dim columns of the
+    // appended keys and of fwd.q's rows, in pairs by the rows of cos and sin (seqlen_ro, rotary_dim / 2), columns
+    // (2 i, 2 i + 1) when interleaved, else (i, i + rotary_dim / 2); key row j at position cache_seqlens[b] + j,
+    // q's row s at cache_seqlens[b] + s * q_step, into q_rot (contiguous, q's shape).
+    const void* rotary_cos;
+    const void* rotary_sin;
+    void* q_rot;
+    int rotary_dim, rotary_interleaved, q_step;
     const int* block_table;  // (batch, table_stride) page ids; nullptr: sequence b is page b
     i64 table_stride;
     int page_size;           // rows per page (a contiguous cache: its length)

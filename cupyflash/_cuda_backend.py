@@ -139,7 +139,6 @@ FWD_PARAMS = _params_dtype("FwdParams")
 FWD_PARAMS_SM90 = _params_dtype("FwdParamsSm90")
 SPLIT_PARAMS = _params_dtype("SplitParams")
 DECODE_PARAMS = _params_dtype("DecodeParams")
-ROTARY_PARAMS = _params_dtype("RotaryParams")
 BWD_PARAMS = _params_dtype("BwdParams")
 BWD_PARAMS_SM90 = _params_dtype("BwdParamsSm90")
 
@@ -632,11 +631,13 @@ class CacheLengths(typing.NamedTuple):
 
 
 def _decode_values(spec, fwd, lengths, k_new=None, v_new=None, splits=1, per_split=0, part_out=0, part_lse=0,
-                   split_counters=0):
-    """DecodeParams' values (the split buffers as device addresses)."""
+                   split_counters=0, rotary=None):
+    """DecodeParams' values (the split buffers as device addresses; the rotary tables' and q_rot's addresses
+    are filled in per call)."""
     table = lengths.block_table
+    rotation = (0, 0, 0) if rotary is None else (2 * rotary.cos.shape[1], int(rotary.interleaved), rotary.q_step)
     return (fwd, _ptr(lengths.device), _ptr(lengths.leftpad), lengths.uniform, lengths.new, _ptr(k_new), _ptr(v_new),
-            *((0, 0, 0) if x is None else _strides(x) for x in (k_new, v_new)), _ptr(table),
+            *((0, 0, 0) if x is None else _strides(x) for x in (k_new, v_new)), 0, 0, 0, *rotation, _ptr(table),
             0 if table is None else table.strides[0] // table.itemsize, lengths.page_size, spec.batch, splits,
             per_split, part_out, part_lse, split_counters, *(np.zeros((), _tma.TENSOR_MAP) for _ in range(2)))
 
@@ -714,53 +715,43 @@ def _decode_workspace(device_id, counters, floats):
 
 #: Each Spec's append structs (by what else a call may change), so that a decoding loop builds them once.
 _APPEND_STRUCTS = weakref.WeakKeyDictionary()
-_APPEND_ADDRESSES = ("fwd.k", "fwd.v", "cache_seqlens", "block_table", "k_new", "v_new")
+_APPEND_ADDRESSES = ("fwd.k", "fwd.v", "cache_seqlens", "block_table", "k_new", "v_new", "fwd.q", "rotary_cos",
+                     "rotary_sin", "q_rot")
 _DECODE_ADDRESSES = ("fwd.q", "fwd.k", "fwd.v", "fwd.out", "fwd.lse", "cache_seqlens", "cache_leftpad", "block_table",
                      "part_out", "part_lse", "split_counters")
 
 
-def append(k_cache, v_cache, k, v, spec, lengths):
+def append(k_cache, v_cache, k, v, spec, lengths, q=None, rotary=None):
     """Write k and v (batch, seqlen_new, nheads_kv, headdim) into the caches at each sequence's positions
-    after its cached rows, in one launch (kvcache_append, decode.cu), on the current device: the caches'."""
+    after its cached rows, in one launch (kvcache_append, decode.cu), on the current device: the caches'.
+    With ``rotary`` (_kvcache.Rotary) the keys are rotated on their way in, and q's rows into a new array,
+    which it returns."""
     k, v = (_rows_contiguous(x) for x in (k, v))
     table = lengths.block_table
     structs = _APPEND_STRUCTS.setdefault(spec, {})
     key = (k_cache.strides, v_cache.strides, k.strides, v.strides, *lengths[1:3], lengths.page_size,
            None if table is None else table.shape)
+    q_rot = cos = sin = None
+    if rotary is not None:
+        q = _rows_contiguous(q)
+        cos, sin = (t if t.flags.c_contiguous else cupy.ascontiguousarray(t) for t in (rotary.cos, rotary.sin))
+        q_rot = _empty(q.shape, q.dtype)
+        key += (q.strides, cos.shape[1], rotary.interleaved, rotary.q_step)
+    else:
+        q = None
     struct = structs.get(key)
     if struct is None:
-        values = _decode_values(spec, _fwd_values(spec, {}, None, k_cache, v_cache), lengths._replace(leftpad=None), k, v)
+        values = _decode_values(spec, _fwd_values(spec, {}, q, k_cache, v_cache), lengths._replace(leftpad=None), k,
+                                v, rotary=rotary)
         struct = structs[key] = _Readdressed(DECODE_PARAMS, values, _APPEND_ADDRESSES)
-    p = struct([k_cache.data.ptr, v_cache.data.ptr, _ptr(lengths.device), _ptr(table), k.data.ptr, v.data.ptr])
-    _launch(_plan.kvcache_append(k.itemsize), (lengths.new, spec.nheads_kv, spec.batch), p, k_cache.data.device_id)
-
-
-#: RotaryParams by the layouts and values of a call's rotation: a decoding loop's calls build theirs once.
-_ROTARY_STRUCTS = {}
-_ROTARY_ADDRESSES = ("q.x", "q.out", "k.x", "k.out", "cos", "sin", "starts")
-
-
-def rotary(q, k, tables, lengths):
-    """q and the new keys k rotated (rotary.cu, one launch) into new arrays, by ``tables`` (_kvcache.Rotary): k's
-    row j at position cache_seqlens[b] + j, q's row i at cache_seqlens[b] + i * q_step (``lengths``: the call's
-    CacheLengths), on the current device."""
-    q, k = (_rows_contiguous(x) for x in (q, k))
-    cos, sin = (t if t.flags.c_contiguous else cupy.ascontiguousarray(t) for t in (tables.cos, tables.sin))
-    q_out, k_out = _empty(q.shape, q.dtype), _empty(k.shape, k.dtype)
-    key = (q.shape, q.strides, k.shape, k.strides, q.dtype, cos.shape, tables.q_step, tables.interleaved,
-           lengths.device is None, lengths.uniform)
-    struct = _ROTARY_STRUCTS.get(key)
-    if struct is None:
-        if len(_ROTARY_STRUCTS) >= 256:
-            _ROTARY_STRUCTS.clear()
-        rows = [(0, _strides(x), 0, x.shape[1], x.shape[2], step) for x, step in ((q, tables.q_step), (k, 1))]
-        values = (*rows, 0, 0, 0, lengths.uniform, q.shape[3], 2 * cos.shape[1], int(tables.interleaved))
-        struct = _ROTARY_STRUCTS[key] = _Readdressed(ROTARY_PARAMS, values, _ROTARY_ADDRESSES)
-    p = struct([q.data.ptr, q_out.data.ptr, k.data.ptr, k_out.data.ptr, cos.data.ptr, sin.data.ptr,
-                _ptr(lengths.device)])
-    _launch(_plan.rotary(q.dtype.name), (max(q.shape[1], k.shape[1]), q.shape[2] + k.shape[2], q.shape[0]), p,
-            q.data.device_id)
-    return q_out, k_out
+    p = struct([k_cache.data.ptr, v_cache.data.ptr, _ptr(lengths.device), _ptr(table), k.data.ptr, v.data.ptr,
+                _ptr(q), _ptr(cos), _ptr(sin), _ptr(q_rot)])
+    rows, heads = lengths.new, spec.nheads_kv
+    if rotary is not None:  # and q's rows
+        rows, heads = max(rows, spec.seqlen_q), heads + spec.nheads
+    if rows:
+        _launch(_plan.kvcache_append(spec.dtype.name), (rows, heads, spec.batch), p, k_cache.data.device_id)
+    return q_rot
 
 
 def _decode_aligned(k_cache, v_cache):

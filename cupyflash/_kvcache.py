@@ -16,7 +16,7 @@ view of the cache when they lie on one page, its pages gathered in order otherwi
 chunks of those keys run one after another and combine with :func:`~cupyflash.merge_attention`.
 
 With ``rotary_cos`` and ``rotary_sin`` the new keys are rotated by their positions before the append,
-and the queries before they attend (``cuda_src/rotary.cu``; on the NumPy backend, ``_rotate``).
+and the queries before they attend (by the append's kernel; on the NumPy backend, ``_rotate``).
 
 A decoding loop checks its arguments' shapes, dtypes and scalars once per signature, and the values
 of CuPy lengths and page tables at each call; NumPy ones and ints join the check's signature by their
@@ -399,8 +399,9 @@ class Rotary(typing.NamedTuple):
 
 
 def _rotate(x, rotary, starts, step):
-    """NumPy twin of rotary.cu: x (batch, seqlen, heads, headdim) with row s of sequence b rotated by the tables'
-    row ``starts[b] + s * step``, each product and sum rounded in the accumulation type, the result to x's dtype."""
+    """NumPy twin of rotate_row (decode.cu): x (batch, seqlen, heads, headdim) with row s of sequence b rotated
+    by the tables' row ``starts[b] + s * step``, each product and sum rounded in the accumulation type, the
+    result to x's dtype."""
     acc = compute_dtype(x.dtype)
     half = rotary.cos.shape[1]
     positions = starts[:, None] + np.arange(x.shape[1]) * step
@@ -570,7 +571,8 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, cache_le
     """The CuPy path, on q's device. The append and the decode kernels read each sequence's length from
     ``cache_seqlens`` on the device, or from one number when every sequence has the same (an int, None, or
     such a NumPy array); NumPy lengths and page tables are copied to the device (asynchronously, without the
-    read that CuPy ones take to be checked). With ``rotary`` the new keys and q are rotated first, into new arrays.
+    read that CuPy ones take to be checked). With ``rotary`` the append rotates the new keys, and q into a new
+    array.
     The decode kernels leave lse out (None) without ``want_lse``."""
     spec, cupy, on = call.spec, backend.cupy, q.device
     with on:
@@ -588,10 +590,9 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, cache_le
             cupy.ascontiguousarray(cache_leftpad) if array_kind(cache_leftpad) == "cupy"
             else cupy.asarray(call.leftpad.astype(np.int32)))
         lengths = backend.CacheLengths(device_lengths, uniform, call.seqlen_new, table, call.page_size, leftpad)
-        if rotary is not None:
-            q, k = backend.rotary(q, k, rotary, lengths)
-        if call.seqlen_new:
-            backend.append(k_cache, v_cache, k, v, spec, lengths)
+        if call.seqlen_new or rotary is not None:
+            q_rot = backend.append(k_cache, v_cache, k, v, spec, lengths, q, rotary)
+            q = q if rotary is None else q_rot
         plan = backend.decode_plan(spec, k_cache, v_cache, call.num_splits)
         if plan is not None:
             return backend.decode(plan, q, k_cache, v_cache, spec, lengths, want_lse)

@@ -576,22 +576,12 @@ def decode(dtype, headdim, rows, var, limit, tma=False):
     return Launch("decode.cu", f"flash_decode<{c}, {d}, {block_rows}, {var}>", 128, 128, 0)
 
 
-def kvcache_append(itemsize):
-    """The in-place append of new key and value rows (decode.cu): a block per (new row, kv head, sequence),
-    moving raw bits of the dtype's size."""
-    return Launch("decode.cu", f"kvcache_append<{_UNSIGNED[itemsize]}>", 1, 128, 0)
+def kvcache_append(dtype):
+    """The in-place append of new key and value rows (decode.cu), with the rotary embedding of them and of q
+    where it is asked: a block per (new row, kv head, sequence), and per (row, head, sequence) of q."""
+    return Launch("decode.cu", f"kvcache_append<{C_TYPES[dtype]}>", 1, 128, 0)
 
 
-_UNSIGNED = {2: "unsigned short", 4: "unsigned", 8: "unsigned long long"}
-
-
-def rotary(dtype):
-    """The rotary embedding of a KV-cache call's new queries or keys (rotary.cu): a block per (row, head,
-    sequence)."""
-    return Launch("rotary.cu", f"rotary<{C_TYPES[dtype]}>", 1, 128, 0)
-
-
-@functools.lru_cache(maxsize=1024)
 def decode_splits(band, blocks, slots, step, requested=0):
     """(splits, keys per split) of a decode whose sequences see at most `band` keys, with `blocks` (batch x
     kv heads) blocks per split and `slots` blocks resident on the device at once; splits are whole steps of
@@ -730,7 +720,7 @@ def covering_launches():
                for rows, var in ((1, plain), (16, decode_features)) for d in ((128, 64) if rows == 1 else (256,))]
     decodes += [decode(dtype, d, rows, var, big, tma=True)
                 for dtype, d, rows, var in (("bfloat16", 128, 4, plain), ("float16", 64, 16, decode_features))]
-    decodes += [kvcache_append(itemsize) for itemsize in _UNSIGNED] + [rotary(dtype) for dtype in C_TYPES]
+    decodes += [kvcache_append(dtype) for dtype in C_TYPES]
     decodes = list({launch.name: launch for launch in decodes}.values())
     flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]
     return [*seen.values(), *sm90_launches, *decodes, *flags, mask_cells(), dropout_mask(), clock_probe()]

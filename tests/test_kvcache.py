@@ -775,7 +775,7 @@ def test_cupy_matches_numpy(dtype, page_size, num_splits):
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("case", ["causal, paged, lengths on the device", "one length for all, contiguous"])
 def test_rotary_cupy_matches_numpy(dtype, interleaved, case):
-    """The device's rotated keys are the NumPy backend's bit for bit (rotary.cu rounds as _rotate does); the
+    """The device's rotated keys are the NumPy backend's bit for bit (rotate_row rounds as _rotate does); the
     outputs agree within the decode's rounding."""
     cp = pytest.importorskip("cupy")
 

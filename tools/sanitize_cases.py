@@ -155,7 +155,7 @@ def decode():
                                              cache_seqlens=np.array([200, 200], np.int32), causal=True)
         cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=np.array([60, 3], np.int32),
                                          block_table=table.get())
-        # the rotary embedding of k and q (rotary.cu), interleaved and not, on part of the head
+        # the rotary embedding of k and q (by the append), interleaved and not, on part of the head
         angles = rng.uniform(0, 2 * np.pi, (128, 24))
         cos, sin = device(np.cos(angles).astype(dtype)), device(np.sin(angles).astype(dtype))
         for interleaved, variant in ((True, dict(causal=True)), (False, dict())):
