@@ -26,12 +26,19 @@ def main(calls_per_case=1000, rows=14):
     out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
     cache, query = draw((1, 1024, 2, 128)), draw((1, 1, 8, 128))
     pages, table = draw((8, 256, 2, 128)), np.array([[5, 2, 7, 0]], np.int32)  # 1024 rows in 4 pages of 256
+    new = draw((1, 1, 2, 128))  # a token's key and value
+    angles = np.random.default_rng(0).uniform(0, 2 * np.pi, (1024, 64))
+    cos, sin = (cp.asarray(f(angles).astype(ml_dtypes.bfloat16)) for f in (np.cos, np.sin))
     cases = {
         "attention": lambda: cupyflash.attention(q, k, v, causal=True),
         "attention_backward": lambda: cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True),
         "attention_with_kvcache": lambda: cupyflash.attention_with_kvcache(query, cache, cache, cache_seqlens=1000),
         "attention_with_kvcache, paged (NumPy block_table)": lambda: cupyflash.attention_with_kvcache(
             query, pages, pages, cache_seqlens=1000, block_table=table),
+        "attention_with_kvcache, a token appended": lambda: cupyflash.attention_with_kvcache(
+            query, cache, cache, new, new, cache_seqlens=1000, causal=True),
+        "attention_with_kvcache, a token appended, rotary embedding": lambda: cupyflash.attention_with_kvcache(
+            query, cache, cache, new, new, cache_seqlens=1000, causal=True, rotary_cos=cos, rotary_sin=sin),
     }
     for name, call in cases.items():
         for _ in range(20):  # compile and warm
