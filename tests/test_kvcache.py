@@ -733,18 +733,37 @@ def test_the_reference_refuses_the_same_calls(paged_cache, changes, exc, message
         cupyflash.reference.attention_with_kvcache(**bad_call_args(paged_cache, changes))
 
 
+def to_device(x):
+    """A NumPy array on the GPU bit for bit, bfloat16 included."""
+    import cupy as cp
+
+    return cp.asarray(bits(x)).view(x.dtype)
+
+
+def to_host(x):
+    return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
+
+
+DECODE_TOL = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+def assert_device_matches(dev_caches, caches, out, lse, want_out, want_lse, dtype):
+    """The device's caches are the NumPy backend's bit for bit; its outputs finite and within the decode's
+    rounding of the NumPy backend's."""
+    for got, want in zip(dev_caches, caches):
+        assert np.array_equal(bits(to_host(got)), bits(want))
+    got_out = to_host(out).astype(np.float64)
+    assert np.isfinite(got_out).all()
+    np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=DECODE_TOL[np.dtype(dtype)])
+    np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-12 if dtype == np.float64 else 1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 @pytest.mark.parametrize("page_size", [None, 16])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_cupy_matches_numpy(dtype, page_size, num_splits):
     cp = pytest.importorskip("cupy")
-
-    def to_device(x):  # bit for bit, bfloat16 included
-        return cp.asarray(bits(x)).view(x.dtype)
-
-    def to_host(x):
-        return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
 
     q, k_cache, v_cache, k, v, lengths = problem(10, [0, 70, 129, 5], 2, seqlen_q=2, headdim=64, dtype=dtype)
     block_table = None
@@ -779,12 +798,6 @@ def test_rotary_cupy_matches_numpy(dtype, interleaved, case):
     outputs agree within the decode's rounding."""
     cp = pytest.importorskip("cupy")
 
-    def to_device(x):
-        return cp.asarray(bits(x)).view(x.dtype)
-
-    def to_host(x):
-        return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
-
     causal = case.startswith("causal")
     lengths = [0, 70, 129, 5] if causal else [37] * 4
     q, k_cache, v_cache, k, v, host_lengths = problem(11, lengths, 3, seqlen_q=3, headdim=64, dtype=dtype)
@@ -802,14 +815,7 @@ def test_rotary_cupy_matches_numpy(dtype, interleaved, case):
     want_out, want_lse = cupyflash.attention_with_kvcache(
         q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
         cache_seqlens=host_lengths if causal else lengths[0], block_table=block_table, **kw)
-    for got, want in zip(dev_caches, (k_cache, v_cache)):
-        assert np.array_equal(bits(to_host(got)), bits(want))
-    tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5,
-           np.dtype(np.float64): 1e-12}[np.dtype(dtype)]
-    got_out = to_host(out).astype(np.float64)
-    assert np.isfinite(got_out).all()
-    np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=tol)
-    np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4 if dtype != np.float64 else 1e-12)
+    assert_device_matches(dev_caches, (k_cache, v_cache), out, lse, want_out, want_lse, dtype)
 
 
 @pytest.mark.gpu
@@ -820,12 +826,6 @@ def test_cache_batch_idx_on_the_device(dtype, idx_on_device, rotary):
     """Entries of a larger cache picked by cache_batch_idx (the decode kernels' one-page table): the NumPy
     backend's rows bit for bit, its outputs within the decode's rounding."""
     cp = pytest.importorskip("cupy")
-
-    def to_device(x):
-        return cp.asarray(bits(x)).view(x.dtype)
-
-    def to_host(x):
-        return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
 
     q, k_cache, v_cache, k, v, lengths = problem(12, [0, 70, 129, 5], 1, seqlen_q=1, headdim=64, dtype=dtype)
     k_entries, v_entries, idx = entries(k_cache, v_cache, 12)
@@ -839,13 +839,7 @@ def test_cache_batch_idx_on_the_device(dtype, idx_on_device, rotary):
                                                 cache_batch_idx=cp.asarray(idx) if idx_on_device else idx, **dev_kw)
     want_out, want_lse = cupyflash.attention_with_kvcache(q, k_entries, v_entries, k, v, cache_seqlens=lengths,
                                                           cache_batch_idx=idx, **kw)
-    for got, want in zip(dev_caches, (k_entries, v_entries)):
-        assert np.array_equal(bits(to_host(got)), bits(want))
-    tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
-    got_out = to_host(out).astype(np.float64)
-    assert np.isfinite(got_out).all()
-    np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=tol)
-    np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
+    assert_device_matches(dev_caches, (k_entries, v_entries), out, lse, want_out, want_lse, dtype)
 
 
 @pytest.mark.gpu
@@ -856,12 +850,6 @@ def test_leftpad_on_the_device(dtype, page_size, leftpad_on_device):
     """The decode kernels' keys from row cache_leftpad[b] on (NaN before it): the NumPy backend's outputs
     within the decode's rounding, the same rows appended."""
     cp = pytest.importorskip("cupy")
-
-    def to_device(x):
-        return cp.asarray(bits(x)).view(x.dtype)
-
-    def to_host(x):
-        return x.view(_UINT[x.dtype.itemsize]).get().view(x.dtype)
 
     q, k_cache, v_cache, k, v, lengths = problem(13, [0, 70, 129, 40], 1, seqlen_q=1, headdim=64, dtype=dtype)
     leftpad = np.array([0, 33, 100, 40], np.int32)
@@ -878,13 +866,7 @@ def test_leftpad_on_the_device(dtype, page_size, leftpad_on_device):
         block_table=None if block_table is None else cp.asarray(block_table), **kw)
     want_out, want_lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
                                                           cache_leftpad=leftpad, block_table=block_table, **kw)
-    for got, want in zip(dev_caches, (k_cache, v_cache)):
-        assert np.array_equal(bits(to_host(got)), bits(want))
-    tol = {np.dtype(np.float16): 3e-3, BFLOAT16: 2e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
-    got_out = to_host(out).astype(np.float64)
-    assert np.isfinite(got_out).all()
-    np.testing.assert_allclose(got_out, want_out.astype(np.float64), rtol=0, atol=tol)
-    np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
+    assert_device_matches(dev_caches, (k_cache, v_cache), out, lse, want_out, want_lse, dtype)
 
 
 def check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num_splits):
