@@ -25,7 +25,8 @@ __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(
 // a pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin), each product and the sum rounded once in the
 // accumulation type (no fused multiply-add: the NumPy backend's float32 operations give the same bits), the
 // result once to the dtype; the columns past rotary_dim are copied.
-template <typename T> __device__ __forceinline__ void rotate_row(const DecodeParams& p, const T* x, T* out, int position) {
+template <typename T>
+__device__ __forceinline__ void rotate_row(const DecodeParams& p, const T* x, T* out, int position) {
     using A = typename Acc<T>::type;
     const int half = p.rotary_dim / 2;
     const T* cos = static_cast<const T*>(p.rotary_cos) + (i64)position * half;

@@ -6,7 +6,8 @@ whose row b lists the pages of sequence b in order. Inside, a contiguous cache i
 whose page b is all of sequence b (page ``cache_batch_idx[b]`` with that argument), so appending and
 reading have one code path.
 
-Sequence b holds ``L_b = cache_seqlens[b] + seqlen_new`` keys once k, v are appended. On the GPU the
+Sequence b holds ``L_b = cache_seqlens[b] + seqlen_new`` keys once k, v are appended (less its
+``cache_leftpad`` rows). On the GPU the
 append is one kernel, and calls with at most 16 query rows per kv head (the group's heads times
 seqlen_q) take the split-KV decode kernels (``cuda_src/decode_mma.cu`` for 16-bit caches,
 ``cuda_src/decode.cu`` for float32), which read the pages in place and run every sequence and split in
@@ -116,7 +117,6 @@ class _Form(typing.NamedTuple):
     cache's capacity for seqlen_k, and what the lengths and the page table are checked against."""
     spec: Spec
     seqlens_is_int: bool
-    has_leftpad: bool
     seqlen_new: int
     page_size: int
     capacity: int
@@ -135,9 +135,10 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rota
     """Validate a call of :func:`attention_with_kvcache`; return its :class:`Call`.
 
     Everything is checked before anything is written. ``cache_seqlens``, ``cache_leftpad`` and
-    ``block_table`` (or ``cache_batch_idx``) are read to the host (CuPy ones in one copy, a device synchronisation); they may be NumPy arrays
-    whatever the other arrays are. ``writes=False`` (the reference, which writes nothing) does not
-    ask for writeable caches; ``mixed_ok`` allows NumPy and CuPy arrays together.
+    ``block_table`` (or ``cache_batch_idx``) are read to the host (CuPy ones in one copy, a device
+    synchronisation); they may be NumPy arrays whatever the other arrays are. ``writes=False`` (the
+    reference, which writes nothing) does not ask for writeable caches; ``mixed_ok`` allows NumPy and CuPy
+    arrays together.
     """
     form = _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                        cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
@@ -273,7 +274,7 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=slopes)
     table_name = "block_table" if paged else None if cache_batch_idx is None else "cache_batch_idx"
-    return _Form(spec, seqlens_is_int, cache_leftpad is not None, seqlen_new, page_size, capacity, capacity_words,
+    return _Form(spec, seqlens_is_int, seqlen_new, page_size, capacity, capacity_words,
                  num_blocks if table_name else 0, table_name, num_splits, rotary_interleaved, {})
 
 
@@ -312,8 +313,8 @@ def _check_values(fn, form, cache_seqlens, cache_leftpad, table_arg, one_copy):
     checked as a number, and its pages as the table's first columns."""
     batch, seqlen_new, page_size, capacity = form.spec.batch, form.seqlen_new, form.page_size, form.capacity
     num_blocks = form.num_blocks
-    lengths, leftpad, table = _host_ints([None if form.seqlens_is_int else cache_seqlens,
-                                          cache_leftpad if form.has_leftpad else None, table_arg], one_copy=one_copy)
+    lengths, leftpad, table = _host_ints([None if form.seqlens_is_int else cache_seqlens, cache_leftpad, table_arg],
+                                         one_copy=one_copy)
     if form.table_name == "cache_batch_idx":
         table = table.reshape(-1, 1)  # sequence b's one page
     if lengths is None:
@@ -483,12 +484,12 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     lives at page ``block_table[b, j // page_size]``, row ``j % page_size``. ``cache_seqlens``
     (None: the full capacity; an int; or int32 (batch,)) is each sequence's cached length before
     the append. ``cache_batch_idx`` (int32 (batch,)) lets sequence b use entry ``cache_batch_idx[b]`` of a
-    contiguous cache (batch_cache, seqlen_cache, nheads_kv, headdim) instead of entry b; where two sequences
-    share an entry, the rows appended there may come from either. ``cache_leftpad`` (int32 (batch,)) is
-    the cache row of each sequence's first key (a left padding; default 0). k, v (batch, seqlen_new, nheads_kv,
-    headdim), both or neither, are written at
-    positions ``cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1``, and sequence b attends to
-    its ``L_b = cache_seqlens[b] + seqlen_new - cache_leftpad[b]`` keys from row ``cache_leftpad[b]`` on. causal, window_size, softcap and
+    contiguous cache (batch_cache, seqlen_cache, nheads_kv, headdim) instead of entry b; where two
+    sequences share an entry, the rows appended there may come from either. ``cache_leftpad`` (int32
+    (batch,)) is the cache row of each sequence's first key (a left padding; default 0). k, v (batch,
+    seqlen_new, nheads_kv, headdim), both or neither, are written at positions ``cache_seqlens[b] ...
+    cache_seqlens[b] + seqlen_new - 1``, and sequence b attends to its ``L_b = cache_seqlens[b] +
+    seqlen_new - cache_leftpad[b]`` keys from row ``cache_leftpad[b]`` on. causal, window_size, softcap and
     alibi_slopes are those of :func:`cupyflash.attention`, bottom-right aligned over the L_b keys.
     ``rotary_cos`` and ``rotary_sin`` (seqlen_ro, rotary_dim / 2), in q's dtype, apply the rotary
     embedding to the first rotary_dim columns of k and q first: k's row j at position

@@ -335,9 +335,9 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
                            return_lse: bool = False,
                            num_splits: int = 0) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Float64 ``out`` (and ``lse``) of :func:`cupyflash.attention_with_kvcache`'s call: sequence b's
-    queries attend, through :func:`attention`, to its cache rows ``[cache_leftpad[b], cache_seqlens[b])`` (read
-    through ``block_table`` when paged, or from entry ``cache_batch_idx[b]``) followed by its new ``k``, ``v``. With ``rotary_cos`` and
-    ``rotary_sin``, the new k and q first pass through :func:`rotary_embedding` at the call's positions
+    queries attend, through :func:`attention`, to its cache rows ``[cache_leftpad[b], cache_seqlens[b])``
+    (read through ``block_table`` when paged, or from entry ``cache_batch_idx[b]``) followed by its new
+    ``k``, ``v``. With ``rotary_cos`` and ``rotary_sin``, the new k and q first pass through :func:`rotary_embedding` at the call's positions
     and are rounded to their dtype, as the cache keeps k and the kernels take q.
 
     It writes nothing: the caches are only read, and the result is that of attending to cache plus
