@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     };
 
     // Where this warp's tile `it` lies in the caches: lane l's key row (k and v offsets), or with TMA the page
-    // and row of the tile's first key (k = page, v = row; calls with a left padding do not read by TMA). Page-table reads are issued a tile ahead of
-    // their use, so the warp does not wait on them. load copies the tile into ring slot it % STAGES; keys
+    // and row of the tile's first key (k = page, v = row; calls with a left padding do not read by TMA).
+    // Page-table reads are issued a tile ahead of their use, so the warp does not wait on them. load copies the tile into ring slot it % STAGES; keys
     // past the split's end are zeros (with TMA, once the tile has arrived: the box holds the cache's rows).
     struct Rows {
         i64 k, v;
