@@ -846,12 +846,14 @@ def test_cache_batch_idx_on_the_device(dtype, idx_on_device, rotary):
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 @pytest.mark.parametrize("page_size", [None, 16])
 @pytest.mark.parametrize("leftpad_on_device", [False, True])
-def test_leftpad_on_the_device(dtype, page_size, leftpad_on_device):
-    """The decode kernels' keys from row cache_leftpad[b] on (NaN before it): the NumPy backend's outputs
-    within the decode's rounding, the same rows appended."""
+@pytest.mark.parametrize("seqlen_q", [1, 9])
+def test_leftpad_on_the_device(dtype, page_size, leftpad_on_device, seqlen_q):
+    """Keys from row cache_leftpad[b] on (NaN before it), in the decode kernels (one query row) and in the
+    dense kernels over each sequence's gathered rows (nine: more rows per kv head than a decode block
+    takes): the NumPy backend's outputs within the decode's rounding, the same rows appended."""
     cp = pytest.importorskip("cupy")
 
-    q, k_cache, v_cache, k, v, lengths = problem(13, [0, 70, 129, 40], 1, seqlen_q=1, headdim=64, dtype=dtype)
+    q, k_cache, v_cache, k, v, lengths = problem(13, [0, 70, 129, 40], 1, seqlen_q=seqlen_q, headdim=64, dtype=dtype)
     leftpad = np.array([0, 33, 100, 40], np.int32)
     for b, pad in enumerate(leftpad):
         k_cache[b, :pad] = v_cache[b, :pad] = np.nan
