@@ -115,10 +115,13 @@ _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 def _rows_contiguous(x):
     """The kernels take any batch, sequence and head strides but need a unit last stride;
-    other layouts are copied once (as raw bits, which works for every dtype, bfloat16 too)."""
-    if x.strides[-1] == x.itemsize:
-        return x
-    return cupy.ascontiguousarray(x.view(_UINT[x.itemsize])).view(x.dtype)
+    other layouts are copied once (_contiguous)."""
+    return x if x.strides[-1] == x.itemsize else _contiguous(x)
+
+
+def _contiguous(x):
+    """x in C order, copied as raw bits where it is not (which works for every dtype, bfloat16 too)."""
+    return x if x.flags.c_contiguous else cupy.ascontiguousarray(x.view(_UINT[x.itemsize])).view(x.dtype)
 
 
 def _aligned(*arrays):
@@ -734,7 +737,7 @@ def append(k_cache, v_cache, k, v, spec, lengths, q=None, rotary=None):
     q_rot = cos = sin = None
     if rotary is not None:
         q = _rows_contiguous(q)
-        cos, sin = (t if t.flags.c_contiguous else cupy.ascontiguousarray(t) for t in (rotary.cos, rotary.sin))
+        cos, sin = (_contiguous(t) for t in (rotary.cos, rotary.sin))
         q_rot = _empty(q.shape, q.dtype)
         key += (q.strides, cos.shape[1], rotary.interleaved, rotary.q_step)
     else:

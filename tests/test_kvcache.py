@@ -805,12 +805,14 @@ def test_rotary_cupy_matches_numpy(dtype, interleaved, case):
     if causal:
         k_cache, v_cache, block_table = paged(k_cache, v_cache, 16, 11)
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * 16
-    cos, sin = rotary_tables(11, capacity, 24, dtype)  # rotary_dim 48 of 64 columns
+    tables = rotary_tables(11, capacity, 32, dtype)
+    cos, sin = (t[:, :24] for t in tables)  # rotary_dim 48 of 64, tables with a row stride of 32
     kw = dict(rotary_interleaved=interleaved, causal=causal, return_lse=True)
     dev_caches = [to_device(c) for c in (k_cache, v_cache)]
     dev_lengths = cp.asarray(host_lengths) if causal else lengths[0]
     out, lse = cupyflash.attention_with_kvcache(
-        to_device(q), *dev_caches, to_device(k), to_device(v), rotary_cos=to_device(cos), rotary_sin=to_device(sin),
+        to_device(q), *dev_caches, to_device(k), to_device(v), rotary_cos=to_device(tables[0])[:, :24],
+        rotary_sin=to_device(tables[1])[:, :24],
         cache_seqlens=dev_lengths, block_table=None if block_table is None else cp.asarray(block_table), **kw)
     want_out, want_lse = cupyflash.attention_with_kvcache(
         q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
