@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(THREADS) flash_bwd_dq_simt(const __grid_consta
 
     A dq_scale = A(f.scale);
     if constexpr (!APPROX) {
-        const A factor = row_renormalizer(reduce_sum<TPR>(row_sum), lse2);
+        const A factor = row_renormalizer(reduce_sum<TPR>(row_sum), lse2, sink_log2<A>(f.var, h));
         dq_scale *= factor;
         if (c == 0 && i < seq.seqlen_q) static_cast<A*>(p.row_scale)[stat] = factor;
     }

@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_bwd_dq_mma(const __grid_cons
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int row = row0 + 8 * r;
-            const A factor = row_renormalizer(reduce_sum<4>(row_sum[r]), lse2[r]);
+            const A factor = row_renormalizer(reduce_sum<4>(row_sum[r]), lse2[r], sink_log2<A>(f.var, h));
             dq_scale[r] *= factor;
             if (tq == 0 && role == 0 && row < seq.seqlen_q) static_cast<A*>(p.row_scale)[seq.stat_row0(f, h) + row] = factor;
         }

@@ -1070,7 +1070,8 @@ __global__ void __launch_bounds__(384, 1) flash_bwd_sm90_split(const __grid_cons
             } else {
                 // each row's renormalizer in place of its sum
                 float* sums = sm.sums + stage * BLOCK_M;
-                if (thread < BLOCK_M) sums[thread] = row_renormalizer(sums[thread], sm.lse2[stage * BLOCK_M + thread]);
+                if (thread < BLOCK_M) sums[thread] = row_renormalizer(sums[thread], sm.lse2[stage * BLOCK_M + thread],
+                                                                    sink_log2<float>(f.var, q.head));
                 float st[MT][4];
                 mbar_wait(scores_full, parity);
                 named_barrier<128>(SYNC_WG1);  // the renormalizers stored

@@ -234,11 +234,13 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
 
     const bool direct = p.num_splits == 1;
     const i64 split_row0 = (i64)split * p.batch * f.nheads * f.seqlen_q;  // (split, b, h, i) rows
+    // a split's rows leave the learnable sink to the merge
+    auto row_end = [&](int r) { return row_stats(r).end(s_l[r], direct ? sink_log2<float>(f.var, head(r)) : neg_inf<float>()); };
 #pragma unroll
     for (int q = 0; q < PAIRS; ++q) {
         const int idx = tid + q * THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
         if (r < rows && c * 8 < f.headdim) {
-            const float l = s_l[r], inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // NaN stays NaN
+            const float inv_l = row_end(r).o_factor;
             const i64 out_row = ((i64)b * f.nheads + head(r)) * f.seqlen_q + r % f.seqlen_q;  // (b, h, i)
             if (direct) {
                 T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)(r % f.seqlen_q) * f.o_st.s + head(r) * f.o_st.h + c * 8;
@@ -252,7 +254,7 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
         }
     }
     if (tid < rows) {
-        const float lse = row_stats(tid).lse(s_l[tid]);
+        const float lse = row_end(tid).lse;
         const i64 out_row = ((i64)b * f.nheads + head(tid)) * f.seqlen_q + tid % f.seqlen_q;
         if (direct)
             static_cast<float*>(f.lse)[out_row] = lse;

@@ -69,6 +69,8 @@ template <typename T, int WARPS> __device__ void merge_splits_if_last(const Deco
             m = fmax(m, lse[i]);
         }
         m = reduce_max<32>(m);
+        const float sink = sink_logit<float>(f.var, hk * f.group + r / f.seqlen_q);  // a term with no o
+        m = fmax(m, sink);
         const float m_safe = is_finite(m) ? m : 0.f;  // every split -inf (or +inf): no m - m = NaN
         float total = 0.f;
 #pragma unroll
@@ -76,9 +78,10 @@ template <typename T, int WARPS> __device__ void merge_splits_if_last(const Deco
             lse[i] = expf(lse[i] - m_safe);
             total += lse[i];
         }
-        total = reduce_sum<32>(total);
-        // no split saw the row: weight 0 (out 0); NaN and inf carry through the arithmetic
-        const float inv_total = total == 0.f ? 0.f : 1.f / total;
+        const float keys = reduce_sum<32>(total);
+        total = keys + expf(sink - m_safe);
+        // no split saw the row: weight 0 (out 0, whatever the sink); NaN and inf carry through the arithmetic
+        const float inv_total = keys == 0.f ? 0.f : 1.f / total;
 #pragma unroll
         for (int i = 0; i < PER_LANE; ++i)
             if (lane + 32 * i < p.num_splits) s_weight[r][lane + 32 * i] = lse[i] * inv_total;

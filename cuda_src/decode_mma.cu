@@ -250,14 +250,15 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
         float l = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) l += s_l[w * 16 + row] * fast_exp2(s_m[w * 16 + row] - m_use);
-        const float inv_l = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
-        const float factor = fast_exp2(stats[r].m - m_use) * inv_l;
+        // a split's rows leave the learnable sink to the merge
+        const auto end = block.end(l, direct ? sink_log2<float>(f.var, head(row)) : neg_inf<float>());
+        const float factor = fast_exp2(stats[r].m - m_use) * end.o_factor;
 #pragma unroll
         for (int j = 0; j < DT; ++j)
             *reinterpret_cast<float2*>(s_o + (warp * 16 + row) * LD_O + 8 * j + 2 * tq) =
                 make_float2(o[j][2 * r] * factor, o[j][2 * r + 1] * factor);
         if (warp == 0 && tq == 0 && row < rows) {
-            const float lse = block.lse(l);
+            const float lse = end.lse;
             if (direct)
                 static_cast<float*>(f.lse)[out_row(row)] = lse;
             else

@@ -107,13 +107,13 @@ __global__ void __launch_bounds__(THREADS) flash_fwd_simt(const __grid_constant_
 
     const A l = reduce_sum<TPR>(stats.l);
     if (i < seq.seqlen_q) {
-        const A inv_l = l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l);  // no key seen: 0; NaN stays NaN
+        const auto end = stats.end(l, sink_log2<A>(p.var, h));
         T* o_row = seq.query_rows(static_cast<T*>(p.out), p.o_st, h, i);
 #pragma unroll
         for (int j = 0; j < COLS_D; ++j) {
             const int d = c + TPR * j;
-            if (d < p.headdim) o_row[d] = from_acc<T>(o[j] * inv_l);
+            if (d < p.headdim) o_row[d] = from_acc<T>(o[j] * end.o_factor);
         }
-        if (c == 0) static_cast<A*>(p.lse)[seq.stat_row0(p, h) + i] = stats.lse(l);
+        if (c == 0) static_cast<A*>(p.lse)[seq.stat_row0(p, h) + i] = end.lse;
     }
 }

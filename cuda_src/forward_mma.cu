@@ -89,15 +89,16 @@ __global__ void __launch_bounds__(WARPS * 32) flash_fwd_mma(const __grid_constan
 
     A inv_l[MT][2];
     A* lse = static_cast<A*>(p.lse) + seq.stat_row0(p, h);
+    const A sink = sink_log2<A>(p.var, h);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const A l = reduce_sum<4>(stats[mt][r].l);
-            inv_l[mt][r] = l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l);  // no key seen: 0; NaN stays NaN
+            const auto end = stats[mt][r].end(reduce_sum<4>(stats[mt][r].l), sink);
+            inv_l[mt][r] = end.o_factor;
             if (Var::dropout) inv_l[mt][r] *= A(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
             const int row = row0 + 16 * mt + 8 * r;
-            if (tq == 0 && row < seq.seqlen_q) lse[row] = stats[mt][r].lse(l);
+            if (tq == 0 && row < seq.seqlen_q) lse[row] = end.lse;
         }
     store_slab(seq.query_rows(static_cast<T*>(p.out), p.o_st, h, m0), p.o_st.s, o, inv_l, warp * WARP_ROWS,
                seq.seqlen_q - m0, p.headdim, lane);

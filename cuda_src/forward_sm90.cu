@@ -622,13 +622,14 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
             // work tile.
             float* lse = static_cast<float*>(f.lse) + seq.stat_row0(f, w.h);
             float inv_l[1][2];
+            const float sink = sink_log2<float>(f.var, w.h);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float l = reduce_sum<4>(stats[0][r].l);
-                inv_l[0][r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);  // no key seen: 0; NaN stays NaN
+                const auto end = stats[0][r].end(reduce_sum<4>(stats[0][r].l), sink);
+                inv_l[0][r] = end.o_factor;
                 if (Var::dropout) inv_l[0][r] *= float(var.dropout_scale);  // the kept probabilities' 1 / (1 - p)
                 const int row = row0 + 8 * r;
-                if (tq == 0 && row < seq.seqlen_q) lse[row] = stats[0][r].lse(l);
+                if (tq == 0 && row < seq.seqlen_q) lse[row] = end.lse;
             }
             T* rows = seq.query_rows(static_cast<T*>(f.out), f.o_st, w.h, m0);
             if (carry) {

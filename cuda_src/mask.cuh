@@ -36,7 +36,19 @@ struct VariantParams {
     int cell_log2;
     void* dbias;                    // backward: accumulation buffer of the bias gradient (zero strides where
     i64 dbias_sb, dbias_sh, dbias_sq, dbias_sk;  // the mask broadcasts), in the accumulation type
+    const void* sink;               // a learnable sink's logit per query head (accumulation type), or null
+    i64 sink_sh;                    // its element stride
 };
+
+// The learnable sink of query head h: a logit whose term exp(sink) joins its rows' softmax sums and adds
+// nothing to o (OnlineSoftmax::end, the decode's merge). -inf: none.
+template <typename A> __device__ __forceinline__ A sink_logit(const VariantParams& v, int h) {
+    return v.sink ? static_cast<const A*>(v.sink)[h * v.sink_sh] : neg_inf<A>();
+}
+// The same in log2 units.
+template <typename A> __device__ __forceinline__ A sink_log2(const VariantParams& v, int h) {
+    return sink_logit<A>(v, h) * A(LOG2E);
+}
 
 // Keys lo ... hi (inclusive; empty when hi < lo) of a row.
 struct KeySpan { int lo, hi; };
@@ -407,6 +419,7 @@ __device__ __noinline__ void mark_hidden(const Var& var, float (&p)[NT][4], int 
 // keys than these (a blockwise or ring backward) leaves the probabilities as recomputed. float64 rows with
 // |lse2| <= RENORMALIZED_LSE2 are left alone too: their rounding, at most 32 unit roundoffs, lies 30 times
 // below the fidelity floor (1e-13 of the largest gradient), and the backward then needs no sums for them.
+// With a learnable sink (sink2, log2 units) the keys' probabilities sum to 1 - 2^(sink2 - lse2) instead.
 template <typename A> __device__ __forceinline__ A unit_roundoff();
 template <> __device__ __forceinline__ float unit_roundoff<float>() { return 5.9604645e-8f; }
 template <> __device__ __forceinline__ double unit_roundoff<double>() { return 1.1102230246251565e-16; }
@@ -414,9 +427,10 @@ template <typename A> __device__ __forceinline__ bool renormalizes_row(A lse2) {
     constexpr int RENORMALIZED_LSE2 = 32;
     return sizeof(A) != 8 || fabs(lse2) > A(RENORMALIZED_LSE2);
 }
-template <typename A> __device__ __forceinline__ A row_renormalizer(A sum, A lse2) {
+template <typename A> __device__ __forceinline__ A row_renormalizer(A sum, A lse2, A sink2) {
     const A tolerance = A(8) * unit_roundoff<A>() * (A(1) + fabs(lse2));
-    return renormalizes_row(lse2) && sum > A(0) && fabs(sum - A(1)) <= tolerance ? A(1) / sum : A(1);
+    const A target = sink2 == neg_inf<A>() ? A(1) : A(1) - exp2(sink2 - lse2);
+    return renormalizes_row(lse2) && sum > A(0) && fabs(sum - target) <= tolerance ? target / sum : A(1);
 }
 
 // The recomputed probability of the (query i, key j) pair from its raw product s = q.k, before

@@ -51,6 +51,19 @@ struct FwdParams {
     int runs_on_nonfinite;
 };
 
+// The learnable sinks' gradient (sink_grad.cu) from rows of dout and out, (batch, seqlen, heads, headdim), and
+// their lse (accumulation type, at lse + b * lse_sb + h * lse_sh + row).
+struct SinkGradParams {
+    const void* dout;
+    const void* out;
+    Strides do_st, o_st;
+    const void* lse;
+    i64 lse_sb, lse_sh;
+    const void* sink;  // accumulation type
+    void* partial;     // (batch, nheads, gridDim.x) sums, accumulation type
+    int seqlen, headdim;
+};
+
 // Whether this launch's gate (FwdParams::gate) turns it off; the same for every thread of the grid.
 __device__ __forceinline__ bool gated_off(const FwdParams& f) {
     return f.gate != nullptr && (*f.gate != 0) != (f.runs_on_nonfinite != 0);

@@ -35,12 +35,24 @@ template <typename A, int SLACK = 0> struct OnlineSoftmax {
         return CHECK && s == neg_inf<A>() ? masked_zero<A>() : pr;
     }
 
-    // Natural-log log-sum-exp of the row from its total sum: -inf for a row that saw no key (or only
-    // -inf scores), +inf for a row with a +inf score, NaN for a row with a NaN score.
-    __device__ __forceinline__ A lse(A l_row) const {
-        if (m == -neg_inf<A>()) return m;
-        if (l_row > A(0)) return (m + fast_log2(l_row)) * A(LN2);
-        return l_row == A(0) ? neg_inf<A>() : l_row;
+    // The row's end from its total sum l_row (its lanes summed): the factor of o's row, 1 / l (0 for a row
+    // that saw no key, NaN for a NaN row), and the natural-log lse: -inf for a row that saw no key (or only
+    // -inf scores), +inf for a row with a +inf score, NaN for a row with a NaN score. A learnable sink (its
+    // logit in log2 units, sink_log2; -inf: none) adds 2^sink to the sum and nothing to o: a row that saw no
+    // key keeps o 0 and has lse sink.
+    struct End { A o_factor, lse; };
+    __device__ __forceinline__ End end(A l_row, A sink = neg_inf<A>()) const {
+        const bool keys = l_row != A(0);
+        A shift = m == neg_inf<A>() ? A(0) : m, o_factor = A(1);  // l_row sums 2^(u - shift)
+        if (sink != neg_inf<A>() && m != -neg_inf<A>()) {
+            const A joint = fmax(shift, sink);  // a NaN sink leaves shift, and makes the sum NaN
+            o_factor = fast_exp2(shift - joint);
+            l_row = l_row * o_factor + fast_exp2(sink - joint);
+            shift = joint;
+        }
+        const bool seen = l_row > A(0), none = l_row == A(0);  // neither: NaN
+        return {seen && keys ? o_factor / l_row : none || !keys ? A(0) : l_row,
+                m == -neg_inf<A>() ? m : seen ? (shift + fast_log2(l_row)) * A(LN2) : none ? neg_inf<A>() : l_row};
     }
 };
 

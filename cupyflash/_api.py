@@ -60,12 +60,12 @@ def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
                 max_seqlen_k=max_seqlen_k)
 
 
-def _signature(arrays, scalars, alibi_slopes, attn_mask, packed):
+def _signature(arrays, scalars, keyword_arrays, packed):
     """(key of a call's check, host offsets): the check of a training loop's calls runs once. A packed call's
     key holds its offsets' contents, read here once for both, or only their addresses where they stay on the
-    device (_validate.packed_signature). (None, None) for a call with an array keyword or a key that cannot be
-    made."""
-    if alibi_slopes is not None or attn_mask is not None:
+    device (_validate.packed_signature). (None, None) for a call with an array keyword (keyword_arrays: the
+    slopes, mask and sink) or a key that cannot be made."""
+    if any(x is not None for x in keyword_arrays):
         return None, None
     key = _validate.signature(arrays, scalars)
     if key is None or all(x is None for x in packed.values()):
@@ -81,19 +81,25 @@ def _forward(spec, q, k, v):
     return spec.swap_layout(out), lse
 
 
-def _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias):
+def _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias, return_dsink):
+    backend = _backend(spec.kind)
     if spec.varlen:  # return_dbias needs a mask, which a packed batch cannot have
-        return _varlen.backward(_backend(spec.kind), dout, q, k, v, out, lse, spec, deterministic)
-    dq, dk, dv, dbias = _backend(spec.kind).backward(
-        *(spec.swap_layout(x) for x in (dout, q, k, v, out)), lse, spec, deterministic, return_dbias)
-    grads = tuple(spec.swap_layout(x) for x in (dq, dk, dv))
-    return grads + (dbias,) if return_dbias else grads
+        grads = _varlen.backward(backend, dout, q, k, v, out, lse, spec, deterministic)
+    else:
+        dq, dk, dv, dbias = backend.backward(*(spec.swap_layout(x) for x in (dout, q, k, v, out)), lse, spec,
+                                             deterministic, return_dbias)
+        grads = tuple(spec.swap_layout(x) for x in (dq, dk, dv)) + ((dbias,) if return_dbias else ())
+    if return_dsink:
+        dout, out = (x if spec.varlen else spec.swap_layout(x) for x in (dout, out))
+        grads += (backend.sink_gradient(dout, out, lse, spec),)
+    return grads
 
 
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
               window_size: Window = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
               attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
-              return_lse: bool = False, layout: str = "bshd", cu_seqlens_q: Optional[Array] = None,
+              learnable_sink: Optional[Array] = None, return_lse: bool = False, layout: str = "bshd",
+              cu_seqlens_q: Optional[Array] = None,
               cu_seqlens_k: Optional[Array] = None, max_seqlen_q: Optional[int] = None,
               max_seqlen_k: Optional[int] = None) -> Union[Array, Tuple[Array, Array]]:
     """Exact attention ``Dropout(Softmax(Mask(scale · q kᵀ))) v``, tile by tile.
@@ -108,7 +114,9 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     (batch, nheads)) subtracts ``slope · |i + seqlen_k - seqlen_q - j|``. ``attn_mask``: bool
     (True = takes part) or float (added to the score), broadcastable to (batch, nheads, seqlen_q,
     seqlen_k). ``dropout_p > 0`` drops probabilities with a counter-based generator seeded by
-    ``dropout_seed`` (required). Exact rules: docs/variants.md.
+    ``dropout_seed`` (required). ``learnable_sink`` ((nheads,), a float dtype) gives each query head a sink
+    logit whose term ``exp(sink)`` joins every row's softmax sum and adds nothing to out (gpt-oss' attention
+    sinks; -inf: none). Exact rules: docs/variants.md.
 
     Packed variable-length batches (flash-attn's varlen): with ``cu_seqlens_q`` and
     ``cu_seqlens_k`` (int32, (batch + 1,), from 0), q is (total_q, nheads, headdim), k and v are
@@ -121,15 +129,16 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
 
     Returns ``out`` (q's shape, layout and dtype), or ``(out, lse)`` with ``return_lse=True``; lse
     is (batch, nheads, seqlen_q), float32 (float64 for float64 inputs), the natural-log
-    log-sum-exp of each row's scores before dropout. A row that sees no key gives out 0, lse -inf.
+    log-sum-exp of each row's scores before dropout (and its sink). A row that sees no key gives out 0, lse
+    -inf (its sink's logit with a sink).
     """
     packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     key, host = _signature((q, k, v), ("attention", causal, scale, window_size, softcap, dropout_p, dropout_seed,
-                                       layout), alibi_slopes, attn_mask, packed)
+                                       layout), (alibi_slopes, attn_mask, learnable_sink), packed)
     spec = _validate.memoized(key, lambda: _validate.check_call(
         "attention", q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
-        layout=layout, host_offsets=host, **packed))
+        learnable_sink=learnable_sink, layout=layout, host_offsets=host, **packed))
     return_lse = _validate.check_flag("attention", "return_lse", return_lse)
     out, lse = _forward(spec, q, k, v)
     return (out, lse) if return_lse else out
@@ -138,8 +147,10 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
 def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *, causal: bool = False,
                        scale: Optional[float] = None, window_size: Window = (-1, -1), softcap: float = 0.0,
                        alibi_slopes: Optional[Array] = None, attn_mask: Optional[Array] = None,
-                       dropout_p: float = 0.0, dropout_seed: Optional[int] = None, deterministic: bool = False,
-                       return_dbias: bool = False, layout: str = "bshd", cu_seqlens_q: Optional[Array] = None,
+                       dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+                       learnable_sink: Optional[Array] = None, deterministic: bool = False,
+                       return_dbias: bool = False, return_dsink: bool = False, layout: str = "bshd",
+                       cu_seqlens_q: Optional[Array] = None,
                        cu_seqlens_k: Optional[Array] = None, max_seqlen_q: Optional[int] = None,
                        max_seqlen_k: Optional[int] = None) -> Tuple[Array, ...]:
     """Gradients ``(dq, dk, dv)`` of ``sum(dout * attention(q, k, v, ...))``.
@@ -148,7 +159,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     arrays and keywords (the same ``dropout_seed`` replays the same dropout). P is recomputed from
     lse; ``delta = rowsum(dout * out)``. Each gradient has its input's shape, layout and dtype.
     ``return_dbias=True`` (with a float ``attn_mask``) also returns ``dbias``, the gradient of the
-    mask, in its shape and dtype (summed over its broadcast dimensions).
+    mask, in its shape and dtype (summed over its broadcast dimensions); ``return_dsink=True`` (with a
+    ``learnable_sink``) then ``dsink``, the sink's gradient, in its shape and dtype.
     """
     fn = "attention_backward"
     packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -156,36 +168,38 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     def check():
         spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size,
                                     softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
-                                    dropout_p=dropout_p, dropout_seed=dropout_seed, layout=layout,
-                                    host_offsets=host, **packed)
+                                    dropout_p=dropout_p, dropout_seed=dropout_seed, learnable_sink=learnable_sink,
+                                    layout=layout, host_offsets=host, **packed)
         dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, return_dbias=return_dbias, q=q)
-        return spec, dbias, _validate.check_flag(fn, "deterministic", deterministic)
+        dsink = _validate.check_return_dsink(fn, return_dsink, spec)
+        return spec, dbias, dsink, _validate.check_flag(fn, "deterministic", deterministic)
 
     key, host = _signature((q, k, v, dout, out, lse), (fn, causal, scale, window_size, softcap, dropout_p,
-                                                       dropout_seed, layout, deterministic, return_dbias),
-                           alibi_slopes, attn_mask, packed)
-    spec, return_dbias, deterministic = _validate.memoized(key, check)
-    return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias)
+                                                       dropout_seed, layout, deterministic, return_dbias, return_dsink),
+                           (alibi_slopes, attn_mask, learnable_sink), packed)
+    spec, return_dbias, return_dsink, deterministic = _validate.memoized(key, check)
+    return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias, return_dsink)
 
 
 def attention_vjp(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
                   window_size: Window = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
                   attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
-                  deterministic: bool = False, return_dbias: bool = False,
-                  layout: str = "bshd", cu_seqlens_q: Optional[Array] = None, cu_seqlens_k: Optional[Array] = None,
+                  learnable_sink: Optional[Array] = None, deterministic: bool = False, return_dbias: bool = False,
+                  return_dsink: bool = False, layout: str = "bshd", cu_seqlens_q: Optional[Array] = None, cu_seqlens_k: Optional[Array] = None,
                   max_seqlen_q: Optional[int] = None,
                   max_seqlen_k: Optional[int] = None) -> Tuple[Array, Callable[[Array], Tuple[Array, ...]]]:
-    """Run the forward pass; return ``(out, vjp)`` with ``vjp(dout) -> (dq, dk, dv[, dbias])``.
+    """Run the forward pass; return ``(out, vjp)`` with ``vjp(dout) -> (dq, dk, dv[, dbias][, dsink])``.
 
     With ``dropout_p > 0`` and no ``dropout_seed``, one is drawn and kept for ``vjp``.
     """
     fn = "attention_vjp"
     spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout, seed_required=False,
-                                **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                                dropout_seed=dropout_seed, learnable_sink=learnable_sink, layout=layout,
+                                seed_required=False, **_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     deterministic = _validate.check_flag(fn, "deterministic", deterministic)
     return_dbias = _validate.check_return_dbias(fn, return_dbias, spec)
+    return_dsink = _validate.check_return_dsink(fn, return_dsink, spec)
     if spec.dropout and spec.dropout_seed is None:
         seed = int(np.random.default_rng().integers(0, 2**64, dtype=np.uint64))
         spec = dataclasses.replace(spec, dropout_seed=seed)
@@ -193,6 +207,6 @@ def attention_vjp(q: Array, k: Array, v: Array, *, causal: bool = False, scale: 
 
     def vjp(dout):
         _validate.check_backward_arrays(f"{fn}.vjp", dout, out, lse, spec, return_dbias=return_dbias, q=q)
-        return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias)
+        return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias, return_dsink)
 
     return out, vjp

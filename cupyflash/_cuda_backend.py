@@ -143,6 +143,7 @@ FWD_PARAMS_SM90 = _params_dtype("FwdParamsSm90")
 SPLIT_PARAMS = _params_dtype("SplitParams")
 DECODE_PARAMS = _params_dtype("DecodeParams")
 BWD_PARAMS = _params_dtype("BwdParams")
+SINK_GRAD_PARAMS = _params_dtype("SinkGradParams")
 BWD_PARAMS_SM90 = _params_dtype("BwdParamsSm90")
 
 
@@ -181,7 +182,29 @@ def _variant(spec, device_id):
     queued)."""
     features, mask_dtype, fields = _variants.kernel_variant(spec)
     var = _variant_params(fields)
+    if spec.learnable_sink is not None:  # in the accumulation dtype (_validate): read where it is
+        var["sink"], var["sink_sh"] = spec.learnable_sink.data.ptr, _elements(spec.learnable_sink)[0]
     return _plan.variant(features, mask_dtype), var, _classify_mask(spec, var, device_id)
+
+
+def sink_gradient(dout, out, lse, spec):
+    """d loss / d learnable_sink, (nheads,) in the sink's dtype, the accumulation dtype (sink_grad.cu), from the
+    caller's dout and out (as the backward takes them) and lse."""
+    with cupy.cuda.Device(dout.device.id):
+        acc = compute_dtype(spec.dtype)
+        if spec.varlen:  # (total_q, heads, headdim) rows, lse (nheads, total_q): one sequence of them all
+            dout, out, lse = dout[None], out[None], lse[None]
+        launch = _plan.sink_gradient(spec.dtype.name)
+        batch, seqlen, nheads = dout.shape[:3]
+        blocks = max(1, min(_plan.SINK_GRAD_BLOCKS, -(-seqlen // launch.block_rows)))
+        partial = _empty((batch, nheads, blocks), acc)
+        sink = cupy.ascontiguousarray(spec.learnable_sink)
+        dout, out, lse = _rows_contiguous(dout), _rows_contiguous(out), cupy.ascontiguousarray(lse)
+        lse_sb, lse_sh = _elements(lse)[:2]
+        params = _struct(SINK_GRAD_PARAMS, (dout.data.ptr, out.data.ptr, _strides(dout), _strides(out), lse.data.ptr,
+                                            lse_sb, lse_sh, sink.data.ptr, partial.data.ptr, seqlen, spec.headdim))
+        _launch(launch, (blocks, nheads, batch), params, dout.device.id)
+        return partial.sum(axis=(0, 2))
 
 
 def _variant_params(fields):
@@ -324,9 +347,9 @@ _FWD_ADDRESSES = ("q", "k", "v", "out", "lse", "v_nonfinite")
 def _call_key(spec, device_id, *arrays):
     """What a pass's launches depend on besides its arrays' addresses: the spec, the device, the
     environment's switches, the arrays' shapes and strides and which addresses are 16-byte aligned (TMA
-    and vector loads). None for a call whose keywords hold arrays (masks, slopes); a packed batch's offsets are
-    its spec's, checked once per contents or, left on the device, per arrays (_validate.packed_signature)."""
-    if spec.alibi_slopes is not None or spec.attn_mask is not None:
+    and vector loads). None for a call whose keywords hold arrays (masks, slopes, sinks); a packed batch's offsets
+    are its spec's, checked once per contents or, left on the device, per arrays (_validate.packed_signature)."""
+    if spec.alibi_slopes is not None or spec.attn_mask is not None or spec.learnable_sink is not None:
         return None
     return (spec, device_id, os.environ.get(FAMILY_VARIABLE, ""), os.environ.get(TF32_VARIABLE, ""),
             tuple(x.data.ptr % 16 == 0 for x in arrays), *((x.shape, x.strides) for x in arrays))

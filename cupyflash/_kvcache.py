@@ -130,8 +130,8 @@ class _Form(typing.NamedTuple):
 
 def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                cache_batch_idx=None, cache_leftpad=None, block_table=None, causal=False, scale=None,
-               window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-               writes=True, mixed_ok=False):
+               window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, learnable_sink=None,
+               num_splits=0, writes=True, mixed_ok=False):
     """Validate a call of :func:`attention_with_kvcache`; return its :class:`Call`.
 
     Everything is checked before anything is written. ``cache_seqlens``, ``cache_leftpad`` and
@@ -143,8 +143,8 @@ def check_call(fn, q, k_cache, v_cache, k=None, v=None, *, rotary_cos=None, rota
     form = _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                        cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                        block_table=block_table, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
-                       rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits,
-                       writes=writes, mixed_ok=mixed_ok)
+                       rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes,
+                       learnable_sink=learnable_sink, num_splits=num_splits, writes=writes, mixed_ok=mixed_ok)
     return _check_values(fn, form, cache_seqlens, cache_leftpad, _table(block_table, cache_batch_idx),
                          one_copy=not mixed_ok)
 
@@ -155,8 +155,8 @@ def _table(block_table, cache_batch_idx):
 
 
 def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-                block_table, causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits, writes,
-                mixed_ok):
+                block_table, causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, learnable_sink,
+                num_splits, writes, mixed_ok):
     """check_call's checks that read no length and no page id: its _Form."""
     pairs = ((("k", k), ("v", v)), (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)))
     for (a, x), (b, y) in pairs:
@@ -259,6 +259,7 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
     softcap = _validate._check_softcap(fn, softcap)
     slopes = None if alibi_slopes is None else _validate._check_alibi(fn, alibi_slopes, batch, nheads, kind, q,
                                                                       mixed_ok)
+    sink = None if learnable_sink is None else _validate._check_sink(fn, learnable_sink, nheads, kind, q, mixed_ok)
     num_splits = _validate._check_int(fn, "num_splits", num_splits, "an int >= 0 (0 = automatic)")
     if num_splits < 0:
         _fail(ValueError, fn, "num_splits", "must be >= 0 (0 = automatic)", num_splits)
@@ -272,7 +273,7 @@ def _check_form(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_
               f"{capacity} keys, leaving no room for seqlen_new={seqlen_new})", None)
     spec = Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q, seqlen_k=capacity, nheads=nheads,
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
-                alibi_slopes=slopes)
+                alibi_slopes=slopes, learnable_sink=sink)
     table_name = "block_table" if paged else None if cache_batch_idx is None else "cache_batch_idx"
     return _Form(spec, seqlens_is_int, seqlen_new, page_size, capacity, capacity_words,
                  num_blocks if table_name else 0, table_name, num_splits, rotary_interleaved, {})
@@ -457,14 +458,20 @@ def _chunk_spec(one, start, end, xp):
 
 
 def _attend(backend, call, q_b, keys, values, one, xp):
-    """(out, lse) of one sequence over its keys, in ``num_splits`` chunks merged by their lse."""
+    """(out, lse) of one sequence over its keys, in ``num_splits`` chunks merged by their lse, a learnable sink
+    with the merge (a part whose output is zero)."""
     splits = min(call.num_splits or 1, one.seqlen_k)  # 0: one chunk, the gathered keys gain nothing from more
+    if splits == 1:
+        return backend.forward(q_b, keys, values, one)
     edges = [one.seqlen_k * c // splits for c in range(splits + 1)]
-    parts = [backend.forward(q_b, keys[:, start:end], values[:, start:end], _chunk_spec(one, start, end, xp))
+    chunk = dataclasses.replace(one, learnable_sink=None)
+    parts = [backend.forward(q_b, keys[:, start:end], values[:, start:end], _chunk_spec(chunk, start, end, xp))
              for start, end in zip(edges, edges[1:])]
-    if len(parts) == 1:
-        return parts[0]
-    return merge_attention([out for out, _ in parts], [lse for _, lse in parts])
+    outs, lses = [out for out, _ in parts], [lse for _, lse in parts]
+    if one.learnable_sink is not None:
+        outs.append(xp.zeros(q_b.shape, _UINT[q_b.dtype.itemsize]).view(q_b.dtype))
+        lses.append(xp.broadcast_to(one.learnable_sink[None, :, None], lses[0].shape))
+    return merge_attention(outs, lses)
 
 
 def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
@@ -474,7 +481,8 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
                            block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            rotary_interleaved: bool = True, alibi_slopes: Optional[Array] = None,
-                           return_lse: bool = False, num_splits: int = 0) -> Union[Array, Tuple[Array, Array]]:
+                           learnable_sink: Optional[Array] = None, return_lse: bool = False,
+                           num_splits: int = 0) -> Union[Array, Tuple[Array, Array]]:
     """Attention of q over each sequence's cached keys and values plus the new ``k``, ``v``, which
     are first written into the cache in place (flash-attn's ``flash_attn_with_kvcache``, forward only).
 
@@ -489,8 +497,9 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     (batch,)) is the cache row of each sequence's first key (a left padding; default 0). k, v (batch,
     seqlen_new, nheads_kv, headdim), both or neither, are written at positions ``cache_seqlens[b] ...
     cache_seqlens[b] + seqlen_new - 1``, and sequence b attends to its ``L_b = cache_seqlens[b] +
-    seqlen_new - cache_leftpad[b]`` keys from row ``cache_leftpad[b]`` on. causal, window_size, softcap and
-    alibi_slopes are those of :func:`cupyflash.attention`, bottom-right aligned over the L_b keys.
+    seqlen_new - cache_leftpad[b]`` keys from row ``cache_leftpad[b]`` on. causal, window_size, softcap,
+    alibi_slopes and learnable_sink are those of :func:`cupyflash.attention`, bottom-right aligned over the L_b
+    keys.
     ``rotary_cos`` and ``rotary_sin`` (seqlen_ro, rotary_dim / 2), in q's dtype, apply the rotary
     embedding to the first rotary_dim columns of k and q first: k's row j at position
     ``cache_seqlens[b] + j`` (the cache receives the rotated rows), q's row i at ``cache_seqlens[b] + i``
@@ -502,7 +511,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
 
     Returns ``out`` (q's shape and dtype), or ``(out, lse)`` with ``return_lse=True``, lse
     (batch, nheads, seqlen_q) float32 (float64 for float64). A row that sees no key gives out 0,
-    lse -inf. Bad arguments raise before anything is written. CuPy arrays: ``cache_seqlens`` and
+    lse -inf (its sink's logit with a learnable sink). Bad arguments raise before anything is written. CuPy arrays: ``cache_seqlens`` and
     ``block_table`` on the device are read to the host in one copy (a device synchronisation); NumPy
     ones, an int or None need no read.
     """
@@ -510,7 +519,8 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
     call = _checked(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                     cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                     block_table=block_table, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
-                    rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits)
+                    rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink,
+                    num_splits=num_splits)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
     spec = call.spec
     backend = _backend(spec.kind)
@@ -531,9 +541,10 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
 
 
 def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-             block_table, causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits):
-    """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes by
-    its address too, which the Spec keeps): a decoding loop checks its arguments once, not at every token.
+             block_table, causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, learnable_sink,
+             num_splits):
+    """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes and
+    learnable_sink by their addresses too, which the Spec keeps): a decoding loop checks its arguments once, not at every token.
     Lengths and page tables on the host join the signature by their contents, so the calls of one token's
     layers, which share them, are checked once; CuPy ones are read and checked at each call."""
     def form():
@@ -541,18 +552,18 @@ def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seq
                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                            block_table=block_table, causal=causal, scale=scale, window_size=window_size,
                            softcap=softcap, rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes,
-                           num_splits=num_splits, writes=True, mixed_ok=False)
+                           learnable_sink=learnable_sink, num_splits=num_splits, writes=True, mixed_ok=False)
 
     table = _table(block_table, cache_batch_idx)
     kinds = [array_kind(x) for x in (cache_seqlens, cache_leftpad, table)]
     read = "cupy" in kinds
     on_host = [x for x, kind in zip((cache_seqlens, cache_leftpad, table), kinds) if kind == "numpy"]
-    key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes, rotary_cos, rotary_sin),
+    key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes, learnable_sink, rotary_cos, rotary_sin),
                               (fn, read, None if kinds[0] else cache_seqlens, causal, scale, window_size, softcap,
                                rotary_interleaved, num_splits, cache_batch_idx is None))
     if key is not None:
         key += (_layout(cache_seqlens), _layout(cache_leftpad), _layout(table),
-                alibi_slopes is not None and alibi_slopes.data.ptr)
+                *(x is not None and x.data.ptr for x in (alibi_slopes, learnable_sink)))
     if not read:  # the whole verdict
         if key is not None:
             key += tuple(x.tobytes() for x in on_host)
@@ -618,8 +629,10 @@ def _by_sequence(backend, call, q, k_cache, v_cache, xp):
     lse = xp.full((spec.batch, spec.nheads, spec.seqlen_q), -np.inf, compute_dtype(q.dtype))
     for b in range(spec.batch):
         one = call.sequence_spec(b)
-        if one.seqlen_k == 0:
-            continue  # no key: out 0, lse -inf
+        if one.seqlen_k == 0:  # no key: out 0, lse -inf (or the sink's logit)
+            if spec.learnable_sink is not None:
+                lse[b] = spec.learnable_sink[:, None]
+            continue
         keys, values = (_gather(call, cache, b, xp) for cache in (k_cache, v_cache))
         out_b, lse_b = _attend(backend, call, q[b:b + 1], keys, values, one, xp)
         _bits(out)[b], lse[b] = _bits(out_b)[0], lse_b[0]

@@ -21,12 +21,15 @@ Forward (per query tile, outer loop; the key tiles of its causal/window band, in
     l      = alpha * l + rowsum(p)          before dropout: lse is the softmax's
     acc    = alpha * acc + (p * keep / (1 - dropout_p)) @ v_j
     m      = m_new
+    l      = l + exp(sink)                  with a learnable sink (a key whose value is zero; shifted
+                                            by max(m, sink) like the others)
     out    = acc / l,   lse = m + log(l)        added in float64, rounded once to lse's dtype
 
 Backward (per key tile, outer loop; the query tiles of its band, inner loop)::
 
     delta  = rowsum(dout * out)             once, before the loops
-    r      = 1 / rowsum(exp(x - lse))       float32/float64 inputs, once, before the loops (below)
+    r      = t / rowsum(exp(x - lse))       float32/float64 inputs, once, before the loops (below);
+                                            t = 1 - exp(sink - lse), 1 without a sink
     p      = r * exp(x - lse)               recomputed, never stored
     pd     = keep * p / (1 - dropout_p)     the weights out used (pd = p without dropout)
     dv_j  += pd^T @ dout_i
@@ -64,7 +67,7 @@ import numpy as np
 from . import _plan, _validate, _variants
 from ._validate import compute_dtype
 
-__all__ = ["forward", "backward", "BLOCK_Q", "BLOCK_K"]
+__all__ = ["forward", "backward", "sink_gradient", "BLOCK_Q", "BLOCK_K"]
 
 BLOCK_Q = 64
 BLOCK_K = 64
@@ -128,6 +131,7 @@ def forward(q, k, v, spec, *, block_q=BLOCK_Q, block_k=BLOCK_K):
     out = spec.empty(np.empty, q.shape, q.dtype)
     lse = np.empty(lead + (seqlen_q,), dtype=_validate.lse_dtype(spec.dtype))
     rdrop = cdt.type(1 / (1 - spec.dropout_p))
+    sink = _heads_sink(spec, lead)
 
     for q_start in range(0, seqlen_q, block_q):
         q_end = min(q_start + block_q, seqlen_q)
@@ -159,21 +163,54 @@ def forward(q, k, v, spec, *, block_q=BLOCK_Q, block_k=BLOCK_K):
             acc += _matmul(p, vc[..., k_start:k_end, :], masked, v_rows_ok)
             m = m_new
 
-        # Rows that saw no unmasked key: l == 0 -> out 0, lse -inf. With a +inf score
+        # l sums exp(x - shift). A learnable sink joins the sum (not a row with a +inf score): shifted by
+        # max(shift, sink), which leaves a NaN sink out of the max and makes the sum NaN.
+        keys = l != 0  # a row that saw no key keeps out 0, whatever its sink
+        shift, o_factor = np.where(m == neg_inf, cdt.type(0), m), cdt.type(1)
+        if sink is not None:
+            joins = m != np.inf
+            joint = np.where(joins, np.fmax(shift, sink), shift)
+            o_factor = np.exp(shift - joint)
+            l = np.where(joins, l * o_factor + np.exp(sink - joint), l)
+            shift = joint
+        # Rows that saw no unmasked key (and no sink): l == 0 -> out 0, lse -inf. With a +inf score
         # exp(inf - inf) made l NaN, but lse is +inf.
         dead = l == 0
         l_safe = np.where(dead, cdt.type(1), l)
-        out[:, q_start:q_end] = _merge_q(acc / l_safe[..., None])
-        # m + log(l) in float64, rounded once to lse's dtype (see the module's notes on lse).
-        lse_rows = m.astype(np.float64) + np.log(l_safe.astype(np.float64))
+        out[:, q_start:q_end] = _merge_q(acc * np.where(keys, o_factor / l_safe, cdt.type(0))[..., None])
+        # shift + log(l) in float64, rounded once to lse's dtype (see the module's notes on lse).
+        lse_rows = shift.astype(np.float64) + np.log(l_safe.astype(np.float64))
         lse[..., q_start:q_end] = np.where(dead, -np.inf, np.where(m == np.inf, np.inf, lse_rows))
 
     return out, lse.reshape(batch, nheads, seqlen_q)
 
 
+def _heads_sink(spec, lead):
+    """The learnable sink (in the compute dtype, _validate) broadcast against (batch, nheads_kv, group, rows);
+    None without one."""
+    sink = spec.learnable_sink
+    return None if sink is None else sink.reshape(1, lead[1], lead[2], 1)
+
+
+def sink_gradient(dout, out, lse, spec):
+    """d loss / d learnable_sink, (nheads,) in the sink's dtype: a key whose value is zero has the score
+    gradient p_sink (0 - delta), so dsink = -sum over rows of exp(sink - lse) delta. dout and out as the
+    backward takes them (packed: (total_q, heads, headdim) with lse (nheads, total_q))."""
+    cdt = compute_dtype(spec.dtype)
+    if spec.varlen:
+        dout, out, lse = dout[None], out[None], lse[None]
+    delta = np.einsum("bshd,bshd->bhs", dout.astype(cdt), out.astype(cdt))
+    lse = lse.astype(cdt)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # lse -inf: a row with no key and no sink, out 0
+        weight = np.where(lse == -np.inf, cdt.type(0), np.exp(spec.learnable_sink[:, None] - lse))
+        return -(weight * delta).sum(axis=(0, 2))
+
+
 def _row_renormalizers(qc, kc, lse_safe, spec, block_q, block_k):
-    """Per row, 1 / rowsum(exp(x - lse)) where that sum is within lse's rounding of 1, else 1 (the
-    module's notes on lse; cuda_src/mask.cuh, row_renormalizer)."""
+    """Per row, t / rowsum(exp(x - lse)) where that sum is within lse's rounding of t, else 1, where t =
+    1 - exp(sink - lse) is the keys' share of the row beside a learnable sink (1 without one; the module's
+    notes on lse; cuda_src/mask.cuh, row_renormalizer)."""
     cdt = lse_safe.dtype
     sums = np.zeros(lse_safe.shape, cdt)
     for q_start in range(0, qc.shape[3], block_q):
@@ -188,10 +225,12 @@ def _row_renormalizers(qc, kc, lse_safe, spec, block_q, block_k):
     unit = cdt.type(np.finfo(cdt).eps / 2)
     lse2 = np.abs(lse_safe * cdt.type(np.log2(np.e)))
     tolerance = 8 * unit * (1 + lse2)
-    near_one = (sums > 0) & (np.abs(sums - 1) <= tolerance)
+    sink = _heads_sink(spec, lse_safe.shape)
+    target = cdt.type(1) if sink is None else 1 - np.exp(sink - lse_safe)
+    near_one = (sums > 0) & (np.abs(sums - target) <= tolerance)
     if cdt == np.float64:
         near_one &= ~(lse2 <= _plan.RENORMALIZED_LSE2)
-    return np.where(near_one, 1 / np.where(near_one, sums, 1), cdt.type(1))
+    return np.where(near_one, target / np.where(near_one, sums, 1), cdt.type(1))
 
 
 @np.errstate(invalid="ignore", over="ignore")  # NaN and inf in the data propagate as the rules say

@@ -635,6 +635,17 @@ def nonfinite_rows(dtype, vector):
     return Launch("nonfinite.cu", f"flag_nonfinite_rows<{C_TYPES[dtype]}, {vec}>", 8, 256, 0)  # 8 flags a block
 
 
+#: Rows a block of sink_grad.cu takes at a time (a warp each), and its most blocks per (sequence, head).
+SINK_GRAD_WARPS = 8
+SINK_GRAD_BLOCKS = 32
+
+
+def sink_gradient(dtype):
+    """The learnable sinks' gradient (sink_grad.cu): a warp per row of dout and out."""
+    return Launch("sink_grad.cu", f"sink_gradient<{C_TYPES[dtype]}, {SINK_GRAD_WARPS}>", SINK_GRAD_WARPS,
+                  32 * SINK_GRAD_WARPS, 0)
+
+
 def dropout_mask():
     """The kernel of `cupyflash.dropout_mask(..., xp=cupy)`: one thread per Philox call."""
     return Launch("dropout_mask.cu", "dropout_mask_kernel", 1, 256, 0)
@@ -723,4 +734,5 @@ def covering_launches():
     decodes += [kvcache_append(dtype) for dtype in C_TYPES]
     decodes = list({launch.name: launch for launch in decodes}.values())
     flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]
-    return [*seen.values(), *sm90_launches, *decodes, *flags, mask_cells(), dropout_mask(), clock_probe()]
+    sinks = [sink_gradient(dtype) for dtype in C_TYPES]
+    return [*seen.values(), *sm90_launches, *decodes, *flags, *sinks, mask_cells(), dropout_mask(), clock_probe()]

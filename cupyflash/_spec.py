@@ -39,6 +39,7 @@ class Spec:
     mask_shape: Optional[Tuple[int, ...]] = None  # the caller's mask shape (dbias comes back in it)
     dropout_p: float = 0.0
     dropout_seed: Optional[int] = None  # an unsigned 64-bit integer when dropout_p > 0
+    learnable_sink: Any = None   # None or the caller's (nheads,) array of sink logits
     layout: str = "bshd"
     batch_offset: int = 0        # the dropout counter's batch index of this call's first batch entry
     # Packed variable-length batches: (batch + 1,) host int64 offsets of each sequence's rows in the

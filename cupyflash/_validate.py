@@ -30,6 +30,7 @@ __all__ = [
     "check_backward_arrays",
     "check_flag",
     "check_return_dbias",
+    "check_return_dsink",
     "check_seed",
 ]
 
@@ -241,6 +242,20 @@ def _check_alibi(fn, slopes, batch, nheads, kind, q, mixed_ok):
     return _broadcast(slopes, (batch, nheads))
 
 
+def _check_sink(fn, sink, nheads, kind, q, mixed_ok):
+    """Sink logits, one per query head: an (nheads,) array in the accumulation dtype, which the kernels read where
+    it is (a converted copy would not follow the caller's updates of it in place)."""
+    _check_same_kind(fn, "learnable_sink", sink, kind, q, mixed_ok)
+    want, dt = compute_dtype(q.dtype), np.dtype(sink.dtype)
+    if dt != want:
+        got = _dtype_name(dt) if dt.isnative else f"{dt.str} (byte-swapped {dt.newbyteorder('=').name})"
+        _fail(TypeError, fn, "learnable_sink.dtype", f"must be {want.name} for {_dtype_name(q.dtype)} inputs (the "
+              f"accumulation dtype)", got)
+    if tuple(sink.shape) != (nheads,):
+        _fail(ValueError, fn, "learnable_sink.shape", f"must be (nheads,)=({nheads},)", tuple(sink.shape))
+    return sink
+
+
 def _check_mask(fn, mask, target, kind, q, mixed_ok):
     """A bool or float mask broadcastable to (batch, nheads, seqlen_q, seqlen_k), seen as that shape."""
     _check_same_kind(fn, "attn_mask", mask, kind, q, mixed_ok)
@@ -387,9 +402,9 @@ def _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-               attn_mask=None, dropout_p=0.0, dropout_seed=None, layout="bshd", cu_seqlens_q=None,
-               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, mixed_ok=False, seed_required=True,
-               host_offsets=None):
+               attn_mask=None, dropout_p=0.0, dropout_seed=None, learnable_sink=None, layout="bshd",
+               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, mixed_ok=False,
+               seed_required=True, host_offsets=None):
     """Validate q, k, v and every variant keyword; return the call's :class:`Spec`.
 
     ``mixed_ok`` (for the reference) allows NumPy and CuPy arrays together. ``seed_required=False``
@@ -464,10 +479,11 @@ def check_call(fn, q, k, v, *, causal=False, scale=None, window_size=(-1, -1), s
         mask = _check_mask(fn, attn_mask, (batch, nheads, seqlen_q, seqlen_k), kind, q, mixed_ok)
         mask_shape = tuple(attn_mask.shape)
     dropout_p, dropout_seed = _check_dropout(fn, dropout_p, dropout_seed, seed_required)
+    sink = None if learnable_sink is None else _check_sink(fn, learnable_sink, nheads, kind, q, mixed_ok)
     return Spec(kind=kind, dtype=np.dtype(q.dtype), batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
                 nheads_kv=nheads_kv, headdim=headdim, scale=scale, causal=causal, window=window, softcap=softcap,
                 alibi_slopes=slopes, attn_mask=mask, mask_shape=mask_shape, dropout_p=dropout_p,
-                dropout_seed=dropout_seed, layout=layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                dropout_seed=dropout_seed, learnable_sink=sink, layout=layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                 device_offsets=_device_offsets(cu_seqlens_q, cu_seqlens_k),
                 total_q=q_.shape[0] if varlen else 0, total_k=k_.shape[0] if varlen else 0)
 
@@ -527,6 +543,14 @@ def check_backward_arrays(fn, dout, out, lse, spec, *, strict=True, return_dbias
         _fail(TypeError, fn, "lse.dtype", f"must be {lse_dtype(spec.dtype).name} for {_dtype_name(spec.dtype)} inputs",
               _dtype_name(lse.dtype))
     return check_return_dbias(fn, return_dbias, spec)
+
+
+def check_return_dsink(fn, return_dsink, spec):
+    return_dsink = check_flag(fn, "return_dsink", return_dsink)
+    if return_dsink and spec.learnable_sink is None:
+        _fail(ValueError, fn, "return_dsink", "needs learnable_sink (the sink whose gradient it returns)",
+              "learnable_sink=None")
+    return return_dsink
 
 
 def check_return_dbias(fn, return_dbias, spec):

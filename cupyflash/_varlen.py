@@ -7,7 +7,7 @@ rows ``cu_seqlens[b]:cu_seqlens[b + 1]``; lse is (nheads, total_q). Every varian
 sequence: causal and windows align each sequence bottom-right, ALiBi takes the sequence's row of
 slopes, and dropout draws the bits of batch index b (``Spec.batch_offset``), so a sequence run
 alone with that offset gives the same result. A sequence with no query rows is skipped; one with
-no keys gives out 0 and lse -inf. The offsets are read on the host, but for CuPy ones with both
+no keys gives out 0 and lse -inf (a learnable sink's logit with one). The offsets are read on the host, but for CuPy ones with both
 ``max_seqlen_*`` given, which stay on the device (``_validate.offsets_stay_on_device``).
 """
 from __future__ import annotations
@@ -67,8 +67,10 @@ def forward(backend, q, k, v, spec):
         out = xp.zeros(q.shape, q.dtype)
         lse = xp.full((spec.nheads, q.shape[0]), -np.inf, compute_dtype(q.dtype))
         for _, rows_q, rows_k, one in _sequences(spec):
-            if one.seqlen_k == 0:
-                continue  # no key: out 0, lse -inf
+            if one.seqlen_k == 0:  # no key: out 0, lse -inf (or the sink's logit)
+                if spec.learnable_sink is not None:
+                    lse[:, rows_q] = spec.learnable_sink[:, None]
+                continue
             out_b, lse_b = backend.forward(q[None, rows_q], k[None, rows_k], v[None, rows_k], one)
             out[rows_q] = out_b[0]
             lse[:, rows_q] = lse_b[0]

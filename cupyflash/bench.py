@@ -19,7 +19,7 @@ same random inputs:
   when asked for): ``torch.nn.functional.scaled_dot_product_attention``
   pinned to one backend, fed the same CuPy arrays through DLPack (no copy).
 
-Variant flags (--window, --softcap, --alibi, --mask, --dropout) run each
+Variant flags (--window, --softcap, --alibi, --mask, --dropout, --sink) run each
 variant next to ``cupyflash-plain``, cupyflash without it at the same shape,
 and the peers that can express it; --variants runs the set the variant
 kernels are held to.
@@ -100,7 +100,7 @@ DENSE_MASK_LIMIT = 4 * GiB  # largest attn_mask built for a torch peer to expres
 class Variant:
     """An attention variant, timed against plain attention at the same shape."""
 
-    kind: str  # window, softcap, alibi, mask or dropout
+    kind: str  # window, softcap, alibi, mask, dropout or sink
     value: Any = None  # window: left size; softcap: cap; mask: 'padding' or 'bias'; dropout: p
 
     @property
@@ -254,6 +254,8 @@ def variant_inputs(case: Case, xp) -> dict:
         return {"attn_mask": mask}
     if case.variant == Variant("mask", "bias"):  # a per-head position bias shared by the batch, as T5's
         return {"attn_mask": random_array((1, case.nheads, case.seqlen, case.seqlen), DTYPES[case.dtype], xp, seed=5)}
+    if case.kind == "sink":  # a logit per head, as gpt-oss learns them
+        return {"learnable_sink": random_array((case.nheads,), np.dtype(np.float32), xp, seed=6)}
     return {}
 
 
@@ -270,6 +272,8 @@ def variant_kwargs(case: Case, x: dict) -> dict:
         return {"alibi_slopes": x["alibi_slopes"]}
     if v.kind == "mask":
         return {"attn_mask": x["attn_mask"]}
+    if v.kind == "sink":
+        return {"learnable_sink": x["learnable_sink"]}
     return {"dropout_p": v.value, "dropout_seed": DROPOUT_SEED}
 
 
@@ -399,8 +403,9 @@ def build_cupyflash(case: Case, x: dict) -> Callable:
     if case.mode == "fwd":
         return lambda: cupyflash.attention(q, k, v, **kwargs)
 
-    def backward(out, lse):
-        return cupyflash.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    def backward(out, lse):  # a learnable sink's gradient too, as training asks for it
+        return cupyflash.attention_backward(dout, q, k, v, out, lse, return_dsink="learnable_sink" in kwargs,
+                                            **kwargs)
 
     if case.mode == "bwd":
         out, lse = cupyflash.attention(q, k, v, return_lse=True, **kwargs)
@@ -466,8 +471,8 @@ def build_dense(case: Case, x: dict) -> Callable:
 
 
 def build_naive(case: Case, x: dict) -> Callable:
-    if case.kind == "dropout":
-        raise Unsupported("the naive peer has no dropout")
+    if case.kind in ("dropout", "sink"):
+        raise Unsupported(f"the naive peer has no {case.kind}")
     q, k, v, dout, scale = x["q"], x["k"], x["v"], x["dout"], case.scale
     xp, ct = _array_module(q), _compute_dtype(q.dtype)
     bias = dense_mask(case, x, xp, ct)
@@ -491,6 +496,8 @@ def sdpa_kwargs(backend_name: str, case: Case, x: dict, torch) -> dict:
     """SDPA's keywords for the case, or Unsupported when this backend cannot express it."""
     if case.kind == "softcap":
         raise Unsupported("SDPA has no softcap (a function of each score, which no additive mask expresses)")
+    if case.kind == "sink":
+        raise Unsupported("SDPA has no learnable sink (a term of each row's softmax sum, which no mask expresses)")
     if case.kind == "dropout":
         return {"is_causal": case.causal, "dropout_p": case.variant.value}
     if case.kind is None:
@@ -1141,6 +1148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bias: float (1, nheads, seqlen, seqlen) additive bias in the input dtype")
     v.add_argument("--dropout", type=_number(float, 0, 1, False), metavar="P",
                    help=f"dropout probability (dropout_seed={DROPOUT_SEED})")
+    v.add_argument("--sink", action="store_true",
+                   help="a learnable sink per head (gpt-oss), standard normal logits; the backward returns dsink too")
     p.add_argument("--varlen", action="store_true",
                    help="a packed batch of mixed lengths (cu_seqlens) against the same batch padded to its longest "
                         f"sequence ({PADDED}) and a dense batch of about the same tokens, every sequence of the mean "
@@ -1156,7 +1165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "8192 against full causal; bf16, hdim 128, 16 heads, 16k tokens, fwd and bwd")
     args = p.parse_args(argv)
     if args.variants and variants_from_args(args):
-        p.error("--variants runs its own set: leave out --window, --softcap, --alibi, --mask and --dropout")
+        p.error("--variants runs its own set: leave out --window, --softcap, --alibi, --mask, --dropout and --sink")
     if args.decode and (args.variants or variants_from_args(args) or args.modes):
         p.error("--decode runs one forward mode without variants: leave out --variants, the variant flags and --modes")
     if args.varlen and (args.decode or args.variants or variants_from_args(args)):
@@ -1179,6 +1188,8 @@ def variants_from_args(args) -> list[Variant]:
         variants.append(Variant("mask", args.mask))
     if args.dropout is not None:
         variants.append(Variant("dropout", args.dropout))
+    if args.sink:
+        variants.append(Variant("sink"))
     return variants
 
 

@@ -8,7 +8,8 @@ inputs (CuPy arrays are copied to the host) and returns float64 NumPy arrays in 
 A masked pair (score -inf: invisible, or made -inf by a float mask or by the data) adds exactly
 nothing to any result, even where the q, k, v or dout rows involved hold NaN or inf. A row whose
 every score is -inf gives out 0, lse -inf and zero gradients. Elsewhere NaN and inf propagate as
-the arithmetic makes them.
+the arithmetic makes them. A learnable sink is one more score per row, its head's logit, whose value
+is zero.
 """
 
 from __future__ import annotations
@@ -100,10 +101,14 @@ def _softmax(spec, q, k):
             s = s + bias
     s = np.where(live, s, -np.inf)
     live = live & (s != -np.inf)
-    m = s.max(axis=-1, keepdims=True)  # NaN if the row holds one
+    scores = s
+    if spec.learnable_sink is not None:  # the sink: one more score in every row of its head
+        sink = np.broadcast_to(_host64(spec.learnable_sink)[None, :, None, None], s.shape[:-1] + (1,))
+        scores = np.concatenate([s, sink], axis=-1)
+    m = scores.max(axis=-1, keepdims=True)  # NaN if the row holds one
     m = np.where(np.isfinite(m), m, 0.0)  # all -inf: l = 0, lse = -inf; +inf: l = lse = +inf
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lse = m + np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True))
+        lse = m + np.log(np.sum(np.exp(scores - m), axis=-1, keepdims=True))
         p = np.where(live, np.exp(s - lse), 0.0)
     return x, live, p, lse[..., 0]
 
@@ -172,7 +177,8 @@ def _unbroadcast(g, shape):
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Optional[float] = None,
               window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
               attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
-              dropout_mask: Optional[Array] = None, return_lse: bool = False, layout: str = "bshd",
+              dropout_mask: Optional[Array] = None, learnable_sink: Optional[Array] = None, return_lse: bool = False,
+              layout: str = "bshd",
               cu_seqlens_q: Optional[Array] = None, cu_seqlens_k: Optional[Array] = None,
               max_seqlen_q: Optional[int] = None,
               max_seqlen_k: Optional[int] = None) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
@@ -186,7 +192,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     fn = "reference.attention"
     spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout, mixed_ok=True, seed_required=False,
+                                dropout_seed=dropout_seed, learnable_sink=learnable_sink, layout=layout,
+                                mixed_ok=True, seed_required=False,
                                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                                 max_seqlen_k=max_seqlen_k)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
@@ -196,6 +203,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
         out = np.zeros(q.shape)
         lse = np.full((spec.nheads, q.shape[0]), -np.inf)
         for _, rows_q, rows_k, one in _varlen._sequences(spec):
+            if not one.seqlen_k and spec.learnable_sink is not None:  # no key: the sink's row alone
+                lse[:, rows_q] = _host64(spec.learnable_sink)[:, None]
             if one.seqlen_k:
                 out_b, lse_b = _forward(one, q[None, rows_q], k[None, rows_k], v[None, rows_k],
                                         _dropout_scale(fn, one, None))
@@ -224,7 +233,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                        alibi_slopes: Optional[Array] = None, attn_mask: Optional[Array] = None,
                        dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
-                       dropout_mask: Optional[Array] = None, deterministic: bool = False, return_dbias: bool = False,
+                       dropout_mask: Optional[Array] = None, learnable_sink: Optional[Array] = None,
+                       deterministic: bool = False, return_dbias: bool = False, return_dsink: bool = False,
                        layout: str = "bshd", cu_seqlens_q: Optional[Array] = None,
                        cu_seqlens_k: Optional[Array] = None, max_seqlen_q: Optional[int] = None,
                        max_seqlen_k: Optional[int] = None) -> Tuple[np.ndarray, ...]:
@@ -233,37 +243,42 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     Same keywords as :func:`reference.attention`. ``out`` and ``lse`` are checked for shape only
     and otherwise ignored: P and out are recomputed in float64, so a low-precision ``out`` cannot
     leak into the ground truth. ``deterministic`` is accepted and ignored. ``return_dbias`` (with a
-    float ``attn_mask``) also returns dbias, in the mask's own shape and dtype.
+    float ``attn_mask``) also returns dbias, in the mask's own shape and dtype; ``return_dsink`` (with a
+    ``learnable_sink``) then dsink, (nheads,) float64.
     """
     fn = "reference.attention_backward"
     spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-                                dropout_seed=dropout_seed, layout=layout, mixed_ok=True, seed_required=False,
-                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                                max_seqlen_k=max_seqlen_k)
+                                dropout_seed=dropout_seed, learnable_sink=learnable_sink, layout=layout,
+                                mixed_ok=True, seed_required=False, cu_seqlens_q=cu_seqlens_q,
+                                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     return_dbias = _validate.check_backward_arrays(fn, dout, out, lse, spec, strict=False, return_dbias=return_dbias)
+    return_dsink = _validate.check_return_dsink(fn, return_dsink, spec)
     _validate.check_flag(fn, "deterministic", deterministic)
+    dsink = (np.zeros(spec.nheads),) if return_dsink else ()
     if spec.varlen:
         _no_mask_with_varlen(fn, dropout_mask)
         dout, q, k, v = (_host64(x) for x in (dout, q, k, v))
         dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
         for _, rows_q, rows_k, one in _varlen._sequences(spec):
-            if one.seqlen_k:
+            if one.seqlen_k:  # (a row with no key has out 0: no sink gradient)
                 grads = _backward(one, dout[None, rows_q], q[None, rows_q], k[None, rows_k], v[None, rows_k],
                                   _dropout_scale(fn, one, None))
                 dq[rows_q], dk[rows_k], dv[rows_k] = (g[0] for g in grads[:3])
-        return dq, dk, dv
+                if return_dsink:
+                    dsink[0][:] += grads[4]
+        return (dq, dk, dv) + dsink
     grads = _backward(spec, *(_host64(spec.swap_layout(x)) for x in (dout, q, k, v)),
                       _dropout_scale(fn, spec, dropout_mask))
     dq, dk, dv = (_to_caller(spec, g) for g in grads[:3])
-    return (dq, dk, dv, _unbroadcast(grads[3], spec.mask_shape).astype(spec.attn_mask.dtype)) if return_dbias \
-        else (dq, dk, dv)
+    dbias = (_unbroadcast(grads[3], spec.mask_shape).astype(spec.attn_mask.dtype),) if return_dbias else ()
+    return (dq, dk, dv) + dbias + ((grads[4],) if return_dsink else ())
 
 
 def _backward(spec, dout, q, k, v, scale_keep):
-    """Dense float64 (dq, dk, dv, ds) of (batch, seqlen, heads, headdim) arrays; ds is
-    (batch, nheads, seqlen_q, seqlen_k)."""
-    x, live, p, _ = _softmax(spec, q, k)
+    """Dense float64 (dq, dk, dv, ds, dsink) of (batch, seqlen, heads, headdim) arrays; ds is
+    (batch, nheads, seqlen_q, seqlen_k), dsink (nheads,) (None without a learnable sink)."""
+    x, live, p, lse = _softmax(spec, q, k)
     qh, doh = _heads_first(q), _heads_first(dout)
     kh, vh = (_heads_first(_expand_kv(y, spec.nheads)) for y in (k, v))
     pd = p if scale_keep is None else p * scale_keep  # the weights out actually used
@@ -285,7 +300,12 @@ def _backward(spec, dout, q, k, v, scale_keep):
         with np.errstate(invalid="ignore"):  # inf - inf across heads is NaN, as the arithmetic says
             return g.reshape(b, spec.nheads_kv, h // spec.nheads_kv, s, d).sum(axis=2).transpose(0, 2, 1, 3)
 
-    return dq.transpose(0, 2, 1, 3), group_sum(dk), group_sum(dv), ds
+    dsink = None
+    if spec.learnable_sink is not None:  # the sink's score: gradient p_sink (0 - delta), its value being zero
+        with np.errstate(invalid="ignore", over="ignore"):
+            p_sink = np.where(lse == -np.inf, 0.0, np.exp(_host64(spec.learnable_sink)[None, :, None] - lse))
+            dsink = -(p_sink * delta[..., 0]).sum(axis=(0, 2))
+    return dq.transpose(0, 2, 1, 3), group_sum(dk), group_sum(dv), ds, dsink
 
 
 def merge_attention(outs: Sequence[Array], lses: Sequence[Array], *,
@@ -332,7 +352,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
                            block_table: Optional[Array] = None, causal: bool = False, scale: Optional[float] = None,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            rotary_interleaved: bool = True, alibi_slopes: Optional[Array] = None,
-                           return_lse: bool = False,
+                           learnable_sink: Optional[Array] = None, return_lse: bool = False,
                            num_splits: int = 0) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Float64 ``out`` (and ``lse``) of :func:`cupyflash.attention_with_kvcache`'s call: sequence b's
     queries attend, through :func:`attention`, to its cache rows ``[cache_leftpad[b], cache_seqlens[b])``
@@ -350,7 +370,8 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
                                cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
                                cache_leftpad=cache_leftpad, block_table=block_table, causal=causal, scale=scale,
                                window_size=window_size, softcap=softcap, rotary_interleaved=rotary_interleaved,
-                               alibi_slopes=alibi_slopes, num_splits=num_splits, writes=False, mixed_ok=True)
+                               alibi_slopes=alibi_slopes, learnable_sink=learnable_sink, num_splits=num_splits,
+                               writes=False, mixed_ok=True)
     return_lse = _validate.check_flag(fn, "return_lse", return_lse)
     spec = call.spec
     if rotary_cos is not None:
@@ -369,9 +390,12 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
         pages, rows = call.pages[b, positions // call.page_size], positions % call.page_size
         keys, values = (np.concatenate([cache[pages, rows]] + ([] if new is None else [new[b]]))[None]
                         for cache, new in ((k_cache, k), (v_cache, v)))
-        if keys.shape[1] == 0:
+        if keys.shape[1] == 0:  # no key: out 0, lse -inf or the sink's logit
+            if spec.learnable_sink is not None:
+                lse[b] = _host64(spec.learnable_sink)[:, None]
             continue
         out[b], lse[b] = (x[0] for x in attention(
             q[b:b + 1], keys, values, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
-            alibi_slopes=None if slopes is None else slopes[b], return_lse=True))
+            alibi_slopes=None if slopes is None else slopes[b], learnable_sink=spec.learnable_sink,
+            return_lse=True))
     return (out, lse) if return_lse else out

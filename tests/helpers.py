@@ -85,11 +85,12 @@ class _Variants:
     """The variant keywords of one call, as float64/bool arrays broadcastable to (b, h, sq, sk).
 
     ``visible``: window (causal folded in) and bool mask; ``alibi``: slope * distance (or None);
-    ``bias``: a float mask (or None); ``keep_scale``: keep / (1 - dropout_p) (or None).
+    ``bias``: a float mask (or None); ``keep_scale``: keep / (1 - dropout_p) (or None); ``sink``: the
+    learnable sink as (1, h, 1, 1) (or None).
     """
 
     def __init__(self, q, k, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                 attn_mask=None, dropout_p=0.0, dropout_seed=None, batch_offset=0):
+                 attn_mask=None, dropout_p=0.0, dropout_seed=None, batch_offset=0, learnable_sink=None):
         b, sq, h, _ = q.shape
         sk = k.shape[1]
         i = np.arange(sq)[:, None] + (sk - sq)  # the key aligned with query i
@@ -110,6 +111,7 @@ class _Variants:
             else:
                 self.bias = mask.astype(np.float64)
                 self.mask_shape, self.mask_dtype = mask.shape, mask.dtype
+        self.sink = None if learnable_sink is None else to_numpy(learnable_sink).astype(np.float64)[None, :, None, None]
         self.keep_scale = None
         if dropout_p > 0:
             keep = _philox.keep_mask((b, h, sq, sk), dropout_p, dropout_seed, batch_offset)
@@ -124,7 +126,7 @@ class _Variants:
 
 def _naive_probs(q, k, scale, r, var):
     """Rounded scores' softmax, like flash-attn's attention_ref: ``(qs, kh, p, lse, tanh)`` with
-    tanh = tanh(s / softcap) (None without softcap)."""
+    tanh = tanh(s / softcap) (None without softcap); a learnable sink joins each row's max and sum."""
     nheads = q.shape[2]
     qs = r.R(_split_heads(q).astype(r.wide) * scale)  # scale applied to q first
     kh = _split_heads(_expand(k, nheads)).astype(r.wide)
@@ -140,12 +142,16 @@ def _naive_probs(q, k, scale, r, var):
     s = np.where(var.visible, s, -np.inf)
     dead = np.isneginf(s).all(axis=-1, keepdims=True)
     m = s.max(axis=-1, keepdims=True)
+    if var.sink is not None:
+        m = np.maximum(m, var.sink)
     m = np.where(np.isneginf(m), 0.0, m).astype(r.wide)
     e = np.exp(s - m)
     l = e.sum(axis=-1, keepdims=True)
+    if var.sink is not None:
+        l = r.R(l + np.exp(var.sink - m))
     with np.errstate(divide="ignore", invalid="ignore"):
         p = r.R(np.where(dead, 0.0, e / np.where(l == 0, 1, l)))
-        lse = np.where(dead, -np.inf, m + np.log(l))[..., 0]
+        lse = np.where(l == 0, -np.inf, m + np.log(l))[..., 0]
     return qs, kh, p, r.R(lse), th
 
 
@@ -180,11 +186,12 @@ def naive_attention(q, k, v, causal, scale, tf32=False, **variants):
 
 
 @_quiet
-def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, tf32=False, **variants):
+def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, return_dsink=False, tf32=False,
+                             **variants):
     """Full-matrix gradients in the input dtype, rounding as autograd would.
 
     Returns ``(dq, dk, dv)`` in the input dtype (and dbias in the mask's
-    shape and dtype with ``return_dbias``). Every product is rounded to the
+    shape and dtype with ``return_dbias``, then dsink in the compute dtype with ``return_dsink``). Every product is rounded to the
     input dtype, the softmax backward ``P * (dP - rowsum(P * dP))`` is done
     in the compute dtype and rounded once, GQA sums over heads in the
     compute dtype and rounds once.
@@ -193,7 +200,7 @@ def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, t
     r = _Rounder(q.dtype, tf32)
     nheads, nheads_kv = q.shape[2], k.shape[2]
     var = _Variants(q, k, causal, **variants)
-    qs, kh, p, _, th = _naive_probs(q, k, scale, r, var)
+    qs, kh, p, lse, th = _naive_probs(q, k, scale, r, var)
     vh = _split_heads(_expand(v, nheads)).astype(r.wide)
     do = _split_heads(dout).astype(r.wide)
     dp = r.mm(do, np.swapaxes(vh, -1, -2))
@@ -201,7 +208,8 @@ def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, t
     if var.keep_scale is not None:
         pd, dp = r.R(p * var.keep_scale), r.R(dp * var.keep_scale)
     dv_rep = r.mm(np.swapaxes(pd, -1, -2), do)
-    ds = r.R(p * (dp - np.sum(p * dp, axis=-1, keepdims=True)))
+    delta = r.R(np.sum(p * dp, axis=-1, keepdims=True))
+    ds = r.R(p * (dp - delta))
     dx = ds if th is None else r.R(ds * r.R(1.0 - th * th))
     dqs = r.mm(dx, kh)
     dk_rep = r.mm(np.swapaxes(dx, -1, -2), qs)
@@ -218,6 +226,9 @@ def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, t
     )
     if return_dbias:
         grads += (r.R(var.unbroadcast(ds)).astype(var.mask_dtype),)
+    if return_dsink:  # the sink's score: gradient p_sink (0 - delta)
+        p_sink = r.R(np.where(np.isneginf(lse), 0.0, np.exp(var.sink[..., 0] - lse)))
+        grads += (r.R(-(p_sink * delta[..., 0]).sum(axis=(0, 2))),)
     return grads
 
 
@@ -384,7 +395,7 @@ def error_scales(q, k, v, dout, causal, scale, **variants):
     q, k, v, dout = (to_numpy(x).astype(np.float64) for x in (q, k, v, dout))
     nheads = q.shape[2]
     var = _Variants(q, k, causal, **variants)
-    _, _, p, _, th = _naive_probs(q, k, scale, _Rounder(np.float64), var)
+    _, _, p, lse, th = _naive_probs(q, k, scale, _Rounder(np.float64), var)
     aq, ak = np.abs(q), np.abs(_expand(k, nheads))
     av, ado = np.abs(_expand(v, nheads)), np.abs(dout)
     terms = scale * np.einsum("bqhd,bkhd->bhqk", aq, ak, optimize=True)
@@ -393,6 +404,8 @@ def error_scales(q, k, v, dout, causal, scale, **variants):
             terms = terms + np.where(np.isfinite(extra), np.abs(extra), 0.0)
     logits = np.where(var.visible, terms, 0.0)
     L = float(logits.max()) + float(np.log(k.shape[1]))
+    if var.sink is not None:
+        L = max(L, float(np.abs(var.sink[np.isfinite(var.sink)]).max(initial=0.0)) + float(np.log(k.shape[1] + 1)))
     keep = 1.0 if var.keep_scale is None else var.keep_scale
     pd = p * keep
     out_abs = np.einsum("bhqk,bkhd->bqhd", pd, av, optimize=True)
@@ -413,6 +426,10 @@ def error_scales(q, k, v, dout, causal, scale, **variants):
     }
     if var.bias is not None:
         scales["dbias"] = float(var.unbroadcast(ds_abs).max())
+    if var.sink is not None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            p_sink = np.where(np.isneginf(lse), 0.0, np.exp(var.sink[..., 0] - lse))
+        scales["dsink"] = float((p_sink * delta_abs[..., 0]).sum(axis=(0, 2)).max())
     return scales
 
 

@@ -1,5 +1,5 @@
 """Every variant of the formula on the CUDA kernels (marker `gpu`): window, softcap, ALiBi, bool
-masks, float biases with their gradient, dropout — alone and combined, on every dtype and kernel
+masks, float biases with their gradient, dropout, learnable sinks with theirs — alone and combined, on every dtype and kernel
 family — against the float64 reference by flash-attn's rule (2x out, 3x gradients of the same-dtype
 naive error, plus a rounding floor), with every output poisoned before the kernels run. Then the
 equivalences no tolerance can be tuned to, the dropout bits, and NaN containment."""
@@ -32,6 +32,13 @@ def slopes(nheads, batch=None):
     return RNG.uniform(0.01, 0.5, shape).astype(np.float32)
 
 
+def sinks(nheads, dtype):
+    """Sink logits of every size against N(0, 1) scores: above them, among them, far below; one head none."""
+    sink = RNG.choice([4.0, 0.5, -1.0, -30.0], nheads) + RNG.uniform(-0.5, 0.5, nheads)
+    sink[RNG.integers(nheads)] = -np.inf
+    return sink.astype(dtype)
+
+
 def variant(name, p, dtype=None):
     """Keywords of one named variant for problem ``p`` (host arrays)."""
     b, h, sq, sk = p.batch, p.nheads, p.seqlen_q, p.seqlen_k
@@ -47,9 +54,11 @@ def variant(name, p, dtype=None):
         "bias": dict(attn_mask=RNG.standard_normal((1, h, sq, sk)).astype(dtype)),
         "bias_2d": dict(attn_mask=(RNG.standard_normal((sq, sk)) * 3).astype(np.float32)),
         "dropout": dict(dropout_p=float(RNG.uniform(0.05, 0.5)), dropout_seed=int(RNG.integers(0, 2**63))),
+        "sink": dict(learnable_sink=sinks(h, np.float64 if dtype == np.float64 else np.float32)),
         "all": dict(causal=True, window_size=(int(RNG.integers(0, 100)), -1), softcap=5.0, alibi_slopes=slopes(h),
                     attn_mask=RNG.standard_normal((b, 1, sq, sk)).astype(dtype), dropout_p=0.2,
-                    dropout_seed=int(RNG.integers(0, 2**63))),
+                    dropout_seed=int(RNG.integers(0, 2**63)),
+                    learnable_sink=sinks(h, np.float64 if dtype == np.float64 else np.float32)[::-1]),  # strided
     }[name]
 
 
@@ -81,12 +90,13 @@ def run_with_reference(problem, layout="contiguous", **kw):
     q, k, v, dout = problem.arrays()
     kw.setdefault("causal", problem.causal)
     bias = kw.get("attn_mask") is not None and kw["attn_mask"].dtype != np.bool_
+    sink = kw.get("learnable_sink") is not None
     dev = _device(kw)
     q_dev, k_dev, v_dev, dout_dev = (laid_out(x, layout) for x in (q, k, v, dout))
     out, lse = cupyflash.attention(q_dev, k_dev, v_dev, scale=problem.scale, return_lse=True, **dev)
     grads = cupyflash.attention_backward(dout_dev, q_dev, k_dev, v_dev, out, lse, scale=problem.scale,
-                                         return_dbias=bias, **dev)
-    names = ("out", "lse", "dq", "dk", "dv", "dbias")[:5 + bias]
+                                         return_dbias=bias, return_dsink=sink, **dev)
+    names = ("out", "lse", "dq", "dk", "dv") + ("dbias",) * bias + ("dsink",) * sink
     got = dict(zip(names, (x.get() for x in (out, lse, *grads))))
 
     ref_kw = dict(kw)
@@ -97,7 +107,7 @@ def run_with_reference(problem, layout="contiguous", **kw):
     scale = problem.scale_value
     ref_out, ref_lse = cupyflash.reference.attention(q, k, v, scale=scale, return_lse=True, **ref_kw)
     ref = dict(zip(names, (ref_out, ref_lse, *cupyflash.reference.attention_backward(
-        dout, q, k, v, ref_out, ref_lse, scale=scale, return_dbias=bias, **ref_kw))))
+        dout, q, k, v, ref_out, ref_lse, scale=scale, return_dbias=bias, return_dsink=sink, **ref_kw))))
     return (q, k, v, dout), got, ref
 
 
@@ -106,10 +116,10 @@ def check(problem, layout="contiguous", **kw):
     flash-attn's rule; q, k, v and dout reach the kernels in `layout` (LAYOUTS)."""
     (q, k, v, dout), got, ref = run_with_reference(problem, layout, **kw)
     scale, causal = problem.scale_value, kw.pop("causal", problem.causal)
-    bias = "dbias" in got
+    bias, sink = "dbias" in got, "dsink" in got
     naive = dict(zip(("out", "lse"), naive_attention(q, k, v, causal, scale, **kw)))
-    naive.update(zip(("dq", "dk", "dv", "dbias"), naive_attention_backward(dout, q, k, v, causal, scale,
-                                                                          return_dbias=bias, **kw)))
+    naive.update(zip(("dq", "dk", "dv") + ("dbias",) * bias + ("dsink",) * sink,
+                     naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=bias, return_dsink=sink, **kw)))
     scales = error_scales(q, k, v, dout, causal, scale, **kw)
     for name in got:
         forward = name in ("out", "lse")
@@ -119,7 +129,7 @@ def check(problem, layout="contiguous", **kw):
 
 
 VARIANTS = ("window", "sliding", "softcap", "alibi", "alibi_batch", "padding", "bool_mask", "bias", "bias_2d",
-            "dropout", "all")
+            "dropout", "sink", "all")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)

@@ -31,7 +31,7 @@ def packed(dtype, headdim, seed, lengths=LENGTHS):
     return packed_batch(lens_q, lens_k, dtype, seed, NHEADS, NHEADS_KV, headdim)
 
 
-def variant(name, batch, rng):
+def variant(name, batch, rng, dtype):
     return {
         "plain": dict(),
         "causal": dict(causal=True),
@@ -40,6 +40,8 @@ def variant(name, batch, rng):
         "softcap_alibi": dict(softcap=6.0, alibi_slopes=rng.uniform(0.01, 0.3, (batch, NHEADS)).astype(np.float32),
                               causal=True),
         "dropout": dict(causal=True, dropout_p=0.2, dropout_seed=int(rng.integers(0, 2**63))),
+        "sink": dict(window_size=(30, 2), learnable_sink=rng.choice([3.0, 0.0, -2.0, -np.inf], NHEADS).astype(
+            np.float64 if dtype == np.float64 else np.float32)),
     }[name]
 
 
@@ -87,23 +89,27 @@ def check_sequence(b, rows_q, rows_k, arrays, got, kw):
 def check_each_sequence(cu_q, cu_k, arrays, got, kw):
     """Every sequence of a packed call's results (`got`, run_packed's) as if run alone."""
     out, lse, dq, dk, dv = got
+    sink = kw.get("learnable_sink")
+    no_key_lse = np.full((NHEADS, 1), -np.inf) if sink is None else sink[:, None].astype(lse.dtype)
     for b in range(len(cu_q) - 1):
         rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         if rows_q.start == rows_q.stop:
             assert (dk[rows_k] == 0).all() and (dv[rows_k] == 0).all()  # keys no query sees
-        elif rows_k.start == rows_k.stop:
-            assert (out[rows_q] == 0).all() and np.isneginf(lse[:, rows_q]).all() and (dq[rows_q] == 0).all()
+        elif rows_k.start == rows_k.stop:  # no key: out 0, lse -inf (the sink's logit with one)
+            assert (out[rows_q] == 0).all() and (dq[rows_q] == 0).all()
+            np.testing.assert_allclose(lse[:, rows_q], np.broadcast_to(no_key_lse, lse[:, rows_q].shape),
+                                       rtol=4 * eps(lse.dtype))  # sink log2(e) ln(2): a rounding or two
         else:
             check_sequence(b, rows_q, rows_k, arrays, got, kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("headdim", (64, 72, 128, 256))
-@pytest.mark.parametrize("name", ("plain", "causal", "window", "alibi", "softcap_alibi", "dropout"))
+@pytest.mark.parametrize("name", ("plain", "causal", "window", "alibi", "softcap_alibi", "dropout", "sink"))
 def test_each_sequence_as_if_alone(dtype, headdim, name):
     rng = np.random.default_rng(headdim)
     cu_q, cu_k, *arrays = packed(dtype, headdim, headdim)
-    kw = variant(name, len(LENGTHS), rng)
+    kw = variant(name, len(LENGTHS), rng, dtype)
     check_each_sequence(cu_q, cu_k, arrays, run_packed(cu_q, cu_k, *arrays, slack=headdim % 5, **kw), kw)
 
 
@@ -114,7 +120,7 @@ LENGTH = st.one_of(st.just(0), st.just(1), st.integers(1, 600))
 @settings(max_examples=25)
 @given(lengths=st.lists(st.tuples(LENGTH, LENGTH), min_size=1, max_size=6), dtype=st.sampled_from(DTYPES),
        headdim=st.sampled_from([64, 37, 128, 256]),
-       names=st.sets(st.sampled_from(("causal", "window", "alibi", "softcap_alibi", "dropout")), max_size=3),
+       names=st.sets(st.sampled_from(("causal", "window", "alibi", "softcap_alibi", "dropout", "sink")), max_size=3),
        offsets_read=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_random_packed_batches(lengths, dtype, headdim, names, offsets_read, seed):
     """Drawn sequence lengths (empty ones among them), head dims and variant combinations; the offsets
@@ -123,9 +129,34 @@ def test_random_packed_batches(lengths, dtype, headdim, names, offsets_read, see
     cu_q, cu_k, *arrays = packed(dtype, headdim, seed, lengths)
     kw = {}
     for name in sorted(names):  # later keys win where two variants set the same keyword
-        kw.update(variant(name, len(lengths), rng))
+        kw.update(variant(name, len(lengths), rng, dtype))
     got = run_packed(cu_q, cu_k, *arrays, slack=None if offsets_read else int(rng.integers(0, 3)), **kw)
     check_each_sequence(cu_q, cu_k, arrays, got, kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_the_sink_gradient_of_a_packed_batch(dtype):
+    """dsink sums over every sequence's rows (a sequence with no key adds nothing: its out is 0): the
+    reference's within the rounding of dsink's terms, whose magnitude error_scales gives per sequence."""
+    rng = np.random.default_rng(5)
+    cu_q, cu_k, q, k, v, dout = packed(dtype, 64, 5)
+    sink = np.array([2.0, -1.0, -np.inf, 0.5], np.float64 if dtype == np.float64 else np.float32)
+    cu = dict(cu_seqlens_q=cp.asarray(cu_q), cu_seqlens_k=cp.asarray(cu_k))
+    args = [to_device(x) for x in (q, k, v)]
+    out, lse = cupyflash.attention(*args, return_lse=True, causal=True, learnable_sink=cp.asarray(sink), **cu)
+    *_, dsink = cupyflash.attention_backward(to_device(dout), *args, out, lse, causal=True,
+                                             learnable_sink=cp.asarray(sink), return_dsink=True, **cu)
+    assert dsink.dtype == sink.dtype and dsink.shape == (NHEADS,)
+    ref_out, ref_lse = cupyflash.reference.attention(q, k, v, causal=True, learnable_sink=sink, return_lse=True,
+                                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    *_, ref = cupyflash.reference.attention_backward(dout, q, k, v, ref_out, ref_lse, causal=True, learnable_sink=sink,
+                                                     return_dsink=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    magnitude = sum(error_scales(q[None, cu_q[b]:cu_q[b + 1]], k[None, cu_k[b]:cu_k[b + 1]], v[None, cu_k[b]:cu_k[b + 1]],
+                                 dout[None, cu_q[b]:cu_q[b + 1]], True, 0.125, learnable_sink=sink)["dsink"]
+                    for b in range(len(cu_q) - 1) if cu_q[b + 1] > cu_q[b] and cu_k[b + 1] > cu_k[b])
+    tol = (4 * eps(dtype) + 64 * eps(dsink.dtype)) * magnitude
+    np.testing.assert_allclose(dsink.get(), ref, rtol=0, atol=tol)
+    assert dsink.get()[2] == 0  # a head without a sink
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=lambda d: d.name)
@@ -152,7 +183,7 @@ def test_nothing_crosses_between_sequences(dtype, headdim, name, monkeypatch):
     for x, cu in zip(poisoned, (cu_q, cu_k, cu_k, cu_q)):
         x[cu[3]:cu[4]] = np.nan  # sequence 3: the tiles of sequence 0 reach into it
         x[cu[3]:cu[4]:7] = np.inf
-    kw = variant(name, len(LENGTHS), np.random.default_rng(0))
+    kw = variant(name, len(LENGTHS), np.random.default_rng(0), dtype)
     want, got = run_packed(cu_q, cu_k, *clean, **kw), run_packed(cu_q, cu_k, *poisoned, **kw)
     others_q = np.r_[0:cu_q[3], cu_q[4]:cu_q[-1]]
     others_k = np.r_[0:cu_k[3], cu_k[4]:cu_k[-1]]

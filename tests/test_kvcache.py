@@ -56,7 +56,8 @@ def paged(k_cache, v_cache, page_size, seed, spare_pages=3):
 
 
 def concatenated_reference(q, k_cache, v_cache, k, v, cache_seqlens, **kw):
-    """reference.attention of each sequence over its cache rows [0, cache_seqlens[b]) then its new k, v."""
+    """reference.attention of each sequence over its cache rows [0, cache_seqlens[b]) then its new k, v (a
+    sequence with no key: out 0, lse -inf or its sink's logit)."""
     batch, seqlen_q, nheads, _ = q.shape
     out, lse = np.zeros(q.shape), np.full((batch, nheads, seqlen_q), -np.inf)
     slopes = kw.pop("alibi_slopes", None)
@@ -64,7 +65,9 @@ def concatenated_reference(q, k_cache, v_cache, k, v, cache_seqlens, **kw):
         keys, values = k_cache[b, :n], v_cache[b, :n]
         if k is not None:
             keys, values = np.concatenate([keys, k[b]]), np.concatenate([values, v[b]])
-        if len(keys) == 0:
+        if len(keys) == 0:  # no key: out 0, lse -inf or the sink's logit
+            if kw.get("learnable_sink") is not None:
+                lse[b] = kw["learnable_sink"][:, None]
             continue
         row = None if slopes is None else np.broadcast_to(slopes, (batch, nheads))[b]
         o, l = cupyflash.reference.attention(q[b:b + 1], keys[None], values[None], alibi_slopes=row, return_lse=True,
@@ -81,8 +84,19 @@ def assert_matches(out, lse, want_out, want_lse, tol):
 
 
 SLOPES = np.array([0.3, 0.05, 0.5, 0.2], np.float32)
+SINKS = np.array([1.5, -np.inf, -0.5, 4.0], np.float32)
+
+
+def fitted(kw, dtype, nheads=4):
+    """A variant's keywords for nheads heads of dtype: its sinks in the accumulation dtype."""
+    kw = dict(kw)
+    if "learnable_sink" in kw:
+        kw["learnable_sink"] = np.resize(kw["learnable_sink"], nheads).astype(np.float64 if dtype == np.float64
+                                                                              else np.float32)
+    return kw
 VARIANTS = [dict(), dict(causal=True), dict(window_size=(2, 1)), dict(causal=True, window_size=(3, -1)),
-            dict(softcap=2.0), dict(alibi_slopes=SLOPES), dict(causal=True, alibi_slopes=SLOPES, softcap=5.0)]
+            dict(softcap=2.0), dict(alibi_slopes=SLOPES), dict(causal=True, alibi_slopes=SLOPES, softcap=5.0),
+            dict(causal=True, learnable_sink=SINKS)]
 
 
 @settings(max_examples=60)
@@ -96,7 +110,7 @@ def test_matches_the_reference_over_the_concatenated_keys(cache_seqlens, seqlen_
     nheads, nheads_kv = heads
     q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new, seqlen_q, nheads, nheads_kv,
                                                  dtype=dtype)
-    kw = VARIANTS[variant] if variant < len(VARIANTS) else dict(  # a row of slopes per sequence
+    kw = fitted(VARIANTS[variant], dtype) if variant < len(VARIANTS) else dict(  # a row of slopes per sequence
         causal=True, alibi_slopes=np.random.default_rng(seed).uniform(0.05, 0.5, (len(cache_seqlens), nheads)).astype(
             np.float32))
     want_out, want_lse = concatenated_reference(q, k_cache, v_cache, k, v, lengths, **kw)
@@ -245,7 +259,7 @@ def test_leftpad_matches_the_reference(cache_seqlens, seqlen_new, seqlen_q, vari
     rotary = rotary and seqlen_new > 0
     q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new if seqlen_new or rotary else None,
                                                  seqlen_q)
-    kw = dict(VARIANTS[variant])
+    kw = fitted(VARIANTS[variant], np.float32)
     block_table = None
     if page_size is not None:
         k_cache, v_cache, block_table = paged(k_cache, v_cache, page_size, seed)
@@ -462,7 +476,7 @@ def test_the_reference_writes_nothing():
 def test_paged_equals_contiguous(cache_seqlens, seqlen_new, page_size, variant, num_splits, seed):
     q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new, spare_rows=3)
     k_paged, v_paged, block_table = paged(k_cache, v_cache, page_size, seed)
-    kw = dict(cache_seqlens=lengths, return_lse=True, num_splits=num_splits, **VARIANTS[variant])
+    kw = dict(cache_seqlens=lengths, return_lse=True, num_splits=num_splits, **fitted(VARIANTS[variant], np.float32))
     out, lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, k, v, **kw)
     out_paged, lse_paged = cupyflash.attention_with_kvcache(q, k_paged, v_paged, k, v, block_table=block_table, **kw)
     # the same keys reach the same dense passes: bit for bit
@@ -947,7 +961,7 @@ def test_random_decodes_match_the_reference(dtype, cache_seqlens, seqlen_new, se
     """Drawn lengths (empty ones among them), appends, GQA groups, head dims, pages and split counts, on
     whichever kernel each decode takes."""
     nheads, nheads_kv = heads
-    kw = dict(VARIANTS[variant])
+    kw = fitted(VARIANTS[variant], dtype, nheads)
     if "alibi_slopes" in kw:
         kw["alibi_slopes"] = np.random.default_rng(seed).uniform(0.01, 0.5, nheads).astype(np.float32)
     q, k_cache, v_cache, k, v, lengths = problem(seed, cache_seqlens, seqlen_new, seqlen_q=seqlen_q, nheads=nheads,
@@ -984,3 +998,27 @@ def test_decode_hidden_nan_reaches_only_the_rows_that_see_it(dtype, kw):
     tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
     np.testing.assert_allclose(got[seen], want_out[seen], rtol=0, atol=tol)
     np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("seqlen_q", [1, 9])
+def test_learnable_sink_on_the_device(dtype, num_splits, seqlen_q):
+    """A learnable sink in the decode kernels (one query row; split rows leave it to the merge), in the dense
+    kernels over each sequence's gathered rows (nine rows) and for float64 caches: the NumPy backend's outputs
+    within the decode's rounding; the sequence with no key gives out 0 and lse the sink's logit."""
+    cp = pytest.importorskip("cupy")
+
+    q, k_cache, v_cache, _, _, lengths = problem(17, [0, 70, 129, 40], None, seqlen_q=seqlen_q, headdim=64, dtype=dtype)
+    sinks = SINKS.astype(np.float64 if dtype == np.float64 else np.float32)[::-1]  # strided
+    kw = dict(causal=True, num_splits=num_splits, return_lse=True)
+    dev_caches = [to_device(c) for c in (k_cache, v_cache)]
+    out, lse = cupyflash.attention_with_kvcache(to_device(q), *dev_caches, cache_seqlens=cp.asarray(lengths),
+                                                learnable_sink=to_device(sinks), **kw)
+    want_out, want_lse = cupyflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                          learnable_sink=sinks, **kw)
+    assert_device_matches(dev_caches, (k_cache, v_cache), out, lse, want_out, want_lse, dtype)
+    assert (to_host(out)[0] == 0).all()
+    np.testing.assert_allclose(lse.get()[0], np.broadcast_to(sinks[:, None], (4, seqlen_q)), rtol=1e-6)
+

@@ -49,7 +49,7 @@ CAPPED = Problem(2, 3, 100, 3, 1, 162, np.float16, False, 1.9, 9962.5, 121)
 SMALL = dict(max_seqlen=256, cost_cap=4_000_000)
 TINY = dict(max_batch=2, max_seqlen=150, max_headdim=16, cost_cap=300_000)
 
-VARIANTS = ("window", "softcap", "alibi", "bool_mask", "bias", "dropout")
+VARIANTS = ("window", "softcap", "alibi", "bool_mask", "bias", "dropout", "sink")
 
 
 def _mask_shape(draw, full):
@@ -88,6 +88,9 @@ def draw_variants(draw, p, names, gentle=False):
     if "dropout" in names:
         kw["dropout_p"] = draw(st.floats(0.05, 0.9), label="dropout_p")
         kw["dropout_seed"] = draw(st.integers(0, 2**64 - 1), label="dropout_seed")
+    if "sink" in names:  # logits above, among and below the scores; a head without
+        sink = rng.choice([5.0, 0.0, -3.0, -40.0, -np.inf], p.nheads) + rng.uniform(-1, 1, p.nheads)
+        kw["learnable_sink"] = sink.astype(np.float64 if p.dtype == np.float64 else np.float32)
     return kw
 
 
@@ -133,13 +136,18 @@ def check_against_reference(p, kw):
         check_relative("out", out, ref_out, p)
         check_relative("lse", lse, ref_lse, p)
 
-    want_dbias = _has_bias(kw)
-    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **args)
-    refs = reference.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, **args)
-    naives = naive_attention_backward(dout, q, k, v, p.causal, p.scale_value, return_dbias=want_dbias, **kw)
+    want_dbias, want_dsink = _has_bias(kw), kw.get("learnable_sink") is not None
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, return_dsink=want_dsink,
+                                         **args)
+    refs = reference.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, return_dsink=want_dsink,
+                                        **args)
+    naives = naive_attention_backward(dout, q, k, v, p.causal, p.scale_value, return_dbias=want_dbias,
+                                      return_dsink=want_dsink, **kw)
     names, inputs = ("dq", "dk", "dv"), (q, k, v)
     if want_dbias:
         names, inputs = names + ("dbias",), inputs + (kw["attn_mask"],)
+    if want_dsink:
+        names, inputs = names + ("dsink",), inputs + (kw["learnable_sink"],)
     for name, g, x, r, n in zip(names, grads, inputs, refs, naives):
         assert g.shape == x.shape and g.dtype == x.dtype, name
         assert not np.isnan(g).any(), name

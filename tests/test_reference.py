@@ -77,8 +77,8 @@ class Case:
         return to_layout(out, self.layout), lse
 
     def backward(self, **extra):
-        """(dq, dk, dv[, dbias]) of the reference, in (b, s, h, d)."""
-        out, lse = self.forward(**{n: x for n, x in extra.items() if n != "return_dbias"})
+        """(dq, dk, dv[, dbias][, dsink]) of the reference, in (b, s, h, d)."""
+        out, lse = self.forward(**{n: x for n, x in extra.items() if n not in ("return_dbias", "return_dsink")})
         args = [to_layout(x, self.layout) for x in (self.dout, self.q, self.k, self.v, out)]
         grads = reference.attention_backward(*args, lse, **{**self.kw, **extra}, layout=self.layout)
         return tuple(to_layout(g, self.layout) for g in grads[:3]) + tuple(grads[3:])
@@ -158,20 +158,22 @@ def test_variants_match_row_loop(c):
 
 def check_directional_derivatives(c, h=1e-6):
     """Central differences of f = sum(dout * out) along random directions in q, k, v (and the
-    float mask) against the reference's gradients."""
+    float mask, and the learnable sink) against the reference's gradients."""
     rng = np.random.default_rng(0)
-    bias = c.kw.get("attn_mask")
-    with_bias = bias is not None and bias.dtype != bool
-    inputs = [c.q, c.k, c.v] + ([bias] if with_bias else [])
+    bias, sink = c.kw.get("attn_mask"), c.kw.get("learnable_sink")
+    with_bias, with_sink = bias is not None and bias.dtype != bool, sink is not None
+    inputs = [c.q, c.k, c.v] + ([bias] if with_bias else []) + ([sink] if with_sink else [])
     dirs = [rng.standard_normal(x.shape) for x in inputs]
 
     def f(args):
         q, k, v = args[:3]
         extra = {"attn_mask": args[3]} if with_bias else {}
+        if with_sink:
+            extra["learnable_sink"] = args[-1]
         out, _ = c.forward(q, k, v, **extra)
         return float(np.sum(c.dout * out))
 
-    grads = c.backward(**({"return_dbias": True} if with_bias else {}))
+    grads = c.backward(**({"return_dbias": True} if with_bias else {}), **({"return_dsink": True} if with_sink else {}))
     assert len(grads) == len(inputs)
     out, _ = c.forward()
     mag = float(np.sum(np.abs(c.dout * out))) + 1.0  # scale of f's rounding
@@ -207,9 +209,12 @@ VARIANTS = {
     "bias": dict(attn_mask=np.random.default_rng(2).standard_normal((2, 1, 7, 9))),
     "bias_neg_inf": dict(attn_mask=np.where(np.random.default_rng(3).random((4, 1, 9)) < 0.3, -np.inf, 0.5)),
     "dropout": dict(dropout_p=0.3, dropout_mask=np.random.default_rng(4).random((2, 4, 7, 9)) >= 0.3),
+    "sink": dict(learnable_sink=np.array([0.5, -np.inf, 2.5, -1.0])),
+    "sink_causal": dict(learnable_sink=np.array([3.0, 0.0, -2.0, 1.0]), causal=True, window_size=(1, -1)),
     "everything": dict(softcap=2.0, alibi_slopes=np.array([0.3, 0.2, 0.1, 0.05], np.float32),
                        window_size=(4, 2), attn_mask=np.random.default_rng(5).standard_normal((9,)),
-                       dropout_p=0.25, dropout_mask=np.random.default_rng(6).random((1, 4, 7, 9)) >= 0.25),
+                       dropout_p=0.25, dropout_mask=np.random.default_rng(6).random((1, 4, 7, 9)) >= 0.25,
+                       learnable_sink=np.array([1.0, -0.5, 0.25, -3.0])),
 }
 
 
@@ -538,6 +543,38 @@ def test_dropout_mask_without_dropout_is_rejected():
     q, k, v, _ = full_problem()
     with pytest.raises(ValueError, match="dropout_mask must be None when dropout_p is 0"):
         reference.attention(q, k, v, dropout_mask=np.ones((5, 6), bool))
+
+
+def test_a_sink_is_a_key_whose_value_is_zero():
+    """A learnable sink gives what one more key does whose score in every row of head h is sink[h] and whose
+    value is zero (its k is made to give that score); a row that sees no key gives out 0 and lse = sink."""
+    rng = np.random.default_rng(10)
+    q, dout = rng.standard_normal((2, 1, 5, 2, 4))
+    k, v = rng.standard_normal((2, 1, 6, 2, 4))
+    sink = np.array([0.7, -1.5])
+    mask = np.ones((1, 1, 5, 6), bool)
+    mask[..., 2, :] = False  # row 2 sees no key
+    out, lse = reference.attention(q, k, v, attn_mask=mask, learnable_sink=sink, return_lse=True)
+    # the extra key: q . k_sink scale = sink for every row, through a bias column over a zero key
+    k_ext, v_ext = np.concatenate([k, np.zeros((1, 1, 2, 4))], axis=1), np.concatenate([v, np.zeros((1, 1, 2, 4))], axis=1)
+    bias = np.concatenate([np.where(mask, 0.0, -np.inf).repeat(2, axis=1), np.broadcast_to(sink[None, :, None, None],
+                                                                                       (1, 2, 5, 1))], axis=-1)
+    want_out, want_lse = reference.attention(q, k_ext, v_ext, attn_mask=bias, return_lse=True)
+    np.testing.assert_allclose(out, want_out, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-13)
+    assert (out[:, 2] == 0).all() and np.array_equal(lse[0, :, 2], sink)
+    *_, dsink = reference.attention_backward(dout, q, k, v, out, lse, attn_mask=mask, learnable_sink=sink,
+                                             return_dsink=True)
+    *_, dbias = reference.attention_backward(dout, q, k_ext, v_ext, want_out, want_lse, attn_mask=bias,
+                                             return_dbias=True)
+    np.testing.assert_allclose(dsink, dbias[0, :, :, -1].sum(axis=-1), rtol=1e-12, atol=1e-15)
+
+
+def test_return_dsink_needs_a_sink():
+    q, k, v, dout = full_problem()
+    out, lse = reference.attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="reference.attention_backward: return_dsink"):
+        reference.attention_backward(dout, q, k, v, out, lse, return_dsink=True)
 
 
 @pytest.mark.parametrize("mask", [None, np.ones((5, 6), bool)])

@@ -338,6 +338,27 @@ def test_bad_alibi():
     _bad(TypeError, r"alibi_slopes must be a numpy.ndarray or cupy.ndarray, got list", alibi_slopes=[1.0] * H)
 
 
+def test_bad_learnable_sink():
+    _bad(TypeError, r"learnable_sink.dtype must be float32 for float32 inputs \(the accumulation dtype\), got int64",
+         learnable_sink=np.ones(H, np.int64))
+    _bad(TypeError, r"learnable_sink.dtype must be float32 .*, got float64", learnable_sink=np.ones(H))
+    _bad(TypeError, r"learnable_sink.dtype must be float32 .*, got >f4 \(byte-swapped float32\)",
+         learnable_sink=np.ones(H, ">f4"))
+    _bad(ValueError, rf"learnable_sink.shape must be \(nheads,\)=\({H},\), got \({B}, {H}\)",
+         learnable_sink=np.ones((B, H), np.float32))
+    _bad(TypeError, r"learnable_sink must be a numpy.ndarray or cupy.ndarray, got list", learnable_sink=[0.0] * H)
+
+
+def test_return_dsink_needs_a_sink():
+    dout, q, k, v, out, lse = backward_args()
+    with pytest.raises(ValueError, match=r"attention_backward: return_dsink needs learnable_sink .* got learnable_sink=None"):
+        cupyflash.attention_backward(dout, q, k, v, out, lse, return_dsink=True)
+    with pytest.raises(ValueError, match=r"attention_vjp: return_dsink needs learnable_sink"):
+        cupyflash.attention_vjp(q, k, v, return_dsink=True)
+    with pytest.raises(TypeError, match=r"return_dsink must be a bool"):
+        cupyflash.attention_vjp(q, k, v, learnable_sink=np.zeros(H, np.float32), return_dsink="yes")
+
+
 def test_bad_mask():
     _bad(TypeError, r"attn_mask.dtype must be bool or float16, bfloat16, float32 or float64, got int32",
          attn_mask=np.ones((SQ, SK), np.int32))
@@ -383,7 +404,7 @@ def test_a_check_is_reused_only_for_a_call_alike():
     plain = _api._packed(None, None, None, None)
 
     def key(*scalars, arrays=(q, k, v), mask=None, packed=plain):
-        return _api._signature(arrays, ("attention", *scalars), None, mask, packed)[0]
+        return _api._signature(arrays, ("attention", *scalars), (None, mask, None), packed)[0]
 
     assert key(True, (-1, -1)) == key(True, (-1, -1))
     assert key(True, (-1, -1)) != key(1, (-1, -1))

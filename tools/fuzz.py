@@ -26,8 +26,8 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("", "sm80", "", "simt")
 #: The suite's variant names (test_gpu_variants.VARIANTS) drawn together, and the packed batches' ones.
 DENSE_VARIANTS = ("window", "sliding", "softcap", "alibi", "alibi_batch", "padding", "bool_mask", "bias", "bias_2d",
-                  "dropout")
-PACKED_VARIANTS = ("causal", "window", "alibi", "softcap_alibi", "dropout")
+                  "dropout", "sink")
+PACKED_VARIANTS = ("causal", "window", "alibi", "softcap_alibi", "dropout", "sink")
 #: Work per dense case, batch * nheads * seqlen_q * seqlen_k * headdim, kept for the float64 reference.
 MAX_WORK = 6e7
 TILE_EDGES = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 384, 385, 511, 513)
@@ -131,13 +131,13 @@ def run_packed(tvl, lengths, dtype, headdim, variants, seed, unread):
     cu_q, cu_k, *arrays = tvl.packed_batch(*zip(*lengths), dtype, seed, tvl.NHEADS, tvl.NHEADS_KV, headdim)
     kw = {}
     for name in variants:
-        kw.update(tvl.variant(name, len(lengths), rng))
+        kw.update(tvl.variant(name, len(lengths), rng, dtype))
     tvl.check_each_sequence(cu_q, cu_k, arrays, tvl.run_packed(cu_q, cu_k, *arrays, slack=1 if unread else None, **kw),
                             kw)
 
 
 def run_decode(tk, cache_seqlens, seqlen_new, seqlen_q, heads, headdim, page_size, num_splits, variant, dtype, seed):
-    kw = dict(tk.VARIANTS[variant])
+    kw = tk.fitted(tk.VARIANTS[variant], dtype, heads[0])
     if "alibi_slopes" in kw:
         kw["alibi_slopes"] = np.random.default_rng(seed).uniform(0.01, 0.5, heads[0]).astype(np.float32)
     q, k_cache, v_cache, k, v, lengths = tk.problem(seed, cache_seqlens, seqlen_new, seqlen_q=seqlen_q, nheads=heads[0],

@@ -87,6 +87,8 @@ for stage in "${stages[@]}"; do
             errors=$(grep -Eo "(ERROR SUMMARY: [0-9]+ error|\([0-9]+ error)" "$log_dir/sanitizer_$tool.log" \
                 | grep -Eo "[0-9]+" | tail -n 1)
             [ -n "$errors" ] && errors="$errors errors" || errors="did not run (rc $rc)"
+            # a count from a run whose cases failed (a Python error) covers only the cases before it
+            grep -q "^Traceback" "$log_dir/sanitizer_$tool.log" && errors="$errors, the cases stopped early (rc $rc)"
             rows+=("| compute-sanitizer $tool (${SANITIZE_PARTS:-every part}) | $errors |")
             [ "$rc" -eq 0 ] || status=1
         done ;;

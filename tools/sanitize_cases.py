@@ -7,7 +7,8 @@
 dense16, dense32: the tensor-core forward and backward (16-bit, and float32 on split operands, in the Hopper
 family on a Hopper GPU; float64 on the mma.sync family), causal and not, with GQA and ragged tiles, vector and
 element loads; every variant feature (window, softcap, ALiBi, bool mask, bias with its gradient, dropout), alone
-and all together, with NaN in masked keys so the guarded products run too, and on sequences of several tiles.
+and all together, and learnable sinks with their gradient, with NaN in masked keys so the guarded products run
+too, and on sequences of several tiles.
 packed: packed batches with empty sequences and NaN. decode: the split-KV decode kernel of
 attention_with_kvcache on paged and contiguous caches, with its append, rotary embedding, cache_batch_idx and
 cache_leftpad. wide: float32 in TF32 and float64 past its tensor-core head dimensions, with its wide heads' paired warps and its dq added by the dK/dV pass.
@@ -44,7 +45,7 @@ def run(dtype, headdim, sq=70, sk=90, poison=False, logits=1.0, deterministic=Fa
     out, lse = cupyflash.attention(q, k, v, return_lse=True, **variant)
     want_dbias = variant.get("attn_mask") is not None and variant["attn_mask"].dtype != cp.bool_
     cupyflash.attention_backward(dout, q, k, v, out, lse, return_dbias=want_dbias, deterministic=deterministic,
-                                 **variant)
+                                 return_dsink=variant.get("learnable_sink") is not None, **variant)
 
 
 def dense(dtypes):
@@ -58,7 +59,9 @@ def dense(dtypes):
         blocks = cp.asarray(rng.random((1, 4, 70, 90)) > 0.5)  # every cell mixed
         tail = cp.asarray(np.arange(90) < 70).reshape(1, 1, 1, 90)  # visible, mixed and hidden cells
         bias = device(rng.standard_normal((1, 4, 70, 90)).astype(dtype))
+        sink = device(np.array([2.0, -np.inf, 0.0, -5.0], np.float64 if dtype == np.float64 else np.float32))
         for variant in (dict(window_size=(20, 5)), dict(softcap=3.0), dict(alibi_slopes=slopes),
+                        dict(learnable_sink=sink), dict(learnable_sink=sink, causal=True, window_size=(10, -1)),
                         dict(attn_mask=padding), dict(attn_mask=blocks), dict(attn_mask=tail, causal=True),
                         dict(attn_mask=bias), dict(dropout_p=0.3, dropout_seed=7),
                         dict(causal=True, window_size=(30, -1), softcap=5.0, alibi_slopes=slopes, attn_mask=bias,
@@ -102,7 +105,8 @@ def run_packed(dtype, headdim, poison=True, cu_q=(0, 40, 40, 41, 170, 300), cu_k
     out, lse = cupyflash.attention(q, k, v, return_lse=True, **packed)
     if longest is not None:  # every row of out and lse defined, whichever rows the offsets cover
         out, lse = device(rng.standard_normal(out.shape).astype(dtype)), cp.zeros_like(lse)
-    cupyflash.attention_backward(dout, q, k, v, out, lse, **packed)
+    cupyflash.attention_backward(dout, q, k, v, out, lse, return_dsink=variant.get("learnable_sink") is not None,
+                                 **packed)
 
 
 def packed():
@@ -111,7 +115,8 @@ def packed():
             run_packed(dtype, headdim)
             run_packed(dtype, headdim, causal=True, dropout_p=0.2, dropout_seed=1)
         run_packed(dtype, 64, window_size=(20, 5), softcap=4.0, alibi_slopes=cp.asarray(
-            rng.uniform(0.01, 0.5, (5, 4)).astype(np.float32)))
+            rng.uniform(0.01, 0.5, (5, 4)).astype(np.float32)),
+                   learnable_sink=cp.asarray(np.array([1.0, 0.0, -2.0, 3.0], np.float64 if dtype == np.float64 else np.float32)))
     # finite packed float32: the split-operand Hopper kernels (NaN takes the mma.sync ones)
     run_packed(np.float32, 128, poison=False, causal=True, dropout_p=0.2, dropout_seed=2)
     # offsets left on the device: as promised, and breaking every rule (clamped into the tensors by the kernels)
@@ -130,7 +135,9 @@ def decode():
         k_pages, v_pages = device(pages), device(pages[::-1].copy())
         table = cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
         q, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((1, 8), (1, 2)))
-        for variant in (dict(), dict(causal=True, window_size=(40, -1), softcap=5.0, alibi_slopes=decode_slopes)):
+        sinks = cp.asarray(rng.standard_normal(8).astype(np.float32))
+        for variant in (dict(), dict(causal=True, window_size=(40, -1), softcap=5.0, alibi_slopes=decode_slopes),
+                        dict(learnable_sink=sinks)):
             cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
                 np.array([100, 0], np.int32)), block_table=table, num_splits=3, **variant)
         contiguous = device(rng.standard_normal((2, 300, 2, 64)).astype(dtype))
