@@ -78,25 +78,28 @@ def _keywords(options: Options, seed: Any, asarray: Callable[[Any], Any]) -> dic
 # call with equal options would compile again.
 @functools.lru_cache(maxsize=None)
 def _forward_callback(options: Options) -> Callable[..., None]:
-    def callback(ctx, outs, q, k, v, attn_mask, alibi_slopes, seed):
+    def callback(ctx, outs, q, k, v, attn_mask, alibi_slopes, learnable_sink, seed):
         with _backend_arrays(ctx, q) as asarray:
-            q, k, v, attn_mask, alibi_slopes = (None if x is None else asarray(x)
-                                                 for x in (q, k, v, attn_mask, alibi_slopes))
-            results = _api.attention(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, return_lse=True,
-                                     **_keywords(options, seed, asarray))
+            q, k, v, attn_mask, alibi_slopes, learnable_sink = (
+                None if x is None else asarray(x) for x in (q, k, v, attn_mask, alibi_slopes, learnable_sink))
+            results = _api.attention(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes,
+                                     learnable_sink=learnable_sink, return_lse=True, **_keywords(options, seed, asarray))
             for dst, src in zip(outs, results):
                 _copy_into(asarray(dst), src)
     return callback
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_callback(options: Options, deterministic: bool, want_dbias: bool) -> Callable[..., None]:
-    def callback(ctx, outs, dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed):
+def _backward_callback(options: Options, deterministic: bool, want_dbias: bool,
+                       want_dsink: bool) -> Callable[..., None]:
+    def callback(ctx, outs, dout, q, k, v, out, lse, attn_mask, alibi_slopes, learnable_sink, seed):
         with _backend_arrays(ctx, q) as asarray:
-            *arrays, attn_mask, alibi_slopes = (None if x is None else asarray(x)
-                                                for x in (dout, q, k, v, out, lse, attn_mask, alibi_slopes))
+            *arrays, attn_mask, alibi_slopes, learnable_sink = (
+                None if x is None else asarray(x)
+                for x in (dout, q, k, v, out, lse, attn_mask, alibi_slopes, learnable_sink))
             grads = _api.attention_backward(*arrays, attn_mask=attn_mask, alibi_slopes=alibi_slopes,
-                                            deterministic=deterministic, return_dbias=want_dbias,
+                                            learnable_sink=learnable_sink, deterministic=deterministic,
+                                            return_dbias=want_dbias, return_dsink=want_dsink,
                                             **_keywords(options, seed, asarray))
             for dst, src in zip(outs, grads):
                 _copy_into(asarray(dst), src)
@@ -107,42 +110,48 @@ def _struct(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _run_forward(options, lse_shape, q, k, v, attn_mask, alibi_slopes, seed):
+def _run_forward(options, lse_shape, q, k, v, attn_mask, alibi_slopes, learnable_sink, seed):
     shapes = (_struct(q), jax.ShapeDtypeStruct(lse_shape, _validate.lse_dtype(q.dtype)))
     return buffer_callback(_forward_callback(options), shapes, vmap_method="sequential")(
-        q, k, v, attn_mask, alibi_slopes, seed)
+        q, k, v, attn_mask, alibi_slopes, learnable_sink, seed)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attention(options, lse_shape, deterministic, q, k, v, attn_mask, alibi_slopes, seed):
-    return _run_forward(options, lse_shape, q, k, v, attn_mask, alibi_slopes, seed)
+def _attention(options, lse_shape, deterministic, q, k, v, attn_mask, alibi_slopes, learnable_sink, seed):
+    return _run_forward(options, lse_shape, q, k, v, attn_mask, alibi_slopes, learnable_sink, seed)
 
 
-def _attention_fwd(options, lse_shape, deterministic, q, k, v, attn_mask, alibi_slopes, seed):
+def _attention_fwd(options, lse_shape, deterministic, q, k, v, attn_mask, alibi_slopes, learnable_sink, seed):
     # With symbolic_zeros=True each primal comes as CustomVJPPrimal(value, perturbed), which says
-    # whether the mask is differentiated: dbias takes memory of the mask's size, so only then.
+    # whether the mask and the sink are differentiated: dbias takes memory of the mask's size, so only then.
     want_dbias = (attn_mask is not None and attn_mask.perturbed
                   and jnp.issubdtype(attn_mask.value.dtype, jnp.floating))
-    q, k, v, attn_mask, alibi_slopes, seed = (None if x is None else x.value
-                                              for x in (q, k, v, attn_mask, alibi_slopes, seed))
-    out, lse = _run_forward(options, lse_shape, q, k, v, attn_mask, alibi_slopes, seed)
-    # The mask's slot (a static part of the residuals' structure) carries want_dbias to the backward.
+    want_dsink = learnable_sink is not None and learnable_sink.perturbed
+    q, k, v, attn_mask, alibi_slopes, learnable_sink, seed = (
+        None if x is None else x.value for x in (q, k, v, attn_mask, alibi_slopes, learnable_sink, seed))
+    out, lse = _run_forward(options, lse_shape, q, k, v, attn_mask, alibi_slopes, learnable_sink, seed)
+    # The mask's and the sink's slots (static parts of the residuals' structure) carry want_dbias and
+    # want_dsink to the backward.
     masks = (attn_mask, None) if want_dbias else (None, attn_mask)
-    return (out, lse), (q, k, v, out, lse, masks, alibi_slopes, seed)
+    sinks = (learnable_sink, None) if want_dsink else (None, learnable_sink)
+    return (out, lse), (q, k, v, out, lse, masks, alibi_slopes, sinks, seed)
 
 
 def _attention_bwd(options, lse_shape, deterministic, residuals, cotangents):
     del lse_shape
-    q, k, v, out, lse, (dbias_mask, plain_mask), alibi_slopes, seed = residuals
+    q, k, v, out, lse, (dbias_mask, plain_mask), alibi_slopes, (dsink_sink, plain_sink), seed = residuals
     dout = cotangents[0]  # lse leaves through stop_gradient: its cotangent is zero
     if isinstance(dout, jax.custom_derivatives.SymbolicZero):
-        return (None,) * 6
-    want_dbias = dbias_mask is not None
+        return (None,) * 7
+    want_dbias, want_dsink = dbias_mask is not None, dsink_sink is not None
     attn_mask = dbias_mask if want_dbias else plain_mask
-    shapes = tuple(_struct(x) for x in ((q, k, v, attn_mask) if want_dbias else (q, k, v)))
-    grads = buffer_callback(_backward_callback(options, deterministic, want_dbias), shapes,
-                            vmap_method="sequential")(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed)
-    return grads[0], grads[1], grads[2], grads[3] if want_dbias else None, None, None
+    learnable_sink = dsink_sink if want_dsink else plain_sink
+    wanted = (q, k, v) + ((attn_mask,) if want_dbias else ()) + ((learnable_sink,) if want_dsink else ())
+    grads = buffer_callback(_backward_callback(options, deterministic, want_dbias, want_dsink),
+                            tuple(_struct(x) for x in wanted), vmap_method="sequential")(
+        dout, q, k, v, out, lse, attn_mask, alibi_slopes, learnable_sink, seed)
+    return (grads[0], grads[1], grads[2], grads[3] if want_dbias else None, None,
+            grads[-1] if want_dsink else None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
@@ -156,8 +165,9 @@ def _stand_in(x: Any) -> Any:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, scale: Optional[float] = None,
               window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
               alibi_slopes: Optional[jax.Array] = None, attn_mask: Optional[jax.Array] = None,
-              dropout_p: float = 0.0, dropout_seed: Union[int, jax.Array, None] = None, return_lse: bool = False,
-              layout: str = "bshd", deterministic: bool = False) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+              dropout_p: float = 0.0, dropout_seed: Union[int, jax.Array, None] = None,
+              learnable_sink: Optional[jax.Array] = None, return_lse: bool = False, layout: str = "bshd",
+              deterministic: bool = False) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
     """:func:`cupyflash.attention` on JAX arrays, differentiable by ``jax.grad``.
 
     Shapes, dtypes and keywords as :func:`cupyflash.attention` (docs/variants.md), all arrays on
@@ -167,8 +177,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     takes a new seed without compiling again (its value is read on the host, modulo 2**64). JAX
     has no implicit random state: ``dropout_p > 0`` needs ``dropout_seed``.
 
-    Gradients flow to q, k, v and to a float ``attn_mask``, not to ``alibi_slopes`` or
-    ``dropout_seed``; ``deterministic`` is passed to the backward. Under ``jax.vmap`` the passes
+    Gradients flow to q, k, v, to a float ``attn_mask`` and to ``learnable_sink`` (of any float dtype: it is
+    cast to the accumulation dtype, float32 or float64 for float64 inputs, inside the traced function), not to
+    ``alibi_slopes`` or ``dropout_seed``; ``deterministic`` is passed to the backward. Under ``jax.vmap`` the passes
     run once per mapped element. Returns ``out``, or ``(out, lse)`` with ``return_lse=True``;
     lse carries no gradient.
     """
@@ -177,9 +188,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
                         or jnp.ndim(dropout_seed) != 0):
         _validate._fail(TypeError, _FN, "dropout_seed", "must be an int or an integer JAX scalar",
                         repr(dropout_seed))
-    q, k, v, attn_mask, alibi_slopes = (None if x is None else jnp.asarray(x)
-                                         for x in (q, k, v, attn_mask, alibi_slopes))
-    arrays = {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "alibi_slopes": alibi_slopes}
+    q, k, v, attn_mask, alibi_slopes, learnable_sink = (None if x is None else jnp.asarray(x)
+                                                         for x in (q, k, v, attn_mask, alibi_slopes, learnable_sink))
+    if learnable_sink is not None and jnp.issubdtype(learnable_sink.dtype, jnp.floating):
+        learnable_sink = learnable_sink.astype(_validate.compute_dtype(q.dtype))  # differentiable, in the trace
+    arrays = {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "alibi_slopes": alibi_slopes,
+              "learnable_sink": learnable_sink}
     # Every check runs here, at trace time, where an error reads as a Python error, not as a
     # failure inside compiled code.
     stand_ins = {name: _stand_in(x) for name, x in arrays.items()}
@@ -194,5 +208,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
                ("dropout_seed", None if traced_seed else spec.dropout_seed), ("layout", spec.layout))
     seed = jnp.asarray(dropout_seed) if traced_seed else None
     out, lse = _attention(options, (spec.batch, spec.nheads, spec.seqlen_q), deterministic,
-                          q, k, v, attn_mask, alibi_slopes, seed)
+                          q, k, v, attn_mask, alibi_slopes, learnable_sink, seed)
     return (out, jax.lax.stop_gradient(lse)) if return_lse else out

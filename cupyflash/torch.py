@@ -86,7 +86,7 @@ def _to_tensor(x: Any) -> Optional[torch.Tensor]:
 def _check_tensors(q: Any, named: Tuple[Tuple[str, Any], ...]) -> None:
     """Tensors of a dtype cupyflash takes, all on q's device (the backend checks the rest)."""
     for name, t in (("q", q),) + named:
-        if t is None and name in ("attn_mask", "alibi_slopes"):
+        if t is None and name in ("attn_mask", "alibi_slopes", "learnable_sink"):
             continue
         if not isinstance(t, torch.Tensor):
             _validate._fail(TypeError, _FN, name, "must be a torch.Tensor", _validate._type_name(t))
@@ -100,17 +100,19 @@ def _check_tensors(q: Any, named: Tuple[Tuple[str, Any], ...]) -> None:
 
 
 class _Attention(torch.autograd.Function):
-    """out, lse = attention(q, k, v, attn_mask, alibi_slopes, **options); lse is not differentiable."""
+    """out, lse = attention(q, k, v, attn_mask, alibi_slopes, learnable_sink, **options); lse is not
+    differentiable."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                alibi_slopes: Optional[torch.Tensor], options: Dict[str, Any],
+                alibi_slopes: Optional[torch.Tensor], learnable_sink: Optional[torch.Tensor], options: Dict[str, Any],
                 deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         with _backend_stream(q.device):
             out, lse = _api.attention(_to_array(q), _to_array(k), _to_array(v), attn_mask=_to_array(attn_mask),
-                                      alibi_slopes=_to_array(alibi_slopes), return_lse=True, **options)
+                                      alibi_slopes=_to_array(alibi_slopes), learnable_sink=_to_array(learnable_sink),
+                                      return_lse=True, **options)
             out, lse = _to_tensor(out), _to_tensor(lse)
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, learnable_sink)
         ctx.options, ctx.deterministic = options, deterministic
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # an unused out gives dout None: nothing to compute
@@ -121,17 +123,19 @@ class _Attention(torch.autograd.Function):
     def backward(ctx: Any, dout: Optional[torch.Tensor], dlse: Optional[torch.Tensor]) -> Tuple[Any, ...]:
         del dlse  # lse is non-differentiable
         if dout is None:
-            return (None,) * 7
-        q, k, v, out, lse, attn_mask, alibi_slopes = ctx.saved_tensors
+            return (None,) * 8
+        q, k, v, out, lse, attn_mask, alibi_slopes, learnable_sink = ctx.saved_tensors
         want_dbias = attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
+        want_dsink = learnable_sink is not None and ctx.needs_input_grad[5]
         with _backend_stream(q.device):
             grads = _api.attention_backward(
                 _to_array(dout), _to_array(q), _to_array(k), _to_array(v), _to_array(out), _to_array(lse),
                 attn_mask=_to_array(attn_mask), alibi_slopes=_to_array(alibi_slopes),
-                deterministic=ctx.deterministic, return_dbias=want_dbias, **ctx.options)
+                learnable_sink=_to_array(learnable_sink), deterministic=ctx.deterministic, return_dbias=want_dbias,
+                return_dsink=want_dsink, **ctx.options)
             grads = [_to_tensor(g) for g in grads]
         dq, dk, dv = (g if need else None for g, need in zip(grads[:3], ctx.needs_input_grad[:3]))
-        return dq, dk, dv, grads[3] if want_dbias else None, None, None, None
+        return dq, dk, dv, grads[3] if want_dbias else None, None, grads[-1] if want_dsink else None, None, None
 
 
 # Dynamo cannot trace CuPy or NumPy calls: one clean graph break here, rather than several inside.
@@ -139,8 +143,8 @@ class _Attention(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
               alibi_slopes: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-              dropout_p: float = 0.0, dropout_seed: Optional[int] = None, return_lse: bool = False,
-              layout: str = "bshd",
+              dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+              learnable_sink: Optional[torch.Tensor] = None, return_lse: bool = False, layout: str = "bshd",
               deterministic: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """:func:`cupyflash.attention` on torch tensors, differentiable by autograd.
 
@@ -153,8 +157,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     seqlen_k). Unlike SDPA's ``is_causal``, ``causal=True`` is bottom-right aligned when
     ``seqlen_q != seqlen_k``.
 
-    Gradients flow to q, k, v and to a float ``attn_mask`` (summed over its broadcast
-    dimensions), not to ``alibi_slopes``; the backward is not itself differentiable.
+    Gradients flow to q, k, v, to a float ``attn_mask`` (summed over its broadcast
+    dimensions) and to ``learnable_sink`` (nheads,) (of any float dtype: it is cast to the accumulation
+    dtype, float32 or float64 for float64 inputs, through autograd), not to ``alibi_slopes``; the backward is
+    not itself differentiable.
     ``deterministic`` is passed to :func:`cupyflash.attention_backward`. With ``dropout_p > 0``
     and no ``dropout_seed``, a seed is drawn from torch's default CPU generator (so
     ``torch.manual_seed`` makes runs repeatable), and the backward replays the same dropout.
@@ -162,7 +168,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Returns ``out`` (q's shape, layout and dtype), or ``(out, lse)`` with ``return_lse=True``;
     lse is (batch, nheads, seqlen_q) float32 (float64 for float64 inputs) and carries no gradient.
     """
-    _check_tensors(q, (("k", k), ("v", v), ("attn_mask", attn_mask), ("alibi_slopes", alibi_slopes)))
+    _check_tensors(q, (("k", k), ("v", v), ("attn_mask", attn_mask), ("alibi_slopes", alibi_slopes),
+                       ("learnable_sink", learnable_sink)))
     deterministic = _validate.check_flag(_FN, "deterministic", deterministic)
     if (dropout_seed is None and isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool)
             and dropout_p > 0):
@@ -170,5 +177,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         dropout_seed = (hi << 32) | lo
     options = dict(causal=causal, scale=scale, window_size=window_size, softcap=softcap, dropout_p=dropout_p,
                    dropout_seed=dropout_seed, layout=layout)
-    out, lse = _Attention.apply(q, k, v, attn_mask, alibi_slopes, options, deterministic)
+    if learnable_sink is not None:  # the kernels read the accumulation dtype; the cast stays in the graph
+        learnable_sink = learnable_sink.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    out, lse = _Attention.apply(q, k, v, attn_mask, alibi_slopes, learnable_sink, options, deterministic)
     return (out, lse) if return_lse else out

@@ -183,6 +183,7 @@ GRADCHECK_CASES = {
     "softcap-alibi-window-dropout": dict(causal=True, softcap=2.0, window_size=(4, -1), dropout_p=0.3,
                                          dropout_seed=1234),
     "gqa-bhsd": dict(layout="bhsd"),
+    "sink-causal": dict(causal=True),
 }
 
 
@@ -195,11 +196,23 @@ def _gradcheck(torch, ft, device, case):
     mask = torch.randn(1, h, sq, sk, dtype=torch.float64, device=device, requires_grad=True)
     if "alibi" in case:
         kw["alibi_slopes"] = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
+    if "sink" not in case:
+        assert torch.autograd.gradcheck(lambda q, k, v, mask: ft.attention(q, k, v, attn_mask=mask, **kw),
+                                        (q, k, v, mask))
+        return
+    sink = torch.tensor([1.0, -0.5, 2.0, -3.0], dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, mask, sink: ft.attention(q, k, v, attn_mask=mask, learnable_sink=sink, **kw),
+        (q, k, v, mask, sink))
 
-    def fn(q, k, v, mask):
-        return ft.attention(q, k, v, attn_mask=mask, **kw)
 
-    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+def test_torch_cpu_sink_of_any_float_dtype(torch, ft):
+    """A bfloat16 sink parameter beside float32 inputs: cast to float32 for the kernels, its gradient back in
+    bfloat16, that of the float32 sink rounded."""
+    q, k, v = _inputs(torch, (1, 9, 2, 8), (1, 9, 2, 8), torch.float32)
+    sinks = [torch.tensor([0.5, -1.0], dtype=dtype, requires_grad=True) for dtype in (torch.bfloat16, torch.float32)]
+    grads = [torch.autograd.grad(ft.attention(q, k, v, causal=True, learnable_sink=s).sum(), s)[0] for s in sinks]
+    assert grads[0].dtype == torch.bfloat16 and torch.equal(grads[0], grads[1].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("case", list(GRADCHECK_CASES))
@@ -279,16 +292,17 @@ def test_jax_cpu_grads_jit_vmap(jax, fj):
         k, v = (jnp.asarray(rng.standard_normal((2, 12, 2, 8))) for _ in range(2))
         mask = jnp.asarray(rng.standard_normal((4, 10, 12)))
         slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+        sink = jnp.asarray([1.0, -0.5, 2.0, -3.0])
         kw = dict(causal=True, softcap=3.0, window_size=(5, -1), alibi_slopes=slopes)
 
-        out, lse = fj.attention(q, k, v, attn_mask=mask, return_lse=True, **kw)
-        host = [np.asarray(x) for x in (q, k, v, mask, slopes)]
-        ref_out, ref_lse = cupyflash.reference.attention(*host[:3], attn_mask=host[3], return_lse=True,
-                                                         **dict(kw, alibi_slopes=host[4]))
+        out, lse = fj.attention(q, k, v, attn_mask=mask, learnable_sink=sink, return_lse=True, **kw)
+        host = [np.asarray(x) for x in (q, k, v, mask, slopes, sink)]
+        ref_out, ref_lse = cupyflash.reference.attention(*host[:3], attn_mask=host[3], learnable_sink=host[5],
+                                                         return_lse=True, **dict(kw, alibi_slopes=host[4]))
         assert float(jnp.abs(out - ref_out).max()) < 1e-12 and float(jnp.abs(lse - ref_lse).max()) < 1e-12
 
-        check_grads(lambda q, k, v, m: fj.attention(q, k, v, attn_mask=m, **kw), (q, k, v, mask), order=1,
-                    modes=["rev"])
+        check_grads(lambda q, k, v, m, s: fj.attention(q, k, v, attn_mask=m, learnable_sink=s, **kw),
+                    (q, k, v, mask, sink), order=1, modes=["rev"])
 
         def loss(q, k, v, m):
             return (fj.attention(q, k, v, attn_mask=m, **kw) ** 2).sum()
@@ -318,6 +332,9 @@ def _jax_dtypes_seed_and_errors(jax, fj):
     a, b, c = step(x, jnp.uint32(3)), step(x, jnp.uint32(3)), step(x, jnp.uint32(4))
     assert bool((a == b).all()) and not bool((a == c).all())
     assert bool((a == fj.attention(x, x, x, dropout_p=0.5, dropout_seed=3)).all())  # traced or static: one seed
+    # a bfloat16 sink beside float32 inputs: cast to float32 in the trace, its gradient back in bfloat16
+    sink = jnp.asarray([0.5, -1.0], jnp.bfloat16)
+    assert jax.grad(lambda s: fj.attention(x, x, x, causal=True, learnable_sink=s).sum())(sink).dtype == jnp.bfloat16
 
     with pytest.raises(ValueError, match=r"cupyflash.jax.attention: dropout_seed must be given"):
         fj.attention(x, x, x, dropout_p=0.1)
@@ -430,16 +447,19 @@ def test_jax_gpu_jit_grad_and_traced_seed(jax, fj):
     rng = np.random.default_rng(2)
     # The shape, dtype and variant of the torch dropout test: the same kernels, compiled once.
     q, k, v, dout = (jnp.asarray(rng.standard_normal((2, 40, 2, 16)), jnp.float32) for _ in range(4))
+    sink = jnp.asarray([0.5, -1.0], jnp.float32)
 
     @jax.jit
-    def fwd_bwd(q, k, v, seed):
-        out, vjp = jax.vjp(lambda q, k, v: fj.attention(q, k, v, dropout_p=0.4, dropout_seed=seed), q, k, v)
+    def fwd_bwd(q, k, v, sink, seed):
+        out, vjp = jax.vjp(lambda q, k, v, s: fj.attention(q, k, v, dropout_p=0.4, dropout_seed=seed,
+                                                           learnable_sink=s), q, k, v, sink)
         return out, vjp(dout)
 
-    out, grads = fwd_bwd(q, k, v, jnp.uint32(11))
-    host = [np.asarray(x) for x in (q, k, v, dout)]
-    ref_out, ref_lse = cupyflash.reference.attention(*host[:3], dropout_p=0.4, dropout_seed=11, return_lse=True)
+    out, grads = fwd_bwd(q, k, v, sink, jnp.uint32(11))
+    host = [np.asarray(x) for x in (q, k, v, dout, sink)]
+    ref_out, ref_lse = cupyflash.reference.attention(*host[:3], dropout_p=0.4, dropout_seed=11, learnable_sink=host[4],
+                                                     return_lse=True)
     ref_grads = cupyflash.reference.attention_backward(host[3], *host[:3], ref_out, ref_lse, dropout_p=0.4,
-                                                       dropout_seed=11)
+                                                       dropout_seed=11, learnable_sink=host[4], return_dsink=True)
     for got, want in zip((out, *grads), (ref_out, *ref_grads)):
         assert np.abs(np.asarray(got, dtype=np.float64) - want).max() <= 1e-5 * np.abs(want).max()
