@@ -51,9 +51,9 @@ def run_ring(world, layout, q, k, v, dout, **kw):
     return tuple(unshard([r[i] for r in results], layout, axis=2 if i == 1 else 1) for i in range(5))
 
 
-def reference(q, k, v, dout, **kw):
+def reference(q, k, v, dout, return_dsink=False, **kw):
     out, lse = cupyflash.reference.attention(q, k, v, return_lse=True, **kw)
-    return (out, lse, *cupyflash.reference.attention_backward(dout, q, k, v, out, lse, **kw))
+    return (out, lse, *cupyflash.reference.attention_backward(dout, q, k, v, out, lse, return_dsink=return_dsink, **kw))
 
 
 def assert_matches(got, want, dtype):
@@ -78,6 +78,32 @@ def test_ring_equals_attention_on_the_gathered_sequence(world, layout, causal, w
     kw = dict(causal=causal, window_size=window, softcap=softcap)
     q, k, v, dout = global_inputs(world * 2 * half, dtype, seed, batch, *heads, headdim)
     assert_matches(run_ring(world, layout, q, k, v, dout, **kw), reference(q, k, v, dout, **kw), dtype)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("layout", _ring.LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True, window_size=(4, -1))], ids=["full", "sliding"])
+def test_learnable_sinks(world, layout, dtype, kw):
+    """A sink joins each row once, after the blocks' merge (a window hides every key from no row here, but
+    from some ranks' blocks); dsink is the whole gradient, the same bits on every rank."""
+    q, k, v, dout = global_inputs(world * 6, dtype, world, nheads=3, nheads_kv=1)
+    sink = np.array([1.5, -np.inf, -0.5], dtype)
+
+    def rank_main(comm):
+        args = [shard(x, comm.rank, world, layout) for x in (q, k, v)]
+        out, lse = ring_attention(*args, comm=comm, return_lse=True, layout=layout, learnable_sink=sink, **kw)
+        grads = ring_attention_backward(shard(dout, comm.rank, world, layout), *args, out, lse, comm=comm,
+                                        layout=layout, learnable_sink=sink, return_dsink=True, **kw)
+        return out, lse, *grads
+
+    results = LocalRing(world, timeout=30).run(rank_main)
+    got = tuple(unshard([r[i] for r in results], layout, axis=2 if i == 1 else 1) for i in range(5))
+    assert all(np.array_equal(r[5], results[0][5]) for r in results)
+    want = reference(q, k, v, dout, learnable_sink=sink, return_dsink=True, **kw)
+    assert_matches(got, want[:5], dtype)
+    tol = 1e-12 if dtype == np.float64 else 3e-5
+    np.testing.assert_allclose(results[0][5], want[5], rtol=0, atol=tol * max(1.0, float(np.abs(want[5]).max())))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
@@ -200,6 +226,14 @@ def test_keywords_that_differ_across_ranks_raise_on_every_rank():
 
     results = run_each(2, rank_main)
     assert all(isinstance(r, ValueError) and "causal on rank 1 must equal rank 0's False" in str(r) for r in results)
+
+    def sink_on_one(comm):
+        q, k, v, _ = global_inputs(8, np.float32, comm.rank)
+        return ring_attention(q, k, v, comm=comm, learnable_sink=np.zeros(4, np.float32) if comm.rank else None)
+
+    results = run_each(2, sink_on_one)
+    assert all(isinstance(r, ValueError) and "a learnable_sink on rank 1 must equal rank 0's False" in str(r)
+               for r in results)
 
 
 def test_an_invalid_argument_on_one_rank_raises_there_and_on_every_other_rank():
@@ -372,24 +406,31 @@ def _to_host(x):
 @pytest.mark.parametrize("layout", _ring.LAYOUTS)
 def test_local_ring_on_cupy_matches_attention_on_the_gathered_sequence(layout, dtype):
     cp = pytest.importorskip("cupy")
-    world, kw = 4, dict(causal=True, window_size=(100, -1), softcap=10.0)
+    world = 4
+    kw = dict(causal=True, window_size=(100, -1), softcap=10.0,
+              learnable_sink=cp.asarray(np.array([2.0, 0.0, -1.0, -np.inf, 0.5, -4.0], np.float32)))
     host = global_inputs(world * 96, dtype, 1, nheads=6, nheads_kv=2, headdim=64)
     q, k, v, dout = (_to_device(cp, x) for x in host)
     out, lse = cupyflash.attention(q, k, v, return_lse=True, **kw)
-    want = (out, lse, *cupyflash.attention_backward(dout, q, k, v, out, lse, **kw))
+    want = (out, lse, *cupyflash.attention_backward(dout, q, k, v, out, lse, return_dsink=True, **kw))
 
     def rank_main(comm):
         with cp.cuda.Device(0):
             args = [_to_device(cp, shard(x, comm.rank, world, layout)) for x in host]
             out, lse = ring_attention(*args[:3], comm=comm, return_lse=True, layout=layout, **kw)
-            return out, lse, *ring_attention_backward(args[3], *args[:3], out, lse, comm=comm, layout=layout, **kw)
+            return out, lse, *ring_attention_backward(args[3], *args[:3], out, lse, comm=comm, layout=layout,
+                                                      return_dsink=True, **kw)
 
     results = LocalRing(world).run(rank_main)
+    assert all(bool((r[5] == results[0][5]).all()) for r in results)  # dsink: the same bits on every rank
+    # two orders of the same sums, each rounded to the dtype: up to a few of its units in the last place
+    tol = max(1e-2, 2 * float(ml_dtypes.finfo(dtype).eps))
     for i, w in enumerate(want):
-        got = unshard([_to_host(r[i]) for r in results], layout, axis=2 if i == 1 else 1)
+        got = _to_host(results[0][i]) if i == 5 else unshard([_to_host(r[i]) for r in results], layout,
+                                                               axis=2 if i == 1 else 1)
         assert got.dtype == w.dtype
         w = _to_host(w).astype(np.float64)
-        np.testing.assert_allclose(got.astype(np.float64), w, rtol=0, atol=1e-2 * max(1.0, float(np.abs(w).max())))
+        np.testing.assert_allclose(got.astype(np.float64), w, rtol=0, atol=tol * max(1.0, float(np.abs(w).max())))
 
 
 def _nccl():

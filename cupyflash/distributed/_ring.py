@@ -17,6 +17,10 @@ rows, key block) piece gives exactly that piece's share of dq, dk and dv. dq acc
 each block's dk/dv accumulator follows the block around the ring, one rank behind it, and comes
 home after ``world`` hops with every rank's share.
 
+A learnable sink joins each row once, after the blocks' merge (a part whose output is zero); its
+gradient is every rank's share of ``-sum exp(sink - lse) rowsum(dout * out)``, passed around the ring
+and summed in rank order, so that every rank gets the same bits.
+
 Before any data moves the ranks pass a small descriptor of their call around the ring, so a
 mismatch (or an invalid argument on one rank) raises on every rank instead of leaving the others
 waiting.
@@ -287,18 +291,22 @@ def _forward(comm, q, k, v, base, layout):
     out = xp.zeros(q.shape, cdt)
     lse = xp.full((base.batch, base.nheads, n), -np.inf, cdt)
     block = [k, v]
+    blocks = dataclasses.replace(base, learnable_sink=None)  # the sink joins once, after the merge
     for step in range(world):
         incoming = _start(comm, block) if step < world - 1 else None
         k_rows = _segments(layout, (rank - step) % world, world, n)
-        for qs, ks, spec in _calls(base, q_rows, k_rows, xp):
+        for qs, ks, spec in _calls(blocks, q_rows, k_rows, xp):
             part_out, part_lse = backend.forward(q[:, qs], block[0][:, ks], block[1][:, ks], spec)
             _merge_into(out[:, qs], lse[..., qs], part_out, part_lse, xp)
         if incoming is not None:
             block = incoming.wait()
+    if base.learnable_sink is not None:  # a part whose output is zero and whose lse is the sink
+        _merge_into(out, lse, xp.broadcast_to(xp.zeros((), cdt), out.shape),
+                    xp.broadcast_to(base.learnable_sink[None, :, None], lse.shape), xp)
     return out.astype(q.dtype), lse
 
 
-def _backward(comm, dout, q, k, v, out, lse, base, layout):
+def _backward(comm, dout, q, k, v, out, lse, base, layout, want_dsink=False):
     backend, xp = _api._backend(base.kind), _xp(base.kind)
     rank, world, n = comm.rank, comm.size, base.seqlen_q
     cdt = compute_dtype(base.dtype)
@@ -331,7 +339,14 @@ def _backward(comm, dout, q, k, v, out, lse, base, layout):
     del block  # and each accumulator goes as soon as its result is cast
     dq = dq.astype(q.dtype)
     dk = dk.astype(k.dtype)
-    return dq, dk, dv.astype(v.dtype)
+    grads = dq, dk, dv.astype(v.dtype)
+    if not want_dsink:
+        return grads
+    shares = _around(comm, backend.sink_gradient(dout, out, lse, base))
+    dsink = shares[0].copy()
+    for r in range(1, world):  # in rank order: the same bits on every rank
+        dsink += shares[r]
+    return (*grads, dsink)
 
 
 # ---- validation: on this rank, then across the ring
@@ -349,11 +364,12 @@ def _check_comm(fn, comm):
     return int(rank), int(size)
 
 
-def _check_local(fn, q, k, v, causal, scale, window_size, softcap, layout, grads, flags):
+def _check_local(fn, q, k, v, causal, scale, window_size, softcap, learnable_sink, layout, grads, flags):
     """This rank's Spec; raises what :func:`cupyflash.attention` would, and on the ring's own rules."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         _fail(ValueError, fn, "layout", f"must be one of {', '.join(map(repr, LAYOUTS))}", repr(layout))
-    spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap)
+    spec = _validate.check_call(fn, q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                                learnable_sink=learnable_sink)
     if spec.seqlen_k != spec.seqlen_q:
         _fail(ValueError, fn, "k.shape[1] (seqlen_local)", f"must equal q.shape[1]={spec.seqlen_q}", spec.seqlen_k)
     if layout == "zigzag" and spec.seqlen_q % 2:
@@ -363,6 +379,8 @@ def _check_local(fn, q, k, v, causal, scale, window_size, softcap, layout, grads
         _validate.check_backward_arrays(fn, *grads, spec, q=q)
     for name, value in flags.items():
         _validate.check_flag(fn, name, value)
+    if flags.get("return_dsink"):
+        _validate.check_return_dsink(fn, True, spec)
     return spec
 
 
@@ -388,6 +406,7 @@ _FIELDS = (
     ("window_size", 2, lambda s: tuple(int(x) for x in s)),
     ("scale", 1, lambda s: _bits_float(s[0])),
     ("softcap", 1, lambda s: _bits_float(s[0])),
+    ("a learnable_sink", 1, lambda s: bool(s[0])),
     ("layout", 1, lambda s: LAYOUTS[s[0]]),
 )
 _SLOTS = sum(width for _, width, _ in _FIELDS)
@@ -398,7 +417,7 @@ def _descriptor(rank, world, pass_name, spec, layout):
     values = [world, _PASSES.index(pass_name), _KINDS.index(spec.kind), SUPPORTED_DTYPES.index(spec.dtype),
               spec.batch, spec.seqlen_q, spec.nheads, spec.headdim, spec.batch, spec.seqlen_k, spec.nheads_kv,
               spec.headdim, spec.causal, *spec.window, _float_bits(spec.scale), _float_bits(spec.softcap),
-              LAYOUTS.index(layout)]
+              spec.learnable_sink is not None, LAYOUTS.index(layout)]
     return np.array([1, rank] + values, np.int64)
 
 
@@ -413,16 +432,22 @@ def _host(x):
     return x.get() if array_kind(x) == "cupy" else np.asarray(x)
 
 
-def _agree(fn, comm, mine, local_error):
-    """Pass every rank's descriptor around the ring, then raise on every rank if any rank rejected
-    its arguments (that rank raises its own error) or any descriptor differs from rank 0's."""
+def _around(comm, mine):
+    """Every rank's array, passed around the ring: {rank: its array}."""
     rank, world = comm.rank, comm.size
     everyone = {rank: mine}
     travelling = mine
     for step in range(1, world):
         (travelling,) = comm.sendrecv([travelling], (rank + 1) % world, (rank - 1) % world)
-        travelling = _host(travelling)
         everyone[(rank - step) % world] = travelling
+    return everyone
+
+
+def _agree(fn, comm, mine, local_error):
+    """Pass every rank's descriptor around the ring, then raise on every rank if any rank rejected
+    its arguments (that rank raises its own error) or any descriptor differs from rank 0's."""
+    rank, world = comm.rank, comm.size
+    everyone = {origin: _host(descriptor) for origin, descriptor in _around(comm, mine).items()}
     if local_error is not None:
         raise local_error
     for origin, descriptor in everyone.items():
@@ -442,12 +467,14 @@ def _agree(fn, comm, mine, local_error):
                       "passes its shard of the same call)", repr(value))
 
 
-def _checked(fn, pass_name, comm, q, k, v, causal, scale, window_size, softcap, layout, grads=None, flags=None):
+def _checked(fn, pass_name, comm, q, k, v, causal, scale, window_size, softcap, learnable_sink, layout, grads=None,
+             flags=None):
     """Validate on this rank, then agree with the others; returns this rank's Spec. Only a bad
     ``comm`` raises before the exchange (there is no ring to tell the others through)."""
     rank, world = _check_comm(fn, comm)
     try:
-        spec = _check_local(fn, q, k, v, causal, scale, window_size, softcap, layout, grads, flags or {})
+        spec = _check_local(fn, q, k, v, causal, scale, window_size, softcap, learnable_sink, layout, grads,
+                            flags or {})
         mine, error = _descriptor(rank, world, pass_name, spec, layout), None
     except (TypeError, ValueError) as exc:
         spec, mine, error = None, np.zeros(2 + _SLOTS, np.int64), exc
@@ -464,20 +491,21 @@ def _on_device(spec, q):
 
 
 def ring_attention(q: Array, k: Array, v: Array, *, comm: Any, causal: bool = False, scale: Optional[float] = None,
-                   window_size: Window = (-1, -1), softcap: float = 0.0, return_lse: bool = False,
-                   layout: str = "zigzag") -> Union[Array, Tuple[Array, Array]]:
+                   window_size: Window = (-1, -1), softcap: float = 0.0, learnable_sink: Optional[Array] = None,
+                   return_lse: bool = False, layout: str = "zigzag") -> Union[Array, Tuple[Array, Array]]:
     """This rank's shard of attention over the global sequence that every rank's shards make up.
 
     Called on every rank of ``comm`` at once, each with its shard: q (batch, seqlen_local, nheads,
     headdim), k and v (batch, seqlen_local, nheads_kv, headdim), laid out by ``layout`` ("zigzag":
     rank r holds chunks r and 2*world-1-r of 2*world; "contiguous": the r-th slice). ``causal``,
-    ``window_size``, ``softcap`` and ``scale`` are those of :func:`cupyflash.attention`, applied to
-    global positions (query i sees key j when ``i - left <= j <= i + right``). Returns this rank's
-    out shard, and with ``return_lse`` its lse shard (batch, nheads, seqlen_local), float32
-    (float64 for float64 inputs). A row that sees no key gives out 0, lse -inf.
+    ``window_size``, ``softcap``, ``scale`` and ``learnable_sink`` (the same on every rank) are those of
+    :func:`cupyflash.attention`, applied to global positions (query i sees key j when
+    ``i - left <= j <= i + right``). Returns this rank's out shard, and with ``return_lse`` its lse shard
+    (batch, nheads, seqlen_local), float32 (float64 for float64 inputs). A row that sees no key gives out 0,
+    lse -inf (the sink's logit with a sink).
     """
     fn = "ring_attention"
-    spec = _checked(fn, "forward", comm, q, k, v, causal, scale, window_size, softcap, layout,
+    spec = _checked(fn, "forward", comm, q, k, v, causal, scale, window_size, softcap, learnable_sink, layout,
                     flags={"return_lse": return_lse})
     with _on_device(spec, q):
         out, lse = _forward(comm, q, k, v, spec, layout)
@@ -486,32 +514,35 @@ def ring_attention(q: Array, k: Array, v: Array, *, comm: Any, causal: bool = Fa
 
 def ring_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *, comm: Any,
                             causal: bool = False, scale: Optional[float] = None, window_size: Window = (-1, -1),
-                            softcap: float = 0.0, layout: str = "zigzag") -> Tuple[Array, Array, Array]:
+                            softcap: float = 0.0, learnable_sink: Optional[Array] = None, return_dsink: bool = False,
+                            layout: str = "zigzag") -> Tuple[Array, ...]:
     """This rank's shards ``(dq, dk, dv)`` of the gradients of ``sum(dout * out)``, where ``out``
     and ``lse`` are this rank's shards of :func:`ring_attention` (``return_lse=True``) for the same
     shards and keywords. Called on every rank at once; each gradient has its input's shape and dtype.
+    ``return_dsink`` (with ``learnable_sink``) appends the sink's whole gradient, the same bits on every rank.
     """
     fn = "ring_attention_backward"
-    spec = _checked(fn, "backward", comm, q, k, v, causal, scale, window_size, softcap, layout,
-                    grads=(dout, out, lse))
+    spec = _checked(fn, "backward", comm, q, k, v, causal, scale, window_size, softcap, learnable_sink, layout,
+                    grads=(dout, out, lse), flags={"return_dsink": return_dsink})
     with _on_device(spec, q):
-        return _backward(comm, dout, q, k, v, out, lse, spec, layout)
+        return _backward(comm, dout, q, k, v, out, lse, spec, layout, return_dsink)
 
 
 def ring_attention_vjp(q: Array, k: Array, v: Array, *, comm: Any, causal: bool = False,
                        scale: Optional[float] = None, window_size: Window = (-1, -1), softcap: float = 0.0,
-                       layout: str = "zigzag") -> Tuple[Array, Callable[[Array], Tuple[Array, Array, Array]]]:
-    """Run :func:`ring_attention`; return ``(out, vjp)`` with ``vjp(dout) -> (dq, dk, dv)``, this
-    rank's shards. Every rank calls ``vjp`` at once, like the forward."""
+                       learnable_sink: Optional[Array] = None, return_dsink: bool = False,
+                       layout: str = "zigzag") -> Tuple[Array, Callable[[Array], Tuple[Array, ...]]]:
+    """Run :func:`ring_attention`; return ``(out, vjp)`` with ``vjp(dout) -> (dq, dk, dv[, dsink])``, this
+    rank's shards (dsink whole). Every rank calls ``vjp`` at once, like the forward."""
     fn = "ring_attention_vjp"
-    keywords = (causal, scale, window_size, softcap, layout)
-    spec = _checked(fn, "forward", comm, q, k, v, *keywords)
+    keywords = (causal, scale, window_size, softcap, learnable_sink, layout)
+    spec = _checked(fn, "forward", comm, q, k, v, *keywords, flags={"return_dsink": return_dsink})
     with _on_device(spec, q):
         out, lse = _forward(comm, q, k, v, spec, layout)
 
     def vjp(dout):
         _checked(f"{fn}.vjp", "backward", comm, q, k, v, *keywords, grads=(dout, out, lse))
         with _on_device(spec, q):
-            return _backward(comm, dout, q, k, v, out, lse, spec, layout)
+            return _backward(comm, dout, q, k, v, out, lse, spec, layout, return_dsink)
 
     return out, vjp
