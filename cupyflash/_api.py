@@ -60,14 +60,18 @@ def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
                 max_seqlen_k=max_seqlen_k)
 
 
-def _signature(arrays, scalars, keyword_arrays, packed):
-    """(key of a call's check, host offsets): the check of a training loop's calls runs once. A packed call's
-    key holds its offsets' contents, read here once for both, or only their addresses where they stay on the
-    device (_validate.packed_signature). (None, None) for a call with an array keyword (keyword_arrays: the
-    slopes, mask and sink) or a key that cannot be made."""
-    if any(x is not None for x in keyword_arrays):
+def _signature(arrays, scalars, alibi_slopes, attn_mask, learnable_sink, packed):
+    """(key of a call's check, host offsets): the check of a training loop's calls runs once. ALiBi's slopes
+    and a learnable sink, which the kernels read where they lie, join the key by their addresses too: the
+    Spec keeps them. A packed call's key holds its offsets' contents, read here once for both, or only their
+    addresses where they stay on the device (_validate.packed_signature). (None, None) for a call with an
+    attn_mask or a key that cannot be made."""
+    if attn_mask is not None:
         return None, None
-    key = _validate.signature(arrays, scalars)
+    by_address = (alibi_slopes, learnable_sink)
+    key = _validate.signature(arrays + by_address, scalars)  # None unless every array is a CuPy one
+    if key is not None:
+        key += tuple(None if x is None else x.data.ptr for x in by_address)
     if key is None or all(x is None for x in packed.values()):
         return key, None
     offsets, host = _validate.packed_signature(**packed)
@@ -134,7 +138,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     """
     packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     key, host = _signature((q, k, v), ("attention", causal, scale, window_size, softcap, dropout_p, dropout_seed,
-                                       layout), (alibi_slopes, attn_mask, learnable_sink), packed)
+                                       layout), alibi_slopes, attn_mask, learnable_sink, packed)
     spec = _validate.memoized(key, lambda: _validate.check_call(
         "attention", q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
@@ -176,7 +180,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
 
     key, host = _signature((q, k, v, dout, out, lse), (fn, causal, scale, window_size, softcap, dropout_p,
                                                        dropout_seed, layout, deterministic, return_dbias, return_dsink),
-                           (alibi_slopes, attn_mask, learnable_sink), packed)
+                           alibi_slopes, attn_mask, learnable_sink, packed)
     spec, return_dbias, return_dsink, deterministic = _validate.memoized(key, check)
     return _backward(spec, dout, q, k, v, out, lse, deterministic, return_dbias, return_dsink)
 

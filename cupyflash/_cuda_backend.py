@@ -347,9 +347,10 @@ _FWD_ADDRESSES = ("q", "k", "v", "out", "lse", "v_nonfinite")
 def _call_key(spec, device_id, *arrays):
     """What a pass's launches depend on besides its arrays' addresses: the spec, the device, the
     environment's switches, the arrays' shapes and strides and which addresses are 16-byte aligned (TMA
-    and vector loads). None for a call whose keywords hold arrays (masks, slopes, sinks); a packed batch's offsets
-    are its spec's, checked once per contents or, left on the device, per arrays (_validate.packed_signature)."""
-    if spec.alibi_slopes is not None or spec.attn_mask is not None or spec.learnable_sink is not None:
+    and vector loads). None for a call with an attn_mask (its cells are classified per call); ALiBi's slopes and
+    a learnable sink are their spec's, checked once per address (_api._signature), and a packed batch's offsets,
+    checked once per contents or, left on the device, per arrays (_validate.packed_signature)."""
+    if spec.attn_mask is not None:
         return None
     return (spec, device_id, os.environ.get(FAMILY_VARIABLE, ""), os.environ.get(TF32_VARIABLE, ""),
             tuple(x.data.ptr % 16 == 0 for x in arrays), *((x.shape, x.strides) for x in arrays))

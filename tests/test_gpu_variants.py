@@ -464,3 +464,39 @@ def test_lse_of_nan_and_inf_rows(dtype):
     _, lse = _run(q, k, v)
     lse = lse.get()[0, 0]
     assert np.isfinite(lse[0]) and np.isnan(lse[1]) and lse[2] == np.inf
+
+
+def test_slopes_and_sinks_are_checked_and_planned_once_and_read_at_each_call(monkeypatch):
+    """Calls with ALiBi's slopes and a learnable sink reuse one check and one plan per arrays (their addresses),
+    and the kernels read the arrays at each call: values changed in place take effect, and other arrays of
+    those values give the same bits."""
+    from cupyflash import _validate
+
+    p = Problem(1, 70, 90, 4, 2, 64, np.dtype(np.float16), True, None, None, 3)
+    q, k, v, dout = (to_device(x) for x in p.arrays())
+    first = dict(alibi_slopes=cp.asarray(slopes(4)), learnable_sink=cp.asarray(np.array([1.0, -1.0, 0.5, 2.0],
+                                                                                       np.float32)))
+
+    def run(kw):
+        out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True, **kw)
+        grads = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True, return_dsink=True,
+                                             deterministic=True, **kw)
+        return [x.get() for x in (out, lse, *grads)]
+
+    before = run(first)
+    second = {name: x.copy() for name, x in first.items()}
+    for x in second.values():
+        x *= 2
+    fresh = run(second)
+
+    def never(*args, **kw):
+        raise AssertionError("checked or planned again")
+
+    monkeypatch.setattr(_validate, "check_call", never)
+    monkeypatch.setattr(_cuda_backend, "_forward_call", never)
+    monkeypatch.setattr(_cuda_backend, "_backward_call", never)
+    for x in first.values():
+        x *= 2  # in place: the same addresses, the second call's values
+    again = run(first)
+    assert all(np.array_equal(a.view(f"u{a.itemsize}"), f.view(f"u{f.itemsize}")) for a, f in zip(again, fresh))
+    assert not np.array_equal(before[0], again[0])

@@ -34,10 +34,11 @@ class FakeCupyArray:
 
     __module__ = "cupy._fake"
 
-    def __init__(self, x, device_id=0):
+    def __init__(self, x, device_id=0, ptr=0):
         self._x = x
         self.shape, self.strides, self.ndim, self.dtype = x.shape, x.strides, x.ndim, x.dtype
         self.device = type("Device", (), {"id": device_id})()
+        self.data = type("MemoryPointer", (), {"ptr": ptr})()
 
 
 def test_valid_call_works():
@@ -397,14 +398,15 @@ def test_a_rejected_call_writes_nothing():
 
 
 def test_a_check_is_reused_only_for_a_call_alike():
-    """attention and attention_backward check a call of CuPy arrays without array keywords once per
-    signature: the arrays' devices, shapes, strides and dtypes and each scalar with its type, so that 1 does
-    not pass for True nor -1.0 for -1; NumPy arrays or an array keyword are checked every time."""
+    """attention and attention_backward check a call of CuPy arrays once per signature: the arrays' devices,
+    shapes, strides and dtypes and each scalar with its type, so that 1 does not pass for True nor -1.0 for -1,
+    and ALiBi's slopes and a learnable sink by their addresses too; NumPy arrays or an attn_mask are checked
+    every time."""
     q, k, v = (FakeCupyArray(x) for x in arrays())
     plain = _api._packed(None, None, None, None)
 
-    def key(*scalars, arrays=(q, k, v), mask=None, packed=plain):
-        return _api._signature(arrays, ("attention", *scalars), (None, mask, None), packed)[0]
+    def key(*scalars, arrays=(q, k, v), slopes=None, mask=None, sink=None, packed=plain):
+        return _api._signature(arrays, ("attention", *scalars), slopes, mask, sink, packed)[0]
 
     assert key(True, (-1, -1)) == key(True, (-1, -1))
     assert key(True, (-1, -1)) != key(1, (-1, -1))
@@ -413,6 +415,12 @@ def test_a_check_is_reused_only_for_a_call_alike():
     assert key(True, arrays=(q, k, FakeCupyArray(arrays()[2], device_id=1))) != key(True)
     assert key(True, arrays=arrays()) is None
     assert key(True, mask=q) is None
+    sink, slopes = (FakeCupyArray(np.zeros(H, np.float32), ptr=ptr) for ptr in (256, 512))
+    assert key(True, sink=sink) == key(True, sink=FakeCupyArray(np.zeros(H, np.float32), ptr=256))
+    assert key(True, sink=sink) != key(True, sink=FakeCupyArray(np.zeros(H, np.float32), ptr=1024))
+    assert key(True, sink=sink) != key(True, slopes=sink) != key(True)
+    assert key(True, slopes=slopes, sink=sink) != key(True, slopes=sink, sink=slopes)
+    assert key(True, sink=np.zeros(H, np.float32)) is None
     # a packed call's key holds its offsets' contents and its max_seqlen scalars with their types
     offsets = np.array([0, 3, 5], np.int32)
 
