@@ -118,9 +118,9 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, scale: Opti
     (batch, nheads)) subtracts ``slope · |i + seqlen_k - seqlen_q - j|``. ``attn_mask``: bool
     (True = takes part) or float (added to the score), broadcastable to (batch, nheads, seqlen_q,
     seqlen_k). ``dropout_p > 0`` drops probabilities with a counter-based generator seeded by
-    ``dropout_seed`` (required). ``learnable_sink`` ((nheads,), a float dtype) gives each query head a sink
-    logit whose term ``exp(sink)`` joins every row's softmax sum and adds nothing to out (gpt-oss' attention
-    sinks; -inf: none). Exact rules: docs/variants.md.
+    ``dropout_seed`` (required). ``learnable_sink`` ((nheads,), float32; float64 for float64 inputs) gives each
+    query head a sink logit whose term ``exp(sink)`` joins every row's softmax sum and adds nothing to out
+    (gpt-oss' attention sinks; -inf: none). Exact rules: docs/variants.md.
 
     Packed variable-length batches (flash-attn's varlen): with ``cu_seqlens_q`` and
     ``cu_seqlens_k`` (int32, (batch + 1,), from 0), q is (total_q, nheads, headdim), k and v are
@@ -189,8 +189,8 @@ def attention_vjp(q: Array, k: Array, v: Array, *, causal: bool = False, scale: 
                   window_size: Window = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Array] = None,
                   attn_mask: Optional[Array] = None, dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
                   learnable_sink: Optional[Array] = None, deterministic: bool = False, return_dbias: bool = False,
-                  return_dsink: bool = False, layout: str = "bshd", cu_seqlens_q: Optional[Array] = None, cu_seqlens_k: Optional[Array] = None,
-                  max_seqlen_q: Optional[int] = None,
+                  return_dsink: bool = False, layout: str = "bshd", cu_seqlens_q: Optional[Array] = None,
+                  cu_seqlens_k: Optional[Array] = None, max_seqlen_q: Optional[int] = None,
                   max_seqlen_k: Optional[int] = None) -> Tuple[Array, Callable[[Array], Tuple[Array, ...]]]:
     """Run the forward pass; return ``(out, vjp)`` with ``vjp(dout) -> (dq, dk, dv[, dbias][, dsink])``.
 

@@ -511,9 +511,9 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
 
     Returns ``out`` (q's shape and dtype), or ``(out, lse)`` with ``return_lse=True``, lse
     (batch, nheads, seqlen_q) float32 (float64 for float64). A row that sees no key gives out 0,
-    lse -inf (its sink's logit with a learnable sink). Bad arguments raise before anything is written. CuPy arrays: ``cache_seqlens`` and
-    ``block_table`` on the device are read to the host in one copy (a device synchronisation); NumPy
-    ones, an int or None need no read.
+    lse -inf (its sink's logit with a learnable sink). Bad arguments raise before anything is written.
+    CuPy arrays: ``cache_seqlens`` and ``block_table`` on the device are read to the host in one copy (a
+    device synchronisation); NumPy ones, an int or None need no read.
     """
     fn = "attention_with_kvcache"
     call = _checked(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -544,8 +544,8 @@ def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seq
              block_table, causal, scale, window_size, softcap, rotary_interleaved, alibi_slopes, learnable_sink,
              num_splits):
     """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes and
-    learnable_sink by their addresses too, which the Spec keeps): a decoding loop checks its arguments once, not at every token.
-    Lengths and page tables on the host join the signature by their contents, so the calls of one token's
+    learnable_sink by their addresses too, which the Spec keeps): a decoding loop checks its arguments once,
+    not at every token. Lengths and page tables on the host join the signature by their contents, so the calls of one token's
     layers, which share them, are checked once; CuPy ones are read and checked at each call."""
     def form():
         return _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,

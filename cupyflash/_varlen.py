@@ -7,8 +7,9 @@ rows ``cu_seqlens[b]:cu_seqlens[b + 1]``; lse is (nheads, total_q). Every varian
 sequence: causal and windows align each sequence bottom-right, ALiBi takes the sequence's row of
 slopes, and dropout draws the bits of batch index b (``Spec.batch_offset``), so a sequence run
 alone with that offset gives the same result. A sequence with no query rows is skipped; one with
-no keys gives out 0 and lse -inf (a learnable sink's logit with one). The offsets are read on the host, but for CuPy ones with both
-``max_seqlen_*`` given, which stay on the device (``_validate.offsets_stay_on_device``).
+no keys gives out 0 and lse -inf (a learnable sink's logit with one). The offsets are read on the
+host, but for CuPy ones with both ``max_seqlen_*`` given, which stay on the device
+(``_validate.offsets_stay_on_device``).
 """
 from __future__ import annotations
 

@@ -83,7 +83,8 @@ def _forward_callback(options: Options) -> Callable[..., None]:
             q, k, v, attn_mask, alibi_slopes, learnable_sink = (
                 None if x is None else asarray(x) for x in (q, k, v, attn_mask, alibi_slopes, learnable_sink))
             results = _api.attention(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes,
-                                     learnable_sink=learnable_sink, return_lse=True, **_keywords(options, seed, asarray))
+                                     learnable_sink=learnable_sink, return_lse=True,
+                                     **_keywords(options, seed, asarray))
             for dst, src in zip(outs, results):
                 _copy_into(asarray(dst), src)
     return callback

@@ -191,10 +191,11 @@ def naive_attention_backward(dout, q, k, v, causal, scale, return_dbias=False, r
     """Full-matrix gradients in the input dtype, rounding as autograd would.
 
     Returns ``(dq, dk, dv)`` in the input dtype (and dbias in the mask's
-    shape and dtype with ``return_dbias``, then dsink in the compute dtype with ``return_dsink``). Every product is rounded to the
-    input dtype, the softmax backward ``P * (dP - rowsum(P * dP))`` is done
-    in the compute dtype and rounded once, GQA sums over heads in the
-    compute dtype and rounds once.
+    shape and dtype with ``return_dbias``, then dsink in the compute dtype
+    with ``return_dsink``). Every product is rounded to the input dtype, the
+    softmax backward ``P * (dP - rowsum(P * dP))`` is done in the compute
+    dtype and rounded once, GQA sums over heads in the compute dtype and
+    rounds once.
     """
     dout, q, k, v = to_numpy(dout), to_numpy(q), to_numpy(k), to_numpy(v)
     r = _Rounder(q.dtype, tf32)

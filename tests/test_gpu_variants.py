@@ -1,8 +1,9 @@
 """Every variant of the formula on the CUDA kernels (marker `gpu`): window, softcap, ALiBi, bool
-masks, float biases with their gradient, dropout, learnable sinks with theirs — alone and combined, on every dtype and kernel
-family — against the float64 reference by flash-attn's rule (2x out, 3x gradients of the same-dtype
-naive error, plus a rounding floor), with every output poisoned before the kernels run. Then the
-equivalences no tolerance can be tuned to, the dropout bits, and NaN containment."""
+masks, float biases with their gradient, dropout, learnable sinks with theirs — alone and combined,
+on every dtype and kernel family — against the float64 reference by flash-attn's rule (2x out, 3x
+gradients of the same-dtype naive error, plus a rounding floor), with every output poisoned before
+the kernels run. Then the equivalences no tolerance can be tuned to, the dropout bits, and NaN
+containment."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
