@@ -5,25 +5,38 @@
 #include "common.cuh"
 #include "params.cuh"
 
-// A warp per row, WARPS rows of head blockIdx.y of sequence blockIdx.z at a time; each block writes its sum to
+// LANES threads a row, VEC columns a load (16 bytes where the rows of dout and out are 16-byte aligned, else 1),
+// 32 * WARPS / LANES rows of head blockIdx.y of sequence blockIdx.z at a time; each block writes its sum to
 // partial[(b * nheads + h) * gridDim.x + blockIdx.x], which the host sums in a fixed order.
-template <typename T, int WARPS>
+template <typename T, int LANES, int VEC, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) sink_gradient(const __grid_constant__ SinkGradParams p) {
     using A = typename Acc<T>::type;
-    const int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    struct alignas(sizeof(T) * VEC) Vec { T x[VEC]; };
+    constexpr int ROWS = 32 * WARPS / LANES;
+    const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x % LANES;
     const A sink = static_cast<const A*>(p.sink)[h];
     const A* lse = static_cast<const A*>(p.lse) + b * p.lse_sb + h * p.lse_sh;
     A sum = A(0);
-    for (int i = blockIdx.x * WARPS + warp; i < p.seqlen; i += gridDim.x * WARPS) {
-        const T* dout = static_cast<const T*>(p.dout) + b * p.do_st.b + (i64)i * p.do_st.s + h * p.do_st.h;
-        const T* out = static_cast<const T*>(p.out) + b * p.o_st.b + (i64)i * p.o_st.s + h * p.o_st.h;
+    // The bound is the block's, so that every lane of a warp takes part in its rows' shuffles.
+    for (int i0 = blockIdx.x * ROWS; i0 < p.seqlen; i0 += gridDim.x * ROWS) {
+        const int i = i0 + threadIdx.x / LANES;
         A delta = A(0);
-        for (int c = lane; c < p.headdim; c += 32) delta += to_acc(dout[c]) * to_acc(out[c]);
-        delta = reduce_sum<32>(delta);
-        if (lse[i] != neg_inf<A>()) sum += exp(sink - lse[i]) * delta;  // -inf: no key and no sink, out 0
+        if (i < p.seqlen) {
+            const T* dout = static_cast<const T*>(p.dout) + b * p.do_st.b + (i64)i * p.do_st.s + h * p.do_st.h;
+            const T* out = static_cast<const T*>(p.out) + b * p.o_st.b + (i64)i * p.o_st.s + h * p.o_st.h;
+            for (int c = VEC * lane; c < p.headdim; c += VEC * LANES) {
+                const Vec x = *reinterpret_cast<const Vec*>(dout + c), y = *reinterpret_cast<const Vec*>(out + c);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) delta += to_acc(x.x[e]) * to_acc(y.x[e]);
+            }
+        }
+        delta = reduce_sum<LANES>(delta);
+        // lse -inf: no key and no sink, out 0
+        if (lane == 0 && i < p.seqlen && lse[i] != neg_inf<A>()) sum += exp(sink - lse[i]) * delta;
     }
+    sum = reduce_sum<32>(sum);
     __shared__ A sums[WARPS];
-    if (lane == 0) sums[warp] = sum;
+    if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = sum;
     __syncthreads();
     if (threadIdx.x == 0) {
         A total = A(0);

@@ -194,12 +194,13 @@ def sink_gradient(dout, out, lse, spec):
         acc = compute_dtype(spec.dtype)
         if spec.varlen:  # (total_q, heads, headdim) rows, lse (nheads, total_q): one sequence of them all
             dout, out, lse = dout[None], out[None], lse[None]
-        launch = _plan.sink_gradient(spec.dtype.name)
+        dout, out, lse = _rows_contiguous(dout), _rows_contiguous(out), cupy.ascontiguousarray(lse)
+        launch = _plan.sink_gradient(spec.dtype.name, spec.headdim, _aligned(dout, out))
         batch, seqlen, nheads = dout.shape[:3]
-        blocks = max(1, min(_plan.SINK_GRAD_BLOCKS, -(-seqlen // launch.block_rows)))
+        share = -(-_plan.SINK_GRAD_BLOCKS_PER_SM * _multiprocessors(dout.device.id) // (batch * nheads))
+        blocks = max(1, min(share, -(-seqlen // launch.block_rows)))
         partial = _empty((batch, nheads, blocks), acc)
         sink = cupy.ascontiguousarray(spec.learnable_sink)
-        dout, out, lse = _rows_contiguous(dout), _rows_contiguous(out), cupy.ascontiguousarray(lse)
         lse_sb, lse_sh = _elements(lse)[:2]
         params = _struct(SINK_GRAD_PARAMS, (dout.data.ptr, out.data.ptr, _strides(dout), _strides(out), lse.data.ptr,
                                             lse_sb, lse_sh, sink.data.ptr, partial.data.ptr, seqlen, spec.headdim))

@@ -635,15 +635,18 @@ def nonfinite_rows(dtype, vector):
     return Launch("nonfinite.cu", f"flag_nonfinite_rows<{C_TYPES[dtype]}, {vec}>", 8, 256, 0)  # 8 flags a block
 
 
-#: Rows a block of sink_grad.cu takes at a time (a warp each), and its most blocks per (sequence, head).
+#: Warps a block of sink_grad.cu, and its blocks per multiprocessor (over every sequence and head).
 SINK_GRAD_WARPS = 8
-SINK_GRAD_BLOCKS = 32
+SINK_GRAD_BLOCKS_PER_SM = 8
 
 
-def sink_gradient(dtype):
-    """The learnable sinks' gradient (sink_grad.cu): a warp per row of dout and out."""
-    return Launch("sink_grad.cu", f"sink_gradient<{C_TYPES[dtype]}, {SINK_GRAD_WARPS}>", SINK_GRAD_WARPS,
-                  32 * SINK_GRAD_WARPS, 0)
+def sink_gradient(dtype, headdim, aligned=True):
+    """The learnable sinks' gradient (sink_grad.cu): a row's columns over up to 32 lanes, 16-byte loads where
+    the rows of dout and out are `aligned`; block_rows: the rows a block takes at a time."""
+    vec = 16 // _ITEMSIZE[dtype] if aligned else 1
+    lanes = min(32, 1 << (-(-headdim // vec) - 1).bit_length())
+    return Launch("sink_grad.cu", f"sink_gradient<{C_TYPES[dtype]}, {lanes}, {vec}, {SINK_GRAD_WARPS}>",
+                  32 * SINK_GRAD_WARPS // lanes, 32 * SINK_GRAD_WARPS, 0)
 
 
 def dropout_mask():
@@ -734,5 +737,5 @@ def covering_launches():
     decodes += [kvcache_append(dtype) for dtype in C_TYPES]
     decodes = list({launch.name: launch for launch in decodes}.values())
     flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]
-    sinks = [sink_gradient(dtype) for dtype in C_TYPES]
+    sinks = [sink_gradient(dtype, 128, aligned) for dtype in C_TYPES for aligned in (True, False)]
     return [*seen.values(), *sm90_launches, *decodes, *flags, *sinks, mask_cells(), dropout_mask(), clock_probe()]
