@@ -469,7 +469,7 @@ def _attend(backend, call, q_b, keys, values, one, xp):
              for start, end in zip(edges, edges[1:])]
     outs, lses = [out for out, _ in parts], [lse for _, lse in parts]
     if one.learnable_sink is not None:
-        outs.append(xp.zeros(q_b.shape, _UINT[q_b.dtype.itemsize]).view(q_b.dtype))
+        outs.append(xp.broadcast_to(xp.zeros((1,), _UINT[q_b.dtype.itemsize]).view(q_b.dtype), q_b.shape))
         lses.append(xp.broadcast_to(one.learnable_sink[None, :, None], lses[0].shape))
     return merge_attention(outs, lses)
 
