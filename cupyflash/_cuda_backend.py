@@ -61,6 +61,7 @@ def _multiprocessors(device_id):
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
+@functools.lru_cache(maxsize=None)
 def _resident_blocks(launch, device_id):
     """How many of `launch`'s blocks a multiprocessor holds at once (the driver's occupancy, from the compiled
     kernel's registers and shared memory)."""
@@ -197,8 +198,9 @@ def sink_gradient(dout, out, lse, spec):
         dout, out, lse = _rows_contiguous(dout), _rows_contiguous(out), cupy.ascontiguousarray(lse)
         launch = _plan.sink_gradient(spec.dtype.name, spec.headdim, _aligned(dout, out))
         batch, seqlen, nheads = dout.shape[:3]
-        share = -(-_plan.SINK_GRAD_BLOCKS_PER_SM * _multiprocessors(dout.device.id) // (batch * nheads))
-        blocks = max(1, min(share, -(-seqlen // launch.block_rows)))
+        # one wave of blocks over every sequence and head: a second wave's few blocks would double the time
+        wave = _resident_blocks(launch, dout.device.id) * _multiprocessors(dout.device.id)
+        blocks = max(1, min(wave // (batch * nheads), -(-seqlen // launch.block_rows)))
         partial = _empty((batch, nheads, blocks), acc)
         sink = cupy.ascontiguousarray(spec.learnable_sink)
         lse_sb, lse_sh = _elements(lse)[:2]

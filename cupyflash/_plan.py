@@ -635,9 +635,8 @@ def nonfinite_rows(dtype, vector):
     return Launch("nonfinite.cu", f"flag_nonfinite_rows<{C_TYPES[dtype]}, {vec}>", 8, 256, 0)  # 8 flags a block
 
 
-#: Warps a block of sink_grad.cu, and its blocks per multiprocessor (over every sequence and head).
+#: Warps a block of sink_grad.cu.
 SINK_GRAD_WARPS = 8
-SINK_GRAD_BLOCKS_PER_SM = 8
 
 
 def sink_gradient(dtype, headdim, aligned=True):
