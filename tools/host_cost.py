@@ -29,10 +29,17 @@ def main(calls_per_case=1000, rows=14):
     new = draw((1, 1, 2, 128))  # a token's key and value
     angles = np.random.default_rng(0).uniform(0, 2 * np.pi, (1024, 64))
     cos, sin = (cp.asarray(f(angles).astype(ml_dtypes.bfloat16)) for f in (np.cos, np.sin))
+    slopes, sink, query_sink = (cp.asarray(np.linspace(-1, 1, n, dtype=np.float32)) for n in (2, 2, 8))
     cases = {
         "attention": lambda: cupyflash.attention(q, k, v, causal=True),
+        "attention, ALiBi slopes": lambda: cupyflash.attention(q, k, v, causal=True, alibi_slopes=slopes),
+        "attention, learnable sink": lambda: cupyflash.attention(q, k, v, causal=True, learnable_sink=sink),
+        "attention_backward, learnable sink and dsink": lambda: cupyflash.attention_backward(
+            dout, q, k, v, out, lse, causal=True, learnable_sink=sink, return_dsink=True),
         "attention_backward": lambda: cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True),
         "attention_with_kvcache": lambda: cupyflash.attention_with_kvcache(query, cache, cache, cache_seqlens=1000),
+        "attention_with_kvcache, learnable sink": lambda: cupyflash.attention_with_kvcache(
+            query, cache, cache, cache_seqlens=1000, learnable_sink=query_sink),
         "attention_with_kvcache, paged (NumPy block_table)": lambda: cupyflash.attention_with_kvcache(
             query, pages, pages, cache_seqlens=1000, block_table=table),
         "attention_with_kvcache, a token appended": lambda: cupyflash.attention_with_kvcache(
