@@ -60,8 +60,9 @@ struct SinkGradParams {
     const void* lse;
     i64 lse_sb, lse_sh;
     const void* sink;  // accumulation type
-    void* partial;     // (batch, nheads, gridDim.x) sums, accumulation type
-    int seqlen, headdim;
+    void* partial;     // (batch, nheads, blocks) sums, accumulation type
+    void* dsink;       // (nheads,), accumulation type
+    int seqlen, headdim, batch, blocks;
 };
 
 // Whether this launch's gate (FwdParams::gate) turns it off; the same for every thread of the grid.

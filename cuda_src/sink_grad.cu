@@ -6,8 +6,8 @@
 #include "params.cuh"
 
 // LANES threads a row, VEC columns a load (16 bytes where the rows of dout and out are 16-byte aligned, else 1),
-// 32 * WARPS / LANES rows of head blockIdx.y of sequence blockIdx.z at a time; each block writes its sum to
-// partial[(b * nheads + h) * gridDim.x + blockIdx.x], which the host sums in a fixed order.
+// 32 * WARPS / LANES rows of head blockIdx.y of sequence blockIdx.z at a time; each of p.blocks blocks writes its
+// sum to partial[(b * nheads + h) * p.blocks + blockIdx.x], which sink_gradient_sum adds up.
 template <typename T, int LANES, int VEC, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) sink_gradient(const __grid_constant__ SinkGradParams p) {
     using A = typename Acc<T>::type;
@@ -41,6 +41,25 @@ __global__ void __launch_bounds__(WARPS * 32) sink_gradient(const __grid_constan
     if (threadIdx.x == 0) {
         A total = A(0);
         for (int w = 0; w < WARPS; ++w) total += sums[w];
-        static_cast<A*>(p.partial)[((i64)b * gridDim.y + h) * gridDim.x + blockIdx.x] = -total;
+        static_cast<A*>(p.partial)[((i64)b * gridDim.y + h) * p.blocks + blockIdx.x] = -total;
+    }
+}
+
+// dsink[h] for head blockIdx.x: the sum of its batch * p.blocks partials, in an order fixed by their count.
+template <typename T>
+__global__ void __launch_bounds__(256) sink_gradient_sum(const __grid_constant__ SinkGradParams p) {
+    using A = typename Acc<T>::type;
+    const int h = blockIdx.x, nheads = gridDim.x, parts = p.batch * p.blocks;
+    const A* partial = static_cast<const A*>(p.partial);
+    A sum = A(0);
+    for (int k = threadIdx.x; k < parts; k += 256) sum += partial[((i64)(k / p.blocks) * nheads + h) * p.blocks + k % p.blocks];
+    sum = reduce_sum<32>(sum);
+    __shared__ A sums[8];
+    if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        A total = A(0);
+        for (int w = 0; w < 8; ++w) total += sums[w];
+        static_cast<A*>(p.dsink)[h] = total;
     }
 }

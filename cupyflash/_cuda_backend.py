@@ -196,18 +196,20 @@ def sink_gradient(dout, out, lse, spec):
         if spec.varlen:  # (total_q, heads, headdim) rows, lse (nheads, total_q): one sequence of them all
             dout, out, lse = dout[None], out[None], lse[None]
         dout, out, lse = _rows_contiguous(dout), _rows_contiguous(out), cupy.ascontiguousarray(lse)
-        launch = _plan.sink_gradient(spec.dtype.name, spec.headdim, _aligned(dout, out))
+        partials, total = _plan.sink_gradient(spec.dtype.name, spec.headdim, _aligned(dout, out))
         batch, seqlen, nheads = dout.shape[:3]
         # one wave of blocks over every sequence and head: a second wave's few blocks would double the time
-        wave = _resident_blocks(launch, dout.device.id) * _multiprocessors(dout.device.id)
-        blocks = max(1, min(wave // (batch * nheads), -(-seqlen // launch.block_rows)))
-        partial = _empty((batch, nheads, blocks), acc)
+        wave = _resident_blocks(partials, dout.device.id) * _multiprocessors(dout.device.id)
+        blocks = max(1, min(wave // (batch * nheads), -(-seqlen // partials.block_rows)))
+        partial, dsink = _empty((batch, nheads, blocks), acc), _empty((nheads,), acc)
         sink = cupy.ascontiguousarray(spec.learnable_sink)
         lse_sb, lse_sh = _elements(lse)[:2]
         params = _struct(SINK_GRAD_PARAMS, (dout.data.ptr, out.data.ptr, _strides(dout), _strides(out), lse.data.ptr,
-                                            lse_sb, lse_sh, sink.data.ptr, partial.data.ptr, seqlen, spec.headdim))
-        _launch(launch, (blocks, nheads, batch), params, dout.device.id)
-        return partial.sum(axis=(0, 2))
+                                            lse_sb, lse_sh, sink.data.ptr, partial.data.ptr, dsink.data.ptr, seqlen,
+                                            spec.headdim, batch, blocks))
+        _launch(partials, (blocks, nheads, batch), params, dout.device.id)
+        _launch(total, (nheads, 1, 1), params, dout.device.id)
+        return dsink
 
 
 def _variant_params(fields):

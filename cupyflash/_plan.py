@@ -640,12 +640,15 @@ SINK_GRAD_WARPS = 8
 
 
 def sink_gradient(dtype, headdim, aligned=True):
-    """The learnable sinks' gradient (sink_grad.cu): a row's columns over up to 32 lanes, 16-byte loads where
-    the rows of dout and out are `aligned`; block_rows: the rows a block takes at a time."""
+    """The learnable sinks' gradient (sink_grad.cu): the blocks' partial sums, a row's columns over up to 32
+    lanes, 16-byte loads where the rows of dout and out are `aligned` (block_rows: the rows a block takes at a
+    time); then their sum, a block a head."""
     vec = 16 // _ITEMSIZE[dtype] if aligned else 1
     lanes = min(32, 1 << (-(-headdim // vec) - 1).bit_length())
-    return Launch("sink_grad.cu", f"sink_gradient<{C_TYPES[dtype]}, {lanes}, {vec}, {SINK_GRAD_WARPS}>",
-                  32 * SINK_GRAD_WARPS // lanes, 32 * SINK_GRAD_WARPS, 0)
+    c = C_TYPES[dtype]
+    return (Launch("sink_grad.cu", f"sink_gradient<{c}, {lanes}, {vec}, {SINK_GRAD_WARPS}>",
+                   32 * SINK_GRAD_WARPS // lanes, 32 * SINK_GRAD_WARPS, 0),
+            Launch("sink_grad.cu", f"sink_gradient_sum<{c}>", 1, 256, 0))
 
 
 def dropout_mask():
@@ -736,5 +739,5 @@ def covering_launches():
     decodes += [kvcache_append(dtype) for dtype in C_TYPES]
     decodes = list({launch.name: launch for launch in decodes}.values())
     flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]
-    sinks = [sink_gradient(dtype, 128, aligned) for dtype in C_TYPES for aligned in (True, False)]
+    sinks = [launch for dtype in C_TYPES for aligned in (True, False) for launch in sink_gradient(dtype, 128, aligned)]
     return [*seen.values(), *sm90_launches, *decodes, *flags, *sinks, mask_cells(), dropout_mask(), clock_probe()]

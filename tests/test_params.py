@@ -12,7 +12,7 @@ import pytest
 from cupyflash import _csource
 
 NAMES = ("VariantParams", "FwdParams", "BwdParams", "FwdParamsSm90", "DecodeParams", "BwdParamsSm90", "RowFlags",
-         "NonfiniteParams", "SplitParams", "TensorMap")
+         "NonfiniteParams", "SplitParams", "SinkGradParams", "TensorMap")
 STRUCTS = {name: _csource.struct_dtype(_csource.source("params.cuh"), name) for name in NAMES}
 
 SMALL = """
@@ -132,7 +132,8 @@ def test_layouts_match_on_the_device():
                "BwdParams": _cuda_backend.BWD_PARAMS, "FwdParamsSm90": _cuda_backend.FWD_PARAMS_SM90,
                "DecodeParams": _cuda_backend.DECODE_PARAMS, "BwdParamsSm90": _cuda_backend.BWD_PARAMS_SM90,
                "RowFlags": _cuda_backend.ROW_FLAGS, "NonfiniteParams": _cuda_backend.NONFINITE_PARAMS,
-               "SplitParams": _cuda_backend.SPLIT_PARAMS, "TensorMap": _tma.TENSOR_MAP}
+               "SplitParams": _cuda_backend.SPLIT_PARAMS, "SinkGradParams": _cuda_backend.SINK_GRAD_PARAMS,
+               "TensorMap": _tma.TENSOR_MAP}
     assert backend == STRUCTS
     probes = _probes()
     body = "\n".join(f"    out[{3 * n}] = (unsigned long long)&((({s}*)nullptr)->{f});\n"
