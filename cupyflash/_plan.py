@@ -639,6 +639,7 @@ def nonfinite_rows(dtype, vector):
 SINK_GRAD_WARPS = 8
 
 
+@functools.lru_cache(maxsize=None)
 def sink_gradient(dtype, headdim, aligned=True):
     """The learnable sinks' gradient (sink_grad.cu): the blocks' partial sums, a row's columns over up to 32
     lanes, 16-byte loads where the rows of dout and out are `aligned` (block_rows: the rows a block takes at a
