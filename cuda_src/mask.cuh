@@ -419,7 +419,9 @@ __device__ __noinline__ void mark_hidden(const Var& var, float (&p)[NT][4], int 
 // keys than these (a blockwise or ring backward) leaves the probabilities as recomputed. float64 rows with
 // |lse2| <= RENORMALIZED_LSE2 are left alone too: their rounding, at most 32 unit roundoffs, lies 30 times
 // below the fidelity floor (1e-13 of the largest gradient), and the backward then needs no sums for them.
-// With a learnable sink (sink2, log2 units) the keys' probabilities sum to 1 - 2^(sink2 - lse2) instead.
+// With a learnable sink (sink2, log2 units) the row holds the sink's probability 2^(sink2 - lse2) too, which
+// carries the same rounding: the keys' sum and it are divided by their total. (Taking 1 - 2^(sink2 - lse2) as
+// the keys' share would instead divide lse's rounding by that share where the sink takes most of the row.)
 template <typename A> __device__ __forceinline__ A unit_roundoff();
 template <> __device__ __forceinline__ float unit_roundoff<float>() { return 5.9604645e-8f; }
 template <> __device__ __forceinline__ double unit_roundoff<double>() { return 1.1102230246251565e-16; }
@@ -429,8 +431,8 @@ template <typename A> __device__ __forceinline__ bool renormalizes_row(A lse2) {
 }
 template <typename A> __device__ __forceinline__ A row_renormalizer(A sum, A lse2, A sink2) {
     const A tolerance = A(8) * unit_roundoff<A>() * (A(1) + fabs(lse2));
-    const A target = sink2 == neg_inf<A>() ? A(1) : A(1) - exp2(sink2 - lse2);
-    return renormalizes_row(lse2) && sum > A(0) && fabs(sum - target) <= tolerance ? target / sum : A(1);
+    const A total = sink2 == neg_inf<A>() ? sum : sum + exp2(sink2 - lse2);
+    return renormalizes_row(lse2) && sum > A(0) && fabs(total - A(1)) <= tolerance ? A(1) / total : A(1);
 }
 
 // The recomputed probability of the (query i, key j) pair from its raw product s = q.k, before

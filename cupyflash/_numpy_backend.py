@@ -28,8 +28,8 @@ Forward (per query tile, outer loop; the key tiles of its causal/window band, in
 Backward (per key tile, outer loop; the query tiles of its band, inner loop)::
 
     delta  = rowsum(dout * out)             once, before the loops
-    r      = t / rowsum(exp(x - lse))       float32/float64 inputs, once, before the loops (below);
-                                            t = 1 - exp(sink - lse), 1 without a sink
+    r      = 1 / (rowsum(exp(x - lse))      float32/float64 inputs, once, before the loops (below);
+                  + exp(sink - lse))        the sink's term 0 without a sink
     p      = r * exp(x - lse)               recomputed, never stored
     pd     = keep * p / (1 - dropout_p)     the weights out used (pd = p without dropout)
     dv_j  += pd^T @ dout_i
@@ -208,9 +208,9 @@ def sink_gradient(dout, out, lse, spec):
 
 
 def _row_renormalizers(qc, kc, lse_safe, spec, block_q, block_k):
-    """Per row, t / rowsum(exp(x - lse)) where that sum is within lse's rounding of t, else 1, where t =
-    1 - exp(sink - lse) is the keys' share of the row beside a learnable sink (1 without one; the module's
-    notes on lse; cuda_src/mask.cuh, row_renormalizer)."""
+    """Per row, 1 / total where total = rowsum(exp(x - lse)) (+ exp(sink - lse) with a learnable sink, whose
+    probability carries the same rounding) is within lse's rounding of 1, else 1 (the module's notes on lse;
+    cuda_src/mask.cuh, row_renormalizer)."""
     cdt = lse_safe.dtype
     sums = np.zeros(lse_safe.shape, cdt)
     for q_start in range(0, qc.shape[3], block_q):
@@ -226,11 +226,11 @@ def _row_renormalizers(qc, kc, lse_safe, spec, block_q, block_k):
     lse2 = np.abs(lse_safe * cdt.type(np.log2(np.e)))
     tolerance = 8 * unit * (1 + lse2)
     sink = _heads_sink(spec, lse_safe.shape)
-    target = cdt.type(1) if sink is None else 1 - np.exp(sink - lse_safe)
-    near_one = (sums > 0) & (np.abs(sums - target) <= tolerance)
+    totals = sums if sink is None else sums + np.exp(sink - lse_safe)
+    near_one = (sums > 0) & (np.abs(totals - 1) <= tolerance)
     if cdt == np.float64:
         near_one &= ~(lse2 <= _plan.RENORMALIZED_LSE2)
-    return np.where(near_one, target / np.where(near_one, sums, 1), cdt.type(1))
+    return np.where(near_one, 1 / np.where(near_one, totals, 1), cdt.type(1))
 
 
 @np.errstate(invalid="ignore", over="ignore")  # NaN and inf in the data propagate as the rules say

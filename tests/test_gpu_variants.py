@@ -140,6 +140,16 @@ def test_each_variant(dtype, name):
     check(p, **variant(name, p))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_sink_that_takes_most_of_each_row(dtype, causal):
+    """float32's and float64's renormalized backward divides the keys' probabilities and the sink's by their
+    total (mask.cuh, row_renormalizer): a sink with most of each row leaves the gradients at their dtype's
+    precision."""
+    p = Problem(2, 150, 203, 4, 2, 64, dtype, causal, None, None, 11)
+    check(p, learnable_sink=np.full(4, 8.0 + np.log(203), np.float64 if dtype == np.float64 else np.float32))
+
+
 # element loads; the column-sliced dK/dV of wide heads; float64's warps in pairs at head tile 128
 @pytest.mark.parametrize("dtype, headdim", [(dtype, headdim) for dtype in DTYPES for headdim in (59, 256)]
                          + [(np.dtype(np.float64), 100)], ids=lambda x: getattr(x, "name", x))

@@ -173,6 +173,17 @@ def test_each_variant_matches_reference(name, data):
     check_against_reference(*data.draw(cases((name,), **SMALL)))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 2, False, 169), (2, 40, 70, 4, 2, 32, True, 3)], ids=str)
+def test_a_sink_that_takes_most_of_each_row(shape, dtype):
+    """Where the sink's probability is most of the row, lse's rounding is most of the keys' share: the
+    renormalized backward divides the keys' probabilities and the sink's by their total, not the keys' sum
+    by 1 - exp(sink - lse) (which divided that rounding by the share: float32's dq 1.6e-5 off, relative)."""
+    *dims, causal, seed = shape
+    p = Problem(*dims, dtype, causal, None, None, seed)
+    check_against_reference(p, {"learnable_sink": np.full(p.nheads, 8.0 + np.log(p.seqlen_k), dtype)})
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relative_bound_headdim256_seqlen300(dtype, causal):
