@@ -46,20 +46,22 @@ __global__ void __launch_bounds__(WARPS * 32) sink_gradient(const __grid_constan
 }
 
 // dsink[h] for head blockIdx.x: the sum of its batch * p.blocks partials, in an order fixed by their count.
+constexpr int SINK_SUM_WARPS = 8;
 template <typename T>
-__global__ void __launch_bounds__(256) sink_gradient_sum(const __grid_constant__ SinkGradParams p) {
+__global__ void __launch_bounds__(SINK_SUM_WARPS * 32) sink_gradient_sum(const __grid_constant__ SinkGradParams p) {
     using A = typename Acc<T>::type;
     const int h = blockIdx.x, nheads = gridDim.x, parts = p.batch * p.blocks;
     const A* partial = static_cast<const A*>(p.partial);
     A sum = A(0);
-    for (int k = threadIdx.x; k < parts; k += 256) sum += partial[((i64)(k / p.blocks) * nheads + h) * p.blocks + k % p.blocks];
+    for (int k = threadIdx.x; k < parts; k += SINK_SUM_WARPS * 32)
+        sum += partial[((i64)(k / p.blocks) * nheads + h) * p.blocks + k % p.blocks];  // (batch, head, block)
     sum = reduce_sum<32>(sum);
-    __shared__ A sums[8];
+    __shared__ A sums[SINK_SUM_WARPS];
     if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = sum;
     __syncthreads();
     if (threadIdx.x == 0) {
         A total = A(0);
-        for (int w = 0; w < 8; ++w) total += sums[w];
+        for (int w = 0; w < SINK_SUM_WARPS; ++w) total += sums[w];
         static_cast<A*>(p.dsink)[h] = total;
     }
 }

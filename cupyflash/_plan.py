@@ -635,8 +635,9 @@ def nonfinite_rows(dtype, vector):
     return Launch("nonfinite.cu", f"flag_nonfinite_rows<{C_TYPES[dtype]}, {vec}>", 8, 256, 0)  # 8 flags a block
 
 
-#: Warps a block of sink_grad.cu.
+#: Warps a block of sink_grad.cu's partial sums, and of their sum (its constant).
 SINK_GRAD_WARPS = 8
+SINK_SUM_WARPS = _csource.constant(_csource.source("sink_grad.cu"), "SINK_SUM_WARPS")
 
 
 @functools.lru_cache(maxsize=None)
@@ -649,7 +650,7 @@ def sink_gradient(dtype, headdim, aligned=True):
     c = C_TYPES[dtype]
     return (Launch("sink_grad.cu", f"sink_gradient<{c}, {lanes}, {vec}, {SINK_GRAD_WARPS}>",
                    32 * SINK_GRAD_WARPS // lanes, 32 * SINK_GRAD_WARPS, 0),
-            Launch("sink_grad.cu", f"sink_gradient_sum<{c}>", 1, 256, 0))
+            Launch("sink_grad.cu", f"sink_gradient_sum<{c}>", 1, 32 * SINK_SUM_WARPS, 0))
 
 
 def dropout_mask():
