@@ -359,6 +359,14 @@ def _barrier_bytes(stages):
     return 8 * (7 + 4 * stages) + 4 * (3 + 3 * stages)  # mbarriers; flags, kinds, scans, key blocks taken
 
 
+def row_lanes(dtype, headdim, aligned):
+    """(lanes, vec) of a kernel that reads a row of headdim columns over up to 32 lanes, vec columns a load:
+    16 bytes where the rows are `aligned`, else one element (the prepare kernel of the Hopper backward, the sink
+    gradient's)."""
+    vec = 16 // _ITEMSIZE[dtype] if aligned else 1
+    return min(32, 1 << (-(-headdim // vec) - 1).bit_length()), vec
+
+
 def backward_sm90(dtype, headdim, var, aligned=True):
     """(prepare, main, dq convert) kernels of the Hopper backward (backward_sm90.cu); `aligned`: the rows
     of dout and out take 16-byte loads (the prepare kernel's, a row's columns over up to 32 lanes). float32
@@ -382,8 +390,7 @@ def backward_sm90(dtype, headdim, var, aligned=True):
     else:
         raise ValueError(f"the Hopper backward takes float16, bfloat16 and float32, got {dtype}")
     c, packed = C_TYPES[dtype], _cbool(_features(var) & FEATURES["PACKED"])
-    vec = 16 // _ITEMSIZE[dtype] if aligned else 1
-    lanes = min(32, 1 << (-(-headdim // vec) - 1).bit_length())
+    lanes, vec = row_lanes(dtype, headdim, aligned)
     row_major = _cbool(dtype == "float32")  # the split kernel's dq accumulator
     return (Launch("backward_sm90.cu", f"flash_bwd_prepare_sm90<{c}, {packed}, {lanes}, {vec}>", 128 // lanes, 128, 0,
                    SM90_OPTIONS),
@@ -645,8 +652,7 @@ def sink_gradient(dtype, headdim, aligned=True):
     """The learnable sinks' gradient (sink_grad.cu): the blocks' partial sums, a row's columns over up to 32
     lanes, 16-byte loads where the rows of dout and out are `aligned` (block_rows: the rows a block takes at a
     time); then their sum, a block a head."""
-    vec = 16 // _ITEMSIZE[dtype] if aligned else 1
-    lanes = min(32, 1 << (-(-headdim // vec) - 1).bit_length())
+    lanes, vec = row_lanes(dtype, headdim, aligned)
     c = C_TYPES[dtype]
     return (Launch("sink_grad.cu", f"sink_gradient<{c}, {lanes}, {vec}, {SINK_GRAD_WARPS}>",
                    32 * SINK_GRAD_WARPS // lanes, 32 * SINK_GRAD_WARPS, 0),
