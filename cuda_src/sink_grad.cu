@@ -5,6 +5,18 @@
 #include "common.cuh"
 #include "params.cuh"
 
+// The sum of x over a block of WARPS warps, in a fixed order: thread 0's value.
+template <int WARPS, typename A> __device__ __forceinline__ A block_sum(A x) {
+    __shared__ A sums[WARPS];
+    x = reduce_sum<32>(x);
+    if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = x;
+    __syncthreads();
+    A total = A(0);
+    if (threadIdx.x == 0)
+        for (int w = 0; w < WARPS; ++w) total += sums[w];
+    return total;
+}
+
 // LANES threads a row, VEC columns a load (16 bytes where the rows of dout and out are 16-byte aligned, else 1),
 // 32 * WARPS / LANES rows of head blockIdx.y of sequence blockIdx.z at a time; each of p.blocks blocks writes its
 // sum to partial[(b * nheads + h) * p.blocks + blockIdx.x], which sink_gradient_sum adds up.
@@ -34,15 +46,8 @@ __global__ void __launch_bounds__(WARPS * 32) sink_gradient(const __grid_constan
         // lse -inf: no key and no sink, out 0
         if (lane == 0 && i < p.seqlen && lse[i] != neg_inf<A>()) sum += exp(sink - lse[i]) * delta;
     }
-    sum = reduce_sum<32>(sum);
-    __shared__ A sums[WARPS];
-    if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        A total = A(0);
-        for (int w = 0; w < WARPS; ++w) total += sums[w];
-        static_cast<A*>(p.partial)[((i64)b * gridDim.y + h) * p.blocks + blockIdx.x] = -total;
-    }
+    const A total = block_sum<WARPS>(sum);
+    if (threadIdx.x == 0) static_cast<A*>(p.partial)[((i64)b * gridDim.y + h) * p.blocks + blockIdx.x] = -total;
 }
 
 // dsink[h] for head blockIdx.x: the sum of its batch * p.blocks partials, in an order fixed by their count.
@@ -55,13 +60,6 @@ __global__ void __launch_bounds__(SINK_SUM_WARPS * 32) sink_gradient_sum(const _
     A sum = A(0);
     for (int k = threadIdx.x; k < parts; k += SINK_SUM_WARPS * 32)
         sum += partial[((i64)(k / p.blocks) * nheads + h) * p.blocks + k % p.blocks];  // (batch, head, block)
-    sum = reduce_sum<32>(sum);
-    __shared__ A sums[SINK_SUM_WARPS];
-    if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        A total = A(0);
-        for (int w = 0; w < SINK_SUM_WARPS; ++w) total += sums[w];
-        static_cast<A*>(p.dsink)[h] = total;
-    }
+    const A total = block_sum<SINK_SUM_WARPS>(sum);
+    if (threadIdx.x == 0) static_cast<A*>(p.dsink)[h] = total;
 }
