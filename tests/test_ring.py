@@ -4,6 +4,7 @@ balanced; errors raise on every rank without a hang; the launcher and its rendez
 GPUs, the CuPy path, NcclComm and two processes through the launcher."""
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -366,8 +367,9 @@ def test_the_nccl_unique_id_crosses_the_rendezvous_as_made(unique_id):
     assert type(back) is type(unique_id) and back == unique_id
 
 
-def test_launcher_stopped_by_sigterm_stops_every_rank(tmp_path):
-    # what `timeout` sends: the ranks must not outlive the launcher (they would hold the GPUs)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_launcher_stopped_by_a_signal_stops_every_rank(tmp_path, signum):
+    # what `timeout` and Ctrl-C send: the ranks must not outlive the launcher (they would hold the GPUs)
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent("""
         import os, time
@@ -381,8 +383,8 @@ def test_launcher_stopped_by_sigterm_stops_every_rank(tmp_path):
     while not all(f.exists() and f.read_text() for f in pid_files):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
-    proc.terminate()
-    assert proc.wait(timeout=30) == 128 + 15
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == 128 + signum
     for f in pid_files:
         pid = int(f.read_text())
         with pytest.raises(ProcessLookupError):  # stopped and reaped by the launcher

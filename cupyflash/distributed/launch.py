@@ -38,9 +38,12 @@ def _exit_status(code):
     return code if code > 0 else 128 - code
 
 
-def _supervise(procs):
-    """Wait for every process; stop the rest at the first failure. Returns the exit status."""
+def _supervise(procs, stopped_by):
+    """Wait for every process; stop the rest at the first failure. Returns the exit status: the first
+    failure's, 0 when all succeed, or 128 + N once the launcher has received signal N (stopped_by)."""
     while True:
+        if stopped_by:
+            return 128 + stopped_by[0]
         codes = [p.poll() for p in procs]
         failures = [c for c in codes if c not in (None, 0)]
         if failures:
@@ -49,14 +52,6 @@ def _supervise(procs):
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.05)
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
 
 
 def main(argv=None) -> int:
@@ -70,24 +65,24 @@ def main(argv=None) -> int:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     server = _rendezvous.Server()
     procs = []
-    # SIGTERM would end this process without the cleanup below and leave the ranks running
+    # Ctrl-C and SIGTERM (as from `timeout`) are noted, not raised: an exception raised wherever the signal
+    # lands (inside Popen.poll, holding its wait lock) could leave the ranks unreaped or the cleanup hung.
+    stopped_by = []
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers go
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    previous = {s: signal.signal(s, lambda signum, frame: stopped_by.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         for rank in range(args.nproc):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc))
             env[_rendezvous.ENV] = server.address
             procs.append(subprocess.Popen([sys.executable, args.script, *args.args], env=env))
-        return _supervise(procs)
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
-    except _Terminated:
-        return 128 + signal.SIGTERM
+        return _supervise(procs, stopped_by)
     finally:
         _stop(procs)
         server.close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if handler is not None:  # None: a handler not installed from Python, which cannot be restored
+                signal.signal(s, handler)
 
 
 if __name__ == "__main__":
