@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(128) flash_bwd_delta(const __grid_constant__ B
     const T* dor = static_cast<const T*>(p.dout) + b * p.do_st.b + (i64)i * p.do_st.s + h * p.do_st.h;
     const T* orow = static_cast<const T*>(f.out) + b * f.o_st.b + (i64)i * f.o_st.s + h * f.o_st.h;
     A acc = A(0);
-    for (int d = threadIdx.x % 32; d < f.headdim; d += 32) acc += to_acc(dor[d]) * to_acc(orow[d]);
+    add_row_dot<32, 1>(acc, dor, orow, f.headdim, threadIdx.x % 32);
     acc = reduce_sum<32>(acc);
     if (threadIdx.x % 32 == 0) static_cast<A*>(p.delta)[b * f.lse_sb + h * f.lse_sh + i] = acc;
     if constexpr (ZERO_DQ) {

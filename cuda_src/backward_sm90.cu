@@ -71,7 +71,6 @@ __device__ __forceinline__ int padded_rows(int seqlen_q) {
 // blocks taken. The accumulator itself is not zeroed: each tile's first sum is stored (add_dq_tile).
 template <typename T, bool PACKED, int LANES, int VEC>
 __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_constant__ BwdParamsSm90 p) {
-    struct alignas(sizeof(T) * VEC) Vec { T x[VEC]; };
     const BwdParams& bp = p.bwd;
     const FwdParams& f = bp.fwd;
     if (gated_off(f)) return;
@@ -85,11 +84,7 @@ __global__ void __launch_bounds__(128) flash_bwd_prepare_sm90(const __grid_const
     if (padded && i < seq.seqlen_q) {
         const T* dor = seq.query_rows(static_cast<const T*>(bp.dout), bp.do_st, h, i);
         const T* orow = seq.query_rows(static_cast<const T*>(f.out), f.o_st, h, i);
-        for (int d = VEC * lane; d < f.headdim; d += VEC * LANES) {
-            const Vec x = *reinterpret_cast<const Vec*>(dor + d), y = *reinterpret_cast<const Vec*>(orow + d);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) delta += to_acc(x.x[e]) * to_acc(y.x[e]);
-        }
+        add_row_dot<LANES, VEC>(delta, dor, orow, f.headdim, lane);
     }
     delta = reduce_sum<LANES>(delta);  // every lane of the warp takes part
     if (!padded) return;

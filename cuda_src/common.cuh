@@ -92,6 +92,18 @@ template <int TPR, typename A> __device__ __forceinline__ A reduce_sum(A x) {
     return x;
 }
 
+// Adds this lane's part of rowsum(x * y) over a row of n columns to sum: LANES lanes a row, VEC columns a load
+// (x and y aligned to VEC elements); reduce_sum<LANES> completes it.
+template <int LANES, int VEC, typename T, typename A>
+__device__ __forceinline__ void add_row_dot(A& sum, const T* x, const T* y, int n, int lane) {
+    struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
+    for (int c = VEC * lane; c < n; c += VEC * LANES) {
+        const Vec a = *reinterpret_cast<const Vec*>(x + c), b = *reinterpret_cast<const Vec*>(y + c);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) sum += to_acc(a.v[e]) * to_acc(b.v[e]);
+    }
+}
+
 // Compile-time bool for generic lambdas that instantiate a masked and an unmasked tile step.
 template <bool B> struct Bool {
     static constexpr bool value = B;

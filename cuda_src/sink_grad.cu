@@ -23,7 +23,6 @@ template <int WARPS, typename A> __device__ __forceinline__ A block_sum(A x) {
 template <typename T, int LANES, int VEC, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) sink_gradient(const __grid_constant__ SinkGradParams p) {
     using A = typename Acc<T>::type;
-    struct alignas(sizeof(T) * VEC) Vec { T x[VEC]; };
     constexpr int ROWS = 32 * WARPS / LANES;
     const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x % LANES;
     const A sink = static_cast<const A*>(p.sink)[h];
@@ -36,11 +35,7 @@ __global__ void __launch_bounds__(WARPS * 32) sink_gradient(const __grid_constan
         if (i < p.seqlen) {
             const T* dout = static_cast<const T*>(p.dout) + b * p.do_st.b + (i64)i * p.do_st.s + h * p.do_st.h;
             const T* out = static_cast<const T*>(p.out) + b * p.o_st.b + (i64)i * p.o_st.s + h * p.o_st.h;
-            for (int c = VEC * lane; c < p.headdim; c += VEC * LANES) {
-                const Vec x = *reinterpret_cast<const Vec*>(dout + c), y = *reinterpret_cast<const Vec*>(out + c);
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) delta += to_acc(x.x[e]) * to_acc(y.x[e]);
-            }
+            add_row_dot<LANES, VEC>(delta, dout, out, p.headdim, lane);
         }
         delta = reduce_sum<LANES>(delta);
         // lse -inf: no key and no sink, out 0
