@@ -67,6 +67,8 @@ def forward(backend, q, k, v, spec):
     with _device(spec, q):
         out = xp.zeros(q.shape, q.dtype)
         lse = xp.full((spec.nheads, q.shape[0]), -np.inf, compute_dtype(q.dtype))
+        if spec.seqlen_k == 0 and spec.learnable_sink is not None:  # no sequence has keys (offsets read or not)
+            lse[:] = spec.learnable_sink[:, None]
         for _, rows_q, rows_k, one in _sequences(spec):
             if one.seqlen_k == 0:  # no key: out 0, lse -inf (or the sink's logit)
                 if spec.learnable_sink is not None:

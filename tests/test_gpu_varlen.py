@@ -7,7 +7,7 @@ with max_seqlen_* (flash-attn's convention: left on the device, unread) in the f
 and checked on the host) in the second."""
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import cupyflash
@@ -122,6 +122,7 @@ LENGTH = st.one_of(st.just(0), st.just(1), st.integers(1, 600))
        headdim=st.sampled_from([64, 37, 128, 256]),
        names=st.sets(st.sampled_from(("causal", "window", "alibi", "softcap_alibi", "dropout", "sink")), max_size=3),
        offsets_read=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@example(lengths=[(1, 0)], dtype=np.dtype(np.float16), headdim=64, names={"sink"}, offsets_read=False, seed=0)
 def test_random_packed_batches(lengths, dtype, headdim, names, offsets_read, seed):
     """Drawn sequence lengths (empty ones among them), head dims and variant combinations; the offsets
     read on the host or left on the device."""
