@@ -202,9 +202,9 @@ def sink_gradient(dout, out, lse, spec):
     delta = np.einsum("bshd,bshd->bhs", dout.astype(cdt), out.astype(cdt))
     lse = lse.astype(cdt)
     with np.errstate(over="ignore", invalid="ignore"):
-        # lse -inf: a row with no key and no sink, out 0
-        weight = np.where(lse == -np.inf, cdt.type(0), np.exp(spec.learnable_sink[:, None] - lse))
-        return -(weight * delta).sum(axis=(0, 2))
+        # lse -inf: a row with no key and no sink (out 0) adds nothing, even where its dout holds NaN
+        terms = np.where(lse == -np.inf, cdt.type(0), np.exp(spec.learnable_sink[:, None] - lse) * delta)
+        return -terms.sum(axis=(0, 2))
 
 
 def _row_renormalizers(qc, kc, lse_safe, spec, block_q, block_k):

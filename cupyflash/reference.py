@@ -303,8 +303,10 @@ def _backward(spec, dout, q, k, v, scale_keep):
     dsink = None
     if spec.learnable_sink is not None:  # the sink's score: gradient p_sink (0 - delta), its value being zero
         with np.errstate(invalid="ignore", over="ignore"):
-            p_sink = np.where(lse == -np.inf, 0.0, np.exp(_host64(spec.learnable_sink)[None, :, None] - lse))
-            dsink = -(p_sink * delta[..., 0]).sum(axis=(0, 2))
+            # a row with no key and no sink (lse -inf, out 0) adds nothing, even where its dout holds NaN
+            terms = np.where(lse == -np.inf, 0.0,
+                             np.exp(_host64(spec.learnable_sink)[None, :, None] - lse) * delta[..., 0])
+            dsink = -terms.sum(axis=(0, 2))
     return dq.transpose(0, 2, 1, 3), group_sum(dk), group_sum(dv), ds, dsink
 
 

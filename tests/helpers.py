@@ -468,3 +468,22 @@ def check_relative(name, ours, ref, p):
         return  # one key: dq = dk = 0 exactly, a relative error is undefined
     rel = relative_error(ours, ref)
     assert rel <= bound, f"{name}: ||err||/||ref|| = {rel:.3g} > {bound:g} for {p}"
+
+
+def sink_gradients_with_nan_in_a_row_without_keys(module, dtype, xp=np):
+    """dsink of a causal call whose rows 0-3 see no key, head 0 without a sink (so those rows' lse is -inf),
+    with NaN in dout at such a row of head 0, and with that NaN replaced by 0."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 6, 2, 8)).astype(dtype)
+    k, v = (rng.standard_normal((1, 2, 2, 8)).astype(dtype) for _ in range(2))
+    dout = rng.standard_normal(q.shape).astype(dtype)
+    sink = np.array([-np.inf, 0.5], np.float64 if dtype == np.float64 else np.float32)
+    q, k, v, sink = (xp.asarray(x) for x in (q, k, v, sink))
+    out, lse = module.attention(q, k, v, causal=True, learnable_sink=sink, return_lse=True)
+    results = []
+    for value in (np.nan, 0.0):
+        dout[0, 1, 0, 3] = value
+        *_, dsink = module.attention_backward(xp.asarray(dout), q, k, v, out, lse, causal=True, learnable_sink=sink,
+                                              return_dsink=True)
+        results.append(dsink if xp is np else dsink.get())
+    return results

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import cupyflash
 from cupyflash import _plan
 from helpers import (BFLOAT16, BWD_FLOOR_ULPS, DTYPES, FWD_FLOOR_ULPS, Problem, assert_close_flash_rule, error_scales,
-                     flash_floor, naive_attention, naive_attention_backward)
+                     flash_floor, naive_attention, naive_attention_backward,
+                     sink_gradients_with_nan_in_a_row_without_keys)
 from test_gpu import bitwise_equal, poisoned_outputs  # noqa: F401  (fixture)
 from test_gpu import to_device as _to_device
 
@@ -148,6 +149,13 @@ def test_a_sink_that_takes_most_of_each_row(dtype, causal):
     precision."""
     p = Problem(2, 150, 203, 4, 2, 64, dtype, causal, None, None, 11)
     check(p, learnable_sink=np.full(4, 8.0 + np.log(203), np.float64 if dtype == np.float64 else np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_a_row_without_key_or_sink_adds_nothing_to_dsink(dtype):
+    """sink_grad.cu skips a row with lse -inf (no key, no sink), whose dout may hold NaN."""
+    with_nan, without = sink_gradients_with_nan_in_a_row_without_keys(cupyflash, dtype, xp=cp)
+    np.testing.assert_array_equal(with_nan, without)
 
 
 # element loads; the column-sliced dK/dV of wide heads; float64's warps in pairs at head tile 128

@@ -26,6 +26,7 @@ from helpers import (
     check_relative,
     REL_BOUND,
     relative_error,
+    sink_gradients_with_nan_in_a_row_without_keys,
 )
 
 # Accuracy rule (flash-attn's): max|ours - ref| <= FACTOR x max|naive - ref|
@@ -182,6 +183,15 @@ def test_a_sink_that_takes_most_of_each_row(shape, dtype):
     *dims, causal, seed = shape
     p = Problem(*dims, dtype, causal, None, None, seed)
     check_against_reference(p, {"learnable_sink": np.full(p.nheads, 8.0 + np.log(p.seqlen_k), dtype)})
+
+
+@pytest.mark.parametrize("module", [cupyflash, reference], ids=["numpy_backend", "reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_row_without_key_or_sink_adds_nothing_to_dsink(module, dtype):
+    """A row with lse -inf (no key, no sink: out 0) adds nothing to dsink, even against NaN in its dout
+    (docs/variants.md), as it adds nothing to dq, dk and dv."""
+    with_nan, without = sink_gradients_with_nan_in_a_row_without_keys(module, dtype)
+    np.testing.assert_array_equal(with_nan, without)
 
 
 @pytest.mark.parametrize("causal", [False, True])
