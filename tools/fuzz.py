@@ -6,7 +6,7 @@ case is checked by the suite's own functions (tests/test_gpu_variants.py, test_g
 test_kvcache.py: flash-attn's rule, outputs poisoned before the kernels run); some dense cases hold NaN in
 their data, and there the NaNs must reach exactly the outputs they reach in the reference.
 
-    python tools/fuzz.py --seconds 300 --workers 14 [--json failures.json]
+    python tools/fuzz.py --seconds 300 --workers 14 [--seed 0] [--json failures.json]
 
 Prints the cases run and every failure with what reproduces it; exits 1 if any case failed.
 """
@@ -148,8 +148,8 @@ def run_decode(tk, cache_seqlens, seqlen_new, seqlen_q, heads, headdim, page_siz
     tk.check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num_splits)
 
 
-def worker(index, seconds):
-    """Cases drawn from seed `index` until `seconds` have passed: (cases run, failures)."""
+def worker(index, seconds, seed):
+    """Cases drawn from seed `seed + index` until `seconds` have passed: (cases run, failures)."""
     family = FAMILIES[index % len(FAMILIES)]
     os.environ["CUPYFLASH_KERNELS"] = family
     sys.path[:0] = [CHECKOUT, os.path.join(CHECKOUT, "tests")]
@@ -160,8 +160,8 @@ def worker(index, seconds):
     from cupyflash import _cuda_backend
 
     _cuda_backend._empty = test_gpu.poisoned_empty  # as the suite's poisoned_outputs fixture
-    rng = np.random.default_rng(index)
-    tv.RNG = np.random.default_rng(2**32 + index)  # the suite's variant draws
+    rng = np.random.default_rng(seed + index)
+    tv.RNG = np.random.default_rng(2**32 + seed + index)  # the suite's variant draws
     deadline, cases, failures = time.monotonic() + seconds, 0, []
     while time.monotonic() < deadline:
         kind = ("dense", "dense", "dense", "packed", "decode")[int(rng.integers(5))]
@@ -187,11 +187,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=300, help="how long each worker draws cases")
     parser.add_argument("--workers", type=int, default=8, help="processes, each on one family (FAMILIES)")
+    parser.add_argument("--seed", type=int, default=0, help="worker i draws from seed SEED + i: another seed, other cases")
     parser.add_argument("--json", help="write the failures here")
     args = parser.parse_args(argv)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the workers' references share the cores
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        results = pool.starmap(worker, [(i, args.seconds) for i in range(args.workers)])
+        results = pool.starmap(worker, [(i, args.seconds, args.seed) for i in range(args.workers)])
     failures = [f for _, fs in results for f in fs]
     if args.json:
         with open(args.json, "w") as f:

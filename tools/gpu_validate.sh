@@ -7,7 +7,7 @@
 #   sanitize  compute-sanitizer (memcheck, racecheck, synccheck, initcheck, side by side) over
 #             tools/sanitize_cases.py's parts ($SANITIZE_PARTS, default every part)
 #   fuzz      tools/fuzz.py: problems drawn wider than the suite's, for $FUZZ_SECONDS (default 300) on $JOBS
-#             workers, the kernel families in turn
+#             workers, the kernel families in turn, from seed $FUZZ_SEED (default 0; another seed, other cases)
 # Prints a summary table last; exits non-zero if anything failed. Logs go to $LOG_DIR (default: a temporary
 # directory).
 set -uo pipefail
@@ -93,7 +93,8 @@ for stage in "${stages[@]}"; do
             [ "$rc" -eq 0 ] || status=1
         done ;;
     fuzz)
-        "$python" tools/fuzz.py --seconds "${FUZZ_SECONDS:-300}" --workers "${JOBS:-8}" --json "$log_dir/fuzz.json" \
+        "$python" tools/fuzz.py --seconds "${FUZZ_SECONDS:-300}" --workers "${JOBS:-8}" --seed "${FUZZ_SEED:-0}" \
+            --json "$log_dir/fuzz.json" \
             >"$log_dir/fuzz.log" 2>&1
         rc=$?
         tail -n 20 "$log_dir/fuzz.log"
