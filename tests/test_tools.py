@@ -129,6 +129,10 @@ def test_fuzz_draws_every_kind_within_its_bounds(family):
     assert {name for _, _, _, names, *_ in packed for name in names} == set(fuzz.PACKED_VARIANTS)
     decodes = [fuzz.decode_case(rng, family) for _ in range(200)]
     assert any(0 in lengths for lengths, *_ in decodes)
+    assert {case[7] for case in decodes} == set(range(fuzz.DECODE_VARIANTS))
+    if family == "":
+        from test_kvcache import VARIANTS as decode_variants
+        assert len(decode_variants) == fuzz.DECODE_VARIANTS
     assert {case[-2] for case in decodes} <= ({np.dtype(np.float32)} if family == "simt" else set(fuzz.dtypes("")[:3]))
 
 

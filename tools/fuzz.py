@@ -28,6 +28,8 @@ FAMILIES = ("", "sm80", "", "simt")
 DENSE_VARIANTS = ("window", "sliding", "softcap", "alibi", "alibi_batch", "padding", "bool_mask", "bias", "bias_2d",
                   "dropout", "sink")
 PACKED_VARIANTS = ("causal", "window", "alibi", "softcap_alibi", "dropout", "sink")
+#: The decoding cases' variants: indices into test_kvcache.VARIANTS.
+DECODE_VARIANTS = 8
 #: Work per dense case, batch * nheads * seqlen_q * seqlen_k * headdim, kept for the float64 reference.
 MAX_WORK = 6e7
 TILE_EDGES = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 384, 385, 511, 513)
@@ -82,7 +84,7 @@ def decode_case(rng, family):
     wide = family == "simt"
     return ([pick(rng, (0, length(rng))) for _ in range(int(rng.integers(1, 5)))], int(rng.integers(0, 4)),
             int(rng.integers(1, 5)), pick(rng, ((8, 1), (4, 2), (2, 2), (16, 4), (6, 3))), int(rng.integers(1, 257)),
-            pick(rng, (None, 1, 16, 40, 64, 256)), pick(rng, (0, 1, 3, 50)), int(rng.integers(7)),
+            pick(rng, (None, 1, 16, 40, 64, 256)), pick(rng, (0, 1, 3, 50)), int(rng.integers(DECODE_VARIANTS)),
             np.dtype(np.float32) if wide else pick(rng, dtypes(family)[:3]), int(rng.integers(2**32)))
 
 
