@@ -1,9 +1,10 @@
 // Split-KV decoding (flash-decoding) for attention_with_kvcache on CUDA cores, for float32 caches (16-bit
 // caches take decode_mma.cu): a few query rows against a long cache.
 //
-// flash_decode: one block per (split, kv head, sequence); a split is a share of the band of keys that some
-// row may see (key_begin, key_end in mask.cuh). Its rows are the GQA group's query heads
-// times seqlen_q (at most ROWS), so each key and value row read from the cache serves all of them.
+// flash_decode: one block per (split, kv head and slab of ROWS rows, sequence); a split is a share of the band
+// of keys that some row may see (key_begin, key_end in mask.cuh). A kv head's rows are the GQA group's query
+// heads times seqlen_q, ROWS a block (decode_slab), so each key and value row read from the cache serves all of
+// a block's rows.
 // Per tile of 128 keys of the split:
 //   scores    thread j: key j's dot products with every row (16-byte loads of its row, found through
 //             the page table), score and visibility from mask.cuh
@@ -11,7 +12,7 @@
 //   o += p v  thread t: 8-column chunks of o over the tile's keys; a masked probability (-0.0) skips its
 //             value, so data a row cannot see never reaches it
 // With one split the block writes out and lse; otherwise each split writes its normalised o and its lse in
-// float32, and the last split of a (sequence, kv head) to finish merges them (decode.cuh). kvcache_append
+// float32, and the last split of a (sequence, kv head, slab) to finish merges them (decode.cuh). kvcache_append
 // writes a call's new rows into the cache before (and applies the rotary embedding to them and to q).
 #include "decode.cuh"
 #include "softmax.cuh"
@@ -115,18 +116,18 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
     __shared__ i64 s_vrow[BLOCK_N];          // offset of each key's value row
     __shared__ float s_m[ROWS], s_l[ROWS], s_alpha[ROWS];  // running max and sum of each row, this tile's factor
 
-    const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid % 32;
-    const int seqlen_k = decode_seqlen(p, b), first_row = decode_first_row(p, b), rows = f.group * f.seqlen_q;
+    const int split = blockIdx.x, b = blockIdx.z, tid = threadIdx.x, lane = tid % 32;
+    const DecodeSlab slab = decode_slab<ROWS>(f);
+    const int hk = slab.hk, rows = slab.rows, seqlen_k = decode_seqlen(p, b), first_row = decode_first_row(p, b);
     const int begin = Var(f, b, hk * f.group, seqlen_k).key_begin(0) + split * p.keys_per_split;
     const int end = min(seqlen_k, begin + p.keys_per_split);
     const float scale_log2 = float(f.scale) * float(LOG2E);
-    // Row r is query position r % seqlen_q of query head hk * group + r / seqlen_q.
-    auto head = [&](int r) { return hk * f.group + r / f.seqlen_q; };
+    auto head = [&](int r) { return slab.head(f, r); };
 
     for (int idx = tid; idx < ROWS * D_TILE; idx += THREADS) {
         const int r = idx / D_TILE, d = idx % D_TILE;
         sq[r][d] = r < rows && d < f.headdim
-                       ? to_acc(static_cast<const T*>(f.q)[b * f.q_st.b + (i64)(r % f.seqlen_q) * f.q_st.s +
+                       ? to_acc(static_cast<const T*>(f.q)[b * f.q_st.b + (i64)slab.query(f, r) * f.q_st.s +
                                                            head(r) * f.q_st.h + d])
                        : 0.f;
     }
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
             for (int r = 0; r < ROWS; ++r) {
                 if (r < rows) {
                     const Var var(f, b, head(r), seqlen_k);
-                    sp[r][tid] = var.template score<true, sizeof(T) == 2>(dot[r], scale_log2, r % f.seqlen_q, key);
+                    sp[r][tid] = var.template score<true, sizeof(T) == 2>(dot[r], scale_log2, slab.query(f, r), key);
                 }
             }
         } else {
@@ -241,9 +242,9 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
         const int idx = tid + q * THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
         if (r < rows && c * 8 < f.headdim) {
             const float inv_l = row_end(r).o_factor;
-            const i64 out_row = ((i64)b * f.nheads + head(r)) * f.seqlen_q + r % f.seqlen_q;  // (b, h, i)
+            const i64 out_row = ((i64)b * f.nheads + head(r)) * f.seqlen_q + slab.query(f, r);  // (b, h, i)
             if (direct) {
-                T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)(r % f.seqlen_q) * f.o_st.s + head(r) * f.o_st.h + c * 8;
+                T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)slab.query(f, r) * f.o_st.s + head(r) * f.o_st.h + c * 8;
 #pragma unroll
                 for (int e = 0; e < 8; ++e) dst[e] = from_acc<T>(o[q][e] * inv_l);
             } else {
@@ -255,11 +256,11 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
     }
     if (tid < rows) {
         const float lse = row_end(tid).lse;
-        const i64 out_row = ((i64)b * f.nheads + head(tid)) * f.seqlen_q + tid % f.seqlen_q;
+        const i64 out_row = ((i64)b * f.nheads + head(tid)) * f.seqlen_q + slab.query(f, tid);
         if (direct)
             static_cast<float*>(f.lse)[out_row] = lse;
         else
             p.part_lse[split_row0 + out_row] = lse;
     }
-    if (!direct) merge_splits_if_last<T, THREADS / 32>(p, b, hk);
+    if (!direct) merge_splits_if_last<T, THREADS / 32>(p, b, slab);
 }

@@ -20,6 +20,24 @@ __device__ __forceinline__ i64 cache_row(const DecodeParams& p, const Strides& s
     return page * st.b + (i64)(key % p.page_size) * st.s;
 }
 
+// A decode block's query rows: the GQA group's heads times seqlen_q of kv head hk, in slabs of at most SLAB
+// rows, the grid's rows being (kv head, slab) pairs (nheads_kv x slabs), so that a call of any number of rows
+// per kv head is one launch. Row r of the block is row row0 + r of its kv head: query position
+// (row0 + r) % seqlen_q of query head hk * group + (row0 + r) / seqlen_q.
+struct DecodeSlab {
+    int hk, row0, rows;  // the kv head, the slab's first row, its rows
+
+    __device__ __forceinline__ int head(const FwdParams& f, int r) const {
+        return hk * f.group + (row0 + r) / f.seqlen_q;
+    }
+    __device__ __forceinline__ int query(const FwdParams& f, int r) const { return (row0 + r) % f.seqlen_q; }
+};
+
+template <int SLAB> __device__ __forceinline__ DecodeSlab decode_slab(const FwdParams& f) {
+    const int slabs = gridDim.y / (f.nheads / f.group), row0 = int(blockIdx.y) % slabs * SLAB;
+    return {int(blockIdx.y) / slabs, row0, min(SLAB, f.group * f.seqlen_q - row0)};
+}
+
 // The most splits of a (sequence, kv head): _plan.DECODE_MAX_SPLITS.
 constexpr int DECODE_MAX_SPLITS = 128;
 
@@ -32,18 +50,19 @@ __device__ __forceinline__ unsigned atomic_add_acq_rel(unsigned* counter, unsign
 }
 
 // Called by every block of a decode with several splits once it has written its rows' part_out and part_lse:
-// the block that finishes last among the splits of (sequence b, kv head hk) merges them into out and lse, by
+// the block that finishes last among the splits of (sequence b, its slab) merges them into out and lse, by
 // their lse as cupyflash.merge_attention does. Thread 0 counts the block with one acquire-release atomic
 // after the block's barrier, so the last block reads the others' partials (through L2, ld.global.cg). A warp
 // per row finds the row's max and sum over the splits and leaves each split's weight in shared memory; then
 // each thread sums its elements over the splits, every load independent of the others. The last block also
 // resets the counter: the counters stay zero between launches (_cuda_backend keeps them per device and stream).
-template <typename T, int WARPS> __device__ void merge_splits_if_last(const DecodeParams& p, int b, int hk) {
+template <typename T, int WARPS>
+__device__ void merge_splits_if_last(const DecodeParams& p, int b, const DecodeSlab& slab) {
     const FwdParams& f = p.fwd;
     __shared__ bool last;
     __shared__ float s_weight[16][DECODE_MAX_SPLITS];  // exp(lse_s - m) / sum of each row and split
     __syncthreads();  // the block's partial rows are written
-    unsigned* counter = p.split_counters + b * (f.nheads / f.group) + hk;
+    unsigned* counter = p.split_counters + b * gridDim.y + blockIdx.y;
     if (threadIdx.x == 0) {
         last = atomic_add_acq_rel(counter, 1u) == p.num_splits - 1;
         if (last) *counter = 0u;  // every split has counted: none reads it again in this launch
@@ -56,10 +75,10 @@ template <typename T, int WARPS> __device__ void merge_splits_if_last(const Deco
         return v;
     };
     constexpr int PER_LANE = DECODE_MAX_SPLITS / 32;
-    const int rows = f.group * f.seqlen_q, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const i64 split_rows = (i64)p.batch * f.nheads * f.seqlen_q;
-    auto out_row = [&](int r) { return ((i64)b * f.nheads + hk * f.group + r / f.seqlen_q) * f.seqlen_q + r % f.seqlen_q; };
-    for (int r = warp; r < rows; r += WARPS) {
+    auto out_row = [&](int r) { return ((i64)b * f.nheads + slab.head(f, r)) * f.seqlen_q + slab.query(f, r); };
+    for (int r = warp; r < slab.rows; r += WARPS) {
         float lse[PER_LANE];
         float m = neg_inf<float>();
 #pragma unroll
@@ -69,7 +88,7 @@ template <typename T, int WARPS> __device__ void merge_splits_if_last(const Deco
             m = fmax(m, lse[i]);
         }
         m = reduce_max<32>(m);
-        const float sink = sink_logit<float>(f.var, hk * f.group + r / f.seqlen_q);  // a term with no o
+        const float sink = sink_logit<float>(f.var, slab.head(f, r));  // a term with no o
         m = fmax(m, sink);
         const float m_safe = is_finite(m) ? m : 0.f;  // every split -inf (or +inf): no m - m = NaN
         float total = 0.f;
@@ -88,14 +107,14 @@ template <typename T, int WARPS> __device__ void merge_splits_if_last(const Deco
         if (lane == 0) static_cast<float*>(f.lse)[out_row(r)] = total == 0.f ? m : m_safe + logf(total);
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < rows * f.headdim; idx += WARPS * 32) {
+    for (int idx = threadIdx.x; idx < slab.rows * f.headdim; idx += WARPS * 32) {
         const int r = idx / f.headdim, d = idx % f.headdim;
         const float* part = p.part_out + out_row(r) * f.headdim + d;
         const i64 split_stride = split_rows * f.headdim;
         float acc = 0.f;
 #pragma unroll 16
         for (int s = 0; s < p.num_splits; ++s) acc += s_weight[r][s] * load(part + s * split_stride);
-        static_cast<T*>(f.out)[b * f.o_st.b + (i64)(r % f.seqlen_q) * f.o_st.s + (hk * f.group + r / f.seqlen_q) * f.o_st.h + d] =
+        static_cast<T*>(f.out)[b * f.o_st.b + (i64)slab.query(f, r) * f.o_st.s + slab.head(f, r) * f.o_st.h + d] =
             from_acc<T>(acc);
     }
 }

@@ -1,8 +1,9 @@
 // Split-KV decoding on tensor cores for 16-bit caches (attention_with_kvcache): a few query rows against a
 // long cache. The pass is bound by reading the cache, so it is shaped to keep many cache reads in flight.
 //
-// One block per (split, kv head, sequence). The block's 16 rows are the GQA group's query heads times
-// seqlen_q (padded to one mma slab), so every key and value row read serves all of them. Warp w takes the
+// One block per (split, kv head and slab of 16 rows, sequence). A kv head's rows are the GQA group's query
+// heads times seqlen_q, 16 a block (decode_slab; the last slab padded to one mma tile), so every key and value
+// row read serves all of a block's rows. Warp w takes the
 // key tiles w, w + WARPS, ... of its split through its own STAGES-deep ring, with no block barrier in the
 // loop: with TMA (Hopper, a cache whose pages hold whole tiles) lane 0 loads each K and V tile as one box
 // of its rows, completing an mbarrier of the ring, where 16-byte cp.async copies streamed the cache at
@@ -13,7 +14,7 @@
 //   o = o * alpha + p v     gemm_rn; guarded where a partly hidden tile holds NaN or inf
 // The warps' (m, l, o) then merge through shared memory. With one split the block writes out and lse;
 // otherwise each split writes its normalised o and its lse in float32, and the last split of a (sequence,
-// kv head) to finish merges them (decode.cuh). The new rows of a call are appended before, by
+// kv head, slab) to finish merges them (decode.cuh). The new rows of a call are appended before, by
 // kvcache_append (decode.cu).
 #include "async_copy.cuh"
 #include "decode.cuh"
@@ -53,15 +54,15 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     }
     __shared__ unsigned long long tile_full[TMA ? WARPS : 1][STAGES];  // TMA: a warp's ring slot has arrived
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-    const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-    const int rows = f.group * f.seqlen_q, seqlen_k = decode_seqlen(p, b), first_row = decode_first_row(p, b);
+    const int split = blockIdx.x, b = blockIdx.z;
+    const DecodeSlab slab = decode_slab<16>(f);
+    const int hk = slab.hk, rows = slab.rows, seqlen_k = decode_seqlen(p, b), first_row = decode_first_row(p, b);
 
-    // Row r is query position r % seqlen_q of head hk * group + r / seqlen_q; padding rows repeat the last
-    // row (their results are not written). This lane holds rows g and g + 8.
+    // Padding rows repeat the slab's last row (their results are not written). This lane holds rows g and g + 8.
     auto real = [&](int r) { return min(r, rows - 1); };
-    auto head = [&](int r) { return hk * f.group + real(r) / f.seqlen_q; };
+    auto head = [&](int r) { return slab.head(f, real(r)); };
     const Var var[2] = {Var(f, b, head(g), seqlen_k), Var(f, b, head(g + 8), seqlen_k)};
-    const int query[2] = {real(g) % f.seqlen_q, real(g + 8) % f.seqlen_q};
+    const int query[2] = {slab.query(f, real(g)), slab.query(f, real(g + 8))};
 
     // The split's keys: a share of the band that some row may see (key_begin, key_end in mask.cuh).
     const int begin = var[0].key_begin(0) + split * p.keys_per_split;
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
         T x;
         x.bits = 0;
         if (r < rows && d < f.headdim)
-            x = static_cast<const T*>(f.q)[b * f.q_st.b + (i64)(r % f.seqlen_q) * f.q_st.s + head(r) * f.q_st.h + d];
+            x = static_cast<const T*>(f.q)[b * f.q_st.b + (i64)slab.query(f, r) * f.q_st.s + head(r) * f.q_st.h + d];
         sQ[r * LD + d] = x;
     }
 
@@ -239,7 +240,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     __syncthreads();
     const bool direct = p.num_splits == 1;
     const i64 split_row0 = (i64)split * p.batch * f.nheads * f.seqlen_q;  // (split, b, h, i) rows
-    auto out_row = [&](int row) { return ((i64)b * f.nheads + head(row)) * f.seqlen_q + row % f.seqlen_q; };  // (b, h, i)
+    auto out_row = [&](int row) { return ((i64)b * f.nheads + head(row)) * f.seqlen_q + slab.query(f, row); };  // (b, h, i)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = g + 8 * r;
@@ -278,7 +279,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
             acc = make_float4(acc.x + x.x, acc.y + x.y, acc.z + x.z, acc.w + x.w);
         }
         if (direct) {
-            T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)(row % f.seqlen_q) * f.o_st.s + head(row) * f.o_st.h + d;
+            T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)slab.query(f, row) * f.o_st.s + head(row) * f.o_st.h + d;
             dst[0] = from_acc<T>(acc.x);
             dst[1] = from_acc<T>(acc.y);
             dst[2] = from_acc<T>(acc.z);
@@ -287,5 +288,5 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
             *reinterpret_cast<float4*>(p.part_out + (split_row0 + out_row(row)) * f.headdim + d) = acc;
         }
     }
-    if (!direct) merge_splits_if_last<T, WARPS>(p, b, hk);
+    if (!direct) merge_splits_if_last<T, WARPS>(p, b, slab);
 }

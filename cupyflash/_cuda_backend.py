@@ -725,7 +725,7 @@ class _Readdressed:
 
 
 #: The decode kernels' workspace by (device, stream): counters, zero between launches (the last split of a
-#: (sequence, kv head) resets its counter), and room for the splits' partial outputs and lses, which the
+#: (sequence, kv head, slab) resets its counter), and room for the splits' partial outputs and lses, which the
 #: kernel reads back within its own launch, and for the lse of a call that does not return it. A stream's
 #: calls run in order, so one workspace, grown to the largest call's need, serves them all, and a call
 #: allocates only its outputs.
@@ -803,6 +803,7 @@ class _DecodePlan(typing.NamedTuple):
     variant: tuple  # VariantParams' values
     splits: int
     per_split: int
+    slabs: int      # blocks a (split, kv head, sequence) takes for its rows (_plan.decode_slabs)
     structs: dict   # (launch, _Readdressed DecodeParams) by what else a call may change (strides, lengths, caches)
 
 
@@ -814,13 +815,14 @@ _DECODE_PLANS_BY_CASE = {}
 
 def _decode_plan(spec, device_id, num_splits):
     """The kernel, the variant and the split of a decode call, or None when the decode kernels do not take
-    it (more than DECODE_ROWS[-1] query rows per kv head, a head dimension that is not a multiple of 8, or
+    it (more than DECODE_MAX_ROWS[dtype] query rows per kv head, a head dimension that is not a multiple of 8, or
     no block that fits the device's shared memory)."""
     plans = _DECODE_PLANS.setdefault(spec, {})
     key = (device_id, num_splits)
     if key not in plans:
         rows = spec.group * spec.seqlen_q
-        if not (spec.dtype.name in DECODE_DTYPES and rows <= _plan.DECODE_ROWS[-1] and spec.headdim % 8 == 0):
+        if not (spec.dtype.name in DECODE_DTYPES and rows <= _plan.DECODE_MAX_ROWS[spec.dtype.name]
+                and spec.headdim % 8 == 0):
             plans[key] = None
             return None
         var_type, var, _ = _variant(spec, device_id)  # no bool mask here: nothing classified
@@ -846,8 +848,10 @@ def _new_decode_plan(spec, device_id, num_splits, var_type, variant):
     left = spec.window[0]
     band = spec.seqlen_k if left < 0 else min(spec.seqlen_k, spec.seqlen_q + left)
     slots = _plan.decode_slots(main, _multiprocessors(device_id), lambda: _resident_blocks(main, device_id))
-    splits, per_split = _plan.decode_splits(band, spec.batch * spec.nheads_kv, slots, main.block_rows, num_splits)
-    return _DecodePlan(main, tma, variant, splits, per_split, {})
+    slabs = _plan.decode_slabs(rows)
+    splits, per_split = _plan.decode_splits(band, spec.batch * spec.nheads_kv * slabs, slots, main.block_rows,
+                                            num_splits)
+    return _DecodePlan(main, tma, variant, splits, per_split, slabs, {})
 
 
 def decode_plan(spec, k_cache, v_cache, num_splits=0):
@@ -860,7 +864,7 @@ def decode(plan, q, k_cache, v_cache, spec, lengths, want_lse=True):
     """(out, lse) of q over each sequence's cache rows (CacheLengths, after the append) by decode_plan's
     `plan`, whose splits of the keys _plan.decode_splits chose, on the current device: q's. Several splits
     write their partial outputs and lses to the stream's workspace and count themselves on a counter per
-    (sequence, kv head) that tells the last of them to merge them. Without `want_lse` the lse goes to the
+    (sequence, kv head, slab) that tells the last of them to merge them. Without `want_lse` the lse goes to the
     workspace too, and comes back None."""
     device_id = q.data.device_id
     q = _rows_contiguous(q)
@@ -870,7 +874,7 @@ def decode(plan, q, k_cache, v_cache, spec, lengths, want_lse=True):
     room = rows * (spec.headdim + 1)
     splits = (0, 0, 0)
     if room or lse is None:
-        part_out, counters = _decode_workspace(device_id, spec.batch * spec.nheads_kv,
+        part_out, counters = _decode_workspace(device_id, spec.batch * spec.nheads_kv * plan.slabs,
                                                room + (0 if want_lse else spec.batch * spec.nheads * spec.seqlen_q))
         if room:
             splits = (part_out, part_out + 4 * rows * spec.headdim, counters)
@@ -895,7 +899,7 @@ def decode(plan, q, k_cache, v_cache, spec, lengths, want_lse=True):
     launch, struct = entry
     p = struct((q.data.ptr, k_ptr, v_ptr, out.data.ptr, lse_ptr, _ptr(lengths.device), _ptr(lengths.leftpad),
                 _ptr(table), *splits))
-    _launch(launch, (plan.splits, spec.nheads_kv, spec.batch), p, device_id)
+    _launch(launch, (plan.splits, spec.nheads_kv * plan.slabs, spec.batch), p, device_id)
     return out, lse
 
 

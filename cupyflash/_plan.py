@@ -549,8 +549,11 @@ def _shrink(block, smallest, smem, limit):
     return block
 
 
-#: Query rows per kv head the decode kernels are compiled for (the group's heads times seqlen_q).
+#: Query rows per kv head the decode kernels are compiled for (the group's heads times seqlen_q); more rows
+#: are cut into slabs of the last, a block each (decode_slab in decode.cuh), up to DECODE_MAX_ROWS by dtype.
+#: Past it each sequence runs through the dense forward (measured on an H100, docs/performance.md).
 DECODE_ROWS = (1, 2, 4, 8, 16)
+DECODE_MAX_ROWS = {"float16": 512, "bfloat16": 512, "float32": 128}
 DECODE_MAX_SPLITS = _csource.constant(_csource.source("decode.cuh"), "DECODE_MAX_SPLITS")
 DECODE_WARPS = (8, 4)  # warps of a decode_mma.cu block, each streaming its own key tiles: the first that fits
 
@@ -579,8 +582,14 @@ def decode(dtype, headdim, rows, var, limit, tma=False):
         name = f"flash_decode_mma<{c}, {d}, {block_n}, {warps}, {stages}, {_cbool(tma)}, {var}>"
         return Launch("decode_mma.cu", name, warps * block_n, 32 * warps, smem(warps, stages),
                       SM90_OPTIONS if tma else OPTIONS)
-    block_rows = next(r for r in DECODE_ROWS if r >= rows)
-    return Launch("decode.cu", f"flash_decode<{c}, {d}, {block_rows}, {var}>", 128, 128, 0)
+    slab = next(r for r in DECODE_ROWS if r >= min(rows, DECODE_ROWS[-1]))
+    return Launch("decode.cu", f"flash_decode<{c}, {d}, {slab}, {var}>", 128, 128, 0)
+
+
+def decode_slabs(rows):
+    """Blocks a decode takes for the `rows` query rows of a kv head: slabs of DECODE_ROWS[-1] rows (both
+    kernels: the tensor-core one pads its block's rows to one mma tile of 16)."""
+    return -(-rows // DECODE_ROWS[-1])
 
 
 def kvcache_append(dtype):
@@ -591,7 +600,7 @@ def kvcache_append(dtype):
 
 def decode_splits(band, blocks, slots, step, requested=0):
     """(splits, keys per split) of a decode whose sequences see at most `band` keys, with `blocks` (batch x
-    kv heads) blocks per split and `slots` blocks resident on the device at once; splits are whole steps of
+    kv heads x slabs) blocks per split and `slots` blocks resident on the device at once; splits are whole steps of
     `step` keys. `requested` splits at most; 0 chooses: no split once the blocks fill 80% of the slots (as
     flash-attn), else the fewest splits whose waves are within 95% of the best use of the slots (a pass
     bound by memory wants every slot busy; each split costs its share of the combine)."""

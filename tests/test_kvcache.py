@@ -11,9 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cupyflash
+from cupyflash import _plan
 from helpers import BFLOAT16, eps
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+#: With problem()'s two query heads per kv head: more rows per kv head than the decode kernels take, so the
+#: dense kernels run each sequence.
+DENSE_SEQLEN_Q = max(_plan.DECODE_MAX_ROWS.values()) // 2 + 1
 
 
 def bits(x):
@@ -862,11 +867,12 @@ def test_cache_batch_idx_on_the_device(dtype, idx_on_device, rotary):
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 @pytest.mark.parametrize("page_size", [None, 16])
 @pytest.mark.parametrize("leftpad_on_device", [False, True])
-@pytest.mark.parametrize("seqlen_q", [1, 9])
+@pytest.mark.parametrize("seqlen_q", [1, 9, DENSE_SEQLEN_Q])
 def test_leftpad_on_the_device(dtype, page_size, leftpad_on_device, seqlen_q):
-    """Keys from row cache_leftpad[b] on (NaN before it), in the decode kernels (one query row) and in the
-    dense kernels over each sequence's gathered rows (nine: more rows per kv head than a decode block
-    takes): the NumPy backend's outputs within the decode's rounding, the same rows appended."""
+    """Keys from row cache_leftpad[b] on (NaN before it), in the decode kernels (one query row; nine, 18 rows
+    per kv head in two slabs) and in the dense kernels over each sequence's gathered rows (more rows per kv
+    head than the decode kernels take): the NumPy backend's outputs within the decode's rounding, the same rows
+    appended."""
     cp = pytest.importorskip("cupy")
 
     q, k_cache, v_cache, k, v, lengths = problem(13, [0, 70, 129, 40], 1, seqlen_q=seqlen_q, headdim=64, dtype=dtype)
@@ -921,17 +927,20 @@ def check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_decode_kernel_matches_the_reference(dtype, variant):
-    """Decoding shapes (GQA group x seqlen_q <= 16 rows per kv head) take the split-KV kernels, paged or
-    not, over sequences of several tiles (one empty), with NaN past every length and in unused pages,
-    for split counts from one to many and head dimensions from 8 to 256. On Hopper a 16-bit cache is read by
-    TMA where its pages hold whole tiles of 16 keys from key 0 (contiguous: one page per sequence)."""
+    """Decoding shapes (GQA group x seqlen_q up to DECODE_MAX_ROWS rows per kv head, in slabs of 16) take the
+    split-KV kernels, paged or not, over sequences of several tiles (one empty), with NaN past every length and
+    in unused pages, for split counts from one to many and head dimensions from 8 to 256. On Hopper a 16-bit
+    cache is read by TMA where its pages hold whole tiles of 16 keys from key 0 (contiguous: one page per
+    sequence)."""
     cp = pytest.importorskip("cupy")
     from cupyflash import _cuda_backend
 
     hopper = _cuda_backend._device_info(cp.cuda.Device().id)[1]
     kw = VARIANTS[variant]
+    # two rows per kv head and query position: 18 rows are two slabs, the last of 2 rows; 64 rows four
     for page_size, num_splits, seqlen_q, headdim in ((None, 0, 1, 64), (64, 1, 2, 128), (48, 7, 1, 8),
-                                                     (None, 100, 4, 256), (5, 3, 3, 96)):
+                                                     (None, 100, 4, 256), (5, 3, 3, 96), (None, 0, 9, 64),
+                                                     (16, 5, 32, 128)):
         q, k_cache, v_cache, k, v, lengths = problem(variant, [300, 0, 520, 129], 1, seqlen_q=seqlen_q,
                                                      headdim=headdim, dtype=dtype)
         block_table = None
@@ -951,7 +960,7 @@ def test_decode_kernel_matches_the_reference(dtype, variant):
 @settings(max_examples=30)
 @given(dtype=st.sampled_from([np.float16, BFLOAT16, np.float32]),
        cache_seqlens=st.lists(st.one_of(st.just(0), st.integers(1, 700)), min_size=1, max_size=4),
-       seqlen_new=st.integers(0, 3), seqlen_q=st.integers(1, 4),
+       seqlen_new=st.integers(0, 3), seqlen_q=st.one_of(st.integers(1, 4), st.integers(5, 20)),
        heads=st.sampled_from([(8, 1), (4, 2), (2, 2), (16, 4)]),
        headdim=st.sampled_from([8, 64, 100, 128, 256]), page_size=st.sampled_from([None, 1, 16, 40, 256]),
        num_splits=st.sampled_from([0, 1, 3, 50]), variant=st.sampled_from(range(len(VARIANTS))),
@@ -1003,11 +1012,12 @@ def test_decode_hidden_nan_reaches_only_the_rows_that_see_it(dtype, kw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64])
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("seqlen_q", [1, 9])
+@pytest.mark.parametrize("seqlen_q", [1, 9, DENSE_SEQLEN_Q])
 def test_learnable_sink_on_the_device(dtype, num_splits, seqlen_q):
-    """A learnable sink in the decode kernels (one query row; split rows leave it to the merge), in the dense
-    kernels over each sequence's gathered rows (nine rows) and for float64 caches: the NumPy backend's outputs
-    within the decode's rounding; the sequence with no key gives out 0 and lse the sink's logit."""
+    """A learnable sink in the decode kernels (one query row, or two slabs of rows; split rows leave it to the
+    merge), in the dense kernels over each sequence's gathered rows (more rows than the decode kernels take)
+    and for float64 caches: the NumPy backend's outputs within the decode's rounding; the sequence with no key
+    gives out 0 and lse the sink's logit."""
     cp = pytest.importorskip("cupy")
 
     q, k_cache, v_cache, _, _, lengths = problem(17, [0, 70, 129, 40], None, seqlen_q=seqlen_q, headdim=64, dtype=dtype)

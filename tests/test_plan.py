@@ -183,3 +183,11 @@ def test_bounded_scores_take_a_deeper_ring_only_where_measured_faster():
     for dtype, head, var, keys, cap in others:
         launch = _plan.forward_sm90(dtype, head, var, keys, softcap=cap)
         assert stages(launch)[0] == _plan.SM90_STAGES, launch.name
+
+
+def test_decode_rows_in_slabs_of_sixteen():
+    """A kv head's query rows take one decode block per 16 (the last slab partly filled), and the CUDA-core
+    kernel is compiled for the fewest rows that hold a slab."""
+    assert [_plan.decode_slabs(rows) for rows in (1, 16, 17, 32, 40, 512)] == [1, 1, 2, 2, 3, 32]
+    for rows, slab in ((1, 1), (3, 4), (16, 16), (17, 16), (128, 16)):
+        assert f"float, 128, {slab}, " in _plan.decode("float32", 128, rows, "V", 48 * 1024).name

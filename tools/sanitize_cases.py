@@ -162,6 +162,10 @@ def decode():
                                              cache_seqlens=np.array([200, 200], np.int32), causal=True)
         cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=np.array([60, 3], np.int32),
                                          block_table=table.get())
+        # more rows per kv head than a block takes: slabs of 16 (40 rows, the last slab 8), split and merged
+        q10 = device(rng.standard_normal((2, 10, 8, 64)).astype(dtype))
+        cupyflash.attention_with_kvcache(q10, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
+            np.array([100, 0], np.int32)), block_table=table, causal=True, num_splits=3, learnable_sink=sinks)
         # the rotary embedding of k and q (by the append), interleaved and not, on part of the head
         angles = rng.uniform(0, 2 * np.pi, (128, 24))
         cos, sin = device(np.cos(angles).astype(dtype)), device(np.sin(angles).astype(dtype))
