@@ -141,11 +141,12 @@ class Case:
     dtype: str
     variant: Variant | None = None
     lengths: tuple = ()  # a packed batch (cu_seqlens): its sequence lengths; seqlen is the longest
+    queries: int = 1  # decode: query tokens per sequence
 
     @property
     def seqlen_q(self) -> int:
-        """Decoding attends one new query per sequence to a cache of ``seqlen`` keys."""
-        return 1 if self.mode == "decode" else self.seqlen
+        """Decoding attends `queries` new queries per sequence to a cache of ``seqlen`` keys."""
+        return self.queries if self.mode == "decode" else self.seqlen
 
     @property
     def kv_bytes(self) -> int:
@@ -158,7 +159,7 @@ class Case:
         (query i sees keys i - L ... i), half the square when causal."""
         s = self.seqlen
         if self.mode == "decode":
-            return s
+            return s * self.queries
         if self.variant is not None and self.variant.kind == "window":
             left = min(self.variant.value, s - 1)
             return (left + 1) * s - left * (left + 1) / 2
@@ -905,7 +906,7 @@ def format_table(cases, rows, impls, copy_gbps=None) -> str:
     packed = any(c.lengths for c in cases)
     columns = [("", "variant")] if variants else []
     columns += [("", "mode"), ("", "causal"), ("", "hdim"), ("", "batch" if decode or packed else "seqlen")]
-    columns += [("", "cache")] if decode else [("", "lengths")] if packed else []
+    columns += [("", "cache"), ("", "queries")] if decode else [("", "lengths")] if packed else []
     for impl in impls:
         columns += [(impl, "ms"), (impl, "GB/s" if decode else "TFLOP/s"), (impl, "MiB")]
     columns += [("cupyflash", "of copy")] if copy_gbps else []
@@ -915,7 +916,7 @@ def format_table(cases, rows, impls, copy_gbps=None) -> str:
         cells = [case.variant.label] if variants else []
         cells += [case.mode, "yes" if case.causal else "no", str(case.headdim)]
         if decode:
-            cells += [str(case.batch), str(case.seqlen)]
+            cells += [str(case.batch), str(case.seqlen), str(case.queries)]
         elif packed:
             cells += [str(case.batch), f"{min(case.lengths)}-{max(case.lengths)}"]
         else:
@@ -929,7 +930,7 @@ def format_table(cases, rows, impls, copy_gbps=None) -> str:
             x = ratio(row[p], row["cupyflash"])
             cells.append("-" if x is None else f"{x:.2f}x")
         body.append(cells)
-    return render_table(columns, body, left=(5 if variants else 4) + (decode or packed))
+    return render_table(columns, body, left=(5 if variants else 4) + (2 if decode else packed))
 
 
 def format_variant_table(cases, rows, targets) -> str:
@@ -1159,13 +1160,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoding against a KV cache (attention_with_kvcache; GB/s of keys and values read): one "
                         "query token, GQA 32/8, hdim 128, batch 1,8,32 x cache 8k,32k,128k, contiguous and paged "
                         f"({PAGED}: pages of {DECODE_PAGE_SIZE} rows in random order); --batch, --seqlens, "
-                        "--headdims, --nheads, --nheads-kv override")
+                        "--headdims, --nheads, --nheads-kv, --queries override")
+    p.add_argument("--queries", type=int, default=1,
+                   help="--decode: query tokens per sequence, each seeing the whole cache (speculative decoding's "
+                        "draft, a prompt's chunk; default 1)")
     v.add_argument("--variants", action="store_true",
                    help="the targets: softcap 50, ALiBi, padding mask and dropout 0.1 at seqlen 4096, window 256 at "
                         "8192 against full causal; bf16, hdim 128, 16 heads, 16k tokens, fwd and bwd")
     args = p.parse_args(argv)
     if args.variants and variants_from_args(args):
         p.error("--variants runs its own set: leave out --window, --softcap, --alibi, --mask, --dropout and --sink")
+    if args.queries != 1 and not args.decode or args.queries < 1:
+        p.error(f"--queries takes a count of at least 1 and goes with --decode, got {args.queries}")
     if args.decode and (args.variants or variants_from_args(args) or args.modes):
         p.error("--decode runs one forward mode without variants: leave out --variants, the variant flags and --modes")
     if args.varlen and (args.decode or args.variants or variants_from_args(args)):
@@ -1229,7 +1235,7 @@ def main(argv=None) -> int:
     elif args.decode:
         batches, caches, decode_heads, decode_heads_kv, headdim = DECODE_PRESET[backend.name]
         cases = [Case("decode", False, hd, cache, b, args.nheads or decode_heads,
-                      args.nheads_kv or args.nheads or decode_heads_kv, dtype)
+                      args.nheads_kv or args.nheads or decode_heads_kv, dtype, queries=args.queries)
                  for hd in args.headdims or [headdim] for b in ([args.batch] if args.batch else batches)
                  for cache in args.seqlens or caches]
         peers = [PAGED, *peers]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import cupyflash
 
@@ -71,18 +72,21 @@ def test_bench_cpu_quick(tmp_path):
     assert all(case["results"]["cupyflash"]["status"] == "ok" for case in data["cases"]), data["cases"]
 
 
-def test_bench_cpu_decode(tmp_path):
+@pytest.mark.parametrize("queries", [1, 3])
+def test_bench_cpu_decode(tmp_path, queries):
     path = tmp_path / "decode.json"
-    out = run("-m", "cupyflash.bench", "--cpu", "--decode", "--seqlens", "128,256", "--repeats", "2", "--json",
-              str(path), cwd=tmp_path)
-    assert "GB/s" in out and "cache" in out, out
+    out = run("-m", "cupyflash.bench", "--cpu", "--decode", "--seqlens", "128,256", "--repeats", "2", "--queries",
+              str(queries), "--json", str(path), cwd=tmp_path)
+    assert "GB/s" in out and "cache" in out and "queries" in out, out
     import json
 
     cases = json.loads(path.read_text())["cases"]
-    assert {(c["mode"], c["batch"], c["seqlen"]) for c in cases} == {("decode", b, s) for b in (1, 4) for s in (128, 256)}
+    assert {(c["mode"], c["batch"], c["seqlen"], c["queries"]) for c in cases} == {
+        ("decode", b, s, queries) for b in (1, 4) for s in (128, 256)}
     for case in cases:
         ours = case["results"]["cupyflash"]
         assert ours["status"] == "ok" and ours["gbps"] > 0, case
+        assert case["flops"] == 4 * case["batch"] * case["nheads"] * queries * case["seqlen"] * case["headdim"]
 
 
 def test_bench_cpu_varlen(tmp_path):
