@@ -129,6 +129,8 @@ def test_fuzz_draws_every_kind_within_its_bounds(family):
     assert {name for _, _, _, names, *_ in packed for name in names} == set(fuzz.PACKED_VARIANTS)
     decodes = [fuzz.decode_case(rng, family) for _ in range(200)]
     assert any(0 in lengths for lengths, *_ in decodes)
+    # up to 40 query positions, whose rows per kv head fill several slabs of a decode block
+    assert max(seqlen_q for _, _, seqlen_q, *_ in decodes) > 16
     assert {case[7] for case in decodes} == set(range(fuzz.DECODE_VARIANTS))
     if family == "":
         from test_kvcache import VARIANTS as decode_variants

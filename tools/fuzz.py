@@ -82,8 +82,10 @@ def packed_case(rng, family):
 def decode_case(rng, family):
     """(cache lengths, appended rows, seqlen_q, heads, headdim, page size, splits, variant index, dtype, seed)."""
     wide = family == "simt"
+    # query positions: a token or a few, or up to 40 (with the groups, rows in several slabs of a decode block)
     return ([pick(rng, (0, length(rng))) for _ in range(int(rng.integers(1, 5)))], int(rng.integers(0, 4)),
-            int(rng.integers(1, 5)), pick(rng, ((8, 1), (4, 2), (2, 2), (16, 4), (6, 3))), int(rng.integers(1, 257)),
+            int(rng.integers(1, 5) if rng.random() < 0.7 else rng.integers(5, 41)),
+            pick(rng, ((8, 1), (4, 2), (2, 2), (16, 4), (6, 3))), int(rng.integers(1, 257)),
             pick(rng, (None, 1, 16, 40, 64, 256)), pick(rng, (0, 1, 3, 50)), int(rng.integers(DECODE_VARIANTS)),
             np.dtype(np.float32) if wide else pick(rng, dtypes(family)[:3]), int(rng.integers(2**32)))
 
