@@ -262,5 +262,5 @@ __global__ void __launch_bounds__(128) flash_decode(const __grid_constant__ Deco
         else
             p.part_lse[split_row0 + out_row] = lse;
     }
-    if (!direct) merge_splits_if_last<T, THREADS / 32>(p, b, slab);
+    if (!direct) merge_splits_if_last<T, THREADS / 32, ROWS>(p, b, slab);
 }

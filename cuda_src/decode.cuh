@@ -56,11 +56,11 @@ __device__ __forceinline__ unsigned atomic_add_acq_rel(unsigned* counter, unsign
 // per row finds the row's max and sum over the splits and leaves each split's weight in shared memory; then
 // each thread sums its elements over the splits, every load independent of the others. The last block also
 // resets the counter: the counters stay zero between launches (_cuda_backend keeps them per device and stream).
-template <typename T, int WARPS>
+template <typename T, int WARPS, int ROWS>
 __device__ void merge_splits_if_last(const DecodeParams& p, int b, const DecodeSlab& slab) {
     const FwdParams& f = p.fwd;
     __shared__ bool last;
-    __shared__ float s_weight[16][DECODE_MAX_SPLITS];  // exp(lse_s - m) / sum of each row and split
+    __shared__ float s_weight[ROWS][DECODE_MAX_SPLITS];  // exp(lse_s - m) / sum of each of the slab's rows and split
     __syncthreads();  // the block's partial rows are written
     unsigned* counter = p.split_counters + b * gridDim.y + blockIdx.y;
     if (threadIdx.x == 0) {

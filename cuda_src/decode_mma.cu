@@ -1,9 +1,10 @@
 // Split-KV decoding on tensor cores for 16-bit caches (attention_with_kvcache): a few query rows against a
 // long cache. The pass is bound by reading the cache, so it is shaped to keep many cache reads in flight.
 //
-// One block per (split, kv head and slab of 16 rows, sequence). A kv head's rows are the GQA group's query
-// heads times seqlen_q, 16 a block (decode_slab; the last slab padded to one mma tile), so every key and value
-// row read serves all of a block's rows. Warp w takes the
+// One block per (split, kv head and slab of its rows, sequence). A kv head's rows are the GQA group's query
+// heads times seqlen_q, MT mma tiles of 16 a block (decode_slab; the last slab padded to whole tiles), so every
+// key and value row read serves all of a block's rows: each slab reads the keys and values again (from L2 where
+// its neighbours in the launch have just read them), so wider slabs read less. Warp w takes the
 // key tiles w, w + WARPS, ... of its split through its own STAGES-deep ring, with no block barrier in the
 // loop: with TMA (Hopper, a cache whose pages hold whole tiles) lane 0 loads each K and V tile as one box
 // of its rows, completing an mbarrier of the ring, where 16-byte cp.async copies streamed the cache at
@@ -32,22 +33,23 @@ __device__ __forceinline__ bool warp_tile_nonfinite(const T* tile, int lane) {
     return __any_sync(0xffffffffu, bad);
 }
 
-template <typename T, int D_TILE, int BLOCK_N, int WARPS, int STAGES, bool TMA, typename Var>
+template <typename T, int D_TILE, int BLOCK_N, int WARPS, int STAGES, bool TMA, int MT, typename Var>
 __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_constant__ DecodeParams p) {
-    constexpr int LD = D_TILE + 8, NT = BLOCK_N / 8, DT = D_TILE / 8, CHUNKS = D_TILE / 8;
+    constexpr int LD = D_TILE + 8, NT = BLOCK_N / 8, DT = D_TILE / 8, CHUNKS = D_TILE / 8, ROWS = 16 * MT;
     // A K or V buffer: BLOCK_N rows padded to LD (copies), or with TMA boxes of 64 columns in 128-byte swizzle
     // (sm_90 TMA writes rows unpadded; the swizzle keeps ldmatrix free of bank conflicts)
     constexpr int BOXES = (D_TILE + 63) / 64, TILE = TMA ? BOXES * BLOCK_N * 64 : BLOCK_N * LD;
     static_assert(D_TILE % 16 == 0 && BLOCK_N % 16 == 0 && BLOCK_N <= 32 && STAGES >= 2, "tile shape");
-    // the warps' merge reuses the rings: o (rows padded to LD_O floats), m and l of 16 rows per warp
+    // the warps' merge reuses the rings, an mma tile at a time: o (rows padded to LD_O floats), m and l of 16
+    // rows per warp
     constexpr int LD_O = D_TILE + 8;
     static_assert(WARPS * 16 * (LD_O + 2) * 4 <= WARPS * STAGES * 2 * TILE * 2, "merge buffer");
     const FwdParams& f = p.fwd;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    // [16][LD] q, and [WARPS][STAGES][K, V][TILE] rings; with TMA the rings first, from a 1024-byte boundary
+    // [ROWS][LD] q, and [WARPS][STAGES][K, V][TILE] rings; with TMA the rings first, from a 1024-byte boundary
     T* sQ = reinterpret_cast<T*>(smem_raw);
-    T* rings = sQ + 16 * LD;
+    T* rings = sQ + ROWS * LD;
     if constexpr (TMA) {
         rings = reinterpret_cast<T*>(smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024);
         sQ = rings + WARPS * STAGES * 2 * TILE;
@@ -55,18 +57,26 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     __shared__ unsigned long long tile_full[TMA ? WARPS : 1][STAGES];  // TMA: a warp's ring slot has arrived
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int split = blockIdx.x, b = blockIdx.z;
-    const DecodeSlab slab = decode_slab<16>(f);
+    const DecodeSlab slab = decode_slab<ROWS>(f);
     const int hk = slab.hk, rows = slab.rows, seqlen_k = decode_seqlen(p, b), first_row = decode_first_row(p, b);
 
-    // Padding rows repeat the slab's last row (their results are not written). This lane holds rows g and g + 8.
+    // Padding rows repeat the slab's last row (their results are not written). This lane holds rows 16 m + g and
+    // 16 m + g + 8 of each mma tile m.
     auto real = [&](int r) { return min(r, rows - 1); };
     auto head = [&](int r) { return slab.head(f, real(r)); };
-    const Var var[2] = {Var(f, b, head(g), seqlen_k), Var(f, b, head(g + 8), seqlen_k)};
-    const int query[2] = {slab.query(f, real(g)), slab.query(f, real(g + 8))};
+    Var var[MT][2];
+    int query[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            var[m][r] = Var(f, b, head(16 * m + g + 8 * r), seqlen_k);
+            query[m][r] = slab.query(f, real(16 * m + g + 8 * r));
+        }
 
     // The split's keys: a share of the band that some row may see (key_begin, key_end in mask.cuh).
-    const int begin = var[0].key_begin(0) + split * p.keys_per_split;
-    const int end = min(var[0].key_end(f.seqlen_q), begin + p.keys_per_split);
+    const int begin = var[0][0].key_begin(0) + split * p.keys_per_split;
+    const int end = min(var[0][0].key_end(f.seqlen_q), begin + p.keys_per_split);
     const int n_tiles = end > begin ? (end - begin + BLOCK_N - 1) / BLOCK_N : 0;
     const int mine = n_tiles > warp ? (n_tiles - warp + WARPS - 1) / WARPS : 0;  // this warp's tiles
     T* ring = rings + warp * STAGES * 2 * TILE;
@@ -134,7 +144,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
     Rows ahead = rows_of(STAGES - 1);
 
     // q, under the first tiles' copies
-    for (int idx = threadIdx.x; idx < 16 * D_TILE; idx += WARPS * 32) {
+    for (int idx = threadIdx.x; idx < ROWS * D_TILE; idx += WARPS * 32) {
         const int r = idx / D_TILE, d = idx % D_TILE;
         T x;
         x.bits = 0;
@@ -143,9 +153,9 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
         sQ[r * LD + d] = x;
     }
 
-    float o[DT][4];
+    float o[MT][DT][4];
     zero(o);
-    OnlineSoftmax<float> stats[2];
+    OnlineSoftmax<float> stats[MT][2];
     const float scale_log2 = float(f.scale) * float(LOG2E);
     __syncthreads();  // sQ
 
@@ -173,36 +183,40 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
         const T* cK = slot;
         const T* cV = cK + TILE;
 
-        float s[NT][4];
+        float s[MT][NT][4];
         zero(s);
-        gemm_nt_16<T, D_TILE, BLOCK_N, LD>(reinterpret_cast<float(&)[1][NT][4]>(s), sQ, kv_tile(cK), lane);
+        gemm_nt_16<T, D_TILE, BLOCK_N, LD>(s, sQ, kv_tile(cK), lane);
 
-        const TileKind kind = var[0].tile_kind(0, f.seqlen_q, n0, BLOCK_N);
+        const TileKind kind = var[0][0].tile_kind(0, f.seqlen_q, n0, BLOCK_N);
         auto softmax = [&](auto check) {
             constexpr bool CHECK = decltype(check)::value;
-            float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
+            for (int m = 0; m < MT; ++m) {
+                float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = e / 2;
-                    s[j][e] = var[r].template score<CHECK, true>(s[j][e], scale_log2, query[r], n0 + 8 * j + 2 * tq + e % 2);
-                    tile_max[r] = fmax(tile_max[r], s[j][e]);
-                }
-            float alpha[2];
+                for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) alpha[r] = stats[r].rescale(reduce_max<4>(tile_max[r]));
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = e / 2;
+                        s[m][j][e] = var[m][r].template score<CHECK, true>(s[m][j][e], scale_log2, query[m][r],
+                                                                           n0 + 8 * j + 2 * tq + e % 2);
+                        tile_max[r] = fmax(tile_max[r], s[m][j][e]);
+                    }
+                float alpha[2];
 #pragma unroll
-            for (int j = 0; j < DT; ++j)
+                for (int r = 0; r < 2; ++r) alpha[r] = stats[m][r].rescale(reduce_max<4>(tile_max[r]));
 #pragma unroll
-                for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
+                for (int j = 0; j < DT; ++j)
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
+                    for (int e = 0; e < 4; ++e) o[m][j][e] *= alpha[e / 2];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[j][e] = stats[e / 2].template prob<CHECK>(s[j][e]);
-                    stats[e / 2].l += s[j][e];
-                }
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[m][j][e] = stats[m][e / 2].template prob<CHECK>(s[m][j][e]);
+                        stats[m][e / 2].l += s[m][j][e];
+                    }
+            }
         };
         if (kind == INTERIOR) {
             softmax(Bool<false>());
@@ -216,77 +230,82 @@ __global__ void __launch_bounds__(WARPS * 32) flash_decode_mma(const __grid_cons
         if (Var::hides_keys && kind != INTERIOR && f.seqlen_q > 1 &&
             (TMA ? warp_tile_nonfinite<T, BOXES * BLOCK_N, 64, 64>(cV, lane)
                  : warp_tile_nonfinite<T, BLOCK_N, D_TILE, LD>(cV, lane)))
-            gemm_rn_guarded<T, BLOCK_N, D_TILE>(o, s, kv_tile(cV), lane);
+            gemm_rn_guarded<T, BLOCK_N, D_TILE, MT>(o, s, kv_tile(cV), lane);
         else
-            gemm_rn_16<T, BLOCK_N, D_TILE>(reinterpret_cast<float(&)[1][DT][4]>(o),
-                                           reinterpret_cast<const float(&)[1][NT][4]>(s), kv_tile(cV), lane);
+            gemm_rn_16<T, BLOCK_N, D_TILE>(o, s, kv_tile(cV), lane);
         __syncwarp();  // the slot is refilled by the next iteration's load
     }
     if constexpr (!TMA) cp_async_wait<0>();
 
-    // ---- merge the warps: each scales its o by exp2(m - M) / L, M and L its rows' block max and sum
-    __syncthreads();  // every warp is done with its ring
+    // ---- merge the warps, an mma tile of 16 rows at a time: each scales its o by exp2(m - M) / L, M and L its
+    // rows' block max and sum; then the warps' sum goes into out (one split) or the split buffers
     float* s_o = reinterpret_cast<float*>(rings);  // [WARPS][16][LD_O]: a warp's pairs of columns fill 64 banks
     float* s_m = s_o + WARPS * 16 * LD_O;          // [WARPS][16]
     float* s_l = s_m + WARPS * 16;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float l = reduce_sum<4>(stats[r].l);
-        if (tq == 0) {
-            s_m[warp * 16 + g + 8 * r] = stats[r].m;
-            s_l[warp * 16 + g + 8 * r] = l;
-        }
-    }
-    __syncthreads();
     const bool direct = p.num_splits == 1;
     const i64 split_row0 = (i64)split * p.batch * f.nheads * f.seqlen_q;  // (split, b, h, i) rows
     auto out_row = [&](int row) { return ((i64)b * f.nheads + head(row)) * f.seqlen_q + slab.query(f, row); };  // (b, h, i)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = g + 8 * r;
-        OnlineSoftmax<float> block;  // a row no warp saw keeps m_use 0, as OnlineSoftmax::rescale
+    for (int m = 0; m < MT; ++m) {
+        __syncthreads();  // every warp is done with its ring, or with the last tile's sums
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) block.m = fmax(block.m, s_m[w * 16 + row]);
-        const float m_use = block.m == neg_inf<float>() ? 0.f : block.m;
-        float l = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) l += s_l[w * 16 + row] * fast_exp2(s_m[w * 16 + row] - m_use);
-        // a split's rows leave the learnable sink to the merge
-        const auto end = block.end(l, direct ? sink_log2<float>(f.var, head(row)) : neg_inf<float>());
-        const float factor = fast_exp2(stats[r].m - m_use) * end.o_factor;
-#pragma unroll
-        for (int j = 0; j < DT; ++j)
-            *reinterpret_cast<float2*>(s_o + (warp * 16 + row) * LD_O + 8 * j + 2 * tq) =
-                make_float2(o[j][2 * r] * factor, o[j][2 * r + 1] * factor);
-        if (warp == 0 && tq == 0 && row < rows) {
-            const float lse = end.lse;
-            if (direct)
-                static_cast<float*>(f.lse)[out_row(row)] = lse;
-            else
-                p.part_lse[split_row0 + out_row(row)] = lse;
+        for (int r = 0; r < 2; ++r) {
+            const float l = reduce_sum<4>(stats[m][r].l);
+            if (tq == 0) {
+                s_m[warp * 16 + g + 8 * r] = stats[m][r].m;
+                s_l[warp * 16 + g + 8 * r] = l;
+            }
         }
-    }
-    __syncthreads();
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int tile_row = g + 8 * r, row = 16 * m + tile_row;
+            OnlineSoftmax<float> block;  // a row no warp saw keeps m_use 0, as OnlineSoftmax::rescale
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) block.m = fmax(block.m, s_m[w * 16 + tile_row]);
+            const float m_use = block.m == neg_inf<float>() ? 0.f : block.m;
+            float l = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) l += s_l[w * 16 + tile_row] * fast_exp2(s_m[w * 16 + tile_row] - m_use);
+            // a split's rows leave the learnable sink to the merge
+            const auto end = block.end(l, direct ? sink_log2<float>(f.var, head(row)) : neg_inf<float>());
+            const float factor = fast_exp2(stats[m][r].m - m_use) * end.o_factor;
+#pragma unroll
+            for (int j = 0; j < DT; ++j)
+                *reinterpret_cast<float2*>(s_o + (warp * 16 + tile_row) * LD_O + 8 * j + 2 * tq) =
+                    make_float2(o[m][j][2 * r] * factor, o[m][j][2 * r + 1] * factor);
+            if (warp == 0 && tq == 0 && row < rows) {
+                const float lse = end.lse;
+                if (direct)
+                    static_cast<float*>(f.lse)[out_row(row)] = lse;
+                else
+                    p.part_lse[split_row0 + out_row(row)] = lse;
+            }
+        }
+        __syncthreads();
 
-    // ---- the split's rows: the warps' sum, into out (one split) or the split buffers, four columns a thread
-    for (int idx = threadIdx.x; idx < rows * D_TILE / 4; idx += WARPS * 32) {
-        const int row = idx / (D_TILE / 4), d = idx % (D_TILE / 4) * 4;
-        if (d >= f.headdim) continue;  // headdim is a multiple of 8 here
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        // the tile's rows, four columns a thread
+        const int tile_rows = min(16, rows - 16 * m);
+        for (int idx = threadIdx.x; idx < tile_rows * D_TILE / 4; idx += WARPS * 32) {
+            const int tile_row = idx / (D_TILE / 4), row = 16 * m + tile_row, d = idx % (D_TILE / 4) * 4;
+            if (d >= f.headdim) continue;  // headdim is a multiple of 8 here
+            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            const float4 x = *reinterpret_cast<const float4*>(s_o + (w * 16 + row) * LD_O + d);
-            acc = make_float4(acc.x + x.x, acc.y + x.y, acc.z + x.z, acc.w + x.w);
-        }
-        if (direct) {
-            T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)slab.query(f, row) * f.o_st.s + head(row) * f.o_st.h + d;
-            dst[0] = from_acc<T>(acc.x);
-            dst[1] = from_acc<T>(acc.y);
-            dst[2] = from_acc<T>(acc.z);
-            dst[3] = from_acc<T>(acc.w);
-        } else {
-            *reinterpret_cast<float4*>(p.part_out + (split_row0 + out_row(row)) * f.headdim + d) = acc;
+            for (int w = 0; w < WARPS; ++w) {
+                const float4 x = *reinterpret_cast<const float4*>(s_o + (w * 16 + tile_row) * LD_O + d);
+                acc = make_float4(acc.x + x.x, acc.y + x.y, acc.z + x.z, acc.w + x.w);
+            }
+            if (direct) {
+                T* dst = static_cast<T*>(f.out) + b * f.o_st.b + (i64)slab.query(f, row) * f.o_st.s +
+                         head(row) * f.o_st.h + d;
+                dst[0] = from_acc<T>(acc.x);
+                dst[1] = from_acc<T>(acc.y);
+                dst[2] = from_acc<T>(acc.z);
+                dst[3] = from_acc<T>(acc.w);
+            } else {
+                *reinterpret_cast<float4*>(p.part_out + (split_row0 + out_row(row)) * f.headdim + d) = acc;
+            }
         }
     }
-    if (!direct) merge_splits_if_last<T, WARPS>(p, b, slab);
+    if (!direct) merge_splits_if_last<T, WARPS, ROWS>(p, b, slab);
 }

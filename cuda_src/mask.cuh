@@ -116,6 +116,7 @@ struct Variant {
     unsigned seed_lo, seed_hi, threshold;
     int batch_offset;
 
+    Variant() = default;  // for arrays of rows' variants, assigned before use
     // Sequence b has seqlen_k_ keys (a KV cache's sequences differ in length).
     __device__ Variant(const VariantParams& v, int seqlen_q_, int seqlen_k_, int b_, int h_)
         : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), offset(seqlen_k_ - seqlen_q_),

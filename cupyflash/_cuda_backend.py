@@ -848,7 +848,7 @@ def _new_decode_plan(spec, device_id, num_splits, var_type, variant):
     left = spec.window[0]
     band = spec.seqlen_k if left < 0 else min(spec.seqlen_k, spec.seqlen_q + left)
     slots = _plan.decode_slots(main, _multiprocessors(device_id), lambda: _resident_blocks(main, device_id))
-    slabs = _plan.decode_slabs(rows)
+    slabs = _plan.decode_slabs(spec.dtype.name, spec.headdim, rows)
     splits, per_split = _plan.decode_splits(band, spec.batch * spec.nheads_kv * slabs, slots, main.block_rows,
                                             num_splits)
     return _DecodePlan(main, tma, variant, splits, per_split, slabs, {})

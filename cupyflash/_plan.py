@@ -550,8 +550,8 @@ def _shrink(block, smallest, smem, limit):
 
 
 #: Query rows per kv head the decode kernels are compiled for (the group's heads times seqlen_q); more rows
-#: are cut into slabs of the last, a block each (decode_slab in decode.cuh), up to DECODE_MAX_ROWS by dtype.
-#: Past it each sequence runs through the dense forward (measured on an H100, docs/performance.md).
+#: are cut into slabs, a block each (decode_slab in decode.cuh), up to DECODE_MAX_ROWS by dtype. Past it each
+#: sequence runs through the dense forward (measured on an H100, docs/performance.md).
 DECODE_ROWS = (1, 2, 4, 8, 16)
 DECODE_MAX_ROWS = {"float16": 512, "bfloat16": 512, "float32": 128}
 DECODE_MAX_SPLITS = _csource.constant(_csource.source("decode.cuh"), "DECODE_MAX_SPLITS")
@@ -562,34 +562,42 @@ DECODE_WARPS = (8, 4)  # warps of a decode_mma.cu block, each streaming its own 
 DECODE_BLOCK_N = 16
 
 
+def decode_slab_rows(dtype, headdim, rows):
+    """The query rows of a decode block (a slab) for `rows` rows per kv head. The CUDA-core kernel: the fewest
+    of DECODE_ROWS that hold them, 16 at most. The tensor-core kernel: mma tiles of 16 rows, two where one does
+    not hold them and the head tile is at most 128 (o's registers): each slab reads every key and value tile,
+    so wider slabs read less."""
+    if dtype in TENSOR_CORE_DTYPES:
+        return 32 if rows > 16 and headdim_tile(headdim) <= 128 else 16
+    return next(r for r in DECODE_ROWS if r >= min(rows, DECODE_ROWS[-1]))
+
+
+def decode_slabs(dtype, headdim, rows):
+    """Blocks a decode takes for the `rows` query rows of a kv head (decode_slab_rows a block)."""
+    return -(-rows // decode_slab_rows(dtype, headdim, rows))
+
+
 @functools.lru_cache(maxsize=None)
 def decode(dtype, headdim, rows, var, limit, tma=False):
-    """The split-KV decode kernel for `rows` query rows per kv head. A 16-bit cache takes the tensor-core
-    kernel (decode_mma.cu): key tiles of DECODE_BLOCK_N per warp in a ring of STAGES per warp, the first of
-    DECODE_WARPS whose rings of two stages fit in `limit`, the rings as deep as half of `limit` holds, so that
-    two blocks share a multiprocessor; with `tma` (Hopper) each tile arrives as TMA boxes of 64 columns in
-    128-byte swizzle. float32 takes the CUDA-core kernel (decode.cu), a key per thread. block_rows is the keys a block
-    takes per step: splits are made of whole steps."""
-    c, d = C_TYPES[dtype], headdim_tile(headdim)
+    """The split-KV decode kernel for `rows` query rows per kv head, in slabs of decode_slab_rows. A 16-bit cache
+    takes the tensor-core kernel (decode_mma.cu): key tiles of DECODE_BLOCK_N per warp in a ring of STAGES per
+    warp, the first of DECODE_WARPS whose rings of two stages fit in `limit`, the rings as deep as half of
+    `limit` holds, so that two blocks share a multiprocessor; with `tma` (Hopper) each tile arrives as TMA boxes
+    of 64 columns in 128-byte swizzle. float32 takes the CUDA-core kernel (decode.cu), a key per thread.
+    block_rows is the keys a block takes per step: splits are made of whole steps."""
+    c, d, slab = C_TYPES[dtype], headdim_tile(headdim), decode_slab_rows(dtype, headdim, rows)
     if dtype in TENSOR_CORE_DTYPES:
         block_n = DECODE_BLOCK_N
         row = d + _row_pad(dtype)
         # q and the rings (TMA: boxes of 64 columns, from a 1024-byte boundary)
         ring_row = -(-d // 64) * 64 if tma else row
-        smem = lambda warps, stages: 2 * (16 * row + warps * stages * 2 * block_n * ring_row) + (1024 if tma else 0)
+        smem = lambda warps, stages: 2 * (slab * row + warps * stages * 2 * block_n * ring_row) + (1024 if tma else 0)
         warps = next((w for w in DECODE_WARPS if smem(w, 2) <= limit), DECODE_WARPS[-1])
         stages = next((s for s in (4, 3) if smem(warps, s) <= limit // 2), 2)
-        name = f"flash_decode_mma<{c}, {d}, {block_n}, {warps}, {stages}, {_cbool(tma)}, {var}>"
+        name = f"flash_decode_mma<{c}, {d}, {block_n}, {warps}, {stages}, {_cbool(tma)}, {slab // 16}, {var}>"
         return Launch("decode_mma.cu", name, warps * block_n, 32 * warps, smem(warps, stages),
                       SM90_OPTIONS if tma else OPTIONS)
-    slab = next(r for r in DECODE_ROWS if r >= min(rows, DECODE_ROWS[-1]))
     return Launch("decode.cu", f"flash_decode<{c}, {d}, {slab}, {var}>", 128, 128, 0)
-
-
-def decode_slabs(rows):
-    """Blocks a decode takes for the `rows` query rows of a kv head: slabs of DECODE_ROWS[-1] rows (both
-    kernels: the tensor-core one pads its block's rows to one mma tile of 16)."""
-    return -(-rows // DECODE_ROWS[-1])
 
 
 def kvcache_append(dtype):
@@ -752,7 +760,9 @@ def covering_launches():
     decodes = [decode(dtype, d, rows, var, big) for dtype in ("float16", "bfloat16", "float32")
                for rows, var in ((1, plain), (16, decode_features)) for d in ((128, 64) if rows == 1 else (256,))]
     decodes += [decode(dtype, d, rows, var, big, tma=True)
-                for dtype, d, rows, var in (("bfloat16", 128, 4, plain), ("float16", 64, 16, decode_features))]
+                for dtype, d, rows, var in (("bfloat16", 128, 4, plain), ("float16", 64, 16, decode_features),
+                                            ("bfloat16", 128, 40, decode_features))]
+    decodes += [decode("float16", 64, 40, plain, big)]  # two mma tiles a block
     decodes += [kvcache_append(dtype) for dtype in C_TYPES]
     decodes = list({launch.name: launch for launch in decodes}.values())
     flags = [nonfinite_rows(dtype, vector) for dtype in C_TYPES for vector in (True, False)]

@@ -870,7 +870,7 @@ def test_cache_batch_idx_on_the_device(dtype, idx_on_device, rotary):
 @pytest.mark.parametrize("seqlen_q", [1, 9, DENSE_SEQLEN_Q])
 def test_leftpad_on_the_device(dtype, page_size, leftpad_on_device, seqlen_q):
     """Keys from row cache_leftpad[b] on (NaN before it), in the decode kernels (one query row; nine, 18 rows
-    per kv head in two slabs) and in the dense kernels over each sequence's gathered rows (more rows per kv
+    per kv head in slabs) and in the dense kernels over each sequence's gathered rows (more rows per kv
     head than the decode kernels take): the NumPy backend's outputs within the decode's rounding, the same rows
     appended."""
     cp = pytest.importorskip("cupy")
@@ -927,8 +927,8 @@ def check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_decode_kernel_matches_the_reference(dtype, variant):
-    """Decoding shapes (GQA group x seqlen_q up to DECODE_MAX_ROWS rows per kv head, in slabs of 16) take the
-    split-KV kernels, paged or not, over sequences of several tiles (one empty), with NaN past every length and
+    """Decoding shapes (GQA group x seqlen_q up to DECODE_MAX_ROWS rows per kv head, in slabs of 16 or 32) take
+    the split-KV kernels, paged or not, over sequences of several tiles (one empty), with NaN past every length and
     in unused pages, for split counts from one to many and head dimensions from 8 to 256. On Hopper a 16-bit
     cache is read by TMA where its pages hold whole tiles of 16 keys from key 0 (contiguous: one page per
     sequence)."""
@@ -937,10 +937,11 @@ def test_decode_kernel_matches_the_reference(dtype, variant):
 
     hopper = _cuda_backend._device_info(cp.cuda.Device().id)[1]
     kw = VARIANTS[variant]
-    # two rows per kv head and query position: 18 rows are two slabs, the last of 2 rows; 64 rows four
+    # two rows per kv head and query position: 18 rows are one slab of two mma tiles (the second of 2 rows) in
+    # 16 bits, two slabs in float32; 64 rows two slabs or four; at headdim 256, 24 rows two slabs of one tile
     for page_size, num_splits, seqlen_q, headdim in ((None, 0, 1, 64), (64, 1, 2, 128), (48, 7, 1, 8),
                                                      (None, 100, 4, 256), (5, 3, 3, 96), (None, 0, 9, 64),
-                                                     (16, 5, 32, 128)):
+                                                     (16, 5, 32, 128), (None, 3, 12, 256)):
         q, k_cache, v_cache, k, v, lengths = problem(variant, [300, 0, 520, 129], 1, seqlen_q=seqlen_q,
                                                      headdim=headdim, dtype=dtype)
         block_table = None
@@ -1014,7 +1015,7 @@ def test_decode_hidden_nan_reaches_only_the_rows_that_see_it(dtype, kw):
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("seqlen_q", [1, 9, DENSE_SEQLEN_Q])
 def test_learnable_sink_on_the_device(dtype, num_splits, seqlen_q):
-    """A learnable sink in the decode kernels (one query row, or two slabs of rows; split rows leave it to the
+    """A learnable sink in the decode kernels (one query row, or 18 rows in slabs; split rows leave it to the
     merge), in the dense kernels over each sequence's gathered rows (more rows than the decode kernels take)
     and for float64 caches: the NumPy backend's outputs within the decode's rounding; the sequence with no key
     gives out 0 and lse the sink's logit."""

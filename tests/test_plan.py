@@ -185,9 +185,15 @@ def test_bounded_scores_take_a_deeper_ring_only_where_measured_faster():
         assert stages(launch)[0] == _plan.SM90_STAGES, launch.name
 
 
-def test_decode_rows_in_slabs_of_sixteen():
-    """A kv head's query rows take one decode block per 16 (the last slab partly filled), and the CUDA-core
-    kernel is compiled for the fewest rows that hold a slab."""
-    assert [_plan.decode_slabs(rows) for rows in (1, 16, 17, 32, 40, 512)] == [1, 1, 2, 2, 3, 32]
+def test_decode_rows_in_slabs():
+    """A kv head's query rows take one decode block per slab (the last partly filled): on tensor cores two mma
+    tiles of 16 rows where one does not hold them, up to head tile 128; on CUDA cores 16 rows, the kernel
+    compiled for the fewest rows that hold a slab."""
+    assert [_plan.decode_slabs("bfloat16", 128, rows) for rows in (1, 16, 17, 32, 40, 512)] == [1, 1, 1, 1, 2, 16]
+    assert [_plan.decode_slabs("float16", 256, rows) for rows in (1, 16, 17, 40)] == [1, 1, 2, 3]
+    assert [_plan.decode_slabs("float32", 128, rows) for rows in (1, 16, 17, 40)] == [1, 1, 2, 3]
+    for rows, tiles in ((1, 1), (16, 1), (17, 2), (200, 2)):
+        assert f", {tiles}, V>" in _plan.decode("bfloat16", 128, rows, "V", 227 * 1024).name
+    assert ", 1, V>" in _plan.decode("bfloat16", 256, 40, "V", 227 * 1024).name
     for rows, slab in ((1, 1), (3, 4), (16, 16), (17, 16), (128, 16)):
         assert f"float, 128, {slab}, " in _plan.decode("float32", 128, rows, "V", 48 * 1024).name

@@ -162,7 +162,8 @@ def decode():
                                              cache_seqlens=np.array([200, 200], np.int32), causal=True)
         cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, cache_seqlens=np.array([60, 3], np.int32),
                                          block_table=table.get())
-        # more rows per kv head than a block takes: slabs of 16 (40 rows, the last slab 8), split and merged
+        # more rows per kv head than a block takes: 40 rows in slabs (32 and 8 on tensor cores, 16, 16 and 8 in
+        # float32), split and merged
         q10 = device(rng.standard_normal((2, 10, 8, 64)).astype(dtype))
         cupyflash.attention_with_kvcache(q10, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
             np.array([100, 0], np.int32)), block_table=table, causal=True, num_splits=3, learnable_sink=sinks)
