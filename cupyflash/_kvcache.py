@@ -9,7 +9,7 @@ reading have one code path.
 Sequence b holds ``L_b = cache_seqlens[b] + seqlen_new`` keys once k, v are appended (less its
 ``cache_leftpad`` rows). On the GPU the
 append is one kernel, and calls with at most ``_plan.DECODE_MAX_ROWS`` query rows per kv head (the
-group's heads times seqlen_q; 512 for 16-bit caches, 128 for float32) take the split-KV decode kernels
+group's heads times seqlen_q; 1024 for 16-bit caches, 128 for float32) take the split-KV decode kernels
 (``cuda_src/decode_mma.cu`` for 16-bit caches, ``cuda_src/decode.cu`` for float32), which read the pages
 in place and run every sequence, slab of its rows and split in one launch; both read each length on the
 device. Otherwise (and on the NumPy backend) each sequence

@@ -553,7 +553,7 @@ def _shrink(block, smallest, smem, limit):
 #: are cut into slabs, a block each (decode_slab in decode.cuh), up to DECODE_MAX_ROWS by dtype. Past it each
 #: sequence runs through the dense forward (measured on an H100, docs/performance.md).
 DECODE_ROWS = (1, 2, 4, 8, 16)
-DECODE_MAX_ROWS = {"float16": 512, "bfloat16": 512, "float32": 128}
+DECODE_MAX_ROWS = {"float16": 1024, "bfloat16": 1024, "float32": 128}
 DECODE_MAX_SPLITS = _csource.constant(_csource.source("decode.cuh"), "DECODE_MAX_SPLITS")
 DECODE_WARPS = (8, 4)  # warps of a decode_mma.cu block, each streaming its own key tiles: the first that fits
 
