@@ -40,8 +40,11 @@ struct FwdParams {
     VariantParams var;
     // A packed batch (Variant::packed): sequence b holds rows cu_seqlens_q[b] ... cu_seqlens_q[b + 1] - 1 of
     // q (and keys likewise) in tensors of one batch entry (Sequence); seqlen_q and seqlen_k are the longest.
+    // With seqused_k, its keys are the seqused_k[b] rows from cu_seqlens_k[b], which need not be in order (a
+    // KV cache's rows in place, cupyflash/_kvcache.py).
     const int* cu_seqlens_q;
     const int* cu_seqlens_k;
+    const int* seqused_k;
     int total_q, total_k;  // rows of q and of k per batch entry (dense: seqlen_q, seqlen_k)
     i64 lse_sb, lse_sh;    // lse (and the backward's delta) of (b, h, row) at b * lse_sb + h * lse_sh + row
     // float32 on Hopper launches both the split-operand kernels (forward_sm90.cu, backward_sm90.cu) and the
@@ -104,8 +107,9 @@ template <bool PACKED>
 __device__ __forceinline__ Sequence sequence(const FwdParams& f, int b) {
     if constexpr (PACKED) {
         const int q0 = packed_start(f.cu_seqlens_q, b, f.total_q), k0 = packed_start(f.cu_seqlens_k, b, f.total_k);
-        return {0, packed_length(f.cu_seqlens_q, b, q0, f.total_q, f.seqlen_q),
-                packed_length(f.cu_seqlens_k, b, k0, f.total_k, f.seqlen_k), q0, k0};
+        const int keys = f.seqused_k ? min(max(f.seqused_k[b], 0), min(f.total_k - k0, f.seqlen_k))
+                                     : packed_length(f.cu_seqlens_k, b, k0, f.total_k, f.seqlen_k);
+        return {0, packed_length(f.cu_seqlens_q, b, q0, f.total_q, f.seqlen_q), keys, q0, k0};
     }
     return {b, f.seqlen_q, f.seqlen_k, 0, 0};
 }

@@ -274,32 +274,37 @@ def _fwd_values(spec, var, q=None, k=None, v=None, out=None, lse=None, v_nonfini
     ptrs = tuple(_ptr(x) for x in (q, k, v, out, lse, v_nonfinite))
     strides = tuple((0, 0, 0) if x is None else _strides(x) for x in (q, k, v, out))
     if packed is None:
-        rows = (0, 0, spec.seqlen_q, spec.seqlen_k, spec.nheads * spec.seqlen_q, spec.seqlen_q)
+        rows = (0, 0, 0, spec.seqlen_q, spec.seqlen_k, spec.nheads * spec.seqlen_q, spec.seqlen_q)
     else:  # lse: (nheads, total_q)
-        rows = (packed.cu_q.data.ptr, packed.cu_k.data.ptr, packed.total_q, packed.total_k, 0, packed.total_q)
+        rows = (packed.cu_q.data.ptr, packed.cu_k.data.ptr, _ptr(packed.used_k), packed.total_q, packed.total_k, 0,
+                packed.total_q)
     return (*ptrs, *strides, spec.seqlen_q, spec.seqlen_k, spec.headdim, spec.nheads, spec.group, spec.scale,
             _values(VARIANT_PARAMS, var) if variant is None else variant, *rows, 0, runs_on_nonfinite)
 
 
 class _Packed(typing.NamedTuple):
-    """A packed batch's offsets on the device (int32) and its total rows."""
+    """A packed batch's offsets on the device (int32), its keys' lengths where they are given apart
+    (Spec.seqused_k; else None), and its total rows."""
     cu_q: cupy.ndarray
     cu_k: cupy.ndarray
+    used_k: typing.Optional[cupy.ndarray]
     total_q: int
     total_k: int
 
 
 def _packed(spec):
     """The offsets of a packed batch on the current device: the caller's CuPy arrays where they are on it,
-    else the host ones copied there in one transfer; None when dense."""
+    else the host ones (and the keys' lengths) copied there in one transfer; None when dense."""
     if not spec.varlen:
         return None
     totals = spec.total_q, spec.total_k
     given = spec.device_offsets
     if given is not None and given[0].device.id == cupy.cuda.Device().id == given[1].device.id:
-        return _Packed(*given, *totals)
-    both = cupy.asarray(np.concatenate((spec.cu_seqlens_q, spec.cu_seqlens_k)).astype(np.int32))
-    return _Packed(both[:spec.batch + 1], both[spec.batch + 1:], *totals)
+        return _Packed(*given, None, *totals)
+    host = (spec.cu_seqlens_q, spec.cu_seqlens_k) + (() if spec.seqused_k is None else (spec.seqused_k,))
+    words = cupy.asarray(np.concatenate(host).astype(np.int32))
+    n = spec.batch + 1
+    return _Packed(words[:n], words[n:2 * n], None if spec.seqused_k is None else words[2 * n:], *totals)
 
 
 def forward(q, k, v, spec):
@@ -354,8 +359,9 @@ def _call_key(spec, device_id, *arrays):
     environment's switches, the arrays' shapes and strides and which addresses are 16-byte aligned (TMA
     and vector loads). None for a call with an attn_mask (its cells are classified per call); ALiBi's slopes and
     a learnable sink are their spec's, checked once per address (_api._signature), and a packed batch's offsets,
-    checked once per contents or, left on the device, per arrays (_validate.packed_signature)."""
-    if spec.attn_mask is not None:
+    checked once per contents or, left on the device, per arrays (_validate.packed_signature). None too for a
+    KV cache's dense call (Spec.seqused_k), whose lengths change with every call."""
+    if spec.attn_mask is not None or spec.seqused_k is not None:
         return None
     return (spec, device_id, os.environ.get(FAMILY_VARIABLE, ""), os.environ.get(TF32_VARIABLE, ""),
             tuple(x.data.ptr % 16 == 0 for x in arrays), *((x.shape, x.strides) for x in arrays))
@@ -815,14 +821,16 @@ _DECODE_PLANS_BY_CASE = {}
 
 def _decode_plan(spec, device_id, num_splits):
     """The kernel, the variant and the split of a decode call, or None when the decode kernels do not take
-    it (more than DECODE_MAX_ROWS[dtype] query rows per kv head, a head dimension that is not a multiple of 8, or
-    no block that fits the device's shared memory)."""
+    it (more than DECODE_MAX_ROWS[dtype] query rows per kv head, a call that the dense forward serves faster
+    (_plan.dense_serves), a head dimension that is not a multiple of 8, or no block that fits the device's shared
+    memory)."""
     plans = _DECODE_PLANS.setdefault(spec, {})
     key = (device_id, num_splits)
     if key not in plans:
         rows = spec.group * spec.seqlen_q
         if not (spec.dtype.name in DECODE_DTYPES and rows <= _plan.DECODE_MAX_ROWS[spec.dtype.name]
-                and spec.headdim % 8 == 0):
+                and spec.headdim % 8 == 0 and not _plan.dense_serves(
+                    spec.dtype.name, spec.seqlen_q, spec.batch * spec.nheads, _multiprocessors(device_id))):
             plans[key] = None
             return None
         var_type, var, _ = _variant(spec, device_id)  # no bool mask here: nothing classified

@@ -12,10 +12,10 @@ append is one kernel, and calls with at most ``_plan.DECODE_MAX_ROWS`` query row
 group's heads times seqlen_q; 1024 for 16-bit caches, 128 for float32) take the split-KV decode kernels
 (``cuda_src/decode_mma.cu`` for 16-bit caches, ``cuda_src/decode.cu`` for float32), which read the pages
 in place and run every sequence, slab of its rows and split in one launch; both read each length on the
-device. Otherwise (and on the NumPy backend) each sequence
-runs alone through the backend's dense forward (as :mod:`cupyflash._varlen` does) over its keys: a
-view of the cache when they lie on one page, its pages gathered in order otherwise. ``num_splits``
-chunks of those keys run one after another and combine with :func:`~cupyflash.merge_attention`.
+device. Otherwise (and on the NumPy backend) the sequences run as one packed batch
+(:mod:`cupyflash._varlen`: one pass of the dense forward on the GPU, each sequence alone on the NumPy
+backend) whose keys are rows of the cache itself, each sequence's from where they start (``Spec.seqused_k``),
+or of its pages gathered in order where a sequence's keys span several pages.
 
 With ``rotary_cos`` and ``rotary_sin`` the new keys are rotated by their positions before the append,
 and the queries before they attend (by the append's kernel; on the NumPy backend, ``_rotate``).
@@ -34,9 +34,8 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _validate
+from . import _validate, _varlen
 from ._api import _backend
-from ._merge import merge_attention
 from ._spec import Spec
 from ._validate import _fail, array_kind, compute_dtype
 
@@ -71,15 +70,10 @@ class Call:
     rotary_interleaved: bool
     device_tables: dict = dataclasses.field(default_factory=dict)
 
-    def seqlen_k(self, b):
-        """L_b: the keys sequence b attends to."""
-        return int(self.cache_seqlens[b]) + self.seqlen_new - int(self.leftpad[b])
-
-    def sequence_spec(self, b):
-        """The dense Spec of sequence b alone: batch 1 over its L_b keys, its row of ALiBi slopes."""
-        slopes = self.spec.alibi_slopes
-        return dataclasses.replace(self.spec, batch=1, seqlen_k=self.seqlen_k(b),
-                                   alibi_slopes=None if slopes is None else slopes[b:b + 1])
+    @property
+    def lengths(self):
+        """L_b of every sequence: the keys it attends to (host int64, (batch,))."""
+        return self.cache_seqlens + self.seqlen_new - self.leftpad
 
 
 def _check_rank(fn, name, x, words):
@@ -418,61 +412,63 @@ def _rotate(x, rotary, starts, step):
     return out
 
 
-def _gather(call, cache, b, xp):
-    """Sequence b's keys' rows (its cache rows from ``leftpad[b]``, ``seqlen_k(b)`` of them) as (1, rows,
-    nheads_kv, headdim): a view when they lie on one page, its pages copied in order otherwise."""
-    start, end = int(call.leftpad[b]), int(call.leftpad[b]) + call.seqlen_k(b)
-    first, n = start // call.page_size, -(-end // call.page_size) - start // call.page_size
-    start -= first * call.page_size
-    if n == 1:
-        page = int(call.pages[b, first])
-        return cache[page:page + 1, start:start + call.seqlen_k(b)]
-    rows = _bits(cache)[xp.asarray(call.pages[b, first:first + n])].view(cache.dtype)
-    return rows.reshape(1, n * call.page_size, *cache.shape[2:])[:, start:start + call.seqlen_k(b)]
+#: The most bytes of a cache's pages that the dense path gathers for one pass (then the next sequences').
+_GATHER_BYTES = 1 << 30
 
 
-def _chunk_spec(one, start, end, xp):
-    """The dense Spec of keys [start, end) of a sequence whose Spec is ``one``.
-
-    Causal, window and ALiBi align query i with key ``i + seqlen_k - seqlen_q``: a chunk that ends
-    with the sequence keeps that alignment; an earlier one gets its visibility and ALiBi spelled
-    out as a mask (bool, or a bias in the compute dtype with ALiBi), built from the true positions.
-    """
-    if end == one.seqlen_k or not (one.has_window or one.alibi_slopes is not None):
-        return dataclasses.replace(one, seqlen_k=end - start)
-    i = xp.arange(one.seqlen_q)[:, None] + one.offset  # the key aligned with query i
-    j = xp.arange(start, end)[None, :]
-    left, right = one.window
-    seen = xp.ones((one.seqlen_q, end - start), dtype=bool)
-    if left >= 0:
-        seen &= j >= i - left
-    if right >= 0:
-        seen &= j <= i + right
-    if one.alibi_slopes is None:
-        mask = xp.broadcast_to(seen, (1, one.nheads) + seen.shape)
-    else:
-        cdt = compute_dtype(one.dtype)
-        slopes = one.alibi_slopes[0].astype(cdt)[:, None, None]
-        mask = xp.where(seen, -(slopes * xp.abs(i - j).astype(cdt)), cdt.type(-np.inf))[None]
-    return dataclasses.replace(one, seqlen_k=end - start, causal=False, window=(-1, -1), alibi_slopes=None,
-                               attn_mask=mask, mask_shape=tuple(mask.shape))
+def _rows(cache):
+    """The cache's pages as one (rows, nheads_kv, headdim) array of rows, a view; None where they do not flatten."""
+    pages, page_size = cache.shape[:2]
+    if pages > 1 and page_size > 1 and cache.strides[0] != page_size * cache.strides[1]:
+        return None
+    return _bits(cache).reshape(pages * page_size, *cache.shape[2:]).view(cache.dtype)
 
 
-def _attend(backend, call, q_b, keys, values, one, xp):
-    """(out, lse) of one sequence over its keys, in ``num_splits`` chunks merged by their lse, a learnable sink
-    with the merge (a part whose output is zero)."""
-    splits = min(call.num_splits or 1, one.seqlen_k)  # 0: one chunk, the gathered keys gain nothing from more
-    if splits == 1:
-        return backend.forward(q_b, keys, values, one)
-    edges = [one.seqlen_k * c // splits for c in range(splits + 1)]
-    chunk = dataclasses.replace(one, learnable_sink=None)
-    parts = [backend.forward(q_b, keys[:, start:end], values[:, start:end], _chunk_spec(chunk, start, end, xp))
-             for start, end in zip(edges, edges[1:])]
-    outs, lses = [out for out, _ in parts], [lse for _, lse in parts]
-    if one.learnable_sink is not None:
-        outs.append(xp.broadcast_to(xp.zeros((1,), _UINT[q_b.dtype.itemsize]).view(q_b.dtype), q_b.shape))
-        lses.append(xp.broadcast_to(one.learnable_sink[None, :, None], lses[0].shape))
-    return merge_attention(outs, lses)
+def _key_groups(call, caches, xp):
+    """Every sequence's keys as rows of one array per cache, in groups of sequences: (first, end, rows of
+    each cache, where each sequence's keys start among them). The rows are the caches' own (a view) where each
+    sequence's keys lie on one page and the pages flatten; else the pages that hold keys, gathered in order,
+    at most _GATHER_BYTES of them a group (a sequence's at least)."""
+    lengths, start, size = call.lengths, call.leftpad, call.page_size
+    first = start // size
+    pages = np.where(lengths > 0, -(-(start + lengths) // size) - first, 0)
+    if (pages <= 1).all():
+        views = [_rows(cache) for cache in caches]
+        if all(view is not None for view in views):
+            held = np.where(lengths > 0, call.pages[np.arange(call.spec.batch), np.minimum(first, call.pages.shape[1] - 1)], 0)
+            yield 0, call.spec.batch, views, held * size + start - first * size
+            return
+    page_bytes = caches[0][:1].nbytes
+    b = 0
+    while b < call.spec.batch:
+        end = b + 1 + int(np.searchsorted(np.cumsum(pages[b + 1:]), _GATHER_BYTES // page_bytes - pages[b], "right"))
+        held = np.concatenate([call.pages[s, first[s]:first[s] + pages[s]] for s in range(b, end)])
+        index = xp.asarray(held)
+        rows = [_bits(cache)[index].view(cache.dtype).reshape(len(held) * size, *cache.shape[2:]) for cache in caches]
+        yield b, end, rows, (np.cumsum(pages[b:end]) - pages[b:end]) * size + start[b:end] - first[b:end] * size
+        b = end
+
+
+def _dense(backend, call, q, k_cache, v_cache, xp):
+    """Every sequence through the backend's packed forward (cupyflash._varlen, one pass on the GPU) over its
+    keys in the cache's rows (_key_groups): sequence b's queries are rows b * seqlen_q ... of q, its keys the
+    L_b rows from its start (Spec.seqused_k)."""
+    spec = call.spec
+    outs, lses = [], []
+    for b, end, (keys, values), starts in _key_groups(call, (k_cache, v_cache), xp):
+        n, lengths = end - b, call.lengths[b:end]
+        slopes = spec.alibi_slopes
+        one = dataclasses.replace(
+            spec, batch=n, seqlen_k=int(lengths.max()), alibi_slopes=None if slopes is None else slopes[b:end],
+            cu_seqlens_q=np.arange(n + 1) * spec.seqlen_q, cu_seqlens_k=np.append(starts, keys.shape[0]),
+            seqused_k=lengths, total_q=n * spec.seqlen_q, total_k=keys.shape[0])
+        queries = q[b:end].reshape(n * spec.seqlen_q, *q.shape[2:])
+        out, lse = _varlen.forward(backend, queries, keys, values, one)
+        outs.append(out.reshape(q[b:end].shape))
+        lses.append(lse.reshape(spec.nheads, n, spec.seqlen_q).transpose(1, 0, 2))
+    if len(outs) == 1:
+        return outs[0], xp.ascontiguousarray(lses[0])
+    return xp.concatenate(outs), xp.concatenate(lses)
 
 
 def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = None,
@@ -537,7 +533,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
         if call.seqlen_new:
             _append(call, k_cache, k)
             _append(call, v_cache, v)
-        out, lse = _by_sequence(backend, call, q, k_cache, v_cache, np)
+        out, lse = _dense(backend, call, q, k_cache, v_cache, np)
     return (out, lse) if return_lse else out
 
 
@@ -609,7 +605,7 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, cache_le
         plan = backend.decode_plan(spec, k_cache, v_cache, call.num_splits)
         if plan is not None:
             return backend.decode(plan, q, k_cache, v_cache, spec, lengths, want_lse)
-        return _by_sequence(backend, call, q, k_cache, v_cache, cupy)
+        return _dense(backend, call, q, k_cache, v_cache, cupy)
 
 
 def _device_table(cupy, call, table_arg, device):
@@ -621,20 +617,3 @@ def _device_table(cupy, call, table_arg, device):
     if table is None:
         table = call.device_tables[device] = cupy.asarray(np.ascontiguousarray(table_arg).reshape(call.pages.shape))
     return table
-
-
-def _by_sequence(backend, call, q, k_cache, v_cache, xp):
-    """Each sequence through the backend's dense forward over its gathered keys (after the append)."""
-    spec = call.spec
-    out = xp.zeros(q.shape, _UINT[q.dtype.itemsize]).view(q.dtype)  # all bits zero: 0.0 in every dtype
-    lse = xp.full((spec.batch, spec.nheads, spec.seqlen_q), -np.inf, compute_dtype(q.dtype))
-    for b in range(spec.batch):
-        one = call.sequence_spec(b)
-        if one.seqlen_k == 0:  # no key: out 0, lse -inf (or the sink's logit)
-            if spec.learnable_sink is not None:
-                lse[b] = spec.learnable_sink[:, None]
-            continue
-        keys, values = (_gather(call, cache, b, xp) for cache in (k_cache, v_cache))
-        out_b, lse_b = _attend(backend, call, q[b:b + 1], keys, values, one, xp)
-        _bits(out)[b], lse[b] = _bits(out_b)[0], lse_b[0]
-    return out, lse

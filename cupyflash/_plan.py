@@ -550,10 +550,21 @@ def _shrink(block, smallest, smem, limit):
 
 
 #: Query rows per kv head the decode kernels are compiled for (the group's heads times seqlen_q); more rows
-#: are cut into slabs, a block each (decode_slab in decode.cuh), up to DECODE_MAX_ROWS by dtype. Past it each
-#: sequence runs through the dense forward (measured on an H100, docs/performance.md).
+#: are cut into slabs, a block each (decode_slab in decode.cuh), up to DECODE_MAX_ROWS by dtype. Past it the
+#: sequences run as one packed batch through the dense forward (measured on an H100, docs/performance.md).
 DECODE_ROWS = (1, 2, 4, 8, 16)
 DECODE_MAX_ROWS = {"float16": 1024, "bfloat16": 1024, "float32": 128}
+#: The dense forward's query rows a tile (of one query head) that a KV-cache call must fill for dense_serves.
+DENSE_TILE_ROWS = 128
+
+
+def dense_serves(dtype, seqlen_q, query_heads, multiprocessors):
+    """Whether a 16-bit KV-cache call within DECODE_MAX_ROWS runs faster through the dense forward: where its
+    seqlen_q fills the dense query tiles and the batch's query heads (batch x nheads) give a tile per
+    multiprocessor. A dense tile reads each key tile once for 128 rows of a query head, a decode slab once for
+    32 rows of a kv head (H100, docs/performance.md)."""
+    return (dtype in TENSOR_CORE_DTYPES and seqlen_q >= DENSE_TILE_ROWS
+            and query_heads * (seqlen_q // DENSE_TILE_ROWS) >= multiprocessors)
 DECODE_MAX_SPLITS = _csource.constant(_csource.source("decode.cuh"), "DECODE_MAX_SPLITS")
 DECODE_WARPS = (8, 4)  # warps of a decode_mma.cu block, each streaming its own key tiles: the first that fits
 

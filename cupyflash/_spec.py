@@ -52,6 +52,9 @@ class Spec:
     device_offsets: Optional[Tuple[Any, Any]] = None
     total_q: int = 0  # a packed batch's rows of q and of k, v
     total_k: int = 0
+    # A KV cache's rows in place (cupyflash._kvcache): host int64 (batch,) keys of each sequence, the
+    # seqused_k[b] rows from cu_seqlens_k[b] (its offsets are then where each sequence's keys start, in any order).
+    seqused_k: Optional[np.ndarray] = None
 
     @property
     def group(self) -> int:

@@ -35,18 +35,20 @@ def _sequences(spec):
     """(b, query rows, key rows, the sequence's own dense Spec) of every sequence with query rows. Offsets
     left on the device unread give none: the kernels read those, and the passes here then run only for a batch
     whose longest sequence has no query or no key (its outputs are zeros)."""
-    cu_q, cu_k = spec.cu_seqlens_q, spec.cu_seqlens_k
+    cu_q, cu_k, used = spec.cu_seqlens_q, spec.cu_seqlens_k, spec.seqused_k
     if cu_q is None:
         return
     for b in range(spec.batch):
-        rows_q, rows_k = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        end_k = int(cu_k[b + 1]) if used is None else int(cu_k[b]) + int(used[b])
+        rows_q, rows_k = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), end_k)
         seqlen_q, seqlen_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start
         if seqlen_q == 0:
             continue
         slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1]
         yield b, rows_q, rows_k, dataclasses.replace(spec, batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                                      alibi_slopes=slopes, batch_offset=spec.batch_offset + b,
-                                                     cu_seqlens_q=None, cu_seqlens_k=None, device_offsets=None)
+                                                     cu_seqlens_q=None, cu_seqlens_k=None, device_offsets=None,
+                                                     seqused_k=None)
 
 
 def _device(spec, x):

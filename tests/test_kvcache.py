@@ -514,8 +514,9 @@ def test_rows_past_the_keys_and_unused_pages_never_reach_the_output(page_size, k
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(5, 2), softcap=3.0),
                                 dict(causal=True, window_size=(6, -1), alibi_slopes=SLOPES)])
-def test_num_splits_agree_within_rounding(dtype, kw):
-    # lengths 1 and 5 are shorter than 7 chunks; 40 keys split unevenly
+def test_num_splits_leave_the_dense_path_unchanged(dtype, kw):
+    """num_splits cuts the decode kernels' keys; the dense path (here the NumPy backend's) runs each sequence's
+    keys whole, with every num_splits the same bits, and those match the reference."""
     q, k_cache, v_cache, k, v, lengths = problem(4, [0, 4, 37], 1, seqlen_q=4, dtype=dtype)
     k_paged, v_paged, block_table = paged(k_cache, v_cache, 3, 4)
     want_out, want_lse = concatenated_reference(q, k_cache, v_cache, k, v, lengths, **kw)
@@ -525,12 +526,25 @@ def test_num_splits_agree_within_rounding(dtype, kw):
         results[num_splits] = cupyflash.attention_with_kvcache(q, *caches, k, v, cache_seqlens=lengths,
                                                                block_table=block_table, num_splits=num_splits,
                                                                return_lse=True, **kw)
-    # each chunk rounds its out to the input dtype once before the merge
-    tol = 8 * eps(dtype) * float(np.abs(v).max()) if dtype == np.float32 else 1e-12
     for num_splits, (out, lse) in results.items():
-        assert_matches(out, lse, results[1][0].astype(np.float64), results[1][1], tol)
         assert_matches(out, lse, want_out, want_lse, 2e-5 if dtype == np.float32 else 1e-12)
-    assert np.array_equal(results[0][0], results[1][0])
+        assert np.array_equal(out, results[0][0]) and np.array_equal(lse, results[0][1])
+
+
+@pytest.mark.parametrize("leftpad", [None, [0, 0, 70, 9]])
+def test_gathered_pages_in_groups_equal_one_gather(leftpad, monkeypatch):
+    """A gather bound of a few pages splits the dense path's sequences into groups: the same bits."""
+    from cupyflash import _kvcache
+
+    q, k_cache, v_cache, k, v, lengths = problem(22, [30, 0, 85, 12], 1, seqlen_q=4)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, 8, 22)
+    kw = dict(cache_seqlens=lengths, block_table=block_table, causal=True, return_lse=True,
+              cache_leftpad=None if leftpad is None else np.array(leftpad, np.int32))
+    want = cupyflash.attention_with_kvcache(q, k_paged.copy(), v_paged.copy(), k, v, **kw)
+    monkeypatch.setattr(_kvcache, "_GATHER_BYTES", 5 * k_paged[:1].nbytes)
+    got = cupyflash.attention_with_kvcache(q, k_paged.copy(), v_paged.copy(), k, v, **kw)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert np.isfinite(got[0]).all()
 
 
 def test_keys_none_of_the_queries_see():
@@ -913,7 +927,8 @@ def check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, num
     finally:
         _cuda_backend._launch = launch
     got = out.view(_UINT[out.dtype.itemsize]).get().view(out.dtype).astype(np.float64)
-    tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
+    tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}[
+        np.dtype(dtype)]
     assert np.array_equal(np.isnan(got), np.isnan(want_out))
     np.testing.assert_allclose(got, want_out, rtol=0, atol=tol)
     got_lse = lse.get()
@@ -955,6 +970,32 @@ def test_decode_kernel_matches_the_reference(dtype, variant):
             whole_tiles = page_size is None or (page_size % 16 == 0 and kw.get("window_size", (-1, -1))[0] < 0)
             tma = re.search(r", (true|false), \d+, Variant<", launches[-1].name).group(1) == "true"
             assert tma == (hopper and whole_tiles), launches[-1].name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BFLOAT16, np.float32, np.float64])
+def test_the_dense_path_runs_every_sequence_in_one_launch(dtype, monkeypatch):
+    """Past the decode kernels' rows (and for float64) the sequences run as one packed batch: over the cache's
+    own rows (contiguous), or over the pages holding keys, gathered (64-row pages, sequences of up to nine
+    pages). With a gather bound of ten pages the paged call runs in three groups, a launch of the forward each
+    (sequences of 5 pages and 1, of 9, of 3). Each matches the reference."""
+    from cupyflash import _kvcache
+
+    kw = dict(causal=True, window_size=(200, -1))
+    q, k_cache, v_cache, k, v, lengths = problem(21, [300, 0, 520, 129], 1, seqlen_q=DENSE_SEQLEN_Q, headdim=64,
+                                                 dtype=dtype)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, 64, 21)
+
+    def forward_launches(k_cache, v_cache, block_table=None):
+        launches = check_decode(dtype, kw, q, k_cache, v_cache, k, v, lengths, block_table, 0)
+        return sum(lc.source.startswith("forward") for lc in launches)
+
+    one_pass = forward_launches(k_cache, v_cache)
+    assert one_pass in (1, 2)  # float32 on Hopper: the split operands' kernel and its gated fallback
+    assert forward_launches(k_paged, v_paged, block_table) == one_pass
+    monkeypatch.setattr(_kvcache, "_GATHER_BYTES", 10 * k_paged[:1].nbytes)
+    assert forward_launches(k_paged, v_paged, block_table) == 3 * one_pass
+    assert forward_launches(k_cache, v_cache) == one_pass  # in place: nothing gathered
 
 
 @pytest.mark.gpu
@@ -1006,7 +1047,8 @@ def test_decode_hidden_nan_reaches_only_the_rows_that_see_it(dtype, kw):
     assert np.array_equal(np.isposinf(got), np.isposinf(want_out)) and np.array_equal(np.isneginf(got),
                                                                                         np.isneginf(want_out))
     seen = np.isfinite(want_out)
-    tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5}[np.dtype(dtype)]
+    tol = {np.dtype(np.float16): 4e-3, BFLOAT16: 3e-2, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}[
+        np.dtype(dtype)]
     np.testing.assert_allclose(got[seen], want_out[seen], rtol=0, atol=tol)
     np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
 

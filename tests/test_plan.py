@@ -197,3 +197,13 @@ def test_decode_rows_in_slabs():
     assert ", 1, V>" in _plan.decode("bfloat16", 256, 40, "V", 227 * 1024).name
     for rows, slab in ((1, 1), (3, 4), (16, 16), (17, 16), (128, 16)):
         assert f"float, 128, {slab}, " in _plan.decode("float32", 128, rows, "V", 48 * 1024).name
+
+
+def test_the_dense_forward_serves_full_query_tiles_that_fill_the_device():
+    """A 16-bit KV-cache call within the decode kernels' rows goes to the dense forward where seqlen_q fills its
+    query tiles and the tiles give every multiprocessor one; float32 stays with the decode kernels."""
+    assert _plan.dense_serves("bfloat16", 128, 16 * 32, 132)
+    assert _plan.dense_serves("float16", 256, 66, 132)  # two tiles per query head
+    assert not _plan.dense_serves("bfloat16", 127, 16 * 32, 132)  # a part-filled tile
+    assert not _plan.dense_serves("bfloat16", 256, 32, 132)  # 64 tiles: half the device
+    assert not _plan.dense_serves("float32", 128, 16 * 32, 132)

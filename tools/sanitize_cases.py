@@ -174,6 +174,22 @@ def decode():
             cupyflash.attention_with_kvcache(q, k_pages, v_pages, k_new, k_new, rotary_cos=cos, rotary_sin=sin,
                                              cache_seqlens=cp.asarray(np.array([100, 0], np.int32)), block_table=table,
                                              rotary_interleaved=interleaved, **variant)
+    # past the decode kernels' rows, and float64: one packed pass of the dense forward over the caches' rows in
+    # place (entries picked by cache_batch_idx, keys from a left padding on) and over gathered pages
+    for dtype in (ml_dtypes.bfloat16, np.float32, np.float64):
+        pages = rng.standard_normal((12, 32, 2, 64)).astype(dtype)
+        pages[[0, 5]] = np.nan
+        k_pages, v_pages = device(pages), device(pages[::-1].copy())
+        table = cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
+        q_many, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((300, 8), (1, 2)))
+        cupyflash.attention_with_kvcache(q_many, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
+            np.array([100, 0], np.int32)), block_table=table, causal=True)
+        entries = rng.standard_normal((5, 400, 2, 64)).astype(dtype)
+        entries[:, 360:] = np.nan
+        cupyflash.attention_with_kvcache(q_many, device(entries), device(entries), k_new, k_new,
+                                         cache_seqlens=cp.asarray(np.array([350, 7], np.int32)),
+                                         cache_batch_idx=cp.asarray(np.array([3, 0], np.int32)),
+                                         cache_leftpad=cp.asarray(np.array([10, 0], np.int32)), window_size=(100, 20))
 
 
 def wide():
