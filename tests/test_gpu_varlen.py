@@ -230,7 +230,10 @@ def test_a_packed_call_is_checked_and_planned_once_per_offsets(dtype):
     each time (each launch builds its own work list for the Hopper forward, whose counter starts at 0);
     other offsets, or the same contents in other CuPy arrays, or offsets changed in place, are checked anew,
     and a sequence moved between them is computed where it now lies. CuPy offsets with max_seqlen_* are
-    checked and planned once per arrays: the kernels read them at each call, changed in place or not."""
+    checked and planned once per arrays: the kernels read them at each call, changed in place or not. The tables
+    start empty, so that none fills (and is cleared) within the test, whatever ran before in this process."""
+    for table in (cupyflash._validate._VERDICTS, _cuda_backend._FORWARD_CALLS, _cuda_backend._BACKWARD_CALLS):
+        table.clear()
     cu_q, cu_k, q, k, v, dout = packed(dtype, 64, 5)
     args = [to_device(x) for x in (q, k, v)]
 
