@@ -126,14 +126,18 @@ def packed():
                    longest=(100, 200), causal=True)
 
 
+def paged_caches(dtype):
+    """Keys and values in 12 pages of 32 rows (pages 0 and 5 NaN, unused), and a page table of two sequences."""
+    pages = rng.standard_normal((12, 32, 2, 64)).astype(dtype)
+    pages[[0, 5]] = np.nan
+    return device(pages), device(pages[::-1].copy()), cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
+
+
 def decode():
     """Paged and contiguous caches with NaN past every length and in unused pages."""
     decode_slopes = cp.asarray(rng.uniform(0.01, 0.5, 8).astype(np.float32))
     for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
-        pages = rng.standard_normal((12, 32, 2, 64)).astype(dtype)
-        pages[[0, 5]] = np.nan
-        k_pages, v_pages = device(pages), device(pages[::-1].copy())
-        table = cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
+        k_pages, v_pages, table = paged_caches(dtype)
         q, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((1, 8), (1, 2)))
         sinks = cp.asarray(rng.standard_normal(8).astype(np.float32))
         for variant in (dict(), dict(causal=True, window_size=(40, -1), softcap=5.0, alibi_slopes=decode_slopes),
@@ -177,10 +181,7 @@ def decode():
     # past the decode kernels' rows, and float64: one packed pass of the dense forward over the caches' rows in
     # place (entries picked by cache_batch_idx, keys from a left padding on) and over gathered pages
     for dtype in (ml_dtypes.bfloat16, np.float32, np.float64):
-        pages = rng.standard_normal((12, 32, 2, 64)).astype(dtype)
-        pages[[0, 5]] = np.nan
-        k_pages, v_pages = device(pages), device(pages[::-1].copy())
-        table = cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
+        k_pages, v_pages, table = paged_caches(dtype)
         q_many, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((300, 8), (1, 2)))
         cupyflash.attention_with_kvcache(q_many, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
             np.array([100, 0], np.int32)), block_table=table, causal=True)
