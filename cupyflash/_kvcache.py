@@ -435,8 +435,9 @@ def _key_groups(call, caches, xp):
     if (pages <= 1).all():
         views = [_rows(cache) for cache in caches]
         if all(view is not None for view in views):
-            held = np.where(lengths > 0, call.pages[np.arange(call.spec.batch), np.minimum(first, call.pages.shape[1] - 1)], 0)
-            yield 0, call.spec.batch, views, held * size + start - first * size
+            listed = call.pages[np.arange(call.spec.batch), np.minimum(first, call.pages.shape[1] - 1)]
+            page = np.where(lengths > 0, listed, 0)  # the one page of each sequence's keys
+            yield 0, call.spec.batch, views, page * size + start - first * size
             return
     page_bytes = caches[0][:1].nbytes
     b = 0
