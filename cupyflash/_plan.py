@@ -554,6 +554,9 @@ def _shrink(block, smallest, smem, limit):
 #: sequences run as one packed batch through the dense forward (measured on an H100, docs/performance.md).
 DECODE_ROWS = (1, 2, 4, 8, 16)
 DECODE_MAX_ROWS = {"float16": 1024, "bfloat16": 1024, "float32": 128}
+DECODE_MAX_SPLITS = _csource.constant(_csource.source("decode.cuh"), "DECODE_MAX_SPLITS")
+DECODE_WARPS = (8, 4)  # warps of a decode_mma.cu block, each streaming its own key tiles: the first that fits
+
 #: The dense forward's query rows a tile (of one query head) that a KV-cache call must fill for dense_serves.
 DENSE_TILE_ROWS = 128
 
@@ -565,8 +568,6 @@ def dense_serves(dtype, seqlen_q, query_heads, multiprocessors):
     32 rows of a kv head (H100, docs/performance.md)."""
     return (dtype in TENSOR_CORE_DTYPES and seqlen_q >= DENSE_TILE_ROWS
             and query_heads * (seqlen_q // DENSE_TILE_ROWS) >= multiprocessors)
-DECODE_MAX_SPLITS = _csource.constant(_csource.source("decode.cuh"), "DECODE_MAX_SPLITS")
-DECODE_WARPS = (8, 4)  # warps of a decode_mma.cu block, each streaming its own key tiles: the first that fits
 
 
 #: Keys of a decode_mma.cu warp's tile (one TMA box): a paged cache whose pages hold whole tiles is read by TMA.
