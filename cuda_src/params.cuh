@@ -135,6 +135,12 @@ struct FwdParamsSm90 {
     int* work;
     int batch;
     int parts_apart;  // float32 (operands in three bfloat16 parts, split.cu): batch entries from a part to the next
+    // A KV cache's pages read in place (cupyflash/_kvcache.py), or null. Packed sequence b's key at position
+    // pos = k0 + n (Sequence; fwd.total_k counts the positions) is row block_table[b * table_stride + pos /
+    // page_size] * page_size + pos % page_size of k and v, loaded in boxes of page_box rows (the tensor maps'),
+    // each within one page: page_box is a power of two that divides page_size, the key tile and every k0.
+    const int* block_table;
+    int table_stride, page_size, page_box;
 };
 
 // float32 operands of the Hopper kernels as three bfloat16 parts (split.cu): element (b, s, h, c) of x into

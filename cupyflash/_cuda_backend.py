@@ -379,12 +379,20 @@ def _planned(calls, key, plan):
     return call
 
 
+def reads_pages(spec, q, k, v):
+    """Whether the forward of `spec` on these arrays reads a KV cache's pages in place (Spec.block_table): the
+    Hopper forward of 16-bit inputs does; the other families take the pages gathered."""
+    return spec.dtype.name in _plan.TENSOR_CORE_DTYPES and _hopper(_device_info(q.device.id)[1], q, k, v)
+
+
 def _forward_call(spec, device_id, q, k, v, out, lse):
     limit, hopper_device = _device_info(device_id)
     var_type, var, mask_cells = _variant(spec, device_id)
     dtype = q.dtype.name
     packed = _packed(spec)
     fwd = _fwd_values(spec, var, q, k, v, out, lse, packed=packed)
+    if spec.block_table is not None and not reads_pages(spec, q, k, v):
+        raise RuntimeError("cupyflash: a KV cache's pages reach a forward that does not read them (reads_pages)")
     if _splits_float32(spec, hopper_device):
         hopper = _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, _FWD_ADDRESSES + ("gate",))
         launch = _plan.forward(dtype, spec.headdim, var_type, _aligned(q, k, v), limit, **_math())
@@ -414,10 +422,19 @@ def _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, addre
     keys = _plan.keys_seen(spec.seqlen_q, spec.seqlen_k, spec.window)  # the longest sequences' in a packed batch
     launch = _plan.forward_sm90(spec.dtype.name, spec.headdim, var_type, keys, spec.softcap)
     _, block_m, block_n, _ = _plan.sm90_forward_tiles(spec.dtype.name, spec.headdim, keys, var_type)
+    pages = (0, 0, 0, 0)
+    if spec.block_table is not None:  # K and V in boxes within a page, a power of two (FwdParamsSm90::block_table)
+        block_n = math.gcd(block_n, spec.page_size, *(int(k0) for k0 in spec.cu_seqlens_k[:-1]))
+        block_n &= -block_n
+        if block_n < _plan.PAGE_BOX_ROWS:  # the producer reads at most a tile's PAGE_BOX_ROWS-row boxes
+            raise RuntimeError(f"cupyflash: pages read through the table in boxes of {block_n} rows, below "
+                               f"{_plan.PAGE_BOX_ROWS}")
+        table = spec.block_table
+        pages = (table.data.ptr, table.strides[0] // table.itemsize, spec.page_size, block_n)
     map_rows = (block_m, block_n, block_n)
     maps = tuple(np.zeros((), _tma.TENSOR_MAP) for _ in map_rows)
     parts_apart = spec.batch if packed is None else 1  # split float32: a part's batch entries, or its one
-    params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, 0, spec.batch, parts_apart),
+    params = _Readdressed(FWD_PARAMS_SM90, (*maps, fwd, 0, spec.batch, parts_apart, *pages),
                           tuple(f"fwd.{m}" for m in addresses) + (() if packed is None else ("work",)),
                           ("tma_q", "tma_k", "tma_v"))
     # persistent: a block per multiprocessor (one fits), or one per work tile if fewer
@@ -427,7 +444,8 @@ def _forward_sm90_call(spec, device_id, var_type, mask_cells, packed, fwd, addre
     if packed is not None:  # its work list, built on the device before each launch (work_list.cu)
         launches = ((_plan.work_list(block_m), (1, 1, 1)),) + launches
         buffers = (((2 * spec.batch + 2,), np.int32),)
-    return _Call(launches, params, var_type, map_rows, buffers, (mask_cells, packed), reads_row_flags=False)
+    return _Call(launches, params, var_type, map_rows, buffers, (mask_cells, packed, spec.block_table),
+                 reads_row_flags=False)
 
 
 def _split_inputs(device_id, gate, tensors):

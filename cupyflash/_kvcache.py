@@ -14,8 +14,10 @@ group's heads times seqlen_q; 1024 for 16-bit caches, 128 for float32) take the 
 in place and run every sequence, slab of its rows and split in one launch; both read each length on the
 device. Otherwise (and on the NumPy backend) the sequences run as one packed batch
 (:mod:`cupyflash._varlen`: one pass of the dense forward on the GPU, each sequence alone on the NumPy
-backend) whose keys are rows of the cache itself, each sequence's from where they start (``Spec.seqused_k``),
-or of its pages gathered in order where a sequence's keys span several pages.
+backend) whose keys are rows of the cache itself, each sequence's from where they start (``Spec.seqused_k``);
+where a sequence's keys span several pages, the pages read through the page table (``Spec.block_table``: the
+Hopper forward of 16-bit caches, and its NumPy twin, where boxes of ``_plan.PAGE_BOX_ROWS`` rows divide the pages
+and first keys), else the pages gathered in order.
 
 With ``rotary_cos`` and ``rotary_sin`` the new keys are rotated by their positions before the append,
 and the queries before they attend (by the append's kernel; on the NumPy backend, ``_rotate``).
@@ -34,7 +36,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _validate, _varlen
+from . import _plan, _validate, _varlen
 from ._api import _backend
 from ._spec import Spec
 from ._validate import _fail, array_kind, compute_dtype
@@ -424,20 +426,27 @@ def _rows(cache):
     return _bits(cache).reshape(pages * page_size, *cache.shape[2:]).view(cache.dtype)
 
 
-def _key_groups(call, caches, xp):
+def _key_groups(call, caches, xp, table, reads_pages):
     """Every sequence's keys as rows of one array per cache, in groups of sequences: (first, end, rows of
-    each cache, where each sequence's keys start among them). The rows are the caches' own (a view) where each
-    sequence's keys lie on one page and the pages flatten; else the pages that hold keys, gathered in order,
-    at most _GATHER_BYTES of them a group (a sequence's at least)."""
+    each cache, where each sequence's keys start among them, and the page table they are read through or None).
+    The rows are the caches' own (a view) where each sequence's keys lie on one page and the pages flatten, or
+    where the forward reads their pages through `table` (Spec.block_table): boxes of _plan.PAGE_BOX_ROWS rows
+    that each lie within a page, a forward for which `reads_pages(rows)`. Else the pages that hold keys,
+    gathered in order, at most _GATHER_BYTES of them a group (a sequence's at least)."""
     lengths, start, size = call.lengths, call.leftpad, call.page_size
     first = start // size
     pages = np.where(lengths > 0, -(-(start + lengths) // size) - first, 0)
-    if (pages <= 1).all():
-        views = [_rows(cache) for cache in caches]
-        if all(view is not None for view in views):
+    views = [_rows(cache) for cache in caches]
+    if all(view is not None for view in views):
+        if (pages <= 1).all():
             listed = call.pages[np.arange(call.spec.batch), np.minimum(first, call.pages.shape[1] - 1)]
             page = np.where(lengths > 0, listed, 0)  # the one page of each sequence's keys
-            yield 0, call.spec.batch, views, page * size + start - first * size
+            yield 0, call.spec.batch, views, page * size + start - first * size, None
+            return
+        box = _plan.PAGE_BOX_ROWS
+        if (table is not None and size % box == 0 and not (start % box).any() and views[0].shape[0] < 2**31
+                and reads_pages(views)):
+            yield 0, call.spec.batch, views, start, table
             return
     page_bytes = caches[0][:1].nbytes
     b = 0
@@ -446,23 +455,30 @@ def _key_groups(call, caches, xp):
         held = np.concatenate([call.pages[s, first[s]:first[s] + pages[s]] for s in range(b, end)])
         index = xp.asarray(held)
         rows = [_bits(cache)[index].view(cache.dtype).reshape(len(held) * size, *cache.shape[2:]) for cache in caches]
-        yield b, end, rows, (np.cumsum(pages[b:end]) - pages[b:end]) * size + start[b:end] - first[b:end] * size
+        yield b, end, rows, (np.cumsum(pages[b:end]) - pages[b:end]) * size + start[b:end] - first[b:end] * size, None
         b = end
 
 
-def _dense(backend, call, q, k_cache, v_cache, xp):
+def _dense(backend, call, q, k_cache, v_cache, xp, table):
     """Every sequence through the backend's packed forward (cupyflash._varlen, one pass on the GPU) over its
     keys in the cache's rows (_key_groups): sequence b's queries are rows b * seqlen_q ... of q, its keys the
-    L_b rows from its start (Spec.seqused_k)."""
+    L_b rows from its start (Spec.seqused_k), or the L_b positions from its first through `table`, the page
+    table (on q's device for CuPy arrays), where the forward reads the pages."""
     spec = call.spec
     outs, lses = [], []
-    for b, end, (keys, values), starts in _key_groups(call, (k_cache, v_cache), xp):
+
+    def reads_pages(rows):  # the forward's arrays: one batch entry of rows
+        return xp is np or backend.reads_pages(spec, q, *(x[None] for x in rows))
+
+    for b, end, (keys, values), starts, pages in _key_groups(call, (k_cache, v_cache), xp, table, reads_pages):
         n, lengths = end - b, call.lengths[b:end]
         slopes = spec.alibi_slopes
+        total_k = keys.shape[0] if pages is None else call.pages.shape[1] * call.page_size  # rows or positions
         one = dataclasses.replace(
             spec, batch=n, seqlen_k=int(lengths.max()), alibi_slopes=None if slopes is None else slopes[b:end],
-            cu_seqlens_q=np.arange(n + 1) * spec.seqlen_q, cu_seqlens_k=np.append(starts, keys.shape[0]),
-            seqused_k=lengths, total_q=n * spec.seqlen_q, total_k=keys.shape[0])
+            cu_seqlens_q=np.arange(n + 1) * spec.seqlen_q, cu_seqlens_k=np.append(starts, total_k),
+            seqused_k=lengths, total_q=n * spec.seqlen_q, total_k=total_k, block_table=pages,
+            page_size=call.page_size if pages is not None else 0)
         queries = q[b:end].reshape(n * spec.seqlen_q, *q.shape[2:])
         out, lse = _varlen.forward(backend, queries, keys, values, one)
         outs.append(out.reshape(q[b:end].shape))
@@ -534,7 +550,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Optional
         if call.seqlen_new:
             _append(call, k_cache, k)
             _append(call, v_cache, v)
-        out, lse = _dense(backend, call, q, k_cache, v_cache, np)
+        out, lse = _dense(backend, call, q, k_cache, v_cache, np, call.pages)
     return (out, lse) if return_lse else out
 
 
@@ -606,7 +622,7 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, cache_le
         plan = backend.decode_plan(spec, k_cache, v_cache, call.num_splits)
         if plan is not None:
             return backend.decode(plan, q, k_cache, v_cache, spec, lengths, want_lse)
-        return _dense(backend, call, q, k_cache, v_cache, cupy)
+        return _dense(backend, call, q, k_cache, v_cache, cupy, table)
 
 
 def _device_table(cupy, call, table_arg, device):

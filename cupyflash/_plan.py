@@ -560,6 +560,10 @@ DECODE_WARPS = (8, 4)  # warps of a decode_mma.cu block, each streaming its own 
 #: The dense forward's query rows a tile (of one query head) that a KV-cache call must fill for dense_serves.
 DENSE_TILE_ROWS = 128
 
+#: A paged cache's keys reach the Hopper forward in place (FwdParamsSm90::block_table) in boxes of at least this
+#: many rows, each within a page: page sizes and first keys in multiples of it (the key tiles are).
+PAGE_BOX_ROWS = _csource.constant(_csource.source("forward_sm90.cu"), "PAGE_BOX_ROWS")
+
 
 def dense_serves(dtype, seqlen_q, query_heads, multiprocessors):
     """Whether a 16-bit KV-cache call within DECODE_MAX_ROWS runs faster through the dense forward: where its

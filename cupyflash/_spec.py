@@ -55,6 +55,11 @@ class Spec:
     # A KV cache's rows in place (cupyflash._kvcache): host int64 (batch,) keys of each sequence, the
     # seqused_k[b] rows from cu_seqlens_k[b] (its offsets are then where each sequence's keys start, in any order).
     seqused_k: Optional[np.ndarray] = None
+    # A paged KV cache read in place: sequence b's key positions cu_seqlens_k[b] ... (in place of rows; total_k
+    # counts the positions) lie at row block_table[b, pos // page_size] * page_size + pos % page_size of k and v.
+    # (batch, pages) int32 on the device for the CUDA backend (where reads_pages), host ints for the NumPy one.
+    block_table: Any = None
+    page_size: int = 0
 
     @property
     def group(self) -> int:

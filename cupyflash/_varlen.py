@@ -35,7 +35,7 @@ def _sequences(spec):
     """(b, query rows, key rows, the sequence's own dense Spec) of every sequence with query rows. Offsets
     left on the device unread give none: the kernels read those, and the passes here then run only for a batch
     whose longest sequence has no query or no key (its outputs are zeros)."""
-    cu_q, cu_k, used = spec.cu_seqlens_q, spec.cu_seqlens_k, spec.seqused_k
+    cu_q, cu_k, used, table = spec.cu_seqlens_q, spec.cu_seqlens_k, spec.seqused_k, spec.block_table
     if cu_q is None:
         return
     for b in range(spec.batch):
@@ -44,11 +44,14 @@ def _sequences(spec):
         seqlen_q, seqlen_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start
         if seqlen_q == 0:
             continue
+        if table is not None:  # the keys' positions through the pages (FwdParamsSm90::block_table)
+            positions = np.arange(rows_k.start, rows_k.stop)
+            rows_k = table[b, positions // spec.page_size] * spec.page_size + positions % spec.page_size
         slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1]
         yield b, rows_q, rows_k, dataclasses.replace(spec, batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                                      alibi_slopes=slopes, batch_offset=spec.batch_offset + b,
                                                      cu_seqlens_q=None, cu_seqlens_k=None, device_offsets=None,
-                                                     seqused_k=None)
+                                                     seqused_k=None, block_table=None, page_size=0)
 
 
 def _device(spec, x):

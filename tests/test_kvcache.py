@@ -531,13 +531,51 @@ def test_num_splits_leave_the_dense_path_unchanged(dtype, kw):
         assert np.array_equal(out, results[0][0]) and np.array_equal(lse, results[0][1])
 
 
+def dense_routes(monkeypatch):
+    """Whether each packed pass of the KV cache's dense path since the call read the pages through the page table
+    (Spec.block_table), in order."""
+    from cupyflash import _kvcache
+
+    routes, forward = [], _kvcache._varlen.forward
+
+    def spy(backend, q, k, v, spec):
+        routes.append(spec.block_table is not None)
+        return forward(backend, q, k, v, spec)
+
+    monkeypatch.setattr(_kvcache._varlen, "forward", spy)
+    return routes
+
+
+@pytest.mark.parametrize("page_size, leftpad", [(8, None), (16, [0, 0, 24, 8]), (64, [16, 0, 0, 8])])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(9, 2), softcap=3.0),
+                                dict(causal=True, alibi_slopes=SLOPES, learnable_sink=SINKS)])
+def test_pages_read_through_the_table_equal_pages_gathered(page_size, leftpad, kw, monkeypatch):
+    """Where page sizes and first keys are whole boxes of _plan.PAGE_BOX_ROWS rows (here 8), the dense path reads a
+    paged cache's keys through its page table (Spec.block_table; here the NumPy backend's twin of the Hopper
+    forward's boxes); gathered (a box that divides no page), the same bits, and both match the reference."""
+    q, k_cache, v_cache, k, v, lengths = problem(23, [30, 0, 85, 12], 1, seqlen_q=4)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, page_size, 23)
+    pad = None if leftpad is None else np.array(leftpad, np.int32)
+    args = dict(cache_seqlens=lengths, block_table=block_table, cache_leftpad=pad, return_lse=True, **kw)
+    routes = dense_routes(monkeypatch)
+    monkeypatch.setattr(_plan, "PAGE_BOX_ROWS", 8)
+    got = cupyflash.attention_with_kvcache(q, k_paged.copy(), v_paged.copy(), k, v, **args)
+    monkeypatch.setattr(_plan, "PAGE_BOX_ROWS", 5)
+    gathered = cupyflash.attention_with_kvcache(q, k_paged.copy(), v_paged.copy(), k, v, **args)
+    assert routes == [True, False]
+    assert all(np.array_equal(bits(a), bits(b)) for a, b in zip(got, gathered))
+    want = cupyflash.reference.attention_with_kvcache(q, k_paged.copy(), v_paged.copy(), k, v, **args)
+    assert_matches(*got, *want, 2e-5)
+
+
 @pytest.mark.parametrize("leftpad", [None, [0, 0, 70, 9]])
 def test_gathered_pages_in_groups_equal_one_gather(leftpad, monkeypatch):
-    """A gather bound of a few pages splits the dense path's sequences into groups: the same bits."""
+    """A gather bound of a few pages splits the dense path's sequences into groups: the same bits (pages of 6
+    rows, which the page table's boxes do not divide)."""
     from cupyflash import _kvcache
 
     q, k_cache, v_cache, k, v, lengths = problem(22, [30, 0, 85, 12], 1, seqlen_q=4)
-    k_paged, v_paged, block_table = paged(k_cache, v_cache, 8, 22)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, 6, 22)
     kw = dict(cache_seqlens=lengths, block_table=block_table, causal=True, return_lse=True,
               cache_leftpad=None if leftpad is None else np.array(leftpad, np.int32))
     want = cupyflash.attention_with_kvcache(q, k_paged.copy(), v_paged.copy(), k, v, **kw)
@@ -976,10 +1014,12 @@ def test_decode_kernel_matches_the_reference(dtype, variant):
 @pytest.mark.parametrize("dtype", [BFLOAT16, np.float32, np.float64])
 def test_the_dense_path_runs_every_sequence_in_one_launch(dtype, monkeypatch):
     """Past the decode kernels' rows (and for float64) the sequences run as one packed batch: over the cache's
-    own rows (contiguous), or over the pages holding keys, gathered (64-row pages, sequences of up to nine
-    pages). With a gather bound of ten pages the paged call runs in three groups, a launch of the forward each
-    (sequences of 5 pages and 1, of 9, of 3). Each matches the reference."""
-    from cupyflash import _kvcache
+    own rows (contiguous), over the pages through the page table (16-bit on Hopper), or over the pages holding
+    keys, gathered (64-row pages, sequences of up to nine pages). With a gather bound of ten pages a gathered
+    call runs in three groups, a launch of the forward each (sequences of 5 pages and 1, of 9, of 3). Each
+    matches the reference."""
+    cp = pytest.importorskip("cupy")
+    from cupyflash import _cuda_backend, _kvcache
 
     kw = dict(causal=True, window_size=(200, -1))
     q, k_cache, v_cache, k, v, lengths = problem(21, [300, 0, 520, 129], 1, seqlen_q=DENSE_SEQLEN_Q, headdim=64,
@@ -994,8 +1034,49 @@ def test_the_dense_path_runs_every_sequence_in_one_launch(dtype, monkeypatch):
     assert one_pass in (1, 2)  # float32 on Hopper: the split operands' kernel and its gated fallback
     assert forward_launches(k_paged, v_paged, block_table) == one_pass
     monkeypatch.setattr(_kvcache, "_GATHER_BYTES", 10 * k_paged[:1].nbytes)
-    assert forward_launches(k_paged, v_paged, block_table) == 3 * one_pass
+    through_table = dtype == BFLOAT16 and _cuda_backend._device_info(cp.cuda.Device().id)[1]
+    assert forward_launches(k_paged, v_paged, block_table) == (1 if through_table else 3) * one_pass
     assert forward_launches(k_cache, v_cache) == one_pass  # in place: nothing gathered
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+@pytest.mark.parametrize("page_size, leftpad, headdim, lengths, kw", [
+    (64, None, 128, [300, 0, 520, 129], dict(causal=True)),
+    (128, [0, 0, 128, 64], 64, [300, 0, 520, 129], dict(window_size=(200, 3), softcap=4.0)),
+    (256, None, 256, [300, 0, 520, 129], dict(alibi_slopes=SLOPES, learnable_sink=SINKS)),
+    (192, [64, 0, 0, 128], 64, [2300, 40, 2100, 2200], dict()),  # key tiles of 192 in boxes of 64 rows
+])
+def test_the_hopper_forward_reads_pages_through_the_table(dtype, page_size, leftpad, headdim, lengths, kw, monkeypatch):
+    """Past the decode kernels' rows, the Hopper forward reads a 16-bit paged cache through its page table in boxes
+    within a page (the gcd of its key tile, the page size and the first keys), with NaN in the pages' rows past
+    each length: it matches the reference, and the same call over the pages gathered, bit for bit."""
+    cp = pytest.importorskip("cupy")
+    from cupyflash import _cuda_backend
+
+    if not _cuda_backend._device_info(cp.cuda.Device().id)[1]:
+        pytest.skip("the Hopper forward reads pages through the table; this device gathers them")
+    q, k_cache, v_cache, k, v, lengths = problem(24, lengths, 1, seqlen_q=DENSE_SEQLEN_Q, headdim=headdim,
+                                                 dtype=dtype)
+    k_paged, v_paged, block_table = paged(k_cache, v_cache, page_size, 24)
+    if leftpad is not None:
+        kw = dict(kw, cache_leftpad=np.array(leftpad, np.int32))
+    routes = dense_routes(monkeypatch)
+    check_decode(dtype, kw, q, k_paged, v_paged, k, v, lengths, block_table, 0)
+
+    def run():
+        caches = [cp.asarray(bits(c)).view(c.dtype) for c in (k_paged, v_paged)]
+        out, lse = cupyflash.attention_with_kvcache(
+            cp.asarray(bits(q)).view(q.dtype), *caches, cp.asarray(bits(k)).view(k.dtype),
+            cp.asarray(bits(v)).view(v.dtype), cache_seqlens=lengths, block_table=block_table, return_lse=True,
+            **{key: cp.asarray(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()})
+        return bits(out.view(_UINT[out.dtype.itemsize]).get()), lse.get()
+
+    through_table = run()
+    monkeypatch.setattr(_plan, "PAGE_BOX_ROWS", 63)
+    gathered = run()
+    assert routes == [True, True, False]
+    assert all(np.array_equal(a, b) for a, b in zip(through_table, gathered))
 
 
 @pytest.mark.gpu

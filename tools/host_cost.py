@@ -27,6 +27,8 @@ def main(calls_per_case=1000, rows=14):
     cache, query = draw((1, 1024, 2, 128)), draw((1, 1, 8, 128))
     pages, table = draw((8, 256, 2, 128)), np.array([[5, 2, 7, 0]], np.int32)  # 1024 rows in 4 pages of 256
     new = draw((1, 1, 2, 128))  # a token's key and value
+    chunk = draw((1, 300, 8, 128))  # 1200 query rows per kv head: past the decode kernels, the dense pass
+    cache64, query64 = cp.random.standard_normal((1, 1024, 2, 64)), cp.random.standard_normal((1, 1, 8, 64))
     angles = np.random.default_rng(0).uniform(0, 2 * np.pi, (1024, 64))
     cos, sin = (cp.asarray(f(angles).astype(ml_dtypes.bfloat16)) for f in (np.cos, np.sin))
     slopes, sink, query_sink = (cp.asarray(np.linspace(-1, 1, n, dtype=np.float32)) for n in (2, 2, 8))
@@ -42,6 +44,10 @@ def main(calls_per_case=1000, rows=14):
             query, cache, cache, cache_seqlens=1000, learnable_sink=query_sink),
         "attention_with_kvcache, paged (NumPy block_table)": lambda: cupyflash.attention_with_kvcache(
             query, pages, pages, cache_seqlens=1000, block_table=table),
+        "attention_with_kvcache, the dense pass (300 queries)": lambda: cupyflash.attention_with_kvcache(
+            chunk, cache, cache, cache_seqlens=1000, causal=True),
+        "attention_with_kvcache, the dense pass (float64)": lambda: cupyflash.attention_with_kvcache(
+            query64, cache64, cache64, cache_seqlens=1000),
         "attention_with_kvcache, a token appended": lambda: cupyflash.attention_with_kvcache(
             query, cache, cache, new, new, cache_seqlens=1000, causal=True),
         "attention_with_kvcache, a token appended, rotary embedding": lambda: cupyflash.attention_with_kvcache(

@@ -126,9 +126,9 @@ def packed():
                    longest=(100, 200), causal=True)
 
 
-def paged_caches(dtype):
-    """Keys and values in 12 pages of 32 rows (pages 0 and 5 NaN, unused), and a page table of two sequences."""
-    pages = rng.standard_normal((12, 32, 2, 64)).astype(dtype)
+def paged_caches(dtype, page_size=32):
+    """Keys and values in 12 pages (0 and 5 NaN, unused), and a page table of two sequences."""
+    pages = rng.standard_normal((12, page_size, 2, 64)).astype(dtype)
     pages[[0, 5]] = np.nan
     return device(pages), device(pages[::-1].copy()), cp.asarray(np.array([[3, 7, 1, 2], [9, 4, 6, 8]], np.int32))
 
@@ -179,12 +179,18 @@ def decode():
                                              cache_seqlens=cp.asarray(np.array([100, 0], np.int32)), block_table=table,
                                              rotary_interleaved=interleaved, **variant)
     # past the decode kernels' rows, and float64: one packed pass of the dense forward over the caches' rows in
-    # place (entries picked by cache_batch_idx, keys from a left padding on) and over gathered pages
+    # place (entries picked by cache_batch_idx, keys from a left padding on), over gathered pages, and over pages of
+    # 64 rows read through the page table (16-bit; from a first key at 64; gathered from one at 3)
     for dtype in (ml_dtypes.bfloat16, np.float32, np.float64):
         k_pages, v_pages, table = paged_caches(dtype)
         q_many, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((300, 8), (1, 2)))
         cupyflash.attention_with_kvcache(q_many, k_pages, v_pages, k_new, k_new, cache_seqlens=cp.asarray(
             np.array([100, 0], np.int32)), block_table=table, causal=True)
+        k_pages, v_pages, table = paged_caches(dtype, 64)
+        for leftpad in (64, 3):
+            cupyflash.attention_with_kvcache(q_many, k_pages, v_pages, cache_seqlens=cp.asarray(
+                np.array([230, 9], np.int32)), cache_leftpad=cp.asarray(np.array([leftpad, 0], np.int32)),
+                block_table=table, window_size=(150, 0))
         entries = rng.standard_normal((5, 400, 2, 64)).astype(dtype)
         entries[:, 360:] = np.nan
         cupyflash.attention_with_kvcache(q_many, device(entries), device(entries), k_new, k_new,
