@@ -28,8 +28,6 @@ FAMILIES = ("", "sm80", "", "simt")
 DENSE_VARIANTS = ("window", "sliding", "softcap", "alibi", "alibi_batch", "padding", "bool_mask", "bias", "bias_2d",
                   "dropout", "sink")
 PACKED_VARIANTS = ("causal", "window", "alibi", "softcap_alibi", "dropout", "sink")
-#: The decoding cases' variants: indices into test_kvcache.VARIANTS.
-DECODE_VARIANTS = 8
 #: Work per dense case, batch * nheads * seqlen_q * seqlen_k * headdim, kept for the float64 reference.
 MAX_WORK = 6e7
 TILE_EDGES = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 384, 385, 511, 513)
@@ -79,14 +77,15 @@ def packed_case(rng, family):
             int(rng.integers(2**32)), bool(rng.random() < 0.5))
 
 
-def decode_case(rng, family):
-    """(cache lengths, appended rows, seqlen_q, heads, headdim, page size, splits, variant index, dtype, seed)."""
+def decode_case(rng, family, variants):
+    """(cache lengths, appended rows, seqlen_q, heads, headdim, page size, splits, variant index (of `variants`,
+    test_kvcache.VARIANTS' count), dtype, seed)."""
     wide = family == "simt"
     # query positions: a token or a few, or up to 40 (with the groups, rows in several slabs of a decode block)
     return ([pick(rng, (0, length(rng))) for _ in range(int(rng.integers(1, 5)))], int(rng.integers(0, 4)),
             int(rng.integers(1, 5) if rng.random() < 0.7 else rng.integers(5, 41)),
             pick(rng, ((8, 1), (4, 2), (2, 2), (16, 4), (6, 3))), int(rng.integers(1, 257)),
-            pick(rng, (None, 1, 16, 40, 64, 256)), pick(rng, (0, 1, 3, 50)), int(rng.integers(DECODE_VARIANTS)),
+            pick(rng, (None, 1, 16, 40, 64, 256)), pick(rng, (0, 1, 3, 50)), int(rng.integers(variants)),
             np.dtype(np.float32) if wide else pick(rng, dtypes(family)[:3]), int(rng.integers(2**32)))
 
 
@@ -176,7 +175,7 @@ def worker(index, seconds, seed):
             args = packed_case(rng, family)
             run = lambda: run_packed(tvl, *args)  # noqa: E731
         else:
-            args = decode_case(rng, family)
+            args = decode_case(rng, family, len(tk.VARIANTS))
             run = lambda: run_decode(tk, *args)  # noqa: E731
         cases += 1
         try:
