@@ -155,10 +155,10 @@ __device__ __forceinline__ void key_tiles(const FwdParams& f, const Sequence& se
 }
 
 // A KV cache's pages read in place (FwdParamsSm90::block_table) come in boxes of at least this many rows, at
-// most BLOCK_N / PAGE_BOX_ROWS a key tile, whose page ids the producer reads at once: smaller boxes, each a
-// dependent read of the table and a copy, left it behind the consumers (pages of 16 and 32 rows at headdim
-// 128 took 2.2x and 1.3x the time of the pages gathered, H100).
-[[maybe_unused]] constexpr int PAGE_BOX_ROWS = 64;  // read by the plan, which sends the pages
+// most BLOCK_N / PAGE_BOX_ROWS a key tile, whose page ids the producer reads at once (read one box after
+// another, pages of 16 and 32 rows took 2.2x and 1.3x the time of the pages gathered at headdim 128, H100);
+// with boxes of 16 rows, up to 12 a tile, the producer's registers spill.
+[[maybe_unused]] constexpr int PAGE_BOX_ROWS = 32;  // read by the plan, which sends the pages
 
 // The row of k and v that holds key n of packed sequence b (its position k0 + n), through a KV cache's pages
 // (FwdParamsSm90::block_table), n a multiple of the page box. A box past the sequence's last key reads that key's
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
         regs_release<40>();  // 128 x 128 registers freed here make the consumers' 256 x 64 more
         if (threadIdx.x == 0) {
             int kv_step = 0, q_step = 0;
-            constexpr bool PAGES = PARTS == 1;  // a KV cache's pages reach 16-bit operands only
+            constexpr bool PAGES = PARTS == 1 && Var::packed;  // a KV cache's pages: 16-bit packed batches only
             constexpr int BOXES = PAGES ? BLOCK_N / PAGE_BOX_ROWS : 1;  // at most, a key tile
             for (int tile = schedule.produce(p); tile >= 0; tile = schedule.produce(p)) {
                 const WorkTile<Var> w(p, tile, work_divisors, BLOCK_M);
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(384, 1) flash_fwd_sm90(const __grid_constant__
                     // kind over made plain 5-10% slower.
                     const int kind = Var::bool_mask ? var.tile_kind(w.m0, BLOCK_M, n0, BLOCK_N) : 0;
                     const int word = kind | (t == t_last - 1 ? ROW_END : 0);
-                    // Where the tile's rows lie: a KV cache's pages (16-bit operands only) in boxes that each lie
+                    // Where the tile's rows lie: a KV cache's pages (PAGES) in boxes that each lie
                     // within a page, their page ids read while the producer waits, all at once.
                     const int box_rows = PAGES && p.block_table ? p.page_box : BLOCK_N;
                     int rows[BOXES];

@@ -1044,8 +1044,9 @@ def test_the_dense_path_runs_every_sequence_in_one_launch(dtype, monkeypatch):
 @pytest.mark.parametrize("page_size, leftpad, headdim, lengths, kw", [
     (64, None, 128, [300, 0, 520, 129], dict(causal=True)),
     (128, [0, 0, 128, 64], 64, [300, 0, 520, 129], dict(window_size=(200, 3), softcap=4.0)),
-    (256, None, 256, [300, 0, 520, 129], dict(alibi_slopes=SLOPES, learnable_sink=SINKS)),
+    (32, None, 256, [300, 0, 520, 129], dict(alibi_slopes=SLOPES, learnable_sink=SINKS)),
     (192, [64, 0, 0, 128], 64, [2300, 40, 2100, 2200], dict()),  # key tiles of 192 in boxes of 64 rows
+    (96, [32, 0, 0, 96], 64, [2300, 40, 2100, 2200], dict(causal=True)),  # and in boxes of 32 rows
 ])
 def test_the_hopper_forward_reads_pages_through_the_table(dtype, page_size, leftpad, headdim, lengths, kw, monkeypatch):
     """Past the decode kernels' rows, the Hopper forward reads a 16-bit paged cache through its page table in boxes
@@ -1073,7 +1074,7 @@ def test_the_hopper_forward_reads_pages_through_the_table(dtype, page_size, left
         return bits(out.view(_UINT[out.dtype.itemsize]).get()), lse.get()
 
     through_table = run()
-    monkeypatch.setattr(_plan, "PAGE_BOX_ROWS", 63)
+    monkeypatch.setattr(_plan, "PAGE_BOX_ROWS", 31)
     gathered = run()
     assert routes == [True, True, False]
     assert all(np.array_equal(a, b) for a, b in zip(through_table, gathered))

@@ -179,8 +179,9 @@ def decode():
                                              cache_seqlens=cp.asarray(np.array([100, 0], np.int32)), block_table=table,
                                              rotary_interleaved=interleaved, **variant)
     # past the decode kernels' rows, and float64: one packed pass of the dense forward over the caches' rows in
-    # place (entries picked by cache_batch_idx, keys from a left padding on), over gathered pages, and over pages of
-    # 64 rows read through the page table (16-bit; from a first key at 64; gathered from one at 3)
+    # place (entries picked by cache_batch_idx, keys from a left padding on), and over pages of 32 and 64 rows read
+    # through the page table (16-bit; from first keys at 0 and 64) or gathered (from a first key at 3; float32 and
+    # float64 always)
     for dtype in (ml_dtypes.bfloat16, np.float32, np.float64):
         k_pages, v_pages, table = paged_caches(dtype)
         q_many, k_new = (device(rng.standard_normal((2, n, h, 64)).astype(dtype)) for n, h in ((300, 8), (1, 2)))
