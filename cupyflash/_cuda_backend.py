@@ -359,9 +359,9 @@ def _call_key(spec, device_id, *arrays):
     environment's switches, the arrays' shapes and strides and which addresses are 16-byte aligned (TMA
     and vector loads). None for a call with an attn_mask (its cells are classified per call); ALiBi's slopes and
     a learnable sink are their spec's, checked once per address (_api._signature), and a packed batch's offsets,
-    checked once per contents or, left on the device, per arrays (_validate.packed_signature). None too for a
-    KV cache's dense call (Spec.seqused_k), whose lengths change with every call."""
-    if spec.attn_mask is not None or spec.seqused_k is not None:
+    checked once per contents or, left on the device, per arrays (_validate.packed_signature); a KV cache's dense
+    pass (Spec.seqused_k), once per contents too (_kvcache._packed_spec)."""
+    if spec.attn_mask is not None:
         return None
     return (spec, device_id, os.environ.get(FAMILY_VARIABLE, ""), os.environ.get(TF32_VARIABLE, ""),
             tuple(x.data.ptr % 16 == 0 for x in arrays), *((x.shape, x.strides) for x in arrays))

@@ -58,9 +58,7 @@ class Call:
     L_b); ``pages`` (host int64, (batch, pages per sequence)) lists each sequence's cache pages
     of ``page_size`` rows; ``cache_seqlens`` (host int64, (batch,)) the rows cached before the append,
     ``uniform`` that length when every sequence has it (else None); ``leftpad`` (host int64, (batch,)) the
-    row of each sequence's first key. ``device_tables`` keeps the device
-    copies of a NumPy page table by device id: a check made once per table's contents (_checked) copies it
-    once."""
+    row of each sequence's first key."""
     spec: Spec
     seqlen_new: int
     page_size: int
@@ -70,7 +68,6 @@ class Call:
     leftpad: np.ndarray
     num_splits: int
     rotary_interleaved: bool
-    device_tables: dict = dataclasses.field(default_factory=dict)
 
     @property
     def lengths(self):
@@ -459,6 +456,32 @@ def _key_groups(call, caches, xp, table, reads_pages):
         b = end
 
 
+#: The dense passes' packed Specs by what they hold (_packed_spec); bounded, cleared when full.
+_PACKED_SPECS = {}
+_PACKED_SPECS_MAX = 64
+
+
+def _packed_spec(spec, b, end, lengths, starts, total_k, pages, page_size):
+    """The packed Spec of sequences b ... end - 1 of `spec`'s dense pass: their lengths and first keys among
+    `total_k` rows (or positions, read through the page table `pages`). The same object for the same
+    contents, so that the backends plan its forward once: a decoding step's layers share their lengths."""
+    table = None if pages is None else (
+        pages.tobytes() if isinstance(pages, np.ndarray) else (pages.data.ptr, pages.shape, pages.strides))
+    key = (spec, b, end, lengths.tobytes(), np.asarray(starts).tobytes(), total_k, table)
+    one = _PACKED_SPECS.get(key)
+    if one is None:
+        n, slopes = end - b, spec.alibi_slopes
+        one = dataclasses.replace(
+            spec, batch=n, seqlen_k=int(lengths.max()), alibi_slopes=None if slopes is None else slopes[b:end],
+            cu_seqlens_q=np.arange(n + 1) * spec.seqlen_q, cu_seqlens_k=np.append(starts, total_k),
+            seqused_k=lengths, total_q=n * spec.seqlen_q, total_k=total_k, block_table=pages,
+            page_size=page_size if pages is not None else 0)
+        if len(_PACKED_SPECS) >= _PACKED_SPECS_MAX:
+            _PACKED_SPECS.clear()
+        _PACKED_SPECS[key] = one
+    return one
+
+
 def _dense(backend, call, q, k_cache, v_cache, xp, table):
     """Every sequence through the backend's packed forward (cupyflash._varlen, one pass on the GPU) over its
     keys in the cache's rows (_key_groups): sequence b's queries are rows b * seqlen_q ... of q, its keys the
@@ -471,14 +494,9 @@ def _dense(backend, call, q, k_cache, v_cache, xp, table):
         return xp is np or backend.reads_pages(spec, q, *(x[None] for x in rows))
 
     for b, end, (keys, values), starts, pages in _key_groups(call, (k_cache, v_cache), xp, table, reads_pages):
-        n, lengths = end - b, call.lengths[b:end]
-        slopes = spec.alibi_slopes
         total_k = keys.shape[0] if pages is None else call.pages.shape[1] * call.page_size  # rows or positions
-        one = dataclasses.replace(
-            spec, batch=n, seqlen_k=int(lengths.max()), alibi_slopes=None if slopes is None else slopes[b:end],
-            cu_seqlens_q=np.arange(n + 1) * spec.seqlen_q, cu_seqlens_k=np.append(starts, total_k),
-            seqused_k=lengths, total_q=n * spec.seqlen_q, total_k=total_k, block_table=pages,
-            page_size=call.page_size if pages is not None else 0)
+        one = _packed_spec(spec, b, end, call.lengths[b:end], starts, total_k, pages, call.page_size)
+        n = end - b
         queries = q[b:end].reshape(n * spec.seqlen_q, *q.shape[2:])
         out, lse = _varlen.forward(backend, queries, keys, values, one)
         outs.append(out.reshape(q[b:end].shape))
@@ -625,12 +643,22 @@ def _on_device(backend, call, q, k_cache, v_cache, k, v, cache_seqlens, cache_le
         return _dense(backend, call, q, k_cache, v_cache, cupy, table)
 
 
+#: Device copies of NumPy page tables by (device, contents); bounded, cleared when full.
+_DEVICE_TABLES = {}
+_DEVICE_TABLES_MAX = 64
+
+
 def _device_table(cupy, call, table_arg, device):
     """block_table or cache_batch_idx (checked) as a contiguous CuPy page table (batch, pages) on `device`, the
-    current one: a NumPy table is copied there once per Call (whose check covers its contents)."""
+    current one: a NumPy table is copied there once per contents, so that a decoding step's layers, which share
+    it, read one copy (and their dense passes share a plan, _packed_spec)."""
     if array_kind(table_arg) == "cupy":
         return cupy.ascontiguousarray(table_arg).reshape(call.pages.shape)
-    table = call.device_tables.get(device)
+    host = np.ascontiguousarray(table_arg).reshape(call.pages.shape)
+    key = (device, host.shape, host.dtype, host.tobytes())
+    table = _DEVICE_TABLES.get(key)
     if table is None:
-        table = call.device_tables[device] = cupy.asarray(np.ascontiguousarray(table_arg).reshape(call.pages.shape))
+        if len(_DEVICE_TABLES) >= _DEVICE_TABLES_MAX:
+            _DEVICE_TABLES.clear()
+        table = _DEVICE_TABLES[key] = cupy.asarray(host)
     return table

@@ -1011,6 +1011,33 @@ def test_decode_kernel_matches_the_reference(dtype, variant):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lengths_on_device", [False, True])
+@pytest.mark.parametrize("page_size", [None, 64])
+def test_a_steps_dense_passes_share_one_plan(lengths_on_device, page_size):
+    """The dense passes of a decoding step's layers (the same lengths and page table, their own queries and
+    caches) are planned once, and each reads its own arrays; the next step's lengths are planned anew."""
+    cp = pytest.importorskip("cupy")
+    from cupyflash import _cuda_backend
+
+    _cuda_backend._FORWARD_CALLS.clear()
+    for step, step_lengths in enumerate(([300, 0, 129], [301, 1, 130])):
+        for layer in (0, 1):
+            q, k_cache, v_cache, _, _, lengths = problem(40 + 2 * step + layer, step_lengths, None,
+                                                         seqlen_q=DENSE_SEQLEN_Q, headdim=64, dtype=BFLOAT16,
+                                                         spare_rows=200 - step)  # every step's capacity alike
+            table = None
+            if page_size:
+                k_cache, v_cache, table = paged(k_cache, v_cache, page_size, 7)  # one table for every call
+            want_out, want_lse = cupyflash.reference.attention_with_kvcache(
+                q, k_cache, v_cache, cache_seqlens=lengths, block_table=table, causal=True, return_lse=True)
+            out, lse = cupyflash.attention_with_kvcache(
+                to_device(q), to_device(k_cache), to_device(v_cache), block_table=table, causal=True,
+                cache_seqlens=cp.asarray(lengths) if lengths_on_device else lengths, return_lse=True)
+            assert_matches(to_host(out), lse.get(), want_out, want_lse, 3e-2)
+        assert len(_cuda_backend._FORWARD_CALLS) == step + 1
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [BFLOAT16, np.float32, np.float64])
 def test_the_dense_path_runs_every_sequence_in_one_launch(dtype, monkeypatch):
     """Past the decode kernels' rows (and for float64) the sequences run as one packed batch: over the cache's

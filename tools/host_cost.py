@@ -32,6 +32,7 @@ def main(calls_per_case=1000, rows=14):
     angles = np.random.default_rng(0).uniform(0, 2 * np.pi, (1024, 64))
     cos, sin = (cp.asarray(f(angles).astype(ml_dtypes.bfloat16)) for f in (np.cos, np.sin))
     slopes, sink, query_sink = (cp.asarray(np.linspace(-1, 1, n, dtype=np.float32)) for n in (2, 2, 8))
+    new_lengths = iter(range(10**9))
     cases = {
         "attention": lambda: cupyflash.attention(q, k, v, causal=True),
         "attention, ALiBi slopes": lambda: cupyflash.attention(q, k, v, causal=True, alibi_slopes=slopes),
@@ -46,6 +47,11 @@ def main(calls_per_case=1000, rows=14):
             query, pages, pages, cache_seqlens=1000, block_table=table),
         "attention_with_kvcache, the dense pass (300 queries)": lambda: cupyflash.attention_with_kvcache(
             chunk, cache, cache, cache_seqlens=1000, causal=True),
+        "attention_with_kvcache, the dense pass, paged (NumPy block_table)": lambda: cupyflash.attention_with_kvcache(
+            chunk, pages, pages, cache_seqlens=1000, block_table=table, causal=True),
+        # a prefill loop's chunk per call: each call's lengths are new, so its dense pass is planned anew
+        "attention_with_kvcache, the dense pass, new lengths each call": lambda: cupyflash.attention_with_kvcache(
+            chunk, cache, cache, cache_seqlens=500 + next(new_lengths) % 400, causal=True),
         "attention_with_kvcache, the dense pass (float64)": lambda: cupyflash.attention_with_kvcache(
             query64, cache64, cache64, cache_seqlens=1000),
         "attention_with_kvcache, a token appended": lambda: cupyflash.attention_with_kvcache(
