@@ -58,7 +58,8 @@ class Call:
     L_b); ``pages`` (host int64, (batch, pages per sequence)) lists each sequence's cache pages
     of ``page_size`` rows; ``cache_seqlens`` (host int64, (batch,)) the rows cached before the append,
     ``uniform`` that length when every sequence has it (else None); ``leftpad`` (host int64, (batch,)) the
-    row of each sequence's first key."""
+    row of each sequence's first key. ``device_tables`` keeps the device copy of a NumPy page table by device id
+    (_device_table)."""
     spec: Spec
     seqlen_new: int
     page_size: int
@@ -68,6 +69,7 @@ class Call:
     leftpad: np.ndarray
     num_splits: int
     rotary_interleaved: bool
+    device_tables: dict = dataclasses.field(default_factory=dict)
 
     @property
     def lengths(self):
@@ -577,8 +579,9 @@ def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seq
              num_splits):
     """check_call's Call, its checks of shapes, dtypes and scalars made once per signature (alibi_slopes and
     learnable_sink by their addresses too, which the Spec keeps): a decoding loop checks its arguments once,
-    not at every token. Lengths and page tables on the host join the signature by their contents, so the calls of one token's
-    layers, which share them, are checked once; CuPy ones are read and checked at each call."""
+    not at every token. Lengths (an int or host arrays) and host page tables are then checked once per contents,
+    so the calls of one token's layers, which share them, are checked once; CuPy ones are read and checked at
+    each call."""
     def form():
         return _check_form(fn, q, k_cache, v_cache, k, v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
@@ -591,16 +594,16 @@ def _checked(fn, q, k_cache, v_cache, k, v, *, rotary_cos, rotary_sin, cache_seq
     read = "cupy" in kinds
     on_host = [x for x, kind in zip((cache_seqlens, cache_leftpad, table), kinds) if kind == "numpy"]
     key = _validate.signature((q, k_cache, v_cache, k, v, alibi_slopes, learnable_sink, rotary_cos, rotary_sin),
-                              (fn, read, None if kinds[0] else cache_seqlens, causal, scale, window_size, softcap,
-                               rotary_interleaved, num_splits, cache_batch_idx is None))
+                              (fn, read, causal, scale, window_size, softcap, rotary_interleaved, num_splits,
+                               cache_batch_idx is None))
     if key is not None:
         key += (_layout(cache_seqlens), _layout(cache_leftpad), _layout(table),
                 *(x is not None and x.data.ptr for x in (alibi_slopes, learnable_sink)))
-    if not read:  # the whole verdict
-        if key is not None:
-            key += tuple(x.tobytes() for x in on_host)
-        return _validate.memoized(key, lambda: _check_values(fn, form(), cache_seqlens, cache_leftpad, table,
-                                                             one_copy=True))
+    if not read:  # the whole verdict, by the lengths' and tables' contents too
+        values = None if key is None else key + (
+            None if kinds[0] else (type(cache_seqlens), cache_seqlens), *(x.tobytes() for x in on_host))
+        return _validate.memoized(values, lambda: _check_values(fn, _validate.memoized(key, form), cache_seqlens,
+                                                                cache_leftpad, table, one_copy=True))
     return _check_values(fn, _validate.memoized(key, form), cache_seqlens, cache_leftpad, table, one_copy=True)
 
 
@@ -650,15 +653,19 @@ _DEVICE_TABLES_MAX = 64
 
 def _device_table(cupy, call, table_arg, device):
     """block_table or cache_batch_idx (checked) as a contiguous CuPy page table (batch, pages) on `device`, the
-    current one: a NumPy table is copied there once per contents, so that a decoding step's layers, which share
-    it, read one copy (and their dense passes share a plan, _packed_spec)."""
+    current one. A NumPy table is copied there once per contents, so that a decoding step's layers, which share
+    it, read one copy (and their dense passes share a plan, _packed_spec), and kept by the Call, which a loop's
+    calls share where their lengths are not read (_checked)."""
     if array_kind(table_arg) == "cupy":
         return cupy.ascontiguousarray(table_arg).reshape(call.pages.shape)
-    host = np.ascontiguousarray(table_arg).reshape(call.pages.shape)
-    key = (device, host.shape, host.dtype, host.tobytes())
-    table = _DEVICE_TABLES.get(key)
+    table = call.device_tables.get(device)
     if table is None:
-        if len(_DEVICE_TABLES) >= _DEVICE_TABLES_MAX:
-            _DEVICE_TABLES.clear()
-        table = _DEVICE_TABLES[key] = cupy.asarray(host)
+        host = np.ascontiguousarray(table_arg).reshape(call.pages.shape)
+        key = (device, host.shape, host.dtype, host.tobytes())
+        table = _DEVICE_TABLES.get(key)
+        if table is None:
+            if len(_DEVICE_TABLES) >= _DEVICE_TABLES_MAX:
+                _DEVICE_TABLES.clear()
+            table = _DEVICE_TABLES[key] = cupy.asarray(host)
+        call.device_tables[device] = table
     return table

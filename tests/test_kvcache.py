@@ -340,8 +340,9 @@ def test_the_device_append_writes_exactly_the_new_rows(dtype, page_size, lengths
 
 @pytest.mark.gpu
 def test_a_decoding_loop_reuses_its_check_and_sees_each_calls_arrays():
-    """Calls that differ only in their arrays' data reuse the first call's check; each reads its own q, new
-    rows and caches, and a call whose arguments differ is checked again (and refused when they are bad)."""
+    """Calls that differ only in their arrays' data reuse the first call's check (two verdicts: the arguments'
+    form, and the length's); each reads its own q, new rows and caches. Another length is checked against the
+    form already checked, and refused when it is bad."""
     cp = pytest.importorskip("cupy")
     from cupyflash import _validate
 
@@ -355,7 +356,10 @@ def test_a_decoding_loop_reuses_its_check_and_sees_each_calls_arrays():
                                                     cache_seqlens=7, causal=True, return_lse=True)
         np.testing.assert_allclose(out.get().astype(np.float64), want_out, rtol=0, atol=4e-3)
         np.testing.assert_allclose(lse.get(), want_lse, rtol=0, atol=1e-4)
-    assert len(_validate._VERDICTS) == 1
+    assert len(_validate._VERDICTS) == 2
+    cupyflash.attention_with_kvcache(*(cp.asarray(x) for x in (q, k_cache, v_cache, k, v)), cache_seqlens=6,
+                                     causal=True)
+    assert len(_validate._VERDICTS) == 3
     with pytest.raises(ValueError, match=r"cache_seqlens \+ seqlen_new must be at most"):
         cupyflash.attention_with_kvcache(*(cp.asarray(x) for x in (q, k_cache, v_cache, k, v)), cache_seqlens=10)
 
@@ -379,7 +383,7 @@ def test_a_host_page_table_is_checked_once_per_contents():
         out, lse = cupyflash.attention_with_kvcache(device_q, device_k, device_v, cache_seqlens=lengths,
                                                     block_table=table, causal=True, return_lse=True)
         assert_matches(out.get(), lse.get(), want_out, want_lse, 4e-3)
-    assert len(_validate._VERDICTS) == 1
+    assert len(_validate._VERDICTS) == 2  # the arguments' form, and the lengths' and table's verdict
     # sequence 0's first page moved to a spare page id, in the table changed in place
     spare = sorted(set(range(pages_k.shape[0])) - set(table.ravel()))[0]
     device_k[spare], device_v[spare] = device_k[table[0, 0]], device_v[table[0, 0]]
