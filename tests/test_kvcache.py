@@ -572,6 +572,27 @@ def test_pages_read_through_the_table_equal_pages_gathered(page_size, leftpad, k
     assert_matches(*got, *want, 2e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64])
+def test_gathered_pages_are_the_pages_bit_for_bit(dtype):
+    """_kvcache._gathered copies whole pages as 8-byte words where each page's bytes are contiguous and aligned,
+    else element by element (a strided cache, pages of an odd byte count, an address off 8 bytes): the rows of
+    cache[index] either way, NaN payloads and signed zeros included."""
+    from cupyflash import _kvcache
+
+    rng = np.random.default_rng(8)
+    uint = _UINT[np.dtype(dtype).itemsize]
+
+    def raw(shape):  # every bit pattern, NaNs of any payload among them
+        return rng.integers(0, np.iinfo(uint).max, shape, dtype=uint, endpoint=True).view(dtype)
+
+    wide = raw((9, 4, 2, 16))
+    caches = [wide, wide[..., ::2], raw((9, 3, 1, 1)), raw(9 * 4 * 2 * 8 + 1)[1:].reshape(9, 4, 2, 8)]
+    index = np.array([7, 0, 3, 3, 8])
+    for cache in caches:
+        want = cache[index].reshape(len(index) * cache.shape[1], *cache.shape[2:])
+        assert np.array_equal(bits(_kvcache._gathered(cache, index)), bits(want))
+
+
 @pytest.mark.parametrize("leftpad", [None, [0, 0, 70, 9]])
 def test_gathered_pages_in_groups_equal_one_gather(leftpad, monkeypatch):
     """A gather bound of a few pages splits the dense path's sequences into groups: the same bits (pages of 6
